@@ -1,0 +1,39 @@
+"""MAOF on AWS Lambda: every route, queue and schedule, each one line into chalicelib."""
+
+from chalicelib.auth import service as auth
+from chalicelib.http import ApiRequest, MaofApp, Reply
+
+app = MaofApp(app_name="maof")
+
+
+# ------------------------------------------------------------------ health
+
+
+@app.endpoint("/health", "GET", public=True)
+def health(request: ApiRequest) -> Reply:
+    from chalicelib import health
+
+    return health.check()
+
+
+# ------------------------------------------------------------------ auth
+
+
+@app.endpoint("/auth/register", "POST", public=True)
+def register(request: ApiRequest) -> Reply:
+    return Reply(auth.register(request.body(auth.RegisterRequest)), 201)
+
+
+@app.endpoint("/auth/login", "POST", public=True)
+def login(request: ApiRequest) -> dict:
+    return auth.login(request.body(auth.LoginRequest))
+
+
+@app.endpoint("/auth/refresh", "POST", public=True)
+def refresh(request: ApiRequest) -> dict:
+    return auth.refresh(request.body(auth.RefreshRequest))
+
+
+@app.endpoint("/auth/me", "GET")
+def me(request: ApiRequest) -> dict:
+    return auth.me(request.user)

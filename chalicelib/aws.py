@@ -1,0 +1,47 @@
+"""AWS clients (SQS, S3), created lazily once per process; LocalStack when configured."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import boto3
+from botocore.config import Config
+
+from chalicelib.config import get_settings
+
+
+@functools.lru_cache(maxsize=8)
+def aws_client(service: str, fast_fail: bool = False) -> Any:
+    """A boto3 client; `fast_fail` ones give up quickly (health checks)."""
+    settings = get_settings()
+    config = (
+        Config(connect_timeout=1, read_timeout=1, retries={"max_attempts": 1})
+        if fast_fail
+        else Config(connect_timeout=3, read_timeout=25, retries={"max_attempts": 3, "mode": "standard"})
+    )
+    kwargs: dict[str, Any] = {"region_name": settings.aws_region, "config": config}
+    if settings.aws_endpoint_url:
+        kwargs["endpoint_url"] = settings.aws_endpoint_url
+        # LocalStack accepts any credentials; don't require real ones locally.
+        kwargs.setdefault("aws_access_key_id", "test")
+        kwargs.setdefault("aws_secret_access_key", "test")
+    return boto3.session.Session().client(service, **kwargs)
+
+
+@functools.lru_cache(maxsize=4)
+def queue_url(queue_name: str) -> str:
+    """The URL of a queue, from settings when given, else looked up once by name."""
+    settings = get_settings()
+    if settings.stage_queue_url and queue_name == settings.stage_queue_name:
+        return settings.stage_queue_url
+    return str(aws_client("sqs").get_queue_url(QueueName=queue_name)["QueueUrl"])
+
+
+def stage_queue_url() -> str:
+    return queue_url(get_settings().stage_queue_name)
+
+
+def reset() -> None:
+    aws_client.cache_clear()
+    queue_url.cache_clear()

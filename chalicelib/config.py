@@ -1,0 +1,166 @@
+"""Settings from MAOF_* environment variables, validated once per process."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+DEV_JWT_SECRET = "dev-only-secret-change-me-0123456789abcdef"
+DEV_SECRET_KEY = "dev-only-key-for-agent-tokens-0123456789"
+
+
+class ConfigError(Exception):
+    """A required setting is missing or invalid; the message is one line."""
+
+
+def _int(name: str, default: int, low: int, high: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _float(name: str, default: float, low: float, high: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _str(name: str, default: str) -> str:
+    value = os.environ.get(name)
+    return default if value is None or value == "" else value
+
+
+def _optional(name: str) -> str | None:
+    value = os.environ.get(name)
+    return value or None
+
+
+def _bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting MAOF reads; `.env.example` documents each one."""
+
+    stage: str
+    database_url: str
+    redis_url: str
+    jwt_secret: str
+    secret_key: str
+    aws_region: str
+    aws_endpoint_url: str | None
+    stage_queue_name: str
+    stage_queue_url: str | None
+    dashboard_bucket: str
+    cors_origin: str
+    access_token_ttl_seconds: int
+    refresh_token_ttl_seconds: int
+    max_body_bytes: int
+    log_level: str
+    mock_agent_delay_ms: int
+    mock_agent_failure_rate: float
+    stage_lease_seconds: int
+    sweep_queued_after_seconds: int
+    sweep_interval_seconds: int
+    poller_concurrency: int
+    poller_batch_size: int
+    agent_cache_ttl_seconds: int
+
+    @property
+    def is_dev(self) -> bool:
+        return self.stage in ("dev", "test")
+
+
+def load_settings() -> Settings:
+    """Read and validate the environment; raise ConfigError with one line."""
+    stage = _str("MAOF_STAGE", "dev")
+    is_dev = stage in ("dev", "test")
+    jwt_secret = _str("MAOF_JWT_SECRET", DEV_JWT_SECRET if is_dev else "")
+    if not is_dev and len(jwt_secret) < 32:
+        raise ConfigError(
+            f"MAOF_JWT_SECRET must be at least 32 characters in stage {stage!r}"
+        )
+    if not is_dev and jwt_secret == DEV_JWT_SECRET:
+        raise ConfigError(f"MAOF_JWT_SECRET must not be the dev default in stage {stage!r}")
+    secret_key = _str("MAOF_SECRET_KEY", DEV_SECRET_KEY if is_dev else "")
+    if len(secret_key) < 32:
+        raise ConfigError(f"MAOF_SECRET_KEY must be at least 32 characters in stage {stage!r}")
+    database_url = _str(
+        "MAOF_DATABASE_URL",
+        "postgresql+psycopg://maof:maof@127.0.0.1:5432/maof" if is_dev else "",
+    )
+    if not database_url.startswith(("postgresql://", "postgresql+psycopg://")):
+        raise ConfigError("MAOF_DATABASE_URL must be a postgresql:// URL")
+    redis_url = _str("MAOF_REDIS_URL", "redis://127.0.0.1:6379/0" if is_dev else "")
+    if not redis_url.startswith(("redis://", "rediss://")):
+        raise ConfigError("MAOF_REDIS_URL must be a redis:// or rediss:// URL")
+    return Settings(
+        stage=stage,
+        database_url=database_url,
+        redis_url=redis_url,
+        jwt_secret=jwt_secret,
+        secret_key=secret_key,
+        aws_region=_str("MAOF_AWS_REGION", os.environ.get("AWS_REGION", "us-east-1")),
+        aws_endpoint_url=_optional("MAOF_AWS_ENDPOINT_URL")
+        or ("http://127.0.0.1:4566" if is_dev else None),
+        stage_queue_name=_str("MAOF_STAGE_QUEUE_NAME", "maof-stage-queue"),
+        stage_queue_url=_optional("MAOF_STAGE_QUEUE_URL"),
+        dashboard_bucket=_str("MAOF_DASHBOARD_BUCKET", "maof-dashboard"),
+        cors_origin=_str("MAOF_CORS_ORIGIN", "*"),
+        access_token_ttl_seconds=_int("MAOF_ACCESS_TOKEN_TTL_SECONDS", 900, 10, 86400),
+        refresh_token_ttl_seconds=_int(
+            "MAOF_REFRESH_TOKEN_TTL_SECONDS", 7 * 86400, 60, 90 * 86400
+        ),
+        max_body_bytes=_int("MAOF_MAX_BODY_BYTES", 1_000_000, 1024, 6_000_000),
+        log_level=_str("MAOF_LOG_LEVEL", "INFO").upper(),
+        mock_agent_delay_ms=_int("MAOF_MOCK_AGENT_DELAY_MS", 0, 0, 600_000),
+        mock_agent_failure_rate=_float("MAOF_MOCK_AGENT_FAILURE_RATE", 0.0, 0.0, 1.0),
+        stage_lease_seconds=_int("MAOF_STAGE_LEASE_SECONDS", 180, 1, 86400),
+        sweep_queued_after_seconds=_int("MAOF_SWEEP_QUEUED_AFTER_SECONDS", 120, 0, 86400),
+        sweep_interval_seconds=_int("MAOF_SWEEP_INTERVAL_SECONDS", 60, 1, 86400),
+        poller_concurrency=_int("MAOF_POLLER_CONCURRENCY", 4, 1, 64),
+        poller_batch_size=_int("MAOF_POLLER_BATCH_SIZE", 10, 1, 10),
+        agent_cache_ttl_seconds=_int("MAOF_AGENT_CACHE_TTL_SECONDS", 30, 0, 3600),
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read on first use."""
+    return load_settings()
+
+
+def reset_settings() -> None:
+    """Forget cached settings (tests change the environment)."""
+    get_settings.cache_clear()
+
+
+def cached(factory: Callable[[], T]) -> Callable[[], T]:
+    """A lazily built, process-wide object (one per Lambda container)."""
+    return functools.lru_cache(maxsize=1)(factory)

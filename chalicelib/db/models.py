@@ -1,0 +1,175 @@
+"""Typed SQLAlchemy models of every table (the migrations create the same schema)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+RUN_STATUSES = ("queued", "in_progress", "completed", "failed")
+STAGE_STATUSES = ("pending", "queued", "in_progress", "completed", "failed", "skipped")
+AGENT_STATUSES = ("online", "degraded", "offline")
+
+
+def _uuid_pk() -> Mapped[uuid.UUID]:
+    return mapped_column(UUID(as_uuid=True), primary_key=True, server_default=text("gen_random_uuid()"))
+
+
+def _now() -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    email: Mapped[str] = mapped_column(String(255), nullable=False, unique=True)
+    password_hash: Mapped[str] = mapped_column(String(100), nullable=False)
+    name: Mapped[str] = mapped_column(String(255), nullable=False)
+    role: Mapped[str] = mapped_column(String(20), nullable=False, server_default="user")
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+
+    __table_args__ = (CheckConstraint("email = lower(email)", name="users_email_lower"),)
+
+
+class Agent(Base):
+    __tablename__ = "agents"
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    agent_id: Mapped[str] = mapped_column(String(255), nullable=False)
+    owner_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"), nullable=False)
+    name: Mapped[str] = mapped_column(String(255), nullable=False)
+    description: Mapped[str | None] = mapped_column(Text)
+    endpoint: Mapped[str] = mapped_column(String(2048), nullable=False)
+    auth_token_encrypted: Mapped[str] = mapped_column(Text, nullable=False)
+    capabilities: Mapped[list[str]] = mapped_column(ARRAY(String(100)), nullable=False)
+    max_concurrent_tasks: Mapped[int] = mapped_column(Integer, nullable=False, server_default="5")
+    status: Mapped[str] = mapped_column(String(20), nullable=False, server_default="online")
+    last_health_check: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        CheckConstraint("status IN ('online', 'degraded', 'offline')", name="agents_status"),
+        # agentId is unique among live agents; a deleted agent frees its id.
+        Index(
+            "agents_agent_id_live",
+            "agent_id",
+            unique=True,
+            postgresql_where=text("deleted_at IS NULL"),
+        ),
+        Index("agents_capabilities_gin", "capabilities", postgresql_using="gin"),
+        Index("agents_created_at", "created_at"),
+    )
+
+
+class WorkflowRun(Base):
+    __tablename__ = "workflow_runs"
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"), nullable=False)
+    workflow_name: Mapped[str] = mapped_column(String(255), nullable=False)
+    definition: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    input: Mapped[Any] = mapped_column(JSONB)
+    status: Mapped[str] = mapped_column(String(20), nullable=False, server_default="queued")
+    output: Mapped[Any] = mapped_column(JSONB)
+    error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now()
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = _now()
+
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('queued', 'in_progress', 'completed', 'failed')", name="workflow_runs_status"
+        ),
+        Index("workflow_runs_user_created", "user_id", text("created_at DESC")),
+        Index("workflow_runs_user_status_created", "user_id", "status", text("created_at DESC")),
+    )
+
+
+class StageExecution(Base):
+    __tablename__ = "stage_executions"
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    run_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("workflow_runs.id", ondelete="CASCADE"), nullable=False
+    )
+    stage_id: Mapped[str] = mapped_column(String(100), nullable=False)
+    stage_name: Mapped[str] = mapped_column(String(255), nullable=False)
+    position: Mapped[int] = mapped_column(Integer, nullable=False)
+    capability: Mapped[str] = mapped_column(String(100), nullable=False)
+    dependencies: Mapped[list[str]] = mapped_column(ARRAY(String(100)), nullable=False)
+    input_template: Mapped[Any] = mapped_column(JSONB)
+    config: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    status: Mapped[str] = mapped_column(String(20), nullable=False)
+    agent_uuid: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("agents.id"))
+    agent_id: Mapped[str | None] = mapped_column(String(255))
+    input: Mapped[Any] = mapped_column(JSONB)
+    output: Mapped[Any] = mapped_column(JSONB)
+    error_message: Mapped[str | None] = mapped_column(Text)
+    attempt: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        UniqueConstraint("run_id", "stage_id", name="stage_executions_run_stage"),
+        CheckConstraint(
+            "status IN ('pending', 'queued', 'in_progress', 'completed', 'failed', 'skipped')",
+            name="stage_executions_status",
+        ),
+        # The sweeper looks for stages stuck in 'queued' or with an expired lease.
+        Index(
+            "stage_executions_sweep",
+            "status",
+            "queued_at",
+            "lease_expires_at",
+            postgresql_where=text("status IN ('queued', 'in_progress')"),
+        ),
+    )
+
+
+class AuditEntry(Base):
+    """One row of the append-only, hash-chained audit trail of a run."""
+
+    __tablename__ = "execution_logs"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("workflow_runs.id"), nullable=False)
+    seq: Mapped[int] = mapped_column(Integer, nullable=False)
+    stage_id: Mapped[str | None] = mapped_column(String(100))
+    agent_id: Mapped[str | None] = mapped_column(String(255))
+    action: Mapped[str] = mapped_column(String(40), nullable=False)
+    status: Mapped[str] = mapped_column(String(40), nullable=False)
+    input_hash: Mapped[str | None] = mapped_column(String(64))
+    output_hash: Mapped[str | None] = mapped_column(String(64))
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    logged_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    prev_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    entry_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+
+    __table_args__ = (UniqueConstraint("run_id", "seq", name="execution_logs_run_seq"),)

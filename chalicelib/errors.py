@@ -1,0 +1,83 @@
+"""The one hierarchy of errors the API answers with (code, status, message, details)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from chalice import ChaliceUnhandledError
+
+
+class ApiError(ChaliceUnhandledError):
+    """An error the client gets as `{"success": false, "error": {...}}`.
+
+    It derives from ChaliceUnhandledError so Chalice lets it reach our
+    middleware instead of turning it into its own error body.
+    """
+
+    code = "INTERNAL_ERROR"
+    status = 500
+
+    def __init__(self, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class ValidationError(ApiError):
+    code = "VALIDATION_ERROR"
+    status = 400
+
+
+class BadRequest(ApiError):
+    code = "BAD_REQUEST"
+    status = 400
+
+
+class Unauthorized(ApiError):
+    code = "UNAUTHORIZED"
+    status = 401
+
+
+class Forbidden(ApiError):
+    code = "FORBIDDEN"
+    status = 403
+
+
+class NotFound(ApiError):
+    code = "NOT_FOUND"
+    status = 404
+
+
+class MethodNotAllowed(ApiError):
+    code = "METHOD_NOT_ALLOWED"
+    status = 405
+
+
+class Conflict(ApiError):
+    code = "CONFLICT"
+    status = 409
+
+
+class PayloadTooLarge(ApiError):
+    code = "PAYLOAD_TOO_LARGE"
+    status = 413
+
+
+class UnsupportedMediaType(ApiError):
+    code = "UNSUPPORTED_MEDIA_TYPE"
+    status = 415
+
+
+class RateLimited(ApiError):
+    code = "RATE_LIMITED"
+    status = 429
+
+
+class ServiceUnavailable(ApiError):
+    code = "SERVICE_UNAVAILABLE"
+    status = 503
+
+
+class InternalError(ApiError):
+    code = "INTERNAL_ERROR"
+    status = 500

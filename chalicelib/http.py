@@ -1,0 +1,252 @@
+"""HTTP plumbing: the response envelope, one error path, request parsing and validation."""
+
+from __future__ import annotations
+
+import functools
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Callable, TypeVar
+
+import pydantic
+from chalice import Chalice, CORSConfig, Response
+from chalice.app import Request
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
+
+from chalicelib import errors
+from chalicelib.config import get_settings
+from chalicelib.logs import logger
+
+M = TypeVar("M", bound=BaseModel)
+
+EXPOSED_HEADERS = ["X-Request-Id"]
+
+
+class ApiModel(BaseModel):
+    """Base of request bodies: camelCase keys, unknown fields refused."""
+
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True
+    )
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated caller."""
+
+    user_uuid: uuid.UUID
+    email: str
+    role: str
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A successful answer with a status other than 200."""
+
+    data: Any
+    status: int = 200
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, Decimal):
+        return float(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, default=_json_default, separators=(",", ":"))
+
+
+def json_response(body: Any, status: int, request_id: str) -> Response:
+    return Response(
+        body=dumps(body),
+        status_code=status,
+        headers={"Content-Type": "application/json", "X-Request-Id": request_id},
+    )
+
+
+def error_body(error: errors.ApiError, request_id: str) -> dict[str, Any]:
+    detail: dict[str, Any] = {"code": error.code, "message": error.message}
+    if error.details is not None:
+        detail["details"] = error.details
+    detail["requestId"] = request_id
+    return {"success": False, "error": detail}
+
+
+def validation_details(exc: pydantic.ValidationError) -> list[dict[str, str]]:
+    """Pydantic errors as `[{field, message}]` with dotted camelCase paths."""
+    details = []
+    for item in exc.errors(include_url=False, include_input=False):
+        loc = [str(part) for part in item["loc"]]
+        if item["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif item["type"] == "missing":
+            message = "is required"
+        else:
+            message = item["msg"]
+        details.append({"field": ".".join(loc) or "body", "message": message})
+    return details
+
+
+def validate(model: type[M], data: Any) -> M:
+    """Validate `data` against `model`, raising VALIDATION_ERROR with field details."""
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        details = validation_details(exc)
+        fields = ", ".join(d["field"] for d in details[:5])
+        raise errors.ValidationError(f"Invalid request: {fields}", details) from None
+
+
+class ApiRequest:
+    """What a view needs from the HTTP request, parsed on demand."""
+
+    def __init__(self, request: Request, principal: Principal | None, request_id: str):
+        self._request = request
+        self.principal = principal
+        self.request_id = request_id
+
+    @property
+    def user(self) -> Principal:
+        if self.principal is None:
+            raise errors.Unauthorized("Authentication required")
+        return self.principal
+
+    def body(self, model: type[M]) -> M:
+        raw = self._request.raw_body or b""
+        if len(raw) > get_settings().max_body_bytes:
+            raise errors.PayloadTooLarge(
+                f"Request body exceeds {get_settings().max_body_bytes} bytes"
+            )
+        if not raw.strip():
+            raise errors.BadRequest("Request body is required")
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise errors.BadRequest("Request body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise errors.ValidationError(
+                "Request body must be a JSON object",
+                [{"field": "body", "message": "must be a JSON object"}],
+            )
+        return validate(model, data)
+
+    def query(self, model: type[M]) -> M:
+        params = dict(self._request.query_params or {})
+        return validate(model, params)
+
+    def header(self, name: str) -> str | None:
+        value = self._request.headers.get(name)
+        return str(value) if value is not None else None
+
+
+View = Callable[..., Any]
+
+
+class MaofApp(Chalice):
+    """Chalice with MAOF's envelope, error path and authentication on every route."""
+
+    def __init__(self, app_name: str) -> None:
+        super().__init__(app_name=app_name)
+        self.register_middleware(self._envelope_errors, "http")
+
+    def endpoint(
+        self, path: str, method: str, *, public: bool = False, content_types: list[str] | None = None
+    ) -> Callable[[View], View]:
+        """Register `view(request, **path_params)` at `path`; it returns data or a Reply."""
+        from chalicelib.auth.tokens import authenticate  # avoid a cycle at import time
+
+        cors = CORSConfig(
+            allow_origin=get_settings().cors_origin,
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            expose_headers=EXPOSED_HEADERS,
+            max_age=600,
+        )
+
+        def register(view: View) -> View:
+            @functools.wraps(view)
+            def handler(**path_params: str) -> Response:
+                request = self.current_request
+                assert request is not None
+                request_id = _request_id(request)
+                principal = None if public else authenticate(request.headers.get("authorization"))
+                try:
+                    result = view(ApiRequest(request, principal, request_id), **path_params)
+                except errors.ApiError:
+                    raise
+                except Exception:
+                    logger.exception("unhandled error", extra={"requestId": request_id, "path": path})
+                    raise errors.InternalError("An internal error occurred") from None
+                reply = result if isinstance(result, Reply) else Reply(result)
+                return json_response(
+                    {"success": reply.status < 400, "data": reply.data}, reply.status, request_id
+                )
+
+            self.route(
+                path, methods=[method], cors=cors, content_types=content_types or ["application/json"]
+            )(handler)
+            return view
+
+        return register
+
+    def _envelope_errors(self, event: Request, get_response: Callable[[Request], Response]) -> Response:
+        request_id = _request_id(event)
+        try:
+            response = get_response(event)
+        except errors.ApiError as exc:
+            response = json_response(error_body(exc, request_id), exc.status, request_id)
+        except Exception:
+            logger.exception("unhandled error", extra={"requestId": request_id, "path": _path(event)})
+            exc = errors.InternalError("An internal error occurred")
+            response = json_response(error_body(exc, request_id), exc.status, request_id)
+        response = _envelope_chalice_error(response, request_id)
+        response.headers.setdefault("X-Request-Id", request_id)
+        response.headers.setdefault("Access-Control-Allow-Origin", get_settings().cors_origin)
+        response.headers.setdefault("Access-Control-Expose-Headers", ",".join(EXPOSED_HEADERS))
+        return response
+
+
+# Chalice answers some failures itself, before or around our views; give them our envelope.
+_CHALICE_ERRORS: dict[str, type[errors.ApiError]] = {
+    "MethodNotAllowedError": errors.MethodNotAllowed,
+    "UnsupportedMediaType": errors.UnsupportedMediaType,
+    "BadRequestError": errors.BadRequest,
+    "BadRequest": errors.BadRequest,
+    "NotFoundError": errors.NotFound,
+    "InternalServerError": errors.InternalError,
+}
+
+
+def _envelope_chalice_error(response: Response, request_id: str) -> Response:
+    body = response.body
+    if not (isinstance(body, dict) and set(body) == {"Code", "Message"}):
+        return response
+    kind = _CHALICE_ERRORS.get(str(body["Code"]), errors.InternalError)
+    message = str(body["Message"]) if kind is not errors.InternalError else "An internal error occurred"
+    error = kind(message)
+    enveloped = json_response(error_body(error, request_id), response.status_code, request_id)
+    for name, value in response.headers.items():
+        enveloped.headers.setdefault(name, value)
+    return enveloped
+
+
+def _request_id(request: Request | None) -> str:
+    context = getattr(request, "context", None) or {}
+    cached = context.get("maofRequestId")
+    if cached:
+        return str(cached)
+    request_id = str(context.get("requestId") or uuid.uuid4())
+    if isinstance(context, dict):
+        context["maofRequestId"] = request_id
+    return request_id
+
+
+def _path(request: Request | None) -> str:
+    return str(getattr(request, "path", "unknown"))

@@ -1,0 +1,78 @@
+"""`chalice local` for MAOF: Chalice's own local server, answering unknown routes with JSON 404.
+
+Deployed, API Gateway's gateway responses do the same (see infra/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from chalice.cli.factory import CLIFactory
+from chalice.local import (
+    ChaliceRequestHandler,
+    CustomLocalChalice,
+    ForbiddenError,
+    LocalChalice,
+    LocalDevServer,
+    LocalGatewayException,
+)
+
+from chalicelib.config import ConfigError, get_settings
+from chalicelib.db import SchemaNotMigrated, check_migrated
+from chalicelib.local.stack import PROJECT_DIR
+
+
+class MaofRequestHandler(ChaliceRequestHandler):
+    """Turns API Gateway's 'Missing Authentication Token' for unknown paths into our 404."""
+
+    def _send_error_response(self, error: LocalGatewayException) -> None:
+        if isinstance(error, ForbiddenError) and b"Authentication Token" in (error.body or b""):
+            from chalicelib import errors
+            from chalicelib.http import dumps, error_body
+
+            request_id = error.headers.get("x-amzn-RequestId", "local")
+            body = dumps(error_body(errors.NotFound(f"No route for {self.path}"), request_id))
+            headers = {
+                "Content-Type": "application/json",
+                "X-Request-Id": request_id,
+                "Access-Control-Allow-Origin": get_settings().cors_origin,
+            }
+            self._send_http_response(404, headers, body)
+            return
+        super()._send_error_response(error)
+
+
+def create_server(host: str, port: int, stage: str = "dev") -> LocalDevServer:
+    factory = CLIFactory(str(PROJECT_DIR), environ=os.environ)
+    config = factory.create_config_obj(chalice_stage_name=stage)
+    app = config.chalice_app
+    # What chalice.local.create_local_server does: thread-local current_request.
+    CustomLocalChalice.__bases__ = (LocalChalice, app.__class__)
+    app.__class__ = CustomLocalChalice
+    return LocalDevServer(app, config, host, port, handler_cls=MaofRequestHandler)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m chalicelib.local.api")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=3000)
+    parser.add_argument("--stage", default="dev")
+    args = parser.parse_args()
+    try:
+        get_settings()
+        check_migrated()
+    except (ConfigError, SchemaNotMigrated) as exc:
+        print(f"maof: {exc}", file=sys.stderr)
+        return 2
+    server = create_server(args.host, args.port, args.stage)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,372 @@
+"""Start, check and stop the local stack: Postgres, Redis and LocalStack (SQS, S3).
+
+A service that already answers at its configured URL is reused. Otherwise, when a
+Docker engine answers, `docker compose up` starts them; without one, each is
+started from installed binaries (installing Debian packages or a LocalStack
+virtualenv when missing) under `.maof/`, and `down` stops only what we started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlparse
+
+from chalicelib.config import ConfigError, Settings, get_settings
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+STATE_DIR = Path(os.environ.get("MAOF_STATE_DIR", PROJECT_DIR / ".maof"))
+LOCALSTACK_VERSION_313 = "2026.3.0"
+LOCALSTACK_VERSION_311 = "4.14.0"
+LOCALSTACK_PINS = ["cbor2<6", "pyopenssl==24.3.0", "service-identity"]
+LOCALSTACK_SERVICES = "sqs,s3,ssm,cloudformation"
+
+
+def say(message: str) -> None:
+    print(f"stack: {message}", flush=True)
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.25)
+    raise SystemExit(f"stack: {what} did not become ready within {timeout:.0f}s")
+
+
+def run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=True, text=True, **kwargs)  # type: ignore[call-overload,no-any-return]
+
+
+def is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+_apt_updated = False
+
+
+def apt_install(*packages: str) -> None:
+    global _apt_updated
+    if not (is_root() and shutil.which("apt-get")):
+        raise SystemExit(
+            f"stack: {' '.join(packages)} not installed and cannot be installed here "
+            "(needs root and apt-get); install it or point the MAOF_* URL at a running one"
+        )
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if not _apt_updated:
+        say("apt-get update")
+        run(["apt-get", "update", "-qq"], env=env, stdout=subprocess.DEVNULL)
+        _apt_updated = True
+    say(f"installing {' '.join(packages)} from Debian packages")
+    run(["apt-get", "install", "-y", "-qq", *packages], env=env, stdout=subprocess.DEVNULL)
+
+
+def docker_engine_answers() -> bool:
+    if os.environ.get("MAOF_NO_DOCKER") or not shutil.which("docker"):
+        return False
+    try:
+        subprocess.run(["docker", "info"], capture_output=True, timeout=5, check=True)
+        return True
+    except (subprocess.SubprocessError, OSError):
+        return False
+
+
+# ---------------------------------------------------------------- Postgres
+
+
+def postgres_bin(name: str) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)
+    if candidates:
+        return str(candidates[0])
+    apt_install("postgresql")
+    return postgres_bin(name)
+
+
+def as_postgres_user(cmd: list[str]) -> list[str]:
+    # initdb and postgres refuse to run as root; Debian's package makes a `postgres` user.
+    if is_root():
+        return ["runuser", "-u", "postgres", "--", *cmd]
+    return cmd
+
+
+def start_postgres(settings: Settings) -> None:
+    url = urlparse(settings.database_url.replace("+psycopg", ""))
+    host, port = url.hostname or "127.0.0.1", url.port or 5432
+    user, password = url.username or "maof", url.password or "maof"
+    database = (url.path or "/maof").lstrip("/")
+    if port_open(host, port):
+        say(f"postgres: reusing the server at {host}:{port}")
+        return
+    data = STATE_DIR / "postgres" / "data"
+    run_dir = STATE_DIR / "postgres" / "run"
+    log = STATE_DIR / "postgres" / "postgres.log"
+    initdb, pg_ctl = postgres_bin("initdb"), postgres_bin("pg_ctl")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fresh = not (data / "PG_VERSION").exists()
+    if fresh:
+        data.mkdir(parents=True, exist_ok=True)
+        pwfile = STATE_DIR / "postgres" / "pwfile"
+        pwfile.write_text(password + "\n")
+        if is_root():
+            shutil.chown(STATE_DIR / "postgres", "postgres")
+            for path in (data, run_dir, pwfile):
+                shutil.chown(path, "postgres")
+        say(f"postgres: initdb in {data}")
+        run(
+            as_postgres_user(
+                [
+                    initdb, "-D", str(data), "-U", user, "--pwfile", str(pwfile),
+                    "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8",
+                ]
+            ),
+            stdout=subprocess.DEVNULL,
+        )
+        pwfile.unlink()
+    if is_root():
+        log.touch()
+        shutil.chown(log, "postgres")
+    options = f"-p {port} -k {run_dir} -c listen_addresses={host} -c fsync=off -c max_connections=200"
+    say(f"postgres: starting on {host}:{port}")
+    run(as_postgres_user([pg_ctl, "-D", str(data), "-l", str(log), "-o", options, "-w", "start"]),
+        stdout=subprocess.DEVNULL)
+    wait_for(lambda: port_open(host, port), "postgres", 30)
+    exists = subprocess.run(
+        [postgres_bin("psql"), "-h", str(run_dir), "-p", str(port), "-U", user, "-d", "postgres",
+         "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{database}'"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    if exists != "1":
+        run([postgres_bin("createdb"), "-h", str(run_dir), "-p", str(port), "-U", user, database])
+        say(f"postgres: created database {database}")
+
+
+def stop_postgres() -> None:
+    data = STATE_DIR / "postgres" / "data"
+    if (data / "postmaster.pid").exists():
+        subprocess.run(as_postgres_user([postgres_bin("pg_ctl"), "-D", str(data), "-m", "fast", "stop"]),
+                       stdout=subprocess.DEVNULL, check=False)
+        say("postgres: stopped")
+
+
+# ---------------------------------------------------------------- Redis
+
+
+def start_redis(settings: Settings) -> None:
+    url = urlparse(settings.redis_url)
+    host, port = url.hostname or "127.0.0.1", url.port or 6379
+    if port_open(host, port):
+        say(f"redis: reusing the server at {host}:{port}")
+        return
+    if not shutil.which("redis-server"):
+        apt_install("redis-server")
+    folder = STATE_DIR / "redis"
+    folder.mkdir(parents=True, exist_ok=True)
+    say(f"redis: starting on {host}:{port}")
+    run([
+        "redis-server", "--port", str(port), "--bind", host, "--dir", str(folder),
+        "--daemonize", "yes", "--pidfile", str(folder / "redis.pid"),
+        "--logfile", str(folder / "redis.log"), "--save", "", "--appendonly", "no",
+    ])
+    wait_for(lambda: port_open(host, port), "redis", 15)
+
+
+def stop_pidfile(path: Path, name: str) -> None:
+    if not path.exists():
+        return
+    try:
+        pid = int(path.read_text().strip())
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)
+            time.sleep(0.2)
+    except (ValueError, ProcessLookupError):
+        pass
+    path.unlink(missing_ok=True)
+    say(f"{name}: stopped")
+
+
+# ---------------------------------------------------------------- LocalStack
+
+
+def localstack_python() -> tuple[str, str]:
+    """The interpreter for LocalStack's own virtualenv, and the version it can run."""
+    candidates: list[str] = []
+    if shutil.which("pyenv"):
+        prefix = subprocess.run(["pyenv", "prefix", "3.13.0"], capture_output=True, text=True)
+        if prefix.returncode == 0:
+            candidates.append(str(Path(prefix.stdout.strip()) / "bin" / "python3"))
+    candidates += [path for path in [shutil.which("python3.13")] if path]
+    for python in candidates:
+        if subprocess.run([python, "-c", "import venv"], capture_output=True).returncode == 0:
+            return python, LOCALSTACK_VERSION_313
+    return sys.executable, LOCALSTACK_VERSION_311
+
+
+def localstack_venv() -> Path:
+    venv = STATE_DIR / "localstack-venv"
+    python, version = localstack_python()
+    marker = venv / f".installed-{version}"
+    if marker.exists():
+        return venv
+    say(f"localstack: installing localstack-core {version} in {venv} (first run only)")
+    shutil.rmtree(venv, ignore_errors=True)
+    run([python, "-m", "venv", str(venv)])
+    run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
+         f"localstack-core[runtime]=={version}", *LOCALSTACK_PINS], stderr=subprocess.DEVNULL)
+    marker.touch()
+    return venv
+
+
+def localstack_ready(endpoint: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{endpoint}/_localstack/health", timeout=1) as response:
+            services = json.load(response).get("services", {})
+        return all(services.get(name) in ("available", "running") for name in ("sqs", "s3"))
+    except (OSError, ValueError):
+        return False
+
+
+def start_localstack(settings: Settings) -> None:
+    endpoint = settings.aws_endpoint_url or "http://127.0.0.1:4566"
+    url = urlparse(endpoint)
+    host, port = url.hostname or "127.0.0.1", url.port or 4566
+    if port_open(host, port):
+        say(f"localstack: reusing the server at {endpoint}")
+        wait_for(lambda: localstack_ready(endpoint), "localstack", 60)
+        return
+    venv = localstack_venv()
+    folder = STATE_DIR / "localstack"
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "GATEWAY_LISTEN": f"{host}:{port}",
+        "SERVICES": LOCALSTACK_SERVICES,
+        "LOCALSTACK_VOLUME_DIR": str(folder / "volume"),
+        "DNS_ADDRESS": "0",
+        "SKIP_SSL_CERT_DOWNLOAD": "1",
+        "DISABLE_EVENTS": "1",
+        "SQS_ENDPOINT_STRATEGY": "path",
+    }
+    say(f"localstack: starting on {endpoint}")
+    with open(folder / "localstack.log", "ab") as log:
+        process = subprocess.Popen(
+            [str(venv / "bin" / "python"), "-m", "localstack.runtime.main"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, cwd=folder,
+        )
+    (folder / "localstack.pid").write_text(str(process.pid))
+    wait_for(lambda: localstack_ready(endpoint), "localstack", 120)
+
+
+# ---------------------------------------------------------------- AWS resources
+
+
+def ensure_resources(settings: Settings) -> None:
+    """Create the stage queue, its dead-letter queue and the dashboard bucket (idempotent)."""
+    from chalicelib.aws import aws_client
+
+    sqs = aws_client("sqs")
+    dlq_url = sqs.create_queue(QueueName=f"{settings.stage_queue_name}-dlq")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])[
+        "Attributes"
+    ]["QueueArn"]
+    redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"})
+    attributes = {"VisibilityTimeout": "360", "RedrivePolicy": redrive}
+    queue_url = sqs.create_queue(QueueName=settings.stage_queue_name)["QueueUrl"]
+    sqs.set_queue_attributes(QueueUrl=queue_url, Attributes=attributes)
+    s3 = aws_client("s3")
+    bucket = settings.dashboard_bucket
+    try:
+        s3.create_bucket(Bucket=bucket)
+    except s3.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    s3.put_bucket_website(
+        Bucket=bucket,
+        WebsiteConfiguration={
+            "IndexDocument": {"Suffix": "index.html"},
+            "ErrorDocument": {"Key": "index.html"},
+        },
+    )
+    say(f"resources: queue {settings.stage_queue_name} (+dlq), bucket {bucket}")
+
+
+# ---------------------------------------------------------------- commands
+
+
+def up(settings: Settings) -> None:
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    endpoint = urlparse(settings.aws_endpoint_url or "http://127.0.0.1:4566")
+    everything_up = all(
+        [
+            port_open(*_host_port(settings.database_url.replace("+psycopg", ""), 5432)),
+            port_open(*_host_port(settings.redis_url, 6379)),
+            port_open(endpoint.hostname or "127.0.0.1", endpoint.port or 4566),
+        ]
+    )
+    if not everything_up and docker_engine_answers():
+        say("a Docker engine answers: docker compose up -d --wait")
+        run(["docker", "compose", "up", "-d", "--wait"], cwd=PROJECT_DIR)
+        (STATE_DIR / "compose").touch()
+    start_postgres(settings)
+    start_redis(settings)
+    start_localstack(settings)
+    ensure_resources(settings)
+
+
+def down() -> None:
+    if (STATE_DIR / "compose").exists():
+        subprocess.run(["docker", "compose", "down"], cwd=PROJECT_DIR, check=False)
+        (STATE_DIR / "compose").unlink()
+    stop_pidfile(STATE_DIR / "localstack" / "localstack.pid", "localstack")
+    stop_pidfile(STATE_DIR / "redis" / "redis.pid", "redis")
+    stop_postgres()
+
+
+def _host_port(url: str, default_port: int) -> tuple[str, int]:
+    parsed = urlparse(url)
+    return parsed.hostname or "127.0.0.1", parsed.port or default_port
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m chalicelib.local.stack")
+    parser.add_argument("command", choices=["up", "down", "resources"])
+    args = parser.parse_args(argv)
+    try:
+        settings = get_settings()
+    except ConfigError as exc:
+        print(f"maof: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "up":
+        up(settings)
+    elif args.command == "resources":
+        ensure_resources(settings)
+    else:
+        down()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,23 @@
+"""Structured JSON logging; secrets never go in a log line."""
+
+from __future__ import annotations
+
+import os
+
+from aws_lambda_powertools import Logger
+
+logger = Logger(
+    service="maof",
+    level=os.environ.get("MAOF_LOG_LEVEL", "INFO").upper(),
+    # Fields that must never be printed even if a caller passes them by mistake.
+    log_record_order=["timestamp", "level", "message"],
+)
+
+SECRET_KEYS = frozenset(
+    {"password", "authToken", "auth_token", "accessToken", "refreshToken", "token", "secret"}
+)
+
+
+def redact(fields: dict[str, object]) -> dict[str, object]:
+    """A copy of `fields` with secret-looking values replaced."""
+    return {k: ("[redacted]" if k in SECRET_KEYS else v) for k, v in fields.items()}
