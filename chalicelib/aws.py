@@ -18,7 +18,9 @@ def aws_client(service: str, fast_fail: bool = False) -> Any:
     config = (
         Config(connect_timeout=1, read_timeout=1, retries={"max_attempts": 1})
         if fast_fail
-        else Config(connect_timeout=3, read_timeout=25, retries={"max_attempts": 3, "mode": "standard"})
+        else Config(
+            connect_timeout=3, read_timeout=25, retries={"max_attempts": 3, "mode": "standard"}
+        )
     )
     kwargs: dict[str, Any] = {"region_name": settings.aws_region, "config": config}
     if settings.aws_endpoint_url:

@@ -34,7 +34,9 @@ def get_json(key: str) -> Any | None:
     try:
         raw = get_redis().get(key)
     except redis.RedisError as exc:
-        logger.warning("redis unavailable for read", extra={"key": key, "error": type(exc).__name__})
+        logger.warning(
+            "redis unavailable for read", extra={"key": key, "error": type(exc).__name__}
+        )
         return None
     return None if raw is None else json.loads(str(raw))
 
@@ -43,7 +45,9 @@ def set_json(key: str, value: Any, ttl_seconds: int) -> None:
     try:
         get_redis().set(key, json.dumps(value, default=str), ex=max(ttl_seconds, 1))
     except redis.RedisError as exc:
-        logger.warning("redis unavailable for write", extra={"key": key, "error": type(exc).__name__})
+        logger.warning(
+            "redis unavailable for write", extra={"key": key, "error": type(exc).__name__}
+        )
 
 
 def delete(*keys: str) -> None:

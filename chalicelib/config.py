@@ -5,12 +5,9 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import Callable, TypeVar
 
-T = TypeVar("T")
-
-DEV_JWT_SECRET = "dev-only-secret-change-me-0123456789abcdef"
-DEV_SECRET_KEY = "dev-only-key-for-agent-tokens-0123456789"
+DEV_JWT_SECRET = "dev-only-secret-change-me-0123456789abcdef"  # noqa: S105 (dev stage only; refused elsewhere)
+DEV_SECRET_KEY = "dev-only-key-for-agent-tokens-0123456789"  # noqa: S105 (dev stage only)
 
 
 class ConfigError(Exception):
@@ -103,9 +100,7 @@ def load_settings() -> Settings:
     is_dev = stage in ("dev", "test")
     jwt_secret = _str("MAOF_JWT_SECRET", DEV_JWT_SECRET if is_dev else "")
     if not is_dev and len(jwt_secret) < 32:
-        raise ConfigError(
-            f"MAOF_JWT_SECRET must be at least 32 characters in stage {stage!r}"
-        )
+        raise ConfigError(f"MAOF_JWT_SECRET must be at least 32 characters in stage {stage!r}")
     if not is_dev and jwt_secret == DEV_JWT_SECRET:
         raise ConfigError(f"MAOF_JWT_SECRET must not be the dev default in stage {stage!r}")
     secret_key = _str("MAOF_SECRET_KEY", DEV_SECRET_KEY if is_dev else "")
@@ -134,9 +129,7 @@ def load_settings() -> Settings:
         dashboard_bucket=_str("MAOF_DASHBOARD_BUCKET", "maof-dashboard"),
         cors_origin=_str("MAOF_CORS_ORIGIN", "*"),
         access_token_ttl_seconds=_int("MAOF_ACCESS_TOKEN_TTL_SECONDS", 900, 10, 86400),
-        refresh_token_ttl_seconds=_int(
-            "MAOF_REFRESH_TOKEN_TTL_SECONDS", 7 * 86400, 60, 90 * 86400
-        ),
+        refresh_token_ttl_seconds=_int("MAOF_REFRESH_TOKEN_TTL_SECONDS", 7 * 86400, 60, 90 * 86400),
         max_body_bytes=_int("MAOF_MAX_BODY_BYTES", 1_000_000, 1024, 6_000_000),
         log_level=_str("MAOF_LOG_LEVEL", "INFO").upper(),
         mock_agent_delay_ms=_int("MAOF_MOCK_AGENT_DELAY_MS", 0, 0, 600_000),
@@ -159,8 +152,3 @@ def get_settings() -> Settings:
 def reset_settings() -> None:
     """Forget cached settings (tests change the environment)."""
     get_settings.cache_clear()
-
-
-def cached(factory: Callable[[], T]) -> Callable[[], T]:
-    """A lazily built, process-wide object (one per Lambda container)."""
-    return functools.lru_cache(maxsize=1)(factory)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
-from datetime import datetime, timezone
-from typing import Any, Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import text
 
@@ -33,7 +34,11 @@ def _queue() -> bool:
     return True
 
 
-CHECKS: dict[str, Callable[[], bool]] = {"database": _database, "redis": cache.ping, "queue": _queue}
+CHECKS: dict[str, Callable[[], bool]] = {
+    "database": _database,
+    "redis": cache.ping,
+    "queue": _queue,
+}
 
 
 def check() -> Reply:
@@ -46,7 +51,7 @@ def check() -> Reply:
     healthy = all(state == "connected" for state in services.values())
     body = {
         "status": "ok" if healthy else "degraded",
-        "timestamp": datetime.now(timezone.utc).isoformat(),
+        "timestamp": datetime.now(UTC).isoformat(),
         "version": __version__,
         "services": services,
     }

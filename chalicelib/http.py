@@ -5,14 +5,14 @@ from __future__ import annotations
 import functools
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import pydantic
-from chalice import Chalice, CORSConfig, Response
-from chalice.app import Request
+from chalice.app import Chalice, CORSConfig, Request, Response
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
@@ -158,7 +158,12 @@ class MaofApp(Chalice):
         self.register_middleware(self._envelope_errors, "http")
 
     def endpoint(
-        self, path: str, method: str, *, public: bool = False, content_types: list[str] | None = None
+        self,
+        path: str,
+        method: str,
+        *,
+        public: bool = False,
+        content_types: list[str] | None = None,
     ) -> Callable[[View], View]:
         """Register `view(request, **path_params)` at `path`; it returns data or a Reply."""
         from chalicelib.auth.tokens import authenticate  # avoid a cycle at import time
@@ -182,7 +187,9 @@ class MaofApp(Chalice):
                 except errors.ApiError:
                     raise
                 except Exception:
-                    logger.exception("unhandled error", extra={"requestId": request_id, "path": path})
+                    logger.exception(
+                        "unhandled error", extra={"requestId": request_id, "path": path}
+                    )
                     raise errors.InternalError("An internal error occurred") from None
                 reply = result if isinstance(result, Reply) else Reply(result)
                 return json_response(
@@ -190,22 +197,29 @@ class MaofApp(Chalice):
                 )
 
             self.route(
-                path, methods=[method], cors=cors, content_types=content_types or ["application/json"]
+                path,
+                methods=[method],
+                cors=cors,
+                content_types=content_types or ["application/json"],
             )(handler)
             return view
 
         return register
 
-    def _envelope_errors(self, event: Request, get_response: Callable[[Request], Response]) -> Response:
+    def _envelope_errors(
+        self, event: Request, get_response: Callable[[Request], Response]
+    ) -> Response:
         request_id = _request_id(event)
         try:
             response = get_response(event)
         except errors.ApiError as exc:
             response = json_response(error_body(exc, request_id), exc.status, request_id)
         except Exception:
-            logger.exception("unhandled error", extra={"requestId": request_id, "path": _path(event)})
-            exc = errors.InternalError("An internal error occurred")
-            response = json_response(error_body(exc, request_id), exc.status, request_id)
+            logger.exception(
+                "unhandled error", extra={"requestId": request_id, "path": _path(event)}
+            )
+            internal = errors.InternalError("An internal error occurred")
+            response = json_response(error_body(internal, request_id), internal.status, request_id)
         response = _envelope_chalice_error(response, request_id)
         response.headers.setdefault("X-Request-Id", request_id)
         response.headers.setdefault("Access-Control-Allow-Origin", get_settings().cors_origin)
@@ -229,7 +243,9 @@ def _envelope_chalice_error(response: Response, request_id: str) -> Response:
     if not (isinstance(body, dict) and set(body) == {"Code", "Message"}):
         return response
     kind = _CHALICE_ERRORS.get(str(body["Code"]), errors.InternalError)
-    message = str(body["Message"]) if kind is not errors.InternalError else "An internal error occurred"
+    message = (
+        str(body["Message"]) if kind is not errors.InternalError else "An internal error occurred"
+    )
     error = kind(message)
     enveloped = json_response(error_body(error, request_id), response.status_code, request_id)
     for name, value in response.headers.items():

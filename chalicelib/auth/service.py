@@ -66,7 +66,8 @@ def register(body: RegisterRequest) -> dict[str, Any]:
             session.refresh(user)
     except IntegrityError:
         raise errors.Conflict(
-            "A user with this email already exists", [{"field": "email", "message": "already registered"}]
+            "A user with this email already exists",
+            [{"field": "email", "message": "already registered"}],
         ) from None
     return user_view(user)
 
@@ -74,7 +75,10 @@ def register(body: RegisterRequest) -> dict[str, Any]:
 def login(body: LoginRequest) -> dict[str, Any]:
     with session_scope() as session:
         user = session.scalar(select(User).where(User.email == body.email.strip().lower()))
-    if not passwords.verify_password(body.password, user.password_hash if user else None) or user is None:
+    if (
+        not passwords.verify_password(body.password, user.password_hash if user else None)
+        or user is None
+    ):
         raise errors.Unauthorized("Invalid email or password")
     return {**tokens.token_pair(_principal(user)), "user": user_view(user)}
 

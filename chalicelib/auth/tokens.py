@@ -19,7 +19,7 @@ def issue(principal: Principal, token_type: str) -> str:
     settings = get_settings()
     ttl = (
         settings.access_token_ttl_seconds
-        if token_type == "access"
+        if token_type == "access"  # noqa: S105 (a token kind, not a secret)
         else settings.refresh_token_ttl_seconds
     )
     now = int(time.time())
@@ -59,7 +59,9 @@ def decode(token: str, expected_type: str) -> Principal:
     except ValueError:
         raise errors.Unauthorized("Invalid token") from None
     return Principal(
-        user_uuid=user_uuid, email=str(claims.get("email", "")), role=str(claims.get("role", "user"))
+        user_uuid=user_uuid,
+        email=str(claims.get("email", "")),
+        role=str(claims.get("role", "user")),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -9,7 +10,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from chalicelib import errors
-from chalicelib.config import cached, get_settings
+from chalicelib.config import get_settings
 
 # The Alembic revision this code expects; tests check it is the migrations' head.
 SCHEMA_REVISION = "0001_initial"
@@ -21,7 +22,7 @@ def _psycopg_url(url: str) -> str:
     return url
 
 
-@cached
+@functools.lru_cache(maxsize=1)
 def get_engine() -> Engine:
     settings = get_settings()
     return create_engine(
@@ -34,7 +35,7 @@ def get_engine() -> Engine:
     )
 
 
-@cached
+@functools.lru_cache(maxsize=1)
 def _session_factory() -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(), expire_on_commit=False)
 

@@ -28,7 +28,9 @@ AGENT_STATUSES = ("online", "degraded", "offline")
 
 
 def _uuid_pk() -> Mapped[uuid.UUID]:
-    return mapped_column(UUID(as_uuid=True), primary_key=True, server_default=text("gen_random_uuid()"))
+    return mapped_column(
+        UUID(as_uuid=True), primary_key=True, server_default=text("gen_random_uuid()")
+    )
 
 
 def _now() -> Mapped[datetime]:
@@ -103,7 +105,8 @@ class WorkflowRun(Base):
 
     __table_args__ = (
         CheckConstraint(
-            "status IN ('queued', 'in_progress', 'completed', 'failed')", name="workflow_runs_status"
+            "status IN ('queued', 'in_progress', 'completed', 'failed')",
+            name="workflow_runs_status",
         ),
         Index("workflow_runs_user_created", "user_id", text("created_at DESC")),
         Index("workflow_runs_user_status_created", "user_id", "status", text("created_at DESC")),

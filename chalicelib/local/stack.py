@@ -137,8 +137,17 @@ def start_postgres(settings: Settings) -> None:
         run(
             as_postgres_user(
                 [
-                    initdb, "-D", str(data), "-U", user, "--pwfile", str(pwfile),
-                    "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8",
+                    initdb,
+                    "-D",
+                    str(data),
+                    "-U",
+                    user,
+                    "--pwfile",
+                    str(pwfile),
+                    "--auth-local=trust",
+                    "--auth-host=scram-sha-256",
+                    "-E",
+                    "UTF8",
                 ]
             ),
             stdout=subprocess.DEVNULL,
@@ -147,15 +156,32 @@ def start_postgres(settings: Settings) -> None:
     if is_root():
         log.touch()
         shutil.chown(log, "postgres")
-    options = f"-p {port} -k {run_dir} -c listen_addresses={host} -c fsync=off -c max_connections=200"
+    options = (
+        f"-p {port} -k {run_dir} -c listen_addresses={host} -c fsync=off -c max_connections=200"
+    )
     say(f"postgres: starting on {host}:{port}")
-    run(as_postgres_user([pg_ctl, "-D", str(data), "-l", str(log), "-o", options, "-w", "start"]),
-        stdout=subprocess.DEVNULL)
+    run(
+        as_postgres_user([pg_ctl, "-D", str(data), "-l", str(log), "-o", options, "-w", "start"]),
+        stdout=subprocess.DEVNULL,
+    )
     wait_for(lambda: port_open(host, port), "postgres", 30)
     exists = subprocess.run(
-        [postgres_bin("psql"), "-h", str(run_dir), "-p", str(port), "-U", user, "-d", "postgres",
-         "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{database}'"],
-        capture_output=True, text=True, check=True,
+        [
+            postgres_bin("psql"),
+            "-h",
+            str(run_dir),
+            "-p",
+            str(port),
+            "-U",
+            user,
+            "-d",
+            "postgres",
+            "-tAc",
+            f"SELECT 1 FROM pg_database WHERE datname = '{database}'",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     if exists != "1":
         run([postgres_bin("createdb"), "-h", str(run_dir), "-p", str(port), "-U", user, database])
@@ -165,8 +191,11 @@ def start_postgres(settings: Settings) -> None:
 def stop_postgres() -> None:
     data = STATE_DIR / "postgres" / "data"
     if (data / "postmaster.pid").exists():
-        subprocess.run(as_postgres_user([postgres_bin("pg_ctl"), "-D", str(data), "-m", "fast", "stop"]),
-                       stdout=subprocess.DEVNULL, check=False)
+        subprocess.run(
+            as_postgres_user([postgres_bin("pg_ctl"), "-D", str(data), "-m", "fast", "stop"]),
+            stdout=subprocess.DEVNULL,
+            check=False,
+        )
         say("postgres: stopped")
 
 
@@ -184,11 +213,27 @@ def start_redis(settings: Settings) -> None:
     folder = STATE_DIR / "redis"
     folder.mkdir(parents=True, exist_ok=True)
     say(f"redis: starting on {host}:{port}")
-    run([
-        "redis-server", "--port", str(port), "--bind", host, "--dir", str(folder),
-        "--daemonize", "yes", "--pidfile", str(folder / "redis.pid"),
-        "--logfile", str(folder / "redis.log"), "--save", "", "--appendonly", "no",
-    ])
+    run(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            host,
+            "--dir",
+            str(folder),
+            "--daemonize",
+            "yes",
+            "--pidfile",
+            str(folder / "redis.pid"),
+            "--logfile",
+            str(folder / "redis.log"),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+    )
     wait_for(lambda: port_open(host, port), "redis", 15)
 
 
@@ -234,15 +279,25 @@ def localstack_venv() -> Path:
     say(f"localstack: installing localstack-core {version} in {venv} (first run only)")
     shutil.rmtree(venv, ignore_errors=True)
     run([python, "-m", "venv", str(venv)])
-    run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
-         f"localstack-core[runtime]=={version}", *LOCALSTACK_PINS], stderr=subprocess.DEVNULL)
+    run(
+        [
+            str(venv / "bin" / "pip"),
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            f"localstack-core[runtime]=={version}",
+            *LOCALSTACK_PINS,
+        ],
+        stderr=subprocess.DEVNULL,
+    )
     marker.touch()
     return venv
 
 
 def localstack_ready(endpoint: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{endpoint}/_localstack/health", timeout=1) as response:
+        health = f"{endpoint}/_localstack/health"
+        with urllib.request.urlopen(health, timeout=1) as response:  # noqa: S310 (our own URL)
             services = json.load(response).get("services", {})
         return all(services.get(name) in ("available", "running") for name in ("sqs", "s3"))
     except (OSError, ValueError):
@@ -274,8 +329,12 @@ def start_localstack(settings: Settings) -> None:
     with open(folder / "localstack.log", "ab") as log:
         process = subprocess.Popen(
             [str(venv / "bin" / "python"), "-m", "localstack.runtime.main"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, cwd=folder,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=folder,
         )
     (folder / "localstack.pid").write_text(str(process.pid))
     wait_for(lambda: localstack_ready(endpoint), "localstack", 120)
@@ -290,9 +349,9 @@ def ensure_resources(settings: Settings) -> None:
 
     sqs = aws_client("sqs")
     dlq_url = sqs.create_queue(QueueName=f"{settings.stage_queue_name}-dlq")["QueueUrl"]
-    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])[
-        "Attributes"
-    ]["QueueArn"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
     redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"})
     attributes = {"VisibilityTimeout": "360", "RedrivePolicy": redrive}
     queue_url = sqs.create_queue(QueueName=settings.stage_queue_name)["QueueUrl"]
