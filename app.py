@@ -1,6 +1,9 @@
 """MAOF on AWS Lambda: every route, queue and schedule, each one line into chalicelib."""
 
+from chalice.app import CloudWatchEvent, Rate, SQSEvent
+
 from chalicelib.auth import service as auth
+from chalicelib.engine import handlers as engine
 from chalicelib.http import ApiRequest, MaofApp, Reply
 
 app = MaofApp(app_name="maof")
@@ -37,3 +40,16 @@ def refresh(request: ApiRequest) -> dict:
 @app.endpoint("/auth/me", "GET")
 def me(request: ApiRequest) -> dict:
     return auth.me(request.user)
+
+
+# ------------------------------------------------------------------ engine
+
+
+@app.on_sqs_message(queue=engine.STAGE_QUEUE_NAME, batch_size=10)
+def run_stage(event: SQSEvent) -> dict:
+    return engine.run_stage_batch([record.to_dict() for record in event])
+
+
+@app.schedule(Rate(1, unit=Rate.MINUTES))
+def sweep_stalled_stages(event: CloudWatchEvent) -> dict:
+    return engine.sweep_stalled_stages()

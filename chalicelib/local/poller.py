@@ -1,0 +1,206 @@
+"""The local event source: long-polls the stage queue and invokes `run_stage` with real
+Lambda SQS events, and runs the scheduled handlers on their schedule (dev and tests only).
+
+Each worker thread plays one concurrent Lambda execution: receive up to a batch,
+invoke the handler in process, delete what succeeded, leave what failed for
+redelivery after the visibility timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from chalicelib.aws import aws_client, stage_queue_url
+from chalicelib.config import ConfigError, get_settings
+from chalicelib.logs import logger
+
+Handler = Callable[[dict[str, Any], Any], Any]
+
+
+class LambdaContext:
+    """The parts of the Lambda context object our handlers use."""
+
+    def __init__(self, function_name: str, timeout_seconds: float = 60.0) -> None:
+        self.function_name = function_name
+        self.aws_request_id = str(uuid.uuid4())
+        self.memory_limit_in_mb = 512
+        self._deadline = time.monotonic() + timeout_seconds
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+def sqs_event(messages: list[dict[str, Any]], queue_arn: str, region: str) -> dict[str, Any]:
+    """The event Lambda's SQS event source mapping delivers for `messages`."""
+    return {
+        "Records": [
+            {
+                "messageId": m["MessageId"],
+                "receiptHandle": m["ReceiptHandle"],
+                "body": m["Body"],
+                "attributes": m.get("Attributes", {}),
+                "messageAttributes": m.get("MessageAttributes", {}),
+                "md5OfBody": m.get("MD5OfBody") or hashlib.md5(m["Body"].encode()).hexdigest(),  # noqa: S324
+                "eventSource": "aws:sqs",
+                "eventSourceARN": queue_arn,
+                "awsRegion": region,
+            }
+            for m in messages
+        ]
+    }
+
+
+def scheduled_event(rule: str, region: str) -> dict[str, Any]:
+    return {
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "detail-type": "Scheduled Event",
+        "source": "aws.events",
+        "account": "000000000000",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "region": region,
+        "resources": [f"arn:aws:events:{region}:000000000000:rule/{rule}"],
+        "detail": {},
+    }
+
+
+class Poller:
+    """Workers that drain the stage queue into `handler`, plus a schedule thread."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        schedules: list[tuple[str, Handler, float]] | None = None,
+        concurrency: int | None = None,
+        batch_size: int | None = None,
+        wait_seconds: int = 1,
+    ) -> None:
+        settings = get_settings()
+        self.handler = handler
+        self.schedules = schedules or []
+        self.concurrency = concurrency or settings.poller_concurrency
+        self.batch_size = batch_size or settings.poller_batch_size
+        self.wait_seconds = wait_seconds
+        self.region = settings.aws_region
+        self.queue_url = stage_queue_url()
+        self.queue_arn = aws_client("sqs").get_queue_attributes(
+            QueueUrl=self.queue_url, AttributeNames=["QueueArn"]
+        )["Attributes"]["QueueArn"]
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.invocations = 0
+        self.failures = 0
+        self._lock = threading.Lock()
+
+    def start(self) -> Poller:
+        for index in range(self.concurrency):
+            self._spawn(self._drain, f"poller-{index}")
+        for name, handler, interval in self.schedules:
+            self._spawn(
+                lambda n=name, h=handler, i=interval: self._every(n, h, i), f"schedule-{name}"
+            )
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _drain(self) -> None:
+        sqs = aws_client("sqs")
+        while not self._stop.is_set():
+            try:
+                received = sqs.receive_message(
+                    QueueUrl=self.queue_url,
+                    MaxNumberOfMessages=self.batch_size,
+                    WaitTimeSeconds=self.wait_seconds,
+                    AttributeNames=["All"],
+                    MessageAttributeNames=["All"],
+                )
+            except Exception as exc:
+                logger.warning("poller receive failed", extra={"error": repr(exc)})
+                self._stop.wait(1.0)
+                continue
+            messages = received.get("Messages", [])
+            if messages:
+                self.deliver(messages)
+
+    def deliver(self, messages: list[dict[str, Any]]) -> None:
+        """Invoke the handler with one batch; delete what it did not report as failed."""
+        event = sqs_event(messages, self.queue_arn, self.region)
+        failed: set[str] = set()
+        try:
+            result = self.handler(event, LambdaContext("run_stage"))
+            for item in (result or {}).get("batchItemFailures", []):
+                failed.add(item["itemIdentifier"])
+        except Exception as exc:
+            # A Lambda that raises fails the whole batch: everything is redelivered.
+            logger.exception("run_stage raised", extra={"error": repr(exc)})
+            failed = {m["MessageId"] for m in messages}
+        done = [m for m in messages if m["MessageId"] not in failed]
+        with self._lock:
+            self.invocations += 1
+            self.failures += len(failed)
+        if done:
+            aws_client("sqs").delete_message_batch(
+                QueueUrl=self.queue_url,
+                Entries=[
+                    {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(done)
+                ],
+            )
+
+    def _every(self, name: str, handler: Handler, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                handler(scheduled_event(name, self.region), LambdaContext(name))
+            except Exception as exc:
+                logger.exception(
+                    "scheduled handler raised", extra={"rule": name, "error": repr(exc)}
+                )
+
+
+def from_app(concurrency: int | None = None) -> Poller:
+    """A poller wired to the Chalice app's own handlers."""
+    import app as maof
+
+    settings = get_settings()
+    schedules: list[tuple[str, Handler, float]] = [
+        (name, maof.app.handler_map[name], float(interval))
+        for name, interval in (("sweep_stalled_stages", settings.sweep_interval_seconds),)
+        if name in maof.app.handler_map
+    ]
+    return Poller(maof.app.handler_map["run_stage"], schedules, concurrency=concurrency)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m chalicelib.local.poller")
+    parser.add_argument("--concurrency", type=int, default=None)
+    args = parser.parse_args()
+    try:
+        poller = from_app(args.concurrency).start()
+    except ConfigError as exc:
+        print(f"maof: configuration error: {exc}", file=sys.stderr)
+        return 2
+    print(f"poller: draining {poller.queue_url} with {poller.concurrency} workers", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        poller.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""Integration fixtures: the real local stack (Postgres, Redis, LocalStack), a fresh test
+database, the API served over HTTP by the local Chalice server, and the SQS poller."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import requests
+from sqlalchemy import create_engine, text
+
+from chalicelib import aws, cache, db
+from chalicelib.config import get_settings, reset_settings
+from tests.conftest import ADMIN_DATABASE_URL, TEST_DATABASE_URL
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:
+    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last value: {value!r})")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stack() -> Iterator[None]:
+    """A fresh, migrated test database and the test queue and bucket."""
+    reset_settings()
+    settings = get_settings()
+    for name, url, default in (
+        ("Postgres", settings.database_url, 5432),
+        ("Redis", settings.redis_url, 6379),
+        ("LocalStack", settings.aws_endpoint_url or "", 4566),
+    ):
+        parsed = urlparse_host(url, default)
+        if not _port_open(*parsed):
+            pytest.exit(f"{name} is not answering at {url}: start the stack with `make stack`", 2)
+    admin = create_engine(ADMIN_DATABASE_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text("DROP DATABASE IF EXISTS maof_test WITH (FORCE)"))
+        conn.execute(text("CREATE DATABASE maof_test"))
+    admin.dispose()
+    assert TEST_DATABASE_URL.endswith("/maof_test")
+    db.reset()
+    from chalicelib.db.migrate import upgrade
+
+    upgrade()
+    from chalicelib.local.stack import ensure_resources
+
+    aws.reset()
+    ensure_resources(settings)
+    aws.aws_client("sqs").purge_queue(QueueUrl=aws.stage_queue_url())
+    cache.reset()
+    cache.get_redis().flushdb()
+    yield
+    db.reset()
+
+
+def urlparse_host(url: str, default_port: int) -> tuple[str, int]:
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url.replace("+psycopg", ""))
+    return parsed.hostname or "127.0.0.1", parsed.port or default_port
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def api_url(stack: None) -> Iterator[str]:
+    """The API over real HTTP: MAOF's `chalice local` server in a background thread."""
+    from chalicelib.local.api import create_server
+
+    port = _free_port()
+    server = create_server("127.0.0.1", port, stage="dev")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: _port_open("127.0.0.1", port), timeout=10)
+    yield url
+    server.shutdown()
+
+
+@dataclass
+class Api:
+    """A small HTTP client for the API; `token` is sent as a bearer token when set."""
+
+    base_url: str
+    token: str | None = None
+    user: dict[str, Any] | None = None
+
+    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        headers = dict(kwargs.pop("headers", {}) or {})
+        if self.token and "Authorization" not in headers:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return requests.request(method, self.base_url + path, headers=headers, timeout=10, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, json: Any = None, **kwargs: Any) -> requests.Response:
+        return self.request("POST", path, json=json, **kwargs)
+
+    def delete(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.request("DELETE", path, **kwargs)
+
+    def as_new_user(self, password: str = "correct-horse-battery") -> Api:
+        """A client signed in as a freshly registered user."""
+        email = unique_email()
+        created = self.post(
+            "/auth/register", {"email": email, "password": password, "name": "Test"}
+        )
+        assert created.status_code == 201, created.text
+        login = self.post("/auth/login", {"email": email, "password": password})
+        assert login.status_code == 200, login.text
+        data = login.json()["data"]
+        return Api(self.base_url, token=data["accessToken"], user=data["user"])
+
+
+def unique_email() -> str:
+    return f"user-{uuid.uuid4().hex[:12]}@example.com"
+
+
+@pytest.fixture
+def api(api_url: str) -> Api:
+    """An anonymous client."""
+    return Api(api_url)
+
+
+@pytest.fixture
+def user(api: Api) -> Api:
+    """A client signed in as a new user."""
+    return api.as_new_user()
