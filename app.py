@@ -1,5 +1,7 @@
 """MAOF on AWS Lambda: every route, queue and schedule, each one line into chalicelib."""
 
+from typing import Any
+
 from chalice.app import CloudWatchEvent, Rate, SQSEvent
 
 from chalicelib.auth import service as auth
@@ -28,17 +30,17 @@ def register(request: ApiRequest) -> Reply:
 
 
 @app.endpoint("/auth/login", "POST", public=True)
-def login(request: ApiRequest) -> dict:
+def login(request: ApiRequest) -> dict[str, Any]:
     return auth.login(request.body(auth.LoginRequest))
 
 
 @app.endpoint("/auth/refresh", "POST", public=True)
-def refresh(request: ApiRequest) -> dict:
+def refresh(request: ApiRequest) -> dict[str, Any]:
     return auth.refresh(request.body(auth.RefreshRequest))
 
 
 @app.endpoint("/auth/me", "GET")
-def me(request: ApiRequest) -> dict:
+def me(request: ApiRequest) -> dict[str, Any]:
     return auth.me(request.user)
 
 
@@ -46,10 +48,10 @@ def me(request: ApiRequest) -> dict:
 
 
 @app.on_sqs_message(queue=engine.STAGE_QUEUE_NAME, batch_size=10)
-def run_stage(event: SQSEvent) -> dict:
+def run_stage(event: SQSEvent) -> dict[str, Any]:
     return engine.run_stage_batch([record.to_dict() for record in event])
 
 
 @app.schedule(Rate(1, unit=Rate.MINUTES))
-def sweep_stalled_stages(event: CloudWatchEvent) -> dict:
+def sweep_stalled_stages(event: CloudWatchEvent) -> dict[str, Any]:
     return engine.sweep_stalled_stages()

@@ -9,6 +9,7 @@ redelivery after the visibility timeout.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import sys
 import threading
@@ -103,9 +104,7 @@ class Poller:
         for index in range(self.concurrency):
             self._spawn(self._drain, f"poller-{index}")
         for name, handler, interval in self.schedules:
-            self._spawn(
-                lambda n=name, h=handler, i=interval: self._every(n, h, i), f"schedule-{name}"
-            )
+            self._spawn(functools.partial(self._every, name, handler, interval), f"schedule-{name}")
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
