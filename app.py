@@ -4,9 +4,12 @@ from typing import Any
 
 from chalice.app import CloudWatchEvent, Rate, SQSEvent
 
+from chalicelib.agents import registry as agents
 from chalicelib.auth import service as auth
 from chalicelib.engine import handlers as engine
 from chalicelib.http import ApiRequest, MaofApp, Reply
+from chalicelib.workflows import runs
+from chalicelib.workflows.definition import ExecuteRequest
 
 app = MaofApp(app_name="maof")
 
@@ -42,6 +45,57 @@ def refresh(request: ApiRequest) -> dict[str, Any]:
 @app.endpoint("/auth/me", "GET")
 def me(request: ApiRequest) -> dict[str, Any]:
     return auth.me(request.user)
+
+
+# ------------------------------------------------------------------ agents
+
+
+@app.endpoint("/agents/register", "POST")
+def register_agent(request: ApiRequest) -> Reply:
+    return Reply(agents.register(request.user, request.body(agents.RegisterAgentRequest)), 201)
+
+
+@app.endpoint("/agents", "GET")
+def list_agents(request: ApiRequest) -> dict[str, Any]:
+    return agents.list_agents(request.query(agents.AgentQuery))
+
+
+@app.endpoint("/agents/{agent_uuid}", "GET")
+def get_agent(request: ApiRequest, agent_uuid: str) -> dict[str, Any]:
+    return agents.get_agent(agent_uuid)
+
+
+@app.endpoint("/agents/{agent_uuid}", "DELETE")
+def delete_agent(request: ApiRequest, agent_uuid: str) -> dict[str, Any]:
+    return agents.delete_agent(request.user, agent_uuid)
+
+
+# ------------------------------------------------------------------ workflows
+
+
+@app.endpoint("/workflows/execute", "POST")
+def execute_workflow(request: ApiRequest) -> Reply:
+    return runs.submit(request.user, request.body(ExecuteRequest))
+
+
+@app.endpoint("/workflows", "GET")
+def list_runs(request: ApiRequest) -> dict[str, Any]:
+    return runs.list_runs(request.user, request.query(runs.RunQuery))
+
+
+@app.endpoint("/workflows/{run_id}", "GET")
+def get_run(request: ApiRequest, run_id: str) -> dict[str, Any]:
+    return runs.get_run(request.user, run_id)
+
+
+@app.endpoint("/workflows/{run_id}/result", "GET")
+def get_result(request: ApiRequest, run_id: str) -> dict[str, Any]:
+    return runs.get_result(request.user, run_id)
+
+
+@app.endpoint("/workflows/{run_id}/audit", "GET")
+def get_audit(request: ApiRequest, run_id: str) -> dict[str, Any]:
+    return runs.get_audit(request.user, run_id)
 
 
 # ------------------------------------------------------------------ engine

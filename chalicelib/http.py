@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import pydantic
 from chalice.app import Chalice, CORSConfig, Request, Response
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from chalicelib import errors
@@ -266,3 +266,23 @@ def _request_id(request: Request | None) -> str:
 
 def _path(request: Request | None) -> str:
     return str(getattr(request, "path", "unknown"))
+
+
+class PageQuery(ApiModel):
+    """`?page=&limit=` of every list; subclasses add their filters."""
+
+    page: int = Field(default=1, ge=1, le=100_000)
+    limit: int = Field(default=20, ge=1, le=100)
+
+    @property
+    def offset(self) -> int:
+        return (self.page - 1) * self.limit
+
+
+def page_meta(total: int, query: PageQuery) -> dict[str, int]:
+    return {
+        "total": total,
+        "page": query.page,
+        "limit": query.limit,
+        "pages": (total + query.limit - 1) // query.limit,
+    }

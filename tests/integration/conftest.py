@@ -152,3 +152,45 @@ def api(api_url: str) -> Api:
 def user(api: Api) -> Api:
     """A client signed in as a new user."""
     return api.as_new_user()
+
+
+@pytest.fixture(scope="session")
+def poller(stack: None) -> Iterator[Any]:
+    """The local SQS event source, invoking the app's run_stage handler (4 workers)."""
+    from chalicelib.local.poller import Poller
+
+    import app as maof
+
+    running = Poller(maof.app.handler_map["run_stage"], concurrency=4, wait_seconds=1).start()
+    yield running
+    running.stop()
+
+
+def register_agent(client: Api, capability: str, **fields: Any) -> dict[str, Any]:
+    """Register a (mock-served) agent with one capability; returns the agent."""
+    body = {
+        "agentId": f"agent-{uuid.uuid4().hex[:10]}",
+        "name": f"{capability} agent",
+        "endpoint": "http://localhost:9001/agent",
+        "authToken": "agent-secret-token",
+        "capabilities": [capability],
+        **fields,
+    }
+    response = client.post("/agents/register", body)
+    assert response.status_code == 201, response.text
+    return dict(response.json()["data"])
+
+
+def wait_for_run(client: Api, run_id: str, timeout: float = 30.0) -> dict[str, Any]:
+    """Poll the run until it is completed or failed; return its detail."""
+
+    def finished() -> dict[str, Any] | None:
+        data = client.get(f"/workflows/{run_id}").json()["data"]
+        return data if data["status"] in ("completed", "failed") else None
+
+    return dict(wait_until(finished, timeout=timeout, interval=0.1))
+
+
+def unique_capability(prefix: str = "cap") -> str:
+    """A capability no other test registers, so tests don't share agents."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,1 @@
+"""Agents: the registry, selection for a stage, and dispatch (the built-in mock for now)."""

@@ -1,0 +1,292 @@
+"""The steps of running one stage, each testable alone against a real database:
+claim → load inputs → (select and call an agent) → complete or fail → ready dependents.
+
+Concurrency rules:
+- claiming is one conditional UPDATE (queued → in_progress), so a duplicate SQS
+  delivery finds nothing to claim and does nothing;
+- completing or failing locks the run row first (SELECT … FOR UPDATE): the audit
+  chain of a run grows one entry at a time and a fan-in stage is queued exactly once;
+- completion is conditional on the attempt that claimed the stage, so a worker whose
+  lease expired (and whose stage the sweeper handed to another) changes nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from chalicelib.audit import chain
+from chalicelib.config import get_settings
+from chalicelib.db import session_scope
+from chalicelib.db.models import WorkflowRun
+from chalicelib.http import dumps
+
+
+@dataclass(frozen=True)
+class ClaimedStage:
+    id: uuid.UUID
+    run_id: uuid.UUID
+    stage_id: str
+    stage_name: str
+    capability: str
+    dependencies: list[str]
+    input_template: Any
+    attempt: int
+
+
+@dataclass(frozen=True)
+class StageContext:
+    workflow_name: str
+    workflow_input: Any
+    outputs: dict[str, Any]  # outputs of completed stages of the run, by stage id
+
+
+def claim_stage(run_id: uuid.UUID, stage_id: str) -> ClaimedStage | None:
+    """Take a queued stage for this worker, or None if it is not queued (duplicate delivery)."""
+    lease = timedelta(seconds=get_settings().stage_lease_seconds)
+    with session_scope() as session:
+        # Raw SQL: a conditional UPDATE … RETURNING is the claim, in one round trip.
+        row = session.execute(
+            text(
+                """
+                UPDATE stage_executions
+                   SET status = 'in_progress', attempt = attempt + 1, started_at = now(),
+                       lease_expires_at = now() + :lease, error_message = NULL
+                 WHERE run_id = :run_id AND stage_id = :stage_id AND status = 'queued'
+             RETURNING id, stage_name, capability, dependencies, input_template, attempt
+                """
+            ),
+            {"run_id": run_id, "stage_id": stage_id, "lease": lease},
+        ).first()
+        if row is None:
+            return None
+        session.execute(
+            text(
+                "UPDATE workflow_runs SET status = 'in_progress', started_at = now(), "
+                "updated_at = now() WHERE id = :run_id AND status = 'queued'"
+            ),
+            {"run_id": run_id},
+        )
+    return ClaimedStage(
+        id=row.id,
+        run_id=run_id,
+        stage_id=stage_id,
+        stage_name=row.stage_name,
+        capability=row.capability,
+        dependencies=list(row.dependencies),
+        input_template=row.input_template,
+        attempt=row.attempt,
+    )
+
+
+def load_context(stage: ClaimedStage) -> StageContext:
+    """The workflow input and the outputs of the run's completed stages."""
+    with session_scope() as session:
+        run = session.execute(
+            text("SELECT workflow_name, input FROM workflow_runs WHERE id = :run_id"),
+            {"run_id": stage.run_id},
+        ).one()
+        outputs = session.execute(
+            text(
+                "SELECT stage_id, output FROM stage_executions "
+                "WHERE run_id = :run_id AND status = 'completed'"
+            ),
+            {"run_id": stage.run_id},
+        ).all()
+    return StageContext(run.workflow_name, run.input, {r.stage_id: r.output for r in outputs})
+
+
+def default_input(stage: ClaimedStage, context: StageContext) -> Any:
+    """A stage without `input` gets the workflow input (no dependencies) or its
+    dependencies' outputs keyed by stage id."""
+    if not stage.dependencies:
+        return context.workflow_input
+    return {dep: context.outputs.get(dep) for dep in stage.dependencies}
+
+
+def _lock_run(session: Session, run_id: uuid.UUID) -> WorkflowRun:
+    run = session.get(WorkflowRun, run_id, with_for_update=True)
+    assert run is not None, f"run {run_id} vanished"
+    return run
+
+
+def complete_stage(
+    stage: ClaimedStage, agent_uuid: str, agent_id: str, stage_input: Any, output: Any
+) -> list[str]:
+    """Store the output, audit it, queue the dependents that became ready, and finish
+    the run when every stage is done. Returns the stage ids to send messages for."""
+    with session_scope() as session:
+        run = _lock_run(session, stage.run_id)
+        updated = session.execute(
+            text(
+                """
+                UPDATE stage_executions
+                   SET status = 'completed', output = CAST(:output AS jsonb),
+                       input = CAST(:input AS jsonb), agent_uuid = :agent_uuid,
+                       agent_id = :agent_id, completed_at = now(), lease_expires_at = NULL
+                 WHERE id = :id AND status = 'in_progress' AND attempt = :attempt
+             RETURNING started_at, completed_at
+                """
+            ),
+            {
+                "id": stage.id,
+                "attempt": stage.attempt,
+                "output": _json(output),
+                "input": _json(stage_input),
+                "agent_uuid": uuid.UUID(agent_uuid),
+                "agent_id": agent_id,
+            },
+        ).first()
+        if updated is None:
+            return []  # our lease expired and the stage moved on without us
+        duration_ms = int((updated.completed_at - updated.started_at).total_seconds() * 1000)
+        chain.append(
+            session,
+            stage.run_id,
+            "execute",
+            "completed",
+            stage_id=stage.stage_id,
+            agent_id=agent_id,
+            input=stage_input,
+            output=output,
+            details={"attempt": stage.attempt, "durationMs": duration_ms},
+        )
+        if run.status not in ("queued", "in_progress"):
+            return []
+        ready = ready_dependents(session, stage.run_id)
+        if not ready:
+            finish_run_if_done(session, run)
+        return ready
+
+
+def ready_dependents(session: Session, run_id: uuid.UUID) -> list[str]:
+    """Move every pending stage whose dependencies are all completed to queued."""
+    rows = session.execute(
+        text(
+            """
+            UPDATE stage_executions AS s
+               SET status = 'queued', queued_at = now()
+             WHERE s.run_id = :run_id AND s.status = 'pending'
+               AND NOT EXISTS (
+                   SELECT 1 FROM stage_executions AS d
+                    WHERE d.run_id = s.run_id AND d.stage_id = ANY (s.dependencies)
+                      AND d.status <> 'completed')
+         RETURNING s.stage_id
+            """
+        ),
+        {"run_id": run_id},
+    ).all()
+    return [row.stage_id for row in rows]
+
+
+def finish_run_if_done(session: Session, run: WorkflowRun) -> bool:
+    """Complete the run when all its stages are; its output is that of the final stage(s)."""
+    rows = session.execute(
+        text(
+            "SELECT stage_id, status, output, dependencies FROM stage_executions "
+            "WHERE run_id = :run_id ORDER BY position"
+        ),
+        {"run_id": run.id},
+    ).all()
+    if any(row.status != "completed" for row in rows):
+        return False
+    depended_on = {dep for row in rows for dep in row.dependencies}
+    sinks = [row for row in rows if row.stage_id not in depended_on]
+    output = sinks[0].output if len(sinks) == 1 else {row.stage_id: row.output for row in sinks}
+    session.execute(
+        text(
+            "UPDATE workflow_runs SET status = 'completed', output = CAST(:output AS jsonb), "
+            "completed_at = now(), updated_at = now() WHERE id = :run_id"
+        ),
+        {"run_id": run.id, "output": _json(output)},
+    )
+    chain.append(session, run.id, "complete", "completed", output=output)
+    return True
+
+
+def fail_stage(
+    stage: ClaimedStage, reason: str, agent_id: str | None = None, stage_input: Any = None
+) -> bool:
+    """Fail the stage and its run; stages not yet started are skipped. Returns False if
+    the stage was no longer ours to fail."""
+    with session_scope() as session:
+        run = _lock_run(session, stage.run_id)
+        updated = session.execute(
+            text(
+                """
+                UPDATE stage_executions
+                   SET status = 'failed', error_message = :reason, agent_id = :agent_id,
+                       input = CAST(:input AS jsonb), completed_at = now(),
+                       lease_expires_at = NULL
+                 WHERE id = :id AND status = 'in_progress' AND attempt = :attempt
+             RETURNING id
+                """
+            ),
+            {
+                "id": stage.id,
+                "attempt": stage.attempt,
+                "reason": reason,
+                "agent_id": agent_id,
+                "input": _json(stage_input),
+            },
+        ).first()
+        if updated is None:
+            return False
+        chain.append(
+            session,
+            stage.run_id,
+            "fail",
+            "failed",
+            stage_id=stage.stage_id,
+            agent_id=agent_id,
+            details={"attempt": stage.attempt, "error": reason},
+        )
+        if run.status in ("queued", "in_progress"):
+            skipped = session.execute(
+                text(
+                    "UPDATE stage_executions SET status = 'skipped', completed_at = now() "
+                    "WHERE run_id = :run_id AND status IN ('pending', 'queued') "
+                    "RETURNING stage_id, position"
+                ),
+                {"run_id": stage.run_id},
+            ).all()
+            for row in sorted(skipped, key=lambda r: r.position):
+                chain.append(
+                    session,
+                    stage.run_id,
+                    "skip",
+                    "skipped",
+                    stage_id=row.stage_id,
+                    details={"reason": f"stage '{stage.stage_id}' failed"},
+                )
+            message = f"Stage '{stage.stage_id}' ({stage.stage_name}) failed: {reason}"
+            session.execute(
+                text(
+                    "UPDATE workflow_runs SET status = 'failed', error_message = :message, "
+                    "completed_at = now(), updated_at = now() WHERE id = :run_id"
+                ),
+                {"run_id": stage.run_id, "message": message},
+            )
+    return True
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else dumps(value)
+
+
+def release_stage(stage: ClaimedStage) -> None:
+    """Hand a claimed stage back to the queue after an unexpected error (redelivery retries)."""
+    with session_scope() as session:
+        session.execute(
+            text(
+                "UPDATE stage_executions SET status = 'queued', queued_at = now(), "
+                "lease_expires_at = NULL "
+                "WHERE id = :id AND status = 'in_progress' AND attempt = :attempt"
+            ),
+            {"id": stage.id, "attempt": stage.attempt},
+        )

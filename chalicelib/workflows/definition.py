@@ -1,0 +1,122 @@
+"""The workflow definition a user submits, and its validation as a DAG."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from chalicelib import errors
+from chalicelib.capabilities import Capability
+from chalicelib.http import ApiModel
+from chalicelib.workflows.references import references_in
+
+STAGE_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
+
+
+class StageDefinition(ApiModel):
+    id: str = Field(min_length=1, max_length=100, pattern=STAGE_ID_PATTERN)
+    name: str = Field(min_length=1, max_length=255)
+    agent_capability: Capability
+    dependencies: list[str] = Field(default_factory=list, max_length=100)
+    input: Any = None
+    config: dict[str, Any] | None = None
+
+
+class WorkflowDefinition(ApiModel):
+    name: str = Field(min_length=1, max_length=255)
+    stages: list[StageDefinition] = Field(min_length=1, max_length=100)
+
+
+class ExecuteRequest(ApiModel):
+    workflow: WorkflowDefinition
+    input: Any = None
+
+
+def _invalid(index: int, field: str, message: str) -> errors.ValidationError:
+    return errors.ValidationError(
+        message, [{"field": f"workflow.stages.{index}.{field}", "message": message}]
+    )
+
+
+def check_dag(workflow: WorkflowDefinition) -> None:
+    """Unique ids, known dependencies, no self-dependency, no cycle, references to ancestors.
+
+    Every message names the offending stage.
+    """
+    index_of: dict[str, int] = {}
+    for index, stage in enumerate(workflow.stages):
+        if stage.id in index_of:
+            raise _invalid(index, "id", f"Stage '{stage.id}' is defined more than once")
+        index_of[stage.id] = index
+    for index, stage in enumerate(workflow.stages):
+        for dependency in stage.dependencies:
+            if dependency == stage.id:
+                raise _invalid(index, "dependencies", f"Stage '{stage.id}' depends on itself")
+            if dependency not in index_of:
+                raise _invalid(
+                    index,
+                    "dependencies",
+                    f"Stage '{stage.id}' depends on unknown stage '{dependency}'",
+                )
+        if len(set(stage.dependencies)) != len(stage.dependencies):
+            raise _invalid(index, "dependencies", f"Stage '{stage.id}' lists a dependency twice")
+    cycle = _find_cycle(workflow)
+    if cycle:
+        path = " -> ".join(cycle)
+        raise _invalid(index_of[cycle[0]], "dependencies", f"Stages form a cycle: {path}")
+    ancestors = _ancestors(workflow)
+    for index, stage in enumerate(workflow.stages):
+        for reference in references_in(stage.input):
+            if reference.stage_id is None:
+                continue
+            if reference.stage_id not in ancestors[stage.id]:
+                raise _invalid(
+                    index,
+                    "input",
+                    f"Stage '{stage.id}' references '{reference.text}', but stage "
+                    f"'{reference.stage_id}' is not one of its dependencies",
+                )
+
+
+def _find_cycle(workflow: WorkflowDefinition) -> list[str] | None:
+    deps = {stage.id: stage.dependencies for stage in workflow.stages}
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for dep in deps[node]:
+            if state.get(dep) == 1:
+                return [*path[path.index(dep) :], dep]
+            if dep not in state:
+                found = visit(dep)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for stage in workflow.stages:
+        if stage.id not in state:
+            found = visit(stage.id)
+            if found:
+                return found
+    return None
+
+
+def _ancestors(workflow: WorkflowDefinition) -> dict[str, set[str]]:
+    deps = {stage.id: stage.dependencies for stage in workflow.stages}
+    memo: dict[str, set[str]] = {}
+
+    def of(node: str) -> set[str]:
+        if node not in memo:
+            found: set[str] = set()
+            for dep in deps[node]:
+                found.add(dep)
+                found |= of(dep)
+            memo[node] = found
+        return memo[node]
+
+    return {stage.id: of(stage.id) for stage in workflow.stages}

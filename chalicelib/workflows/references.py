@@ -1,0 +1,95 @@
+"""`${workflow.input.<path>}` and `${<stageId>.output.<path>}` references in stage inputs."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+REFERENCE = re.compile(r"\$\{([^${}]+)\}")
+
+
+class UnresolvableReference(Exception):
+    """A reference that cannot be resolved; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Reference:
+    text: str  # as written, e.g. "${step-1.output.points.0}"
+    stage_id: str | None  # None for workflow input
+    path: tuple[str, ...]
+
+
+def parse(expression: str) -> Reference:
+    text = "${" + expression + "}"
+    parts = expression.strip().split(".")
+    if len(parts) >= 2 and parts[0] == "workflow" and parts[1] == "input":
+        return Reference(text, None, tuple(parts[2:]))
+    if len(parts) >= 2 and parts[1] == "output":
+        return Reference(text, parts[0], tuple(parts[2:]))
+    raise UnresolvableReference(
+        f"Unknown reference {text}: use ${{workflow.input.<path>}} or ${{<stageId>.output.<path>}}"
+    )
+
+
+def references_in(value: Any) -> Iterator[Reference]:
+    """Every well-formed reference anywhere in `value` (strings, lists, objects)."""
+    if isinstance(value, str):
+        for match in REFERENCE.finditer(value):
+            try:
+                yield parse(match.group(1))
+            except UnresolvableReference:
+                continue
+    elif isinstance(value, list):
+        for item in value:
+            yield from references_in(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from references_in(item)
+
+
+def _lookup(reference: Reference, workflow_input: Any, outputs: Mapping[str, Any]) -> Any:
+    if reference.stage_id is None:
+        current = workflow_input
+    elif reference.stage_id in outputs:
+        current = outputs[reference.stage_id]
+    else:
+        raise UnresolvableReference(
+            f"Unknown reference {reference.text}: stage '{reference.stage_id}' has no output"
+        )
+    for depth, key in enumerate(reference.path):
+        if isinstance(current, dict) and key in current:
+            current = current[key]
+        elif isinstance(current, list) and key.isdigit() and int(key) < len(current):
+            current = current[int(key)]
+        else:
+            walked = ".".join(reference.path[:depth]) or "(root)"
+            raise UnresolvableReference(
+                f"Unknown reference {reference.text}: no '{key}' under {walked}"
+            )
+    return current
+
+
+def resolve(template: Any, workflow_input: Any, outputs: Mapping[str, Any]) -> Any:
+    """`template` with every reference replaced.
+
+    A string that is exactly one reference takes the referenced value with its JSON
+    type; references inside longer strings are interpolated as text.
+    """
+    if isinstance(template, str):
+        whole = REFERENCE.fullmatch(template.strip())
+        if whole:
+            return _lookup(parse(whole.group(1)), workflow_input, outputs)
+
+        def text(match: re.Match[str]) -> str:
+            value = _lookup(parse(match.group(1)), workflow_input, outputs)
+            return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+        return REFERENCE.sub(text, template)
+    if isinstance(template, list):
+        return [resolve(item, workflow_input, outputs) for item in template]
+    if isinstance(template, dict):
+        return {key: resolve(item, workflow_input, outputs) for key, item in template.items()}
+    return template

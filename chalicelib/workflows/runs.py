@@ -1,0 +1,212 @@
+"""Submit a workflow run, and read runs, their results and their audit trail."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session
+
+from chalicelib import errors
+from chalicelib.audit import chain
+from chalicelib.db import session_scope
+from chalicelib.db.models import AuditEntry, StageExecution, WorkflowRun
+from chalicelib.engine.queue import send_stage_messages
+from chalicelib.http import PageQuery, Principal, Reply, page_meta
+from chalicelib.logs import logger
+from chalicelib.workflows.definition import ExecuteRequest, check_dag
+
+RUN_PREFIX = "wfr-"
+
+
+class RunQuery(PageQuery):
+    status: Literal["queued", "in_progress", "completed", "failed"] | None = None
+
+
+def run_ref(run_id: uuid.UUID) -> str:
+    return f"{RUN_PREFIX}{run_id}"
+
+
+def parse_run_ref(value: str) -> uuid.UUID:
+    if not value.startswith(RUN_PREFIX):
+        raise errors.NotFound("Workflow run not found")
+    try:
+        return uuid.UUID(value[len(RUN_PREFIX) :])
+    except ValueError:
+        raise errors.NotFound("Workflow run not found") from None
+
+
+def submit(principal: Principal, body: ExecuteRequest) -> Reply:
+    """Store the run and its stages in one transaction, then queue the stages with no
+    dependencies. If sending fails, the sweeper sends them later: the run is accepted."""
+    check_dag(body.workflow)
+    with session_scope() as session:
+        run = WorkflowRun(
+            user_id=principal.user_uuid,
+            workflow_name=body.workflow.name,
+            definition=body.workflow.model_dump(by_alias=True, mode="json"),
+            input=body.input,
+            status="queued",
+        )
+        session.add(run)
+        session.flush()
+        now = func.now()
+        roots = []
+        for position, stage in enumerate(body.workflow.stages):
+            ready = not stage.dependencies
+            if ready:
+                roots.append(stage.id)
+            session.add(
+                StageExecution(
+                    run_id=run.id,
+                    stage_id=stage.id,
+                    stage_name=stage.name,
+                    position=position,
+                    capability=stage.agent_capability,
+                    dependencies=stage.dependencies,
+                    input_template=stage.input,
+                    config=stage.config,
+                    status="queued" if ready else "pending",
+                    queued_at=now if ready else None,
+                )
+            )
+        chain.append(
+            session,
+            run.id,
+            "submit",
+            "queued",
+            input=body.input,
+            details={"workflowName": body.workflow.name, "stages": len(body.workflow.stages)},
+        )
+        run_id = run.id
+    try:
+        send_stage_messages(run_id, roots)
+    except Exception:
+        logger.exception(
+            "could not queue a new run; the sweeper will", extra={"runId": str(run_id)}
+        )
+    return Reply({"workflowRunId": run_ref(run_id), "status": "queued"}, 202)
+
+
+def _own_run(session: Session, principal: Principal, ref: str) -> WorkflowRun:
+    run = session.get(WorkflowRun, parse_run_ref(ref))
+    if run is None or run.user_id != principal.user_uuid:
+        raise errors.NotFound("Workflow run not found")  # other users' runs do not exist
+    return run
+
+
+def _duration_ms(start: datetime | None, end: datetime | None) -> int | None:
+    if start is None or end is None:
+        return None
+    return int((end - start).total_seconds() * 1000)
+
+
+def stage_view(stage: StageExecution) -> dict[str, Any]:
+    return {
+        "stageId": stage.stage_id,
+        "name": stage.stage_name,
+        "agentCapability": stage.capability,
+        "dependencies": stage.dependencies,
+        "status": stage.status,
+        "agentId": stage.agent_id,
+        "agentUuid": str(stage.agent_uuid) if stage.agent_uuid else None,
+        "attempt": stage.attempt,
+        "input": stage.input,
+        "output": stage.output,
+        "errorMessage": stage.error_message,
+        "queuedAt": stage.queued_at,
+        "startedAt": stage.started_at,
+        "completedAt": stage.completed_at,
+        "durationMs": _duration_ms(stage.started_at, stage.completed_at),
+    }
+
+
+def _run_summary(run: WorkflowRun) -> dict[str, Any]:
+    return {
+        "workflowRunId": run_ref(run.id),
+        "workflowName": run.workflow_name,
+        "status": run.status,
+        "createdAt": run.created_at,
+        "startedAt": run.started_at,
+        "completedAt": run.completed_at,
+        "errorMessage": run.error_message,
+    }
+
+
+def get_run(principal: Principal, ref: str) -> dict[str, Any]:
+    with session_scope() as session:
+        run = _own_run(session, principal, ref)
+        stages = session.scalars(
+            select(StageExecution)
+            .where(StageExecution.run_id == run.id)
+            .order_by(StageExecution.position)
+        ).all()
+    current = next((s.stage_id for s in stages if s.status == "in_progress"), None)
+    return {
+        **_run_summary(run),
+        "progress": {
+            "total": len(stages),
+            "completed": sum(s.status == "completed" for s in stages),
+            "failed": sum(s.status == "failed" for s in stages),
+            "current": current,
+        },
+        "input": run.input,
+        "stages": [stage_view(s) for s in stages],
+    }
+
+
+def list_runs(principal: Principal, query: RunQuery) -> dict[str, Any]:
+    conditions = [WorkflowRun.user_id == principal.user_uuid]
+    if query.status:
+        conditions.append(WorkflowRun.status == query.status)
+    progress = (
+        select(
+            StageExecution.run_id,
+            func.count().label("total"),
+            func.count(case((StageExecution.status == "completed", 1))).label("completed"),
+            func.count(case((StageExecution.status == "failed", 1))).label("failed"),
+        )
+        .group_by(StageExecution.run_id)
+        .subquery()
+    )
+    with session_scope() as session:
+        total = session.scalar(select(func.count()).select_from(WorkflowRun).where(*conditions))
+        rows = session.execute(
+            select(WorkflowRun, progress.c.total, progress.c.completed, progress.c.failed)
+            .join(progress, progress.c.run_id == WorkflowRun.id)
+            .where(*conditions)
+            .order_by(WorkflowRun.created_at.desc(), WorkflowRun.id)
+            .offset(query.offset)
+            .limit(query.limit)
+        ).all()
+    runs = [
+        {
+            **_run_summary(row[0]),
+            "progress": {"total": row.total, "completed": row.completed, "failed": row.failed},
+        }
+        for row in rows
+    ]
+    return {"runs": runs, "meta": page_meta(total or 0, query)}
+
+
+def get_result(principal: Principal, ref: str) -> dict[str, Any]:
+    with session_scope() as session:
+        run = _own_run(session, principal, ref)
+    if run.status != "completed":
+        raise errors.NotFound(f"Workflow run has no result: it is {run.status}")
+    return {"workflowRunId": ref, "output": run.output}
+
+
+def get_audit(principal: Principal, ref: str) -> dict[str, Any]:
+    with session_scope() as session:
+        run = _own_run(session, principal, ref)
+        entries = session.scalars(
+            select(AuditEntry).where(AuditEntry.run_id == run.id).order_by(AuditEntry.seq)
+        ).all()
+    return {
+        "workflowRunId": ref,
+        "logs": [chain.entry_view(e) for e in entries],
+        "chain": chain.verify(entries).view(),
+    }
