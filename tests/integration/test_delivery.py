@@ -1,0 +1,297 @@
+"""At-least-once delivery against the real database: duplicates change nothing, a dead
+worker or a lost message never strands a run, and the audit trail cannot be rewritten."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError
+
+from chalicelib.db import session_scope
+from chalicelib.db.models import AuditEntry, StageExecution
+from chalicelib.engine import handlers, stages
+from chalicelib.http import Principal
+from chalicelib.workflows import runs
+from chalicelib.workflows.definition import ExecuteRequest
+from tests.integration.conftest import register_agent, unique_capability, wait_for_run
+
+
+class SentMessages:
+    """Stands in for SQS sends so a test decides exactly what gets delivered."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[uuid.UUID, str]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, run_id: uuid.UUID, stage_ids: list[str]) -> None:
+        with self._lock:
+            self.sent.extend((run_id, s) for s in stage_ids)
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> SentMessages:
+    recorder = SentMessages()
+    monkeypatch.setattr(runs, "send_stage_messages", recorder)
+    monkeypatch.setattr(handlers, "send_stage_messages", recorder)
+    return recorder
+
+
+def principal_of(client: Any) -> Principal:
+    return Principal(uuid.UUID(client.user["userUuid"]), client.user["email"], "user")
+
+
+def submit_direct(client: Any, stages_: list[dict[str, Any]]) -> uuid.UUID:
+    body = ExecuteRequest.model_validate({"workflow": {"name": "delivery", "stages": stages_}})
+    reply = runs.submit(principal_of(client), body)
+    return runs.parse_run_ref(reply.data["workflowRunId"])
+
+
+def record(run_id: uuid.UUID, stage_id: str) -> dict[str, Any]:
+    return {
+        "messageId": str(uuid.uuid4()),
+        "receiptHandle": "test",
+        "body": json.dumps({"runId": str(run_id), "stageId": stage_id}),
+    }
+
+
+def deliver_concurrently(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    barrier = threading.Barrier(len(records))
+    results: list[dict[str, Any]] = []
+
+    def worker(item: dict[str, Any]) -> None:
+        barrier.wait()
+        results.append(handlers.run_stage_batch([item]))
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in records]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return results
+
+
+def audit_actions(run_id: uuid.UUID) -> list[tuple[str, str | None]]:
+    with session_scope() as session:
+        entries = session.scalars(
+            select(AuditEntry).where(AuditEntry.run_id == run_id).order_by(AuditEntry.seq)
+        ).all()
+    return [(e.action, e.stage_id) for e in entries]
+
+
+def stage_row(run_id: uuid.UUID, stage_id: str) -> StageExecution:
+    with session_scope() as session:
+        row = session.scalar(
+            select(StageExecution).where(
+                StageExecution.run_id == run_id, StageExecution.stage_id == stage_id
+            )
+        )
+    assert row is not None
+    return row
+
+
+def chain(capability: str, *ids: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": sid,
+            "name": sid,
+            "agentCapability": capability,
+            "dependencies": [ids[i - 1]] if i else [],
+        }
+        for i, sid in enumerate(ids)
+    ]
+
+
+def test_duplicate_delivery_runs_stage_once(user, sent):
+    capability = unique_capability("dup")
+    register_agent(user, capability)
+    run_id = submit_direct(user, chain(capability, "a", "b"))
+    message = record(run_id, "a")
+    first = handlers.run_stage_batch([message])
+    second = handlers.run_stage_batch([message])
+    assert first == second == {"batchItemFailures": []}
+    assert audit_actions(run_id) == [("submit", None), ("execute", "a")]
+    assert sent.sent == [(run_id, "a"), (run_id, "b")]  # the root at submit, b exactly once
+    assert stage_row(run_id, "a").attempt == 1
+
+
+def test_concurrent_duplicate_deliveries_produce_one_output_one_entry_one_message(user, sent):
+    capability = unique_capability("race")
+    register_agent(user, capability)
+    run_id = submit_direct(user, chain(capability, "a", "b"))
+    message = record(run_id, "a")
+    results = deliver_concurrently([message] * 8)
+    assert results == [{"batchItemFailures": []}] * 8
+    assert audit_actions(run_id).count(("execute", "a")) == 1
+    assert sent.sent.count((run_id, "b")) == 1
+    assert stage_row(run_id, "a").attempt == 1
+
+
+def test_fan_in_stage_is_queued_exactly_once_when_branches_finish_together(user, sent):
+    capability = unique_capability("fanin")
+    register_agent(user, capability)
+    for _ in range(5):
+        sent.sent.clear()
+        run_id = submit_direct(
+            user,
+            [
+                {"id": "a", "name": "A", "agentCapability": capability},
+                *[
+                    {"id": b, "name": b, "agentCapability": capability, "dependencies": ["a"]}
+                    for b in ("b1", "b2", "b3", "b4")
+                ],
+                {
+                    "id": "d",
+                    "name": "D",
+                    "agentCapability": capability,
+                    "dependencies": ["b1", "b2", "b3", "b4"],
+                },
+            ],
+        )
+        handlers.run_stage_batch([record(run_id, "a")])
+        deliver_concurrently([record(run_id, b) for b in ("b1", "b2", "b3", "b4")] * 2)
+        assert sent.sent.count((run_id, "d")) == 1
+        assert stage_row(run_id, "d").status == "queued"
+
+
+def test_worker_killed_between_claim_and_completion_is_recovered_by_the_sweeper(
+    user, poller, monkeypatch
+):
+    capability = unique_capability("killed")
+    register_agent(user, capability)
+    lost = SentMessages()
+    monkeypatch.setattr(runs, "send_stage_messages", lost)  # keep the poller off stage a
+    run_id = submit_direct(user, chain(capability, "a", "b"))
+    dead_worker = stages.claim_stage(run_id, "a")
+    assert dead_worker is not None
+    # The worker dies; time passes until its lease is over.
+    with session_scope() as session:
+        session.execute(
+            text(
+                "UPDATE stage_executions SET lease_expires_at = now() - interval '1 second' "
+                "WHERE run_id = :r AND stage_id = 'a'"
+            ),
+            {"r": run_id},
+        )
+    assert handlers.sweep_stalled_stages()["requeued"] >= 1
+    run = wait_for_run(user, runs.run_ref(run_id))
+    assert run["status"] == "completed", run
+    assert stage_row(run_id, "a").attempt == 2
+    actions = audit_actions(run_id)
+    assert ("requeue", "a") in actions
+    assert actions.count(("execute", "a")) == 1
+    # The "dead" worker wakes up and tries to finish: nothing changes.
+    output_before = stage_row(run_id, "a").output
+    assert stages.complete_stage(dead_worker, str(uuid.uuid4()), "ghost", {}, {"late": True}) == []
+    assert stage_row(run_id, "a").output == output_before
+    assert audit_actions(run_id) == actions
+
+
+def test_message_lost_between_commit_and_send_is_recovered_by_the_sweeper(
+    user, poller, monkeypatch
+):
+    capability = unique_capability("lost")
+    register_agent(user, capability)
+
+    def crash(run_id: uuid.UUID, stage_ids: list[str]) -> None:
+        raise ConnectionError("SQS unreachable")
+
+    monkeypatch.setattr(runs, "send_stage_messages", crash)
+    response = user.post(
+        "/workflows/execute",
+        {"workflow": {"name": "lost", "stages": chain(capability, "a", "b")}},
+    )
+    assert response.status_code == 202  # accepted: the run is stored, the sweeper sends it
+    run_ref = response.json()["data"]["workflowRunId"]
+    run_id = runs.parse_run_ref(run_ref)
+    assert stage_row(run_id, "a").status == "queued"
+    with session_scope() as session:
+        session.execute(
+            text(
+                "UPDATE stage_executions SET queued_at = now() - interval '1 hour' WHERE run_id = :r"
+            ),
+            {"r": run_id},
+        )
+    assert handlers.sweep_stalled_stages()["requeued"] >= 1
+    run = wait_for_run(user, run_ref)
+    assert run["status"] == "completed", run
+    assert ("requeue", "a") in audit_actions(run_id)
+
+
+def test_malformed_message_is_dropped_not_redelivered_forever():
+    bad = {"messageId": "m-1", "receiptHandle": "x", "body": "not json"}
+    assert handlers.run_stage_batch([bad]) == {"batchItemFailures": []}
+
+
+def test_message_for_a_stage_that_errors_unexpectedly_is_reported_for_redelivery(
+    user, sent, monkeypatch
+):
+    capability = unique_capability("boom")
+    register_agent(user, capability)
+    run_id = submit_direct(user, chain(capability, "a"))
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("database blip")
+
+    monkeypatch.setattr(stages, "complete_stage", broken)
+    message = record(run_id, "a")
+    assert handlers.run_stage_batch([message]) == {
+        "batchItemFailures": [{"itemIdentifier": message["messageId"]}]
+    }
+    assert stage_row(run_id, "a").status == "queued"  # released for the redelivery
+    monkeypatch.undo()
+    monkeypatch.setattr(handlers, "send_stage_messages", sent)
+    assert handlers.run_stage_batch([message]) == {"batchItemFailures": []}
+    assert stage_row(run_id, "a").status == "completed"
+    assert stage_row(run_id, "a").attempt == 2
+
+
+def _one_entry_id(user: Any, sent: SentMessages) -> tuple[uuid.UUID, int]:
+    capability = unique_capability("tamper")
+    register_agent(user, capability)
+    run_id = submit_direct(user, chain(capability, "a"))
+    handlers.run_stage_batch([record(run_id, "a")])
+    with session_scope() as session:
+        entry_id = session.scalar(
+            select(AuditEntry.id).where(AuditEntry.run_id == run_id, AuditEntry.action == "execute")
+        )
+    assert entry_id is not None
+    return run_id, entry_id
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE execution_logs SET status = 'tampered' WHERE id = :id",
+        "DELETE FROM execution_logs WHERE id = :id",
+        "TRUNCATE execution_logs",
+    ],
+)
+def test_the_database_refuses_to_rewrite_audit_history(user, sent, statement):
+    _, entry_id = _one_entry_id(user, sent)
+    with pytest.raises(DBAPIError, match="append-only"):
+        with session_scope() as session:
+            session.execute(text(statement), {"id": entry_id})
+
+
+def test_a_row_altered_behind_the_triggers_back_breaks_the_chain(user, sent):
+    run_id, entry_id = _one_entry_id(user, sent)
+    ref = runs.run_ref(run_id)
+    assert user.get(f"/workflows/{ref}/audit").json()["data"]["chain"]["valid"] is True
+    with session_scope() as session:
+        session.execute(
+            text("ALTER TABLE execution_logs DISABLE TRIGGER execution_logs_no_update_delete")
+        )
+        session.execute(
+            text("UPDATE execution_logs SET agent_id = 'forged' WHERE id = :id"), {"id": entry_id}
+        )
+        session.execute(
+            text("ALTER TABLE execution_logs ENABLE TRIGGER execution_logs_no_update_delete")
+        )
+    chain_status = user.get(f"/workflows/{ref}/audit").json()["data"]["chain"]
+    assert chain_status["valid"] is False
+    assert chain_status["brokenAtSeq"] == 2
