@@ -1,0 +1,209 @@
+"""`make dev`: the API (`chalice local`) on port 3000 and the SQS poller, each with its log,
+then a demo pipeline; Ctrl-C stops what this started."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import IO, Any
+
+from chalicelib.local.stack import PROJECT_DIR, STATE_DIR, port_open
+
+LOG_DIR = STATE_DIR / "logs"
+DEMO_EMAIL = "demo@example.com"
+DEMO_PASSWORD = "demo-password"  # noqa: S105 (a local demo account)
+DEMO_AGENTS = [
+    ("demo-extractor", "Key Point Extractor", ["text-generation", "extraction"]),
+    ("demo-translator", "Translator", ["translation"]),
+    ("demo-summarizer", "Text Summarizer", ["summarization"]),
+]
+
+
+def _pump(stream: IO[bytes], prefix: str, log_path: Path) -> None:
+    with open(log_path, "ab") as log:
+        for line in iter(stream.readline, b""):
+            log.write(line)
+            log.flush()
+            sys.stdout.write(f"{prefix} {line.decode(errors='replace')}")
+            sys.stdout.flush()
+
+
+def start(name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=PROJECT_DIR,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    threading.Thread(
+        target=_pump, args=(process.stdout, f"[{name}]", LOG_DIR / f"{name}.log"), daemon=True
+    ).start()
+    return process
+
+
+def call(base: str, method: str, path: str, body: Any = None, token: str | None = None) -> Any:
+    request = urllib.request.Request(base + path, method=method)  # noqa: S310 (our own URL)
+    request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    data = None if body is None else json.dumps(body).encode()
+    try:
+        with urllib.request.urlopen(request, data, timeout=10) as response:  # noqa: S310
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        return json.load(exc)
+
+
+def wait_healthy(base: str, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if call(base, "GET", "/health").get("data", {}).get("status") == "ok":
+                return True
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.3)
+    return False
+
+
+def demo(base: str) -> None:
+    """Register a demo user and agents, run the seed README's kind of pipeline, show it."""
+    call(
+        base,
+        "POST",
+        "/auth/register",
+        {"email": DEMO_EMAIL, "password": DEMO_PASSWORD, "name": "Demo"},
+    )
+    login = call(base, "POST", "/auth/login", {"email": DEMO_EMAIL, "password": DEMO_PASSWORD})
+    if not login.get("success"):
+        print(f"Demo skipped: could not sign in as {DEMO_EMAIL}: {login.get('error')}", flush=True)
+        return
+    token = login["data"]["accessToken"]
+    for agent_id, name, capabilities in DEMO_AGENTS:
+        call(
+            base,
+            "POST",
+            "/agents/register",
+            {
+                "agentId": agent_id,
+                "name": name,
+                "endpoint": "http://localhost:9001/agent",
+                "authToken": "demo-agent-token",
+                "capabilities": capabilities,
+            },
+            token,
+        )
+    workflow = {
+        "workflow": {
+            "name": "demo-extract-translate-summarize",
+            "stages": [
+                {
+                    "id": "extract",
+                    "name": "Extract Key Points",
+                    "agentCapability": "text-generation",
+                },
+                {
+                    "id": "translate",
+                    "name": "Translate to Spanish",
+                    "agentCapability": "translation",
+                    "dependencies": ["extract"],
+                    "input": {"text": "${extract.output.result}", "targetLanguage": "es"},
+                },
+                {
+                    "id": "summarize",
+                    "name": "Summarize",
+                    "agentCapability": "summarization",
+                    "dependencies": ["translate"],
+                },
+            ],
+        },
+        "input": {
+            "text": "MAOF routes each stage of a pipeline to an agent with the right capability."
+        },
+    }
+    run_id = call(base, "POST", "/workflows/execute", workflow, token)["data"]["workflowRunId"]
+    deadline = time.monotonic() + 30
+    run: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        run = call(base, "GET", f"/workflows/{run_id}", token=token)["data"]
+        if run["status"] in ("completed", "failed"):
+            break
+        time.sleep(0.2)
+    audit = call(base, "GET", f"/workflows/{run_id}/audit", token=token)["data"]
+    print(f"Demo run: {run_id} {run.get('status')}", flush=True)
+    for stage in run.get("stages", []):
+        print(
+            f"  {stage['stageId']:<10} {stage['status']:<10} agent={stage['agentId']}", flush=True
+        )
+    print(
+        f"  audit chain valid={audit['chain']['valid']} head={audit['chain']['head']}", flush=True
+    )
+    print(f"Demo login: {DEMO_EMAIL} / {DEMO_PASSWORD}", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m chalicelib.local.dev")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("MAOF_PORT", "3000")))
+    parser.add_argument("--no-demo", action="store_true")
+    args = parser.parse_args()
+    base = f"http://127.0.0.1:{args.port}"
+    if port_open("127.0.0.1", args.port):
+        print(
+            f"maof: port {args.port} is already in use; stop that process or set MAOF_PORT",
+            file=sys.stderr,
+        )
+        return 2
+    children = [
+        start("api", ["-m", "chalicelib.local.api", "--port", str(args.port)]),
+        start("poller", ["-m", "chalicelib.local.poller"]),
+    ]
+
+    def stop(*_: Any) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+    def on_sigterm(*_: Any) -> None:
+        stop()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        if not wait_healthy(base):
+            print(f"maof: the API did not become healthy; see {LOG_DIR}/api.log", file=sys.stderr)
+            stop()
+            return 1
+        print(f"API: {base}", flush=True)
+        print(f"Logs: {LOG_DIR}/api.log, {LOG_DIR}/poller.log", flush=True)
+        if not args.no_demo:
+            demo(base)
+        print("Press Ctrl-C to stop.", flush=True)
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+        print("maof: a process exited; stopping", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
