@@ -7,14 +7,15 @@ from typing import Annotated
 
 from pydantic import AfterValidator
 
-CAPABILITY_PATTERN = re.compile(r"^[a-z0-9]+(?:[-.][a-z0-9]+)*$")
+CAPABILITY_PATTERN = re.compile(r"[a-z0-9]+(?:[-.][a-z0-9]+)*")
 MAX_CAPABILITY_LENGTH = 100
 
 
 def check_capability(value: str) -> str:
     if len(value) > MAX_CAPABILITY_LENGTH:
         raise ValueError(f"capability must be at most {MAX_CAPABILITY_LENGTH} characters")
-    if not CAPABILITY_PATTERN.match(value):
+    # fullmatch: `$` would also accept a trailing newline ("code-audit\n").
+    if not CAPABILITY_PATTERN.fullmatch(value):
         raise ValueError(
             "capability must be lowercase words joined by '-' or '.', e.g. 'code-audit.python'"
         )

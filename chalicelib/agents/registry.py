@@ -37,7 +37,7 @@ class RegisterAgentRequest(ApiModel):
     @classmethod
     def _absolute_http_url(cls, value: str) -> str:
         parsed = urlparse(value)
-        if parsed.scheme not in ALLOWED_SCHEMES or not parsed.netloc:
+        if parsed.scheme not in ALLOWED_SCHEMES or not parsed.hostname:
             raise ValueError("must be an absolute http:// or https:// URL")
         return value
 

@@ -124,7 +124,8 @@ def verify(entries: Sequence[AuditEntry]) -> ChainStatus:
     for expected_seq, entry in enumerate(entries, start=1):
         recomputed = entry_hash(prev, entry_document(entry))
         if entry.seq != expected_seq or entry.prev_hash != prev or entry.entry_hash != recomputed:
-            return ChainStatus(False, entries[-1].entry_hash, len(entries), entry.seq)
+            # The position where the chain stops holding, not the (maybe forged) seq there.
+            return ChainStatus(False, entries[-1].entry_hash, len(entries), expected_seq)
         prev = entry.entry_hash
     return ChainStatus(True, prev if entries else None, len(entries))
 

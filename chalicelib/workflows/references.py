@@ -50,6 +50,11 @@ def references_in(value: Any) -> Iterator[Reference]:
             yield from references_in(item)
 
 
+def _is_index(key: str) -> bool:
+    # ASCII only: "²".isdigit() is true but int("²") raises ValueError.
+    return key.isascii() and key.isdigit()
+
+
 def _lookup(reference: Reference, workflow_input: Any, outputs: Mapping[str, Any]) -> Any:
     if reference.stage_id is None:
         current = workflow_input
@@ -62,7 +67,7 @@ def _lookup(reference: Reference, workflow_input: Any, outputs: Mapping[str, Any
     for depth, key in enumerate(reference.path):
         if isinstance(current, dict) and key in current:
             current = current[key]
-        elif isinstance(current, list) and key.isdigit() and int(key) < len(current):
+        elif isinstance(current, list) and _is_index(key) and int(key) < len(current):
             current = current[int(key)]
         else:
             walked = ".".join(reference.path[:depth]) or "(root)"

@@ -1,0 +1,423 @@
+"""The agent registry over HTTP: registration and its validation, listing and filters,
+reading, deleting, and how the engine routes stages to registered agents."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from chalicelib import cache
+from chalicelib.agents.registry import capability_cache_key
+from chalicelib.agents.secrets import decrypt_token
+from chalicelib.db import session_scope
+from chalicelib.db.models import Agent
+from tests.integration.conftest import (
+    Api,
+    register_agent,
+    unique_capability,
+    wait_for_run,
+)
+
+
+def agent_body(capability: str | None = None, **fields: Any) -> dict[str, Any]:
+    return {
+        "agentId": f"agent-{uuid.uuid4().hex[:10]}",
+        "name": "Test agent",
+        "endpoint": "https://agents.example.com/run",
+        "authToken": f"secret-{uuid.uuid4().hex}",
+        "capabilities": [capability or unique_capability()],
+        **fields,
+    }
+
+
+def error_of(response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["success"] is False
+    assert body["error"]["code"] == code
+    return dict(body["error"])
+
+
+def fields_of(error: dict[str, Any]) -> list[str]:
+    return [d["field"] for d in error.get("details") or []]
+
+
+def submit(client: Api, stages: list[dict[str, Any]], name: str = "agents-test") -> str:
+    response = client.post("/workflows/execute", {"workflow": {"name": name, "stages": stages}})
+    assert response.status_code == 202, response.text
+    return str(response.json()["data"]["workflowRunId"])
+
+
+def one_stage(capability: str, sid: str = "only") -> list[dict[str, Any]]:
+    return [{"id": sid, "name": sid.upper(), "agentCapability": capability}]
+
+
+def listed(client: Api, **params: Any) -> list[str]:
+    response = client.get("/agents", params={"limit": 100, **params})
+    assert response.status_code == 200, response.text
+    return [a["agentUuid"] for a in response.json()["data"]["agents"]]
+
+
+# ------------------------------------------------------------------ register
+
+
+def test_registering_an_agent_answers_201_with_its_public_view(user):
+    capability = unique_capability("summarize")
+    body = agent_body(capability, description="Summarizes text")
+    response = user.post("/agents/register", body)
+    assert response.status_code == 201, response.text
+    agent = response.json()["data"]
+    uuid.UUID(agent["agentUuid"])
+    assert agent["agentId"] == body["agentId"]
+    assert agent["name"] == body["name"]
+    assert agent["description"] == "Summarizes text"
+    assert agent["endpoint"] == body["endpoint"]
+    assert agent["capabilities"] == [capability]
+    assert agent["maxConcurrentTasks"] == 5
+    assert agent["status"] == "online"
+    assert agent["ownerUserUuid"] == user.user["userUuid"]
+    assert "authToken" not in agent and "auth_token" not in agent
+
+
+def test_max_concurrent_tasks_and_duplicate_capabilities_are_taken_as_given(user):
+    capability = unique_capability()
+    response = user.post(
+        "/agents/register",
+        agent_body(
+            capability, capabilities=[capability, "other-cap", capability], maxConcurrentTasks=100
+        ),
+    )
+    assert response.status_code == 201, response.text
+    agent = response.json()["data"]
+    assert agent["maxConcurrentTasks"] == 100
+    assert agent["capabilities"] == [capability, "other-cap"]
+
+
+def test_the_auth_token_is_never_returned_and_is_stored_encrypted(user):
+    capability = unique_capability("secret")
+    body = agent_body(capability)
+    token = body["authToken"]
+    registered = user.post("/agents/register", body)
+    assert registered.status_code == 201
+    assert token not in registered.text
+    agent_uuid = registered.json()["data"]["agentUuid"]
+
+    got = user.get(f"/agents/{agent_uuid}")
+    assert got.status_code == 200
+    assert token not in got.text
+    listing = user.get("/agents", params={"capability": capability})
+    assert listing.status_code == 200
+    assert [a["agentUuid"] for a in listing.json()["data"]["agents"]] == [agent_uuid]
+    assert token not in listing.text
+    assert token not in user.get("/agents").text
+
+    with session_scope() as session:
+        stored = session.scalar(
+            select(Agent.auth_token_encrypted).where(Agent.id == uuid.UUID(agent_uuid))
+        )
+    assert stored is not None
+    assert stored != token
+    assert token not in stored
+    assert decrypt_token(stored) == token
+
+
+NOT_URLS = ["ftp://x", "/relative", "not a url", "http://", "http://:80/path", "mailto:a@b.c"]
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"agentId": ""}, "agentId"),
+        ({"agentId": "a" * 256}, "agentId"),
+        ({"name": None}, "name"),
+        ({"name": ""}, "name"),
+        *[({"endpoint": url}, "endpoint") for url in NOT_URLS],
+        ({"authToken": ""}, "authToken"),
+        ({"authToken": "t" * 1025}, "authToken"),
+        ({"capabilities": []}, "capabilities"),
+        ({"capabilities": ["good-tag", "Bad Tag"]}, "capabilities.1"),
+        ({"capabilities": ["UPPER"]}, "capabilities.0"),
+        ({"capabilities": ["a..b"]}, "capabilities.0"),
+        ({"capabilities": ["trailing-newline\n"]}, "capabilities.0"),
+        ({"capabilities": ["x" * 101]}, "capabilities.0"),
+        ({"maxConcurrentTasks": 0}, "maxConcurrentTasks"),
+        ({"maxConcurrentTasks": 101}, "maxConcurrentTasks"),
+        ({"unexpected": True}, "unexpected"),
+    ],
+)
+def test_an_invalid_registration_is_a_400_naming_the_field(user, change, field):
+    body = agent_body()
+    for key, value in change.items():
+        if value is None:
+            body.pop(key)
+        else:
+            body[key] = value
+    error = error_of(user.post("/agents/register", body), 400, "VALIDATION_ERROR")
+    assert field in fields_of(error)
+    assert field.split(".")[0] in error["message"]
+    if body.get("authToken"):
+        assert body["authToken"] not in str(error)
+
+
+def test_the_longest_allowed_values_are_accepted(user):
+    longest_id = uuid.uuid4().hex.ljust(255, "a")
+    body = agent_body(agentId=longest_id, authToken="t" * 1024, maxConcurrentTasks=1)
+    response = user.post("/agents/register", body)
+    assert response.status_code == 201, response.text
+    assert response.json()["data"]["agentId"] == longest_id
+
+
+def test_a_duplicate_agent_id_is_a_409_conflict(user, api):
+    body = agent_body()
+    assert user.post("/agents/register", body).status_code == 201
+    again = agent_body(agentId=body["agentId"])
+    error = error_of(user.post("/agents/register", again), 409, "CONFLICT")
+    assert body["agentId"] in error["message"]
+    assert fields_of(error) == ["agentId"]
+    # agentIds are global: another user cannot take it either
+    error_of(api.as_new_user().post("/agents/register", again), 409, "CONFLICT")
+
+
+def test_registering_without_a_token_is_a_401(api):
+    error_of(api.post("/agents/register", agent_body()), 401, "UNAUTHORIZED")
+    bad = Api(api.base_url, token="not-a-jwt")
+    error_of(bad.post("/agents/register", agent_body()), 401, "UNAUTHORIZED")
+
+
+def test_every_agent_route_needs_authentication(api, user):
+    agent = register_agent(user, unique_capability())
+    for method, path in (
+        ("GET", "/agents"),
+        ("GET", f"/agents/{agent['agentUuid']}"),
+        ("DELETE", f"/agents/{agent['agentUuid']}"),
+    ):
+        error_of(api.request(method, path), 401, "UNAUTHORIZED")
+    assert user.get(f"/agents/{agent['agentUuid']}").status_code == 200
+
+
+# ------------------------------------------------------------------ list
+
+
+def test_listing_pages_through_agents_with_meta(user):
+    capability = unique_capability("paged")
+    registered = [register_agent(user, capability)["agentUuid"] for _ in range(3)]
+
+    first = user.get("/agents", params={"capability": capability, "limit": 2})
+    assert first.status_code == 200
+    data = first.json()["data"]
+    assert data["meta"] == {"total": 3, "page": 1, "limit": 2, "pages": 2}
+    assert len(data["agents"]) == 2
+
+    second = user.get("/agents", params={"capability": capability, "limit": 2, "page": 2}).json()
+    assert second["data"]["meta"] == {"total": 3, "page": 2, "limit": 2, "pages": 2}
+    assert len(second["data"]["agents"]) == 1
+
+    seen = [a["agentUuid"] for a in data["agents"] + second["data"]["agents"]]
+    assert sorted(seen) == sorted(registered)
+    assert seen == list(reversed(registered)), "newest first"
+
+    beyond = user.get("/agents", params={"capability": capability, "limit": 2, "page": 3}).json()
+    assert beyond["data"] == {"agents": [], "meta": {"total": 3, "page": 3, "limit": 2, "pages": 2}}
+
+
+def test_listing_defaults_to_page_1_of_20(user):
+    register_agent(user, unique_capability())
+    meta = user.get("/agents").json()["data"]["meta"]
+    assert meta["page"] == 1 and meta["limit"] == 20
+    assert meta["total"] >= 1
+    assert meta["pages"] == (meta["total"] + 19) // 20
+
+
+def test_filtering_by_capability_is_an_exact_match(user):
+    base = unique_capability("code-audit")
+    general = register_agent(user, base)["agentUuid"]
+    python = register_agent(user, f"{base}.python")["agentUuid"]
+    both = register_agent(user, base, capabilities=[f"{base}.python", base])["agentUuid"]
+
+    assert sorted(listed(user, capability=base)) == sorted([general, both])
+    assert sorted(listed(user, capability=f"{base}.python")) == sorted([python, both])
+    assert listed(user, capability=f"{base}.py") == []
+    assert listed(user, capability=f"{base}.python.django") == []
+
+
+def test_filtering_by_status(user):
+    capability = unique_capability("status")
+    online = register_agent(user, capability)["agentUuid"]
+    degraded = register_agent(user, capability)["agentUuid"]
+    with session_scope() as session:
+        session.execute(
+            update(Agent).where(Agent.id == uuid.UUID(degraded)).values(status="degraded")
+        )
+    assert listed(user, capability=capability, status="online") == [online]
+    assert listed(user, capability=capability, status="degraded") == [degraded]
+    assert listed(user, capability=capability, status="offline") == []
+    agents = user.get("/agents", params={"status": "degraded", "limit": 100}).json()["data"][
+        "agents"
+    ]
+    assert agents and {a["status"] for a in agents} == {"degraded"}
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"status": "sleeping"}, "status"),
+        ({"status": "ONLINE"}, "status"),
+        ({"limit": 0}, "limit"),
+        ({"limit": 101}, "limit"),
+        ({"page": 0}, "page"),
+        ({"page": "two"}, "page"),
+        ({"capability": "Bad Tag"}, "capability"),
+        ({"owner": "me"}, "owner"),
+    ],
+)
+def test_invalid_list_parameters_are_a_400_naming_them(user, params, field):
+    error = error_of(user.get("/agents", params=params), 400, "VALIDATION_ERROR")
+    assert fields_of(error) == [field]
+
+
+def test_limit_1_and_100_are_accepted(user):
+    for limit in (1, 100):
+        response = user.get("/agents", params={"limit": limit})
+        assert response.status_code == 200
+        assert response.json()["data"]["meta"]["limit"] == limit
+        assert len(response.json()["data"]["agents"]) <= limit
+
+
+# ------------------------------------------------------------------ get
+
+
+def test_any_user_can_read_an_agent_by_uuid(user, api):
+    agent = register_agent(user, unique_capability())
+    for client in (user, api.as_new_user()):
+        response = client.get(f"/agents/{agent['agentUuid']}")
+        assert response.status_code == 200
+        assert response.json()["data"] == agent
+
+
+@pytest.mark.parametrize(
+    "agent_uuid", [str(uuid.uuid4()), "not-a-uuid", "12345", "00000000-0000-0000-0000-00000000000g"]
+)
+def test_an_unknown_or_malformed_agent_uuid_is_a_404(user, agent_uuid):
+    error = error_of(user.get(f"/agents/{agent_uuid}"), 404, "NOT_FOUND")
+    assert error["message"] == "Agent not found"
+    error_of(user.delete(f"/agents/{agent_uuid}"), 404, "NOT_FOUND")
+
+
+# ------------------------------------------------------------------ delete
+
+
+def test_only_the_owner_can_delete_an_agent(user, api):
+    agent = register_agent(user, unique_capability())
+    error = error_of(api.as_new_user().delete(f"/agents/{agent['agentUuid']}"), 403, "FORBIDDEN")
+    assert "owner" in error["message"]
+    assert user.get(f"/agents/{agent['agentUuid']}").status_code == 200
+
+
+def test_a_deleted_agent_is_gone_from_reads_and_lists(user):
+    capability = unique_capability("gone")
+    agent = register_agent(user, capability)
+    keep = register_agent(user, capability)
+    path = f"/agents/{agent['agentUuid']}"
+
+    deleted = user.delete(path)
+    assert deleted.status_code == 200, deleted.text
+    assert deleted.json()["data"] == {"agentUuid": agent["agentUuid"], "deleted": True}
+
+    error_of(user.get(path), 404, "NOT_FOUND")
+    assert listed(user, capability=capability) == [keep["agentUuid"]]
+    assert agent["agentUuid"] not in listed(user, status="online")
+    meta = user.get("/agents", params={"capability": capability}).json()["data"]["meta"]
+    assert meta["total"] == 1
+    error_of(user.delete(path), 404, "NOT_FOUND")
+
+
+def test_the_agent_id_of_a_deleted_agent_can_be_registered_again(user):
+    capability = unique_capability()
+    first = register_agent(user, capability)
+    assert user.delete(f"/agents/{first['agentUuid']}").status_code == 200
+    again = register_agent(user, capability, agentId=first["agentId"])
+    assert again["agentId"] == first["agentId"]
+    assert again["agentUuid"] != first["agentUuid"]
+    assert listed(user, capability=capability) == [again["agentUuid"]]
+    error_of(user.get(f"/agents/{first['agentUuid']}"), 404, "NOT_FOUND")
+
+
+# ------------------------------------------------------------------ routing
+
+
+def test_deleted_agent_is_never_routed_to(user, poller):
+    capability = unique_capability("routed")
+    agent = register_agent(user, capability)
+
+    warm = wait_for_run(user, submit(user, one_stage(capability)))
+    assert warm["status"] == "completed", warm
+    assert warm["stages"][0]["agentUuid"] == agent["agentUuid"]
+    assert cache.get_json(capability_cache_key(capability)), "the capability cache is warm"
+
+    assert user.delete(f"/agents/{agent['agentUuid']}").status_code == 200
+    assert cache.get_json(capability_cache_key(capability)) is None, "delete clears the cache"
+
+    run = wait_for_run(user, submit(user, one_stage(capability)))
+    assert run["status"] == "failed", run
+    assert capability in run["errorMessage"]
+    stage = run["stages"][0]
+    assert stage["status"] == "failed"
+    assert capability in stage["errorMessage"]
+    assert stage["agentUuid"] is None
+
+
+def test_stages_go_to_the_remaining_agent_after_another_is_deleted(user, poller):
+    capability = unique_capability("survivor")
+    doomed = register_agent(user, capability)
+    survivor = register_agent(user, capability)
+    stages = [{"id": f"s{i}", "name": f"S{i}", "agentCapability": capability} for i in range(4)]
+    assert wait_for_run(user, submit(user, stages))["status"] == "completed"
+
+    assert user.delete(f"/agents/{doomed['agentUuid']}").status_code == 200
+    run = wait_for_run(user, submit(user, stages))
+    assert run["status"] == "completed", run
+    assert {s["agentUuid"] for s in run["stages"]} == {survivor["agentUuid"]}
+
+
+def test_a_newly_registered_agent_is_routed_to_despite_a_cached_miss(user, poller):
+    capability = unique_capability("late")
+    missed = wait_for_run(user, submit(user, one_stage(capability)))
+    assert missed["status"] == "failed"
+    agent = register_agent(user, capability)
+    run = wait_for_run(user, submit(user, one_stage(capability)))
+    assert run["status"] == "completed", run
+    assert run["stages"][0]["agentId"] == agent["agentId"]
+
+
+def test_independent_stages_are_spread_across_capable_agents(user, poller):
+    capability = unique_capability("spread")
+    agents = {register_agent(user, capability)["agentId"] for _ in range(3)}
+    stages = [
+        {"id": f"part-{i}", "name": f"Part {i}", "agentCapability": capability} for i in range(12)
+    ]
+    run = wait_for_run(user, submit(user, stages, name="fan-out"))
+    assert run["status"] == "completed", run
+    served = [s["agentId"] for s in run["stages"]]
+    assert set(served) <= agents
+    assert len(set(served)) > 1, f"all twelve stages went to one agent: {served}"
+
+
+def test_an_offline_agent_is_not_routed_to(user, poller):
+    capability = unique_capability("offline")
+    offline = register_agent(user, capability)
+    online = register_agent(user, capability)
+    with session_scope() as session:
+        session.execute(
+            update(Agent)
+            .where(Agent.id == uuid.UUID(offline["agentUuid"]))
+            .values(status="offline")
+        )
+    cache.delete(capability_cache_key(capability))
+    stages = [{"id": f"s{i}", "name": f"S{i}", "agentCapability": capability} for i in range(4)]
+    run = wait_for_run(user, submit(user, stages))
+    assert run["status"] == "completed", run
+    assert {s["agentUuid"] for s in run["stages"]} == {online["agentUuid"]}
+    assert listed(user, capability=capability, status="offline") == [offline["agentUuid"]]
