@@ -65,6 +65,11 @@ def get_agent(request: ApiRequest, agent_uuid: str) -> dict[str, Any]:
     return agents.get_agent(agent_uuid)
 
 
+@app.endpoint("/agents/{agent_uuid}/health-check", "POST")
+def health_check_agent(request: ApiRequest, agent_uuid: str) -> dict[str, Any]:
+    return agents.check_health(agent_uuid)
+
+
 @app.endpoint("/agents/{agent_uuid}", "DELETE")
 def delete_agent(request: ApiRequest, agent_uuid: str) -> dict[str, Any]:
     return agents.delete_agent(request.user, agent_uuid)
@@ -109,3 +114,8 @@ def run_stage(event: SQSEvent) -> dict[str, Any]:
 @app.schedule(Rate(1, unit=Rate.MINUTES))
 def sweep_stalled_stages(event: CloudWatchEvent) -> dict[str, Any]:
     return engine.sweep_stalled_stages()
+
+
+@app.schedule(Rate(1, unit=Rate.MINUTES))
+def check_agent_health(event: CloudWatchEvent) -> dict[str, Any]:
+    return engine.check_agent_health()

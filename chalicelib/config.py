@@ -88,6 +88,16 @@ class Settings:
     poller_concurrency: int
     poller_batch_size: int
     agent_cache_ttl_seconds: int
+    mock_agents: bool
+    agent_timeout_ms: int
+    agent_retries: int
+    agent_backoff_ms: int
+    agent_max_backoff_ms: int
+    agent_busy_wait_ms: int
+    agent_max_response_bytes: int
+    agent_health_timeout_ms: int
+    agent_health_interval_seconds: int
+    allow_private_agent_endpoints: bool
 
     @property
     def is_dev(self) -> bool:
@@ -140,6 +150,16 @@ def load_settings() -> Settings:
         poller_concurrency=_int("MAOF_POLLER_CONCURRENCY", 4, 1, 64),
         poller_batch_size=_int("MAOF_POLLER_BATCH_SIZE", 10, 1, 10),
         agent_cache_ttl_seconds=_int("MAOF_AGENT_CACHE_TTL_SECONDS", 30, 0, 3600),
+        mock_agents=_bool("MAOF_MOCK_AGENTS", False),
+        agent_timeout_ms=_int("MAOF_AGENT_TIMEOUT_MS", 30_000, 100, 900_000),
+        agent_retries=_int("MAOF_AGENT_RETRIES", 2, 0, 10),
+        agent_backoff_ms=_int("MAOF_AGENT_BACKOFF_MS", 1000, 0, 3_600_000),
+        agent_max_backoff_ms=_int("MAOF_AGENT_MAX_BACKOFF_MS", 60_000, 0, 86_400_000),
+        agent_busy_wait_ms=_int("MAOF_AGENT_BUSY_WAIT_MS", 2000, 10, 900_000),
+        agent_max_response_bytes=_int("MAOF_AGENT_MAX_RESPONSE_BYTES", 1_000_000, 1024, 6_000_000),
+        agent_health_timeout_ms=_int("MAOF_AGENT_HEALTH_TIMEOUT_MS", 2000, 100, 30_000),
+        agent_health_interval_seconds=_int("MAOF_AGENT_HEALTH_INTERVAL_SECONDS", 60, 5, 86400),
+        allow_private_agent_endpoints=_bool("MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS", False),
     )
 
 

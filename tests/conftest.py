@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 from urllib.parse import urlparse, urlunparse
 
+# MAOF_TEST_SUFFIX lets two test sessions share one stack without touching each other's
+# database, queue or Redis db (e.g. MAOF_TEST_SUFFIX=b MAOF_TEST_REDIS_DB=14).
+SUFFIX = os.environ.get("MAOF_TEST_SUFFIX", "")
+TEST_DATABASE_NAME = f"maof_test{'_' + SUFFIX if SUFFIX else ''}"
 _dev_db = os.environ.get("MAOF_DATABASE_URL", "postgresql+psycopg://maof:maof@127.0.0.1:5432/maof")
 _parsed = urlparse(_dev_db)
-TEST_DATABASE_URL = urlunparse(_parsed._replace(path="/maof_test"))
+TEST_DATABASE_URL = urlunparse(_parsed._replace(path=f"/{TEST_DATABASE_NAME}"))
 ADMIN_DATABASE_URL = urlunparse(_parsed._replace(path="/postgres"))
 _redis = urlparse(os.environ.get("MAOF_REDIS_URL", "redis://127.0.0.1:6379/0"))
 
@@ -15,9 +19,11 @@ os.environ.update(
     {
         "MAOF_STAGE": "test",
         "MAOF_DATABASE_URL": TEST_DATABASE_URL,
-        "MAOF_REDIS_URL": urlunparse(_redis._replace(path="/15")),
-        "MAOF_STAGE_QUEUE_NAME": "maof-test-stage-queue",
-        "MAOF_DASHBOARD_BUCKET": "maof-test-dashboard",
+        "MAOF_REDIS_URL": urlunparse(
+            _redis._replace(path=f"/{os.environ.get('MAOF_TEST_REDIS_DB', '15')}")
+        ),
+        "MAOF_STAGE_QUEUE_NAME": f"maof-test{SUFFIX}-stage-queue",
+        "MAOF_DASHBOARD_BUCKET": f"maof-test{SUFFIX}-dashboard",
         "MAOF_LOG_LEVEL": os.environ.get("MAOF_TEST_LOG_LEVEL", "WARNING"),
         "MAOF_MOCK_AGENT_DELAY_MS": "0",
         "MAOF_MOCK_AGENT_FAILURE_RATE": "0",

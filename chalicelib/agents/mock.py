@@ -14,8 +14,8 @@ from chalicelib.audit.chain import sha256_json
 from chalicelib.config import get_settings
 
 
-class AgentCallFailed(Exception):
-    """The agent could not produce an output; the message says why."""
+class MockAgentFailure(Exception):
+    """The mock's configured failure rate struck."""
 
 
 def call_mock_agent(agent_id: str, capability: str, stage_input: Any) -> dict[str, Any]:
@@ -23,7 +23,7 @@ def call_mock_agent(agent_id: str, capability: str, stage_input: Any) -> dict[st
     if settings.mock_agent_delay_ms:
         time.sleep(settings.mock_agent_delay_ms / 1000)
     if settings.mock_agent_failure_rate and random.random() < settings.mock_agent_failure_rate:
-        raise AgentCallFailed("mock agent failure (MAOF_MOCK_AGENT_FAILURE_RATE)")
+        raise MockAgentFailure("mock agent failure (MAOF_MOCK_AGENT_FAILURE_RATE)")
     digest = sha256_json(stage_input)[:12]
     return {
         "agentId": agent_id,

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from chalicelib import cache, errors
+from chalicelib.agents.network import EndpointNotAllowed, check_endpoint_allowed
 from chalicelib.agents.secrets import encrypt_token
 from chalicelib.capabilities import Capability
 from chalicelib.config import get_settings
@@ -21,7 +22,7 @@ from chalicelib.db import session_scope
 from chalicelib.db.models import Agent
 from chalicelib.http import ApiModel, PageQuery, Principal, page_meta
 
-ALLOWED_SCHEMES = ("http", "https")
+ALLOWED_SCHEMES = ("http", "https", "mock")
 
 
 class RegisterAgentRequest(ApiModel):
@@ -38,7 +39,12 @@ class RegisterAgentRequest(ApiModel):
     def _absolute_http_url(cls, value: str) -> str:
         parsed = urlparse(value)
         if parsed.scheme not in ALLOWED_SCHEMES or not parsed.hostname:
-            raise ValueError("must be an absolute http:// or https:// URL")
+            raise ValueError("must be an absolute http:// or https:// URL (or mock://name)")
+        if parsed.scheme != "mock":
+            try:
+                check_endpoint_allowed(value)
+            except EndpointNotAllowed as exc:
+                raise ValueError(str(exc)) from None
         return value
 
     @field_validator("capabilities")
@@ -101,7 +107,18 @@ def register(principal: Principal, body: RegisterAgentRequest) -> dict[str, Any]
             [{"field": "agentId", "message": "already registered"}],
         ) from None
     _invalidate(agent.capabilities)
-    return agent_view(agent)
+    # A new agent is checked at once, so its status is real from the start.
+    return check_health(str(agent.id))
+
+
+def check_health(agent_uuid: str) -> dict[str, Any]:
+    """Probe one live agent now and return it with its new status."""
+    from chalicelib.agents.health import check_agents
+
+    checked = check_agents([parse_uuid(agent_uuid, "Agent")])
+    if not checked:
+        raise errors.NotFound("Agent not found")
+    return checked[0]
 
 
 def list_agents(query: AgentQuery) -> dict[str, Any]:
@@ -164,7 +181,14 @@ def candidates(capability: str) -> list[dict[str, Any]]:
         return list(cached)
     with session_scope() as session:
         rows = session.execute(
-            select(Agent.id, Agent.agent_id, Agent.status, Agent.max_concurrent_tasks).where(
+            select(
+                Agent.id,
+                Agent.agent_id,
+                Agent.status,
+                Agent.max_concurrent_tasks,
+                Agent.endpoint,
+                Agent.auth_token_encrypted,
+            ).where(
                 Agent.deleted_at.is_(None),
                 Agent.status != "offline",
                 Agent.capabilities.contains([capability]),
@@ -176,6 +200,9 @@ def candidates(capability: str) -> list[dict[str, Any]]:
             "agentId": row.agent_id,
             "status": row.status,
             "maxConcurrentTasks": row.max_concurrent_tasks,
+            "endpoint": row.endpoint,
+            # Only the ciphertext is cached; it is decrypted just before the call.
+            "tokenEncrypted": row.auth_token_encrypted,
         }
         for row in rows
     ]

@@ -1,8 +1,17 @@
-"""Pick the agent for a stage: capable, live, not offline, least loaded; count in-flight tasks."""
+"""Pick the agent for a stage and hold a slot of its capacity while the stage runs.
+
+Candidates are live, not offline agents declaring the capability. Among those with
+free capacity (in-flight tasks counted in Redis, capped at maxConcurrentTasks), MAOF
+prefers online agents, then a lower recent failure rate, then lower recent latency,
+then the lighter load; ties go at random so load spreads. When every capable agent is
+full the stage waits (AgentsBusy). Without Redis there are no counts: capacity is not
+enforced and the choice among the best-status agents is random.
+"""
 
 from __future__ import annotations
 
 import random
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,78 +21,175 @@ import redis
 
 from chalicelib import cache
 from chalicelib.agents.registry import candidates
+from chalicelib.agents.secrets import decrypt_token
 from chalicelib.logs import logger
 
 INFLIGHT_TTL_SECONDS = 900
+STATS_TTL_SECONDS = 3600
 
 
 class NoAgentAvailable(Exception):
-    """No registered agent can take a stage; the message names the capability."""
+    """No registered agent can take the stage; the message names the capability."""
+
+
+class AgentsBusy(Exception):
+    """Every capable agent is at its maxConcurrentTasks: the stage should wait."""
 
 
 @dataclass(frozen=True)
 class AgentChoice:
     agent_uuid: str
     agent_id: str
+    endpoint: str
+    token_encrypted: str
     max_concurrent_tasks: int
+    reserved: bool  # a slot is held in Redis and must be released
+
+    @property
+    def token(self) -> str:
+        return decrypt_token(self.token_encrypted)
 
 
 def _inflight_key(agent_uuid: str) -> str:
     return f"maof:agents:inflight:{agent_uuid}"
 
 
-def _inflight(agent_uuids: list[str]) -> list[int] | None:
+def _stats_key(agent_uuid: str) -> str:
+    return f"maof:agents:stats:{agent_uuid}"
+
+
+MIN_CALLS_FOR_STATS = 5
+
+
+def _figures(agent_uuids: list[str]) -> list[tuple[int, float, float]] | None:
+    """(in-flight, failure rate, mean latency ms) per agent, or None without Redis.
+
+    Rates and latencies count only after MIN_CALLS_FOR_STATS calls in the last hour, so
+    a new agent is not ranked below one that got lucky with its first call."""
     try:
-        values = cast(list[Any], cache.get_redis().mget([_inflight_key(u) for u in agent_uuids]))
+        pipe = cache.get_redis().pipeline(transaction=False)
+        for agent_uuid in agent_uuids:
+            pipe.get(_inflight_key(agent_uuid))
+            pipe.hgetall(_stats_key(agent_uuid))
+        values = pipe.execute()
     except redis.RedisError:
         return None
-    return [int(v or 0) for v in values]
+    figures = []
+    for index in range(len(agent_uuids)):
+        inflight = int(values[2 * index] or 0)
+        stats = values[2 * index + 1] or {}
+        ok, failed = int(stats.get("ok", 0)), int(stats.get("failed", 0))
+        calls = ok + failed
+        if calls < MIN_CALLS_FOR_STATS:
+            figures.append((inflight, 0.0, 0.0))
+            continue
+        figures.append((inflight, failed / calls, float(stats.get("latency_ms", 0)) / calls))
+    return figures
 
 
-def select_agent(capability: str) -> AgentChoice:
-    """The capable agent with the most free capacity (online before degraded); ties at random.
+def select_agent(
+    capability: str, *, prefer: str | None = None, exclude: frozenset[str] = frozenset()
+) -> AgentChoice:
+    """Reserve a slot on the best capable agent.
 
-    Without Redis there are no load figures, and the load is spread at random.
+    `prefer` (the agent of a stage being retried) is the only one considered while it is
+    still a candidate; `exclude` holds agents that already had their turn.
     """
-    found = candidates(capability)
+    found = [a for a in candidates(capability) if a["agentUuid"] not in exclude]
     if not found:
         raise NoAgentAvailable(f"No available agent has the capability '{capability}'")
-    loads = _inflight([a["agentUuid"] for a in found])
-
-    def rank(index: int) -> tuple[int, float, float]:
-        agent = found[index]
-        load = loads[index] if loads else 0
-        free = agent["maxConcurrentTasks"] - load
-        return (
-            0 if agent["status"] == "online" else 1,
-            -min(free, 1),
-            load / agent["maxConcurrentTasks"],
+    if prefer is not None and any(a["agentUuid"] == prefer for a in found):
+        found = [a for a in found if a["agentUuid"] == prefer]
+    figures = _figures([a["agentUuid"] for a in found])
+    if figures is None:
+        best_status = min(_status_rank(a) for a in found)
+        pick = random.choice([a for a in found if _status_rank(a) == best_status])
+        return _choice(pick, reserved=False)
+    order = list(range(len(found)))
+    random.shuffle(order)
+    order.sort(
+        key=lambda i: (
+            _status_rank(found[i]),
+            # Coarse buckets: only a clearly worse failure rate or latency ranks lower.
+            round(figures[i][1], 1),
+            round(figures[i][2], -2),
+            figures[i][0] / found[i]["maxConcurrentTasks"],
         )
+    )
+    for index in order:
+        agent = found[index]
+        if figures[index][0] >= agent["maxConcurrentTasks"]:
+            continue
+        if _reserve(agent["agentUuid"], agent["maxConcurrentTasks"]):
+            return _choice(agent, reserved=True)
+    raise AgentsBusy(f"every agent with the capability '{capability}' is at capacity")
 
-    indexes = list(range(len(found)))
-    random.shuffle(indexes)
-    best = found[min(indexes, key=rank)]
-    return AgentChoice(best["agentUuid"], best["agentId"], best["maxConcurrentTasks"])
+
+def _status_rank(agent: dict[str, Any]) -> int:
+    return 0 if agent["status"] == "online" else 1
 
 
-@contextmanager
-def in_flight(agent: AgentChoice) -> Iterator[None]:
-    """Count a task against the agent while it runs (best effort when Redis is down)."""
-    key = _inflight_key(agent.agent_uuid)
-    counted = False
+def _choice(agent: dict[str, Any], reserved: bool) -> AgentChoice:
+    return AgentChoice(
+        agent_uuid=agent["agentUuid"],
+        agent_id=agent["agentId"],
+        endpoint=agent["endpoint"],
+        token_encrypted=agent["tokenEncrypted"],
+        max_concurrent_tasks=agent["maxConcurrentTasks"],
+        reserved=reserved,
+    )
+
+
+def _reserve(agent_uuid: str, limit: int) -> bool:
+    """Take one slot atomically: count up, and back down if that went over the limit."""
+    key = _inflight_key(agent_uuid)
     try:
         pipe = cache.get_redis().pipeline()
         pipe.incr(key)
         pipe.expire(key, INFLIGHT_TTL_SECONDS)
-        pipe.execute()
-        counted = True
+        count = int(pipe.execute()[0])
+        if count <= limit:
+            return True
+        cache.get_redis().decr(key)
+        return False
     except redis.RedisError as exc:
         logger.warning("in-flight count unavailable", extra={"error": type(exc).__name__})
+        return True
+
+
+def release(agent: AgentChoice) -> None:
+    if not agent.reserved:
+        return
+    try:
+        cache.get_redis().decr(_inflight_key(agent.agent_uuid))
+    except redis.RedisError:
+        pass
+
+
+@contextmanager
+def holding(agent: AgentChoice) -> Iterator[None]:
+    """The agent's slot is released when the block ends, however it ends."""
     try:
         yield
     finally:
-        if counted:
-            try:
-                cache.get_redis().decr(key)
-            except redis.RedisError:
-                pass
+        release(agent)
+
+
+def record_outcome(agent_uuid: str, ok: bool, latency_ms: float) -> None:
+    """Count a call's outcome and latency for ranking (best effort)."""
+    key = _stats_key(agent_uuid)
+    try:
+        pipe = cache.get_redis().pipeline()
+        pipe.hincrby(key, "ok" if ok else "failed", 1)
+        pipe.hincrbyfloat(key, "latency_ms", latency_ms)
+        pipe.expire(key, STATS_TTL_SECONDS)
+        pipe.execute()
+    except redis.RedisError:
+        pass
+
+
+def inflight_count(agent_uuid: str | uuid.UUID) -> int | None:
+    try:
+        return int(cast(Any, cache.get_redis().get(_inflight_key(str(agent_uuid)))) or 0)
+    except redis.RedisError:
+        return None

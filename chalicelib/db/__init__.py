@@ -13,7 +13,7 @@ from chalicelib import errors
 from chalicelib.config import get_settings
 
 # The Alembic revision this code expects; tests check it is the migrations' head.
-SCHEMA_REVISION = "0001_initial"
+SCHEMA_REVISION = "0002_agent_dispatch"
 
 
 def _psycopg_url(url: str) -> str:

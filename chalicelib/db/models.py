@@ -133,7 +133,14 @@ class StageExecution(Base):
     input: Mapped[Any] = mapped_column(JSONB)
     output: Mapped[Any] = mapped_column(JSONB)
     error_message: Mapped[str | None] = mapped_column(Text)
-    attempt: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    # The logical attempt (1, 2, …): the last part of the agent's Idempotency-Key.
+    attempt: Mapped[int] = mapped_column(Integer, nullable=False, server_default="1")
+    claim_token: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    agent_attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    tried_agents: Mapped[list[uuid.UUID]] = mapped_column(
+        ARRAY(UUID(as_uuid=True)), nullable=False, server_default="{}"
+    )
     queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -1,14 +1,28 @@
-"""Entry points the Lambda handlers call: a batch of stage messages, and the sweeper."""
+"""Entry points the Lambda handlers call: a batch of stage messages, the sweeper, and
+agent health checks; and the dispatch policy of one stage (retry, fall back, wait)."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
-from chalicelib.agents.mock import AgentCallFailed, call_mock_agent
-from chalicelib.agents.selection import NoAgentAvailable, in_flight, select_agent
+from chalicelib.agents import health
+from chalicelib.agents.dispatch import AgentCallFailed, AgentTask, call_agent
+from chalicelib.agents.registry import candidates
+from chalicelib.agents.selection import (
+    AgentChoice,
+    AgentsBusy,
+    NoAgentAvailable,
+    holding,
+    record_outcome,
+    select_agent,
+)
+from chalicelib.config import get_settings
 from chalicelib.engine import stages, sweeper
 from chalicelib.engine.queue import StageMessage, send_stage_messages
 from chalicelib.logs import logger
@@ -18,10 +32,40 @@ from chalicelib.workflows.references import UnresolvableReference, resolve
 STAGE_QUEUE_NAME = os.environ.get("MAOF_STAGE_QUEUE_NAME", "maof-stage-queue")
 
 
+@dataclass(frozen=True)
+class DispatchPolicy:
+    """A stage's timeout and retry settings: its `config`, else the MAOF_AGENT_* defaults."""
+
+    timeout_ms: int
+    retries: int
+    backoff_ms: int
+    max_backoff_ms: int
+
+    @classmethod
+    def of(cls, config: dict[str, Any]) -> DispatchPolicy:
+        settings = get_settings()
+        return cls(
+            timeout_ms=int(config.get("timeoutMs", settings.agent_timeout_ms)),
+            retries=int(config.get("retries", settings.agent_retries)),
+            backoff_ms=int(config.get("backoffMs", settings.agent_backoff_ms)),
+            max_backoff_ms=int(config.get("maxBackoffMs", settings.agent_max_backoff_ms)),
+        )
+
+    def backoff(self, retry: int) -> int:
+        """Exponential backoff with full jitter for the `retry`-th retry (1, 2, …)."""
+        ceiling = min(self.max_backoff_ms, self.backoff_ms * 2 ** (retry - 1))
+        return int(random.uniform(0, ceiling))
+
+
 def run_stage(run_id: uuid.UUID, stage_id: str) -> str:
-    """Run one stage end to end; returns what happened (for logs and tests)."""
+    """Run one stage message; returns what happened (for logs and tests)."""
     claimed = stages.claim_stage(run_id, stage_id)
     if claimed is None:
+        remaining = stages.seconds_until_due(run_id, stage_id)
+        if remaining is not None:
+            # Arrived before its time (a wait longer than SQS's 15 minutes): delay again.
+            send_stage_messages(run_id, [stage_id], delay_seconds=remaining)
+            return "not-due"
         return "not-queued"
     try:
         return _execute(claimed)
@@ -31,7 +75,6 @@ def run_stage(run_id: uuid.UUID, stage_id: str) -> str:
 
 
 def _execute(claimed: stages.ClaimedStage) -> str:
-    run_id = claimed.run_id
     context = stages.load_context(claimed)
     try:
         if claimed.input_template is None:
@@ -41,23 +84,125 @@ def _execute(claimed: stages.ClaimedStage) -> str:
     except UnresolvableReference as exc:
         stages.fail_stage(claimed, str(exc))
         return "failed"
+    policy = DispatchPolicy.of(claimed.config)
+    sticky = claimed.agent_uuid if claimed.agent_attempts else None
+    tried = frozenset(str(u) for u in claimed.tried_agents)
     try:
-        agent = select_agent(claimed.capability)
-    except NoAgentAvailable as exc:
-        stages.fail_stage(claimed, str(exc), stage_input=stage_input)
-        return "failed"
-    try:
-        with in_flight(agent):
-            output = call_mock_agent(agent.agent_id, claimed.capability, stage_input)
-    except AgentCallFailed as exc:
-        stages.fail_stage(
-            claimed, f"agent '{agent.agent_id}' failed: {exc}", agent.agent_id, stage_input
+        agent = select_agent(
+            claimed.capability, prefer=str(sticky) if sticky else None, exclude=tried
         )
+    except NoAgentAvailable as exc:
+        reason = str(exc)
+        if tried:
+            reason = (
+                f"no agent left to try for '{claimed.capability}'; "
+                f"last error: {claimed.last_error or 'none'}"
+            )
+        stages.fail_stage(claimed, reason, stage_input=stage_input)
         return "failed"
+    except AgentsBusy as exc:
+        return _wait_for_capacity(claimed, str(exc))
+    same_agent = sticky is not None and str(sticky) == agent.agent_uuid
+    attempts_on_agent = (claimed.agent_attempts if same_agent else 0) + 1
+    task = AgentTask(
+        run_ref=f"wfr-{claimed.run_id}",
+        stage_id=claimed.stage_id,
+        attempt=claimed.attempt,
+        capability=claimed.capability,
+        input=stage_input,
+        workflow_name=context.workflow_name,
+        previous_stages=[
+            {"stageId": dep, "completed": dep in context.outputs} for dep in claimed.dependencies
+        ],
+        timeout_ms=policy.timeout_ms,
+    )
+    started = time.monotonic()
+    try:
+        with holding(agent):
+            output = call_agent(agent.endpoint, agent.token, agent.agent_id, task)
+    except AgentCallFailed as exc:
+        record_outcome(agent.agent_uuid, False, (time.monotonic() - started) * 1000)
+        return _after_failure(claimed, agent, exc, attempts_on_agent, policy, stage_input)
+    record_outcome(agent.agent_uuid, True, (time.monotonic() - started) * 1000)
     ready = stages.complete_stage(claimed, agent.agent_uuid, agent.agent_id, stage_input, output)
     if ready:
-        send_stage_messages(run_id, ready)
+        send_stage_messages(claimed.run_id, ready)
     return "completed"
+
+
+def _after_failure(
+    claimed: stages.ClaimedStage,
+    agent: AgentChoice,
+    exc: AgentCallFailed,
+    attempts_on_agent: int,
+    policy: DispatchPolicy,
+    stage_input: Any,
+) -> str:
+    error = f"agent '{agent.agent_id}' failed: {exc}"
+    agent_uuid = uuid.UUID(agent.agent_uuid)
+    if not exc.retryable:
+        stages.fail_stage(claimed, error, agent.agent_id, stage_input)
+        return "failed"
+    if attempts_on_agent <= policy.retries:
+        delay_ms = policy.backoff(attempts_on_agent)
+        if stages.requeue_later(
+            claimed,
+            delay_ms,
+            "retry",
+            agent_uuid=agent_uuid,
+            agent_id=agent.agent_id,
+            agent_attempts=attempts_on_agent,
+            tried_agents=claimed.tried_agents,
+            next_attempt=True,
+            details={"error": error, "code": exc.code},
+        ):
+            send_stage_messages(claimed.run_id, [claimed.stage_id], delay_seconds=delay_ms / 1000)
+        return "retrying"
+    tried = [*claimed.tried_agents, agent_uuid]
+    remaining = [
+        a for a in candidates(claimed.capability) if uuid.UUID(a["agentUuid"]) not in tried
+    ]
+    if not remaining:
+        attempts = f"{attempts_on_agent} attempt{'s' if attempts_on_agent > 1 else ''}"
+        stages.fail_stage(
+            claimed,
+            f"{error} ({attempts}; no other agent to fall back on)",
+            agent.agent_id,
+            stage_input,
+        )
+        return "failed"
+    if stages.requeue_later(
+        claimed,
+        0,
+        "fallback",
+        agent_uuid=None,
+        agent_id=agent.agent_id,
+        agent_attempts=0,
+        tried_agents=tried,
+        next_attempt=True,
+        details={"error": error, "code": exc.code, "exhaustedAgent": agent.agent_id},
+    ):
+        send_stage_messages(claimed.run_id, [claimed.stage_id])
+    return "falling-back"
+
+
+def _wait_for_capacity(claimed: stages.ClaimedStage, reason: str) -> str:
+    """Every capable agent is full: come back later, without using up an attempt."""
+    delay_ms = get_settings().agent_busy_wait_ms
+    delay_ms = int(random.uniform(delay_ms / 2, delay_ms))
+    if stages.requeue_later(
+        claimed,
+        delay_ms,
+        "wait",
+        agent_uuid=claimed.agent_uuid,
+        agent_id=None,
+        agent_attempts=claimed.agent_attempts,
+        tried_agents=claimed.tried_agents,
+        next_attempt=False,
+        details={"reason": reason},
+    ):
+        send_stage_messages(claimed.run_id, [claimed.stage_id], delay_seconds=delay_ms / 1000)
+    return "waiting"
 
 
 def run_stage_batch(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -94,3 +239,8 @@ def run_stage_batch(records: list[dict[str, Any]]) -> dict[str, Any]:
 def sweep_stalled_stages() -> dict[str, Any]:
     """Re-queue stages whose message was lost or whose worker died."""
     return sweeper.sweep()
+
+
+def check_agent_health() -> dict[str, Any]:
+    """Probe every agent's health endpoint and record the results."""
+    return health.scheduled_check()

@@ -6,15 +6,16 @@ Concurrency rules:
   delivery finds nothing to claim and does nothing;
 - completing or failing locks the run row first (SELECT … FOR UPDATE): the audit
   chain of a run grows one entry at a time and a fan-in stage is queued exactly once;
-- completion is conditional on the attempt that claimed the stage, so a worker whose
-  lease expired (and whose stage the sweeper handed to another) changes nothing.
+- finishing is conditional on the token of the claim, so a worker whose lease expired
+  (and whose stage the sweeper handed to another) changes nothing;
+- `attempt` is the logical attempt: redeliveries of one attempt (SQS, the sweeper) keep
+  it, so the agent sees the same Idempotency-Key; only a retry or fallback moves it on.
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import text
@@ -36,7 +37,13 @@ class ClaimedStage:
     capability: str
     dependencies: list[str]
     input_template: Any
+    config: dict[str, Any]
     attempt: int
+    claim_token: uuid.UUID
+    agent_uuid: uuid.UUID | None  # the agent of the previous attempt, if any
+    agent_attempts: int  # attempts already made on that agent
+    tried_agents: list[uuid.UUID]
+    last_error: str | None  # of the previous attempt
 
 
 @dataclass(frozen=True)
@@ -47,21 +54,36 @@ class StageContext:
 
 
 def claim_stage(run_id: uuid.UUID, stage_id: str) -> ClaimedStage | None:
-    """Take a queued stage for this worker, or None if it is not queued (duplicate delivery)."""
-    lease = timedelta(seconds=get_settings().stage_lease_seconds)
+    """Take a queued, due stage for this worker, or None (a duplicate delivery, or not due).
+
+    The lease covers the agent's timeout, so the sweeper never hands a stage to a
+    second worker while the first may still be waiting on its agent.
+    """
+    settings = get_settings()
+    token = uuid.uuid4()
     with session_scope() as session:
         # Raw SQL: a conditional UPDATE … RETURNING is the claim, in one round trip.
         row = session.execute(
             text(
                 """
                 UPDATE stage_executions
-                   SET status = 'in_progress', attempt = attempt + 1, started_at = now(),
-                       lease_expires_at = now() + :lease, error_message = NULL
+                   SET status = 'in_progress', claim_token = :token,
+                       started_at = COALESCE(started_at, now()),
+                       lease_expires_at = now() + make_interval(secs => GREATEST(:lease,
+                           COALESCE((config ->> 'timeoutMs')::numeric, :timeout_ms) / 1000 + 30))
                  WHERE run_id = :run_id AND stage_id = :stage_id AND status = 'queued'
-             RETURNING id, stage_name, capability, dependencies, input_template, attempt
+                   AND (not_before IS NULL OR not_before <= now())
+             RETURNING id, stage_name, capability, dependencies, input_template, config,
+                       attempt, agent_uuid, agent_attempts, tried_agents, error_message
                 """
             ),
-            {"run_id": run_id, "stage_id": stage_id, "lease": lease},
+            {
+                "run_id": run_id,
+                "stage_id": stage_id,
+                "token": token,
+                "lease": settings.stage_lease_seconds,
+                "timeout_ms": settings.agent_timeout_ms,
+            },
         ).first()
         if row is None:
             return None
@@ -80,8 +102,29 @@ def claim_stage(run_id: uuid.UUID, stage_id: str) -> ClaimedStage | None:
         capability=row.capability,
         dependencies=list(row.dependencies),
         input_template=row.input_template,
+        config=dict(row.config or {}),
         attempt=row.attempt,
+        claim_token=token,
+        agent_uuid=row.agent_uuid,
+        agent_attempts=row.agent_attempts,
+        tried_agents=list(row.tried_agents),
+        last_error=row.error_message,
     )
+
+
+def seconds_until_due(run_id: uuid.UUID, stage_id: str) -> float | None:
+    """For a queued stage that is not due yet (backoff, waiting for capacity), how long
+    until it is; None otherwise."""
+    with session_scope() as session:
+        remaining = session.execute(
+            text(
+                "SELECT EXTRACT(EPOCH FROM (not_before - now())) FROM stage_executions "
+                "WHERE run_id = :run_id AND stage_id = :stage_id AND status = 'queued' "
+                "AND not_before > now()"
+            ),
+            {"run_id": run_id, "stage_id": stage_id},
+        ).scalar()
+    return None if remaining is None else float(remaining)
 
 
 def load_context(stage: ClaimedStage) -> StageContext:
@@ -129,13 +172,13 @@ def complete_stage(
                    SET status = 'completed', output = CAST(:output AS jsonb),
                        input = CAST(:input AS jsonb), agent_uuid = :agent_uuid,
                        agent_id = :agent_id, completed_at = now(), lease_expires_at = NULL
-                 WHERE id = :id AND status = 'in_progress' AND attempt = :attempt
+                 WHERE id = :id AND status = 'in_progress' AND claim_token = :token
              RETURNING started_at, completed_at
                 """
             ),
             {
                 "id": stage.id,
-                "attempt": stage.attempt,
+                "token": stage.claim_token,
                 "output": _json(output),
                 "input": _json(stage_input),
                 "agent_uuid": uuid.UUID(agent_uuid),
@@ -223,13 +266,13 @@ def fail_stage(
                    SET status = 'failed', error_message = :reason, agent_id = :agent_id,
                        input = CAST(:input AS jsonb), completed_at = now(),
                        lease_expires_at = NULL
-                 WHERE id = :id AND status = 'in_progress' AND attempt = :attempt
+                 WHERE id = :id AND status = 'in_progress' AND claim_token = :token
              RETURNING id
                 """
             ),
             {
                 "id": stage.id,
-                "attempt": stage.attempt,
+                "token": stage.claim_token,
                 "reason": reason,
                 "agent_id": agent_id,
                 "input": _json(stage_input),
@@ -280,13 +323,75 @@ def _json(value: Any) -> str | None:
 
 
 def release_stage(stage: ClaimedStage) -> None:
-    """Hand a claimed stage back to the queue after an unexpected error (redelivery retries)."""
+    """Hand a claimed stage back to the queue after an unexpected error (redelivery retries
+    the same attempt)."""
     with session_scope() as session:
         session.execute(
             text(
                 "UPDATE stage_executions SET status = 'queued', queued_at = now(), "
-                "lease_expires_at = NULL "
-                "WHERE id = :id AND status = 'in_progress' AND attempt = :attempt"
+                "lease_expires_at = NULL, claim_token = NULL "
+                "WHERE id = :id AND status = 'in_progress' AND claim_token = :token"
             ),
-            {"id": stage.id, "attempt": stage.attempt},
+            {"id": stage.id, "token": stage.claim_token},
         )
+
+
+def requeue_later(
+    stage: ClaimedStage,
+    delay_ms: int,
+    action: str,
+    *,
+    agent_uuid: uuid.UUID | None,
+    agent_id: str | None,
+    agent_attempts: int,
+    tried_agents: list[uuid.UUID],
+    next_attempt: bool,
+    details: dict[str, Any],
+) -> bool:
+    """Put the stage back in the queue, due in `delay_ms`, with an audit entry `action`
+    (retry, fallback or wait). Returns False if the stage was no longer ours."""
+    with session_scope() as session:
+        _lock_run(session, stage.run_id)
+        updated = session.execute(
+            text(
+                """
+                UPDATE stage_executions
+                   SET status = 'queued', queued_at = now(), lease_expires_at = NULL,
+                       claim_token = NULL,
+                       not_before = now() + make_interval(secs => :delay_ms / 1000.0),
+                       attempt = attempt + :bump, agent_uuid = :agent_uuid, agent_id = :agent_id,
+                       agent_attempts = :agent_attempts, tried_agents = :tried_agents,
+                       error_message = :error
+                 WHERE id = :id AND status = 'in_progress' AND claim_token = :token
+             RETURNING attempt
+                """
+            ),
+            {
+                "id": stage.id,
+                "token": stage.claim_token,
+                "delay_ms": delay_ms,
+                "bump": 1 if next_attempt else 0,
+                "agent_uuid": agent_uuid,
+                "agent_id": agent_id,
+                "agent_attempts": agent_attempts,
+                "tried_agents": tried_agents,
+                "error": details.get("error"),
+            },
+        ).first()
+        if updated is None:
+            return False
+        chain.append(
+            session,
+            stage.run_id,
+            action,
+            "queued",
+            stage_id=stage.stage_id,
+            agent_id=agent_id,
+            details={
+                **details,
+                "attempt": stage.attempt,
+                "nextAttempt": updated.attempt,
+                "delayMs": delay_ms,
+            },
+        )
+    return True

@@ -32,7 +32,8 @@ def find_stalled() -> dict[uuid.UUID, list[str]]:
             text(
                 """
                 SELECT run_id, stage_id FROM stage_executions
-                 WHERE (status = 'queued' AND queued_at <= now() - :grace)
+                 WHERE (status = 'queued' AND queued_at <= now() - :grace
+                        AND (not_before IS NULL OR not_before <= now() - :grace))
                     OR (status = 'in_progress' AND lease_expires_at <= now())
                  LIMIT :limit
                 """
@@ -55,10 +56,12 @@ def requeue_run_stages(run_id: uuid.UUID, stage_ids: list[str]) -> list[str]:
             text(
                 """
                 UPDATE stage_executions AS s
-                   SET status = 'queued', queued_at = now(), lease_expires_at = NULL
+                   SET status = 'queued', queued_at = now(), lease_expires_at = NULL,
+                       claim_token = NULL
                   FROM (SELECT id, status FROM stage_executions
                          WHERE run_id = :run_id AND stage_id = ANY (:stage_ids)
-                           AND ((status = 'queued' AND queued_at <= now() - :grace)
+                           AND ((status = 'queued' AND queued_at <= now() - :grace
+                                 AND (not_before IS NULL OR not_before <= now() - :grace))
                                 OR (status = 'in_progress' AND lease_expires_at <= now()))
                            FOR UPDATE) AS old
                  WHERE s.id = old.id

@@ -45,12 +45,15 @@ class MaofRequestHandler(ChaliceRequestHandler):
 
 
 def create_server(host: str, port: int, stage: str = "dev") -> LocalDevServer:
-    factory = CLIFactory(str(PROJECT_DIR), environ=os.environ)
+    # A copy: Chalice writes the stage's environment_variables into the environ it is given,
+    # and the process's own settings must stay as the caller set them.
+    factory = CLIFactory(str(PROJECT_DIR), environ=dict(os.environ))
     config = factory.create_config_obj(chalice_stage_name=stage)
     app = config.chalice_app
-    # What chalice.local.create_local_server does: thread-local current_request.
-    CustomLocalChalice.__bases__ = (LocalChalice, app.__class__)
-    app.__class__ = CustomLocalChalice
+    if not isinstance(app, LocalChalice):
+        # What chalice.local.create_local_server does: thread-local current_request.
+        CustomLocalChalice.__bases__ = (LocalChalice, app.__class__)
+        app.__class__ = CustomLocalChalice
     return LocalDevServer(app, config, host, port, handler_cls=MaofRequestHandler)
 
 

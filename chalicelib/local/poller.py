@@ -177,7 +177,10 @@ def from_app(concurrency: int | None = None) -> Poller:
     settings = get_settings()
     schedules: list[tuple[str, Handler, float]] = [
         (name, maof.app.handler_map[name], float(interval))
-        for name, interval in (("sweep_stalled_stages", settings.sweep_interval_seconds),)
+        for name, interval in (
+            ("sweep_stalled_stages", settings.sweep_interval_seconds),
+            ("check_agent_health", settings.agent_health_interval_seconds),
+        )
         if name in maof.app.handler_map
     ]
     return Poller(maof.app.handler_map["run_stage"], schedules, concurrency=concurrency)

@@ -14,13 +14,22 @@ from chalicelib.workflows.references import references_in
 STAGE_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
 
 
+class StageConfig(ApiModel):
+    """Per-stage dispatch settings; anything unset falls back to the MAOF_AGENT_* defaults."""
+
+    timeout_ms: int | None = Field(default=None, ge=100, le=900_000)
+    retries: int | None = Field(default=None, ge=0, le=10)
+    backoff_ms: int | None = Field(default=None, ge=0, le=3_600_000)
+    max_backoff_ms: int | None = Field(default=None, ge=0, le=86_400_000)
+
+
 class StageDefinition(ApiModel):
     id: str = Field(min_length=1, max_length=100, pattern=STAGE_ID_PATTERN)
     name: str = Field(min_length=1, max_length=255)
     agent_capability: Capability
     dependencies: list[str] = Field(default_factory=list, max_length=100)
     input: Any = None
-    config: dict[str, Any] | None = None
+    config: StageConfig | None = None
 
 
 class WorkflowDefinition(ApiModel):

@@ -67,7 +67,9 @@ def submit(principal: Principal, body: ExecuteRequest) -> Reply:
                     capability=stage.agent_capability,
                     dependencies=stage.dependencies,
                     input_template=stage.input,
-                    config=stage.config,
+                    config=stage.config.model_dump(by_alias=True, exclude_none=True)
+                    if stage.config
+                    else None,
                     status="queued" if ready else "pending",
                     queued_at=now if ready else None,
                 )

@@ -17,7 +17,7 @@ from sqlalchemy import create_engine, text
 
 from chalicelib import aws, cache, db
 from chalicelib.config import get_settings, reset_settings
-from tests.conftest import ADMIN_DATABASE_URL, TEST_DATABASE_URL
+from tests.conftest import ADMIN_DATABASE_URL, TEST_DATABASE_NAME, TEST_DATABASE_URL
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -55,10 +55,10 @@ def stack() -> Iterator[None]:
             pytest.exit(f"{name} is not answering at {url}: start the stack with `make stack`", 2)
     admin = create_engine(ADMIN_DATABASE_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.execute(text("DROP DATABASE IF EXISTS maof_test WITH (FORCE)"))
-        conn.execute(text("CREATE DATABASE maof_test"))
+        conn.execute(text(f"DROP DATABASE IF EXISTS {TEST_DATABASE_NAME} WITH (FORCE)"))
+        conn.execute(text(f"CREATE DATABASE {TEST_DATABASE_NAME}"))
     admin.dispose()
-    assert TEST_DATABASE_URL.endswith("/maof_test")
+    assert TEST_DATABASE_URL.endswith(f"/{TEST_DATABASE_NAME}")
     db.reset()
     from chalicelib.db.migrate import upgrade
 
@@ -81,7 +81,7 @@ def urlparse_host(url: str, default_port: int) -> tuple[str, int]:
     return parsed.hostname or "127.0.0.1", parsed.port or default_port
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -92,7 +92,7 @@ def api_url(stack: None) -> Iterator[str]:
     """The API over real HTTP: MAOF's `chalice local` server in a background thread."""
     from chalicelib.local.api import create_server
 
-    port = _free_port()
+    port = free_port()
     server = create_server("127.0.0.1", port, stage="dev")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -157,9 +157,8 @@ def user(api: Api) -> Api:
 @pytest.fixture(scope="session")
 def poller(stack: None) -> Iterator[Any]:
     """The local SQS event source, invoking the app's run_stage handler (4 workers)."""
-    from chalicelib.local.poller import Poller
-
     import app as maof
+    from chalicelib.local.poller import Poller
 
     running = Poller(maof.app.handler_map["run_stage"], concurrency=4, wait_seconds=1).start()
     yield running
@@ -167,11 +166,12 @@ def poller(stack: None) -> Iterator[Any]:
 
 
 def register_agent(client: Api, capability: str, **fields: Any) -> dict[str, Any]:
-    """Register a (mock-served) agent with one capability; returns the agent."""
+    """Register an agent with one capability, served by the built-in mock unless an
+    `endpoint` is given; returns the agent."""
     body = {
         "agentId": f"agent-{uuid.uuid4().hex[:10]}",
         "name": f"{capability} agent",
-        "endpoint": "http://localhost:9001/agent",
+        "endpoint": "mock://test-agent",
         "authToken": "agent-secret-token",
         "capabilities": [capability],
         **fields,

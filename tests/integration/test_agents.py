@@ -26,7 +26,7 @@ def agent_body(capability: str | None = None, **fields: Any) -> dict[str, Any]:
     return {
         "agentId": f"agent-{uuid.uuid4().hex[:10]}",
         "name": "Test agent",
-        "endpoint": "https://agents.example.com/run",
+        "endpoint": "mock://summarizer",
         "authToken": f"secret-{uuid.uuid4().hex}",
         "capabilities": [capability or unique_capability()],
         **fields,

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import uuid
 
-from tests.integration.conftest import Api, unique_email, wait_for_run
+from examples.agents import server as example_agent
+from examples.agents.protocol import serve
+from tests.integration.conftest import Api, free_port, unique_email, wait_for_run
 
 
 def test_seed_walkthrough_register_login_agent_workflow_status_result_audit(api: Api, poller):
+    # The example agent, as `make dev` runs it (here on a free port, not 9001).
+    port = free_port()
+    agent_server = serve(example_agent.agent, "127.0.0.1", port, "/agent", "agent-secret-key")
     email = unique_email()
     # 1. Create an account
     created = api.post(
@@ -27,12 +32,13 @@ def test_seed_walkthrough_register_login_agent_workflow_status_result_audit(api:
         {
             "agentId": f"my-summarizer-{uuid.uuid4().hex[:6]}",
             "name": "Text Summarizer",
-            "endpoint": "http://localhost:9001/agent",
+            "endpoint": f"http://127.0.0.1:{port}/agent",
             "authToken": "agent-secret-key",
             "capabilities": ["summarization", "text-generation"],
         },
     )
     assert agent.status_code == 201
+    assert agent.json()["data"]["status"] == "online"  # checked at once
     assert "agent-secret-key" not in agent.text
     # 4. Submit a workflow
     submitted = me.post(
@@ -77,10 +83,8 @@ def test_seed_walkthrough_register_login_agent_workflow_status_result_audit(api:
     # 6. Get the result
     result = me.get(f"/workflows/{run_id}/result").json()["data"]
     assert result["workflowRunId"] == run_id
-    assert result["output"]["capability"] == "summarization"
-    assert result["output"]["received"]["step-1"]["received"] == {
-        "text": "Your input text goes here..."
-    }
+    assert result["output"]["summary"] == "Your input text goes here"
+    assert result["output"]["wordCount"] == 5
     # 7. View the audit trail
     audit = me.get(f"/workflows/{run_id}/audit").json()["data"]
     assert audit["workflowRunId"] == run_id
@@ -89,3 +93,4 @@ def test_seed_walkthrough_register_login_agent_workflow_status_result_audit(api:
         "step-1",
         "step-2",
     ]
+    agent_server.shutdown()

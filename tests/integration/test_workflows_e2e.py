@@ -61,11 +61,20 @@ def test_linear_pipeline_completes_and_each_output_reaches_the_next(user, poller
     assert result.status_code == 200
     output = result.json()["data"]["output"]
     assert output == stages["summarize"]["output"]
-    assert output["received"]["translate"]["received"]["points"] == stages["extract"]["output"]["result"]
+    assert (
+        output["received"]["translate"]["received"]["points"]
+        == stages["extract"]["output"]["result"]
+    )
 
     audit = user.get(f"/workflows/{run_id}/audit").json()["data"]
     assert audit["chain"]["valid"] is True
-    assert [e["action"] for e in audit["logs"]] == ["submit", "execute", "execute", "execute", "complete"]
+    assert [e["action"] for e in audit["logs"]] == [
+        "submit",
+        "execute",
+        "execute",
+        "execute",
+        "complete",
+    ]
     assert audit["chain"]["head"] == audit["logs"][-1]["entryHash"]
 
 
@@ -79,7 +88,9 @@ def test_diamond_runs_both_branches_after_a_and_d_once_after_both(user, poller):
         "agentCapability": capability,
         "dependencies": list(deps),
     }
-    run_id = submit(user, [stage("a"), stage("b", ["a"]), stage("c", ["a"]), stage("d", ["b", "c"])])
+    run_id = submit(
+        user, [stage("a"), stage("b", ["a"]), stage("c", ["a"]), stage("d", ["b", "c"])]
+    )
     run = wait_for_run(user, run_id)
     assert run["status"] == "completed", run
     stages = {s["stageId"]: s for s in run["stages"]}
@@ -99,7 +110,12 @@ def test_stage_whose_capability_no_agent_has_fails_the_run_naming_it(user, polle
         user,
         [
             {"id": "first", "name": "First", "agentCapability": capability},
-            {"id": "second", "name": "Second", "agentCapability": capability, "dependencies": ["first"]},
+            {
+                "id": "second",
+                "name": "Second",
+                "agentCapability": capability,
+                "dependencies": ["first"],
+            },
         ],
     )
     run = wait_for_run(user, run_id)
@@ -136,7 +152,9 @@ def test_unknown_reference_fails_the_stage_clearly(user, poller):
     assert "'two'" in run["errorMessage"]
 
 
-def test_other_users_get_404_on_every_run_endpoint_and_never_see_each_others_runs(user, api, poller):
+def test_other_users_get_404_on_every_run_endpoint_and_never_see_each_others_runs(
+    user, api, poller
+):
     capability = unique_capability("private")
     register_agent(user, capability)
     run_id = submit(user, [{"id": "s", "name": "S", "agentCapability": capability}])

@@ -1,0 +1,129 @@
+"""A tiny MAOF agent server (standard library only): the protocol, so an agent is one function.
+
+    POST <path>          Authorization: Bearer <token>, Idempotency-Key: <run>:<stage>:<attempt>
+                         {workflowRunId, stageId, capability, input, context}
+                      -> {"status": "success", "output": ...}
+                       | {"status": "error", "code", "message", "retryable"}
+    GET  <path>/health -> {"status": "healthy"}
+
+Answers are remembered by Idempotency-Key, so a retried delivery of the same attempt
+gets the same answer without doing the work twice.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+class TaskError(Exception):
+    """Raised by an agent function to answer with a protocol error."""
+
+    def __init__(self, code: str, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retryable = retryable
+
+
+Agent = Callable[[str, Any, dict[str, Any]], Any]  # (capability, input, context) -> output
+
+
+class AgentServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, host: str, port: int, path: str, token: str, agent: Agent) -> None:
+        self.path = path.rstrip("/") or "/"
+        self.token = token
+        self.agent = agent
+        self.answers: OrderedDict[str, bytes] = OrderedDict()
+        self.keys_seen: list[str] = []
+        self.lock = threading.Lock()
+        super().__init__((host, port), _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: AgentServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet by default
+        pass
+
+    def _send(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/") == f"{self.server.path}/health".replace("//", "/"):
+            self._send(200, b'{"status":"healthy"}')
+        else:
+            self._send(404, b'{"status":"error","code":"NOT_FOUND","message":"no such path"}')
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length)
+        if self.path.rstrip("/") != self.server.path.rstrip("/"):
+            self._send(404, b'{"status":"error","code":"NOT_FOUND","message":"no such path"}')
+            return
+        supplied = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(supplied.encode(), self.server.token.encode()):
+            self._send(401, _error("UNAUTHORIZED", "bad agent token", False))
+            return
+        key = self.headers.get("Idempotency-Key") or ""
+        with self.server.lock:
+            self.server.keys_seen.append(key)
+            remembered = self.server.answers.get(key) if key else None
+        if remembered is not None:
+            self._send(200, remembered)
+            return
+        try:
+            task = json.loads(raw)
+            output = self.server.agent(
+                str(task["capability"]), task.get("input"), dict(task.get("context") or {})
+            )
+            answer = json.dumps({"status": "success", "output": output}).encode()
+        except TaskError as exc:
+            answer = _error(exc.code, str(exc), exc.retryable)
+        except (ValueError, KeyError, TypeError) as exc:
+            self._send(400, _error("BAD_REQUEST", f"malformed task: {exc}", False))
+            return
+        if key:
+            with self.server.lock:
+                self.server.answers[key] = answer
+                while len(self.server.answers) > 10_000:
+                    self.server.answers.popitem(last=False)
+        self._send(200, answer)
+
+
+def _error(code: str, message: str, retryable: bool) -> bytes:
+    return json.dumps(
+        {"status": "error", "code": code, "message": message, "retryable": retryable}
+    ).encode()
+
+
+def serve(agent: Agent, host: str, port: int, path: str, token: str) -> AgentServer:
+    """Start serving in a background thread; returns the server (call .shutdown() to stop)."""
+    server = AgentServer(host, port, path, token, agent)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def find_text(value: Any) -> str:
+    """The text to work on in a stage input: a `text`-like field, or every string joined."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        for key in ("text", "summary", "translation", "content"):
+            if isinstance(value.get(key), str):
+                return str(value[key])
+        return " ".join(t for t in (find_text(v) for v in value.values()) if t)
+    if isinstance(value, list):
+        return " ".join(t for t in (find_text(v) for v in value) if t)
+    return ""

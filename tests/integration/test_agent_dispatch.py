@@ -1,0 +1,276 @@
+"""Real agents over HTTP: the protocol, retries, fallback, non-retryable errors, garbage,
+health checks steering routing, capacity, and idempotency keys — each with its audit trail."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from chalicelib.config import reset_settings
+from chalicelib.engine import handlers, stages
+from chalicelib.workflows import runs
+from tests.integration.conftest import (
+    Api,
+    register_agent,
+    unique_capability,
+    wait_for_run,
+)
+from tests.support.agents import ScriptedAgent, error, garbage, ok, sleep, status
+
+
+@pytest.fixture
+def agents() -> Iterator[list[ScriptedAgent]]:
+    started: list[ScriptedAgent] = []
+    yield started
+    for agent in started:
+        agent.stop()
+
+
+def start(started: list[ScriptedAgent], **kwargs: Any) -> ScriptedAgent:
+    agent = ScriptedAgent(**kwargs).start()
+    started.append(agent)
+    return agent
+
+
+def submit(
+    client: Api, capability: str, config: dict[str, Any] | None = None, count: int = 1
+) -> str:
+    stages_ = [
+        {
+            "id": f"s{i}",
+            "name": f"Stage {i}",
+            "agentCapability": capability,
+            **({"config": config} if config else {}),
+        }
+        for i in range(count)
+    ]
+    response = client.post(
+        "/workflows/execute",
+        {"workflow": {"name": "dispatch", "stages": stages_}, "input": {"text": "hi"}},
+    )
+    assert response.status_code == 202, response.text
+    return str(response.json()["data"]["workflowRunId"])
+
+
+def audit(client: Api, run_id: str) -> list[dict[str, Any]]:
+    body = client.get(f"/workflows/{run_id}/audit").json()["data"]
+    assert body["chain"]["valid"] is True
+    return list(body["logs"])
+
+
+def actions(entries: list[dict[str, Any]]) -> list[tuple[str, str | None]]:
+    return [(e["action"], e["agentId"]) for e in entries if e["action"] != "submit"]
+
+
+FAST = {"retries": 2, "backoffMs": 0, "timeoutMs": 2000}
+
+
+def test_success_sends_the_protocol_request_and_stores_the_output(user, poller, agents):
+    agent = start(agents, default=ok({"answer": 42}))
+    capability = unique_capability("http")
+    registered = register_agent(user, capability, endpoint=agent.url, authToken="tok-123")
+    assert registered["status"] == "online"
+    run_id = submit(user, capability)
+    run = wait_for_run(user, run_id)
+    assert run["status"] == "completed", run
+    assert run["stages"][0]["output"] == {"answer": 42}
+    [call] = agent.calls
+    assert call.headers["Authorization"] == "Bearer tok-123"
+    assert call.headers["Idempotency-Key"] == f"{run_id}:s0:1"
+    assert call.body["workflowRunId"] == run_id
+    assert call.body["stageId"] == "s0"
+    assert call.body["capability"] == capability
+    assert call.body["input"] == {"text": "hi"}
+    assert call.body["context"]["workflowName"] == "dispatch"
+    assert call.body["context"]["deadlineMs"] == 30000
+    assert actions(audit(user, run_id)) == [("execute", registered["agentId"]), ("complete", None)]
+    assert "tok-123" not in str(audit(user, run_id))
+
+
+def test_timeout_then_success_on_retry(user, poller, agents):
+    agent = start(agents)
+    agent.script.extend([sleep(1.5), ok({"second": True})])
+    capability = unique_capability("slow")
+    registered = register_agent(user, capability, endpoint=agent.url)
+    run_id = submit(user, capability, {"timeoutMs": 300, "retries": 2, "backoffMs": 0})
+    run = wait_for_run(user, run_id)
+    assert run["status"] == "completed", run
+    assert run["stages"][0]["output"] == {"second": True}
+    assert run["stages"][0]["attempt"] == 2
+    assert agent.keys() == [f"{run_id}:s0:1", f"{run_id}:s0:2"]
+    entries = audit(user, run_id)
+    assert actions(entries) == [
+        ("retry", registered["agentId"]),
+        ("execute", registered["agentId"]),
+        ("complete", None),
+    ]
+    assert entries[1]["details"]["code"] == "TIMEOUT"
+
+
+def test_retryable_errors_exhausted_on_one_agent_then_success_on_the_fallback(user, poller, agents):
+    flaky = start(agents, default=status(503, '{"message": "overloaded"}'))
+    backup = start(agents, health="degraded", default=ok({"from": "backup"}))
+    capability = unique_capability("fallback")
+    first = register_agent(user, capability, endpoint=flaky.url)
+    second = register_agent(user, capability, endpoint=backup.url)
+    assert (first["status"], second["status"]) == ("online", "degraded")
+    run_id = submit(user, capability, {"retries": 1, "backoffMs": 0})
+    run = wait_for_run(user, run_id)
+    assert run["status"] == "completed", run
+    assert run["stages"][0]["agentId"] == second["agentId"]
+    assert len(flaky.calls) == 2 and len(backup.calls) == 1
+    assert actions(audit(user, run_id)) == [
+        ("retry", first["agentId"]),
+        ("fallback", first["agentId"]),
+        ("execute", second["agentId"]),
+        ("complete", None),
+    ]
+    assert backup.keys() == [f"{run_id}:s0:3"]
+
+
+def test_non_retryable_error_fails_the_stage_at_once(user, poller, agents):
+    agent = start(agents, default=error("BAD_INPUT", retryable=False))
+    capability = unique_capability("final")
+    registered = register_agent(user, capability, endpoint=agent.url)
+    run_id = submit(user, capability, FAST)
+    run = wait_for_run(user, run_id)
+    assert run["status"] == "failed"
+    assert "BAD_INPUT" in run["errorMessage"] and registered["agentId"] in run["errorMessage"]
+    assert len(agent.calls) == 1
+    assert actions(audit(user, run_id)) == [("fail", registered["agentId"])]
+
+
+def test_agent_returning_garbage_is_retried_then_fails_the_stage(user, poller, agents):
+    agent = start(agents, default=garbage())
+    capability = unique_capability("garbage")
+    registered = register_agent(user, capability, endpoint=agent.url)
+    run_id = submit(user, capability, {"retries": 1, "backoffMs": 0})
+    run = wait_for_run(user, run_id)
+    assert run["status"] == "failed"
+    assert "not a MAOF protocol response" in run["errorMessage"]
+    assert len(agent.calls) == 2
+    assert actions(audit(user, run_id)) == [
+        ("retry", registered["agentId"]),
+        ("fail", registered["agentId"]),
+    ]
+
+
+def test_agent_down_mid_run_is_marked_offline_by_the_health_check_and_avoided(user, poller, agents):
+    doomed = start(agents)
+    backup = start(agents, health="degraded", default=ok({"from": "backup"}))
+    capability = unique_capability("down")
+    first = register_agent(user, capability, endpoint=doomed.url)
+    second = register_agent(user, capability, endpoint=backup.url)
+    doomed.stop()  # goes down while it is still registered as online
+    run_id = submit(user, capability, {"retries": 1, "backoffMs": 0})
+    run = wait_for_run(user, run_id)
+    assert run["status"] == "completed", run
+    assert [a for a, _ in actions(audit(user, run_id))] == [
+        "retry",
+        "fallback",
+        "execute",
+        "complete",
+    ]
+
+    result = handlers.check_agent_health()
+    assert result["checked"] >= 2
+    assert user.get(f"/agents/{first['agentUuid']}").json()["data"]["status"] == "offline"
+    assert user.get(f"/agents/{first['agentUuid']}").json()["data"]["lastHealthCheck"] is not None
+    listed = user.get("/agents", params={"capability": capability, "status": "offline"}).json()[
+        "data"
+    ]
+    assert [a["agentUuid"] for a in listed["agents"]] == [first["agentUuid"]]
+
+    run_id = submit(user, capability, {"retries": 1, "backoffMs": 0}, count=3)
+    run = wait_for_run(user, run_id)
+    assert run["status"] == "completed", run
+    assert {s["agentId"] for s in run["stages"]} == {second["agentId"]}
+    assert [a for a, _ in actions(audit(user, run_id))] == [
+        "execute",
+        "execute",
+        "execute",
+        "complete",
+    ]
+
+
+def test_on_demand_health_check_reports_the_agents_state(user, agents):
+    agent = start(agents)
+    registered = register_agent(user, unique_capability("probe"), endpoint=agent.url)
+    assert registered["status"] == "online"
+    agent.health = "degraded"
+    response = user.post(f"/agents/{registered['agentUuid']}/health-check")
+    assert response.status_code == 200
+    assert response.json()["data"]["status"] == "degraded"
+    agent.stop()
+    assert (
+        user.post(f"/agents/{registered['agentUuid']}/health-check").json()["data"]["status"]
+        == "offline"
+    )
+
+
+@pytest.fixture
+def quick_busy_wait() -> Iterator[None]:
+    os.environ["MAOF_AGENT_BUSY_WAIT_MS"] = "300"
+    reset_settings()
+    yield
+    del os.environ["MAOF_AGENT_BUSY_WAIT_MS"]
+    reset_settings()
+
+
+def test_a_full_agent_makes_the_stage_wait_not_fail(user, poller, agents, quick_busy_wait):
+    agent = start(agents, default=sleep(0.8))
+    capability = unique_capability("full")
+    registered = register_agent(user, capability, endpoint=agent.url, maxConcurrentTasks=1)
+    run_id = submit(user, capability, FAST, count=3)
+    run = wait_for_run(user, run_id)
+    assert run["status"] == "completed", run
+    assert agent.peak_concurrent == 1
+    assert len(agent.calls) == 3
+    entries = actions(audit(user, run_id))
+    assert entries.count(("execute", registered["agentId"])) == 3
+    assert ("wait", None) in entries
+    assert all(stage["attempt"] == 1 for stage in run["stages"])  # waiting used no attempt
+
+
+def test_idempotency_key_is_the_same_across_redeliveries_of_one_attempt(user, agents, monkeypatch):
+    agent = start(agents, default=ok({"done": 1}))
+    capability = unique_capability("idem")
+    register_agent(user, capability, endpoint=agent.url)
+    sent: list[Any] = []
+    monkeypatch.setattr(runs, "send_stage_messages", lambda *a, **k: sent.append(a))
+    monkeypatch.setattr(handlers, "send_stage_messages", lambda *a, **k: sent.append(a))
+    run_id = runs.parse_run_ref(submit(user, capability, FAST))
+    message = {
+        "messageId": "m1",
+        "receiptHandle": "r",
+        "body": f'{{"runId": "{run_id}", "stageId": "s0"}}',
+    }
+
+    real_complete = stages.complete_stage
+
+    def crash(*args: Any) -> Any:
+        raise ConnectionError("worker lost its database connection after the agent answered")
+
+    monkeypatch.setattr(stages, "complete_stage", crash)
+    assert handlers.run_stage_batch([message])["batchItemFailures"] == [{"itemIdentifier": "m1"}]
+    monkeypatch.setattr(stages, "complete_stage", real_complete)
+    assert handlers.run_stage_batch([message]) == {"batchItemFailures": []}  # SQS redelivers
+    assert agent.keys() == [f"wfr-{run_id}:s0:1"] * 2
+    run = user.get(f"/workflows/wfr-{run_id}").json()["data"]
+    assert run["status"] == "completed"
+    assert (
+        actions(audit(user, f"wfr-{run_id}")).count(("execute", run["stages"][0]["agentId"])) == 1
+    )
+
+
+def test_unreachable_agent_registers_as_offline_and_is_not_routed_to(user, poller):
+    capability = unique_capability("ghost")
+    registered = register_agent(user, capability, endpoint=f"http://127.0.0.1:9/{uuid.uuid4().hex}")
+    assert registered["status"] == "offline"
+    run = wait_for_run(user, submit(user, capability))
+    assert run["status"] == "failed"
+    assert capability in run["errorMessage"]
