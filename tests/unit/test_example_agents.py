@@ -1,0 +1,127 @@
+"""The example agents: the text capabilities, and the OpenAI-compatible adapter against a
+local fake chat-completions server."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+import requests
+
+from examples.agents import server as example
+from examples.agents.openai_adapter import ChatCompletions
+from examples.agents.protocol import TaskError, find_text, serve
+
+
+def test_extract_translate_summarize_chain():
+    points = example.agent("extraction", {"text": "The agent routes the text. It is fast!"}, {})
+    assert points["points"] == ["The agent routes the text", "It is fast"]
+    spanish = example.agent("translation", {"text": points["text"], "targetLanguage": "es"}, {})
+    assert spanish["text"].startswith("El agente dirige el texto")
+    summary = example.agent("summarization", {"translate": spanish}, {})
+    assert summary["summary"] == spanish["text"]
+
+
+def test_unknown_capability_and_language_are_protocol_errors():
+    with pytest.raises(TaskError):
+        example.agent("painting", {"text": "x"}, {})
+    with pytest.raises(TaskError):
+        example.agent("translation", {"text": "x", "targetLanguage": "fr"}, {})
+
+
+def test_find_text_looks_through_dependency_outputs():
+    assert find_text({"step-1": {"points": ["a"], "text": "hello"}}) == "hello"
+
+
+class FakeChat:
+    """A chat-completions endpoint that answers from a script and records requests."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.status = 200
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append(
+                    {"path": self.path, "auth": self.headers["Authorization"], "body": body}
+                )
+                answer = json.dumps(
+                    {
+                        "model": body["model"],
+                        "choices": [{"message": {"role": "assistant", "content": "hola"}}],
+                    }
+                ).encode()
+                self.send_response(fake.status)
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+
+@pytest.fixture
+def adapter():
+    fake = FakeChat()
+    chat = ChatCompletions(fake.base_url, "sk-test", "tiny-model", timeout=5)
+    agent = serve(chat, "127.0.0.1", 0, "/agent", "adapter-token")
+    yield fake, f"http://127.0.0.1:{agent.server_address[1]}/agent"
+    agent.shutdown()
+    fake.server.shutdown()
+
+
+def post(url: str, token: str = "adapter-token") -> dict[str, Any]:
+    task = {
+        "workflowRunId": "wfr-1",
+        "stageId": "s",
+        "capability": "translation",
+        "input": {"text": "hello"},
+        "context": {"workflowName": "w", "previousStages": [], "deadlineMs": 5000},
+    }
+    response = requests.post(
+        url,
+        json=task,
+        headers={"Authorization": f"Bearer {token}", "Idempotency-Key": "wfr-1:s:1"},
+        timeout=10,
+    )
+    return {"httpStatus": response.status_code, **response.json()}
+
+
+def test_adapter_forwards_the_stage_to_chat_completions(adapter):
+    fake, url = adapter
+    answer = post(url)
+    assert answer == {
+        "httpStatus": 200,
+        "status": "success",
+        "output": {"text": "hola", "model": "tiny-model"},
+    }
+    [request] = fake.requests
+    assert request["path"] == "/v1/chat/completions"
+    assert request["auth"] == "Bearer sk-test"
+    assert request["body"]["model"] == "tiny-model"
+    assert "translation" in request["body"]["messages"][-1]["content"]
+    assert '"hello"' in request["body"]["messages"][-1]["content"]
+
+
+def test_adapter_answers_upstream_429_as_retryable(adapter):
+    fake, url = adapter
+    fake.status = 429
+    answer = post(url)
+    assert answer["status"] == "error" and answer["retryable"] is True
+
+
+def test_adapter_refuses_a_wrong_token(adapter):
+    _, url = adapter
+    assert post(url, token="wrong")["httpStatus"] == 401
