@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -10,7 +11,8 @@ from typing import Any
 from sqlalchemy import text
 
 from chalicelib import __version__, cache
-from chalicelib.aws import aws_client, stage_queue_url
+from chalicelib.aws import aws_client
+from chalicelib.config import get_settings
 from chalicelib.db import get_engine
 from chalicelib.http import Reply
 
@@ -28,9 +30,16 @@ def _database() -> bool:
 
 
 def _queue() -> bool:
-    aws_client("sqs", fast_fail=True).get_queue_attributes(
-        QueueUrl=stage_queue_url(), AttributeNames=["ApproximateNumberOfMessages"]
-    )
+    # Only the fast-failing client: looking the URL up with the ordinary one (long timeouts,
+    # retries) could hold a worker for a minute when SQS hangs.
+    settings = get_settings()
+    sqs = aws_client("sqs", fast_fail=True)
+    if settings.stage_queue_url:
+        sqs.get_queue_attributes(
+            QueueUrl=settings.stage_queue_url, AttributeNames=["ApproximateNumberOfMessages"]
+        )
+    else:
+        sqs.get_queue_url(QueueName=settings.stage_queue_name)
     return True
 
 
@@ -41,8 +50,23 @@ CHECKS: dict[str, Callable[[], bool]] = {
 }
 
 
+# At most one check per service runs at a time; a request joins the one in flight. A hung
+# dependency then holds one worker, instead of one per request until none are left for the rest.
+_in_flight: dict[str, concurrent.futures.Future[bool]] = {}
+_in_flight_lock = threading.Lock()
+
+
+def _start(name: str) -> concurrent.futures.Future[bool]:
+    with _in_flight_lock:
+        future = _in_flight.get(name)
+        if future is None or future.done():
+            future = _pool.submit(CHECKS[name])
+            _in_flight[name] = future
+        return future
+
+
 def check() -> Reply:
-    futures = {name: _pool.submit(fn) for name, fn in CHECKS.items()}
+    futures = {name: _start(name) for name in CHECKS}
     concurrent.futures.wait(futures.values(), timeout=DEADLINE_SECONDS)
     services: dict[str, Any] = {}
     for name, future in futures.items():

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import pydantic
 from chalice.app import Chalice, CORSConfig, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 from chalicelib import errors
@@ -25,12 +25,30 @@ M = TypeVar("M", bound=BaseModel)
 EXPOSED_HEADERS = ["X-Request-Id"]
 
 
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(item) for item in value)
+    return False
+
+
 class ApiModel(BaseModel):
     """Base of request bodies: camelCase keys, unknown fields refused."""
 
     model_config = ConfigDict(
         extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_nul_characters(cls, value: Any) -> Any:
+        # Postgres refuses U+0000 in text and JSONB: answer 400 here rather than 500 later.
+        if _has_nul(value):
+            raise ValueError("must not contain NUL characters")
+        return value
 
 
 @dataclass(frozen=True)
@@ -154,7 +172,9 @@ class MaofApp(Chalice):
     """Chalice with MAOF's envelope, error path and authentication on every route."""
 
     def __init__(self, app_name: str) -> None:
-        super().__init__(app_name=app_name)
+        # The app's logger is logging.getLogger(app_name), the same one chalicelib.logs
+        # configures; left to Chalice it may get a second, plain-text handler and level ERROR.
+        super().__init__(app_name=app_name, configure_logs=False)
         self.register_middleware(self._envelope_errors, "http")
 
     def endpoint(

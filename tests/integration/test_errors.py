@@ -1,0 +1,304 @@
+"""The one error path: every failure is a JSON envelope with a request id, and nothing leaks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from chalicelib.auth import service
+from chalicelib.config import get_settings
+from chalicelib.logs import logger
+from tests.integration.conftest import Api, unique_email
+
+JSON = {"Content-Type": "application/json"}
+
+
+def error_of(response: requests.Response, status: int, code: str | None = None) -> dict[str, Any]:
+    """The error object of an error envelope, after checking status and shape."""
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"].startswith("application/json")
+    body = response.json()
+    assert body["success"] is False
+    error = body["error"]
+    assert set(error) <= {"code", "message", "details", "requestId"}
+    assert isinstance(error["message"], str)
+    assert error["message"]
+    assert error["requestId"] == response.headers["X-Request-Id"]
+    if code is not None:
+        assert error["code"] == code
+    return dict(error)
+
+
+def post_raw(api: Api, path: str, data: bytes | str, headers: dict[str, str]) -> requests.Response:
+    return api.request("POST", path, data=data, headers=headers)
+
+
+# ------------------------------------------------------------------ the request is refused
+
+
+def test_malformed_json_is_400_bad_request(api: Api) -> None:
+    response = post_raw(api, "/auth/login", '{"email": "a@example.com", ', JSON)
+    error_of(response, 400, "BAD_REQUEST")
+
+
+def test_a_body_that_is_not_utf8_is_400_bad_request(api: Api) -> None:
+    error_of(post_raw(api, "/auth/login", b'{"email": "\xff"}', JSON), 400, "BAD_REQUEST")
+
+
+def test_an_empty_body_is_400_bad_request(api: Api) -> None:
+    error_of(post_raw(api, "/auth/login", b"", JSON), 400, "BAD_REQUEST")
+
+
+@pytest.mark.parametrize("body", ["[]", '[{"email": "a@example.com"}]', '"text"', "42", "null"])
+def test_a_body_that_is_not_a_json_object_is_400(api: Api, body: str) -> None:
+    error = error_of(post_raw(api, "/auth/login", body, JSON), 400)
+    assert error["code"] in ("VALIDATION_ERROR", "BAD_REQUEST")
+
+
+def test_wrong_content_type_is_415_with_the_envelope(api: Api) -> None:
+    body = json.dumps({"email": unique_email(), "password": "password-1"})
+    response = post_raw(api, "/auth/login", body, {"Content-Type": "text/plain"})
+    error_of(response, 415, "UNSUPPORTED_MEDIA_TYPE")
+
+
+def test_json_with_a_charset_is_accepted(api: Api) -> None:
+    body = json.dumps({"email": unique_email(), "password": "password-1", "name": "Ada"})
+    response = post_raw(
+        api, "/auth/register", body, {"Content-Type": "application/json; charset=utf-8"}
+    )
+    assert response.status_code == 201, response.text
+
+
+def test_an_unknown_route_is_a_json_404(api: Api) -> None:
+    error_of(api.get("/nope"), 404, "NOT_FOUND")
+
+
+def test_a_wrong_method_is_a_json_405(api: Api) -> None:
+    error_of(api.delete("/health"), 405, "METHOD_NOT_ALLOWED")
+
+
+def test_a_body_over_the_limit_is_413(api: Api) -> None:
+    limit = get_settings().max_body_bytes
+    assert limit == 1_000_000
+    body = json.dumps({"email": unique_email(), "password": "x" * limit, "name": "Ada"})
+    assert len(body) > limit
+    error_of(post_raw(api, "/auth/register", body, JSON), 413, "PAYLOAD_TOO_LARGE")
+
+
+def test_a_body_at_the_limit_is_not_refused_for_its_size(api: Api) -> None:
+    limit = get_settings().max_body_bytes
+    body = json.dumps({"email": unique_email(), "password": "password-1", "name": "Ada"})
+    body = body[:-1] + " " * (limit - len(body)) + "}"
+    assert len(body) == limit
+    assert post_raw(api, "/auth/register", body, JSON).status_code == 201
+
+
+@pytest.mark.parametrize("field", ["email", "password", "name"])
+def test_a_nul_character_in_a_field_is_400_naming_it_not_a_500(api: Api, field: str) -> None:
+    body = {"email": unique_email(), "password": "password-1", "name": "Ada"}
+    body[field] = body[field][:3] + "\x00" + body[field][3:]
+    error = error_of(api.post("/auth/register", body), 400, "VALIDATION_ERROR")
+    assert [d["field"] for d in error["details"]] == [field]
+
+
+def test_a_nul_character_in_a_login_email_is_400_not_a_500(api: Api) -> None:
+    response = api.post("/auth/login", {"email": "a\x00b@example.com", "password": "password-1"})
+    error_of(response, 400, "VALIDATION_ERROR")
+
+
+# ------------------------------------------------------------------ the server fails
+
+
+@pytest.fixture
+def failing_me(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(principal: Any) -> Any:
+        raise RuntimeError("boom secret")
+
+    monkeypatch.setattr(service, "me", boom)
+
+
+def test_an_unexpected_exception_is_a_500_that_leaks_nothing(user: Api, failing_me: None) -> None:
+    response = user.get("/auth/me")
+    error = error_of(response, 500, "INTERNAL_ERROR")
+    assert "details" not in error
+    assert "boom" not in response.text
+    assert "secret" not in response.text
+    assert "Traceback" not in response.text
+    assert "RuntimeError" not in response.text
+    assert error["requestId"] == response.headers["X-Request-Id"]
+    assert response.headers["Access-Control-Allow-Origin"]
+
+
+def test_after_an_unexpected_exception_the_next_request_is_served(
+    user: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "me", lambda principal: 1 / 0)
+    error_of(user.get("/auth/me"), 500, "INTERNAL_ERROR")
+    monkeypatch.undo()
+    assert user.get("/auth/me").status_code == 200
+
+
+# ------------------------------------------------------------------ every response
+
+
+def _requests(api: Api, user: Api) -> dict[str, Callable[[], requests.Response]]:
+    return {
+        "200 health": lambda: api.get("/health"),
+        "200 me": lambda: user.get("/auth/me"),
+        "201 register": lambda: api.post(
+            "/auth/register", {"email": unique_email(), "password": "password-1", "name": "A"}
+        ),
+        "400 validation": lambda: api.post("/auth/register", {}),
+        "400 bad json": lambda: post_raw(api, "/auth/login", "{", JSON),
+        "401 no token": lambda: api.get("/auth/me"),
+        "401 wrong password": lambda: api.post(
+            "/auth/login", {"email": unique_email(), "password": "password-1"}
+        ),
+        "404 unknown route": lambda: api.get("/nope"),
+        "405 wrong method": lambda: api.delete("/health"),
+        "413 too large": lambda: post_raw(api, "/auth/login", "x" * 1_000_001, JSON),
+        "415 wrong type": lambda: post_raw(
+            api, "/auth/login", "{}", {"Content-Type": "text/plain"}
+        ),
+    }
+
+
+CASES = [
+    "200 health",
+    "200 me",
+    "201 register",
+    "400 validation",
+    "400 bad json",
+    "401 no token",
+    "401 wrong password",
+    "404 unknown route",
+    "405 wrong method",
+    "413 too large",
+    "415 wrong type",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_response_carries_a_request_id_and_cors_origin(
+    api: Api, user: Api, case: str
+) -> None:
+    cases = _requests(api, user)
+    assert set(cases) == set(CASES)
+    response = cases[case]()
+    assert str(response.status_code) == case.split()[0], response.text
+    assert response.headers.get("X-Request-Id")
+    assert response.headers.get("Access-Control-Allow-Origin") == get_settings().cors_origin
+    body = response.json()
+    assert body["success"] is (response.status_code < 400)
+    if response.status_code >= 400:
+        assert body["error"]["requestId"] == response.headers["X-Request-Id"]
+
+
+def test_every_request_gets_its_own_request_id(api: Api) -> None:
+    ids = {api.get("/health").headers["X-Request-Id"] for _ in range(3)}
+    ids |= {api.get("/nope").headers["X-Request-Id"] for _ in range(3)}
+    assert len(ids) == 6
+
+
+# ------------------------------------------------------------------ logs
+
+
+class _CurrentStdout:
+    """Writes to whatever sys.stdout is now: pytest swaps it for each test phase."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
+@pytest.fixture
+def logs(capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[[], str]]:
+    """Everything logged (at DEBUG and up) or printed during the test, as one string.
+
+    The logger's handler keeps the stdout of the moment it was created, which pytest has long
+    closed; for the test it writes to the current one, which capsys captures.
+    """
+    handler = logger.registered_handler
+    assert isinstance(handler, logging.StreamHandler)
+    maof_logger = logging.getLogger(logger.service)
+    assert maof_logger.handlers == [handler], "something else configured MAOF's logger"
+    previous_stream, handler.stream = handler.stream, _CurrentStdout()
+    previous_level = logger.log_level
+    logger.setLevel("DEBUG")
+    captured: list[str] = []
+
+    def read() -> str:
+        out = capsys.readouterr()
+        captured.append(out.out + out.err)
+        return "".join(captured)
+
+    try:
+        marker = f"log-capture-check-{uuid.uuid4().hex}"
+        logger.debug(marker)
+        assert marker in read(), "the logger's output is not being captured"
+        captured.clear()
+        yield read
+    finally:
+        logger.setLevel(previous_level)
+        handler.stream = previous_stream
+
+
+def test_passwords_and_tokens_never_appear_in_the_logs(api: Api, logs: Callable[[], str]) -> None:
+    email = unique_email()
+    password = f"pw-{uuid.uuid4().hex}"
+    short_password = f"s{uuid.uuid4().hex[:5]}"
+    created = api.post("/auth/register", {"email": email, "password": password, "name": "Ada"})
+    assert created.status_code == 201
+    rejected = api.post(
+        "/auth/register", {"email": unique_email(), "password": short_password, "name": "Ada"}
+    )
+    assert rejected.status_code == 400
+    assert short_password not in rejected.text
+    wrong = api.post("/auth/login", {"email": email, "password": password + "-wrong"})
+    assert wrong.status_code == 401
+    login = api.post("/auth/login", {"email": email, "password": password})
+    assert login.status_code == 200
+    tokens = login.json()["data"]
+    refreshed = api.post("/auth/refresh", {"refreshToken": tokens["refreshToken"]})
+    assert refreshed.status_code == 200
+    me = api.get("/auth/me", headers={"Authorization": f"Bearer {tokens['accessToken']}"})
+    assert me.status_code == 200
+
+    output = logs()
+    secrets = [
+        password,
+        short_password,
+        tokens["accessToken"],
+        tokens["refreshToken"],
+        refreshed.json()["data"]["accessToken"],
+        refreshed.json()["data"]["refreshToken"],
+    ]
+    for secret in secrets:
+        assert secret not in output
+    # Nor the signature part alone (a token split across fields would still leak).
+    for token in secrets[2:]:
+        assert token.rsplit(".", 1)[1] not in output
+
+
+def test_an_unexpected_exception_is_logged_with_its_request_id(
+    user: Api, failing_me: None, logs: Callable[[], str]
+) -> None:
+    response = user.get("/auth/me")
+    assert response.status_code == 500
+    lines = [json.loads(line) for line in logs().splitlines() if line.startswith("{")]
+    errors = [line for line in lines if line.get("level") == "ERROR"]
+    assert any(
+        line.get("requestId") == response.headers["X-Request-Id"] and "boom" in line["exception"]
+        for line in errors
+    ), errors
+    assert user.token is not None
+    assert user.token not in logs()

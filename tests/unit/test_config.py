@@ -1,0 +1,179 @@
+"""load_settings: dev defaults, and one-line refusals of what production must not run with."""
+
+from __future__ import annotations
+
+import pytest
+
+from chalicelib.config import DEV_JWT_SECRET, ConfigError, Settings, load_settings
+
+PROD_SECRET = "p" * 32
+PROD_ENV = {
+    "MAOF_STAGE": "prod",
+    "MAOF_JWT_SECRET": PROD_SECRET,
+    "MAOF_SECRET_KEY": "k" * 32,
+    "MAOF_DATABASE_URL": "postgresql://maof:hunter2@db.internal:5432/maof",
+    "MAOF_REDIS_URL": "rediss://cache.internal:6379/0",
+}
+
+
+@pytest.fixture
+def prod(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """A complete, valid production environment; tests then break one thing."""
+    for name, value in PROD_ENV.items():
+        monkeypatch.setenv(name, value)
+    return monkeypatch
+
+
+def refusal(match: str) -> str:
+    """The message of the ConfigError load_settings raises, checked to be one line."""
+    with pytest.raises(ConfigError, match=match) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert message
+    assert "\n" not in message
+    assert "\r" not in message
+    return message
+
+
+def test_a_complete_prod_environment_loads(prod: pytest.MonkeyPatch) -> None:
+    settings = load_settings()
+    assert isinstance(settings, Settings)
+    assert settings.stage == "prod"
+    assert not settings.is_dev
+    assert settings.jwt_secret == PROD_SECRET
+    assert settings.aws_endpoint_url is None
+
+
+def test_prod_accepts_a_jwt_secret_of_32_characters_or_more(prod: pytest.MonkeyPatch) -> None:
+    for length in (32, 33, 64, 200):
+        prod.setenv("MAOF_JWT_SECRET", "s" * length)
+        assert load_settings().jwt_secret == "s" * length
+
+
+def test_prod_refuses_a_missing_jwt_secret(prod: pytest.MonkeyPatch) -> None:
+    prod.delenv("MAOF_JWT_SECRET")
+    refusal("MAOF_JWT_SECRET")
+
+
+def test_prod_refuses_an_empty_jwt_secret(prod: pytest.MonkeyPatch) -> None:
+    prod.setenv("MAOF_JWT_SECRET", "")
+    refusal("MAOF_JWT_SECRET")
+
+
+@pytest.mark.parametrize("length", [1, 16, 31])
+def test_prod_refuses_a_jwt_secret_shorter_than_32_characters(
+    prod: pytest.MonkeyPatch, length: int
+) -> None:
+    secret = "Zx9#" * 8
+    prod.setenv("MAOF_JWT_SECRET", secret[:length])
+    message = refusal("MAOF_JWT_SECRET")
+    assert "Zx9#" not in message
+
+
+def test_prod_refuses_the_dev_jwt_secret(prod: pytest.MonkeyPatch) -> None:
+    prod.setenv("MAOF_JWT_SECRET", DEV_JWT_SECRET)
+    message = refusal("MAOF_JWT_SECRET")
+    assert DEV_JWT_SECRET not in message
+
+
+def test_any_stage_but_dev_and_test_is_held_to_the_prod_rules(prod: pytest.MonkeyPatch) -> None:
+    prod.setenv("MAOF_STAGE", "staging")
+    prod.delenv("MAOF_JWT_SECRET")
+    refusal("MAOF_JWT_SECRET")
+
+
+def test_prod_refuses_a_short_secret_key(prod: pytest.MonkeyPatch) -> None:
+    prod.setenv("MAOF_SECRET_KEY", "k" * 31)
+    refusal("MAOF_SECRET_KEY")
+
+
+def test_prod_refuses_a_missing_database_url(prod: pytest.MonkeyPatch) -> None:
+    prod.delenv("MAOF_DATABASE_URL")
+    refusal("MAOF_DATABASE_URL")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql://maof:hunter2@db.internal/maof",
+        "sqlite:///maof.db",
+        "postgresql+asyncpg://maof:hunter2@db.internal/maof",
+        "db.internal:5432/maof",
+    ],
+)
+def test_a_database_url_that_is_not_postgresql_is_refused(
+    prod: pytest.MonkeyPatch, url: str
+) -> None:
+    prod.setenv("MAOF_DATABASE_URL", url)
+    message = refusal("MAOF_DATABASE_URL")
+    assert "hunter2" not in message
+
+
+def test_dev_also_refuses_a_database_url_that_is_not_postgresql(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MAOF_STAGE", "dev")
+    monkeypatch.setenv("MAOF_DATABASE_URL", "sqlite:///maof.db")
+    refusal("MAOF_DATABASE_URL")
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://maof:pw@db/maof", "postgresql+psycopg://maof:pw@db/maof"],
+)
+def test_postgresql_database_urls_are_accepted(prod: pytest.MonkeyPatch, url: str) -> None:
+    prod.setenv("MAOF_DATABASE_URL", url)
+    assert load_settings().database_url == url
+
+
+def test_prod_refuses_a_redis_url_that_is_not_redis(prod: pytest.MonkeyPatch) -> None:
+    prod.setenv("MAOF_REDIS_URL", "http://cache.internal:6379")
+    refusal("MAOF_REDIS_URL")
+
+
+@pytest.mark.parametrize("value", ["abc", "9.5", "1e3", "", "15 minutes", "12\n3"])
+def test_a_non_integer_access_token_ttl_is_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("MAOF_ACCESS_TOKEN_TTL_SECONDS", value)
+    if value == "":  # unset and empty both mean "use the default"
+        assert load_settings().access_token_ttl_seconds == 900
+        return
+    refusal("MAOF_ACCESS_TOKEN_TTL_SECONDS")
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "9", "86401"])
+def test_an_access_token_ttl_out_of_range_is_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("MAOF_ACCESS_TOKEN_TTL_SECONDS", value)
+    refusal("MAOF_ACCESS_TOKEN_TTL_SECONDS")
+
+
+def test_an_integer_access_token_ttl_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAOF_ACCESS_TOKEN_TTL_SECONDS", "120")
+    assert load_settings().access_token_ttl_seconds == 120
+
+
+def test_a_non_number_failure_rate_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAOF_MOCK_AGENT_FAILURE_RATE", "often")
+    refusal("MAOF_MOCK_AGENT_FAILURE_RATE")
+
+
+def test_the_test_stage_gets_the_dev_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAOF_STAGE", "test")
+    for name in ("MAOF_JWT_SECRET", "MAOF_SECRET_KEY", "MAOF_ACCESS_TOKEN_TTL_SECONDS"):
+        monkeypatch.delenv(name, raising=False)
+    settings = load_settings()
+    assert settings.is_dev
+    assert settings.jwt_secret == DEV_JWT_SECRET
+    assert settings.access_token_ttl_seconds == 900
+    assert settings.max_body_bytes == 1_000_000
+    assert settings.aws_endpoint_url == "http://127.0.0.1:4566"
+
+
+def test_load_settings_reads_the_environment_each_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAOF_MAX_BODY_BYTES", "2048")
+    assert load_settings().max_body_bytes == 2048
+    monkeypatch.setenv("MAOF_MAX_BODY_BYTES", "4096")
+    assert load_settings().max_body_bytes == 4096

@@ -1,0 +1,139 @@
+"""Request validation and the envelope helpers, without a server."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from chalicelib import errors
+from chalicelib.http import ApiModel, dumps, error_body, validate
+
+
+class Inner(ApiModel):
+    label: str
+
+
+class Body(ApiModel):
+    display_name: str
+    tags: list[str] = []
+    extra_data: dict[str, Any] = {}
+    inner: Inner | None = None
+
+
+def details_of(data: Any) -> list[dict[str, str]]:
+    with pytest.raises(errors.ValidationError) as caught:
+        validate(Body, data)
+    assert caught.value.status == 400
+    assert caught.value.code == "VALIDATION_ERROR"
+    return list(caught.value.details)
+
+
+def test_request_bodies_use_camel_case_keys() -> None:
+    body = validate(Body, {"displayName": "Ada", "extraData": {"a": 1}})
+    assert body.display_name == "Ada"
+    assert body.extra_data == {"a": 1}
+
+
+def test_a_missing_field_is_named_in_camel_case() -> None:
+    assert details_of({}) == [{"field": "displayName", "message": "is required"}]
+
+
+def test_an_unknown_field_is_named() -> None:
+    assert details_of({"displayName": "Ada", "colour": "red"}) == [
+        {"field": "colour", "message": "unknown field"}
+    ]
+
+
+def test_a_nested_field_is_named_with_a_dotted_path() -> None:
+    fields = [d["field"] for d in details_of({"displayName": "Ada", "inner": {}})]
+    assert fields == ["inner.label"]
+
+
+def test_validation_errors_do_not_echo_the_input() -> None:
+    secret = "s3cret-value-" + uuid.uuid4().hex
+    details = details_of({"displayName": ["not", "a", "string", secret]})
+    assert secret not in json.dumps(details)
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"displayName": "A\x00da"}, "displayName"),
+        ({"displayName": "Ada", "tags": ["ok", "b\x00d"]}, "tags"),
+        ({"displayName": "Ada", "extraData": {"k": {"deep": ["\x00"]}}}, "extraData"),
+        ({"displayName": "Ada", "extraData": {"k\x00": 1}}, "extraData"),
+        ({"displayName": "Ada", "inner": {"label": "\x00"}}, "inner"),
+    ],
+)
+def test_a_nul_character_anywhere_in_a_field_is_a_validation_error(
+    data: dict[str, Any], field: str
+) -> None:
+    assert [d["field"] for d in details_of(data)] == [field]
+
+
+def test_text_without_nul_characters_is_untouched() -> None:
+    body = validate(Body, {"displayName": "Ada \u00e9\u4e2d\U0001f600", "tags": ["\\u0000"]})
+    assert body.display_name == "Ada \u00e9\u4e2d\U0001f600"
+    assert body.tags == ["\\u0000"]
+
+
+def test_an_error_body_is_the_error_envelope() -> None:
+    error = errors.Conflict("taken", [{"field": "email", "message": "already registered"}])
+    assert error_body(error, "req-1") == {
+        "success": False,
+        "error": {
+            "code": "CONFLICT",
+            "message": "taken",
+            "details": [{"field": "email", "message": "already registered"}],
+            "requestId": "req-1",
+        },
+    }
+
+
+def test_an_error_without_details_has_no_details_key() -> None:
+    body = error_body(errors.NotFound("nothing here"), "req-2")
+    assert body["error"] == {"code": "NOT_FOUND", "message": "nothing here", "requestId": "req-2"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "code"),
+    [
+        (errors.ValidationError, 400, "VALIDATION_ERROR"),
+        (errors.BadRequest, 400, "BAD_REQUEST"),
+        (errors.Unauthorized, 401, "UNAUTHORIZED"),
+        (errors.Forbidden, 403, "FORBIDDEN"),
+        (errors.NotFound, 404, "NOT_FOUND"),
+        (errors.MethodNotAllowed, 405, "METHOD_NOT_ALLOWED"),
+        (errors.Conflict, 409, "CONFLICT"),
+        (errors.PayloadTooLarge, 413, "PAYLOAD_TOO_LARGE"),
+        (errors.UnsupportedMediaType, 415, "UNSUPPORTED_MEDIA_TYPE"),
+        (errors.RateLimited, 429, "RATE_LIMITED"),
+        (errors.InternalError, 500, "INTERNAL_ERROR"),
+        (errors.ServiceUnavailable, 503, "SERVICE_UNAVAILABLE"),
+    ],
+)
+def test_each_error_has_its_status_and_code(
+    kind: type[errors.ApiError], status: int, code: str
+) -> None:
+    error = kind("message")
+    assert (error.status, error.code, error.message) == (status, code, "message")
+
+
+def test_dumps_writes_datetimes_uuids_and_decimals() -> None:
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    ident = uuid.uuid4()
+    assert json.loads(dumps({"at": when, "id": ident, "n": Decimal("1.5")})) == {
+        "at": "2026-01-02T03:04:05+00:00",
+        "id": str(ident),
+        "n": 1.5,
+    }
+
+
+def test_dumps_refuses_what_it_cannot_write() -> None:
+    with pytest.raises(TypeError):
+        dumps({"x": object()})

@@ -1,0 +1,187 @@
+"""Tokens: HS256 pinned, the type claim checked, every other token refused with a 401."""
+
+from __future__ import annotations
+
+import time
+import uuid
+import warnings
+from typing import Any
+
+import jwt
+import pytest
+
+from chalicelib import errors
+from chalicelib.auth import tokens
+from chalicelib.config import DEV_JWT_SECRET, get_settings
+from chalicelib.http import Principal
+
+PRINCIPAL = Principal(user_uuid=uuid.uuid4(), email="ada@example.com", role="user")
+
+
+def claims(**overrides: Any) -> dict[str, Any]:
+    now = int(time.time())
+    base: dict[str, Any] = {
+        "sub": str(PRINCIPAL.user_uuid),
+        "email": PRINCIPAL.email,
+        "role": PRINCIPAL.role,
+        "type": "access",
+        "iat": now,
+        "exp": now + 600,
+    }
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def sign(
+    payload: dict[str, Any], key: str | None = DEV_JWT_SECRET, algorithm: str = "HS256"
+) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PyJWT may warn about the key length for HS512
+        return jwt.encode(payload, key, algorithm=algorithm)
+
+
+def refused(token: str, expected_type: str = "access") -> str:
+    with pytest.raises(errors.Unauthorized) as caught:
+        tokens.decode(token, expected_type)
+    assert caught.value.status == 401
+    assert caught.value.code == "UNAUTHORIZED"
+    return caught.value.message
+
+
+def test_the_test_stage_signs_with_the_dev_secret() -> None:
+    assert get_settings().jwt_secret == DEV_JWT_SECRET
+
+
+@pytest.mark.parametrize("kind", ["access", "refresh"])
+def test_an_issued_token_is_an_hs256_jwt_with_the_contract_claims(kind: str) -> None:
+    token = tokens.issue(PRINCIPAL, kind)
+    assert jwt.get_unverified_header(token)["alg"] == "HS256"
+    decoded = jwt.decode(token, DEV_JWT_SECRET, algorithms=["HS256"])
+    assert {"sub", "email", "role", "type", "iat", "exp"} <= set(decoded)
+    assert decoded["sub"] == str(PRINCIPAL.user_uuid)
+    assert decoded["email"] == PRINCIPAL.email
+    assert decoded["role"] == PRINCIPAL.role
+    assert decoded["type"] == kind
+    ttl = (
+        get_settings().access_token_ttl_seconds
+        if kind == "access"
+        else get_settings().refresh_token_ttl_seconds
+    )
+    assert decoded["exp"] - decoded["iat"] == ttl
+
+
+@pytest.mark.parametrize("kind", ["access", "refresh"])
+def test_an_issued_token_decodes_to_its_principal(kind: str) -> None:
+    assert tokens.decode(tokens.issue(PRINCIPAL, kind), kind) == PRINCIPAL
+
+
+def test_a_token_pair_is_one_access_and_one_refresh_token() -> None:
+    pair = tokens.token_pair(PRINCIPAL)
+    assert set(pair) == {"accessToken", "refreshToken"}
+    assert tokens.decode(pair["accessToken"], "access") == PRINCIPAL
+    assert tokens.decode(pair["refreshToken"], "refresh") == PRINCIPAL
+
+
+def test_two_tokens_issued_in_the_same_second_differ() -> None:
+    assert tokens.issue(PRINCIPAL, "access") != tokens.issue(PRINCIPAL, "access")
+
+
+def test_a_crafted_hs256_token_is_accepted() -> None:
+    """The control for the refusals below: only the property under test differs."""
+    assert tokens.decode(sign(claims()), "access") == PRINCIPAL
+
+
+# ------------------------------------------------------------------ the algorithm is pinned
+
+
+@pytest.mark.parametrize("algorithm", ["HS384", "HS512"])
+def test_a_token_signed_with_another_hmac_algorithm_is_refused(algorithm: str) -> None:
+    refused(sign(claims(), algorithm=algorithm))
+
+
+def test_an_alg_none_token_is_refused() -> None:
+    token = sign(claims(), key=None, algorithm="none")
+    assert jwt.get_unverified_header(token)["alg"] == "none"
+    refused(token)
+
+
+def test_an_alg_none_token_with_the_signature_stripped_of_a_valid_one_is_refused() -> None:
+    valid = sign(claims())
+    forged_header = sign(claims(), key=None, algorithm="none").split(".")[0]
+    _, payload, signature = valid.split(".")
+    refused(f"{forged_header}.{payload}.{signature}")
+    refused(f"{forged_header}.{payload}.")
+
+
+def test_a_token_signed_with_another_secret_is_refused() -> None:
+    refused(sign(claims(), key="another-secret-that-is-long-enough-0123"))
+
+
+def test_a_token_with_a_tampered_payload_is_refused() -> None:
+    header, _, signature = sign(claims()).split(".")
+    other = sign(claims(role="admin")).split(".")[1]
+    refused(f"{header}.{other}.{signature}")
+
+
+# ------------------------------------------------------------------ the type claim
+
+
+def test_a_refresh_token_is_refused_where_an_access_token_is_required() -> None:
+    refused(tokens.issue(PRINCIPAL, "refresh"), "access")
+
+
+def test_an_access_token_is_refused_where_a_refresh_token_is_required() -> None:
+    refused(tokens.issue(PRINCIPAL, "access"), "refresh")
+
+
+@pytest.mark.parametrize("kind", ["admin", "", "ACCESS", 1])
+def test_a_token_of_an_unknown_type_is_refused(kind: Any) -> None:
+    refused(sign(claims(type=kind)))
+
+
+# ------------------------------------------------------------------ the other claims
+
+
+def test_an_expired_token_is_refused() -> None:
+    now = int(time.time())
+    message = refused(sign(claims(iat=now - 120, exp=now - 1)))
+    assert "expired" in message.lower()
+
+
+@pytest.mark.parametrize("claim", ["sub", "type", "exp", "iat"])
+def test_a_token_without_a_required_claim_is_refused(claim: str) -> None:
+    payload = claims()
+    del payload[claim]
+    refused(sign(payload))
+
+
+@pytest.mark.parametrize("sub", ["not-a-uuid", "", "123"])
+def test_a_token_whose_subject_is_not_a_uuid_is_refused(sub: str) -> None:
+    refused(sign(claims(sub=sub)))
+
+
+@pytest.mark.parametrize("token", ["", "garbage", "a.b.c", "a.b", "..."])
+def test_garbage_is_refused(token: str) -> None:
+    refused(token)
+
+
+# ------------------------------------------------------------------ the Authorization header
+
+
+def test_a_bearer_access_token_authenticates() -> None:
+    token = tokens.issue(PRINCIPAL, "access")
+    assert tokens.authenticate(f"Bearer {token}") == PRINCIPAL
+    assert tokens.authenticate(f"bearer {token}") == PRINCIPAL
+
+
+@pytest.mark.parametrize(
+    "header", [None, "", "Bearer", "Bearer ", "Basic dXNlcjpwYXNz", "Token abc", "abc"]
+)
+def test_a_missing_or_malformed_authorization_header_is_refused(header: str | None) -> None:
+    with pytest.raises(errors.Unauthorized):
+        tokens.authenticate(header)
+
+
+def test_a_refresh_token_does_not_authenticate() -> None:
+    with pytest.raises(errors.Unauthorized):
+        tokens.authenticate(f"Bearer {tokens.issue(PRINCIPAL, 'refresh')}")
