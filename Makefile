@@ -11,7 +11,7 @@ include .env
 export
 endif
 
-.PHONY: help venv stack migrate dev test lint typecheck unit integration package down clean bench
+.PHONY: help venv stack migrate dev test lint typecheck unit integration package down clean bench browser-deps
 
 help:
 	@echo "make dev      start Postgres, Redis, LocalStack, the API on :3000 and the SQS poller; run a demo"
@@ -48,21 +48,17 @@ unit: venv
 integration: stack
 	$(PY) -m pytest tests/integration -q
 
-test: stack lint typecheck
+# The browser tests drive Debian's Chromium (never a browser Playwright downloads).
+browser-deps:
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+test: stack lint typecheck browser-deps
 	$(PY) -m pytest tests -q
 
 # The prod SAM template merged with infra/template.json (queues, gateway responses) in build/package.
-# Chalice imports app.py under the prod stage, whose settings refuse to load without secrets: the
-# placeholders below exist only while it reads the app and never reach the template (prod is to read
-# its secrets from the SSM path infra/template.json passes in). The queue name must match that file.
 package: venv
 	rm -rf build/package
 	AWS_DEFAULT_REGION=$${AWS_DEFAULT_REGION:-us-east-1} \
-	MAOF_STAGE_QUEUE_NAME=maof-stage-queue \
-	MAOF_JWT_SECRET=package-time-placeholder-not-a-secret \
-	MAOF_SECRET_KEY=package-time-placeholder-not-a-secret \
-	MAOF_DATABASE_URL=postgresql://package-time-placeholder/maof \
-	MAOF_REDIS_URL=redis://package-time-placeholder:6379/0 \
 	$(VENV)/bin/chalice package --stage prod --merge-template infra/template.json build/package
 
 bench: migrate

@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from chalicelib import __version__, cache
+from chalicelib import __version__, cache, errors
 from chalicelib.aws import aws_client
 from chalicelib.config import get_settings
 from chalicelib.db import get_engine
@@ -79,4 +79,7 @@ def check() -> Reply:
         "version": __version__,
         "services": services,
     }
-    return Reply(body, 200 if healthy else 503)
+    if healthy:
+        return Reply(body)
+    down = ", ".join(name for name, state in services.items() if state != "connected")
+    return Reply(body, 503, errors.ServiceUnavailable(f"Degraded: {down} disconnected"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,10 +63,11 @@ class Principal:
 
 @dataclass(frozen=True)
 class Reply:
-    """A successful answer with a status other than 200."""
+    """An answer with data; `error` makes it a failure that still carries data (/health)."""
 
     data: Any
     status: int = 200
+    error: errors.ApiError | None = None
 
 
 def _json_default(value: Any) -> Any:
@@ -189,7 +191,7 @@ class MaofApp(Chalice):
         from chalicelib.auth.tokens import authenticate  # avoid a cycle at import time
 
         cors = CORSConfig(
-            allow_origin=get_settings().cors_origin,
+            allow_origin=cors_origin(),
             allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
             expose_headers=EXPOSED_HEADERS,
             max_age=600,
@@ -212,9 +214,10 @@ class MaofApp(Chalice):
                     )
                     raise errors.InternalError("An internal error occurred") from None
                 reply = result if isinstance(result, Reply) else Reply(result)
-                return json_response(
-                    {"success": reply.status < 400, "data": reply.data}, reply.status, request_id
-                )
+                body = {"success": reply.error is None, "data": reply.data}
+                if reply.error is not None:
+                    body["error"] = error_body(reply.error, request_id)["error"]
+                return json_response(body, reply.status, request_id)
 
             self.route(
                 path,
@@ -242,7 +245,7 @@ class MaofApp(Chalice):
             response = json_response(error_body(internal, request_id), internal.status, request_id)
         response = _envelope_chalice_error(response, request_id)
         response.headers.setdefault("X-Request-Id", request_id)
-        response.headers.setdefault("Access-Control-Allow-Origin", get_settings().cors_origin)
+        response.headers.setdefault("Access-Control-Allow-Origin", cors_origin())
         response.headers.setdefault("Access-Control-Expose-Headers", ",".join(EXPOSED_HEADERS))
         return response
 
@@ -271,6 +274,13 @@ def _envelope_chalice_error(response: Response, request_id: str) -> Response:
     for name, value in response.headers.items():
         enveloped.headers.setdefault(name, value)
     return enveloped
+
+
+def cors_origin() -> str:
+    """The dashboard origin allowed by CORS. Read from the environment, not the validated
+    settings, because routes are declared at import time (also when `chalice package`
+    imports the app, where no secrets exist)."""
+    return os.environ.get("MAOF_CORS_ORIGIN") or "*"
 
 
 def _request_id(request: Request | None) -> str:

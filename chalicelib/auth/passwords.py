@@ -1,19 +1,32 @@
-"""Password hashing with bcrypt."""
+"""Password hashing with bcrypt.
+
+bcrypt reads at most 72 bytes, and passwords may be 128 characters (up to 512 bytes of
+UTF-8), so the password is first reduced to a fixed 44-byte SHA-256 digest (base64):
+every character counts, and no input is truncated.
+"""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+
 import bcrypt
+
+
+def _prehash(password: str) -> bytes:
+    return base64.b64encode(hashlib.sha256(password.encode("utf-8")).digest())
+
 
 # Checked against when the email is unknown, so both failures cost the same time.
 _DUMMY_HASH = bcrypt.hashpw(b"maof-timing-equaliser", bcrypt.gensalt(rounds=10)).decode()
 
 
 def hash_password(password: str, rounds: int = 10) -> str:
-    return bcrypt.hashpw(password.encode("utf-8"), bcrypt.gensalt(rounds=rounds)).decode()
+    return bcrypt.hashpw(_prehash(password), bcrypt.gensalt(rounds=rounds)).decode()
 
 
 def verify_password(password: str, hashed: str | None) -> bool:
-    candidate = password.encode("utf-8")
+    candidate = _prehash(password)
     if hashed is None:
         bcrypt.checkpw(candidate, _DUMMY_HASH.encode())
         return False

@@ -31,6 +31,8 @@ def get_engine() -> Engine:
         max_overflow=10,
         pool_pre_ping=True,
         pool_recycle=300,
+        # Error messages must never carry query parameters (password hashes, tokens).
+        hide_parameters=True,
         connect_args={"connect_timeout": 3, "application_name": "maof"},
     )
 

@@ -3,7 +3,9 @@ health checks steering routing, capacity, and idempotency keys — each with its
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -221,18 +223,39 @@ def quick_busy_wait() -> Iterator[None]:
     reset_settings()
 
 
-def test_a_full_agent_makes_the_stage_wait_not_fail(user, poller, agents, quick_busy_wait):
+def test_a_full_agent_makes_the_stage_wait_not_fail(
+    user, poller, agents, quick_busy_wait, monkeypatch
+):
     agent = start(agents, default=sleep(0.8))
     capability = unique_capability("full")
     registered = register_agent(user, capability, endpoint=agent.url, maxConcurrentTasks=1)
-    run_id = submit(user, capability, FAST, count=3)
-    run = wait_for_run(user, run_id)
+    # Deliver the three stage messages at the same moment (as three concurrent Lambda
+    # executions would); what they send afterwards goes through SQS and the poller.
+    first_messages: list[Any] = []
+    monkeypatch.setattr(
+        runs, "send_stage_messages", lambda run_id, ids, **_: first_messages.append((run_id, ids))
+    )
+    run_ref = submit(user, capability, FAST, count=3)
+    [(run_id, stage_ids)] = first_messages
+    barrier = threading.Barrier(len(stage_ids))
+
+    def deliver(stage_id: str) -> None:
+        barrier.wait()
+        body = json.dumps({"runId": str(run_id), "stageId": stage_id})
+        handlers.run_stage_batch([{"messageId": stage_id, "receiptHandle": "r", "body": body}])
+
+    threads = [threading.Thread(target=deliver, args=(s,)) for s in stage_ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    run = wait_for_run(user, run_ref)
     assert run["status"] == "completed", run
     assert agent.peak_concurrent == 1
     assert len(agent.calls) == 3
-    entries = actions(audit(user, run_id))
+    entries = actions(audit(user, run_ref))
     assert entries.count(("execute", registered["agentId"])) == 3
-    assert ("wait", None) in entries
+    assert entries.count(("wait", None)) >= 2
     assert all(stage["attempt"] == 1 for stage in run["stages"])  # waiting used no attempt
 
 

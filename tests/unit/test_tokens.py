@@ -185,3 +185,12 @@ def test_a_missing_or_malformed_authorization_header_is_refused(header: str | No
 def test_a_refresh_token_does_not_authenticate() -> None:
     with pytest.raises(errors.Unauthorized):
         tokens.authenticate(f"Bearer {tokens.issue(PRINCIPAL, 'refresh')}")
+
+
+def test_passwords_longer_than_72_bytes_count_every_character():
+    from chalicelib.auth.passwords import hash_password, verify_password
+
+    long = "p" * 100
+    hashed = hash_password(long, rounds=4)
+    assert verify_password(long, hashed)
+    assert not verify_password("p" * 72 + "q" * 28, hashed)
