@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -88,10 +90,25 @@ def call_agent(endpoint: str, token: str, agent_id: str, task: AgentTask) -> Any
     return _post(endpoint, token, task)
 
 
+@contextmanager
+def _transport_errors(task: AgentTask) -> Iterator[None]:
+    """Timeouts and connection failures, while sending or reading, as retryable failures."""
+    try:
+        yield
+    except (TimeoutError, urllib3.exceptions.TimeoutError):
+        raise AgentCallFailed(
+            f"no answer within {task.timeout_ms} ms", retryable=True, code="TIMEOUT"
+        ) from None
+    except urllib3.exceptions.HTTPError as exc:
+        raise AgentCallFailed(
+            f"could not reach the agent ({type(exc).__name__})", retryable=True, code="UNREACHABLE"
+        ) from None
+
+
 def _post(endpoint: str, token: str, task: AgentTask) -> Any:
     limit = get_settings().agent_max_response_bytes
     seconds = task.timeout_ms / 1000
-    try:
+    with _transport_errors(task):
         response = _pool().request(
             "POST",
             endpoint,
@@ -107,26 +124,10 @@ def _post(endpoint: str, token: str, task: AgentTask) -> Any:
             preload_content=False,
             redirect=False,
         )
-    except (TimeoutError, urllib3.exceptions.TimeoutError):
-        raise AgentCallFailed(
-            f"no answer within {task.timeout_ms} ms", retryable=True, code="TIMEOUT"
-        ) from None
-    except urllib3.exceptions.HTTPError as exc:
-        raise AgentCallFailed(
-            f"could not reach the agent ({type(exc).__name__})", retryable=True, code="UNREACHABLE"
-        ) from None
-    try:
-        raw = response.read(limit + 1, decode_content=True)
-    except (TimeoutError, urllib3.exceptions.TimeoutError):
-        raise AgentCallFailed(
-            f"no answer within {task.timeout_ms} ms", retryable=True, code="TIMEOUT"
-        ) from None
-    except urllib3.exceptions.HTTPError as exc:
-        raise AgentCallFailed(
-            f"the answer broke off ({type(exc).__name__})", retryable=True, code="UNREACHABLE"
-        ) from None
-    finally:
-        response.release_conn()
+        try:
+            raw = response.read(limit + 1, decode_content=True)
+        finally:
+            response.release_conn()
     if len(raw) > limit:
         raise AgentCallFailed(
             f"the answer exceeds {limit} bytes", retryable=False, code="RESPONSE_TOO_LARGE"

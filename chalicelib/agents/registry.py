@@ -9,7 +9,6 @@ from urllib.parse import urlparse
 
 from pydantic import Field, field_validator
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -18,7 +17,7 @@ from chalicelib.agents.network import EndpointNotAllowed, check_endpoint_allowed
 from chalicelib.agents.secrets import encrypt_token
 from chalicelib.capabilities import Capability
 from chalicelib.config import get_settings
-from chalicelib.db import session_scope
+from chalicelib.db import insert_unique, session_scope
 from chalicelib.db.models import Agent
 from chalicelib.http import ApiModel, PageQuery, Principal, page_meta
 
@@ -96,16 +95,13 @@ def register(principal: Principal, body: RegisterAgentRequest) -> dict[str, Any]
         max_concurrent_tasks=body.max_concurrent_tasks,
         status="online",
     )
-    try:
-        with session_scope() as session:
-            session.add(agent)
-            session.flush()
-            session.refresh(agent)
-    except IntegrityError:
-        raise errors.Conflict(
+    insert_unique(
+        agent,
+        errors.Conflict(
             f"An agent with agentId '{body.agent_id}' is already registered",
             [{"field": "agentId", "message": "already registered"}],
-        ) from None
+        ),
+    )
     _invalidate(agent.capabilities)
     # A new agent is checked at once, so its status is real from the start.
     return check_health(str(agent.id))

@@ -131,16 +131,7 @@ def verify(entries: Sequence[AuditEntry]) -> ChainStatus:
 
 
 def entry_view(entry: AuditEntry) -> dict[str, Any]:
-    return {
-        "seq": entry.seq,
-        "stageId": entry.stage_id,
-        "agentId": entry.agent_id,
-        "action": entry.action,
-        "status": entry.status,
-        "inputHash": entry.input_hash,
-        "outputHash": entry.output_hash,
-        "details": entry.details,
-        "loggedAt": _timestamp(entry.logged_at),
-        "prevHash": entry.prev_hash,
-        "entryHash": entry.entry_hash,
-    }
+    """An entry as the API shows it: the hashed document plus its links."""
+    document = entry_document(entry)
+    del document["runId"]
+    return {**document, "prevHash": entry.prev_hash, "entryHash": entry.entry_hash}

@@ -7,11 +7,10 @@ from typing import Any
 
 from pydantic import EmailStr, Field, field_validator
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
 from chalicelib import errors
 from chalicelib.auth import passwords, tokens
-from chalicelib.db import session_scope
+from chalicelib.db import insert_unique, session_scope
 from chalicelib.db.models import User
 from chalicelib.http import ApiModel, Principal
 
@@ -59,16 +58,13 @@ def register(body: RegisterRequest) -> dict[str, Any]:
         name=body.name,
         role="user",
     )
-    try:
-        with session_scope() as session:
-            session.add(user)
-            session.flush()
-            session.refresh(user)
-    except IntegrityError:
-        raise errors.Conflict(
+    insert_unique(
+        user,
+        errors.Conflict(
             "A user with this email already exists",
             [{"field": "email", "message": "already registered"}],
-        ) from None
+        ),
+    )
     return user_view(user)
 
 

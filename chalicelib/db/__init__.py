@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from chalicelib import errors
@@ -52,6 +54,21 @@ def session_scope() -> Iterator[Session]:
             yield session
     finally:
         session.close()
+
+
+R = TypeVar("R")
+
+
+def insert_unique(row: R, conflict: errors.Conflict) -> R:
+    """Insert `row` and read back its defaults; a unique-key violation raises `conflict`."""
+    try:
+        with session_scope() as session:
+            session.add(row)
+            session.flush()
+            session.refresh(row)
+    except IntegrityError:
+        raise conflict from None
+    return row
 
 
 class SchemaNotMigrated(Exception):

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 import urllib.error
 import urllib.request
 from typing import Any
 
-from examples.agents.protocol import TaskError, serve
+from examples.agents.protocol import TaskError, run_until_interrupted, serve
 
 SYSTEM_PROMPT = (
     "You are one agent in an automated pipeline. Perform the capability named by the user "
@@ -83,15 +82,10 @@ def main() -> None:
         os.environ.get("OPENAI_MODEL", "gpt-4o-mini"),
     )
     server = serve(chat, args.host, args.port, args.path, args.token)
-    print(
+    run_until_interrupted(
+        server,
         f"openai adapter: http://{args.host}:{args.port}{args.path} -> {chat.base_url} ({chat.model})",
-        flush=True,
     )
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        server.shutdown()
 
 
 if __name__ == "__main__":

@@ -108,6 +108,15 @@ def _error(code: str, message: str, retryable: bool) -> bytes:
     ).encode()
 
 
+def run_until_interrupted(server: AgentServer, banner: str) -> None:
+    """Print `banner` and serve until Ctrl-C (for the agents' command lines)."""
+    print(banner, flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        server.shutdown()
+
+
 def serve(agent: Agent, host: str, port: int, path: str, token: str) -> AgentServer:
     """Start serving in a background thread; returns the server (call .shutdown() to stop)."""
     server = AgentServer(host, port, path, token, agent)

@@ -12,7 +12,7 @@ import re
 import time
 from typing import Any
 
-from examples.agents.protocol import TaskError, find_text, serve
+from examples.agents.protocol import TaskError, find_text, run_until_interrupted, serve
 
 WORDS_ES = {
     "the": "el",
@@ -148,15 +148,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     server = serve(agent, args.host, args.port, args.path, args.token)
-    print(
+    run_until_interrupted(
+        server,
         f"example agent: http://{args.host}:{args.port}{args.path} ({', '.join(CAPABILITIES)})",
-        flush=True,
     )
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        server.shutdown()
 
 
 if __name__ == "__main__":
