@@ -16,16 +16,22 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
+from chalicelib.local import dashboard
 from chalicelib.local.stack import PROJECT_DIR, STATE_DIR, port_open
 
 LOG_DIR = STATE_DIR / "logs"
 DEMO_EMAIL = "demo@example.com"
 DEMO_PASSWORD = "demo-password"  # noqa: S105 (a local demo account)
-DEMO_AGENTS = [
-    ("demo-extractor", "Key Point Extractor", ["text-generation", "extraction"]),
-    ("demo-translator", "Translator", ["translation"]),
-    ("demo-summarizer", "Text Summarizer", ["summarization"]),
-]
+EXAMPLE_AGENT_PORT = 9001
+EXAMPLE_AGENT_TOKEN = "agent-secret-key"  # noqa: S105 (the example agent's, as in the walkthrough)
+DEMO_AGENT = {
+    "agentId": "example-agent",
+    "name": "Example agent (extract, translate, summarize)",
+    "description": "examples/agents/server.py, started by make dev",
+    "endpoint": f"http://localhost:{EXAMPLE_AGENT_PORT}/agent",
+    "authToken": EXAMPLE_AGENT_TOKEN,
+    "capabilities": ["text-generation", "extraction", "translation", "summarization"],
+}
 
 
 def _pump(stream: IO[bytes], prefix: str, log_path: Path) -> None:
@@ -66,9 +72,9 @@ def call(base: str, method: str, path: str, body: Any = None, token: str | None 
         return json.load(exc)
 
 
-def wait_healthy(base: str, timeout: float = 60) -> bool:
+def wait_healthy(base: str, children: list[subprocess.Popen[bytes]], timeout: float = 60) -> bool:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and all(child.poll() is None for child in children):
         try:
             if call(base, "GET", "/health").get("data", {}).get("status") == "ok":
                 return True
@@ -91,20 +97,9 @@ def demo(base: str) -> None:
         print(f"Demo skipped: could not sign in as {DEMO_EMAIL}: {login.get('error')}", flush=True)
         return
     token = login["data"]["accessToken"]
-    for agent_id, name, capabilities in DEMO_AGENTS:
-        call(
-            base,
-            "POST",
-            "/agents/register",
-            {
-                "agentId": agent_id,
-                "name": name,
-                "endpoint": "http://localhost:9001/agent",
-                "authToken": "demo-agent-token",
-                "capabilities": capabilities,
-            },
-            token,
-        )
+    registered = call(base, "POST", "/agents/register", DEMO_AGENT, token)
+    if registered.get("success") is False and registered["error"]["code"] != "CONFLICT":
+        print(f"Demo: could not register the example agent: {registered['error']}", flush=True)
     workflow = {
         "workflow": {
             "name": "demo-extract-translate-summarize",
@@ -119,7 +114,7 @@ def demo(base: str) -> None:
                     "name": "Translate to Spanish",
                     "agentCapability": "translation",
                     "dependencies": ["extract"],
-                    "input": {"text": "${extract.output.result}", "targetLanguage": "es"},
+                    "input": {"text": "${extract.output.text}", "targetLanguage": "es"},
                 },
                 {
                     "id": "summarize",
@@ -150,6 +145,11 @@ def demo(base: str) -> None:
     print(
         f"  audit chain valid={audit['chain']['valid']} head={audit['chain']['head']}", flush=True
     )
+    if run.get("status") == "completed":
+        result = call(base, "GET", f"/workflows/{run_id}/result", token=token)["data"]["output"]
+        print(f"  result: {json.dumps(result, ensure_ascii=False)[:300]}", flush=True)
+    else:
+        print(f"  error: {run.get('errorMessage')}", flush=True)
     print(f"Demo login: {DEMO_EMAIL} / {DEMO_PASSWORD}", flush=True)
 
 
@@ -169,6 +169,14 @@ def main() -> int:
         start("api", ["-m", "chalicelib.local.api", "--port", str(args.port)]),
         start("poller", ["-m", "chalicelib.local.poller"]),
     ]
+    if port_open("127.0.0.1", EXAMPLE_AGENT_PORT):
+        print(
+            f"maof: port {EXAMPLE_AGENT_PORT} is in use; not starting the example agent", flush=True
+        )
+    else:
+        children.append(
+            start("agent", ["-m", "examples.agents.server", "--port", str(EXAMPLE_AGENT_PORT)])
+        )
 
     def stop(*_: Any) -> None:
         for child in children:
@@ -186,11 +194,18 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        if not wait_healthy(base):
+        if not wait_healthy(base, children):
             print(f"maof: the API did not become healthy; see {LOG_DIR}/api.log", file=sys.stderr)
             stop()
             return 1
         print(f"API: {base}", flush=True)
+        try:
+            site = dashboard.publish(base)
+        except Exception as exc:  # the API and the demo work without the dashboard
+            print(f"maof: the dashboard was not uploaded: {exc}", file=sys.stderr, flush=True)
+        else:
+            print(f"Dashboard: {site.primary}", flush=True)
+            print(f"Dashboard (S3 website endpoint): {site.website}", flush=True)
         print(f"Logs: {LOG_DIR}/api.log, {LOG_DIR}/poller.log", flush=True)
         if not args.no_demo:
             demo(base)

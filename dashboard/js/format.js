@@ -1,0 +1,78 @@
+// Times, durations and status names as people read them.
+
+export const STATUS_LABELS = {
+  pending: 'Pending',
+  queued: 'Queued',
+  in_progress: 'In progress',
+  completed: 'Completed',
+  failed: 'Failed',
+  skipped: 'Skipped',
+  online: 'Online',
+  degraded: 'Degraded',
+  offline: 'Offline',
+};
+
+export const LIVE_STATUSES = new Set(['queued', 'in_progress']);
+
+export function statusLabel(status) {
+  return STATUS_LABELS[status] || String(status || 'Unknown');
+}
+
+export function parseTime(value) {
+  if (!value) return null;
+  const date = new Date(value);
+  return Number.isNaN(date.getTime()) ? null : date;
+}
+
+const dateTime = new Intl.DateTimeFormat(undefined, { dateStyle: 'medium', timeStyle: 'medium' });
+const timeOnly = new Intl.DateTimeFormat(undefined, { timeStyle: 'medium' });
+
+export function formatDateTime(value) {
+  const date = parseTime(value);
+  return date ? dateTime.format(date) : '—';
+}
+
+export function formatClock(value) {
+  const date = parseTime(value);
+  return date ? timeOnly.format(date) : '—';
+}
+
+export function timeAgo(value, now = Date.now()) {
+  const date = parseTime(value);
+  if (!date) return 'never';
+  const seconds = Math.round((now - date.getTime()) / 1000);
+  if (seconds < 5) return 'just now';
+  if (seconds < 60) return `${seconds} s ago`;
+  const minutes = Math.round(seconds / 60);
+  if (minutes < 60) return `${minutes} min ago`;
+  const hours = Math.round(minutes / 60);
+  if (hours < 48) return `${hours} h ago`;
+  return `${Math.round(hours / 24)} d ago`;
+}
+
+export function formatDuration(ms) {
+  if (ms === null || ms === undefined || Number.isNaN(ms)) return '—';
+  if (ms < 1000) return `${Math.max(0, Math.round(ms))} ms`;
+  const seconds = ms / 1000;
+  if (seconds < 60) return `${seconds.toFixed(seconds < 10 ? 2 : 1)} s`;
+  const minutes = Math.floor(seconds / 60);
+  if (minutes < 60) return `${minutes} min ${Math.round(seconds % 60)} s`;
+  return `${Math.floor(minutes / 60)} h ${minutes % 60} min`;
+}
+
+export function durationBetween(start, end) {
+  const a = parseTime(start);
+  const b = parseTime(end);
+  return a && b ? b.getTime() - a.getTime() : null;
+}
+
+export function shortHash(hash, size = 10) {
+  if (!hash) return '—';
+  return hash.length > size * 2 ? `${hash.slice(0, size)}…${hash.slice(-4)}` : hash;
+}
+
+export function percent(part, whole) {
+  if (!whole) return '—';
+  const value = (100 * part) / whole;
+  return `${value < 10 && value > 0 ? value.toFixed(1) : Math.round(value)}%`;
+}

@@ -1,0 +1,59 @@
+"""Publishing the dashboard to S3 (LocalStack): every file with its Content-Type, a config.json
+naming the API, nothing stale left behind, and URLs that open on this machine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import requests
+
+from chalicelib.aws import aws_client
+from chalicelib.local.dashboard import SITE_DIR, site_files, site_urls, upload_site
+
+
+def test_every_file_is_uploaded_with_its_content_type_and_a_config_naming_the_api(
+    bucket_for_site: str,
+) -> None:
+    bucket = bucket_for_site
+    s3 = aws_client("s3")
+    s3.put_object(Bucket=bucket, Key="js/removed-long-ago.js", Body=b"//")
+    written = upload_site("http://127.0.0.1:3000/", bucket)
+
+    keys = {item["Key"] for item in s3.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert keys == set(written) == {*site_files(), "config.json"}
+    assert {"index.html", "css/app.css", "js/main.js", "js/pages/run.js"} <= keys
+    expected = {
+        "index.html": "text/html; charset=utf-8",
+        "css/app.css": "text/css; charset=utf-8",
+        "js/main.js": "text/javascript; charset=utf-8",
+        "favicon.svg": "image/svg+xml",
+        "config.json": "application/json; charset=utf-8",
+    }
+    for key, content_type in expected.items():
+        head = s3.head_object(Bucket=bucket, Key=key)
+        assert head["ContentType"] == content_type, key
+        assert head["CacheControl"] == "no-cache"
+    config = json.loads(s3.get_object(Bucket=bucket, Key="config.json")["Body"].read())
+    assert config == {"apiUrl": "http://127.0.0.1:3000"}
+
+
+def test_the_printed_urls_serve_the_site_from_localstack(bucket_for_site: str) -> None:
+    bucket = bucket_for_site
+    upload_site("http://127.0.0.1:3000", bucket)
+    urls = site_urls(bucket)
+    assert urls.primary.endswith(f"/{bucket}/index.html")
+    assert urls.website == f"http://{bucket}.s3-website.localhost:4566/"
+    page = requests.get(urls.primary, timeout=5)
+    assert page.status_code == 200
+    assert page.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert page.content == (SITE_DIR / "index.html").read_bytes()
+    config = requests.get(urls.primary.replace("index.html", "config.json"), timeout=5)
+    assert config.json() == {"apiUrl": "http://127.0.0.1:3000"}
+
+
+def test_a_site_without_index_html_is_refused(bucket_for_site: str, tmp_path: Path) -> None:
+    (tmp_path / "app.js").write_text("//")
+    with pytest.raises(FileNotFoundError, match=r"index\.html"):
+        upload_site("http://127.0.0.1:3000", bucket_for_site, source=tmp_path)
