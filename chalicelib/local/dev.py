@@ -125,7 +125,9 @@ def demo(base: str) -> None:
             ],
         },
         "input": {
-            "text": "MAOF routes each stage of a pipeline to an agent with the right capability."
+            "text": "MAOF routes each stage of a pipeline to an agent with the right capability. "
+            "The output of each stage is the input of the next. "
+            "Every step is in the audit trail."
         },
     }
     run_id = call(base, "POST", "/workflows/execute", workflow, token)["data"]["workflowRunId"]
