@@ -9,11 +9,14 @@ virtualenv when missing) under `.maof/`, and `down` stops only what we started.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -111,6 +114,38 @@ def as_postgres_user(cmd: list[str]) -> list[str]:
     return cmd
 
 
+def _postgres_user_exists() -> bool:
+    try:
+        pwd.getpwnam("postgres")
+        return True
+    except KeyError:
+        return False
+
+
+def postgres_dir() -> Path:
+    """Where our Postgres keeps its files: `.maof/postgres`, unless we are root and the
+    `postgres` user (initdb refuses root) cannot reach the project (a private home
+    folder, say); then a folder in /var/tmp named after the project."""
+    preferred = STATE_DIR / "postgres"
+    if not is_root():
+        return preferred
+    if not _postgres_user_exists():
+        run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "postgres"])
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    if _traversable_by_others(STATE_DIR):
+        return preferred
+    digest = hashlib.sha256(str(PROJECT_DIR).encode()).hexdigest()[:12]
+    return Path("/var/tmp") / f"maof-postgres-{digest}"  # noqa: S108 (owned by postgres, 0700)
+
+
+def _traversable_by_others(path: Path) -> bool:
+    """Every folder from / down to `path` lets other users through."""
+    for folder in [path, *path.parents]:
+        if not folder.stat().st_mode & stat.S_IXOTH:
+            return False
+    return True
+
+
 def start_postgres(settings: Settings) -> None:
     url = urlparse(settings.database_url.replace("+psycopg", ""))
     host, port = url.hostname or "127.0.0.1", url.port or 5432
@@ -119,18 +154,19 @@ def start_postgres(settings: Settings) -> None:
     if port_open(host, port):
         say(f"postgres: reusing the server at {host}:{port}")
         return
-    data = STATE_DIR / "postgres" / "data"
-    run_dir = STATE_DIR / "postgres" / "run"
-    log = STATE_DIR / "postgres" / "postgres.log"
+    folder = postgres_dir()
+    data = folder / "data"
+    run_dir = folder / "run"
+    log = folder / "postgres.log"
     initdb, pg_ctl = postgres_bin("initdb"), postgres_bin("pg_ctl")
     run_dir.mkdir(parents=True, exist_ok=True)
     fresh = not (data / "PG_VERSION").exists()
     if fresh:
         data.mkdir(parents=True, exist_ok=True)
-        pwfile = STATE_DIR / "postgres" / "pwfile"
+        pwfile = folder / "pwfile"
         pwfile.write_text(password + "\n")
         if is_root():
-            shutil.chown(STATE_DIR / "postgres", "postgres")
+            shutil.chown(folder, "postgres")
             for path in (data, run_dir, pwfile):
                 shutil.chown(path, "postgres")
         say(f"postgres: initdb in {data}")
@@ -189,7 +225,7 @@ def start_postgres(settings: Settings) -> None:
 
 
 def stop_postgres() -> None:
-    data = STATE_DIR / "postgres" / "data"
+    data = postgres_dir() / "data"
     if (data / "postmaster.pid").exists():
         subprocess.run(
             as_postgres_user([postgres_bin("pg_ctl"), "-D", str(data), "-m", "fast", "stop"]),
