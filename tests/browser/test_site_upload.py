@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import requests
 
 from chalicelib.aws import aws_client
+from chalicelib.config import get_settings
 from chalicelib.local.dashboard import SITE_DIR, site_files, site_urls, upload_site
 
 
@@ -44,7 +46,8 @@ def test_the_printed_urls_serve_the_site_from_localstack(bucket_for_site: str) -
     upload_site("http://127.0.0.1:3000", bucket)
     urls = site_urls(bucket)
     assert urls.primary.endswith(f"/{bucket}/index.html")
-    assert urls.website == f"http://{bucket}.s3-website.localhost:4566/"
+    port = urlparse(get_settings().aws_endpoint_url or "").port
+    assert urls.website == f"http://{bucket}.s3-website.localhost:{port}/"
     page = requests.get(urls.primary, timeout=5)
     assert page.status_code == 200
     assert page.headers["Content-Type"] == "text/html; charset=utf-8"

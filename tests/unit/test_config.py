@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from chalicelib.config import DEV_JWT_SECRET, ConfigError, Settings, load_settings
@@ -14,6 +16,13 @@ PROD_ENV = {
     "MAOF_DATABASE_URL": "postgresql://maof:hunter2@db.internal:5432/maof",
     "MAOF_REDIS_URL": "rediss://cache.internal:6379/0",
 }
+
+
+@pytest.fixture(autouse=True)
+def no_inherited_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start from no MAOF_* settings, whatever the shell running the tests exported."""
+    for name in [n for n in os.environ if n.startswith("MAOF_")]:
+        monkeypatch.delenv(name)
 
 
 @pytest.fixture
