@@ -11,13 +11,17 @@ include .env
 export
 endif
 
-.PHONY: help venv stack migrate dev test lint typecheck unit integration package down clean bench browser-deps
+.PHONY: help venv stack migrate dev test lint typecheck unit integration package down clean bench browser-deps deploy destroy secrets deploy-info
 
 help:
 	@echo "make dev      start Postgres, Redis, LocalStack, the API on :3000 and the SQS poller; run a demo"
 	@echo "make test     start the stack, then lint, type check, unit and integration tests"
 	@echo "make migrate  apply database migrations"
 	@echo "make down     stop what the stack started"
+	@echo "make package  chalice package STAGE (default prod) with infra/ merged, into build/package"
+	@echo "make secrets  create the SSM SecureString parameters a deployed STAGE reads"
+	@echo "make deploy   package, create/update the stack maof-STAGE, migrate, publish the dashboard"
+	@echo "make destroy  delete the stack maof-STAGE (asks first; YES=1 skips the question)"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
@@ -55,11 +59,37 @@ browser-deps:
 test: stack lint typecheck browser-deps
 	$(PY) -m pytest tests -q
 
-# The prod SAM template merged with infra/template.json (queues, gateway responses) in build/package.
+# ---------------------------------------------------------------- AWS (see README "Deploy to AWS")
+# STAGE is the Chalice stage (.chalice/config.json) and names the stack maof-$(STAGE).
+STAGE ?= prod
+AWS_FLAGS = --stage $(STAGE) $(if $(REGION),--region $(REGION)) $(if $(SECRETS_PATH),--secrets-path $(SECRETS_PATH))
+DEPLOY_FLAGS = $(if $(SUBNET_IDS),--subnet-ids $(SUBNET_IDS)) \
+	$(if $(SECURITY_GROUP_IDS),--security-group-ids $(SECURITY_GROUP_IDS)) \
+	$(if $(ALARM_EMAIL),--alarm-email $(ALARM_EMAIL)) $(if $(CORS_ORIGIN),--cors-origin $(CORS_ORIGIN)) \
+	$(if $(LOG_RETENTION_DAYS),--log-retention-days $(LOG_RETENTION_DAYS)) \
+	$(if $(SECRETS_KMS_KEY_ARN),--secrets-kms-key-arn $(SECRETS_KMS_KEY_ARN))
+
+# The STAGE SAM template merged with infra/template.json, and the code zip, in build/package.
 package: venv
-	rm -rf build/package
-	AWS_DEFAULT_REGION=$${AWS_DEFAULT_REGION:-us-east-1} \
-	$(VENV)/bin/chalice package --stage prod --merge-template infra/template.json build/package
+	$(PY) -m infra.deploy package --stage $(STAGE)
+
+# The SSM SecureString parameters under /maof/$(STAGE): generates jwt-secret and secret-key,
+# asks for database-url and redis-url (OVERWRITE=1 replaces those two).
+secrets: venv
+	$(PY) -m infra.deploy secrets $(AWS_FLAGS) $(if $(OVERWRITE),--overwrite) \
+	$(if $(SECRETS_KMS_KEY_ARN),--kms-key-id $(SECRETS_KMS_KEY_ARN))
+
+# Package, create or update the stack, run the migrate function, publish the dashboard.
+deploy: venv
+	$(PY) -m infra.deploy deploy $(AWS_FLAGS) $(DEPLOY_FLAGS)
+
+# Delete the stack and its artifacts (keeps the SSM parameters unless DELETE_SECRETS=1).
+destroy: venv
+	$(PY) -m infra.deploy destroy $(AWS_FLAGS) $(if $(YES),--yes) $(if $(DELETE_SECRETS),--delete-secrets)
+
+# The deployed stack's outputs (API URL, dashboard URL, queues).
+deploy-info: venv
+	$(PY) -m infra.deploy info $(AWS_FLAGS)
 
 bench: migrate
 	$(PY) -m bench

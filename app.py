@@ -119,3 +119,13 @@ def sweep_stalled_stages(event: CloudWatchEvent) -> dict[str, Any]:
 @app.schedule(Rate(1, unit=Rate.MINUTES))
 def check_agent_health(event: CloudWatchEvent) -> dict[str, Any]:
     return engine.check_agent_health()
+
+
+# ------------------------------------------------------------------ deploy
+
+
+@app.lambda_function(name="migrate")
+def migrate(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    from chalicelib.db import migrate as migrations
+
+    return migrations.handler(event)

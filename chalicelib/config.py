@@ -1,4 +1,10 @@
-"""Settings from MAOF_* environment variables, validated once per process."""
+"""Settings from MAOF_* environment variables, validated once per process.
+
+Deployed stages keep their secrets out of the environment: when MAOF_SECRETS_SSM_PATH is
+set, the JWT secret, the secret key and (when present) the database and Redis URLs are
+read from SSM Parameter Store under that path, decrypted, once per process (one
+GetParameters call at cold start), before anything is validated.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,82 @@ DEV_SECRET_KEY = "dev-only-key-for-agent-tokens-0123456789"  # noqa: S105 (dev s
 
 class ConfigError(Exception):
     """A required setting is missing or invalid; the message is one line."""
+
+
+# SSM parameter names under MAOF_SECRETS_SSM_PATH and the setting each one supplies.
+SSM_SECRETS = {
+    "jwt-secret": "MAOF_JWT_SECRET",
+    "secret-key": "MAOF_SECRET_KEY",
+    "database-url": "MAOF_DATABASE_URL",
+    "redis-url": "MAOF_REDIS_URL",
+}
+# Without these two under the path, start-up stops; the URLs may come from the environment.
+SSM_REQUIRED = ("jwt-secret", "secret-key")
+LOCALSTACK_ENDPOINT = "http://127.0.0.1:4566"
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+@functools.lru_cache(maxsize=4)
+def _read_ssm_parameters(path: str, region: str, endpoint: str | None) -> dict[str, str]:
+    """The decrypted values of the SSM_SECRETS parameters that exist under `path`, by name."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    kwargs: dict[str, object] = {
+        "region_name": region,
+        # A Lambda in a VPC without a route to SSM must fail in seconds, not hang.
+        "config": Config(
+            connect_timeout=2, read_timeout=5, retries={"max_attempts": 3, "mode": "standard"}
+        ),
+    }
+    if endpoint:
+        # LocalStack accepts any credentials; don't require real ones locally.
+        kwargs.update(
+            endpoint_url=endpoint,
+            aws_access_key_id="test",
+            aws_secret_access_key="test",  # noqa: S106
+        )
+    names = [f"{path}/{name}" for name in SSM_SECRETS]
+    try:
+        ssm = boto3.session.Session().client("ssm", **kwargs)
+        found = ssm.get_parameters(Names=names, WithDecryption=True)["Parameters"]
+    except (BotoCoreError, ClientError) as exc:
+        raise ConfigError(
+            f"could not read the SSM parameters under MAOF_SECRETS_SSM_PATH={path}: {_one_line(exc)}"
+        ) from None
+    return {item["Name"][len(path) + 1 :]: str(item["Value"]) for item in found}
+
+
+def _ssm_hint(name: str) -> str:
+    path = (os.environ.get("MAOF_SECRETS_SSM_PATH") or "").rstrip("/")
+    return f" (or the SSM parameter {path}/{name})" if path else ""
+
+
+def _ssm_secrets() -> dict[str, str]:
+    """The settings supplied by SSM Parameter Store (empty when MAOF_SECRETS_SSM_PATH is unset)."""
+    raw_path = os.environ.get("MAOF_SECRETS_SSM_PATH")
+    if not raw_path:
+        return {}
+    path = raw_path.rstrip("/")
+    if not path.startswith("/") or len(path) < 2 or any(ch.isspace() for ch in path):
+        raise ConfigError(
+            f"MAOF_SECRETS_SSM_PATH must be an SSM path such as /maof/prod, got {raw_path!r}"
+        )
+    is_dev = _str("MAOF_STAGE", "dev") in ("dev", "test")
+    endpoint = _optional("MAOF_AWS_ENDPOINT_URL") or (LOCALSTACK_ENDPOINT if is_dev else None)
+    region = _str("MAOF_AWS_REGION", os.environ.get("AWS_REGION", "us-east-1"))
+    values = _read_ssm_parameters(path, region, endpoint)
+    missing = [f"{path}/{name}" for name in SSM_REQUIRED if not values.get(name)]
+    if missing:
+        raise ConfigError(
+            f"SSM parameter {missing[0]} is missing or empty (MAOF_SECRETS_SSM_PATH={path}); "
+            "create it as a SecureString"
+        )
+    return {SSM_SECRETS[name]: value for name, value in values.items() if value}
 
 
 def _int(name: str, default: int, low: int, high: int) -> int:
@@ -108,23 +190,35 @@ def load_settings() -> Settings:
     """Read and validate the environment; raise ConfigError with one line."""
     stage = _str("MAOF_STAGE", "dev")
     is_dev = stage in ("dev", "test")
-    jwt_secret = _str("MAOF_JWT_SECRET", DEV_JWT_SECRET if is_dev else "")
+    # A parameter under MAOF_SECRETS_SSM_PATH wins over the same setting in the environment.
+    ssm = _ssm_secrets()
+    jwt_secret = ssm.get("MAOF_JWT_SECRET") or _str(
+        "MAOF_JWT_SECRET", DEV_JWT_SECRET if is_dev else ""
+    )
     if not is_dev and len(jwt_secret) < 32:
         raise ConfigError(f"MAOF_JWT_SECRET must be at least 32 characters in stage {stage!r}")
     if not is_dev and jwt_secret == DEV_JWT_SECRET:
         raise ConfigError(f"MAOF_JWT_SECRET must not be the dev default in stage {stage!r}")
-    secret_key = _str("MAOF_SECRET_KEY", DEV_SECRET_KEY if is_dev else "")
+    secret_key = ssm.get("MAOF_SECRET_KEY") or _str(
+        "MAOF_SECRET_KEY", DEV_SECRET_KEY if is_dev else ""
+    )
     if len(secret_key) < 32:
         raise ConfigError(f"MAOF_SECRET_KEY must be at least 32 characters in stage {stage!r}")
-    database_url = _str(
+    database_url = ssm.get("MAOF_DATABASE_URL") or _str(
         "MAOF_DATABASE_URL",
         "postgresql+psycopg://maof:maof@127.0.0.1:5432/maof" if is_dev else "",
     )
     if not database_url.startswith(("postgresql://", "postgresql+psycopg://")):
-        raise ConfigError("MAOF_DATABASE_URL must be a postgresql:// URL")
-    redis_url = _str("MAOF_REDIS_URL", "redis://127.0.0.1:6379/0" if is_dev else "")
+        raise ConfigError(
+            "MAOF_DATABASE_URL must be a postgresql:// URL" + _ssm_hint("database-url")
+        )
+    redis_url = ssm.get("MAOF_REDIS_URL") or _str(
+        "MAOF_REDIS_URL", "redis://127.0.0.1:6379/0" if is_dev else ""
+    )
     if not redis_url.startswith(("redis://", "rediss://")):
-        raise ConfigError("MAOF_REDIS_URL must be a redis:// or rediss:// URL")
+        raise ConfigError(
+            "MAOF_REDIS_URL must be a redis:// or rediss:// URL" + _ssm_hint("redis-url")
+        )
     return Settings(
         stage=stage,
         database_url=database_url,
@@ -133,7 +227,7 @@ def load_settings() -> Settings:
         secret_key=secret_key,
         aws_region=_str("MAOF_AWS_REGION", os.environ.get("AWS_REGION", "us-east-1")),
         aws_endpoint_url=_optional("MAOF_AWS_ENDPOINT_URL")
-        or ("http://127.0.0.1:4566" if is_dev else None),
+        or (LOCALSTACK_ENDPOINT if is_dev else None),
         stage_queue_name=_str("MAOF_STAGE_QUEUE_NAME", "maof-stage-queue"),
         stage_queue_url=_optional("MAOF_STAGE_QUEUE_URL"),
         dashboard_bucket=_str("MAOF_DASHBOARD_BUCKET", "maof-dashboard"),
@@ -170,5 +264,6 @@ def get_settings() -> Settings:
 
 
 def reset_settings() -> None:
-    """Forget cached settings (tests change the environment)."""
+    """Forget cached settings and SSM parameters (tests change the environment)."""
     get_settings.cache_clear()
+    _read_ssm_parameters.cache_clear()

@@ -1,26 +1,47 @@
-"""Apply the Alembic migrations to the database named by MAOF_DATABASE_URL."""
+"""Apply the Alembic migrations to the database named by MAOF_DATABASE_URL.
+
+The migration scripts live inside the package (`chalicelib/db/migrations`), so the Lambda
+zip that `chalice package` builds (app.py, chalicelib/ and the requirements) carries them:
+the deployed `migrate` function runs exactly what `make migrate` runs locally.
+"""
 
 from __future__ import annotations
 
-import os
 import sys
+from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
 
 from chalicelib.config import ConfigError
 
-PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT_LOCATION = Path(__file__).resolve().parent / "migrations"
 
 
 def alembic_config() -> Config:
-    config = Config(os.path.join(PROJECT_DIR, "alembic.ini"))
-    config.set_main_option("script_location", os.path.join(PROJECT_DIR, "migrations"))
+    """The Alembic configuration, built in code: no alembic.ini is needed (none is deployed)."""
+    config = Config()
+    config.set_main_option("script_location", str(SCRIPT_LOCATION))
     return config
 
 
 def upgrade() -> None:
     command.upgrade(alembic_config(), "head")
+
+
+def handler(event: Any = None) -> dict[str, Any]:
+    """The `migrate` Lambda function: upgrade the database to head.
+
+    Returns the revision before and after; any failure raises, so the invocation reports a
+    FunctionError and `make deploy` stops with its message.
+    """
+    from chalicelib.db import get_engine, schema_revision
+
+    before = schema_revision(get_engine())
+    upgrade()
+    after = schema_revision(get_engine())
+    return {"migrated": before != after, "fromRevision": before, "toRevision": after}
 
 
 def main() -> int:

@@ -32,7 +32,7 @@ STATE_DIR = Path(os.environ.get("MAOF_STATE_DIR", PROJECT_DIR / ".maof"))
 LOCALSTACK_VERSION_313 = "2026.3.0"
 LOCALSTACK_VERSION_311 = "4.14.0"
 LOCALSTACK_PINS = ["cbor2<6", "pyopenssl==24.3.0", "service-identity"]
-LOCALSTACK_SERVICES = "sqs,s3,ssm,cloudformation"
+LOCALSTACK_SERVICES = "sqs,s3,ssm,cloudformation,cloudwatch,sns"
 
 
 def say(message: str) -> None:

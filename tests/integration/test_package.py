@@ -2,9 +2,13 @@
 
 Chalice builds the Lambda zip (manylinux wheels from PyPI) and the SAM template; the merge
 template adds the stage queue and its dead-letter queue, turns on partial batch failures for
-the `run_stage` SQS trigger and makes API Gateway's own errors answer with our JSON envelope.
-Packaging takes about 10 s when requirements.txt, app.py or chalicelib changed (Chalice keeps
-the built zip in .chalice/deployments, keyed by their hash) and about 1 s otherwise.
+the `run_stage` SQS trigger, makes API Gateway's own errors answer with our JSON envelope, and
+adds what `make deploy` needs: one least-privilege role and log group per function, secrets
+read from SSM, an optional VPC, the dead-letter alarm and the dashboard bucket. The `migrate`
+function's zip is checked to carry its migrations, and run from the zip against a fresh
+database. Packaging takes about 10 s when requirements.txt, app.py or chalicelib changed
+(Chalice keeps the built zip in .chalice/deployments, keyed by their hash) and about 1 s
+otherwise.
 """
 
 from __future__ import annotations
@@ -13,10 +17,15 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse, urlunparse
 
 import pytest
+from sqlalchemy import create_engine, text
+
+from tests.conftest import ADMIN_DATABASE_URL, TEST_DATABASE_NAME, TEST_DATABASE_URL
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -77,6 +86,77 @@ def resources(template: dict[str, Any]) -> dict[str, Any]:
     return template["Resources"]
 
 
+FUNCTIONS = {
+    "APIHandler": "app.app",
+    "RunStage": "app.run_stage",
+    "SweepStalledStages": "app.sweep_stalled_stages",
+    "CheckAgentHealth": "app.check_agent_health",
+    "Migrate": "app.migrate",
+}
+# What the functions may do to the stage queue, and nothing more.
+QUEUE_ACTIONS = {
+    "APIHandler": {"sqs:SendMessage", "sqs:GetQueueAttributes"},
+    "RunStage": {
+        "sqs:ReceiveMessage",
+        "sqs:DeleteMessage",
+        "sqs:GetQueueAttributes",
+        "sqs:SendMessage",
+    },
+    "SweepStalledStages": {"sqs:SendMessage"},
+    "CheckAgentHealth": set(),
+    "Migrate": set(),
+}
+# Lambda's own network interfaces in a VPC: EC2 grants these on no narrower resource.
+ENI_ACTIONS = {
+    "ec2:CreateNetworkInterface",
+    "ec2:DescribeNetworkInterfaces",
+    "ec2:DescribeSubnets",
+    "ec2:DeleteNetworkInterface",
+    "ec2:AssignPrivateIpAddresses",
+    "ec2:UnassignPrivateIpAddresses",
+}
+
+
+def _functions(resources: dict[str, Any]) -> dict[str, Any]:
+    return {
+        name: resource
+        for name, resource in resources.items()
+        if resource["Type"] == "AWS::Serverless::Function"
+    }
+
+
+def _statements(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """A policy's statements, with both branches of each conditional (Fn::If) one."""
+    found: list[dict[str, Any]] = []
+    for statement in document["Statement"]:
+        if "Fn::If" in statement:
+            _, *branches = statement["Fn::If"]
+            found += [b for b in branches if b != {"Ref": "AWS::NoValue"}]
+        else:
+            found.append(statement)
+    return found
+
+
+def _role_statements(resources: dict[str, Any], role: str) -> list[dict[str, Any]]:
+    policies = resources[role]["Properties"]["Policies"]
+    return [s for policy in policies for s in _statements(policy["PolicyDocument"])]
+
+
+def _policy_documents(template: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Every IAM policy document in the template, by the resource that holds it."""
+    documents: list[tuple[str, dict[str, Any]]] = []
+    for name, resource in template["Resources"].items():
+        properties = resource.get("Properties", {})
+        if resource["Type"] == "AWS::IAM::Role":
+            documents += [(name, p["PolicyDocument"]) for p in properties.get("Policies", [])]
+            assert not properties.get("ManagedPolicyArns"), name
+        elif resource["Type"] in ("AWS::IAM::Policy", "AWS::IAM::ManagedPolicy"):
+            documents.append((name, properties["PolicyDocument"]))
+        elif resource["Type"] == "AWS::Serverless::Function":
+            assert "Policies" not in properties, f"{name}: SAM policies would bypass the roles"
+    return documents
+
+
 def _sqs_event(resources: dict[str, Any]) -> dict[str, Any]:
     events = resources["RunStage"]["Properties"]["Events"]
     sqs = [event for event in events.values() if event["Type"] == "SQS"]
@@ -117,8 +197,16 @@ def test_run_stage_reports_batch_item_failures(resources: dict[str, Any]) -> Non
     assert event["BatchSize"] == 10
     queue_arn = event["Queue"]["Fn::Sub"]
     assert queue_arn.endswith(f":{STAGE_QUEUE_NAME}"), queue_arn
-    # Chalice names the queue by ARN, not by Ref: the mapping must wait for the queue.
-    assert "StageQueue" in run_stage["DependsOn"]
+
+
+def test_every_function_waits_for_the_queue(template: dict[str, Any]) -> None:
+    # Chalice names the queue by ARN, not by Ref: the functions (so the event source mapping)
+    # must still wait for the queue. They do: their shared environment refers to it by Ref.
+    shared = template["Globals"]["Function"]["Environment"]["Variables"]
+    assert shared["MAOF_STAGE_QUEUE_URL"] == {"Ref": "StageQueue"}
+    for name, function in _functions(template["Resources"]).items():
+        variables = function["Properties"].get("Environment", {}).get("Variables", {})
+        assert "MAOF_STAGE_QUEUE_URL" not in variables, name
 
 
 def test_stage_queue_redrives_to_its_dead_letter_queue(resources: dict[str, Any]) -> None:
@@ -180,8 +268,257 @@ def test_secrets_stay_out_of_the_template(template: dict[str, Any]) -> None:
         variables = resource.get("Properties", {}).get("Environment", {}).get("Variables", {})
         assert not secret_names & set(variables), name
     shared = template["Globals"]["Function"]["Environment"]["Variables"]
+    assert not secret_names & set(shared)
     assert shared["MAOF_SECRETS_SSM_PATH"] == {"Ref": "SecretsParameterPath"}
     assert template["Parameters"]["SecretsParameterPath"]["Type"] == "String"
+    # No parameter carries a secret value: secrets are SSM SecureStrings the functions read.
+    for name in template["Parameters"]:
+        assert not any(word in name.lower() for word in ("password", "token", "url")), name
+
+
+def test_functions_read_only_their_own_ssm_path(template: dict[str, Any]) -> None:
+    resources = template["Resources"]
+    for name in FUNCTIONS:
+        reads = [s for s in _role_statements(resources, f"{name}Role") if s["Sid"] == "ReadSecrets"]
+        assert len(reads) == 1, name
+        assert reads[0]["Action"] == ["ssm:GetParameters"]
+        assert reads[0]["Resource"]["Fn::Sub"].endswith(":parameter${SecretsParameterPath}/*")
+        decrypt = [
+            s for s in _role_statements(resources, f"{name}Role") if "kms:Decrypt" in s["Action"]
+        ]
+        assert [s["Resource"] for s in decrypt] == [{"Ref": "SecretsKmsKeyArn"}], name
+
+
+def test_each_function_has_its_own_role_and_log_group(template: dict[str, Any]) -> None:
+    resources = template["Resources"]
+    functions = _functions(resources)
+    assert {name: f["Properties"]["Handler"] for name, f in functions.items()} == FUNCTIONS
+    roles = set()
+    for name, function in functions.items():
+        role = function["Properties"]["Role"]["Fn::GetAtt"]
+        assert role == [f"{name}Role", "Arn"], name
+        assert resources[role[0]]["Type"] == "AWS::IAM::Role"
+        roles.add(role[0])
+        trust = resources[role[0]]["Properties"]["AssumeRolePolicyDocument"]["Statement"]
+        assert [t["Principal"] for t in trust] == [{"Service": "lambda.amazonaws.com"}]
+        log_group = function["Properties"]["LoggingConfig"]["LogGroup"]
+        assert log_group == {"Ref": f"{name}LogGroup"}
+        group = resources[f"{name}LogGroup"]
+        assert group["Properties"]["RetentionInDays"] == {"Ref": "LogRetentionDays"}
+        writes = [s for s in _role_statements(resources, role[0]) if s["Sid"] == "WriteOwnLogs"]
+        assert writes == [
+            {
+                "Sid": "WriteOwnLogs",
+                "Effect": "Allow",
+                "Action": ["logs:CreateLogStream", "logs:PutLogEvents"],
+                "Resource": {"Fn::GetAtt": [f"{name}LogGroup", "Arn"]},
+            }
+        ]
+    assert len(roles) == len(functions)
+    # Chalice's own roles (autogen_policy, `*` resources) are gone.
+    assert "DefaultRole" not in resources
+
+
+def test_no_iam_policy_allows_a_wildcard_action(template: dict[str, Any]) -> None:
+    documents = _policy_documents(template)
+    assert len(documents) >= len(FUNCTIONS)
+    for holder, document in documents:
+        for statement in _statements(document):
+            assert statement["Effect"] == "Allow", holder
+            assert "NotAction" not in statement and "NotResource" not in statement, holder
+            actions = statement["Action"]
+            assert isinstance(actions, list) and actions, holder
+            for action in actions:
+                service, _, verb = action.partition(":")
+                assert service and verb and "*" not in action and "?" not in action, (
+                    holder,
+                    action,
+                )
+            if statement["Resource"] == "*" or "*" in statement["Resource"]:
+                assert set(actions) <= ENI_ACTIONS, (holder, statement)
+
+
+def test_queue_permissions_fit_each_function(template: dict[str, Any]) -> None:
+    resources = template["Resources"]
+    for name, allowed in QUEUE_ACTIONS.items():
+        statements = _role_statements(resources, f"{name}Role")
+        sqs = [s for s in statements if any(a.startswith("sqs:") for a in s["Action"])]
+        actions = {a for s in sqs for a in s["Action"]}
+        assert actions == allowed, name
+        for statement in sqs:
+            assert statement["Resource"] == {"Fn::GetAtt": ["StageQueue", "Arn"]}, name
+        # Only SSM, logs, KMS, the VPC's network interfaces and the queue: nothing else.
+        services = {a.split(":")[0] for s in statements for a in s["Action"]}
+        assert services <= {"sqs", "ssm", "logs", "kms", "ec2"}, (name, services)
+
+
+def test_functions_join_the_vpc_given_as_parameters(template: dict[str, Any]) -> None:
+    vpc = template["Globals"]["Function"]["VpcConfig"]["Fn::If"]
+    assert vpc == [
+        "UseVpc",
+        {"SubnetIds": {"Ref": "SubnetIds"}, "SecurityGroupIds": {"Ref": "SecurityGroupIds"}},
+        {"Ref": "AWS::NoValue"},
+    ]
+    for name in ("SubnetIds", "SecurityGroupIds"):
+        assert template["Parameters"][name]["Type"] == "CommaDelimitedList"
+    for name, function in _functions(template["Resources"]).items():
+        assert "VpcConfig" not in function["Properties"], name
+    for name in FUNCTIONS:
+        enis = [
+            s
+            for s in _role_statements(template["Resources"], f"{name}Role")
+            if s.get("Sid") == "VpcNetworkInterfaces"
+        ]
+        assert len(enis) == 1 and set(enis[0]["Action"]) == ENI_ACTIONS, name
+
+
+def test_the_migrate_function_runs_only_when_invoked(template: dict[str, Any]) -> None:
+    migrate = template["Resources"]["Migrate"]
+    assert migrate["Properties"]["Handler"] == "app.migrate"
+    assert "Events" not in migrate["Properties"]
+    assert migrate["Properties"]["Timeout"] == 300
+    assert template["Outputs"]["MigrateFunctionName"]["Value"] == {"Ref": "Migrate"}
+
+
+def test_dead_letter_queue_depth_raises_an_alarm(template: dict[str, Any]) -> None:
+    resources = template["Resources"]
+    alarm = resources["DeadLetterAlarm"]
+    assert alarm["Type"] == "AWS::CloudWatch::Alarm"
+    props = alarm["Properties"]
+    assert props["Namespace"] == "AWS/SQS"
+    assert props["MetricName"] == "ApproximateNumberOfMessagesVisible"
+    assert props["Dimensions"] == [
+        {"Name": "QueueName", "Value": {"Fn::GetAtt": ["StageDeadLetterQueue", "QueueName"]}}
+    ]
+    assert props["ComparisonOperator"] == "GreaterThanThreshold"
+    assert props["Threshold"] == 0
+    assert props["TreatMissingData"] == "notBreaching"
+    assert props["AlarmActions"] == {
+        "Fn::If": ["HasAlarmEmail", [{"Ref": "AlarmTopic"}], {"Ref": "AWS::NoValue"}]
+    }
+    topic = resources["AlarmTopic"]
+    assert topic["Condition"] == "HasAlarmEmail"
+    assert topic["Properties"]["Subscription"] == [
+        {"Protocol": "email", "Endpoint": {"Ref": "AlarmEmail"}}
+    ]
+
+
+def test_dashboard_bucket_serves_the_site_and_nothing_else(template: dict[str, Any]) -> None:
+    resources = template["Resources"]
+    bucket = resources["DashboardBucket"]["Properties"]
+    assert bucket["WebsiteConfiguration"] == {
+        "IndexDocument": "index.html",
+        "ErrorDocument": "index.html",
+    }
+    assert "BucketName" not in bucket  # CloudFormation picks a unique one
+    assert bucket["PublicAccessBlockConfiguration"] == {
+        "BlockPublicAcls": True,
+        "IgnorePublicAcls": True,
+        "BlockPublicPolicy": False,
+        "RestrictPublicBuckets": False,
+    }
+    policy = resources["DashboardBucketPolicy"]["Properties"]
+    assert policy["Bucket"] == {"Ref": "DashboardBucket"}
+    assert policy["PolicyDocument"]["Statement"] == [
+        {
+            "Sid": "PublicReadOfTheStaticSite",
+            "Effect": "Allow",
+            "Principal": "*",
+            "Action": ["s3:GetObject"],
+            "Resource": {"Fn::Sub": "${DashboardBucket.Arn}/*"},
+        }
+    ]
+    cors = template["Globals"]["Function"]["Environment"]["Variables"]["MAOF_CORS_ORIGIN"]
+    assert cors["Fn::If"][2] == {"Fn::GetAtt": ["DashboardBucket", "WebsiteURL"]}
+    assert template["Outputs"]["DashboardWebsiteURL"]["Value"] == {
+        "Fn::GetAtt": ["DashboardBucket", "WebsiteURL"]
+    }
+
+
+def test_deploy_accepts_the_package(package_dir: Path) -> None:
+    from infra.deploy import check_package, rewrite_code_uris
+
+    template = check_package(package_dir)
+    assert rewrite_code_uris(template, "artifacts", "prod/code.zip") == len(FUNCTIONS)
+    for function in _functions(template["Resources"]).values():
+        assert function["Properties"]["CodeUri"] == {"Bucket": "artifacts", "Key": "prod/code.zip"}
+
+
+def test_zip_carries_the_migrations_and_what_runs_them(package_dir: Path) -> None:
+    from chalicelib.db.migrate import SCRIPT_LOCATION
+
+    with zipfile.ZipFile(package_dir / "deployment.zip") as archive:
+        names = set(archive.namelist())
+    scripts = {
+        path.relative_to(PROJECT_DIR).as_posix()
+        for path in SCRIPT_LOCATION.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    }
+    assert {
+        "chalicelib/db/migrations/env.py",
+        "chalicelib/db/migrations/script.py.mako",
+        "chalicelib/db/migrations/versions/0001_initial.py",
+    } <= scripts
+    assert scripts <= names
+    for package in ("alembic", "mako", "sqlalchemy", "psycopg", "psycopg_binary"):
+        assert f"{package}/__init__.py" in names, package
+    assert "app.py" in names
+    assert not any(name.startswith(("migrations/", "infra/", "tests/")) for name in names)
+
+
+def test_migrate_function_from_the_zip_migrates_a_fresh_database(
+    package_dir: Path, tmp_path: Path
+) -> None:
+    """app.py and chalicelib exactly as zipped (the dependencies are this machine's, as the
+    zip's manylinux wheels may not load here), with nothing of the project on sys.path."""
+    from chalicelib.db import SCHEMA_REVISION
+
+    with zipfile.ZipFile(package_dir / "deployment.zip") as archive:
+        for name in archive.namelist():
+            if name == "app.py" or name.startswith("chalicelib/"):
+                archive.extract(name, tmp_path)
+    database = f"{TEST_DATABASE_NAME}_zip"
+    admin = create_engine(ADMIN_DATABASE_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+        conn.execute(text(f"CREATE DATABASE {database}"))
+    url = urlunparse(urlparse(TEST_DATABASE_URL)._replace(path=f"/{database}"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAOF_") and k != "PYTHONPATH"}
+    env.update({"MAOF_STAGE": "test", "MAOF_DATABASE_URL": url, "MAOF_LOG_LEVEL": "WARNING"})
+    script = (
+        "import json, app, chalicelib; "
+        "print(json.dumps({'lib': chalicelib.__file__, 'result': app.migrate({}, None)}))"
+    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        answer = json.loads(result.stdout.strip().splitlines()[-1])
+        assert answer["lib"].startswith(str(tmp_path)), answer["lib"]
+        assert answer["result"] == {
+            "migrated": True,
+            "fromRevision": None,
+            "toRevision": SCHEMA_REVISION,
+        }
+        engine = create_engine(url)
+        with engine.connect() as conn:
+            tables = set(
+                conn.execute(
+                    text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+                ).scalars()
+            )
+        engine.dispose()
+        assert {"users", "agents", "workflow_runs", "alembic_version"} <= tables
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+        admin.dispose()
 
 
 def test_cfn_lint_passes(package_dir: Path) -> None:
@@ -190,5 +527,49 @@ def test_cfn_lint_passes(package_dir: Path) -> None:
         capture_output=True,
         text=True,
         timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_sam_transform_keeps_the_roles_the_trigger_and_the_vpc(
+    template: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What CloudFormation's AWS::Serverless transform makes of the template, offline.
+
+    Needs aws-sam-translator, which is not in requirements-dev.txt (it pins its own
+    pydantic); `pip install aws-sam-translator` into .venv to run it."""
+    sam = pytest.importorskip("samtranslator.translator.transform", reason="no aws-sam-translator")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    source = json.loads(json.dumps(template))
+    for function in _functions(source["Resources"]).values():
+        function["Properties"]["CodeUri"] = {"Bucket": "maof-artifacts", "Key": "prod/code.zip"}
+
+    class NoManagedPolicies:
+        def load(self) -> dict[str, str]:
+            return {}
+
+    pseudo = {"AWS::Region": "us-east-1", "AWS::AccountId": "123456789012", "AWS::Partition": "aws"}
+    output = sam.transform(source, pseudo, NoManagedPolicies())
+    resources = output["Resources"]
+    roles = {name for name, r in resources.items() if r["Type"] == "AWS::IAM::Role"}
+    assert roles == {f"{name}Role" for name in FUNCTIONS}  # SAM added none of its own
+    functions = {n: r for n, r in resources.items() if r["Type"] == "AWS::Lambda::Function"}
+    assert set(functions) == set(FUNCTIONS)
+    for name, function in functions.items():
+        properties = function["Properties"]
+        assert properties["Role"] == {"Fn::GetAtt": [f"{name}Role", "Arn"]}
+        assert properties["LoggingConfig"] == {"LogGroup": {"Ref": f"{name}LogGroup"}}
+        assert properties["VpcConfig"]["Fn::If"][0] == "UseVpc"
+        variables = properties["Environment"]["Variables"]
+        assert variables["MAOF_SECRETS_SSM_PATH"] == {"Ref": "SecretsParameterPath"}
+        assert not {"MAOF_JWT_SECRET", "MAOF_SECRET_KEY", "MAOF_DATABASE_URL"} & set(variables)
+    mappings = [r for r in resources.values() if r["Type"] == "AWS::Lambda::EventSourceMapping"]
+    assert len(mappings) == 1
+    assert mappings[0]["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert mappings[0]["Properties"]["FunctionName"] == {"Ref": "RunStage"}
+    transformed = tmp_path / "cloudformation.json"
+    transformed.write_text(json.dumps(output))
+    result = subprocess.run(
+        [str(BIN_DIR / "cfn-lint"), str(transformed)], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -4,6 +4,8 @@ Revision ID: 0001_initial
 Revises:
 """
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql as pg
@@ -16,7 +18,7 @@ depends_on = None
 UUID = pg.UUID(as_uuid=True)
 
 
-def _ts(name: str, nullable: bool = True, default: bool = False) -> sa.Column:
+def _ts(name: str, nullable: bool = True, default: bool = False) -> sa.Column[Any]:
     return sa.Column(
         name,
         sa.DateTime(timezone=True),

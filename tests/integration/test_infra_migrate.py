@@ -1,0 +1,112 @@
+"""The `migrate` Lambda function, invoked in process through Chalice's test client.
+
+With the prod stage's configuration from .chalice/config.json and nothing secret in the
+environment (the JWT secret, the key and the database URL come from SSM Parameter Store,
+LocalStack's here), it migrates a fresh database to the revision the code expects — what
+`make deploy` asks of the deployed function after each stack update.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse, urlunparse
+
+import boto3
+import pytest
+from alembic.script import ScriptDirectory
+from chalice.test import Client
+from sqlalchemy import create_engine, text
+
+from chalicelib import db
+from chalicelib.config import SSM_SECRETS, get_settings, reset_settings
+from chalicelib.db import SCHEMA_REVISION
+from chalicelib.db.migrate import SCRIPT_LOCATION, alembic_config
+from infra.deploy import ensure_secrets, parameter_name
+from tests.conftest import ADMIN_DATABASE_URL, TEST_DATABASE_NAME, TEST_DATABASE_URL
+
+pytestmark = pytest.mark.integration
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+
+
+def test_the_migrations_live_in_the_package_and_end_where_the_code_expects() -> None:
+    assert SCRIPT_LOCATION == PROJECT_DIR / "chalicelib" / "db" / "migrations"
+    stray = sorted(p.name for p in (PROJECT_DIR / "migrations").rglob("*.py"))
+    assert stray == [], "version scripts go in chalicelib/db/migrations/versions (zipped)"
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head == SCHEMA_REVISION
+
+
+@pytest.fixture
+def fresh_database() -> Iterator[str]:
+    """The URL of a new, empty database, dropped afterwards."""
+    name = f"{TEST_DATABASE_NAME}_migrate"
+    admin = create_engine(ADMIN_DATABASE_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    yield urlunparse(urlparse(TEST_DATABASE_URL)._replace(path=f"/{name}"))
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    admin.dispose()
+
+
+@pytest.fixture
+def prod_secrets(fresh_database: str) -> Iterator[tuple[str, str]]:
+    """SSM parameters for a prod stage whose database-url is the fresh database."""
+    endpoint = get_settings().aws_endpoint_url or "http://127.0.0.1:4566"
+    ssm = boto3.client(
+        "ssm",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+    )
+    path = f"/maof-test/migrate-{uuid.uuid4().hex[:10]}"
+    urls = {"database-url": fresh_database, "redis-url": get_settings().redis_url}
+    ensure_secrets(ssm, path, urls=urls)
+    yield path, endpoint
+    ssm.delete_parameters(Names=[parameter_name(path, name) for name in SSM_SECRETS])
+
+
+def _tables(url: str) -> set[str]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            query = text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+            return set(conn.execute(query).scalars())
+    finally:
+        engine.dispose()
+
+
+def test_migrate_function_migrates_a_fresh_database_with_the_prod_configuration(
+    monkeypatch: pytest.MonkeyPatch, fresh_database: str, prod_secrets: tuple[str, str]
+) -> None:
+    import app as maof
+
+    path, endpoint = prod_secrets
+    monkeypatch.setenv("MAOF_SECRETS_SSM_PATH", path)
+    monkeypatch.setenv("MAOF_AWS_ENDPOINT_URL", endpoint)  # LocalStack stands in for SSM
+    for name in ("MAOF_JWT_SECRET", "MAOF_SECRET_KEY", "MAOF_REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    # MAOF_DATABASE_URL still names the session's test database: SSM's must win.
+    results: list[Any] = []
+    reset_settings()
+    db.reset()
+    try:
+        with Client(maof.app, stage_name="prod", project_dir=str(PROJECT_DIR)) as client:
+            for _ in range(2):
+                results.append(client.lambda_.invoke("migrate", {}).payload)
+                assert get_settings().stage == "prod"
+                assert get_settings().database_url == fresh_database
+    finally:
+        reset_settings()
+        db.reset()  # back to the session's test database for the tests that follow
+    assert results == [
+        {"migrated": True, "fromRevision": None, "toRevision": SCHEMA_REVISION},
+        {"migrated": False, "fromRevision": SCHEMA_REVISION, "toRevision": SCHEMA_REVISION},
+    ]
+    assert {"users", "agents", "workflow_runs", "execution_logs"} <= _tables(fresh_database)

@@ -1,0 +1,208 @@
+"""Secrets in SSM Parameter Store (LocalStack's here), as a deployed stage reads them.
+
+`make secrets` / `make deploy` create the SecureString parameters under /maof/<stage>;
+chalicelib.config reads them once per process when MAOF_SECRETS_SSM_PATH is set, before it
+validates anything, and a missing one stops start-up with one line naming it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+
+from chalicelib.config import SSM_SECRETS, ConfigError, get_settings, load_settings, reset_settings
+from infra.deploy import DeployError, ensure_secrets, parameter_name, require_secrets
+
+pytestmark = pytest.mark.integration
+
+DATABASE_URL = "postgresql://maof:s3cret@db.internal:5432/maof?sslmode=require"
+REDIS_URL = "rediss://:token@cache.internal:6379/0"
+
+
+def localstack_endpoint() -> str:
+    return get_settings().aws_endpoint_url or "http://127.0.0.1:4566"
+
+
+@pytest.fixture(scope="module")
+def ssm() -> Any:
+    return boto3.client(
+        "ssm",
+        endpoint_url=localstack_endpoint(),
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+    )
+
+
+@pytest.fixture
+def ssm_path(ssm: Any) -> Iterator[str]:
+    """A path of its own, emptied afterwards."""
+    path = f"/maof-test/secrets-{uuid.uuid4().hex[:10]}"
+    yield path
+    ssm.delete_parameters(Names=[parameter_name(path, name) for name in SSM_SECRETS])
+
+
+@pytest.fixture
+def prod(monkeypatch: pytest.MonkeyPatch, ssm_path: str) -> Iterator[pytest.MonkeyPatch]:
+    """A prod process whose only secret setting is the SSM path (LocalStack standing in)."""
+    endpoint = localstack_endpoint()
+    monkeypatch.setenv("MAOF_STAGE", "prod")
+    monkeypatch.setenv("MAOF_SECRETS_SSM_PATH", ssm_path)
+    monkeypatch.setenv("MAOF_AWS_ENDPOINT_URL", endpoint)
+    for name in SSM_SECRETS.values():
+        monkeypatch.delenv(name, raising=False)
+    reset_settings()
+    yield monkeypatch
+    reset_settings()
+
+
+def values(ssm: Any, path: str) -> dict[str, tuple[str, str]]:
+    names = [parameter_name(path, name) for name in SSM_SECRETS]
+    found = ssm.get_parameters(Names=names, WithDecryption=True)["Parameters"]
+    return {p["Name"].rsplit("/", 1)[1]: (p["Type"], p["Value"]) for p in found}
+
+
+def one_line(exc: pytest.ExceptionInfo[ConfigError]) -> str:
+    message = str(exc.value)
+    assert message and "\n" not in message and "\r" not in message
+    return message
+
+
+def test_make_secrets_generates_two_and_stores_the_urls(ssm: Any, ssm_path: str) -> None:
+    urls = {"database-url": DATABASE_URL, "redis-url": REDIS_URL}
+    assert ensure_secrets(ssm, ssm_path, urls=urls) == dict.fromkeys(SSM_SECRETS, "created")
+    stored = values(ssm, ssm_path)
+    assert {kind for kind, _ in stored.values()} == {"SecureString"}
+    jwt, key = stored["jwt-secret"][1], stored["secret-key"][1]
+    assert len(jwt) >= 32 and len(key) >= 32 and jwt != key
+    assert stored["database-url"][1] == DATABASE_URL
+    assert stored["redis-url"][1] == REDIS_URL
+
+    # Again: nothing is replaced, least of all the key that decrypts stored agent tokens.
+    other = {"database-url": "postgresql://elsewhere/maof"}
+    assert ensure_secrets(ssm, ssm_path, urls=other) == dict.fromkeys(SSM_SECRETS, "exists")
+    assert values(ssm, ssm_path) == stored
+
+    # OVERWRITE=1 replaces the URLs given, and only those.
+    result = ensure_secrets(ssm, ssm_path, urls=other, overwrite_urls=True)
+    assert result == {**dict.fromkeys(SSM_SECRETS, "exists"), "database-url": "updated"}
+    after = values(ssm, ssm_path)
+    assert after["database-url"][1] == "postgresql://elsewhere/maof"
+    assert after["jwt-secret"] == stored["jwt-secret"]
+    assert after["secret-key"] == stored["secret-key"]
+
+
+def test_make_secrets_asks_for_what_is_missing(ssm: Any, ssm_path: str) -> None:
+    asked: list[str] = []
+
+    def ask(name: str) -> str:
+        asked.append(name)
+        return {"database-url": DATABASE_URL, "redis-url": REDIS_URL}[name]
+
+    ensure_secrets(ssm, ssm_path, ask=ask)
+    assert asked == ["database-url", "redis-url"]
+    assert values(ssm, ssm_path)["redis-url"] == ("SecureString", REDIS_URL)
+
+
+def test_a_url_of_the_wrong_kind_is_refused(ssm: Any, ssm_path: str) -> None:
+    with pytest.raises(DeployError, match="database-url must start with postgresql://"):
+        ensure_secrets(ssm, ssm_path, urls={"database-url": "mysql://db/maof"})
+    assert "database-url" not in values(ssm, ssm_path)
+
+
+def test_deploy_stops_before_anything_when_a_url_is_missing(ssm: Any, ssm_path: str) -> None:
+    with pytest.raises(DeployError, match=f"{ssm_path}/database-url is missing.*make secrets"):
+        require_secrets(ssm, ssm_path, "prod")
+    # The random ones were made on the way, so `make secrets` only asks for the URLs.
+    assert set(values(ssm, ssm_path)) == {"jwt-secret", "secret-key"}
+
+
+def test_a_prod_process_takes_its_secrets_from_ssm(
+    prod: pytest.MonkeyPatch, ssm: Any, ssm_path: str
+) -> None:
+    ensure_secrets(ssm, ssm_path, urls={"database-url": DATABASE_URL, "redis-url": REDIS_URL})
+    stored = values(ssm, ssm_path)
+    settings = load_settings()
+    assert settings.stage == "prod"
+    assert settings.jwt_secret == stored["jwt-secret"][1]
+    assert settings.secret_key == stored["secret-key"][1]
+    assert settings.database_url == DATABASE_URL
+    assert settings.redis_url == REDIS_URL
+
+
+def test_a_parameter_wins_over_the_same_setting_in_the_environment(
+    prod: pytest.MonkeyPatch, ssm: Any, ssm_path: str
+) -> None:
+    ensure_secrets(ssm, ssm_path, urls={"database-url": DATABASE_URL, "redis-url": REDIS_URL})
+    prod.setenv("MAOF_JWT_SECRET", "e" * 40)
+    prod.setenv("MAOF_DATABASE_URL", "postgresql://stale@old-host/maof")
+    settings = load_settings()
+    assert settings.jwt_secret == values(ssm, ssm_path)["jwt-secret"][1]
+    assert settings.database_url == DATABASE_URL
+
+
+def test_the_urls_may_come_from_the_environment(
+    prod: pytest.MonkeyPatch, ssm: Any, ssm_path: str
+) -> None:
+    ensure_secrets(ssm, ssm_path)  # jwt-secret and secret-key only
+    prod.setenv("MAOF_DATABASE_URL", DATABASE_URL)
+    prod.setenv("MAOF_REDIS_URL", REDIS_URL)
+    settings = load_settings()
+    assert settings.database_url == DATABASE_URL
+    assert settings.redis_url == REDIS_URL
+
+
+def test_a_missing_secret_stops_start_up_with_one_line(
+    prod: pytest.MonkeyPatch, ssm: Any, ssm_path: str
+) -> None:
+    ssm.put_parameter(
+        Name=parameter_name(ssm_path, "secret-key"), Value="k" * 40, Type="SecureString"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = one_line(caught)
+    assert f"{ssm_path}/jwt-secret is missing" in message
+    assert "k" * 40 not in message
+
+
+def test_a_missing_url_names_its_parameter(
+    prod: pytest.MonkeyPatch, ssm: Any, ssm_path: str
+) -> None:
+    ensure_secrets(ssm, ssm_path)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert f"the SSM parameter {ssm_path}/database-url" in one_line(caught)
+
+
+def test_parameters_are_read_once_per_process(
+    prod: pytest.MonkeyPatch, ssm: Any, ssm_path: str
+) -> None:
+    ensure_secrets(ssm, ssm_path, urls={"database-url": DATABASE_URL, "redis-url": REDIS_URL})
+    first = load_settings()
+    ssm.delete_parameters(Names=[parameter_name(ssm_path, name) for name in SSM_SECRETS])
+    assert load_settings() == first  # no second call to SSM
+    reset_settings()
+    with pytest.raises(ConfigError, match="jwt-secret is missing"):
+        load_settings()
+
+
+def test_an_unreachable_ssm_fails_fast_with_one_line(prod: pytest.MonkeyPatch) -> None:
+    prod.setenv("MAOF_AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert time.monotonic() - started < 15
+    assert "could not read the SSM parameters under MAOF_SECRETS_SSM_PATH=" in one_line(caught)
+
+
+@pytest.mark.parametrize("path", ["maof/prod", "/", "/maof prod"])
+def test_a_malformed_path_is_refused(prod: pytest.MonkeyPatch, path: str) -> None:
+    prod.setenv("MAOF_SECRETS_SSM_PATH", path)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "MAOF_SECRETS_SSM_PATH must be an SSM path" in one_line(caught)
