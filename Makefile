@@ -44,7 +44,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 
 typecheck: venv
-	$(VENV)/bin/mypy chalicelib
+	$(VENV)/bin/mypy chalicelib infra
 
 unit: venv
 	$(PY) -m pytest tests/unit -q
