@@ -14,35 +14,55 @@ from chalicelib.workflows.definition import ExecuteRequest
 app = MaofApp(app_name="maof")
 
 
-# ------------------------------------------------------------------ health
+# ------------------------------------------------------------------ health and docs
 
 
-@app.endpoint("/health", "GET", public=True)
+@app.endpoint("/health", "GET", public=True, summary="Database, Redis and queue status")
 def health(request: ApiRequest) -> Reply:
     from chalicelib import health
 
     return health.check()
 
 
+@app.endpoint("/openapi", "GET", public=True, raw=True, summary="This API's OpenAPI document")
+def openapi(request: ApiRequest) -> dict[str, Any]:
+    from chalicelib import openapi
+
+    return openapi.document(app.endpoints)
+
+
 # ------------------------------------------------------------------ auth
 
 
-@app.endpoint("/auth/register", "POST", public=True)
-def register(request: ApiRequest) -> Reply:
-    return Reply(auth.register(request.body(auth.RegisterRequest)), 201)
+@app.endpoint(
+    "/auth/register",
+    "POST",
+    public=True,
+    body=auth.RegisterRequest,
+    status=201,
+    summary="Create an account",
+)
+def register(request: ApiRequest, body: auth.RegisterRequest) -> dict[str, Any]:
+    return auth.register(body)
 
 
-@app.endpoint("/auth/login", "POST", public=True)
-def login(request: ApiRequest) -> dict[str, Any]:
-    return auth.login(request.body(auth.LoginRequest))
+@app.endpoint("/auth/login", "POST", public=True, body=auth.LoginRequest, summary="Get tokens")
+def login(request: ApiRequest, body: auth.LoginRequest) -> dict[str, Any]:
+    return auth.login(body)
 
 
-@app.endpoint("/auth/refresh", "POST", public=True)
-def refresh(request: ApiRequest) -> dict[str, Any]:
-    return auth.refresh(request.body(auth.RefreshRequest))
+@app.endpoint(
+    "/auth/refresh",
+    "POST",
+    public=True,
+    body=auth.RefreshRequest,
+    summary="New tokens for a refresh token",
+)
+def refresh(request: ApiRequest, body: auth.RefreshRequest) -> dict[str, Any]:
+    return auth.refresh(body)
 
 
-@app.endpoint("/auth/me", "GET")
+@app.endpoint("/auth/me", "GET", summary="The signed-in user")
 def me(request: ApiRequest) -> dict[str, Any]:
     return auth.me(request.user)
 
@@ -50,27 +70,33 @@ def me(request: ApiRequest) -> dict[str, Any]:
 # ------------------------------------------------------------------ agents
 
 
-@app.endpoint("/agents/register", "POST")
-def register_agent(request: ApiRequest) -> Reply:
-    return Reply(agents.register(request.user, request.body(agents.RegisterAgentRequest)), 201)
+@app.endpoint(
+    "/agents/register",
+    "POST",
+    body=agents.RegisterAgentRequest,
+    status=201,
+    summary="Register an agent (its health is checked at once)",
+)
+def register_agent(request: ApiRequest, body: agents.RegisterAgentRequest) -> dict[str, Any]:
+    return agents.register(request.user, body)
 
 
-@app.endpoint("/agents", "GET")
-def list_agents(request: ApiRequest) -> dict[str, Any]:
-    return agents.list_agents(request.query(agents.AgentQuery))
+@app.endpoint("/agents", "GET", query=agents.AgentQuery, summary="List agents")
+def list_agents(request: ApiRequest, query: agents.AgentQuery) -> dict[str, Any]:
+    return agents.list_agents(query)
 
 
-@app.endpoint("/agents/{agent_uuid}", "GET")
+@app.endpoint("/agents/{agent_uuid}", "GET", summary="One agent")
 def get_agent(request: ApiRequest, agent_uuid: str) -> dict[str, Any]:
     return agents.get_agent(agent_uuid)
 
 
-@app.endpoint("/agents/{agent_uuid}/health-check", "POST")
+@app.endpoint("/agents/{agent_uuid}/health-check", "POST", summary="Check an agent's health now")
 def health_check_agent(request: ApiRequest, agent_uuid: str) -> dict[str, Any]:
     return agents.check_health(agent_uuid)
 
 
-@app.endpoint("/agents/{agent_uuid}", "DELETE")
+@app.endpoint("/agents/{agent_uuid}", "DELETE", summary="Delete an agent (owner only)")
 def delete_agent(request: ApiRequest, agent_uuid: str) -> dict[str, Any]:
     return agents.delete_agent(request.user, agent_uuid)
 
@@ -78,27 +104,29 @@ def delete_agent(request: ApiRequest, agent_uuid: str) -> dict[str, Any]:
 # ------------------------------------------------------------------ workflows
 
 
-@app.endpoint("/workflows/execute", "POST")
-def execute_workflow(request: ApiRequest) -> Reply:
-    return runs.submit(request.user, request.body(ExecuteRequest))
+@app.endpoint(
+    "/workflows/execute", "POST", body=ExecuteRequest, status=202, summary="Submit a workflow"
+)
+def execute_workflow(request: ApiRequest, body: ExecuteRequest) -> Reply:
+    return runs.submit(request.user, body)
 
 
-@app.endpoint("/workflows", "GET")
-def list_runs(request: ApiRequest) -> dict[str, Any]:
-    return runs.list_runs(request.user, request.query(runs.RunQuery))
+@app.endpoint("/workflows", "GET", query=runs.RunQuery, summary="Your runs, newest first")
+def list_runs(request: ApiRequest, query: runs.RunQuery) -> dict[str, Any]:
+    return runs.list_runs(request.user, query)
 
 
-@app.endpoint("/workflows/{run_id}", "GET")
+@app.endpoint("/workflows/{run_id}", "GET", summary="A run's status, progress and stages")
 def get_run(request: ApiRequest, run_id: str) -> dict[str, Any]:
     return runs.get_run(request.user, run_id)
 
 
-@app.endpoint("/workflows/{run_id}/result", "GET")
+@app.endpoint("/workflows/{run_id}/result", "GET", summary="A completed run's output")
 def get_result(request: ApiRequest, run_id: str) -> dict[str, Any]:
     return runs.get_result(request.user, run_id)
 
 
-@app.endpoint("/workflows/{run_id}/audit", "GET")
+@app.endpoint("/workflows/{run_id}/audit", "GET", summary="A run's audit trail and its chain")
 def get_audit(request: ApiRequest, run_id: str) -> dict[str, Any]:
     return runs.get_audit(request.user, run_id)
 

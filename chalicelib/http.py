@@ -170,24 +170,49 @@ class ApiRequest:
 View = Callable[..., Any]
 
 
+@dataclass(frozen=True)
+class EndpointSpec:
+    """What an endpoint takes and answers; the OpenAPI document is built from these."""
+
+    path: str
+    method: str
+    name: str
+    summary: str
+    public: bool
+    body: type[BaseModel] | None
+    query: type[BaseModel] | None
+    status: int
+
+
 class MaofApp(Chalice):
-    """Chalice with MAOF's envelope, error path and authentication on every route."""
+    """Chalice with MAOF's envelope, error path, validation and authentication on every route."""
 
     def __init__(self, app_name: str) -> None:
         # The app's logger is logging.getLogger(app_name), the same one chalicelib.logs
         # configures; left to Chalice it may get a second, plain-text handler and level ERROR.
         super().__init__(app_name=app_name, configure_logs=False)
         self.register_middleware(self._envelope_errors, "http")
+        self.endpoints: list[EndpointSpec] = []
 
     def endpoint(
         self,
         path: str,
         method: str,
         *,
+        summary: str,
         public: bool = False,
-        content_types: list[str] | None = None,
+        body: type[BaseModel] | None = None,
+        query: type[BaseModel] | None = None,
+        status: int = 200,
+        raw: bool = False,
     ) -> Callable[[View], View]:
-        """Register `view(request, **path_params)` at `path`; it returns data or a Reply."""
+        """Register `view(request, **path_params)` at `path`.
+
+        The declared `body` and `query` models are validated before the view runs and passed
+        to it as `body=` and `query=`; the same declarations make the OpenAPI document, so the
+        two cannot drift. The view returns data (answered with `status`) or a Reply; `raw`
+        answers without the envelope.
+        """
         from chalicelib.auth.tokens import authenticate  # avoid a cycle at import time
 
         cors = CORSConfig(
@@ -204,8 +229,14 @@ class MaofApp(Chalice):
                 assert request is not None
                 request_id = _request_id(request)
                 principal = None if public else authenticate(request.headers.get("authorization"))
+                api_request = ApiRequest(request, principal, request_id)
+                arguments: dict[str, Any] = dict(path_params)
+                if body is not None:
+                    arguments["body"] = api_request.body(body)
+                if query is not None:
+                    arguments["query"] = api_request.query(query)
                 try:
-                    result = view(ApiRequest(request, principal, request_id), **path_params)
+                    result = view(api_request, **arguments)
                 except errors.ApiError:
                     raise
                 except Exception:
@@ -213,18 +244,20 @@ class MaofApp(Chalice):
                         "unhandled error", extra={"requestId": request_id, "path": path}
                     )
                     raise errors.InternalError("An internal error occurred") from None
-                reply = result if isinstance(result, Reply) else Reply(result)
-                body = {"success": reply.error is None, "data": reply.data}
+                if raw:
+                    return json_response(result, status, request_id)
+                reply = result if isinstance(result, Reply) else Reply(result, status)
+                envelope = {"success": reply.error is None, "data": reply.data}
                 if reply.error is not None:
-                    body["error"] = error_body(reply.error, request_id)["error"]
-                return json_response(body, reply.status, request_id)
+                    envelope["error"] = error_body(reply.error, request_id)["error"]
+                return json_response(envelope, reply.status, request_id)
 
-            self.route(
-                path,
-                methods=[method],
-                cors=cors,
-                content_types=content_types or ["application/json"],
-            )(handler)
+            self.route(path, methods=[method], cors=cors, content_types=["application/json"])(
+                handler
+            )
+            self.endpoints.append(
+                EndpointSpec(path, method, view.__name__, summary, public, body, query, status)
+            )
             return view
 
         return register
