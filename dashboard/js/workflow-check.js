@@ -1,5 +1,6 @@
 // Client-side checks of a workflow definition: the API's own rules, reported the API's way
 // ({field, message} with fields like `workflow.stages.1.dependencies`).
+import { JSON_SCHEMA, load as loadYaml } from '../vendor/js-yaml.js';
 
 const STAGE_ID = /^[A-Za-z0-9_-]+$/;
 const CAPABILITY = /^[a-z0-9]+(?:[-.][a-z0-9]+)*$/;
@@ -7,9 +8,14 @@ const REFERENCE = /\$\{([^${}]+)\}/g;
 const STAGE_FIELDS = new Set(['id', 'name', 'agentCapability', 'dependencies', 'input', 'config']);
 const WORKFLOW_FIELDS = new Set(['name', 'stages']);
 
-/** Parse JSON text; on failure say where (line and column) in `label`. */
+/** Parse JSON or YAML text (YAML when it does not start like JSON); on failure say where
+ * (line and column) in `label`. */
 export function parseJson(text, label) {
   if (!text.trim()) return { value: undefined, empty: true };
+  const trimmed = text.trim();
+  if (!trimmed.startsWith('{') && !trimmed.startsWith('[') && !trimmed.startsWith('"')) {
+    return parseYaml(text, label);
+  }
   try {
     return { value: JSON.parse(text) };
   } catch (error) {
@@ -29,6 +35,20 @@ export function parseJson(text, label) {
     const where = line ? ` (line ${line}, column ${column})` : '';
     const reason = message.replace(/^JSON\.parse: /, '').replace(/ in JSON at position \d+.*$/, '');
     return { error: { field: label, message: `Not valid JSON${where}: ${reason}`, line, column } };
+  }
+}
+
+function parseYaml(text, label) {
+  try {
+    // The JSON schema: no custom tags, no surprises (yes/no stay strings).
+    return { value: loadYaml(text, { schema: JSON_SCHEMA }), yaml: true };
+  } catch (error) {
+    const mark = error.mark || {};
+    const line = Number.isInteger(mark.line) ? mark.line + 1 : null;
+    const column = Number.isInteger(mark.column) ? mark.column + 1 : null;
+    const where = line ? ` (line ${line}, column ${column})` : '';
+    const reason = String(error.reason || error.message || error);
+    return { error: { field: label, message: `Not valid YAML${where}: ${reason}`, line, column } };
   }
 }
 

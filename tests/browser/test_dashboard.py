@@ -480,3 +480,29 @@ def test_pages_say_so_when_the_api_cannot_be_reached(
         error = page.locator("[data-state=error]")
         expect(error).to_contain_text("Cannot reach the API")
         expect(error.get_by_role("button", name="Try again")).to_be_visible()
+
+
+def test_a_workflow_written_in_yaml_runs(
+    page: Page, dashboard_url: str, user: Api, poller: object
+) -> None:
+    capability = unique("yaml")
+    register_agent(user, capability)
+    sign_in(page, dashboard_url, user, "#/workflows/new")
+    page.get_by_label("Workflow definition").fill(
+        "name: yaml-pipeline\n"
+        "stages:\n"
+        f"  - id: first\n    name: First\n    agentCapability: {capability}\n"
+        f"  - id: second\n    name: Second\n    agentCapability: {capability}\n"
+        "    dependencies: [first]\n"
+    )
+    page.get_by_label("Input", exact=True).fill("text: hello from YAML\n")
+    page.get_by_role("button", name="Validate").click()
+    expect(page.get_by_test_id("workflow-messages")).to_contain_text("The definition is valid")
+    page.get_by_role("button", name="Run workflow").click()
+    expect(page).to_have_url(re.compile(r"#/runs/wfr-[0-9a-f-]+$"))
+    expect(page.get_by_test_id("run-status").locator(".badge")).to_have_attribute(
+        "data-status", "completed", timeout=20_000
+    )
+    run = user.get(f"/workflows/{page.url.rsplit('/', 1)[1]}").json()["data"]
+    assert run["input"] == {"text": "hello from YAML"}
+    screenshot(page, "yaml-run")

@@ -1,4 +1,4 @@
-// New workflow: edit a JSON definition and input, check it here and with the API, run it.
+// New workflow: edit a JSON or YAML definition and input, check it here and with the API, run it.
 import { h, replace, debounce } from '../dom.js';
 import { icon } from '../icons.js';
 import { alertBox, card, pageHeader, setBusy, toast } from '../components.js';
@@ -117,14 +117,14 @@ export async function newWorkflowPage(ctx) {
       'div',
       { class: 'field' },
       h('label', { class: 'field__label', for: 'workflow-definition' }, 'Workflow definition'),
-      h('p', { class: 'field__hint', id: 'definition-help' }, 'JSON: {"name", "stages": [{"id", "name", "agentCapability", "dependencies"?, "input"?}]}. Pasting a whole request body {"workflow", "input"} works too.'),
+      h('p', { class: 'field__hint', id: 'definition-help' }, 'JSON or YAML: {"name", "stages": [{"id", "name", "agentCapability", "dependencies"?, "input"?}]}. Pasting a whole request body {"workflow", "input"} works too.'),
       definitionEditor,
     ),
     h(
       'div',
       { class: 'field' },
       h('label', { class: 'field__label', for: 'workflow-input' }, 'Input'),
-      h('p', { class: 'field__hint', id: 'input-help' }, 'JSON given to the first stages, and to ${workflow.input.…} references. Optional.'),
+      h('p', { class: 'field__hint', id: 'input-help' }, 'JSON or YAML given to the first stages, and to ${workflow.input.…} references. Optional.'),
       inputEditor,
     ),
     messages,
