@@ -91,8 +91,10 @@ destroy: venv
 deploy-info: venv
 	$(PY) -m infra.deploy info $(AWS_FLAGS)
 
-bench: migrate
-	$(PY) -m bench
+# Benchmarks on the local stack, in their own database (maof_bench, recreated and migrated
+# by the run), queue and Redis db; results in bench/results/. Knobs: make bench BENCH_ARGS="--help".
+bench: stack
+	$(PY) -m bench $(BENCH_ARGS)
 
 down:
 	@test -x $(PY) && $(PY) -m chalicelib.local.stack down || true

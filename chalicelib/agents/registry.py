@@ -171,10 +171,14 @@ def delete_agent(principal: Principal, agent_uuid: str) -> dict[str, Any]:
 
 def candidates(capability: str) -> list[dict[str, Any]]:
     """Live, not-offline agents declaring exactly `capability` (cached briefly in Redis)."""
-    key = capability_cache_key(capability)
-    cached = cache.get_json(key)
+    cached = cache.get_json(capability_cache_key(capability))
     if cached is not None:
         return list(cached)
+    return candidates_uncached(capability)
+
+
+def candidates_uncached(capability: str) -> list[dict[str, Any]]:
+    """`candidates` read from Postgres, and cached for the next callers."""
     with session_scope() as session:
         rows = session.execute(
             select(
@@ -202,5 +206,5 @@ def candidates(capability: str) -> list[dict[str, Any]]:
         }
         for row in rows
     ]
-    cache.set_json(key, found, get_settings().agent_cache_ttl_seconds)
+    cache.set_json(capability_cache_key(capability), found, get_settings().agent_cache_ttl_seconds)
     return found

@@ -10,17 +10,16 @@ enforced and the choice among the best-status agents is random.
 
 from __future__ import annotations
 
+import json
 import random
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
 
 from chalicelib import cache
-from chalicelib.agents.registry import candidates
+from chalicelib.agents.registry import candidates_uncached, capability_cache_key
 from chalicelib.agents.secrets import decrypt_token
 from chalicelib.logs import logger
 
@@ -61,11 +60,25 @@ def _stats_key(agent_uuid: str) -> str:
 MIN_CALLS_FOR_STATS = 5
 
 
-def _figures(agent_uuids: list[str]) -> list[tuple[int, float, float]] | None:
-    """(in-flight, failure rate, mean latency ms) per agent, or None without Redis.
+Figures = tuple[int, float, float]  # in-flight, failure rate, mean latency ms
+
+
+def _figures_of(values: list[Any]) -> Figures:
+    """An agent's figures from its GET in-flight and HGETALL stats replies.
 
     Rates and latencies count only after MIN_CALLS_FOR_STATS calls in the last hour, so
     a new agent is not ranked below one that got lucky with its first call."""
+    inflight = int(values[0] or 0)
+    stats = values[1] or {}
+    ok, failed = int(stats.get("ok", 0)), int(stats.get("failed", 0))
+    calls = ok + failed
+    if calls < MIN_CALLS_FOR_STATS:
+        return (inflight, 0.0, 0.0)
+    return (inflight, failed / calls, float(stats.get("latency_ms", 0)) / calls)
+
+
+def _figures(agent_uuids: list[str]) -> list[Figures] | None:
+    """(in-flight, failure rate, mean latency ms) per agent, or None without Redis."""
     try:
         pipe = cache.get_redis().pipeline(transaction=False)
         for agent_uuid in agent_uuids:
@@ -74,17 +87,40 @@ def _figures(agent_uuids: list[str]) -> list[tuple[int, float, float]] | None:
         values = pipe.execute()
     except redis.RedisError:
         return None
-    figures = []
-    for index in range(len(agent_uuids)):
-        inflight = int(values[2 * index] or 0)
-        stats = values[2 * index + 1] or {}
-        ok, failed = int(stats.get("ok", 0)), int(stats.get("failed", 0))
-        calls = ok + failed
-        if calls < MIN_CALLS_FOR_STATS:
-            figures.append((inflight, 0.0, 0.0))
-            continue
-        figures.append((inflight, failed / calls, float(stats.get("latency_ms", 0)) / calls))
-    return figures
+    return [_figures_of(values[2 * i : 2 * i + 2]) for i in range(len(agent_uuids))]
+
+
+# The agents last seen in each capability's candidate list: their figures are read in the
+# same round trip as the (cached) list itself, and used when the list still names them.
+_last_seen: dict[str, list[str]] = {}
+
+
+def _candidates_and_figures(capability: str) -> tuple[list[dict[str, Any]], dict[str, Figures]]:
+    """The capability's candidates (registry.candidates), and the figures of the agents
+    among them that were read with the list (possibly none)."""
+    guess = _last_seen.get(capability, [])
+    try:
+        pipe = cache.get_redis().pipeline(transaction=False)
+        pipe.get(capability_cache_key(capability))
+        for agent_uuid in guess:
+            pipe.get(_inflight_key(agent_uuid))
+            pipe.hgetall(_stats_key(agent_uuid))
+        values = pipe.execute()
+    except redis.RedisError as exc:
+        # As registry.candidates does when Redis is down: say so, read Postgres.
+        logger.warning(
+            "redis unavailable for read",
+            extra={"key": capability_cache_key(capability), "error": type(exc).__name__},
+        )
+        return candidates_uncached(capability), {}
+    if values[0] is None:
+        found = candidates_uncached(capability)  # not cached: read Postgres, and cache
+        known: dict[str, Figures] = {}
+    else:
+        found = list(json.loads(str(values[0])))
+        known = {u: _figures_of(values[1 + 2 * i : 3 + 2 * i]) for i, u in enumerate(guess)}
+    _last_seen[capability] = [a["agentUuid"] for a in found]
+    return found, known
 
 
 def select_agent(
@@ -95,12 +131,14 @@ def select_agent(
     `prefer` (the agent of a stage being retried) is the only one considered while it is
     still a candidate; `exclude` holds agents that already had their turn.
     """
-    found = [a for a in candidates(capability) if a["agentUuid"] not in exclude]
+    listed, known = _candidates_and_figures(capability)
+    found = [a for a in listed if a["agentUuid"] not in exclude]
     if not found:
         raise NoAgentAvailable(f"No available agent has the capability '{capability}'")
     if prefer is not None and any(a["agentUuid"] == prefer for a in found):
         found = [a for a in found if a["agentUuid"] == prefer]
-    figures = _figures([a["agentUuid"] for a in found])
+    uuids = [a["agentUuid"] for a in found]
+    figures = [known[u] for u in uuids] if all(u in known for u in uuids) else _figures(uuids)
     if figures is None:
         best_status = min(_status_rank(a) for a in found)
         pick = random.choice([a for a in found if _status_rank(a) == best_status])
@@ -166,20 +204,14 @@ def release(agent: AgentChoice) -> None:
         pass
 
 
-@contextmanager
-def holding(agent: AgentChoice) -> Iterator[None]:
-    """The agent's slot is released when the block ends, however it ends."""
-    try:
-        yield
-    finally:
-        release(agent)
-
-
-def record_outcome(agent_uuid: str, ok: bool, latency_ms: float) -> None:
-    """Count a call's outcome and latency for ranking (best effort)."""
-    key = _stats_key(agent_uuid)
+def settle(agent: AgentChoice, ok: bool, latency_ms: float) -> None:
+    """After a call: give the agent's slot back and count the outcome and latency for
+    ranking, in one round trip (best effort)."""
+    key = _stats_key(agent.agent_uuid)
     try:
         pipe = cache.get_redis().pipeline()
+        if agent.reserved:
+            pipe.decr(_inflight_key(agent.agent_uuid))
         pipe.hincrby(key, "ok" if ok else "failed", 1)
         pipe.hincrbyfloat(key, "latency_ms", latency_ms)
         pipe.expire(key, STATS_TTL_SECONDS)

@@ -59,6 +59,41 @@ def entry_hash(prev_hash: str, document: dict[str, Any]) -> str:
     return hashlib.sha256(prev_hash.encode("ascii") + canonical_json(document)).hexdigest()
 
 
+def next_entry(
+    run_id: uuid.UUID,
+    last_seq: int | None,
+    last_hash: str | None,
+    action: str,
+    status: str,
+    *,
+    stage_id: str | None = None,
+    agent_id: str | None = None,
+    input_hash: str | None = None,
+    output_hash: str | None = None,
+    details: dict[str, Any] | None = None,
+) -> AuditEntry:
+    """The entry that follows the chain's head (last_seq, last_hash), hashed; None for
+    both when the run has no entry yet."""
+    seq, prev_hash = (last_seq + 1, last_hash) if last_seq is not None else (1, GENESIS)
+    assert prev_hash is not None
+    entry = AuditEntry(
+        run_id=run_id,
+        seq=seq,
+        stage_id=stage_id,
+        agent_id=agent_id,
+        action=action,
+        status=status,
+        input_hash=input_hash,
+        output_hash=output_hash,
+        details=details,
+        logged_at=datetime.now(UTC),
+        prev_hash=prev_hash,
+        entry_hash="",
+    )
+    entry.entry_hash = entry_hash(prev_hash, entry_document(entry))
+    return entry
+
+
 def append(
     session: Session,
     run_id: uuid.UUID,
@@ -82,22 +117,18 @@ def append(
         .order_by(AuditEntry.seq.desc())
         .limit(1)
     ).first()
-    seq, prev_hash = (last.seq + 1, last.entry_hash) if last else (1, GENESIS)
-    entry = AuditEntry(
-        run_id=run_id,
-        seq=seq,
+    entry = next_entry(
+        run_id,
+        last.seq if last else None,
+        last.entry_hash if last else None,
+        action,
+        status,
         stage_id=stage_id,
         agent_id=agent_id,
-        action=action,
-        status=status,
         input_hash=None if input is _ABSENT else sha256_json(input),
         output_hash=None if output is _ABSENT else sha256_json(output),
         details=details,
-        logged_at=datetime.now(UTC),
-        prev_hash=prev_hash,
-        entry_hash="",
     )
-    entry.entry_hash = entry_hash(prev_hash, entry_document(entry))
     session.add(entry)
     return entry
 

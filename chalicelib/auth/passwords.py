@@ -18,7 +18,8 @@ def _prehash(password: str) -> bytes:
 
 
 # Checked against when the email is unknown, so both failures cost the same time.
-_DUMMY_HASH = bcrypt.hashpw(b"maof-timing-equaliser", bcrypt.gensalt(rounds=10)).decode()
+# Precomputed (cost 10, like real hashes) so no bcrypt work runs at import (cold start).
+_DUMMY_HASH = "$2b$10$71pUo/xVmG/.ojEd.4YeW.uJOPXBgbqmA9a9e5JDThEsjMXBnxS3y"
 
 
 def hash_password(password: str, rounds: int = 10) -> str:

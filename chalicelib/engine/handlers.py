@@ -3,11 +3,13 @@ agent health checks; and the dispatch policy of one stage (retry, fall back, wai
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,12 +20,12 @@ from chalicelib.agents.selection import (
     AgentChoice,
     AgentsBusy,
     NoAgentAvailable,
-    holding,
-    record_outcome,
+    release,
     select_agent,
+    settle,
 )
 from chalicelib.config import get_settings
-from chalicelib.engine import stages, sweeper
+from chalicelib.engine import stages, sweeper, trace
 from chalicelib.engine.queue import StageMessage, send_stage_messages
 from chalicelib.logs import logger
 from chalicelib.workflows.references import UnresolvableReference, resolve
@@ -59,6 +61,7 @@ class DispatchPolicy:
 
 def run_stage(run_id: uuid.UUID, stage_id: str) -> str:
     """Run one stage message; returns what happened (for logs and tests)."""
+    trace.mark("received", run_id, stage_id)
     claimed = stages.claim_stage(run_id, stage_id)
     if claimed is None:
         remaining = stages.seconds_until_due(run_id, stage_id)
@@ -67,6 +70,7 @@ def run_stage(run_id: uuid.UUID, stage_id: str) -> str:
             send_stage_messages(run_id, [stage_id], delay_seconds=remaining)
             return "not-due"
         return "not-queued"
+    trace.mark("claimed", run_id, stage_id)
     try:
         return _execute(claimed)
     except Exception:
@@ -116,17 +120,23 @@ def _execute(claimed: stages.ClaimedStage) -> str:
         ],
         timeout_ms=policy.timeout_ms,
     )
+    trace.mark("agent-called", claimed.run_id, claimed.stage_id)
     started = time.monotonic()
     try:
-        with holding(agent):
-            output = call_agent(agent.endpoint, agent.token, agent.agent_id, task)
+        output = call_agent(agent.endpoint, agent.token, agent.agent_id, task)
     except AgentCallFailed as exc:
-        record_outcome(agent.agent_uuid, False, (time.monotonic() - started) * 1000)
+        settle(agent, False, (time.monotonic() - started) * 1000)
         return _after_failure(claimed, agent, exc, attempts_on_agent, policy, stage_input)
-    record_outcome(agent.agent_uuid, True, (time.monotonic() - started) * 1000)
+    except BaseException:
+        release(agent)  # the slot is given back however the call ends
+        raise
+    trace.mark("agent-returned", claimed.run_id, claimed.stage_id)
+    settle(agent, True, (time.monotonic() - started) * 1000)
     ready = stages.complete_stage(claimed, agent.agent_uuid, agent.agent_id, stage_input, output)
+    trace.mark("completed", claimed.run_id, claimed.stage_id)
     if ready:
         send_stage_messages(claimed.run_id, ready)
+        trace.mark("sent", claimed.run_id, claimed.stage_id)
     return "completed"
 
 
@@ -205,35 +215,55 @@ def _wait_for_capacity(claimed: stages.ClaimedStage, reason: str) -> str:
     return "waiting"
 
 
+# Up to 10 records per invocation (the SQS batch size) run at once, each in its own
+# thread: a stage mostly waits (on its agent, Postgres, SQS), so a batch takes about as
+# long as its slowest record rather than the sum of them. The pool is shared by every
+# invocation in the process (one at a time on Lambda; several in the local poller).
+_BATCH_THREADS = 10 * 64
+
+
+@functools.lru_cache(maxsize=1)
+def _batch_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=_BATCH_THREADS, thread_name_prefix="maof-stage")
+
+
 def run_stage_batch(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Run every stage message of a batch; report the ones to redeliver."""
-    failures = []
-    for record in records:
-        try:
-            message = StageMessage.parse(record["body"])
-        except (ValueError, KeyError, json.JSONDecodeError):
-            # Not ours and never will be: drop it rather than redeliver it forever.
-            logger.error(
-                "dropping malformed stage message", extra={"messageId": record.get("messageId")}
-            )
-            continue
-        try:
-            outcome = run_stage(message.run_id, message.stage_id)
-            logger.debug(
-                "stage message handled",
-                extra={
-                    "runId": str(message.run_id),
-                    "stageId": message.stage_id,
-                    "outcome": outcome,
-                },
-            )
-        except Exception:
-            logger.exception(
-                "stage message failed; it will be redelivered",
-                extra={"runId": str(message.run_id), "stageId": message.stage_id},
-            )
-            failures.append({"itemIdentifier": record["messageId"]})
-    return {"batchItemFailures": failures}
+    """Run every stage message of a batch, at once; report the ones to redeliver."""
+    if len(records) == 1:
+        results = [_run_record(records[0])]
+    else:
+        results = list(_batch_pool().map(_run_record, records))
+    return {"batchItemFailures": [failure for failure in results if failure is not None]}
+
+
+def _run_record(record: dict[str, Any]) -> dict[str, str] | None:
+    """Run one record; the batch item failure to report, or None."""
+    try:
+        message = StageMessage.parse(record["body"])
+    except (ValueError, KeyError, json.JSONDecodeError):
+        # Not ours and never will be: drop it rather than redeliver it forever.
+        logger.error(
+            "dropping malformed stage message", extra={"messageId": record.get("messageId")}
+        )
+        return None
+    try:
+        outcome = run_stage(message.run_id, message.stage_id)
+        trace.mark("done", message.run_id, message.stage_id)
+        logger.debug(
+            "stage message handled",
+            extra={
+                "runId": str(message.run_id),
+                "stageId": message.stage_id,
+                "outcome": outcome,
+            },
+        )
+    except Exception:
+        logger.exception(
+            "stage message failed; it will be redelivered",
+            extra={"runId": str(message.run_id), "stageId": message.stage_id},
+        )
+        return {"itemIdentifier": record["messageId"]}
+    return None
 
 
 def sweep_stalled_stages() -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,19 +41,95 @@ def send_stage_messages(
 ) -> None:
     """Queue one message per stage, ten to a request, visible after `delay_seconds`.
     Raises if any could not be sent: the stages stay `queued` in the database and the
-    sweeper sends them again."""
+    sweeper sends them again.
+
+    Sends from threads of the same process that overlap go out together (see _Outbox):
+    the records of a batch finishing at once make one request, not ten."""
     delay = max(0, min(MAX_DELAY_SECONDS, math.ceil(delay_seconds)))
-    messages = [StageMessage(run_id, stage_id) for stage_id in stage_ids]
-    sqs = aws_client("sqs")
-    for start in range(0, len(messages), SQS_BATCH):
-        chunk = messages[start : start + SQS_BATCH]
-        result = sqs.send_message_batch(
-            QueueUrl=stage_queue_url(),
-            Entries=[
-                {"Id": str(i), "MessageBody": m.body(), "DelaySeconds": delay}
-                for i, m in enumerate(chunk)
-            ],
-        )
-        if result.get("Failed"):
-            logger.error("stage messages not sent", extra={"failed": result["Failed"]})
-            raise RuntimeError(f"{len(result['Failed'])} stage messages were not sent")
+    bodies = [StageMessage(run_id, stage_id).body() for stage_id in stage_ids]
+    if bodies:
+        _OUTBOX.send([(body, delay) for body in bodies])
+
+
+@dataclass
+class _Parcel:
+    """One caller's messages, and how their sending ended."""
+
+    entries: list[tuple[str, int]]  # (body, delay seconds)
+    done: bool = False
+    error: BaseException | None = None
+
+
+class _Outbox:
+    """Group commit for SQS sends. A caller whose messages find no send in flight sends
+    them at once, with whatever else is waiting; one that finds a send in flight waits
+    for it, then either finds its messages sent (they joined a later request) or sends
+    them itself with everything that gathered meanwhile. No caller waits for more than
+    the send in flight plus its own, and a lone caller never waits."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._waiting: list[_Parcel] = []
+        self._sending = False
+
+    def send(self, entries: list[tuple[str, int]]) -> None:
+        mine = _Parcel(entries)
+        with self._cond:
+            self._waiting.append(mine)
+            while self._sending and not mine.done:
+                self._cond.wait()
+            if not mine.done:
+                self._sending = True
+                parcels, self._waiting = self._waiting, []
+        if not mine.done:
+            try:
+                _send_parcels(parcels)
+            finally:
+                with self._cond:
+                    self._sending = False
+                    self._cond.notify_all()
+        if mine.error is not None:
+            raise mine.error
+
+
+def _send_parcels(parcels: list[_Parcel]) -> None:
+    """Send every parcel's messages, ten to a request; mark each parcel done, with the
+    error that kept any of its messages from the queue."""
+    flat = [(parcel, entry) for parcel in parcels for entry in parcel.entries]
+    try:
+        sqs = aws_client("sqs")
+        for start in range(0, len(flat), SQS_BATCH):
+            chunk = flat[start : start + SQS_BATCH]
+            try:
+                result = sqs.send_message_batch(
+                    QueueUrl=stage_queue_url(),
+                    Entries=[
+                        {"Id": str(i), "MessageBody": body, "DelaySeconds": delay}
+                        for i, (_, (body, delay)) in enumerate(chunk)
+                    ],
+                )
+            except Exception as exc:
+                for parcel, _ in chunk:
+                    parcel.error = parcel.error or exc
+                continue
+            if result.get("Failed"):
+                logger.error("stage messages not sent", extra={"failed": result["Failed"]})
+                unsent: dict[int, int] = {}
+                for item in result["Failed"]:
+                    parcel = chunk[int(item["Id"])][0]
+                    unsent[id(parcel)] = unsent.get(id(parcel), 0) + 1
+                for parcel, _ in chunk:
+                    if id(parcel) in unsent and parcel.error is None:
+                        parcel.error = RuntimeError(
+                            f"{unsent[id(parcel)]} stage messages were not sent"
+                        )
+    except BaseException as exc:
+        for parcel in parcels:
+            parcel.error = parcel.error or exc
+        raise
+    finally:
+        for parcel in parcels:
+            parcel.done = True
+
+
+_OUTBOX = _Outbox()

@@ -23,8 +23,9 @@ from sqlalchemy.orm import Session
 
 from chalicelib.audit import chain
 from chalicelib.config import get_settings
-from chalicelib.db import session_scope
-from chalicelib.db.models import WorkflowRun
+from chalicelib.db import autocommit_connection, session_scope
+from chalicelib.db.models import AuditEntry
+from chalicelib.engine import audit_rows
 from chalicelib.http import dumps
 
 
@@ -44,6 +45,7 @@ class ClaimedStage:
     agent_attempts: int  # attempts already made on that agent
     tried_agents: list[uuid.UUID]
     last_error: str | None  # of the previous attempt
+    context: StageContext | None = None  # read by the claim, in the same statement
 
 
 @dataclass(frozen=True)
@@ -58,25 +60,17 @@ def claim_stage(run_id: uuid.UUID, stage_id: str) -> ClaimedStage | None:
 
     The lease covers the agent's timeout, so the sweeper never hands a stage to a
     second worker while the first may still be waiting on its agent.
+
+    One statement, one round trip: the claim, the run's move to in_progress, and what
+    the stage needs to run (the workflow input and the outputs of completed stages).
     """
     settings = get_settings()
     token = uuid.uuid4()
-    with session_scope() as session:
-        # Raw SQL: a conditional UPDATE … RETURNING is the claim, in one round trip.
-        row = session.execute(
-            text(
-                """
-                UPDATE stage_executions
-                   SET status = 'in_progress', claim_token = :token,
-                       started_at = COALESCE(started_at, now()),
-                       lease_expires_at = now() + make_interval(secs => GREATEST(:lease,
-                           COALESCE((config ->> 'timeoutMs')::numeric, :timeout_ms) / 1000 + 30))
-                 WHERE run_id = :run_id AND stage_id = :stage_id AND status = 'queued'
-                   AND (not_before IS NULL OR not_before <= now())
-             RETURNING id, stage_name, capability, dependencies, input_template, config,
-                       attempt, agent_uuid, agent_attempts, tried_agents, error_message
-                """
-            ),
+    with autocommit_connection() as conn:
+        # A conditional UPDATE … RETURNING is the claim; the run is updated only when
+        # the stage was claimed (same order as before: the stage row, then the run row).
+        row = conn.execute(
+            _CLAIM,
             {
                 "run_id": run_id,
                 "stage_id": stage_id,
@@ -85,15 +79,8 @@ def claim_stage(run_id: uuid.UUID, stage_id: str) -> ClaimedStage | None:
                 "timeout_ms": settings.agent_timeout_ms,
             },
         ).first()
-        if row is None:
-            return None
-        session.execute(
-            text(
-                "UPDATE workflow_runs SET status = 'in_progress', started_at = now(), "
-                "updated_at = now() WHERE id = :run_id AND status = 'queued'"
-            ),
-            {"run_id": run_id},
-        )
+    if row is None:
+        return None
     return ClaimedStage(
         id=row.id,
         run_id=run_id,
@@ -109,7 +96,32 @@ def claim_stage(run_id: uuid.UUID, stage_id: str) -> ClaimedStage | None:
         agent_attempts=row.agent_attempts,
         tried_agents=list(row.tried_agents),
         last_error=row.error_message,
+        context=StageContext(row.workflow_name, row.workflow_input, dict(row.outputs or {})),
     )
+
+
+_CLAIM = text(
+    """
+    WITH claimed AS (
+        UPDATE stage_executions
+           SET status = 'in_progress', claim_token = :token,
+               started_at = COALESCE(started_at, now()),
+               lease_expires_at = now() + make_interval(secs => GREATEST(:lease,
+                   COALESCE((config ->> 'timeoutMs')::numeric, :timeout_ms) / 1000 + 30))
+         WHERE run_id = :run_id AND stage_id = :stage_id AND status = 'queued'
+           AND (not_before IS NULL OR not_before <= now())
+     RETURNING id, stage_name, capability, dependencies, input_template, config,
+               attempt, agent_uuid, agent_attempts, tried_agents, error_message
+    ), started AS (
+        UPDATE workflow_runs SET status = 'in_progress', started_at = now(), updated_at = now()
+         WHERE id = :run_id AND status = 'queued' AND EXISTS (SELECT 1 FROM claimed)
+    )
+    SELECT claimed.*, run.workflow_name, run.input AS workflow_input,
+           (SELECT jsonb_object_agg(done.stage_id, done.output) FROM stage_executions AS done
+             WHERE done.run_id = :run_id AND done.status = 'completed') AS outputs
+      FROM claimed JOIN workflow_runs AS run ON run.id = :run_id
+    """
+)
 
 
 def seconds_until_due(run_id: uuid.UUID, stage_id: str) -> float | None:
@@ -128,7 +140,10 @@ def seconds_until_due(run_id: uuid.UUID, stage_id: str) -> float | None:
 
 
 def load_context(stage: ClaimedStage) -> StageContext:
-    """The workflow input and the outputs of the run's completed stages."""
+    """The workflow input and the outputs of the run's completed stages (read with the
+    claim; read again only for a stage claimed without them)."""
+    if stage.context is not None:
+        return stage.context
     with session_scope() as session:
         run = session.execute(
             text("SELECT workflow_name, input FROM workflow_runs WHERE id = :run_id"),
@@ -152,32 +167,37 @@ def default_input(stage: ClaimedStage, context: StageContext) -> Any:
     return {dep: context.outputs.get(dep) for dep in stage.dependencies}
 
 
-def _lock_run(session: Session, run_id: uuid.UUID) -> WorkflowRun:
-    run = session.get(WorkflowRun, run_id, with_for_update=True)
-    assert run is not None, f"run {run_id} vanished"
-    return run
+@dataclass(frozen=True)
+class LockedRun:
+    id: uuid.UUID
+    status: str
+
+
+def _lock_run(session: Session, run_id: uuid.UUID) -> LockedRun:
+    """Take the run's row lock (only its status is read: not the definition or input)."""
+    status = session.execute(
+        text("SELECT status FROM workflow_runs WHERE id = :run_id FOR UPDATE"), {"run_id": run_id}
+    ).scalar()
+    assert status is not None, f"run {run_id} vanished"
+    return LockedRun(run_id, status)
 
 
 def complete_stage(
     stage: ClaimedStage, agent_uuid: str, agent_id: str, stage_input: Any, output: Any
 ) -> list[str]:
     """Store the output, audit it, queue the dependents that became ready, and finish
-    the run when every stage is done. Returns the stage ids to send messages for."""
+    the run when every stage is done. Returns the stage ids to send messages for.
+
+    Under the run's lock, in as few round trips as Postgres allows: the stage's update
+    also reads the head of the audit chain; the audit entry's insert also queues the
+    ready dependents and counts the stages still open."""
     with session_scope() as session:
         run = _lock_run(session, stage.run_id)
         updated = session.execute(
-            text(
-                """
-                UPDATE stage_executions
-                   SET status = 'completed', output = CAST(:output AS jsonb),
-                       input = CAST(:input AS jsonb), agent_uuid = :agent_uuid,
-                       agent_id = :agent_id, completed_at = now(), lease_expires_at = NULL
-                 WHERE id = :id AND status = 'in_progress' AND claim_token = :token
-             RETURNING started_at, completed_at
-                """
-            ),
+            _COMPLETE,
             {
                 "id": stage.id,
+                "run_id": stage.run_id,
                 "token": stage.claim_token,
                 "output": _json(output),
                 "input": _json(stage_input),
@@ -188,68 +208,106 @@ def complete_stage(
         if updated is None:
             return []  # our lease expired and the stage moved on without us
         duration_ms = int((updated.completed_at - updated.started_at).total_seconds() * 1000)
-        chain.append(
-            session,
+        entry = chain.next_entry(
             stage.run_id,
+            updated.last_seq,
+            updated.last_hash,
             "execute",
             "completed",
             stage_id=stage.stage_id,
             agent_id=agent_id,
-            input=stage_input,
-            output=output,
+            input_hash=chain.sha256_json(stage_input),
+            output_hash=chain.sha256_json(output),
             details={"attempt": stage.attempt, "durationMs": duration_ms},
         )
         if run.status not in ("queued", "in_progress"):
+            session.execute(audit_rows.INSERT, audit_rows.params(entry))
             return []
-        ready = ready_dependents(session, stage.run_id)
-        if not ready:
-            finish_run_if_done(session, run)
+        advanced = session.execute(
+            _APPEND_AND_ADVANCE, {**audit_rows.params(entry), "run_id": stage.run_id}
+        ).one()
+        ready = list(advanced.ready or [])
+        if not ready and advanced.still_open == 0:
+            finish_run(session, run, entry)
         return ready
 
 
-def ready_dependents(session: Session, run_id: uuid.UUID) -> list[str]:
-    """Move every pending stage whose dependencies are all completed to queued."""
-    rows = session.execute(
-        text(
-            """
-            UPDATE stage_executions AS s
-               SET status = 'queued', queued_at = now()
-             WHERE s.run_id = :run_id AND s.status = 'pending'
-               AND NOT EXISTS (
-                   SELECT 1 FROM stage_executions AS d
-                    WHERE d.run_id = s.run_id AND d.stage_id = ANY (s.dependencies)
-                      AND d.status <> 'completed')
-         RETURNING s.stage_id
-            """
-        ),
-        {"run_id": run_id},
-    ).all()
-    return [row.stage_id for row in rows]
+# The stage's completion, conditional on our claim, and the head of the run's audit chain
+# (read after the run lock was taken, so no other entry can follow it meanwhile).
+_COMPLETE = text(
+    """
+    WITH done AS (
+        UPDATE stage_executions
+           SET status = 'completed', output = CAST(:output AS jsonb),
+               input = CAST(:input AS jsonb), agent_uuid = :agent_uuid,
+               agent_id = :agent_id, completed_at = now(), lease_expires_at = NULL
+         WHERE id = :id AND status = 'in_progress' AND claim_token = :token
+     RETURNING started_at, completed_at
+    )
+    SELECT done.started_at, done.completed_at, head.seq AS last_seq, head.entry_hash AS last_hash
+      FROM done LEFT JOIN LATERAL (
+           SELECT seq, entry_hash FROM execution_logs
+            WHERE run_id = :run_id ORDER BY seq DESC LIMIT 1) AS head ON true
+    """
+)
 
 
-def finish_run_if_done(session: Session, run: WorkflowRun) -> bool:
-    """Complete the run when all its stages are; its output is that of the final stage(s)."""
-    rows = session.execute(
+# Every pending stage whose dependencies are all completed becomes queued.
+_READY = """
+    UPDATE stage_executions AS s
+       SET status = 'queued', queued_at = now()
+     WHERE s.run_id = :run_id AND s.status = 'pending'
+       AND NOT EXISTS (
+           SELECT 1 FROM stage_executions AS d
+            WHERE d.run_id = s.run_id AND d.stage_id = ANY (s.dependencies)
+              AND d.status <> 'completed')
+ RETURNING s.stage_id
+"""
+
+# The audit entry, the ready dependents, and how many stages are not completed yet.
+_APPEND_AND_ADVANCE = text(
+    f"""
+    WITH entry AS (INSERT INTO execution_logs ({audit_rows.COLUMNS}) VALUES ({audit_rows.VALUES})),
+         ready AS ({_READY})
+    SELECT (SELECT array_agg(stage_id) FROM ready) AS ready,
+           (SELECT count(*) FROM stage_executions
+             WHERE run_id = :run_id AND status <> 'completed') AS still_open
+    """
+)
+
+
+def finish_run(session: Session, run: LockedRun, last: AuditEntry) -> None:
+    """Complete the run, whose stages are all completed (the caller counted them under the
+    run lock); its output is that of the final stage(s), those nothing depends on.
+    `last` is the run's newest audit entry (written in this transaction)."""
+    sinks = session.execute(
         text(
-            "SELECT stage_id, status, output, dependencies FROM stage_executions "
-            "WHERE run_id = :run_id ORDER BY position"
+            "SELECT s.stage_id, s.output FROM stage_executions AS s "
+            "WHERE s.run_id = :run_id AND NOT EXISTS ("
+            "    SELECT 1 FROM stage_executions AS d "
+            "     WHERE d.run_id = s.run_id AND s.stage_id = ANY (d.dependencies)) "
+            "ORDER BY s.position"
         ),
         {"run_id": run.id},
     ).all()
-    if any(row.status != "completed" for row in rows):
-        return False
-    depended_on = {dep for row in rows for dep in row.dependencies}
-    sinks = [row for row in rows if row.stage_id not in depended_on]
     output = sinks[0].output if len(sinks) == 1 else {row.stage_id: row.output for row in sinks}
+    entry = chain.next_entry(
+        run.id,
+        last.seq,
+        last.entry_hash,
+        "complete",
+        "completed",
+        output_hash=chain.sha256_json(output),
+    )
     session.execute(
         text(
+            f"WITH entry AS (INSERT INTO execution_logs ({audit_rows.COLUMNS}) "
+            f"VALUES ({audit_rows.VALUES})) "
             "UPDATE workflow_runs SET status = 'completed', output = CAST(:output AS jsonb), "
             "completed_at = now(), updated_at = now() WHERE id = :run_id"
         ),
-        {"run_id": run.id, "output": _json(output)},
+        {**audit_rows.params(entry), "run_id": run.id, "output": _json(output)},
     )
-    chain.append(session, run.id, "complete", "completed", output=output)
-    return True
 
 
 def fail_stage(

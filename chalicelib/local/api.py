@@ -27,6 +27,9 @@ from chalicelib.local.stack import PROJECT_DIR
 class MaofRequestHandler(ChaliceRequestHandler):
     """Turns API Gateway's 'Missing Authentication Token' for unknown paths into our 404."""
 
+    # Without TCP_NODELAY every keep-alive answer waits ~40 ms on delayed ACKs.
+    disable_nagle_algorithm = True
+
     def _send_error_response(self, error: LocalGatewayException) -> None:
         if isinstance(error, ForbiddenError) and b"Authentication Token" in (error.body or b""):
             from chalicelib import errors

@@ -6,15 +6,16 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import case, func, select
+from sqlalchemy import case, func, select, text
 from sqlalchemy.orm import Session
 
 from chalicelib import errors
 from chalicelib.audit import chain
-from chalicelib.db import session_scope
+from chalicelib.db import autocommit_connection, session_scope
 from chalicelib.db.models import AuditEntry, StageExecution, WorkflowRun
+from chalicelib.engine import audit_rows
 from chalicelib.engine.queue import send_stage_messages
-from chalicelib.http import PageQuery, Principal, Reply, page_meta
+from chalicelib.http import PageQuery, Principal, Reply, dumps, page_meta
 from chalicelib.logs import logger
 from chalicelib.workflows.definition import ExecuteRequest, check_dag
 
@@ -39,50 +40,52 @@ def parse_run_ref(value: str) -> uuid.UUID:
 
 
 def submit(principal: Principal, body: ExecuteRequest) -> Reply:
-    """Store the run and its stages in one transaction, then queue the stages with no
-    dependencies. If sending fails, the sweeper sends them later: the run is accepted."""
+    """Store the run, its stages and the first audit entry in one statement (one round
+    trip, one transaction), then queue the stages with no dependencies. If sending fails,
+    the sweeper sends them later: the run is accepted."""
     check_dag(body.workflow)
-    with session_scope() as session:
-        run = WorkflowRun(
-            user_id=principal.user_uuid,
-            workflow_name=body.workflow.name,
-            definition=body.workflow.model_dump(by_alias=True, mode="json"),
-            input=body.input,
-            status="queued",
+    run_id = uuid.uuid4()
+    stages = body.workflow.stages
+    roots = [stage.id for stage in stages if not stage.dependencies]
+    rows = [
+        {
+            "stage_id": stage.id,
+            "stage_name": stage.name,
+            "position": position,
+            "capability": stage.agent_capability,
+            "dependencies": stage.dependencies,
+            # JSON texts: a None is stored as JSON null, as the ORM stores it.
+            "input_template": dumps(stage.input),
+            "config": dumps(
+                stage.config.model_dump(by_alias=True, exclude_none=True) if stage.config else None
+            ),
+            "ready": not stage.dependencies,
+        }
+        for position, stage in enumerate(stages)
+    ]
+    # A new run's chain starts at GENESIS: no head to read.
+    entry = chain.next_entry(
+        run_id,
+        None,
+        None,
+        "submit",
+        "queued",
+        input_hash=chain.sha256_json(body.input),
+        details={"workflowName": body.workflow.name, "stages": len(stages)},
+    )
+    with autocommit_connection() as conn:
+        conn.execute(
+            _SUBMIT,
+            {
+                "run_id": run_id,
+                "user_id": principal.user_uuid,
+                "workflow_name": body.workflow.name,
+                "definition": dumps(body.workflow.model_dump(by_alias=True, mode="json")),
+                "input": dumps(body.input),
+                "stages": dumps(rows),
+                **audit_rows.params(entry),
+            },
         )
-        session.add(run)
-        session.flush()
-        now = func.now()
-        roots = []
-        for position, stage in enumerate(body.workflow.stages):
-            ready = not stage.dependencies
-            if ready:
-                roots.append(stage.id)
-            session.add(
-                StageExecution(
-                    run_id=run.id,
-                    stage_id=stage.id,
-                    stage_name=stage.name,
-                    position=position,
-                    capability=stage.agent_capability,
-                    dependencies=stage.dependencies,
-                    input_template=stage.input,
-                    config=stage.config.model_dump(by_alias=True, exclude_none=True)
-                    if stage.config
-                    else None,
-                    status="queued" if ready else "pending",
-                    queued_at=now if ready else None,
-                )
-            )
-        chain.append(
-            session,
-            run.id,
-            "submit",
-            "queued",
-            input=body.input,
-            details={"workflowName": body.workflow.name, "stages": len(body.workflow.stages)},
-        )
-        run_id = run.id
     try:
         send_stage_messages(run_id, roots)
     except Exception:
@@ -90,6 +93,28 @@ def submit(principal: Principal, body: ExecuteRequest) -> Reply:
             "could not queue a new run; the sweeper will", extra={"runId": str(run_id)}
         )
     return Reply({"workflowRunId": run_ref(run_id), "status": "queued"}, 202)
+
+
+_SUBMIT = text(
+    f"""
+    WITH run AS (
+        INSERT INTO workflow_runs (id, user_id, workflow_name, definition, input, status)
+        VALUES (:run_id, :user_id, :workflow_name, CAST(:definition AS jsonb),
+                CAST(:input AS jsonb), 'queued')
+    ), stages AS (
+        INSERT INTO stage_executions (run_id, stage_id, stage_name, position, capability,
+                                      dependencies, input_template, config, status, queued_at)
+        SELECT :run_id, s.stage_id, s.stage_name, s.position, s.capability, s.dependencies,
+               CAST(s.input_template AS jsonb), CAST(s.config AS jsonb),
+               CASE WHEN s.ready THEN 'queued' ELSE 'pending' END,
+               CASE WHEN s.ready THEN now() END
+          FROM jsonb_to_recordset(CAST(:stages AS jsonb)) AS s(
+               stage_id text, stage_name text, position int, capability text,
+               dependencies text[], input_template text, config text, ready boolean)
+    )
+    INSERT INTO execution_logs ({audit_rows.COLUMNS}) VALUES ({audit_rows.VALUES})
+    """
+)
 
 
 def _own_run(session: Session, principal: Principal, ref: str) -> WorkflowRun:

@@ -1,0 +1,1 @@
+"""MAOF benchmarks: `make bench` (python -m bench). See README, "Benchmarks"."""
