@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 DEV_JWT_SECRET = "dev-only-secret-change-me-0123456789abcdef"  # noqa: S105 (dev stage only; refused elsewhere)
 DEV_SECRET_KEY = "dev-only-key-for-agent-tokens-0123456789"  # noqa: S105 (dev stage only)
@@ -96,30 +97,28 @@ def _ssm_secrets() -> dict[str, str]:
     return {SSM_SECRETS[name]: value for name, value in values.items() if value}
 
 
-def _int(name: str, default: int, low: int, high: int) -> int:
+N = TypeVar("N", int, float)
+
+
+def _number(name: str, default: N, low: N, high: N, kind: type[N], what: str) -> N:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+        raise ConfigError(f"{name} must be {what}, got {raw!r}") from None
     if not low <= value <= high:
         raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
     return value
+
+
+def _int(name: str, default: int, low: int, high: int) -> int:
+    return _number(name, default, low, high, int, "a whole number")
 
 
 def _float(name: str, default: float, low: float, high: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-    if not low <= value <= high:
-        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
-    return value
+    return _number(name, default, low, high, float, "a number")
 
 
 def _str(name: str, default: str) -> str:

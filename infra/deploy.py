@@ -658,41 +658,14 @@ def invoke_migrate(lambda_: Any, function: str, log_group: str = "its log group"
 
 
 def publish_dashboard(s3: Any, bucket: str, api_url: str, source: Path = SITE_DIR) -> list[str]:
-    """Upload dashboard/ with its Content-Types and a config.json naming `api_url`;
-    objects no longer in the site are removed. Returns the keys written."""
-    from chalicelib.local.dashboard import (
-        CACHE_CONTROL,
-        CONFIG_KEY,
-        content_type,
-        site_config,
-        site_files,
-    )
+    """Upload dashboard/ with its Content-Types and a config.json naming `api_url`, as
+    `make dev` does locally; objects no longer in the site are removed."""
+    from chalicelib.local.dashboard import upload_site
 
-    files = site_files(source)
-    if "index.html" not in files:
-        raise DeployError(f"{source / 'index.html'} is missing")
-    for key, path in files.items():
-        s3.put_object(
-            Bucket=bucket,
-            Key=key,
-            Body=path.read_bytes(),
-            ContentType=content_type(path),
-            CacheControl=CACHE_CONTROL,
-        )
-    s3.put_object(
-        Bucket=bucket,
-        Key=CONFIG_KEY,
-        Body=site_config(api_url),
-        ContentType="application/json; charset=utf-8",
-        CacheControl=CACHE_CONTROL,
-    )
-    written = [*files, CONFIG_KEY]
-    stale: list[dict[str, str]] = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-        stale += [{"Key": o["Key"]} for o in page.get("Contents", []) if o["Key"] not in written]
-    for start in range(0, len(stale), 1000):
-        s3.delete_objects(Bucket=bucket, Delete={"Objects": stale[start : start + 1000]})
-    return written
+    try:
+        return upload_site(api_url, bucket, source, s3=s3)
+    except FileNotFoundError as exc:
+        raise DeployError(str(exc)) from None
 
 
 def check_health(api_url: str, timeout: float = 30.0) -> str:

@@ -10,6 +10,7 @@ import json
 import mimetypes
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from chalicelib.aws import aws_client
@@ -80,9 +81,13 @@ def site_config(api_url: str) -> bytes:
     return json.dumps({"apiUrl": api_url.rstrip("/")}, indent=2).encode() + b"\n"
 
 
-def upload_site(api_url: str, bucket: str | None = None, source: Path = SITE_DIR) -> list[str]:
+def upload_site(
+    api_url: str, bucket: str | None = None, source: Path = SITE_DIR, s3: Any = None
+) -> list[str]:
     """Publish the dashboard to `bucket` (default: the configured dashboard bucket) with a
-    config.json pointing at `api_url`; objects no longer in the site are removed.
+    config.json pointing at `api_url`; objects no longer in the site are removed. `s3` is
+    the client to use (default: LocalStack's or AWS's, per the settings; `make deploy`
+    passes its own).
 
     Returns the keys written.
     """
@@ -90,7 +95,7 @@ def upload_site(api_url: str, bucket: str | None = None, source: Path = SITE_DIR
     files = site_files(source)
     if "index.html" not in files:
         raise FileNotFoundError(f"{source / 'index.html'} is missing")
-    s3 = aws_client("s3")
+    s3 = s3 or aws_client("s3")
     for key, path in files.items():
         s3.put_object(
             Bucket=bucket,
@@ -107,12 +112,11 @@ def upload_site(api_url: str, bucket: str | None = None, source: Path = SITE_DIR
         CacheControl=CACHE_CONTROL,
     )
     written = [*files, CONFIG_KEY]
-    _remove_stale(bucket, set(written))
+    _remove_stale(s3, bucket, set(written))
     return written
 
 
-def _remove_stale(bucket: str, keep: set[str]) -> None:
-    s3 = aws_client("s3")
+def _remove_stale(s3: Any, bucket: str, keep: set[str]) -> None:
     stale: list[dict[str, str]] = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         stale += [{"Key": item["Key"]} for item in page.get("Contents", [])]
