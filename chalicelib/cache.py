@@ -64,3 +64,15 @@ def ping() -> bool:
         return bool(get_redis().ping())
     except redis.RedisError:
         return False
+
+
+def count_in_window(key: str, window_seconds: int) -> int | None:
+    """Count one more event under `key` in a fixed window; None when Redis is unreachable
+    (callers then do not limit: Redis is a cache, never a gate)."""
+    try:
+        pipe = get_redis().pipeline()
+        pipe.incr(key)
+        pipe.expire(key, window_seconds, nx=True)
+        return int(pipe.execute()[0])
+    except redis.RedisError:
+        return None

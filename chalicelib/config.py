@@ -179,6 +179,7 @@ class Settings:
     agent_health_timeout_ms: int
     agent_health_interval_seconds: int
     allow_private_agent_endpoints: bool
+    login_attempts_per_minute: int
 
     @property
     def is_dev(self) -> bool:
@@ -253,6 +254,7 @@ def load_settings() -> Settings:
         agent_health_timeout_ms=_int("MAOF_AGENT_HEALTH_TIMEOUT_MS", 2000, 100, 30_000),
         agent_health_interval_seconds=_int("MAOF_AGENT_HEALTH_INTERVAL_SECONDS", 60, 5, 86400),
         allow_private_agent_endpoints=_bool("MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS", False),
+        login_attempts_per_minute=_int("MAOF_LOGIN_ATTEMPTS_PER_MINUTE", 10, 1, 10_000),
     )
 
 

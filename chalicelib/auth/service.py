@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from typing import Any
 
 from pydantic import EmailStr, Field, field_validator
 from sqlalchemy import select
 
-from chalicelib import errors
+from chalicelib import cache, errors
 from chalicelib.auth import passwords, tokens
+from chalicelib.config import get_settings
 from chalicelib.db import insert_unique, session_scope
 from chalicelib.db.models import User
 from chalicelib.http import ApiModel, Principal
@@ -68,9 +70,26 @@ def register(body: RegisterRequest) -> dict[str, Any]:
     return user_view(user)
 
 
+LOGIN_WINDOW_SECONDS = 60
+
+
+def _limit_login_attempts(email: str) -> None:
+    """At most MAOF_LOGIN_ATTEMPTS_PER_MINUTE attempts per email a minute (password guessing)."""
+    digest = hashlib.sha256(email.encode("utf-8")).hexdigest()[:32]  # no addresses in Redis keys
+    attempts = cache.count_in_window(f"maof:ratelimit:login:{digest}", LOGIN_WINDOW_SECONDS)
+    limit = get_settings().login_attempts_per_minute
+    if attempts is not None and attempts > limit:
+        raise errors.RateLimited(
+            "Too many sign-in attempts for this account; try again within a minute",
+            {"retryAfterSeconds": LOGIN_WINDOW_SECONDS},
+        )
+
+
 def login(body: LoginRequest) -> dict[str, Any]:
+    email = body.email.strip().lower()
+    _limit_login_attempts(email)
     with session_scope() as session:
-        user = session.scalar(select(User).where(User.email == body.email.strip().lower()))
+        user = session.scalar(select(User).where(User.email == email))
     if (
         not passwords.verify_password(body.password, user.password_hash if user else None)
         or user is None
