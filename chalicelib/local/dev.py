@@ -94,7 +94,11 @@ def demo(base: str) -> None:
     )
     login = call(base, "POST", "/auth/login", {"email": DEMO_EMAIL, "password": DEMO_PASSWORD})
     if not login.get("success"):
-        print(f"Demo skipped: could not sign in as {DEMO_EMAIL}: {login.get('error')}", flush=True)
+        print(
+            f"Demo skipped: could not sign in as {DEMO_EMAIL}: {login.get('error')} "
+            "(local data from an older version? `make clean` starts afresh)",
+            flush=True,
+        )
         return
     token = login["data"]["accessToken"]
     registered = call(base, "POST", "/agents/register", DEMO_AGENT, token)
