@@ -53,6 +53,26 @@ function authLayout(ctx, content) {
   return h('div', { class: 'auth' }, hero(ctx), h('div', { class: 'auth__panel' }, h('div', { class: 'auth__card' }, content)));
 }
 
+/** Sign-in and register share one page: brand, title, subtitle, the form, a switch link. */
+function showAuthPage(ctx, { title, subtitle, notice = null, form, switchText, switchHref, switchLabel }) {
+  ctx.root.append(
+    authLayout(
+      ctx,
+      h(
+        'div',
+        null,
+        h('div', { class: 'auth__mobile-brand' }, logo(32), h('strong', null, 'MAOF')),
+        h('h1', { class: 'auth__title' }, title),
+        h('p', { class: 'auth__subtitle' }, subtitle),
+        notice,
+        form,
+        h('p', { class: 'auth__switch' }, switchText, h('a', { href: switchHref }, switchLabel)),
+      ),
+    ),
+  );
+  form.querySelector('[autofocus]')?.focus();
+}
+
 export async function loginPage(ctx) {
   const flash = takeFlash();
   const email = sessionStorage.getItem('maof.lastEmail') || '';
@@ -90,22 +110,15 @@ export async function loginPage(ctx) {
       error.replaceChildren(alertBox('error', err.status === 401 ? 'Wrong email or password.' : err.message, { details: rest }));
     }
   });
-  ctx.root.append(
-    authLayout(
-      ctx,
-      h(
-        'div',
-        null,
-        h('div', { class: 'auth__mobile-brand' }, logo(32), h('strong', null, 'MAOF')),
-        h('h1', { class: 'auth__title' }, 'Sign in'),
-        h('p', { class: 'auth__subtitle' }, 'Welcome back. Sign in to watch your workflows run.'),
-        flash ? h('div', { class: 'flash', 'data-testid': 'flash' }, alertBox(flash.kind, flash.message)) : null,
-        form,
-        h('p', { class: 'auth__switch' }, 'No account yet? ', h('a', { href: '#/register' }, 'Create one')),
-      ),
-    ),
-  );
-  form.querySelector('[autofocus]')?.focus();
+  showAuthPage(ctx, {
+    title: 'Sign in',
+    subtitle: 'Welcome back. Sign in to watch your workflows run.',
+    notice: flash ? h('div', { class: 'flash', 'data-testid': 'flash' }, alertBox(flash.kind, flash.message)) : null,
+    form,
+    switchText: 'No account yet? ',
+    switchHref: '#/register',
+    switchLabel: 'Create one',
+  });
 }
 
 export async function registerPage(ctx) {
@@ -156,19 +169,12 @@ export async function registerPage(ctx) {
       if (err.code !== 'CONFLICT') error.replaceChildren(alertBox('error', err.message, { details: rest }));
     }
   });
-  ctx.root.append(
-    authLayout(
-      ctx,
-      h(
-        'div',
-        null,
-        h('div', { class: 'auth__mobile-brand' }, logo(32), h('strong', null, 'MAOF')),
-        h('h1', { class: 'auth__title' }, 'Create an account'),
-        h('p', { class: 'auth__subtitle' }, 'Register, then sign in with your new password.'),
-        form,
-        h('p', { class: 'auth__switch' }, 'Already have an account? ', h('a', { href: '#/login' }, 'Sign in')),
-      ),
-    ),
-  );
-  form.querySelector('[autofocus]')?.focus();
+  showAuthPage(ctx, {
+    title: 'Create an account',
+    subtitle: 'Register, then sign in with your new password.',
+    form,
+    switchText: 'Already have an account? ',
+    switchHref: '#/login',
+    switchLabel: 'Sign in',
+  });
 }
