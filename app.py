@@ -48,7 +48,7 @@ def register(request: ApiRequest, body: auth.RegisterRequest) -> dict[str, Any]:
 
 @app.endpoint("/auth/login", "POST", public=True, body=auth.LoginRequest, summary="Get tokens")
 def login(request: ApiRequest, body: auth.LoginRequest) -> dict[str, Any]:
-    return auth.login(body)
+    return auth.login(body, request.source_ip)
 
 
 @app.endpoint(
@@ -60,6 +60,32 @@ def login(request: ApiRequest, body: auth.LoginRequest) -> dict[str, Any]:
 )
 def refresh(request: ApiRequest, body: auth.RefreshRequest) -> dict[str, Any]:
     return auth.refresh(body)
+
+
+@app.endpoint(
+    "/auth/logout",
+    "POST",
+    public=True,
+    body=auth.RefreshRequest,
+    summary="Sign out: end the session of a refresh token",
+)
+def logout(request: ApiRequest, body: auth.RefreshRequest) -> dict[str, Any]:
+    return auth.logout(body)
+
+
+@app.endpoint("/auth/logout-all", "POST", summary="Sign out everywhere: end every session")
+def logout_all(request: ApiRequest) -> dict[str, Any]:
+    return auth.logout_all(request.user)
+
+
+@app.endpoint(
+    "/auth/password",
+    "POST",
+    body=auth.PasswordChangeRequest,
+    summary="Change the password (ends every other session)",
+)
+def change_password(request: ApiRequest, body: auth.PasswordChangeRequest) -> dict[str, Any]:
+    return auth.change_password(request.user, body)
 
 
 @app.endpoint("/auth/me", "GET", summary="The signed-in user")
@@ -81,19 +107,31 @@ def register_agent(request: ApiRequest, body: agents.RegisterAgentRequest) -> di
     return agents.register(request.user, body)
 
 
-@app.endpoint("/agents", "GET", query=agents.AgentQuery, summary="List agents")
+@app.endpoint("/agents", "GET", query=agents.AgentQuery, summary="Your agents and shared ones")
 def list_agents(request: ApiRequest, query: agents.AgentQuery) -> dict[str, Any]:
-    return agents.list_agents(query)
+    return agents.list_agents(request.user, query)
 
 
 @app.endpoint("/agents/{agent_uuid}", "GET", summary="One agent")
 def get_agent(request: ApiRequest, agent_uuid: str) -> dict[str, Any]:
-    return agents.get_agent(agent_uuid)
+    return agents.get_agent(request.user, agent_uuid)
+
+
+@app.endpoint(
+    "/agents/{agent_uuid}",
+    "PATCH",
+    body=agents.UpdateAgentRequest,
+    summary="Change an agent's visibility (owner only; sharing needs an admin)",
+)
+def update_agent(
+    request: ApiRequest, agent_uuid: str, body: agents.UpdateAgentRequest
+) -> dict[str, Any]:
+    return agents.update_agent(request.user, agent_uuid, body)
 
 
 @app.endpoint("/agents/{agent_uuid}/health-check", "POST", summary="Check an agent's health now")
 def health_check_agent(request: ApiRequest, agent_uuid: str) -> dict[str, Any]:
-    return agents.check_health(agent_uuid)
+    return agents.check_health(request.user, agent_uuid)
 
 
 @app.endpoint("/agents/{agent_uuid}", "DELETE", summary="Delete an agent (owner only)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import time
+import uuid
 from typing import Any
 
 import redis
@@ -66,13 +68,43 @@ def ping() -> bool:
         return False
 
 
-def count_in_window(key: str, window_seconds: int) -> int | None:
-    """Count one more event under `key` in a fixed window; None when Redis is unreachable
-    (callers then do not limit: Redis is a cache, never a gate)."""
+def sliding_window(key: str, window_seconds: int, limit: int) -> float:
+    """Count one more event under `key` over the last `window_seconds`; 0 when that keeps
+    within `limit`, else the seconds until the oldest counted event leaves the window.
+    Refused events count too (hammering keeps a caller out). Raises redis.RedisError:
+    each caller decides whether a limit without Redis fails open or closed."""
+    now = time.time()
+    pipe = get_redis().pipeline()  # MULTI: the four steps are one atomic unit
+    pipe.zremrangebyscore(key, 0, now - window_seconds)
+    pipe.zadd(key, {f"{now:.6f}:{uuid.uuid4().hex[:8]}": now})
+    pipe.zcard(key)
+    pipe.zrange(key, 0, 0, withscores=True)
+    pipe.expire(key, window_seconds)
+    _, _, count, oldest, _ = pipe.execute()
+    if int(count) <= limit:
+        return 0.0
+    return max(0.0, float(oldest[0][1]) + window_seconds - now) if oldest else window_seconds
+
+
+def counter(key: str) -> int | None:
+    """An integer counter's value (0 when unset), or None when Redis is unreachable."""
     try:
-        pipe = get_redis().pipeline()
-        pipe.incr(key)
-        pipe.expire(key, window_seconds, nx=True)
-        return int(pipe.execute()[0])
-    except redis.RedisError:
+        return int(str(get_redis().get(key) or 0))
+    except redis.RedisError as exc:
+        logger.warning(
+            "redis unavailable for read", extra={"key": key, "error": type(exc).__name__}
+        )
         return None
+
+
+def bump(*keys: str) -> None:
+    """Add one to each counter (best effort: without Redis there is nothing cached)."""
+    if not keys:
+        return
+    try:
+        pipe = get_redis().pipeline(transaction=False)
+        for key in keys:
+            pipe.incr(key)
+        pipe.execute()
+    except redis.RedisError as exc:
+        logger.warning("redis unavailable for write", extra={"error": type(exc).__name__})

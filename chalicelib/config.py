@@ -28,6 +28,11 @@ SSM_SECRETS = {
     "database-url": "MAOF_DATABASE_URL",
     "redis-url": "MAOF_REDIS_URL",
 }
+# Keys being rotated out (comma-separated), present only during a rotation.
+SSM_PREVIOUS_KEYS = {
+    "jwt-previous-secrets": "MAOF_JWT_PREVIOUS_SECRETS",
+    "previous-secret-keys": "MAOF_PREVIOUS_SECRET_KEYS",
+}
 # Without these two under the path, start-up stops; the URLs may come from the environment.
 SSM_REQUIRED = ("jwt-secret", "secret-key")
 LOCALSTACK_ENDPOINT = "http://127.0.0.1:4566"
@@ -58,7 +63,7 @@ def _read_ssm_parameters(path: str, region: str, endpoint: str | None) -> dict[s
             aws_access_key_id="test",
             aws_secret_access_key="test",  # noqa: S106
         )
-    names = [f"{path}/{name}" for name in SSM_SECRETS]
+    names = [f"{path}/{name}" for name in (*SSM_SECRETS, *SSM_PREVIOUS_KEYS)]
     try:
         ssm = boto3.session.Session().client("ssm", **kwargs)
         found = ssm.get_parameters(Names=names, WithDecryption=True)["Parameters"]
@@ -94,7 +99,8 @@ def _ssm_secrets() -> dict[str, str]:
             f"SSM parameter {missing[0]} is missing or empty (MAOF_SECRETS_SSM_PATH={path}); "
             "create it as a SecureString"
         )
-    return {SSM_SECRETS[name]: value for name, value in values.items() if value}
+    settings = {**SSM_SECRETS, **SSM_PREVIOUS_KEYS}
+    return {settings[name]: value for name, value in values.items() if value}
 
 
 N = TypeVar("N", int, float)
@@ -131,6 +137,12 @@ def _optional(name: str) -> str | None:
     return value or None
 
 
+def _list(name: str, ssm: dict[str, str]) -> tuple[str, ...]:
+    """A comma-separated setting (from SSM when there), without blanks."""
+    raw = ssm.get(name) or os.environ.get(name) or ""
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
 def _bool(name: str, default: bool) -> bool:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -150,7 +162,10 @@ class Settings:
     database_url: str
     redis_url: str
     jwt_secret: str
+    jwt_previous_secrets: tuple[str, ...]
     secret_key: str
+    previous_secret_keys: tuple[str, ...]
+    admin_emails: frozenset[str]
     aws_region: str
     aws_endpoint_url: str | None
     stage_queue_name: str
@@ -159,7 +174,9 @@ class Settings:
     cors_origin: str
     access_token_ttl_seconds: int
     refresh_token_ttl_seconds: int
+    session_max_lifetime_seconds: int
     max_body_bytes: int
+    max_json_depth: int
     log_level: str
     mock_agent_delay_ms: int
     mock_agent_failure_rate: float
@@ -180,6 +197,9 @@ class Settings:
     agent_health_interval_seconds: int
     allow_private_agent_endpoints: bool
     login_attempts_per_minute: int
+    login_attempts_per_ip_per_minute: int
+    submissions_per_minute: int
+    max_active_runs: int
 
     @property
     def is_dev(self) -> bool:
@@ -204,6 +224,15 @@ def load_settings() -> Settings:
     )
     if len(secret_key) < 32:
         raise ConfigError(f"MAOF_SECRET_KEY must be at least 32 characters in stage {stage!r}")
+    # Keys being rotated out: still accepted to verify (JWTs) or decrypt (agent tokens).
+    jwt_previous = _list("MAOF_JWT_PREVIOUS_SECRETS", ssm)
+    previous_keys = _list("MAOF_PREVIOUS_SECRET_KEYS", ssm)
+    for name, values in (
+        ("MAOF_JWT_PREVIOUS_SECRETS", jwt_previous),
+        ("MAOF_PREVIOUS_SECRET_KEYS", previous_keys),
+    ):
+        if any(len(value) < 32 for value in values):
+            raise ConfigError(f"every key in {name} must be at least 32 characters")
     database_url = ssm.get("MAOF_DATABASE_URL") or _str(
         "MAOF_DATABASE_URL",
         "postgresql+psycopg://maof:maof@127.0.0.1:5432/maof" if is_dev else "",
@@ -219,12 +248,17 @@ def load_settings() -> Settings:
         raise ConfigError(
             "MAOF_REDIS_URL must be a redis:// or rediss:// URL" + _ssm_hint("redis-url")
         )
+    if not is_dev and not _bool("MAOF_ALLOW_INSECURE_CONNECTIONS", False):
+        _require_tls(database_url, redis_url)
     return Settings(
         stage=stage,
         database_url=database_url,
         redis_url=redis_url,
         jwt_secret=jwt_secret,
+        jwt_previous_secrets=jwt_previous,
         secret_key=secret_key,
+        previous_secret_keys=previous_keys,
+        admin_emails=frozenset(e.lower() for e in _list("MAOF_ADMIN_EMAILS", {})),
         aws_region=_str("MAOF_AWS_REGION", os.environ.get("AWS_REGION", "us-east-1")),
         aws_endpoint_url=_optional("MAOF_AWS_ENDPOINT_URL")
         or (LOCALSTACK_ENDPOINT if is_dev else None),
@@ -234,7 +268,11 @@ def load_settings() -> Settings:
         cors_origin=_str("MAOF_CORS_ORIGIN", "*"),
         access_token_ttl_seconds=_int("MAOF_ACCESS_TOKEN_TTL_SECONDS", 900, 10, 86400),
         refresh_token_ttl_seconds=_int("MAOF_REFRESH_TOKEN_TTL_SECONDS", 7 * 86400, 60, 90 * 86400),
+        session_max_lifetime_seconds=_int(
+            "MAOF_SESSION_MAX_LIFETIME_SECONDS", 30 * 86400, 60, 365 * 86400
+        ),
         max_body_bytes=_int("MAOF_MAX_BODY_BYTES", 1_000_000, 1024, 6_000_000),
+        max_json_depth=_int("MAOF_MAX_JSON_DEPTH", 64, 4, 512),
         log_level=_str("MAOF_LOG_LEVEL", "INFO").upper(),
         mock_agent_delay_ms=_int("MAOF_MOCK_AGENT_DELAY_MS", 0, 0, 600_000),
         mock_agent_failure_rate=_float("MAOF_MOCK_AGENT_FAILURE_RATE", 0.0, 0.0, 1.0),
@@ -255,7 +293,31 @@ def load_settings() -> Settings:
         agent_health_interval_seconds=_int("MAOF_AGENT_HEALTH_INTERVAL_SECONDS", 60, 5, 86400),
         allow_private_agent_endpoints=_bool("MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS", False),
         login_attempts_per_minute=_int("MAOF_LOGIN_ATTEMPTS_PER_MINUTE", 10, 1, 10_000),
+        login_attempts_per_ip_per_minute=_int(
+            "MAOF_LOGIN_ATTEMPTS_PER_IP_PER_MINUTE", 60, 1, 1_000_000
+        ),
+        submissions_per_minute=_int("MAOF_SUBMISSIONS_PER_MINUTE", 300, 1, 1_000_000),
+        max_active_runs=_int("MAOF_MAX_ACTIVE_RUNS", 500, 1, 1_000_000),
     )
+
+
+def _require_tls(database_url: str, redis_url: str) -> None:
+    """Outside dev, credentials and data must not cross the network in clear text."""
+    from urllib.parse import parse_qs, urlparse
+
+    sslmode = parse_qs(urlparse(database_url).query).get("sslmode", [""])[-1]
+    if sslmode not in ("require", "verify-ca", "verify-full"):
+        raise ConfigError(
+            "MAOF_DATABASE_URL must use TLS (?sslmode=require or verify-full)"
+            + _ssm_hint("database-url")
+            + "; MAOF_ALLOW_INSECURE_CONNECTIONS=true overrides"
+        )
+    if not redis_url.startswith("rediss://"):
+        raise ConfigError(
+            "MAOF_REDIS_URL must use TLS (rediss://)"
+            + _ssm_hint("redis-url")
+            + "; MAOF_ALLOW_INSECURE_CONNECTIONS=true overrides"
+        )
 
 
 @functools.lru_cache(maxsize=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from chalice.app import ChaliceUnhandledError
@@ -16,6 +17,7 @@ class ApiError(ChaliceUnhandledError):
 
     code = "INTERNAL_ERROR"
     status = 500
+    headers: dict[str, str] = {}  # read-only; subclasses set their own
 
     def __init__(self, message: str, details: Any = None) -> None:
         super().__init__(message)
@@ -69,8 +71,15 @@ class UnsupportedMediaType(ApiError):
 
 
 class RateLimited(ApiError):
+    """429 with `Retry-After` (whole seconds) as a header and in the details."""
+
     code = "RATE_LIMITED"
     status = 429
+
+    def __init__(self, message: str, retry_after_seconds: float = 60) -> None:
+        seconds = max(1, math.ceil(retry_after_seconds))
+        super().__init__(message, {"retryAfterSeconds": seconds})
+        self.headers = {"Retry-After": str(seconds)}
 
 
 class ServiceUnavailable(ApiError):

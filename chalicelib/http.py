@@ -23,7 +23,7 @@ from chalicelib.logs import logger
 
 M = TypeVar("M", bound=BaseModel)
 
-EXPOSED_HEADERS = ["X-Request-Id"]
+EXPOSED_HEADERS = ["X-Request-Id", "Retry-After"]
 
 
 def _has_nul(value: Any) -> bool:
@@ -34,6 +34,23 @@ def _has_nul(value: Any) -> bool:
     if isinstance(value, list | tuple):
         return any(_has_nul(item) for item in value)
     return False
+
+
+def json_depth(value: Any) -> int:
+    """How deeply containers nest in a parsed JSON value (a scalar is 0), without recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 class ApiModel(BaseModel):
@@ -147,10 +164,19 @@ class ApiRequest:
             )
         if not raw.strip():
             raise errors.BadRequest("Request body is required")
+        limit = get_settings().max_json_depth
         try:
             data = json.loads(raw)
+            too_deep = json_depth(data) > limit
         except (ValueError, UnicodeDecodeError):
             raise errors.BadRequest("Request body is not valid JSON") from None
+        except RecursionError:
+            too_deep = True  # deeper than Python's own parser goes
+        if too_deep:
+            raise errors.ValidationError(
+                f"Request body is nested more than {limit} levels deep",
+                [{"field": "body", "message": f"must not nest more than {limit} levels"}],
+            )
         if not isinstance(data, dict):
             raise errors.ValidationError(
                 "Request body must be a JSON object",
@@ -161,6 +187,14 @@ class ApiRequest:
     def query(self, model: type[M]) -> M:
         params = dict(self._request.query_params or {})
         return validate(model, params)
+
+    @property
+    def source_ip(self) -> str | None:
+        """The client's address as API Gateway (or `chalice local`) saw it."""
+        context = getattr(self._request, "context", None) or {}
+        identity = context.get("identity") or {}
+        address = identity.get("sourceIp")
+        return str(address) if address else None
 
     def header(self, name: str) -> str | None:
         value = self._request.headers.get(name)
@@ -213,7 +247,7 @@ class MaofApp(Chalice):
         two cannot drift. The view returns data (answered with `status`) or a Reply; `raw`
         answers without the envelope.
         """
-        from chalicelib.auth.tokens import authenticate  # avoid a cycle at import time
+        from chalicelib.auth.sessions import authenticate  # avoid a cycle at import time
 
         cors = CORSConfig(
             allow_origin=cors_origin(),
@@ -270,6 +304,7 @@ class MaofApp(Chalice):
             response = get_response(event)
         except errors.ApiError as exc:
             response = json_response(error_body(exc, request_id), exc.status, request_id)
+            response.headers.update(exc.headers)
         except Exception:
             logger.exception(
                 "unhandled error", extra={"requestId": request_id, "path": _path(event)}

@@ -27,6 +27,11 @@ os.environ.update(
         "MAOF_LOG_LEVEL": os.environ.get("MAOF_TEST_LOG_LEVEL", "WARNING"),
         "MAOF_MOCK_AGENT_DELAY_MS": "0",
         "MAOF_MOCK_AGENT_FAILURE_RATE": "0",
+        # Every test signs in and submits from 127.0.0.1 as a fresh user: the per-address
+        # and per-user limits are raised here; their own tests lower them.
+        "MAOF_LOGIN_ATTEMPTS_PER_IP_PER_MINUTE": "1000000",
+        "MAOF_SUBMISSIONS_PER_MINUTE": "1000000",
+        "MAOF_ADMIN_EMAILS": "admin@example.com",
     }
 )
 os.environ.pop("MAOF_STAGE_QUEUE_URL", None)

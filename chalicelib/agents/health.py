@@ -25,7 +25,7 @@ from sqlalchemy import select, update
 from chalicelib import cache
 from chalicelib.agents.dispatch import is_mock
 from chalicelib.agents.network import EndpointNotAllowed, check_endpoint_allowed
-from chalicelib.agents.registry import capability_cache_key
+from chalicelib.agents.registry import invalidate_capability
 from chalicelib.config import get_settings
 from chalicelib.db import session_scope
 from chalicelib.db.models import Agent
@@ -98,7 +98,8 @@ def _record(results: dict[uuid.UUID, str]) -> list[dict[str, Any]]:
             {"status": agent.status, "checkedAt": now.isoformat()},
             get_settings().agent_health_interval_seconds * 3,
         )
-    cache.delete(*[capability_cache_key(c) for c in changed_capabilities])
+    for capability in changed_capabilities:
+        invalidate_capability(capability)
     from chalicelib.agents.registry import agent_view
 
     return [agent_view(a) for a in agents]

@@ -8,13 +8,14 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, field_validator
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from chalicelib import cache, errors
 from chalicelib.agents.network import EndpointNotAllowed, check_endpoint_allowed
 from chalicelib.agents.secrets import encrypt_token
+from chalicelib.auth.service import is_admin
 from chalicelib.capabilities import Capability
 from chalicelib.config import get_settings
 from chalicelib.db import insert_unique, session_scope
@@ -22,6 +23,7 @@ from chalicelib.db.models import Agent
 from chalicelib.http import ApiModel, PageQuery, Principal, page_meta
 
 ALLOWED_SCHEMES = ("http", "https", "mock")
+Visibility = Literal["private", "shared"]
 
 
 class RegisterAgentRequest(ApiModel):
@@ -32,6 +34,7 @@ class RegisterAgentRequest(ApiModel):
     capabilities: list[Capability] = Field(min_length=1, max_length=50)
     description: str | None = Field(default=None, max_length=2000)
     max_concurrent_tasks: int = Field(default=5, ge=1, le=100)
+    visibility: Visibility = "private"
 
     @field_validator("endpoint")
     @classmethod
@@ -52,14 +55,19 @@ class RegisterAgentRequest(ApiModel):
         return list(dict.fromkeys(value))
 
 
+class UpdateAgentRequest(ApiModel):
+    visibility: Visibility
+
+
 class AgentQuery(PageQuery):
     capability: Capability | None = None
     status: Literal["online", "degraded", "offline"] | None = None
 
 
-def agent_view(agent: Agent) -> dict[str, Any]:
-    """The public shape of an agent; the auth token is never part of it."""
-    return {
+def agent_view(agent: Agent, viewer: Principal | None = None) -> dict[str, Any]:
+    """The public shape of an agent; the auth token is never part of it, and a shared
+    agent seen by someone other than its owner shows neither its endpoint nor its owner."""
+    view = {
         "agentUuid": str(agent.id),
         "agentId": agent.agent_id,
         "name": agent.name,
@@ -68,22 +76,46 @@ def agent_view(agent: Agent) -> dict[str, Any]:
         "capabilities": agent.capabilities,
         "maxConcurrentTasks": agent.max_concurrent_tasks,
         "status": agent.status,
+        "visibility": agent.visibility,
         "lastHealthCheck": agent.last_health_check,
         "ownerUserUuid": str(agent.owner_id),
         "createdAt": agent.created_at,
         "updatedAt": agent.updated_at,
     }
+    if viewer is not None and viewer.user_uuid != agent.owner_id:
+        del view["endpoint"], view["ownerUserUuid"]
+    return view
 
 
 def capability_cache_key(capability: str) -> str:
     return f"maof:agents:capability:{capability}"
 
 
+def capability_generation_key(capability: str) -> str:
+    return f"maof:agents:capability-gen:{capability}"
+
+
+def invalidate_capability(capability: str) -> None:
+    _invalidate([capability])
+
+
 def _invalidate(capabilities: list[str]) -> None:
-    cache.delete(*[capability_cache_key(c) for c in capabilities])
+    """After a change to agents with these capabilities is committed: move each one's
+    generation on, so a list read before the change (even one cached after this call by a
+    racing lookup) is never served again."""
+    cache.bump(*[capability_generation_key(c) for c in capabilities])
+
+
+def _refuse_sharing(principal: Principal, visibility: str) -> None:
+    if visibility == "shared" and not is_admin(principal.email):
+        raise errors.Forbidden(
+            "Only an admin can share an agent",
+            [{"field": "visibility", "message": "only an admin may set 'shared'"}],
+        )
 
 
 def register(principal: Principal, body: RegisterAgentRequest) -> dict[str, Any]:
+    _refuse_sharing(principal, body.visibility)
     agent = Agent(
         agent_id=body.agent_id,
         owner_id=principal.user_uuid,
@@ -93,6 +125,7 @@ def register(principal: Principal, body: RegisterAgentRequest) -> dict[str, Any]
         auth_token_encrypted=encrypt_token(body.auth_token),
         capabilities=body.capabilities,
         max_concurrent_tasks=body.max_concurrent_tasks,
+        visibility=body.visibility,
         status="online",
     )
     insert_unique(
@@ -104,21 +137,33 @@ def register(principal: Principal, body: RegisterAgentRequest) -> dict[str, Any]
     )
     _invalidate(agent.capabilities)
     # A new agent is checked at once, so its status is real from the start.
-    return check_health(str(agent.id))
+    return _probe(agent.id)
 
 
-def check_health(agent_uuid: str) -> dict[str, Any]:
-    """Probe one live agent now and return it with its new status."""
+def _probe(agent_uuid: uuid.UUID) -> dict[str, Any]:
+    """Probe an agent (its owner asked) and return the owner's view of it."""
     from chalicelib.agents.health import check_agents
 
-    checked = check_agents([parse_uuid(agent_uuid, "Agent")])
+    checked = check_agents([agent_uuid])
     if not checked:
         raise errors.NotFound("Agent not found")
     return checked[0]
 
 
-def list_agents(query: AgentQuery) -> dict[str, Any]:
-    conditions: list[ColumnElement[bool]] = [Agent.deleted_at.is_(None)]
+def check_health(principal: Principal, agent_uuid: str) -> dict[str, Any]:
+    """Probe one of the caller's agents now and return it with its new status."""
+    with session_scope() as session:
+        agent = _owned_agent(session, principal, agent_uuid, "check its health")
+    return _probe(agent.id)
+
+
+def _visible(principal: Principal) -> ColumnElement[bool]:
+    """The agents a user may see: their own, and shared ones."""
+    return or_(Agent.owner_id == principal.user_uuid, Agent.visibility == "shared")
+
+
+def list_agents(principal: Principal, query: AgentQuery) -> dict[str, Any]:
+    conditions: list[ColumnElement[bool]] = [Agent.deleted_at.is_(None), _visible(principal)]
     if query.capability:
         conditions.append(Agent.capabilities.contains([query.capability]))
     if query.status:
@@ -132,7 +177,10 @@ def list_agents(query: AgentQuery) -> dict[str, Any]:
             .offset(query.offset)
             .limit(query.limit)
         ).all()
-    return {"agents": [agent_view(a) for a in agents], "meta": page_meta(total, query)}
+    return {
+        "agents": [agent_view(a, principal) for a in agents],
+        "meta": page_meta(total, query),
+    }
 
 
 def parse_uuid(value: str, what: str) -> uuid.UUID:
@@ -142,23 +190,55 @@ def parse_uuid(value: str, what: str) -> uuid.UUID:
         raise errors.NotFound(f"{what} not found") from None
 
 
-def _live_agent(session: Session, agent_uuid: str) -> Agent:
-    agent = session.get(Agent, parse_uuid(agent_uuid, "Agent"))
-    if agent is None or agent.deleted_at is not None:
+def _visible_agent(session: Session, principal: Principal, agent_uuid: str) -> Agent:
+    """A live agent the caller may see; 404 for others' private agents, as for unknown ones."""
+    agent = session.scalar(
+        select(Agent).where(
+            Agent.id == parse_uuid(agent_uuid, "Agent"),
+            Agent.deleted_at.is_(None),
+            _visible(principal),
+        )
+    )
+    if agent is None:
         raise errors.NotFound("Agent not found")
     return agent
 
 
-def get_agent(agent_uuid: str) -> dict[str, Any]:
+def _owned_agent(session: Session, principal: Principal, agent_uuid: str, action: str) -> Agent:
+    """A live agent of the caller's, locked; 404 if invisible, 403 if shared by another."""
+    agent = _visible_agent(session, principal, agent_uuid)
+    if agent.owner_id != principal.user_uuid:
+        raise errors.Forbidden(f"Only the agent's owner can {action}")
+    session.refresh(agent, with_for_update=True)
+    if agent.deleted_at is not None:
+        raise errors.NotFound("Agent not found")
+    return agent
+
+
+def get_agent(principal: Principal, agent_uuid: str) -> dict[str, Any]:
     with session_scope() as session:
-        return agent_view(_live_agent(session, agent_uuid))
+        return agent_view(_visible_agent(session, principal, agent_uuid), principal)
+
+
+def update_agent(principal: Principal, agent_uuid: str, body: UpdateAgentRequest) -> dict[str, Any]:
+    """Change an agent's visibility (sharing needs an admin). Once this returns, a run the
+    agent may no longer serve gets no new stage from it."""
+    _refuse_sharing(principal, body.visibility)
+    with session_scope() as session:
+        agent = _owned_agent(session, principal, agent_uuid, "change it")
+        agent.visibility = body.visibility
+        agent.updated_at = datetime.now(UTC)
+        session.flush()
+        view = agent_view(agent, principal)
+        capabilities = list(agent.capabilities)
+    _invalidate(capabilities)
+    return view
 
 
 def delete_agent(principal: Principal, agent_uuid: str) -> dict[str, Any]:
+    """Soft-delete one of the caller's agents: once this returns it gets no new stage."""
     with session_scope() as session:
-        agent = _live_agent(session, agent_uuid)
-        if agent.owner_id != principal.user_uuid:
-            raise errors.Forbidden("Only the agent's owner can delete it")
+        agent = _owned_agent(session, principal, agent_uuid, "delete it")
         session.execute(
             update(Agent)
             .where(Agent.id == agent.id)
@@ -169,21 +249,19 @@ def delete_agent(principal: Principal, agent_uuid: str) -> dict[str, Any]:
     return {"agentUuid": agent_uuid, "deleted": True}
 
 
-def candidates(capability: str) -> list[dict[str, Any]]:
-    """Live, not-offline agents declaring exactly `capability` (cached briefly in Redis)."""
-    cached = cache.get_json(capability_cache_key(capability))
-    if cached is not None:
-        return list(cached)
-    return candidates_uncached(capability)
-
-
-def candidates_uncached(capability: str) -> list[dict[str, Any]]:
-    """`candidates` read from Postgres, and cached for the next callers."""
+def candidates_uncached(capability: str, generation: int | None = None) -> list[dict[str, Any]]:
+    """Live, not-offline agents declaring `capability`, read from Postgres and cached for
+    the next callers under `generation` (the capability's generation read before this
+    lookup began; None: read it now)."""
+    if generation is None:
+        generation = cache.counter(capability_generation_key(capability))
     with session_scope() as session:
         rows = session.execute(
             select(
                 Agent.id,
                 Agent.agent_id,
+                Agent.owner_id,
+                Agent.visibility,
                 Agent.status,
                 Agent.max_concurrent_tasks,
                 Agent.endpoint,
@@ -198,6 +276,8 @@ def candidates_uncached(capability: str) -> list[dict[str, Any]]:
         {
             "agentUuid": str(row.id),
             "agentId": row.agent_id,
+            "ownerUuid": str(row.owner_id),
+            "visibility": row.visibility,
             "status": row.status,
             "maxConcurrentTasks": row.max_concurrent_tasks,
             "endpoint": row.endpoint,
@@ -206,5 +286,22 @@ def candidates_uncached(capability: str) -> list[dict[str, Any]]:
         }
         for row in rows
     ]
-    cache.set_json(capability_cache_key(capability), found, get_settings().agent_cache_ttl_seconds)
+    if generation is not None:
+        cache.set_json(
+            capability_cache_key(capability),
+            {"generation": generation, "agents": found},
+            get_settings().agent_cache_ttl_seconds,
+        )
     return found
+
+
+def cached_candidates(entry: Any, generation: int | None) -> list[dict[str, Any]] | None:
+    """The agents of a cache entry when it belongs to the current generation, else None."""
+    if isinstance(entry, dict) and generation is not None and entry.get("generation") == generation:
+        return list(entry["agents"])
+    return None
+
+
+def serves(agent: dict[str, Any], owner: uuid.UUID) -> bool:
+    """Whether a candidate agent may serve a run of `owner`: theirs, or shared."""
+    return bool(agent["visibility"] == "shared" or agent["ownerUuid"] == str(owner))

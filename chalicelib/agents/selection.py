@@ -1,6 +1,7 @@
 """Pick the agent for a stage and hold a slot of its capacity while the stage runs.
 
-Candidates are live, not offline agents declaring the capability. Among those with
+Candidates are live, not offline agents declaring the capability that may serve the
+run's submitter (their own agents, and shared ones). Among those with
 free capacity (in-flight tasks counted in Redis, capped at maxConcurrentTasks), MAOF
 prefers online agents, then a lower recent failure rate, then lower recent latency,
 then the lighter load; ties go at random so load spreads. When every capable agent is
@@ -19,7 +20,13 @@ from typing import Any, cast
 import redis
 
 from chalicelib import cache
-from chalicelib.agents.registry import candidates_uncached, capability_cache_key
+from chalicelib.agents.registry import (
+    cached_candidates,
+    candidates_uncached,
+    capability_cache_key,
+    capability_generation_key,
+    serves,
+)
 from chalicelib.agents.secrets import decrypt_token
 from chalicelib.logs import logger
 
@@ -96,43 +103,60 @@ _last_seen: dict[str, list[str]] = {}
 
 
 def _candidates_and_figures(capability: str) -> tuple[list[dict[str, Any]], dict[str, Figures]]:
-    """The capability's candidates (registry.candidates), and the figures of the agents
-    among them that were read with the list (possibly none)."""
+    """The capability's candidates (cached in Redis for the current generation, else read
+    from Postgres), and the figures of the agents among them that were read with the list
+    (possibly none)."""
     guess = _last_seen.get(capability, [])
     try:
         pipe = cache.get_redis().pipeline(transaction=False)
         pipe.get(capability_cache_key(capability))
+        pipe.get(capability_generation_key(capability))
         for agent_uuid in guess:
             pipe.get(_inflight_key(agent_uuid))
             pipe.hgetall(_stats_key(agent_uuid))
         values = pipe.execute()
     except redis.RedisError as exc:
-        # As registry.candidates does when Redis is down: say so, read Postgres.
+        # As cache.get_json does when Redis is down: say so, read Postgres.
         logger.warning(
             "redis unavailable for read",
             extra={"key": capability_cache_key(capability), "error": type(exc).__name__},
         )
-        return candidates_uncached(capability), {}
-    if values[0] is None:
-        found = candidates_uncached(capability)  # not cached: read Postgres, and cache
-        known: dict[str, Figures] = {}
+        return candidates_uncached(capability, generation=None), {}
+    generation = int(values[1] or 0)
+    entry = json.loads(str(values[0])) if values[0] is not None else None
+    found = cached_candidates(entry, generation)
+    known: dict[str, Figures] = {}
+    if found is None:
+        found = candidates_uncached(capability, generation)  # read Postgres, and cache
     else:
-        found = list(json.loads(str(values[0])))
-        known = {u: _figures_of(values[1 + 2 * i : 3 + 2 * i]) for i, u in enumerate(guess)}
+        known = {u: _figures_of(values[2 + 2 * i : 4 + 2 * i]) for i, u in enumerate(guess)}
     _last_seen[capability] = [a["agentUuid"] for a in found]
     return found, known
 
 
+def eligible(
+    capability: str, owner: uuid.UUID, exclude: frozenset[str] = frozenset()
+) -> list[dict[str, Any]]:
+    """The agents that may serve a stage of `owner`'s run: live, not offline, declaring the
+    capability, the owner's own or shared, and not in `exclude`."""
+    found, _ = _candidates_and_figures(capability)
+    return [a for a in found if serves(a, owner) and a["agentUuid"] not in exclude]
+
+
 def select_agent(
-    capability: str, *, prefer: str | None = None, exclude: frozenset[str] = frozenset()
+    capability: str,
+    owner: uuid.UUID,
+    *,
+    prefer: str | None = None,
+    exclude: frozenset[str] = frozenset(),
 ) -> AgentChoice:
-    """Reserve a slot on the best capable agent.
+    """Reserve a slot on the best agent that may serve a stage of `owner`'s run.
 
     `prefer` (the agent of a stage being retried) is the only one considered while it is
     still a candidate; `exclude` holds agents that already had their turn.
     """
     listed, known = _candidates_and_figures(capability)
-    found = [a for a in listed if a["agentUuid"] not in exclude]
+    found = [a for a in listed if serves(a, owner) and a["agentUuid"] not in exclude]
     if not found:
         raise NoAgentAvailable(f"No available agent has the capability '{capability}'")
     if prefer is not None and any(a["agentUuid"] == prefer for a in found):

@@ -1,16 +1,16 @@
-"""Register, login, refresh and who-am-I, against the users table."""
+"""Accounts: register, sign in, refresh, sign out (one session or all), change the password,
+and who-am-I."""
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from typing import Any
 
 from pydantic import EmailStr, Field, field_validator
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from chalicelib import cache, errors
-from chalicelib.auth import passwords, tokens
+from chalicelib import errors, limits
+from chalicelib.auth import passwords, sessions
 from chalicelib.config import get_settings
 from chalicelib.db import insert_unique, session_scope
 from chalicelib.db.models import User
@@ -39,6 +39,20 @@ class RefreshRequest(ApiModel):
     refresh_token: str = Field(min_length=1, max_length=4096)
 
 
+class PasswordChangeRequest(ApiModel):
+    current_password: str = Field(min_length=1, max_length=128)
+    new_password: str = Field(min_length=8, max_length=128)
+
+
+def is_admin(email: str) -> bool:
+    """Admins are named by MAOF_ADMIN_EMAILS, read on every check (no stale role claim)."""
+    return email.lower() in get_settings().admin_emails
+
+
+def role_for(email: str) -> str:
+    return "admin" if is_admin(email) else "user"
+
+
 def user_view(user: User) -> dict[str, Any]:
     return {
         "userUuid": str(user.id),
@@ -49,16 +63,13 @@ def user_view(user: User) -> dict[str, Any]:
     }
 
 
-def _principal(user: User) -> Principal:
-    return Principal(user_uuid=user.id, email=user.email, role=user.role)
-
-
 def register(body: RegisterRequest) -> dict[str, Any]:
+    email = str(body.email).lower()
     user = User(
-        email=str(body.email).lower(),
+        email=email,
         password_hash=passwords.hash_password(body.password),
         name=body.name,
-        role="user",
+        role=role_for(email),
     )
     insert_unique(
         user,
@@ -70,32 +81,65 @@ def register(body: RegisterRequest) -> dict[str, Any]:
     return user_view(user)
 
 
-LOGIN_WINDOW_SECONDS = 60
+def _signed_in(user: User, pair: dict[str, str]) -> dict[str, Any]:
+    return {**pair, "user": user_view(user)}
 
 
-def _limit_login_attempts(email: str) -> None:
-    """At most MAOF_LOGIN_ATTEMPTS_PER_MINUTE attempts per email a minute (password guessing)."""
-    digest = hashlib.sha256(email.encode("utf-8")).hexdigest()[:32]  # no addresses in Redis keys
-    attempts = cache.count_in_window(f"maof:ratelimit:login:{digest}", LOGIN_WINDOW_SECONDS)
-    limit = get_settings().login_attempts_per_minute
-    if attempts is not None and attempts > limit:
-        raise errors.RateLimited(
-            "Too many sign-in attempts for this account; try again within a minute",
-            {"retryAfterSeconds": LOGIN_WINDOW_SECONDS},
-        )
-
-
-def login(body: LoginRequest) -> dict[str, Any]:
-    email = body.email.strip().lower()
-    _limit_login_attempts(email)
-    with session_scope() as session:
-        user = session.scalar(select(User).where(User.email == email))
-    if (
-        not passwords.verify_password(body.password, user.password_hash if user else None)
-        or user is None
-    ):
+def _check_password(user: User | None, password: str) -> User:
+    """The user, when `password` is theirs; the same 401 for an unknown email."""
+    matches = passwords.verify_password(password, user.password_hash if user else None)
+    if user is None or not matches:
         raise errors.Unauthorized("Invalid email or password")
-    return {**tokens.token_pair(_principal(user)), "user": user_view(user)}
+    return user
+
+
+def login(body: LoginRequest, source_ip: str | None) -> dict[str, Any]:
+    email = body.email.strip().lower()
+    limits.limit_sign_in(email, source_ip)
+    with session_scope() as session:
+        found = session.scalar(select(User).where(User.email == email))
+    user = _check_password(found, body.password)
+    with session_scope() as session:
+        session.add(user)
+        if user.role != role_for(user.email):  # MAOF_ADMIN_EMAILS changed since the last sign-in
+            user.role = role_for(user.email)
+        pair = sessions.start(session, user)
+    return _signed_in(user, pair)
+
+
+def refresh(body: RefreshRequest) -> dict[str, Any]:
+    rotated = sessions.rotate(body.refresh_token)
+    return _signed_in(rotated.user, rotated.tokens)
+
+
+def logout(body: RefreshRequest) -> dict[str, Any]:
+    """End the session of a refresh token. Always 200: signing out twice, or with an
+    expired token, leaves the caller signed out all the same."""
+    return {"sessionsEnded": sessions.end(body.refresh_token)}
+
+
+def logout_all(principal: Principal) -> dict[str, Any]:
+    """End every session of the caller, their access tokens included."""
+    with session_scope() as session:
+        ended = sessions.end_all(session, principal.user_uuid, "logout-all")
+    sessions.forget(ended)
+    return {"sessionsEnded": len(ended)}
+
+
+def change_password(principal: Principal, body: PasswordChangeRequest) -> dict[str, Any]:
+    """Set a new password and end every session; the caller gets a fresh one."""
+    user = _load(principal.user_uuid)
+    limits.limit_sign_in(user.email, None)  # a stolen access token must not guess freely
+    _check_password(user, body.current_password)
+    new_hash = passwords.hash_password(body.new_password)
+    with session_scope() as session:
+        ended = sessions.end_all(session, user.id, "password-changed")
+        session.execute(update(User).where(User.id == user.id).values(password_hash=new_hash))
+        fresh = session.get(User, user.id, populate_existing=True)
+        assert fresh is not None
+        pair = sessions.start(session, fresh)
+    sessions.forget(ended)
+    return _signed_in(fresh, pair)
 
 
 def _load(user_uuid: uuid.UUID) -> User:
@@ -104,12 +148,6 @@ def _load(user_uuid: uuid.UUID) -> User:
     if user is None:
         raise errors.Unauthorized("User no longer exists")
     return user
-
-
-def refresh(body: RefreshRequest) -> dict[str, Any]:
-    principal = tokens.decode(body.refresh_token, "refresh")
-    user = _load(principal.user_uuid)
-    return {**tokens.token_pair(_principal(user)), "user": user_view(user)}
 
 
 def me(principal: Principal) -> dict[str, Any]:

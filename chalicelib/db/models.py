@@ -49,10 +49,33 @@ class User(Base):
     password_hash: Mapped[str] = mapped_column(String(100), nullable=False)
     name: Mapped[str] = mapped_column(String(255), nullable=False)
     role: Mapped[str] = mapped_column(String(20), nullable=False, server_default="user")
+    # Bumped to end every session of the user at once (access tokens carry it as `ver`).
+    token_version: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _now()
 
     __table_args__ = (CheckConstraint("email = lower(email)", name="users_email_lower"),)
+
+
+class AuthSession(Base):
+    """One sign-in: a family of refresh tokens of which only the newest (current_jti) is valid."""
+
+    __tablename__ = "auth_sessions"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), nullable=False
+    )
+    current_jti: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False)
+    created_at: Mapped[datetime] = _now()
+    refreshed_at: Mapped[datetime] = _now()
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_reason: Mapped[str | None] = mapped_column(String(40))
+
+    __table_args__ = (
+        Index("auth_sessions_user_live", "user_id", postgresql_where=text("revoked_at IS NULL")),
+    )
 
 
 class Agent(Base):
@@ -68,6 +91,8 @@ class Agent(Base):
     capabilities: Mapped[list[str]] = mapped_column(ARRAY(String(100)), nullable=False)
     max_concurrent_tasks: Mapped[int] = mapped_column(Integer, nullable=False, server_default="5")
     status: Mapped[str] = mapped_column(String(20), nullable=False, server_default="online")
+    # private: serves only its owner's runs; shared (set by an admin): serves everyone's.
+    visibility: Mapped[str] = mapped_column(String(10), nullable=False, server_default="private")
     last_health_check: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _now()
@@ -75,6 +100,7 @@ class Agent(Base):
 
     __table_args__ = (
         CheckConstraint("status IN ('online', 'degraded', 'offline')", name="agents_status"),
+        CheckConstraint("visibility IN ('private', 'shared')", name="agents_visibility"),
         # agentId is unique among live agents; a deleted agent frees its id.
         Index(
             "agents_agent_id_live",

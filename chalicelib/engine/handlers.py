@@ -15,11 +15,12 @@ from typing import Any
 
 from chalicelib.agents import health
 from chalicelib.agents.dispatch import AgentCallFailed, AgentTask, call_agent
-from chalicelib.agents.registry import candidates
+from chalicelib.agents.registry import invalidate_capability
 from chalicelib.agents.selection import (
     AgentChoice,
     AgentsBusy,
     NoAgentAvailable,
+    eligible,
     release,
     select_agent,
     settle,
@@ -92,9 +93,7 @@ def _execute(claimed: stages.ClaimedStage) -> str:
     sticky = claimed.agent_uuid if claimed.agent_attempts else None
     tried = frozenset(str(u) for u in claimed.tried_agents)
     try:
-        agent = select_agent(
-            claimed.capability, prefer=str(sticky) if sticky else None, exclude=tried
-        )
+        agent = _select_and_assign(claimed, sticky, tried)
     except NoAgentAvailable as exc:
         reason = str(exc)
         if tried:
@@ -106,6 +105,8 @@ def _execute(claimed: stages.ClaimedStage) -> str:
         return "failed"
     except AgentsBusy as exc:
         return _wait_for_capacity(claimed, str(exc))
+    except ClaimLost:
+        return "lost"
     same_agent = sticky is not None and str(sticky) == agent.agent_uuid
     attempts_on_agent = (claimed.agent_attempts if same_agent else 0) + 1
     task = AgentTask(
@@ -140,6 +141,38 @@ def _execute(claimed: stages.ClaimedStage) -> str:
     return "completed"
 
 
+class ClaimLost(Exception):
+    """Our lease on the stage expired and it moved on without us."""
+
+
+# A cached candidate list can name an agent that Postgres no longer lets serve the run
+# (deleted, or made private a moment ago); each such agent is dropped and the next tried.
+MAX_ASSIGN_TRIES = 3
+
+
+def _select_and_assign(
+    claimed: stages.ClaimedStage, sticky: uuid.UUID | None, tried: frozenset[str]
+) -> AgentChoice:
+    """Reserve a slot on an agent that may serve the run and record it on the stage."""
+    refused: frozenset[str] = frozenset()
+    for _ in range(MAX_ASSIGN_TRIES):
+        agent = select_agent(
+            claimed.capability,
+            claimed.owner_id,
+            prefer=str(sticky) if sticky else None,
+            exclude=tried | refused,
+        )
+        result = stages.assign_agent(claimed, agent.agent_uuid, agent.agent_id)
+        if result is stages.AssignResult.ASSIGNED:
+            return agent
+        release(agent)
+        if result is stages.AssignResult.CLAIM_LOST:
+            raise ClaimLost()
+        refused |= {agent.agent_uuid}
+        invalidate_capability(claimed.capability)  # the cache was stale: heal it for all
+    raise NoAgentAvailable(f"No available agent has the capability '{claimed.capability}'")
+
+
 def _after_failure(
     claimed: stages.ClaimedStage,
     agent: AgentChoice,
@@ -169,9 +202,7 @@ def _after_failure(
             send_stage_messages(claimed.run_id, [claimed.stage_id], delay_seconds=delay_ms / 1000)
         return "retrying"
     tried = [*claimed.tried_agents, agent_uuid]
-    remaining = [
-        a for a in candidates(claimed.capability) if uuid.UUID(a["agentUuid"]) not in tried
-    ]
+    remaining = eligible(claimed.capability, claimed.owner_id, frozenset(str(u) for u in tried))
     if not remaining:
         attempts = f"{attempts_on_agent} attempt{'s' if attempts_on_agent > 1 else ''}"
         stages.fail_stage(

@@ -14,6 +14,7 @@ Concurrency rules:
 
 from __future__ import annotations
 
+import enum
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ from chalicelib.http import dumps
 class ClaimedStage:
     id: uuid.UUID
     run_id: uuid.UUID
+    owner_id: uuid.UUID  # the run's submitter: only their agents and shared ones serve it
     stage_id: str
     stage_name: str
     capability: str
@@ -84,6 +86,7 @@ def claim_stage(run_id: uuid.UUID, stage_id: str) -> ClaimedStage | None:
     return ClaimedStage(
         id=row.id,
         run_id=run_id,
+        owner_id=row.owner_id,
         stage_id=stage_id,
         stage_name=row.stage_name,
         capability=row.capability,
@@ -116,12 +119,62 @@ _CLAIM = text(
         UPDATE workflow_runs SET status = 'in_progress', started_at = now(), updated_at = now()
          WHERE id = :run_id AND status = 'queued' AND EXISTS (SELECT 1 FROM claimed)
     )
-    SELECT claimed.*, run.workflow_name, run.input AS workflow_input,
+    SELECT claimed.*, run.user_id AS owner_id, run.workflow_name, run.input AS workflow_input,
            (SELECT jsonb_object_agg(done.stage_id, done.output) FROM stage_executions AS done
              WHERE done.run_id = :run_id AND done.status = 'completed') AS outputs
       FROM claimed JOIN workflow_runs AS run ON run.id = :run_id
     """
 )
+
+
+class AssignResult(enum.Enum):
+    ASSIGNED = "assigned"
+    AGENT_INELIGIBLE = "agent-ineligible"  # deleted, or no longer visible to the run's owner
+    CLAIM_LOST = "claim-lost"  # our lease expired and the stage moved on
+
+
+def assign_agent(stage: ClaimedStage, agent_uuid: str, agent_id: str) -> AssignResult:
+    """Record the agent chosen for this attempt, before it is called, if Postgres (the
+    source of truth, whatever a cache said) agrees it may serve the run: live, and the
+    submitter's own or shared. FOR SHARE waits for a delete or visibility change in flight,
+    so once one has returned, no stage is assigned to the agent it excluded."""
+    row = _one_statement(
+        _ASSIGN,
+        {
+            "id": stage.id,
+            "token": stage.claim_token,
+            "agent_uuid": uuid.UUID(agent_uuid),
+            "agent_id": agent_id,
+        },
+    )
+    if not row.claimed:
+        return AssignResult.CLAIM_LOST
+    return AssignResult.ASSIGNED if row.assigned else AssignResult.AGENT_INELIGIBLE
+
+
+_ASSIGN = text(
+    """
+    WITH mine AS (
+        SELECT id, run_id FROM stage_executions
+         WHERE id = :id AND status = 'in_progress' AND claim_token = :token
+    ), allowed AS (
+        SELECT 1 FROM agents AS a, workflow_runs AS r, mine
+         WHERE r.id = mine.run_id AND a.id = :agent_uuid AND a.deleted_at IS NULL
+           AND (a.visibility = 'shared' OR a.owner_id = r.user_id)
+           FOR SHARE OF a
+    ), assigned AS (
+        UPDATE stage_executions SET agent_uuid = :agent_uuid, agent_id = :agent_id
+         WHERE id IN (SELECT id FROM mine) AND EXISTS (SELECT 1 FROM allowed)
+     RETURNING id
+    )
+    SELECT EXISTS (SELECT 1 FROM mine) AS claimed, EXISTS (SELECT 1 FROM assigned) AS assigned
+    """
+)
+
+
+def _one_statement(statement: Any, params: dict[str, Any]) -> Any:
+    with autocommit_connection() as conn:
+        return conn.execute(statement, params).one()
 
 
 def seconds_until_due(run_id: uuid.UUID, stage_id: str) -> float | None:

@@ -9,8 +9,9 @@ from typing import Any, Literal
 from sqlalchemy import case, func, select, text
 from sqlalchemy.orm import Session
 
-from chalicelib import errors
+from chalicelib import errors, limits
 from chalicelib.audit import chain
+from chalicelib.config import get_settings
 from chalicelib.db import autocommit_connection, session_scope
 from chalicelib.db.models import AuditEntry, StageExecution, WorkflowRun
 from chalicelib.engine import audit_rows
@@ -42,8 +43,12 @@ def parse_run_ref(value: str) -> uuid.UUID:
 def submit(principal: Principal, body: ExecuteRequest) -> Reply:
     """Store the run, its stages and the first audit entry in one statement (one round
     trip, one transaction), then queue the stages with no dependencies. If sending fails,
-    the sweeper sends them later: the run is accepted."""
+    the sweeper sends them later: the run is accepted.
+
+    Limited per user: MAOF_SUBMISSIONS_PER_MINUTE, and at most MAOF_MAX_ACTIVE_RUNS runs
+    queued or in progress (counted by the insert itself, so no extra round trip)."""
     check_dag(body.workflow)
+    limits.limit_submissions(str(principal.user_uuid))
     run_id = uuid.uuid4()
     stages = body.workflow.stages
     roots = [stage.id for stage in stages if not stage.dependencies]
@@ -73,10 +78,12 @@ def submit(principal: Principal, body: ExecuteRequest) -> Reply:
         input_hash=chain.sha256_json(body.input),
         details={"workflowName": body.workflow.name, "stages": len(stages)},
     )
+    max_active = get_settings().max_active_runs
     with autocommit_connection() as conn:
-        conn.execute(
+        stored = conn.execute(
             _SUBMIT,
             {
+                "max_active": max_active,
                 "run_id": run_id,
                 "user_id": principal.user_uuid,
                 "workflow_name": body.workflow.name,
@@ -85,6 +92,12 @@ def submit(principal: Principal, body: ExecuteRequest) -> Reply:
                 "stages": dumps(rows),
                 **audit_rows.params(entry),
             },
+        ).scalar()
+    if not stored:
+        raise errors.RateLimited(
+            f"You have {max_active} runs queued or in progress, the most allowed "
+            "(MAOF_MAX_ACTIVE_RUNS); submit again when some have ended",
+            ACTIVE_QUOTA_RETRY_SECONDS,
         )
     try:
         send_stage_messages(run_id, roots)
@@ -95,24 +108,34 @@ def submit(principal: Principal, body: ExecuteRequest) -> Reply:
     return Reply({"workflowRunId": run_ref(run_id), "status": "queued"}, 202)
 
 
+# How long a client over its active-run quota is told to wait before trying again.
+ACTIVE_QUOTA_RETRY_SECONDS = 5
+
+# The run (only while the user is under the active-run quota), its stages and its first
+# audit entry; answers how many runs were stored (0 or 1).
 _SUBMIT = text(
     f"""
     WITH run AS (
         INSERT INTO workflow_runs (id, user_id, workflow_name, definition, input, status)
-        VALUES (:run_id, :user_id, :workflow_name, CAST(:definition AS jsonb),
-                CAST(:input AS jsonb), 'queued')
+        SELECT :run_id, :user_id, :workflow_name, CAST(:definition AS jsonb),
+               CAST(:input AS jsonb), 'queued'
+         WHERE (SELECT count(*) FROM workflow_runs
+                 WHERE user_id = :user_id AND status IN ('queued', 'in_progress')) < :max_active
+     RETURNING id
     ), stages AS (
         INSERT INTO stage_executions (run_id, stage_id, stage_name, position, capability,
                                       dependencies, input_template, config, status, queued_at)
-        SELECT :run_id, s.stage_id, s.stage_name, s.position, s.capability, s.dependencies,
+        SELECT run.id, s.stage_id, s.stage_name, s.position, s.capability, s.dependencies,
                CAST(s.input_template AS jsonb), CAST(s.config AS jsonb),
                CASE WHEN s.ready THEN 'queued' ELSE 'pending' END,
                CASE WHEN s.ready THEN now() END
-          FROM jsonb_to_recordset(CAST(:stages AS jsonb)) AS s(
+          FROM run, jsonb_to_recordset(CAST(:stages AS jsonb)) AS s(
                stage_id text, stage_name text, position int, capability text,
                dependencies text[], input_template text, config text, ready boolean)
+    ), entry AS (
+        INSERT INTO execution_logs ({audit_rows.COLUMNS}) SELECT {audit_rows.VALUES} FROM run
     )
-    INSERT INTO execution_logs ({audit_rows.COLUMNS}) VALUES ({audit_rows.VALUES})
+    SELECT count(*) FROM run
     """
 )
 

@@ -154,6 +154,21 @@ def user(api: Api) -> Api:
     return api.as_new_user()
 
 
+ADMIN_EMAIL = "admin@example.com"  # named by MAOF_ADMIN_EMAILS in tests/conftest.py
+ADMIN_PASSWORD = "admin-password-123"
+
+
+@pytest.fixture
+def admin(api: Api) -> Api:
+    """A client signed in as the admin (registered on first use)."""
+    api.post("/auth/register", {"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD, "name": "Admin"})
+    login = api.post("/auth/login", {"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
+    assert login.status_code == 200, login.text
+    data = login.json()["data"]
+    assert data["user"]["role"] == "admin"
+    return Api(api.base_url, token=data["accessToken"], user=data["user"])
+
+
 @pytest.fixture(scope="session")
 def poller(stack: None) -> Iterator[Any]:
     """The local SQS event source, invoking the app's run_stage handler (4 workers)."""

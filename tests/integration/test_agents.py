@@ -10,7 +10,11 @@ import pytest
 from sqlalchemy import select, update
 
 from chalicelib import cache
-from chalicelib.agents.registry import capability_cache_key
+from chalicelib.agents.registry import (
+    cached_candidates,
+    capability_cache_key,
+    capability_generation_key,
+)
 from chalicelib.agents.secrets import decrypt_token
 from chalicelib.db import session_scope
 from chalicelib.db.models import Agent
@@ -289,12 +293,11 @@ def test_limit_1_and_100_are_accepted(user):
 # ------------------------------------------------------------------ get
 
 
-def test_any_user_can_read_an_agent_by_uuid(user, api):
+def test_the_owner_reads_an_agent_by_uuid(user):
     agent = register_agent(user, unique_capability())
-    for client in (user, api.as_new_user()):
-        response = client.get(f"/agents/{agent['agentUuid']}")
-        assert response.status_code == 200
-        assert response.json()["data"] == agent
+    response = user.get(f"/agents/{agent['agentUuid']}")
+    assert response.status_code == 200
+    assert response.json()["data"] == agent
 
 
 @pytest.mark.parametrize(
@@ -309,11 +312,17 @@ def test_an_unknown_or_malformed_agent_uuid_is_a_404(user, agent_uuid):
 # ------------------------------------------------------------------ delete
 
 
-def test_only_the_owner_can_delete_an_agent(user, api):
+def test_another_user_cannot_delete_a_private_agent_it_cannot_see(user, api):
     agent = register_agent(user, unique_capability())
+    error_of(api.as_new_user().delete(f"/agents/{agent['agentUuid']}"), 404, "NOT_FOUND")
+    assert user.get(f"/agents/{agent['agentUuid']}").status_code == 200
+
+
+def test_only_the_owner_can_delete_a_shared_agent(admin, api):
+    agent = register_agent(admin, unique_capability(), visibility="shared")
     error = error_of(api.as_new_user().delete(f"/agents/{agent['agentUuid']}"), 403, "FORBIDDEN")
     assert "owner" in error["message"]
-    assert user.get(f"/agents/{agent['agentUuid']}").status_code == 200
+    assert admin.get(f"/agents/{agent['agentUuid']}").status_code == 200
 
 
 def test_a_deleted_agent_is_gone_from_reads_and_lists(user):
@@ -355,10 +364,13 @@ def test_deleted_agent_is_never_routed_to(user, poller):
     warm = wait_for_run(user, submit(user, one_stage(capability)))
     assert warm["status"] == "completed", warm
     assert warm["stages"][0]["agentUuid"] == agent["agentUuid"]
-    assert cache.get_json(capability_cache_key(capability)), "the capability cache is warm"
+    warm_entry = cache.get_json(capability_cache_key(capability))
+    generation = cache.counter(capability_generation_key(capability))
+    assert cached_candidates(warm_entry, generation), "the capability cache is warm"
 
     assert user.delete(f"/agents/{agent['agentUuid']}").status_code == 200
-    assert cache.get_json(capability_cache_key(capability)) is None, "delete clears the cache"
+    generation = cache.counter(capability_generation_key(capability))
+    assert cached_candidates(warm_entry, generation) is None, "delete retires the cached list"
 
     run = wait_for_run(user, submit(user, one_stage(capability)))
     assert run["status"] == "failed", run

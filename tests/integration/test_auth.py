@@ -9,6 +9,7 @@ from typing import Any
 import jwt
 import pytest
 
+from chalicelib.auth.tokens import key_id
 from chalicelib.config import DEV_JWT_SECRET, get_settings
 from tests.integration.conftest import Api, unique_email
 
@@ -50,8 +51,12 @@ def craft_token(
     algorithm: str = "HS256",
     iat: int | None = None,
     exp: int | None = None,
+    like: str | None = None,
 ) -> str:
+    """A token signed by hand; its session claims (sid, jti, ver) are copied from the real
+    token `like` (so only the property under test differs), else made up."""
     now = int(time.time())
+    real = jwt.decode(like, options={"verify_signature": False}) if like else {}
     claims = {
         "sub": sub,
         "email": "someone@example.com",
@@ -59,8 +64,11 @@ def craft_token(
         "type": token_type,
         "iat": now if iat is None else iat,
         "exp": now + 600 if exp is None else exp,
+        "sid": real.get("sid", uuid.uuid4().hex),
+        "jti": real.get("jti", uuid.uuid4().hex),
+        "ver": real.get("ver", 0),
     }
-    return jwt.encode(claims, key, algorithm=algorithm)
+    return jwt.encode(claims, key, algorithm=algorithm, headers={"kid": key_id(DEV_JWT_SECRET)})
 
 
 def me_with(api: Api, token: str) -> Any:
@@ -296,11 +304,13 @@ def test_refresh_without_a_token_is_400_naming_it(api: Api) -> None:
     assert fields_named(error) == {"refreshToken"}
 
 
-def test_a_crafted_refresh_token_with_the_right_secret_is_accepted(user: Api) -> None:
+def test_a_crafted_refresh_token_with_the_right_secret_is_accepted(api: Api) -> None:
     """The control for the refusals above: only the property under test differs."""
-    assert user.user is not None
-    token = craft_token(user.user["userUuid"], "refresh")
-    assert user.post("/auth/refresh", {"refreshToken": token}).status_code == 200
+    email = unique_email()
+    assert register(api, email=email).status_code == 201
+    signed_in = login(api, email)
+    token = craft_token(signed_in["user"]["userUuid"], "refresh", like=signed_in["refreshToken"])
+    assert api.post("/auth/refresh", {"refreshToken": token}).status_code == 200
 
 
 # ------------------------------------------------------------------ me
@@ -364,6 +374,6 @@ def test_me_with_a_token_whose_subject_is_not_a_uuid_is_401(api: Api) -> None:
 def test_a_crafted_access_token_with_the_right_secret_is_accepted(user: Api) -> None:
     """The control for the refusals above: only the property under test differs."""
     assert user.user is not None
-    response = me_with(user, craft_token(user.user["userUuid"]))
+    response = me_with(user, craft_token(user.user["userUuid"], like=user.token))
     assert response.status_code == 200, response.text
     assert response.json()["data"]["userUuid"] == user.user["userUuid"]

@@ -92,6 +92,8 @@ def test_migrate_function_migrates_a_fresh_database_with_the_prod_configuration(
     monkeypatch.setenv("MAOF_AWS_ENDPOINT_URL", endpoint)  # LocalStack stands in for SSM
     for name in ("MAOF_JWT_SECRET", "MAOF_SECRET_KEY", "MAOF_REDIS_URL"):
         monkeypatch.delenv(name, raising=False)
+    # The local Postgres and Redis speak no TLS; everything else is the prod configuration.
+    monkeypatch.setenv("MAOF_ALLOW_INSECURE_CONNECTIONS", "true")
     # MAOF_DATABASE_URL still names the session's test database: SSM's must win.
     results: list[Any] = []
     reset_settings()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 
 import pytest
 
@@ -12,8 +14,9 @@ from chalicelib.config import reset_settings
 from tests.integration.conftest import register_agent, unique_capability, wait_for_run
 
 
-@pytest.fixture
-def redis_down():
+@contextlib.contextmanager
+def redis_unreachable() -> Iterator[None]:
+    """MAOF pointed at a closed port instead of Redis, for the duration."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed_port = sock.getsockname()[1]
@@ -27,6 +30,12 @@ def redis_down():
         os.environ["MAOF_REDIS_URL"] = saved
         reset_settings()
         cache.reset()
+
+
+@pytest.fixture
+def redis_down() -> Iterator[None]:
+    with redis_unreachable():
+        yield
 
 
 def test_workflows_run_and_agents_register_while_redis_is_down(user, poller, redis_down):

@@ -13,7 +13,7 @@ PROD_ENV = {
     "MAOF_STAGE": "prod",
     "MAOF_JWT_SECRET": PROD_SECRET,
     "MAOF_SECRET_KEY": "k" * 32,
-    "MAOF_DATABASE_URL": "postgresql://maof:hunter2@db.internal:5432/maof",
+    "MAOF_DATABASE_URL": "postgresql://maof:hunter2@db.internal:5432/maof?sslmode=verify-full",
     "MAOF_REDIS_URL": "rediss://cache.internal:6379/0",
 }
 
@@ -128,11 +128,59 @@ def test_dev_also_refuses_a_database_url_that_is_not_postgresql(
 
 @pytest.mark.parametrize(
     "url",
-    ["postgresql://maof:pw@db/maof", "postgresql+psycopg://maof:pw@db/maof"],
+    [
+        "postgresql://maof:pw@db/maof?sslmode=require",
+        "postgresql+psycopg://maof:pw@db/maof?sslmode=verify-full",
+    ],
 )
 def test_postgresql_database_urls_are_accepted(prod: pytest.MonkeyPatch, url: str) -> None:
     prod.setenv("MAOF_DATABASE_URL", url)
     assert load_settings().database_url == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://maof:pw@db/maof",
+        "postgresql://maof:pw@db/maof?sslmode=prefer",
+        "postgresql://maof:pw@db/maof?sslmode=disable",
+        "postgresql://maof:pw@db/maof?application_name=sslmode=require",
+    ],
+)
+def test_prod_refuses_a_database_url_without_tls(prod: pytest.MonkeyPatch, url: str) -> None:
+    prod.setenv("MAOF_DATABASE_URL", url)
+    assert "MAOF_ALLOW_INSECURE_CONNECTIONS" in refusal("MAOF_DATABASE_URL must use TLS")
+
+
+def test_prod_refuses_a_redis_url_without_tls(prod: pytest.MonkeyPatch) -> None:
+    prod.setenv("MAOF_REDIS_URL", "redis://cache.internal:6379/0")
+    refusal("MAOF_REDIS_URL must use TLS")
+
+
+def test_insecure_connections_are_accepted_in_prod_only_when_explicitly_allowed(
+    prod: pytest.MonkeyPatch,
+) -> None:
+    prod.setenv("MAOF_DATABASE_URL", "postgresql://maof:pw@db/maof")
+    prod.setenv("MAOF_REDIS_URL", "redis://cache:6379/0")
+    prod.setenv("MAOF_ALLOW_INSECURE_CONNECTIONS", "true")
+    assert load_settings().redis_url == "redis://cache:6379/0"
+
+
+def test_previous_keys_are_read_as_lists_and_must_be_long_enough(
+    prod: pytest.MonkeyPatch,
+) -> None:
+    prod.setenv("MAOF_JWT_PREVIOUS_SECRETS", f"{'a' * 32}, {'b' * 40}")
+    prod.setenv("MAOF_PREVIOUS_SECRET_KEYS", "c" * 32)
+    settings = load_settings()
+    assert settings.jwt_previous_secrets == ("a" * 32, "b" * 40)
+    assert settings.previous_secret_keys == ("c" * 32,)
+    prod.setenv("MAOF_JWT_PREVIOUS_SECRETS", "short")
+    refusal("MAOF_JWT_PREVIOUS_SECRETS")
+
+
+def test_admins_are_named_by_email_case_insensitively(prod: pytest.MonkeyPatch) -> None:
+    prod.setenv("MAOF_ADMIN_EMAILS", "Ops@Example.com, root@example.com")
+    assert load_settings().admin_emails == {"ops@example.com", "root@example.com"}
 
 
 def test_prod_refuses_a_redis_url_that_is_not_redis(prod: pytest.MonkeyPatch) -> None:

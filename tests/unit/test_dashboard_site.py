@@ -52,8 +52,8 @@ def test_urls_for_localstack_and_for_aws(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("MAOF_STAGE", "prod")
     monkeypatch.setenv("MAOF_JWT_SECRET", "x" * 40)
     monkeypatch.setenv("MAOF_SECRET_KEY", "y" * 40)
-    monkeypatch.setenv("MAOF_DATABASE_URL", "postgresql://db/maof")
-    monkeypatch.setenv("MAOF_REDIS_URL", "redis://cache:6379/0")
+    monkeypatch.setenv("MAOF_DATABASE_URL", "postgresql://db/maof?sslmode=require")
+    monkeypatch.setenv("MAOF_REDIS_URL", "rediss://cache:6379/0")
     monkeypatch.delenv("MAOF_AWS_ENDPOINT_URL")
     for region, website in (
         ("us-east-1", "http://site.s3-website-us-east-1.amazonaws.com/"),

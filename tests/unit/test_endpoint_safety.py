@@ -13,8 +13,8 @@ def prod(monkeypatch):
     monkeypatch.setenv("MAOF_STAGE", "prod")
     monkeypatch.setenv("MAOF_JWT_SECRET", "x" * 40)
     monkeypatch.setenv("MAOF_SECRET_KEY", "y" * 40)
-    monkeypatch.setenv("MAOF_DATABASE_URL", "postgresql://db/maof")
-    monkeypatch.setenv("MAOF_REDIS_URL", "redis://cache:6379/0")
+    monkeypatch.setenv("MAOF_DATABASE_URL", "postgresql://db/maof?sslmode=require")
+    monkeypatch.setenv("MAOF_REDIS_URL", "rediss://cache:6379/0")
     reset_settings()
     yield monkeypatch
     reset_settings()

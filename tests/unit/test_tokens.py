@@ -1,10 +1,12 @@
-"""Tokens: HS256 pinned, the type claim checked, every other token refused with a 401."""
+"""Tokens: HS256 pinned, a key id in every header, the type claim checked, every other
+token refused with a 401; the signing secret rotates without refusing its previous tokens."""
 
 from __future__ import annotations
 
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import jwt
@@ -12,10 +14,12 @@ import pytest
 
 from chalicelib import errors
 from chalicelib.auth import tokens
-from chalicelib.config import DEV_JWT_SECRET, get_settings
+from chalicelib.config import DEV_JWT_SECRET, get_settings, reset_settings
 from chalicelib.http import Principal
 
 PRINCIPAL = Principal(user_uuid=uuid.uuid4(), email="ada@example.com", role="user")
+SESSION = uuid.uuid4()
+DEV_KID = tokens.key_id(DEV_JWT_SECRET)
 
 
 def claims(**overrides: Any) -> dict[str, Any]:
@@ -27,17 +31,28 @@ def claims(**overrides: Any) -> dict[str, Any]:
         "type": "access",
         "iat": now,
         "exp": now + 600,
+        "jti": uuid.uuid4().hex,
+        "sid": SESSION.hex,
+        "ver": 0,
     }
     base.update(overrides)
     return {k: v for k, v in base.items() if v is not None}
 
 
 def sign(
-    payload: dict[str, Any], key: str | None = DEV_JWT_SECRET, algorithm: str = "HS256"
+    payload: dict[str, Any],
+    key: str | None = DEV_JWT_SECRET,
+    algorithm: str = "HS256",
+    kid: str | None = DEV_KID,
 ) -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PyJWT may warn about the key length for HS512
-        return jwt.encode(payload, key, algorithm=algorithm)
+        headers = {"kid": kid} if kid is not None else None
+        return jwt.encode(payload, key, algorithm=algorithm, headers=headers)
+
+
+def issue(kind: str, **extra: Any) -> str:
+    return tokens.issue(PRINCIPAL, kind, session_id=SESSION, version=0, **extra)
 
 
 def refused(token: str, expected_type: str = "access") -> str:
@@ -54,10 +69,14 @@ def test_the_test_stage_signs_with_the_dev_secret() -> None:
 
 @pytest.mark.parametrize("kind", ["access", "refresh"])
 def test_an_issued_token_is_an_hs256_jwt_with_the_contract_claims(kind: str) -> None:
-    token = tokens.issue(PRINCIPAL, kind)
-    assert jwt.get_unverified_header(token)["alg"] == "HS256"
+    token = issue(kind)
+    header = jwt.get_unverified_header(token)
+    assert header["alg"] == "HS256"
+    assert header["kid"] == DEV_KID
+    assert DEV_JWT_SECRET not in header["kid"]
     decoded = jwt.decode(token, DEV_JWT_SECRET, algorithms=["HS256"])
-    assert {"sub", "email", "role", "type", "iat", "exp"} <= set(decoded)
+    assert {"sub", "email", "role", "type", "iat", "exp", "jti", "sid", "ver"} <= set(decoded)
+    assert decoded["sid"] == SESSION.hex
     assert decoded["sub"] == str(PRINCIPAL.user_uuid)
     assert decoded["email"] == PRINCIPAL.email
     assert decoded["role"] == PRINCIPAL.role
@@ -71,24 +90,67 @@ def test_an_issued_token_is_an_hs256_jwt_with_the_contract_claims(kind: str) -> 
 
 
 @pytest.mark.parametrize("kind", ["access", "refresh"])
-def test_an_issued_token_decodes_to_its_principal(kind: str) -> None:
-    assert tokens.decode(tokens.issue(PRINCIPAL, kind), kind) == PRINCIPAL
+def test_an_issued_token_decodes_to_its_principal_session_and_version(kind: str) -> None:
+    jti = uuid.uuid4()
+    decoded = tokens.decode(issue(kind, jti=jti), kind)
+    assert decoded.principal == PRINCIPAL
+    assert (decoded.session_id, decoded.jti, decoded.version) == (SESSION, jti, 0)
 
 
-def test_a_token_pair_is_one_access_and_one_refresh_token() -> None:
-    pair = tokens.token_pair(PRINCIPAL)
-    assert set(pair) == {"accessToken", "refreshToken"}
-    assert tokens.decode(pair["accessToken"], "access") == PRINCIPAL
-    assert tokens.decode(pair["refreshToken"], "refresh") == PRINCIPAL
+def test_a_token_never_outlives_its_session() -> None:
+    not_after = int(time.time()) + 30
+    decoded = jwt.decode(
+        issue("refresh", not_after=not_after), DEV_JWT_SECRET, algorithms=["HS256"]
+    )
+    assert decoded["exp"] == not_after
 
 
 def test_two_tokens_issued_in_the_same_second_differ() -> None:
-    assert tokens.issue(PRINCIPAL, "access") != tokens.issue(PRINCIPAL, "access")
+    assert issue("access") != issue("access")
 
 
 def test_a_crafted_hs256_token_is_accepted() -> None:
     """The control for the refusals below: only the property under test differs."""
-    assert tokens.decode(sign(claims()), "access") == PRINCIPAL
+    assert tokens.decode(sign(claims()), "access").principal == PRINCIPAL
+
+
+# ------------------------------------------------------------------ key rotation
+
+
+@pytest.fixture
+def rotated(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """MAOF_JWT_SECRET replaced by a new one; the dev secret is now a previous one."""
+    new = "n" * 40
+    monkeypatch.setenv("MAOF_JWT_SECRET", new)
+    monkeypatch.setenv("MAOF_JWT_PREVIOUS_SECRETS", DEV_JWT_SECRET)
+    reset_settings()
+    yield new
+    monkeypatch.undo()
+    reset_settings()
+
+
+def test_tokens_of_the_previous_secret_still_verify_after_a_rotation(rotated: str) -> None:
+    old = sign(claims())
+    assert tokens.decode(old, "access").principal == PRINCIPAL
+    fresh = issue("access")
+    assert jwt.get_unverified_header(fresh)["kid"] == tokens.key_id(rotated)
+    assert tokens.decode(fresh, "access").principal == PRINCIPAL
+
+
+def test_tokens_of_a_retired_secret_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    old = sign(claims())
+    monkeypatch.setenv("MAOF_JWT_SECRET", "n" * 40)
+    reset_settings()
+    try:
+        refused(old)
+    finally:
+        monkeypatch.undo()
+        reset_settings()
+
+
+def test_a_token_naming_an_unknown_key_or_no_key_is_refused() -> None:
+    refused(sign(claims(), kid="0123456789abcdef"))
+    refused(sign(claims(), kid=None))
 
 
 # ------------------------------------------------------------------ the algorithm is pinned
@@ -127,11 +189,11 @@ def test_a_token_with_a_tampered_payload_is_refused() -> None:
 
 
 def test_a_refresh_token_is_refused_where_an_access_token_is_required() -> None:
-    refused(tokens.issue(PRINCIPAL, "refresh"), "access")
+    refused(issue("refresh"), "access")
 
 
 def test_an_access_token_is_refused_where_a_refresh_token_is_required() -> None:
-    refused(tokens.issue(PRINCIPAL, "access"), "refresh")
+    refused(issue("access"), "refresh")
 
 
 @pytest.mark.parametrize("kind", ["admin", "", "ACCESS", 1])
@@ -148,7 +210,7 @@ def test_an_expired_token_is_refused() -> None:
     assert "expired" in message.lower()
 
 
-@pytest.mark.parametrize("claim", ["sub", "type", "exp", "iat"])
+@pytest.mark.parametrize("claim", ["sub", "type", "exp", "iat", "jti", "sid", "ver"])
 def test_a_token_without_a_required_claim_is_refused(claim: str) -> None:
     payload = claims()
     del payload[claim]
@@ -160,6 +222,11 @@ def test_a_token_whose_subject_is_not_a_uuid_is_refused(sub: str) -> None:
     refused(sign(claims(sub=sub)))
 
 
+@pytest.mark.parametrize("field", ["sid", "jti", "ver"])
+def test_a_token_with_a_malformed_session_claim_is_refused(field: str) -> None:
+    refused(sign(claims(**{field: "not-a-uuid-or-number"})))
+
+
 @pytest.mark.parametrize("token", ["", "garbage", "a.b.c", "a.b", "..."])
 def test_garbage_is_refused(token: str) -> None:
     refused(token)
@@ -168,10 +235,9 @@ def test_garbage_is_refused(token: str) -> None:
 # ------------------------------------------------------------------ the Authorization header
 
 
-def test_a_bearer_access_token_authenticates() -> None:
-    token = tokens.issue(PRINCIPAL, "access")
-    assert tokens.authenticate(f"Bearer {token}") == PRINCIPAL
-    assert tokens.authenticate(f"bearer {token}") == PRINCIPAL
+def test_a_bearer_header_gives_its_token() -> None:
+    assert tokens.bearer_token("Bearer abc.def.ghi") == "abc.def.ghi"
+    assert tokens.bearer_token("bearer  abc ") == "abc"
 
 
 @pytest.mark.parametrize(
@@ -179,12 +245,7 @@ def test_a_bearer_access_token_authenticates() -> None:
 )
 def test_a_missing_or_malformed_authorization_header_is_refused(header: str | None) -> None:
     with pytest.raises(errors.Unauthorized):
-        tokens.authenticate(header)
-
-
-def test_a_refresh_token_does_not_authenticate() -> None:
-    with pytest.raises(errors.Unauthorized):
-        tokens.authenticate(f"Bearer {tokens.issue(PRINCIPAL, 'refresh')}")
+        tokens.bearer_token(header)
 
 
 def test_passwords_longer_than_72_bytes_count_every_character():

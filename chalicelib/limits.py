@@ -1,0 +1,62 @@
+"""Abuse limits: sign-in attempts per account and per source address, submissions per
+user, and a cap on each user's active runs.
+
+Sign-in limits fail closed (503 when Redis is down: password guessing must never become
+unlimited); the submission rate fails open (Redis is a cache, and the active-run quota,
+counted in Postgres by the submission itself, still bounds a user).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import redis
+
+from chalicelib import cache, errors
+from chalicelib.config import get_settings
+from chalicelib.logs import logger
+
+WINDOW_SECONDS = 60
+
+
+def _digest(value: str) -> str:
+    # No addresses or emails in Redis keys.
+    return hashlib.sha256(value.encode("utf-8")).hexdigest()[:32]
+
+
+def limit_sign_in(email: str, source_ip: str | None) -> None:
+    """At most MAOF_LOGIN_ATTEMPTS_PER_MINUTE per account and
+    MAOF_LOGIN_ATTEMPTS_PER_IP_PER_MINUTE per source address, over a sliding minute."""
+    settings = get_settings()
+    checks = [(f"maof:ratelimit:login:{_digest(email)}", settings.login_attempts_per_minute)]
+    if source_ip:
+        checks.append(
+            (
+                f"maof:ratelimit:login-ip:{_digest(source_ip)}",
+                settings.login_attempts_per_ip_per_minute,
+            )
+        )
+    try:
+        wait = max(cache.sliding_window(key, WINDOW_SECONDS, limit) for key, limit in checks)
+    except redis.RedisError as exc:
+        logger.warning("sign-in limiter unavailable", extra={"error": type(exc).__name__})
+        raise errors.ServiceUnavailable(
+            "Sign-in is temporarily unavailable; try again shortly"
+        ) from None
+    if wait:
+        raise errors.RateLimited("Too many sign-in attempts; try again later", wait)
+
+
+def limit_submissions(user_key: str) -> None:
+    """At most MAOF_SUBMISSIONS_PER_MINUTE workflow submissions per user, sliding minute."""
+    try:
+        wait = cache.sliding_window(
+            f"maof:ratelimit:submit:{user_key}",
+            WINDOW_SECONDS,
+            get_settings().submissions_per_minute,
+        )
+    except redis.RedisError as exc:
+        logger.warning("submission limiter unavailable", extra={"error": type(exc).__name__})
+        return
+    if wait:
+        raise errors.RateLimited("Too many workflow submissions; slow down", wait)

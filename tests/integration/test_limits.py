@@ -1,0 +1,190 @@
+"""Abuse limits: sign-in attempts per account and per address (failing closed without
+Redis), submissions per user, active runs per user, and how deep a request may nest."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from chalicelib import cache
+from chalicelib.config import get_settings, reset_settings
+from tests.integration.conftest import (
+    Api,
+    register_agent,
+    unique_capability,
+    unique_email,
+    wait_for_run,
+)
+from tests.integration.test_redis_down import redis_unreachable
+from tests.support.agents import ScriptedAgent, sleep
+
+PASSWORD = "right-password"
+
+
+@pytest.fixture
+def settings_env() -> Iterator[dict[str, str]]:
+    """Set MAOF_* settings for one test (the in-process API sees them at once)."""
+    changed: dict[str, str] = {}
+    saved = dict(os.environ)
+    yield changed
+    os.environ.clear()
+    os.environ.update(saved)
+    reset_settings()
+
+
+def apply(env: dict[str, str], **values: str) -> None:
+    env.update(values)
+    os.environ.update(values)
+    reset_settings()
+
+
+def rate_limited(response: requests.Response) -> dict[str, Any]:
+    """The error of a 429, after checking its Retry-After header matches its details."""
+    assert response.status_code == 429, response.text
+    error = response.json()["error"]
+    assert error["code"] == "RATE_LIMITED"
+    retry_after = int(response.headers["Retry-After"])
+    assert 1 <= retry_after <= 60
+    assert error["details"] == {"retryAfterSeconds": retry_after}
+    assert "Retry-After" in response.headers["Access-Control-Expose-Headers"]
+    return dict(error)
+
+
+def new_account(api: Api) -> str:
+    email = unique_email()
+    response = api.post("/auth/register", {"email": email, "password": PASSWORD, "name": "R"})
+    assert response.status_code == 201, response.text
+    return email
+
+
+def sign_in(api: Api, email: str, password: str = PASSWORD) -> requests.Response:
+    return api.post("/auth/login", {"email": email, "password": password})
+
+
+# ------------------------------------------------------------------ sign-in
+
+
+def test_too_many_sign_in_attempts_for_one_account_answer_429(api: Api) -> None:
+    email = new_account(api)
+    for _ in range(get_settings().login_attempts_per_minute):
+        assert sign_in(api, email, "wrong-password").status_code == 401
+    # Even the right password is refused now, whatever the case of the email.
+    rate_limited(sign_in(api, email.upper()))
+    # Other accounts are not affected.
+    assert sign_in(api, new_account(api)).status_code == 200
+
+
+def test_too_many_sign_in_attempts_from_one_address_answer_429(
+    api: Api, settings_env: dict[str, str]
+) -> None:
+    accounts = [new_account(api) for _ in range(4)]
+    cache.get_redis().delete(*cache.get_redis().keys("maof:ratelimit:login-ip:*"))
+    apply(settings_env, MAOF_LOGIN_ATTEMPTS_PER_IP_PER_MINUTE="3")
+    for email in accounts[:3]:  # a different account each time: only the address is shared
+        assert sign_in(api, email).status_code == 200
+    rate_limited(sign_in(api, accounts[3]))
+
+
+def test_sign_in_fails_closed_when_redis_is_down(api: Api) -> None:
+    email = new_account(api)
+    with redis_unreachable():
+        response = sign_in(api, email)
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+    assert sign_in(api, email).status_code == 200  # and works again once Redis is back
+
+
+# ------------------------------------------------------------------ submissions
+
+
+def one_stage_run(capability: str) -> dict[str, Any]:
+    return {
+        "workflow": {
+            "name": "limits",
+            "stages": [{"id": "a", "name": "A", "agentCapability": capability}],
+        }
+    }
+
+
+def test_submissions_beyond_the_per_user_rate_answer_429(
+    user: Api, api: Api, settings_env: dict[str, str]
+) -> None:
+    apply(settings_env, MAOF_SUBMISSIONS_PER_MINUTE="2")
+    capability = unique_capability("rate")
+    for _ in range(2):
+        assert user.post("/workflows/execute", one_stage_run(capability)).status_code == 202
+    error = rate_limited(user.post("/workflows/execute", one_stage_run(capability)))
+    assert "submissions" in error["message"]
+    # Another user is not affected.
+    assert (
+        api.as_new_user().post("/workflows/execute", one_stage_run(capability)).status_code == 202
+    )
+
+
+def test_the_active_run_quota_answers_429_until_a_run_ends(
+    user: Api, poller: Any, settings_env: dict[str, str]
+) -> None:
+    agent = ScriptedAgent(default=sleep(1.5)).start()
+    try:
+        capability = unique_capability("quota")
+        register_agent(user, capability, endpoint=agent.url)
+        apply(settings_env, MAOF_MAX_ACTIVE_RUNS="2")
+        accepted = [user.post("/workflows/execute", one_stage_run(capability)) for _ in range(2)]
+        assert [r.status_code for r in accepted] == [202, 202]
+        error = rate_limited(user.post("/workflows/execute", one_stage_run(capability)))
+        assert "MAOF_MAX_ACTIVE_RUNS" in error["message"]
+        runs = user.get("/workflows").json()["data"]["runs"]
+        assert len(runs) == 2, "the refused submission stored nothing"
+        for response in accepted:
+            wait_for_run(user, response.json()["data"]["workflowRunId"])
+        assert user.post("/workflows/execute", one_stage_run(capability)).status_code == 202
+    finally:
+        agent.stop()
+
+
+# ------------------------------------------------------------------ nesting
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize("depth", [65, 1000, 5000, 100_000])
+def test_a_request_nested_too_deeply_is_400(user: Api, depth: int) -> None:
+    body = '{"workflow": {"name": "deep", "stages": []}, "input": ' + nested(depth) + "}"
+    response = user.post(
+        "/workflows/execute", data=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 400, response.text[:300]
+    error = response.json()["error"]
+    assert error["code"] == "VALIDATION_ERROR"
+    assert "nested" in error["message"]
+
+
+def test_a_public_route_also_refuses_deep_nesting(api: Api) -> None:
+    body = '{"email": ' + nested(5000) + ', "password": "x"}'
+    response = api.post("/auth/login", data=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "VALIDATION_ERROR"
+
+
+def test_a_request_at_the_depth_limit_is_accepted(user: Api) -> None:
+    # body(1) > input(2): the input's own nesting may use the rest of the 64 levels.
+    limit = get_settings().max_json_depth
+    document = json.loads(nested(limit - 1))
+    response = user.post(
+        "/workflows/execute",
+        {
+            "workflow": {
+                "name": "deep-enough",
+                "stages": [{"id": "a", "name": "A", "agentCapability": unique_capability()}],
+            },
+            "input": document,
+        },
+    )
+    assert response.status_code == 202, response.text

@@ -1,0 +1,235 @@
+"""Sessions end when they should: refresh tokens rotate and a reused one revokes its whole
+family; sign-out, sign-out-everywhere and a password change end sessions, access tokens
+included; a session ends at its absolute lifetime; the JWT and agent-token keys rotate
+without signing anyone out or losing an agent."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import jwt
+import pytest
+from sqlalchemy import text
+
+from chalicelib import db
+from chalicelib.agents import secrets
+from chalicelib.auth.tokens import key_id
+from chalicelib.config import DEV_JWT_SECRET, DEV_SECRET_KEY, reset_settings
+from tests.integration.conftest import (
+    Api,
+    register_agent,
+    unique_capability,
+    unique_email,
+    wait_for_run,
+)
+from tests.support.agents import ScriptedAgent
+
+PASSWORD = "correct-horse-battery"
+
+
+class Account:
+    """One user, able to sign in several times (one session each)."""
+
+    def __init__(self, api: Api) -> None:
+        self.api = api
+        self.email = unique_email()
+        self.password = PASSWORD
+        created = api.post(
+            "/auth/register", {"email": self.email, "password": PASSWORD, "name": "S"}
+        )
+        assert created.status_code == 201, created.text
+
+    def sign_in(self) -> dict[str, Any]:
+        response = self.api.post("/auth/login", {"email": self.email, "password": self.password})
+        assert response.status_code == 200, response.text
+        return dict(response.json()["data"])
+
+
+@pytest.fixture
+def account(api: Api) -> Account:
+    return Account(api)
+
+
+def me(api: Api, access_token: str) -> int:
+    return api.get("/auth/me", headers={"Authorization": f"Bearer {access_token}"}).status_code
+
+
+def refresh(api: Api, refresh_token: str) -> Any:
+    return api.post("/auth/refresh", {"refreshToken": refresh_token})
+
+
+def test_refresh_rotates_the_refresh_token(api: Api, account: Account) -> None:
+    first = account.sign_in()
+    second = refresh(api, first["refreshToken"])
+    assert second.status_code == 200, second.text
+    pair = second.json()["data"]
+    assert pair["refreshToken"] != first["refreshToken"]
+    assert me(api, pair["accessToken"]) == 200
+    third = refresh(api, pair["refreshToken"])
+    assert third.status_code == 200, "the new token is the one that works now"
+
+
+def test_a_reused_refresh_token_revokes_its_whole_family(api: Api, account: Account) -> None:
+    signed_in = account.sign_in()
+    stolen = signed_in["refreshToken"]
+    newest = refresh(api, stolen).json()["data"]  # the user refreshes; the thief kept a copy
+    reused = refresh(api, stolen)
+    assert reused.status_code == 401
+    assert "already used" in reused.json()["error"]["message"]
+    # The whole family is gone: the newest refresh token and every access token of it.
+    assert refresh(api, newest["refreshToken"]).status_code == 401
+    assert me(api, newest["accessToken"]) == 401
+    assert me(api, signed_in["accessToken"]) == 401
+    # Another sign-in of the same user is a different family, untouched.
+    other = account.sign_in()
+    assert me(api, other["accessToken"]) == 200
+
+
+def test_logout_ends_that_session_only(api: Api, account: Account) -> None:
+    mine, elsewhere = account.sign_in(), account.sign_in()
+    response = api.post("/auth/logout", {"refreshToken": mine["refreshToken"]})
+    assert response.status_code == 200, response.text
+    assert response.json()["data"] == {"sessionsEnded": 1}
+    assert refresh(api, mine["refreshToken"]).status_code == 401
+    assert me(api, mine["accessToken"]) == 401
+    assert me(api, elsewhere["accessToken"]) == 200
+    assert refresh(api, elsewhere["refreshToken"]).status_code == 200
+    # Signing out again, or with garbage, still answers 200: the caller is signed out.
+    again = api.post("/auth/logout", {"refreshToken": mine["refreshToken"]})
+    assert again.json()["data"] == {"sessionsEnded": 0}
+    assert api.post("/auth/logout", {"refreshToken": "garbage"}).status_code == 200
+
+
+def test_logout_all_ends_every_session_and_its_access_tokens(api: Api, account: Account) -> None:
+    sessions = [account.sign_in() for _ in range(3)]
+    caller = Api(api.base_url, token=sessions[0]["accessToken"])
+    response = caller.post("/auth/logout-all")
+    assert response.status_code == 200, response.text
+    assert response.json()["data"] == {"sessionsEnded": 3}
+    for session in sessions:
+        assert me(api, session["accessToken"]) == 401
+        assert refresh(api, session["refreshToken"]).status_code == 401
+    assert me(api, account.sign_in()["accessToken"]) == 200, "signing in again works"
+
+
+def test_logout_all_needs_an_access_token(api: Api) -> None:
+    assert api.post("/auth/logout-all").status_code == 401
+
+
+def test_a_password_change_ends_every_other_session(api: Api, account: Account) -> None:
+    mine, elsewhere = account.sign_in(), account.sign_in()
+    caller = Api(api.base_url, token=mine["accessToken"])
+    changed = caller.post(
+        "/auth/password", {"currentPassword": PASSWORD, "newPassword": "a-brand-new-password"}
+    )
+    assert changed.status_code == 200, changed.text
+    fresh = changed.json()["data"]
+    assert me(api, fresh["accessToken"]) == 200, "the caller keeps a fresh session"
+    assert refresh(api, fresh["refreshToken"]).status_code == 200
+    for old in (mine, elsewhere):
+        assert me(api, old["accessToken"]) == 401
+        assert refresh(api, old["refreshToken"]).status_code == 401
+    old_password = api.post("/auth/login", {"email": account.email, "password": PASSWORD})
+    assert old_password.status_code == 401
+    account.password = "a-brand-new-password"
+    assert me(api, account.sign_in()["accessToken"]) == 200
+
+
+def test_a_password_change_needs_the_current_password(api: Api, account: Account) -> None:
+    signed_in = account.sign_in()
+    caller = Api(api.base_url, token=signed_in["accessToken"])
+    wrong = caller.post(
+        "/auth/password", {"currentPassword": "not-my-password", "newPassword": "whatever-123"}
+    )
+    assert wrong.status_code == 401
+    assert me(api, signed_in["accessToken"]) == 200, "a failed attempt ends nothing"
+    short = caller.post("/auth/password", {"currentPassword": PASSWORD, "newPassword": "short"})
+    assert short.status_code == 400
+    assert short.json()["error"]["details"][0]["field"] == "newPassword"
+
+
+def test_a_session_ends_at_its_absolute_lifetime(api: Api, account: Account) -> None:
+    signed_in = account.sign_in()
+    sid = jwt.decode(signed_in["refreshToken"], options={"verify_signature": False})["sid"]
+    with db.session_scope() as session:  # as if the session had begun 30 days ago
+        session.execute(
+            text(
+                "UPDATE auth_sessions SET expires_at = now() - interval '1 second' WHERE id = :id"
+            ),
+            {"id": sid},
+        )
+    from chalicelib import cache
+
+    cache.delete(f"maof:auth:session:{sid}")
+    assert refresh(api, signed_in["refreshToken"]).status_code == 401
+    assert me(api, signed_in["accessToken"]) == 401
+
+
+# ------------------------------------------------------------------ key rotation
+
+
+@pytest.fixture
+def environment() -> Iterator[None]:
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    reset_settings()
+
+
+def rotate(**values: str) -> None:
+    os.environ.update(values)
+    reset_settings()
+
+
+def test_the_jwt_secret_rotates_without_signing_anyone_out(
+    api: Api, account: Account, environment: None
+) -> None:
+    before = account.sign_in()
+    new_secret = "rotated-jwt-secret-" + "n" * 32
+    rotate(MAOF_JWT_SECRET=new_secret, MAOF_JWT_PREVIOUS_SECRETS=DEV_JWT_SECRET)
+    assert me(api, before["accessToken"]) == 200, "tokens of the previous secret still verify"
+    after = refresh(api, before["refreshToken"]).json()["data"]
+    assert jwt.get_unverified_header(after["accessToken"])["kid"] == key_id(new_secret)
+    assert me(api, after["accessToken"]) == 200
+    rotate(MAOF_JWT_PREVIOUS_SECRETS="")  # the previous secret retired
+    assert me(api, before["accessToken"]) == 401
+    assert me(api, after["accessToken"]) == 200
+
+
+def test_the_agent_token_key_rotates_without_losing_an_agent(
+    user: Api, poller: Any, environment: None
+) -> None:
+    agent = ScriptedAgent().start()
+    try:
+        capability = unique_capability("rotate")
+        register_agent(user, capability, endpoint=agent.url, authToken="the-agent-token")
+
+        def run_once() -> None:
+            response = user.post(
+                "/workflows/execute",
+                {
+                    "workflow": {
+                        "name": "r",
+                        "stages": [{"id": "a", "name": "A", "agentCapability": capability}],
+                    }
+                },
+            )
+            assert (
+                wait_for_run(user, response.json()["data"]["workflowRunId"])["status"]
+                == "completed"
+            )
+            assert agent.calls[-1].headers["Authorization"] == "Bearer the-agent-token"
+
+        run_once()
+        new_key = "rotated-secret-key-" + "k" * 32
+        rotate(MAOF_SECRET_KEY=new_key, MAOF_PREVIOUS_SECRET_KEYS=DEV_SECRET_KEY)
+        run_once()  # stored under the previous key, still readable
+        assert secrets.reencrypt_all() >= 1
+        assert secrets.reencrypt_all() == 0, "a second pass finds nothing left to move"
+        rotate(MAOF_PREVIOUS_SECRET_KEYS="")  # the previous key retired
+        run_once()
+    finally:
+        agent.stop()
