@@ -11,7 +11,7 @@ include .env
 export
 endif
 
-.PHONY: help venv stack migrate dev test lint typecheck unit integration package down clean bench browser-deps deploy destroy secrets deploy-info
+.PHONY: help venv stack migrate dev test lint typecheck unit integration package down clean bench browser-deps deploy destroy secrets deploy-info rotate-key retire-keys reencrypt-agent-tokens
 
 help:
 	@echo "make dev      start Postgres, Redis, LocalStack, the API on :3000 and the SQS poller; run a demo"
@@ -22,6 +22,8 @@ help:
 	@echo "make secrets  create the SSM SecureString parameters a deployed STAGE reads"
 	@echo "make deploy   package, create/update the stack maof-STAGE, migrate, publish the dashboard"
 	@echo "make destroy  delete the stack maof-STAGE (asks first; YES=1 skips the question)"
+	@echo "make rotate-key KEY=jwt-secret|secret-key   rotate a deployed key without downtime"
+	@echo "make retire-keys KEY=…                       drop the key rotate-key kept as previous"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
@@ -67,7 +69,9 @@ DEPLOY_FLAGS = $(if $(SUBNET_IDS),--subnet-ids $(SUBNET_IDS)) \
 	$(if $(SECURITY_GROUP_IDS),--security-group-ids $(SECURITY_GROUP_IDS)) \
 	$(if $(ALARM_EMAIL),--alarm-email $(ALARM_EMAIL)) $(if $(CORS_ORIGIN),--cors-origin $(CORS_ORIGIN)) \
 	$(if $(LOG_RETENTION_DAYS),--log-retention-days $(LOG_RETENTION_DAYS)) \
-	$(if $(SECRETS_KMS_KEY_ARN),--secrets-kms-key-arn $(SECRETS_KMS_KEY_ARN))
+	$(if $(SECRETS_KMS_KEY_ARN),--secrets-kms-key-arn $(SECRETS_KMS_KEY_ARN)) \
+	$(if $(API_RATE_LIMIT),--api-rate-limit $(API_RATE_LIMIT)) \
+	$(if $(API_BURST_LIMIT),--api-burst-limit $(API_BURST_LIMIT))
 
 # The STAGE SAM template merged with infra/template.json, and the code zip, in build/package.
 package: venv
@@ -86,6 +90,18 @@ deploy: venv
 # Delete the stack and its artifacts (keeps the SSM parameters unless DELETE_SECRETS=1).
 destroy: venv
 	$(PY) -m infra.deploy destroy $(AWS_FLAGS) $(if $(YES),--yes) $(if $(DELETE_SECRETS),--delete-secrets)
+
+# Rotate a key of a deployed STAGE without downtime (README "Security"): KEY=jwt-secret or
+# KEY=secret-key (the latter also re-encrypts every agent token); retire-keys drops the old one.
+rotate-key: venv
+	$(PY) -m infra.rotate rotate-key --key $(KEY) $(AWS_FLAGS)
+
+retire-keys: venv
+	$(PY) -m infra.rotate retire-keys --key $(KEY) $(AWS_FLAGS)
+
+# Locally (or with MAOF_DATABASE_URL pointing anywhere): move agent tokens to MAOF_SECRET_KEY.
+reencrypt-agent-tokens: migrate
+	$(PY) -m chalicelib.agents.secrets reencrypt
 
 # The deployed stack's outputs (API URL, dashboard URL, queues).
 deploy-info: venv

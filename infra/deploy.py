@@ -155,9 +155,7 @@ def existing_parameters(ssm: Any, path: str) -> dict[str, str]:
     return {item["Name"].rsplit("/", 1)[1]: str(item["Type"]) for item in found}
 
 
-def _put_secret(
-    ssm: Any, name: str, value: str, *, overwrite: bool, kms_key_id: str | None
-) -> None:
+def put_secret(ssm: Any, name: str, value: str, *, overwrite: bool, kms_key_id: str | None) -> None:
     kwargs: dict[str, Any] = {
         "Name": name,
         "Value": value,
@@ -192,7 +190,7 @@ def ensure_secrets(
             result[name] = "exists"
             continue
         generated = random.token_urlsafe(48)
-        _put_secret(
+        put_secret(
             ssm, parameter_name(path, name), generated, overwrite=False, kms_key_id=kms_key_id
         )
         result[name] = "created"
@@ -208,7 +206,7 @@ def ensure_secrets(
             continue
         if not value.startswith(schemes):
             raise DeployError(f"{name} must start with {' or '.join(schemes)}")
-        _put_secret(
+        put_secret(
             ssm,
             parameter_name(path, name),
             value,
@@ -419,6 +417,8 @@ class StackParameters:
     cors_origin: str | None = None
     log_retention_days: str | None = None
     secrets_kms_key_arn: str | None = None
+    api_rate_limit: str | None = None
+    api_burst_limit: str | None = None
 
     def given(self) -> dict[str, str]:
         if (self.subnet_ids is None) != (self.security_group_ids is None):
@@ -431,6 +431,8 @@ class StackParameters:
             "CorsOrigin": self.cors_origin,
             "LogRetentionDays": self.log_retention_days,
             "SecretsKmsKeyArn": self.secrets_kms_key_arn,
+            "ApiThrottlingRateLimit": self.api_rate_limit,
+            "ApiThrottlingBurstLimit": self.api_burst_limit,
         }
         return {key: value for key, value in values.items() if value is not None}
 
@@ -637,11 +639,19 @@ def wait_function_ready(
         time.sleep(3)
 
 
-def invoke_migrate(lambda_: Any, function: str, log_group: str = "its log group") -> dict[str, Any]:
-    """Run the migrations in the account: invoke the `migrate` function and wait for it."""
+def invoke_migrate(
+    lambda_: Any,
+    function: str,
+    log_group: str = "its log group",
+    event: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run the migrations in the account (or another maintenance `event`, see
+    chalicelib/db/migrate.py): invoke the `migrate` function and wait for it."""
     wait_function_ready(lambda_, function)
     response = lambda_.invoke(
-        FunctionName=function, InvocationType="RequestResponse", Payload=b"{}"
+        FunctionName=function,
+        InvocationType="RequestResponse",
+        Payload=json.dumps(dict(event or {})).encode(),
     )
     raw = response["Payload"].read()
     payload = json.loads(raw) if raw else None
@@ -833,6 +843,8 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--cors-origin", default=None)
             sub.add_argument("--log-retention-days", default=None)
             sub.add_argument("--secrets-kms-key-arn", default=None)
+            sub.add_argument("--api-rate-limit", default=None, help="requests/s for the API")
+            sub.add_argument("--api-burst-limit", default=None)
         if command == "destroy":
             sub.add_argument("--yes", action="store_true", help="do not ask for confirmation")
             sub.add_argument("--delete-secrets", action="store_true")
@@ -900,6 +912,8 @@ def main(argv: list[str] | None = None) -> int:
             cors_origin=args.cors_origin,
             log_retention_days=args.log_retention_days,
             secrets_kms_key_arn=args.secrets_kms_key_arn,
+            api_rate_limit=args.api_rate_limit,
+            api_burst_limit=args.api_burst_limit,
         )
         done = deploy(aws, args.stage, parameters, package_dir=args.package_dir)
     except DeployError as exc:

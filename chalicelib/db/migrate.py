@@ -30,13 +30,26 @@ def upgrade() -> None:
     command.upgrade(alembic_config(), "head")
 
 
-def handler(event: Any = None) -> dict[str, Any]:
-    """The `migrate` Lambda function: upgrade the database to head.
+REENCRYPT = "reencrypt-agent-tokens"
 
-    Returns the revision before and after; any failure raises, so the invocation reports a
-    FunctionError and `make deploy` stops with its message.
+
+def handler(event: Any = None) -> dict[str, Any]:
+    """The `migrate` Lambda function (the one function with the database's schema rights):
+    upgrade the database to head; or, given `{"action": "reencrypt-agent-tokens"}`, move
+    every stored agent token to the current MAOF_SECRET_KEY (`make rotate-key`).
+
+    Returns the revision before and after (or the tokens rewritten); any failure raises, so
+    the invocation reports a FunctionError and the make target stops with its message.
     """
     from chalicelib.db import get_engine, schema_revision
+
+    action = event.get("action") if isinstance(event, dict) else None
+    if action == REENCRYPT:
+        from chalicelib.agents.secrets import reencrypt_all
+
+        return {"reencrypted": reencrypt_all()}
+    if action is not None:
+        raise ValueError(f"unknown action {action!r}")
 
     before = schema_revision(get_engine())
     upgrade()

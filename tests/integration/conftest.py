@@ -11,12 +11,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import boto3
 import pytest
 import requests
 from sqlalchemy import create_engine, text
 
 from chalicelib import aws, cache, db
-from chalicelib.config import get_settings, reset_settings
+from chalicelib.config import SSM_PREVIOUS_KEYS, SSM_SECRETS, get_settings, reset_settings
+from infra.deploy import parameter_name
 from tests.conftest import ADMIN_DATABASE_URL, TEST_DATABASE_NAME, TEST_DATABASE_URL
 
 
@@ -209,3 +211,47 @@ def wait_for_run(client: Api, run_id: str, timeout: float = 30.0) -> dict[str, A
 def unique_capability(prefix: str = "cap") -> str:
     """A capability no other test registers, so tests don't share agents."""
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+# ------------------------------------------------------------------ SSM (LocalStack's)
+
+SSM_DATABASE_URL = "postgresql://maof:s3cret@db.internal:5432/maof?sslmode=require"
+SSM_REDIS_URL = "rediss://:token@cache.internal:6379/0"
+
+
+def localstack_endpoint() -> str:
+    return get_settings().aws_endpoint_url or "http://127.0.0.1:4566"
+
+
+@pytest.fixture(scope="module")
+def ssm() -> Any:
+    return boto3.client(
+        "ssm",
+        endpoint_url=localstack_endpoint(),
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+    )
+
+
+@pytest.fixture
+def ssm_path(ssm: Any) -> Iterator[str]:
+    """A path of its own, emptied afterwards."""
+    path = f"/maof-test/secrets-{uuid.uuid4().hex[:10]}"
+    yield path
+    names = [*SSM_SECRETS, *SSM_PREVIOUS_KEYS]
+    ssm.delete_parameters(Names=[parameter_name(path, name) for name in names])
+
+
+@pytest.fixture
+def ssm_prod(monkeypatch: pytest.MonkeyPatch, ssm_path: str) -> Iterator[pytest.MonkeyPatch]:
+    """A prod process whose only secret setting is the SSM path (LocalStack standing in)."""
+    endpoint = localstack_endpoint()
+    monkeypatch.setenv("MAOF_STAGE", "prod")
+    monkeypatch.setenv("MAOF_SECRETS_SSM_PATH", ssm_path)
+    monkeypatch.setenv("MAOF_AWS_ENDPOINT_URL", endpoint)
+    for name in SSM_SECRETS.values():
+        monkeypatch.delenv(name, raising=False)
+    reset_settings()
+    yield monkeypatch
+    reset_settings()

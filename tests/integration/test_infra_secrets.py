@@ -8,57 +8,16 @@ validates anything, and a missing one stops start-up with one line naming it.
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import pytest
 
-from chalicelib.config import SSM_SECRETS, ConfigError, get_settings, load_settings, reset_settings
+from chalicelib.config import SSM_SECRETS, ConfigError, load_settings, reset_settings
 from infra.deploy import DeployError, ensure_secrets, parameter_name, require_secrets
+from tests.integration.conftest import SSM_DATABASE_URL as DATABASE_URL
+from tests.integration.conftest import SSM_REDIS_URL as REDIS_URL
 
 pytestmark = pytest.mark.integration
-
-DATABASE_URL = "postgresql://maof:s3cret@db.internal:5432/maof?sslmode=require"
-REDIS_URL = "rediss://:token@cache.internal:6379/0"
-
-
-def localstack_endpoint() -> str:
-    return get_settings().aws_endpoint_url or "http://127.0.0.1:4566"
-
-
-@pytest.fixture(scope="module")
-def ssm() -> Any:
-    return boto3.client(
-        "ssm",
-        endpoint_url=localstack_endpoint(),
-        region_name="us-east-1",
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-    )
-
-
-@pytest.fixture
-def ssm_path(ssm: Any) -> Iterator[str]:
-    """A path of its own, emptied afterwards."""
-    path = f"/maof-test/secrets-{uuid.uuid4().hex[:10]}"
-    yield path
-    ssm.delete_parameters(Names=[parameter_name(path, name) for name in SSM_SECRETS])
-
-
-@pytest.fixture
-def prod(monkeypatch: pytest.MonkeyPatch, ssm_path: str) -> Iterator[pytest.MonkeyPatch]:
-    """A prod process whose only secret setting is the SSM path (LocalStack standing in)."""
-    endpoint = localstack_endpoint()
-    monkeypatch.setenv("MAOF_STAGE", "prod")
-    monkeypatch.setenv("MAOF_SECRETS_SSM_PATH", ssm_path)
-    monkeypatch.setenv("MAOF_AWS_ENDPOINT_URL", endpoint)
-    for name in SSM_SECRETS.values():
-        monkeypatch.delenv(name, raising=False)
-    reset_settings()
-    yield monkeypatch
-    reset_settings()
 
 
 def values(ssm: Any, path: str) -> dict[str, tuple[str, str]]:
@@ -123,7 +82,7 @@ def test_deploy_stops_before_anything_when_a_url_is_missing(ssm: Any, ssm_path: 
 
 
 def test_a_prod_process_takes_its_secrets_from_ssm(
-    prod: pytest.MonkeyPatch, ssm: Any, ssm_path: str
+    ssm_prod: pytest.MonkeyPatch, ssm: Any, ssm_path: str
 ) -> None:
     ensure_secrets(ssm, ssm_path, urls={"database-url": DATABASE_URL, "redis-url": REDIS_URL})
     stored = values(ssm, ssm_path)
@@ -136,29 +95,29 @@ def test_a_prod_process_takes_its_secrets_from_ssm(
 
 
 def test_a_parameter_wins_over_the_same_setting_in_the_environment(
-    prod: pytest.MonkeyPatch, ssm: Any, ssm_path: str
+    ssm_prod: pytest.MonkeyPatch, ssm: Any, ssm_path: str
 ) -> None:
     ensure_secrets(ssm, ssm_path, urls={"database-url": DATABASE_URL, "redis-url": REDIS_URL})
-    prod.setenv("MAOF_JWT_SECRET", "e" * 40)
-    prod.setenv("MAOF_DATABASE_URL", "postgresql://stale@old-host/maof")
+    ssm_prod.setenv("MAOF_JWT_SECRET", "e" * 40)
+    ssm_prod.setenv("MAOF_DATABASE_URL", "postgresql://stale@old-host/maof")
     settings = load_settings()
     assert settings.jwt_secret == values(ssm, ssm_path)["jwt-secret"][1]
     assert settings.database_url == DATABASE_URL
 
 
 def test_the_urls_may_come_from_the_environment(
-    prod: pytest.MonkeyPatch, ssm: Any, ssm_path: str
+    ssm_prod: pytest.MonkeyPatch, ssm: Any, ssm_path: str
 ) -> None:
     ensure_secrets(ssm, ssm_path)  # jwt-secret and secret-key only
-    prod.setenv("MAOF_DATABASE_URL", DATABASE_URL)
-    prod.setenv("MAOF_REDIS_URL", REDIS_URL)
+    ssm_prod.setenv("MAOF_DATABASE_URL", DATABASE_URL)
+    ssm_prod.setenv("MAOF_REDIS_URL", REDIS_URL)
     settings = load_settings()
     assert settings.database_url == DATABASE_URL
     assert settings.redis_url == REDIS_URL
 
 
 def test_a_missing_secret_stops_start_up_with_one_line(
-    prod: pytest.MonkeyPatch, ssm: Any, ssm_path: str
+    ssm_prod: pytest.MonkeyPatch, ssm: Any, ssm_path: str
 ) -> None:
     ssm.put_parameter(
         Name=parameter_name(ssm_path, "secret-key"), Value="k" * 40, Type="SecureString"
@@ -171,7 +130,7 @@ def test_a_missing_secret_stops_start_up_with_one_line(
 
 
 def test_a_missing_url_names_its_parameter(
-    prod: pytest.MonkeyPatch, ssm: Any, ssm_path: str
+    ssm_prod: pytest.MonkeyPatch, ssm: Any, ssm_path: str
 ) -> None:
     ensure_secrets(ssm, ssm_path)
     with pytest.raises(ConfigError) as caught:
@@ -180,7 +139,7 @@ def test_a_missing_url_names_its_parameter(
 
 
 def test_parameters_are_read_once_per_process(
-    prod: pytest.MonkeyPatch, ssm: Any, ssm_path: str
+    ssm_prod: pytest.MonkeyPatch, ssm: Any, ssm_path: str
 ) -> None:
     ensure_secrets(ssm, ssm_path, urls={"database-url": DATABASE_URL, "redis-url": REDIS_URL})
     first = load_settings()
@@ -191,8 +150,8 @@ def test_parameters_are_read_once_per_process(
         load_settings()
 
 
-def test_an_unreachable_ssm_fails_fast_with_one_line(prod: pytest.MonkeyPatch) -> None:
-    prod.setenv("MAOF_AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+def test_an_unreachable_ssm_fails_fast_with_one_line(ssm_prod: pytest.MonkeyPatch) -> None:
+    ssm_prod.setenv("MAOF_AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     started = time.monotonic()
     with pytest.raises(ConfigError) as caught:
         load_settings()
@@ -201,8 +160,8 @@ def test_an_unreachable_ssm_fails_fast_with_one_line(prod: pytest.MonkeyPatch) -
 
 
 @pytest.mark.parametrize("path", ["maof/prod", "/", "/maof prod"])
-def test_a_malformed_path_is_refused(prod: pytest.MonkeyPatch, path: str) -> None:
-    prod.setenv("MAOF_SECRETS_SSM_PATH", path)
+def test_a_malformed_path_is_refused(ssm_prod: pytest.MonkeyPatch, path: str) -> None:
+    ssm_prod.setenv("MAOF_SECRETS_SSM_PATH", path)
     with pytest.raises(ConfigError) as caught:
         load_settings()
     assert "MAOF_SECRETS_SSM_PATH must be an SSM path" in one_line(caught)

@@ -188,6 +188,22 @@ def test_template_holds_the_api_and_its_handler(resources: dict[str, Any]) -> No
     assert handler["Properties"]["Handler"] == "app.app"
 
 
+def test_the_api_stage_is_throttled_by_template_parameters(
+    template: dict[str, Any], resources: dict[str, Any]
+) -> None:
+    settings = resources["RestAPI"]["Properties"]["MethodSettings"]
+    assert settings == [
+        {
+            "ResourcePath": "/*",
+            "HttpMethod": "*",
+            "ThrottlingRateLimit": {"Ref": "ApiThrottlingRateLimit"},
+            "ThrottlingBurstLimit": {"Ref": "ApiThrottlingBurstLimit"},
+        }
+    ]
+    for name in ("ApiThrottlingRateLimit", "ApiThrottlingBurstLimit"):
+        assert template["Parameters"][name]["Default"] >= 1
+
+
 def test_run_stage_reports_batch_item_failures(resources: dict[str, Any]) -> None:
     run_stage = resources["RunStage"]
     assert run_stage["Type"] == "AWS::Serverless::Function"

@@ -1,0 +1,159 @@
+"""Key rotation of a deployed stage (`make rotate-key` / `make retire-keys`): the parameters
+move in SSM (LocalStack's here) as a prod process then reads them, every function gets new
+execution environments, and the migrate function re-encrypts the agent tokens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from botocore.validate import validate_parameters
+from chalice.test import Client
+
+from chalicelib.config import load_settings
+from infra.deploy import DeployError, ensure_secrets, parameter_name
+from infra.rotate import (
+    KEEP_PREVIOUS,
+    RECYCLE_VARIABLE,
+    recycle_functions,
+    retire_previous,
+    rotate_key,
+    stack_functions,
+)
+from tests.integration.conftest import SSM_DATABASE_URL as DATABASE_URL
+from tests.integration.conftest import SSM_REDIS_URL as REDIS_URL
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def secrets(ssm: Any, ssm_path: str) -> str:
+    ensure_secrets(ssm, ssm_path, urls={"database-url": DATABASE_URL, "redis-url": REDIS_URL})
+    return ssm_path
+
+
+def value(ssm: Any, path: str, name: str) -> str | None:
+    found = ssm.get_parameters(Names=[parameter_name(path, name)], WithDecryption=True)
+    return found["Parameters"][0]["Value"] if found["Parameters"] else None
+
+
+@pytest.mark.parametrize(
+    ("key", "previous"),
+    [("jwt-secret", "jwt-previous-secrets"), ("secret-key", "previous-secret-keys")],
+)
+def test_rotating_a_key_keeps_the_old_value_as_previous(
+    ssm: Any, secrets: str, key: str, previous: str
+) -> None:
+    history = [value(ssm, secrets, key)]
+    for _ in range(3):
+        kept = rotate_key(ssm, secrets, key)
+        history.insert(0, value(ssm, secrets, key))
+        assert kept == history[1 : 1 + KEEP_PREVIOUS]
+        assert value(ssm, secrets, previous) == ",".join(kept)
+    assert len(set(history)) == 4, "every rotation made a new value"
+    stored = value(ssm, secrets, key)
+    assert stored is not None and len(stored) >= 32
+
+
+def test_a_prod_process_accepts_the_current_and_previous_keys(
+    ssm_prod: pytest.MonkeyPatch, ssm: Any, secrets: str
+) -> None:
+    old_jwt, old_key = value(ssm, secrets, "jwt-secret"), value(ssm, secrets, "secret-key")
+    rotate_key(ssm, secrets, "jwt-secret")
+    rotate_key(ssm, secrets, "secret-key")
+    settings = load_settings()
+    assert settings.jwt_secret == value(ssm, secrets, "jwt-secret") != old_jwt
+    assert settings.jwt_previous_secrets == (old_jwt,)
+    assert settings.previous_secret_keys == (old_key,)
+    assert retire_previous(ssm, secrets, "jwt-secret") is True
+    assert retire_previous(ssm, secrets, "jwt-secret") is False
+    from chalicelib.config import _read_ssm_parameters
+
+    _read_ssm_parameters.cache_clear()
+    assert load_settings().jwt_previous_secrets == ()
+
+
+def test_only_the_two_rotating_keys_can_be_rotated(ssm: Any, secrets: str) -> None:
+    with pytest.raises(DeployError, match="KEY must be one of"):
+        rotate_key(ssm, secrets, "database-url")
+
+
+def test_rotating_needs_the_key_to_exist(ssm: Any, ssm_path: str) -> None:
+    with pytest.raises(DeployError, match="make secrets"):
+        rotate_key(ssm, ssm_path, "jwt-secret")
+
+
+class RecordingLambda:
+    """The Lambda API calls recycling makes, each checked against the Lambda API model."""
+
+    def __init__(self, variables: dict[str, dict[str, str]]) -> None:
+        import boto3
+
+        self.model = boto3.client("lambda", region_name="us-east-1").meta.service_model
+        self.variables = variables
+        self.updates: list[dict[str, Any]] = []
+
+    def _check(self, operation: str, params: dict[str, Any]) -> None:
+        validate_parameters(params, self.model.operation_model(operation).input_shape)
+
+    def get_function_configuration(self, **params: Any) -> dict[str, Any]:
+        self._check("GetFunctionConfiguration", params)
+        return {
+            "State": "Active",
+            "LastUpdateStatus": "Successful",
+            "Environment": {"Variables": dict(self.variables[params["FunctionName"]])},
+        }
+
+    def update_function_configuration(self, **params: Any) -> dict[str, Any]:
+        self._check("UpdateFunctionConfiguration", params)
+        self.updates.append(params)
+        self.variables[params["FunctionName"]] = params["Environment"]["Variables"]
+        return {}
+
+
+def test_recycling_changes_one_variable_of_every_function_and_keeps_the_rest() -> None:
+    lambda_ = RecordingLambda(
+        {"maof-prod-api": {"MAOF_STAGE": "prod"}, "maof-prod-run_stage": {"MAOF_STAGE": "prod"}}
+    )
+    recycle_functions(lambda_, ["maof-prod-api", "maof-prod-run_stage"], "2026-11-27T00:00:00Z")
+    assert [u["FunctionName"] for u in lambda_.updates] == ["maof-prod-api", "maof-prod-run_stage"]
+    for variables in lambda_.variables.values():
+        assert variables == {"MAOF_STAGE": "prod", RECYCLE_VARIABLE: "2026-11-27T00:00:00Z"}
+
+
+def test_the_stacks_functions_are_found_among_its_resources() -> None:
+    class Pages:
+        def paginate(self, StackName: str) -> list[dict[str, Any]]:
+            assert StackName == "maof-prod"
+            return [
+                {
+                    "StackResourceSummaries": [
+                        {"ResourceType": "AWS::Lambda::Function", "PhysicalResourceId": "b"},
+                        {"ResourceType": "AWS::SQS::Queue", "PhysicalResourceId": "q"},
+                    ]
+                },
+                {
+                    "StackResourceSummaries": [
+                        {"ResourceType": "AWS::Lambda::Function", "PhysicalResourceId": "a"}
+                    ]
+                },
+            ]
+
+    class Cfn:
+        def get_paginator(self, name: str) -> Pages:
+            assert name == "list_stack_resources"
+            return Pages()
+
+    assert stack_functions(Cfn(), "maof-prod") == ["a", "b"]
+
+
+def test_the_migrate_function_reencrypts_agent_tokens_on_request(user: Any) -> None:
+    import app as maof
+    from tests.integration.conftest import register_agent, unique_capability
+
+    register_agent(user, unique_capability())
+    with Client(maof.app) as client:
+        answer = client.lambda_.invoke("migrate", {"action": "reencrypt-agent-tokens"}).payload
+        assert answer == {"reencrypted": 0}, "every token is already under the current key"
+        with pytest.raises(ValueError, match="unknown action"):
+            client.lambda_.invoke("migrate", {"action": "drop-everything"})
