@@ -27,6 +27,8 @@ os.environ.update(
         "MAOF_LOG_LEVEL": os.environ.get("MAOF_TEST_LOG_LEVEL", "WARNING"),
         "MAOF_MOCK_AGENT_DELAY_MS": "0",
         "MAOF_MOCK_AGENT_FAILURE_RATE": "0",
+        # Test agents listen on 127.0.0.1; the SSRF guard's own tests switch this off.
+        "MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS": "true",
     }
 )
 os.environ.pop("MAOF_STAGE_QUEUE_URL", None)
