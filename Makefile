@@ -6,9 +6,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 # Optional local overrides (copy .env.example to .env).
+# The SSRF guard's switch is read first: a value in the environment wins over .env (make lets
+# a makefile's assignment override the environment), and either wins over make dev's default.
+ALLOW_PRIVATE_FROM_ENV := $(MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS)
 ifneq (,$(wildcard .env))
 include .env
 export
+endif
+ifneq (,$(ALLOW_PRIVATE_FROM_ENV))
+export MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS := $(ALLOW_PRIVATE_FROM_ENV)
 endif
 
 .PHONY: help venv stack migrate dev test lint typecheck unit integration package down clean bench browser-deps deploy destroy secrets deploy-info rotate-key retire-keys reencrypt-agent-tokens

@@ -32,6 +32,8 @@ os.environ.update(
         "MAOF_LOGIN_ATTEMPTS_PER_IP_PER_MINUTE": "1000000",
         "MAOF_SUBMISSIONS_PER_MINUTE": "1000000",
         "MAOF_ADMIN_EMAILS": "admin@example.com",
+        # Test agents listen on 127.0.0.1; the SSRF guard's own tests switch this off.
+        "MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS": "true",
     }
 )
 os.environ.pop("MAOF_STAGE_QUEUE_URL", None)

@@ -7,23 +7,28 @@ Answer: `{"status": "success", "output": ...}` or
 `{"status": "error", "code", "message", "retryable"}`.
 
 Every failure becomes an AgentCallFailed that says whether a retry may help
-(RETRYABLE below is the table the README documents).
+(RETRYABLE below is the table the README documents). The call goes through the SSRF guard
+(`network.pinned_request`): a refused endpoint or a redirect fails the stage at once.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlparse
 
 import urllib3
 
-from chalicelib.agents.mock import MockAgentFailure, call_mock_agent
-from chalicelib.agents.network import check_endpoint_allowed
+from chalicelib.agents.mock import (
+    MOCK_AGENTS_DISABLED,
+    MockAgentFailure,
+    call_mock_agent,
+    is_mock_endpoint,
+    mock_agents_enabled,
+)
+from chalicelib.agents.network import EndpointNotAllowed, EndpointUnresolvable, pinned_request
 from chalicelib.config import get_settings
 
 # HTTP statuses worth another attempt; any other non-2xx is final.
@@ -71,12 +76,9 @@ class AgentTask:
 
 
 def is_mock(endpoint: str) -> bool:
-    return get_settings().mock_agents or urlparse(endpoint).scheme == "mock"
-
-
-@functools.lru_cache(maxsize=1)
-def _pool() -> urllib3.PoolManager:
-    return urllib3.PoolManager(num_pools=50, maxsize=10, retries=False)
+    """Whether the built-in mock serves `endpoint`: every agent when MAOF_MOCK_AGENTS=true,
+    `mock://` ones where mock agents are enabled."""
+    return get_settings().mock_agents or (is_mock_endpoint(endpoint) and mock_agents_enabled())
 
 
 def call_agent(endpoint: str, token: str, agent_id: str, task: AgentTask) -> Any:
@@ -86,15 +88,33 @@ def call_agent(endpoint: str, token: str, agent_id: str, task: AgentTask) -> Any
             return call_mock_agent(agent_id, task.capability, task.input)
         except MockAgentFailure as exc:
             raise AgentCallFailed(str(exc), retryable=True, code="MOCK_FAILURE") from None
-    check_endpoint_allowed(endpoint)
+    if is_mock_endpoint(endpoint):
+        raise AgentCallFailed(
+            f"MOCK_AGENTS_DISABLED: {MOCK_AGENTS_DISABLED}",
+            retryable=False,
+            code="MOCK_AGENTS_DISABLED",
+        )
     return _post(endpoint, token, task)
 
 
 @contextmanager
 def _transport_errors(task: AgentTask) -> Iterator[None]:
-    """Timeouts and connection failures, while sending or reading, as retryable failures."""
+    """The guard's refusals as final failures; an unresolvable name, timeouts and connection
+    failures, while sending or reading, as retryable ones."""
     try:
         yield
+    except EndpointUnresolvable:
+        raise AgentCallFailed(
+            "could not reach the agent (its host name does not resolve)",
+            retryable=True,
+            code="UNREACHABLE",
+        ) from None
+    except EndpointNotAllowed as exc:
+        raise AgentCallFailed(
+            f"ENDPOINT_NOT_ALLOWED: the agent endpoint is not allowed: {exc}",
+            retryable=False,
+            code="ENDPOINT_NOT_ALLOWED",
+        ) from None
     except (TimeoutError, urllib3.exceptions.TimeoutError):
         raise AgentCallFailed(
             f"no answer within {task.timeout_ms} ms", retryable=True, code="TIMEOUT"
@@ -109,7 +129,7 @@ def _post(endpoint: str, token: str, task: AgentTask) -> Any:
     limit = get_settings().agent_max_response_bytes
     seconds = task.timeout_ms / 1000
     with _transport_errors(task):
-        response = _pool().request(
+        response = pinned_request(
             "POST",
             endpoint,
             body=json.dumps(task.body()).encode("utf-8"),
@@ -121,8 +141,6 @@ def _post(endpoint: str, token: str, task: AgentTask) -> Any:
                 "User-Agent": "maof-agent-dispatch/1",
             },
             timeout=urllib3.Timeout(connect=min(seconds, 5.0), read=seconds),
-            preload_content=False,
-            redirect=False,
         )
         try:
             raw = response.read(limit + 1, decode_content=True)
@@ -141,6 +159,14 @@ def interpret(status: int, raw: bytes) -> Any:
         document = json.loads(raw) if raw else None
     except (ValueError, UnicodeDecodeError):
         document = None
+    if 300 <= status < 400:
+        # Following it would reach an address the guard never checked.
+        raise AgentCallFailed(
+            f"REDIRECT_REFUSED: the agent answered HTTP {status}, a redirect; "
+            "MAOF never follows redirects",
+            retryable=False,
+            code="REDIRECT_REFUSED",
+        )
     if not 200 <= status < 300:
         message = f"HTTP {status}"
         if isinstance(document, dict) and isinstance(document.get("message"), str):

@@ -7,8 +7,10 @@
 | any other 2xx or 4xx                     | degraded |
 | 5xx, timeout, connection refused         | offline  |
 
-`mock://` agents are always online. Results go to Postgres (status, lastHealthCheck) and
-Redis; a status change drops the capability cache so routing follows at once.
+`mock://` agents are online where mock agents are enabled. The probe goes through the SSRF
+guard (`network.pinned_request`): an endpoint it refuses is offline. Results go to Postgres
+(status, lastHealthCheck) and Redis; a status change drops the capability cache so routing
+follows at once.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from sqlalchemy import select, update
 
 from chalicelib import cache
 from chalicelib.agents.dispatch import is_mock
-from chalicelib.agents.network import EndpointNotAllowed, check_endpoint_allowed
+from chalicelib.agents.network import EndpointNotAllowed, pinned_request
 from chalicelib.agents.registry import invalidate_capability
 from chalicelib.config import get_settings
 from chalicelib.db import session_scope
@@ -32,7 +34,7 @@ from chalicelib.db.models import Agent
 from chalicelib.logs import logger
 
 # No keep-alive: a probe must open a fresh connection to tell whether the agent is up.
-_http = urllib3.PoolManager(num_pools=50, maxsize=4, retries=False, headers={"Connection": "close"})
+PROBE_HEADERS = {"Connection": "close"}
 
 
 def health_url(endpoint: str) -> str:
@@ -43,22 +45,17 @@ def probe(endpoint: str) -> str:
     """The status one health probe of `endpoint` gives."""
     if is_mock(endpoint):
         return "online"
-    try:
-        check_endpoint_allowed(endpoint)
-    except EndpointNotAllowed:
-        return "offline"
     seconds = get_settings().agent_health_timeout_ms / 1000
     try:
-        response = _http.request(
+        response = pinned_request(
             "GET",
             health_url(endpoint),
+            headers=PROBE_HEADERS,
             timeout=urllib3.Timeout(connect=seconds, read=seconds),
-            redirect=False,
-            preload_content=False,
         )
         body = response.read(4096)
         response.release_conn()
-    except urllib3.exceptions.HTTPError:
+    except (EndpointNotAllowed, urllib3.exceptions.HTTPError):
         return "offline"
     if response.status in (404, 405):
         return "online"

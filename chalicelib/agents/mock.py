@@ -1,7 +1,9 @@
 """The built-in mock agent: a deterministic answer derived from the capability and input.
 
 Its delay and failure rate come from MAOF_MOCK_AGENT_DELAY_MS and
-MAOF_MOCK_AGENT_FAILURE_RATE, for tests, demos and benchmarks.
+MAOF_MOCK_AGENT_FAILURE_RATE, for tests, demos and benchmarks. `mock://<name>` endpoints
+are served only where mock agents are enabled: the dev and test stages, or
+MAOF_MOCK_AGENTS=true.
 """
 
 from __future__ import annotations
@@ -9,13 +11,29 @@ from __future__ import annotations
 import random
 import time
 from typing import Any
+from urllib.parse import urlparse
 
 from chalicelib.audit.chain import sha256_json
 from chalicelib.config import get_settings
 
+MOCK_AGENTS_DISABLED = (
+    "mock:// agents are served only in the dev and test stages, or with MAOF_MOCK_AGENTS=true"
+)
+
 
 class MockAgentFailure(Exception):
     """The mock's configured failure rate struck."""
+
+
+def is_mock_endpoint(endpoint: str) -> bool:
+    """Whether `endpoint` names a mock agent (`mock://<name>`), served here or not."""
+    return urlparse(endpoint).scheme == "mock"
+
+
+def mock_agents_enabled() -> bool:
+    """Whether `mock://` agents may be registered and called in this stage."""
+    settings = get_settings()
+    return settings.is_dev or settings.mock_agents
 
 
 def call_mock_agent(agent_id: str, capability: str, stage_input: Any) -> dict[str, Any]:

@@ -1,55 +1,289 @@
-"""Which agent endpoints MAOF may call: in `prod`, never loopback, private, link-local or
-cloud metadata addresses (server-side request forgery), unless explicitly allowed."""
+"""The SSRF guard: which URLs MAOF may call, and the pinned connection each call goes over."""
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
-from urllib.parse import urlparse
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import urllib3
+from urllib3.exceptions import LocationParseError
+from urllib3.util import parse_url
 
 from chalicelib.config import get_settings
+from chalicelib.logs import logger
 
-METADATA_HOSTS = frozenset({"169.254.169.254", "fd00:ec2::254", "metadata.google.internal"})
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Credentials endpoints: refused even when the operator allows private endpoints.
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a)
+    for a in (
+        "169.254.169.254",  # EC2 instance metadata (also GCP, Azure, Oracle)
+        "fd00:ec2::254",  # EC2 instance metadata over IPv6
+        "169.254.170.2",  # ECS task credentials
+        "169.254.170.23",  # EKS Pod Identity credentials
+        "fd00:ec2::23",  # EKS Pod Identity credentials over IPv6
+        "100.100.100.200",  # Alibaba Cloud metadata
+    )
+)
+# IPv6 ranges whose last 32 bits are an IPv4 address a connection may end up reaching.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+_IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")
+# Local-use NAT64 (RFC 8215) reaches into the operator's own network; Python 3.11 calls it global.
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+_DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+MAX_POOLS = 50
+POOL_MAXSIZE = 10
+
+PUBLIC_ONLY = "it must resolve only to public addresses"
 
 
 class EndpointNotAllowed(Exception):
-    """The endpoint resolves to an address MAOF refuses to call."""
+    """The guard refuses this URL. The message is safe to show: it never names an address."""
 
 
-def _forbidden(address: str) -> bool:
+class EndpointUnresolvable(EndpointNotAllowed):
+    """The URL is well-formed but its host name resolves to no address (perhaps for now)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one guarded request goes: the checked URL's parts and the address it is pinned to."""
+
+    scheme: str
+    hostname: str  # lower-case; an IPv6 literal without brackets
+    port: int
+    request_uri: str
+    address: str
+
+    @property
+    def host_header(self) -> str:
+        host = f"[{self.hostname}]" if ":" in self.hostname else self.hostname
+        return host if self.port == _DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
+
+
+def _is_dotted_quad(host: str) -> bool:
+    try:
+        return str(ipaddress.IPv4Address(host)) == host
+    except ValueError:
+        return False
+
+
+def _is_dns_name(host: str) -> bool:
+    labels = host.split(".")
+    if len(host) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        return False
+    # `2130706433`, `0x7f.1`, `127.1`, `0x7f`: the resolver reads these as IPv4 numbers.
+    if labels[-1].isdigit():
+        return False
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return True
+    return False
+
+
+def _plain_host(authority: str) -> tuple[str, int | None]:
+    """The host and port of a raw authority, or EndpointNotAllowed."""
+    if authority.startswith("["):
+        literal, bracket, rest = authority[1:].partition("]")
+        try:
+            host = str(ipaddress.IPv6Address(literal if bracket else ""))
+        except ValueError:
+            raise EndpointNotAllowed("its host is not a valid IPv6 address") from None
+    else:
+        host, colon, port_text = authority.partition(":")
+        rest = colon + port_text
+        if not (_is_dotted_quad(host) or _is_dns_name(host.lower())):
+            raise EndpointNotAllowed(
+                "its host must be a DNS name, a dotted-quad IPv4 or a bracketed IPv6 address"
+            )
+        host = host.lower()
+    if not rest:
+        return host, None
+    if not re.fullmatch(r":[0-9]{1,5}", rest) or not 1 <= int(rest[1:]) <= 65535:
+        raise EndpointNotAllowed("its port must be a number from 1 to 65535")
+    return host, int(rest[1:])
+
+
+def parse_endpoint(url: str) -> tuple[str, str, int, str]:
+    """`(scheme, hostname, port, request_uri)` of a URL the guard accepts the shape of, or
+    EndpointNotAllowed. Parsed by urllib3, the parser that connects, and cross-checked."""
+    if not url.isascii() or any(ch <= " " or ch in "\\\x7f" for ch in url):
+        raise EndpointNotAllowed(
+            "it must not contain backslashes, spaces, control or non-ASCII characters"
+        )
+    scheme, separator, rest = url.partition("://")
+    scheme = scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not separator:
+        raise EndpointNotAllowed("it must be an absolute http:// or https:// URL")
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if "@" in authority:
+        raise EndpointNotAllowed("it must not contain a user name or password")
+    if "%" in authority:
+        raise EndpointNotAllowed("its host must not be percent-encoded")
+    if not authority:
+        raise EndpointNotAllowed("it must be an absolute http:// or https:// URL")
+    host, port = _plain_host(authority)
+    try:
+        parsed = parse_url(url)
+    except LocationParseError:
+        raise EndpointNotAllowed("it must be an absolute http:// or https:// URL") from None
+    # Two parsers must agree on where the request goes, or neither is trusted.
+    urllib3_host = _canonical_ip((parsed.host or "").strip("[]"))
+    agreed = (parsed.scheme, urllib3_host, parsed.port) == (scheme, host, port)
+    if parsed.auth is not None or not agreed:
+        raise EndpointNotAllowed("it must be an absolute http:// or https:// URL")
+    return scheme, host, port or _DEFAULT_PORTS[scheme], parsed.request_uri
+
+
+def _canonical_ip(host: str) -> str:
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
+
+
+def _reachable(ip: IPAddress) -> list[IPAddress]:
+    """The addresses a connection to `ip` may really reach: `ip`, and any IPv4 it embeds."""
+    if isinstance(ip, ipaddress.IPv4Address):
+        return [ip]
+    if ip.ipv4_mapped is not None:
+        return [ip.ipv4_mapped]  # a dual-stack socket connects to the IPv4 address itself
+    embedded: list[IPAddress] = []
+    if ip.sixtofour is not None:
+        embedded.append(ip.sixtofour)
+    if ip.teredo is not None:
+        embedded.extend(ip.teredo)
+    if any(ip in network for network in (_NAT64, _IPV4_COMPATIBLE, _IPV4_TRANSLATED)):
+        embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return [ip, *embedded]
+
+
+def is_public_address(address: str | IPAddress) -> bool:
+    """Whether `address` is global unicast, and so is every IPv4 address it embeds."""
     ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return (
-        ip.is_loopback
-        or ip.is_private
-        or ip.is_link_local
-        or ip.is_reserved
-        or ip.is_multicast
-        or ip.is_unspecified
-        or str(ip) in METADATA_HOSTS
+    if isinstance(ip, ipaddress.IPv6Address) and ip in _LOCAL_NAT64:
+        return False
+    return all(a.is_global and not a.is_multicast for a in _reachable(ip))
+
+
+def is_metadata_address(address: str | IPAddress) -> bool:
+    """Whether `address` is, or embeds, a cloud metadata or credentials address."""
+    return any(a in METADATA_ADDRESSES for a in _reachable(ipaddress.ip_address(address)))
+
+
+def address_allowed(address: str | IPAddress, *, allow_private: bool) -> bool:
+    """Public addresses only; with `allow_private`, anything but metadata addresses."""
+    if is_metadata_address(address):
+        return False
+    return allow_private or is_public_address(address)
+
+
+def resolve_host(hostname: str, port: int) -> list[str]:
+    """Every address `hostname` resolves to, in the resolver's order (tests replace this)."""
+    try:
+        infos = socket.getaddrinfo(hostname, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return []
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def resolve_and_check(url: str) -> Target:
+    """The target to send a request for `url` to, resolved once, every address checked; or
+    EndpointNotAllowed (EndpointUnresolvable when the name resolves to nothing)."""
+    scheme, hostname, port, request_uri = parse_endpoint(url)
+    allow_private = get_settings().allow_private_agent_endpoints
+    try:
+        addresses = [str(ipaddress.ip_address(hostname))]
+    except ValueError:
+        addresses = resolve_host(hostname, port)
+    if not addresses:
+        # With the check on, "does not resolve" and "resolves privately" read the same, so
+        # registration is no oracle for internal DNS names.
+        raise EndpointUnresolvable(
+            "its host name does not resolve" if allow_private else PUBLIC_ONLY
+        )
+    refused = [a for a in addresses if not address_allowed(a, allow_private=allow_private)]
+    if refused:
+        # The addresses stay in the server's log; the caller learns only the rule.
+        logger.warning(
+            "endpoint refused by the SSRF guard",
+            extra={"host": hostname, "port": port, "refusedAddresses": refused},
+        )
+        if any(is_metadata_address(a) for a in refused):
+            raise EndpointNotAllowed("it must not resolve to a cloud metadata address")
+        raise EndpointNotAllowed(PUBLIC_ONLY)
+    return Target(scheme, hostname, port, request_uri, addresses[0])
+
+
+def check_endpoint_allowed(url: str) -> None:
+    """Raise EndpointNotAllowed unless the guard would let MAOF call `url` now."""
+    resolve_and_check(url)
+
+
+_pools: OrderedDict[tuple[str, str, int, str], urllib3.HTTPConnectionPool] = OrderedDict()
+_pools_lock = threading.Lock()
+
+
+def _new_pool(target: Target) -> urllib3.HTTPConnectionPool:
+    if target.scheme == "https":
+        # Connect to the checked address; SNI and the certificate check use the name.
+        return urllib3.HTTPSConnectionPool(
+            target.address,
+            target.port,
+            maxsize=POOL_MAXSIZE,
+            retries=False,
+            cert_reqs="CERT_REQUIRED",
+            server_hostname=target.hostname,
+            assert_hostname=target.hostname,
+        )
+    return urllib3.HTTPConnectionPool(
+        target.address, target.port, maxsize=POOL_MAXSIZE, retries=False
     )
 
 
-def check_endpoint_allowed(endpoint: str) -> None:
-    """Raise EndpointNotAllowed for endpoints the current stage may not call."""
-    settings = get_settings()
-    parsed = urlparse(endpoint)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise EndpointNotAllowed("agent endpoints must be absolute http(s) URLs")
-    if settings.is_dev or settings.allow_private_agent_endpoints:
-        return
-    host = parsed.hostname
-    if host in METADATA_HOSTS:
-        raise EndpointNotAllowed(f"{host} is a metadata address")
-    try:
-        infos = socket.getaddrinfo(host, parsed.port or 443, proto=socket.IPPROTO_TCP)
-    except socket.gaierror:
-        raise EndpointNotAllowed(f"{host} does not resolve") from None
-    for info in infos:
-        address = str(info[4][0])
-        if _forbidden(address):
-            raise EndpointNotAllowed(
-                f"{host} resolves to {address}, a loopback, private, link-local or metadata "
-                "address (set MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS=true to allow)"
-            )
+def pool_for(target: Target) -> urllib3.HTTPConnectionPool:
+    """A connection pool to `target.address` (kept warm across calls, at most MAX_POOLS)."""
+    key = (target.scheme, target.address, target.port, target.hostname)
+    with _pools_lock:
+        pool = _pools.pop(key, None)
+        if pool is None:
+            pool = _new_pool(target)
+        _pools[key] = pool
+        while len(_pools) > MAX_POOLS:
+            _pools.popitem(last=False)[1].close()
+    return pool
+
+
+def pinned_request(
+    method: str,
+    url: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    body: bytes | None = None,
+    timeout: urllib3.Timeout,
+) -> urllib3.BaseHTTPResponse:
+    """One request to `url`, connected to the address the guard checked (no second DNS
+    lookup), never following a redirect. Raises EndpointNotAllowed before connecting; the
+    body is not preloaded: read it, then `release_conn()`."""
+    target = resolve_and_check(url)
+    return pool_for(target).urlopen(
+        method,
+        target.request_uri,
+        body=body,
+        headers={**(headers or {}), "Host": target.host_header},
+        timeout=timeout,
+        retries=False,
+        redirect=False,
+        assert_same_host=False,
+        preload_content=False,
+    )

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from chalicelib import cache, errors
+from chalicelib.agents.mock import MOCK_AGENTS_DISABLED, mock_agents_enabled
 from chalicelib.agents.network import EndpointNotAllowed, check_endpoint_allowed
 from chalicelib.agents.secrets import encrypt_token
 from chalicelib.auth.service import is_admin
@@ -22,7 +23,6 @@ from chalicelib.db import insert_unique, session_scope
 from chalicelib.db.models import Agent
 from chalicelib.http import ApiModel, PageQuery, Principal, page_meta
 
-ALLOWED_SCHEMES = ("http", "https", "mock")
 Visibility = Literal["private", "shared"]
 
 
@@ -40,13 +40,16 @@ class RegisterAgentRequest(ApiModel):
     @classmethod
     def _absolute_http_url(cls, value: str) -> str:
         parsed = urlparse(value)
-        if parsed.scheme not in ALLOWED_SCHEMES or not parsed.hostname:
-            raise ValueError("must be an absolute http:// or https:// URL (or mock://name)")
-        if parsed.scheme != "mock":
-            try:
-                check_endpoint_allowed(value)
-            except EndpointNotAllowed as exc:
-                raise ValueError(str(exc)) from None
+        if parsed.scheme == "mock":
+            if not parsed.hostname:
+                raise ValueError("must be an absolute http:// or https:// URL (or mock://name)")
+            if not mock_agents_enabled():
+                raise ValueError(MOCK_AGENTS_DISABLED)
+            return value
+        try:
+            check_endpoint_allowed(value)
+        except EndpointNotAllowed as exc:
+            raise ValueError(f"the agent endpoint is not allowed: {exc}") from None
         return value
 
     @field_validator("capabilities")

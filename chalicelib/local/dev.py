@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,6 +33,15 @@ DEMO_AGENT = {
     "authToken": EXAMPLE_AGENT_TOKEN,
     "capabilities": ["text-generation", "extraction", "translation", "summarization"],
 }
+# What the demo runs on when the SSRF guard refuses the example agent on localhost.
+DEMO_MOCK_AGENT = {
+    **DEMO_AGENT,
+    "agentId": "example-mock-agent",
+    "name": "Mock agent (the demo's stand-in for the example agent)",
+    "description": "the built-in mock agent",
+    "endpoint": "mock://example-agent",
+}
+ALLOW_PRIVATE = "MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS"
 
 
 def _pump(stream: IO[bytes], prefix: str, log_path: Path) -> None:
@@ -84,6 +94,45 @@ def wait_healthy(base: str, children: list[subprocess.Popen[bytes]], timeout: fl
     return False
 
 
+def _refused_endpoint(answer: dict[str, Any]) -> bool:
+    error = answer.get("error") or {}
+    return error.get("code") == "VALIDATION_ERROR" and any(
+        detail.get("field") == "endpoint" for detail in error.get("details") or []
+    )
+
+
+def register_demo_agent(base: str, token: str) -> str | None:
+    """Register the example agent, or, when the SSRF guard refuses it, a mock:// stand-in;
+    which one runs the demo ("example" or "mock"), None when the demo cannot run."""
+    registered = call(base, "POST", "/agents/register", DEMO_AGENT, token)
+    refused = registered.get("success") is False and _refused_endpoint(registered)
+    if registered.get("success") is False and not refused:
+        if registered["error"]["code"] != "CONFLICT":
+            print(f"Demo: could not register the example agent: {registered['error']}", flush=True)
+    listed = call(base, "GET", "/agents?limit=100", token=token).get("data") or {}
+    earlier = {a["agentId"]: a["agentUuid"] for a in listed.get("agents", [])}
+    # Agents from an earlier run in the other mode: probe the example agent now (the guard
+    # marks it offline, or its server online), and drop the stand-in when it is not needed,
+    # so the demo runs on the agent this mode means.
+    if DEMO_AGENT["agentId"] in earlier:
+        call(base, "POST", f"/agents/{earlier[DEMO_AGENT['agentId']]}/health-check", token=token)
+    if not refused:
+        if DEMO_MOCK_AGENT["agentId"] in earlier:
+            call(base, "DELETE", f"/agents/{earlier[DEMO_MOCK_AGENT['agentId']]}", token=token)
+        return "example"
+    print(
+        f"Demo: the example agent at {DEMO_AGENT['endpoint']} is refused by the SSRF guard "
+        f"({ALLOW_PRIVATE}={os.environ.get(ALLOW_PRIVATE, '')}: private addresses refused, "
+        "as in prod); the demo runs with a mock:// agent instead.",
+        flush=True,
+    )
+    mock = call(base, "POST", "/agents/register", DEMO_MOCK_AGENT, token)
+    if mock.get("success") is False and mock["error"]["code"] != "CONFLICT":
+        print(f"Demo skipped: the mock agent was refused too: {mock['error']}", flush=True)
+        return None
+    return "mock"
+
+
 def demo(base: str) -> None:
     """Register a demo user and agents, run the seed README's kind of pipeline, show it."""
     call(
@@ -101,9 +150,11 @@ def demo(base: str) -> None:
         )
         return
     token = login["data"]["accessToken"]
-    registered = call(base, "POST", "/agents/register", DEMO_AGENT, token)
-    if registered.get("success") is False and registered["error"]["code"] != "CONFLICT":
-        print(f"Demo: could not register the example agent: {registered['error']}", flush=True)
+    agent = register_demo_agent(base, token)
+    if agent is None:
+        return
+    # The example agent answers {text, ...}; the mock {result, ...}.
+    extracted = "${extract.output.text}" if agent == "example" else "${extract.output.result}"
     workflow = {
         "workflow": {
             "name": "demo-extract-translate-summarize",
@@ -118,7 +169,7 @@ def demo(base: str) -> None:
                     "name": "Translate to Spanish",
                     "agentCapability": "translation",
                     "dependencies": ["extract"],
-                    "input": {"text": "${extract.output.text}", "targetLanguage": "es"},
+                    "input": {"text": extracted, "targetLanguage": "es"},
                 },
                 {
                     "id": "summarize",
@@ -159,12 +210,21 @@ def demo(base: str) -> None:
     print(f"Demo login: {DEMO_EMAIL} / {DEMO_PASSWORD}", flush=True)
 
 
+def allow_private_endpoints_by_default(environ: MutableMapping[str, str]) -> None:
+    """The example agent listens on localhost, which the SSRF guard refuses: `make dev`
+    allows private endpoints unless the environment or `.env` sets a value (empty is unset,
+    as everywhere in the settings)."""
+    if not environ.get(ALLOW_PRIVATE):
+        environ[ALLOW_PRIVATE] = "true"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m chalicelib.local.dev")
     parser.add_argument("--port", type=int, default=int(os.environ.get("MAOF_PORT", "3000")))
     parser.add_argument("--no-demo", action="store_true")
     args = parser.parse_args()
     base = f"http://127.0.0.1:{args.port}"
+    allow_private_endpoints_by_default(os.environ)
     if port_open("127.0.0.1", args.port):
         print(
             f"maof: port {args.port} is already in use; stop that process or set MAOF_PORT",

@@ -18,8 +18,17 @@ class Call:
 
 
 @dataclass
+class Seen:
+    """Any request that reached the server: health probes too."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
+@dataclass
 class Behaviour:
-    kind: str  # ok | sleep | status | error | garbage
+    kind: str  # ok | sleep | status | error | garbage | redirect
     value: Any = None
     output: Any = None
 
@@ -44,6 +53,10 @@ def garbage() -> Behaviour:
     return Behaviour("garbage")
 
 
+def redirect(location: str, code: int = 302) -> Behaviour:
+    return Behaviour("redirect", (code, location))
+
+
 @dataclass
 class ScriptedAgent:
     """`script` is consumed one behaviour per call; `default` applies when it runs out."""
@@ -52,6 +65,7 @@ class ScriptedAgent:
     default: Behaviour = field(default_factory=ok)
     script: deque[Behaviour] = field(default_factory=deque)
     calls: list[Call] = field(default_factory=list)
+    seen: list[Seen] = field(default_factory=list)
     concurrent: int = 0
     peak_concurrent: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -71,8 +85,10 @@ class ScriptedAgent:
             def log_message(self, *args: Any) -> None:
                 pass
 
-            def _send(self, code: int, body: bytes) -> None:
+            def _send(self, code: int, body: bytes, headers: dict[str, str] | None = None) -> None:
                 self.send_response(code)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 # One request per connection, so a stopped agent is really unreachable.
@@ -81,13 +97,19 @@ class ScriptedAgent:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _see(self) -> None:
+                with agent.lock:
+                    agent.seen.append(Seen(self.command, self.path, dict(self.headers)))
+
             def do_GET(self) -> None:
+                self._see()
                 if agent.health == "missing":
                     self._send(404, b"{}")
                 else:
                     self._send(200, json.dumps({"status": agent.health}).encode())
 
             def do_POST(self) -> None:
+                self._see()
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with agent.lock:
                     agent.calls.append(Call(dict(self.headers), json.loads(raw)))
@@ -111,6 +133,9 @@ class ScriptedAgent:
                 elif behaviour.kind == "status":
                     code, body = behaviour.value
                     self._send(code, body.encode())
+                elif behaviour.kind == "redirect":
+                    code, location = behaviour.value
+                    self._send(code, b"", {"Location": location})
                 elif behaviour.kind == "error":
                     code, retryable = behaviour.value
                     answer = {

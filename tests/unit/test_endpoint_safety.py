@@ -1,11 +1,62 @@
-"""In prod, agent endpoints on loopback, private, link-local or metadata addresses are refused."""
+"""The SSRF guard, in every stage: URLs are parsed once by the parser that connects, resolved
+once, and refused unless every address is public (or, when private endpoints are allowed,
+anything but a cloud metadata address); the call is pinned to the checked address."""
 
 from __future__ import annotations
 
 import pytest
+import urllib3
 
-from chalicelib.agents.network import EndpointNotAllowed, check_endpoint_allowed
+from chalicelib import errors
+from chalicelib.agents import network
+from chalicelib.agents.dispatch import AgentCallFailed, AgentTask, call_agent, interpret
+from chalicelib.agents.network import (
+    EndpointNotAllowed,
+    EndpointUnresolvable,
+    address_allowed,
+    check_endpoint_allowed,
+    is_public_address,
+    parse_endpoint,
+    pool_for,
+    resolve_and_check,
+)
+from chalicelib.agents.registry import RegisterAgentRequest
 from chalicelib.config import reset_settings
+from chalicelib.http import validate
+from chalicelib.local.dev import allow_private_endpoints_by_default
+from tests.support.dns import FakeResolver
+
+
+@pytest.fixture
+def resolver(monkeypatch):
+    fake = FakeResolver(
+        {
+            "public.test": ["93.184.216.34"],
+            "rebind.test": ["93.184.216.34", "127.0.0.1"],
+            "two-public.test": ["93.184.216.34", "2606:4700:4700::1111"],
+            "internal.test": ["10.1.2.3"],
+            "metadata.test": ["169.254.169.254"],
+            "localhost": ["127.0.0.1", "::1"],
+        }
+    )
+    monkeypatch.setattr(network, "resolve_host", fake)
+    return fake
+
+
+@pytest.fixture
+def guard_on(monkeypatch):
+    monkeypatch.setenv("MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS", "false")
+    reset_settings()
+    yield monkeypatch
+    reset_settings()
+
+
+@pytest.fixture
+def private_allowed(monkeypatch):
+    monkeypatch.setenv("MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS", "true")
+    reset_settings()
+    yield monkeypatch
+    reset_settings()
 
 
 @pytest.fixture
@@ -15,39 +66,277 @@ def prod(monkeypatch):
     monkeypatch.setenv("MAOF_SECRET_KEY", "y" * 40)
     monkeypatch.setenv("MAOF_DATABASE_URL", "postgresql://db/maof?sslmode=require")
     monkeypatch.setenv("MAOF_REDIS_URL", "rediss://cache:6379/0")
+    monkeypatch.setenv("MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS", "false")
+    monkeypatch.delenv("MAOF_MOCK_AGENTS", raising=False)
     reset_settings()
     yield monkeypatch
     reset_settings()
 
 
 @pytest.mark.parametrize(
-    "endpoint",
+    ("address", "public"),
     [
-        "http://127.0.0.1:9001/agent",
-        "http://localhost/agent",
-        "http://10.0.0.5/agent",
-        "http://192.168.1.2/agent",
-        "http://172.16.0.1/agent",
-        "http://169.254.169.254/latest/meta-data",
-        "http://[::1]/agent",
-        "http://0.0.0.0/agent",
+        ("10.0.0.1", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("100.64.0.1", False),  # carrier-grade NAT
+        ("127.0.0.1", False),
+        ("169.254.169.254", False),
+        ("0.0.0.0", False),
+        ("224.0.0.1", False),  # multicast
+        ("::1", False),
+        ("fc00::1", False),
+        ("fe80::1", False),
+        ("ff02::1", False),
+        ("::ffff:10.0.0.1", False),  # IPv4-mapped
+        ("::ffff:127.0.0.1", False),
+        ("2002:0a00:0001::", False),  # 6to4 around 10.0.0.1
+        ("2002:7f00:1::", False),  # 6to4 around 127.0.0.1
+        ("64:ff9b::7f00:1", False),  # NAT64 around 127.0.0.1
+        ("64:ff9b:1::808:808", False),  # local-use NAT64
+        ("::7f00:1", False),  # IPv4-compatible around 127.0.0.1
+        ("::ffff:0:7f00:1", False),  # IPv4-translated around 127.0.0.1
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", False),  # Teredo
+        ("8.8.8.8", True),
+        ("2606:4700:4700::1111", True),
+        ("::ffff:8.8.8.8", True),
+        ("2002:0808:0808::", True),
+        ("64:ff9b::808:808", True),
     ],
 )
-def test_prod_refuses_internal_endpoints(prod, endpoint):
+def test_address_classifier(address, public):
+    assert is_public_address(address) is public
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["169.254.169.254", "fd00:ec2::254", "::ffff:169.254.169.254", "169.254.170.2"],
+)
+def test_metadata_addresses_are_refused_even_when_private_endpoints_are_allowed(address):
+    assert address_allowed(address, allow_private=True) is False
+
+
+@pytest.mark.parametrize("address", ["10.0.0.1", "127.0.0.1", "::1", "100.64.0.1"])
+def test_allowing_private_endpoints_allows_private_addresses(address):
+    assert address_allowed(address, allow_private=True) is True
+    assert address_allowed(address, allow_private=False) is False
+
+
+SHAPE_REFUSED = [
+    "http://127.0.0.1:9\\@8.8.8.8/",  # urlparse sees 8.8.8.8, urllib3 connected to 127.0.0.1
+    "http://user:pass@example.com/",
+    "http://user@example.com/",
+    "http://2130706433/",
+    "http://0x7f.1/",
+    "http://0x7f/",
+    "http://127.1/",
+    "http://0177.0.0.1/",
+    "http://127.000.000.001/",
+    "http://exa%6dple.com/",
+    "http://[fe80::1%25eth0]/",
+    "http://example.com /",
+    "http://example.com/\tagent",
+    "http://münchen.de/",
+    "http://example.com./",
+    "http://-bad-.example.com/",
+    "http://example.com:0/",
+    "http://example.com:99999/",
+    "http://[::1/",
+    "ftp://example.com/",
+    "mock://example",
+    "//example.com/agent",
+    "not a url",
+]
+
+
+@pytest.mark.parametrize("url", SHAPE_REFUSED)
+def test_url_shapes_that_hide_where_a_request_goes_are_refused_before_any_lookup(
+    url, resolver, private_allowed
+):
     with pytest.raises(EndpointNotAllowed):
-        check_endpoint_allowed(endpoint)
+        check_endpoint_allowed(url)
+    assert resolver.asked == []
 
 
-def test_prod_allows_internal_endpoints_when_explicitly_allowed(prod):
-    prod.setenv("MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS", "true")
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://example.com/agent", ("http", "example.com", 80, "/agent")),
+        (
+            "HTTPS://Agents.Example.COM:8443/a?b=1#f",
+            ("https", "agents.example.com", 8443, "/a?b=1"),
+        ),
+        ("http://8.8.8.8:9001", ("http", "8.8.8.8", 9001, "/")),
+        ("https://[2606:4700:4700::1111]/x", ("https", "2606:4700:4700::1111", 443, "/x")),
+        ("http://xn--mnchen-3ya.de/", ("http", "xn--mnchen-3ya.de", 80, "/")),
+    ],
+)
+def test_plain_urls_are_parsed_into_where_the_request_goes(url, expected):
+    assert parse_endpoint(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "leak"),
+    [
+        ("http://[::ffff:127.0.0.1]/", "127.0.0.1"),
+        ("http://169.254.169.254/", "169.254.169.254"),
+        ("http://100.64.0.1/", "100.64.0.1"),
+        ("http://[2002:7f00:1::]/", "2002"),
+        ("http://10.0.0.5:9001/agent", "10.0.0.5"),
+        ("http://localhost:9001/agent", "127.0.0.1"),
+        ("http://internal.test/agent", "10.1.2.3"),
+        ("http://rebind.test/agent", "127.0.0.1"),  # public first, loopback second
+        ("http://metadata.test/", "169.254.169.254"),
+    ],
+)
+def test_with_the_guard_on_non_public_addresses_are_refused_without_naming_them(
+    url, leak, resolver, guard_on
+):
+    with pytest.raises(EndpointNotAllowed) as refused:
+        resolve_and_check(url)
+    assert leak not in str(refused.value)
+
+
+def test_every_resolved_address_must_be_allowed_not_just_the_first(resolver, guard_on):
+    with pytest.raises(EndpointNotAllowed, match="only to public addresses"):
+        resolve_and_check("http://rebind.test/agent")
+
+
+def test_a_public_name_is_pinned_to_its_first_checked_address(resolver, guard_on):
+    target = resolve_and_check("https://two-public.test:8443/agent?x=1")
+    assert (target.address, target.hostname, target.port) == (
+        "93.184.216.34",
+        "two-public.test",
+        8443,
+    )
+    assert target.request_uri == "/agent?x=1"
+    assert target.host_header == "two-public.test:8443"
+    assert resolver.asked == ["two-public.test"]
+
+
+def test_an_ip_literal_is_not_looked_up(resolver, guard_on):
+    assert resolve_and_check("http://8.8.8.8/").address == "8.8.8.8"
+    assert resolver.asked == []
+
+
+def test_with_the_guard_on_does_not_resolve_reads_like_resolves_privately(resolver, guard_on):
+    # Otherwise registration would tell a caller which internal names exist.
+    with pytest.raises(EndpointUnresolvable) as unresolvable:
+        resolve_and_check("http://nowhere.test/")
+    with pytest.raises(EndpointNotAllowed) as private:
+        resolve_and_check("http://internal.test/")
+    assert str(unresolvable.value) == str(private.value)
+
+
+def test_allowing_private_endpoints_keeps_metadata_and_shape_checks(resolver, private_allowed):
+    assert resolve_and_check("http://internal.test/").address == "10.1.2.3"
+    assert resolve_and_check("http://127.0.0.1:9001/agent").address == "127.0.0.1"
+    with pytest.raises(EndpointNotAllowed, match="metadata"):
+        resolve_and_check("http://metadata.test/")
+    with pytest.raises(EndpointNotAllowed, match="metadata"):
+        resolve_and_check("http://[::ffff:169.254.169.254]/")
+    with pytest.raises(EndpointNotAllowed):
+        resolve_and_check("http://127.0.0.1:9\\@8.8.8.8/")
+
+
+@pytest.mark.parametrize("stage", ["dev", "test", "prod"])
+def test_the_guard_is_on_in_every_stage(stage, monkeypatch, resolver):
+    monkeypatch.setenv("MAOF_STAGE", stage)
+    monkeypatch.setenv("MAOF_JWT_SECRET", "x" * 40)
+    monkeypatch.setenv("MAOF_SECRET_KEY", "y" * 40)
+    monkeypatch.setenv("MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS", "false")
     reset_settings()
-    check_endpoint_allowed("http://10.0.0.5/agent")
+    try:
+        with pytest.raises(EndpointNotAllowed):
+            check_endpoint_allowed("http://127.0.0.1:9001/agent")
+    finally:
+        reset_settings()
 
 
-def test_public_address_is_allowed_in_prod(prod):
-    check_endpoint_allowed("http://93.184.216.34/agent")
-
-
-def test_dev_and_test_stages_allow_local_agents():
+def test_private_endpoints_are_refused_unless_allowed_by_default(monkeypatch):
+    monkeypatch.delenv("MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS")
     reset_settings()
-    check_endpoint_allowed("http://127.0.0.1:9001/agent")
+    try:
+        with pytest.raises(EndpointNotAllowed):
+            check_endpoint_allowed("http://127.0.0.1:9001/agent")
+    finally:
+        reset_settings()
+
+
+def test_https_pools_connect_to_the_address_and_verify_the_name(resolver, guard_on):
+    pool = pool_for(resolve_and_check("https://public.test:8443/agent"))
+    assert isinstance(pool, urllib3.HTTPSConnectionPool)
+    assert (pool.host, pool.port) == ("93.184.216.34", 8443)
+    assert pool.conn_kw["server_hostname"] == "public.test"
+    assert pool.assert_hostname == "public.test"
+
+
+def test_pools_are_reused_per_address_and_name_and_bounded(resolver, guard_on, monkeypatch):
+    monkeypatch.setattr(network, "MAX_POOLS", 2)
+    first = pool_for(resolve_and_check("http://public.test/a"))
+    assert pool_for(resolve_and_check("http://public.test/b")) is first
+    pool_for(resolve_and_check("http://8.8.8.8/"))
+    pool_for(resolve_and_check("http://8.8.4.4/"))
+    assert len(network._pools) == 2
+    assert pool_for(resolve_and_check("http://public.test/a")) is not first
+
+
+TASK = AgentTask("wfr-1", "s1", 1, "summarization", {"t": 1}, "wf")
+
+
+def test_a_refused_endpoint_fails_the_call_for_good_without_naming_addresses(resolver, guard_on):
+    with pytest.raises(AgentCallFailed) as failed:
+        call_agent("http://rebind.test/agent", "token", "a1", TASK)
+    assert (failed.value.code, failed.value.retryable) == ("ENDPOINT_NOT_ALLOWED", False)
+    assert "127.0.0.1" not in str(failed.value) and "93.184" not in str(failed.value)
+
+
+def test_a_name_that_does_not_resolve_at_call_time_is_retryable(resolver, guard_on):
+    with pytest.raises(AgentCallFailed) as failed:
+        call_agent("http://nowhere.test/agent", "token", "a1", TASK)
+    assert (failed.value.code, failed.value.retryable) == ("UNREACHABLE", True)
+
+
+def test_a_redirect_is_a_final_failure_and_is_never_followed():
+    with pytest.raises(AgentCallFailed) as failed:
+        interpret(302, b"")
+    assert (failed.value.code, failed.value.retryable) == ("REDIRECT_REFUSED", False)
+
+
+def test_in_prod_calling_a_mock_endpoint_fails_the_stage(prod):
+    with pytest.raises(AgentCallFailed) as failed:
+        call_agent("mock://summarizer", "token", "a1", TASK)
+    assert (failed.value.code, failed.value.retryable) == ("MOCK_AGENTS_DISABLED", False)
+
+
+def test_in_prod_registering_a_mock_endpoint_is_a_400_naming_endpoint(prod):
+    body = {
+        "agentId": "a1",
+        "name": "A",
+        "endpoint": "mock://summarizer",
+        "authToken": "t",
+        "capabilities": ["summarization"],
+    }
+    with pytest.raises(errors.ValidationError) as refused:
+        validate(RegisterAgentRequest, body)
+    assert [d["field"] for d in refused.value.details or []] == ["endpoint"]
+
+
+def test_mock_agents_true_enables_mock_endpoints_in_prod(prod):
+    prod.setenv("MAOF_MOCK_AGENTS", "true")
+    reset_settings()
+    assert call_agent("mock://summarizer", "token", "a1", TASK)["capability"] == "summarization"
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, "true"),
+        ({"MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS": ""}, "true"),
+        ({"MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS": "false"}, "false"),
+        ({"MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS": "true"}, "true"),
+    ],
+)
+def test_make_dev_allows_private_endpoints_unless_told_otherwise(environ, expected):
+    allow_private_endpoints_by_default(environ)
+    assert environ["MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS"] == expected

@@ -1,0 +1,406 @@
+"""The SSRF guard over real HTTP: with private addresses refused, unsafe agent endpoints are a
+400 at registration and a failed stage at call time, and nothing reaches a listener on
+loopback; a call is pinned to the address that was checked (one lookup, the name in `Host`,
+SNI and the certificate check); redirects are never followed; `make dev`'s demo survives
+the guard."""
+
+from __future__ import annotations
+
+import datetime
+import ssl
+import threading
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import urllib3
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from sqlalchemy import update
+
+from chalicelib import cache
+from chalicelib.agents import network
+from chalicelib.agents.dispatch import AgentCallFailed, AgentTask, call_agent
+from chalicelib.agents.health import probe
+from chalicelib.agents.registry import capability_cache_key
+from chalicelib.config import get_settings, reset_settings
+from chalicelib.db import session_scope
+from chalicelib.db.models import Agent
+from chalicelib.local import dev
+from tests.integration.conftest import Api, register_agent, unique_capability, wait_for_run
+from tests.support.agents import ScriptedAgent, ok, redirect
+from tests.support.dns import FakeResolver
+
+# Each of these would reach loopback, a private network or the metadata service; `{port}`
+# is the loopback listener's, so a request that got through would be recorded.
+REFUSED = [
+    "http://127.0.0.1:{port}\\@8.8.8.8/",
+    "http://[::ffff:127.0.0.1]:{port}/agent",
+    "http://2130706433:{port}/agent",
+    "http://0x7f.1:{port}/agent",
+    "http://127.1:{port}/agent",
+    "http://169.254.169.254/latest/meta-data/",
+    "http://100.64.0.1/agent",
+    "http://[2002:7f00:1::]:{port}/agent",
+    "http://user:pass@example.com/",
+    "http://user:pass@127.0.0.1:{port}/agent",
+    "http://127.0.0.1:{port}/agent",
+    "http://localhost:{port}/agent",
+    "http://rebind.test:{port}/agent",  # answers a public address first, loopback second
+]
+# Nothing the caller is told may name an address the endpoint or its name points at.
+ADDRESSES = ["127.0.0.1", "8.8.8.8", "169.254", "100.64", "2002:", "93.184", "::ffff", "user:pass"]
+TASK = AgentTask("wfr-guard", "s0", 1, "summarization", {"text": "hi"}, "guard")
+
+
+@pytest.fixture
+def guard_on(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Private addresses refused, as in prod (the suite allows them for its loopback agents)."""
+    monkeypatch.setenv("MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS", "false")
+    reset_settings()
+    yield
+    reset_settings()
+
+
+@pytest.fixture
+def loopback() -> Iterator[ScriptedAgent]:
+    """A listener on 127.0.0.1 that records every request reaching it."""
+    agent = ScriptedAgent().start()
+    yield agent
+    agent.stop()
+
+
+@pytest.fixture
+def resolver(monkeypatch: pytest.MonkeyPatch) -> FakeResolver:
+    fake = FakeResolver(
+        {
+            "agent.test": ["127.0.0.1"],
+            "other.test": ["127.0.0.1"],
+            "rebind.test": ["93.184.216.34", "127.0.0.1"],
+            "example.com": ["93.184.216.34"],
+            "localhost": ["127.0.0.1", "::1"],
+        }
+    )
+    monkeypatch.setattr(network, "resolve_host", fake)
+    return fake
+
+
+def port_of(agent: ScriptedAgent) -> int:
+    assert agent.server is not None
+    return int(agent.server.server_address[1])
+
+
+def said(response_or_text: Any) -> str:
+    """What the caller is told: the error's message and details."""
+    error = response_or_text.json()["error"]
+    return f"{error['message']} {error.get('details')}"
+
+
+@pytest.mark.parametrize("endpoint", REFUSED)
+def test_with_the_guard_on_registration_refuses_the_endpoint_with_a_400_naming_it(
+    user: Api, guard_on: None, resolver: FakeResolver, loopback: ScriptedAgent, endpoint: str
+) -> None:
+    response = user.post(
+        "/agents/register",
+        {
+            "agentId": f"agent-{uuid.uuid4().hex[:10]}",
+            "name": "Unsafe",
+            "endpoint": endpoint.format(port=port_of(loopback)),
+            "authToken": "t",
+            "capabilities": [unique_capability("ssrf")],
+        },
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "VALIDATION_ERROR"
+    assert [d["field"] for d in error["details"]] == ["endpoint"]
+    assert "not allowed" in error["details"][0]["message"]
+    assert not [a for a in ADDRESSES if a in said(response)]
+    assert loopback.seen == []
+
+
+@pytest.mark.parametrize("endpoint", REFUSED)
+def test_with_the_guard_on_a_call_or_probe_to_the_endpoint_is_refused_before_connecting(
+    guard_on: None, resolver: FakeResolver, loopback: ScriptedAgent, endpoint: str
+) -> None:
+    url = endpoint.format(port=port_of(loopback))
+    with pytest.raises(AgentCallFailed) as failed:
+        call_agent(url, "token", "agent-1", TASK)
+    assert (failed.value.code, failed.value.retryable) == ("ENDPOINT_NOT_ALLOWED", False)
+    assert not [a for a in ADDRESSES if a in str(failed.value)]
+    assert probe(url) == "offline"
+    assert loopback.seen == []
+
+
+def test_an_agent_whose_endpoint_the_guard_now_refuses_fails_its_stage_and_is_never_called(
+    user: Api, poller: Any, loopback: ScriptedAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    capability = unique_capability("guarded")
+    registered = register_agent(user, capability, endpoint=loopback.url)  # private allowed
+    probes = len(loopback.seen)
+    monkeypatch.setenv("MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS", "false")
+    reset_settings()
+    try:
+        run = wait_for_run(user, submit(user, capability))
+    finally:
+        reset_settings()
+    assert run["status"] == "failed"
+    assert "ENDPOINT_NOT_ALLOWED" in run["errorMessage"]
+    assert registered["agentId"] in run["errorMessage"]
+    assert "127.0.0.1" not in run["errorMessage"]
+    assert len(loopback.seen) == probes and loopback.calls == []
+
+
+def test_shape_checks_hold_even_when_private_endpoints_are_allowed(
+    user: Api, poller: Any, loopback: ScriptedAgent
+) -> None:
+    # The parser differential: urlparse reads host 8.8.8.8, urllib3 connected to 127.0.0.1.
+    capability = unique_capability("differential")
+    registered = register_agent(user, capability)
+    with session_scope() as session:
+        session.execute(
+            update(Agent)
+            .where(Agent.agent_id == registered["agentId"])
+            .values(endpoint=f"http://127.0.0.1:{port_of(loopback)}\\@8.8.8.8/agent")
+        )
+    cache.delete(capability_cache_key(capability))
+    run = wait_for_run(user, submit(user, capability))
+    assert run["status"] == "failed"
+    assert "ENDPOINT_NOT_ALLOWED" in run["errorMessage"]
+    assert loopback.seen == []
+
+
+def test_a_redirect_to_loopback_is_not_followed_and_fails_the_stage(
+    user: Api, poller: Any, loopback: ScriptedAgent
+) -> None:
+    # Private endpoints are allowed (the suite's default), so the first hop is reachable;
+    # the point is that the second one is never tried.
+    redirecting = ScriptedAgent(default=redirect(f"http://127.0.0.1:{port_of(loopback)}/agent"))
+    redirecting.start()
+    try:
+        capability = unique_capability("redirect")
+        registered = register_agent(user, capability, endpoint=redirecting.url)
+        run = wait_for_run(user, submit(user, capability, {"retries": 2, "backoffMs": 0}))
+    finally:
+        redirecting.stop()
+    assert run["status"] == "failed"
+    assert "REDIRECT_REFUSED" in run["errorMessage"]
+    assert registered["agentId"] in run["errorMessage"]
+    assert len(redirecting.calls) == 1  # a redirect is final: no retry either
+    assert loopback.seen == []
+
+
+def test_a_call_is_pinned_to_the_one_lookup_and_sends_the_name_as_host(
+    loopback: ScriptedAgent, resolver: FakeResolver
+) -> None:
+    loopback.default = ok({"pinned": True})
+    url = f"http://agent.test:{port_of(loopback)}/agent"
+    assert call_agent(url, "token", "agent-1", TASK) == {"pinned": True}
+    assert resolver.asked == ["agent.test"]
+    [call] = loopback.calls
+    assert call.headers["Host"] == f"agent.test:{port_of(loopback)}"
+    assert probe(url) == "online"
+    assert resolver.asked == ["agent.test", "agent.test"]
+    assert loopback.seen[-1].headers["Host"] == f"agent.test:{port_of(loopback)}"
+
+
+def test_a_registered_agent_on_a_name_is_called_at_the_checked_address(
+    user: Api, poller: Any, loopback: ScriptedAgent, resolver: FakeResolver
+) -> None:
+    capability = unique_capability("named")
+    url = f"http://agent.test:{port_of(loopback)}/agent"
+    assert register_agent(user, capability, endpoint=url)["status"] == "online"
+    run = wait_for_run(user, submit(user, capability))
+    assert run["status"] == "completed", run
+    [call] = loopback.calls
+    assert call.headers["Host"] == f"agent.test:{port_of(loopback)}"
+
+
+def submit(client: Api, capability: str, config: dict[str, Any] | None = None) -> str:
+    stage = {"id": "s0", "name": "Only", "agentCapability": capability}
+    response = client.post(
+        "/workflows/execute",
+        {
+            "workflow": {
+                "name": "guard",
+                "stages": [{**stage, **({"config": config} if config else {})}],
+            },
+            "input": {"text": "hi"},
+        },
+    )
+    assert response.status_code == 202, response.text
+    return str(response.json()["data"]["workflowRunId"])
+
+
+# ------------------------------------------------------------------ HTTPS: SNI and the name
+
+
+def _certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA (its PEM file) and a certificate it signed for agent.test only."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "MAOF test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agent.test")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("agent.test")]),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_file, cert_file, key_file = (directory / n for n in ("ca.pem", "cert.pem", "key.pem"))
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return ca_file, cert_file, key_file
+
+
+@pytest.fixture
+def tls_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """An HTTPS server on 127.0.0.1 with a certificate for agent.test, trusted through
+    SSL_CERT_FILE (the default trust store urllib3 loads); it records SNI and Host."""
+    ca_file, cert_file, key_file = _certificates(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    seen: dict[str, Any] = {"sni": [], "host": []}
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    context.sni_callback = lambda sock, name, ctx: seen["sni"].append(name)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            seen["host"].append(self.headers["Host"])
+            body = b'{"status": "healthy"}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    seen["port"] = server.server_address[1]
+    yield seen
+    server.shutdown()
+    server.server_close()
+
+
+def test_https_connects_to_the_checked_address_with_the_name_for_sni_and_the_certificate(
+    tls_agent: dict[str, Any], resolver: FakeResolver
+) -> None:
+    url = f"https://agent.test:{tls_agent['port']}/agent"
+    response = network.pinned_request("GET", url, timeout=urllib3.Timeout(5))
+    response.read()
+    response.release_conn()
+    assert response.status == 200
+    assert tls_agent["sni"] == ["agent.test"]
+    assert tls_agent["host"] == [f"agent.test:{tls_agent['port']}"]
+    assert resolver.asked == ["agent.test"]
+
+
+def test_https_refuses_a_certificate_for_another_name_at_the_same_address(
+    tls_agent: dict[str, Any], resolver: FakeResolver
+) -> None:
+    url = f"https://other.test:{tls_agent['port']}/agent"
+    with pytest.raises(urllib3.exceptions.SSLError):
+        network.pinned_request("GET", url, timeout=urllib3.Timeout(5))
+    assert probe(url) == "offline"
+    assert tls_agent["host"] == []
+
+
+# ------------------------------------------------------------------ mock:// and make dev
+
+
+@pytest.fixture
+def prod(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This process (the API server included) as the prod stage, on the test stack."""
+    settings = get_settings()
+    monkeypatch.setenv("MAOF_STAGE", "prod")
+    monkeypatch.setenv("MAOF_JWT_SECRET", "p" * 40)
+    monkeypatch.setenv("MAOF_SECRET_KEY", settings.secret_key)
+    monkeypatch.setenv("MAOF_AWS_ENDPOINT_URL", settings.aws_endpoint_url or "")
+    monkeypatch.delenv("MAOF_MOCK_AGENTS", raising=False)
+    reset_settings()
+    yield
+    reset_settings()
+
+
+def test_in_prod_registering_a_mock_endpoint_is_a_400_naming_endpoint(api: Api, prod: None) -> None:
+    user = api.as_new_user()
+    response = user.post(
+        "/agents/register",
+        {
+            "agentId": f"agent-{uuid.uuid4().hex[:10]}",
+            "name": "Mock",
+            "endpoint": "mock://summarizer",
+            "authToken": "t",
+            "capabilities": ["summarization"],
+        },
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert [d["field"] for d in error["details"]] == ["endpoint"]
+    assert "MAOF_MOCK_AGENTS" in error["details"][0]["message"]
+
+
+def test_make_dev_demo_with_the_guard_on_says_so_and_runs_on_a_mock_agent(
+    api_url: str, poller: Any, guard_on: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Other tests' agents with the demo's capabilities (a fresh `make dev` has none) would
+    # compete for its stages: take them out of routing.
+    capabilities = dev.DEMO_AGENT["capabilities"]
+    with session_scope() as session:
+        session.execute(
+            update(Agent)
+            .where(Agent.capabilities.overlap(capabilities), Agent.deleted_at.is_(None))
+            .values(status="offline")
+        )
+    cache.delete(*[capability_cache_key(c) for c in capabilities])
+    dev.demo(api_url)
+    out = capsys.readouterr().out
+    assert "is refused by the SSRF guard" in out
+    assert "runs with a mock:// agent instead" in out
+    assert "completed" in out.split("Demo run:")[1].splitlines()[0]
+    assert "agent=example-mock-agent" in out
