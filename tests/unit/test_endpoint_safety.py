@@ -245,6 +245,7 @@ def test_the_guard_is_on_in_every_stage(stage, monkeypatch, resolver):
     monkeypatch.setenv("MAOF_JWT_SECRET", "x" * 40)
     monkeypatch.setenv("MAOF_SECRET_KEY", "y" * 40)
     monkeypatch.setenv("MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS", "false")
+    monkeypatch.setenv("MAOF_ALLOW_INSECURE_CONNECTIONS", "true")  # the test stack's URLs
     reset_settings()
     try:
         with pytest.raises(EndpointNotAllowed):
