@@ -174,7 +174,7 @@ def get_audit(request: ApiRequest, run_id: str) -> dict[str, Any]:
 
 @app.on_sqs_message(queue=engine.STAGE_QUEUE_NAME, batch_size=10)
 def run_stage(event: SQSEvent) -> dict[str, Any]:
-    return engine.run_stage_batch([record.to_dict() for record in event])
+    return engine.run_stage_batch([record.to_dict() for record in event], event.context)
 
 
 @app.schedule(Rate(1, unit=Rate.MINUTES))

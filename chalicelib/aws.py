@@ -46,7 +46,8 @@ def queue_url(queue_name: str) -> str:
     settings = get_settings()
     if settings.stage_queue_url and queue_name == settings.stage_queue_name:
         return settings.stage_queue_url
-    return str(aws_client("sqs").get_queue_url(QueueName=queue_name)["QueueUrl"])
+    # A quick answer or none: an API request must not hang on an absent queue service.
+    return str(aws_client("sqs", fast_fail=True).get_queue_url(QueueName=queue_name)["QueueUrl"])
 
 
 def stage_queue_url() -> str:

@@ -17,6 +17,11 @@ DEV_JWT_SECRET = "dev-only-secret-change-me-0123456789abcdef"  # noqa: S105 (dev
 DEV_SECRET_KEY = "dev-only-key-for-agent-tokens-0123456789"  # noqa: S105 (dev stage only)
 
 
+# Of the run_stage function's time, what a stage's agent call may never use: enough to
+# store the outcome and send the next messages after the call returns or times out.
+STAGE_TIMEOUT_MARGIN_SECONDS = 30
+
+
 class ConfigError(Exception):
     """A required setting is missing or invalid; the message is one line."""
 
@@ -182,7 +187,16 @@ class Settings:
     mock_agent_failure_rate: float
     stage_lease_seconds: int
     sweep_queued_after_seconds: int
+    sweep_backlog_after_seconds: int
     sweep_interval_seconds: int
+    stage_max_lease_expiries: int
+    stage_max_requeues: int
+    stage_max_waits: int
+    stage_max_input_bytes: int
+    stage_max_output_bytes: int
+    run_max_output_bytes: int
+    agent_max_output_depth: int
+    run_stage_timeout_seconds: int
     poller_concurrency: int
     poller_batch_size: int
     agent_cache_ttl_seconds: int
@@ -204,6 +218,12 @@ class Settings:
     @property
     def is_dev(self) -> bool:
         return self.stage in ("dev", "test")
+
+    @property
+    def max_stage_timeout_ms(self) -> int:
+        """The longest `timeoutMs` a stage may ask for: what the run_stage function can wait,
+        less a margin to record the outcome (STAGE_TIMEOUT_MARGIN_SECONDS)."""
+        return (self.run_stage_timeout_seconds - STAGE_TIMEOUT_MARGIN_SECONDS) * 1000
 
 
 def load_settings() -> Settings:
@@ -276,9 +296,20 @@ def load_settings() -> Settings:
         log_level=_str("MAOF_LOG_LEVEL", "INFO").upper(),
         mock_agent_delay_ms=_int("MAOF_MOCK_AGENT_DELAY_MS", 0, 0, 600_000),
         mock_agent_failure_rate=_float("MAOF_MOCK_AGENT_FAILURE_RATE", 0.0, 0.0, 1.0),
-        stage_lease_seconds=_int("MAOF_STAGE_LEASE_SECONDS", 180, 1, 86400),
-        sweep_queued_after_seconds=_int("MAOF_SWEEP_QUEUED_AFTER_SECONDS", 120, 0, 86400),
-        sweep_interval_seconds=_int("MAOF_SWEEP_INTERVAL_SECONDS", 60, 1, 86400),
+        # Why these values: README "How a run heals itself" (a dead worker's stage runs
+        # again within lease + interval; a lost message within queued-after + interval).
+        stage_lease_seconds=_int("MAOF_STAGE_LEASE_SECONDS", 10, 3, 3600),
+        sweep_queued_after_seconds=_int("MAOF_SWEEP_QUEUED_AFTER_SECONDS", 10, 0, 86400),
+        sweep_backlog_after_seconds=_int("MAOF_SWEEP_BACKLOG_AFTER_SECONDS", 300, 0, 86400),
+        sweep_interval_seconds=_int("MAOF_SWEEP_INTERVAL_SECONDS", 5, 1, 86400),
+        stage_max_lease_expiries=_int("MAOF_STAGE_MAX_LEASE_EXPIRIES", 3, 0, 1000),
+        stage_max_requeues=_int("MAOF_STAGE_MAX_REQUEUES", 10, 0, 10_000),
+        stage_max_waits=_int("MAOF_STAGE_MAX_WAITS", 500, 0, 1_000_000),
+        stage_max_input_bytes=_int("MAOF_STAGE_MAX_INPUT_BYTES", 1_000_000, 1024, 100_000_000),
+        stage_max_output_bytes=_int("MAOF_STAGE_MAX_OUTPUT_BYTES", 1_000_000, 1024, 100_000_000),
+        run_max_output_bytes=_int("MAOF_RUN_MAX_OUTPUT_BYTES", 20_000_000, 1024, 10_000_000_000),
+        agent_max_output_depth=_int("MAOF_AGENT_MAX_OUTPUT_DEPTH", 100, 4, 1000),
+        run_stage_timeout_seconds=_int("MAOF_RUN_STAGE_TIMEOUT_SECONDS", 900, 60, 900),
         poller_concurrency=_int("MAOF_POLLER_CONCURRENCY", 4, 1, 64),
         poller_batch_size=_int("MAOF_POLLER_BATCH_SIZE", 10, 1, 10),
         agent_cache_ttl_seconds=_int("MAOF_AGENT_CACHE_TTL_SECONDS", 30, 0, 3600),

@@ -6,14 +6,19 @@ Request: `POST <endpoint>` with `Authorization: Bearer <agent token>`,
 Answer: `{"status": "success", "output": ...}` or
 `{"status": "error", "code", "message", "retryable"}`.
 
-Every failure becomes an AgentCallFailed that says whether a retry may help
-(RETRYABLE below is the table the README documents). The call goes through the SSRF guard
-(`network.pinned_request`): a refused endpoint or a redirect fails the stage at once.
+Every failure becomes an AgentCallFailed whose `failure` says what it means for the stage
+(engine/policy.py; the README's table). The call goes through the SSRF guard
+(`network.pinned_request`) and ends by its deadline, connect to last byte, however the
+agent trickles; answers are parsed strictly: what JSON or Postgres's JSONB refuses (NaN,
+Infinity, U+0000, lone surrogates, nesting past MAOF_AGENT_MAX_OUTPUT_DEPTH, an output
+past MAOF_STAGE_MAX_OUTPUT_BYTES) is INVALID_OUTPUT, an error of that agent.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,18 +35,33 @@ from chalicelib.agents.mock import (
 )
 from chalicelib.agents.network import EndpointNotAllowed, EndpointUnresolvable, pinned_request
 from chalicelib.config import get_settings
+from chalicelib.engine.policy import Failure
+from chalicelib.http import dumps
 
 # HTTP statuses worth another attempt; any other non-2xx is final.
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
 class AgentCallFailed(Exception):
-    """The agent produced no output. `retryable` says whether trying again may help."""
+    """The agent produced no output; `failure` says what that means for the stage."""
 
-    def __init__(self, message: str, *, retryable: bool, code: str = "AGENT_ERROR") -> None:
+    def __init__(self, message: str, *, failure: Failure, code: str = "AGENT_ERROR") -> None:
         super().__init__(message)
-        self.retryable = retryable
+        self.failure = failure
         self.code = code
+
+    @property
+    def retryable(self) -> bool:
+        """Whether the same agent may be asked again."""
+        return self.failure in (Failure.AGENT_RETRYABLE, Failure.IN_DOUBT)
+
+
+@dataclass(frozen=True)
+class AgentOutput:
+    """An agent's output, and its JSON text as it will be stored (checked storable)."""
+
+    value: Any
+    text: str
 
 
 @dataclass(frozen=True)
@@ -56,6 +76,16 @@ class AgentTask:
     workflow_name: str
     previous_stages: list[dict[str, Any]] = field(default_factory=list)
     timeout_ms: int = 30_000
+    # time.monotonic() by which the call must be over (the stage's timeout, cut short by
+    # the invocation's own remaining time); None: timeout_ms from the start of the call.
+    deadline: float | None = None
+
+    def call_deadline(self) -> float:
+        return (
+            self.deadline
+            if self.deadline is not None
+            else time.monotonic() + self.timeout_ms / 1000
+        )
 
     @property
     def idempotency_key(self) -> str:
@@ -81,82 +111,213 @@ def is_mock(endpoint: str) -> bool:
     return get_settings().mock_agents or (is_mock_endpoint(endpoint) and mock_agents_enabled())
 
 
-def call_agent(endpoint: str, token: str, agent_id: str, task: AgentTask) -> Any:
+def call_agent(endpoint: str, token: str, agent_id: str, task: AgentTask) -> AgentOutput:
     """The agent's output for `task`, or AgentCallFailed."""
     if is_mock(endpoint):
         try:
-            return call_mock_agent(agent_id, task.capability, task.input)
+            return checked_output(call_mock_agent(agent_id, task.capability, task.input))
         except MockAgentFailure as exc:
-            raise AgentCallFailed(str(exc), retryable=True, code="MOCK_FAILURE") from None
+            raise AgentCallFailed(
+                str(exc), failure=Failure.AGENT_RETRYABLE, code="MOCK_FAILURE"
+            ) from None
     if is_mock_endpoint(endpoint):
         raise AgentCallFailed(
             f"MOCK_AGENTS_DISABLED: {MOCK_AGENTS_DISABLED}",
-            retryable=False,
+            failure=Failure.AGENT_UNUSABLE,
             code="MOCK_AGENTS_DISABLED",
         )
     return _post(endpoint, token, task)
 
 
+class _DeadlinePassed(Exception):
+    pass
+
+
 @contextmanager
 def _transport_errors(task: AgentTask) -> Iterator[None]:
-    """The guard's refusals as final failures; an unresolvable name, timeouts and connection
-    failures, while sending or reading, as retryable ones."""
+    """The guard's refusals as an unusable agent; an unresolvable name, the deadline and
+    connection failures, while sending or reading, as in doubt (the agent may be working)."""
     try:
         yield
     except EndpointUnresolvable:
         raise AgentCallFailed(
-            "could not reach the agent (its host name does not resolve)",
-            retryable=True,
+            "UNREACHABLE: could not reach the agent (its host name does not resolve)",
+            failure=Failure.IN_DOUBT,
             code="UNREACHABLE",
         ) from None
     except EndpointNotAllowed as exc:
         raise AgentCallFailed(
             f"ENDPOINT_NOT_ALLOWED: the agent endpoint is not allowed: {exc}",
-            retryable=False,
+            failure=Failure.AGENT_UNUSABLE,
             code="ENDPOINT_NOT_ALLOWED",
         ) from None
-    except (TimeoutError, urllib3.exceptions.TimeoutError):
+    except (TimeoutError, urllib3.exceptions.TimeoutError, _DeadlinePassed):
         raise AgentCallFailed(
-            f"no answer within {task.timeout_ms} ms", retryable=True, code="TIMEOUT"
+            f"TIMEOUT: no complete answer within {task.timeout_ms} ms",
+            failure=Failure.IN_DOUBT,
+            code="TIMEOUT",
         ) from None
-    except urllib3.exceptions.HTTPError as exc:
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
         raise AgentCallFailed(
-            f"could not reach the agent ({type(exc).__name__})", retryable=True, code="UNREACHABLE"
+            f"UNREACHABLE: could not reach the agent ({type(exc).__name__})",
+            failure=Failure.IN_DOUBT,
+            code="UNREACHABLE",
         ) from None
 
 
-def _post(endpoint: str, token: str, task: AgentTask) -> Any:
+def _request_headers(token: str, task: AgentTask) -> dict[str, str]:
+    headers = {
+        "Authorization": f"Bearer {token}",
+        "Idempotency-Key": task.idempotency_key,
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+        "User-Agent": "maof-agent-dispatch/1",
+    }
+    for name, value in headers.items():
+        # http.client refuses these mid-request; say why instead (a token set with a
+        # line break, say): no request could ever be made to this agent.
+        if any(ch in value for ch in "\r\n\x00") or not value.isprintable():
+            raise AgentCallFailed(
+                f"INVALID_REQUEST_HEADER: the {name} header for this agent holds characters "
+                "HTTP refuses (check its authToken)",
+                failure=Failure.AGENT_UNUSABLE,
+                code="INVALID_REQUEST_HEADER",
+            )
+    return headers
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise _DeadlinePassed()
+    return left
+
+
+def _post(endpoint: str, token: str, task: AgentTask) -> AgentOutput:
+    """POST the task and read the answer, all of it by the task's deadline: each socket
+    operation waits at most for what is left of it, so a trickled answer ends on time."""
     limit = get_settings().agent_max_response_bytes
-    seconds = task.timeout_ms / 1000
+    headers = _request_headers(token, task)
+    deadline = task.call_deadline()
     with _transport_errors(task):
+        left = _remaining(deadline)
         response = pinned_request(
             "POST",
             endpoint,
             body=json.dumps(task.body()).encode("utf-8"),
-            headers={
-                "Authorization": f"Bearer {token}",
-                "Idempotency-Key": task.idempotency_key,
-                "Content-Type": "application/json",
-                "Accept": "application/json",
-                "User-Agent": "maof-agent-dispatch/1",
-            },
-            timeout=urllib3.Timeout(connect=min(seconds, 5.0), read=seconds),
+            headers=headers,
+            timeout=urllib3.Timeout(connect=min(left, 5.0), read=left),
+            deadline=deadline,
         )
         try:
-            raw = response.read(limit + 1, decode_content=True)
+            raw = _read_by(response, deadline, limit)
         finally:
             response.release_conn()
     if len(raw) > limit:
         raise AgentCallFailed(
-            f"the answer exceeds {limit} bytes", retryable=False, code="RESPONSE_TOO_LARGE"
+            f"RESPONSE_TOO_LARGE: the answer exceeds {limit} bytes",
+            failure=Failure.AGENT_UNUSABLE,
+            code="RESPONSE_TOO_LARGE",
         )
     return interpret(response.status, raw)
 
 
-def interpret(status: int, raw: bytes) -> Any:
+def _read_by(response: urllib3.BaseHTTPResponse, deadline: float, limit: int) -> bytes:
+    """The body, up to `limit` + 1 bytes, read by `deadline`."""
+    chunks: list[bytes] = []
+    size = 0
+    sock = getattr(getattr(response, "connection", None), "sock", None)
+    while size <= limit:
+        if sock is not None:
+            sock.settimeout(_remaining(deadline))
+        chunk = response.read1(min(65536, limit + 1 - size), decode_content=True)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        _remaining(deadline)
+    return b"".join(chunks)
+
+
+class InvalidOutput(ValueError):
+    """A value JSON or JSONB cannot hold; the message says what."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise InvalidOutput(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise InvalidOutput(f"{text} is out of the range of a JSON number")
+    return value
+
+
+def strict_loads(raw: bytes) -> Any:
+    """JSON as RFC 8259 has it: no NaN, no Infinity, no number that overflows to one."""
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise InvalidOutput("nested too deeply") from None
+
+
+def check_storable(value: Any, max_depth: int) -> None:
+    """InvalidOutput unless Postgres's JSONB can store `value` (no U+0000, no lone
+    surrogates, nesting within `max_depth`). Iterative: a hostile depth costs no stack."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            _check_text(item)
+        elif isinstance(item, dict | list):
+            if depth >= max_depth:
+                raise InvalidOutput(f"nested more than {max_depth} levels deep")
+            if isinstance(item, dict):
+                for key, child in item.items():
+                    _check_text(key)
+                    stack.append((child, depth + 1))
+            else:
+                stack.extend((child, depth + 1) for child in item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise InvalidOutput(f"{item} is not a JSON number")
+
+
+def _check_text(text: str) -> None:
+    if "\x00" in text:
+        raise InvalidOutput("a string holds U+0000, which Postgres cannot store")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidOutput("a string holds a lone surrogate, which is not Unicode") from None
+
+
+def checked_output(value: Any) -> AgentOutput:
+    """`value` with its JSON text, if it can be stored within the caps; else INVALID_OUTPUT."""
+    settings = get_settings()
+    try:
+        check_storable(value, settings.agent_max_output_depth)
+        text = dumps(value)
+    except (InvalidOutput, ValueError, TypeError) as exc:
+        raise _invalid_output(str(exc)) from None
+    cap = settings.stage_max_output_bytes
+    if len(text.encode("utf-8")) > cap:
+        raise _invalid_output(f"the output exceeds MAOF_STAGE_MAX_OUTPUT_BYTES ({cap} bytes)")
+    return AgentOutput(value, text)
+
+
+def _invalid_output(reason: str) -> AgentCallFailed:
+    return AgentCallFailed(
+        f"INVALID_OUTPUT: {reason}", failure=Failure.AGENT_UNUSABLE, code="INVALID_OUTPUT"
+    )
+
+
+def interpret(status: int, raw: bytes) -> AgentOutput:
     """The output of an agent's HTTP answer, or AgentCallFailed (see the README's table)."""
     try:
-        document = json.loads(raw) if raw else None
+        document = strict_loads(raw) if raw else None
+    except InvalidOutput as exc:
+        raise _invalid_output(str(exc)) from None
     except (ValueError, UnicodeDecodeError):
         document = None
     if 300 <= status < 400:
@@ -164,30 +325,41 @@ def interpret(status: int, raw: bytes) -> Any:
         raise AgentCallFailed(
             f"REDIRECT_REFUSED: the agent answered HTTP {status}, a redirect; "
             "MAOF never follows redirects",
-            retryable=False,
+            failure=Failure.AGENT_UNUSABLE,
             code="REDIRECT_REFUSED",
         )
     if not 200 <= status < 300:
         message = f"HTTP {status}"
         if isinstance(document, dict) and isinstance(document.get("message"), str):
-            message += f": {document['message'][:500]}"
-        raise AgentCallFailed(
-            message, retryable=status in RETRYABLE_STATUSES, code=f"HTTP_{status}"
-        )
+            message += f": {_printable(document['message'], 500)}"
+        failure = Failure.AGENT_RETRYABLE if status in RETRYABLE_STATUSES else Failure.AGENT_FINAL
+        raise AgentCallFailed(message, failure=failure, code=f"HTTP_{status}")
     if not isinstance(document, dict) or document.get("status") not in ("success", "error"):
         raise AgentCallFailed(
-            "the agent's answer is not a MAOF protocol response",
-            retryable=True,
+            "INVALID_RESPONSE: the agent's answer is not a MAOF protocol response",
+            failure=Failure.AGENT_RETRYABLE,
             code="INVALID_RESPONSE",
         )
     if document["status"] == "error":
-        code = str(document.get("code") or "AGENT_ERROR")[:100]
-        message = str(document.get("message") or "the agent reported an error")[:1000]
-        raise AgentCallFailed(
-            f"{code}: {message}", retryable=document.get("retryable") is True, code=code
+        code = _printable(str(document.get("code") or "AGENT_ERROR"), 100)
+        message = _printable(str(document.get("message") or "the agent reported an error"), 1000)
+        failure = (
+            Failure.AGENT_RETRYABLE if document.get("retryable") is True else Failure.AGENT_FINAL
         )
+        raise AgentCallFailed(f"{code}: {message}", failure=failure, code=code)
     if "output" not in document:
         raise AgentCallFailed(
-            "a success answer without output", retryable=True, code="INVALID_RESPONSE"
+            "INVALID_RESPONSE: a success answer without output",
+            failure=Failure.AGENT_RETRYABLE,
+            code="INVALID_RESPONSE",
         )
-    return document["output"]
+    return checked_output(document["output"])
+
+
+def _printable(text: str, limit: int) -> str:
+    """An agent's words for our error message and the database: cut, and storable."""
+    return (
+        "".join(ch if ch.isprintable() and ch != "\x00" else "?" for ch in text[:limit])
+        .encode("utf-8", "replace")
+        .decode("utf-8")
+    )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import ipaddress
 import re
 import socket
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -197,15 +199,31 @@ def resolve_host(hostname: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-def resolve_and_check(url: str) -> Target:
-    """The target to send a request for `url` to, resolved once, every address checked; or
-    EndpointNotAllowed (EndpointUnresolvable when the name resolves to nothing)."""
+_resolver = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="maof-dns")
+
+
+def _resolve_by(hostname: str, port: int, deadline: float | None) -> list[str]:
+    """resolve_host, given up (TimeoutError) at `deadline`: getaddrinfo itself has no
+    timeout, so a hung resolver must not hold a call past it."""
+    if deadline is None:
+        return resolve_host(hostname, port)
+    future = _resolver.submit(resolve_host, hostname, port)
+    try:
+        return future.result(timeout=max(0.0, deadline - time.monotonic()))
+    except concurrent.futures.TimeoutError:
+        raise TimeoutError("name resolution did not finish in time") from None
+
+
+def resolve_and_check(url: str, deadline: float | None = None) -> Target:
+    """The target to send a request for `url` to, resolved once (by `deadline`, a
+    time.monotonic() value), every address checked; or EndpointNotAllowed
+    (EndpointUnresolvable when the name resolves to nothing)."""
     scheme, hostname, port, request_uri = parse_endpoint(url)
     allow_private = get_settings().allow_private_agent_endpoints
     try:
         addresses = [str(ipaddress.ip_address(hostname))]
     except ValueError:
-        addresses = resolve_host(hostname, port)
+        addresses = _resolve_by(hostname, port, deadline)
     if not addresses:
         # With the check on, "does not resolve" and "resolves privately" read the same, so
         # registration is no oracle for internal DNS names.
@@ -271,11 +289,13 @@ def pinned_request(
     headers: Mapping[str, str] | None = None,
     body: bytes | None = None,
     timeout: urllib3.Timeout,
+    deadline: float | None = None,
 ) -> urllib3.BaseHTTPResponse:
     """One request to `url`, connected to the address the guard checked (no second DNS
-    lookup), never following a redirect. Raises EndpointNotAllowed before connecting; the
-    body is not preloaded: read it, then `release_conn()`."""
-    target = resolve_and_check(url)
+    lookup), never following a redirect. Raises EndpointNotAllowed before connecting (and
+    TimeoutError if the lookup outlasts `deadline`); the body is not preloaded: read it,
+    then `release_conn()`."""
+    target = resolve_and_check(url, deadline)
     return pool_for(target).urlopen(
         method,
         target.request_uri,

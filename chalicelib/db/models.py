@@ -128,6 +128,8 @@ class WorkflowRun(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = _now()
+    # Bytes of stage output stored so far (capped by MAOF_RUN_MAX_OUTPUT_BYTES).
+    output_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
 
     __table_args__ = (
         CheckConstraint(
@@ -167,6 +169,13 @@ class StageExecution(Base):
     tried_agents: Mapped[list[uuid.UUID]] = mapped_column(
         ARRAY(UUID(as_uuid=True)), nullable=False, server_default="{}"
     )
+    # Every way round again is counted and bounded (engine/policy.py).
+    errors: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    lease_expiries: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    requeues: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    waits: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    # The stages whose outputs the input reads (NULL: every completed stage).
+    needs: Mapped[list[str] | None] = mapped_column(ARRAY(String(100)))
     queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -4,7 +4,6 @@ agent health checks; and the dispatch policy of one stage (retry, fall back, wai
 from __future__ import annotations
 
 import functools
-import json
 import os
 import random
 import time
@@ -12,6 +11,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
+from sqlalchemy.exc import DBAPIError
 
 from chalicelib.agents import health
 from chalicelib.agents.dispatch import AgentCallFailed, AgentTask, call_agent
@@ -25,11 +26,17 @@ from chalicelib.agents.selection import (
     select_agent,
     settle,
 )
-from chalicelib.config import get_settings
-from chalicelib.engine import stages, sweeper, trace
-from chalicelib.engine.queue import StageMessage, send_stage_messages
+from chalicelib.config import STAGE_TIMEOUT_MARGIN_SECONDS, get_settings
+from chalicelib.engine import leases, stages, sweeper, trace
+from chalicelib.engine.policy import Action, Counters, Decision, Failure, after_failure
+from chalicelib.engine.queue import StageMessage, change_visibility, send_stage_messages
 from chalicelib.logs import logger
-from chalicelib.workflows.references import UnresolvableReference, resolve
+from chalicelib.workflows.references import (
+    InputTooLarge,
+    UnresolvableReference,
+    check_input_size,
+    resolve,
+)
 
 # Fixed at import because Chalice binds the SQS trigger when the app is loaded.
 STAGE_QUEUE_NAME = os.environ.get("MAOF_STAGE_QUEUE_NAME", "maof-stage-queue")
@@ -54,14 +61,30 @@ class DispatchPolicy:
             max_backoff_ms=int(config.get("maxBackoffMs", settings.agent_max_backoff_ms)),
         )
 
-    def backoff(self, retry: int) -> int:
-        """Exponential backoff with full jitter for the `retry`-th retry (1, 2, …)."""
-        ceiling = min(self.max_backoff_ms, self.backoff_ms * 2 ** (retry - 1))
-        return int(random.uniform(0, ceiling))
+    def decide(self, failure: Failure, counters: Counters, other_agents: bool) -> Decision:
+        return after_failure(
+            failure,
+            counters,
+            retries=self.retries,
+            other_agents=other_agents,
+            base_backoff_ms=self.backoff_ms,
+            max_backoff_ms=self.max_backoff_ms,
+        )
 
 
-def run_stage(run_id: uuid.UUID, stage_id: str) -> str:
-    """Run one stage message; returns what happened (for logs and tests)."""
+# Less than this left of the invocation and a stage is handed back untouched, rather than
+# calling its agent with no time to wait for the answer.
+MIN_CALL_SECONDS = 1.0
+
+
+def run_stage(run_id: uuid.UUID, stage_id: str, deadline: float | None = None) -> str:
+    """Run one stage message by `deadline` (time.monotonic(); None: no limit but the
+    stage's own); returns what happened (for logs and tests).
+
+    Any exception after the claim counts against the stage (an attempt, then failure);
+    only the infrastructure failing us (the database, the queue) hands the message back
+    for redelivery, not counted, the stage's lease running out if it cannot be released.
+    """
     trace.mark("received", run_id, stage_id)
     claimed = stages.claim_stage(run_id, stage_id)
     if claimed is None:
@@ -72,28 +95,54 @@ def run_stage(run_id: uuid.UUID, stage_id: str) -> str:
             return "not-due"
         return "not-queued"
     trace.mark("claimed", run_id, stage_id)
+    with leases.held(claimed.claim_token):
+        try:
+            return _execute(claimed, deadline)
+        except Exception as exc:
+            if is_infrastructure_error(exc):
+                _release_quietly(claimed)
+                raise
+            return _after_error(claimed, exc)
+
+
+def is_infrastructure_error(exc: BaseException) -> bool:
+    """The database could not be reached or gave up on us (a lost connection, a deadlock):
+    not the stage's fault, and nothing about it could be recorded anyway."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    return isinstance(exc, OperationalError | InterfaceError) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    )
+
+
+def _release_quietly(claimed: stages.ClaimedStage) -> None:
     try:
-        return _execute(claimed)
-    except Exception:
         stages.release_stage(claimed)
-        raise
+    except Exception as exc:  # the database is away: the lease runs out instead
+        logger.warning("could not release a stage", extra={"error": type(exc).__name__})
 
 
-def _execute(claimed: stages.ClaimedStage) -> str:
+def _call_deadline(policy: DispatchPolicy, invocation_deadline: float | None) -> float:
+    own = time.monotonic() + policy.timeout_ms / 1000
+    return own if invocation_deadline is None else min(own, invocation_deadline)
+
+
+def _execute(claimed: stages.ClaimedStage, invocation_deadline: float | None) -> str:
     context = stages.load_context(claimed)
     try:
-        if claimed.input_template is None:
-            stage_input = stages.default_input(claimed, context)
-        else:
-            stage_input = resolve(claimed.input_template, context.workflow_input, context.outputs)
-    except UnresolvableReference as exc:
+        stage_input = stage_input_of(claimed, context)
+    except (UnresolvableReference, InputTooLarge) as exc:
         stages.fail_stage(claimed, str(exc))
         return "failed"
     policy = DispatchPolicy.of(claimed.config)
-    sticky = claimed.agent_uuid if claimed.agent_attempts else None
+    if invocation_deadline is not None and invocation_deadline - time.monotonic() < MIN_CALL_SECONDS:
+        stages.release_stage(claimed)  # this invocation is out of time; the next one runs it
+        _send(claimed.run_id, [claimed.stage_id])
+        return "released"
+    deadline = _call_deadline(policy, invocation_deadline)
     tried = frozenset(str(u) for u in claimed.tried_agents)
     try:
-        agent = _select_and_assign(claimed, sticky, tried)
+        agent, attempt = _select_and_assign(claimed, tried)
     except NoAgentAvailable as exc:
         reason = str(exc)
         if tried:
@@ -107,12 +156,13 @@ def _execute(claimed: stages.ClaimedStage) -> str:
         return _wait_for_capacity(claimed, str(exc))
     except ClaimLost:
         return "lost"
-    same_agent = sticky is not None and str(sticky) == agent.agent_uuid
-    attempts_on_agent = (claimed.agent_attempts if same_agent else 0) + 1
+    except RunEnded:
+        stages.skip_if_run_ended(claimed)
+        return "skipped"
     task = AgentTask(
         run_ref=f"wfr-{claimed.run_id}",
         stage_id=claimed.stage_id,
-        attempt=claimed.attempt,
+        attempt=attempt,
         capability=claimed.capability,
         input=stage_input,
         workflow_name=context.workflow_name,
@@ -120,6 +170,7 @@ def _execute(claimed: stages.ClaimedStage) -> str:
             {"stageId": dep, "completed": dep in context.outputs} for dep in claimed.dependencies
         ],
         timeout_ms=policy.timeout_ms,
+        deadline=deadline,
     )
     trace.mark("agent-called", claimed.run_id, claimed.stage_id)
     started = time.monotonic()
@@ -127,22 +178,51 @@ def _execute(claimed: stages.ClaimedStage) -> str:
         output = call_agent(agent.endpoint, agent.token, agent.agent_id, task)
     except AgentCallFailed as exc:
         settle(agent, False, (time.monotonic() - started) * 1000)
-        return _after_failure(claimed, agent, exc, attempts_on_agent, policy, stage_input)
+        return _after_failure(claimed, agent, exc, policy, stage_input)
     except BaseException:
         release(agent)  # the slot is given back however the call ends
         raise
     trace.mark("agent-returned", claimed.run_id, claimed.stage_id)
     settle(agent, True, (time.monotonic() - started) * 1000)
-    ready = stages.complete_stage(claimed, agent.agent_uuid, agent.agent_id, stage_input, output)
+    try:
+        ready = stages.complete_stage(
+            claimed, agent.agent_uuid, agent.agent_id, stage_input, output.value, output.text
+        )
+    except stages.RunOutputTooLarge as exc:
+        stages.fail_stage(claimed, str(exc), agent.agent_id, stage_input)
+        return "failed"
     trace.mark("completed", claimed.run_id, claimed.stage_id)
     if ready:
-        send_stage_messages(claimed.run_id, ready)
+        _send(claimed.run_id, ready)
         trace.mark("sent", claimed.run_id, claimed.stage_id)
     return "completed"
 
 
+def stage_input_of(claimed: stages.ClaimedStage, context: stages.StageContext) -> Any:
+    """The stage's resolved input, its size checked before anything is expanded."""
+    if claimed.input_template is None:
+        return stages.default_input(claimed, context)
+    check_input_size(claimed.input_template, context.workflow_input, context.outputs)
+    return resolve(claimed.input_template, context.workflow_input, context.outputs)
+
+
+def _send(run_id: uuid.UUID, stage_ids: list[str], delay_seconds: float = 0) -> None:
+    """Queue stages already committed as queued; if SQS fails, the sweeper sends them."""
+    try:
+        send_stage_messages(run_id, stage_ids, delay_seconds=delay_seconds)
+    except Exception as exc:
+        logger.warning(
+            "could not queue stages; the sweeper will",
+            extra={"runId": str(run_id), "stages": stage_ids, "error": type(exc).__name__},
+        )
+
+
 class ClaimLost(Exception):
     """Our lease on the stage expired and it moved on without us."""
+
+
+class RunEnded(Exception):
+    """The stage's run ended (failed, cancelled) after the claim: call no agent."""
 
 
 # A cached candidate list can name an agent that Postgres no longer lets serve the run
@@ -151,23 +231,26 @@ MAX_ASSIGN_TRIES = 3
 
 
 def _select_and_assign(
-    claimed: stages.ClaimedStage, sticky: uuid.UUID | None, tried: frozenset[str]
-) -> AgentChoice:
-    """Reserve a slot on an agent that may serve the run and record it on the stage."""
+    claimed: stages.ClaimedStage, tried: frozenset[str]
+) -> tuple[AgentChoice, int]:
+    """Reserve a slot on an agent that may serve the run, record it on the stage, and say
+    under which attempt (Idempotency-Key) to call it: the stage's agent so far keeps its
+    attempt (a retry or a redelivery); another agent gets the next one."""
     refused: frozenset[str] = frozenset()
+    sticky = str(claimed.agent_uuid) if claimed.agent_uuid else None
     for _ in range(MAX_ASSIGN_TRIES):
         agent = select_agent(
-            claimed.capability,
-            claimed.owner_id,
-            prefer=str(sticky) if sticky else None,
-            exclude=tried | refused,
+            claimed.capability, claimed.owner_id, prefer=sticky, exclude=tried | refused
         )
-        result = stages.assign_agent(claimed, agent.agent_uuid, agent.agent_id)
+        attempt = claimed.attempt if sticky in (None, agent.agent_uuid) else claimed.attempt + 1
+        result = stages.assign_agent(claimed, agent.agent_uuid, agent.agent_id, attempt)
         if result is stages.AssignResult.ASSIGNED:
-            return agent
+            return agent, attempt
         release(agent)
         if result is stages.AssignResult.CLAIM_LOST:
             raise ClaimLost()
+        if result is stages.AssignResult.RUN_ENDED:
+            raise RunEnded()
         refused |= {agent.agent_uuid}
         invalidate_capability(claimed.capability)  # the cache was stale: heal it for all
     raise NoAgentAvailable(f"No available agent has the capability '{claimed.capability}'")
@@ -177,73 +260,140 @@ def _after_failure(
     claimed: stages.ClaimedStage,
     agent: AgentChoice,
     exc: AgentCallFailed,
-    attempts_on_agent: int,
     policy: DispatchPolicy,
     stage_input: Any,
 ) -> str:
+    """Retry the agent, fall back to another, or fail the stage (policy.after_failure)."""
     error = f"agent '{agent.agent_id}' failed: {exc}"
     agent_uuid = uuid.UUID(agent.agent_uuid)
-    if not exc.retryable:
-        stages.fail_stage(claimed, error, agent.agent_id, stage_input)
-        return "failed"
-    if attempts_on_agent <= policy.retries:
-        delay_ms = policy.backoff(attempts_on_agent)
-        if stages.requeue_later(
-            claimed,
-            delay_ms,
-            "retry",
-            agent_uuid=agent_uuid,
-            agent_id=agent.agent_id,
-            agent_attempts=attempts_on_agent,
-            tried_agents=claimed.tried_agents,
-            next_attempt=True,
-            details={"error": error, "code": exc.code},
-        ):
-            send_stage_messages(claimed.run_id, [claimed.stage_id], delay_seconds=delay_ms / 1000)
-        return "retrying"
+    same_agent = claimed.agent_uuid == agent_uuid
     tried = [*claimed.tried_agents, agent_uuid]
-    remaining = eligible(claimed.capability, claimed.owner_id, frozenset(str(u) for u in tried))
-    if not remaining:
-        attempts = f"{attempts_on_agent} attempt{'s' if attempts_on_agent > 1 else ''}"
-        stages.fail_stage(
+    others = eligible(claimed.capability, claimed.owner_id, frozenset(str(u) for u in tried))
+    decision = policy.decide(
+        exc.failure,
+        Counters(claimed.agent_attempts if same_agent else 0, claimed.errors),
+        other_agents=bool(others),
+    )
+    details = {"error": error, "code": exc.code}
+    if decision.action is Action.RETRY:
+        return _requeued(
             claimed,
-            f"{error} ({attempts}; no other agent to fall back on)",
-            agent.agent_id,
-            stage_input,
+            stages.requeue_later(
+                claimed,
+                decision.delay_ms,
+                "retry",
+                agent_uuid=agent_uuid,
+                agent_id=agent.agent_id,
+                agent_attempts=decision.agent_attempts,
+                tried_agents=claimed.tried_agents,
+                next_attempt=not decision.keep_key,
+                details=details,
+            ),
+            decision.delay_ms,
+            "retrying",
         )
-        return "failed"
-    if stages.requeue_later(
-        claimed,
-        0,
-        "fallback",
-        agent_uuid=None,
-        agent_id=agent.agent_id,
-        agent_attempts=0,
-        tried_agents=tried,
-        next_attempt=True,
-        details={"error": error, "code": exc.code, "exhaustedAgent": agent.agent_id},
-    ):
-        send_stage_messages(claimed.run_id, [claimed.stage_id])
-    return "falling-back"
+    if decision.action is Action.FALLBACK:
+        return _requeued(
+            claimed,
+            stages.requeue_later(
+                claimed,
+                0,
+                "fallback",
+                agent_uuid=None,
+                agent_id=agent.agent_id,
+                agent_attempts=0,
+                tried_agents=tried,
+                next_attempt=True,
+                details={**details, "exhaustedAgent": agent.agent_id},
+            ),
+            0,
+            "falling-back",
+        )
+    if exc.failure is not Failure.AGENT_FINAL:
+        attempts = decision.agent_attempts
+        tries = f"{attempts} attempt{'s' if attempts != 1 else ''}; " if attempts else ""
+        error = f"{error} ({tries}no other agent to fall back on)"
+    stages.fail_stage(claimed, error, agent.agent_id, stage_input)
+    return "failed"
+
+
+def _requeued(
+    claimed: stages.ClaimedStage, result: stages.Requeued, delay_ms: int, outcome: str
+) -> str:
+    if result is stages.Requeued.QUEUED:
+        _send(claimed.run_id, [claimed.stage_id], delay_seconds=delay_ms / 1000)
+        return outcome
+    return str(result.value)
+
+
+def _after_error(claimed: stages.ClaimedStage, exc: Exception) -> str:
+    """An exception of ours after the claim (a bug, an output Postgres refused, anything
+    unforeseen): counted like an agent error, retried under the same Idempotency-Key (the
+    agent may already have done the work), and the stage failed once retries run out."""
+    logger.exception(
+        "stage raised; counted against it",
+        extra={"runId": str(claimed.run_id), "stageId": claimed.stage_id},
+    )
+    cause = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    policy = DispatchPolicy.of(claimed.config)
+    decision = policy.decide(
+        Failure.UNEXPECTED, Counters(claimed.agent_attempts, claimed.errors), other_agents=False
+    )
+    if decision.action is Action.RETRY:
+        return _requeued(
+            claimed,
+            stages.requeue_later(
+                claimed,
+                decision.delay_ms,
+                "retry",
+                agent_uuid=None,
+                agent_id=None,
+                agent_attempts=claimed.agent_attempts,
+                tried_agents=claimed.tried_agents,
+                next_attempt=False,
+                details={"error": f"internal error: {cause}", "code": "INTERNAL_ERROR"},
+                errors=decision.errors,
+                keep_agent=True,
+            ),
+            decision.delay_ms,
+            "retrying",
+        )
+    errors = decision.errors
+    stages.fail_stage(
+        claimed, f"internal error: {cause} ({errors} error{'s' if errors != 1 else ''})"
+    )
+    return "failed"
 
 
 def _wait_for_capacity(claimed: stages.ClaimedStage, reason: str) -> str:
-    """Every capable agent is full: come back later, without using up an attempt."""
-    delay_ms = get_settings().agent_busy_wait_ms
+    """Every capable agent is full: come back later, without using up an attempt, at most
+    MAOF_STAGE_MAX_WAITS times."""
+    settings = get_settings()
+    waits = claimed.waits + 1
+    if waits > settings.stage_max_waits:
+        stages.fail_stage(
+            claimed, f"{reason}; gave up after {claimed.waits} waits (MAOF_STAGE_MAX_WAITS)"
+        )
+        return "failed"
+    delay_ms = settings.agent_busy_wait_ms
     delay_ms = int(random.uniform(delay_ms / 2, delay_ms))
-    if stages.requeue_later(
+    return _requeued(
         claimed,
+        stages.requeue_later(
+            claimed,
+            delay_ms,
+            "wait",
+            agent_uuid=claimed.agent_uuid,
+            agent_id=None,
+            agent_attempts=claimed.agent_attempts,
+            tried_agents=claimed.tried_agents,
+            next_attempt=False,
+            details={"reason": reason},
+            waits=waits,
+        ),
         delay_ms,
-        "wait",
-        agent_uuid=claimed.agent_uuid,
-        agent_id=None,
-        agent_attempts=claimed.agent_attempts,
-        tried_agents=claimed.tried_agents,
-        next_attempt=False,
-        details={"reason": reason},
-    ):
-        send_stage_messages(claimed.run_id, [claimed.stage_id], delay_seconds=delay_ms / 1000)
-    return "waiting"
+        "waiting",
+    )
 
 
 # Up to 10 records per invocation (the SQS batch size) run at once, each in its own
@@ -258,27 +408,71 @@ def _batch_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=_BATCH_THREADS, thread_name_prefix="maof-stage")
 
 
-def run_stage_batch(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Run every stage message of a batch, at once; report the ones to redeliver."""
+def run_stage_batch(records: list[dict[str, Any]], context: Any = None) -> dict[str, Any]:
+    """Run every stage message of a batch, at once, within the invocation's time (the
+    Lambda `context`, if given); report the ones to redeliver, and make them visible again
+    soon (backoff by receive count) rather than after the queue's visibility timeout."""
+    deadline = _invocation_deadline(context)
     if len(records) == 1:
-        results = [_run_record(records[0])]
+        results = [_run_record(records[0], deadline)]
     else:
-        results = list(_batch_pool().map(_run_record, records))
-    return {"batchItemFailures": [failure for failure in results if failure is not None]}
+        results = list(_batch_pool().map(lambda r: _run_record(r, deadline), records))
+    failed = [record for record, failed in zip(records, results, strict=True) if failed]
+    if failed:
+        redeliver_soon(failed)
+    return {"batchItemFailures": [{"itemIdentifier": r["messageId"]} for r in failed]}
 
 
-def _run_record(record: dict[str, Any]) -> dict[str, str] | None:
-    """Run one record; the batch item failure to report, or None."""
+def _invocation_deadline(context: Any) -> float | None:
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    if remaining is None:
+        return None
+    return time.monotonic() + float(remaining()) / 1000 - STAGE_TIMEOUT_MARGIN_SECONDS
+
+
+# The longest a message handed back for redelivery waits before SQS shows it again.
+MAX_REDELIVERY_DELAY_SECONDS = 20
+
+
+def redelivery_delay(record: dict[str, Any]) -> int:
+    """Seconds before a failed record is delivered again: 0 for one that is not a stage
+    message (to the dead-letter queue it goes, after its few receives), else doubling
+    with each receive up to MAX_REDELIVERY_DELAY_SECONDS."""
+    try:
+        StageMessage.parse(record["body"])
+    except (ValueError, KeyError):
+        return 0
+    receives = int((record.get("attributes") or {}).get("ApproximateReceiveCount") or 1)
+    return int(min(MAX_REDELIVERY_DELAY_SECONDS, 2 ** (receives - 1)))
+
+
+def redeliver_soon(records: list[dict[str, Any]]) -> None:
+    """Best effort: when SQS cannot be told, the queue's visibility timeout applies."""
+    try:
+        change_visibility(
+            [
+                (str(r["receiptHandle"]), redelivery_delay(r))
+                for r in records
+                if r.get("receiptHandle")
+            ]
+        )
+    except Exception as exc:
+        logger.warning("could not shorten redelivery", extra={"error": type(exc).__name__})
+
+
+def _run_record(record: dict[str, Any], deadline: float | None = None) -> bool:
+    """Run one record; True when it must be delivered again."""
     try:
         message = StageMessage.parse(record["body"])
-    except (ValueError, KeyError, json.JSONDecodeError):
-        # Not ours and never will be: drop it rather than redeliver it forever.
+    except (ValueError, KeyError):
+        # Not ours and never will be: to the dead-letter queue, the one thing it is for.
         logger.error(
-            "dropping malformed stage message", extra={"messageId": record.get("messageId")}
+            "malformed stage message; it goes to the dead-letter queue",
+            extra={"messageId": record.get("messageId")},
         )
-        return None
+        return True
     try:
-        outcome = run_stage(message.run_id, message.stage_id)
+        outcome = run_stage(message.run_id, message.stage_id, deadline)
         trace.mark("done", message.run_id, message.stage_id)
         logger.debug(
             "stage message handled",
@@ -293,8 +487,8 @@ def _run_record(record: dict[str, Any]) -> dict[str, str] | None:
             "stage message failed; it will be redelivered",
             extra={"runId": str(message.run_id), "stageId": message.stage_id},
         )
-        return {"itemIdentifier": record["messageId"]}
-    return None
+        return True
+    return False
 
 
 def sweep_stalled_stages() -> dict[str, Any]:

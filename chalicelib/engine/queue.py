@@ -27,7 +27,7 @@ class StageMessage:
     @classmethod
     def parse(cls, body: str) -> StageMessage:
         """The message in an SQS record body; ValueError when it is not one of ours."""
-        data: Any = json.loads(body)
+        data: Any = json.loads(body)  # a JSONDecodeError is a ValueError
         if not isinstance(data, dict) or not isinstance(data.get("stageId"), str):
             raise ValueError("not a stage message")
         return cls(uuid.UUID(str(data["runId"])), data["stageId"])
@@ -37,18 +37,27 @@ MAX_DELAY_SECONDS = 900  # SQS's limit; longer waits are re-delayed on arrival
 
 
 def send_stage_messages(
-    run_id: uuid.UUID, stage_ids: Sequence[str], delay_seconds: float = 0
+    run_id: uuid.UUID, stage_ids: Sequence[str], delay_seconds: float = 0, *, fast: bool = False
 ) -> None:
     """Queue one message per stage, ten to a request, visible after `delay_seconds`.
     Raises if any could not be sent: the stages stay `queued` in the database and the
     sweeper sends them again.
 
     Sends from threads of the same process that overlap go out together (see _Outbox):
-    the records of a batch finishing at once make one request, not ten."""
+    the records of a batch finishing at once make one request, not ten. `fast` sends at
+    once with a client that gives up within about two seconds (an API request must answer
+    well within API Gateway's 29 s, and the sweeper covers what it could not send)."""
     delay = max(0, min(MAX_DELAY_SECONDS, math.ceil(delay_seconds)))
-    bodies = [StageMessage(run_id, stage_id).body() for stage_id in stage_ids]
-    if bodies:
-        _OUTBOX.send([(body, delay) for body in bodies])
+    entries = [(StageMessage(run_id, stage_id).body(), delay) for stage_id in stage_ids]
+    if not entries:
+        return
+    if fast:
+        parcel = _Parcel(entries)
+        _send_parcels([parcel], aws_client("sqs", fast_fail=True))
+        if parcel.error is not None:
+            raise parcel.error
+        return
+    _OUTBOX.send(entries)
 
 
 @dataclass
@@ -92,12 +101,12 @@ class _Outbox:
             raise mine.error
 
 
-def _send_parcels(parcels: list[_Parcel]) -> None:
+def _send_parcels(parcels: list[_Parcel], sqs: Any = None) -> None:
     """Send every parcel's messages, ten to a request; mark each parcel done, with the
     error that kept any of its messages from the queue."""
     flat = [(parcel, entry) for parcel in parcels for entry in parcel.entries]
     try:
-        sqs = aws_client("sqs")
+        sqs = sqs or aws_client("sqs")
         for start in range(0, len(flat), SQS_BATCH):
             chunk = flat[start : start + SQS_BATCH]
             try:
@@ -133,3 +142,17 @@ def _send_parcels(parcels: list[_Parcel]) -> None:
 
 
 _OUTBOX = _Outbox()
+
+
+def change_visibility(entries: Sequence[tuple[str, int]]) -> None:
+    """Make received messages (by receipt handle) visible again after their seconds."""
+    sqs = aws_client("sqs")
+    for start in range(0, len(entries), SQS_BATCH):
+        chunk = entries[start : start + SQS_BATCH]
+        sqs.change_message_visibility_batch(
+            QueueUrl=stage_queue_url(),
+            Entries=[
+                {"Id": str(i), "ReceiptHandle": handle, "VisibilityTimeout": seconds}
+                for i, (handle, seconds) in enumerate(chunk)
+            ],
+        )

@@ -2,8 +2,13 @@
 claim → load inputs → (select and call an agent) → complete or fail → ready dependents.
 
 Concurrency rules:
-- claiming is one conditional UPDATE (queued → in_progress), so a duplicate SQS
-  delivery finds nothing to claim and does nothing;
+- one lock order everywhere: the run row, then stage rows (the claim takes the run row
+  first too), so a claim, a completion, a failure and the sweeper never deadlock;
+- claiming is one conditional UPDATE (queued → in_progress) of a stage of a run still
+  queued or in progress, so a duplicate SQS delivery, or a message for a run that has
+  ended, finds nothing to claim and does nothing;
+- a claim is a lease that its worker renews while it runs (leases.py), so a dead worker's
+  stage is handed on within MAOF_STAGE_LEASE_SECONDS, however long the agent may take;
 - completing or failing locks the run row first (SELECT … FOR UPDATE): the audit
   chain of a run grows one entry at a time and a fan-in stage is queued exactly once;
 - finishing is conditional on the token of the claim, so a worker whose lease expired
@@ -47,6 +52,9 @@ class ClaimedStage:
     agent_attempts: int  # attempts already made on that agent
     tried_agents: list[uuid.UUID]
     last_error: str | None  # of the previous attempt
+    errors: int = 0  # unexpected exceptions so far (policy.py)
+    waits: int = 0  # capacity waits so far
+    needs: list[str] | None = None  # stages whose outputs the input reads (None: all)
     context: StageContext | None = None  # read by the claim, in the same statement
 
 
@@ -54,31 +62,25 @@ class ClaimedStage:
 class StageContext:
     workflow_name: str
     workflow_input: Any
-    outputs: dict[str, Any]  # outputs of completed stages of the run, by stage id
+    outputs: dict[str, Any]  # outputs of the completed stages it needs, by stage id
 
 
 def claim_stage(run_id: uuid.UUID, stage_id: str) -> ClaimedStage | None:
-    """Take a queued, due stage for this worker, or None (a duplicate delivery, or not due).
-
-    The lease covers the agent's timeout, so the sweeper never hands a stage to a
-    second worker while the first may still be waiting on its agent.
+    """Take a queued, due stage of a live run for this worker, or None (a duplicate
+    delivery, a stage not due yet, or a run that has ended).
 
     One statement, one round trip: the claim, the run's move to in_progress, and what
-    the stage needs to run (the workflow input and the outputs of completed stages).
+    the stage needs to run (the workflow input and the outputs its input reads).
     """
-    settings = get_settings()
     token = uuid.uuid4()
     with autocommit_connection() as conn:
-        # A conditional UPDATE … RETURNING is the claim; the run is updated only when
-        # the stage was claimed (same order as before: the stage row, then the run row).
         row = conn.execute(
             _CLAIM,
             {
                 "run_id": run_id,
                 "stage_id": stage_id,
                 "token": token,
-                "lease": settings.stage_lease_seconds,
-                "timeout_ms": settings.agent_timeout_ms,
+                "lease": get_settings().stage_lease_seconds,
             },
         ).first()
     if row is None:
@@ -99,30 +101,40 @@ def claim_stage(run_id: uuid.UUID, stage_id: str) -> ClaimedStage | None:
         agent_attempts=row.agent_attempts,
         tried_agents=list(row.tried_agents),
         last_error=row.error_message,
+        errors=row.errors,
+        waits=row.waits,
+        needs=None if row.needs is None else list(row.needs),
         context=StageContext(row.workflow_name, row.workflow_input, dict(row.outputs or {})),
     )
 
 
+# The run row is locked first (the scalar subquery on `run` is evaluated before the
+# UPDATE touches a stage row): the same order as every other writer. Only the outputs
+# the stage needs are read: a stage of a wide run does not drag every output along.
 _CLAIM = text(
     """
-    WITH claimed AS (
+    WITH run AS MATERIALIZED (
+        SELECT id, user_id, workflow_name, input FROM workflow_runs
+         WHERE id = :run_id AND status IN ('queued', 'in_progress')
+           FOR NO KEY UPDATE
+    ), claimed AS (
         UPDATE stage_executions
            SET status = 'in_progress', claim_token = :token,
                started_at = COALESCE(started_at, now()),
-               lease_expires_at = now() + make_interval(secs => GREATEST(:lease,
-                   COALESCE((config ->> 'timeoutMs')::numeric, :timeout_ms) / 1000 + 30))
-         WHERE run_id = :run_id AND stage_id = :stage_id AND status = 'queued'
+               lease_expires_at = now() + make_interval(secs => :lease)
+         WHERE run_id = (SELECT id FROM run) AND stage_id = :stage_id AND status = 'queued'
            AND (not_before IS NULL OR not_before <= now())
-     RETURNING id, stage_name, capability, dependencies, input_template, config,
-               attempt, agent_uuid, agent_attempts, tried_agents, error_message
+     RETURNING id, stage_name, capability, dependencies, needs, input_template, config,
+               attempt, agent_uuid, agent_attempts, tried_agents, error_message, errors, waits
     ), started AS (
         UPDATE workflow_runs SET status = 'in_progress', started_at = now(), updated_at = now()
          WHERE id = :run_id AND status = 'queued' AND EXISTS (SELECT 1 FROM claimed)
     )
     SELECT claimed.*, run.user_id AS owner_id, run.workflow_name, run.input AS workflow_input,
            (SELECT jsonb_object_agg(done.stage_id, done.output) FROM stage_executions AS done
-             WHERE done.run_id = :run_id AND done.status = 'completed') AS outputs
-      FROM claimed JOIN workflow_runs AS run ON run.id = :run_id
+             WHERE done.run_id = :run_id AND done.status = 'completed'
+               AND (claimed.needs IS NULL OR done.stage_id = ANY (claimed.needs))) AS outputs
+      FROM claimed, run
     """
 )
 
@@ -130,14 +142,17 @@ _CLAIM = text(
 class AssignResult(enum.Enum):
     ASSIGNED = "assigned"
     AGENT_INELIGIBLE = "agent-ineligible"  # deleted, or no longer visible to the run's owner
+    RUN_ENDED = "run-ended"  # the run failed (or was cancelled) meanwhile: call no agent
     CLAIM_LOST = "claim-lost"  # our lease expired and the stage moved on
 
 
-def assign_agent(stage: ClaimedStage, agent_uuid: str, agent_id: str) -> AssignResult:
-    """Record the agent chosen for this attempt, before it is called, if Postgres (the
-    source of truth, whatever a cache said) agrees it may serve the run: live, and the
-    submitter's own or shared. FOR SHARE waits for a delete or visibility change in flight,
-    so once one has returned, no stage is assigned to the agent it excluded."""
+def assign_agent(stage: ClaimedStage, agent_uuid: str, agent_id: str, attempt: int) -> AssignResult:
+    """Record the agent chosen for `attempt`, before it is called, if Postgres (the source
+    of truth, whatever a cache said) agrees it may serve the run: live, and the submitter's
+    own or shared; and if the run is still live. FOR SHARE waits for a delete or
+    visibility change in flight, so once one has returned, no stage is assigned to the
+    agent it excluded. A redelivery of this attempt then calls the same agent, with the
+    same Idempotency-Key."""
     row = _one_statement(
         _ASSIGN,
         {
@@ -145,29 +160,36 @@ def assign_agent(stage: ClaimedStage, agent_uuid: str, agent_id: str) -> AssignR
             "token": stage.claim_token,
             "agent_uuid": uuid.UUID(agent_uuid),
             "agent_id": agent_id,
+            "attempt": attempt,
         },
     )
     if not row.claimed:
         return AssignResult.CLAIM_LOST
+    if not row.live:
+        return AssignResult.RUN_ENDED
     return AssignResult.ASSIGNED if row.assigned else AssignResult.AGENT_INELIGIBLE
 
 
 _ASSIGN = text(
     """
     WITH mine AS (
-        SELECT id, run_id FROM stage_executions
-         WHERE id = :id AND status = 'in_progress' AND claim_token = :token
+        SELECT s.id, s.run_id, r.user_id, r.status IN ('queued', 'in_progress') AS live
+          FROM stage_executions AS s JOIN workflow_runs AS r ON r.id = s.run_id
+         WHERE s.id = :id AND s.status = 'in_progress' AND s.claim_token = :token
     ), allowed AS (
-        SELECT 1 FROM agents AS a, workflow_runs AS r, mine
-         WHERE r.id = mine.run_id AND a.id = :agent_uuid AND a.deleted_at IS NULL
-           AND (a.visibility = 'shared' OR a.owner_id = r.user_id)
+        SELECT 1 FROM agents AS a, mine
+         WHERE mine.live AND a.id = :agent_uuid AND a.deleted_at IS NULL
+           AND (a.visibility = 'shared' OR a.owner_id = mine.user_id)
            FOR SHARE OF a
     ), assigned AS (
-        UPDATE stage_executions SET agent_uuid = :agent_uuid, agent_id = :agent_id
+        UPDATE stage_executions
+           SET agent_uuid = :agent_uuid, agent_id = :agent_id, attempt = :attempt
          WHERE id IN (SELECT id FROM mine) AND EXISTS (SELECT 1 FROM allowed)
      RETURNING id
     )
-    SELECT EXISTS (SELECT 1 FROM mine) AS claimed, EXISTS (SELECT 1 FROM assigned) AS assigned
+    SELECT EXISTS (SELECT 1 FROM mine) AS claimed,
+           COALESCE((SELECT live FROM mine), false) AS live,
+           EXISTS (SELECT 1 FROM assigned) AS assigned
     """
 )
 
@@ -193,8 +215,8 @@ def seconds_until_due(run_id: uuid.UUID, stage_id: str) -> float | None:
 
 
 def load_context(stage: ClaimedStage) -> StageContext:
-    """The workflow input and the outputs of the run's completed stages (read with the
-    claim; read again only for a stage claimed without them)."""
+    """The workflow input and the outputs the stage needs (read with the claim; read
+    again only for a stage claimed without them)."""
     if stage.context is not None:
         return stage.context
     with session_scope() as session:
@@ -205,9 +227,10 @@ def load_context(stage: ClaimedStage) -> StageContext:
         outputs = session.execute(
             text(
                 "SELECT stage_id, output FROM stage_executions "
-                "WHERE run_id = :run_id AND status = 'completed'"
+                "WHERE run_id = :run_id AND status = 'completed' "
+                "AND (CAST(:needs AS text[]) IS NULL OR stage_id = ANY (CAST(:needs AS text[])))"
             ),
-            {"run_id": stage.run_id},
+            {"run_id": stage.run_id, "needs": stage.needs},
         ).all()
     return StageContext(run.workflow_name, run.input, {r.stage_id: r.output for r in outputs})
 
@@ -224,35 +247,65 @@ def default_input(stage: ClaimedStage, context: StageContext) -> Any:
 class LockedRun:
     id: uuid.UUID
     status: str
+    output_bytes: int = 0
+
+    @property
+    def live(self) -> bool:
+        return self.status in LIVE_RUN_STATUSES
 
 
-def _lock_run(session: Session, run_id: uuid.UUID) -> LockedRun:
-    """Take the run's row lock (only its status is read: not the definition or input)."""
-    status = session.execute(
-        text("SELECT status FROM workflow_runs WHERE id = :run_id FOR UPDATE"), {"run_id": run_id}
-    ).scalar()
-    assert status is not None, f"run {run_id} vanished"
-    return LockedRun(run_id, status)
+LIVE_RUN_STATUSES = ("queued", "in_progress")
+
+
+def lock_run(session: Session, run_id: uuid.UUID) -> LockedRun:
+    """Take the run's row lock (only its status and output total are read: not the
+    definition or input)."""
+    row = session.execute(
+        text("SELECT status, output_bytes FROM workflow_runs WHERE id = :run_id FOR UPDATE"),
+        {"run_id": run_id},
+    ).first()
+    assert row is not None, f"run {run_id} vanished"
+    return LockedRun(run_id, row.status, row.output_bytes)
+
+
+class RunOutputTooLarge(Exception):
+    """Storing the output would take the run past MAOF_RUN_MAX_OUTPUT_BYTES."""
 
 
 def complete_stage(
-    stage: ClaimedStage, agent_uuid: str, agent_id: str, stage_input: Any, output: Any
+    stage: ClaimedStage,
+    agent_uuid: str,
+    agent_id: str,
+    stage_input: Any,
+    output: Any,
+    output_json: str | None = None,
 ) -> list[str]:
     """Store the output, audit it, queue the dependents that became ready, and finish
     the run when every stage is done. Returns the stage ids to send messages for.
+    `output_json` is the output already serialised (dispatch checked it), if at hand.
+    Raises RunOutputTooLarge, having written nothing, when the run's total would pass
+    its cap.
 
     Under the run's lock, in as few round trips as Postgres allows: the stage's update
     also reads the head of the audit chain; the audit entry's insert also queues the
     ready dependents and counts the stages still open."""
+    stored = output_json if output_json is not None else _json(output)
+    size = len(stored.encode("utf-8")) if stored is not None else 0
     with session_scope() as session:
-        run = _lock_run(session, stage.run_id)
+        run = lock_run(session, stage.run_id)
+        if run.output_bytes + size > get_settings().run_max_output_bytes:
+            raise RunOutputTooLarge(
+                f"the run's stored outputs would exceed MAOF_RUN_MAX_OUTPUT_BYTES "
+                f"({get_settings().run_max_output_bytes} bytes)"
+            )
         updated = session.execute(
             _COMPLETE,
             {
                 "id": stage.id,
                 "run_id": stage.run_id,
                 "token": stage.claim_token,
-                "output": _json(output),
+                "output": stored,
+                "bytes": size,
                 "input": _json(stage_input),
                 "agent_uuid": uuid.UUID(agent_uuid),
                 "agent_id": agent_id,
@@ -273,7 +326,7 @@ def complete_stage(
             output_hash=chain.sha256_json(output),
             details={"attempt": stage.attempt, "durationMs": duration_ms},
         )
-        if run.status not in ("queued", "in_progress"):
+        if not run.live:
             session.execute(audit_rows.INSERT, audit_rows.params(entry))
             return []
         advanced = session.execute(
@@ -296,6 +349,9 @@ _COMPLETE = text(
                agent_id = :agent_id, completed_at = now(), lease_expires_at = NULL
          WHERE id = :id AND status = 'in_progress' AND claim_token = :token
      RETURNING started_at, completed_at
+    ), counted AS (
+        UPDATE workflow_runs SET output_bytes = output_bytes + :bytes
+         WHERE id = :run_id AND EXISTS (SELECT 1 FROM done)
     )
     SELECT done.started_at, done.completed_at, head.seq AS last_seq, head.entry_hash AS last_hash
       FROM done LEFT JOIN LATERAL (
@@ -369,7 +425,7 @@ def fail_stage(
     """Fail the stage and its run; stages not yet started are skipped. Returns False if
     the stage was no longer ours to fail."""
     with session_scope() as session:
-        run = _lock_run(session, stage.run_id)
+        run = lock_run(session, stage.run_id)
         updated = session.execute(
             text(
                 """
@@ -391,42 +447,59 @@ def fail_stage(
         ).first()
         if updated is None:
             return False
+        record_failure(
+            session, run, stage.stage_id, stage.stage_name, reason, agent_id, stage.attempt
+        )
+    return True
+
+
+def record_failure(
+    session: Session,
+    run: LockedRun,
+    stage_id: str,
+    stage_name: str,
+    reason: str,
+    agent_id: str | None,
+    attempt: int,
+) -> None:
+    """After a stage row was set failed, under the run's lock: audit it, skip what has not
+    started, and fail the run (if it is still live)."""
+    chain.append(
+        session,
+        run.id,
+        "fail",
+        "failed",
+        stage_id=stage_id,
+        agent_id=agent_id,
+        details={"attempt": attempt, "error": reason},
+    )
+    if not run.live:
+        return
+    skipped = session.execute(
+        text(
+            "UPDATE stage_executions SET status = 'skipped', completed_at = now() "
+            "WHERE run_id = :run_id AND status IN ('pending', 'queued') "
+            "RETURNING stage_id, position"
+        ),
+        {"run_id": run.id},
+    ).all()
+    for row in sorted(skipped, key=lambda r: r.position):
         chain.append(
             session,
-            stage.run_id,
-            "fail",
-            "failed",
-            stage_id=stage.stage_id,
-            agent_id=agent_id,
-            details={"attempt": stage.attempt, "error": reason},
+            run.id,
+            "skip",
+            "skipped",
+            stage_id=row.stage_id,
+            details={"reason": f"stage '{stage_id}' failed"},
         )
-        if run.status in ("queued", "in_progress"):
-            skipped = session.execute(
-                text(
-                    "UPDATE stage_executions SET status = 'skipped', completed_at = now() "
-                    "WHERE run_id = :run_id AND status IN ('pending', 'queued') "
-                    "RETURNING stage_id, position"
-                ),
-                {"run_id": stage.run_id},
-            ).all()
-            for row in sorted(skipped, key=lambda r: r.position):
-                chain.append(
-                    session,
-                    stage.run_id,
-                    "skip",
-                    "skipped",
-                    stage_id=row.stage_id,
-                    details={"reason": f"stage '{stage.stage_id}' failed"},
-                )
-            message = f"Stage '{stage.stage_id}' ({stage.stage_name}) failed: {reason}"
-            session.execute(
-                text(
-                    "UPDATE workflow_runs SET status = 'failed', error_message = :message, "
-                    "completed_at = now(), updated_at = now() WHERE id = :run_id"
-                ),
-                {"run_id": stage.run_id, "message": message},
-            )
-    return True
+    message = f"Stage '{stage_id}' ({stage_name}) failed: {reason}"
+    session.execute(
+        text(
+            "UPDATE workflow_runs SET status = 'failed', error_message = :message, "
+            "completed_at = now(), updated_at = now() WHERE id = :run_id"
+        ),
+        {"run_id": run.id, "message": message},
+    )
 
 
 def _json(value: Any) -> str | None:
@@ -434,8 +507,9 @@ def _json(value: Any) -> str | None:
 
 
 def release_stage(stage: ClaimedStage) -> None:
-    """Hand a claimed stage back to the queue after an unexpected error (redelivery retries
-    the same attempt)."""
+    """Hand a claimed stage back to the queue, same attempt, after an error of the
+    infrastructure (the database or the queue failed us: the stage is not to blame).
+    Best effort: when even this fails, the lease runs out and the sweeper hands it on."""
     with session_scope() as session:
         session.execute(
             text(
@@ -445,6 +519,12 @@ def release_stage(stage: ClaimedStage) -> None:
             ),
             {"id": stage.id, "token": stage.claim_token},
         )
+
+
+class Requeued(enum.Enum):
+    QUEUED = "queued"  # due again after the delay: send its message
+    SKIPPED = "skipped"  # the run ended meanwhile: the stage will not run again
+    LOST = "lost"  # no longer ours (lease expired)
 
 
 def requeue_later(
@@ -458,11 +538,18 @@ def requeue_later(
     tried_agents: list[uuid.UUID],
     next_attempt: bool,
     details: dict[str, Any],
-) -> bool:
+    errors: int | None = None,
+    waits: int | None = None,
+    keep_agent: bool = False,
+) -> Requeued:
     """Put the stage back in the queue, due in `delay_ms`, with an audit entry `action`
-    (retry, fallback or wait). Returns False if the stage was no longer ours."""
+    (retry, fallback or wait) and its counters (`keep_agent`: leave the agent recorded on
+    the stage as it is); or, when its run has ended meanwhile, skip it (no agent is called
+    for an ended run)."""
     with session_scope() as session:
-        _lock_run(session, stage.run_id)
+        run = lock_run(session, stage.run_id)
+        if not run.live:
+            return _skip_ended(session, stage, run)
         updated = session.execute(
             text(
                 """
@@ -470,9 +557,12 @@ def requeue_later(
                    SET status = 'queued', queued_at = now(), lease_expires_at = NULL,
                        claim_token = NULL,
                        not_before = now() + make_interval(secs => :delay_ms / 1000.0),
-                       attempt = attempt + :bump, agent_uuid = :agent_uuid, agent_id = :agent_id,
+                       attempt = attempt + :bump,
+                       agent_uuid = CASE WHEN :keep_agent THEN agent_uuid ELSE :agent_uuid END,
+                       agent_id = CASE WHEN :keep_agent THEN agent_id ELSE :agent_id END,
                        agent_attempts = :agent_attempts, tried_agents = :tried_agents,
-                       error_message = :error
+                       error_message = :error, errors = COALESCE(:errors, errors),
+                       waits = COALESCE(:waits, waits)
                  WHERE id = :id AND status = 'in_progress' AND claim_token = :token
              RETURNING attempt
                 """
@@ -482,15 +572,18 @@ def requeue_later(
                 "token": stage.claim_token,
                 "delay_ms": delay_ms,
                 "bump": 1 if next_attempt else 0,
+                "keep_agent": keep_agent,
                 "agent_uuid": agent_uuid,
                 "agent_id": agent_id,
                 "agent_attempts": agent_attempts,
                 "tried_agents": tried_agents,
                 "error": details.get("error"),
+                "errors": errors,
+                "waits": waits,
             },
         ).first()
         if updated is None:
-            return False
+            return Requeued.LOST
         chain.append(
             session,
             stage.run_id,
@@ -505,4 +598,53 @@ def requeue_later(
                 "delayMs": delay_ms,
             },
         )
+    return Requeued.QUEUED
+
+
+def skip_if_run_ended(stage: ClaimedStage) -> bool:
+    """Skip the claimed stage if its run has ended (failed, cancelled) since the claim."""
+    with session_scope() as session:
+        run = lock_run(session, stage.run_id)
+        if run.live:
+            return False
+        _skip_ended(session, stage, run)
     return True
+
+
+def _skip_ended(session: Session, stage: ClaimedStage, run: LockedRun) -> Requeued:
+    skipped = session.execute(
+        text(
+            "UPDATE stage_executions SET status = 'skipped', completed_at = now(), "
+            "lease_expires_at = NULL, claim_token = NULL "
+            "WHERE id = :id AND status = 'in_progress' AND claim_token = :token RETURNING id"
+        ),
+        {"id": stage.id, "token": stage.claim_token},
+    ).first()
+    if skipped is None:
+        return Requeued.LOST
+    chain.append(
+        session,
+        stage.run_id,
+        "skip",
+        "skipped",
+        stage_id=stage.stage_id,
+        details={"reason": f"the run is {run.status}"},
+    )
+    return Requeued.SKIPPED
+
+
+def renew_leases(claim_tokens: list[uuid.UUID]) -> int:
+    """Extend the leases of stages this worker still holds; how many it still holds."""
+    if not claim_tokens:
+        return 0
+    with autocommit_connection() as conn:
+        return len(
+            conn.execute(
+                text(
+                    "UPDATE stage_executions "
+                    "SET lease_expires_at = now() + make_interval(secs => :lease) "
+                    "WHERE claim_token = ANY (:tokens) AND status = 'in_progress' RETURNING id"
+                ),
+                {"lease": get_settings().stage_lease_seconds, "tokens": claim_tokens},
+            ).all()
+        )

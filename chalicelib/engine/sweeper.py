@@ -1,42 +1,85 @@
-"""The scheduled sweeper: no accepted run is stranded by a lost message or a dead worker.
+"""The scheduled sweeper: no accepted run is stranded by a lost message or a dead worker,
+and a backlog is never duplicated.
 
-It re-queues stages that have sat `queued` longer than MAOF_SWEEP_QUEUED_AFTER_SECONDS
-(their message was lost between commit and send, or is long delayed: a duplicate is
-harmless, the claim makes it a no-op) and stages `in_progress` whose lease expired
-(their worker died mid-stage), then sends their messages again.
+A stage `in_progress` whose lease ran out lost its worker (killed, out of time, cut off
+from the database: leases.py): it is queued again under the same attempt, at most
+MAOF_STAGE_MAX_LEASE_EXPIRIES times, then failed. A stage `queued` and due for a while
+without being claimed lost its message (a crash between commit and send, a queue that
+was recreated empty): it is sent again, at most MAOF_STAGE_MAX_REQUEUES times. How long
+"a while" is depends on the queue: when it holds nothing to deliver, no message can be
+on its way, so MAOF_SWEEP_QUEUED_AFTER_SECONDS suffices; behind a backlog, a stage's
+message may simply not have come up yet, so MAOF_SWEEP_BACKLOG_AFTER_SECONDS applies.
+Stages left queued or in progress in a run that has ended are skipped.
+
+Each run is swept in its own transaction (the run row locked first, as everywhere); an
+error on one run is logged and the sweep goes on with the others.
 """
 
 from __future__ import annotations
 
+import os
+import time
 import uuid
 from collections import defaultdict
+from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from chalicelib.audit import chain
+from chalicelib.aws import aws_client, stage_queue_url
 from chalicelib.config import get_settings
 from chalicelib.db import session_scope
-from chalicelib.db.models import WorkflowRun
 from chalicelib.engine.queue import send_stage_messages
+from chalicelib.engine.stages import LockedRun, lock_run, record_failure
 from chalicelib.logs import logger
 
 BATCH_LIMIT = 500
+# EventBridge runs a schedule at most once a minute: in Lambda one invocation sweeps every
+# MAOF_SWEEP_INTERVAL_SECONDS for about that minute (the local poller calls it that often).
+SCHEDULE_PERIOD_SECONDS = 60
 
 
-def find_stalled() -> dict[uuid.UUID, list[str]]:
+def queue_backlog() -> int | None:
+    """Messages waiting in the stage queue (visible or delayed); None if SQS cannot say."""
+    try:
+        attributes = aws_client("sqs", fast_fail=True).get_queue_attributes(
+            QueueUrl=stage_queue_url(),
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesDelayed"],
+        )["Attributes"]
+    except Exception as exc:
+        logger.warning("queue depth unavailable", extra={"error": type(exc).__name__})
+        return None
+    return int(attributes.get("ApproximateNumberOfMessages", 0)) + int(
+        attributes.get("ApproximateNumberOfMessagesDelayed", 0)
+    )
+
+
+def grace_for(backlog: int | None) -> timedelta:
+    settings = get_settings()
+    seconds = (
+        settings.sweep_queued_after_seconds
+        if not backlog
+        else max(settings.sweep_queued_after_seconds, settings.sweep_backlog_after_seconds)
+    )
+    return timedelta(seconds=seconds)
+
+
+_STALLED = """
+    (s.status = 'queued' AND s.queued_at <= now() - :grace
+         AND (s.not_before IS NULL OR s.not_before <= now() - :grace))
+    OR (s.status = 'in_progress' AND s.lease_expires_at <= now())
+"""
+
+
+def find_stalled(grace: timedelta) -> dict[uuid.UUID, list[str]]:
     """Stalled stages by run (read without locks; each is re-checked under the run lock)."""
-    grace = timedelta(seconds=get_settings().sweep_queued_after_seconds)
     with session_scope() as session:
         rows = session.execute(
             text(
-                """
-                SELECT run_id, stage_id FROM stage_executions
-                 WHERE (status = 'queued' AND queued_at <= now() - :grace
-                        AND (not_before IS NULL OR not_before <= now() - :grace))
-                    OR (status = 'in_progress' AND lease_expires_at <= now())
-                 LIMIT :limit
-                """
+                f"SELECT s.run_id, s.stage_id FROM stage_executions AS s WHERE {_STALLED} LIMIT :limit"
             ),
             {"grace": grace, "limit": BATCH_LIMIT},
         ).all()
@@ -46,50 +89,146 @@ def find_stalled() -> dict[uuid.UUID, list[str]]:
     return stalled
 
 
-def requeue_run_stages(run_id: uuid.UUID, stage_ids: list[str]) -> list[str]:
-    """Re-queue the still-stalled stages of one run, with an audit entry each."""
-    grace = timedelta(seconds=get_settings().sweep_queued_after_seconds)
+@dataclass
+class Swept:
+    requeued: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def sweep_run(run_id: uuid.UUID, stage_ids: list[str], grace: timedelta) -> Swept:
+    """Under the run's lock: re-queue, fail (past a ceiling) or skip (run ended) each of
+    its still-stalled stages, with an audit entry each. The caller sends `requeued`."""
+    settings = get_settings()
+    swept = Swept()
     with session_scope() as session:
-        # Same lock order as completing a stage (run, then stages): no deadlock.
-        session.get(WorkflowRun, run_id, with_for_update=True)
+        run = lock_run(session, run_id)
         rows = session.execute(
             text(
-                """
-                UPDATE stage_executions AS s
-                   SET status = 'queued', queued_at = now(), lease_expires_at = NULL,
-                       claim_token = NULL
-                  FROM (SELECT id, status FROM stage_executions
-                         WHERE run_id = :run_id AND stage_id = ANY (:stage_ids)
-                           AND ((status = 'queued' AND queued_at <= now() - :grace
-                                 AND (not_before IS NULL OR not_before <= now() - :grace))
-                                OR (status = 'in_progress' AND lease_expires_at <= now()))
-                           FOR UPDATE) AS old
-                 WHERE s.id = old.id
-             RETURNING s.stage_id, s.attempt, old.status AS was
+                f"""
+                SELECT s.id, s.stage_id, s.stage_name, s.status, s.attempt, s.agent_id,
+                       s.lease_expiries, s.requeues
+                  FROM stage_executions AS s
+                 WHERE s.run_id = :run_id AND s.stage_id = ANY (:stage_ids) AND ({_STALLED})
+                 ORDER BY s.position
+                   FOR UPDATE
                 """
             ),
             {"run_id": run_id, "stage_ids": stage_ids, "grace": grace},
         ).all()
         for row in rows:
-            reason = "lease expired" if row.was == "in_progress" else "message not consumed"
+            if not run.live:
+                _skip(session, run, row)
+                swept.skipped.append(row.stage_id)
+                continue
+            expired = row.status == "in_progress"
+            count = (row.lease_expiries if expired else row.requeues) + 1
+            ceiling = settings.stage_max_lease_expiries if expired else settings.stage_max_requeues
+            if count > ceiling:
+                _fail(session, run, row, expired, count - 1)
+                swept.failed.append(row.stage_id)
+                run = LockedRun(run.id, "failed", run.output_bytes)  # the rest are skipped
+                continue
+            session.execute(
+                text(
+                    "UPDATE stage_executions SET status = 'queued', queued_at = now(), "
+                    "lease_expires_at = NULL, claim_token = NULL, "
+                    "lease_expiries = lease_expiries + :expired, requeues = requeues + :lost "
+                    "WHERE id = :id"
+                ),
+                {"id": row.id, "expired": int(expired), "lost": int(not expired)},
+            )
             chain.append(
                 session,
                 run_id,
                 "requeue",
                 "queued",
                 stage_id=row.stage_id,
-                details={"reason": reason, "attempt": row.attempt},
+                details={
+                    "reason": "lease expired" if expired else "message not consumed",
+                    "attempt": row.attempt,
+                    "count": count,
+                },
             )
-    return [row.stage_id for row in rows]
+            swept.requeued.append(row.stage_id)
+    return swept
+
+
+def _skip(session: Session, run: LockedRun, row: Any) -> None:
+    skipped = session.execute(
+        text(
+            "UPDATE stage_executions SET status = 'skipped', completed_at = now(), "
+            "lease_expires_at = NULL, claim_token = NULL "
+            "WHERE id = :id AND status IN ('queued', 'in_progress') RETURNING id"
+        ),
+        {"id": row.id},
+    ).first()
+    if skipped is None:
+        return  # skipped already, with the stage that failed the run
+    chain.append(
+        session,
+        run.id,
+        "skip",
+        "skipped",
+        stage_id=row.stage_id,
+        details={"reason": f"the run is {run.status}"},
+    )
+
+
+def _fail(session: Session, run: LockedRun, row: Any, expired: bool, times: int) -> None:
+    if expired:
+        reason = (
+            f"its worker stopped {times} times before finishing (killed, out of time, or cut "
+            "off from the database; MAOF_STAGE_MAX_LEASE_EXPIRIES)"
+        )
+    else:
+        reason = f"its message was lost {times} times (MAOF_STAGE_MAX_REQUEUES)"
+    session.execute(
+        text(
+            "UPDATE stage_executions SET status = 'failed', error_message = :reason, "
+            "completed_at = now(), lease_expires_at = NULL, claim_token = NULL WHERE id = :id"
+        ),
+        {"id": row.id, "reason": reason},
+    )
+    record_failure(session, run, row.stage_id, row.stage_name, reason, row.agent_id, row.attempt)
+
+
+def sweep_once() -> dict[str, int]:
+    """One sweep: every stalled stage re-queued and re-sent, failed or skipped."""
+    grace = grace_for(queue_backlog())
+    totals = {"requeued": 0, "failed": 0, "skipped": 0, "errors": 0}
+    for run_id, stage_ids in find_stalled(grace).items():
+        try:
+            swept = sweep_run(run_id, stage_ids, grace)
+            if swept.requeued:
+                send_stage_messages(run_id, swept.requeued)
+        except Exception:
+            logger.exception("sweeping a run failed; going on", extra={"runId": str(run_id)})
+            totals["errors"] += 1
+            continue
+        totals["requeued"] += len(swept.requeued)
+        totals["failed"] += len(swept.failed)
+        totals["skipped"] += len(swept.skipped)
+        if swept.requeued or swept.failed:
+            logger.info(
+                "sweeper acted",
+                extra={"runId": str(run_id), "requeued": swept.requeued, "failed": swept.failed},
+            )
+    return totals
 
 
 def sweep() -> dict[str, int]:
-    """One sweep: re-queue and re-send every stalled stage."""
-    requeued = 0
-    for run_id, stage_ids in find_stalled().items():
-        ready = requeue_run_stages(run_id, stage_ids)
-        if ready:
-            send_stage_messages(run_id, ready)
-            requeued += len(ready)
-            logger.info("sweeper re-queued stages", extra={"runId": str(run_id), "stages": ready})
-    return {"requeued": requeued}
+    """The scheduled handler: one sweep locally (the poller calls it every interval); in
+    Lambda, a sweep every MAOF_SWEEP_INTERVAL_SECONDS for one schedule period."""
+    interval = get_settings().sweep_interval_seconds
+    rounds = 1
+    if os.environ.get("AWS_LAMBDA_FUNCTION_NAME") and interval < SCHEDULE_PERIOD_SECONDS:
+        # Done before the next scheduled invocation (and well within the function's 60 s).
+        rounds = max(1, (SCHEDULE_PERIOD_SECONDS - 15) // interval)
+    totals: dict[str, int] = defaultdict(int)
+    for index in range(rounds):
+        if index:
+            time.sleep(interval)
+        for key, value in sweep_once().items():
+            totals[key] += value
+    return dict(totals)

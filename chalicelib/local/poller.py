@@ -141,7 +141,8 @@ class Poller:
         event = sqs_event(messages, self.queue_arn, self.region)
         failed: set[str] = set()
         try:
-            result = self.handler(event, LambdaContext("run_stage"))
+            context = LambdaContext("run_stage", get_settings().run_stage_timeout_seconds)
+            result = self.handler(event, context)
             for item in (result or {}).get("batchItemFailures", []):
                 failed.add(item["itemIdentifier"])
         except Exception as exc:

@@ -389,7 +389,7 @@ def ensure_resources(settings: Settings) -> None:
         "QueueArn"
     ]
     redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"})
-    attributes = {"VisibilityTimeout": "360", "RedrivePolicy": redrive}
+    attributes = {"VisibilityTimeout": "960", "RedrivePolicy": redrive}
     queue_url = sqs.create_queue(QueueName=settings.stage_queue_name)["QueueUrl"]
     sqs.set_queue_attributes(QueueUrl=queue_url, Attributes=attributes)
     s3 = aws_client("s3")

@@ -9,7 +9,7 @@ from pydantic import Field
 from chalicelib import errors
 from chalicelib.capabilities import Capability
 from chalicelib.http import ApiModel
-from chalicelib.workflows.references import references_in
+from chalicelib.workflows.references import InputTooLarge, check_input_size, references_in
 
 STAGE_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
 
@@ -129,3 +129,38 @@ def _ancestors(workflow: WorkflowDefinition) -> dict[str, set[str]]:
         return memo[node]
 
     return {stage.id: of(stage.id) for stage in workflow.stages}
+
+
+def needed_outputs(stage: StageDefinition) -> list[str]:
+    """The stages whose outputs `stage` reads: those its input references, or (without an
+    input) its dependencies, whose outputs it receives by default."""
+    if stage.input is None:
+        return list(stage.dependencies)
+    return sorted({r.stage_id for r in references_in(stage.input) if r.stage_id is not None})
+
+
+def check_input_sizes(workflow: WorkflowDefinition, workflow_input: Any) -> None:
+    """400 for a stage whose input already expands past MAOF_STAGE_MAX_INPUT_BYTES from the
+    workflow input alone (stage outputs, unknown yet, are checked when the stage runs)."""
+    for index, stage in enumerate(workflow.stages):
+        if stage.input is None:
+            continue
+        try:
+            check_input_size(stage.input, workflow_input, None)
+        except InputTooLarge as exc:
+            raise _invalid(index, "input", f"Stage '{stage.id}': {exc}") from None
+
+
+def check_timeouts(workflow: WorkflowDefinition) -> None:
+    """400 for a stage timeout longer than the run_stage function can wait for."""
+    from chalicelib.config import get_settings
+
+    longest = get_settings().max_stage_timeout_ms
+    for index, stage in enumerate(workflow.stages):
+        if stage.config and stage.config.timeout_ms and stage.config.timeout_ms > longest:
+            raise _invalid(
+                index,
+                "config.timeoutMs",
+                f"Stage '{stage.id}': timeoutMs may be at most {longest} ms (the run_stage "
+                "function's timeout, MAOF_RUN_STAGE_TIMEOUT_SECONDS, less a margin)",
+            )

@@ -15,6 +15,10 @@ class UnresolvableReference(Exception):
     """A reference that cannot be resolved; the message says which and why."""
 
 
+class InputTooLarge(Exception):
+    """A stage input that would expand past MAOF_STAGE_MAX_INPUT_BYTES."""
+
+
 @dataclass(frozen=True)
 class Reference:
     text: str  # as written, e.g. "${step-1.output.points.0}"
@@ -98,3 +102,68 @@ def resolve(template: Any, workflow_input: Any, outputs: Mapping[str, Any]) -> A
     if isinstance(template, dict):
         return {key: resolve(item, workflow_input, outputs) for key, item in template.items()}
     return template
+
+
+def expanded_size(template: Any, workflow_input: Any, outputs: Mapping[str, Any] | None) -> int:
+    """How many bytes of JSON `resolve` would produce (to within a few bytes of quoting),
+    computed without building it: a value referenced many times is measured once and
+    counted each time. With `outputs` None (at submission), stage outputs count nothing,
+    as do references that do not resolve."""
+    measured: dict[str, int] = {}
+
+    def value_size(reference: Reference) -> int:
+        if reference.text not in measured:
+            if reference.stage_id is not None and outputs is None:
+                measured[reference.text] = 0
+            else:
+                try:
+                    value = _lookup(reference, workflow_input, outputs or {})
+                except UnresolvableReference:
+                    measured[reference.text] = 0
+                else:
+                    measured[reference.text] = _json_size(value)
+        return measured[reference.text]
+
+    def size(item: Any) -> int:
+        if isinstance(item, str):
+            whole = REFERENCE.fullmatch(item.strip())
+            reference = _parse_or_none(whole.group(1)) if whole else None
+            if reference is not None:
+                return value_size(reference)
+            total = _json_size(item)
+            for match in REFERENCE.finditer(item):
+                reference = _parse_or_none(match.group(1))
+                if reference is not None:
+                    total += value_size(reference) - len(match.group(0))
+            return total
+        if isinstance(item, list):
+            return 2 + sum(size(x) + 1 for x in item)
+        if isinstance(item, dict):
+            return 2 + sum(_json_size(str(k)) + 1 + size(v) + 1 for k, v in item.items())
+        return _json_size(item)
+
+    return size(template)
+
+
+def _parse_or_none(expression: str) -> Reference | None:
+    try:
+        return parse(expression)
+    except UnresolvableReference:
+        return None
+
+
+def _json_size(value: Any) -> int:
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+
+
+def check_input_size(template: Any, workflow_input: Any, outputs: Mapping[str, Any] | None) -> None:
+    """InputTooLarge when `template` would expand past MAOF_STAGE_MAX_INPUT_BYTES."""
+    from chalicelib.config import get_settings
+
+    cap = get_settings().stage_max_input_bytes
+    size = expanded_size(template, workflow_input, outputs)
+    if size > cap:
+        raise InputTooLarge(
+            f"the stage input would expand to {size} bytes, more than "
+            f"MAOF_STAGE_MAX_INPUT_BYTES ({cap})"
+        )

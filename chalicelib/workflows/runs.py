@@ -18,7 +18,13 @@ from chalicelib.engine import audit_rows
 from chalicelib.engine.queue import send_stage_messages
 from chalicelib.http import PageQuery, Principal, Reply, dumps, page_meta
 from chalicelib.logs import logger
-from chalicelib.workflows.definition import ExecuteRequest, check_dag
+from chalicelib.workflows.definition import (
+    ExecuteRequest,
+    check_dag,
+    check_input_sizes,
+    check_timeouts,
+    needed_outputs,
+)
 
 RUN_PREFIX = "wfr-"
 
@@ -48,6 +54,8 @@ def submit(principal: Principal, body: ExecuteRequest) -> Reply:
     Limited per user: MAOF_SUBMISSIONS_PER_MINUTE, and at most MAOF_MAX_ACTIVE_RUNS runs
     queued or in progress (counted by the insert itself, so no extra round trip)."""
     check_dag(body.workflow)
+    check_timeouts(body.workflow)
+    check_input_sizes(body.workflow, body.input)
     limits.limit_submissions(str(principal.user_uuid))
     run_id = uuid.uuid4()
     stages = body.workflow.stages
@@ -59,6 +67,7 @@ def submit(principal: Principal, body: ExecuteRequest) -> Reply:
             "position": position,
             "capability": stage.agent_capability,
             "dependencies": stage.dependencies,
+            "needs": needed_outputs(stage),
             # JSON texts: a None is stored as JSON null, as the ORM stores it.
             "input_template": dumps(stage.input),
             "config": dumps(
@@ -100,7 +109,7 @@ def submit(principal: Principal, body: ExecuteRequest) -> Reply:
             ACTIVE_QUOTA_RETRY_SECONDS,
         )
     try:
-        send_stage_messages(run_id, roots)
+        send_stage_messages(run_id, roots, fast=True)
     except Exception:
         logger.exception(
             "could not queue a new run; the sweeper will", extra={"runId": str(run_id)}
@@ -124,14 +133,16 @@ _SUBMIT = text(
      RETURNING id
     ), stages AS (
         INSERT INTO stage_executions (run_id, stage_id, stage_name, position, capability,
-                                      dependencies, input_template, config, status, queued_at)
+                                      dependencies, needs, input_template, config, status,
+                                      queued_at)
         SELECT run.id, s.stage_id, s.stage_name, s.position, s.capability, s.dependencies,
-               CAST(s.input_template AS jsonb), CAST(s.config AS jsonb),
+               s.needs, CAST(s.input_template AS jsonb), CAST(s.config AS jsonb),
                CASE WHEN s.ready THEN 'queued' ELSE 'pending' END,
                CASE WHEN s.ready THEN now() END
           FROM run, jsonb_to_recordset(CAST(:stages AS jsonb)) AS s(
                stage_id text, stage_name text, position int, capability text,
-               dependencies text[], input_template text, config text, ready boolean)
+               dependencies text[], needs text[], input_template text, config text,
+               ready boolean)
     ), entry AS (
         INSERT INTO execution_logs ({audit_rows.COLUMNS}) SELECT {audit_rows.VALUES} FROM run
     )

@@ -28,7 +28,7 @@ class SentMessages:
         self.sent: list[tuple[uuid.UUID, str]] = []
         self._lock = threading.Lock()
 
-    def __call__(self, run_id: uuid.UUID, stage_ids: list[str]) -> None:
+    def __call__(self, run_id: uuid.UUID, stage_ids: list[str], *_: Any, **__: Any) -> None:
         with self._lock:
             self.sent.extend((run_id, s) for s in stage_ids)
 
@@ -198,7 +198,7 @@ def test_message_lost_between_commit_and_send_is_recovered_by_the_sweeper(
     capability = unique_capability("lost")
     register_agent(user, capability)
 
-    def crash(run_id: uuid.UUID, stage_ids: list[str]) -> None:
+    def crash(run_id: uuid.UUID, stage_ids: list[str], **_: Any) -> None:
         raise ConnectionError("SQS unreachable")
 
     monkeypatch.setattr(runs, "send_stage_messages", crash)
@@ -223,32 +223,57 @@ def test_message_lost_between_commit_and_send_is_recovered_by_the_sweeper(
     assert ("requeue", "a") in audit_actions(run_id)
 
 
-def test_malformed_message_is_dropped_not_redelivered_forever():
+def test_a_malformed_message_goes_to_the_dead_letter_queue_not_round_and_round(monkeypatch):
+    changed: list[Any] = []
+    monkeypatch.setattr(handlers, "change_visibility", changed.extend)
     bad = {"messageId": "m-1", "receiptHandle": "x", "body": "not json"}
-    assert handlers.run_stage_batch([bad]) == {"batchItemFailures": []}
+    assert handlers.run_stage_batch([bad]) == {"batchItemFailures": [{"itemIdentifier": "m-1"}]}
+    # Visible again at once: its few receives (maxReceiveCount) take it to the DLQ quickly.
+    assert changed == [("x", 0)]
 
 
-def test_message_for_a_stage_that_errors_unexpectedly_is_reported_for_redelivery(
+def test_a_failed_record_comes_back_within_seconds_doubling_with_each_receive():
+    body = json.dumps({"runId": str(uuid.uuid4()), "stageId": "a"})
+    delays = [
+        handlers.redelivery_delay(
+            {"body": body, "attributes": {"ApproximateReceiveCount": str(receives)}}
+        )
+        for receives in (1, 2, 3, 4, 5, 6, 50)
+    ]
+    assert delays == [1, 2, 4, 8, 16, 20, 20]
+
+
+def test_a_stage_that_raises_unexpectedly_is_retried_under_its_retries_then_failed(
     user, sent, monkeypatch
 ):
     capability = unique_capability("boom")
     register_agent(user, capability)
     run_id = submit_direct(user, chain(capability, "a"))
+    with session_scope() as session:  # no backoff, one retry
+        session.execute(
+            text(
+                'UPDATE stage_executions SET config = \'{"retries": 1, "backoffMs": 0}\' '
+                "WHERE run_id = :r"
+            ),
+            {"r": run_id},
+        )
 
-    def broken(*args: Any) -> Any:
-        raise RuntimeError("database blip")
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug after the agent answered")
 
     monkeypatch.setattr(stages, "complete_stage", broken)
     message = record(run_id, "a")
-    assert handlers.run_stage_batch([message]) == {
-        "batchItemFailures": [{"itemIdentifier": message["messageId"]}]
-    }
-    assert stage_row(run_id, "a").status == "queued"  # released for the redelivery
-    monkeypatch.undo()
-    monkeypatch.setattr(handlers, "send_stage_messages", sent)
+    assert handlers.run_stage_batch([message]) == {"batchItemFailures": []}  # not redelivered
+    row = stage_row(run_id, "a")
+    assert (row.status, row.errors, row.attempt) == ("queued", 1, 1)  # retried, same key
+    assert sent.sent.count((run_id, "a")) == 2  # at submission, and for the retry
     assert handlers.run_stage_batch([message]) == {"batchItemFailures": []}
-    assert stage_row(run_id, "a").status == "completed"
-    assert stage_row(run_id, "a").attempt == 1  # redelivered, not retried
+    row = stage_row(run_id, "a")
+    assert row.status == "failed"
+    assert "RuntimeError: a bug after the agent answered" in (row.error_message or "")
+    run = user.get(f"/workflows/{runs.run_ref(run_id)}").json()["data"]
+    assert run["status"] == "failed"
+    assert "internal error" in run["errorMessage"]
 
 
 def _one_entry_id(user: Any, sent: SentMessages) -> tuple[uuid.UUID, int]:

@@ -289,7 +289,7 @@ def test_the_stage_queue_redrives_to_its_dead_letter_queue(deployment: Deploymen
         QueueUrl=outputs["StageDeadLetterQueueUrl"], AttributeNames=["All"]
     )
     attributes, dead = queue["Attributes"], dlq["Attributes"]
-    assert int(attributes["VisibilityTimeout"]) == 360  # six times run_stage's 60 s
+    assert int(attributes["VisibilityTimeout"]) == 5400  # six times run_stage's 900 s
     redrive = json.loads(attributes["RedrivePolicy"])
     assert redrive["deadLetterTargetArn"] == dead["QueueArn"]
     assert int(redrive["maxReceiveCount"]) == 5

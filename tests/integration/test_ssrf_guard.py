@@ -200,7 +200,7 @@ def test_a_call_is_pinned_to_the_one_lookup_and_sends_the_name_as_host(
 ) -> None:
     loopback.default = ok({"pinned": True})
     url = f"http://agent.test:{port_of(loopback)}/agent"
-    assert call_agent(url, "token", "agent-1", TASK) == {"pinned": True}
+    assert call_agent(url, "token", "agent-1", TASK).value == {"pinned": True}
     assert resolver.asked == ["agent.test"]
     [call] = loopback.calls
     assert call.headers["Host"] == f"agent.test:{port_of(loopback)}"

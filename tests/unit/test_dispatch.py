@@ -1,4 +1,5 @@
-"""How an agent's HTTP answer maps to an output or a (non-)retryable failure."""
+"""How an agent's HTTP answer maps to an output or to a failure kind (engine/policy.py),
+and what strict parsing refuses: anything JSON or Postgres's JSONB cannot hold."""
 
 from __future__ import annotations
 
@@ -7,47 +8,101 @@ import json
 import pytest
 
 from chalicelib.agents.dispatch import AgentCallFailed, AgentTask, interpret
+from chalicelib.config import get_settings
+from chalicelib.engine.policy import Failure
+
+RETRYABLE, FINAL, UNUSABLE = Failure.AGENT_RETRYABLE, Failure.AGENT_FINAL, Failure.AGENT_UNUSABLE
 
 
 def answer(document: object) -> bytes:
     return json.dumps(document).encode()
 
 
-def test_success_answer_gives_its_output():
-    assert interpret(200, answer({"status": "success", "output": {"a": 1}})) == {"a": 1}
+def test_success_answer_gives_its_output_and_the_json_stored():
+    output = interpret(200, answer({"status": "success", "output": {"a": 1}}))
+    assert (output.value, output.text) == ({"a": 1}, '{"a":1}')
 
 
 def test_success_output_may_be_any_json_value():
-    assert interpret(200, answer({"status": "success", "output": None})) is None
+    assert interpret(200, answer({"status": "success", "output": None})).value is None
 
 
 @pytest.mark.parametrize(
-    ("status", "body", "retryable"),
+    ("status", "body", "failure"),
     [
-        (200, answer({"status": "error", "code": "X", "message": "m", "retryable": True}), True),
-        (200, answer({"status": "error", "code": "X", "message": "m", "retryable": False}), False),
-        (200, answer({"status": "error", "code": "X", "message": "m"}), False),
-        (200, b"<html>not json</html>", True),
-        (200, answer({"output": 1}), True),
-        (200, answer({"status": "success"}), True),
-        (408, b"", True),
-        (429, b"", True),
-        (500, b"", True),
-        (502, b"", True),
-        (503, answer({"message": "busy"}), True),
-        (504, b"", True),
-        (400, b"", False),
-        (401, b"", False),
-        (403, b"", False),
-        (404, b"", False),
-        (422, b"", False),
-        (302, b"", False),
+        (
+            200,
+            answer({"status": "error", "code": "X", "message": "m", "retryable": True}),
+            RETRYABLE,
+        ),
+        (200, answer({"status": "error", "code": "X", "message": "m", "retryable": False}), FINAL),
+        (200, answer({"status": "error", "code": "X", "message": "m"}), FINAL),
+        (200, b"<html>not json</html>", RETRYABLE),
+        (200, b'{"status": "success", "output": ', RETRYABLE),
+        (200, answer({"output": 1}), RETRYABLE),
+        (200, answer({"status": "success"}), RETRYABLE),
+        (408, b"", RETRYABLE),
+        (429, b"", RETRYABLE),
+        (500, b"", RETRYABLE),
+        (502, b"", RETRYABLE),
+        (503, answer({"message": "busy"}), RETRYABLE),
+        (504, b"", RETRYABLE),
+        (400, b"", FINAL),
+        (401, b"", FINAL),
+        (403, b"", FINAL),
+        (404, b"", FINAL),
+        (422, b"", FINAL),
+        (302, b"", UNUSABLE),
     ],
 )
-def test_failures_map_to_the_documented_retryable_table(status, body, retryable):
+def test_failures_map_to_the_documented_table(status, body, failure):
     with pytest.raises(AgentCallFailed) as failed:
         interpret(status, body)
-    assert failed.value.retryable is retryable
+    assert failed.value.failure is failure
+    assert failed.value.retryable is (failure is RETRYABLE)
+
+
+def deep(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        (b'{"status": "success", "output": NaN}', "NaN"),
+        (b'{"status": "success", "output": {"x": Infinity}}', "Infinity"),
+        (b'{"status": "success", "output": -Infinity}', "Infinity"),
+        (b'{"status": "success", "output": 1e400}', "1e400"),
+        (b'{"status": "success", "output": "a\\u0000b"}', "U+0000"),
+        (b'{"status": "success", "output": {"a\\u0000": 1}}', "U+0000"),
+        (b'{"status": "success", "output": "\\ud800"}', "surrogate"),
+        (b'{"status": "success", "output": {"\\udfff": 1}}', "surrogate"),
+        (b'{"status": "success", "output": ' + deep(200).encode() + b"}", "levels"),
+        (b'{"status": "success", "output": ' + deep(100_000).encode() + b"}", "deep"),
+    ],
+)
+def test_output_that_json_or_jsonb_refuses_is_invalid_output_of_that_agent(raw, says):
+    with pytest.raises(AgentCallFailed) as failed:
+        interpret(200, raw)
+    assert failed.value.code == "INVALID_OUTPUT"
+    assert failed.value.failure is UNUSABLE
+    assert says in str(failed.value)
+
+
+def test_output_over_the_stage_output_cap_is_invalid_output():
+    cap = get_settings().stage_max_output_bytes
+    with pytest.raises(AgentCallFailed, match="MAOF_STAGE_MAX_OUTPUT_BYTES") as failed:
+        interpret(200, answer({"status": "success", "output": "x" * cap}))
+    assert failed.value.code == "INVALID_OUTPUT"
+
+
+def test_an_agents_error_text_is_made_storable():
+    raw = b'{"status": "error", "code": "E\\u0000", "message": "bad \\ud800 \\u0000 x"}'
+    with pytest.raises(AgentCallFailed) as failed:
+        interpret(200, raw)
+    text = str(failed.value)
+    assert "\x00" not in text
+    text.encode("utf-8")  # no lone surrogate left
 
 
 def test_error_message_carries_the_agents_code_and_message():

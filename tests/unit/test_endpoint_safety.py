@@ -67,6 +67,7 @@ def prod(monkeypatch):
     monkeypatch.setenv("MAOF_DATABASE_URL", "postgresql://db/maof?sslmode=require")
     monkeypatch.setenv("MAOF_REDIS_URL", "rediss://cache:6379/0")
     monkeypatch.setenv("MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS", "false")
+    monkeypatch.setenv("MAOF_ALLOW_INSECURE_CONNECTIONS", "true")  # the test stack's URLs
     monkeypatch.delenv("MAOF_MOCK_AGENTS", raising=False)
     reset_settings()
     yield monkeypatch
@@ -326,7 +327,8 @@ def test_in_prod_registering_a_mock_endpoint_is_a_400_naming_endpoint(prod):
 def test_mock_agents_true_enables_mock_endpoints_in_prod(prod):
     prod.setenv("MAOF_MOCK_AGENTS", "true")
     reset_settings()
-    assert call_agent("mock://summarizer", "token", "a1", TASK)["capability"] == "summarization"
+    output = call_agent("mock://summarizer", "token", "a1", TASK).value
+    assert output["capability"] == "summarization"
 
 
 @pytest.mark.parametrize(

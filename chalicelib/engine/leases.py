@@ -1,0 +1,62 @@
+"""Claims are leases: while this process runs a stage, one background thread renews the
+leases of every stage it holds (one UPDATE for all of them, three times a lease), so a
+stage whose worker died (killed, out of time, cut off from the database) is handed on by
+the sweeper within MAOF_STAGE_LEASE_SECONDS, however long its agent call may take.
+
+The sweeper alone cannot tell a dead worker from a slow agent; a lease that only its
+living worker renews can. In Lambda the thread is frozen with the container between
+invocations, when no stage is held.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from chalicelib.config import get_settings
+from chalicelib.logs import logger
+
+_held: Counter[uuid.UUID] = Counter()
+_lock = threading.Lock()
+_renewer: threading.Thread | None = None
+
+
+@contextmanager
+def held(claim_token: uuid.UUID) -> Iterator[None]:
+    """Keep the stage claimed with `claim_token` leased while the block runs."""
+    global _renewer
+    with _lock:
+        _held[claim_token] += 1
+        if _renewer is None or not _renewer.is_alive():
+            _renewer = threading.Thread(target=_renew_forever, name="maof-leases", daemon=True)
+            _renewer.start()
+    try:
+        yield
+    finally:
+        with _lock:
+            _held[claim_token] -= 1
+            if _held[claim_token] <= 0:
+                del _held[claim_token]
+
+
+def holding() -> list[uuid.UUID]:
+    with _lock:
+        return list(_held)
+
+
+def _renew_forever() -> None:
+    from chalicelib.engine.stages import renew_leases
+
+    while True:
+        time.sleep(get_settings().stage_lease_seconds / 3)
+        tokens = holding()
+        if not tokens:
+            continue
+        try:
+            renew_leases(tokens)
+        except Exception as exc:  # the database is away: the leases run out, as they should
+            logger.warning("could not renew stage leases", extra={"error": type(exc).__name__})
