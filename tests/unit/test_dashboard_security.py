@@ -3,6 +3,7 @@ that needs nothing a strict Content-Security-Policy forbids."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -98,3 +99,39 @@ def test_the_meta_policy_allows_scripts_from_the_site_alone() -> None:
     # Ignored in a meta element (the CloudFront header carries it).
     assert "frame-ancestors" not in policy
     assert not any("unsafe" in source for sources in policy.values() for source in sources)
+
+
+def template_csp() -> str:
+    """The Content-Security-Policy CloudFront sends in AWS (infra/template.json)."""
+    template = json.loads((PROJECT_DIR / "infra" / "template.json").read_text())
+    policy = template["Resources"]["DashboardResponseHeadersPolicy"]["Properties"]
+    headers = policy["ResponseHeadersPolicyConfig"]["SecurityHeadersConfig"]
+    value = headers["ContentSecurityPolicy"]["ContentSecurityPolicy"]
+    assert headers["ContentSecurityPolicy"]["Override"] is True
+    return str(value["Fn::Sub"] if isinstance(value, dict) else value)
+
+
+def test_the_cloudfront_policy_and_the_meta_policy_agree_on_what_may_run() -> None:
+    """In AWS the page has both policies; a browser enforces each, so they must not disagree
+    about what the site needs. The header adds what only a header can carry."""
+    header, meta = parse_csp(template_csp()), parse_csp(meta_csp())
+    for directive in (
+        "default-src",
+        "script-src",
+        "style-src",
+        "img-src",
+        "object-src",
+        "base-uri",
+        "form-action",
+    ):
+        assert header.get(directive) == meta[directive], directive
+    assert set(header) - set(meta) == {"frame-ancestors"}
+    assert header["frame-ancestors"] == ["'none'"]
+    # The header admits the region's API Gateway hosts (not the stack's own API: see
+    # docs/security-dashboard.md), which the meta policy's https: covers.
+    assert header["connect-src"] == [
+        "'self'",
+        "https://*.execute-api.${AWS::Region}.${AWS::URLSuffix}",
+    ]
+    assert "https:" in meta["connect-src"]
+    assert not any("unsafe" in source for sources in header.values() for source in sources)
