@@ -149,7 +149,7 @@ def test_the_access_token_stays_in_memory_a_reload_keeps_the_session_and_sign_ou
     expect(page).to_have_url(re.compile(r"#/login$"))
 
 
-def test_tabs_refresh_one_at_a_time_and_never_present_a_rotated_token(
+def test_tabs_refresh_one_at_a_time_never_reuse_a_token_and_sign_out_together(
     page: Page, dashboard_url: str, api_url: str, user: Api
 ) -> None:
     presented: list[str] = []
@@ -183,3 +183,9 @@ def test_tabs_refresh_one_at_a_time_and_never_present_a_rotated_token(
     stored = [stored_session(tab) for tab in tabs]
     assert stored[0] is not None and stored[0] == stored[1] == stored[2]
     assert stored[0]["refreshToken"] not in presented  # the newest, not yet used
+
+    # Signing out in one tab signs out the others.
+    page.get_by_role("button", name="Sign out").click()
+    for tab in tabs:
+        expect(tab).to_have_url(re.compile(r"#/login$"))
+    assert stored_session(tabs[1]) is None
