@@ -144,7 +144,7 @@ export function watchSession(onChange) {
   if (!channel) return;
   channel.onmessage = async () => {
     const stored = await readStored();
-    const changed = !stored || userOf(stored) !== userOf(current);
+    const changed = Boolean(stored) !== Boolean(current) || userOf(stored) !== userOf(current);
     current = stored;
     if (changed) {
       accessToken = null;
