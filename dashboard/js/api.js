@@ -1,7 +1,29 @@
 // The API client: the envelope, the session, and silent token refresh.
+//
+// Where the tokens live (docs/security-dashboard.md says why): the access token in this
+// module's memory only, never in storage; the refresh token and the user in IndexedDB,
+// shared by this site's tabs, so a reload or a new tab signs in by refreshing. The API
+// rotates the refresh token on every refresh and revokes the whole session when a rotated
+// one is presented again, so refreshes are serialized across tabs by a Web Lock and read
+// the refresh token from storage inside it: a tab that waited presents the token the tab
+// before it stored. (IndexedDB, not localStorage: a tab can read a stale copy of
+// localStorage for some milliseconds after another tab wrote it, which is enough to
+// present a rotated token; an IndexedDB read after a committed write sees it.)
 
-const SESSION_KEY = 'maof.session';
+const DB_NAME = 'maof';
+const STORE = 'session';
+const KEY = 'current';
+const LEGACY_KEY = 'maof.session'; // localStorage, before IndexedDB (with the access token)
 const FLASH_KEY = 'maof.flash';
+const REFRESH_LOCK = 'maof-refresh';
+const CHANNEL = 'maof-session';
+
+let accessToken = null; // this tab's, in memory only
+let current = null; // this tab's view of the stored session: {refreshToken, user} or null
+let knownRefreshToken = null; // the refresh token this tab last presented or was given
+let opened = null;
+// One channel object for sending and receiving: it does not hear its own messages.
+const channel = typeof BroadcastChannel === 'function' ? new BroadcastChannel(CHANNEL) : null;
 
 export class ApiError extends Error {
   constructor({ status = 0, code = 'ERROR', message = 'Something went wrong', details = null, requestId = null }) {
@@ -24,22 +46,112 @@ export class ApiError extends Error {
   }
 }
 
+function sessionExpired() {
+  return new ApiError({ status: 401, code: 'SESSION_EXPIRED', message: 'Your session has expired. Please sign in again.' });
+}
+
+/** Run `task` holding the cross-tab refresh lock (without Web Locks: in this tab alone). */
+function withRefreshLock(task) {
+  if (navigator.locks && typeof navigator.locks.request === 'function') {
+    return navigator.locks.request(REFRESH_LOCK, task);
+  }
+  return task();
+}
+
+function database() {
+  opened ||= new Promise((resolve, reject) => {
+    const request = indexedDB.open(DB_NAME, 1);
+    request.onupgradeneeded = () => request.result.createObjectStore(STORE);
+    request.onsuccess = () => resolve(request.result);
+    request.onerror = () => reject(request.error);
+  });
+  return opened;
+}
+
+/** One IndexedDB transaction on the session store; resolves when it has committed. */
+async function transact(mode, operation) {
+  const db = await database();
+  return new Promise((resolve, reject) => {
+    const transaction = db.transaction(STORE, mode);
+    const request = operation(transaction.objectStore(STORE));
+    transaction.oncomplete = () => resolve(request.result);
+    transaction.onerror = () => reject(transaction.error);
+    transaction.onabort = () => reject(transaction.error);
+  });
+}
+
+async function readStored() {
+  const value = await transact('readonly', (store) => store.get(KEY));
+  return value && typeof value.refreshToken === 'string' && value.refreshToken
+    ? { refreshToken: value.refreshToken, user: value.user || null }
+    : null;
+}
+
+async function writeStored(value) {
+  await transact('readwrite', (store) => (value ? store.put(value, KEY) : store.delete(KEY)));
+  current = value;
+  if (value) knownRefreshToken = value.refreshToken;
+}
+
+/** Tell the other tabs that someone signed in or out here. */
+function announce() {
+  channel?.postMessage('changed');
+}
+
+function userOf(value) {
+  return value?.user?.userUuid || null;
+}
+
 export const session = {
-  load() {
-    try {
-      const value = JSON.parse(localStorage.getItem(SESSION_KEY) || 'null');
-      return value && value.accessToken ? value : null;
-    } catch {
-      return null;
+  /** Read the stored session (once, at start-up). A session kept in localStorage by an
+   * earlier version moves here, without its access token. */
+  async restore() {
+    const legacy = localStorage.getItem(LEGACY_KEY);
+    if (legacy !== null) {
+      localStorage.removeItem(LEGACY_KEY);
+      try {
+        const { refreshToken, user } = JSON.parse(legacy);
+        if (typeof refreshToken === 'string' && refreshToken && !(await readStored())) {
+          await writeStored({ refreshToken, user: user || null });
+        }
+      } catch {
+        // unreadable: signed out
+      }
     }
+    current = await readStored();
+    return current;
   },
-  save(value) {
-    localStorage.setItem(SESSION_KEY, JSON.stringify(value));
+  /** This tab's session, `{refreshToken, user}`, or null when signed out. */
+  load() {
+    return current;
   },
-  clear() {
-    localStorage.removeItem(SESSION_KEY);
+  /** Signed in: the refresh token and the user are stored, the access token kept in memory. */
+  async start({ accessToken: access, refreshToken, user }) {
+    await withRefreshLock(() => writeStored({ refreshToken, user: user || null }));
+    accessToken = access;
+    announce();
+  },
+  /** Forget the session in this tab and in storage. */
+  async clear() {
+    accessToken = null;
+    await writeStored(null);
+    announce();
   },
 };
+
+/** Call `onChange(stored)` when another tab signs out, or in as someone else. */
+export function watchSession(onChange) {
+  if (!channel) return;
+  channel.onmessage = async () => {
+    const stored = await readStored();
+    const changed = Boolean(stored) !== Boolean(current) || userOf(stored) !== userOf(current);
+    current = stored;
+    if (changed) {
+      accessToken = null;
+      onChange(stored);
+    }
+  };
+}
 
 /** A one-time message for the next page (e.g. "your session expired"). */
 export function setFlash(message, kind = 'info', extra = {}) {
@@ -109,23 +221,20 @@ export class Api {
     return { response, payload };
   }
 
-  /** Call the API; on a 401 refresh the tokens once and retry; returns the envelope's data. */
+  /** Call the API (a first call in this tab refreshes to get an access token); on a 401
+   * refresh once and retry; returns the envelope's data. */
   async request(method, path, { body, query, auth = true } = {}) {
     const url = this.url(path, query);
-    const token = auth ? session.load()?.accessToken : null;
+    let token = null;
+    if (auth) {
+      token = accessToken || ((await this.refresh(null)) ? accessToken : null);
+      if (!token) throw await this.sessionEnded();
+    }
     let { response, payload } = await this.send(method, url, body, token);
     if (auth && response.status === 401) {
-      if (await this.refresh()) {
-        ({ response, payload } = await this.send(method, url, body, session.load()?.accessToken));
-      }
-      if (response.status === 401) {
-        this.expire();
-        throw new ApiError({
-          status: 401,
-          code: 'SESSION_EXPIRED',
-          message: 'Your session has expired. Please sign in again.',
-        });
-      }
+      const renewed = (await this.refresh(token)) ? accessToken : null;
+      if (renewed) ({ response, payload } = await this.send(method, url, body, renewed));
+      if (!renewed || response.status === 401) throw await this.sessionEnded();
     }
     if (!response.ok || !payload || payload.success !== true) {
       throw ApiError.fromResponse(response, payload);
@@ -133,32 +242,66 @@ export class Api {
     return payload.data;
   }
 
-  /** New tokens from the refresh token; concurrent callers share one refresh. */
-  refresh() {
+  /** A new access token; true when there is one, false when the session is over.
+   * `refused` is the access token the API just refused (null: this tab has none yet). One
+   * refresh at a time in this tab, and across tabs under the Web Lock. */
+  refresh(refused) {
+    if (accessToken && accessToken !== refused) return Promise.resolve(true); // renewed meanwhile
     if (!this.refreshing) {
-      this.refreshing = this.refreshOnce().finally(() => {
+      this.refreshing = withRefreshLock(() => this.refreshInLock()).finally(() => {
         this.refreshing = null;
       });
     }
     return this.refreshing;
   }
 
-  async refreshOnce() {
-    const current = session.load();
-    if (!current || !current.refreshToken) return false;
+  async refreshInLock() {
+    // Read now, inside the lock: another tab may have rotated the token while this one waited.
+    const stored = await readStored();
+    current = stored;
+    if (!stored) return false;
+    knownRefreshToken = stored.refreshToken;
     const { response, payload } = await this.send('POST', this.url('/auth/refresh'), {
-      refreshToken: current.refreshToken,
+      refreshToken: stored.refreshToken,
     });
-    if (!response.ok || !payload || !payload.success) return false;
-    session.save({ ...current, ...payload.data });
+    if (response.status === 400 || response.status === 401) return false;
+    if (!response.ok || !payload || payload.success !== true) throw ApiError.fromResponse(response, payload);
+    const { accessToken: access, refreshToken, user } = payload.data;
+    await writeStored({ refreshToken, user: user || stored.user });
+    accessToken = access;
     return true;
   }
 
-  expire() {
-    if (!session.load()) return;
-    session.clear();
-    setFlash('Your session has expired. Please sign in again.', 'warning');
+  /** The session is over: forget it, with a message for the sign-in page. A session
+   * another tab signed in since this one's was refused is kept. */
+  async expire() {
+    accessToken = null;
+    const stored = await readStored();
+    current = stored;
+    if (stored && stored.refreshToken === knownRefreshToken) {
+      await session.clear();
+      setFlash('Your session has expired. Please sign in again.', 'warning');
+    }
+  }
+
+  /** A call found the session over: expire it and go to sign in. */
+  async sessionEnded() {
+    await this.expire();
     this.onSessionExpired();
+    return sessionExpired();
+  }
+
+  /** Sign out: forget the session here and in every tab, then revoke it at the API. The
+   * local state goes first, so signing out never waits for (or needs) the API; a failed
+   * revocation is ignored (the refresh token still expires on its own). */
+  async signOut() {
+    const ended = await withRefreshLock(async () => {
+      const stored = await readStored();
+      await session.clear();
+      return stored;
+    });
+    if (!ended) return;
+    this.send('POST', this.url('/auth/logout'), { refreshToken: ended.refreshToken }).catch(() => {});
   }
 }
 

@@ -1,5 +1,5 @@
 // Boot: read config.json, then route `#/…` to pages inside the signed-in shell.
-import { Api, loadConfig, session, setFlash } from './api.js';
+import { Api, loadConfig, session, setFlash, watchSession } from './api.js';
 import { h, replace } from './dom.js';
 import { icon, logo } from './icons.js';
 import { loginPage, registerPage } from './pages/auth.js';
@@ -48,8 +48,8 @@ function parseHash() {
   return { path: path || '/', query: Object.fromEntries(new URLSearchParams(search)) };
 }
 
-function signOut() {
-  session.clear();
+async function signOut() {
+  await window.maofApi.signOut();
   setFlash('You have signed out.', 'info');
   navigate('#/login');
 }
@@ -195,6 +195,16 @@ function fatal(message) {
   );
 }
 
+/** Narrow the page's Content-Security-Policy to the one API it talks to. index.html's own
+ * policy must admit any API config.json may name (loopback ports, https:); a policy added
+ * later can only take away, so from here on the page reaches its own origin and that API. */
+function pinConnectSrc(apiUrl) {
+  const meta = document.createElement('meta');
+  meta.httpEquiv = 'Content-Security-Policy';
+  meta.content = `connect-src 'self' ${new URL(apiUrl).origin}`;
+  document.head.append(meta);
+}
+
 async function boot() {
   let config;
   try {
@@ -203,7 +213,28 @@ async function boot() {
     fatal(error.message);
     return;
   }
-  window.maofApi = new Api(config.apiUrl, { onSessionExpired: () => navigate('#/login') });
+  pinConnectSrc(config.apiUrl);
+  const api = new Api(config.apiUrl, { onSessionExpired: () => navigate('#/login') });
+  window.maofApi = api;
+  try {
+    await session.restore();
+  } catch {
+    fatal('This browser keeps no IndexedDB for this site (a private window may not), so no one can stay signed in.');
+    return;
+  }
+  if (session.load()) {
+    // A reload or a new tab: the access token was in the last page's memory only. A refused
+    // refresh token ends the session (and the route below goes to sign in).
+    try {
+      if (!(await api.refresh(null))) await api.expire();
+    } catch {
+      // The API cannot be reached (or failed): stay signed in; the pages say what is wrong.
+    }
+  }
+  watchSession(() => {
+    shell = null; // signed out, or in as someone else, in another tab
+    route();
+  });
   window.addEventListener('hashchange', route);
   route();
 }

@@ -40,6 +40,19 @@ CHROMIUM_ARGS = [
 ]
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
+# Every page reports what its Content-Security-Policy blocked (Playwright's init scripts and
+# evaluate() run outside the page's policy); a test that provokes a violation clears them.
+CSP_LISTENER = """
+document.addEventListener('securitypolicyviolation', (event) => {
+  window.__maofCspViolation({
+    directive: event.effectiveDirective,
+    blocked: event.blockedURI,
+    sample: event.sample,
+    page: document.location.href,
+  });
+});
+"""
+_CSP_VIOLATIONS: dict[int, list[dict[str, Any]]] = {}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -95,13 +108,25 @@ def _page(
 ) -> Iterator[Page]:
     context = browser.new_context(viewport=viewport)  # type: ignore[arg-type]
     context.set_default_timeout(10_000)
+    violations: list[dict[str, Any]] = []
+    context.expose_binding("__maofCspViolation", lambda source, found: violations.append(found))
+    context.add_init_script(CSP_LISTENER)
     page = context.new_page()
+    _CSP_VIOLATIONS[id(page)] = violations
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     yield page
+    blocked = list(violations)
     save_screenshot(page, ARTIFACTS / f"{request.node.name}.png")
     context.close()
+    del _CSP_VIOLATIONS[id(page)]
     assert not errors, f"JavaScript errors on the page: {errors}"
+    assert not blocked, f"Content-Security-Policy violations: {blocked}"
+
+
+def csp_violations(page: Page) -> list[dict[str, Any]]:
+    """What the Content-Security-Policy blocked so far in `page`'s browser context."""
+    return _CSP_VIOLATIONS[id(page)]
 
 
 @pytest.fixture
@@ -117,10 +142,14 @@ def phone_page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Pag
 
 
 def save_screenshot(page: Page, path: Path) -> None:
-    """The whole page from the top, without the passing toasts."""
+    """The whole page from the top, without the passing toasts. (They are hidden through the
+    CSSOM: the site's policy refuses the <style> element Playwright's `style=` would add.)"""
     path.parent.mkdir(exist_ok=True)
+    toasts = "document.querySelectorAll('.toasts').forEach((el) => { el.style.display = %s; })"
     page.evaluate("window.scrollTo(0, 0)")
-    page.screenshot(path=str(path), full_page=True, style=".toasts { display: none; }")
+    page.evaluate(toasts % "'none'")
+    page.screenshot(path=str(path), full_page=True)
+    page.evaluate(toasts % "''")
 
 
 def screenshot(page: Page, name: str, *, docs: bool = False) -> None:
@@ -132,20 +161,49 @@ def screenshot(page: Page, name: str, *, docs: bool = False) -> None:
         shutil.copyfile(path, DOCS / f"{name}.png")
 
 
+# The dashboard's session store (dashboard/js/api.js): IndexedDB `maof`, store `session`.
+_SESSION_STORE = """
+({ write, value }) => new Promise((resolve, reject) => {
+  const opening = indexedDB.open('maof', 1);
+  opening.onupgradeneeded = () => opening.result.createObjectStore('session');
+  opening.onerror = () => reject(opening.error);
+  opening.onsuccess = () => {
+    const transaction = opening.result.transaction('session', write ? 'readwrite' : 'readonly');
+    const store = transaction.objectStore('session');
+    const request = !write ? store.get('current')
+      : value === null ? store.delete('current') : store.put(value, 'current');
+    transaction.oncomplete = () => { opening.result.close(); resolve(request.result ?? null); };
+    transaction.onerror = () => reject(transaction.error);
+  };
+})
+"""
+
+
+def stored_session(page: Page) -> dict[str, Any] | None:
+    """The session the dashboard keeps for the page's origin (`{refreshToken, user}`)."""
+    found = page.evaluate(_SESSION_STORE, {"write": False, "value": None})
+    return dict(found) if found else None
+
+
+def store_session(page: Page, value: dict[str, Any] | None) -> None:
+    """Replace it (None: signed out); the page reads it when it next loads."""
+    page.evaluate(_SESSION_STORE, {"write": True, "value": value})
+
+
 def sign_in(page: Page, dashboard_url: str, client: Api, hash_path: str = "#/") -> None:
-    """Open the dashboard already signed in as `client`'s user (a fresh login's tokens)."""
+    """Open the dashboard already signed in as `client`'s user: a fresh login's refresh token
+    stored as the dashboard stores it (the page gets its access token by refreshing)."""
     login = client.post(
         "/auth/login", {"email": client.user["email"], "password": "correct-horse-battery"}
     )
     assert login.status_code == 200, login.text
     data = login.json()["data"]
-    session = {
-        "accessToken": data["accessToken"],
-        "refreshToken": data["refreshToken"],
-        "user": data["user"],
-    }
     page.goto(dashboard_url + "#/login")
-    page.evaluate("s => localStorage.setItem('maof.session', s)", json.dumps(session))
+    # Once the page has read the (empty) store: it must not start a refresh with this token
+    # that the navigation below would cut off.
+    page.get_by_role("heading", name="Sign in").wait_for()
+    store_session(page, {"refreshToken": data["refreshToken"], "user": data["user"]})
+    page.goto("about:blank")
     page.goto(dashboard_url + hash_path)
 
 

@@ -6,9 +6,16 @@ import json
 import re
 
 import requests
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Page, Route, expect
 
-from tests.browser.conftest import AgentServer, screenshot, sign_in, unique
+from tests.browser.conftest import (
+    AgentServer,
+    screenshot,
+    sign_in,
+    store_session,
+    stored_session,
+    unique,
+)
 from tests.integration.conftest import Api, free_port, register_agent
 
 PASSWORD = "correct-horse-battery"
@@ -70,8 +77,8 @@ def test_register_sign_in_register_an_agent_run_a_workflow_and_watch_it_complete
     # The overview shows the same numbers as the API.
     expect(page.get_by_role("heading", name="Overview")).to_be_visible()
     expect(page.get_by_test_id("user-name")).to_have_text("Ada Lovelace")
-    token = page.evaluate("JSON.parse(localStorage.getItem('maof.session')).accessToken")
-    client = Api(api_url, token=token)
+    login = Api(api_url).post("/auth/login", {"email": email, "password": PASSWORD})
+    client = Api(api_url, token=login.json()["data"]["accessToken"])
     agents_total = client.get("/agents", params={"limit": 1}).json()["data"]["meta"]["total"]
     online_total = client.get("/agents", params={"limit": 1, "status": "online"}).json()["data"]
     expect(page.get_by_test_id("stat-agents")).to_have_text(str(agents_total))
@@ -248,42 +255,59 @@ def test_the_new_workflow_page_checks_definitions_here_and_shows_the_apis_400_de
     expect(page).to_have_url(re.compile(r"#/workflows/new$"))
 
 
+def _refuse(route: Route) -> None:
+    """Answer as the API does to an access token it no longer accepts (expired, say)."""
+    if route.request.method == "OPTIONS":  # the CORS preflight
+        route.continue_()
+        return
+    body = {"success": False, "error": {"code": "UNAUTHORIZED", "message": "Token has expired"}}
+    route.fulfill(
+        status=401,
+        headers={"Access-Control-Allow-Origin": "*", "Content-Type": "application/json"},
+        body=json.dumps(body),
+    )
+
+
 def test_tokens_refresh_silently_and_an_expired_session_returns_to_sign_in(
     page: Page, dashboard_url: str, user: Api, api_url: str
 ) -> None:
     sign_in(page, dashboard_url, user, "#/workflows")
     expect(page.get_by_role("heading", name="Workflows")).to_be_visible()
+    before = stored_session(page)
+    assert before is not None
 
-    # An access token the API refuses is replaced with the refresh token, unseen.
-    page.evaluate(
-        """() => {
-        const s = JSON.parse(localStorage.getItem('maof.session'));
-        s.accessToken = 'expired.access.token';
-        localStorage.setItem('maof.session', JSON.stringify(s));
-    }"""
-    )
-    page.get_by_role("navigation", name="Main").get_by_role("link", name="Agents").click()
+    # An access token the API refuses is replaced from the refresh token, unseen; the
+    # refresh token the answer carries replaces the stored one.
+    refused: list[str] = []
+
+    def refuse_once(route: Route) -> None:
+        if route.request.method != "OPTIONS" and not refused:
+            refused.append(route.request.headers["authorization"])
+            _refuse(route)
+        else:
+            route.continue_()
+
+    agents = re.compile(re.escape(f"{api_url}/agents") + r"(\?.*)?$")
+    page.route(agents, refuse_once)
+    with page.expect_request(f"{api_url}/auth/refresh") as refresh:
+        page.get_by_role("navigation", name="Main").get_by_role("link", name="Agents").click()
     expect(page.get_by_role("heading", name="Agents", exact=True)).to_be_visible()
     expect(page.locator("[data-state=loading]")).to_have_count(0)
     expect(page.locator("[data-state=error]")).to_have_count(0)
-    token = page.evaluate("JSON.parse(localStorage.getItem('maof.session')).accessToken")
-    assert token != "expired.access.token"
-    me = requests.get(f"{api_url}/auth/me", headers={"Authorization": f"Bearer {token}"}, timeout=5)
-    assert me.status_code == 200
+    assert refused and json.loads(refresh.value.post_data or "{}") == {
+        "refreshToken": before["refreshToken"]
+    }
+    after = stored_session(page)
+    assert after is not None and after["refreshToken"] != before["refreshToken"]
+    page.unroute(agents)
 
     # When the refresh token is refused too, the session has expired: back to sign in.
-    page.evaluate(
-        """() => {
-        const s = JSON.parse(localStorage.getItem('maof.session'));
-        s.accessToken = 'expired.access.token';
-        s.refreshToken = 'expired.refresh.token';
-        localStorage.setItem('maof.session', JSON.stringify(s));
-    }"""
-    )
+    store_session(page, {**after, "refreshToken": "expired.refresh.token"})
+    page.route(re.compile(re.escape(f"{api_url}/workflows") + r"(\?.*)?$"), _refuse)
     page.get_by_role("navigation", name="Main").get_by_role("link", name="Workflows").click()
     expect(page).to_have_url(re.compile(r"#/login$"))
     expect(page.get_by_test_id("flash")).to_contain_text("Your session has expired")
-    assert page.evaluate("localStorage.getItem('maof.session')") is None
+    assert stored_session(page) is None
 
 
 def test_empty_states_and_phone_width(
@@ -470,10 +494,8 @@ def test_pages_say_so_when_the_api_cannot_be_reached(
     page.keyboard.press("Enter")
     expect(page.get_by_role("alert")).to_contain_text(f"Cannot reach the API at {dead}")
 
-    page.evaluate(
-        "s => localStorage.setItem('maof.session', s)",
-        json.dumps({"accessToken": "a", "refreshToken": "r", "user": user.user}),
-    )
+    store_session(page, {"refreshToken": "r", "user": user.user})
+    page.reload()
     for path, heading in (("#/", "Overview"), ("#/agents", "Agents"), ("#/workflows", "Workflows")):
         page.goto(url + path)
         expect(page.get_by_role("heading", name=heading, exact=True)).to_be_visible()

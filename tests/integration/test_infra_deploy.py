@@ -214,3 +214,36 @@ def test_a_stack_that_does_not_exist_is_none() -> None:
             raise ClientError(error, "DescribeStacks")
 
     assert infra.describe_stack(Missing(), "maof-prod") is None
+
+
+def test_a_published_dashboard_is_invalidated_in_cloudfront() -> None:
+    from botocore.stub import ANY, Stubber
+
+    cloudfront = boto3.client(
+        "cloudfront", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y"
+    )
+    with Stubber(cloudfront) as stub:
+        stub.add_response(
+            "create_invalidation",
+            {"Location": "https://cloudfront/inv", "Invalidation": _invalidation("I2X")},
+            {
+                "DistributionId": "E1DIST",
+                "InvalidationBatch": {
+                    "Paths": {"Quantity": 1, "Items": ["/*"]},
+                    "CallerReference": ANY,
+                },
+            },
+        )
+        assert infra.invalidate_dashboard(cloudfront, "E1DIST") == "I2X"
+        stub.assert_no_pending_responses()
+
+
+def _invalidation(identifier: str) -> dict[str, Any]:
+    from datetime import UTC, datetime
+
+    return {
+        "Id": identifier,
+        "Status": "InProgress",
+        "CreateTime": datetime(2026, 3, 1, tzinfo=UTC),
+        "InvalidationBatch": {"Paths": {"Quantity": 1, "Items": ["/*"]}, "CallerReference": "r"},
+    }

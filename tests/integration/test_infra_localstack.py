@@ -1,10 +1,12 @@
 """`make deploy` and `make destroy` against LocalStack's CloudFormation, end to end.
 
-LocalStack (community) runs no Lambda functions or API Gateway here, so the stack is the
-infrastructure-only part of infra/template.json: every resource of a service LocalStack
-serves (the stage queue and its dead-letter queue, the dashboard bucket and its policy, the
-dead-letter alarm and its SNS topic when LocalStack runs cloudwatch and sns), with the queue
-names suffixed so concurrent runs never meet. The rest of the deploy is real code with two
+LocalStack (community) runs no Lambda functions, API Gateway or CloudFront here, so the
+stack is the infrastructure-only part of infra/template.json: every resource of a service
+LocalStack serves (the stage queue and its dead-letter queue, the private dashboard bucket,
+the dead-letter alarm and its SNS topic when LocalStack runs cloudwatch and sns), with the
+queue names suffixed so concurrent runs never meet. The CloudFront distribution, its
+policies and the bucket policy naming it are left out with the rest they refer to
+(test_package.py checks them in the packaged template). The rest of the deploy is real code with two
 stand-ins: the `migrate` function runs in this process (through Chalice's test client, with
 the request checked against the Lambda API model), and the API whose /health the deploy
 calls is the local server the integration tests use.
@@ -298,24 +300,23 @@ def test_the_stage_queue_redrives_to_its_dead_letter_queue(deployment: Deploymen
     assert attributes["SqsManagedSseEnabled"] == "true"
 
 
-def test_the_dashboard_bucket_is_a_public_website(deployment: Deployment) -> None:
+def test_the_dashboard_bucket_is_private(deployment: Deployment) -> None:
     s3 = client("s3")
     bucket = deployment.done.outputs["DashboardBucketName"]
-    website = s3.get_bucket_website(Bucket=bucket)
-    assert website["IndexDocument"] == {"Suffix": "index.html"}
-    assert website["ErrorDocument"] == {"Key": "index.html"}
-    policy = json.loads(s3.get_bucket_policy(Bucket=bucket)["Policy"])
-    assert policy["Statement"] == [
-        {
-            "Sid": "PublicReadOfTheStaticSite",
-            "Effect": "Allow",
-            "Principal": "*",
-            "Action": ["s3:GetObject"],
-            "Resource": f"arn:aws:s3:::{bucket}/*",
-        }
-    ]
+    with pytest.raises(s3.exceptions.ClientError, match="NoSuchWebsiteConfiguration"):
+        s3.get_bucket_website(Bucket=bucket)
+    blocked = s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"]
+    assert blocked == {
+        "BlockPublicAcls": True,
+        "IgnorePublicAcls": True,
+        "BlockPublicPolicy": True,
+        "RestrictPublicBuckets": True,
+    }
     ownership = s3.get_bucket_ownership_controls(Bucket=bucket)["OwnershipControls"]
     assert ownership["Rules"] == [{"ObjectOwnership": "BucketOwnerEnforced"}]
+    # Without a distribution (none here) the deploy has no https URL to print.
+    assert "DashboardDistributionId" not in deployment.done.outputs
+    assert deployment.done.dashboard_url == ""
 
 
 def test_the_dashboard_was_published_for_the_deployed_api(deployment: Deployment) -> None:

@@ -4,7 +4,8 @@ Chalice builds the Lambda zip (manylinux wheels from PyPI) and the SAM template;
 template adds the stage queue and its dead-letter queue, turns on partial batch failures for
 the `run_stage` SQS trigger, makes API Gateway's own errors answer with our JSON envelope, and
 adds what `make deploy` needs: one least-privilege role and log group per function, secrets
-read from SSM, an optional VPC, the dead-letter alarm and the dashboard bucket. The `migrate`
+read from SSM, an optional VPC, the dead-letter alarm, and the dashboard in a private bucket
+behind CloudFront. The `migrate`
 function's zip is checked to carry its migrations, and run from the zip against a fresh
 database. Packaging takes about 10 s when requirements.txt, app.py or chalicelib changed
 (Chalice keeps the built zip in .chalice/deployments, keyed by their hash) and about 1 s
@@ -423,36 +424,83 @@ def test_dead_letter_queue_depth_raises_an_alarm(template: dict[str, Any]) -> No
     ]
 
 
-def test_dashboard_bucket_serves_the_site_and_nothing_else(template: dict[str, Any]) -> None:
+def test_the_dashboard_is_served_over_https_by_cloudfront_from_a_private_bucket(
+    template: dict[str, Any],
+) -> None:
     resources = template["Resources"]
     bucket = resources["DashboardBucket"]["Properties"]
-    assert bucket["WebsiteConfiguration"] == {
-        "IndexDocument": "index.html",
-        "ErrorDocument": "index.html",
-    }
+    assert "WebsiteConfiguration" not in bucket
     assert "BucketName" not in bucket  # CloudFormation picks a unique one
     assert bucket["PublicAccessBlockConfiguration"] == {
         "BlockPublicAcls": True,
         "IgnorePublicAcls": True,
-        "BlockPublicPolicy": False,
-        "RestrictPublicBuckets": False,
+        "BlockPublicPolicy": True,
+        "RestrictPublicBuckets": True,
     }
     policy = resources["DashboardBucketPolicy"]["Properties"]
     assert policy["Bucket"] == {"Ref": "DashboardBucket"}
-    assert policy["PolicyDocument"]["Statement"] == [
-        {
-            "Sid": "PublicReadOfTheStaticSite",
-            "Effect": "Allow",
-            "Principal": "*",
-            "Action": ["s3:GetObject"],
-            "Resource": {"Fn::Sub": "${DashboardBucket.Arn}/*"},
-        }
-    ]
-    cors = template["Globals"]["Function"]["Environment"]["Variables"]["MAOF_CORS_ORIGIN"]
-    assert cors["Fn::If"][2] == {"Fn::GetAtt": ["DashboardBucket", "WebsiteURL"]}
-    assert template["Outputs"]["DashboardWebsiteURL"]["Value"] == {
-        "Fn::GetAtt": ["DashboardBucket", "WebsiteURL"]
+    allow, deny = policy["PolicyDocument"]["Statement"]
+    assert allow == {
+        "Sid": "ReadByThisStacksDistributionOnly",
+        "Effect": "Allow",
+        "Principal": {"Service": "cloudfront.amazonaws.com"},
+        "Action": ["s3:GetObject"],
+        "Resource": {"Fn::Sub": "${DashboardBucket.Arn}/*"},
+        "Condition": {
+            "StringEquals": {
+                "AWS:SourceArn": {
+                    "Fn::Sub": "arn:${AWS::Partition}:cloudfront::${AWS::AccountId}"
+                    ":distribution/${DashboardDistribution}"
+                }
+            }
+        },
     }
+    assert deny["Effect"] == "Deny"
+    assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+
+    distribution = resources["DashboardDistribution"]["Properties"]["DistributionConfig"]
+    assert distribution["DefaultRootObject"] == "index.html"
+    assert distribution["ViewerCertificate"] == {"CloudFrontDefaultCertificate": True}
+    (origin,) = distribution["Origins"]
+    assert origin["DomainName"] == {"Fn::GetAtt": ["DashboardBucket", "RegionalDomainName"]}
+    assert origin["OriginAccessControlId"] == {"Fn::GetAtt": ["DashboardOriginAccessControl", "Id"]}
+    assert origin["S3OriginConfig"] == {"OriginAccessIdentity": ""}  # no legacy OAI
+    access = resources["DashboardOriginAccessControl"]["Properties"]["OriginAccessControlConfig"]
+    assert (access["OriginAccessControlOriginType"], access["SigningBehavior"]) == ("s3", "always")
+    default = distribution["DefaultCacheBehavior"]
+    (config,) = distribution["CacheBehaviors"]
+    assert config["PathPattern"] == "/config.json"
+    assert config["CachePolicyId"] == "4135ea2d-6df8-44a3-9df3-4b5a84be39ad"  # CachingDisabled
+    assert default["CachePolicyId"] == {"Ref": "DashboardCachePolicy"}
+    for behaviour in (default, config):
+        assert behaviour["TargetOriginId"] == origin["Id"]
+        assert behaviour["ViewerProtocolPolicy"] == "redirect-to-https"
+        assert behaviour["AllowedMethods"] == ["GET", "HEAD"]
+        assert behaviour["ResponseHeadersPolicyId"] == {"Ref": "DashboardResponseHeadersPolicy"}
+    cache = resources["DashboardCachePolicy"]["Properties"]["CachePolicyConfig"]
+    assert cache["MinTTL"] <= 300  # a site changed without `make deploy` shows within minutes
+
+    headers = resources["DashboardResponseHeadersPolicy"]["Properties"]
+    security = headers["ResponseHeadersPolicyConfig"]["SecurityHeadersConfig"]
+    hsts = security["StrictTransportSecurity"]
+    assert hsts["AccessControlMaxAgeSec"] >= 365 * 24 * 3600 and hsts["IncludeSubdomains"]
+    assert security["ContentTypeOptions"] == {"Override": True}
+    assert security["FrameOptions"] == {"FrameOption": "DENY", "Override": True}
+    assert security["ReferrerPolicy"] == {"ReferrerPolicy": "no-referrer", "Override": True}
+    csp = security["ContentSecurityPolicy"]["ContentSecurityPolicy"]["Fn::Sub"]
+    assert "script-src 'self';" in csp and "frame-ancestors 'none'" in csp
+    assert "unsafe" not in csp
+
+    # The API admits the dashboard's https origin by default; the outputs name both.
+    cors = template["Globals"]["Function"]["Environment"]["Variables"]["MAOF_CORS_ORIGIN"]
+    assert cors["Fn::If"][2] == {"Fn::Sub": "https://${DashboardDistribution.DomainName}"}
+    assert template["Outputs"]["DashboardURL"]["Value"] == {
+        "Fn::Sub": "https://${DashboardDistribution.DomainName}/"
+    }
+    assert template["Outputs"]["DashboardDistributionId"]["Value"] == {
+        "Ref": "DashboardDistribution"
+    }
+    assert "DashboardWebsiteURL" not in template["Outputs"]
 
 
 def test_deploy_accepts_the_package(package_dir: Path) -> None:

@@ -99,7 +99,7 @@ export async function loginPage(ctx) {
     setBusy(submit, true, 'Signing in…');
     try {
       const result = await ctx.api.post('/auth/login', { email: data.email.trim(), password: data.password }, { auth: false });
-      session.save({ accessToken: result.accessToken, refreshToken: result.refreshToken, user: result.user });
+      await session.start(result);
       sessionStorage.setItem('maof.lastEmail', result.user?.email || data.email.trim());
       const returnTo = sessionStorage.getItem('maof.returnTo');
       sessionStorage.removeItem('maof.returnTo');

@@ -1,4 +1,5 @@
 // Overview: agents, online agents, runs, failure rate, runs over time, the latest runs.
+import { session } from '../api.js';
 import { h, s, replace } from '../dom.js';
 import { icon } from '../icons.js';
 import { badge, card, emptyState, errorState, loadingState, pageHeader } from '../components.js';
@@ -159,7 +160,7 @@ function recentRuns(runs) {
 }
 
 export async function overviewPage(ctx) {
-  const user = JSON.parse(localStorage.getItem('maof.session') || '{}').user || {};
+  const user = session.load()?.user || {};
   const body = h('div', { class: 'overview' }, loadingState('Loading the overview…', 4));
   ctx.root.append(
     pageHeader('Overview', {
