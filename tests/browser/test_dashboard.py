@@ -421,14 +421,20 @@ def test_the_run_page_lights_up_stage_by_stage_while_the_run_is_live(
 
 
 def test_an_agent_is_deleted_by_its_owner_after_confirming(
-    page: Page, dashboard_url: str, user: Api, api: Api
+    page: Page, dashboard_url: str, user: Api, api: Api, admin: Api
 ) -> None:
     capability = unique("doomed")
     mine = register_agent(user, capability)
-    theirs = register_agent(api.as_new_user(), capability)
+    shared = register_agent(admin, capability, visibility="shared")
+    hidden = register_agent(api.as_new_user(), capability)  # another user's private agent
     sign_in(page, dashboard_url, user, f"#/agents?capability={capability}")
     expect(page.locator("tbody tr")).to_have_count(2)
-    their_row = page.locator(f'tr[data-agent-id="{theirs["agentId"]}"]')
+    expect(page.locator(f'tr[data-agent-id="{hidden["agentId"]}"]')).to_have_count(0)
+    their_row = page.locator(f'tr[data-agent-id="{shared["agentId"]}"]')
+    expect(their_row.locator("[data-visibility]")).to_have_text("Shared")
+    expect(page.locator(f'tr[data-agent-id="{mine["agentId"]}"] [data-visibility]')).to_have_text(
+        "Private"
+    )
     expect(their_row.get_by_role("button", name=re.compile("Delete"))).to_be_disabled()
 
     row = page.locator(f'tr[data-agent-id="{mine["agentId"]}"]')

@@ -1,4 +1,4 @@
-// Agents: the registry as a table; register one, delete your own.
+// Agents: yours and the shared ones, as a table; register one, delete your own.
 import { session } from '../api.js';
 import { h, replace } from '../dom.js';
 import { icon } from '../icons.js';
@@ -27,6 +27,7 @@ function splitCapabilities(text) {
 }
 
 function registerDialog(ctx, onRegistered) {
+  const admin = session.load()?.user?.role === 'admin';
   const error = h('div', { class: 'form-error' });
   const submit = h('button', { class: 'btn btn--primary', type: 'submit' }, 'Register agent');
   const cancel = h('button', { class: 'btn btn--secondary', type: 'button', onClick: () => dialog.close() }, 'Cancel');
@@ -54,6 +55,14 @@ function registerDialog(ctx, onRegistered) {
         name: 'description',
         control: h('textarea', { class: 'input textarea', rows: 2, maxlength: 2000, placeholder: 'What it does' }),
       }),
+      admin
+        ? h(
+            'label',
+            { class: 'checkbox' },
+            h('input', { type: 'checkbox', name: 'shared', value: 'yes' }),
+            h('span', null, 'Share with every user (it serves their runs; they never see its endpoint)'),
+          )
+        : null,
     ),
     error,
     h('div', { class: 'dialog__actions' }, cancel, submit),
@@ -93,6 +102,7 @@ function registerDialog(ctx, onRegistered) {
         authToken: data.authToken,
         capabilities,
         maxConcurrentTasks: max,
+        visibility: data.shared ? 'shared' : 'private',
       };
       if (String(data.description || '').trim()) body.description = data.description.trim();
       const agent = await ctx.api.post('/agents/register', body);
@@ -154,6 +164,19 @@ function agentRow(ctx, agent, reload) {
     h('td', { 'data-label': 'Status' }, badge(agent.status)),
     h(
       'td',
+      { 'data-label': 'Visibility' },
+      h(
+        'span',
+        {
+          class: ['chip', agent.visibility === 'shared' && 'chip--shared'],
+          'data-visibility': agent.visibility,
+          title: agent.visibility === 'shared' ? 'Serves every user’s runs' : 'Serves only its owner’s runs',
+        },
+        agent.visibility === 'shared' ? (mine ? 'Shared by you' : 'Shared') : 'Private',
+      ),
+    ),
+    h(
+      'td',
       { 'data-label': 'Last health check' },
       agent.lastHealthCheck ? h('time', { datetime: agent.lastHealthCheck, title: formatDateTime(agent.lastHealthCheck) }, timeAgo(agent.lastHealthCheck)) : h('span', { class: 'muted' }, 'Never'),
     ),
@@ -196,7 +219,7 @@ export async function agentsPage(ctx) {
   statusSelect.addEventListener('change', () => filters.requestSubmit());
   ctx.root.append(
     pageHeader('Agents', {
-      subtitle: 'Every registered agent, what it can do and whether it answers.',
+      subtitle: 'Your agents and those an admin shared with everyone: what they can do and whether they answer.',
       actions: h('button', { class: 'btn btn--primary', type: 'button', onClick: openRegister }, icon('plus'), 'Register agent'),
     }),
     card(null, [filters, body], { className: 'card--table' }),
@@ -229,7 +252,7 @@ export async function agentsPage(ctx) {
             'table',
             { class: 'table table--cards', 'data-testid': 'agents-table' },
             h('caption', { class: 'sr-only' }, 'Registered agents'),
-            h('thead', null, h('tr', null, ['Name', 'Agent ID', 'Capabilities', 'Status', 'Last health check', ''].map((t) => h('th', { scope: 'col' }, t)))),
+            h('thead', null, h('tr', null, ['Name', 'Agent ID', 'Capabilities', 'Status', 'Visibility', 'Last health check', ''].map((t) => h('th', { scope: 'col' }, t)))),
             h('tbody', null, data.agents.map((agent) => agentRow(ctx, agent, load))),
           ),
         ),
