@@ -105,8 +105,3 @@ def after_failure(
     if other_agents:
         return Decision(Action.FALLBACK, agent_attempts=0, errors=counters.errors)
     return Decision(Action.FAIL, agent_attempts=attempts, errors=counters.errors)
-
-
-def within(count: int, ceiling: int) -> bool:
-    """Whether one more round (the `count`-th) stays within `ceiling`."""
-    return count <= ceiling
