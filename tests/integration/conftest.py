@@ -156,6 +156,29 @@ def user(api: Api) -> Api:
     return api.as_new_user()
 
 
+class SentMessages:
+    """Stands in for SQS sends so a test decides exactly what gets delivered."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[uuid.UUID, str]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, run_id: uuid.UUID, stage_ids: list[str], *_: Any, **__: Any) -> None:
+        with self._lock:
+            self.sent.extend((run_id, s) for s in stage_ids)
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> SentMessages:
+    recorder = SentMessages()
+    from chalicelib.engine import handlers
+    from chalicelib.workflows import runs
+
+    monkeypatch.setattr(runs, "send_stage_messages", recorder)
+    monkeypatch.setattr(handlers, "send_stage_messages", recorder)
+    return recorder
+
+
 ADMIN_EMAIL = "admin@example.com"  # named by MAOF_ADMIN_EMAILS in tests/conftest.py
 ADMIN_PASSWORD = "admin-password-123"
 

@@ -18,27 +18,12 @@ from chalicelib.engine import handlers, stages
 from chalicelib.http import Principal
 from chalicelib.workflows import runs
 from chalicelib.workflows.definition import ExecuteRequest
-from tests.integration.conftest import register_agent, unique_capability, wait_for_run
-
-
-class SentMessages:
-    """Stands in for SQS sends so a test decides exactly what gets delivered."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[uuid.UUID, str]] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, run_id: uuid.UUID, stage_ids: list[str], *_: Any, **__: Any) -> None:
-        with self._lock:
-            self.sent.extend((run_id, s) for s in stage_ids)
-
-
-@pytest.fixture
-def sent(monkeypatch: pytest.MonkeyPatch) -> SentMessages:
-    recorder = SentMessages()
-    monkeypatch.setattr(runs, "send_stage_messages", recorder)
-    monkeypatch.setattr(handlers, "send_stage_messages", recorder)
-    return recorder
+from tests.integration.conftest import (
+    SentMessages,
+    register_agent,
+    unique_capability,
+    wait_for_run,
+)
 
 
 def principal_of(client: Any) -> Principal:

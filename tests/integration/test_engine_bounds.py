@@ -1,0 +1,339 @@
+"""Every run ends: the sweeper's ceilings and its backlog rule, the size caps, a stage
+whose run ended meanwhile, a claim that reads only what it needs, and a submission that
+answers quickly when SQS does not."""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from chalicelib.config import get_settings, reset_settings
+from chalicelib.db import session_scope
+from chalicelib.engine import handlers, stages, sweeper
+from chalicelib.workflows import runs
+from tests.integration.conftest import Api, register_agent, unique_capability, wait_for_run
+from tests.integration.test_delivery import (
+    audit_actions,
+    chain,
+    record,
+    stage_row,
+    submit_direct,
+)
+from tests.support.agents import ScriptedAgent, ok
+
+
+def set_stage(run_id: uuid.UUID, stage_id: str, assignments: str, **params: Any) -> None:
+    with session_scope() as session:
+        session.execute(
+            text(
+                f"UPDATE stage_executions SET {assignments} "
+                "WHERE run_id = :run_id AND stage_id = :stage_id"
+            ),
+            {"run_id": run_id, "stage_id": stage_id, **params},
+        )
+
+
+# ------------------------------------------------------------------ the sweeper's ceilings
+
+
+def test_a_stage_whose_worker_keeps_dying_fails_after_the_lease_ceiling(user: Api, sent):
+    capability = unique_capability("dying")
+    register_agent(user, capability)
+    run_id = submit_direct(user, chain(capability, "a", "b"))
+    ceiling = get_settings().stage_max_lease_expiries
+    for expiry in range(ceiling + 1):
+        assert stages.claim_stage(run_id, "a") is not None  # a worker takes it, then dies
+        set_stage(run_id, "a", "lease_expires_at = now() - interval '1 second'")
+        swept = sweeper.sweep_run(run_id, ["a"], sweeper.grace_for(0))
+        if expiry < ceiling:
+            assert swept.requeued == ["a"]
+            set_stage(run_id, "a", "queued_at = now()")
+    assert swept.failed == ["a"]
+    row = stage_row(run_id, "a")
+    assert row.status == "failed"
+    assert f"stopped {ceiling} times" in (row.error_message or "")
+    assert stage_row(run_id, "b").status == "skipped"
+    run = user.get(f"/workflows/{runs.run_ref(run_id)}").json()["data"]
+    assert run["status"] == "failed"
+    assert "MAOF_STAGE_MAX_LEASE_EXPIRIES" in run["errorMessage"]
+
+
+def test_a_stage_whose_message_keeps_getting_lost_fails_after_the_requeue_ceiling(user: Api, sent):
+    capability = unique_capability("lost")
+    register_agent(user, capability)
+    run_id = submit_direct(user, chain(capability, "a"))
+    ceiling = get_settings().stage_max_requeues
+    for _ in range(ceiling):
+        set_stage(run_id, "a", "queued_at = now() - interval '1 hour'")
+        assert sweeper.sweep_run(run_id, ["a"], sweeper.grace_for(0)).requeued == ["a"]
+    set_stage(run_id, "a", "queued_at = now() - interval '1 hour'")
+    assert sweeper.sweep_run(run_id, ["a"], sweeper.grace_for(0)).failed == ["a"]
+    assert "lost" in (stage_row(run_id, "a").error_message or "")
+    assert audit_actions(run_id).count(("requeue", "a")) == ceiling
+
+
+def test_behind_a_backlog_a_queued_stage_is_not_sent_twice(user: Api, sent, monkeypatch):
+    capability = unique_capability("backlog")
+    register_agent(user, capability)
+    run_id = submit_direct(user, chain(capability, "a"))
+    queued_after = get_settings().sweep_queued_after_seconds
+    set_stage(run_id, "a", f"queued_at = now() - interval '{queued_after + 5} seconds'")
+    monkeypatch.setattr(sweeper, "send_stage_messages", sent)
+    monkeypatch.setattr(sweeper, "queue_backlog", lambda: 250)  # its message may be in there
+    assert run_id not in sweeper.find_stalled(sweeper.grace_for(250))
+    sweeper.sweep_once()
+    assert stage_row(run_id, "a").requeues == 0
+    monkeypatch.setattr(sweeper, "queue_backlog", lambda: 0)  # nothing can be on its way
+    sweeper.sweep_once()
+    assert stage_row(run_id, "a").requeues == 1
+    assert sent.sent.count((run_id, "a")) == 2  # at submission, and by the sweeper
+
+
+def test_an_error_on_one_run_does_not_stop_the_sweep(user: Api, sent, monkeypatch):
+    capability = unique_capability("sweep")
+    register_agent(user, capability)
+    broken, fine = (submit_direct(user, chain(capability, "a")) for _ in range(2))
+    for run_id in (broken, fine):
+        set_stage(run_id, "a", "queued_at = now() - interval '1 hour'")
+    real = sweeper.sweep_run
+
+    def sweep_run(run_id: uuid.UUID, *args: Any) -> Any:
+        if run_id == broken:
+            raise RuntimeError("one bad run")
+        return real(run_id, *args)
+
+    monkeypatch.setattr(sweeper, "sweep_run", sweep_run)
+    monkeypatch.setattr(sweeper, "send_stage_messages", sent)
+    monkeypatch.setattr(sweeper, "queue_backlog", lambda: 0)
+    totals = sweeper.sweep_once()
+    assert totals["errors"] >= 1
+    assert stage_row(fine, "a").requeues == 1
+
+
+# ------------------------------------------------------------------ runs that ended
+
+
+def test_no_agent_is_called_for_a_stage_whose_run_failed_meanwhile(user: Api, sent):
+    agent = ScriptedAgent(default=ok({"x": 1})).start()
+    try:
+        capability = unique_capability("ended")
+        register_agent(user, capability, endpoint=agent.url)
+        stages_ = [
+            {"id": "a", "name": "A", "agentCapability": capability},
+            {"id": "b", "name": "B", "agentCapability": capability},
+        ]
+        run_id = submit_direct(user, stages_)
+        claimed = stages.claim_stage(run_id, "a")
+        assert claimed is not None
+        assert stages.fail_stage(claimed, "it broke")  # the run fails; b is skipped
+        assert handlers.run_stage_batch([record(run_id, "b")]) == {"batchItemFailures": []}
+        assert agent.calls == []
+        assert stage_row(run_id, "b").status == "skipped"
+    finally:
+        agent.stop()
+
+
+def test_a_retry_of_a_stage_whose_run_ended_is_skipped_not_queued(user: Api, sent):
+    capability = unique_capability("retry-ended")
+    register_agent(user, capability)
+    stages_ = [
+        {"id": "a", "name": "A", "agentCapability": capability},
+        {"id": "b", "name": "B", "agentCapability": capability},
+    ]
+    run_id = submit_direct(user, stages_)
+    a, b = stages.claim_stage(run_id, "a"), stages.claim_stage(run_id, "b")
+    assert a is not None and b is not None
+    assert stages.fail_stage(a, "it broke")
+    result = stages.requeue_later(
+        b,
+        0,
+        "retry",
+        agent_uuid=None,
+        agent_id=None,
+        agent_attempts=1,
+        tried_agents=[],
+        next_attempt=True,
+        details={"error": "agent timed out"},
+    )
+    assert result is stages.Requeued.SKIPPED
+    assert stage_row(run_id, "b").status == "skipped"
+
+
+# ------------------------------------------------------------------ what a claim reads
+
+
+def test_a_claim_reads_only_the_outputs_its_input_references(user: Api, sent):
+    capability = unique_capability("needs")
+    register_agent(user, capability)
+    stages_ = [
+        {"id": "a", "name": "A", "agentCapability": capability},
+        {"id": "b", "name": "B", "agentCapability": capability},
+        {
+            "id": "c",
+            "name": "C",
+            "agentCapability": capability,
+            "dependencies": ["a", "b"],
+            "input": {"only": "${b.output.result}"},
+        },
+        {"id": "d", "name": "D", "agentCapability": capability, "dependencies": ["a", "b"]},
+    ]
+    run_id = submit_direct(user, stages_)
+    handlers.run_stage_batch([record(run_id, "a"), record(run_id, "b")])
+    c, d = stages.claim_stage(run_id, "c"), stages.claim_stage(run_id, "d")
+    assert c is not None and d is not None
+    assert c.context is not None and set(c.context.outputs) == {"b"}
+    assert d.context is not None and set(d.context.outputs) == {"a", "b"}  # its default input
+
+
+# ------------------------------------------------------------------ size caps
+
+
+@pytest.fixture
+def small_caps(monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("MAOF_STAGE_MAX_INPUT_BYTES", "2000")
+    monkeypatch.setenv("MAOF_RUN_MAX_OUTPUT_BYTES", "3000")
+    reset_settings()
+    yield
+    monkeypatch.undo()
+    reset_settings()
+
+
+def test_a_submission_whose_input_already_expands_past_the_cap_is_400(user: Api, small_caps):
+    body = {
+        "workflow": {
+            "name": "big",
+            "stages": [
+                {
+                    "id": "a",
+                    "name": "A",
+                    "agentCapability": unique_capability(),
+                    "input": ["${workflow.input.text}"] * 50,  # 50 copies of 100 bytes
+                }
+            ],
+        },
+        "input": {"text": "x" * 100},
+    }
+    response = user.post("/workflows/execute", body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["details"][0]["field"] == "workflow.stages.0.input"
+    assert "MAOF_STAGE_MAX_INPUT_BYTES" in error["message"]
+
+
+def test_an_input_expanding_a_stage_output_past_the_cap_fails_the_stage_unexpanded(
+    user: Api, sent, small_caps, monkeypatch
+):
+    capability = unique_capability("expand")
+    register_agent(user, capability)
+    stages_ = [
+        {"id": "a", "name": "A", "agentCapability": capability},
+        {
+            "id": "b",
+            "name": "B",
+            "agentCapability": capability,
+            "dependencies": ["a"],
+            "input": ["${a.output}"] * 50,  # 50 copies of a's output: never built
+        },
+    ]
+    run_id = submit_direct(user, stages_)
+    handlers.run_stage_batch([record(run_id, "a")])
+
+    def refuse(*args: Any) -> Any:
+        raise AssertionError("the oversized input was expanded")
+
+    monkeypatch.setattr(handlers, "resolve", refuse)
+    handlers.run_stage_batch([record(run_id, "b")])
+    row = stage_row(run_id, "b")
+    assert row.status == "failed"
+    assert "MAOF_STAGE_MAX_INPUT_BYTES" in (row.error_message or "")
+
+
+def test_outputs_past_the_run_total_fail_the_stage(user: Api, sent, small_caps):
+    agent = ScriptedAgent(default=ok({"blob": "y" * 1800})).start()
+    try:
+        capability = unique_capability("total")
+        register_agent(user, capability, endpoint=agent.url)
+        run_id = submit_direct(user, chain(capability, "a", "b"))
+        handlers.run_stage_batch([record(run_id, "a")])
+        assert stage_row(run_id, "a").status == "completed"
+        handlers.run_stage_batch([record(run_id, "b")])
+        row = stage_row(run_id, "b")
+        assert row.status == "failed"
+        assert "MAOF_RUN_MAX_OUTPUT_BYTES" in (row.error_message or "")
+    finally:
+        agent.stop()
+
+
+def test_a_stage_timeout_longer_than_run_stage_can_wait_is_400(user: Api):
+    longest = get_settings().max_stage_timeout_ms
+    body = {
+        "workflow": {
+            "name": "slow",
+            "stages": [
+                {
+                    "id": "a",
+                    "name": "A",
+                    "agentCapability": unique_capability(),
+                    "config": {"timeoutMs": longest + 1},
+                }
+            ],
+        }
+    }
+    response = user.post("/workflows/execute", body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["details"][0]["field"] == "workflow.stages.0.config.timeoutMs"
+    body["workflow"]["stages"][0]["config"]["timeoutMs"] = longest
+    assert user.post("/workflows/execute", body).status_code == 202
+
+
+# ------------------------------------------------------------------ a slow queue
+
+
+def test_a_submission_answers_within_seconds_when_sqs_hangs_and_the_sweeper_sends_it(
+    user: Api, poller: Any, monkeypatch
+):
+    """SQS accepts the connection and never answers: the run is stored, the API answers 202
+    within a few seconds, and the sweeper sends the stage once SQS is back."""
+    capability = unique_capability("hang")
+    register_agent(user, capability)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # accepts connections (the kernel does), never reads or answers
+    import boto3
+    from botocore.config import Config
+
+    from chalicelib import aws
+
+    hung = boto3.client(
+        "sqs",
+        endpoint_url=f"http://127.0.0.1:{silent.getsockname()[1]}",
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        config=Config(connect_timeout=1, read_timeout=1, retries={"max_attempts": 1}),
+    )
+    real_client = aws.aws_client
+    monkeypatch.setattr(
+        "chalicelib.engine.queue.aws_client",
+        lambda service, fast_fail=False: hung if fast_fail else real_client(service),
+    )
+    started = time.monotonic()
+    response = user.post(
+        "/workflows/execute",
+        {"workflow": {"name": "hang", "stages": chain(capability, "a")}},
+    )
+    elapsed = time.monotonic() - started
+    silent.close()
+    assert response.status_code == 202, response.text
+    assert elapsed < 8, f"took {elapsed:.1f} s"
+    monkeypatch.undo()
+    run_ref = response.json()["data"]["workflowRunId"]
+    run_id = runs.parse_run_ref(run_ref)
+    set_stage(run_id, "a", "queued_at = now() - interval '1 hour'")  # as time passes
+    assert handlers.sweep_stalled_stages()["requeued"] >= 1
+    assert wait_for_run(user, run_ref)["status"] == "completed"
