@@ -298,7 +298,7 @@ def load_settings() -> Settings:
         mock_agent_failure_rate=_float("MAOF_MOCK_AGENT_FAILURE_RATE", 0.0, 0.0, 1.0),
         # Why these values: README "How a run heals itself" (a dead worker's stage runs
         # again within lease + interval; a lost message within queued-after + interval).
-        stage_lease_seconds=_int("MAOF_STAGE_LEASE_SECONDS", 10, 3, 3600),
+        stage_lease_seconds=_int("MAOF_STAGE_LEASE_SECONDS", 15, 3, 3600),
         sweep_queued_after_seconds=_int("MAOF_SWEEP_QUEUED_AFTER_SECONDS", 10, 0, 86400),
         sweep_backlog_after_seconds=_int("MAOF_SWEEP_BACKLOG_AFTER_SECONDS", 300, 0, 86400),
         sweep_interval_seconds=_int("MAOF_SWEEP_INTERVAL_SECONDS", 5, 1, 86400),

@@ -1,5 +1,5 @@
 """Claims are leases: while this process runs a stage, one background thread renews the
-leases of every stage it holds (one UPDATE for all of them, three times a lease), so a
+leases of every stage it holds (one UPDATE for all of them, every RENEW_SECONDS), so a
 stage whose worker died (killed, out of time, cut off from the database) is handed on by
 the sweeper within MAOF_STAGE_LEASE_SECONDS, however long its agent call may take.
 
@@ -19,6 +19,10 @@ from contextlib import contextmanager
 
 from chalicelib.config import get_settings
 from chalicelib.logs import logger
+
+# At most a fifth of the default lease: a process too busy to renew once or twice (a
+# burst on a 2-core machine) does not lose its stages.
+RENEW_SECONDS = 3.0
 
 _held: Counter[uuid.UUID] = Counter()
 _lock = threading.Lock()
@@ -52,7 +56,7 @@ def _renew_forever() -> None:
     from chalicelib.engine.stages import renew_leases
 
     while True:
-        time.sleep(get_settings().stage_lease_seconds / 3)
+        time.sleep(min(RENEW_SECONDS, get_settings().stage_lease_seconds / 3))
         tokens = holding()
         if not tokens:
             continue
