@@ -77,7 +77,9 @@ DEPLOY_FLAGS = $(if $(SUBNET_IDS),--subnet-ids $(SUBNET_IDS)) \
 	$(if $(LOG_RETENTION_DAYS),--log-retention-days $(LOG_RETENTION_DAYS)) \
 	$(if $(SECRETS_KMS_KEY_ARN),--secrets-kms-key-arn $(SECRETS_KMS_KEY_ARN)) \
 	$(if $(API_RATE_LIMIT),--api-rate-limit $(API_RATE_LIMIT)) \
-	$(if $(API_BURST_LIMIT),--api-burst-limit $(API_BURST_LIMIT))
+	$(if $(API_BURST_LIMIT),--api-burst-limit $(API_BURST_LIMIT)) \
+	$(if $(RUN_STAGE_MAX_CONCURRENCY),--run-stage-max-concurrency $(RUN_STAGE_MAX_CONCURRENCY)) \
+	$(if $(API_RESERVED_CONCURRENCY),--api-reserved-concurrency $(API_RESERVED_CONCURRENCY))
 
 # The STAGE SAM template merged with infra/template.json, and the code zip, in build/package.
 package: venv

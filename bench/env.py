@@ -46,8 +46,6 @@ def bench_environ() -> dict[str, str]:
         "MAOF_SWEEP_QUEUED_AFTER_SECONDS": "600",
         "MAOF_SWEEP_INTERVAL_SECONDS": "3600",
         "MAOF_AGENT_HEALTH_INTERVAL_SECONDS": "3600",
-        # 160 in-flight stages on one mock agent must not wait for capacity.
-        "MAOF_AGENT_BUSY_WAIT_MS": "2000",
         # One benchmark user submits hundreds of runs at once: the per-user limits would
         # measure themselves, not the engine.
         "MAOF_SUBMISSIONS_PER_MINUTE": "1000000",

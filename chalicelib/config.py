@@ -199,13 +199,15 @@ class Settings:
     run_stage_timeout_seconds: int
     poller_concurrency: int
     poller_batch_size: int
+    poller_wait_seconds: int
+    db_pool_size: int
+    db_max_overflow: int
     agent_cache_ttl_seconds: int
     mock_agents: bool
     agent_timeout_ms: int
     agent_retries: int
     agent_backoff_ms: int
     agent_max_backoff_ms: int
-    agent_busy_wait_ms: int
     agent_max_response_bytes: int
     agent_health_timeout_ms: int
     agent_health_interval_seconds: int
@@ -312,13 +314,15 @@ def load_settings() -> Settings:
         run_stage_timeout_seconds=_int("MAOF_RUN_STAGE_TIMEOUT_SECONDS", 900, 60, 900),
         poller_concurrency=_int("MAOF_POLLER_CONCURRENCY", 4, 1, 64),
         poller_batch_size=_int("MAOF_POLLER_BATCH_SIZE", 10, 1, 10),
+        poller_wait_seconds=_int("MAOF_POLLER_WAIT_SECONDS", 1, 0, 20),
+        db_pool_size=_int("MAOF_DB_POOL_SIZE", 10, 1, 100),
+        db_max_overflow=_int("MAOF_DB_MAX_OVERFLOW", 10, 0, 100),
         agent_cache_ttl_seconds=_int("MAOF_AGENT_CACHE_TTL_SECONDS", 30, 0, 3600),
         mock_agents=_bool("MAOF_MOCK_AGENTS", False),
         agent_timeout_ms=_int("MAOF_AGENT_TIMEOUT_MS", 30_000, 100, 900_000),
         agent_retries=_int("MAOF_AGENT_RETRIES", 2, 0, 10),
         agent_backoff_ms=_int("MAOF_AGENT_BACKOFF_MS", 1000, 0, 3_600_000),
         agent_max_backoff_ms=_int("MAOF_AGENT_MAX_BACKOFF_MS", 60_000, 0, 86_400_000),
-        agent_busy_wait_ms=_int("MAOF_AGENT_BUSY_WAIT_MS", 2000, 10, 900_000),
         agent_max_response_bytes=_int("MAOF_AGENT_MAX_RESPONSE_BYTES", 1_000_000, 1024, 6_000_000),
         agent_health_timeout_ms=_int("MAOF_AGENT_HEALTH_TIMEOUT_MS", 2000, 100, 30_000),
         agent_health_interval_seconds=_int("MAOF_AGENT_HEALTH_INTERVAL_SECONDS", 60, 5, 86400),

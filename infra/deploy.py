@@ -422,6 +422,8 @@ class StackParameters:
     secrets_kms_key_arn: str | None = None
     api_rate_limit: str | None = None
     api_burst_limit: str | None = None
+    run_stage_max_concurrency: str | None = None
+    api_reserved_concurrency: str | None = None
 
     def given(self) -> dict[str, str]:
         if (self.subnet_ids is None) != (self.security_group_ids is None):
@@ -436,6 +438,8 @@ class StackParameters:
             "SecretsKmsKeyArn": self.secrets_kms_key_arn,
             "ApiThrottlingRateLimit": self.api_rate_limit,
             "ApiThrottlingBurstLimit": self.api_burst_limit,
+            "RunStageMaxConcurrency": self.run_stage_max_concurrency,
+            "ApiReservedConcurrency": self.api_reserved_concurrency,
         }
         return {key: value for key, value in values.items() if value is not None}
 
@@ -866,6 +870,8 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--secrets-kms-key-arn", default=None)
             sub.add_argument("--api-rate-limit", default=None, help="requests/s for the API")
             sub.add_argument("--api-burst-limit", default=None)
+            sub.add_argument("--run-stage-max-concurrency", default=None)
+            sub.add_argument("--api-reserved-concurrency", default=None)
         if command == "destroy":
             sub.add_argument("--yes", action="store_true", help="do not ask for confirmation")
             sub.add_argument("--delete-secrets", action="store_true")
@@ -935,6 +941,8 @@ def main(argv: list[str] | None = None) -> int:
             secrets_kms_key_arn=args.secrets_kms_key_arn,
             api_rate_limit=args.api_rate_limit,
             api_burst_limit=args.api_burst_limit,
+            run_stage_max_concurrency=args.run_stage_max_concurrency,
+            api_reserved_concurrency=args.api_reserved_concurrency,
         )
         done = deploy(aws, args.stage, parameters, package_dir=args.package_dir)
     except DeployError as exc:

@@ -6,16 +6,24 @@ free capacity (in-flight tasks counted in Redis, capped at maxConcurrentTasks), 
 prefers online agents, then a lower recent failure rate, then lower recent latency,
 then the lighter load; ties go at random so load spreads. When every capable agent is
 full the stage waits (AgentsBusy). Without Redis there are no counts: capacity is not
-enforced and the choice among the best-status agents is random.
+enforced and the choice among the best-status agents is random (an outage of the cache
+must not stop the work; agents that refuse excess work answer 429 or 503, which is
+retried).
+
+A slot is a lease, not a counter: a member of the agent's Redis sorted set scored by its
+deadline (the call's own deadline plus SLOT_MARGIN_SECONDS). Counting ignores expired
+members and reserving prunes them, so the slot of a worker killed mid-call comes back on
+its own by its deadline; giving a slot back removes its member, which is idempotent.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import time
 import uuid
-from dataclasses import dataclass
-from typing import Any, cast
+from dataclasses import dataclass, replace
+from typing import Any, Literal, cast
 
 import redis
 
@@ -30,8 +38,9 @@ from chalicelib.agents.registry import (
 from chalicelib.agents.secrets import decrypt_token
 from chalicelib.logs import logger
 
-INFLIGHT_TTL_SECONDS = 900
 STATS_TTL_SECONDS = 3600
+# A slot outlives its call's deadline by this much (the worker records the outcome).
+SLOT_MARGIN_SECONDS = 5.0
 
 
 class NoAgentAvailable(Exception):
@@ -49,15 +58,19 @@ class AgentChoice:
     endpoint: str
     token_encrypted: str
     max_concurrent_tasks: int
-    reserved: bool  # a slot is held in Redis and must be released
+    slot: str | None = None  # the slot lease held in Redis (None: capacity not enforced)
+
+    @property
+    def reserved(self) -> bool:
+        return self.slot is not None
 
     @property
     def token(self) -> str:
         return decrypt_token(self.token_encrypted)
 
 
-def _inflight_key(agent_uuid: str) -> str:
-    return f"maof:agents:inflight:{agent_uuid}"
+def _slots_key(agent_uuid: str) -> str:
+    return f"maof:agents:slots:{agent_uuid}"
 
 
 def _stats_key(agent_uuid: str) -> str:
@@ -71,7 +84,7 @@ Figures = tuple[int, float, float]  # in-flight, failure rate, mean latency ms
 
 
 def _figures_of(values: list[Any]) -> Figures:
-    """An agent's figures from its GET in-flight and HGETALL stats replies.
+    """An agent's figures from its ZCOUNT of live slots and HGETALL stats replies.
 
     Rates and latencies count only after MIN_CALLS_FOR_STATS calls in the last hour, so
     a new agent is not ranked below one that got lucky with its first call."""
@@ -88,8 +101,9 @@ def _figures(agent_uuids: list[str]) -> list[Figures] | None:
     """(in-flight, failure rate, mean latency ms) per agent, or None without Redis."""
     try:
         pipe = cache.get_redis().pipeline(transaction=False)
+        now = time.time()
         for agent_uuid in agent_uuids:
-            pipe.get(_inflight_key(agent_uuid))
+            pipe.zcount(_slots_key(agent_uuid), now, "+inf")
             pipe.hgetall(_stats_key(agent_uuid))
         values = pipe.execute()
     except redis.RedisError:
@@ -111,8 +125,9 @@ def _candidates_and_figures(capability: str) -> tuple[list[dict[str, Any]], dict
         pipe = cache.get_redis().pipeline(transaction=False)
         pipe.get(capability_cache_key(capability))
         pipe.get(capability_generation_key(capability))
+        now = time.time()
         for agent_uuid in guess:
-            pipe.get(_inflight_key(agent_uuid))
+            pipe.zcount(_slots_key(agent_uuid), now, "+inf")
             pipe.hgetall(_stats_key(agent_uuid))
         values = pipe.execute()
     except redis.RedisError as exc:
@@ -147,10 +162,12 @@ def select_agent(
     capability: str,
     owner: uuid.UUID,
     *,
+    slot_until: float,
     prefer: str | None = None,
     exclude: frozenset[str] = frozenset(),
 ) -> AgentChoice:
-    """Reserve a slot on the best agent that may serve a stage of `owner`'s run.
+    """Reserve a slot, until `slot_until` (time.time()) plus the margin, on the best agent
+    that may serve a stage of `owner`'s run.
 
     `prefer` (the agent of a stage being retried) is the only one considered while it is
     still a candidate; `exclude` holds agents that already had their turn.
@@ -166,7 +183,7 @@ def select_agent(
     if figures is None:
         best_status = min(_status_rank(a) for a in found)
         pick = random.choice([a for a in found if _status_rank(a) == best_status])
-        return _choice(pick, reserved=False)
+        return _choice(pick, slot=None)
     order = list(range(len(found)))
     random.shuffle(order)
     order.sort(
@@ -182,8 +199,9 @@ def select_agent(
         agent = found[index]
         if figures[index][0] >= agent["maxConcurrentTasks"]:
             continue
-        if _reserve(agent["agentUuid"], agent["maxConcurrentTasks"]):
-            return _choice(agent, reserved=True)
+        slot = _reserve(agent["agentUuid"], agent["maxConcurrentTasks"], slot_until)
+        if slot is not False:
+            return _choice(agent, slot=slot)
     raise AgentsBusy(f"every agent with the capability '{capability}' is at capacity")
 
 
@@ -191,51 +209,80 @@ def _status_rank(agent: dict[str, Any]) -> int:
     return 0 if agent["status"] == "online" else 1
 
 
-def _choice(agent: dict[str, Any], reserved: bool) -> AgentChoice:
+def _choice(agent: dict[str, Any], slot: str | None) -> AgentChoice:
     return AgentChoice(
         agent_uuid=agent["agentUuid"],
         agent_id=agent["agentId"],
         endpoint=agent["endpoint"],
         token_encrypted=agent["tokenEncrypted"],
         max_concurrent_tasks=agent["maxConcurrentTasks"],
-        reserved=reserved,
+        slot=slot,
     )
 
 
-def _reserve(agent_uuid: str, limit: int) -> bool:
-    """Take one slot atomically: count up, and back down if that went over the limit."""
-    key = _inflight_key(agent_uuid)
+# Prune expired leases, then take one if fewer than the limit are live: one atomic step.
+_RESERVE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
+  redis.call('EXPIREAT', KEYS[1], math.ceil(tonumber(ARGV[3])) + 60)
+  return 1
+end
+return 0
+"""
+
+
+def _reserve(agent_uuid: str, limit: int, until: float) -> str | Literal[False] | None:
+    """A slot lease on the agent until `until` + margin: its id; False when the agent is
+    full; None when Redis is unreachable (capacity not enforced)."""
+    slot = uuid.uuid4().hex
     try:
-        pipe = cache.get_redis().pipeline()
-        pipe.incr(key)
-        pipe.expire(key, INFLIGHT_TTL_SECONDS)
-        count = int(pipe.execute()[0])
-        if count <= limit:
-            return True
-        cache.get_redis().decr(key)
-        return False
+        script = cache.get_redis().register_script(_RESERVE)
+        taken = script(
+            keys=[_slots_key(agent_uuid)],
+            args=[time.time(), limit, until + SLOT_MARGIN_SECONDS, slot],
+        )
     except redis.RedisError as exc:
-        logger.warning("in-flight count unavailable", extra={"error": type(exc).__name__})
-        return True
+        logger.warning("agent slots unavailable", extra={"error": type(exc).__name__})
+        return None
+    return slot if int(cast(Any, taken)) else False
+
+
+def hand_over(agent: AgentChoice, until: float) -> AgentChoice:
+    """The same agent's slot under a new lease (for the stage it is handed to): the old
+    lease goes and the new one comes in one step, so the slot is never free between."""
+    if agent.slot is None:
+        return agent
+    slot = uuid.uuid4().hex
+    key = _slots_key(agent.agent_uuid)
+    try:
+        pipe = cache.get_redis().pipeline()  # MULTI
+        pipe.zrem(key, agent.slot)
+        pipe.zadd(key, {slot: until + SLOT_MARGIN_SECONDS})
+        pipe.execute()
+    except redis.RedisError:
+        return replace(agent, slot=None)
+    return replace(agent, slot=slot)
 
 
 def release(agent: AgentChoice) -> None:
-    if not agent.reserved:
+    """Give the slot back (idempotent; best effort: it expires by its deadline anyway)."""
+    if agent.slot is None:
         return
     try:
-        cache.get_redis().decr(_inflight_key(agent.agent_uuid))
+        cache.get_redis().zrem(_slots_key(agent.agent_uuid), agent.slot)
     except redis.RedisError:
         pass
 
 
-def settle(agent: AgentChoice, ok: bool, latency_ms: float) -> None:
-    """After a call: give the agent's slot back and count the outcome and latency for
-    ranking, in one round trip (best effort)."""
+def settle(agent: AgentChoice, ok: bool, latency_ms: float, *, keep_slot: bool = False) -> None:
+    """After a call: count the outcome and latency for ranking and, unless the slot was
+    handed on (`keep_slot`), give it back, in one round trip (best effort)."""
     key = _stats_key(agent.agent_uuid)
     try:
         pipe = cache.get_redis().pipeline()
-        if agent.reserved:
-            pipe.decr(_inflight_key(agent.agent_uuid))
+        if agent.slot is not None and not keep_slot:
+            pipe.zrem(_slots_key(agent.agent_uuid), agent.slot)
         pipe.hincrby(key, "ok" if ok else "failed", 1)
         pipe.hincrbyfloat(key, "latency_ms", latency_ms)
         pipe.expire(key, STATS_TTL_SECONDS)
@@ -244,8 +291,11 @@ def settle(agent: AgentChoice, ok: bool, latency_ms: float) -> None:
         pass
 
 
-def inflight_count(agent_uuid: str | uuid.UUID) -> int | None:
+def live_slots(agent_uuid: str | uuid.UUID) -> int | None:
+    """How many of the agent's slots are held now; None without Redis."""
     try:
-        return int(cast(Any, cache.get_redis().get(_inflight_key(str(agent_uuid)))) or 0)
+        return int(
+            cast(Any, cache.get_redis().zcount(_slots_key(str(agent_uuid)), time.time(), "+inf"))
+        )
     except redis.RedisError:
         return None

@@ -16,7 +16,7 @@ from chalicelib import errors
 from chalicelib.config import get_settings
 
 # The Alembic revision this code expects; tests check it is the migrations' head.
-SCHEMA_REVISION = "0004_bounded_stages"
+SCHEMA_REVISION = "0005_parked_stages"
 
 
 def _psycopg_url(url: str) -> str:
@@ -36,11 +36,12 @@ def get_engine() -> Engine:
     engine = create_engine(
         _psycopg_url(settings.database_url),
         # Kept open between uses: a run_stage execution works up to 10 records at once
-        # (opening a connection costs far more than a stage's transaction). Beyond 10,
-        # overflow connections (the local poller runs several executions in one
-        # process), closed when returned; 20 in all per process.
-        pool_size=10,
-        max_overflow=10,
+        # (opening a connection costs far more than a stage's transaction). Beyond the
+        # pool, overflow connections (the local poller runs several executions in one
+        # process), closed when returned. Deployed, each function sets its own
+        # (.chalice/config.json): the API and the schedules need few.
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
         # The most recently used connection first: the busy ones stay warm (no ping),
         # the spare ones age out through pool_recycle.
         pool_use_lifo=True,

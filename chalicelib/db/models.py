@@ -23,7 +23,15 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 RUN_STATUSES = ("queued", "in_progress", "completed", "failed")
-STAGE_STATUSES = ("pending", "queued", "in_progress", "completed", "failed", "skipped")
+STAGE_STATUSES = (
+    "pending",
+    "queued",
+    "waiting",
+    "in_progress",
+    "completed",
+    "failed",
+    "skipped",
+)
 AGENT_STATUSES = ("online", "degraded", "offline")
 
 
@@ -128,6 +136,8 @@ class WorkflowRun(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = _now()
+    # When one of its stages last got an agent's slot (round-robin hand-offs).
+    served_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Bytes of stage output stored so far (capped by MAOF_RUN_MAX_OUTPUT_BYTES).
     output_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
 
@@ -174,6 +184,8 @@ class StageExecution(Base):
     lease_expiries: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     requeues: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     waits: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    # When it began to wait for an agent's slot (status waiting); kept while it waits.
+    parked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The stages whose outputs the input reads (NULL: every completed stage).
     needs: Mapped[list[str] | None] = mapped_column(ARRAY(String(100)))
     queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -184,8 +196,15 @@ class StageExecution(Base):
     __table_args__ = (
         UniqueConstraint("run_id", "stage_id", name="stage_executions_run_stage"),
         CheckConstraint(
-            "status IN ('pending', 'queued', 'in_progress', 'completed', 'failed', 'skipped')",
+            "status IN ('pending', 'queued', 'waiting', 'in_progress', 'completed', 'failed', "
+            "'skipped')",
             name="stage_executions_status",
+        ),
+        Index(
+            "stage_executions_waiting",
+            "capability",
+            "parked_at",
+            postgresql_where=text("status = 'waiting'"),
         ),
         # The sweeper looks for stages stuck in 'queued' or with an expired lease.
         Index(

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import functools
 import os
-import random
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from chalicelib.agents.selection import (
     AgentsBusy,
     NoAgentAvailable,
     eligible,
+    hand_over,
     release,
     select_agent,
     settle,
@@ -77,9 +79,46 @@ class DispatchPolicy:
 MIN_CALL_SECONDS = 1.0
 
 
-def run_stage(run_id: uuid.UUID, stage_id: str, deadline: float | None = None) -> str:
-    """Run one stage message by `deadline` (time.monotonic(); None: no limit but the
-    stage's own); returns what happened (for logs and tests).
+class TaskGroup:
+    """Stages an invocation took on besides its messages (hand-offs): it returns only when
+    they are done, since Lambda freezes whatever still runs after it returns."""
+
+    def __init__(self) -> None:
+        self._pending = 0
+        self._done = threading.Condition()
+
+    def spawn(self, task: Callable[[], Any]) -> None:
+        with self._done:
+            self._pending += 1
+        _batch_pool().submit(self._run, task)
+
+    def _run(self, task: Callable[[], Any]) -> None:
+        try:
+            task()
+        except Exception:
+            logger.exception("a handed-over stage raised; its lease runs out and it runs again")
+        finally:
+            with self._done:
+                self._pending -= 1
+                self._done.notify_all()
+
+    def wait(self) -> None:
+        with self._done:
+            while self._pending:
+                self._done.wait()
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """What one run_stage invocation offers its stages: a time limit (time.monotonic();
+    None: none but each stage's own) and a group to run hand-offs in (None: no hand-offs)."""
+
+    deadline: float | None = None
+    group: TaskGroup | None = None
+
+
+def run_stage(run_id: uuid.UUID, stage_id: str, invocation: Invocation | None = None) -> str:
+    """Run one stage message; returns what happened (for logs and tests).
 
     Any exception after the claim counts against the stage (an attempt, then failure);
     only the infrastructure failing us (the database, the queue) hands the message back
@@ -95,10 +134,19 @@ def run_stage(run_id: uuid.UUID, stage_id: str, deadline: float | None = None) -
             return "not-due"
         return "not-queued"
     trace.mark("claimed", run_id, stage_id)
+    return _run_claimed(claimed, invocation or Invocation())
+
+
+def _run_claimed(
+    claimed: stages.ClaimedStage, invocation: Invocation, handed: AgentChoice | None = None
+) -> str:
+    """Run a stage this worker holds (`handed`: with a slot already held on that agent)."""
     with leases.held(claimed.claim_token):
         try:
-            return _execute(claimed, deadline)
+            return _execute(claimed, invocation, handed)
         except Exception as exc:
+            if handed is not None:
+                release(handed)  # never given to a call: the slot would wait out its lease
             if is_infrastructure_error(exc):
                 _release_quietly(claimed)
                 raise
@@ -127,7 +175,15 @@ def _call_deadline(policy: DispatchPolicy, invocation_deadline: float | None) ->
     return own if invocation_deadline is None else min(own, invocation_deadline)
 
 
-def _execute(claimed: stages.ClaimedStage, invocation_deadline: float | None) -> str:
+def _wall_clock(deadline: float) -> float:
+    """A time.monotonic() deadline as time.time() (what Redis slot leases are scored by)."""
+    return time.time() + (deadline - time.monotonic())
+
+
+def _execute(
+    claimed: stages.ClaimedStage, invocation: Invocation, handed: AgentChoice | None = None
+) -> str:
+    invocation_deadline = invocation.deadline
     context = stages.load_context(claimed)
     try:
         stage_input = stage_input_of(claimed, context)
@@ -135,14 +191,19 @@ def _execute(claimed: stages.ClaimedStage, invocation_deadline: float | None) ->
         stages.fail_stage(claimed, str(exc))
         return "failed"
     policy = DispatchPolicy.of(claimed.config)
-    if invocation_deadline is not None and invocation_deadline - time.monotonic() < MIN_CALL_SECONDS:
+    if (
+        invocation_deadline is not None
+        and invocation_deadline - time.monotonic() < MIN_CALL_SECONDS
+    ):
+        if handed is not None:
+            release(handed)
         stages.release_stage(claimed)  # this invocation is out of time; the next one runs it
         _send(claimed.run_id, [claimed.stage_id])
         return "released"
     deadline = _call_deadline(policy, invocation_deadline)
     tried = frozenset(str(u) for u in claimed.tried_agents)
     try:
-        agent, attempt = _select_and_assign(claimed, tried)
+        agent, attempt = _select_and_assign(claimed, tried, _wall_clock(deadline), handed)
     except NoAgentAvailable as exc:
         reason = str(exc)
         if tried:
@@ -153,7 +214,7 @@ def _execute(claimed: stages.ClaimedStage, invocation_deadline: float | None) ->
         stages.fail_stage(claimed, reason, stage_input=stage_input)
         return "failed"
     except AgentsBusy as exc:
-        return _wait_for_capacity(claimed, str(exc))
+        return _wait_for_capacity(claimed, str(exc), invocation)
     except ClaimLost:
         return "lost"
     except RunEnded:
@@ -177,13 +238,18 @@ def _execute(claimed: stages.ClaimedStage, invocation_deadline: float | None) ->
     try:
         output = call_agent(agent.endpoint, agent.token, agent.agent_id, task)
     except AgentCallFailed as exc:
-        settle(agent, False, (time.monotonic() - started) * 1000)
+        settle(
+            agent,
+            False,
+            (time.monotonic() - started) * 1000,
+            keep_slot=_hand_off(agent, invocation),
+        )
         return _after_failure(claimed, agent, exc, policy, stage_input)
     except BaseException:
         release(agent)  # the slot is given back however the call ends
         raise
     trace.mark("agent-returned", claimed.run_id, claimed.stage_id)
-    settle(agent, True, (time.monotonic() - started) * 1000)
+    settle(agent, True, (time.monotonic() - started) * 1000, keep_slot=_hand_off(agent, invocation))
     try:
         ready = stages.complete_stage(
             claimed, agent.agent_uuid, agent.agent_id, stage_input, output.value, output.text
@@ -231,17 +297,27 @@ MAX_ASSIGN_TRIES = 3
 
 
 def _select_and_assign(
-    claimed: stages.ClaimedStage, tried: frozenset[str]
+    claimed: stages.ClaimedStage,
+    tried: frozenset[str],
+    slot_until: float,
+    handed: AgentChoice | None = None,
 ) -> tuple[AgentChoice, int]:
-    """Reserve a slot on an agent that may serve the run, record it on the stage, and say
-    under which attempt (Idempotency-Key) to call it: the stage's agent so far keeps its
-    attempt (a retry or a redelivery); another agent gets the next one."""
+    """Reserve a slot on an agent that may serve the run (or take the `handed` one), record
+    it on the stage, and say under which attempt (Idempotency-Key) to call it: the stage's
+    agent so far keeps its attempt (a retry or a redelivery); another agent gets the next."""
     refused: frozenset[str] = frozenset()
     sticky = str(claimed.agent_uuid) if claimed.agent_uuid else None
     for _ in range(MAX_ASSIGN_TRIES):
-        agent = select_agent(
-            claimed.capability, claimed.owner_id, prefer=sticky, exclude=tried | refused
-        )
+        if handed is not None:
+            agent, handed = handed, None
+        else:
+            agent = select_agent(
+                claimed.capability,
+                claimed.owner_id,
+                slot_until=slot_until,
+                prefer=sticky,
+                exclude=tried | refused,
+            )
         attempt = claimed.attempt if sticky in (None, agent.agent_uuid) else claimed.attempt + 1
         result = stages.assign_agent(claimed, agent.agent_uuid, agent.agent_id, attempt)
         if result is stages.AssignResult.ASSIGNED:
@@ -365,35 +441,67 @@ def _after_error(claimed: stages.ClaimedStage, exc: Exception) -> str:
     return "failed"
 
 
-def _wait_for_capacity(claimed: stages.ClaimedStage, reason: str) -> str:
-    """Every capable agent is full: come back later, without using up an attempt, at most
-    MAOF_STAGE_MAX_WAITS times."""
+def _wait_for_capacity(claimed: stages.ClaimedStage, reason: str, invocation: Invocation) -> str:
+    """Every agent that could take the stage is full: it waits in Postgres, uses up no
+    attempt, and is handed a slot by the next worker that frees one (at most
+    MAOF_STAGE_MAX_WAITS times; the sweeper wakes one whose hand-off was lost)."""
     settings = get_settings()
-    waits = claimed.waits + 1
-    if waits > settings.stage_max_waits:
+    if claimed.waits + 1 > settings.stage_max_waits:
         stages.fail_stage(
             claimed, f"{reason}; gave up after {claimed.waits} waits (MAOF_STAGE_MAX_WAITS)"
         )
         return "failed"
-    delay_ms = settings.agent_busy_wait_ms
-    delay_ms = int(random.uniform(delay_ms / 2, delay_ms))
-    return _requeued(
-        claimed,
-        stages.requeue_later(
-            claimed,
-            delay_ms,
-            "wait",
-            agent_uuid=claimed.agent_uuid,
-            agent_id=None,
-            agent_attempts=claimed.agent_attempts,
-            tried_agents=claimed.tried_agents,
-            next_attempt=False,
-            details={"reason": reason},
-            waits=waits,
-        ),
-        delay_ms,
-        "waiting",
-    )
+    parked = stages.park_stage(claimed, reason)
+    if parked is not stages.Requeued.QUEUED:
+        return str(parked.value)
+    # A slot freed between our look and our parking found no one waiting: look once more,
+    # now that we are in line, and take the stage back if there is room after all.
+    policy = DispatchPolicy.of(claimed.config)
+    until = _wall_clock(_call_deadline(policy, invocation.deadline))
+    try:
+        agent = select_agent(
+            claimed.capability,
+            claimed.owner_id,
+            slot_until=until,
+            prefer=str(claimed.agent_uuid) if claimed.agent_uuid else None,
+            exclude=frozenset(str(u) for u in claimed.tried_agents),
+        )
+    except (AgentsBusy, NoAgentAvailable):
+        return "waiting"
+    if agent.slot is None:
+        return "waiting"  # without Redis nothing is full: the stage was never parked
+    back = stages.claim_stage(claimed.run_id, claimed.stage_id, waiting=True)
+    if back is None:
+        release(agent)  # someone handed it a slot already, or its run ended
+        return "waiting"
+    return _run_claimed(back, invocation, handed=agent)
+
+
+def _hand_off(agent: AgentChoice, invocation: Invocation) -> bool:
+    """Give the agent's slot, as its call returns, straight to the next stage waiting for
+    it (fairly across runs), and start that stage here: no slot idles while stages wait,
+    and no stage sleeps in SQS. True if the slot was handed on (it must not be released)."""
+    if agent.slot is None or invocation.group is None:
+        return False
+    if (
+        invocation.deadline is not None
+        and invocation.deadline - time.monotonic() < MIN_CALL_SECONDS
+    ):
+        return False
+    try:
+        waiting = stages.next_waiting(agent.agent_uuid)
+        for run_id, stage_id in waiting:
+            claimed = stages.claim_stage(run_id, stage_id, waiting=True)
+            if claimed is None:
+                continue  # taken by another worker, or its run ended
+            policy = DispatchPolicy.of(claimed.config)
+            until = _wall_clock(_call_deadline(policy, invocation.deadline))
+            handed = hand_over(agent, until)
+            invocation.group.spawn(functools.partial(_run_claimed, claimed, invocation, handed))
+            return True
+    except Exception as exc:  # the slot is simply released; the sweeper wakes the stage
+        logger.warning("could not hand a slot over", extra={"error": type(exc).__name__})
+    return False
 
 
 # Up to 10 records per invocation (the SQS batch size) run at once, each in its own
@@ -412,11 +520,13 @@ def run_stage_batch(records: list[dict[str, Any]], context: Any = None) -> dict[
     """Run every stage message of a batch, at once, within the invocation's time (the
     Lambda `context`, if given); report the ones to redeliver, and make them visible again
     soon (backoff by receive count) rather than after the queue's visibility timeout."""
-    deadline = _invocation_deadline(context)
+    group = TaskGroup()
+    invocation = Invocation(_invocation_deadline(context), group)
     if len(records) == 1:
-        results = [_run_record(records[0], deadline)]
+        results = [_run_record(records[0], invocation)]
     else:
-        results = list(_batch_pool().map(lambda r: _run_record(r, deadline), records))
+        results = list(_batch_pool().map(lambda r: _run_record(r, invocation), records))
+    group.wait()
     failed = [record for record, failed in zip(records, results, strict=True) if failed]
     if failed:
         redeliver_soon(failed)
@@ -460,7 +570,7 @@ def redeliver_soon(records: list[dict[str, Any]]) -> None:
         logger.warning("could not shorten redelivery", extra={"error": type(exc).__name__})
 
 
-def _run_record(record: dict[str, Any], deadline: float | None = None) -> bool:
+def _run_record(record: dict[str, Any], invocation: Invocation) -> bool:
     """Run one record; True when it must be delivered again."""
     try:
         message = StageMessage.parse(record["body"])
@@ -472,7 +582,7 @@ def _run_record(record: dict[str, Any], deadline: float | None = None) -> bool:
         )
         return True
     try:
-        outcome = run_stage(message.run_id, message.stage_id, deadline)
+        outcome = run_stage(message.run_id, message.stage_id, invocation)
         trace.mark("done", message.run_id, message.stage_id)
         logger.debug(
             "stage message handled",

@@ -65,9 +65,10 @@ class StageContext:
     outputs: dict[str, Any]  # outputs of the completed stages it needs, by stage id
 
 
-def claim_stage(run_id: uuid.UUID, stage_id: str) -> ClaimedStage | None:
-    """Take a queued, due stage of a live run for this worker, or None (a duplicate
-    delivery, a stage not due yet, or a run that has ended).
+def claim_stage(run_id: uuid.UUID, stage_id: str, *, waiting: bool = False) -> ClaimedStage | None:
+    """Take a queued, due stage (or, with `waiting`, one waiting for a slot) of a live run
+    for this worker, or None (a duplicate delivery, a stage not due yet, a run that has
+    ended, or a waiting stage someone else took first).
 
     One statement, one round trip: the claim, the run's move to in_progress, and what
     the stage needs to run (the workflow input and the outputs its input reads).
@@ -75,7 +76,7 @@ def claim_stage(run_id: uuid.UUID, stage_id: str) -> ClaimedStage | None:
     token = uuid.uuid4()
     with autocommit_connection() as conn:
         row = conn.execute(
-            _CLAIM,
+            _CLAIM_WAITING if waiting else _CLAIM,
             {
                 "run_id": run_id,
                 "stage_id": stage_id,
@@ -111,8 +112,7 @@ def claim_stage(run_id: uuid.UUID, stage_id: str) -> ClaimedStage | None:
 # The run row is locked first (the scalar subquery on `run` is evaluated before the
 # UPDATE touches a stage row): the same order as every other writer. Only the outputs
 # the stage needs are read: a stage of a wide run does not drag every output along.
-_CLAIM = text(
-    """
+_CLAIM_SQL = """
     WITH run AS MATERIALIZED (
         SELECT id, user_id, workflow_name, input FROM workflow_runs
          WHERE id = :run_id AND status IN ('queued', 'in_progress')
@@ -121,9 +121,8 @@ _CLAIM = text(
         UPDATE stage_executions
            SET status = 'in_progress', claim_token = :token,
                started_at = COALESCE(started_at, now()),
-               lease_expires_at = now() + make_interval(secs => :lease)
-         WHERE run_id = (SELECT id FROM run) AND stage_id = :stage_id AND status = 'queued'
-           AND (not_before IS NULL OR not_before <= now())
+               lease_expires_at = now() + make_interval(secs => :lease), parked_at = NULL
+         WHERE run_id = (SELECT id FROM run) AND stage_id = :stage_id AND {condition}
      RETURNING id, stage_name, capability, dependencies, needs, input_template, config,
                attempt, agent_uuid, agent_attempts, tried_agents, error_message, errors, waits
     ), started AS (
@@ -135,8 +134,11 @@ _CLAIM = text(
              WHERE done.run_id = :run_id AND done.status = 'completed'
                AND (claimed.needs IS NULL OR done.stage_id = ANY (claimed.needs))) AS outputs
       FROM claimed, run
-    """
+"""
+_CLAIM = text(
+    _CLAIM_SQL.format(condition="status = 'queued' AND (not_before IS NULL OR not_before <= now())")
 )
+_CLAIM_WAITING = text(_CLAIM_SQL.format(condition="status = 'waiting'"))
 
 
 class AssignResult(enum.Enum):
@@ -478,7 +480,7 @@ def record_failure(
     skipped = session.execute(
         text(
             "UPDATE stage_executions SET status = 'skipped', completed_at = now() "
-            "WHERE run_id = :run_id AND status IN ('pending', 'queued') "
+            "WHERE run_id = :run_id AND status IN ('pending', 'queued', 'waiting') "
             "RETURNING stage_id, position"
         ),
         {"run_id": run.id},
@@ -648,3 +650,75 @@ def renew_leases(claim_tokens: list[uuid.UUID]) -> int:
                 {"lease": get_settings().stage_lease_seconds, "tokens": claim_tokens},
             ).all()
         )
+
+
+def park_stage(stage: ClaimedStage, reason: str) -> Requeued:
+    """Every agent that could take the stage is full: it waits in Postgres (status
+    `waiting`, in line by when it first began to wait) without a message, until a worker
+    that frees a slot hands it over (or the sweeper wakes it). Only its first wait is an
+    audit entry. Skipped instead if its run has ended."""
+    with session_scope() as session:
+        run = lock_run(session, stage.run_id)
+        if not run.live:
+            return _skip_ended(session, stage, run)
+        parked = session.execute(
+            text(
+                """
+                UPDATE stage_executions
+                   SET status = 'waiting', parked_at = COALESCE(parked_at, now()),
+                       queued_at = now(), lease_expires_at = NULL, claim_token = NULL,
+                       waits = waits + 1
+                 WHERE id = :id AND status = 'in_progress' AND claim_token = :token
+             RETURNING waits
+                """
+            ),
+            {"id": stage.id, "token": stage.claim_token},
+        ).first()
+        if parked is None:
+            return Requeued.LOST
+        if parked.waits == 1:
+            chain.append(
+                session,
+                stage.run_id,
+                "wait",
+                "waiting",
+                stage_id=stage.stage_id,
+                details={"reason": reason, "attempt": stage.attempt},
+            )
+    return Requeued.QUEUED
+
+
+def next_waiting(agent_uuid: str, limit: int = 3) -> list[tuple[uuid.UUID, str]]:
+    """The waiting stages this agent may take, best first (run id, stage id).
+
+    Fair across runs: the head (oldest waiting stage) of each run, the run with the fewest
+    stages in progress first, then the longest waiting. A run of a thousand fan-out stages
+    cannot keep another run's one stage waiting behind them."""
+    with autocommit_connection() as conn:
+        rows = conn.execute(_NEXT_WAITING, {"agent_uuid": uuid.UUID(agent_uuid), "limit": limit})
+        return [(row.run_id, row.stage_id) for row in rows]
+
+
+_NEXT_WAITING = text(
+    """
+    WITH agent AS (
+        SELECT id, owner_id, visibility, capabilities FROM agents
+         WHERE id = :agent_uuid AND deleted_at IS NULL
+    ), heads AS (
+        SELECT DISTINCT ON (s.run_id) s.run_id, s.stage_id, s.parked_at
+          FROM stage_executions AS s
+          JOIN workflow_runs AS r ON r.id = s.run_id, agent AS a
+         WHERE s.status = 'waiting' AND s.capability = ANY (a.capabilities)
+           AND r.status IN ('queued', 'in_progress')
+           AND (a.visibility = 'shared' OR r.user_id = a.owner_id)
+           AND NOT (a.id = ANY (s.tried_agents))
+           AND (s.agent_uuid IS NULL OR s.agent_uuid = a.id)
+         ORDER BY s.run_id, s.parked_at, s.id
+    )
+    SELECT heads.run_id, heads.stage_id FROM heads
+     ORDER BY (SELECT count(*) FROM stage_executions AS x
+                WHERE x.run_id = heads.run_id AND x.status = 'in_progress'),
+              heads.parked_at
+     LIMIT :limit
+    """
+)

@@ -9,7 +9,10 @@ was recreated empty): it is sent again, at most MAOF_STAGE_MAX_REQUEUES times. H
 "a while" is depends on the queue: when it holds nothing to deliver, no message can be
 on its way, so MAOF_SWEEP_QUEUED_AFTER_SECONDS suffices; behind a backlog, a stage's
 message may simply not have come up yet, so MAOF_SWEEP_BACKLOG_AFTER_SECONDS applies.
-Stages left queued or in progress in a run that has ended are skipped.
+Stages left queued or in progress in a run that has ended are skipped. A stage waiting
+for an agent's slot is handed one by the worker that frees it; one that has waited
+MAOF_SWEEP_QUEUED_AFTER_SECONDS without (its hand-off was lost, or its agent left) is
+woken: queued again, to look for a slot afresh (or wait again, counted).
 
 Each run is swept in its own transaction (the run row locked first, as everywhere); an
 error on one run is logged and the sweep goes on with the others.
@@ -193,10 +196,43 @@ def _fail(session: Session, run: LockedRun, row: Any, expired: bool, times: int)
     record_failure(session, run, row.stage_id, row.stage_name, reason, row.agent_id, row.attempt)
 
 
+WAKE_LIMIT = 200
+
+
+def wake_waiting() -> dict[uuid.UUID, list[str]]:
+    """Queue again the stages that have waited for a slot longer than the short grace."""
+    grace = timedelta(seconds=get_settings().sweep_queued_after_seconds)
+    with session_scope() as session:
+        rows = session.execute(
+            text(
+                """
+                UPDATE stage_executions SET status = 'queued', queued_at = now()
+                 WHERE id IN (SELECT id FROM stage_executions
+                               WHERE status = 'waiting' AND queued_at <= now() - :grace
+                               ORDER BY parked_at LIMIT :limit FOR UPDATE SKIP LOCKED)
+             RETURNING run_id, stage_id
+                """
+            ),
+            {"grace": grace, "limit": WAKE_LIMIT},
+        ).all()
+    woken: dict[uuid.UUID, list[str]] = defaultdict(list)
+    for row in rows:
+        woken[row.run_id].append(row.stage_id)
+    return woken
+
+
 def sweep_once() -> dict[str, int]:
-    """One sweep: every stalled stage re-queued and re-sent, failed or skipped."""
+    """One sweep: every stalled stage re-queued and re-sent, failed or skipped; stages
+    waiting too long for a slot woken."""
     grace = grace_for(queue_backlog())
-    totals = {"requeued": 0, "failed": 0, "skipped": 0, "errors": 0}
+    totals = {"requeued": 0, "failed": 0, "skipped": 0, "woken": 0, "errors": 0}
+    try:
+        for run_id, stage_ids in wake_waiting().items():
+            send_stage_messages(run_id, stage_ids)
+            totals["woken"] += len(stage_ids)
+    except Exception:
+        logger.exception("waking waiting stages failed; going on")
+        totals["errors"] += 1
     for run_id, stage_ids in find_stalled(grace).items():
         try:
             swept = sweep_run(run_id, stage_ids, grace)

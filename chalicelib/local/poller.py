@@ -81,14 +81,14 @@ class Poller:
         schedules: list[tuple[str, Handler, float]] | None = None,
         concurrency: int | None = None,
         batch_size: int | None = None,
-        wait_seconds: int = 1,
+        wait_seconds: int | None = None,
     ) -> None:
         settings = get_settings()
         self.handler = handler
         self.schedules = schedules or []
         self.concurrency = concurrency or settings.poller_concurrency
         self.batch_size = batch_size or settings.poller_batch_size
-        self.wait_seconds = wait_seconds
+        self.wait_seconds = settings.poller_wait_seconds if wait_seconds is None else wait_seconds
         self.region = settings.aws_region
         self.queue_url = stage_queue_url()
         self.queue_arn = aws_client("sqs").get_queue_attributes(

@@ -11,6 +11,7 @@ const GLYPHS = {
   failed: ['M-4.5-4.5l9 9M4.5-4.5l-9 9'],
   in_progress: ['M0-6a6 6 0 1 1-6 6'],
   queued: ['M0-6a6 6 0 1 0 0 12a6 6 0 1 0 0-12', 'M0-3v3.5l2.5 1.5'],
+  waiting: ['M-3-5v10M3-5v10'],
   pending: ['M-4 0h.01M0 0h.01M4 0h.01'],
   skipped: ['M-5 0h10'],
 };
@@ -250,7 +251,7 @@ export function renderDag(stages, { orientation = 'lr', onSelect, selectedId, la
       const from = statusOf.get(edge.from);
       const to = statusOf.get(edge.to);
       let kind = 'idle';
-      if (from === 'completed') kind = to === 'in_progress' || to === 'queued' ? 'active' : 'done';
+      if (from === 'completed') kind = to === 'in_progress' || to === 'queued' || to === 'waiting' ? 'active' : 'done';
       if (from === 'failed' || to === 'skipped') kind = from === 'failed' ? 'failed' : 'idle';
       edge.path.setAttribute('class', `dag-edge dag-edge--${kind}`);
       const marker = kind === 'active' ? 'done' : kind;
@@ -275,7 +276,7 @@ export function dagLegend() {
   return h(
     'ul',
     { class: 'dag-legend', 'aria-label': 'Legend' },
-    ['pending', 'queued', 'in_progress', 'completed', 'failed', 'skipped'].map((status) =>
+    ['pending', 'queued', 'waiting', 'in_progress', 'completed', 'failed', 'skipped'].map((status) =>
       h('li', { class: `dag-legend__item dag-legend__item--${status}` }, h('span', { class: 'dag-legend__swatch' }), statusLabel(status)),
     ),
   );

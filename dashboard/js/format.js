@@ -3,6 +3,7 @@
 export const STATUS_LABELS = {
   pending: 'Pending',
   queued: 'Queued',
+  waiting: 'Waiting for an agent',
   in_progress: 'In progress',
   completed: 'Completed',
   failed: 'Failed',
@@ -12,7 +13,7 @@ export const STATUS_LABELS = {
   offline: 'Offline',
 };
 
-export const LIVE_STATUSES = new Set(['queued', 'in_progress']);
+export const LIVE_STATUSES = new Set(['queued', 'waiting', 'in_progress']);
 
 export function statusLabel(status) {
   return STATUS_LABELS[status] || String(status || 'Unknown');

@@ -208,6 +208,36 @@ def test_the_api_stage_is_throttled_by_template_parameters(
         assert template["Parameters"][name]["Default"] >= 1
 
 
+def test_concurrency_is_matched_to_the_database_by_template_parameters(
+    template: dict[str, Any], resources: dict[str, Any]
+) -> None:
+    event = _sqs_event(resources)["Properties"]
+    assert event["ScalingConfig"] == {"MaximumConcurrency": {"Ref": "RunStageMaxConcurrency"}}
+    assert template["Parameters"]["RunStageMaxConcurrency"]["MinValue"] == 2  # SQS's floor
+    reserved = resources["APIHandler"]["Properties"]["ReservedConcurrentExecutions"]
+    assert reserved == {
+        "Fn::If": [
+            "HasApiReservedConcurrency",
+            {"Ref": "ApiReservedConcurrency"},
+            {"Ref": "AWS::NoValue"},
+        ]
+    }
+    # Each function opens only the database connections it needs.
+    pools = {
+        name: resources[name]["Properties"]["Environment"]["Variables"]
+        for name in ("APIHandler", "RunStage", "SweepStalledStages", "CheckAgentHealth")
+    }
+    assert (pools["RunStage"]["MAOF_DB_POOL_SIZE"], pools["RunStage"]["MAOF_DB_MAX_OVERFLOW"]) == (
+        "10",
+        "5",
+    )
+    for name in ("APIHandler", "SweepStalledStages", "CheckAgentHealth"):
+        assert (pools[name]["MAOF_DB_POOL_SIZE"], pools[name]["MAOF_DB_MAX_OVERFLOW"]) == (
+            "1",
+            "2",
+        ), name
+
+
 def test_run_stage_reports_batch_item_failures(resources: dict[str, Any]) -> None:
     run_stage = resources["RunStage"]
     assert run_stage["Type"] == "AWS::Serverless::Function"

@@ -31,6 +31,7 @@ const POLL_MIN_MS = 400;
 const WAITING_INPUT = {
   pending: 'Resolved when its dependencies complete.',
   queued: 'Resolved when the stage starts.',
+  waiting: 'Resolved when an agent has a free slot.',
   in_progress: 'Recorded when the stage finishes.',
 };
 const POLL_MAX_MS = 5000;
@@ -42,6 +43,9 @@ const ACTIONS = {
   fail: 'Failed',
   skip: 'Skipped',
   requeue: 'Re-queued',
+  retry: 'Retried',
+  fallback: 'Fell back',
+  wait: 'Waited for a slot',
 };
 
 function graphStages(run) {
@@ -54,7 +58,7 @@ function fingerprint(run) {
 
 function defaultStage(run) {
   const by = (status) => run.stages.find((stage) => stage.status === status);
-  return (by('failed') || by('in_progress') || by('queued') || run.stages[run.stages.length - 1])?.stageId;
+  return (by('failed') || by('in_progress') || by('waiting') || by('queued') || run.stages[run.stages.length - 1])?.stageId;
 }
 
 function fact(label, value, testid) {
