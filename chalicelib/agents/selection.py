@@ -275,20 +275,31 @@ def release(agent: AgentChoice) -> None:
         pass
 
 
-def settle(agent: AgentChoice, ok: bool, latency_ms: float, *, keep_slot: bool = False) -> None:
+def settle(agent: AgentChoice, ok: bool, latency_ms: float, *, keep_slot: bool = False) -> bool:
     """After a call: count the outcome and latency for ranking and, unless the slot was
-    handed on (`keep_slot`), give it back, in one round trip (best effort)."""
+    handed on (`keep_slot`), give it back, in one round trip (best effort). True when the
+    slot given back was the agent's last free one to be taken: stages may be waiting."""
     key = _stats_key(agent.agent_uuid)
+    releasing = agent.slot is not None and not keep_slot
     try:
         pipe = cache.get_redis().pipeline()
-        if agent.slot is not None and not keep_slot:
-            pipe.zrem(_slots_key(agent.agent_uuid), agent.slot)
+        if releasing:
+            pipe.zrem(_slots_key(agent.agent_uuid), str(agent.slot))
+            pipe.zcount(_slots_key(agent.agent_uuid), time.time(), "+inf")
         pipe.hincrby(key, "ok" if ok else "failed", 1)
         pipe.hincrbyfloat(key, "latency_ms", latency_ms)
         pipe.expire(key, STATS_TTL_SECONDS)
-        pipe.execute()
+        values = pipe.execute()
     except redis.RedisError:
-        pass
+        return False
+    return releasing and int(values[1]) + 1 >= agent.max_concurrent_tasks
+
+
+def reserve_on(agent: AgentChoice, until: float) -> AgentChoice | None:
+    """A slot on this agent (already chosen) until `until` + margin, or None if it is full
+    (or Redis is away: then nothing is waiting for its slots)."""
+    slot = _reserve(agent.agent_uuid, agent.max_concurrent_tasks, until)
+    return replace(agent, slot=slot) if isinstance(slot, str) else None
 
 
 def live_slots(agent_uuid: str | uuid.UUID) -> int | None:

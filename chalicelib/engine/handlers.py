@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError
@@ -25,6 +25,7 @@ from chalicelib.agents.selection import (
     eligible,
     hand_over,
     release,
+    reserve_on,
     select_agent,
     settle,
 )
@@ -115,6 +116,16 @@ class Invocation:
 
     deadline: float | None = None
     group: TaskGroup | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    def may_run_more(self) -> bool:
+        """Whether to run one more handed-over stage here: within the hand-off budget, and
+        with the time a stage's default call needs left in the invocation."""
+        now = time.monotonic()
+        if now - self.started > HANDOFF_BUDGET_SECONDS:
+            return False
+        needed = get_settings().agent_timeout_ms / 1000 + MIN_CALL_SECONDS
+        return self.deadline is None or self.deadline - now >= needed
 
 
 def run_stage(run_id: uuid.UUID, stage_id: str, invocation: Invocation | None = None) -> str:
@@ -238,18 +249,13 @@ def _execute(
     try:
         output = call_agent(agent.endpoint, agent.token, agent.agent_id, task)
     except AgentCallFailed as exc:
-        settle(
-            agent,
-            False,
-            (time.monotonic() - started) * 1000,
-            keep_slot=_hand_off(agent, invocation),
-        )
+        _free_slot(agent, invocation, False, started)
         return _after_failure(claimed, agent, exc, policy, stage_input)
     except BaseException:
         release(agent)  # the slot is given back however the call ends
         raise
     trace.mark("agent-returned", claimed.run_id, claimed.stage_id)
-    settle(agent, True, (time.monotonic() - started) * 1000, keep_slot=_hand_off(agent, invocation))
+    _free_slot(agent, invocation, True, started)
     try:
         ready = stages.complete_stage(
             claimed, agent.agent_uuid, agent.agent_id, stage_input, output.value, output.text
@@ -262,6 +268,15 @@ def _execute(
         _send(claimed.run_id, ready)
         trace.mark("sent", claimed.run_id, claimed.stage_id)
     return "completed"
+
+
+def _free_slot(agent: AgentChoice, invocation: Invocation, ok: bool, started: float) -> None:
+    """The call is over: hand its slot to a waiting stage, or give it back (and, if the
+    agent was full, make sure no stage that parked meanwhile is left waiting)."""
+    handed = _hand_off(agent, invocation)
+    was_full = settle(agent, ok, (time.monotonic() - started) * 1000, keep_slot=handed)
+    if was_full and not handed:
+        _after_release(agent, invocation)
 
 
 def stage_input_of(claimed: stages.ClaimedStage, context: stages.StageContext) -> Any:
@@ -477,20 +492,22 @@ def _wait_for_capacity(claimed: stages.ClaimedStage, reason: str, invocation: In
     return _run_claimed(back, invocation, handed=agent)
 
 
+# How long one invocation runs handed-over stages itself. Beyond it, a freed slot's next
+# waiting stage is woken through the queue instead, so a long stream of hand-offs does not
+# hold a worker (and the messages of new runs) for ever.
+HANDOFF_BUDGET_SECONDS = 5.0
+
+
 def _hand_off(agent: AgentChoice, invocation: Invocation) -> bool:
     """Give the agent's slot, as its call returns, straight to the next stage waiting for
     it (fairly across runs), and start that stage here: no slot idles while stages wait,
     and no stage sleeps in SQS. True if the slot was handed on (it must not be released)."""
     if agent.slot is None or invocation.group is None:
         return False
-    if (
-        invocation.deadline is not None
-        and invocation.deadline - time.monotonic() < MIN_CALL_SECONDS
-    ):
-        return False
     try:
-        waiting = stages.next_waiting(agent.agent_uuid)
-        for run_id, stage_id in waiting:
+        if not invocation.may_run_more():
+            return False  # released as usual; _after_release wakes the next through SQS
+        for run_id, stage_id in stages.next_waiting(agent.agent_uuid):
             claimed = stages.claim_stage(run_id, stage_id, waiting=True)
             if claimed is None:
                 continue  # taken by another worker, or its run ended
@@ -502,6 +519,37 @@ def _hand_off(agent: AgentChoice, invocation: Invocation) -> bool:
     except Exception as exc:  # the slot is simply released; the sweeper wakes the stage
         logger.warning("could not hand a slot over", extra={"error": type(exc).__name__})
     return False
+
+
+def _after_release(agent: AgentChoice, invocation: Invocation) -> None:
+    """The slot was given back while the agent was full. A stage that parked after our
+    hand-off looked (and before the release) would otherwise wait for the next release:
+    look once more, and take a slot for it if one is still free (its own re-check after
+    parking covers the other order). Past the hand-off budget, wake it through SQS."""
+    try:
+        waiting = stages.next_waiting(agent.agent_uuid, limit=1)
+        if not waiting:
+            return
+        run_id, stage_id = waiting[0]
+        if invocation.group is None or not invocation.may_run_more():
+            if stages.wake_stage(run_id, stage_id):
+                _send(run_id, [stage_id])
+            return
+        # The slot first (its lease runs to the default timeout; the stage's own policy is
+        # not known before the claim): taken meanwhile, its taker hands it on when done.
+        default = time.monotonic() + get_settings().agent_timeout_ms / 1000
+        handed = reserve_on(agent, _wall_clock(default))
+        if handed is None:
+            return
+        claimed = stages.claim_stage(run_id, stage_id, waiting=True)
+        if claimed is None:
+            release(handed)
+            return
+        policy = DispatchPolicy.of(claimed.config)
+        handed = hand_over(handed, _wall_clock(_call_deadline(policy, invocation.deadline)))
+        invocation.group.spawn(functools.partial(_run_claimed, claimed, invocation, handed))
+    except Exception as exc:
+        logger.warning("could not wake a waiting stage", extra={"error": type(exc).__name__})
 
 
 # Up to 10 records per invocation (the SQS batch size) run at once, each in its own

@@ -523,6 +523,20 @@ def release_stage(stage: ClaimedStage) -> None:
         )
 
 
+def wake_stage(run_id: uuid.UUID, stage_id: str) -> bool:
+    """Queue a waiting stage again (its message to be sent by the caller)."""
+    with autocommit_connection() as conn:
+        woken = conn.execute(
+            text(
+                "UPDATE stage_executions SET status = 'queued', queued_at = now() "
+                "WHERE run_id = :run_id AND stage_id = :stage_id AND status = 'waiting' "
+                "RETURNING id"
+            ),
+            {"run_id": run_id, "stage_id": stage_id},
+        ).first()
+    return woken is not None
+
+
 class Requeued(enum.Enum):
     QUEUED = "queued"  # due again after the delay: send its message
     SKIPPED = "skipped"  # the run ended meanwhile: the stage will not run again

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -283,3 +284,59 @@ def test_the_hand_off_skips_stages_the_agent_may_not_serve(user: Api, api: Api, 
     assert claimed is not None
     assert stages.park_stage(claimed, "full") is stages.Requeued.QUEUED
     assert stages.next_waiting(mine["agentUuid"]) == []
+
+
+def _parked_behind_a_full_agent(user: Api, capability: str) -> tuple[dict[str, Any], Any, Any]:
+    """An agent with one slot, taken by a call about to end; a stage parked behind it
+    after the caller's hand-off had looked (so only a look after the release finds it)."""
+    from chalicelib.engine import stages
+    from chalicelib.workflows.runs import parse_run_ref
+
+    agent = register_agent(user, capability, maxConcurrentTasks=1)
+    slot = selection._reserve(agent["agentUuid"], 1, time.time() + 60)
+    assert isinstance(slot, str)
+    [listed] = selection.eligible(capability, uuid.UUID(agent["ownerUserUuid"]))
+    choice = selection.AgentChoice(
+        agent["agentUuid"], agent["agentId"], listed["endpoint"], listed["tokenEncrypted"], 1, slot
+    )
+    run_id = parse_run_ref(submit(user, capability))
+    claimed = stages.claim_stage(run_id, "s0")
+    assert claimed is not None
+    assert stages.park_stage(claimed, "full") is stages.Requeued.QUEUED
+    return agent, choice, run_id
+
+
+def test_a_stage_that_parked_just_before_a_release_is_not_left_waiting(
+    user: Api, sent: Any
+) -> None:
+    from chalicelib.engine import handlers
+
+    capability = unique_capability("race")
+    _, choice, run_id = _parked_behind_a_full_agent(user, capability)
+    group = handlers.TaskGroup()
+    invocation = handlers.Invocation(group=group)
+    # The call ends; its hand-off looked before the stage parked, so it released the slot.
+    assert selection.settle(choice, True, 10.0) is True  # the agent was full
+    handlers._after_release(choice, invocation)
+    group.wait()
+    run = user.get(f"/workflows/wfr-{run_id}").json()["data"]
+    assert run["stages"][0]["status"] == "completed", run
+
+
+def test_past_the_hand_off_budget_a_freed_slot_wakes_the_next_stage_through_sqs(
+    user: Api, sent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chalicelib.engine import handlers
+
+    capability = unique_capability("budget")
+    _, choice, run_id = _parked_behind_a_full_agent(user, capability)
+    invocation = handlers.Invocation(
+        group=handlers.TaskGroup(),
+        started=time.monotonic() - handlers.HANDOFF_BUDGET_SECONDS - 1,
+    )
+    assert handlers._hand_off(choice, invocation) is False  # not run here any more
+    assert selection.settle(choice, True, 10.0) is True
+    handlers._after_release(choice, invocation)
+    run = user.get(f"/workflows/wfr-{run_id}").json()["data"]
+    assert run["stages"][0]["status"] == "queued"
+    assert sent.sent.count((run_id, "s0")) == 2  # at submission, and woken now
