@@ -8,7 +8,7 @@ from chalicelib.agents import registry as agents
 from chalicelib.auth import service as auth
 from chalicelib.engine import handlers as engine
 from chalicelib.http import ApiRequest, MaofApp, Reply
-from chalicelib.workflows import runs
+from chalicelib.workflows import control, runs
 from chalicelib.workflows.definition import ExecuteRequest
 
 app = MaofApp(app_name="maof")
@@ -146,7 +146,7 @@ def delete_agent(request: ApiRequest, agent_uuid: str) -> dict[str, Any]:
     "/workflows/execute", "POST", body=ExecuteRequest, status=202, summary="Submit a workflow"
 )
 def execute_workflow(request: ApiRequest, body: ExecuteRequest) -> Reply:
-    return runs.submit(request.user, body)
+    return runs.submit(request.user, body, runs.idempotency_key(request.header("Idempotency-Key")))
 
 
 @app.endpoint("/workflows", "GET", query=runs.RunQuery, summary="Your runs, newest first")
@@ -162,6 +162,23 @@ def get_run(request: ApiRequest, run_id: str) -> dict[str, Any]:
 @app.endpoint("/workflows/{run_id}/result", "GET", summary="A completed run's output")
 def get_result(request: ApiRequest, run_id: str) -> dict[str, Any]:
     return runs.get_result(request.user, run_id)
+
+
+@app.endpoint(
+    "/workflows/{run_id}/cancel", "POST", status=202, summary="Cancel a queued or running run"
+)
+def cancel_run(request: ApiRequest, run_id: str) -> Reply:
+    return control.cancel(request.user, run_id)
+
+
+@app.endpoint(
+    "/workflows/{run_id}/retry",
+    "POST",
+    status=202,
+    summary="Run a failed or cancelled run again from where it stopped",
+)
+def retry_run(request: ApiRequest, run_id: str) -> Reply:
+    return control.retry(request.user, run_id)
 
 
 @app.endpoint("/workflows/{run_id}/audit", "GET", summary="A run's audit trail and its chain")

@@ -251,7 +251,7 @@ class MaofApp(Chalice):
 
         cors = CORSConfig(
             allow_origin=cors_origin(),
-            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id", "Idempotency-Key"],
             expose_headers=EXPOSED_HEADERS,
             max_age=600,
         )

@@ -22,7 +22,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-RUN_STATUSES = ("queued", "in_progress", "completed", "failed")
+RUN_STATUSES = ("queued", "in_progress", "completed", "failed", "cancelled")
 STAGE_STATUSES = (
     "pending",
     "queued",
@@ -31,6 +31,7 @@ STAGE_STATUSES = (
     "completed",
     "failed",
     "skipped",
+    "cancelled",
 )
 AGENT_STATUSES = ("online", "degraded", "offline")
 
@@ -138,16 +139,38 @@ class WorkflowRun(Base):
     updated_at: Mapped[datetime] = _now()
     # When one of its stages last got an agent's slot (round-robin hand-offs).
     served_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # workflow.timeoutMs from when it was submitted (or retried).
+    deadline_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The completion callback and the state of its delivery (pending, delivered, failed).
+    callback_url: Mapped[str | None] = mapped_column(String(2048))
+    callback_secret_encrypted: Mapped[str | None] = mapped_column(Text)
+    callback_state: Mapped[str | None] = mapped_column(String(20))
+    callback_attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    callback_next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    callback_delivery: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    callback_error: Mapped[str | None] = mapped_column(Text)
     # Bytes of stage output stored so far (capped by MAOF_RUN_MAX_OUTPUT_BYTES).
     output_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
 
     __table_args__ = (
         CheckConstraint(
-            "status IN ('queued', 'in_progress', 'completed', 'failed')",
+            "status IN ('queued', 'in_progress', 'completed', 'failed', 'cancelled')",
             name="workflow_runs_status",
         ),
         Index("workflow_runs_user_created", "user_id", text("created_at DESC")),
         Index("workflow_runs_user_status_created", "user_id", "status", text("created_at DESC")),
+        Index(
+            "workflow_runs_callbacks_due",
+            "callback_next_at",
+            postgresql_where=text("callback_state = 'pending'"),
+        ),
+        Index(
+            "workflow_runs_deadlines",
+            "deadline_at",
+            postgresql_where=text(
+                "status IN ('queued', 'in_progress') AND deadline_at IS NOT NULL"
+            ),
+        ),
     )
 
 
@@ -197,7 +220,7 @@ class StageExecution(Base):
         UniqueConstraint("run_id", "stage_id", name="stage_executions_run_stage"),
         CheckConstraint(
             "status IN ('pending', 'queued', 'waiting', 'in_progress', 'completed', 'failed', "
-            "'skipped')",
+            "'skipped', 'cancelled')",
             name="stage_executions_status",
         ),
         Index(
@@ -215,6 +238,20 @@ class StageExecution(Base):
             postgresql_where=text("status IN ('queued', 'in_progress')"),
         ),
     )
+
+
+class SubmissionKey(Base):
+    """The Idempotency-Key of a submission: the same key and body give the same run."""
+
+    __tablename__ = "submission_keys"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    body_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    run_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False)
+    created_at: Mapped[datetime] = _now()
 
 
 class AuditEntry(Base):

@@ -212,6 +212,10 @@ def _execute(
         _send(claimed.run_id, [claimed.stage_id])
         return "released"
     deadline = _call_deadline(policy, invocation_deadline)
+    run_deadline = None
+    if claimed.deadline_in is not None:  # the run's deadline wins over the stage's timeout
+        run_deadline = time.monotonic() + claimed.deadline_in
+        deadline = min(deadline, run_deadline)
     tried = frozenset(str(u) for u in claimed.tried_agents)
     try:
         agent, attempt = _select_and_assign(claimed, tried, _wall_clock(deadline), handed)
@@ -250,6 +254,10 @@ def _execute(
         output = call_agent(agent.endpoint, agent.token, agent.agent_id, task)
     except AgentCallFailed as exc:
         _free_slot(agent, invocation, False, started)
+        if run_deadline is not None and time.monotonic() >= run_deadline:
+            stages.expire_run(claimed.run_id)  # cut short by the run's deadline: it fails
+            stages.skip_if_run_ended(claimed)
+            return "deadline"
         return _after_failure(claimed, agent, exc, policy, stage_input)
     except BaseException:
         release(agent)  # the slot is given back however the call ends

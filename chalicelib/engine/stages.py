@@ -55,6 +55,7 @@ class ClaimedStage:
     errors: int = 0  # unexpected exceptions so far (policy.py)
     waits: int = 0  # capacity waits so far
     needs: list[str] | None = None  # stages whose outputs the input reads (None: all)
+    deadline_in: float | None = None  # seconds to the run's deadline at the claim
     context: StageContext | None = None  # read by the claim, in the same statement
 
 
@@ -105,6 +106,7 @@ def claim_stage(run_id: uuid.UUID, stage_id: str, *, waiting: bool = False) -> C
         errors=row.errors,
         waits=row.waits,
         needs=None if row.needs is None else list(row.needs),
+        deadline_in=None if row.deadline_in is None else float(row.deadline_in),
         context=StageContext(row.workflow_name, row.workflow_input, dict(row.outputs or {})),
     )
 
@@ -114,8 +116,9 @@ def claim_stage(run_id: uuid.UUID, stage_id: str, *, waiting: bool = False) -> C
 # the stage needs are read: a stage of a wide run does not drag every output along.
 _CLAIM_SQL = """
     WITH run AS MATERIALIZED (
-        SELECT id, user_id, workflow_name, input FROM workflow_runs
+        SELECT id, user_id, workflow_name, input, deadline_at FROM workflow_runs
          WHERE id = :run_id AND status IN ('queued', 'in_progress')
+           AND (deadline_at IS NULL OR deadline_at > now())
            FOR NO KEY UPDATE
     ), claimed AS (
         UPDATE stage_executions
@@ -130,6 +133,7 @@ _CLAIM_SQL = """
          WHERE id = :run_id AND status = 'queued' AND EXISTS (SELECT 1 FROM claimed)
     )
     SELECT claimed.*, run.user_id AS owner_id, run.workflow_name, run.input AS workflow_input,
+           EXTRACT(EPOCH FROM run.deadline_at - now()) AS deadline_in,
            (SELECT jsonb_object_agg(done.stage_id, done.output) FROM stage_executions AS done
              WHERE done.run_id = :run_id AND done.status = 'completed'
                AND (claimed.needs IS NULL OR done.stage_id = ANY (claimed.needs))) AS outputs
@@ -258,6 +262,18 @@ class LockedRun:
 
 LIVE_RUN_STATUSES = ("queued", "in_progress")
 
+# Set with a run's end, in the same UPDATE: its completion callback (if any) is now due.
+CALLBACK_DUE = (
+    "callback_state = CASE WHEN callback_url IS NOT NULL THEN 'pending' END, "
+    "callback_next_at = now(), callback_attempts = 0, callback_error = NULL, "
+    "callback_delivery = gen_random_uuid()"
+)
+
+
+def ended_stage_status(run_status: str) -> str:
+    """What a stage that can no longer run becomes: cancelled with its run, else skipped."""
+    return "cancelled" if run_status == "cancelled" else "skipped"
+
 
 def lock_run(session: Session, run_id: uuid.UUID) -> LockedRun:
     """Take the run's row lock (only its status and output total are read: not the
@@ -295,6 +311,8 @@ def complete_stage(
     size = len(stored.encode("utf-8")) if stored is not None else 0
     with session_scope() as session:
         run = lock_run(session, stage.run_id)
+        if not run.live:
+            return _discard(session, stage, run, agent_id, output)
         if run.output_bytes + size > get_settings().run_max_output_bytes:
             raise RunOutputTooLarge(
                 f"the run's stored outputs would exceed MAOF_RUN_MAX_OUTPUT_BYTES "
@@ -328,9 +346,6 @@ def complete_stage(
             output_hash=chain.sha256_json(output),
             details={"attempt": stage.attempt, "durationMs": duration_ms},
         )
-        if not run.live:
-            session.execute(audit_rows.INSERT, audit_rows.params(entry))
-            return []
         advanced = session.execute(
             _APPEND_AND_ADVANCE, {**audit_rows.params(entry), "run_id": stage.run_id}
         ).one()
@@ -338,6 +353,34 @@ def complete_stage(
         if not ready and advanced.still_open == 0:
             finish_run(session, run, entry)
         return ready
+
+
+def _discard(
+    session: Session, stage: ClaimedStage, run: LockedRun, agent_id: str, output: Any
+) -> list[str]:
+    """The agent answered after the run ended: its output is not kept (nothing follows a
+    run's end), the stage ends with the run, and the audit trail says what came back."""
+    status = ended_stage_status(run.status)
+    discarded = session.execute(
+        text(
+            "UPDATE stage_executions SET status = :status, agent_id = :agent_id, "
+            "completed_at = now(), lease_expires_at = NULL, claim_token = NULL "
+            "WHERE id = :id AND status = 'in_progress' AND claim_token = :token RETURNING id"
+        ),
+        {"id": stage.id, "token": stage.claim_token, "status": status, "agent_id": agent_id},
+    ).first()
+    if discarded is not None:
+        chain.append(
+            session,
+            stage.run_id,
+            "discard",
+            status,
+            stage_id=stage.stage_id,
+            agent_id=agent_id,
+            output=output,
+            details={"reason": f"the agent answered after the run was {run.status}"},
+        )
+    return []
 
 
 # The stage's completion, conditional on our claim, and the head of the run's audit chain
@@ -414,7 +457,8 @@ def finish_run(session: Session, run: LockedRun, last: AuditEntry) -> None:
         text(
             f"WITH entry AS (INSERT INTO execution_logs ({audit_rows.COLUMNS}) "
             f"VALUES ({audit_rows.VALUES})) "
-            "UPDATE workflow_runs SET status = 'completed', output = CAST(:output AS jsonb), "
+            f"UPDATE workflow_runs SET status = 'completed', {CALLBACK_DUE}, "
+            "output = CAST(:output AS jsonb), "
             "completed_at = now(), updated_at = now() WHERE id = :run_id"
         ),
         {**audit_rows.params(entry), "run_id": run.id, "output": _json(output)},
@@ -497,7 +541,7 @@ def record_failure(
     message = f"Stage '{stage_id}' ({stage_name}) failed: {reason}"
     session.execute(
         text(
-            "UPDATE workflow_runs SET status = 'failed', error_message = :message, "
+            f"UPDATE workflow_runs SET status = 'failed', {CALLBACK_DUE}, error_message = :message, "
             "completed_at = now(), updated_at = now() WHERE id = :run_id"
         ),
         {"run_id": run.id, "message": message},
@@ -628,13 +672,14 @@ def skip_if_run_ended(stage: ClaimedStage) -> bool:
 
 
 def _skip_ended(session: Session, stage: ClaimedStage, run: LockedRun) -> Requeued:
+    status = ended_stage_status(run.status)
     skipped = session.execute(
         text(
-            "UPDATE stage_executions SET status = 'skipped', completed_at = now(), "
+            "UPDATE stage_executions SET status = :status, completed_at = now(), "
             "lease_expires_at = NULL, claim_token = NULL "
             "WHERE id = :id AND status = 'in_progress' AND claim_token = :token RETURNING id"
         ),
-        {"id": stage.id, "token": stage.claim_token},
+        {"id": stage.id, "token": stage.claim_token, "status": status},
     ).first()
     if skipped is None:
         return Requeued.LOST
@@ -642,7 +687,7 @@ def _skip_ended(session: Session, stage: ClaimedStage, run: LockedRun) -> Requeu
         session,
         stage.run_id,
         "skip",
-        "skipped",
+        status,
         stage_id=stage.stage_id,
         details={"reason": f"the run is {run.status}"},
     )
@@ -736,3 +781,57 @@ _NEXT_WAITING = text(
      LIMIT :limit
     """
 )
+
+
+def end_run(
+    session: Session,
+    run: LockedRun,
+    status: str,
+    message: str | None,
+    action: str,
+    details: dict[str, Any],
+) -> list[str]:
+    """Under the run's lock: end a live run for a reason of its own (a cancel, its
+    deadline). Stages not started end with it (`cancelled`, or `skipped`); those in
+    progress finish on their own and what their agents answer is discarded (complete_stage).
+    One audit entry `action` names them. Returns the stages ended."""
+    stage_status = ended_stage_status(status)
+    ended = [
+        row.stage_id
+        for row in session.execute(
+            text(
+                "UPDATE stage_executions SET status = :status, completed_at = now(), "
+                "parked_at = NULL WHERE run_id = :run_id "
+                "AND status IN ('pending', 'queued', 'waiting') RETURNING stage_id"
+            ),
+            {"run_id": run.id, "status": stage_status},
+        )
+    ]
+    chain.append(session, run.id, action, status, details={**details, "stagesEnded": ended})
+    session.execute(
+        text(
+            f"UPDATE workflow_runs SET status = :status, {CALLBACK_DUE}, "
+            "error_message = :message, completed_at = now(), updated_at = now() "
+            "WHERE id = :run_id"
+        ),
+        {"run_id": run.id, "status": status, "message": message},
+    )
+    return ended
+
+
+def expire_run(run_id: uuid.UUID) -> bool:
+    """Fail a live run whose deadline has passed; False if it had ended or is not due."""
+    with session_scope() as session:
+        run = lock_run(session, run_id)
+        row = session.execute(
+            text(
+                "SELECT (definition ->> 'timeoutMs')::bigint AS timeout_ms FROM workflow_runs "
+                "WHERE id = :run_id AND deadline_at <= now()"
+            ),
+            {"run_id": run_id},
+        ).first()
+        if not run.live or row is None:
+            return False
+        message = f"deadline of {row.timeout_ms} ms exceeded"
+        end_run(session, run, "failed", message, "deadline", {"timeoutMs": row.timeout_ms})
+    return True

@@ -14,6 +14,9 @@ for an agent's slot is handed one by the worker that frees it; one that has wait
 MAOF_SWEEP_QUEUED_AFTER_SECONDS without (its hand-off was lost, or its agent left) is
 woken: queued again, to look for a slot afresh (or wait again, counted).
 
+Runs past their deadline (workflow.timeoutMs) fail, and completion callbacks that are due
+are delivered (workflows/callbacks.py), on every sweep: neither waits for a client.
+
 Each run is swept in its own transaction (the run row locked first, as everywhere); an
 error on one run is logged and the sweep goes on with the others.
 """
@@ -36,8 +39,9 @@ from chalicelib.aws import aws_client, stage_queue_url
 from chalicelib.config import get_settings
 from chalicelib.db import session_scope
 from chalicelib.engine.queue import send_stage_messages
-from chalicelib.engine.stages import LockedRun, lock_run, record_failure
+from chalicelib.engine.stages import LockedRun, expire_run, lock_run, record_failure
 from chalicelib.logs import logger
+from chalicelib.workflows import callbacks
 
 BATCH_LIMIT = 500
 # EventBridge runs a schedule at most once a minute: in Lambda one invocation sweeps every
@@ -221,11 +225,40 @@ def wake_waiting() -> dict[uuid.UUID, list[str]]:
     return woken
 
 
+def overdue_runs() -> list[uuid.UUID]:
+    """Live runs past their deadline (workflow.timeoutMs)."""
+    with session_scope() as session:
+        return list(
+            session.execute(
+                text(
+                    "SELECT id FROM workflow_runs WHERE status IN ('queued', 'in_progress') "
+                    "AND deadline_at <= now() ORDER BY deadline_at LIMIT :limit"
+                ),
+                {"limit": BATCH_LIMIT},
+            ).scalars()
+        )
+
+
 def sweep_once() -> dict[str, int]:
-    """One sweep: every stalled stage re-queued and re-sent, failed or skipped; stages
-    waiting too long for a slot woken."""
+    """One sweep: runs past their deadline failed; every stalled stage re-queued and
+    re-sent, failed or skipped; stages waiting too long for a slot woken; due completion
+    callbacks delivered."""
     grace = grace_for(queue_backlog())
-    totals = {"requeued": 0, "failed": 0, "skipped": 0, "woken": 0, "errors": 0}
+    totals = {
+        "expired": 0,
+        "requeued": 0,
+        "failed": 0,
+        "skipped": 0,
+        "woken": 0,
+        "callbacks": 0,
+        "errors": 0,
+    }
+    for run_id in overdue_runs():
+        try:
+            totals["expired"] += int(expire_run(run_id))
+        except Exception:
+            logger.exception("expiring a run failed; going on", extra={"runId": str(run_id)})
+            totals["errors"] += 1
     try:
         for run_id, stage_ids in wake_waiting().items():
             send_stage_messages(run_id, stage_ids)
@@ -250,6 +283,11 @@ def sweep_once() -> dict[str, int]:
                 "sweeper acted",
                 extra={"runId": str(run_id), "requeued": swept.requeued, "failed": swept.failed},
             )
+    try:
+        totals["callbacks"] = sum(callbacks.deliver_due().values())
+    except Exception:
+        logger.exception("delivering callbacks failed; going on")
+        totals["errors"] += 1
     return totals
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from chalicelib import errors
 from chalicelib.capabilities import Capability
@@ -35,11 +35,32 @@ class StageDefinition(ApiModel):
 class WorkflowDefinition(ApiModel):
     name: str = Field(min_length=1, max_length=255)
     stages: list[StageDefinition] = Field(min_length=1, max_length=100)
+    # The run fails if it has not ended this long after it was submitted (or retried).
+    timeout_ms: int | None = Field(default=None, ge=100, le=24 * 3600 * 1000)
+
+
+class Callback(ApiModel):
+    """Where MAOF POSTs the run's outcome when it ends, signed with `secret`."""
+
+    url: str = Field(min_length=1, max_length=2048)
+    secret: str = Field(min_length=16, max_length=1024, repr=False)
+
+    @field_validator("url")
+    @classmethod
+    def _allowed(cls, value: str) -> str:
+        from chalicelib.agents.network import EndpointNotAllowed, check_endpoint_allowed
+
+        try:
+            check_endpoint_allowed(value)  # the same SSRF guard as agent endpoints
+        except EndpointNotAllowed as exc:
+            raise ValueError(f"the callback URL is not allowed: {exc}") from None
+        return value
 
 
 class ExecuteRequest(ApiModel):
     workflow: WorkflowDefinition
     input: Any = None
+    callback: Callback | None = None
 
 
 def _invalid(index: int, field: str, message: str) -> errors.ValidationError:

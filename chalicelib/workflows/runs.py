@@ -10,6 +10,7 @@ from sqlalchemy import case, func, select, text
 from sqlalchemy.orm import Session
 
 from chalicelib import errors, limits
+from chalicelib.agents.secrets import encrypt_token
 from chalicelib.audit import chain
 from chalicelib.config import get_settings
 from chalicelib.db import autocommit_connection, session_scope
@@ -30,7 +31,22 @@ RUN_PREFIX = "wfr-"
 
 
 class RunQuery(PageQuery):
-    status: Literal["queued", "in_progress", "completed", "failed"] | None = None
+    status: Literal["queued", "in_progress", "completed", "failed", "cancelled"] | None = None
+
+
+IDEMPOTENCY_KEY_MAX = 255
+
+
+def idempotency_key(header: str | None) -> str | None:
+    """The Idempotency-Key header's value, checked: 1 to 255 printable characters."""
+    if header is None:
+        return None
+    if not 0 < len(header) <= IDEMPOTENCY_KEY_MAX or not header.isprintable():
+        raise errors.ValidationError(
+            "Idempotency-Key must be 1 to 255 printable characters",
+            [{"field": "Idempotency-Key", "message": "1 to 255 printable characters"}],
+        )
+    return header
 
 
 def run_ref(run_id: uuid.UUID) -> str:
@@ -46,13 +62,17 @@ def parse_run_ref(value: str) -> uuid.UUID:
         raise errors.NotFound("Workflow run not found") from None
 
 
-def submit(principal: Principal, body: ExecuteRequest) -> Reply:
+def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -> Reply:
     """Store the run, its stages and the first audit entry in one statement (one round
     trip, one transaction), then queue the stages with no dependencies. If sending fails,
     the sweeper sends them later: the run is accepted.
 
     Limited per user: MAOF_SUBMISSIONS_PER_MINUTE, and at most MAOF_MAX_ACTIVE_RUNS runs
-    queued or in progress (counted by the insert itself, so no extra round trip)."""
+    queued or in progress (counted by the insert itself, so no extra round trip).
+
+    With an Idempotency-Key (`key`, per user, kept 24 h) the same statement claims the
+    key: a second submission with the key (even one racing the first: it waits on the
+    key's row) stores nothing and gets the first run, or a 409 if its body differs."""
     check_dag(body.workflow)
     check_timeouts(body.workflow)
     check_input_sizes(body.workflow, body.input)
@@ -88,6 +108,7 @@ def submit(principal: Principal, body: ExecuteRequest) -> Reply:
         details={"workflowName": body.workflow.name, "stages": len(stages)},
     )
     max_active = get_settings().max_active_runs
+    callback = body.callback
     with autocommit_connection() as conn:
         stored = conn.execute(
             _SUBMIT,
@@ -95,14 +116,21 @@ def submit(principal: Principal, body: ExecuteRequest) -> Reply:
                 "max_active": max_active,
                 "run_id": run_id,
                 "user_id": principal.user_uuid,
+                "key": key,
+                "body_hash": chain.sha256_json(body.model_dump(by_alias=True, mode="json")),
                 "workflow_name": body.workflow.name,
                 "definition": dumps(body.workflow.model_dump(by_alias=True, mode="json")),
                 "input": dumps(body.input),
+                "timeout_ms": body.workflow.timeout_ms,
+                "callback_url": callback.url if callback else None,
+                "callback_secret": encrypt_token(callback.secret) if callback else None,
                 "stages": dumps(rows),
                 **audit_rows.params(entry),
             },
-        ).scalar()
-    if not stored:
+        ).one()
+    if key is not None and not stored.keyed:
+        return _earlier_submission(principal, key, stored.body_hash)
+    if not stored.stored:
         raise errors.RateLimited(
             f"You have {max_active} runs queued or in progress, the most allowed "
             "(MAOF_MAX_ACTIVE_RUNS); submit again when some have ended",
@@ -120,16 +148,55 @@ def submit(principal: Principal, body: ExecuteRequest) -> Reply:
 # How long a client over its active-run quota is told to wait before trying again.
 ACTIVE_QUOTA_RETRY_SECONDS = 5
 
-# The run (only while the user is under the active-run quota), its stages and its first
-# audit entry; answers how many runs were stored (0 or 1).
+KEY_DAYS = 1  # how long an Idempotency-Key is remembered
+
+
+def _earlier_submission(principal: Principal, key: str, body_hash: str) -> Reply:
+    """The run an Idempotency-Key already made (202, as the first answer was), or 409."""
+    with autocommit_connection() as conn:
+        earlier = conn.execute(
+            text(
+                "SELECT k.body_hash, k.run_id, r.status FROM submission_keys AS k "
+                "JOIN workflow_runs AS r ON r.id = k.run_id "
+                "WHERE k.user_id = :user_id AND k.key = :key"
+            ),
+            {"user_id": principal.user_uuid, "key": key},
+        ).first()
+    if earlier is None:  # the key's submission was refused (over the quota): try again
+        raise errors.RateLimited("The submission with this Idempotency-Key was refused", 5)
+    if earlier.body_hash != body_hash:
+        raise errors.Conflict(
+            "This Idempotency-Key was already used, with a different request body",
+            [{"field": "Idempotency-Key", "message": "already used with another body"}],
+        )
+    return Reply({"workflowRunId": run_ref(earlier.run_id), "status": earlier.status}, 202)
+
+
+# The run (only while the user is under the active-run quota), its stages, its first audit
+# entry and its Idempotency-Key (if any, and not taken within a day); answers whether the
+# run was stored and the key claimed (and the body's hash, to compare with the key's).
 _SUBMIT = text(
     f"""
-    WITH run AS (
-        INSERT INTO workflow_runs (id, user_id, workflow_name, definition, input, status)
+    WITH allowed AS (
+        SELECT count(*) < :max_active AS ok FROM workflow_runs
+         WHERE user_id = :user_id AND status IN ('queued', 'in_progress')
+    ), keyed AS (
+        INSERT INTO submission_keys (user_id, key, body_hash, run_id)
+        SELECT :user_id, CAST(:key AS text), :body_hash, :run_id
+         WHERE CAST(:key AS text) IS NOT NULL AND (SELECT ok FROM allowed)
+        ON CONFLICT (user_id, key) DO UPDATE
+           SET body_hash = EXCLUDED.body_hash, run_id = EXCLUDED.run_id, created_at = now()
+         WHERE submission_keys.created_at < now() - make_interval(days => {KEY_DAYS})
+     RETURNING run_id
+    ), run AS (
+        INSERT INTO workflow_runs (id, user_id, workflow_name, definition, input, status,
+                                   deadline_at, callback_url, callback_secret_encrypted)
         SELECT :run_id, :user_id, :workflow_name, CAST(:definition AS jsonb),
-               CAST(:input AS jsonb), 'queued'
-         WHERE (SELECT count(*) FROM workflow_runs
-                 WHERE user_id = :user_id AND status IN ('queued', 'in_progress')) < :max_active
+               CAST(:input AS jsonb), 'queued',
+               now() + make_interval(secs => CAST(:timeout_ms AS bigint) / 1000.0),
+               :callback_url, :callback_secret
+         WHERE (SELECT ok FROM allowed)
+           AND (CAST(:key AS text) IS NULL OR EXISTS (SELECT 1 FROM keyed))
      RETURNING id
     ), stages AS (
         INSERT INTO stage_executions (run_id, stage_id, stage_name, position, capability,
@@ -146,7 +213,8 @@ _SUBMIT = text(
     ), entry AS (
         INSERT INTO execution_logs ({audit_rows.COLUMNS}) SELECT {audit_rows.VALUES} FROM run
     )
-    SELECT count(*) FROM run
+    SELECT EXISTS (SELECT 1 FROM run) AS stored, EXISTS (SELECT 1 FROM keyed) AS keyed,
+           CAST(:body_hash AS text) AS body_hash
     """
 )
 
@@ -193,6 +261,19 @@ def _run_summary(run: WorkflowRun) -> dict[str, Any]:
         "startedAt": run.started_at,
         "completedAt": run.completed_at,
         "errorMessage": run.error_message,
+        "deadlineAt": run.deadline_at,
+    }
+
+
+def callback_view(run: WorkflowRun) -> dict[str, Any] | None:
+    """Where the outcome is delivered and how that went (the secret is never shown)."""
+    if run.callback_url is None:
+        return None
+    return {
+        "url": run.callback_url,
+        "state": run.callback_state,
+        "attempts": run.callback_attempts,
+        "lastError": run.callback_error,
     }
 
 
@@ -214,6 +295,7 @@ def get_run(principal: Principal, ref: str) -> dict[str, Any]:
             "current": current,
         },
         "input": run.input,
+        "callback": callback_view(run),
         "stages": [stage_view(s) for s in stages],
     }
 

@@ -222,11 +222,11 @@ def register_agent(client: Api, capability: str, **fields: Any) -> dict[str, Any
 
 
 def wait_for_run(client: Api, run_id: str, timeout: float = 30.0) -> dict[str, Any]:
-    """Poll the run until it is completed or failed; return its detail."""
+    """Poll the run until it has ended (completed, failed or cancelled); return its detail."""
 
     def finished() -> dict[str, Any] | None:
         data = client.get(f"/workflows/{run_id}").json()["data"]
-        return data if data["status"] in ("completed", "failed") else None
+        return data if data["status"] in ("completed", "failed", "cancelled") else None
 
     return dict(wait_until(finished, timeout=timeout, interval=0.1))
 

@@ -1,0 +1,184 @@
+"""Completion callbacks: when a run with a `callback` ends, MAOF POSTs its outcome to the
+callback URL, signed, at least once.
+
+The body: `{workflowRunId, status, workflowName, completedAt, output | errorMessage,
+chain: {head}, timestamp}`. The headers: `X-Maof-Signature: sha256=<hex HMAC-SHA256 of
+the raw body, keyed with the callback's secret>`, `X-Maof-Timestamp` (Unix seconds, also
+in the body, so a receiver can refuse old replays) and `X-Maof-Delivery` (one id per run
+end, the same on every try of it, so a receiver can drop a repeat). Any 2xx answer is a
+delivery; anything else is tried again after a backoff (10 s, 20 s, 40 s … up to 5
+minutes; MAX_ATTEMPTS tries, about 20 minutes); the run's detail shows how it went
+(`callback: {url, state, attempts, lastError}`). Deliveries are not audit entries: a
+run's chain ends with the run. The request goes through the SSRF guard
+and never follows a redirect.
+
+The sweeper delivers what is due (its every round: within seconds of the run's end). It
+first takes the due callbacks (FOR UPDATE SKIP LOCKED, moving their next try a minute on,
+so two sweepers never post one at once and a sweeper that dies mid-delivery only delays
+it), then posts them outside any transaction, a few at a time, and records each outcome.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import urllib3
+from sqlalchemy import text
+
+from chalicelib.agents.network import EndpointNotAllowed, pinned_request
+from chalicelib.agents.secrets import decrypt_token
+from chalicelib.db import session_scope
+from chalicelib.http import dumps
+from chalicelib.logs import logger
+
+MAX_ATTEMPTS = 8
+FIRST_BACKOFF_SECONDS = 10
+MAX_BACKOFF_SECONDS = 300
+TIMEOUT_SECONDS = 10.0
+BATCH = 20
+
+
+def signature(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+
+
+def backoff_seconds(attempts: int) -> int:
+    """Seconds before the next try after `attempts` failed ones."""
+    return int(min(MAX_BACKOFF_SECONDS, FIRST_BACKOFF_SECONDS * 2 ** (attempts - 1)))
+
+
+def payload(run: Any, head: str | None, timestamp: int) -> dict[str, Any]:
+    from chalicelib.workflows.runs import run_ref
+
+    body: dict[str, Any] = {
+        "workflowRunId": run_ref(run.id),
+        "status": run.status,
+        "workflowName": run.workflow_name,
+        "completedAt": run.completed_at,
+        "chain": {"head": head},
+        "timestamp": timestamp,
+    }
+    if run.status == "completed":
+        body["output"] = run.output
+    else:
+        body["errorMessage"] = run.error_message
+    return body
+
+
+CLAIM_SECONDS = 60  # a taken callback is tried again this long after, if its taker died
+CONCURRENT_POSTS = 8
+
+
+def deliver_due() -> dict[str, int]:
+    """Try every callback that is due; how many were delivered, are to be retried, and
+    were given up."""
+    with session_scope() as session:
+        due = session.execute(
+            text(
+                """
+                UPDATE workflow_runs
+                   SET callback_next_at = now() + make_interval(secs => :claim)
+                 WHERE id IN (SELECT id FROM workflow_runs
+                               WHERE callback_state = 'pending' AND callback_next_at <= now()
+                               ORDER BY callback_next_at LIMIT :batch FOR UPDATE SKIP LOCKED)
+             RETURNING id, status, workflow_name, completed_at, output, error_message,
+                       callback_url, callback_secret_encrypted, callback_attempts,
+                       callback_delivery
+                """
+            ),
+            {"batch": BATCH, "claim": CLAIM_SECONDS},
+        ).all()
+    counts = {"delivered": 0, "retrying": 0, "abandoned": 0}
+    if not due:
+        return counts
+    with ThreadPoolExecutor(max_workers=min(CONCURRENT_POSTS, len(due))) as pool:
+        for outcome in pool.map(_deliver, due):
+            counts[outcome] += 1
+    return counts
+
+
+def _deliver(run: Any) -> str:
+    with session_scope() as session:
+        head = session.execute(
+            text(
+                "SELECT entry_hash FROM execution_logs WHERE run_id = :id ORDER BY seq DESC LIMIT 1"
+            ),
+            {"id": run.id},
+        ).scalar()
+    timestamp = int(time.time())
+    body = dumps(payload(run, head, timestamp)).encode("utf-8")
+    error = _post(run, body, timestamp)
+    attempts = run.callback_attempts + 1
+    if error is None:
+        state, next_at = "delivered", None
+    elif attempts >= MAX_ATTEMPTS:
+        state, next_at = "failed", None
+    else:
+        state, next_at = "pending", backoff_seconds(attempts)
+    with session_scope() as session:
+        session.execute(
+            text(
+                "UPDATE workflow_runs SET callback_state = :state, "
+                "callback_attempts = :attempts, callback_error = :error, "
+                "callback_next_at = CASE WHEN CAST(:next AS int) IS NULL THEN NULL "
+                "ELSE now() + make_interval(secs => CAST(:next AS int)) END "
+                "WHERE id = :id AND callback_delivery = :delivery"
+            ),
+            {
+                "id": run.id,
+                "state": state,
+                "attempts": attempts,
+                "error": error,
+                "next": next_at,
+                "delivery": run.callback_delivery,
+            },
+        )
+    if state != "pending":
+        logger.info(
+            "callback delivered" if state == "delivered" else "callback given up",
+            extra={"runId": str(run.id), "attempts": attempts, "error": error},
+        )
+    return {"delivered": "delivered", "failed": "abandoned"}.get(state, "retrying")
+
+
+def _post(run: Any, body: bytes, timestamp: int) -> str | None:
+    """None once delivered; else what went wrong (stored, shown in the run's detail)."""
+    try:
+        secret = decrypt_token(run.callback_secret_encrypted)
+        response = pinned_request(
+            "POST",
+            run.callback_url,
+            body=body,
+            headers={
+                "Content-Type": "application/json",
+                "User-Agent": "maof-callbacks/1",
+                "X-Maof-Signature": signature(secret, body),
+                "X-Maof-Timestamp": str(timestamp),
+                "X-Maof-Delivery": str(run.callback_delivery),
+            },
+            timeout=urllib3.Timeout(connect=5.0, read=TIMEOUT_SECONDS),
+            deadline=time.monotonic() + TIMEOUT_SECONDS,
+        )
+        try:
+            response.read(4096)
+        finally:
+            response.release_conn()
+    except EndpointNotAllowed as exc:
+        return f"the callback URL is not allowed: {exc}"
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        return f"could not reach the callback URL ({type(exc).__name__})"
+    except Exception as exc:
+        logger.exception("callback delivery failed", extra={"runId": str(run.id)})
+        return f"delivery failed ({type(exc).__name__})"
+    if 200 <= response.status < 300:
+        return None
+    return f"the callback URL answered HTTP {response.status}"
+
+
+def verify(secret: str, body: bytes, header: str) -> bool:
+    """What a receiver does (README): compare in constant time."""
+    return hmac.compare_digest(signature(secret, body), header)

@@ -1,0 +1,118 @@
+"""Steering a run after it was submitted: cancel it, or retry it from where it failed."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import text
+
+from chalicelib import errors
+from chalicelib.audit import chain
+from chalicelib.db import session_scope
+from chalicelib.engine import stages
+from chalicelib.engine.queue import send_stage_messages
+from chalicelib.http import Principal, Reply
+from chalicelib.logs import logger
+from chalicelib.workflows.runs import parse_run_ref
+
+RETRYABLE_RUNS = ("failed", "cancelled")
+
+
+def _owned(session: Any, principal: Principal, ref: str) -> stages.LockedRun:
+    """The caller's run, its row locked (another user's run does not exist: 404)."""
+    run_id = parse_run_ref(ref)
+    owner = session.execute(
+        text("SELECT user_id FROM workflow_runs WHERE id = :id"), {"id": run_id}
+    ).scalar()
+    if owner != principal.user_uuid:
+        raise errors.NotFound("Workflow run not found")
+    return stages.lock_run(session, run_id)
+
+
+def cancel(principal: Principal, ref: str) -> Reply:
+    """End a queued or running run now: stages not started are cancelled, no agent is
+    called again for it, and what an agent still working answers is discarded."""
+    with session_scope() as session:
+        run = _owned(session, principal, ref)
+        if not run.live:
+            raise errors.Conflict(f"The run has already ended: it is {run.status}")
+        ended = stages.end_run(
+            session,
+            run,
+            "cancelled",
+            f"Cancelled by {principal.email}",
+            "cancel",
+            {"by": principal.email, "userUuid": str(principal.user_uuid)},
+        )
+    return Reply({"workflowRunId": ref, "status": "cancelled", "stagesCancelled": ended}, 202)
+
+
+def retry(principal: Principal, ref: str) -> Reply:
+    """Run a failed or cancelled run again from where it stopped: completed stages keep
+    their outputs; the others start afresh (new attempt numbers, so new Idempotency-Keys;
+    counters reset; agents chosen anew), under the same run id and audit chain."""
+    with session_scope() as session:
+        run = _owned(session, principal, ref)
+        if run.status not in RETRYABLE_RUNS:
+            raise errors.Conflict(
+                f"Only a failed or cancelled run can be retried; this one is {run.status}"
+            )
+        reset = session.execute(_RESET, {"run_id": run.id}).all()
+        ready = [row.stage_id for row in reset if row.status == "queued"]
+        chain.append(
+            session,
+            run.id,
+            "retry-run",
+            "queued",
+            details={
+                "by": principal.email,
+                "userUuid": str(principal.user_uuid),
+                "was": run.status,
+                "stages": sorted(row.stage_id for row in reset),
+            },
+        )
+        session.execute(
+            text(
+                "UPDATE workflow_runs SET status = 'in_progress', error_message = NULL, "
+                "output = NULL, completed_at = NULL, updated_at = now(), "
+                "callback_state = NULL, callback_next_at = NULL, "
+                "deadline_at = now() + make_interval(secs => "
+                "  CAST(definition ->> 'timeoutMs' AS bigint) / 1000.0) "
+                "WHERE id = :run_id"
+            ),
+            {"run_id": run.id},
+        )
+    _queue(run.id, ready)
+    return Reply({"workflowRunId": ref, "status": "in_progress", "stagesRequeued": ready}, 202)
+
+
+def _queue(run_id: uuid.UUID, stage_ids: list[str]) -> None:
+    try:
+        send_stage_messages(run_id, stage_ids, fast=True)
+    except Exception:
+        logger.exception(
+            "could not queue a retried run; the sweeper will", extra={"runId": str(run_id)}
+        )
+
+
+# Every stage that did not complete starts afresh: queued when its dependencies are all
+# completed, else pending; the next attempt number (an agent that remembers keys must see
+# new work), every counter at zero, no agent chosen yet.
+_RESET = text(
+    """
+    UPDATE stage_executions AS s
+       SET status = CASE WHEN NOT EXISTS (
+                       SELECT 1 FROM stage_executions AS d
+                        WHERE d.run_id = s.run_id AND d.stage_id = ANY (s.dependencies)
+                          AND d.status <> 'completed')
+                    THEN 'queued' ELSE 'pending' END,
+           queued_at = now(), attempt = s.attempt + 1, agent_uuid = NULL, agent_id = NULL,
+           agent_attempts = 0, errors = 0, lease_expiries = 0, requeues = 0, waits = 0,
+           tried_agents = '{}', error_message = NULL, input = NULL, output = NULL,
+           started_at = NULL, completed_at = NULL, not_before = NULL, parked_at = NULL,
+           lease_expires_at = NULL, claim_token = NULL
+     WHERE s.run_id = :run_id AND s.status IN ('failed', 'skipped', 'cancelled')
+ RETURNING s.stage_id, s.status
+    """
+)

@@ -1,0 +1,375 @@
+"""Run control over HTTP, LocalStack SQS and the poller, with real HTTP agents that record
+their calls: cancel, retry from the failed stage, idempotent submission, run deadlines,
+and signed completion callbacks (retried until delivered)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from chalicelib.db import session_scope
+from chalicelib.engine import handlers
+from chalicelib.workflows import callbacks
+from tests.integration.conftest import (
+    Api,
+    register_agent,
+    unique_capability,
+    wait_for_run,
+    wait_until,
+)
+from tests.support.agents import ScriptedAgent, error, ok, sleep
+
+
+@pytest.fixture
+def agents() -> Iterator[list[ScriptedAgent]]:
+    started: list[ScriptedAgent] = []
+    yield started
+    for agent in started:
+        agent.stop()
+
+
+def start(started: list[ScriptedAgent], **kwargs: Any) -> ScriptedAgent:
+    agent = ScriptedAgent(**kwargs).start()
+    started.append(agent)
+    return agent
+
+
+def pipeline(first: str, second: str, **workflow: Any) -> dict[str, Any]:
+    return {
+        "workflow": {
+            "name": "control",
+            "stages": [
+                {"id": "a", "name": "A", "agentCapability": first},
+                {"id": "b", "name": "B", "agentCapability": second, "dependencies": ["a"]},
+            ],
+            **workflow,
+        },
+        "input": {"text": "hi"},
+    }
+
+
+def submitted(client: Api, body: dict[str, Any], **headers: str) -> str:
+    response = client.post("/workflows/execute", body, headers=headers)
+    assert response.status_code == 202, response.text
+    return str(response.json()["data"]["workflowRunId"])
+
+
+def ended(client: Api, run_id: str, timeout: float = 30) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        data = client.get(f"/workflows/{run_id}").json()["data"]
+        return data if data["status"] in ("completed", "failed", "cancelled") else None
+
+    return dict(wait_until(done, timeout=timeout, interval=0.1))
+
+
+def audit(client: Api, run_id: str) -> dict[str, Any]:
+    return dict(client.get(f"/workflows/{run_id}/audit").json()["data"])
+
+
+# ------------------------------------------------------------------ cancel
+
+
+def test_cancel_during_a_slow_stage_ends_the_run_and_calls_no_further_agent(
+    user: Api, poller: Any, agents: list[ScriptedAgent]
+) -> None:
+    slow, nxt = start(agents, default=sleep(3.0, {"late": True})), start(agents)
+    first, second = unique_capability("slow"), unique_capability("next")
+    register_agent(user, first, endpoint=slow.url)
+    register_agent(user, second, endpoint=nxt.url)
+    run_id = submitted(user, pipeline(first, second))
+    wait_until(lambda: len(slow.calls) == 1, timeout=10)
+    started = time.monotonic()
+    response = user.post(f"/workflows/{run_id}/cancel")
+    assert response.status_code == 202, response.text
+    assert response.json()["data"]["status"] == "cancelled"
+    run = ended(user, run_id, timeout=5)
+    assert time.monotonic() - started < 5
+    assert run["status"] == "cancelled"
+    assert user.user is not None and user.user["email"] in run["errorMessage"]
+    assert [s["status"] for s in run["stages"]] == ["in_progress", "cancelled"]
+    # The slow agent answers after the cancel: its output is discarded.
+    wait_until(
+        lambda: (
+            user.get(f"/workflows/{run_id}").json()["data"]["stages"][0]["status"] == "cancelled"
+        ),
+        timeout=10,
+    )
+    stage = user.get(f"/workflows/{run_id}").json()["data"]["stages"][0]
+    assert stage["output"] is None
+    trail = audit(user, run_id)
+    assert trail["chain"]["valid"] is True
+    actions = [e["action"] for e in trail["logs"]]
+    assert actions == ["submit", "cancel", "discard"]
+    cancel_entry = trail["logs"][1]
+    assert cancel_entry["details"]["by"] == user.user["email"]
+    assert nxt.calls == [], "no agent is called after the cancel"
+    assert user.get(f"/workflows/{run_id}/result").status_code == 404
+
+
+def test_cancelling_an_ended_run_is_409_and_another_users_run_404(
+    user: Api, api: Api, poller: Any
+) -> None:
+    capability = unique_capability("done")
+    register_agent(user, capability)
+    run_id = submitted(user, pipeline(capability, capability))
+    assert wait_for_run(user, run_id)["status"] == "completed"
+    conflict = user.post(f"/workflows/{run_id}/cancel")
+    assert conflict.status_code == 409
+    assert conflict.json()["error"]["code"] == "CONFLICT"
+    assert api.as_new_user().post(f"/workflows/{run_id}/cancel").status_code == 404
+    assert api.as_new_user().post(f"/workflows/{run_id}/retry").status_code == 404
+
+
+# ------------------------------------------------------------------ retry
+
+
+def test_retry_after_a_failure_runs_only_what_did_not_complete(
+    user: Api, poller: Any, agents: list[ScriptedAgent]
+) -> None:
+    good = start(agents, default=ok({"step": "a"}))
+    flaky = start(agents)
+    flaky.script.append(error("BROKEN", retryable=False))  # fails once, then answers
+    first, second = unique_capability("good"), unique_capability("flaky")
+    register_agent(user, first, endpoint=good.url)
+    register_agent(user, second, endpoint=flaky.url)
+    run_id = submitted(user, pipeline(first, second))
+    failed = wait_for_run(user, run_id)
+    assert failed["status"] == "failed", failed
+    assert user.post(f"/workflows/{run_id}/retry").status_code == 202
+    run = wait_for_run(user, run_id)
+    assert run["status"] == "completed", run
+    assert len(good.calls) == 1, "the completed stage was not called again"
+    assert len(flaky.calls) == 2
+    assert flaky.keys() == [f"{run_id}:b:1", f"{run_id}:b:2"], "a new attempt, a new key"
+    trail = audit(user, run_id)
+    assert trail["chain"]["valid"] is True
+    actions = [e["action"] for e in trail["logs"]]
+    assert actions.index("retry-run") > actions.index("fail")
+    assert actions[-2:] == ["execute", "complete"]
+    assert user.get(f"/workflows/{run_id}/result").json()["data"]["output"] == {
+        "echo": {"a": {"step": "a"}}
+    }
+
+
+def test_retry_of_a_cancelled_run_and_409_for_runs_that_did_not_stop(
+    user: Api, poller: Any, agents: list[ScriptedAgent]
+) -> None:
+    slow = start(agents, default=sleep(1.0, {"x": 1}))
+    capability = unique_capability("again")
+    register_agent(user, capability, endpoint=slow.url)
+    run_id = submitted(user, pipeline(capability, capability))
+    wait_until(lambda: len(slow.calls) == 1, timeout=10)
+    assert user.post(f"/workflows/{run_id}/retry").status_code == 409  # still running
+    assert user.post(f"/workflows/{run_id}/cancel").status_code == 202
+    wait_until(
+        lambda: all(
+            s["status"] == "cancelled"
+            for s in user.get(f"/workflows/{run_id}").json()["data"]["stages"]
+        ),
+        timeout=10,
+    )
+    assert user.post(f"/workflows/{run_id}/retry").status_code == 202
+    assert wait_for_run(user, run_id)["status"] == "completed"
+    assert user.post(f"/workflows/{run_id}/retry").status_code == 409  # completed
+
+
+# ------------------------------------------------------------------ idempotent submission
+
+
+def test_concurrent_submissions_with_one_key_make_one_run(user: Api, poller: Any) -> None:
+    capability = unique_capability("idem")
+    register_agent(user, capability)
+    body = pipeline(capability, capability)
+    barrier = threading.Barrier(8)
+    answers: list[Any] = []
+
+    def submit_once() -> None:
+        barrier.wait()
+        answers.append(user.post("/workflows/execute", body, headers={"Idempotency-Key": "k-1"}))
+
+    threads = [threading.Thread(target=submit_once) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert {a.status_code for a in answers} == {202}
+    ids = {a.json()["data"]["workflowRunId"] for a in answers}
+    assert len(ids) == 1
+    listed = user.get("/workflows", params={"limit": 100}).json()["data"]["runs"]
+    assert sum(r["workflowName"] == "control" for r in listed) == 1
+    again = user.post("/workflows/execute", body, headers={"Idempotency-Key": "k-1"})
+    assert again.json()["data"]["workflowRunId"] in ids
+    other = dict(body, input={"text": "something else"})
+    conflict = user.post("/workflows/execute", other, headers={"Idempotency-Key": "k-1"})
+    assert conflict.status_code == 409
+    assert "different request body" in conflict.json()["error"]["message"]
+
+
+def test_a_key_is_per_user_and_expires_after_a_day(user: Api, api: Api, poller: Any) -> None:
+    capability = unique_capability("scope")
+    register_agent(user, capability)
+    body = pipeline(capability, capability)
+    mine = submitted(user, body, **{"Idempotency-Key": "shared-key"})
+    someone = api.as_new_user()
+    register_agent(someone, capability)
+    theirs = submitted(someone, body, **{"Idempotency-Key": "shared-key"})
+    assert mine != theirs
+    with session_scope() as session:
+        session.execute(text("UPDATE submission_keys SET created_at = now() - interval '25 hours'"))
+    assert submitted(user, body, **{"Idempotency-Key": "shared-key"}) != mine
+
+
+def test_a_malformed_idempotency_key_is_400(user: Api) -> None:
+    body = pipeline(unique_capability(), unique_capability())
+    response = user.post("/workflows/execute", body, headers={"Idempotency-Key": "x" * 256})
+    assert response.status_code == 400
+    assert response.json()["error"]["details"][0]["field"] == "Idempotency-Key"
+
+
+# ------------------------------------------------------------------ deadlines
+
+
+def test_a_run_past_its_deadline_fails_naming_it(
+    user: Api, poller: Any, agents: list[ScriptedAgent]
+) -> None:
+    slow = start(agents, default=sleep(10.0))
+    capability = unique_capability("deadline")
+    register_agent(user, capability, endpoint=slow.url)
+    body = pipeline(capability, capability, timeoutMs=1500)
+    body["workflow"]["stages"][0]["config"] = {"timeoutMs": 60_000}  # the deadline wins
+    run_id = submitted(user, body)
+    started = time.monotonic()
+    run = ended(user, run_id, timeout=15)
+    assert run["status"] == "failed"
+    assert run["errorMessage"] == "deadline of 1500 ms exceeded"
+    assert time.monotonic() - started < 8
+    assert [s["status"] for s in run["stages"]][1] == "skipped"
+    assert audit(user, run_id)["chain"]["valid"] is True
+
+
+def test_the_sweeper_fails_a_run_that_waits_past_its_deadline(user: Api, sent: Any) -> None:
+    capability = unique_capability("queued-deadline")
+    register_agent(user, capability)
+    run_id = submitted(user, pipeline(capability, capability, timeoutMs=100))
+    time.sleep(0.2)  # the deadline passes while its first stage sits in the queue
+    assert handlers.sweep_stalled_stages()["expired"] >= 1
+    run = user.get(f"/workflows/{run_id}").json()["data"]
+    assert run["status"] == "failed"
+    assert "deadline of 100 ms" in run["errorMessage"]
+
+
+# ------------------------------------------------------------------ callbacks
+
+
+class Receiver:
+    """A callback receiver that answers with the scripted statuses, then 200."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        self.statuses = list(statuses)
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.received.append((dict(self.headers), body))
+                status = receiver.statuses.pop(0) if receiver.statuses else 200
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hooks/maof"
+
+
+SECRET = "a-callback-secret-0123456789"
+
+
+def test_a_callback_is_delivered_once_signed_and_retried_after_a_500(
+    user: Api, poller: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(callbacks, "FIRST_BACKOFF_SECONDS", 0)
+    receiver = Receiver([500])
+    try:
+        capability = unique_capability("hook")
+        register_agent(user, capability)
+        body = dict(
+            pipeline(capability, capability), callback={"url": receiver.url, "secret": SECRET}
+        )
+        run_id = submitted(user, body)
+        assert wait_for_run(user, run_id)["status"] == "completed"
+        detail = user.get(f"/workflows/{run_id}").json()["data"]
+        assert detail["callback"]["url"] == receiver.url
+        assert "secret" not in json.dumps(detail)
+
+        def delivered() -> bool:
+            handlers.sweep_stalled_stages()
+            return len(receiver.received) >= 2
+
+        wait_until(delivered, timeout=20, interval=0.2)
+        handlers.sweep_stalled_stages()
+        assert len(receiver.received) == 2, "delivered once after one failure, not again"
+        first, second = receiver.received
+        assert first[0]["X-Maof-Delivery"] == second[0]["X-Maof-Delivery"]
+        headers, raw = second
+        expected = "sha256=" + hmac.new(SECRET.encode(), raw, hashlib.sha256).hexdigest()
+        assert hmac.compare_digest(headers["X-Maof-Signature"], expected)
+        payload = json.loads(raw)
+        assert payload["workflowRunId"] == run_id
+        assert payload["status"] == "completed"
+        assert payload["timestamp"] == int(headers["X-Maof-Timestamp"])
+        assert payload["chain"]["head"] == audit(user, run_id)["chain"]["head"]
+        assert "output" in payload and "errorMessage" not in payload
+        state = user.get(f"/workflows/{run_id}").json()["data"]["callback"]
+        assert (state["state"], state["attempts"]) == ("delivered", 2)
+    finally:
+        receiver.server.shutdown()
+
+
+def test_a_callback_url_the_guard_refuses_is_400(
+    user: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS", "false")
+    from chalicelib.config import reset_settings
+
+    reset_settings()
+    try:
+        body = dict(
+            pipeline(unique_capability(), unique_capability()),
+            callback={"url": "http://169.254.169.254/latest", "secret": SECRET},
+        )
+        response = user.post("/workflows/execute", body)
+        assert response.status_code == 400
+        assert response.json()["error"]["details"][0]["field"] == "callback.url"
+    finally:
+        monkeypatch.undo()
+        reset_settings()
+
+
+def test_cancelled_runs_are_listed_by_their_status(
+    user: Api, poller: Any, agents: list[ScriptedAgent]
+) -> None:
+    slow = start(agents, default=sleep(1.0))
+    capability = unique_capability("listed")
+    register_agent(user, capability, endpoint=slow.url)
+    run_id = submitted(user, pipeline(capability, capability))
+    assert user.post(f"/workflows/{run_id}/cancel").status_code == 202
+    listed = user.get("/workflows", params={"status": "cancelled"}).json()["data"]
+    assert [r["workflowRunId"] for r in listed["runs"]] == [run_id]
+    assert listed["runs"][0]["status"] == "cancelled"
