@@ -143,7 +143,12 @@ def delete_agent(request: ApiRequest, agent_uuid: str) -> dict[str, Any]:
 
 
 @app.endpoint(
-    "/workflows/execute", "POST", body=ExecuteRequest, status=202, summary="Submit a workflow"
+    "/workflows/execute",
+    "POST",
+    body=ExecuteRequest,
+    status=202,
+    summary="Submit a workflow",
+    headers={"Idempotency-Key": "Per user, kept 24 h: the same key and body give the same run"},
 )
 def execute_workflow(request: ApiRequest, body: ExecuteRequest) -> Reply:
     return runs.submit(request.user, body, runs.idempotency_key(request.header("Idempotency-Key")))

@@ -216,6 +216,7 @@ class EndpointSpec:
     body: type[BaseModel] | None
     query: type[BaseModel] | None
     status: int
+    headers: tuple[tuple[str, str], ...] = ()  # optional request headers it reads: (name, what)
 
 
 class MaofApp(Chalice):
@@ -239,6 +240,7 @@ class MaofApp(Chalice):
         query: type[BaseModel] | None = None,
         status: int = 200,
         raw: bool = False,
+        headers: dict[str, str] | None = None,
     ) -> Callable[[View], View]:
         """Register `view(request, **path_params)` at `path`.
 
@@ -290,7 +292,17 @@ class MaofApp(Chalice):
                 handler
             )
             self.endpoints.append(
-                EndpointSpec(path, method, view.__name__, summary, public, body, query, status)
+                EndpointSpec(
+                    path,
+                    method,
+                    view.__name__,
+                    summary,
+                    public,
+                    body,
+                    query,
+                    status,
+                    tuple((headers or {}).items()),
+                )
             )
             return view
 

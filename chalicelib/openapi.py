@@ -21,7 +21,9 @@ ERROR_CODES = {
     409: "CONFLICT",
     413: "PAYLOAD_TOO_LARGE",
     415: "UNSUPPORTED_MEDIA_TYPE",
+    429: "RATE_LIMITED: try again after Retry-After seconds (also details.retryAfterSeconds)",
     500: "INTERNAL_ERROR (never with a stack trace; see requestId)",
+    503: "SERVICE_UNAVAILABLE: a dependency is down (e.g. sign-in without Redis)",
 }
 
 ENVELOPE_ERROR = {
@@ -63,6 +65,16 @@ def _operation(spec: EndpointSpec, schemas: dict[str, Any]) -> dict[str, Any]:
         {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
         for name in re.findall(r"{(\w+)}", spec.path)
     ]
+    parameters += [
+        {
+            "name": name,
+            "in": "header",
+            "required": False,
+            "description": text,
+            "schema": {"type": "string"},
+        }
+        for name, text in spec.headers
+    ]
     if spec.query is not None:
         query_schema = spec.query.model_json_schema(by_alias=True, ref_template=REF)
         for name, prop in query_schema.get("properties", {}).items():
@@ -89,6 +101,9 @@ def _operation(spec: EndpointSpec, schemas: dict[str, Any]) -> dict[str, Any]:
                 if code != 401 or not spec.public
             },
         },
+    }
+    operation["responses"]["429"]["headers"] = {
+        "Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}
     }
     if spec.body is not None:
         operation["requestBody"] = {

@@ -36,3 +36,21 @@ def test_list_filters_are_documented_query_parameters(api):
     document = api.get("/openapi").json()
     names = {p["name"] for p in document["paths"]["/agents"]["get"]["parameters"]}
     assert names == {"page", "limit", "capability", "status"}
+
+
+def test_run_control_and_its_headers_are_documented(api):
+    document = api.get("/openapi").json()
+    execute = document["paths"]["/workflows/execute"]["post"]
+    headers = {p["name"] for p in execute["parameters"] if p["in"] == "header"}
+    assert headers == {"Idempotency-Key"}
+    body = document["components"]["schemas"]["ExecuteRequest"]["properties"]
+    assert "callback" in body
+    assert "timeoutMs" in document["components"]["schemas"]["WorkflowDefinition"]["properties"]
+    for action in ("cancel", "retry"):
+        assert "202" in document["paths"][f"/workflows/{{run_id}}/{action}"]["post"]["responses"]
+    limited = execute["responses"]["429"]
+    assert "Retry-After" in limited["headers"]
+    assert "503" in execute["responses"]
+    for path in ("/auth/logout", "/auth/logout-all", "/auth/password"):
+        assert "post" in document["paths"][path]
+    assert "patch" in document["paths"]["/agents/{agent_uuid}"]
