@@ -8,7 +8,7 @@ from chalicelib.agents import registry as agents
 from chalicelib.auth import service as auth
 from chalicelib.engine import handlers as engine
 from chalicelib.http import ApiRequest, MaofApp, Reply
-from chalicelib.workflows import control, runs
+from chalicelib.workflows import control, runs, stats
 from chalicelib.workflows.definition import ExecuteRequest
 
 app = MaofApp(app_name="maof")
@@ -189,6 +189,11 @@ def retry_run(request: ApiRequest, run_id: str) -> Reply:
 @app.endpoint("/workflows/{run_id}/audit", "GET", summary="A run's audit trail and its chain")
 def get_audit(request: ApiRequest, run_id: str) -> dict[str, Any]:
     return runs.get_audit(request.user, run_id)
+
+
+@app.endpoint("/stats", "GET", summary="Your runs, stages and agents over the last hour")
+def run_stats(request: ApiRequest) -> dict[str, Any]:
+    return stats.stats(request.user)
 
 
 # ------------------------------------------------------------------ engine

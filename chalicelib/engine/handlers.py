@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
+from chalicelib import observability
 from chalicelib.agents import health
 from chalicelib.agents.dispatch import AgentCallFailed, AgentTask, call_agent
 from chalicelib.agents.registry import invalidate_capability
@@ -84,7 +85,8 @@ class TaskGroup:
     """Stages an invocation took on besides its messages (hand-offs): it returns only when
     they are done, since Lambda freezes whatever still runs after it returns."""
 
-    def __init__(self) -> None:
+    def __init__(self, trace: Any = None) -> None:
+        self.trace = trace  # the invocation's X-Ray entity, for the threads it starts
         self._pending = 0
         self._done = threading.Condition()
 
@@ -95,6 +97,7 @@ class TaskGroup:
 
     def _run(self, task: Callable[[], Any]) -> None:
         try:
+            observability.adopt_trace_entity(self.trace)
             task()
         except Exception:
             logger.exception("a handed-over stage raised; its lease runs out and it runs again")
@@ -116,6 +119,7 @@ class Invocation:
 
     deadline: float | None = None
     group: TaskGroup | None = None
+    request_id: str | None = None  # the Lambda invocation's, on every log line of its work
     started: float = field(default_factory=time.monotonic)
 
     def may_run_more(self) -> bool:
@@ -152,16 +156,47 @@ def _run_claimed(
     claimed: stages.ClaimedStage, invocation: Invocation, handed: AgentChoice | None = None
 ) -> str:
     """Run a stage this worker holds (`handed`: with a slot already held on that agent)."""
-    with leases.held(claimed.claim_token):
+    started = time.monotonic()
+    with (
+        leases.held(claimed.claim_token),
+        observability.stage_context(claimed.run_id, claimed.stage_id),
+        observability.traced("run_stage", runId=claimed.run_id, stageId=claimed.stage_id),
+    ):
         try:
-            return _execute(claimed, invocation, handed)
+            outcome = _execute(claimed, invocation, handed)
         except Exception as exc:
             if handed is not None:
                 release(handed)  # never given to a call: the slot would wait out its lease
             if is_infrastructure_error(exc):
                 _release_quietly(claimed)
                 raise
-            return _after_error(claimed, exc)
+            outcome = _after_error(claimed, exc)
+        if outcome in ("completed", "failed"):
+            _count_finished(claimed, outcome, started)
+        return outcome
+
+
+def _count_finished(claimed: stages.ClaimedStage, outcome: str, started: float) -> None:
+    run, stage, capability = claimed.run_id, claimed.stage_id, claimed.capability
+    observability.metric(
+        "StagesFinished",
+        1,
+        dimensions={"Outcome": outcome},
+        runId=run,
+        stageId=stage,
+        capability=capability,
+    )
+    observability.metric(
+        "StageDuration",
+        (time.monotonic() - started) * 1000,
+        "ms",
+        runId=run,
+        stageId=stage,
+        capability=capability,
+    )
+    observability.metric(
+        "StageAttempts", claimed.attempt, runId=run, stageId=stage, capability=capability
+    )
 
 
 def is_infrastructure_error(exc: BaseException) -> bool:
@@ -249,9 +284,13 @@ def _execute(
         deadline=deadline,
     )
     trace.mark("agent-called", claimed.run_id, claimed.stage_id)
+    observability.with_agent(agent.agent_id)
     started = time.monotonic()
     try:
-        output = call_agent(agent.endpoint, agent.token, agent.agent_id, task)
+        with observability.traced(
+            "agent_call", runId=claimed.run_id, stageId=claimed.stage_id, agentId=agent.agent_id
+        ):
+            output = call_agent(agent.endpoint, agent.token, agent.agent_id, task)
     except AgentCallFailed as exc:
         _free_slot(agent, invocation, False, started)
         if run_deadline is not None and time.monotonic() >= run_deadline:
@@ -281,6 +320,9 @@ def _execute(
 def _free_slot(agent: AgentChoice, invocation: Invocation, ok: bool, started: float) -> None:
     """The call is over: hand its slot to a waiting stage, or give it back (and, if the
     agent was full, make sure no stage that parked meanwhile is left waiting)."""
+    observability.metric(
+        "AgentLatency", (time.monotonic() - started) * 1000, "ms", agentId=agent.agent_id
+    )
     handed = _hand_off(agent, invocation)
     was_full = settle(agent, ok, (time.monotonic() - started) * 1000, keep_slot=handed)
     if was_full and not handed:
@@ -373,6 +415,7 @@ def _after_failure(
         Counters(claimed.agent_attempts if same_agent else 0, claimed.errors),
         other_agents=bool(others),
     )
+    observability.metric("StageFailures", 1, dimensions={"Kind": exc.failure.value}, code=exc.code)
     details = {"error": error, "code": exc.code}
     if decision.action is Action.RETRY:
         return _requeued(
@@ -392,6 +435,7 @@ def _after_failure(
             "retrying",
         )
     if decision.action is Action.FALLBACK:
+        observability.metric("Fallbacks", 1, agentId=agent.agent_id)
         return _requeued(
             claimed,
             stages.requeue_later(
@@ -434,6 +478,9 @@ def _after_error(claimed: stages.ClaimedStage, exc: Exception) -> str:
         extra={"runId": str(claimed.run_id), "stageId": claimed.stage_id},
     )
     cause = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    observability.metric(
+        "StageFailures", 1, dimensions={"Kind": Failure.UNEXPECTED.value}, code=type(exc).__name__
+    )
     policy = DispatchPolicy.of(claimed.config)
     decision = policy.decide(
         Failure.UNEXPECTED, Counters(claimed.agent_attempts, claimed.errors), other_agents=False
@@ -475,6 +522,7 @@ def _wait_for_capacity(claimed: stages.ClaimedStage, reason: str, invocation: In
         )
         return "failed"
     parked = stages.park_stage(claimed, reason)
+    observability.metric("CapacityWaits", 1, capability=claimed.capability)
     if parked is not stages.Requeued.QUEUED:
         return str(parked.value)
     # A slot freed between our look and our parking found no one waiting: look once more,
@@ -576,8 +624,10 @@ def run_stage_batch(records: list[dict[str, Any]], context: Any = None) -> dict[
     """Run every stage message of a batch, at once, within the invocation's time (the
     Lambda `context`, if given); report the ones to redeliver, and make them visible again
     soon (backoff by receive count) rather than after the queue's visibility timeout."""
-    group = TaskGroup()
-    invocation = Invocation(_invocation_deadline(context), group)
+    group = TaskGroup(observability.trace_entity())
+    invocation = Invocation(
+        _invocation_deadline(context), group, getattr(context, "aws_request_id", None)
+    )
     if len(records) == 1:
         results = [_run_record(records[0], invocation)]
     else:
@@ -628,6 +678,9 @@ def redeliver_soon(records: list[dict[str, Any]]) -> None:
 
 def _run_record(record: dict[str, Any], invocation: Invocation) -> bool:
     """Run one record; True when it must be delivered again."""
+    observability.adopt_trace_entity(invocation.group.trace if invocation.group else None)
+    if invocation.request_id:
+        logger.thread_safe_append_keys(function_request_id=invocation.request_id)
     try:
         message = StageMessage.parse(record["body"])
     except (ValueError, KeyError):

@@ -34,6 +34,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from chalicelib import observability
 from chalicelib.audit import chain
 from chalicelib.aws import aws_client, stage_queue_url
 from chalicelib.config import get_settings
@@ -288,7 +289,29 @@ def sweep_once() -> dict[str, int]:
     except Exception:
         logger.exception("delivering callbacks failed; going on")
         totals["errors"] += 1
+    _measure(totals)
     return totals
+
+
+def oldest_queued_age() -> float:
+    """Seconds the oldest stage that is queued and due has waited (0 when none)."""
+    with session_scope() as session:
+        age = session.execute(
+            text(
+                "SELECT EXTRACT(EPOCH FROM now() - min(GREATEST(queued_at, not_before))) "
+                "FROM stage_executions WHERE status = 'queued' "
+                "AND (not_before IS NULL OR not_before <= now())"
+            )
+        ).scalar()
+    return float(age or 0)
+
+
+def _measure(totals: dict[str, int]) -> None:
+    observability.metric("SweeperRequeues", totals["requeued"] + totals["woken"])
+    try:
+        observability.metric("OldestQueuedStageAge", oldest_queued_age(), "seconds")
+    except Exception as exc:
+        logger.warning("queue age unavailable", extra={"error": type(exc).__name__})
 
 
 def sweep() -> dict[str, int]:

@@ -119,6 +119,8 @@ ENI_ACTIONS = {
     "ec2:AssignPrivateIpAddresses",
     "ec2:UnassignPrivateIpAddresses",
 }
+# X-Ray has no resource-level permissions: its two write actions need "*".
+TRACE_ACTIONS = {"xray:PutTraceSegments", "xray:PutTelemetryRecords"}
 
 
 def _functions(resources: dict[str, Any]) -> dict[str, Any]:
@@ -386,7 +388,10 @@ def test_no_iam_policy_allows_a_wildcard_action(template: dict[str, Any]) -> Non
                     action,
                 )
             if statement["Resource"] == "*" or "*" in statement["Resource"]:
-                assert set(actions) <= ENI_ACTIONS, (holder, statement)
+                assert set(actions) <= ENI_ACTIONS or set(actions) <= TRACE_ACTIONS, (
+                    holder,
+                    statement,
+                )
 
 
 def test_queue_permissions_fit_each_function(template: dict[str, Any]) -> None:
@@ -400,7 +405,7 @@ def test_queue_permissions_fit_each_function(template: dict[str, Any]) -> None:
             assert statement["Resource"] == {"Fn::GetAtt": ["StageQueue", "Arn"]}, name
         # Only SSM, logs, KMS, the VPC's network interfaces and the queue: nothing else.
         services = {a.split(":")[0] for s in statements for a in s["Action"]}
-        assert services <= {"sqs", "ssm", "logs", "kms", "ec2"}, (name, services)
+        assert services <= {"sqs", "ssm", "logs", "kms", "ec2", "xray"}, (name, services)
 
 
 def test_functions_join_the_vpc_given_as_parameters(template: dict[str, Any]) -> None:
@@ -671,3 +676,45 @@ def test_the_sam_transform_keeps_the_roles_the_trigger_and_the_vpc(
         [str(BIN_DIR / "cfn-lint"), str(transformed)], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_stack_has_an_operations_dashboard_and_its_alarms(
+    template: dict[str, Any], resources: dict[str, Any]
+) -> None:
+    dashboard = resources["OperationsDashboard"]
+    assert dashboard["Type"] == "AWS::CloudWatch::Dashboard"
+    body = dashboard["Properties"]["DashboardBody"]["Fn::Sub"]
+    for metric in (
+        "StagesFinished",
+        "StageDuration",
+        "AgentLatency",
+        "StageFailures",
+        "Fallbacks",
+        "CapacityWaits",
+        "SweeperRequeues",
+        "OldestQueuedStageAge",
+    ):
+        assert metric in body, metric
+    alarms = {
+        name: resource["Properties"]
+        for name, resource in resources.items()
+        if resource["Type"] == "AWS::CloudWatch::Alarm"
+    }
+    assert set(alarms) >= {
+        "DeadLetterAlarm",
+        "HandlerErrorsAlarm",
+        "OldestQueuedStageAlarm",
+        "StageFailureRateAlarm",
+        "StageLatencyAlarm",
+    }
+    assert alarms["StageLatencyAlarm"]["ExtendedStatistic"] == "p95"
+    assert alarms["OldestQueuedStageAlarm"]["MetricName"] == "OldestQueuedStageAge"
+    for props in alarms.values():
+        assert props["AlarmActions"] == alarms["DeadLetterAlarm"]["AlarmActions"]
+    for name in ("RunStage", "APIHandler", "SweepStalledStages", "CheckAgentHealth", "Migrate"):
+        assert (
+            resources[name]["Properties"].get(
+                "Tracing", template["Globals"]["Function"].get("Tracing")
+            )
+            == "Active"
+        )

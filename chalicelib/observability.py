@@ -1,0 +1,115 @@
+"""What an operator sees: CloudWatch metrics in the Embedded Metric Format (Powertools
+Metrics), X-Ray traces (Powertools Tracer) and the run, stage and agent on every log line
+of a stage's work (Powertools Logger keys, per thread).
+
+Metrics (namespace MAOF, dimension `service`; run, stage, agent and capability travel as
+EMF properties, searchable in Logs Insights without becoming costly dimensions):
+
+| metric | unit | emitted |
+|---|---|---|
+| StageDuration | Milliseconds | when a stage ends (claim to end) |
+| AgentLatency | Milliseconds | after each agent call |
+| StageAttempts | Count | when a stage ends: the attempt it ended on |
+| StagesFinished | Count | when a stage ends, dimension Outcome (completed, failed) |
+| StageFailures | Count | each failed call or error, dimension Kind (policy.Failure) |
+| Fallbacks | Count | a stage moves to another agent |
+| CapacityWaits | Count | a stage waits for a slot |
+| SweeperRequeues | Count | the sweeper re-queues stages |
+| OldestQueuedStageAge | Seconds | each sweep: the oldest stage queued and due |
+
+Locally the EMF lines are JSON lines on the poller's standard output (.maof/logs/poller.log);
+`GET /stats` and the CLI's `maof stats` show the same story from Postgres.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from aws_lambda_powertools import Tracer
+from aws_lambda_powertools.metrics import MetricUnit, single_metric
+
+from chalicelib.logs import logger
+
+NAMESPACE = "MAOF"
+SERVICE = "maof"
+
+tracer = Tracer(service=SERVICE)
+
+UNITS = {
+    "ms": MetricUnit.Milliseconds,
+    "count": MetricUnit.Count,
+    "seconds": MetricUnit.Seconds,
+}
+
+
+def metric(
+    name: str,
+    value: float,
+    unit: str = "count",
+    dimensions: dict[str, str] | None = None,
+    **properties: Any,
+) -> None:
+    """One metric, flushed at once as its own EMF line (safe from any thread). Powertools'
+    POWERTOOLS_METRICS_DISABLED=true silences them (the benchmarks do)."""
+    try:
+        with single_metric(
+            name=name,
+            unit=UNITS[unit],
+            value=value,
+            namespace=NAMESPACE,
+            default_dimensions={"service": SERVICE},
+        ) as emf:
+            for key, dimension in (dimensions or {}).items():
+                emf.add_dimension(name=key, value=dimension)
+            for key, item in properties.items():
+                if item is not None:
+                    emf.add_metadata(key=key, value=str(item))
+    except Exception as exc:  # a metric must never fail a stage
+        logger.warning("metric not emitted", extra={"metric": name, "error": type(exc).__name__})
+
+
+@contextlib.contextmanager
+def stage_context(run_id: Any, stage_id: str) -> Iterator[None]:
+    """Every log line of this thread carries the run and stage while the block runs."""
+    logger.thread_safe_append_keys(runId=str(run_id), stageId=stage_id)
+    try:
+        yield
+    finally:
+        logger.thread_safe_remove_keys(["runId", "stageId", "agentId"])
+
+
+def with_agent(agent_id: str) -> None:
+    logger.thread_safe_append_keys(agentId=agent_id)
+
+
+@contextlib.contextmanager
+def traced(name: str, **annotations: Any) -> Iterator[None]:
+    """An X-Ray subsegment annotated with `annotations` (a no-op where tracing is off:
+    locally, in tests). Worker threads attach to the invocation's segment."""
+    if tracer.disabled:
+        yield
+        return
+    with tracer.provider.in_subsegment(name) as subsegment:
+        for key, value in annotations.items():
+            if value is not None:
+                subsegment.put_annotation(key=key, value=str(value))
+        yield
+
+
+def trace_entity() -> Any:
+    """The current X-Ray entity, to hand to the threads that work for this invocation."""
+    if tracer.disabled:
+        return None
+    from aws_xray_sdk.core import xray_recorder
+
+    return xray_recorder.get_trace_entity()
+
+
+def adopt_trace_entity(entity: Any) -> None:
+    if entity is None or tracer.disabled:
+        return
+    from aws_xray_sdk.core import xray_recorder
+
+    xray_recorder.set_trace_entity(entity)

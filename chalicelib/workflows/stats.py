@@ -1,0 +1,70 @@
+"""`GET /stats`: what the caller's runs did over the last hour, from Postgres (the
+readable counterpart, locally, of the CloudWatch metrics a deployment emits)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import text
+
+from chalicelib.db import session_scope
+from chalicelib.http import Principal
+
+WINDOW = "1 hour"
+
+
+def stats(principal: Principal) -> dict[str, Any]:
+    with session_scope() as session:
+        runs = session.execute(
+            text(
+                "SELECT status, count(*) AS n FROM workflow_runs "
+                "WHERE user_id = :user AND created_at >= now() - CAST(:window AS interval) "
+                "GROUP BY status"
+            ),
+            {"user": principal.user_uuid, "window": WINDOW},
+        ).all()
+        stages = session.execute(
+            text(
+                "SELECT s.status, count(*) AS n FROM stage_executions AS s "
+                "JOIN workflow_runs AS r ON r.id = s.run_id "
+                "WHERE r.user_id = :user AND r.created_at >= now() - CAST(:window AS interval) "
+                "GROUP BY s.status"
+            ),
+            {"user": principal.user_uuid, "window": WINDOW},
+        ).all()
+        agents = session.execute(
+            text(
+                """
+                SELECT s.agent_id,
+                       count(*) FILTER (WHERE s.status = 'completed') AS completed,
+                       count(*) FILTER (WHERE s.status = 'failed') AS failed,
+                       percentile_cont(0.5) WITHIN GROUP (ORDER BY
+                           EXTRACT(EPOCH FROM s.completed_at - s.started_at) * 1000)
+                           FILTER (WHERE s.status = 'completed') AS p50_ms,
+                       percentile_cont(0.95) WITHIN GROUP (ORDER BY
+                           EXTRACT(EPOCH FROM s.completed_at - s.started_at) * 1000)
+                           FILTER (WHERE s.status = 'completed') AS p95_ms
+                  FROM stage_executions AS s JOIN workflow_runs AS r ON r.id = s.run_id
+                 WHERE r.user_id = :user AND s.agent_id IS NOT NULL
+                   AND s.completed_at >= now() - CAST(:window AS interval)
+                   AND s.status IN ('completed', 'failed')
+                 GROUP BY s.agent_id ORDER BY s.agent_id
+                """
+            ),
+            {"user": principal.user_uuid, "window": WINDOW},
+        ).all()
+    return {
+        "window": WINDOW,
+        "runs": {row.status: row.n for row in runs},
+        "stages": {row.status: row.n for row in stages},
+        "agents": [
+            {
+                "agentId": row.agent_id,
+                "completed": row.completed,
+                "failed": row.failed,
+                "stageP50Ms": None if row.p50_ms is None else round(row.p50_ms),
+                "stageP95Ms": None if row.p95_ms is None else round(row.p95_ms),
+            }
+            for row in agents
+        ],
+    }

@@ -1,0 +1,131 @@
+"""What an operator sees: the EMF metric lines a stage writes (with the run's dimensions and
+properties), the run and stage on the log lines of its work, and GET /stats."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import pytest
+
+from chalicelib.engine import handlers
+from chalicelib.logs import logger
+from tests.integration.conftest import Api, register_agent, unique_capability, wait_for_run
+from tests.integration.test_delivery import chain, record, submit_direct
+from tests.support.agents import ScriptedAgent, error
+
+
+def emf_lines(text: str) -> list[dict[str, Any]]:
+    found = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{") and '"_aws"' in line:
+            found.append(json.loads(line))
+    return found
+
+
+def by_metric(lines: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    metrics: dict[str, list[dict[str, Any]]] = {}
+    for line in lines:
+        for directive in line["_aws"]["CloudWatchMetrics"]:
+            assert directive["Namespace"] == "MAOF"
+            for definition in directive["Metrics"]:
+                metrics.setdefault(definition["Name"], []).append(line)
+    return metrics
+
+
+def test_a_stage_writes_its_metrics_with_the_runs_dimensions(
+    user: Api, sent: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    capability = unique_capability("emf")
+    register_agent(user, capability)
+    run_id = submit_direct(user, chain(capability, "a"))
+    capsys.readouterr()
+    assert handlers.run_stage_batch([record(run_id, "a")]) == {"batchItemFailures": []}
+    metrics = by_metric(emf_lines(capsys.readouterr().out))
+    for name in ("StagesFinished", "StageDuration", "StageAttempts", "AgentLatency"):
+        assert name in metrics, sorted(metrics)
+    [finished] = metrics["StagesFinished"]
+    assert finished["service"] == "maof"
+    assert finished["Outcome"] == "completed"
+    assert ["service", "Outcome"] in finished["_aws"]["CloudWatchMetrics"][0]["Dimensions"]
+    assert (finished["runId"], finished["stageId"], finished["capability"]) == (
+        str(run_id),
+        "a",
+        capability,
+    )
+    [duration] = metrics["StageDuration"]
+    assert duration["StageDuration"][0] >= 0
+    assert duration["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Unit"] == "Milliseconds"
+
+
+def test_a_failing_stage_counts_its_failure_kind_and_its_log_lines_name_the_run(
+    user: Api, sent: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    agent = ScriptedAgent(default=error("BROKEN", retryable=False)).start()
+    try:
+        capability = unique_capability("emf-fail")
+        register_agent(user, capability, endpoint=agent.url)
+        run_id = submit_direct(user, chain(capability, "a"))
+        capsys.readouterr()
+        handlers.run_stage_batch([record(run_id, "a")])
+        out = capsys.readouterr().out
+    finally:
+        agent.stop()
+    metrics = by_metric(emf_lines(out))
+    [failure] = metrics["StageFailures"]
+    assert failure["Kind"] == "agent-final"
+    assert failure["code"] == "BROKEN"
+    assert metrics["StagesFinished"][0]["Outcome"] == "failed"
+
+
+class JsonLines(logging.Handler):
+    """The log lines MAOF writes, formatted as its Powertools logger formats them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logger.registered_formatter)
+        self.lines: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(json.loads(self.format(record)))
+
+
+def test_log_lines_of_a_stages_work_carry_its_run_stage_and_agent(
+    user: Api, sent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chalicelib.engine import stages
+
+    capability = unique_capability("logs")
+    agent = register_agent(user, capability)
+    run_id = submit_direct(user, chain(capability, "a"))
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug after the agent answered")
+
+    monkeypatch.setattr(stages, "complete_stage", broken)
+    captured = JsonLines()
+    logging.getLogger("maof").addHandler(captured)
+    try:
+        handlers.run_stage_batch([record(run_id, "a")])
+    finally:
+        logging.getLogger("maof").removeHandler(captured)
+    [line] = [x for x in captured.lines if x["message"] == "stage raised; counted against it"]
+    assert (line["runId"], line["stageId"], line["agentId"]) == (str(run_id), "a", agent["agentId"])
+
+
+def test_stats_count_runs_stages_and_agents_of_the_last_hour(user: Api, poller: Any) -> None:
+    capability = unique_capability("stats")
+    agent = register_agent(user, capability)
+    response = user.post(
+        "/workflows/execute",
+        {"workflow": {"name": "stats", "stages": chain(capability, "a", "b")}},
+    )
+    assert wait_for_run(user, response.json()["data"]["workflowRunId"])["status"] == "completed"
+    data = user.get("/stats").json()["data"]
+    assert data["runs"] == {"completed": 1}
+    assert data["stages"] == {"completed": 2}
+    [row] = data["agents"]
+    assert (row["agentId"], row["completed"], row["failed"]) == (agent["agentId"], 2, 0)
+    assert row["stageP95Ms"] >= row["stageP50Ms"] >= 0
