@@ -122,7 +122,8 @@ def test_a_failed_run_is_retried_from_its_page_and_completes(
     page: Page, dashboard_url: str, user: Api, poller: object, agents: list[ScriptedAgent]
 ) -> None:
     flaky = start(agents)
-    flaky.script.append(error("BROKEN", retryable=False))  # fails once, then answers
+    # Fails once, then answers after a while, so the page is seen watching the run again.
+    flaky.script.extend([error("BROKEN", retryable=False), sleep(1.5)])
     first, second = unique("steady"), unique("flaky")
     register_agent(user, first)
     register_agent(user, second, endpoint=flaky.url)
@@ -139,7 +140,11 @@ def test_a_failed_run_is_retried_from_its_page_and_completes(
     expect(page.locator(".toast").first).to_contain_text("Run retried: 1 stage queued again")
 
     # The page watches the run again until it completes.
+    expect(node(page, "b")).to_have_attribute("data-status", "in_progress")
+    expect(page.get_by_test_id("live")).to_be_visible()
+    expect(page.get_by_test_id("run-result")).to_contain_text("appears when the run completes")
     expect(run_status(page)).to_have_attribute("data-status", "completed", timeout=20_000)
+    expect(page.get_by_test_id("live")).to_have_count(0)
     expect(node(page, "a")).to_have_attribute("data-status", "completed")
     expect(node(page, "b")).to_have_attribute("data-status", "completed")
     expect(page.get_by_test_id("run-error")).to_be_empty()

@@ -531,6 +531,7 @@ export async function runPage(ctx) {
    * cancel already did). Returns whether anything changed. */
   function show(next, { quiet = sending } = {}) {
     const wasLive = live();
+    const statusChanged = next.status !== run.status;
     const print = fingerprint(next);
     const changed = print !== lastPrint;
     run = next;
@@ -544,16 +545,14 @@ export async function runPage(ctx) {
       loadAudit();
     }
     drawSummary();
+    // A retried run may have completed (or failed again) before this page read it again.
+    if (statusChanged) loadResult();
     if (live()) {
-      if (!wasLive) {
-        loadResult();
-        watch();
-      }
+      if (!wasLive) watch();
       return changed;
     }
     stopWatching();
     if (wasLive) {
-      loadResult();
       if (!quiet) {
         const ended = { completed: ['completed', 'success'], failed: ['failed', 'error'], cancelled: ['was cancelled', 'warning'] }[run.status];
         if (ended) toast(`${run.workflowName} ${ended[0]}`, ended[1]);
