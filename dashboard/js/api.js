@@ -195,8 +195,8 @@ export class Api {
     return url.toString();
   }
 
-  async send(method, url, body, token) {
-    const headers = { Accept: 'application/json' };
+  async send(method, url, body, token, extraHeaders) {
+    const headers = { ...extraHeaders, Accept: 'application/json' };
     if (body !== undefined) headers['Content-Type'] = 'application/json';
     if (token) headers.Authorization = `Bearer ${token}`;
     let response;
@@ -222,18 +222,19 @@ export class Api {
   }
 
   /** Call the API (a first call in this tab refreshes to get an access token); on a 401
-   * refresh once and retry; returns the envelope's data. */
-  async request(method, path, { body, query, auth = true } = {}) {
+   * refresh once and retry; returns the envelope's data. `headers` are sent as well (e.g.
+   * an Idempotency-Key). */
+  async request(method, path, { body, query, auth = true, headers } = {}) {
     const url = this.url(path, query);
     let token = null;
     if (auth) {
       token = accessToken || ((await this.refresh(null)) ? accessToken : null);
       if (!token) throw await this.sessionEnded();
     }
-    let { response, payload } = await this.send(method, url, body, token);
+    let { response, payload } = await this.send(method, url, body, token, headers);
     if (auth && response.status === 401) {
       const renewed = (await this.refresh(token)) ? accessToken : null;
-      if (renewed) ({ response, payload } = await this.send(method, url, body, renewed));
+      if (renewed) ({ response, payload } = await this.send(method, url, body, renewed, headers));
       if (!renewed || response.status === 401) throw await this.sessionEnded();
     }
     if (!response.ok || !payload || payload.success !== true) {

@@ -187,7 +187,7 @@ export function toast(message, kind = 'info') {
 }
 
 /** A modal confirmation; resolves true when confirmed. */
-export function confirmDialog({ title, message, confirmLabel = 'Confirm', danger = false }) {
+export function confirmDialog({ title, message, confirmLabel = 'Confirm', cancelLabel = 'Cancel', danger = false }) {
   return new Promise((resolve) => {
     const dialog = h(
       'dialog',
@@ -200,7 +200,7 @@ export function confirmDialog({ title, message, confirmLabel = 'Confirm', danger
         h(
           'div',
           { class: 'dialog__actions' },
-          h('button', { class: 'btn btn--secondary', value: 'cancel', type: 'submit' }, 'Cancel'),
+          h('button', { class: 'btn btn--secondary', value: 'cancel', type: 'submit' }, cancelLabel),
           h(
             'button',
             { class: ['btn', danger ? 'btn--danger' : 'btn--primary'], value: 'confirm', type: 'submit' },
@@ -237,7 +237,8 @@ export function field({ label, name, type = 'text', hint, attrs = {}, control })
   );
 }
 
-/** Put the API's `details: [{field, message}]` under the matching fields; return the rest. */
+/** Put the API's `details: [{field, message}]` under the matching fields (the field named
+ * by the whole path, e.g. `callback.url`, else by its first part); return the rest. */
 export function showFieldErrors(form, details) {
   for (const el of form.querySelectorAll('.field')) {
     el.classList.remove('field--invalid');
@@ -247,8 +248,9 @@ export function showFieldErrors(form, details) {
   }
   const unplaced = [];
   for (const detail of details || []) {
-    const name = String(detail.field || '').split('.')[0];
-    const el = form.querySelector(`.field[data-field="${CSS.escape(name)}"]`);
+    const path = String(detail.field || '');
+    const at = (name) => form.querySelector(`.field[data-field="${CSS.escape(name)}"]`);
+    const el = at(path) || at(path.split('.')[0]);
     if (!el) {
       unplaced.push(detail);
       continue;

@@ -14,6 +14,7 @@ const GLYPHS = {
   waiting: ['M-3-5v10M3-5v10'],
   pending: ['M-4 0h.01M0 0h.01M4 0h.01'],
   skipped: ['M-5 0h10'],
+  cancelled: ['M-3.5-3.5h7v7h-7z'],
 };
 let graphCount = 0;
 
@@ -109,6 +110,8 @@ function stageStatus(stage) {
 function detailLine(stage) {
   const status = stageStatus(stage);
   if (status === 'completed' || status === 'failed') return stage.agentId || statusLabel(status);
+  // The run was cancelled while this stage ran: it ends when its agent answers.
+  if (status === 'in_progress' && stage.runEnded) return 'Ending: run cancelled';
   if (status === 'in_progress') return stage.agentId || 'Running…';
   if (status === 'pending' && stage.dependencies?.length) {
     return `Waits for ${stage.dependencies.join(', ')}`;
@@ -121,7 +124,8 @@ function glyph(status) {
 }
 
 /**
- * Draw `stages` ({id, name, agentCapability, dependencies, status, agentId, durationMs}).
+ * Draw `stages` ({id, name, agentCapability, dependencies, status, agentId, durationMs,
+ * runEnded: the run has ended while the stage still runs}).
  * Returns {element, update(stages), select(id)}; `onSelect(id)` makes nodes buttons.
  */
 export function renderDag(stages, { orientation = 'lr', onSelect, selectedId, label = 'Stage graph' } = {}) {
@@ -276,7 +280,7 @@ export function dagLegend() {
   return h(
     'ul',
     { class: 'dag-legend', 'aria-label': 'Legend' },
-    ['pending', 'queued', 'waiting', 'in_progress', 'completed', 'failed', 'skipped'].map((status) =>
+    ['pending', 'queued', 'waiting', 'in_progress', 'completed', 'failed', 'skipped', 'cancelled'].map((status) =>
       h('li', { class: `dag-legend__item dag-legend__item--${status}` }, h('span', { class: 'dag-legend__swatch' }), statusLabel(status)),
     ),
   );

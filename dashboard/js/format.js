@@ -8,12 +8,18 @@ export const STATUS_LABELS = {
   completed: 'Completed',
   failed: 'Failed',
   skipped: 'Skipped',
+  cancelled: 'Cancelled',
   online: 'Online',
   degraded: 'Degraded',
   offline: 'Offline',
 };
 
+// A run or stage that may still change by itself. A cancelled run is not: it has ended
+// (a stage that was running when it was cancelled ends on its own, its output discarded).
 export const LIVE_STATUSES = new Set(['queued', 'waiting', 'in_progress']);
+
+/** The statuses a run can have (the runs list's filters, the overview's counts). */
+export const RUN_STATUSES = ['queued', 'in_progress', 'completed', 'failed', 'cancelled'];
 
 export function statusLabel(status) {
   return STATUS_LABELS[status] || String(status || 'Unknown');
@@ -59,6 +65,14 @@ export function formatDuration(ms) {
   const minutes = Math.floor(seconds / 60);
   if (minutes < 60) return `${minutes} min ${Math.round(seconds % 60)} s`;
   return `${Math.floor(minutes / 60)} h ${minutes % 60} min`;
+}
+
+/** How long until `value`: `in 42 s`, or `passed`. */
+export function timeUntil(value, now = Date.now()) {
+  const date = parseTime(value);
+  if (!date) return '';
+  const ms = date.getTime() - now;
+  return ms > 0 ? `in ${formatDuration(Math.ceil(ms / 1000) * 1000)}` : 'passed';
 }
 
 export function durationBetween(start, end) {

@@ -6,7 +6,10 @@ const STAGE_ID = /^[A-Za-z0-9_-]+$/;
 const CAPABILITY = /^[a-z0-9]+(?:[-.][a-z0-9]+)*$/;
 const REFERENCE = /\$\{([^${}]+)\}/g;
 const STAGE_FIELDS = new Set(['id', 'name', 'agentCapability', 'dependencies', 'input', 'config']);
-const WORKFLOW_FIELDS = new Set(['name', 'stages']);
+const WORKFLOW_FIELDS = new Set(['name', 'stages', 'timeoutMs']);
+// A run's deadline (workflow.timeoutMs): 100 ms to 24 hours, as the API allows.
+export const DEADLINE_MIN_MS = 100;
+export const DEADLINE_MAX_MS = 24 * 3600 * 1000;
 
 /** Parse JSON or YAML text (YAML when it does not start like JSON); on failure say where
  * (line and column) in `label`. */
@@ -133,6 +136,12 @@ export function checkWorkflow(workflow) {
   }
   if (typeof workflow.name !== 'string' || !workflow.name.trim()) add('name', 'is required');
   else if (workflow.name.length > 255) add('name', 'must be at most 255 characters');
+  if (workflow.timeoutMs !== undefined && workflow.timeoutMs !== null) {
+    const ms = workflow.timeoutMs;
+    if (!Number.isInteger(ms) || ms < DEADLINE_MIN_MS || ms > DEADLINE_MAX_MS) {
+      add('timeoutMs', `must be a whole number of milliseconds from ${DEADLINE_MIN_MS} to ${DEADLINE_MAX_MS} (24 hours)`);
+    }
+  }
   if (!Array.isArray(workflow.stages)) {
     add('stages', 'is required and must be a list of stages');
     return { errors, stages: [] };

@@ -10,7 +10,6 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -27,6 +26,7 @@ from tests.integration.conftest import (
     wait_until,
 )
 from tests.support.agents import ScriptedAgent, error, ok, sleep
+from tests.support.callbacks import CallbackReceiver
 
 
 @pytest.fixture
@@ -270,34 +270,6 @@ def test_the_sweeper_fails_a_run_that_waits_past_its_deadline(user: Api, sent: A
 # ------------------------------------------------------------------ callbacks
 
 
-class Receiver:
-    """A callback receiver that answers with the scripted statuses, then 200."""
-
-    def __init__(self, statuses: list[int]) -> None:
-        self.statuses = list(statuses)
-        self.received: list[tuple[dict[str, str], bytes]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.received.append((dict(self.headers), body))
-                status = receiver.statuses.pop(0) if receiver.statuses else 200
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hooks/maof"
-
-
 SECRET = "a-callback-secret-0123456789"
 
 
@@ -305,7 +277,7 @@ def test_a_callback_is_delivered_once_signed_and_retried_after_a_500(
     user: Api, poller: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(callbacks, "FIRST_BACKOFF_SECONDS", 0)
-    receiver = Receiver([500])
+    receiver = CallbackReceiver([500])
     try:
         capability = unique_capability("hook")
         register_agent(user, capability)
@@ -339,7 +311,7 @@ def test_a_callback_is_delivered_once_signed_and_retried_after_a_500(
         state = user.get(f"/workflows/{run_id}").json()["data"]["callback"]
         assert (state["state"], state["attempts"]) == ("delivered", 2)
     finally:
-        receiver.server.shutdown()
+        receiver.stop()
 
 
 def test_a_callback_url_the_guard_refuses_is_400(

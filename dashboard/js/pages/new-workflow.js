@@ -1,9 +1,10 @@
-// New workflow: edit a JSON or YAML definition and input, check it here and with the API, run it.
+// New workflow: edit a JSON or YAML definition and input, set a deadline and a completion
+// callback, check it here and with the API, run it (once, however often it is sent).
 import { h, replace, debounce } from '../dom.js';
 import { icon } from '../icons.js';
-import { alertBox, card, pageHeader, setBusy, toast } from '../components.js';
+import { alertBox, card, field, pageHeader, setBusy, showFieldErrors, toast } from '../components.js';
 import { renderDag } from '../dag.js';
-import { checkWorkflow, describeField, parseJson } from '../workflow-check.js';
+import { DEADLINE_MAX_MS, DEADLINE_MIN_MS, checkWorkflow, describeField, parseJson } from '../workflow-check.js';
 
 const DRAFT_KEY = 'maof.draft';
 
@@ -56,6 +57,22 @@ const TEMPLATES = [
 ];
 
 const pretty = (value) => JSON.stringify(value, null, 2);
+// The API's limits on a callback's secret (characters).
+const SECRET_MIN = 16;
+const SECRET_MAX = 1024;
+
+/** A fresh Idempotency-Key (crypto.randomUUID needs a secure context; the fallback does not). */
+function newIdempotencyKey() {
+  if (typeof crypto.randomUUID === 'function') return crypto.randomUUID();
+  return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+function clearFieldError(el) {
+  if (!el?.classList.contains('field--invalid')) return;
+  el.classList.remove('field--invalid');
+  el.querySelector('.field__error').textContent = '';
+  el.querySelector('input, select')?.removeAttribute('aria-invalid');
+}
 
 function loadDraft() {
   try {
@@ -109,6 +126,58 @@ export async function newWorkflowPage(ctx) {
   );
   const formatButton = h('button', { class: 'btn btn--ghost btn--small', type: 'button' }, icon('wand', { size: 15 }), 'Format JSON');
 
+  // Run options. Their names are the API's field paths, so its 400 details land on them.
+  // The secret is never saved with the draft.
+  const deadlineInput = h('input', {
+    class: 'input input--deadline',
+    id: 'field-workflow.timeoutMs',
+    name: 'workflow.timeoutMs',
+    type: 'number',
+    min: '0',
+    step: 'any',
+    inputmode: 'decimal',
+    placeholder: 'none',
+    'aria-describedby': 'deadline-help',
+  });
+  const deadlineUnit = h(
+    'select',
+    { class: 'input input--small', id: 'deadline-unit', 'aria-label': 'Deadline unit' },
+    h('option', { value: 's' }, 'seconds'),
+    h('option', { value: 'ms' }, 'milliseconds'),
+  );
+  const deadlineField = h(
+    'div',
+    { class: 'field', 'data-field': 'workflow.timeoutMs' },
+    h('label', { class: 'field__label', for: deadlineInput.id }, 'Deadline'),
+    h('div', { class: 'input-group' }, deadlineInput, deadlineUnit),
+    h('p', { class: 'field__hint', id: 'deadline-help' }, 'The run fails if it has not ended this long after it is submitted (or retried): 100 ms to 24 hours. Sent as workflow.timeoutMs, in place of one in the definition.'),
+    h('p', { class: 'field__error', id: `${deadlineInput.id}-error`, 'aria-live': 'polite' }),
+  );
+  const callbackUrlField = field({
+    label: 'Callback URL',
+    name: 'callback.url',
+    type: 'url',
+    hint: "MAOF POSTs the run's outcome here when it ends, signed with the secret (HMAC-SHA256).",
+    attrs: { placeholder: 'https://example.com/hooks/maof', autocomplete: 'off', spellcheck: 'false', inputmode: 'url' },
+  });
+  const callbackSecretField = field({
+    label: 'Callback secret',
+    name: 'callback.secret',
+    type: 'password',
+    hint: `${SECRET_MIN} to ${SECRET_MAX.toLocaleString('en')} characters; the API never shows it again. Give both the URL and the secret, or neither.`,
+    attrs: { autocomplete: 'new-password', spellcheck: 'false' },
+  });
+  const callbackUrl = callbackUrlField.querySelector('input');
+  const callbackSecret = callbackSecretField.querySelector('input');
+  const options = h(
+    'fieldset',
+    { class: 'editor__options' },
+    h('legend', { class: 'editor__legend' }, 'Run options ', h('span', { class: 'muted' }, '(optional)')),
+    deadlineField,
+    callbackUrlField,
+    callbackSecretField,
+  );
+
   const form = h(
     'form',
     { class: 'editor', novalidate: true, 'aria-label': 'Workflow editor' },
@@ -127,6 +196,7 @@ export async function newWorkflowPage(ctx) {
       h('p', { class: 'field__hint', id: 'input-help' }, 'JSON or YAML given to the first stages, and to ${workflow.input.…} references. Optional.'),
       inputEditor,
     ),
+    options,
     messages,
     h('div', { class: 'editor__actions' }, validateButton, runButton),
   );
@@ -167,6 +237,10 @@ export async function newWorkflowPage(ctx) {
         inputEditor.value = pretty(input);
         errors.splice(0, errors.length, ...errors.filter((e) => e.field !== 'input'));
       }
+      if (body.callback && typeof body.callback === 'object') {
+        callbackUrl.value = typeof body.callback.url === 'string' ? body.callback.url : '';
+        callbackSecret.value = typeof body.callback.secret === 'string' ? body.callback.secret : '';
+      }
     }
     let stages = [];
     if (!parsedDefinition.error && !parsedDefinition.empty) {
@@ -177,6 +251,45 @@ export async function newWorkflowPage(ctx) {
     definitionEditor.toggleAttribute('aria-invalid', errors.some((e) => e.field.startsWith('workflow')));
     inputEditor.toggleAttribute('aria-invalid', errors.some((e) => e.field === 'input'));
     return { workflow, input, errors, stages };
+  }
+
+  /** The deadline (ms) and the callback from their fields; returns {timeoutMs, callback, errors}. */
+  function readOptions() {
+    const errors = [];
+    const add = (fieldPath, message) => errors.push({ field: fieldPath, message });
+    let timeoutMs;
+    const raw = deadlineInput.value.trim();
+    if (deadlineInput.validity.badInput) add('workflow.timeoutMs', 'must be a number');
+    else if (raw) {
+      const value = Number(raw);
+      const ms = deadlineUnit.value === 's' ? Math.round(value * 1000) : value;
+      if (!Number.isFinite(value) || value <= 0) add('workflow.timeoutMs', 'must be a positive number');
+      else if (!Number.isInteger(ms)) add('workflow.timeoutMs', 'must be a whole number of milliseconds');
+      else if (ms < DEADLINE_MIN_MS || ms > DEADLINE_MAX_MS) add('workflow.timeoutMs', 'must be from 100 ms to 24 hours');
+      else timeoutMs = ms;
+    }
+    let callback;
+    const url = callbackUrl.value.trim();
+    const secret = callbackSecret.value;
+    if (url || secret) {
+      if (!url) add('callback.url', 'Give the URL to send the outcome to, or clear the secret');
+      else {
+        let parsed = null;
+        try {
+          parsed = new URL(url);
+        } catch {
+          /* reported below */
+        }
+        if (!parsed || !['http:', 'https:'].includes(parsed.protocol)) add('callback.url', 'must be an http:// or https:// URL');
+      }
+      const length = [...secret].length; // characters, as the API counts them
+      if (!secret) add('callback.secret', 'Give a secret to sign the callback with, or clear the URL');
+      else if (length < SECRET_MIN || length > SECRET_MAX) {
+        add('callback.secret', `must be ${SECRET_MIN} to ${SECRET_MAX.toLocaleString('en')} characters (this one has ${length})`);
+      }
+      if (!errors.some((e) => e.field.startsWith('callback.'))) callback = { url, secret };
+    }
+    return { timeoutMs, callback, errors };
   }
 
   function showErrors(title, errors, workflow) {
@@ -250,8 +363,14 @@ export async function newWorkflowPage(ctx) {
 
   const validate = () => {
     const { errors, workflow } = preview();
+    const checked = readOptions();
+    showFieldErrors(options, checked.errors);
     if (errors.length) {
       showErrors('Fix these before running:', errors, workflow);
+      return false;
+    }
+    if (checked.errors.length) {
+      replace(messages, alertBox('error', 'Fix the run options marked above.'));
       return false;
     }
     replace(messages, alertBox('success', 'The definition is valid.'));
@@ -285,29 +404,73 @@ export async function newWorkflowPage(ctx) {
     preview();
   });
   validateButton.addEventListener('click', validate);
+
+  // One Idempotency-Key per submission: sending the same form again (a double click, a retry
+  // after the answer was lost) gets the run the first request made, never a second one. Any
+  // change to the form makes it a new submission.
+  let submissionKey = null;
+  let submitting = false;
+  const newSubmission = () => {
+    submissionKey = null;
+  };
+  form.addEventListener('input', newSubmission);
+  form.addEventListener('change', newSubmission);
+  options.addEventListener('input', (event) => clearFieldError(event.target.closest('.field')));
+
   form.addEventListener('submit', async (event) => {
     event.preventDefault();
+    if (submitting) return;
     const { errors, workflow, input } = read();
+    const chosen = readOptions();
+    showFieldErrors(options, chosen.errors);
     if (errors.length) {
       showErrors('Fix these before running:', errors, workflow);
       definitionEditor.focus();
       return;
     }
+    if (chosen.errors.length) {
+      replace(messages, alertBox('error', 'Fix the run options marked above.'));
+      return;
+    }
     messages.replaceChildren();
+    submitting = true;
     setBusy(runButton, true, 'Submitting…');
+    submissionKey ||= newIdempotencyKey();
     try {
-      const body = { workflow };
+      const body = { workflow: chosen.timeoutMs === undefined ? workflow : { ...workflow, timeoutMs: chosen.timeoutMs } };
       if (input !== undefined) body.input = input;
-      const accepted = await ctx.api.post('/workflows/execute', body);
+      if (chosen.callback) body.callback = chosen.callback;
+      const accepted = await ctx.api.post('/workflows/execute', body, { headers: { 'Idempotency-Key': submissionKey } });
       toast('Workflow submitted — watch it run', 'success');
       ctx.navigate(`#/runs/${encodeURIComponent(accepted.workflowRunId)}`);
     } catch (error) {
       setBusy(runButton, false);
       if (error.code === 'SESSION_EXPIRED' || !ctx.active) return;
-      if (error.details?.length) showErrors(`The API refused this workflow: ${error.message}`, error.details, workflow);
-      else replace(messages, alertBox('error', error.message, { title: 'Could not submit' }));
+      showApiError(error, workflow);
+    } finally {
+      submitting = false;
     }
   });
+
+  /** The API's refusal: details about the run options go under their fields (a timeoutMs
+   * the deadline field did not set came from the definition), the rest to the messages. */
+  function showApiError(error, workflow) {
+    const details = error.details || [];
+    const fromDefinition = (d) => d.field === 'workflow.timeoutMs' && !deadlineInput.value.trim();
+    const unplaced = [
+      ...details.filter(fromDefinition),
+      ...showFieldErrors(options, details.filter((d) => !fromDefinition(d))),
+    ];
+    if (unplaced.length) showErrors(`The API refused this workflow: ${error.message}`, unplaced, workflow);
+    else if (details.length) replace(messages, alertBox('error', `The API refused this workflow: ${error.message}`));
+    else {
+      const again = error.code === 'NETWORK_ERROR' || error.status >= 500 || error.status === 429;
+      replace(
+        messages,
+        alertBox('error', again ? `${error.message} Sending it again is safe: it never makes a second run.` : error.message, { title: 'Could not submit' }),
+      );
+    }
+  }
 
   preview();
 }

@@ -13,12 +13,13 @@ const WINDOWS = {
 
 async function loadStats(api) {
   const total = (query) => api.get('/workflows', { ...query, limit: 1 }).then((data) => data.meta.total);
-  const [agents, online, recent, failed, completed, running, queued] = await Promise.all([
+  const [agents, online, recent, failed, completed, cancelled, running, queued] = await Promise.all([
     api.get('/agents', { limit: 1 }).then((data) => data.meta.total),
     api.get('/agents', { status: 'online', limit: 1 }).then((data) => data.meta.total),
     api.get('/workflows', { limit: 100 }),
     total({ status: 'failed' }),
     total({ status: 'completed' }),
+    total({ status: 'cancelled' }),
     total({ status: 'in_progress' }),
     total({ status: 'queued' }),
   ]);
@@ -30,7 +31,13 @@ async function loadStats(api) {
     if (!oldest || oldest.getTime() < horizon) break;
     runs.push(...(await api.get('/workflows', { limit: 100, page })).runs);
   }
-  return { agents, online, runs, totalRuns: recent.meta.total, failed, completed, running: running + queued };
+  return { agents, online, runs, totalRuns: recent.meta.total, failed, completed, cancelled, running: running + queued };
+}
+
+/** Failed of the runs that finished by themselves: a cancelled run did not fail. */
+function failureSub(stats, finished) {
+  const cancelled = stats.cancelled ? ` (${stats.cancelled} cancelled not counted)` : '';
+  return finished ? `${stats.failed} failed of ${finished} finished${cancelled}` : `no finished runs yet${cancelled}`;
 }
 
 function statCard({ id, label, value, sub, iconName, tone }) {
@@ -52,13 +59,14 @@ function bucketRuns(runs, windowKey, now = Date.now()) {
     return d.getTime();
   })();
   const start = end - buckets * size;
-  const rows = Array.from({ length: buckets }, (_, i) => ({ start: start + i * size, completed: 0, failed: 0, live: 0 }));
+  const rows = Array.from({ length: buckets }, (_, i) => ({ start: start + i * size, completed: 0, failed: 0, cancelled: 0, live: 0 }));
   for (const run of runs) {
     const t = parseTime(run.createdAt)?.getTime();
     if (t === undefined || t < start || t >= end) continue;
     const row = rows[Math.floor((t - start) / size)];
     if (run.status === 'completed') row.completed++;
     else if (run.status === 'failed') row.failed++;
+    else if (run.status === 'cancelled') row.cancelled++;
     else row.live++;
   }
   return rows;
@@ -73,7 +81,8 @@ function runsChart(runs, windowKey, available = 720) {
   const top = 10;
   const plotH = height - bottom - top;
   const plotW = width - left - 8;
-  const max = Math.max(1, ...rows.map((r) => r.completed + r.failed + r.live));
+  const count = (r) => r.completed + r.failed + r.cancelled + r.live;
+  const max = Math.max(1, ...rows.map(count));
   const niceMax = max <= 4 ? max : Math.ceil(max / 4) * 4;
   const barGap = windowKey === 'day' ? 6 : 10;
   const barW = plotW / rows.length - barGap;
@@ -86,8 +95,9 @@ function runsChart(runs, windowKey, available = 720) {
       : d.toLocaleDateString(undefined, { month: 'short', day: 'numeric' });
   };
   const every = Math.max(1, Math.ceil(rows.length / Math.floor(width / 62)));
-  const total = rows.reduce((sum, r) => sum + r.completed + r.failed + r.live, 0);
-  const summary = `${total} run${total === 1 ? '' : 's'} in ${WINDOWS[windowKey].describe}: ${rows.reduce((a, r) => a + r.completed, 0)} completed, ${rows.reduce((a, r) => a + r.failed, 0)} failed, ${rows.reduce((a, r) => a + r.live, 0)} running.`;
+  const total = rows.reduce((sum, r) => sum + count(r), 0);
+  const sum = (kind) => rows.reduce((a, r) => a + r[kind], 0);
+  const summary = `${total} run${total === 1 ? '' : 's'} in ${WINDOWS[windowKey].describe}: ${sum('completed')} completed, ${sum('failed')} failed, ${sum('cancelled')} cancelled, ${sum('live')} running.`;
   const svg = s(
     'svg',
     { class: 'chart', viewBox: `0 0 ${width} ${height}`, role: 'img', 'aria-label': summary, width, height },
@@ -97,18 +107,18 @@ function runsChart(runs, windowKey, available = 720) {
     rows.map((row, i) => {
       const x = left + i * (barW + barGap) + barGap / 2;
       let base = 0;
-      const segments = ['completed', 'failed', 'live'].map((kind) => {
+      const segments = ['completed', 'failed', 'cancelled', 'live'].map((kind) => {
         const value = row[kind];
         if (!value) return null;
         const rect = s('rect', { class: `chart__bar chart__bar--${kind}`, x, width: Math.max(2, barW), y: y(base + value), height: Math.max(1, y(base) - y(base + value)), rx: 3 });
         base += value;
         return rect;
       });
-      const count = row.completed + row.failed + row.live;
+      const runs = count(row);
       return s(
         'g',
         { class: 'chart__col' },
-        s('title', null, `${label(row.start)} — ${count} run${count === 1 ? '' : 's'} (${row.completed} completed, ${row.failed} failed, ${row.live} running)`),
+        s('title', null, `${label(row.start)} — ${runs} run${runs === 1 ? '' : 's'} (${row.completed} completed, ${row.failed} failed, ${row.cancelled} cancelled, ${row.live} running)`),
         s('rect', { class: 'chart__hit', x: x - barGap / 2, width: barW + barGap, y: top, height: plotH }),
         segments,
         (rows.length - 1 - i) % every === 0
@@ -126,6 +136,7 @@ function runsChart(runs, windowKey, available = 720) {
       { class: 'chart-legend' },
       h('li', { class: 'chart-legend__item chart-legend__item--completed' }, 'Completed'),
       h('li', { class: 'chart-legend__item chart-legend__item--failed' }, 'Failed'),
+      h('li', { class: 'chart-legend__item chart-legend__item--cancelled' }, 'Cancelled'),
       h('li', { class: 'chart-legend__item chart-legend__item--live' }, 'Queued or running'),
     ),
     h('p', { class: 'sr-only' }, summary),
@@ -203,7 +214,7 @@ export async function overviewPage(ctx) {
         statCard({ id: 'agents', label: 'Total agents', value: String(stats.agents), sub: stats.agents ? 'registered and not deleted' : 'none registered yet', iconName: 'agents', tone: 'indigo' }),
         statCard({ id: 'online', label: 'Online agents', value: String(stats.online), sub: stats.agents ? `${percent(stats.online, stats.agents)} of all agents` : 'register one to start', iconName: 'sparkle', tone: 'green' }),
         statCard({ id: 'runs', label: 'Workflow runs', value: String(stats.totalRuns), sub: stats.running ? `${stats.running} running now` : 'none running now', iconName: 'workflows', tone: 'blue' }),
-        statCard({ id: 'failure-rate', label: 'Failure rate', value: finished ? percent(stats.failed, finished) : '—', sub: finished ? `${stats.failed} failed of ${finished} finished` : 'no finished runs yet', iconName: 'alert', tone: stats.failed ? 'red' : 'slate' }),
+        statCard({ id: 'failure-rate', label: 'Failure rate', value: finished ? percent(stats.failed, finished) : '—', sub: failureSub(stats, finished), iconName: 'alert', tone: stats.failed ? 'red' : 'slate' }),
       ),
       h(
         'div',

@@ -1,10 +1,12 @@
-// Run detail: the stage graph lighting up live, each stage's data, the result, the audit chain.
+// Run detail: the stage graph lighting up live, each stage's data, the result, the audit
+// chain; cancelling a live run and retrying a failed or cancelled one.
 import { h, replace } from '../dom.js';
 import { icon } from '../icons.js';
 import {
   alertBox,
   badge,
   card,
+  confirmDialog,
   copyButton,
   emptyState,
   errorState,
@@ -13,6 +15,7 @@ import {
   loadingState,
   pageHeader,
   progressBar,
+  setBusy,
   toast,
 } from '../components.js';
 import { dagLegend, renderDag } from '../dag.js';
@@ -25,6 +28,7 @@ import {
   shortHash,
   statusLabel,
   timeAgo,
+  timeUntil,
 } from '../format.js';
 
 const POLL_MIN_MS = 400;
@@ -33,27 +37,65 @@ const WAITING_INPUT = {
   queued: 'Resolved when the stage starts.',
   waiting: 'Resolved when an agent has a free slot.',
   in_progress: 'Recorded when the stage finishes.',
+  cancelled: 'The stage never started: its run was cancelled.',
 };
 const POLL_MAX_MS = 5000;
 const NARROW = '(max-width: 720px)';
-const ACTIONS = {
-  submit: 'Submitted',
-  execute: 'Executed',
-  complete: 'Completed',
-  fail: 'Failed',
-  skip: 'Skipped',
-  requeue: 'Re-queued',
-  retry: 'Retried',
-  fallback: 'Fell back',
-  wait: 'Waited for a slot',
+const RETRYABLE = new Set(['failed', 'cancelled']);
+const CALLBACK_STATES = {
+  pending: 'Delivering',
+  delivered: 'Delivered',
+  failed: 'Not delivered',
 };
 
+const plural = (n, word) => `${n} ${word}${n === 1 ? '' : 's'}`;
+const byWhom = (details, done) => (details?.by ? `${done} by ${details.by}` : done);
+
+// What each audit action says, from the entry's details (who, why) where the API gives them.
+const ACTIONS = {
+  submit: () => 'Submitted',
+  execute: () => 'Executed',
+  complete: () => 'Completed',
+  fail: (d) => ({ title: 'Failed', note: d?.error }),
+  skip: (d) => ({ title: 'Skipped', note: d?.reason }),
+  requeue: (d) => ({ title: 'Re-queued', note: d?.reason }),
+  retry: (d) => ({ title: 'Retried after an error', note: d?.error }),
+  fallback: (d) => ({ title: 'Fell back to another agent', note: d?.error }),
+  wait: () => 'Waited for a free agent slot',
+  cancel: (d) => ({
+    title: byWhom(d, 'Cancelled'),
+    note: d?.stagesEnded?.length ? `Not started, now cancelled: ${d.stagesEnded.join(', ')}` : null,
+  }),
+  'retry-run': (d) => ({
+    title: byWhom(d, 'Retried'),
+    note: d?.stages?.length ? `Was ${statusLabel(d.was).toLowerCase()}; run again: ${d.stages.join(', ')}` : null,
+  }),
+  discard: () => 'Output discarded: the run had ended',
+  deadline: (d) => ({
+    title: d?.timeoutMs ? `Deadline of ${formatDuration(d.timeoutMs)} passed` : 'Deadline passed',
+    note: d?.stagesEnded?.length ? `Not started, now skipped: ${d.stagesEnded.join(', ')}` : null,
+  }),
+};
+
+/** `{title, note}` for an audit entry (an action this page does not know shows as is). */
+export function describeEntry(entry) {
+  const described = ACTIONS[entry.action]?.(entry.details || {}) ?? entry.action;
+  return typeof described === 'string' ? { title: described, note: null } : described;
+}
+
 function graphStages(run) {
-  return run.stages.map((stage) => ({ ...stage, id: stage.stageId }));
+  const ended = !LIVE_STATUSES.has(run.status);
+  return run.stages.map((stage) => ({ ...stage, id: stage.stageId, runEnded: ended }));
 }
 
 function fingerprint(run) {
-  return JSON.stringify([run.status, run.errorMessage, run.stages.map((s) => [s.status, s.attempt, s.agentId, s.completedAt])]);
+  return JSON.stringify([
+    run.status,
+    run.errorMessage,
+    run.deadlineAt,
+    run.callback,
+    run.stages.map((s) => [s.status, s.attempt, s.agentId, s.completedAt]),
+  ]);
 }
 
 function defaultStage(run) {
@@ -69,7 +111,7 @@ function timeValue(value) {
   return value ? h('time', { datetime: value, title: formatDateTime(value) }, formatClock(value)) : '—';
 }
 
-function stagePanel(stage, { onTab, tab }) {
+function stagePanel(stage, { onTab, tab, runStatus }) {
   if (!stage) return emptyState({ title: 'Select a stage', text: 'Click a node in the graph to see its data.', iconName: 'workflows' });
   const hasOutput = stage.output !== null && stage.output !== undefined;
   const active = tab || (hasOutput ? 'output' : 'input');
@@ -112,6 +154,9 @@ function stagePanel(stage, { onTab, tab }) {
       badge(stage.status),
     ),
     stage.errorMessage ? alertBox('error', stage.errorMessage, { title: 'Error' }) : null,
+    stage.status === 'in_progress' && runStatus === 'cancelled'
+      ? alertBox('info', 'The run was cancelled while this stage was running. Whatever its agent answers is discarded, and the stage then shows as cancelled.')
+      : null,
     h(
       'dl',
       { class: 'facts facts--grid' },
@@ -200,6 +245,7 @@ function auditView(audit) {
       { class: 'audit', 'data-testid': 'audit-log' },
       logs.map((entry) => {
         const broken = !chain.valid && chain.brokenAtSeq != null && entry.seq >= chain.brokenAtSeq;
+        const { title, note } = describeEntry(entry);
         return h(
           'li',
           { class: ['audit__entry', `audit__entry--${entry.action}`, broken && 'audit__entry--broken'], 'data-seq': entry.seq },
@@ -210,11 +256,12 @@ function auditView(audit) {
             h(
               'div',
               { class: 'audit__line' },
-              h('strong', null, ACTIONS[entry.action] || entry.action),
-              entry.stageId ? h('span', null, ' stage ', h('code', { class: 'mono' }, entry.stageId)) : h('span', null, ' run'),
-              entry.agentId ? h('span', { class: 'muted' }, ' by ', h('code', { class: 'mono' }, entry.agentId)) : null,
+              h('strong', { 'data-testid': 'audit-title' }, title),
+              entry.stageId ? h('span', null, ' · stage ', h('code', { class: 'mono' }, entry.stageId)) : h('span', { class: 'muted' }, ' · run'),
+              entry.agentId ? h('span', { class: 'muted' }, ' · agent ', h('code', { class: 'mono' }, entry.agentId)) : null,
               h('time', { class: 'audit__time', datetime: entry.loggedAt, title: formatDateTime(entry.loggedAt) }, formatClock(entry.loggedAt)),
             ),
+            note ? h('p', { class: 'audit__note' }, note) : null,
             h(
               'div',
               { class: 'audit__hashes' },
@@ -230,14 +277,65 @@ function auditView(audit) {
   );
 }
 
+function deadlineFact(run, live) {
+  if (!run.deadlineAt) return null;
+  const until = live ? timeUntil(run.deadlineAt) : '';
+  return fact(
+    'Deadline',
+    h(
+      'span',
+      null,
+      timeValue(run.deadlineAt),
+      until ? h('span', { class: 'muted' }, ` (${until})`) : null,
+    ),
+    'run-deadline',
+  );
+}
+
+function callbackFact(callback, live) {
+  if (!callback) return null;
+  const state = callback.state
+    ? CALLBACK_STATES[callback.state] || callback.state
+    : live
+      ? 'Sent when the run ends'
+      : 'Not sent yet';
+  return fact(
+    'Callback',
+    h(
+      'span',
+      { class: 'callback' },
+      h('code', { class: 'mono callback__url', 'data-testid': 'callback-url' }, callback.url),
+      h(
+        'span',
+        { class: ['callback__state', `callback__state--${callback.state || 'none'}`], 'data-testid': 'callback-state', 'data-state': callback.state || '' },
+        state,
+        callback.attempts ? ` · ${plural(callback.attempts, 'attempt')}` : '',
+      ),
+      callback.lastError ? h('span', { class: 'callback__error', 'data-testid': 'callback-error' }, `Last error: ${callback.lastError}`) : null,
+    ),
+    'run-callback',
+  );
+}
+
+function runAlert(run) {
+  if (run.status === 'failed') {
+    return alertBox('error', run.errorMessage || 'A stage failed.', { title: 'This run failed' });
+  }
+  if (run.status === 'cancelled') {
+    return alertBox('warning', run.errorMessage || 'The run was cancelled.', { title: 'This run was cancelled' });
+  }
+  return null;
+}
+
 export async function runPage(ctx) {
   const [runId] = ctx.params;
+  const path = `/workflows/${encodeURIComponent(runId)}`;
   const body = h('div', null, loadingState('Loading the run…', 5));
   ctx.root.append(body);
 
   let run;
   try {
-    run = await ctx.api.get(`/workflows/${encodeURIComponent(runId)}`);
+    run = await ctx.api.get(path);
   } catch (error) {
     if (!ctx.active || error.code === 'SESSION_EXPIRED') return;
     replace(
@@ -256,9 +354,12 @@ export async function runPage(ctx) {
   let lastPrint = fingerprint(run);
   let lastAudit = null;
   let resultLoaded = false;
+  let acting = false; // a cancel or retry is being confirmed or sent
+  let sending = false; // … and has been sent: its own toast says how the run ended
   const narrow = window.matchMedia(NARROW);
 
   const statusHost = h('div', { class: 'run-status' });
+  const actionsHost = h('div', { class: 'run-actions' });
   const progressHost = h('div', { class: 'run-progress' });
   const factsHost = h('dl', { class: 'facts facts--inline' });
   const alertHost = h('div', { 'data-testid': 'run-error' });
@@ -268,6 +369,8 @@ export async function runPage(ctx) {
   const resultHost = h('div', { 'data-testid': 'run-result' });
   const auditHost = h('div', null, loadingState('Loading the audit trail…', 2));
   let graph = null;
+
+  const live = () => LIVE_STATUSES.has(run.status);
 
   const drawGraph = () => {
     graph = renderDag(graphStages(run), {
@@ -285,6 +388,7 @@ export async function runPage(ctx) {
       stageHost,
       stagePanel(stage, {
         tab,
+        runStatus: run.status,
         onTab: (key, focus) => {
           tab = key;
           drawStage();
@@ -304,12 +408,13 @@ export async function runPage(ctx) {
     if (narrow.matches) stageHost.scrollIntoView({ behavior: 'smooth', block: 'start' });
   }
 
-  function drawSummary(live, reconnecting) {
+  function drawSummary(reconnecting = false) {
     const progress = run.progress;
+    const isLive = live();
     document.title = `${run.workflowName} · ${statusLabel(run.status)} · MAOF`;
     replace(
       statusHost,
-      live ? liveDot(reconnecting ? 'Reconnecting…' : 'Live') : null,
+      isLive ? liveDot(reconnecting ? 'Reconnecting…' : 'Live') : null,
       h('span', { 'data-testid': 'run-status' }, badge(run.status, { large: true })),
     );
     replace(
@@ -317,25 +422,39 @@ export async function runPage(ctx) {
       progressBar(progress, { label: `${progress.completed} of ${progress.total} stages completed` }),
       h('span', { class: 'run-progress__text' }, `${progress.completed} of ${progress.total} stages completed${progress.failed ? `, ${progress.failed} failed` : ''}`),
     );
-    const end = run.completedAt || (LIVE_STATUSES.has(run.status) ? new Date().toISOString() : null);
+    const end = run.completedAt || (isLive ? new Date().toISOString() : null);
     replace(
       factsHost,
       fact('Created', h('time', { datetime: run.createdAt, title: formatDateTime(run.createdAt) }, timeAgo(run.createdAt))),
       fact('Started', timeValue(run.startedAt)),
       fact('Finished', timeValue(run.completedAt)),
       fact('Duration', run.startedAt && end ? formatDuration(durationBetween(run.startedAt, end)) : '—', 'run-duration'),
+      deadlineFact(run, isLive),
+      callbackFact(run.callback, isLive),
     );
-    replace(
-      alertHost,
-      run.status === 'failed'
-        ? alertBox('error', run.errorMessage || 'A stage failed.', { title: 'This run failed' })
-        : null,
-    );
+    replace(alertHost, runAlert(run));
+    if (!acting) drawActions();
+  }
+
+  /** Cancel while the run is live; Retry once it failed or was cancelled. Drawn again only
+   * when that changes (the summary is redrawn every second while live). */
+  let actionsShown = null;
+  function drawActions() {
+    const kind = live() ? 'cancel' : RETRYABLE.has(run.status) ? 'retry' : 'none';
+    if (kind === actionsShown) return;
+    actionsShown = kind;
+    if (kind === 'cancel') {
+      replace(actionsHost, h('button', { class: 'btn btn--secondary btn--danger-text', type: 'button', onClick: (event) => cancelRun(event.currentTarget) }, icon('x', { size: 16 }), 'Cancel run'));
+    } else if (kind === 'retry') {
+      replace(actionsHost, h('button', { class: 'btn btn--primary', type: 'button', onClick: (event) => retryRun(event.currentTarget) }, icon('refresh', { size: 16 }), 'Retry run'));
+    } else {
+      replace(actionsHost);
+    }
   }
 
   async function loadAudit() {
     try {
-      const audit = await ctx.api.get(`/workflows/${encodeURIComponent(runId)}/audit`);
+      const audit = await ctx.api.get(`${path}/audit`);
       if (!ctx.active) return;
       const print = JSON.stringify([audit.chain, audit.logs.length]);
       if (print !== lastAudit) {
@@ -349,17 +468,20 @@ export async function runPage(ctx) {
   }
 
   async function loadResult() {
-    if (run.status === 'failed') {
-      replace(resultHost, emptyState({ title: 'No result', text: 'The run failed before its last stage completed.', iconName: 'x' }));
+    if (run.status === 'failed' || run.status === 'cancelled') {
+      resultLoaded = false;
+      const why = run.status === 'failed' ? 'The run failed' : 'The run was cancelled';
+      replace(resultHost, emptyState({ title: 'No result', text: `${why} before its last stage completed.`, iconName: 'x' }));
       return;
     }
     if (run.status !== 'completed') {
+      resultLoaded = false;
       replace(resultHost, h('div', { class: 'state state--waiting' }, h('span', { class: 'spinner', 'aria-hidden': 'true' }), h('p', null, 'The result appears when the run completes.')));
       return;
     }
     if (resultLoaded) return;
     try {
-      const result = await ctx.api.get(`/workflows/${encodeURIComponent(runId)}/result`);
+      const result = await ctx.api.get(`${path}/result`);
       if (!ctx.active) return;
       resultLoaded = true;
       replace(resultHost, h('div', { class: 'result' }, h('div', { class: 'result__actions' }, copyButton(() => JSON.stringify(result.output, null, 2), 'Copy result')), jsonView(result.output, { label: 'Final result' })));
@@ -369,11 +491,168 @@ export async function runPage(ctx) {
     }
   }
 
+  // Polling. Every read of the run is numbered and only the newest is shown, so a poll that
+  // was in flight when a cancel or retry answered cannot bring back the state before it.
+  let polling = false;
+  let timer = null;
+  let clock = null;
+  let delay = POLL_MIN_MS;
+  let reads = 0;
+
+  /** The run as the API has it now, or null when a newer read was started meanwhile. */
+  async function readRun() {
+    const mine = ++reads;
+    const next = await ctx.api.get(path);
+    return mine === reads && ctx.active ? next : null;
+  }
+
+  function schedule(ms) {
+    clearTimeout(timer);
+    timer = setTimeout(tick, ms);
+  }
+
+  function watch() {
+    if (!live()) return;
+    polling = true;
+    delay = POLL_MIN_MS;
+    schedule(delay);
+    clock ||= setInterval(() => live() && drawSummary(), 1000);
+  }
+
+  function stopWatching() {
+    polling = false;
+    clearTimeout(timer);
+    clearInterval(clock);
+    clock = null;
+  }
+  ctx.onCleanup(stopWatching);
+
+  /** Show `next`; when the run has just ended, say how (unless `quiet`: the page's own
+   * cancel already did). Returns whether anything changed. */
+  function show(next, { quiet = sending } = {}) {
+    const wasLive = live();
+    const statusChanged = next.status !== run.status;
+    const print = fingerprint(next);
+    const changed = print !== lastPrint;
+    run = next;
+    lastPrint = print;
+    if (changed) {
+      if (!userPicked) selected = defaultStage(run);
+      graph.update(graphStages(run));
+      graph.select(selected);
+      drawStage();
+      replace(stagesHost, stageTable(run, selected, select));
+      loadAudit();
+    }
+    drawSummary();
+    // A retried run may have completed (or failed again) before this page read it again.
+    if (statusChanged) loadResult();
+    if (live()) {
+      if (!wasLive) watch();
+      return changed;
+    }
+    stopWatching();
+    if (wasLive) {
+      if (!quiet) {
+        const ended = { completed: ['completed', 'success'], failed: ['failed', 'error'], cancelled: ['was cancelled', 'warning'] }[run.status];
+        if (ended) toast(`${run.workflowName} ${ended[0]}`, ended[1]);
+      }
+    }
+    return changed;
+  }
+
+  async function tick() {
+    let next;
+    try {
+      next = await readRun();
+    } catch (error) {
+      if (!ctx.active || error.code === 'SESSION_EXPIRED' || !polling) return;
+      drawSummary(true);
+      delay = Math.min(delay * 2, POLL_MAX_MS);
+      schedule(delay);
+      return;
+    }
+    if (!next || !polling) return; // a newer read shows the run (and schedules what follows)
+    const changed = show(next);
+    if (polling) {
+      delay = changed ? POLL_MIN_MS : Math.min(delay * 1.6, POLL_MAX_MS);
+      schedule(delay);
+    }
+  }
+
+  /** Read the run again at once (after a cancel or retry, or a 409 saying it moved on). */
+  async function reload() {
+    clearTimeout(timer); // no poll starts meanwhile (one in flight is outdated by this read)
+    try {
+      const next = await readRun();
+      if (next) show(next);
+    } catch (error) {
+      if (!ctx.active || error.code === 'SESSION_EXPIRED') return;
+      toast(`Could not reload the run: ${error.message}`, 'error');
+    }
+    if (polling && ctx.active) schedule(delay);
+  }
+
+  /** Confirm, then POST `action`; a 409 (the run moved on meanwhile) is said and shown. */
+  async function control(button, { action, dialog, busyLabel, done }) {
+    acting = true;
+    try {
+      if (!(await confirmDialog(dialog)) || !ctx.active) return;
+      setBusy(button, true, busyLabel);
+      sending = true;
+      let answer;
+      try {
+        answer = await ctx.api.post(`${path}/${action}`);
+      } catch (error) {
+        if (!ctx.active || error.code === 'SESSION_EXPIRED') return;
+        toast(error.message, error.status === 409 ? 'warning' : 'error');
+        if (error.status === 409) await reload();
+        return;
+      }
+      if (!ctx.active) return;
+      toast(done(answer), 'success');
+      await reload();
+    } finally {
+      acting = false;
+      sending = false;
+      actionsShown = null; // the button may still be busy: draw it afresh
+      if (ctx.active) drawActions();
+    }
+  }
+
+  function cancelRun(button) {
+    return control(button, {
+      action: 'cancel',
+      busyLabel: 'Cancelling…',
+      dialog: {
+        title: 'Cancel this run?',
+        message: 'Stages that have not started are cancelled and no agent is called for this run again. A stage already running finishes, but its output is discarded. You can retry the run later.',
+        confirmLabel: 'Cancel run',
+        cancelLabel: 'Keep running',
+        danger: true,
+      },
+      done: (answer) => `Run cancelled${answer.stagesCancelled?.length ? `: ${plural(answer.stagesCancelled.length, 'stage')} will not run` : ''}`,
+    });
+  }
+
+  function retryRun(button) {
+    return control(button, {
+      action: 'retry',
+      busyLabel: 'Retrying…',
+      dialog: {
+        title: 'Retry this run?',
+        message: 'Completed stages keep their outputs; every other stage runs again from the start, under the same run and audit trail.',
+        confirmLabel: 'Retry run',
+      },
+      done: (answer) => `Run retried${answer.stagesRequeued?.length ? `: ${plural(answer.stagesRequeued.length, 'stage')} queued again` : ''}`,
+    });
+  }
+
   replace(
     body,
     pageHeader(run.workflowName, {
       crumbs: [h('a', { href: '#/workflows' }, 'Workflows'), h('span', { 'aria-hidden': 'true' }, ' / '), h('span', { class: 'mono' }, run.workflowRunId)],
-      actions: statusHost,
+      actions: [statusHost, actionsHost],
     }),
     h('section', { class: 'card run-summary', 'aria-label': 'Summary' }, progressHost, factsHost),
     alertHost,
@@ -391,8 +670,7 @@ export async function runPage(ctx) {
     card('Audit trail', auditHost, { id: 'audit' }),
   );
 
-  const live = () => LIVE_STATUSES.has(run.status);
-  drawSummary(live());
+  drawSummary();
   drawGraph();
   drawStage();
   replace(stagesHost, stageTable(run, selected, select));
@@ -401,57 +679,6 @@ export async function runPage(ctx) {
   const onResize = () => drawGraph();
   narrow.addEventListener('change', onResize);
   ctx.onCleanup(() => narrow.removeEventListener('change', onResize));
-
-  if (!live()) return;
-
   // Poll while the run is live: quickly while things change, backing off while they don't.
-  let delay = POLL_MIN_MS;
-  let timer = null;
-  const clock = setInterval(() => live() && drawSummary(true), 1000);
-  ctx.onCleanup(() => {
-    clearTimeout(timer);
-    clearInterval(clock);
-  });
-  const tick = async () => {
-    let next;
-    try {
-      next = await ctx.api.get(`/workflows/${encodeURIComponent(runId)}`);
-    } catch (error) {
-      if (!ctx.active || error.code === 'SESSION_EXPIRED') return;
-      drawSummary(true, true);
-      delay = Math.min(delay * 2, POLL_MAX_MS);
-      timer = setTimeout(tick, delay);
-      return;
-    }
-    if (!ctx.active) return;
-    const print = fingerprint(next);
-    const changed = print !== lastPrint;
-    run = next;
-    lastPrint = print;
-    if (changed) {
-      if (!userPicked) selected = defaultStage(run);
-      drawSummary(live());
-      graph.update(graphStages(run));
-      graph.select(selected);
-      drawStage();
-      replace(stagesHost, stageTable(run, selected, select));
-      loadAudit();
-      delay = POLL_MIN_MS;
-    } else {
-      delay = Math.min(delay * 1.6, POLL_MAX_MS);
-    }
-    if (live()) {
-      timer = setTimeout(tick, delay);
-      return;
-    }
-    clearInterval(clock);
-    drawSummary(false);
-    loadResult();
-    loadAudit();
-    toast(
-      run.status === 'completed' ? `${run.workflowName} completed` : `${run.workflowName} failed`,
-      run.status === 'completed' ? 'success' : 'error',
-    );
-  };
-  timer = setTimeout(tick, delay);
+  watch();
 }

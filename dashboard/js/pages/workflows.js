@@ -2,9 +2,9 @@
 import { h, replace } from '../dom.js';
 import { icon } from '../icons.js';
 import { badge, card, emptyState, errorState, loadingState, pageHeader, pagination, progressBar } from '../components.js';
-import { LIVE_STATUSES, durationBetween, formatDateTime, formatDuration, statusLabel, timeAgo } from '../format.js';
+import { LIVE_STATUSES, RUN_STATUSES, durationBetween, formatDateTime, formatDuration, statusLabel, timeAgo } from '../format.js';
 
-const FILTERS = ['', 'queued', 'in_progress', 'completed', 'failed'];
+const FILTERS = ['', ...RUN_STATUSES];
 const PAGE_SIZE = 20;
 const LIVE_REFRESH_MS = 1500;
 const IDLE_REFRESH_MS = 10000;
