@@ -126,6 +126,8 @@ def validation_details(exc: pydantic.ValidationError) -> list[dict[str, str]]:
             message = "unknown field"
         elif item["type"] == "missing":
             message = "is required"
+        elif item["type"] == "value_error":
+            message = str(item["msg"]).removeprefix("Value error, ")  # our validators' words
         else:
             message = item["msg"]
         details.append({"field": ".".join(loc) or "body", "message": message})
