@@ -37,6 +37,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         items[:] = others + faults + browser
 
 
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    from tests.faults import chaos
+
+    if chaos.RESULTS:
+        terminalreporter.section("chaos: every accepted run ends")
+        for line in chaos.table(chaos.RESULTS).splitlines():
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="module")
 def engine_poller(stack: None) -> Iterator[Any]:
     """The poller `make dev` runs (chalicelib.local.poller.from_app): 4 workers, the sweeper
