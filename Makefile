@@ -17,12 +17,13 @@ ifneq (,$(ALLOW_PRIVATE_FROM_ENV))
 export MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS := $(ALLOW_PRIVATE_FROM_ENV)
 endif
 
-.PHONY: help venv stack migrate dev test lint typecheck unit integration package down clean bench browser-deps deploy destroy secrets deploy-info rotate-key retire-keys reencrypt-agent-tokens
+.PHONY: help venv stack migrate dev test lint typecheck unit integration chaos package down clean bench browser-deps deploy destroy secrets deploy-info rotate-key retire-keys reencrypt-agent-tokens
 
 help:
 	@echo "make dev      start Postgres, Redis, LocalStack, the API on :3000 and the SQS poller; run a demo"
 	@echo "make test     start the stack, then lint, type check, unit and integration tests"
 	@echo "make migrate  apply database migrations"
+	@echo "make chaos    restart Postgres, Redis, LocalStack (and kill the poller) mid-drain on an isolated stack; print what ended"
 	@echo "make down     stop what the stack started"
 	@echo "make package  chalice package STAGE (default prod) with infra/ merged, into build/package"
 	@echo "make secrets  create the SSM SecureString parameters a deployed STAGE reads"
@@ -66,6 +67,11 @@ browser-deps:
 
 test: stack lint typecheck browser-deps
 	$(PY) -m pytest tests -q
+
+# The outage part of the fault suite on its own (tests/faults/chaos.py): its own Postgres,
+# Redis and LocalStack under .maof/chaos/, stopped at the end. Knobs: CHAOS_ARGS="--help".
+chaos: venv
+	$(PY) -m tests.faults.chaos $(CHAOS_ARGS)
 
 # ---------------------------------------------------------------- AWS (see README "Deploy to AWS")
 # STAGE is the Chalice stage (.chalice/config.json) and names the stack maof-$(STAGE).

@@ -233,7 +233,7 @@ def main() -> int:
         return 2
     children = [
         start("api", ["-m", "chalicelib.local.api", "--port", str(args.port)]),
-        start("poller", ["-m", "chalicelib.local.poller"]),
+        start("poller", ["-m", "chalicelib.local.poller", "--api-url", base]),
     ]
     if port_open("127.0.0.1", EXAMPLE_AGENT_PORT):
         print(

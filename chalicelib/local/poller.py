@@ -4,6 +4,10 @@ Lambda SQS events, and runs the scheduled handlers on their schedule (dev and te
 Each worker thread plays one concurrent Lambda execution: receive up to a batch,
 invoke the handler in process, delete what succeeded, leave what failed for
 redelivery after the visibility timeout.
+
+LocalStack keeps no state across a restart: when a receive fails, a ResourceKeeper checks
+(at most every few seconds) whether the queue is gone and, if so, creates the queues and
+the bucket again the way `make dev` did, re-publishing the dashboard when its bucket went.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from chalicelib.aws import aws_client, stage_queue_url
-from chalicelib.config import ConfigError, get_settings
+from chalicelib.config import ConfigError, Settings, get_settings
 from chalicelib.logs import logger
 
 Handler = Callable[[dict[str, Any], Any], Any]
@@ -72,6 +76,104 @@ def scheduled_event(rule: str, region: str) -> dict[str, Any]:
     }
 
 
+# How often, at most, a failing poller looks for lost resources (each look is two requests).
+HEAL_INTERVAL_SECONDS = 2.0
+_MISSING_QUEUE_CODES = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"})
+_MISSING_BUCKET_CODES = frozenset({"404", "NoSuchBucket", "NotFound"})
+
+
+def _error_code(exc: Exception) -> str:
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+class ResourceKeeper:
+    """Re-creates the stage queue (+ DLQ) and the dashboard bucket when LocalStack lost them.
+
+    `heal()` is called after an SQS call failed. At most once per `interval` seconds it asks
+    for the queue; when LocalStack answers that it does not exist (a restart: LocalStack
+    keeps nothing), it runs `stack.ensure_resources` and, if the bucket was gone too and an
+    API URL is known, uploads the dashboard again. While LocalStack does not answer at all,
+    it does nothing and the next failure looks again.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        api_url: str | None = None,
+        interval: float = HEAL_INTERVAL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings or get_settings()
+        self.api_url = api_url
+        self.interval = interval
+        self.clock = clock
+        self.checks = 0
+        self.recreated = 0
+        self.republished = 0
+        self._lock = threading.Lock()
+        self._last_check: float | None = None
+
+    def heal(self) -> bool:
+        """Re-create what is missing, if it is time to look; True when it re-created them."""
+        if not self._lock.acquire(blocking=False):
+            return False  # another worker is looking right now
+        try:
+            now = self.clock()
+            if self._last_check is not None and now - self._last_check < self.interval:
+                return False
+            self._last_check = now
+            self.checks += 1
+            return self._heal()
+        finally:
+            self._lock.release()
+
+    def _heal(self) -> bool:
+        from chalicelib.local.stack import ensure_resources
+
+        try:
+            if not self._queue_missing():
+                return False
+            bucket_missing = self._bucket_missing()
+            ensure_resources(self.settings)
+        except Exception as exc:  # LocalStack still away, or half up: look again later
+            logger.warning("poller could not check its resources", extra={"error": repr(exc)})
+            return False
+        self.recreated += 1
+        logger.warning(
+            "the stage queue was gone (LocalStack restarted?): re-created queues and bucket",
+            extra={"queue": self.settings.stage_queue_name},
+        )
+        if bucket_missing and self.api_url:
+            from chalicelib.local import dashboard
+
+            try:
+                dashboard.upload_site(self.api_url, bucket=self.settings.dashboard_bucket)
+            except Exception as exc:
+                logger.warning("dashboard not re-published", extra={"error": repr(exc)})
+            else:
+                self.republished += 1
+        return True
+
+    def _queue_missing(self) -> bool:
+        try:
+            aws_client("sqs").get_queue_url(QueueName=self.settings.stage_queue_name)
+        except Exception as exc:
+            if _error_code(exc) in _MISSING_QUEUE_CODES:
+                return True
+            raise
+        return False
+
+    def _bucket_missing(self) -> bool:
+        try:
+            aws_client("s3").head_bucket(Bucket=self.settings.dashboard_bucket)
+        except Exception as exc:
+            if _error_code(exc) in _MISSING_BUCKET_CODES:
+                return True
+            raise
+        return False
+
+
 class Poller:
     """Workers that drain the stage queue into `handler`, plus a schedule thread."""
 
@@ -82,8 +184,10 @@ class Poller:
         concurrency: int | None = None,
         batch_size: int | None = None,
         wait_seconds: int | None = None,
+        keeper: ResourceKeeper | None = None,
     ) -> None:
         settings = get_settings()
+        self.keeper = keeper
         self.handler = handler
         self.schedules = schedules or []
         self.concurrency = concurrency or settings.poller_concurrency
@@ -130,7 +234,8 @@ class Poller:
                 )
             except Exception as exc:
                 logger.warning("poller receive failed", extra={"error": repr(exc)})
-                self._stop.wait(1.0)
+                if self.keeper is None or not self.keeper.heal():
+                    self._stop.wait(1.0)
                 continue
             messages = received.get("Messages", [])
             if messages:
@@ -154,12 +259,20 @@ class Poller:
             self.invocations += 1
             self.failures += len(failed)
         if done:
-            aws_client("sqs").delete_message_batch(
-                QueueUrl=self.queue_url,
-                Entries=[
-                    {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(done)
-                ],
-            )
+            try:
+                aws_client("sqs").delete_message_batch(
+                    QueueUrl=self.queue_url,
+                    Entries=[
+                        {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
+                        for i, m in enumerate(done)
+                    ],
+                )
+            except Exception as exc:
+                # Not deleted: SQS delivers them again and the claim makes that a no-op. The
+                # worker lives on (a dead thread is a Lambda concurrency slot lost for good).
+                logger.warning("poller delete failed", extra={"error": repr(exc)})
+                if self.keeper is not None:
+                    self.keeper.heal()
 
     def _every(self, name: str, handler: Handler, interval: float) -> None:
         while not self._stop.wait(interval):
@@ -171,8 +284,9 @@ class Poller:
                 )
 
 
-def from_app(concurrency: int | None = None) -> Poller:
-    """A poller wired to the Chalice app's own handlers."""
+def from_app(concurrency: int | None = None, api_url: str | None = None) -> Poller:
+    """A poller wired to the Chalice app's own handlers, re-creating the local resources
+    when LocalStack loses them (the dashboard too, when `api_url` names the API)."""
     import app as maof
 
     settings = get_settings()
@@ -184,15 +298,21 @@ def from_app(concurrency: int | None = None) -> Poller:
         )
         if name in maof.app.handler_map
     ]
-    return Poller(maof.app.handler_map["run_stage"], schedules, concurrency=concurrency)
+    keeper = ResourceKeeper(settings, api_url)
+    return Poller(
+        maof.app.handler_map["run_stage"], schedules, concurrency=concurrency, keeper=keeper
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m chalicelib.local.poller")
     parser.add_argument("--concurrency", type=int, default=None)
+    parser.add_argument(
+        "--api-url", default=None, help="the API the dashboard names, to re-publish it"
+    )
     args = parser.parse_args()
     try:
-        poller = from_app(args.concurrency).start()
+        poller = from_app(args.concurrency, args.api_url).start()
     except ConfigError as exc:
         print(f"maof: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -122,19 +123,20 @@ def _postgres_user_exists() -> bool:
         return False
 
 
-def postgres_dir() -> Path:
-    """Where our Postgres keeps its files: `.maof/postgres`, unless we are root and the
-    `postgres` user (initdb refuses root) cannot reach the project (a private home
-    folder, say); then a folder in /var/tmp named after the project."""
-    preferred = STATE_DIR / "postgres"
+def postgres_dir(base: Path | None = None) -> Path:
+    """Where a Postgres of ours keeps its files: `base` (default `.maof/postgres`), unless we
+    are root and the `postgres` user (initdb refuses root) cannot reach it (a private home
+    folder, say); then a folder in /var/tmp named after it."""
+    preferred = base or STATE_DIR / "postgres"
     if not is_root():
         return preferred
     if not _postgres_user_exists():
         run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "postgres"])
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
-    if _traversable_by_others(STATE_DIR):
+    preferred.parent.mkdir(parents=True, exist_ok=True)
+    if _traversable_by_others(preferred.parent):
         return preferred
-    digest = hashlib.sha256(str(PROJECT_DIR).encode()).hexdigest()[:12]
+    named = PROJECT_DIR if base is None else preferred
+    digest = hashlib.sha256(str(named).encode()).hexdigest()[:12]
     return Path("/var/tmp") / f"maof-postgres-{digest}"  # noqa: S108 (owned by postgres, 0700)
 
 
@@ -146,6 +148,29 @@ def _traversable_by_others(path: Path) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class PostgresServer:
+    """One Postgres server we run from binaries: where it listens and keeps its files."""
+
+    host: str
+    port: int
+    user: str
+    password: str
+    folder: Path
+
+    @property
+    def data(self) -> Path:
+        return self.folder / "data"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.folder / "run"
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "postgres.log"
+
+
 def start_postgres(settings: Settings) -> None:
     url = urlparse(settings.database_url.replace("+psycopg", ""))
     host, port = url.hostname or "127.0.0.1", url.port or 5432
@@ -154,17 +179,21 @@ def start_postgres(settings: Settings) -> None:
     if port_open(host, port):
         say(f"postgres: reusing the server at {host}:{port}")
         return
-    folder = postgres_dir()
-    data = folder / "data"
-    run_dir = folder / "run"
-    log = folder / "postgres.log"
+    server = PostgresServer(host, port, user, password, postgres_dir())
+    start_postgres_server(server)
+    create_database(server, database)
+
+
+def start_postgres_server(server: PostgresServer) -> None:
+    """initdb (first time only) and start `server`; returns once it accepts connections."""
+    folder, data, run_dir, log = server.folder, server.data, server.run_dir, server.log
     initdb, pg_ctl = postgres_bin("initdb"), postgres_bin("pg_ctl")
     run_dir.mkdir(parents=True, exist_ok=True)
     fresh = not (data / "PG_VERSION").exists()
     if fresh:
         data.mkdir(parents=True, exist_ok=True)
         pwfile = folder / "pwfile"
-        pwfile.write_text(password + "\n")
+        pwfile.write_text(server.password + "\n")
         if is_root():
             shutil.chown(folder, "postgres")
             for path in (data, run_dir, pwfile):
@@ -177,7 +206,7 @@ def start_postgres(settings: Settings) -> None:
                     "-D",
                     str(data),
                     "-U",
-                    user,
+                    server.user,
                     "--pwfile",
                     str(pwfile),
                     "--auth-local=trust",
@@ -193,23 +222,28 @@ def start_postgres(settings: Settings) -> None:
         log.touch()
         shutil.chown(log, "postgres")
     options = (
-        f"-p {port} -k {run_dir} -c listen_addresses={host} -c fsync=off -c max_connections=200"
+        f"-p {server.port} -k {run_dir} -c listen_addresses={server.host} -c fsync=off "
+        "-c max_connections=200"
     )
-    say(f"postgres: starting on {host}:{port}")
+    say(f"postgres: starting on {server.host}:{server.port}")
     run(
         as_postgres_user([pg_ctl, "-D", str(data), "-l", str(log), "-o", options, "-w", "start"]),
         stdout=subprocess.DEVNULL,
     )
-    wait_for(lambda: port_open(host, port), "postgres", 30)
+    wait_for(lambda: port_open(server.host, server.port), "postgres", 30)
+
+
+def create_database(server: PostgresServer, database: str) -> None:
+    """Create `database` on `server` unless it exists."""
     exists = subprocess.run(
         [
             postgres_bin("psql"),
             "-h",
-            str(run_dir),
+            str(server.run_dir),
             "-p",
-            str(port),
+            str(server.port),
             "-U",
-            user,
+            server.user,
             "-d",
             "postgres",
             "-tAc",
@@ -220,18 +254,35 @@ def start_postgres(settings: Settings) -> None:
         check=True,
     ).stdout.strip()
     if exists != "1":
-        run([postgres_bin("createdb"), "-h", str(run_dir), "-p", str(port), "-U", user, database])
+        run(
+            [
+                postgres_bin("createdb"),
+                "-h",
+                str(server.run_dir),
+                "-p",
+                str(server.port),
+                "-U",
+                server.user,
+                database,
+            ]
+        )
         say(f"postgres: created database {database}")
 
 
-def stop_postgres() -> None:
-    data = postgres_dir() / "data"
+def pg_ctl(data: Path, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """`pg_ctl -D data …` as the postgres user (e.g. `stop -m fast`, `restart -m immediate`)."""
+    return subprocess.run(
+        as_postgres_user([postgres_bin("pg_ctl"), "-D", str(data), *args]),
+        stdout=subprocess.DEVNULL,
+        text=True,
+        check=check,
+    )
+
+
+def stop_postgres(folder: Path | None = None) -> None:
+    data = (folder or postgres_dir()) / "data"
     if (data / "postmaster.pid").exists():
-        subprocess.run(
-            as_postgres_user([postgres_bin("pg_ctl"), "-D", str(data), "-m", "fast", "stop"]),
-            stdout=subprocess.DEVNULL,
-            check=False,
-        )
+        pg_ctl(data, "-m", "fast", "stop")
         say("postgres: stopped")
 
 
@@ -244,9 +295,13 @@ def start_redis(settings: Settings) -> None:
     if port_open(host, port):
         say(f"redis: reusing the server at {host}:{port}")
         return
+    start_redis_server(host, port, STATE_DIR / "redis")
+
+
+def start_redis_server(host: str, port: int, folder: Path) -> None:
+    """Start a Redis without persistence (a cache: it comes back empty) on host:port."""
     if not shutil.which("redis-server"):
         apt_install("redis-server")
-    folder = STATE_DIR / "redis"
     folder.mkdir(parents=True, exist_ok=True)
     say(f"redis: starting on {host}:{port}")
     run(
@@ -348,24 +403,39 @@ def start_localstack(settings: Settings) -> None:
         say(f"localstack: reusing the server at {endpoint}")
         wait_for(lambda: localstack_ready(endpoint), "localstack", 60)
         return
+    start_localstack_server(endpoint, STATE_DIR / "localstack")
+
+
+def start_localstack_server(
+    endpoint: str,
+    folder: Path,
+    services: str = LOCALSTACK_SERVICES,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> subprocess.Popen[bytes]:
+    """Start LocalStack from its virtualenv, listening at `endpoint`, its log and pid file in
+    `folder` (its own process group); returns once SQS and S3 answer. `env` adds to the
+    environment it runs with."""
+    url = urlparse(endpoint)
+    host, port = url.hostname or "127.0.0.1", url.port or 4566
     venv = localstack_venv()
-    folder = STATE_DIR / "localstack"
     folder.mkdir(parents=True, exist_ok=True)
-    env = {
+    environment = {
         **os.environ,
         "GATEWAY_LISTEN": f"{host}:{port}",
-        "SERVICES": LOCALSTACK_SERVICES,
+        "SERVICES": services,
         "LOCALSTACK_VOLUME_DIR": str(folder / "volume"),
         "DNS_ADDRESS": "0",
         "SKIP_SSL_CERT_DOWNLOAD": "1",
         "DISABLE_EVENTS": "1",
         "SQS_ENDPOINT_STRATEGY": "path",
+        **(env or {}),
     }
     say(f"localstack: starting on {endpoint}")
     with open(folder / "localstack.log", "ab") as log:
         process = subprocess.Popen(
             [str(venv / "bin" / "python"), "-m", "localstack.runtime.main"],
-            env=env,
+            env=environment,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -373,7 +443,8 @@ def start_localstack(settings: Settings) -> None:
             cwd=folder,
         )
     (folder / "localstack.pid").write_text(str(process.pid))
-    wait_for(lambda: localstack_ready(endpoint), "localstack", 120)
+    wait_for(lambda: localstack_ready(endpoint), "localstack", timeout)
+    return process
 
 
 # ---------------------------------------------------------------- AWS resources

@@ -1,8 +1,16 @@
-"""A scriptable agent server for tests: each POST takes the next scripted behaviour."""
+"""A scriptable agent server for tests: each POST takes the next scripted behaviour.
+
+Besides well-behaved answers it can be hostile: raw bytes of any kind (NaN, U+0000, lone
+surrogates, deep nesting, broken JSON), a huge answer, a body trickled a byte at a time, a
+connection it never answers. Each call records when it started and ended on the agent's
+side, and how it ended (answered, or the client hung up first).
+"""
 
 from __future__ import annotations
 
 import json
+import select
+import socket
 import threading
 import time
 from collections import deque
@@ -15,6 +23,13 @@ from typing import Any
 class Call:
     headers: dict[str, str]
     body: dict[str, Any]
+    started: float = field(default_factory=time.monotonic)
+    ended: float | None = None  # when the agent finished answering or saw the client leave
+    outcome: str = "open"  # open | answered | client-closed | agent-stopped
+
+    @property
+    def seconds(self) -> float | None:
+        return None if self.ended is None else self.ended - self.started
 
 
 @dataclass
@@ -28,7 +43,7 @@ class Seen:
 
 @dataclass
 class Behaviour:
-    kind: str  # ok | sleep | status | error | garbage | redirect
+    kind: str  # ok | sleep | status | error | garbage | redirect | raw | large | trickle | hang
     value: Any = None
     output: Any = None
 
@@ -57,6 +72,34 @@ def redirect(location: str, code: int = 302) -> Behaviour:
     return Behaviour("redirect", (code, location))
 
 
+def raw(body: bytes, code: int = 200) -> Behaviour:
+    """Answer exactly these bytes (application/json), whatever they are."""
+    return Behaviour("raw", (code, body))
+
+
+def success_with(output_json: bytes) -> Behaviour:
+    """A success answer whose `output` is the given JSON text, spliced in unparsed (so it
+    can hold what no JSON encoder writes: NaN, Infinity, lone surrogates, …)."""
+    return raw(b'{"status": "success", "output": ' + output_json + b"}")
+
+
+def large(size: int) -> Behaviour:
+    """A valid success answer of about `size` bytes (a string output), streamed."""
+    return Behaviour("large", size)
+
+
+def trickle(body: bytes, interval: float = 1.0) -> Behaviour:
+    """Status and headers at once (Content-Length of the whole body), then one byte of the
+    body every `interval` seconds, until it is sent or the client hangs up."""
+    return Behaviour("trickle", (body, interval))
+
+
+def hang() -> Behaviour:
+    """Read the request, then never answer: hold the connection until the client hangs up
+    (or the agent stops)."""
+    return Behaviour("hang")
+
+
 @dataclass
 class ScriptedAgent:
     """`script` is consumed one behaviour per call; `default` applies when it runs out."""
@@ -70,6 +113,7 @@ class ScriptedAgent:
     peak_concurrent: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     server: ThreadingHTTPServer | None = None
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     @property
     def url(self) -> str:
@@ -111,18 +155,87 @@ class ScriptedAgent:
             def do_POST(self) -> None:
                 self._see()
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                call = Call(dict(self.headers), json.loads(raw))
                 with agent.lock:
-                    agent.calls.append(Call(dict(self.headers), json.loads(raw)))
+                    agent.calls.append(call)
                     behaviour = agent.script.popleft() if agent.script else agent.default
                     agent.concurrent += 1
                     agent.peak_concurrent = max(agent.peak_concurrent, agent.concurrent)
                 try:
-                    self._answer(behaviour, json.loads(raw))
+                    call.outcome = self._answer(behaviour, call.body) or "answered"
+                except (BrokenPipeError, ConnectionResetError):
+                    call.outcome = "client-closed"
+                    self.close_connection = True
                 finally:
+                    call.ended = time.monotonic()
                     with agent.lock:
                         agent.concurrent -= 1
 
-            def _answer(self, behaviour: Behaviour, task: dict[str, Any]) -> None:
+            def _client_gone(self, wait: float) -> bool:
+                """Wait up to `wait` seconds; True as soon as the client closes the
+                connection (a readable socket with nothing to read is its FIN)."""
+                sock = self.connection
+                readable, _, _ = select.select([sock], [], [], wait)
+                if not readable:
+                    return False
+                try:
+                    return sock.recv(1, socket.MSG_PEEK) == b""
+                except OSError:
+                    return True
+
+            def _head(self, code: int, length: int) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(length))
+                self.send_header("Connection", "close")
+                self.close_connection = True
+                self.end_headers()
+                self.wfile.flush()
+
+            def _trickle(self, body: bytes, interval: float) -> str:
+                self._head(200, len(body))
+                for index in range(len(body)):
+                    if agent.stopping.is_set():
+                        return "agent-stopped"
+                    self.wfile.write(body[index : index + 1])
+                    self.wfile.flush()
+                    if index + 1 < len(body) and self._client_gone(interval):
+                        return "client-closed"
+                return "answered"
+
+            def _hang(self) -> str:
+                while not agent.stopping.is_set():
+                    if self._client_gone(0.1):
+                        self.close_connection = True
+                        return "client-closed"
+                self.close_connection = True
+                return "agent-stopped"
+
+            def _large(self, size: int) -> str:
+                prefix, suffix = b'{"status": "success", "output": "', b'"}'
+                self._head(200, len(prefix) + size + len(suffix))
+                self.wfile.write(prefix)
+                chunk = b"x" * 65536
+                left = size
+                while left > 0:
+                    if agent.stopping.is_set():
+                        return "agent-stopped"
+                    self.wfile.write(chunk[: min(left, len(chunk))])
+                    left -= min(left, len(chunk))
+                self.wfile.write(suffix)
+                return "answered"
+
+            def _answer(self, behaviour: Behaviour, task: dict[str, Any]) -> str | None:
+                if behaviour.kind == "raw":
+                    code, body = behaviour.value
+                    self._send(code, body)
+                    return None
+                if behaviour.kind == "trickle":
+                    return self._trickle(*behaviour.value)
+                if behaviour.kind == "hang":
+                    return self._hang()
+                if behaviour.kind == "large":
+                    return self._large(behaviour.value)
                 output = (
                     behaviour.output if behaviour.output is not None else {"echo": task["input"]}
                 )
@@ -147,6 +260,7 @@ class ScriptedAgent:
                     self._send(200, json.dumps(answer).encode())
                 else:
                     self._send(200, b"<html>this is not json</html>")
+                return None
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -154,6 +268,7 @@ class ScriptedAgent:
         return self
 
     def stop(self) -> None:
+        self.stopping.set()  # hung and trickling answers give up
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()

@@ -1,0 +1,200 @@
+"""Hostile agents cannot keep a run from ending: whatever an agent answers (bytes no JSON
+encoder writes, 5 MB, a body trickled a byte a second, nothing at all, a redirect) or
+whatever its stored token makes the HTTP client refuse, the stage ends with an error that
+names the cause, the agent is called a bounded number of times, and never again once the
+run has ended."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from sqlalchemy import text
+
+from chalicelib.agents.registry import invalidate_capability
+from chalicelib.agents.secrets import encrypt_token
+from chalicelib.db import session_scope
+from tests.faults.conftest import (
+    assert_ended_for_good,
+    audit,
+    call_log,
+    pipeline,
+    start_agent,
+    submit,
+    wait_terminal,
+)
+from tests.integration.conftest import register_agent, unique_capability
+from tests.support.agents import hang, large, raw, redirect, success_with, trickle
+
+# One retry, no backoff: a retryable failure costs two calls, a final one a single call.
+FAST = {"retries": 1, "backoffMs": 0, "timeoutMs": 5000}
+CALLS_ALLOWED = FAST["retries"] + 1
+# Generous for a shared two-core machine: each of these runs ends within a second or two.
+DEADLINE = 20.0
+
+# Outputs Python's json module reads but that are not JSON (RFC 8259) or that Postgres
+# cannot store as jsonb: the stage must fail with INVALID_OUTPUT, never loop.
+NOT_STORABLE = {
+    "nan": b'{"score": NaN}',
+    "infinity": b'{"score": Infinity, "low": -Infinity}',
+    "nul-escape": b'{"text": "before\\u0000after"}',
+    "lone-surrogate": b'{"text": "\\ud800"}',
+    "deep-nesting": b"[" * 10_000 + b"]" * 10_000,
+}
+
+
+def failed_stage(run: dict) -> dict:
+    [stage] = [s for s in run["stages"] if s["status"] == "failed"]
+    return stage
+
+
+@pytest.mark.parametrize("output", NOT_STORABLE.values(), ids=NOT_STORABLE.keys())
+def test_an_output_that_is_not_json_fails_the_stage_as_invalid_output(
+    user, engine_poller, agents, output
+):
+    agent = start_agent(agents, default=success_with(output))
+    capability = unique_capability("hostile")
+    registered = register_agent(user, capability, endpoint=agent.url)
+    run_id = submit(user, pipeline(capability, "a", "b", config=FAST))
+    run = wait_terminal(user, run_id, DEADLINE, agent)
+    assert run["status"] == "failed", run
+    stage = failed_stage(run)
+    assert stage["stageId"] == "a"
+    assert "INVALID_OUTPUT" in stage["errorMessage"], stage["errorMessage"]
+    assert registered["agentId"] in run["errorMessage"]
+    assert 1 <= len(agent.calls) <= CALLS_ALLOWED, call_log(agent)
+    assert [s["status"] for s in run["stages"]] == ["failed", "skipped"]
+    assert_ended_for_good(user, run_id, agent)
+
+
+def test_an_agent_answering_invalid_output_is_left_for_another_agent(user, engine_poller, agents):
+    hostile = start_agent(agents, default=success_with(b'{"score": NaN}'))
+    backup = start_agent(agents, health="degraded", default=success_with(b'{"from": "backup"}'))
+    capability = unique_capability("nan-fallback")
+    first = register_agent(user, capability, endpoint=hostile.url)
+    second = register_agent(user, capability, endpoint=backup.url)
+    # Online agents are preferred: the hostile one is tried first.
+    assert (first["status"], second["status"]) == ("online", "degraded")
+    run_id = submit(user, pipeline(capability, "a", config=FAST))
+    run = wait_terminal(user, run_id, DEADLINE, hostile)
+    assert run["status"] == "completed", run
+    assert run["stages"][0]["agentId"] == second["agentId"]
+    assert run["stages"][0]["output"] == {"from": "backup"}
+    assert 1 <= len(hostile.calls) <= CALLS_ALLOWED, call_log(hostile)
+    assert len(backup.calls) == 1
+    actions = [(e["action"], e["agentId"]) for e in audit(user, run_id)]
+    assert ("fallback", first["agentId"]) in actions
+    assert ("execute", second["agentId"]) in actions
+    assert_ended_for_good(user, run_id, hostile, backup)
+
+
+def test_malformed_json_is_retried_then_fails_as_invalid_response(user, engine_poller, agents):
+    agent = start_agent(agents, default=raw(b'{"status": "success", "output": {"cut": '))
+    capability = unique_capability("malformed")
+    register_agent(user, capability, endpoint=agent.url)
+    run_id = submit(user, pipeline(capability, "a", config=FAST))
+    run = wait_terminal(user, run_id, DEADLINE, agent)
+    assert run["status"] == "failed", run
+    assert "INVALID_RESPONSE" in failed_stage(run)["errorMessage"], run
+    assert len(agent.calls) == CALLS_ALLOWED, call_log(agent)  # retryable: every attempt used
+    assert_ended_for_good(user, run_id, agent)
+
+
+def test_a_nul_in_an_agents_error_message_does_not_keep_the_stage_from_failing(
+    user, engine_poller, agents
+):
+    answer = b'{"status": "error", "code": "BAD_INPUT", "message": "bad\\u0000input", "retryable": false}'
+    agent = start_agent(agents, default=raw(answer))
+    capability = unique_capability("nul-error")
+    register_agent(user, capability, endpoint=agent.url)
+    run_id = submit(user, pipeline(capability, "a", config=FAST))
+    run = wait_terminal(user, run_id, DEADLINE, agent)
+    assert run["status"] == "failed", run
+    message = failed_stage(run)["errorMessage"]
+    assert "BAD_INPUT" in message and "\x00" not in message, message
+    assert "\x00" not in run["errorMessage"]
+    assert len(agent.calls) == 1, call_log(agent)  # final: not retried
+    assert_ended_for_good(user, run_id, agent)
+
+
+def test_a_5_mb_answer_fails_the_stage_as_response_too_large(user, engine_poller, agents):
+    agent = start_agent(agents, default=large(5_000_000))
+    capability = unique_capability("huge")
+    register_agent(user, capability, endpoint=agent.url)
+    run_id = submit(user, pipeline(capability, "a", config=FAST))
+    run = wait_terminal(user, run_id, DEADLINE, agent)
+    assert run["status"] == "failed", run
+    assert "RESPONSE_TOO_LARGE" in failed_stage(run)["errorMessage"], run
+    assert len(agent.calls) == 1, call_log(agent)  # final: not retried
+    assert_ended_for_good(user, run_id, agent)
+
+
+# The stage's timeoutMs bounds the whole call, not each read: 2 s, with up to 2 s more for
+# a loaded machine to notice and hang up. Measured on the agent's side.
+TIMEOUT_MS = 2000
+CALL_SECONDS_ALLOWED = 4.0
+
+
+def test_an_answer_trickled_a_byte_a_second_times_out_at_the_stage_timeout(
+    user, engine_poller, agents
+):
+    body = b'{"status": "success", "output": {"trickled": "one byte a second"}}'
+    agent = start_agent(agents, default=trickle(body, interval=1.0))
+    capability = unique_capability("trickle")
+    register_agent(user, capability, endpoint=agent.url)
+    run_id = submit(user, pipeline(capability, "a", config={"timeoutMs": TIMEOUT_MS, "retries": 0}))
+    run = wait_terminal(user, run_id, 15.0, agent)
+    assert run["status"] == "failed", run
+    assert "TIMEOUT" in failed_stage(run)["errorMessage"], run
+    [call] = agent.calls
+    assert call.outcome == "client-closed", call_log(agent)
+    assert call.seconds is not None and call.seconds < CALL_SECONDS_ALLOWED, call_log(agent)
+    assert_ended_for_good(user, run_id, agent)
+
+
+def test_an_agent_that_never_answers_times_out_at_the_stage_timeout(user, engine_poller, agents):
+    agent = start_agent(agents, default=hang())
+    capability = unique_capability("hang")
+    register_agent(user, capability, endpoint=agent.url)
+    run_id = submit(user, pipeline(capability, "a", config={"timeoutMs": TIMEOUT_MS, "retries": 0}))
+    run = wait_terminal(user, run_id, 15.0, agent)
+    assert run["status"] == "failed", run
+    assert "TIMEOUT" in failed_stage(run)["errorMessage"], run
+    [call] = agent.calls
+    assert call.outcome == "client-closed", call_log(agent)
+    assert call.seconds is not None and call.seconds < CALL_SECONDS_ALLOWED, call_log(agent)
+    assert_ended_for_good(user, run_id, agent)
+
+
+def test_a_redirect_is_refused_not_followed(user, engine_poller, agents):
+    target = start_agent(agents)
+    agent = start_agent(agents, default=redirect(target.url, 307))
+    capability = unique_capability("redirect")
+    register_agent(user, capability, endpoint=agent.url)
+    run_id = submit(user, pipeline(capability, "a", config=FAST))
+    run = wait_terminal(user, run_id, DEADLINE, agent)
+    assert run["status"] == "failed", run
+    assert "REDIRECT_REFUSED" in failed_stage(run)["errorMessage"], run
+    assert len(agent.calls) == 1 and target.calls == []
+    assert_ended_for_good(user, run_id, agent, target)
+
+
+def test_a_token_the_http_client_refuses_as_a_header_fails_the_stage(user, engine_poller, agents):
+    agent = start_agent(agents)
+    capability = unique_capability("header")
+    registered = register_agent(user, capability, endpoint=agent.url)
+    # Registration validates tokens; this one got into the database some other way (an
+    # older version, a manual fix). http.client refuses to send a header with CR/LF.
+    with session_scope() as session:
+        session.execute(
+            text("UPDATE agents SET auth_token_encrypted = :token WHERE id = :id"),
+            {"token": encrypt_token("tok\r\nX-Evil: 1"), "id": uuid.UUID(registered["agentUuid"])},
+        )
+    invalidate_capability(capability)
+    run_id = submit(user, pipeline(capability, "a", config=FAST))
+    run = wait_terminal(user, run_id, DEADLINE, agent)
+    assert run["status"] == "failed", run
+    assert "header" in failed_stage(run)["errorMessage"].lower(), run
+    assert agent.calls == [], call_log(agent)  # the request never left
+    assert not any("X-Evil" in seen.headers for seen in agent.seen)
+    assert_ended_for_good(user, run_id, agent)
