@@ -16,6 +16,7 @@ import pydantic
 from chalice.app import Chalice, CORSConfig, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
 from chalicelib import errors
 from chalicelib.config import get_settings
@@ -277,6 +278,15 @@ class MaofApp(Chalice):
                     result = view(api_request, **arguments)
                 except errors.ApiError:
                     raise
+                except (OperationalError, InterfaceError, DisconnectionError):
+                    # The database is away (restarting, unreachable): nothing was stored by
+                    # this request's statement, and trying again shortly is the answer.
+                    logger.exception(
+                        "database unavailable", extra={"requestId": request_id, "path": path}
+                    )
+                    raise errors.ServiceUnavailable(
+                        "The database is unavailable; try again shortly"
+                    ) from None
                 except Exception:
                     logger.exception(
                         "unhandled error", extra={"requestId": request_id, "path": path}

@@ -32,6 +32,9 @@ PROJECT_DIR = Path(__file__).resolve().parents[2]
 STATE_DIR = Path(os.environ.get("MAOF_STATE_DIR", PROJECT_DIR / ".maof"))
 LOCALSTACK_VERSION_313 = "2026.3.0"
 LOCALSTACK_VERSION_311 = "4.14.0"
+# What a received stage message stays hidden for: longer than run_stage may run (its failed
+# records come back in seconds all the same: the handler shortens their visibility).
+VISIBILITY_TIMEOUT_SECONDS = 960
 LOCALSTACK_PINS = ["cbor2<6", "pyopenssl==24.3.0", "service-identity"]
 LOCALSTACK_SERVICES = "sqs,s3,ssm,cloudformation,cloudwatch,sns"
 
@@ -460,7 +463,7 @@ def ensure_resources(settings: Settings) -> None:
         "QueueArn"
     ]
     redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"})
-    attributes = {"VisibilityTimeout": "960", "RedrivePolicy": redrive}
+    attributes = {"VisibilityTimeout": str(VISIBILITY_TIMEOUT_SECONDS), "RedrivePolicy": redrive}
     queue_url = sqs.create_queue(QueueName=settings.stage_queue_name)["QueueUrl"]
     sqs.set_queue_attributes(QueueUrl=queue_url, Attributes=attributes)
     s3 = aws_client("s3")

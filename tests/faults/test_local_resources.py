@@ -17,7 +17,7 @@ from chalicelib.aws import aws_client
 from chalicelib.config import Settings, get_settings
 from chalicelib.local.dashboard import upload_site
 from chalicelib.local.poller import Poller, ResourceKeeper
-from chalicelib.local.stack import ensure_resources
+from chalicelib.local.stack import VISIBILITY_TIMEOUT_SECONDS, ensure_resources
 from tests.integration.conftest import wait_until
 
 API_URL = "http://127.0.0.1:3999"
@@ -87,7 +87,7 @@ def test_the_poller_recreates_what_a_localstack_restart_lost_and_keeps_draining(
         url = sqs.get_queue_url(QueueName=scratch.stage_queue_name)["QueueUrl"]
         assert url == poller.queue_url
         attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
-        assert attributes["VisibilityTimeout"] == "360"
+        assert attributes["VisibilityTimeout"] == str(VISIBILITY_TIMEOUT_SECONDS)
         redrive = json.loads(attributes["RedrivePolicy"])
         assert redrive["deadLetterTargetArn"].endswith(f"{scratch.stage_queue_name}-dlq")
         # The dashboard, published again for the API it named.

@@ -302,3 +302,20 @@ def test_an_unexpected_exception_is_logged_with_its_request_id(
     ), errors
     assert user.token is not None
     assert user.token not in logs()
+
+
+def test_a_database_outage_answers_503_not_500(user, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    from chalicelib.workflows import runs
+
+    def unreachable(*args, **kwargs):
+        raise OperationalError("INSERT …", {}, Exception("the database system is starting up"))
+
+    monkeypatch.setattr(runs, "submit", unreachable)
+    body = {"workflow": {"name": "w", "stages": [{"id": "a", "name": "A", "agentCapability": "x"}]}}
+    response = user.post("/workflows/execute", body)
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["code"] == "SERVICE_UNAVAILABLE"
+    assert "starting up" not in error["message"]  # nothing of the driver's words
