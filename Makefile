@@ -22,6 +22,7 @@ endif
 help:
 	@echo "make dev      start Postgres, Redis, LocalStack, the API on :3000 and the SQS poller; run a demo"
 	@echo "make test     start the stack, then lint, type check, unit and integration tests"
+	@echo "make venv     the virtualenv in .venv, with the maof command line (.venv/bin/maof --help)"
 	@echo "make migrate  apply database migrations"
 	@echo "make chaos    restart Postgres, Redis, LocalStack (and kill the poller) mid-drain on an isolated stack; print what ended"
 	@echo "make down     stop what the stack started"
@@ -32,9 +33,11 @@ help:
 	@echo "make rotate-key KEY=jwt-secret|secret-key   rotate a deployed key without downtime"
 	@echo "make retire-keys KEY=…                       drop the key rotate-key kept as previous"
 
-$(STAMP): requirements.txt requirements-dev.txt
+# The project itself is installed (editable, only maof_client/) for the `maof` console script.
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
 
 venv: $(STAMP)
@@ -53,7 +56,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 
 typecheck: venv
-	$(VENV)/bin/mypy chalicelib infra
+	$(VENV)/bin/mypy chalicelib infra maof_client
 
 unit: venv
 	$(PY) -m pytest tests/unit -q

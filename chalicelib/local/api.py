@@ -23,15 +23,23 @@ from chalicelib.config import ConfigError, get_settings
 from chalicelib.db import SchemaNotMigrated, check_migrated
 from chalicelib.local.stack import PROJECT_DIR
 
+# What `chalice local` answers (403) for a path no route has, as API Gateway does: "Missing
+# Authentication Token", or, when the request has an Authorization header, a SigV4 complaint
+# that quotes the header (the caller's token) back.
+_NO_ROUTE_MESSAGES = (b"Missing Authentication Token", b"Authorization header requires")
+
 
 class MaofRequestHandler(ChaliceRequestHandler):
-    """Turns API Gateway's 'Missing Authentication Token' for unknown paths into our 404."""
+    """Turns `chalice local`'s 403 for unknown paths, with or without an Authorization
+    header, into our 404 (what infra/template.json's MISSING_AUTHENTICATION_TOKEN gateway
+    response answers deployed)."""
 
     # Without TCP_NODELAY every keep-alive answer waits ~40 ms on delayed ACKs.
     disable_nagle_algorithm = True
 
     def _send_error_response(self, error: LocalGatewayException) -> None:
-        if isinstance(error, ForbiddenError) and b"Authentication Token" in (error.body or b""):
+        said = error.body or b""
+        if isinstance(error, ForbiddenError) and any(m in said for m in _NO_ROUTE_MESSAGES):
             from chalicelib import errors
             from chalicelib.http import dumps, error_body
 

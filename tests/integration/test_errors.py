@@ -80,6 +80,14 @@ def test_an_unknown_route_is_a_json_404(api: Api) -> None:
     error_of(api.get("/nope"), 404, "NOT_FOUND")
 
 
+def test_an_unknown_route_with_a_bearer_token_is_a_json_404_that_does_not_echo_it(
+    api: Api,
+) -> None:
+    response = api.get("/workflows/wfr-x/audit/export", headers={"Authorization": "Bearer s3cr3t"})
+    error_of(response, 404, "NOT_FOUND")
+    assert "s3cr3t" not in response.text
+
+
 def test_a_wrong_method_is_a_json_405(api: Api) -> None:
     error_of(api.delete("/health"), 405, "METHOD_NOT_ALLOWED")
 

@@ -1,0 +1,525 @@
+"""The MAOF API client: one method per endpoint, typed results, errors raised as MaofError.
+
+    from maof_client import MaofClient
+
+    client = MaofClient("http://127.0.0.1:3000")
+    client.login("you@example.com", "yourpassword")
+    run = client.execute({"name": "p", "stages": [...]}, {"text": "..."})
+    print(client.wait_for_run(run.workflow_run_id).status)
+
+Tokens live in a `TokenStore` (in memory by default; the CLI's is the credentials file).
+An access token that has expired, or that the API refuses with 401, is replaced once
+through `POST /auth/refresh` and the request sent again. Refresh tokens rotate: the new
+pair is stored before it is used, and the store's lock makes sure no refresh token is
+ever presented twice (the API would end the session).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import requests
+
+from maof_client import __version__
+from maof_client.config import DEFAULT_API_URL
+from maof_client.errors import (
+    ConnectionFailed,
+    MaofError,
+    NotSignedIn,
+    Unauthorized,
+    UnexpectedResponse,
+    error_from_envelope,
+)
+from maof_client.models import (
+    Agent,
+    AgentPage,
+    AuditTrail,
+    Health,
+    Run,
+    RunControl,
+    RunPage,
+    RunResult,
+    SignIn,
+    Submission,
+    Tokens,
+    User,
+)
+
+# An access token this close to its expiry is refreshed before it is sent.
+EXPIRY_MARGIN_SECONDS = 5
+
+
+class TokenStore(Protocol):
+    """Where a client keeps its token pair."""
+
+    def load(self) -> Tokens | None: ...
+
+    def save(self, tokens: Tokens) -> None: ...
+
+    def clear(self) -> None: ...
+
+    def exclusive(self) -> AbstractContextManager[None]:
+        """Held while the pair is read, refreshed and saved again."""
+        ...
+
+
+class MemoryTokenStore:
+    """Tokens held by this process only (the default)."""
+
+    def __init__(self, tokens: Tokens | None = None) -> None:
+        self._tokens = tokens
+        self._lock = threading.Lock()
+
+    def load(self) -> Tokens | None:
+        return self._tokens
+
+    def save(self, tokens: Tokens) -> None:
+        self._tokens = tokens
+
+    def clear(self) -> None:
+        self._tokens = None
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._lock:
+            yield
+
+
+def access_token_expiry(token: str) -> int | None:
+    """The `exp` claim of a JWT, read without verifying it (only the API can verify it;
+    this only saves a request that would be refused); None if the token has none."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return None
+    expiry = claims.get("exp") if isinstance(claims, dict) else None
+    return int(expiry) if isinstance(expiry, int | float) else None
+
+
+def _expired(token: str) -> bool:
+    expiry = access_token_expiry(token)
+    return expiry is not None and expiry <= time.time() + EXPIRY_MARGIN_SECONDS
+
+
+def _failure_reason(exc: Exception) -> str:
+    """`Connection refused` rather than urllib3's paragraph."""
+    found = re.findall(r"\[Errno -?\d+\] ([^'\")]+)", str(exc))
+    return found[-1].strip() if found else type(exc).__name__
+
+
+class MaofClient:
+    """A client of one MAOF API (`base_url`, e.g. `http://127.0.0.1:3000`)."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_API_URL,
+        *,
+        tokens: TokenStore | None = None,
+        timeout: float = 30.0,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.tokens: TokenStore = tokens if tokens is not None else MemoryTokenStore()
+        self.timeout = timeout
+        self._http = session or requests.Session()
+        self._http.headers["User-Agent"] = f"maof-client/{__version__}"
+
+    # ------------------------------------------------------------------ transport
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+        token: str | None = None,
+        attempts: int = 1,
+    ) -> requests.Response:
+        all_headers = dict(headers or {})
+        if token is not None:
+            all_headers["Authorization"] = f"Bearer {token}"
+        query = {k: v for k, v in (params or {}).items() if v is not None}
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._http.request(
+                    method,
+                    self.base_url + path,
+                    json=body,
+                    params=query or None,
+                    headers=all_headers,
+                    timeout=self.timeout,
+                )
+            except requests.Timeout as exc:
+                failure: MaofError = ConnectionFailed(
+                    f"The MAOF API at {self.base_url} did not answer {method} {path} "
+                    f"within {self.timeout:g} s"
+                )
+                cause: Exception = exc
+            except requests.ConnectionError as exc:
+                failure = ConnectionFailed(
+                    f"Could not reach the MAOF API at {self.base_url}: {_failure_reason(exc)}"
+                )
+                cause = exc
+            if attempt < attempts:
+                time.sleep(0.5 * attempt)
+        raise failure from cause
+
+    @staticmethod
+    def _parse(response: requests.Response, *, data_on_error: bool = False) -> Any:
+        """The envelope's `data`; its error raised as a MaofError."""
+        try:
+            envelope = response.json()
+        except ValueError:
+            raise UnexpectedResponse(
+                f"The server answered HTTP {response.status_code} with something that is not "
+                "JSON: is this a MAOF API?",
+                status=response.status_code,
+            ) from None
+        if isinstance(envelope, dict) and envelope.get("success") is True:
+            return envelope.get("data")
+        if data_on_error and isinstance(envelope, dict) and envelope.get("data") is not None:
+            return envelope["data"]
+        error = error_from_envelope(
+            envelope, response.status_code, response.headers.get("Retry-After")
+        )
+        if error.request_id is None:
+            error.request_id = response.headers.get("X-Request-Id")
+        raise error
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+        auth: bool = True,
+        refresh_on_401: bool = True,
+        attempts: int = 1,
+        data_on_error: bool = False,
+    ) -> Any:
+        """Send one request and answer its data; with `auth`, as the stored session,
+        refreshing its tokens once when they have expired or are refused."""
+        if not auth:
+            response = self._send(
+                method, path, body=body, params=params, headers=headers, attempts=attempts
+            )
+            return self._parse(response, data_on_error=data_on_error)
+        tokens = self._signed_in()
+        if _expired(tokens.access_token):
+            tokens = self._refresh(tokens)
+        response = self._send(
+            method,
+            path,
+            body=body,
+            params=params,
+            headers=headers,
+            token=tokens.access_token,
+            attempts=attempts,
+        )
+        if response.status_code == 401 and refresh_on_401:
+            tokens = self._refresh(tokens)
+            response = self._send(
+                method,
+                path,
+                body=body,
+                params=params,
+                headers=headers,
+                token=tokens.access_token,
+                attempts=attempts,
+            )
+        return self._parse(response, data_on_error=data_on_error)
+
+    def _signed_in(self) -> Tokens:
+        tokens = self.tokens.load()
+        if tokens is None:
+            raise NotSignedIn(f"Not signed in to {self.base_url}")
+        return tokens
+
+    def _refresh(self, stale: Tokens) -> Tokens:
+        """A fresh pair for `stale`: from the store when another client already rotated it,
+        else from `POST /auth/refresh`, saved before it is returned."""
+        with self.tokens.exclusive():
+            current = self.tokens.load()
+            if current is None:
+                raise NotSignedIn(f"Not signed in to {self.base_url}")
+            if current.refresh_token != stale.refresh_token:
+                return current  # rotated meanwhile by another process or thread
+            try:
+                data = self._call(
+                    "POST",
+                    "/auth/refresh",
+                    body={"refreshToken": current.refresh_token},
+                    auth=False,
+                )
+            except Unauthorized as exc:
+                self.tokens.clear()  # that session has ended: its tokens are worthless
+                raise NotSignedIn(
+                    f"The session at {self.base_url} has ended ({exc.message})",
+                    request_id=exc.request_id,
+                    status=exc.status,
+                ) from exc
+            signed = SignIn.from_api(data)
+            self.tokens.save(signed.tokens)
+            return signed.tokens
+
+    # ------------------------------------------------------------------ health and docs
+
+    def health(self) -> Health:
+        """`GET /health`: answered also when degraded (HTTP 503), with `status: degraded`."""
+        return Health.from_api(self._call("GET", "/health", auth=False, data_on_error=True))
+
+    def openapi(self) -> dict[str, Any]:
+        """`GET /openapi`: the API's OpenAPI document (not enveloped)."""
+        response = self._send("GET", "/openapi")
+        if not response.ok:
+            self._parse(response)
+        try:
+            return dict(response.json())
+        except ValueError:
+            raise UnexpectedResponse(
+                "GET /openapi did not answer JSON", status=response.status_code
+            ) from None
+
+    # ------------------------------------------------------------------ accounts and sessions
+
+    def register(self, email: str, password: str, name: str) -> User:
+        """`POST /auth/register`: create an account (does not sign in)."""
+        body = {"email": email, "password": password, "name": name}
+        return User.from_api(self._call("POST", "/auth/register", body=body, auth=False))
+
+    def login(self, email: str, password: str) -> SignIn:
+        """`POST /auth/login`: start a session and keep its tokens in the token store."""
+        body = {"email": email, "password": password}
+        signed = SignIn.from_api(self._call("POST", "/auth/login", body=body, auth=False))
+        with self.tokens.exclusive():
+            self.tokens.save(signed.tokens)
+        return signed
+
+    def refresh(self) -> Tokens:
+        """`POST /auth/refresh` now (requests refresh by themselves when they need to)."""
+        return self._refresh(self._signed_in())
+
+    def logout(self) -> int:
+        """`POST /auth/logout`: end this session (its access tokens too) and forget its
+        tokens; answers how many sessions ended (0 when it had already ended)."""
+        tokens = self.tokens.load()
+        if tokens is None:
+            return 0
+        with self.tokens.exclusive():
+            data = self._call(
+                "POST", "/auth/logout", body={"refreshToken": tokens.refresh_token}, auth=False
+            )
+            self.tokens.clear()
+        return int(data.get("sessionsEnded", 0))
+
+    def logout_all(self) -> int:
+        """`POST /auth/logout-all`: end every session of this user, here and elsewhere."""
+        data = self._call("POST", "/auth/logout-all")
+        with self.tokens.exclusive():
+            self.tokens.clear()
+        return int(data.get("sessionsEnded", 0))
+
+    def change_password(self, current_password: str, new_password: str) -> SignIn:
+        """`POST /auth/password`: every other session ends; this one gets a fresh pair."""
+        body = {"currentPassword": current_password, "newPassword": new_password}
+        # A wrong current password is a 401 too: that one is not a reason to refresh.
+        data = self._call("POST", "/auth/password", body=body, refresh_on_401=False)
+        signed = SignIn.from_api(data)
+        with self.tokens.exclusive():
+            self.tokens.save(signed.tokens)
+        return signed
+
+    def me(self) -> User:
+        """`GET /auth/me`: the signed-in user."""
+        return User.from_api(self._call("GET", "/auth/me"))
+
+    # ------------------------------------------------------------------ agents
+
+    def register_agent(
+        self,
+        agent_id: str,
+        name: str,
+        endpoint: str,
+        auth_token: str,
+        capabilities: list[str],
+        *,
+        description: str | None = None,
+        max_concurrent_tasks: int | None = None,
+        visibility: str | None = None,
+    ) -> Agent:
+        """`POST /agents/register`: its health is checked at once (`status`)."""
+        body: dict[str, Any] = {
+            "agentId": agent_id,
+            "name": name,
+            "endpoint": endpoint,
+            "authToken": auth_token,
+            "capabilities": capabilities,
+        }
+        optional = {
+            "description": description,
+            "maxConcurrentTasks": max_concurrent_tasks,
+            "visibility": visibility,
+        }
+        body.update({k: v for k, v in optional.items() if v is not None})
+        return Agent.from_api(self._call("POST", "/agents/register", body=body))
+
+    def list_agents(
+        self,
+        *,
+        capability: str | None = None,
+        status: str | None = None,
+        page: int | None = None,
+        limit: int | None = None,
+    ) -> AgentPage:
+        """`GET /agents`: your agents and shared ones, one page."""
+        params = {"capability": capability, "status": status, "page": page, "limit": limit}
+        return AgentPage.from_api(self._call("GET", "/agents", params=params))
+
+    def find_agent(self, agent_id: str) -> Agent | None:
+        """The agent you can see whose `agentId` is `agent_id` (pages through the list)."""
+        page = 1
+        while True:
+            listed = self.list_agents(page=page, limit=100)
+            for agent in listed.agents:
+                if agent.agent_id == agent_id:
+                    return agent
+            if page >= listed.meta.pages:
+                return None
+            page += 1
+
+    def get_agent(self, agent_uuid: str) -> Agent:
+        """`GET /agents/{agentUuid}`."""
+        return Agent.from_api(self._call("GET", f"/agents/{_segment(agent_uuid)}"))
+
+    def update_agent(self, agent_uuid: str, *, visibility: str) -> Agent:
+        """`PATCH /agents/{agentUuid}`: `private` or `shared` (sharing needs an admin)."""
+        body = {"visibility": visibility}
+        return Agent.from_api(self._call("PATCH", f"/agents/{_segment(agent_uuid)}", body=body))
+
+    def check_agent_health(self, agent_uuid: str) -> Agent:
+        """`POST /agents/{agentUuid}/health-check`: probe it now; the agent with its status."""
+        path = f"/agents/{_segment(agent_uuid)}/health-check"
+        return Agent.from_api(self._call("POST", path))
+
+    def delete_agent(self, agent_uuid: str) -> dict[str, Any]:
+        """`DELETE /agents/{agentUuid}`: once this returns, the agent gets no new stage."""
+        return dict(self._call("DELETE", f"/agents/{_segment(agent_uuid)}"))
+
+    # ------------------------------------------------------------------ workflow runs
+
+    def execute(
+        self,
+        workflow: dict[str, Any],
+        input: Any = None,
+        *,
+        callback: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Submission:
+        """`POST /workflows/execute`: submit `workflow` ({name, stages, timeoutMs?}).
+
+        With an `idempotency_key` (per user, kept 24 h) the request is sent again when no
+        answer came back (a time-out, a dropped connection): the API answers the same run
+        for the same key and body, so a retry never makes a second run. Pass
+        `idempotency_key=new_idempotency_key()` to get that without choosing a key.
+        """
+        body: dict[str, Any] = {"workflow": workflow, "input": input}
+        if callback is not None:
+            body["callback"] = callback
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        data = self._call(
+            "POST",
+            "/workflows/execute",
+            body=body,
+            headers=headers,
+            attempts=3 if idempotency_key else 1,
+        )
+        return Submission.from_api(data)
+
+    def list_runs(
+        self, *, status: str | None = None, page: int | None = None, limit: int | None = None
+    ) -> RunPage:
+        """`GET /workflows`: your runs, newest first, one page."""
+        params = {"status": status, "page": page, "limit": limit}
+        return RunPage.from_api(self._call("GET", "/workflows", params=params))
+
+    def get_run(self, run_id: str) -> Run:
+        """`GET /workflows/{runId}`: status, progress and every stage."""
+        return Run.from_api(self._call("GET", f"/workflows/{_segment(run_id)}"))
+
+    def get_result(self, run_id: str) -> RunResult:
+        """`GET /workflows/{runId}/result`: a completed run's output (NotFound before)."""
+        return RunResult.from_api(self._call("GET", f"/workflows/{_segment(run_id)}/result"))
+
+    def cancel_run(self, run_id: str) -> RunControl:
+        """`POST /workflows/{runId}/cancel`: end a queued or running run (Conflict once it
+        has ended)."""
+        return RunControl.from_api(self._call("POST", f"/workflows/{_segment(run_id)}/cancel"))
+
+    def retry_run(self, run_id: str) -> RunControl:
+        """`POST /workflows/{runId}/retry`: run a failed or cancelled run again from where it
+        stopped, under the same id (Conflict otherwise)."""
+        return RunControl.from_api(self._call("POST", f"/workflows/{_segment(run_id)}/retry"))
+
+    def get_audit(self, run_id: str) -> AuditTrail:
+        """`GET /workflows/{runId}/audit`: the entries and the API's verification of their
+        hash chain (`chain.valid`, `chain.head`)."""
+        return AuditTrail.from_api(self._call("GET", f"/workflows/{_segment(run_id)}/audit"))
+
+    def export_audit(self, run_id: str) -> Any:
+        """`GET /workflows/{runId}/audit/export`: a run's audit trail as a document to verify
+        offline. The API does not serve this path yet, so this raises NotFound until it
+        does; the answer's `data` is returned as it comes."""
+        return self._call("GET", f"/workflows/{_segment(run_id)}/audit/export")
+
+    def wait_for_run(
+        self,
+        run_id: str,
+        *,
+        timeout: float | None = None,
+        on_update: Callable[[Run], None] | None = None,
+        min_interval: float = 0.25,
+        max_interval: float = 2.0,
+    ) -> Run:
+        """Poll the run until it has ended (completed, failed or cancelled) and return it.
+
+        `on_update` sees every poll. Polls start every `min_interval` seconds and back off
+        to `max_interval` while nothing changes; raises TimeoutError after `timeout`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval = min_interval
+        seen: tuple[Any, ...] = ()
+        while True:
+            run = self.get_run(run_id)
+            if on_update is not None:
+                on_update(run)
+            if run.ended:
+                return run
+            now = (run.status, tuple((s.stage_id, s.status, s.attempt) for s in run.stages))
+            interval = min_interval if now != seen else min(interval * 1.5, max_interval)
+            seen = now
+            if deadline is not None and time.monotonic() + interval > deadline:
+                raise TimeoutError(f"{run_id} is still {run.status} after {timeout:g} s")
+            time.sleep(interval)
+
+
+def new_idempotency_key() -> str:
+    return str(uuid.uuid4())
+
+
+def _segment(value: str) -> str:
+    """A path parameter, escaped so it stays one segment."""
+    return quote(value, safe="")

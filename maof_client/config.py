@@ -1,0 +1,133 @@
+"""Where the CLI keeps its tokens: one credentials file, per API URL, readable by its owner only.
+
+`~/.config/maof/credentials.json` (under `$XDG_CONFIG_HOME` when set; `$MAOF_CONFIG_DIR`
+replaces the whole directory, for tests and several profiles). The directory is 0700, the
+file 0600, written whole to a temporary file and renamed over the old one, so a reader
+never sees half a file and a crash never loses the pair. Refreshes hold an exclusive lock
+on `credentials.lock`, so two `maof` processes never present the same refresh token (the
+API would end the session: refresh tokens rotate).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from maof_client.errors import MaofError
+from maof_client.models import Tokens
+
+DEFAULT_API_URL = "http://127.0.0.1:3000"
+CREDENTIALS_FILE = "credentials.json"
+LOCK_FILE = "credentials.lock"
+FORMAT_VERSION = 1
+
+
+def config_dir() -> Path:
+    """$MAOF_CONFIG_DIR, else $XDG_CONFIG_HOME/maof, else ~/.config/maof."""
+    explicit = os.environ.get("MAOF_CONFIG_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    if xdg and os.path.isabs(xdg):  # the XDG spec: a relative value is to be ignored
+        return Path(xdg) / "maof"
+    return Path.home() / ".config" / "maof"
+
+
+def api_url_key(url: str) -> str:
+    """Credentials are keyed by the API's URL, without a trailing slash."""
+    return url.rstrip("/")
+
+
+class CredentialsFile:
+    """The token pair of one API URL in the shared credentials file (a `TokenStore`)."""
+
+    def __init__(self, api_url: str, directory: Path | None = None) -> None:
+        self.api_url = api_url_key(api_url)
+        self.directory = directory if directory is not None else config_dir()
+
+    @property
+    def path(self) -> Path:
+        return self.directory / CREDENTIALS_FILE
+
+    def load(self) -> Tokens | None:
+        entry = self._read().get("servers", {}).get(self.api_url)
+        if not isinstance(entry, dict):
+            return None
+        access, refresh = entry.get("accessToken"), entry.get("refreshToken")
+        if not isinstance(access, str) or not isinstance(refresh, str):
+            return None
+        email = entry.get("email")
+        return Tokens(access, refresh, email if isinstance(email, str) else None)
+
+    def save(self, tokens: Tokens) -> None:
+        document = self._read()
+        servers = document.setdefault("servers", {})
+        servers[self.api_url] = {
+            "accessToken": tokens.access_token,
+            "refreshToken": tokens.refresh_token,
+            "email": tokens.email,
+        }
+        self._write(document)
+
+    def clear(self) -> None:
+        document = self._read()
+        if document.get("servers", {}).pop(self.api_url, None) is not None:
+            self._write(document)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Held across read-refresh-write: one process at a time rotates the tokens."""
+        self._ensure_directory()
+        descriptor = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)  # closing releases the lock
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            document = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {"version": FORMAT_VERSION, "servers": {}}
+        except (OSError, ValueError) as exc:
+            raise CredentialsUnreadable(f"{self.path} cannot be read ({exc}); delete it") from None
+        if not isinstance(document, dict) or not isinstance(document.get("servers"), dict):
+            raise CredentialsUnreadable(f"{self.path} is not a MAOF credentials file; delete it")
+        return document
+
+    def _write(self, document: dict[str, Any]) -> None:
+        self._ensure_directory()
+        document["version"] = FORMAT_VERSION
+        # mkstemp creates the file 0600; rename is atomic within one directory.
+        descriptor, temporary = tempfile.mkstemp(
+            dir=self.directory, prefix=".credentials-", suffix=".tmp"
+        )
+        try:
+            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                json.dump(document, handle, indent=2, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(temporary, 0o600)
+            os.replace(temporary, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise
+
+    def _ensure_directory(self) -> None:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.directory.stat().st_mode & 0o077:
+            os.chmod(self.directory, 0o700)
+
+
+class CredentialsUnreadable(MaofError):
+    """The credentials file exists but is not one this client wrote."""
+
+    code = "CREDENTIALS_UNREADABLE"

@@ -1,0 +1,447 @@
+"""Typed views of the API's answers: each keeps the API's own `data` in `raw`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+ENDED_RUN_STATUSES = ("completed", "failed", "cancelled")
+
+
+def _time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+def _int(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """A session's token pair. The refresh token rotates on every refresh: keep the newest
+    and never present one twice (the API then ends the session)."""
+
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)
+    email: str | None = None
+
+
+@dataclass(frozen=True)
+class User:
+    user_uuid: str
+    email: str
+    name: str
+    role: str
+    created_at: datetime | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> User:
+        return cls(
+            user_uuid=str(data["userUuid"]),
+            email=str(data["email"]),
+            name=str(data.get("name") or ""),
+            role=str(data.get("role") or "user"),
+            created_at=_time(data.get("createdAt")),
+            raw=data,
+        )
+
+
+@dataclass(frozen=True)
+class SignIn:
+    """What login, refresh and a password change answer: a new token pair and the user.
+    `raw` is the API's data without the tokens, safe to print."""
+
+    tokens: Tokens
+    user: User
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> SignIn:
+        user = User.from_api(data["user"])
+        tokens = Tokens(str(data["accessToken"]), str(data["refreshToken"]), user.email)
+        safe = {k: v for k, v in data.items() if k not in ("accessToken", "refreshToken")}
+        return cls(tokens=tokens, user=user, raw=safe)
+
+
+@dataclass(frozen=True)
+class PageMeta:
+    total: int
+    page: int
+    limit: int
+    pages: int
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> PageMeta:
+        return cls(
+            total=int(data.get("total", 0)),
+            page=int(data.get("page", 1)),
+            limit=int(data.get("limit", 0)),
+            pages=int(data.get("pages", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class Agent:
+    """An agent; `endpoint` and `owner_user_uuid` are None on another user's shared agent."""
+
+    agent_uuid: str
+    agent_id: str
+    name: str
+    description: str | None
+    endpoint: str | None
+    capabilities: list[str]
+    max_concurrent_tasks: int
+    status: str
+    visibility: str
+    last_health_check: datetime | None
+    owner_user_uuid: str | None
+    created_at: datetime | None
+    updated_at: datetime | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> Agent:
+        return cls(
+            agent_uuid=str(data["agentUuid"]),
+            agent_id=str(data["agentId"]),
+            name=str(data.get("name") or ""),
+            description=_str(data.get("description")),
+            endpoint=_str(data.get("endpoint")),
+            capabilities=[str(c) for c in data.get("capabilities") or []],
+            max_concurrent_tasks=int(data.get("maxConcurrentTasks") or 0),
+            status=str(data.get("status") or ""),
+            visibility=str(data.get("visibility") or "private"),
+            last_health_check=_time(data.get("lastHealthCheck")),
+            owner_user_uuid=_str(data.get("ownerUserUuid")),
+            created_at=_time(data.get("createdAt")),
+            updated_at=_time(data.get("updatedAt")),
+            raw=data,
+        )
+
+
+@dataclass(frozen=True)
+class AgentPage:
+    agents: list[Agent]
+    meta: PageMeta
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> AgentPage:
+        return cls(
+            agents=[Agent.from_api(a) for a in data.get("agents") or []],
+            meta=PageMeta.from_api(data.get("meta") or {}),
+            raw=data,
+        )
+
+
+@dataclass(frozen=True)
+class Submission:
+    """The answer to a submission: the run's id and its status (`queued`, or the status of
+    the run an Idempotency-Key already made)."""
+
+    workflow_run_id: str
+    status: str
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> Submission:
+        return cls(str(data["workflowRunId"]), str(data["status"]), data)
+
+
+@dataclass(frozen=True)
+class Progress:
+    total: int
+    completed: int
+    failed: int
+    current: str | None = None
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> Progress:
+        return cls(
+            total=int(data.get("total", 0)),
+            completed=int(data.get("completed", 0)),
+            failed=int(data.get("failed", 0)),
+            current=_str(data.get("current")),
+        )
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a run. Status: pending, queued, in_progress, completed, failed,
+    skipped or cancelled."""
+
+    stage_id: str
+    name: str
+    agent_capability: str
+    dependencies: list[str]
+    status: str
+    agent_id: str | None
+    agent_uuid: str | None
+    attempt: int | None
+    input: Any
+    output: Any
+    error_message: str | None
+    queued_at: datetime | None
+    started_at: datetime | None
+    completed_at: datetime | None
+    duration_ms: int | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> Stage:
+        return cls(
+            stage_id=str(data["stageId"]),
+            name=str(data.get("name") or ""),
+            agent_capability=str(data.get("agentCapability") or ""),
+            dependencies=[str(d) for d in data.get("dependencies") or []],
+            status=str(data.get("status") or ""),
+            agent_id=_str(data.get("agentId")),
+            agent_uuid=_str(data.get("agentUuid")),
+            attempt=_int(data.get("attempt")),
+            input=data.get("input"),
+            output=data.get("output"),
+            error_message=_str(data.get("errorMessage")),
+            queued_at=_time(data.get("queuedAt")),
+            started_at=_time(data.get("startedAt")),
+            completed_at=_time(data.get("completedAt")),
+            duration_ms=_int(data.get("durationMs")),
+            raw=data,
+        )
+
+
+@dataclass(frozen=True)
+class CallbackStatus:
+    """Where a run's outcome is delivered and how that went (the secret is never shown)."""
+
+    url: str
+    state: str | None
+    attempts: int
+    last_error: str | None
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> CallbackStatus:
+        return cls(
+            url=str(data.get("url") or ""),
+            state=_str(data.get("state")),
+            attempts=int(data.get("attempts") or 0),
+            last_error=_str(data.get("lastError")),
+        )
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """A run as `GET /workflows` lists it. Status: queued, in_progress, completed, failed
+    or cancelled."""
+
+    workflow_run_id: str
+    workflow_name: str
+    status: str
+    progress: Progress
+    created_at: datetime | None
+    started_at: datetime | None
+    completed_at: datetime | None
+    error_message: str | None
+    deadline_at: datetime | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ENDED_RUN_STATUSES
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> RunSummary:
+        return cls(
+            workflow_run_id=str(data["workflowRunId"]),
+            workflow_name=str(data.get("workflowName") or ""),
+            status=str(data.get("status") or ""),
+            progress=Progress.from_api(data.get("progress") or {}),
+            created_at=_time(data.get("createdAt")),
+            started_at=_time(data.get("startedAt")),
+            completed_at=_time(data.get("completedAt")),
+            error_message=_str(data.get("errorMessage")),
+            deadline_at=_time(data.get("deadlineAt")),
+            raw=data,
+        )
+
+
+@dataclass(frozen=True)
+class Run(RunSummary):
+    """A run with its input, stages and callback, as `GET /workflows/{runId}` shows it."""
+
+    input: Any = None
+    callback: CallbackStatus | None = None
+    stages: list[Stage] = field(default_factory=list)
+
+    @property
+    def failed_stages(self) -> list[Stage]:
+        return [stage for stage in self.stages if stage.status == "failed"]
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> Run:
+        summary = RunSummary.from_api(data)
+        callback = data.get("callback")
+        return cls(
+            **{name: getattr(summary, name) for name in RunSummary.__dataclass_fields__},
+            input=data.get("input"),
+            callback=CallbackStatus.from_api(callback) if isinstance(callback, dict) else None,
+            stages=[Stage.from_api(s) for s in data.get("stages") or []],
+        )
+
+
+@dataclass(frozen=True)
+class RunPage:
+    runs: list[RunSummary]
+    meta: PageMeta
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> RunPage:
+        return cls(
+            runs=[RunSummary.from_api(r) for r in data.get("runs") or []],
+            meta=PageMeta.from_api(data.get("meta") or {}),
+            raw=data,
+        )
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A completed run's output: the final stage's, or an object of the outputs of every
+    stage nothing depends on, keyed by stage id."""
+
+    workflow_run_id: str
+    output: Any
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> RunResult:
+        return cls(str(data["workflowRunId"]), data.get("output"), data)
+
+
+@dataclass(frozen=True)
+class RunControl:
+    """The answer to cancel (`stages_cancelled`) or retry (`stages_requeued`)."""
+
+    workflow_run_id: str
+    status: str
+    stages_cancelled: int | None
+    stages_requeued: list[str] | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> RunControl:
+        requeued = data.get("stagesRequeued")
+        return cls(
+            workflow_run_id=str(data["workflowRunId"]),
+            status=str(data.get("status") or ""),
+            stages_cancelled=_int(data.get("stagesCancelled")),
+            stages_requeued=[str(s) for s in requeued] if isinstance(requeued, list) else None,
+            raw=data,
+        )
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One entry of a run's hash chain: `entry_hash = sha256(prev_hash + canonical(entry))`."""
+
+    seq: int
+    stage_id: str | None
+    agent_id: str | None
+    action: str
+    status: str | None
+    input_hash: str | None
+    output_hash: str | None
+    details: Any
+    logged_at: datetime | None
+    prev_hash: str
+    entry_hash: str
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> AuditEntry:
+        return cls(
+            seq=int(data["seq"]),
+            stage_id=_str(data.get("stageId")),
+            agent_id=_str(data.get("agentId")),
+            action=str(data.get("action") or ""),
+            status=_str(data.get("status")),
+            input_hash=_str(data.get("inputHash")),
+            output_hash=_str(data.get("outputHash")),
+            details=data.get("details"),
+            logged_at=_time(data.get("loggedAt")),
+            prev_hash=str(data.get("prevHash") or ""),
+            entry_hash=str(data.get("entryHash") or ""),
+            raw=data,
+        )
+
+
+@dataclass(frozen=True)
+class AuditChain:
+    """The API's own verification of the chain: `valid`, the last entry's hash (`head`),
+    and where it stops holding (`broken_at_seq`)."""
+
+    valid: bool
+    head: str | None
+    length: int
+    broken_at_seq: int | None
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> AuditChain:
+        return cls(
+            valid=bool(data.get("valid")),
+            head=_str(data.get("head")),
+            length=int(data.get("length") or 0),
+            broken_at_seq=_int(data.get("brokenAtSeq")),
+        )
+
+
+@dataclass(frozen=True)
+class AuditTrail:
+    workflow_run_id: str
+    logs: list[AuditEntry]
+    chain: AuditChain
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> AuditTrail:
+        return cls(
+            workflow_run_id=str(data["workflowRunId"]),
+            logs=[AuditEntry.from_api(e) for e in data.get("logs") or []],
+            chain=AuditChain.from_api(data.get("chain") or {}),
+            raw=data,
+        )
+
+
+@dataclass(frozen=True)
+class Health:
+    """`status` is `ok`, or `degraded` with the disconnected services in `services`."""
+
+    status: str
+    version: str | None
+    services: dict[str, str]
+    timestamp: datetime | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> Health:
+        return cls(
+            status=str(data.get("status") or ""),
+            version=_str(data.get("version")),
+            services={str(k): str(v) for k, v in (data.get("services") or {}).items()},
+            timestamp=_time(data.get("timestamp")),
+            raw=data,
+        )

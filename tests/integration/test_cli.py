@@ -1,0 +1,475 @@
+"""The `maof` command line against the real stack: the API over HTTP (the same local server
+`make dev` runs), LocalStack SQS drained by the poller, real agent servers. Commands run
+in-process through click's CliRunner, and once as the installed `maof` executable."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+
+from chalicelib.auth import tokens
+from chalicelib.http import Principal
+from examples.agents import server as example_agent
+from examples.agents.protocol import serve
+from maof_client import MaofClient, NotFound
+from maof_client.cli import cli
+from maof_client.config import CredentialsFile
+from maof_client.models import Tokens
+from tests.integration.conftest import Api, free_port, unique_capability, unique_email, wait_until
+from tests.support.agents import ScriptedAgent, sleep
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+EXAMPLES = PROJECT_DIR / "examples" / "workflows"
+PASSWORD = "correct-horse-battery"
+
+
+@dataclass
+class Maof:
+    """`maof …` in-process, against the test API, with its own config directory."""
+
+    api_url: str
+    config_dir: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"MAOF_API_URL": self.api_url, "MAOF_CONFIG_DIR": str(self.config_dir)}
+
+    def __call__(self, *args: str, input: str | None = None) -> Result:
+        return CliRunner().invoke(cli, list(args), input=input, env=self.env)
+
+    def ok(self, *args: str, input: str | None = None) -> Result:
+        result = self(*args, input=input)
+        assert result.exit_code == 0, f"maof {' '.join(args)}: {result.output}"
+        return result
+
+    def json(self, *args: str, input: str | None = None) -> Any:
+        """The command's --json output, which must be JSON and nothing else."""
+        return json.loads(self.ok(*args, "--json", input=input).stdout)
+
+    @property
+    def credentials(self) -> CredentialsFile:
+        return CredentialsFile(self.api_url, self.config_dir)
+
+    def stored(self) -> Tokens:
+        found = self.credentials.load()
+        assert found is not None
+        return found
+
+
+@pytest.fixture
+def maof(api_url: str, tmp_path: Path) -> Maof:
+    return Maof(api_url, tmp_path / "config" / "maof")
+
+
+@pytest.fixture
+def signed_in(maof: Maof) -> str:
+    """A new account, signed in through the CLI; its email."""
+    email = unique_email()
+    maof.ok("register", "--email", email, "--name", "CLI", "--password-stdin", input=PASSWORD)
+    maof.ok("login", "--email", email, "--password-stdin", input=f"{PASSWORD}\n")
+    return email
+
+
+@pytest.fixture
+def agents() -> Iterator[list[ScriptedAgent]]:
+    started: list[ScriptedAgent] = []
+    yield started
+    for agent in started:
+        agent.stop()
+
+
+@pytest.fixture
+def example_agent_url() -> Iterator[str]:
+    """The example agent `make dev` runs (examples/agents/server.py), on a free port."""
+    port = free_port()
+    server = serve(example_agent.agent, "127.0.0.1", port, "/agent", "agent-secret-key")
+    yield f"http://127.0.0.1:{port}/agent"
+    server.shutdown()
+
+
+def register_agent(maof: Maof, endpoint: str, *capabilities: str) -> dict[str, Any]:
+    flags = [flag for capability in capabilities for flag in ("--capability", capability)]
+    agent_id = f"cli-agent-{uuid.uuid4().hex[:8]}"
+    return dict(
+        maof.json(
+            "agents",
+            "register",
+            "--agent-id",
+            agent_id,
+            "--name",
+            "CLI test agent",
+            "--endpoint",
+            endpoint,
+            "--auth-token",
+            "agent-secret-key",
+            *flags,
+            "--max-concurrent",
+            "3",
+        )
+    )
+
+
+def workflow_file(directory: Path, *capabilities: str, name: str = "cli-pipeline") -> Path:
+    """A chain of one stage per capability, as a YAML workflow (no input)."""
+    stages = []
+    for index, capability in enumerate(capabilities):
+        stage: dict[str, Any] = {"id": f"s{index + 1}", "name": f"Stage {index + 1}"}
+        stage["agentCapability"] = capability
+        if index:
+            stage["dependencies"] = [f"s{index}"]
+        stages.append(stage)
+    path = directory / f"{name}-{uuid.uuid4().hex[:6]}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "stages": stages}))
+    return path
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# ------------------------------------------------------------------ signing in
+
+
+def test_login_reads_the_password_from_stdin_and_keeps_tokens_owner_only(
+    maof: Maof, signed_in: str
+) -> None:
+    assert mode(maof.config_dir) == 0o700
+    assert mode(maof.credentials.path) == 0o600
+    stored = maof.stored()
+    assert stored.email == signed_in
+    me = maof.json("whoami")
+    assert me["email"] == signed_in
+    again = maof.ok("login", "--email", signed_in, "--password-stdin", input=PASSWORD)
+    assert f"as {signed_in}" in again.stdout
+    fresh = maof.stored()
+    assert fresh.refresh_token != stored.refresh_token  # a new session
+    assert fresh.access_token not in again.output and fresh.refresh_token not in again.output
+    as_json = maof.json("login", "--email", signed_in, "--password-stdin", input=PASSWORD)
+    assert as_json["user"]["email"] == signed_in
+    assert set(as_json) == {"user"}  # the tokens are never printed
+
+
+def test_a_wrong_password_exits_1_with_the_api_error(maof: Maof, signed_in: str) -> None:
+    result = maof("login", "--email", signed_in, "--password-stdin", input="wrong-password")
+    assert result.exit_code == 1
+    assert "Invalid email or password [UNAUTHORIZED]" in result.stderr
+    assert "request id:" in result.stderr
+    assert result.stdout == ""
+
+
+def test_without_a_session_commands_say_how_to_sign_in(maof: Maof) -> None:
+    result = maof("runs")
+    assert result.exit_code == 1
+    assert f"Not signed in to {maof.api_url}" in result.stderr
+    assert "maof login" in result.stderr
+
+
+# ------------------------------------------------------------------ runs
+
+
+def test_run_watch_completes_the_example_pipeline_and_prints_its_result(
+    maof: Maof, signed_in: str, poller: Any, example_agent_url: str
+) -> None:
+    agent = register_agent(
+        maof, example_agent_url, "text-generation", "extraction", "translation", "summarization"
+    )
+    assert agent["status"] == "online"
+    result = maof("run", str(EXAMPLES / "extract-translate-summarize.yaml"), "--watch")
+    assert result.exit_code == 0, result.output
+    output = json.loads(result.stdout)  # the result alone on stdout
+    assert output["summary"] and output["wordCount"] > 0
+    # The watch view (stderr): every stage, its status and agent; then the outcome.
+    for stage in ("extract", "translate", "summarize"):
+        line = next(line for line in result.stderr.splitlines() if line.startswith(stage))
+        assert "completed" in line and agent["agentId"] in line
+    assert "completed. Result:" in result.stderr
+
+
+def test_a_failing_workflow_exits_1_naming_the_stage(
+    maof: Maof, signed_in: str, poller: Any
+) -> None:
+    register_agent(maof, "mock://cli-text", "text-generation")
+    failing = str(EXAMPLES / "missing-capability.yaml")
+    result = maof("run", failing, "--input", '{"text": "hi"}', "--watch")
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
+    summary = result.stderr.strip().splitlines()[-1]
+    assert "failed at stage 'classify'" in summary
+    assert "No available agent has the capability 'classification.no-agent-has-this'" in summary
+    as_json = maof("run", failing, "--input", '{"text": "hi"}', "--watch", "--json")
+    assert as_json.exit_code == 1
+    run = json.loads(as_json.stdout)
+    assert run["status"] == "failed"
+    assert [s["status"] for s in run["stages"]] == ["completed", "failed"]
+
+
+def test_every_command_prints_parseable_json(
+    maof: Maof, signed_in: str, poller: Any, tmp_path: Path
+) -> None:
+    capability = unique_capability("cli")
+    assert maof.json("health")["status"] == "ok"
+    assert maof.json("whoami")["email"] == signed_in
+    agent = register_agent(maof, "mock://cli-json", capability)
+    listed = maof.json("agents", "list", "--capability", capability)
+    assert [a["agentId"] for a in listed["agents"]] == [agent["agentId"]]
+    assert maof.json("agents", "show", agent["agentId"])["agentUuid"] == agent["agentUuid"]
+    assert maof.json("agents", "check", agent["agentUuid"])["status"] == "online"
+    path = workflow_file(tmp_path, capability, capability)
+    submitted = maof.json("run", str(path), "--input", '{"text": "json"}')
+    assert submitted["status"] == "queued"
+    run_id = submitted["workflowRunId"]
+    ended = wait_until(lambda: (r := maof.json("status", run_id))["status"] == "completed" and r)
+    assert [s["status"] for s in ended["stages"]] == ["completed", "completed"]
+    watched = maof.json("run", str(path), "--input", '{"text": "again"}', "--watch")
+    assert watched["status"] == "completed"
+    result = maof.json("result", run_id)
+    assert result["workflowRunId"] == run_id and result["output"]["capability"] == capability
+    completed = maof.json("runs", "--status", "completed", "--limit", "100")
+    assert {run_id, watched["workflowRunId"]} <= {r["workflowRunId"] for r in completed["runs"]}
+    trail = maof.json("audit", run_id)
+    assert trail["chain"]["valid"] and trail["chain"]["length"] == len(trail["logs"])
+    assert maof.json("audit", run_id, "--verify")["chain"]["head"] == trail["chain"]["head"]
+    assert maof.json("agents", "delete", agent["agentId"]) is not None
+    assert maof.json("agents", "list", "--capability", capability)["agents"] == []
+    assert maof.json("logout") == {"sessionsEnded": 1}
+    assert maof.credentials.load() is None
+
+
+def test_status_result_and_audit_read_for_a_person(
+    maof: Maof, signed_in: str, poller: Any, tmp_path: Path
+) -> None:
+    capability = unique_capability("cli")
+    register_agent(maof, "mock://cli-human", capability)
+    run_id = maof.ok("run", str(workflow_file(tmp_path, capability))).stdout.strip()
+    assert run_id.startswith("wfr-")
+    watched = maof.ok("status", run_id, "--watch")
+    assert json.loads(watched.stdout)["capability"] == capability
+    status = maof.ok("status", run_id).stdout
+    assert run_id in status and "completed" in status and "s1 " in status
+    assert json.loads(maof.ok("result", run_id).stdout)["capability"] == capability
+    audit = maof.ok("audit", run_id, "--verify")
+    assert "chain valid" in audit.stdout and "submit" in audit.stdout
+    assert "Verified by the API" in audit.stderr
+    runs = maof.ok("runs", "--status", "completed").stdout
+    assert run_id in runs
+
+
+def test_cancel_and_retry_from_the_command_line(
+    maof: Maof, signed_in: str, poller: Any, tmp_path: Path, agents: list[ScriptedAgent]
+) -> None:
+    slow = ScriptedAgent().start()
+    agents.append(slow)
+    slow.script.append(sleep(3))
+    capability = unique_capability("cli-slow")
+    register_agent(maof, slow.url, capability)
+    path = workflow_file(tmp_path, capability, capability)
+    run_id = maof.ok("run", str(path)).stdout.strip()
+    wait_until(lambda: maof.json("status", run_id)["stages"][0]["status"] == "in_progress")
+    cancelled = maof.ok("cancel", run_id)
+    assert f"Cancelled {run_id}" in cancelled.stdout
+    assert maof.json("status", run_id)["status"] == "cancelled"
+    watched = maof("status", run_id, "--watch")
+    assert watched.exit_code == 1 and "was cancelled" in watched.stderr
+    again = maof("cancel", run_id)
+    assert again.exit_code == 1 and "[CONFLICT]" in again.stderr
+    retried = maof("retry", run_id, "--watch")
+    assert retried.exit_code == 0, retried.output
+    assert "echo" in json.loads(retried.stdout)  # the scripted agent echoes its input
+    assert maof.json("status", run_id)["status"] == "completed"
+    conflict = maof("retry", run_id, "--json")
+    assert conflict.exit_code == 1 and conflict.stdout == ""
+    actions = [entry["action"] for entry in maof.json("audit", run_id)["logs"]]
+    assert "cancel" in actions and "retry-run" in actions
+
+
+def test_agents_register_list_and_delete_by_agent_id(maof: Maof, signed_in: str) -> None:
+    capability = unique_capability("cli")
+    agent_id = f"my-agent-{uuid.uuid4().hex[:6]}"
+    registered = maof.ok(
+        "agents",
+        "register",
+        "--agent-id",
+        agent_id,
+        "--name",
+        "Mine",
+        "--endpoint",
+        "mock://mine",
+        "--capability",
+        capability,
+        "--capability",
+        "summarization",
+        input="token-from-a-prompt\n",  # --auth-token left out: asked for, hidden
+    )
+    assert f"Registered {agent_id}" in registered.stdout
+    assert "token-from-a-prompt" not in registered.output
+    listed = maof.ok("agents", "list", "--capability", capability).stdout
+    assert agent_id in listed and "online" in listed
+    assert maof.ok("agents", "delete", agent_id).stdout.strip() == f"Deleted {agent_id}."
+    missing = maof("agents", "delete", agent_id)
+    assert missing.exit_code == 1 and "no agent with agentId" in missing.stderr
+
+
+def test_a_refused_workflow_exits_1_naming_the_field(
+    maof: Maof, signed_in: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "cycle.json"
+    stages = [
+        {"id": "a", "name": "A", "agentCapability": "x", "dependencies": ["b"]},
+        {"id": "b", "name": "B", "agentCapability": "x", "dependencies": ["a"]},
+    ]
+    path.write_text(json.dumps({"workflow": {"name": "cycle", "stages": stages}}))
+    result = maof("run", str(path))
+    assert result.exit_code == 1
+    assert "Stages form a cycle" in result.stderr and "[VALIDATION_ERROR]" in result.stderr
+    assert "workflow.stages.0.dependencies" in result.stderr
+
+
+def test_usage_errors_exit_2(maof: Maof, tmp_path: Path) -> None:
+    assert maof("run", str(tmp_path / "missing.yaml")).exit_code == 2
+    path = workflow_file(tmp_path, "x")
+    bad_input = maof("run", str(path), "--input", "plain words")
+    assert bad_input.exit_code == 2 and "neither a file nor valid JSON" in bad_input.output
+    assert maof("agents", "register", "--agent-id", "a").exit_code == 2
+    assert maof("runs", "--status", "sideways").exit_code == 2
+
+
+def test_an_unreachable_api_is_named(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    result = Maof(url, tmp_path)("health")
+    assert result.exit_code == 1
+    assert f"Could not reach the MAOF API at {url}" in result.stderr
+    assert "make dev" in result.stderr
+
+
+def test_the_client_shares_the_cli_session_and_export_audit_is_not_served_yet(
+    maof: Maof, signed_in: str
+) -> None:
+    client = MaofClient(maof.api_url, tokens=maof.credentials)
+    assert client.me().email == signed_in
+    with pytest.raises(NotFound) as caught:
+        client.export_audit("wfr-00000000-0000-0000-0000-000000000000")
+    assert caught.value.request_id
+
+
+# ------------------------------------------------------------------ token refresh
+
+
+def expired_copy(access_token: str) -> str:
+    """The same session's access token, signed the same way, expired a minute ago."""
+    claims = jwt.decode(access_token, options={"verify_signature": False})
+    principal = Principal(uuid.UUID(claims["sub"]), claims["email"], claims["role"])
+    return tokens.issue(
+        principal,
+        tokens.ACCESS,
+        session_id=uuid.UUID(hex=claims["sid"]),
+        version=int(claims["ver"]),
+        not_after=int(time.time()) - 60,
+    )
+
+
+def test_an_expired_access_token_is_refreshed_without_a_new_login(
+    maof: Maof, signed_in: str, api_url: str
+) -> None:
+    before = maof.stored()
+    expired = expired_copy(before.access_token)
+    refused = Api(api_url, token=expired).get("/auth/me")
+    assert refused.status_code == 401 and "expired" in refused.json()["error"]["message"]
+    maof.credentials.save(Tokens(expired, before.refresh_token, before.email))
+
+    assert maof.json("whoami")["email"] == signed_in  # no login in between
+    after = maof.stored()
+    assert after.access_token != expired
+    assert after.refresh_token != before.refresh_token  # rotated, and the new one kept
+    assert mode(maof.credentials.path) == 0o600
+
+    # An access token the API refuses (401) is refreshed the same way.
+    maof.credentials.save(Tokens("not-a-jwt", after.refresh_token, after.email))
+    assert maof.json("runs")["runs"] == []
+    latest = maof.stored()
+    assert latest.refresh_token not in (before.refresh_token, after.refresh_token)
+
+    # Presenting a retired refresh token (a stolen copy) ends the session: the CLI then
+    # says to sign in again, and forgets the dead tokens.
+    stolen = Api(api_url).post("/auth/refresh", {"refreshToken": before.refresh_token})
+    assert stolen.status_code == 401
+    maof.credentials.save(Tokens(expired_copy(latest.access_token), latest.refresh_token))
+    ended = maof("whoami")
+    assert ended.exit_code == 1
+    assert "has ended" in ended.stderr and "maof login" in ended.stderr
+    assert maof.credentials.load() is None
+    maof.ok("login", "--email", signed_in, "--password-stdin", input=PASSWORD)
+    assert maof.json("whoami")["email"] == signed_in
+
+
+# ------------------------------------------------------------------ the installed executable
+
+
+def test_the_installed_maof_executable_runs_a_workflow_to_its_result(
+    api_url: str, poller: Any, tmp_path: Path
+) -> None:
+    executable = Path(sys.executable).parent / "maof"
+    assert executable.exists(), "the maof console script is missing: run `make venv`"
+    config = tmp_path / "config"
+    env = {
+        **os.environ,
+        "MAOF_API_URL": api_url,
+        "MAOF_CONFIG_DIR": str(config),
+        # This checkout's client, whichever checkout the venv's editable install points at.
+        "PYTHONPATH": str(PROJECT_DIR),
+    }
+
+    def maof(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(executable), *args],
+            input=input,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    email = unique_email()
+    signed = maof(
+        "register", "--email", email, "--name", "Exe", "--password-stdin", "--login", input=PASSWORD
+    )
+    assert signed.returncode == 0, signed.stderr
+    assert mode(config / "credentials.json") == 0o600
+    capability = unique_capability("exe")
+    registered = maof(
+        "agents",
+        "register",
+        "--agent-id",
+        f"exe-{uuid.uuid4().hex[:8]}",
+        "--name",
+        "Exe agent",
+        "--endpoint",
+        "mock://exe",
+        "--auth-token",
+        "t",
+        "--capability",
+        capability,
+    )
+    assert registered.returncode == 0, registered.stderr
+    path = workflow_file(tmp_path, capability, capability)
+    watched = maof("run", str(path), "--input", '{"text": "exe"}', "--watch")
+    assert watched.returncode == 0, watched.stderr
+    assert json.loads(watched.stdout)["capability"] == capability
+    assert "completed" in watched.stderr
+    runs = json.loads(maof("runs", "--json").stdout)
+    assert runs["meta"]["total"] == 1
+    failed = maof("run", str(EXAMPLES / "missing-capability.yaml"), "--watch")
+    assert failed.returncode == 1 and "stage 'extract'" in failed.stderr
