@@ -247,6 +247,29 @@ def health(state: State, as_json: bool) -> None:
         raise click.exceptions.Exit(EXIT_FAILED)
 
 
+@cli.command()
+@json_option
+@pass_state
+def stats(state: State, as_json: bool) -> None:
+    """Your runs, stages and agents over the last hour."""
+    data = state.client.stats()
+    if as_json:
+        emit_json(data)
+        return
+    click.echo(
+        f"Last {data['window']}: runs {_counts(data['runs'])}; stages {_counts(data['stages'])}"
+    )
+    for agent in data["agents"]:
+        click.echo(
+            f"  {agent['agentId']}: {agent['completed']} completed, {agent['failed']} failed, "
+            f"p50 {agent['stageP50Ms']} ms, p95 {agent['stageP95Ms']} ms"
+        )
+
+
+def _counts(by_status: dict[str, int]) -> str:
+    return ", ".join(f"{n} {status}" for status, n in sorted(by_status.items())) or "none"
+
+
 # ---------------------------------------------------------------------------- agents
 
 

@@ -283,6 +283,11 @@ class MaofClient:
         """`GET /health`: answered also when degraded (HTTP 503), with `status: degraded`."""
         return Health.from_api(self._call("GET", "/health", auth=False, data_on_error=True))
 
+    def stats(self) -> dict[str, Any]:
+        """`GET /stats`: your runs and stages by status over the last hour, and per agent
+        its completed and failed stages with their p50/p95 durations."""
+        return dict(self._call("GET", "/stats"))
+
     def openapi(self) -> dict[str, Any]:
         """`GET /openapi`: the API's OpenAPI document (not enveloped)."""
         response = self._send("GET", "/openapi")

@@ -32,6 +32,9 @@ os.environ.update(
         "MAOF_LOGIN_ATTEMPTS_PER_IP_PER_MINUTE": "1000000",
         "MAOF_SUBMISSIONS_PER_MINUTE": "1000000",
         "MAOF_ADMIN_EMAILS": "admin@example.com",
+        # EMF metric lines go to standard output, which tests of the CLI read: off, except
+        # in the tests of the metrics themselves (tests/integration/test_observability.py).
+        "POWERTOOLS_METRICS_DISABLED": "true",
         # Test agents listen on 127.0.0.1; the SSRF guard's own tests switch this off.
         "MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS": "true",
     }

@@ -243,6 +243,9 @@ def test_every_command_prints_parseable_json(
     trail = maof.json("audit", run_id)
     assert trail["chain"]["valid"] and trail["chain"]["length"] == len(trail["logs"])
     assert maof.json("audit", run_id, "--verify")["chain"]["head"] == trail["chain"]["head"]
+    stats = maof.json("stats")
+    assert stats["runs"]["completed"] >= 2 and stats["stages"]["completed"] >= 4
+    assert agent["agentId"] in maof.ok("stats").stdout
     assert maof.json("agents", "delete", agent["agentId"]) is not None
     assert maof.json("agents", "list", "--capability", capability)["agents"] == []
     assert maof.json("logout") == {"sessionsEnded": 1}

@@ -16,6 +16,11 @@ from tests.integration.test_delivery import chain, record, submit_direct
 from tests.support.agents import ScriptedAgent, error
 
 
+@pytest.fixture(autouse=True)
+def metrics_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")
+
+
 def emf_lines(text: str) -> list[dict[str, Any]]:
     found = []
     for line in text.splitlines():
