@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,12 @@ from sqlalchemy import create_engine, text
 from chalicelib import aws, cache, db
 from chalicelib.config import SSM_PREVIOUS_KEYS, SSM_SECRETS, get_settings, reset_settings
 from infra.deploy import parameter_name
-from tests.conftest import ADMIN_DATABASE_URL, TEST_DATABASE_NAME, TEST_DATABASE_URL
+from tests.conftest import (
+    ADMIN_DATABASE_URL,
+    OWNER_DATABASE_URL,
+    TEST_DATABASE_NAME,
+    TEST_DATABASE_URL,
+)
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -74,6 +80,18 @@ def stack() -> Iterator[None]:
     cache.get_redis().flushdb()
     yield
     db.reset()
+
+
+@contextmanager
+def owner_connection() -> Iterator[Any]:
+    """A transaction as the database's owner (MAOF_MIGRATION_DATABASE_URL): what an
+    administrator, not the application, could do to the test database."""
+    engine = create_engine(OWNER_DATABASE_URL)
+    try:
+        with engine.begin() as conn:
+            yield conn
+    finally:
+        engine.dispose()
 
 
 def urlparse_host(url: str, default_port: int) -> tuple[str, int]:
