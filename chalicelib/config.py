@@ -301,9 +301,6 @@ def load_settings() -> Settings:
         )
     if not is_dev and not _bool("MAOF_ALLOW_INSECURE_CONNECTIONS", False):
         _require_tls(database_url, redis_url)
-        if migration_database_url != database_url:
-            _require_tls(migration_database_url, redis_url)
-    state_dir = os.environ.get("MAOF_STATE_DIR") or os.path.join(PROJECT_DIR, ".maof")
     return Settings(
         stage=stage,
         database_url=database_url,
@@ -369,7 +366,7 @@ def load_settings() -> Settings:
         audit_signing_keys=ssm.get("MAOF_AUDIT_SIGNING_KEYS")
         or _optional("MAOF_AUDIT_SIGNING_KEYS"),
         audit_keys_file=_str(
-            "MAOF_AUDIT_KEYS_FILE", os.path.join(state_dir, "audit-signing-keys.json")
+            "MAOF_AUDIT_KEYS_FILE", os.path.join(PROJECT_DIR, ".maof", "audit-signing-keys.json")
         ),
         audit_bucket=_str("MAOF_AUDIT_BUCKET", "maof-audit"),
         audit_checkpoint_interval_seconds=_int(

@@ -1,7 +1,10 @@
 """`make rotate-key` and `make retire-keys`: rotate the JWT secret or the agent-token key of a
 deployed stage without signing anyone out or losing an agent.
 
-rotate-key KEY  1. moves the current value of KEY (jwt-secret or secret-key) to the front
+rotate-key KEY  1. for audit-signing-key: adds a new current Ed25519 key to the key set; the
+                   old key keeps its public half (GET /audit/keys), so everything it
+                   signed keeps verifying, and loses its private half. Otherwise:
+                   moves the current value of KEY (jwt-secret or secret-key) to the front
                    of its "previous" parameter (jwt-previous-secrets, previous-secret-keys;
                    at most KEEP_PREVIOUS kept) and stores a new random value as KEY;
                 2. gives every function of the stack new execution environments (a
@@ -9,7 +12,8 @@ rotate-key KEY  1. moves the current value of KEY (jwt-secret or secret-key) to 
                    lacking, a key: all of them now sign with the new key and accept both;
                 3. for secret-key, invokes the migrate function to re-encrypt every stored
                    agent token with the new key.
-retire-keys KEY deletes the "previous" parameter (once tokens signed with the old secret
+retire-keys KEY (not for audit-signing-key: a public key is needed as long as what it
+                signed) deletes the "previous" parameter (once tokens signed with the old secret
                 have expired: MAOF_REFRESH_TOKEN_TTL_SECONDS, 7 days by default; for
                 secret-key at once after rotate-key) and recycles the functions again.
 """
@@ -38,6 +42,8 @@ from infra.deploy import (
 )
 
 PREVIOUS = {"jwt-secret": "jwt-previous-secrets", "secret-key": "previous-secret-keys"}
+AUDIT_KEY = "audit-signing-key"  # one parameter holds the whole key set
+ROTATABLE = (*PREVIOUS, AUDIT_KEY)
 KEEP_PREVIOUS = 2
 RECYCLE_VARIABLE = "MAOF_KEYS_ROTATED_AT"
 
@@ -76,6 +82,11 @@ def rotate_key(ssm: Any, path: str, key: str, kms_key_id: str | None = None) -> 
 
 def retire_previous(ssm: Any, path: str, key: str) -> bool:
     """Delete `key`'s previous values; True if there were any."""
+    if key == AUDIT_KEY:
+        raise DeployError(
+            "audit signing keys are never retired: entries and checkpoints they signed verify "
+            "with them (rotate-key already removed the old private key)"
+        )
     if key not in PREVIOUS:
         raise DeployError(f"KEY must be one of {', '.join(PREVIOUS)}, got {key!r}")
     name = parameter_name(path, PREVIOUS[key])
@@ -136,7 +147,7 @@ def run(aws: Aws, stage: str, path: str, command: str, key: str, kms_key_id: str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infra.rotate", description=__doc__)
     parser.add_argument("command", choices=["rotate-key", "retire-keys"])
-    parser.add_argument("--key", required=True, choices=sorted(PREVIOUS))
+    parser.add_argument("--key", required=True, choices=sorted(ROTATABLE))
     parser.add_argument("--stage", default="prod")
     parser.add_argument("--region", default=None)
     parser.add_argument("--secrets-path", default=None)

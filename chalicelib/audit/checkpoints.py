@@ -137,11 +137,7 @@ def checkpoint_once(now: datetime | None = None) -> dict[str, Any]:
             return {"checkpoint": None, "reason": "another checkpointer is running"}
         started = now or session.execute(text("SELECT now()")).scalar_one()
         last = session.execute(_LAST).first()
-        since = (
-            last.covered_until - COMMIT_MARGIN
-            if last
-            else datetime(1970, 1, 1, tzinfo=UTC)
-        )
+        since = last.covered_until - COMMIT_MARGIN if last else datetime(1970, 1, 1, tzinfo=UTC)
         limit = settings.audit_checkpoint_max_runs
         rows = session.execute(_CANDIDATES, {"since": since, "limit": limit}).all()
         if not rows:

@@ -79,9 +79,7 @@ def grant_app_rights(conn: Connection, role: str) -> None:
         f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {quoted}",
     ]
     existing = set(
-        conn.execute(
-            text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
-        ).scalars()
+        conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")).scalars()
     )
     for table in APPEND_ONLY_TABLES:
         if table in existing:

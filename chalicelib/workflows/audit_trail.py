@@ -47,20 +47,25 @@ def stored_outputs(
         .order_by(StageExecution.position)
     ).all()
     for stage_id, output in stages:
-        entry = recorded.get(stage_id)
-        if entry is not None:
+        recorded_by = recorded.get(stage_id)
+        if recorded_by is not None:
             outputs.append(
                 {
                     "stageId": stage_id,
-                    "seq": entry.seq,
-                    "outputHash": entry.output_hash,
+                    "seq": recorded_by.seq,
+                    "outputHash": recorded_by.output_hash,
                     "output": output,
                 }
             )
     if run.status == "completed" and None in recorded:
         entry = recorded[None]
         outputs.append(
-            {"stageId": None, "seq": entry.seq, "outputHash": entry.output_hash, "output": run.output}
+            {
+                "stageId": None,
+                "seq": entry.seq,
+                "outputHash": entry.output_hash,
+                "output": run.output,
+            }
         )
     return outputs
 
@@ -122,9 +127,7 @@ def export(principal: Principal, ref: str) -> dict[str, Any]:
     if not available:
         raise errors.ServiceUnavailable("The checkpoint store (S3) did not answer; try again")
     views = [chain.entry_view(e) for e in entries]
-    used = {view["kid"] for view in views} | {
-        (c.get("head") or {}).get("kid") for c in found
-    }
+    used = {view["kid"] for view in views} | {(c.get("head") or {}).get("kid") for c in found}
     keys = [key for key in audit_keys.key_ring().public if key["kid"] in used]
     return {
         "format": rules.BUNDLE_FORMAT,

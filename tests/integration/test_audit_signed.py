@@ -366,4 +366,6 @@ def test_a_legacy_entry_verifies_by_the_old_rule_only_before_signed_ones():
     keys = rules.key_set(audit_keys.key_ring().public)
     report = rules.verify_entries([legacy, signed], keys)
     assert report.valid and report.legacy == 1 and report.signed == 1
-    assert not rules.verify_entries([signed | {"seq": 1, "prevHash": rules.GENESIS}, legacy], keys).valid
+    assert not rules.verify_entries(
+        [signed | {"seq": 1, "prevHash": rules.GENESIS}, legacy], keys
+    ).valid

@@ -287,7 +287,7 @@ APP_ROLE_REFUSED = [
 @pytest.mark.parametrize("statement", APP_ROLE_REFUSED)
 def test_the_application_role_cannot_rewrite_audit_history(user, sent, statement):
     _, entry_id = _one_entry_id(user, sent)
-    with pytest.raises(DBAPIError, match="permission denied|must be owner"):
+    with pytest.raises(DBAPIError, match=r"permission denied|must be owner"):
         with session_scope() as session:  # the application's role (MAOF_DATABASE_URL)
             session.execute(text(statement), {"id": entry_id})
 

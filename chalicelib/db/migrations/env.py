@@ -2,22 +2,22 @@
 else MAOF_DATABASE_URL), then give the application role its rights (db/roles.py)."""
 
 from alembic import context
-from sqlalchemy import create_engine
+from sqlalchemy import Connection
 
 from chalicelib.config import get_settings
-from chalicelib.db import _psycopg_url, get_engine
+from chalicelib.db import get_engine
 from chalicelib.db import roles as db_roles
 from chalicelib.db.models import Base
 
 target_metadata = Base.metadata
 
 
-def _migrate(connection: object) -> None:
+def _migrate(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=target_metadata)
     with context.begin_transaction():
         context.run_migrations()
         settings = get_settings()
-        db_roles.apply(connection, settings.database_url, settings.migration_database_url)  # type: ignore[arg-type]
+        db_roles.apply(connection, settings.database_url, settings.migration_database_url)
 
 
 def run_migrations_online() -> None:
@@ -30,11 +30,9 @@ def run_migrations_online() -> None:
         with get_engine().connect() as connection:
             _migrate(connection)
         return
-    owner = create_engine(
-        _psycopg_url(settings.migration_database_url),
-        connect_args={"connect_timeout": 3, "application_name": "maof-migrate"},
-        hide_parameters=True,
-    )
+    from chalicelib.db.migrate import owner_engine
+
+    owner = owner_engine()
     try:
         with owner.connect() as connection:
             _migrate(connection)
