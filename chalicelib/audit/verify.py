@@ -445,7 +445,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"OK {run}: {report.length} entries, {report.signed} signed"
             + (f", {report.legacy} legacy" if report.legacy else "")
-            + f"; {report.outputs_checked} outputs match; "
+            + f"; {report.outputs_checked} stored output"
+            + ("s match" if report.outputs_checked != 1 else " matches")
+            + "; "
             + (f"in checkpoint {', '.join(map(str, covered))}" if covered else "not checkpointed")
             + f"; head {report.head}"
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 from urllib.parse import unquote, urlparse
 
 from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError
 
 # Tables the application may only add to and read: history is never rewritten.
 APPEND_ONLY_TABLES = ("execution_logs", "audit_checkpoints", "audit_checkpoint_runs")
@@ -44,17 +45,23 @@ def ensure_app_role(conn: Connection, app_url: str) -> str:
         text("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = :name"),
         {"name": name},
     ).first()
-    if row is None:
-        conn.execute(text(f"CREATE ROLE {quoted} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE"))
-    elif row.rolsuper or row.rolbypassrls:
+    if row is not None and (row.rolsuper or row.rolbypassrls):
         raise RoleError(
             f"the application role {name} is a superuser (or bypasses row security): it could "
             "rewrite the audit trail; give MAOF_DATABASE_URL an unprivileged role"
         )
+    if row is None:
+        _cluster_wide(
+            conn,
+            f"CREATE ROLE {quoted} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE",
+            ("42710", "23505"),  # exists: made meanwhile (seen then, or at its commit)
+        )
     if password is not None:
-        # ALTER ROLE takes no bind parameters: the literal is quoted by the driver's rules.
+        # ALTER ROLE takes no bind parameters: the literal is quoted by SQL's rule.
         literal = password.replace("'", "''")
-        conn.execute(text(f"ALTER ROLE {quoted} WITH LOGIN PASSWORD '{literal}'"))
+        _cluster_wide(
+            conn, f"ALTER ROLE {quoted} WITH LOGIN PASSWORD '{literal}'", ("XX000",), retry=True
+        )
     owner = conn.execute(
         text("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = to_regclass(:t)"),
         {"t": "public.execution_logs"},
@@ -62,6 +69,30 @@ def ensure_app_role(conn: Connection, app_url: str) -> str:
     if owner == name:
         raise RoleError(f"the application role {name} owns execution_logs")
     return name
+
+
+def _cluster_wide(
+    conn: Connection, statement: str, benign: tuple[str, ...], retry: bool = False
+) -> None:
+    """Roles belong to the whole cluster: another database's migration (a parallel test
+    session, say) may create or alter the same role at the same moment. A savepoint keeps
+    that race (SQLSTATE `benign`: it exists already, or was updated concurrently) from
+    aborting the migration; an alteration (`retry`) is tried again."""
+    # A password may hold ':' (a bind marker to text()): escaped.
+    statement = statement.replace(":", "\\:")
+    for attempt in range(3):
+        savepoint = conn.begin_nested()
+        try:
+            conn.execute(text(statement))
+        except DBAPIError as exc:
+            savepoint.rollback()
+            if getattr(exc.orig, "sqlstate", None) not in benign:
+                raise
+            if not retry or attempt == 2:
+                return
+            continue
+        savepoint.commit()
+        return
 
 
 def grant_app_rights(conn: Connection, role: str) -> None:
