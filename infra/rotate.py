@@ -21,11 +21,13 @@ retire-keys KEY (not for audit-signing-key: a public key is needed as long as wh
 from __future__ import annotations
 
 import argparse
+import json
 import secrets as random
 import sys
 import time
 from typing import Any
 
+from chalicelib.audit.keys import rotated
 from chalicelib.db.migrate import REENCRYPT
 from infra.deploy import (
     Aws,
@@ -55,12 +57,18 @@ def _value(ssm: Any, name: str) -> str | None:
 
 def rotate_key(ssm: Any, path: str, key: str, kms_key_id: str | None = None) -> list[str]:
     """Store a new value for `key`, keeping the current one (and at most one older) as
-    previous; returns the previous values, newest first."""
-    if key not in PREVIOUS:
-        raise DeployError(f"KEY must be one of {', '.join(PREVIOUS)}, got {key!r}")
+    previous; returns the previous values, newest first. For audit-signing-key: add a new
+    current key to the key set, the old ones keeping only their public halves; returns
+    the kids of the old keys."""
+    if key not in ROTATABLE:
+        raise DeployError(f"KEY must be one of {', '.join(ROTATABLE)}, got {key!r}")
     current = _value(ssm, parameter_name(path, key))
     if current is None:
         raise DeployError(f"{parameter_name(path, key)} does not exist: run `make secrets` first")
+    if key == AUDIT_KEY:
+        new_set = rotated(current)
+        put_secret(ssm, parameter_name(path, key), new_set, overwrite=True, kms_key_id=kms_key_id)
+        return [str(k["kid"]) for k in json.loads(new_set)["keys"][:-1]]
     older = [v for v in (_value(ssm, parameter_name(path, PREVIOUS[key])) or "").split(",") if v]
     previous = [current, *[v for v in older if v != current]][:KEEP_PREVIOUS]
     put_secret(
@@ -128,6 +136,8 @@ def run(aws: Aws, stage: str, path: str, command: str, key: str, kms_key_id: str
     if command == "rotate-key":
         kept = rotate_key(aws.ssm, path, key, kms_key_id)
         say(f"{parameter_name(path, key)}: new value; {len(kept)} previous kept")
+    elif key == AUDIT_KEY:
+        retire_previous(aws.ssm, path, key)  # refuses, with the reason
     elif retire_previous(aws.ssm, path, key):
         say(f"{parameter_name(path, PREVIOUS[key])}: deleted")
     else:

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import select
@@ -88,6 +89,15 @@ def entry_view(entry: AuditEntry) -> dict[str, Any]:
     }
 
 
+def _plain(value: Any) -> Any:
+    """Details as JSON will store them (the same conversions as http.dumps)."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID | Decimal):
+        return str(value) if isinstance(value, uuid.UUID) else float(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
 def seal(entry: AuditEntry) -> AuditEntry:
     """Give a version 2 entry its kid, hash and signature (~50 µs: no round trip)."""
     signer = audit_keys.key_ring().signer
@@ -125,7 +135,7 @@ def next_entry(
         input_hash=input_hash,
         output_hash=output_hash,
         # Stored as jsonb and served back: what is hashed must be what comes back.
-        details=json.loads(json.dumps(details)) if details is not None else None,
+        details=json.loads(json.dumps(details, default=_plain)) if details is not None else None,
         logged_at=datetime.now(UTC),
         prev_hash=prev_hash,
         entry_hash="",
