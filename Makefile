@@ -30,7 +30,7 @@ help:
 	@echo "make secrets  create the SSM SecureString parameters a deployed STAGE reads"
 	@echo "make deploy   package, create/update the stack maof-STAGE, migrate, publish the dashboard"
 	@echo "make destroy  delete the stack maof-STAGE (asks first; YES=1 skips the question)"
-	@echo "make rotate-key KEY=jwt-secret|secret-key   rotate a deployed key without downtime"
+	@echo "make rotate-key KEY=jwt-secret|secret-key|audit-signing-key   rotate a deployed key without downtime"
 	@echo "make retire-keys KEY=…                       drop the key rotate-key kept as previous"
 
 # The project itself is installed (editable, only maof_client/) for the `maof` console script.
@@ -109,7 +109,8 @@ destroy: venv
 	$(PY) -m infra.deploy destroy $(AWS_FLAGS) $(if $(YES),--yes) $(if $(DELETE_SECRETS),--delete-secrets)
 
 # Rotate a key of a deployed STAGE without downtime (README "Security"): KEY=jwt-secret or
-# KEY=secret-key (the latter also re-encrypts every agent token); retire-keys drops the old one.
+# KEY=secret-key (the latter also re-encrypts every agent token) or KEY=audit-signing-key (adds a
+# signing key; old ones keep verifying); retire-keys drops the old one (not audit keys).
 rotate-key: venv
 	$(PY) -m infra.rotate rotate-key --key $(KEY) $(AWS_FLAGS)
 

@@ -8,7 +8,7 @@ from chalicelib.agents import registry as agents
 from chalicelib.auth import service as auth
 from chalicelib.engine import handlers as engine
 from chalicelib.http import ApiRequest, MaofApp, Reply
-from chalicelib.workflows import control, runs, stats
+from chalicelib.workflows import audit_trail, control, runs, stats
 from chalicelib.workflows.definition import ExecuteRequest
 
 app = MaofApp(app_name="maof")
@@ -188,7 +188,28 @@ def retry_run(request: ApiRequest, run_id: str) -> Reply:
 
 @app.endpoint("/workflows/{run_id}/audit", "GET", summary="A run's audit trail and its chain")
 def get_audit(request: ApiRequest, run_id: str) -> dict[str, Any]:
-    return runs.get_audit(request.user, run_id)
+    return audit_trail.get_audit(request.user, run_id)
+
+
+@app.endpoint(
+    "/workflows/{run_id}/audit/export",
+    "GET",
+    summary="A run's audit bundle: entries, keys, outputs, checkpoints (for maof-verify)",
+)
+def export_audit(request: ApiRequest, run_id: str) -> dict[str, Any]:
+    return audit_trail.export(request.user, run_id)
+
+
+@app.endpoint("/audit/keys", "GET", public=True, summary="The public keys that sign the audit")
+def audit_keys(request: ApiRequest) -> dict[str, Any]:
+    return audit_trail.public_keys()
+
+
+@app.endpoint(
+    "/audit/checkpoints/latest", "GET", public=True, summary="The newest signed audit checkpoint"
+)
+def latest_checkpoint(request: ApiRequest) -> dict[str, Any]:
+    return audit_trail.latest_checkpoint()
 
 
 @app.endpoint("/stats", "GET", summary="Your runs, stages and agents over the last hour")
@@ -207,6 +228,11 @@ def run_stage(event: SQSEvent) -> dict[str, Any]:
 @app.schedule(Rate(1, unit=Rate.MINUTES))
 def sweep_stalled_stages(event: CloudWatchEvent) -> dict[str, Any]:
     return engine.sweep_stalled_stages()
+
+
+@app.schedule(Rate(engine.CHECKPOINT_RATE_MINUTES, unit=Rate.MINUTES))
+def write_audit_checkpoint(event: CloudWatchEvent) -> dict[str, Any]:
+    return engine.write_audit_checkpoint()
 
 
 @app.schedule(Rate(1, unit=Rate.MINUTES))

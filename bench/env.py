@@ -18,15 +18,18 @@ BENCH_BUCKET = "maof-bench-dashboard"
 _DEV_DATABASE_URL = "postgresql+psycopg://maof:maof@127.0.0.1:5432/maof"
 
 
-def _database_urls() -> tuple[str, str]:
+def _database_urls() -> tuple[str, str, str]:
+    """The bench database as the application and as its owner (who also creates it)."""
     base = urlparse(os.environ.get("MAOF_DATABASE_URL", _DEV_DATABASE_URL))
+    owner = urlparse(os.environ.get("MAOF_MIGRATION_DATABASE_URL") or base.geturl())
     return (
         urlunparse(base._replace(path=f"/{BENCH_DATABASE}")),
-        urlunparse(base._replace(path="/postgres")),
+        urlunparse(owner._replace(path=f"/{BENCH_DATABASE}")),
+        urlunparse(owner._replace(path="/postgres")),
     )
 
 
-BENCH_DATABASE_URL, ADMIN_DATABASE_URL = _database_urls()
+BENCH_DATABASE_URL, BENCH_OWNER_DATABASE_URL, ADMIN_DATABASE_URL = _database_urls()
 
 
 def bench_environ() -> dict[str, str]:
@@ -35,6 +38,7 @@ def bench_environ() -> dict[str, str]:
     return {
         "MAOF_STAGE": "dev",
         "MAOF_DATABASE_URL": BENCH_DATABASE_URL,
+        "MAOF_MIGRATION_DATABASE_URL": BENCH_OWNER_DATABASE_URL,
         "MAOF_REDIS_URL": urlunparse(redis._replace(path=f"/{BENCH_REDIS_DB}")),
         "MAOF_STAGE_QUEUE_NAME": BENCH_QUEUE,
         "MAOF_DASHBOARD_BUCKET": BENCH_BUCKET,

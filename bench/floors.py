@@ -78,7 +78,10 @@ class StageTransaction:
 
         from chalicelib.config import get_settings
 
-        url = get_settings().database_url.replace("postgresql+psycopg://", "postgresql://")
+        # Its own tables: made as the owner (the application's role may not create tables).
+        url = get_settings().migration_database_url.replace(
+            "postgresql+psycopg://", "postgresql://"
+        )
         self.conn = psycopg.connect(url)
         self.conn.execute(
             "CREATE TABLE IF NOT EXISTS bench_floor (id uuid PRIMARY KEY, status text, "

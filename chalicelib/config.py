@@ -32,7 +32,11 @@ SSM_SECRETS = {
     "secret-key": "MAOF_SECRET_KEY",
     "database-url": "MAOF_DATABASE_URL",
     "redis-url": "MAOF_REDIS_URL",
+    "audit-signing-key": "MAOF_AUDIT_SIGNING_KEYS",
 }
+# Read only by the migrate function (MAOF_MIGRATOR=true): the database owner's URL. The
+# other functions connect as the application role, which cannot rewrite the audit trail.
+SSM_MIGRATION_SECRETS = {"migration-database-url": "MAOF_MIGRATION_DATABASE_URL"}
 # Keys being rotated out (comma-separated), present only during a rotation.
 SSM_PREVIOUS_KEYS = {
     "jwt-previous-secrets": "MAOF_JWT_PREVIOUS_SECRETS",
@@ -41,6 +45,11 @@ SSM_PREVIOUS_KEYS = {
 # Without these two under the path, start-up stops; the URLs may come from the environment.
 SSM_REQUIRED = ("jwt-secret", "secret-key")
 LOCALSTACK_ENDPOINT = "http://127.0.0.1:4566"
+# The local stack's two roles: the application's (INSERT and SELECT only on the audit
+# trail) and the owner's, which runs the migrations (chalicelib/db/roles.py).
+DEV_DATABASE_URL = "postgresql+psycopg://maof_app:maof_app@127.0.0.1:5432/maof"
+DEV_MIGRATION_DATABASE_URL = "postgresql+psycopg://maof:maof@127.0.0.1:5432/maof"
+PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _one_line(text: object) -> str:
@@ -69,6 +78,8 @@ def _read_ssm_parameters(path: str, region: str, endpoint: str | None) -> dict[s
             aws_secret_access_key="test",  # noqa: S106
         )
     names = [f"{path}/{name}" for name in (*SSM_SECRETS, *SSM_PREVIOUS_KEYS)]
+    if _bool("MAOF_MIGRATOR", False):
+        names += [f"{path}/{name}" for name in SSM_MIGRATION_SECRETS]
     try:
         ssm = boto3.session.Session().client("ssm", **kwargs)
         found = ssm.get_parameters(Names=names, WithDecryption=True)["Parameters"]
@@ -104,7 +115,7 @@ def _ssm_secrets() -> dict[str, str]:
             f"SSM parameter {missing[0]} is missing or empty (MAOF_SECRETS_SSM_PATH={path}); "
             "create it as a SecureString"
         )
-    settings = {**SSM_SECRETS, **SSM_PREVIOUS_KEYS}
+    settings = {**SSM_SECRETS, **SSM_PREVIOUS_KEYS, **SSM_MIGRATION_SECRETS}
     return {settings[name]: value for name, value in values.items() if value}
 
 
@@ -165,6 +176,7 @@ class Settings:
 
     stage: str
     database_url: str
+    migration_database_url: str
     redis_url: str
     jwt_secret: str
     jwt_previous_secrets: tuple[str, ...]
@@ -216,6 +228,11 @@ class Settings:
     login_attempts_per_ip_per_minute: int
     submissions_per_minute: int
     max_active_runs: int
+    audit_signing_keys: str | None
+    audit_keys_file: str
+    audit_bucket: str
+    audit_checkpoint_interval_seconds: int
+    audit_checkpoint_max_runs: int
 
     @property
     def is_dev(self) -> bool:
@@ -256,12 +273,24 @@ def load_settings() -> Settings:
         if any(len(value) < 32 for value in values):
             raise ConfigError(f"every key in {name} must be at least 32 characters")
     database_url = ssm.get("MAOF_DATABASE_URL") or _str(
-        "MAOF_DATABASE_URL",
-        "postgresql+psycopg://maof:maof@127.0.0.1:5432/maof" if is_dev else "",
+        "MAOF_DATABASE_URL", DEV_DATABASE_URL if is_dev else ""
     )
     if not database_url.startswith(("postgresql://", "postgresql+psycopg://")):
         raise ConfigError(
             "MAOF_DATABASE_URL must be a postgresql:// URL" + _ssm_hint("database-url")
+        )
+    # The owner of the schema, for migrations only. Unset (and not the dev default): the
+    # application's own URL, one role for both (which can then rewrite history).
+    migration_database_url = ssm.get("MAOF_MIGRATION_DATABASE_URL") or _str(
+        "MAOF_MIGRATION_DATABASE_URL",
+        DEV_MIGRATION_DATABASE_URL
+        if is_dev and not os.environ.get("MAOF_DATABASE_URL")
+        else database_url,
+    )
+    if not migration_database_url.startswith(("postgresql://", "postgresql+psycopg://")):
+        raise ConfigError(
+            "MAOF_MIGRATION_DATABASE_URL must be a postgresql:// URL"
+            + _ssm_hint("migration-database-url")
         )
     redis_url = ssm.get("MAOF_REDIS_URL") or _str(
         "MAOF_REDIS_URL", "redis://127.0.0.1:6379/0" if is_dev else ""
@@ -275,6 +304,7 @@ def load_settings() -> Settings:
     return Settings(
         stage=stage,
         database_url=database_url,
+        migration_database_url=migration_database_url,
         redis_url=redis_url,
         jwt_secret=jwt_secret,
         jwt_previous_secrets=jwt_previous,
@@ -333,6 +363,16 @@ def load_settings() -> Settings:
         ),
         submissions_per_minute=_int("MAOF_SUBMISSIONS_PER_MINUTE", 300, 1, 1_000_000),
         max_active_runs=_int("MAOF_MAX_ACTIVE_RUNS", 500, 1, 1_000_000),
+        audit_signing_keys=ssm.get("MAOF_AUDIT_SIGNING_KEYS")
+        or _optional("MAOF_AUDIT_SIGNING_KEYS"),
+        audit_keys_file=_str(
+            "MAOF_AUDIT_KEYS_FILE", os.path.join(PROJECT_DIR, ".maof", "audit-signing-keys.json")
+        ),
+        audit_bucket=_str("MAOF_AUDIT_BUCKET", "maof-audit"),
+        audit_checkpoint_interval_seconds=_int(
+            "MAOF_AUDIT_CHECKPOINT_INTERVAL_SECONDS", 60, 1, 86400
+        ),
+        audit_checkpoint_max_runs=_int("MAOF_AUDIT_CHECKPOINT_MAX_RUNS", 10_000, 1, 1_000_000),
     )
 
 

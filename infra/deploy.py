@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from chalicelib.config import SSM_SECRETS
+from chalicelib.audit.keys import new_key_set
+from chalicelib.config import SSM_MIGRATION_SECRETS, SSM_SECRETS
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 MERGE_TEMPLATE = "infra/template.json"
@@ -48,9 +49,17 @@ DEFAULT_PACKAGE_DIR = PROJECT_DIR / "build" / "package"
 SITE_DIR = PROJECT_DIR / "dashboard"
 # CAPABILITY_IAM: the template makes one IAM role per function; AUTO_EXPAND: the SAM transform.
 CAPABILITIES = ["CAPABILITY_IAM", "CAPABILITY_AUTO_EXPAND"]
-GENERATED_SECRETS = ("jwt-secret", "secret-key")
+# Made here, never asked for: random secrets, and the Ed25519 key set that signs the audit.
+GENERATED_SECRETS: dict[str, Callable[[], str]] = {
+    "jwt-secret": lambda: random.token_urlsafe(48),
+    "secret-key": lambda: random.token_urlsafe(48),
+    "audit-signing-key": new_key_set,
+}
 URL_SECRETS = {
+    # The application's role (INSERT and SELECT only on the audit trail) and the owner's,
+    # which only the migrate function reads (README "The audit trail").
     "database-url": ("postgresql://", "postgresql+psycopg://"),
+    "migration-database-url": ("postgresql://", "postgresql+psycopg://"),
     "redis-url": ("redis://", "rediss://"),
 }
 STACK_TIMEOUT_SECONDS = 45 * 60
@@ -153,7 +162,7 @@ def parameter_name(path: str, name: str) -> str:
 
 def existing_parameters(ssm: Any, path: str) -> dict[str, str]:
     """The MAOF parameters that exist under `path`: name -> type (values are not read)."""
-    names = [parameter_name(path, name) for name in SSM_SECRETS]
+    names = [parameter_name(path, name) for name in (*SSM_SECRETS, *SSM_MIGRATION_SECRETS)]
     found = ssm.get_parameters(Names=names, WithDecryption=False)["Parameters"]
     return {item["Name"].rsplit("/", 1)[1]: str(item["Type"]) for item in found}
 
@@ -182,17 +191,19 @@ def ensure_secrets(
 ) -> dict[str, str]:
     """Create the parameters missing under `path`; return name -> created|updated|exists|missing.
 
-    jwt-secret and secret-key are generated (64 random URL-safe characters) and never
-    overwritten: a new secret-key could no longer decrypt the agent tokens already stored.
-    database-url and redis-url come from `urls`, else from `ask` (a prompt), else stay missing.
+    jwt-secret and secret-key are generated (64 random URL-safe characters), and
+    audit-signing-key (a new Ed25519 key set), and never overwritten: a new secret-key could
+    no longer decrypt the agent tokens already stored (rotate-key handles that, and adds
+    audit keys without dropping the old ones). database-url, migration-database-url and
+    redis-url come from `urls`, else from `ask` (a prompt), else stay missing.
     """
     existing = existing_parameters(ssm, path)
     result: dict[str, str] = {}
-    for name in GENERATED_SECRETS:
+    for name, generate in GENERATED_SECRETS.items():
         if name in existing:
             result[name] = "exists"
             continue
-        generated = random.token_urlsafe(48)
+        generated = generate()
         put_secret(
             ssm, parameter_name(path, name), generated, overwrite=False, kms_key_id=kms_key_id
         )
@@ -230,7 +241,7 @@ def require_secrets(ssm: Any, path: str, stage: str, kms_key_id: str | None = No
     if missing:
         raise DeployError(
             f"SSM parameter {parameter_name(path, missing[0])} is missing: run "
-            f"`make secrets STAGE={stage}` first (it asks for the database and Redis URLs)"
+            f"`make secrets STAGE={stage}` first (it asks for the two database URLs and Redis's)"
         )
     say(
         f"SSM parameters under {path}: "
@@ -241,7 +252,7 @@ def require_secrets(ssm: Any, path: str, stage: str, kms_key_id: str | None = No
 
 
 def delete_secrets(ssm: Any, path: str) -> list[str]:
-    names = [parameter_name(path, name) for name in SSM_SECRETS]
+    names = [parameter_name(path, name) for name in (*SSM_SECRETS, *SSM_MIGRATION_SECRETS)]
     return list(ssm.delete_parameters(Names=names).get("DeletedParameters", []))
 
 
@@ -840,7 +851,10 @@ def destroy(
 
 def _prompt_secret(name: str) -> str:
     hint = {
-        "database-url": "postgresql://USER:PASSWORD@HOST:5432/DBNAME?sslmode=require",
+        "database-url": "the application's role, INSERT/SELECT only on the audit trail: "
+        "postgresql://maof_app:PASSWORD@HOST:5432/DBNAME?sslmode=require",
+        "migration-database-url": "the schema owner's, for migrations only: "
+        "postgresql://OWNER:PASSWORD@HOST:5432/DBNAME?sslmode=require",
         "redis-url": "rediss://:AUTH_TOKEN@HOST:6379/0 (or redis://HOST:6379/0)",
     }[name]
     return getpass.getpass(f"{name} ({hint}), not echoed: ")
@@ -890,6 +904,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "secrets":
             urls = {
                 "database-url": os.environ.get("MAOF_DEPLOY_DATABASE_URL"),
+                "migration-database-url": os.environ.get("MAOF_DEPLOY_MIGRATION_DATABASE_URL"),
                 "redis-url": os.environ.get("MAOF_DEPLOY_REDIS_URL"),
             }
             result = ensure_secrets(

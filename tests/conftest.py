@@ -3,22 +3,39 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from urllib.parse import urlparse, urlunparse
 
 # MAOF_TEST_SUFFIX lets two test sessions share one stack without touching each other's
 # database, queue or Redis db (e.g. MAOF_TEST_SUFFIX=b MAOF_TEST_REDIS_DB=14).
 SUFFIX = os.environ.get("MAOF_TEST_SUFFIX", "")
 TEST_DATABASE_NAME = f"maof_test{'_' + SUFFIX if SUFFIX else ''}"
-_dev_db = os.environ.get("MAOF_DATABASE_URL", "postgresql+psycopg://maof:maof@127.0.0.1:5432/maof")
-_parsed = urlparse(_dev_db)
-TEST_DATABASE_URL = urlunparse(_parsed._replace(path=f"/{TEST_DATABASE_NAME}"))
-ADMIN_DATABASE_URL = urlunparse(_parsed._replace(path="/postgres"))
+# Two roles, as everywhere: the application's (INSERT and SELECT only on the audit trail)
+# and the owner's, which creates the test database and runs the migrations.
+_app_db = os.environ.get(
+    "MAOF_DATABASE_URL", "postgresql+psycopg://maof_app:maof_app@127.0.0.1:5432/maof"
+)
+_owner_db = os.environ.get(
+    "MAOF_MIGRATION_DATABASE_URL",
+    _app_db
+    if "MAOF_DATABASE_URL" in os.environ
+    else "postgresql+psycopg://maof:maof@127.0.0.1:5432/maof",
+)
+TEST_DATABASE_URL = urlunparse(urlparse(_app_db)._replace(path=f"/{TEST_DATABASE_NAME}"))
+OWNER_DATABASE_URL = urlunparse(urlparse(_owner_db)._replace(path=f"/{TEST_DATABASE_NAME}"))
+ADMIN_DATABASE_URL = urlunparse(urlparse(_owner_db)._replace(path="/postgres"))
 _redis = urlparse(os.environ.get("MAOF_REDIS_URL", "redis://127.0.0.1:6379/0"))
 
 os.environ.update(
     {
         "MAOF_STAGE": "test",
         "MAOF_DATABASE_URL": TEST_DATABASE_URL,
+        "MAOF_MIGRATION_DATABASE_URL": OWNER_DATABASE_URL,
+        # A signing key of the session's own, made on first use.
+        "MAOF_AUDIT_KEYS_FILE": os.path.join(
+            tempfile.mkdtemp(prefix="maof-test-keys-"), "audit-signing-keys.json"
+        ),
+        "MAOF_AUDIT_BUCKET": f"maof-test{SUFFIX}-audit",
         "MAOF_REDIS_URL": urlunparse(
             _redis._replace(path=f"/{os.environ.get('MAOF_TEST_REDIS_DB', '15')}")
         ),
@@ -40,3 +57,4 @@ os.environ.update(
     }
 )
 os.environ.pop("MAOF_STAGE_QUEUE_URL", None)
+os.environ.pop("MAOF_AUDIT_SIGNING_KEYS", None)

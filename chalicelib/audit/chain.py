@@ -1,8 +1,13 @@
-"""Append entries to a run's hash chain and verify it.
+"""Append entries to a run's hash chain, signed, and verify it (with audit/verify.py, the
+code `maof-verify` runs offline).
 
-entryHash = sha256(prevHash + canonical(entry)); the first entry of a run chains
-from GENESIS. The table is append-only (a trigger refuses UPDATE and DELETE), and
-any row altered behind the trigger's back makes verification fail.
+An entry is the object GET /workflows/{runId}/audit serves: its `hash` is the SHA-256 of the
+RFC 8785 canonical JSON of every other member but `signature`, `prevHash` links it to the
+entry before (GENESIS for the first), and `signature` is Ed25519 over the hash by the key
+`kid` (audit/keys.py). The table is append-only (a trigger refuses UPDATE, DELETE and
+TRUNCATE, and the application's database role holds only INSERT and SELECT on it); a row
+altered by the owner, even with every hash recomputed and re-signed, is caught by the signed
+checkpoint in S3 that recorded the run's head (audit/checkpoints.py).
 """
 
 from __future__ import annotations
@@ -11,21 +16,26 @@ import hashlib
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from chalicelib.audit import keys as audit_keys
+from chalicelib.audit import verify as rules
 from chalicelib.db.models import AuditEntry
 
-GENESIS = "0" * 64
+GENESIS = rules.GENESIS
+RUN_PREFIX = "wfr-"
 _ABSENT: Any = object()
 
 
 def canonical_json(value: Any) -> bytes:
-    """Sorted keys, no whitespace, UTF-8: the bytes every hash is taken over."""
+    """Sorted keys, no whitespace, UTF-8: the version 1 entries' canonical form (still used
+    for digests outside the audit trail: idempotency keys, the mock agent)."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
         "utf-8"
     )
@@ -33,6 +43,11 @@ def canonical_json(value: Any) -> bytes:
 
 def sha256_json(value: Any) -> str:
     return hashlib.sha256(canonical_json(value)).hexdigest()
+
+
+def value_hash(value: Any) -> str:
+    """inputHash / outputHash of an entry: SHA-256 of the RFC 8785 canonical JSON."""
+    return rules.value_hash(value)
 
 
 def _timestamp(value: datetime) -> str:
@@ -56,7 +71,41 @@ def entry_document(entry: AuditEntry) -> dict[str, Any]:
 
 
 def entry_hash(prev_hash: str, document: dict[str, Any]) -> str:
+    """A version 1 entry's hash (entries written before signing)."""
     return hashlib.sha256(prev_hash.encode("ascii") + canonical_json(document)).hexdigest()
+
+
+def entry_view(entry: AuditEntry) -> dict[str, Any]:
+    """An entry exactly as the API serves it (and, for version 2, as it is hashed)."""
+    document = entry_document(entry)
+    return {
+        "version": entry.version or rules.LEGACY_VERSION,
+        "runId": f"{RUN_PREFIX}{entry.run_id}",
+        **{k: v for k, v in document.items() if k != "runId"},
+        "prevHash": entry.prev_hash,
+        "kid": entry.kid,
+        "hash": entry.entry_hash,
+        "signature": entry.signature,
+    }
+
+
+def _plain(value: Any) -> Any:
+    """Details as JSON will store them (the same conversions as http.dumps)."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID | Decimal):
+        return str(value) if isinstance(value, uuid.UUID) else float(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def seal(entry: AuditEntry) -> AuditEntry:
+    """Give a version 2 entry its kid, hash and signature (~50 µs: no round trip)."""
+    signer = audit_keys.key_ring().signer
+    entry.version = rules.ENTRY_VERSION
+    entry.kid = signer.kid
+    entry.entry_hash = rules.object_hash(entry_view(entry))
+    entry.signature = signer.sign(entry.entry_hash)
+    return entry
 
 
 def next_entry(
@@ -72,8 +121,8 @@ def next_entry(
     output_hash: str | None = None,
     details: dict[str, Any] | None = None,
 ) -> AuditEntry:
-    """The entry that follows the chain's head (last_seq, last_hash), hashed; None for
-    both when the run has no entry yet."""
+    """The entry that follows the chain's head (last_seq, last_hash), hashed and signed;
+    None for both when the run has no entry yet."""
     seq, prev_hash = (last_seq + 1, last_hash) if last_seq is not None else (1, GENESIS)
     assert prev_hash is not None
     entry = AuditEntry(
@@ -85,13 +134,13 @@ def next_entry(
         status=status,
         input_hash=input_hash,
         output_hash=output_hash,
-        details=details,
+        # Stored as jsonb and served back: what is hashed must be what comes back.
+        details=json.loads(json.dumps(details, default=_plain)) if details is not None else None,
         logged_at=datetime.now(UTC),
         prev_hash=prev_hash,
         entry_hash="",
     )
-    entry.entry_hash = entry_hash(prev_hash, entry_document(entry))
-    return entry
+    return seal(entry)
 
 
 def append(
@@ -125,8 +174,8 @@ def append(
         status,
         stage_id=stage_id,
         agent_id=agent_id,
-        input_hash=None if input is _ABSENT else sha256_json(input),
-        output_hash=None if output is _ABSENT else sha256_json(output),
+        input_hash=None if input is _ABSENT else value_hash(input),
+        output_hash=None if output is _ABSENT else value_hash(output),
         details=details,
     )
     session.add(entry)
@@ -139,6 +188,11 @@ class ChainStatus:
     head: str | None
     length: int
     broken_at: int | None = None
+    reasons: list[str] = field(default_factory=list)
+    signed: int = 0
+    legacy: int = 0
+    outputs_checked: int = 0
+    checkpoint: dict[str, Any] | None = None
 
     def view(self) -> dict[str, Any]:
         return {
@@ -146,23 +200,41 @@ class ChainStatus:
             "head": self.head,
             "length": self.length,
             "brokenAtSeq": self.broken_at,
+            "problems": self.reasons,
+            "signatures": {"signed": self.signed, "legacy": self.legacy},
+            "outputsChecked": self.outputs_checked,
+            "checkpoint": self.checkpoint,
         }
 
 
-def verify(entries: Sequence[AuditEntry]) -> ChainStatus:
-    """Check links, order and every hash of a run's entries (sorted by seq)."""
-    prev = GENESIS
-    for expected_seq, entry in enumerate(entries, start=1):
-        recomputed = entry_hash(prev, entry_document(entry))
-        if entry.seq != expected_seq or entry.prev_hash != prev or entry.entry_hash != recomputed:
-            # The position where the chain stops holding, not the (maybe forged) seq there.
-            return ChainStatus(False, entries[-1].entry_hash, len(entries), expected_seq)
-        prev = entry.entry_hash
-    return ChainStatus(True, prev if entries else None, len(entries))
+def status_of(report: rules.Report, checkpoint: dict[str, Any] | None = None) -> ChainStatus:
+    return ChainStatus(
+        valid=report.valid,
+        head=report.head,
+        length=report.length,
+        broken_at=report.broken_at,
+        reasons=[str(problem) for problem in report.problems],
+        signed=report.signed,
+        legacy=report.legacy,
+        outputs_checked=report.outputs_checked,
+        checkpoint=checkpoint,
+    )
 
 
-def entry_view(entry: AuditEntry) -> dict[str, Any]:
-    """An entry as the API shows it: the hashed document plus its links."""
-    document = entry_document(entry)
-    del document["runId"]
-    return {**document, "prevHash": entry.prev_hash, "entryHash": entry.entry_hash}
+def verify(
+    entries: Sequence[AuditEntry],
+    outputs: Sequence[dict[str, Any]] = (),
+    checkpoints: Sequence[dict[str, Any]] = (),
+) -> ChainStatus:
+    """Check links, order, hashes and signatures of a run's entries (sorted by seq), the
+    stored outputs against the hashes recorded for them, and the run's checkpoints: the
+    checks `maof-verify` makes on an export bundle."""
+    views = [entry_view(entry) for entry in entries]
+    run_id = views[0]["runId"] if views else None
+    report = rules.verify_entries(views, rules.key_set(audit_keys.key_ring().public), run_id)
+    rules.verify_outputs(views, outputs, report)
+    for checkpoint in checkpoints:
+        rules.verify_checkpoint(
+            views, str(run_id), checkpoint, rules.key_set(audit_keys.key_ring().public), report
+        )
+    return status_of(report)

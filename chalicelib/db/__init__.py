@@ -16,7 +16,7 @@ from chalicelib import errors
 from chalicelib.config import get_settings
 
 # The Alembic revision this code expects; tests check it is the migrations' head.
-SCHEMA_REVISION = "0006_run_control"
+SCHEMA_REVISION = "0007_signed_audit"
 
 
 def _psycopg_url(url: str) -> str:

@@ -1,4 +1,5 @@
-"""Apply the Alembic migrations to the database named by MAOF_DATABASE_URL.
+"""Apply the Alembic migrations as the database's owner (MAOF_MIGRATION_DATABASE_URL, else
+MAOF_DATABASE_URL), and give the application role (MAOF_DATABASE_URL) its rights.
 
 The migration scripts live inside the package (`chalicelib/db/migrations`), so the Lambda
 zip that `chalice package` builds (app.py, chalicelib/ and the requirements) carries them:
@@ -13,6 +14,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import Engine, create_engine
 
 from chalicelib.config import ConfigError
 
@@ -24,6 +26,22 @@ def alembic_config() -> Config:
     config = Config()
     config.set_main_option("script_location", str(SCRIPT_LOCATION))
     return config
+
+
+def owner_engine() -> Engine:
+    """A short-lived engine as the migrations' role (the owner); outside dev its URL must
+    ask for TLS, as the application's must (config._require_tls)."""
+    from chalicelib.config import _bool, _require_tls, get_settings
+    from chalicelib.db import _psycopg_url
+
+    settings = get_settings()
+    if not settings.is_dev and not _bool("MAOF_ALLOW_INSECURE_CONNECTIONS", False):
+        _require_tls(settings.migration_database_url, settings.redis_url)
+    return create_engine(
+        _psycopg_url(settings.migration_database_url),
+        connect_args={"connect_timeout": 3, "application_name": "maof-migrate"},
+        hide_parameters=True,
+    )
 
 
 def upgrade() -> None:
@@ -41,7 +59,7 @@ def handler(event: Any = None) -> dict[str, Any]:
     Returns the revision before and after (or the tokens rewritten); any failure raises, so
     the invocation reports a FunctionError and the make target stops with its message.
     """
-    from chalicelib.db import get_engine, schema_revision
+    from chalicelib.db import schema_revision
 
     action = event.get("action") if isinstance(event, dict) else None
     if action == REENCRYPT:
@@ -51,9 +69,13 @@ def handler(event: Any = None) -> dict[str, Any]:
     if action is not None:
         raise ValueError(f"unknown action {action!r}")
 
-    before = schema_revision(get_engine())
-    upgrade()
-    after = schema_revision(get_engine())
+    owner = owner_engine()
+    try:
+        before = schema_revision(owner)
+        upgrade()
+        after = schema_revision(owner)
+    finally:
+        owner.dispose()
     return {"migrated": before != after, "fromRevision": before, "toRevision": after}
 
 

@@ -13,6 +13,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -272,5 +273,9 @@ class AuditEntry(Base):
     logged_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     prev_hash: Mapped[str] = mapped_column(String(64), nullable=False)
     entry_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    # 1: the hash rule before signing (no kid, no signature); 2: audit/verify.py's rule.
+    version: Mapped[int] = mapped_column(SmallInteger, nullable=False, server_default="1")
+    kid: Mapped[str | None] = mapped_column(String(64))
+    signature: Mapped[str | None] = mapped_column(String(128))
 
     __table_args__ = (UniqueConstraint("run_id", "seq", name="execution_logs_run_seq"),)

@@ -14,11 +14,12 @@ from chalicelib.http import dumps
 
 COLUMNS = (
     "run_id, seq, stage_id, agent_id, action, status, input_hash, output_hash, details, "
-    "logged_at, prev_hash, entry_hash"
+    "logged_at, prev_hash, entry_hash, version, kid, signature"
 )
 VALUES = (
     ":e_run_id, :e_seq, :e_stage_id, :e_agent_id, :e_action, :e_status, :e_input_hash, "
-    ":e_output_hash, CAST(:e_details AS jsonb), :e_logged_at, :e_prev_hash, :e_entry_hash"
+    ":e_output_hash, CAST(:e_details AS jsonb), :e_logged_at, :e_prev_hash, :e_entry_hash, "
+    ":e_version, :e_kid, :e_signature"
 )
 INSERT = text(f"INSERT INTO execution_logs ({COLUMNS}) VALUES ({VALUES})")
 
@@ -38,4 +39,7 @@ def params(entry: AuditEntry) -> dict[str, Any]:
         "e_logged_at": entry.logged_at,
         "e_prev_hash": entry.prev_hash,
         "e_entry_hash": entry.entry_hash,
+        "e_version": entry.version,
+        "e_kid": entry.kid,
+        "e_signature": entry.signature,
     }

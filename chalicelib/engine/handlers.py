@@ -44,6 +44,11 @@ from chalicelib.workflows.references import (
 
 # Fixed at import because Chalice binds the SQS trigger when the app is loaded.
 STAGE_QUEUE_NAME = os.environ.get("MAOF_STAGE_QUEUE_NAME", "maof-stage-queue")
+# The checkpoint schedule, also fixed at import (EventBridge: whole minutes, one at least);
+# the local poller runs it every MAOF_AUDIT_CHECKPOINT_INTERVAL_SECONDS.
+CHECKPOINT_RATE_MINUTES = max(
+    1, int(os.environ.get("MAOF_AUDIT_CHECKPOINT_INTERVAL_SECONDS") or 60) // 60
+)
 
 
 @dataclass(frozen=True)
@@ -713,6 +718,13 @@ def _run_record(record: dict[str, Any], invocation: Invocation) -> bool:
 def sweep_stalled_stages() -> dict[str, Any]:
     """Re-queue stages whose message was lost or whose worker died."""
     return sweeper.sweep()
+
+
+def write_audit_checkpoint() -> dict[str, Any]:
+    """Sign a Merkle checkpoint of the runs that ended since the last one, into S3."""
+    from chalicelib.audit import checkpoints
+
+    return checkpoints.checkpoint()
 
 
 def check_agent_health() -> dict[str, Any]:

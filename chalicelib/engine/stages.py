@@ -342,8 +342,8 @@ def complete_stage(
             "completed",
             stage_id=stage.stage_id,
             agent_id=agent_id,
-            input_hash=chain.sha256_json(stage_input),
-            output_hash=chain.sha256_json(output),
+            input_hash=chain.value_hash(stage_input),
+            output_hash=chain.value_hash(output),
             details={"attempt": stage.attempt, "durationMs": duration_ms},
         )
         advanced = session.execute(
@@ -451,7 +451,7 @@ def finish_run(session: Session, run: LockedRun, last: AuditEntry) -> None:
         last.entry_hash,
         "complete",
         "completed",
-        output_hash=chain.sha256_json(output),
+        output_hash=chain.value_hash(output),
     )
     session.execute(
         text(

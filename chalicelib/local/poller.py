@@ -295,6 +295,7 @@ def from_app(concurrency: int | None = None, api_url: str | None = None) -> Poll
         for name, interval in (
             ("sweep_stalled_stages", settings.sweep_interval_seconds),
             ("check_agent_health", settings.agent_health_interval_seconds),
+            ("write_audit_checkpoint", settings.audit_checkpoint_interval_seconds),
         )
         if name in maof.app.handler_map
     ]

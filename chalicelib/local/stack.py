@@ -24,6 +24,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from chalicelib.config import ConfigError, Settings, get_settings
@@ -175,7 +176,9 @@ class PostgresServer:
 
 
 def start_postgres(settings: Settings) -> None:
-    url = urlparse(settings.database_url.replace("+psycopg", ""))
+    """Our Postgres, its superuser the owner role of MAOF_MIGRATION_DATABASE_URL (the
+    application's role is made by the migrations: chalicelib/db/roles.py)."""
+    url = urlparse(settings.migration_database_url.replace("+psycopg", ""))
     host, port = url.hostname or "127.0.0.1", url.port or 5432
     user, password = url.username or "maof", url.password or "maof"
     database = (url.path or "/maof").lstrip("/")
@@ -453,8 +456,26 @@ def start_localstack_server(
 # ---------------------------------------------------------------- AWS resources
 
 
+def ensure_audit_bucket(s3: object, bucket: str) -> None:
+    """The checkpoints' bucket, with Object Lock (compliance mode, a day locally; years in
+    AWS: infra/template.json), so a checkpoint once written cannot be changed."""
+    client: Any = s3
+    try:
+        client.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        return
+    client.put_object_lock_configuration(
+        Bucket=bucket,
+        ObjectLockConfiguration={
+            "ObjectLockEnabled": "Enabled",
+            "Rule": {"DefaultRetention": {"Mode": "COMPLIANCE", "Days": 1}},
+        },
+    )
+
+
 def ensure_resources(settings: Settings) -> None:
-    """Create the stage queue, its dead-letter queue and the dashboard bucket (idempotent)."""
+    """Create the stage queue, its dead-letter queue, the dashboard bucket and the audit
+    checkpoints' bucket (idempotent)."""
     from chalicelib.aws import aws_client
 
     sqs = aws_client("sqs")
@@ -479,7 +500,11 @@ def ensure_resources(settings: Settings) -> None:
             "ErrorDocument": {"Key": "index.html"},
         },
     )
-    say(f"resources: queue {settings.stage_queue_name} (+dlq), bucket {bucket}")
+    ensure_audit_bucket(s3, settings.audit_bucket)
+    say(
+        f"resources: queue {settings.stage_queue_name} (+dlq), bucket {bucket}, "
+        f"audit bucket {settings.audit_bucket}"
+    )
 
 
 # ---------------------------------------------------------------- commands
@@ -490,7 +515,7 @@ def up(settings: Settings) -> None:
     endpoint = urlparse(settings.aws_endpoint_url or "http://127.0.0.1:4566")
     everything_up = all(
         [
-            port_open(*_host_port(settings.database_url.replace("+psycopg", ""), 5432)),
+            port_open(*_host_port(settings.migration_database_url.replace("+psycopg", ""), 5432)),
             port_open(*_host_port(settings.redis_url, 6379)),
             port_open(endpoint.hostname or "127.0.0.1", endpoint.port or 4566),
         ]

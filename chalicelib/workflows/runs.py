@@ -14,7 +14,7 @@ from chalicelib.agents.secrets import encrypt_token
 from chalicelib.audit import chain
 from chalicelib.config import get_settings
 from chalicelib.db import autocommit_connection, session_scope
-from chalicelib.db.models import AuditEntry, StageExecution, WorkflowRun
+from chalicelib.db.models import StageExecution, WorkflowRun
 from chalicelib.engine import audit_rows
 from chalicelib.engine.queue import send_stage_messages
 from chalicelib.http import PageQuery, Principal, Reply, dumps, page_meta
@@ -104,7 +104,7 @@ def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -
         None,
         "submit",
         "queued",
-        input_hash=chain.sha256_json(body.input),
+        input_hash=chain.value_hash(body.input),
         details={"workflowName": body.workflow.name, "stages": len(stages)},
     )
     max_active = get_settings().max_active_runs
@@ -340,16 +340,3 @@ def get_result(principal: Principal, ref: str) -> dict[str, Any]:
     if run.status != "completed":
         raise errors.NotFound(f"Workflow run has no result: it is {run.status}")
     return {"workflowRunId": ref, "output": run.output}
-
-
-def get_audit(principal: Principal, ref: str) -> dict[str, Any]:
-    with session_scope() as session:
-        run = _own_run(session, principal, ref)
-        entries = session.scalars(
-            select(AuditEntry).where(AuditEntry.run_id == run.id).order_by(AuditEntry.seq)
-        ).all()
-    return {
-        "workflowRunId": ref,
-        "logs": [chain.entry_view(e) for e in entries],
-        "chain": chain.verify(entries).view(),
-    }

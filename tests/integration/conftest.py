@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,9 +18,20 @@ import requests
 from sqlalchemy import create_engine, text
 
 from chalicelib import aws, cache, db
-from chalicelib.config import SSM_PREVIOUS_KEYS, SSM_SECRETS, get_settings, reset_settings
+from chalicelib.config import (
+    SSM_MIGRATION_SECRETS,
+    SSM_PREVIOUS_KEYS,
+    SSM_SECRETS,
+    get_settings,
+    reset_settings,
+)
 from infra.deploy import parameter_name
-from tests.conftest import ADMIN_DATABASE_URL, TEST_DATABASE_NAME, TEST_DATABASE_URL
+from tests.conftest import (
+    ADMIN_DATABASE_URL,
+    OWNER_DATABASE_URL,
+    TEST_DATABASE_NAME,
+    TEST_DATABASE_URL,
+)
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -74,6 +86,18 @@ def stack() -> Iterator[None]:
     cache.get_redis().flushdb()
     yield
     db.reset()
+
+
+@contextmanager
+def owner_connection() -> Iterator[Any]:
+    """A transaction as the database's owner (MAOF_MIGRATION_DATABASE_URL): what an
+    administrator, not the application, could do to the test database."""
+    engine = create_engine(OWNER_DATABASE_URL)
+    try:
+        with engine.begin() as conn:
+            yield conn
+    finally:
+        engine.dispose()
 
 
 def urlparse_host(url: str, default_port: int) -> tuple[str, int]:
@@ -238,7 +262,8 @@ def unique_capability(prefix: str = "cap") -> str:
 
 # ------------------------------------------------------------------ SSM (LocalStack's)
 
-SSM_DATABASE_URL = "postgresql://maof:s3cret@db.internal:5432/maof?sslmode=require"
+SSM_DATABASE_URL = "postgresql://maof_app:s3cret@db.internal:5432/maof?sslmode=require"
+SSM_MIGRATION_DATABASE_URL = "postgresql://maof:0wner@db.internal:5432/maof?sslmode=require"
 SSM_REDIS_URL = "rediss://:token@cache.internal:6379/0"
 
 
@@ -262,7 +287,7 @@ def ssm_path(ssm: Any) -> Iterator[str]:
     """A path of its own, emptied afterwards."""
     path = f"/maof-test/secrets-{uuid.uuid4().hex[:10]}"
     yield path
-    names = [*SSM_SECRETS, *SSM_PREVIOUS_KEYS]
+    names = [*SSM_SECRETS, *SSM_PREVIOUS_KEYS, *SSM_MIGRATION_SECRETS]
     ssm.delete_parameters(Names=[parameter_name(path, name) for name in names])
 
 

@@ -20,6 +20,7 @@ from chalicelib.workflows import runs
 from chalicelib.workflows.definition import ExecuteRequest
 from tests.integration.conftest import (
     SentMessages,
+    owner_connection,
     register_agent,
     unique_capability,
     wait_for_run,
@@ -274,6 +275,23 @@ def _one_entry_id(user: Any, sent: SentMessages) -> tuple[uuid.UUID, int]:
     return run_id, entry_id
 
 
+APP_ROLE_REFUSED = [
+    "UPDATE execution_logs SET status = 'tampered' WHERE id = :id",
+    "DELETE FROM execution_logs WHERE id = :id",
+    "TRUNCATE execution_logs",
+    "ALTER TABLE execution_logs DISABLE TRIGGER execution_logs_no_update_delete",
+    "ALTER TABLE execution_logs DISABLE TRIGGER ALL",
+]
+
+
+@pytest.mark.parametrize("statement", APP_ROLE_REFUSED)
+def test_the_application_role_cannot_rewrite_audit_history(user, sent, statement):
+    _, entry_id = _one_entry_id(user, sent)
+    with pytest.raises(DBAPIError, match=r"permission denied|must be owner"):
+        with session_scope() as session:  # the application's role (MAOF_DATABASE_URL)
+            session.execute(text(statement), {"id": entry_id})
+
+
 @pytest.mark.parametrize(
     "statement",
     [
@@ -282,25 +300,25 @@ def _one_entry_id(user: Any, sent: SentMessages) -> tuple[uuid.UUID, int]:
         "TRUNCATE execution_logs",
     ],
 )
-def test_the_database_refuses_to_rewrite_audit_history(user, sent, statement):
+def test_even_the_owner_is_refused_by_the_append_only_trigger(user, sent, statement):
     _, entry_id = _one_entry_id(user, sent)
     with pytest.raises(DBAPIError, match="append-only"):
-        with session_scope() as session:
-            session.execute(text(statement), {"id": entry_id})
+        with owner_connection() as conn:
+            conn.execute(text(statement), {"id": entry_id})
 
 
 def test_a_row_altered_behind_the_triggers_back_breaks_the_chain(user, sent):
     run_id, entry_id = _one_entry_id(user, sent)
     ref = runs.run_ref(run_id)
     assert user.get(f"/workflows/{ref}/audit").json()["data"]["chain"]["valid"] is True
-    with session_scope() as session:
-        session.execute(
+    with owner_connection() as conn:  # only the owner can disable the trigger
+        conn.execute(
             text("ALTER TABLE execution_logs DISABLE TRIGGER execution_logs_no_update_delete")
         )
-        session.execute(
+        conn.execute(
             text("UPDATE execution_logs SET agent_id = 'forged' WHERE id = :id"), {"id": entry_id}
         )
-        session.execute(
+        conn.execute(
             text("ALTER TABLE execution_logs ENABLE TRIGGER execution_logs_no_update_delete")
         )
     chain_status = user.get(f"/workflows/{ref}/audit").json()["data"]["chain"]

@@ -35,7 +35,7 @@ import boto3
 import pytest
 from botocore.validate import validate_parameters
 
-from chalicelib.config import SSM_SECRETS, get_settings
+from chalicelib.config import SSM_MIGRATION_SECRETS, SSM_SECRETS, get_settings
 from chalicelib.db import SCHEMA_REVISION
 from infra import deploy as infra
 from infra.deploy import Aws, Deployed, StackParameters
@@ -222,7 +222,11 @@ def deployment(api_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         sts=client("sts"),
     )
     settings = get_settings()
-    urls = {"database-url": settings.database_url, "redis-url": settings.redis_url}
+    urls = {
+        "database-url": settings.database_url,
+        "migration-database-url": settings.migration_database_url,
+        "redis-url": settings.redis_url,
+    }
     infra.ensure_secrets(aws.ssm, path, urls=urls)  # what `make secrets` leaves
     email = "ops@example.com" if "sns" in services else None
     package_dir = fake_package(tmp / "package", template, api_url)
@@ -250,7 +254,9 @@ def deployment(api_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             package_dir,
         )
     finally:  # whatever the tests did, leave nothing behind
-        if infra.describe_stack(aws.cloudformation, infra.stack_name(stage)) is not None:
+        stack = infra.describe_stack(aws.cloudformation, infra.stack_name(stage))
+        audit_bucket = infra.stack_outputs(stack).get("AuditBucketName")
+        if stack is not None:
             infra.destroy(
                 aws,
                 stage,
@@ -261,7 +267,10 @@ def deployment(api_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                 poll=0.5,
                 artifacts_bucket=artifacts,
             )
-        aws.ssm.delete_parameters(Names=[infra.parameter_name(path, name) for name in SSM_SECRETS])
+        names = [*SSM_SECRETS, *SSM_MIGRATION_SECRETS]
+        aws.ssm.delete_parameters(Names=[infra.parameter_name(path, name) for name in names])
+        if audit_bucket:  # retained by the stack (Object Lock); empty here, so it can go
+            aws.s3.delete_bucket(Bucket=audit_bucket)
 
 
 def test_the_stack_is_created_with_its_outputs(deployment: Deployment) -> None:

@@ -21,11 +21,16 @@ from chalice.test import Client
 from sqlalchemy import create_engine, text
 
 from chalicelib import db
-from chalicelib.config import SSM_SECRETS, get_settings, reset_settings
+from chalicelib.config import SSM_MIGRATION_SECRETS, SSM_SECRETS, get_settings, reset_settings
 from chalicelib.db import SCHEMA_REVISION
 from chalicelib.db.migrate import SCRIPT_LOCATION, alembic_config
 from infra.deploy import ensure_secrets, parameter_name
-from tests.conftest import ADMIN_DATABASE_URL, TEST_DATABASE_NAME, TEST_DATABASE_URL
+from tests.conftest import (
+    ADMIN_DATABASE_URL,
+    OWNER_DATABASE_URL,
+    TEST_DATABASE_NAME,
+    TEST_DATABASE_URL,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -66,10 +71,16 @@ def prod_secrets(fresh_database: str) -> Iterator[tuple[str, str]]:
         aws_secret_access_key="test",
     )
     path = f"/maof-test/migrate-{uuid.uuid4().hex[:10]}"
-    urls = {"database-url": fresh_database, "redis-url": get_settings().redis_url}
+    owner = urlunparse(urlparse(OWNER_DATABASE_URL)._replace(path=urlparse(fresh_database).path))
+    urls = {
+        "database-url": fresh_database,
+        "migration-database-url": owner,
+        "redis-url": get_settings().redis_url,
+    }
     ensure_secrets(ssm, path, urls=urls)
     yield path, endpoint
-    ssm.delete_parameters(Names=[parameter_name(path, name) for name in SSM_SECRETS])
+    names = [*SSM_SECRETS, *SSM_MIGRATION_SECRETS]
+    ssm.delete_parameters(Names=[parameter_name(path, name) for name in names])
 
 
 def _tables(url: str) -> set[str]:
@@ -90,11 +101,13 @@ def test_migrate_function_migrates_a_fresh_database_with_the_prod_configuration(
     path, endpoint = prod_secrets
     monkeypatch.setenv("MAOF_SECRETS_SSM_PATH", path)
     monkeypatch.setenv("MAOF_AWS_ENDPOINT_URL", endpoint)  # LocalStack stands in for SSM
+    monkeypatch.setenv("MAOF_MIGRATOR", "true")  # as the template sets it for migrate only
     for name in ("MAOF_JWT_SECRET", "MAOF_SECRET_KEY", "MAOF_REDIS_URL"):
         monkeypatch.delenv(name, raising=False)
     # The local Postgres and Redis speak no TLS; everything else is the prod configuration.
     monkeypatch.setenv("MAOF_ALLOW_INSECURE_CONNECTIONS", "true")
-    # MAOF_DATABASE_URL still names the session's test database: SSM's must win.
+    # MAOF_DATABASE_URL and MAOF_MIGRATION_DATABASE_URL still name the session's test
+    # database: SSM's must win.
     results: list[Any] = []
     reset_settings()
     db.reset()
@@ -112,3 +125,22 @@ def test_migrate_function_migrates_a_fresh_database_with_the_prod_configuration(
         {"migrated": False, "fromRevision": SCHEMA_REVISION, "toRevision": SCHEMA_REVISION},
     ]
     assert {"users", "agents", "workflow_runs", "execution_logs"} <= _tables(fresh_database)
+    # The application role (database-url's) was given its rights, and no more, on the trail.
+    engine = create_engine(fresh_database)
+    try:
+        with engine.connect() as conn:
+            rights = {
+                right: conn.execute(
+                    text("SELECT has_table_privilege('execution_logs', :right)"), {"right": right}
+                ).scalar()
+                for right in ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE")
+            }
+    finally:
+        engine.dispose()
+    assert rights == {
+        "SELECT": True,
+        "INSERT": True,
+        "UPDATE": False,
+        "DELETE": False,
+        "TRUNCATE": False,
+    }

@@ -4,12 +4,14 @@ execution environments, and the migrate function re-encrypts the agent tokens.""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 from botocore.validate import validate_parameters
 from chalice.test import Client
 
+from chalicelib.audit.keys import ring_of
 from chalicelib.config import load_settings
 from infra.deploy import DeployError, ensure_secrets, parameter_name
 from infra.rotate import (
@@ -53,6 +55,27 @@ def test_rotating_a_key_keeps_the_old_value_as_previous(
     assert len(set(history)) == 4, "every rotation made a new value"
     stored = value(ssm, secrets, key)
     assert stored is not None and len(stored) >= 32
+
+
+def test_rotating_the_audit_signing_key_adds_a_key_and_keeps_the_old_public_ones(
+    ssm_prod: pytest.MonkeyPatch, ssm: Any, secrets: str
+) -> None:
+    first = ring_of(str(value(ssm, secrets, "audit-signing-key")))
+    for _ in range(2):
+        rotate_key(ssm, secrets, "audit-signing-key")
+    stored = json.loads(str(value(ssm, secrets, "audit-signing-key")))["keys"]
+    assert len(stored) == 3 and stored[0]["kid"] == first.signer.kid
+    assert [("d" in key, key["retiredAt"] is None) for key in stored] == [
+        (False, False),
+        (False, False),
+        (True, True),
+    ]
+    # A prod process signs with the newest and lists all three.
+    ring = ring_of(str(load_settings().audit_signing_keys))
+    assert ring.signer.kid == stored[-1]["kid"]
+    assert [key["kid"] for key in ring.public] == [key["kid"] for key in stored]
+    with pytest.raises(DeployError, match="never retired"):
+        retire_previous(ssm, secrets, "audit-signing-key")
 
 
 def test_a_prod_process_accepts_the_current_and_previous_keys(

@@ -12,16 +12,27 @@ from typing import Any
 
 import pytest
 
-from chalicelib.config import SSM_SECRETS, ConfigError, load_settings, reset_settings
+from chalicelib.audit.keys import ring_of
+from chalicelib.config import (
+    SSM_MIGRATION_SECRETS,
+    SSM_SECRETS,
+    ConfigError,
+    load_settings,
+    reset_settings,
+)
 from infra.deploy import DeployError, ensure_secrets, parameter_name, require_secrets
 from tests.integration.conftest import SSM_DATABASE_URL as DATABASE_URL
+from tests.integration.conftest import SSM_MIGRATION_DATABASE_URL as MIGRATION_URL
 from tests.integration.conftest import SSM_REDIS_URL as REDIS_URL
 
 pytestmark = pytest.mark.integration
 
 
+ALL = [*SSM_SECRETS, *SSM_MIGRATION_SECRETS]
+
+
 def values(ssm: Any, path: str) -> dict[str, tuple[str, str]]:
-    names = [parameter_name(path, name) for name in SSM_SECRETS]
+    names = [parameter_name(path, name) for name in ALL]
     found = ssm.get_parameters(Names=names, WithDecryption=True)["Parameters"]
     return {p["Name"].rsplit("/", 1)[1]: (p["Type"], p["Value"]) for p in found}
 
@@ -32,24 +43,30 @@ def one_line(exc: pytest.ExceptionInfo[ConfigError]) -> str:
     return message
 
 
-def test_make_secrets_generates_two_and_stores_the_urls(ssm: Any, ssm_path: str) -> None:
-    urls = {"database-url": DATABASE_URL, "redis-url": REDIS_URL}
-    assert ensure_secrets(ssm, ssm_path, urls=urls) == dict.fromkeys(SSM_SECRETS, "created")
+def test_make_secrets_generates_three_and_stores_the_urls(ssm: Any, ssm_path: str) -> None:
+    urls = {
+        "database-url": DATABASE_URL,
+        "migration-database-url": MIGRATION_URL,
+        "redis-url": REDIS_URL,
+    }
+    assert ensure_secrets(ssm, ssm_path, urls=urls) == dict.fromkeys(ALL, "created")
     stored = values(ssm, ssm_path)
     assert {kind for kind, _ in stored.values()} == {"SecureString"}
     jwt, key = stored["jwt-secret"][1], stored["secret-key"][1]
     assert len(jwt) >= 32 and len(key) >= 32 and jwt != key
+    assert ring_of(stored["audit-signing-key"][1]).signer.kid  # an Ed25519 key set
     assert stored["database-url"][1] == DATABASE_URL
+    assert stored["migration-database-url"][1] == MIGRATION_URL
     assert stored["redis-url"][1] == REDIS_URL
 
     # Again: nothing is replaced, least of all the key that decrypts stored agent tokens.
     other = {"database-url": "postgresql://elsewhere/maof"}
-    assert ensure_secrets(ssm, ssm_path, urls=other) == dict.fromkeys(SSM_SECRETS, "exists")
+    assert ensure_secrets(ssm, ssm_path, urls=other) == dict.fromkeys(ALL, "exists")
     assert values(ssm, ssm_path) == stored
 
     # OVERWRITE=1 replaces the URLs given, and only those.
     result = ensure_secrets(ssm, ssm_path, urls=other, overwrite_urls=True)
-    assert result == {**dict.fromkeys(SSM_SECRETS, "exists"), "database-url": "updated"}
+    assert result == {**dict.fromkeys(ALL, "exists"), "database-url": "updated"}
     after = values(ssm, ssm_path)
     assert after["database-url"][1] == "postgresql://elsewhere/maof"
     assert after["jwt-secret"] == stored["jwt-secret"]
@@ -61,10 +78,14 @@ def test_make_secrets_asks_for_what_is_missing(ssm: Any, ssm_path: str) -> None:
 
     def ask(name: str) -> str:
         asked.append(name)
-        return {"database-url": DATABASE_URL, "redis-url": REDIS_URL}[name]
+        return {
+            "database-url": DATABASE_URL,
+            "migration-database-url": MIGRATION_URL,
+            "redis-url": REDIS_URL,
+        }[name]
 
     ensure_secrets(ssm, ssm_path, ask=ask)
-    assert asked == ["database-url", "redis-url"]
+    assert asked == ["database-url", "migration-database-url", "redis-url"]
     assert values(ssm, ssm_path)["redis-url"] == ("SecureString", REDIS_URL)
 
 
@@ -78,7 +99,7 @@ def test_deploy_stops_before_anything_when_a_url_is_missing(ssm: Any, ssm_path: 
     with pytest.raises(DeployError, match=f"{ssm_path}/database-url is missing.*make secrets"):
         require_secrets(ssm, ssm_path, "prod")
     # The random ones were made on the way, so `make secrets` only asks for the URLs.
-    assert set(values(ssm, ssm_path)) == {"jwt-secret", "secret-key"}
+    assert set(values(ssm, ssm_path)) == {"jwt-secret", "secret-key", "audit-signing-key"}
 
 
 def test_a_prod_process_takes_its_secrets_from_ssm(

@@ -26,8 +26,13 @@ from urllib.parse import urlparse, urlunparse
 import pytest
 from sqlalchemy import create_engine, text
 
-from chalicelib.config import load_settings
-from tests.conftest import ADMIN_DATABASE_URL, TEST_DATABASE_NAME, TEST_DATABASE_URL
+from chalicelib.config import SSM_PREVIOUS_KEYS, SSM_SECRETS, load_settings
+from tests.conftest import (
+    ADMIN_DATABASE_URL,
+    OWNER_DATABASE_URL,
+    TEST_DATABASE_NAME,
+    TEST_DATABASE_URL,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -94,6 +99,12 @@ FUNCTIONS = {
     "SweepStalledStages": "app.sweep_stalled_stages",
     "CheckAgentHealth": "app.check_agent_health",
     "Migrate": "app.migrate",
+    "WriteAuditCheckpoint": "app.write_audit_checkpoint",
+}
+# What the functions may do to the audit checkpoints in S3 (objects only, never delete).
+CHECKPOINT_ACTIONS = {
+    "APIHandler": {"s3:GetObject"},
+    "WriteAuditCheckpoint": {"s3:PutObject", "s3:GetObject"},
 }
 # What the functions may do to the stage queue, and nothing more.
 QUEUE_ACTIONS = {
@@ -109,6 +120,7 @@ QUEUE_ACTIONS = {
     "SweepStalledStages": {"sqs:SendMessage", "sqs:GetQueueAttributes"},
     "CheckAgentHealth": set(),
     "Migrate": set(),
+    "WriteAuditCheckpoint": set(),
 }
 # Lambda's own network interfaces in a VPC: EC2 grants these on no narrower resource.
 ENI_ACTIONS = {
@@ -335,7 +347,16 @@ def test_functions_read_only_their_own_ssm_path(template: dict[str, Any]) -> Non
         reads = [s for s in _role_statements(resources, f"{name}Role") if s["Sid"] == "ReadSecrets"]
         assert len(reads) == 1, name
         assert reads[0]["Action"] == ["ssm:GetParameters"]
-        assert reads[0]["Resource"]["Fn::Sub"].endswith(":parameter${SecretsParameterPath}/*")
+        if name == "Migrate":  # the only one that may read the owner's migration-database-url
+            assert reads[0]["Resource"]["Fn::Sub"].endswith(":parameter${SecretsParameterPath}/*")
+        else:
+            readable = [r["Fn::Sub"] for r in reads[0]["Resource"]]
+            prefix = ":parameter${SecretsParameterPath}/"
+            assert all(prefix in r for r in readable), name
+            assert {r.rsplit("/", 1)[1] for r in readable} == {
+                *SSM_SECRETS,
+                *SSM_PREVIOUS_KEYS,
+            }, name
         decrypt = [
             s for s in _role_statements(resources, f"{name}Role") if "kms:Decrypt" in s["Action"]
         ]
@@ -403,9 +424,17 @@ def test_queue_permissions_fit_each_function(template: dict[str, Any]) -> None:
         assert actions == allowed, name
         for statement in sqs:
             assert statement["Resource"] == {"Fn::GetAtt": ["StageQueue", "Arn"]}, name
-        # Only SSM, logs, KMS, the VPC's network interfaces and the queue: nothing else.
+        # Only SSM, logs, KMS, the VPC's network interfaces and the queue: nothing else;
+        # and the audit checkpoints' objects for the API (read) and the checkpointer.
         services = {a.split(":")[0] for s in statements for a in s["Action"]}
-        assert services <= {"sqs", "ssm", "logs", "kms", "ec2", "xray"}, (name, services)
+        allowed_services = {"sqs", "ssm", "logs", "kms", "ec2", "xray"}
+        if name in CHECKPOINT_ACTIONS:
+            allowed_services.add("s3")
+        assert services <= allowed_services, (name, services)
+        s3 = [s for s in statements if any(a.startswith("s3:") for a in s["Action"])]
+        assert {a for s in s3 for a in s["Action"]} == CHECKPOINT_ACTIONS.get(name, set()), name
+        for statement in s3:
+            assert statement["Resource"] == {"Fn::Sub": "${AuditBucket.Arn}/checkpoints/*"}
 
 
 def test_functions_join_the_vpc_given_as_parameters(template: dict[str, Any]) -> None:
@@ -563,7 +592,7 @@ def test_zip_carries_the_migrations_and_what_runs_them(package_dir: Path) -> Non
         "chalicelib/db/migrations/versions/0001_initial.py",
     } <= scripts
     assert scripts <= names
-    for package in ("alembic", "mako", "sqlalchemy", "psycopg", "psycopg_binary"):
+    for package in ("alembic", "mako", "sqlalchemy", "psycopg", "psycopg_binary", "rfc8785"):
         assert f"{package}/__init__.py" in names, package
     assert "app.py" in names
     # Dev tooling stays out, the client and the `maof` command line with their dependencies too.
@@ -589,7 +618,15 @@ def test_migrate_function_from_the_zip_migrates_a_fresh_database(
         conn.execute(text(f"CREATE DATABASE {database}"))
     url = urlunparse(urlparse(TEST_DATABASE_URL)._replace(path=f"/{database}"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAOF_") and k != "PYTHONPATH"}
-    env.update({"MAOF_STAGE": "test", "MAOF_DATABASE_URL": url, "MAOF_LOG_LEVEL": "WARNING"})
+    owner = urlunparse(urlparse(OWNER_DATABASE_URL)._replace(path=f"/{database}"))
+    env.update(
+        {
+            "MAOF_STAGE": "test",
+            "MAOF_DATABASE_URL": url,
+            "MAOF_MIGRATION_DATABASE_URL": owner,
+            "MAOF_LOG_LEVEL": "WARNING",
+        }
+    )
     script = (
         "import json, app, chalicelib; "
         "print(json.dumps({'lib': chalicelib.__file__, 'result': app.migrate({}, None)}))"

@@ -75,7 +75,7 @@ def test_linear_pipeline_completes_and_each_output_reaches_the_next(user, poller
         "execute",
         "complete",
     ]
-    assert audit["chain"]["head"] == audit["logs"][-1]["entryHash"]
+    assert audit["chain"]["head"] == audit["logs"][-1]["hash"]
 
 
 def test_diamond_runs_both_branches_after_a_and_d_once_after_both(user, poller):

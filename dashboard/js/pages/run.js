@@ -219,8 +219,97 @@ function stageTable(run, selected, onSelect) {
   );
 }
 
-function auditView(audit) {
+// The trail's proof: who signed it, and the signed checkpoint in S3 that freezes it.
+function signatureLine(chain) {
+  const { signed = 0, legacy = 0 } = chain.signatures || {};
+  const text = legacy
+    ? `${signed} entr${signed === 1 ? 'y' : 'ies'} signed (Ed25519), ${legacy} from before signing (hash only)`
+    : `${signed} of ${chain.length} entr${chain.length === 1 ? 'y' : 'ies'} signed (Ed25519)`;
+  return h(
+    'div',
+    { class: 'proof__row', 'data-testid': 'audit-signatures', 'data-signed': String(signed), 'data-legacy': String(legacy) },
+    icon('check', { size: 15 }),
+    h('span', null, text, chain.outputsChecked ? ` · ${chain.outputsChecked} stored output${chain.outputsChecked === 1 ? '' : 's'} match their hashes` : ''),
+  );
+}
+
+function checkpointLine(checkpoint, ended) {
+  if (!checkpoint) {
+    return h(
+      'div',
+      { class: 'proof__row proof__row--muted', 'data-testid': 'audit-checkpoint', 'data-status': 'none' },
+      icon('clock', { size: 15 }),
+      h('span', null, ended ? 'Not in a signed checkpoint yet: one is written within a minute of the run’s end.' : 'Checkpointed once the run has ended.'),
+    );
+  }
+  if (checkpoint.status === 'unavailable') {
+    return h(
+      'div',
+      { class: 'proof__row proof__row--muted', 'data-testid': 'audit-checkpoint', 'data-status': 'unavailable' },
+      icon('alert', { size: 15 }),
+      h('span', null, 'The checkpoint store did not answer; the checkpoint could not be checked.'),
+    );
+  }
+  const ok = checkpoint.status === 'verified';
+  return h(
+    'div',
+    { class: ['proof__row', !ok && 'proof__row--bad'], 'data-testid': 'audit-checkpoint', 'data-status': checkpoint.status, 'data-checkpoint': String(checkpoint.checkpoint) },
+    icon('lock', { size: 15 }),
+    h(
+      'span',
+      null,
+      `${ok ? 'In' : 'Does not match'} signed checkpoint #${checkpoint.checkpoint}`,
+      checkpoint.createdAt ? h('span', { class: 'muted' }, ` · ${formatDateTime(checkpoint.createdAt)}`) : null,
+      ' · entry #',
+      String(checkpoint.seq),
+      ' · root ',
+      h('code', { class: 'mono', title: checkpoint.rootHash || '' }, shortHash(checkpoint.rootHash, 10)),
+      checkpoint.object ? h('span', { class: 'muted', title: `s3://${checkpoint.object.bucket}/${checkpoint.object.key}` }, ' · copy in S3') : null,
+    ),
+  );
+}
+
+function proofView(audit, runId, ctx, ended) {
+  const download = h(
+    'button',
+    {
+      class: 'btn btn--secondary btn--small',
+      type: 'button',
+      'data-testid': 'download-proof',
+      title: 'The bundle maof-verify checks offline: entries, public keys, outputs, checkpoints',
+      onClick: async () => {
+        download.disabled = true;
+        try {
+          const bundle = await ctx.api.get(`/workflows/${encodeURIComponent(runId)}/audit/export`);
+          const blob = new Blob([JSON.stringify(bundle, null, 2)], { type: 'application/json' });
+          const url = URL.createObjectURL(blob);
+          const link = h('a', { href: url, download: `${runId}-audit.json`, class: 'sr-only' });
+          document.body.append(link);
+          link.click();
+          link.remove();
+          setTimeout(() => URL.revokeObjectURL(url), 10_000);
+          toast('Proof downloaded: check it with maof-verify', 'success');
+        } catch (error) {
+          toast(error.message || 'The proof could not be downloaded', 'error');
+        } finally {
+          download.disabled = false;
+        }
+      },
+    },
+    icon('download', { size: 15 }),
+    h('span', { class: 'btn__label' }, 'Download proof'),
+  );
+  return h(
+    'div',
+    { class: 'proof', 'data-testid': 'audit-proof' },
+    h('div', { class: 'proof__lines' }, signatureLine(audit.chain), checkpointLine(audit.chain.checkpoint, ended)),
+    download,
+  );
+}
+
+function auditView(audit, runId, ctx, ended) {
   const { chain, logs } = audit;
+  const problems = (chain.problems || []).slice(0, 5);
   const banner = chain.valid
     ? h(
         'div',
@@ -233,13 +322,21 @@ function auditView(audit) {
         'div',
         { class: 'chain chain--broken', role: 'alert', 'data-testid': 'audit-chain', 'data-valid': 'false' },
         icon('shieldOff', { size: 22 }),
-        h('div', null, h('strong', null, `Hash chain broken${chain.brokenAtSeq != null ? ` at entry #${chain.brokenAtSeq}` : ''}`), h('div', { class: 'chain__meta' }, 'An audit entry was altered after it was written. Entries from that point on cannot be trusted.')),
+        h(
+          'div',
+          null,
+          h('strong', null, `Hash chain broken${chain.brokenAtSeq != null ? ` at entry #${chain.brokenAtSeq}` : ''}`),
+          h('div', { class: 'chain__meta' }, 'The audit trail was altered after it was written. Entries from that point on cannot be trusted.'),
+          problems.length ? h('ul', { class: 'chain__problems', 'data-testid': 'audit-problems' }, problems.map((problem) => h('li', null, problem))) : null,
+        ),
       );
+  const proof = proofView(audit, runId, ctx, ended);
   if (!logs.length) return h('div', null, banner, emptyState({ title: 'No audit entries yet', iconName: 'shield' }));
   return h(
     'div',
     null,
     banner,
+    proof,
     h(
       'ol',
       { class: 'audit', 'data-testid': 'audit-log' },
@@ -267,7 +364,8 @@ function auditView(audit) {
               { class: 'audit__hashes' },
               h('span', { title: `previous: ${entry.prevHash}` }, h('span', { class: 'audit__hash-label' }, 'prev '), h('code', { class: 'mono' }, shortHash(entry.prevHash, 8))),
               icon('chevronRight', { size: 14 }),
-              h('span', { title: `entry: ${entry.entryHash}` }, h('span', { class: 'audit__hash-label' }, 'hash '), h('code', { class: 'mono' }, shortHash(entry.entryHash, 8))),
+              h('span', { title: `entry: ${entry.hash}` }, h('span', { class: 'audit__hash-label' }, 'hash '), h('code', { class: 'mono' }, shortHash(entry.hash, 8))),
+              entry.signature ? h('span', { class: 'audit__hash-extra', title: `signed by key ${entry.kid}: ${entry.signature}` }, h('span', { class: 'audit__hash-label' }, 'signed ')) : null,
               entry.outputHash ? h('span', { class: 'audit__hash-extra', title: `output: ${entry.outputHash}` }, h('span', { class: 'audit__hash-label' }, 'output '), h('code', { class: 'mono' }, shortHash(entry.outputHash, 6))) : null,
             ),
           ),
@@ -452,14 +550,21 @@ export async function runPage(ctx) {
     }
   }
 
+  let checkpointChecks = 0;
   async function loadAudit() {
     try {
       const audit = await ctx.api.get(`${path}/audit`);
       if (!ctx.active) return;
+      const ended = !LIVE_STATUSES.has(run.status);
       const print = JSON.stringify([audit.chain, audit.logs.length]);
       if (print !== lastAudit) {
         lastAudit = print;
-        replace(auditHost, auditView(audit));
+        replace(auditHost, auditView(audit, runId, ctx, ended));
+      }
+      // A run's checkpoint is written within a minute of its end: look again a few times.
+      if (ended && !audit.chain.checkpoint && checkpointChecks < 6) {
+        checkpointChecks += 1;
+        setTimeout(() => ctx.active && loadAudit(), 20_000);
       }
     } catch (error) {
       if (!ctx.active || error.code === 'SESSION_EXPIRED') return;

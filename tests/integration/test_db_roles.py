@@ -1,0 +1,78 @@
+"""The two database roles (chalicelib/db/roles.py): the migrations, as the owner, make the
+application's role and grant it exactly its rights; an unsafe application role is refused."""
+
+from __future__ import annotations
+
+import uuid
+from urllib.parse import quote, urlparse, urlunparse
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DBAPIError
+
+from chalicelib.config import get_settings
+from chalicelib.db import roles
+from tests.conftest import OWNER_DATABASE_URL
+from tests.integration.conftest import owner_connection
+
+pytestmark = pytest.mark.integration
+
+
+def url_for(user: str, password: str) -> str:
+    parsed = urlparse(OWNER_DATABASE_URL)
+    netloc = f"{quote(user)}:{quote(password, safe='')}@{parsed.hostname}:{parsed.port or 5432}"
+    return urlunparse(parsed._replace(netloc=netloc))
+
+
+def test_the_application_role_is_made_with_its_password_and_only_its_rights():
+    name = f"maof_roles_{uuid.uuid4().hex[:8]}"
+    password = "p'a:ss%word"  # a quote, a colon, a percent sign
+    app_url = url_for(name, password)
+    with owner_connection() as conn:
+        assert roles.apply(conn, app_url, OWNER_DATABASE_URL) == name
+        roles.apply(conn, app_url, OWNER_DATABASE_URL)  # again: nothing breaks
+    engine = create_engine(app_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM execution_logs")).scalar() >= 0
+            with pytest.raises(DBAPIError, match="permission denied"):
+                conn.execute(text("UPDATE execution_logs SET status = status"))
+            conn.rollback()
+            with pytest.raises(DBAPIError, match="permission denied"):
+                conn.execute(text("CREATE TABLE sneaky (id int)"))
+            conn.rollback()
+            with pytest.raises(DBAPIError, match="permission denied"):
+                conn.execute(text("DELETE FROM alembic_version"))
+    finally:
+        engine.dispose()
+        with owner_connection() as conn:
+            conn.execute(text(f"DROP OWNED BY {name}"))
+            conn.execute(text(f"DROP ROLE {name}"))
+
+
+def test_a_superuser_is_refused_as_the_application_role():
+    owner = urlparse(OWNER_DATABASE_URL).username or "maof"
+    app_url = url_for(owner, "whatever")
+    other_owner = url_for("someone_else", "x")
+    with owner_connection() as conn:
+        with pytest.raises(roles.RoleError, match="superuser"):
+            roles.apply(conn, app_url, other_owner)
+
+
+def test_one_url_for_both_means_nothing_to_separate():
+    with owner_connection() as conn:
+        assert roles.apply(conn, OWNER_DATABASE_URL, OWNER_DATABASE_URL) is None
+
+
+def test_the_session_connects_as_the_application_role_not_the_owner():
+    app_user = urlparse(get_settings().database_url).username
+    owner_user = urlparse(get_settings().migration_database_url).username
+    assert app_user != owner_user
+    from chalicelib.db import session_scope
+
+    with session_scope() as session:
+        current = session.execute(text("SELECT current_user")).scalar()
+        owner_of_trail = session.execute(
+            text("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = 'execution_logs'")
+        ).scalar()
+    assert current == app_user and owner_of_trail == owner_user
