@@ -577,13 +577,22 @@ def audit(state: State, run_id: str, verify: bool, as_json: bool) -> None:
         show(render.audit_table(trail))
         show(render.chain_line(trail))
     if verify:
+        # Checked here, as maof-verify does offline: every hash, signature and stored
+        # output of the exported bundle, and the checkpoint's inclusion proof if any.
+        from chalicelib.audit.verify import verify_bundle
+
+        report = verify_bundle(state.client.export_audit(run_id))
         if not as_json:
-            click.echo(
-                "Verified by the API (GET /workflows/{runId}/audit recomputes every hash); "
-                "this command does not recompute them itself.",
-                err=True,
-            )
-        if not trail.chain.valid:
+            if report.valid:
+                click.echo(
+                    f"Verified here: {report.length} entries, {report.signed} signed, "
+                    f"{report.outputs_checked} outputs, {len(report.checkpoints)} checkpoint(s).",
+                    err=True,
+                )
+            for problem in report.problems:
+                where = f"entry {problem.seq}: " if problem.seq is not None else ""
+                click.echo(f"NOT VERIFIED: {where}{problem.reason}", err=True)
+        if not report.valid or not trail.chain.valid:
             raise click.exceptions.Exit(EXIT_FAILED)
 
 

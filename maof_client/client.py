@@ -486,10 +486,15 @@ class MaofClient:
         return AuditTrail.from_api(self._call("GET", f"/workflows/{_segment(run_id)}/audit"))
 
     def export_audit(self, run_id: str) -> Any:
-        """`GET /workflows/{runId}/audit/export`: a run's audit trail as a document to verify
-        offline. The API does not serve this path yet, so this raises NotFound until it
-        does; the answer's `data` is returned as it comes."""
+        """`GET /workflows/{runId}/audit/export`: a run's audit trail as one bundle to verify
+        offline (`maof-verify`): the run, its signed entries, the public keys, the stage
+        outputs with their hashes and, once checkpointed, the signed tree head and the
+        inclusion proof."""
         return self._call("GET", f"/workflows/{_segment(run_id)}/audit/export")
+
+    def audit_keys(self) -> list[dict[str, Any]]:
+        """`GET /audit/keys`: the public keys (JWK) audit entries are signed with."""
+        return list(self._call("GET", "/audit/keys", auth=False)["keys"])
 
     def wait_for_run(
         self,

@@ -266,7 +266,7 @@ def test_status_result_and_audit_read_for_a_person(
     assert json.loads(maof.ok("result", run_id).stdout)["capability"] == capability
     audit = maof.ok("audit", run_id, "--verify")
     assert "chain valid" in audit.stdout and "submit" in audit.stdout
-    assert "Verified by the API" in audit.stderr
+    assert "Verified here:" in audit.stderr and "signed" in audit.stderr
     runs = maof.ok("runs", "--status", "completed").stdout
     assert run_id in runs
 
