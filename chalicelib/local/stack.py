@@ -426,8 +426,12 @@ def start_localstack_server(
     host, port = url.hostname or "127.0.0.1", url.port or 4566
     venv = localstack_venv()
     folder.mkdir(parents=True, exist_ok=True)
+    # LocalStack empties its temp folder when it starts and stops: never a shared one
+    # (/tmp/localstack), or a second LocalStack on this machine would wipe the first's.
+    (folder / "tmp").mkdir(exist_ok=True)
     environment = {
         **os.environ,
+        "TMPDIR": str(folder / "tmp"),
         "GATEWAY_LISTEN": f"{host}:{port}",
         "SERVICES": services,
         "LOCALSTACK_VOLUME_DIR": str(folder / "volume"),

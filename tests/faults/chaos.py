@@ -285,14 +285,11 @@ class ChaosStack:
 
     def start_localstack(self) -> None:
         folder = self.folder / "localstack"
-        tmp = folder / "tmp"  # LocalStack clears its temp folder: never the shared one's
-        tmp.mkdir(parents=True, exist_ok=True)
         self.localstack = local_stack.start_localstack_server(
             self.aws_endpoint,
             folder,
             services="sqs,s3",
             env={
-                "TMPDIR": str(tmp),
                 "LOCALSTACK_HOST": f"{HOST}:{self.localstack_port}",
                 SESSION_MARKER: str(self.folder),
             },
