@@ -45,10 +45,14 @@ ALLOW_PRIVATE = "MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS"
 
 
 def _pump(stream: IO[bytes], prefix: str, log_path: Path) -> None:
+    """Every line to the log; to the terminal all but the EMF metric lines (a few every
+    sweep: they are for CloudWatch, and `maof stats` tells the same story readably)."""
     with open(log_path, "ab") as log:
         for line in iter(stream.readline, b""):
             log.write(line)
             log.flush()
+            if line.startswith(b'{"_aws"'):
+                continue
             sys.stdout.write(f"{prefix} {line.decode(errors='replace')}")
             sys.stdout.flush()
 
