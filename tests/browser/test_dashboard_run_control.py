@@ -5,34 +5,19 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-import pytest
 from playwright.sync_api import Page, Request, Route, expect
 
 from chalicelib.workflows import callbacks
 from tests.browser.conftest import screenshot, sign_in, unique
 from tests.integration.conftest import Api, register_agent, wait_for_run, wait_until
 from tests.support.agents import ScriptedAgent, error, sleep
+from tests.support.agents import start_agent as start
 from tests.support.callbacks import CallbackReceiver
 
 SECRET = "a-callback-secret-0123456789"
-
-
-@pytest.fixture
-def agents() -> Iterator[list[ScriptedAgent]]:
-    started: list[ScriptedAgent] = []
-    yield started
-    for agent in started:
-        agent.stop()
-
-
-def start(started: list[ScriptedAgent], **kwargs: Any) -> ScriptedAgent:
-    agent = ScriptedAgent(**kwargs).start()
-    started.append(agent)
-    return agent
 
 
 def submitted(client: Api, first: str, second: str) -> str:

@@ -58,20 +58,6 @@ def engine_poller(stack: None) -> Iterator[Any]:
     running.stop()
 
 
-@pytest.fixture
-def agents() -> Iterator[list[ScriptedAgent]]:
-    started: list[ScriptedAgent] = []
-    yield started
-    for agent in started:
-        agent.stop()
-
-
-def start_agent(started: list[ScriptedAgent], **kwargs: Any) -> ScriptedAgent:
-    agent = ScriptedAgent(**kwargs).start()
-    started.append(agent)
-    return agent
-
-
 def pipeline(capability: str, *stage_ids: str, config: dict[str, Any] | None = None) -> list[Any]:
     """A linear pipeline: each stage depends on the one before."""
     return [

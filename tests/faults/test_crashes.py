@@ -30,12 +30,11 @@ from tests.faults.conftest import (
     call_log,
     executes_per_stage,
     pipeline,
-    start_agent,
     submit,
     wait_terminal,
 )
 from tests.integration.conftest import register_agent, unique_capability, wait_until
-from tests.support.agents import ok, sleep
+from tests.support.agents import ok, sleep, start_agent
 
 # "The system heals itself within seconds": 30 s, plus 15 s for a loaded two-core machine.
 RECOVERY_SECONDS = 45.0

@@ -19,12 +19,11 @@ from tests.faults.conftest import (
     audit,
     call_log,
     pipeline,
-    start_agent,
     submit,
     wait_terminal,
 )
 from tests.integration.conftest import register_agent, unique_capability
-from tests.support.agents import hang, large, raw, redirect, success_with, trickle
+from tests.support.agents import hang, large, raw, redirect, start_agent, success_with, trickle
 
 # One retry, no backoff: a retryable failure costs two calls, a final one a single call.
 FAST = {"retries": 1, "backoffMs": 0, "timeoutMs": 5000}

@@ -32,6 +32,7 @@ from tests.conftest import (
     TEST_DATABASE_NAME,
     TEST_DATABASE_URL,
 )
+from tests.support.agents import ScriptedAgent
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -201,6 +202,15 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> SentMessages:
     monkeypatch.setattr(runs, "send_stage_messages", recorder)
     monkeypatch.setattr(handlers, "send_stage_messages", recorder)
     return recorder
+
+
+@pytest.fixture
+def agents() -> Iterator[list[ScriptedAgent]]:
+    """ScriptedAgents a test starts (tests.support.agents.start_agent), stopped after it."""
+    started: list[ScriptedAgent] = []
+    yield started
+    for agent in started:
+        agent.stop()
 
 
 ADMIN_EMAIL = "admin@example.com"  # named by MAOF_ADMIN_EMAILS in tests/conftest.py

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,21 +19,8 @@ from tests.integration.conftest import (
     unique_capability,
     wait_for_run,
 )
-from tests.support.agents import ScriptedAgent, error, garbage, ok, sleep, status
-
-
-@pytest.fixture
-def agents() -> Iterator[list[ScriptedAgent]]:
-    started: list[ScriptedAgent] = []
-    yield started
-    for agent in started:
-        agent.stop()
-
-
-def start(started: list[ScriptedAgent], **kwargs: Any) -> ScriptedAgent:
-    agent = ScriptedAgent(**kwargs).start()
-    started.append(agent)
-    return agent
+from tests.support.agents import error, garbage, ok, sleep, status
+from tests.support.agents import start_agent as start
 
 
 def submit(

@@ -9,7 +9,6 @@ import hmac
 import json
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -26,21 +25,8 @@ from tests.integration.conftest import (
     wait_until,
 )
 from tests.support.agents import ScriptedAgent, error, ok, sleep
+from tests.support.agents import start_agent as start
 from tests.support.callbacks import CallbackReceiver
-
-
-@pytest.fixture
-def agents() -> Iterator[list[ScriptedAgent]]:
-    started: list[ScriptedAgent] = []
-    yield started
-    for agent in started:
-        agent.stop()
-
-
-def start(started: list[ScriptedAgent], **kwargs: Any) -> ScriptedAgent:
-    agent = ScriptedAgent(**kwargs).start()
-    started.append(agent)
-    return agent
 
 
 def pipeline(first: str, second: str, **workflow: Any) -> dict[str, Any]:

@@ -6,10 +6,7 @@ agent gets no new stage, whatever the capability cache holds."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from chalicelib import cache
 from chalicelib.agents.registry import (
@@ -19,21 +16,7 @@ from chalicelib.agents.registry import (
 )
 from chalicelib.agents.selection import eligible
 from tests.integration.conftest import Api, register_agent, unique_capability, wait_for_run
-from tests.support.agents import ScriptedAgent
-
-
-@pytest.fixture
-def scripted() -> Iterator[list[ScriptedAgent]]:
-    started: list[ScriptedAgent] = []
-    yield started
-    for agent in started:
-        agent.stop()
-
-
-def agent_at(started: list[ScriptedAgent]) -> ScriptedAgent:
-    agent = ScriptedAgent().start()
-    started.append(agent)
-    return agent
+from tests.support.agents import ScriptedAgent, start_agent
 
 
 def run(client: Api, capability: str, secret: str = "tenant data") -> dict[str, Any]:
@@ -52,9 +35,9 @@ def run(client: Api, capability: str, secret: str = "tenant data") -> dict[str, 
 
 
 def test_another_users_run_never_reaches_a_private_agent(
-    user: Api, api: Api, poller: Any, scripted: list[ScriptedAgent]
+    user: Api, api: Api, poller: Any, agents: list[ScriptedAgent]
 ) -> None:
-    agent = agent_at(scripted)
+    agent = start_agent(agents)
     capability = unique_capability("private")
     register_agent(user, capability, endpoint=agent.url)
     other = api.as_new_user()
@@ -68,9 +51,9 @@ def test_another_users_run_never_reaches_a_private_agent(
 
 
 def test_a_shared_agent_serves_every_user(
-    admin: Api, api: Api, poller: Any, scripted: list[ScriptedAgent]
+    admin: Api, api: Api, poller: Any, agents: list[ScriptedAgent]
 ) -> None:
-    agent = agent_at(scripted)
+    agent = start_agent(agents)
     capability = unique_capability("shared")
     register_agent(admin, capability, endpoint=agent.url, visibility="shared")
     other = api.as_new_user()
@@ -80,9 +63,9 @@ def test_a_shared_agent_serves_every_user(
 
 
 def test_a_users_own_agents_and_shared_ones_both_serve_the_users_runs(
-    admin: Api, user: Api, poller: Any, scripted: list[ScriptedAgent]
+    admin: Api, user: Api, poller: Any, agents: list[ScriptedAgent]
 ) -> None:
-    mine, shared = agent_at(scripted), agent_at(scripted)
+    mine, shared = start_agent(agents), start_agent(agents)
     capability = unique_capability("both")
     register_agent(user, capability, endpoint=mine.url)
     register_agent(admin, capability, endpoint=shared.url, visibility="shared")
@@ -166,9 +149,9 @@ def test_shared_agents_are_listed_to_everyone_without_endpoint_or_owner(
 
 
 def test_unsharing_stops_routing_to_other_users_at_once(
-    admin: Api, api: Api, poller: Any, scripted: list[ScriptedAgent]
+    admin: Api, api: Api, poller: Any, agents: list[ScriptedAgent]
 ) -> None:
-    agent = agent_at(scripted)
+    agent = start_agent(agents)
     capability = unique_capability("unshare")
     shared = register_agent(admin, capability, endpoint=agent.url, visibility="shared")
     other = api.as_new_user()
@@ -183,11 +166,11 @@ def test_unsharing_stops_routing_to_other_users_at_once(
 
 
 def test_a_stale_cached_list_never_routes_to_a_deleted_agent(
-    user: Api, poller: Any, scripted: list[ScriptedAgent]
+    user: Api, poller: Any, agents: list[ScriptedAgent]
 ) -> None:
     """Even when the cache names the agent after its delete returned (an invalidation lost
     to a Redis blip), Postgres has the last word."""
-    doomed, survivor = agent_at(scripted), agent_at(scripted)
+    doomed, survivor = start_agent(agents), start_agent(agents)
     capability = unique_capability("stale")
     register_agent(user, capability, endpoint=doomed.url)
     register_agent(user, capability, endpoint=survivor.url)

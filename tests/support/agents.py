@@ -275,3 +275,11 @@ class ScriptedAgent:
 
     def keys(self) -> list[str]:
         return [call.headers.get("Idempotency-Key", "") for call in self.calls]
+
+
+def start_agent(started: list[ScriptedAgent], **kwargs: Any) -> ScriptedAgent:
+    """A ScriptedAgent serving now, stopped with the others in `started` (the `agents`
+    fixture of tests/integration/conftest.py) when the test ends."""
+    agent = ScriptedAgent(**kwargs).start()
+    started.append(agent)
+    return agent
