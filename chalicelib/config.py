@@ -1,30 +1,58 @@
-"""Settings from MAOF_* environment variables, validated once per process.
+"""Settings from MAOF_* environment variables, validated once per process (pydantic-settings).
 
 Deployed stages keep their secrets out of the environment: when MAOF_SECRETS_SSM_PATH is
 set, the JWT secret, the secret key and (when present) the database and Redis URLs are
 read from SSM Parameter Store under that path, decrypted, once per process (one
-GetParameters call at cold start), before anything is validated.
+GetParameters call at cold start), and win over the same settings in the environment.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
-from typing import TypeVar
+from typing import Annotated, Any, Literal, Self
 
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BeforeValidator,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+ENV_PREFIX = "MAOF_"
+DEV_STAGES = ("dev", "test")
 DEV_JWT_SECRET = "dev-only-secret-change-me-0123456789abcdef"  # noqa: S105 (dev stage only; refused elsewhere)
 DEV_SECRET_KEY = "dev-only-key-for-agent-tokens-0123456789"  # noqa: S105 (dev stage only)
-
+LOCALSTACK_ENDPOINT = "http://127.0.0.1:4566"
+# The local stack's two roles: the application's (INSERT and SELECT only on the audit
+# trail) and the owner's, which runs the migrations (chalicelib/db/roles.py).
+DEV_DATABASE_URL = "postgresql+psycopg://maof_app:maof_app@127.0.0.1:5432/maof"
+DEV_MIGRATION_DATABASE_URL = "postgresql+psycopg://maof:maof@127.0.0.1:5432/maof"
+# What the dev and test stages use for these when unset; elsewhere they have no default.
+DEV_DEFAULTS = {
+    "jwt_secret": DEV_JWT_SECRET,
+    "secret_key": DEV_SECRET_KEY,
+    "database_url": DEV_DATABASE_URL,
+    "migration_database_url": DEV_MIGRATION_DATABASE_URL,
+    "redis_url": "redis://127.0.0.1:6379/0",
+    "aws_endpoint_url": LOCALSTACK_ENDPOINT,
+}
+PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Of the run_stage function's time, what a stage's agent call may never use: enough to
 # store the outcome and send the next messages after the call returns or times out.
 STAGE_TIMEOUT_MARGIN_SECONDS = 30
-
-
-class ConfigError(Exception):
-    """A required setting is missing or invalid; the message is one line."""
-
 
 # SSM parameter names under MAOF_SECRETS_SSM_PATH and the setting each one supplies.
 SSM_SECRETS = {
@@ -44,21 +72,93 @@ SSM_PREVIOUS_KEYS = {
 }
 # Without these two under the path, start-up stops; the URLs may come from the environment.
 SSM_REQUIRED = ("jwt-secret", "secret-key")
-LOCALSTACK_ENDPOINT = "http://127.0.0.1:4566"
-# The local stack's two roles: the application's (INSERT and SELECT only on the audit
-# trail) and the owner's, which runs the migrations (chalicelib/db/roles.py).
-DEV_DATABASE_URL = "postgresql+psycopg://maof_app:maof_app@127.0.0.1:5432/maof"
-DEV_MIGRATION_DATABASE_URL = "postgresql+psycopg://maof:maof@127.0.0.1:5432/maof"
-PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The SSM parameter of each setting (field) it may supply.
+_SSM_PARAMETERS = {
+    variable.removeprefix(ENV_PREFIX).lower(): name
+    for name, variable in {**SSM_SECRETS, **SSM_PREVIOUS_KEYS, **SSM_MIGRATION_SECRETS}.items()
+}
+
+
+class ConfigError(Exception):
+    """A required setting is missing or invalid; the message is one line."""
 
 
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+def _comma_separated(value: object) -> object:
+    """'a, b,,c' is ('a', 'b', 'c'): a list setting is comma-separated, never JSON."""
+    if isinstance(value, str):
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+    return value
+
+
+# Keys being rotated out: each as long as a current one must be.
+PreviousKeys = Annotated[
+    tuple[Annotated[str, Field(min_length=32)], ...],
+    NoDecode,
+    BeforeValidator(_comma_separated),
+]
+Emails = Annotated[
+    frozenset[str],
+    NoDecode,
+    BeforeValidator(_comma_separated),
+    AfterValidator(lambda emails: frozenset(email.lower() for email in emails)),
+]
+
+
+class _Bootstrap(BaseSettings):
+    """The settings read before the secrets, from the environment alone: the stage, and
+    where its secrets are."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="ignore", frozen=True
+    )
+
+    # dev | test | anything else, which is held to the production rules.
+    stage: str = "dev"
+    # Deployed: where the secrets are in SSM Parameter Store, e.g. /maof/prod.
+    secrets_ssm_path: str | None = None
+    # Set on the migrate function alone: it also reads SSM's migration-database-url.
+    migrator: bool = False
+    aws_region: str = Field(
+        "us-east-1", validation_alias=AliasChoices("MAOF_AWS_REGION", "AWS_REGION")
+    )
+    # Unset in AWS: the real endpoints.
+    aws_endpoint_url: str | None = None
+
+    @property
+    def is_dev(self) -> bool:
+        return self.stage in DEV_STAGES
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dev_defaults(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """DEV_DEFAULTS for what the dev and test stages leave unset (Settings' fields too).
+        Unset anywhere, the migrations connect as the application: one role for both,
+        which can then rewrite history."""
+        defaults: dict[str, Any] = {}
+        if data.get("stage", cls.model_fields["stage"].default) in DEV_STAGES:
+            defaults = dict(DEV_DEFAULTS)
+        if "database_url" in data:
+            defaults["migration_database_url"] = data["database_url"]
+        return {**defaults, **data}
+
+    @field_validator("secrets_ssm_path")
+    @classmethod
+    def _an_ssm_path(cls, raw: str | None) -> str | None:
+        path = raw.rstrip("/") if raw is not None else None
+        if path is not None and (not path.startswith("/") or any(c.isspace() for c in path)):
+            raise ValueError(f"must be an SSM path such as /maof/prod, got {raw!r}")
+        return path
+
+
 @functools.lru_cache(maxsize=4)
-def _read_ssm_parameters(path: str, region: str, endpoint: str | None) -> dict[str, str]:
-    """The decrypted values of the SSM_SECRETS parameters that exist under `path`, by name."""
+def _read_ssm_parameters(
+    path: str, region: str, endpoint: str | None, migrator: bool
+) -> dict[str, str]:
+    """The decrypted values of the parameters that exist under `path`, by name."""
     import boto3
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
@@ -77,166 +177,123 @@ def _read_ssm_parameters(path: str, region: str, endpoint: str | None) -> dict[s
             aws_access_key_id="test",
             aws_secret_access_key="test",  # noqa: S106
         )
-    names = [f"{path}/{name}" for name in (*SSM_SECRETS, *SSM_PREVIOUS_KEYS)]
-    if _bool("MAOF_MIGRATOR", False):
-        names += [f"{path}/{name}" for name in SSM_MIGRATION_SECRETS]
+    # Each function's role may read only these names (the migrate function's, one more).
+    names = [*SSM_SECRETS, *SSM_PREVIOUS_KEYS, *(SSM_MIGRATION_SECRETS if migrator else ())]
     try:
         ssm = boto3.session.Session().client("ssm", **kwargs)
-        found = ssm.get_parameters(Names=names, WithDecryption=True)["Parameters"]
+        found = ssm.get_parameters(Names=[f"{path}/{name}" for name in names], WithDecryption=True)
     except (BotoCoreError, ClientError) as exc:
         raise ConfigError(
             f"could not read the SSM parameters under MAOF_SECRETS_SSM_PATH={path}: {_one_line(exc)}"
         ) from None
-    return {item["Name"][len(path) + 1 :]: str(item["Value"]) for item in found}
+    return {item["Name"][len(path) + 1 :]: str(item["Value"]) for item in found["Parameters"]}
 
 
-def _ssm_hint(name: str) -> str:
-    path = (os.environ.get("MAOF_SECRETS_SSM_PATH") or "").rstrip("/")
-    return f" (or the SSM parameter {path}/{name})" if path else ""
+class _SsmParameters(PydanticBaseSettingsSource):
+    """The settings under MAOF_SECRETS_SSM_PATH, when it is set (none otherwise)."""
 
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError  # one GetParameters call reads them all: see __call__
 
-def _ssm_secrets() -> dict[str, str]:
-    """The settings supplied by SSM Parameter Store (empty when MAOF_SECRETS_SSM_PATH is unset)."""
-    raw_path = os.environ.get("MAOF_SECRETS_SSM_PATH")
-    if not raw_path:
-        return {}
-    path = raw_path.rstrip("/")
-    if not path.startswith("/") or len(path) < 2 or any(ch.isspace() for ch in path):
-        raise ConfigError(
-            f"MAOF_SECRETS_SSM_PATH must be an SSM path such as /maof/prod, got {raw_path!r}"
+    def __call__(self) -> dict[str, Any]:
+        where = _Bootstrap()
+        if not where.secrets_ssm_path:
+            return {}
+        path = where.secrets_ssm_path
+        values = _read_ssm_parameters(
+            path, where.aws_region, where.aws_endpoint_url, where.migrator
         )
-    is_dev = _str("MAOF_STAGE", "dev") in ("dev", "test")
-    endpoint = _optional("MAOF_AWS_ENDPOINT_URL") or (LOCALSTACK_ENDPOINT if is_dev else None)
-    region = _str("MAOF_AWS_REGION", os.environ.get("AWS_REGION", "us-east-1"))
-    values = _read_ssm_parameters(path, region, endpoint)
-    missing = [f"{path}/{name}" for name in SSM_REQUIRED if not values.get(name)]
-    if missing:
-        raise ConfigError(
-            f"SSM parameter {missing[0]} is missing or empty (MAOF_SECRETS_SSM_PATH={path}); "
-            "create it as a SecureString"
-        )
-    settings = {**SSM_SECRETS, **SSM_PREVIOUS_KEYS, **SSM_MIGRATION_SECRETS}
-    return {settings[name]: value for name, value in values.items() if value}
+        missing = [f"{path}/{name}" for name in SSM_REQUIRED if not values.get(name)]
+        if missing:
+            raise ConfigError(
+                f"SSM parameter {missing[0]} is missing or empty (MAOF_SECRETS_SSM_PATH={path}); "
+                "create it as a SecureString"
+            )
+        return {field: values[name] for field, name in _SSM_PARAMETERS.items() if values.get(name)}
 
 
-N = TypeVar("N", int, float)
+class Settings(_Bootstrap):
+    """Every setting MAOF reads, as MAOF_<NAME>; `.env.example` documents each one."""
 
+    # Secrets, and URLs that carry passwords: SSM's when there. Empty is unset: the dev
+    # default in dev and test (DEV_DEFAULTS), refused elsewhere (_fit_for_the_stage).
+    jwt_secret: str = ""
+    # Keys being rotated out: still accepted to verify (JWTs) or decrypt (agent tokens).
+    jwt_previous_secrets: PreviousKeys = ()
+    secret_key: str = Field("", min_length=32, validate_default=True)
+    previous_secret_keys: PreviousKeys = ()
+    database_url: str = ""
+    # The owner of the schema, for the migrations only.
+    migration_database_url: str = ""
+    redis_url: str = ""
+    # Outside dev and test: TLS for the database and Redis unless this is true.
+    allow_insecure_connections: bool = False
+    admin_emails: Emails = frozenset()
+    stage_queue_name: str = "maof-stage-queue"
+    stage_queue_url: str | None = None
+    dashboard_bucket: str = "maof-dashboard"
+    cors_origin: str = "*"
+    access_token_ttl_seconds: int = Field(900, ge=10, le=86400)
+    refresh_token_ttl_seconds: int = Field(7 * 86400, ge=60, le=90 * 86400)
+    session_max_lifetime_seconds: int = Field(30 * 86400, ge=60, le=365 * 86400)
+    max_body_bytes: int = Field(1_000_000, ge=1024, le=6_000_000)
+    max_json_depth: int = Field(64, ge=4, le=512)
+    log_level: Annotated[
+        Literal["CRITICAL", "FATAL", "ERROR", "WARNING", "WARN", "INFO", "DEBUG", "NOTSET"],
+        BeforeValidator(str.upper),
+    ] = "INFO"
+    mock_agent_delay_ms: int = Field(0, ge=0, le=600_000)
+    mock_agent_failure_rate: float = Field(0.0, ge=0.0, le=1.0)
+    # Why these values: README "How a run heals itself" (a dead worker's stage runs
+    # again within lease + interval; a lost message within queued-after + interval).
+    stage_lease_seconds: int = Field(15, ge=3, le=3600)
+    sweep_queued_after_seconds: int = Field(10, ge=0, le=86400)
+    sweep_backlog_after_seconds: int = Field(300, ge=0, le=86400)
+    sweep_interval_seconds: int = Field(5, ge=1, le=86400)
+    stage_max_lease_expiries: int = Field(3, ge=0, le=1000)
+    stage_max_requeues: int = Field(10, ge=0, le=10_000)
+    stage_max_waits: int = Field(500, ge=0, le=1_000_000)
+    stage_max_input_bytes: int = Field(1_000_000, ge=1024, le=100_000_000)
+    stage_max_output_bytes: int = Field(1_000_000, ge=1024, le=100_000_000)
+    run_max_output_bytes: int = Field(20_000_000, ge=1024, le=10_000_000_000)
+    agent_max_output_depth: int = Field(100, ge=4, le=1000)
+    run_stage_timeout_seconds: int = Field(900, ge=60, le=900)
+    poller_concurrency: int = Field(4, ge=1, le=64)
+    poller_batch_size: int = Field(10, ge=1, le=10)
+    poller_wait_seconds: int = Field(1, ge=0, le=20)
+    db_pool_size: int = Field(10, ge=1, le=100)
+    db_max_overflow: int = Field(10, ge=0, le=100)
+    agent_cache_ttl_seconds: int = Field(30, ge=0, le=3600)
+    mock_agents: bool = False
+    agent_timeout_ms: int = Field(30_000, ge=100, le=900_000)
+    agent_retries: int = Field(2, ge=0, le=10)
+    agent_backoff_ms: int = Field(1000, ge=0, le=3_600_000)
+    agent_max_backoff_ms: int = Field(60_000, ge=0, le=86_400_000)
+    agent_max_response_bytes: int = Field(1_000_000, ge=1024, le=6_000_000)
+    agent_health_timeout_ms: int = Field(2000, ge=100, le=30_000)
+    agent_health_interval_seconds: int = Field(60, ge=5, le=86400)
+    allow_private_agent_endpoints: bool = False
+    login_attempts_per_minute: int = Field(10, ge=1, le=10_000)
+    login_attempts_per_ip_per_minute: int = Field(60, ge=1, le=1_000_000)
+    submissions_per_minute: int = Field(300, ge=1, le=1_000_000)
+    max_active_runs: int = Field(500, ge=1, le=1_000_000)
+    audit_signing_keys: str | None = None
+    audit_keys_file: str = os.path.join(PROJECT_DIR, ".maof", "audit-signing-keys.json")
+    audit_bucket: str = "maof-audit"
+    audit_checkpoint_interval_seconds: int = Field(60, ge=1, le=86400)
+    audit_checkpoint_max_runs: int = Field(10_000, ge=1, le=1_000_000)
 
-def _number(name: str, default: N, low: N, high: N, kind: type[N], what: str) -> N:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be {what}, got {raw!r}") from None
-    if not low <= value <= high:
-        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
-    return value
-
-
-def _int(name: str, default: int, low: int, high: int) -> int:
-    return _number(name, default, low, high, int, "a whole number")
-
-
-def _float(name: str, default: float, low: float, high: float) -> float:
-    return _number(name, default, low, high, float, "a number")
-
-
-def _str(name: str, default: str) -> str:
-    value = os.environ.get(name)
-    return default if value is None or value == "" else value
-
-
-def _optional(name: str) -> str | None:
-    value = os.environ.get(name)
-    return value or None
-
-
-def _list(name: str, ssm: dict[str, str]) -> tuple[str, ...]:
-    """A comma-separated setting (from SSM when there), without blanks."""
-    raw = ssm.get(name) or os.environ.get(name) or ""
-    return tuple(item.strip() for item in raw.split(",") if item.strip())
-
-
-def _bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    if raw.lower() in ("1", "true", "yes", "on"):
-        return True
-    if raw.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name} must be true or false, got {raw!r}")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Every setting MAOF reads; `.env.example` documents each one."""
-
-    stage: str
-    database_url: str
-    migration_database_url: str
-    redis_url: str
-    jwt_secret: str
-    jwt_previous_secrets: tuple[str, ...]
-    secret_key: str
-    previous_secret_keys: tuple[str, ...]
-    admin_emails: frozenset[str]
-    aws_region: str
-    aws_endpoint_url: str | None
-    stage_queue_name: str
-    stage_queue_url: str | None
-    dashboard_bucket: str
-    cors_origin: str
-    access_token_ttl_seconds: int
-    refresh_token_ttl_seconds: int
-    session_max_lifetime_seconds: int
-    max_body_bytes: int
-    max_json_depth: int
-    log_level: str
-    mock_agent_delay_ms: int
-    mock_agent_failure_rate: float
-    stage_lease_seconds: int
-    sweep_queued_after_seconds: int
-    sweep_backlog_after_seconds: int
-    sweep_interval_seconds: int
-    stage_max_lease_expiries: int
-    stage_max_requeues: int
-    stage_max_waits: int
-    stage_max_input_bytes: int
-    stage_max_output_bytes: int
-    run_max_output_bytes: int
-    agent_max_output_depth: int
-    run_stage_timeout_seconds: int
-    poller_concurrency: int
-    poller_batch_size: int
-    poller_wait_seconds: int
-    db_pool_size: int
-    db_max_overflow: int
-    agent_cache_ttl_seconds: int
-    mock_agents: bool
-    agent_timeout_ms: int
-    agent_retries: int
-    agent_backoff_ms: int
-    agent_max_backoff_ms: int
-    agent_max_response_bytes: int
-    agent_health_timeout_ms: int
-    agent_health_interval_seconds: int
-    allow_private_agent_endpoints: bool
-    login_attempts_per_minute: int
-    login_attempts_per_ip_per_minute: int
-    submissions_per_minute: int
-    max_active_runs: int
-    audit_signing_keys: str | None
-    audit_keys_file: str
-    audit_bucket: str
-    audit_checkpoint_interval_seconds: int
-    audit_checkpoint_max_runs: int
-
-    @property
-    def is_dev(self) -> bool:
-        return self.stage in ("dev", "test")
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # A parameter under MAOF_SECRETS_SSM_PATH wins over the same setting in the environment.
+        return init_settings, _SsmParameters(settings_cls), env_settings
 
     @property
     def max_stage_timeout_ms(self) -> int:
@@ -244,155 +301,92 @@ class Settings:
         less a margin to record the outcome (STAGE_TIMEOUT_MARGIN_SECONDS)."""
         return (self.run_stage_timeout_seconds - STAGE_TIMEOUT_MARGIN_SECONDS) * 1000
 
+    @model_validator(mode="after")
+    def _fit_for_the_stage(self) -> Self:
+        """URLs of the right kind in every stage; elsewhere than dev and test, a JWT secret
+        of its own and connections that cross the network only over TLS."""
+        for field in ("database_url", "migration_database_url"):
+            if not getattr(self, field).startswith(("postgresql://", "postgresql+psycopg://")):
+                raise ValueError(self._complaint(field, "must be a postgresql:// URL"))
+        if not self.redis_url.startswith(("redis://", "rediss://")):
+            raise ValueError(self._complaint("redis_url", "must be a redis:// or rediss:// URL"))
+        if not self.is_dev and len(self.jwt_secret) < 32:
+            what = f"must be at least 32 characters in stage {self.stage!r}"
+            raise ValueError(self._complaint("jwt_secret", what))
+        if not self.is_dev and self.jwt_secret == DEV_JWT_SECRET:
+            what = f"must not be the dev default in stage {self.stage!r}"
+            raise ValueError(self._complaint("jwt_secret", what))
+        # The migrations' URL is checked where it is used (chalicelib.db.migrate).
+        for field in ("database_url", "redis_url"):
+            if problem := self.tls_problem(field):
+                raise ValueError(problem)
+        return self
+
+    def tls_problem(self, field: str) -> str | None:
+        """What is wrong with the URL in `field` (database_url, migration_database_url or
+        redis_url) if it would carry credentials and data in clear text: None over TLS, in
+        the dev and test stages, or with MAOF_ALLOW_INSECURE_CONNECTIONS=true."""
+        if self.is_dev or self.allow_insecure_connections:
+            return None
+        from urllib.parse import parse_qs, urlparse
+
+        url: str = getattr(self, field)
+        if field == "redis_url":
+            if url.startswith("rediss://"):
+                return None
+            what = "must use TLS (rediss://)"
+        else:
+            sslmode = parse_qs(urlparse(url).query).get("sslmode", [""])[-1]
+            if sslmode in ("require", "verify-ca", "verify-full"):
+                return None
+            what = "must use TLS (?sslmode=require or verify-full)"
+        return self._complaint(field, what) + "; MAOF_ALLOW_INSECURE_CONNECTIONS=true overrides"
+
+    def _complaint(self, field: str, what: str) -> str:
+        """'MAOF_<FIELD> <what>', naming the SSM parameter that may supply it too."""
+        hint = ""
+        if self.secrets_ssm_path and field in _SSM_PARAMETERS:
+            hint = f" (or the SSM parameter {self.secrets_ssm_path}/{_SSM_PARAMETERS[field]})"
+        return f"{ENV_PREFIX}{field.upper()} {what}{hint}"
+
+
+# What is wrong, by pydantic error type, after the variable's name. Only numbers, booleans
+# and choices show the value given: none of them is a secret.
+_WHAT = {
+    "int_parsing": "must be a whole number, got {input!r}",
+    "float_parsing": "must be a number, got {input!r}",
+    "bool_parsing": "must be true or false, got {input!r}",
+    "greater_than_equal": "must be between {ge} and {le}, got {input}",
+    "less_than_equal": "must be between {ge} and {le}, got {input}",
+    "literal_error": "must be one of {expected}, got {input!r}",
+    "string_too_short": "must be at least {min_length} characters",
+    "value_error": "{error}",
+}
+
+
+def _explain(error: ErrorDetails) -> str:
+    """One line: the MAOF_* variable and what is wrong with it, never a secret's value."""
+    context = error.get("ctx", {})
+    if not error["loc"]:  # a rule across settings (_fit_for_the_stage), worded in full
+        return str(context.get("error", error["msg"]))
+    field = str(error["loc"][0])
+    variable = ENV_PREFIX + field.upper()
+    subject = variable if len(error["loc"]) == 1 else f"every value in {variable}"
+    rules = Settings.model_fields[field].metadata if field in Settings.model_fields else []
+    bounds = {
+        key: getattr(rule, key) for rule in rules for key in ("ge", "le") if hasattr(rule, key)
+    }
+    details = {**bounds, **context, "input": error["input"], "msg": error["msg"]}
+    return f"{subject} " + _WHAT.get(error["type"], "is not valid: {msg}").format(**details)
+
 
 def load_settings() -> Settings:
-    """Read and validate the environment; raise ConfigError with one line."""
-    stage = _str("MAOF_STAGE", "dev")
-    is_dev = stage in ("dev", "test")
-    # A parameter under MAOF_SECRETS_SSM_PATH wins over the same setting in the environment.
-    ssm = _ssm_secrets()
-    jwt_secret = ssm.get("MAOF_JWT_SECRET") or _str(
-        "MAOF_JWT_SECRET", DEV_JWT_SECRET if is_dev else ""
-    )
-    if not is_dev and len(jwt_secret) < 32:
-        raise ConfigError(f"MAOF_JWT_SECRET must be at least 32 characters in stage {stage!r}")
-    if not is_dev and jwt_secret == DEV_JWT_SECRET:
-        raise ConfigError(f"MAOF_JWT_SECRET must not be the dev default in stage {stage!r}")
-    secret_key = ssm.get("MAOF_SECRET_KEY") or _str(
-        "MAOF_SECRET_KEY", DEV_SECRET_KEY if is_dev else ""
-    )
-    if len(secret_key) < 32:
-        raise ConfigError(f"MAOF_SECRET_KEY must be at least 32 characters in stage {stage!r}")
-    # Keys being rotated out: still accepted to verify (JWTs) or decrypt (agent tokens).
-    jwt_previous = _list("MAOF_JWT_PREVIOUS_SECRETS", ssm)
-    previous_keys = _list("MAOF_PREVIOUS_SECRET_KEYS", ssm)
-    for name, values in (
-        ("MAOF_JWT_PREVIOUS_SECRETS", jwt_previous),
-        ("MAOF_PREVIOUS_SECRET_KEYS", previous_keys),
-    ):
-        if any(len(value) < 32 for value in values):
-            raise ConfigError(f"every key in {name} must be at least 32 characters")
-    database_url = ssm.get("MAOF_DATABASE_URL") or _str(
-        "MAOF_DATABASE_URL", DEV_DATABASE_URL if is_dev else ""
-    )
-    if not database_url.startswith(("postgresql://", "postgresql+psycopg://")):
-        raise ConfigError(
-            "MAOF_DATABASE_URL must be a postgresql:// URL" + _ssm_hint("database-url")
-        )
-    # The owner of the schema, for migrations only. Unset (and not the dev default): the
-    # application's own URL, one role for both (which can then rewrite history).
-    migration_database_url = ssm.get("MAOF_MIGRATION_DATABASE_URL") or _str(
-        "MAOF_MIGRATION_DATABASE_URL",
-        DEV_MIGRATION_DATABASE_URL
-        if is_dev and not os.environ.get("MAOF_DATABASE_URL")
-        else database_url,
-    )
-    if not migration_database_url.startswith(("postgresql://", "postgresql+psycopg://")):
-        raise ConfigError(
-            "MAOF_MIGRATION_DATABASE_URL must be a postgresql:// URL"
-            + _ssm_hint("migration-database-url")
-        )
-    redis_url = ssm.get("MAOF_REDIS_URL") or _str(
-        "MAOF_REDIS_URL", "redis://127.0.0.1:6379/0" if is_dev else ""
-    )
-    if not redis_url.startswith(("redis://", "rediss://")):
-        raise ConfigError(
-            "MAOF_REDIS_URL must be a redis:// or rediss:// URL" + _ssm_hint("redis-url")
-        )
-    if not is_dev and not _bool("MAOF_ALLOW_INSECURE_CONNECTIONS", False):
-        _require_tls(database_url, redis_url)
-    return Settings(
-        stage=stage,
-        database_url=database_url,
-        migration_database_url=migration_database_url,
-        redis_url=redis_url,
-        jwt_secret=jwt_secret,
-        jwt_previous_secrets=jwt_previous,
-        secret_key=secret_key,
-        previous_secret_keys=previous_keys,
-        admin_emails=frozenset(e.lower() for e in _list("MAOF_ADMIN_EMAILS", {})),
-        aws_region=_str("MAOF_AWS_REGION", os.environ.get("AWS_REGION", "us-east-1")),
-        aws_endpoint_url=_optional("MAOF_AWS_ENDPOINT_URL")
-        or (LOCALSTACK_ENDPOINT if is_dev else None),
-        stage_queue_name=_str("MAOF_STAGE_QUEUE_NAME", "maof-stage-queue"),
-        stage_queue_url=_optional("MAOF_STAGE_QUEUE_URL"),
-        dashboard_bucket=_str("MAOF_DASHBOARD_BUCKET", "maof-dashboard"),
-        cors_origin=_str("MAOF_CORS_ORIGIN", "*"),
-        access_token_ttl_seconds=_int("MAOF_ACCESS_TOKEN_TTL_SECONDS", 900, 10, 86400),
-        refresh_token_ttl_seconds=_int("MAOF_REFRESH_TOKEN_TTL_SECONDS", 7 * 86400, 60, 90 * 86400),
-        session_max_lifetime_seconds=_int(
-            "MAOF_SESSION_MAX_LIFETIME_SECONDS", 30 * 86400, 60, 365 * 86400
-        ),
-        max_body_bytes=_int("MAOF_MAX_BODY_BYTES", 1_000_000, 1024, 6_000_000),
-        max_json_depth=_int("MAOF_MAX_JSON_DEPTH", 64, 4, 512),
-        log_level=_str("MAOF_LOG_LEVEL", "INFO").upper(),
-        mock_agent_delay_ms=_int("MAOF_MOCK_AGENT_DELAY_MS", 0, 0, 600_000),
-        mock_agent_failure_rate=_float("MAOF_MOCK_AGENT_FAILURE_RATE", 0.0, 0.0, 1.0),
-        # Why these values: README "How a run heals itself" (a dead worker's stage runs
-        # again within lease + interval; a lost message within queued-after + interval).
-        stage_lease_seconds=_int("MAOF_STAGE_LEASE_SECONDS", 15, 3, 3600),
-        sweep_queued_after_seconds=_int("MAOF_SWEEP_QUEUED_AFTER_SECONDS", 10, 0, 86400),
-        sweep_backlog_after_seconds=_int("MAOF_SWEEP_BACKLOG_AFTER_SECONDS", 300, 0, 86400),
-        sweep_interval_seconds=_int("MAOF_SWEEP_INTERVAL_SECONDS", 5, 1, 86400),
-        stage_max_lease_expiries=_int("MAOF_STAGE_MAX_LEASE_EXPIRIES", 3, 0, 1000),
-        stage_max_requeues=_int("MAOF_STAGE_MAX_REQUEUES", 10, 0, 10_000),
-        stage_max_waits=_int("MAOF_STAGE_MAX_WAITS", 500, 0, 1_000_000),
-        stage_max_input_bytes=_int("MAOF_STAGE_MAX_INPUT_BYTES", 1_000_000, 1024, 100_000_000),
-        stage_max_output_bytes=_int("MAOF_STAGE_MAX_OUTPUT_BYTES", 1_000_000, 1024, 100_000_000),
-        run_max_output_bytes=_int("MAOF_RUN_MAX_OUTPUT_BYTES", 20_000_000, 1024, 10_000_000_000),
-        agent_max_output_depth=_int("MAOF_AGENT_MAX_OUTPUT_DEPTH", 100, 4, 1000),
-        run_stage_timeout_seconds=_int("MAOF_RUN_STAGE_TIMEOUT_SECONDS", 900, 60, 900),
-        poller_concurrency=_int("MAOF_POLLER_CONCURRENCY", 4, 1, 64),
-        poller_batch_size=_int("MAOF_POLLER_BATCH_SIZE", 10, 1, 10),
-        poller_wait_seconds=_int("MAOF_POLLER_WAIT_SECONDS", 1, 0, 20),
-        db_pool_size=_int("MAOF_DB_POOL_SIZE", 10, 1, 100),
-        db_max_overflow=_int("MAOF_DB_MAX_OVERFLOW", 10, 0, 100),
-        agent_cache_ttl_seconds=_int("MAOF_AGENT_CACHE_TTL_SECONDS", 30, 0, 3600),
-        mock_agents=_bool("MAOF_MOCK_AGENTS", False),
-        agent_timeout_ms=_int("MAOF_AGENT_TIMEOUT_MS", 30_000, 100, 900_000),
-        agent_retries=_int("MAOF_AGENT_RETRIES", 2, 0, 10),
-        agent_backoff_ms=_int("MAOF_AGENT_BACKOFF_MS", 1000, 0, 3_600_000),
-        agent_max_backoff_ms=_int("MAOF_AGENT_MAX_BACKOFF_MS", 60_000, 0, 86_400_000),
-        agent_max_response_bytes=_int("MAOF_AGENT_MAX_RESPONSE_BYTES", 1_000_000, 1024, 6_000_000),
-        agent_health_timeout_ms=_int("MAOF_AGENT_HEALTH_TIMEOUT_MS", 2000, 100, 30_000),
-        agent_health_interval_seconds=_int("MAOF_AGENT_HEALTH_INTERVAL_SECONDS", 60, 5, 86400),
-        allow_private_agent_endpoints=_bool("MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS", False),
-        login_attempts_per_minute=_int("MAOF_LOGIN_ATTEMPTS_PER_MINUTE", 10, 1, 10_000),
-        login_attempts_per_ip_per_minute=_int(
-            "MAOF_LOGIN_ATTEMPTS_PER_IP_PER_MINUTE", 60, 1, 1_000_000
-        ),
-        submissions_per_minute=_int("MAOF_SUBMISSIONS_PER_MINUTE", 300, 1, 1_000_000),
-        max_active_runs=_int("MAOF_MAX_ACTIVE_RUNS", 500, 1, 1_000_000),
-        audit_signing_keys=ssm.get("MAOF_AUDIT_SIGNING_KEYS")
-        or _optional("MAOF_AUDIT_SIGNING_KEYS"),
-        audit_keys_file=_str(
-            "MAOF_AUDIT_KEYS_FILE", os.path.join(PROJECT_DIR, ".maof", "audit-signing-keys.json")
-        ),
-        audit_bucket=_str("MAOF_AUDIT_BUCKET", "maof-audit"),
-        audit_checkpoint_interval_seconds=_int(
-            "MAOF_AUDIT_CHECKPOINT_INTERVAL_SECONDS", 60, 1, 86400
-        ),
-        audit_checkpoint_max_runs=_int("MAOF_AUDIT_CHECKPOINT_MAX_RUNS", 10_000, 1, 1_000_000),
-    )
-
-
-def _require_tls(database_url: str, redis_url: str) -> None:
-    """Outside dev, credentials and data must not cross the network in clear text."""
-    from urllib.parse import parse_qs, urlparse
-
-    sslmode = parse_qs(urlparse(database_url).query).get("sslmode", [""])[-1]
-    if sslmode not in ("require", "verify-ca", "verify-full"):
-        raise ConfigError(
-            "MAOF_DATABASE_URL must use TLS (?sslmode=require or verify-full)"
-            + _ssm_hint("database-url")
-            + "; MAOF_ALLOW_INSECURE_CONNECTIONS=true overrides"
-        )
-    if not redis_url.startswith("rediss://"):
-        raise ConfigError(
-            "MAOF_REDIS_URL must use TLS (rediss://)"
-            + _ssm_hint("redis-url")
-            + "; MAOF_ALLOW_INSECURE_CONNECTIONS=true overrides"
-        )
+    """Read and validate the settings (SSM's, then the environment's); raise ConfigError
+    with one line."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError(_one_line(_explain(exc.errors(include_url=False)[0]))) from None
 
 
 @functools.lru_cache(maxsize=1)

@@ -30,13 +30,13 @@ def alembic_config() -> Config:
 
 def owner_engine() -> Engine:
     """A short-lived engine as the migrations' role (the owner); outside dev its URL must
-    ask for TLS, as the application's must (config._require_tls)."""
-    from chalicelib.config import _bool, _require_tls, get_settings
+    ask for TLS, as the application's must (Settings.tls_problem)."""
+    from chalicelib.config import get_settings
     from chalicelib.db import _psycopg_url
 
     settings = get_settings()
-    if not settings.is_dev and not _bool("MAOF_ALLOW_INSECURE_CONNECTIONS", False):
-        _require_tls(settings.migration_database_url, settings.redis_url)
+    if problem := settings.tls_problem("migration_database_url"):
+        raise ConfigError(problem)
     return create_engine(
         _psycopg_url(settings.migration_database_url),
         connect_args={"connect_timeout": 3, "application_name": "maof-migrate"},

@@ -5,7 +5,6 @@ after its retries instead of redelivering forever."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import subprocess
@@ -86,7 +85,7 @@ class PollerProcess:
 def crash_queue() -> Iterator[str]:
     """A stage queue only the poller subprocesses drain, made as `make dev` makes its queue."""
     name = f"maof-test-crash-{uuid.uuid4().hex[:8]}"
-    ensure_resources(dataclasses.replace(get_settings(), stage_queue_name=name))
+    ensure_resources(get_settings().model_copy(update={"stage_queue_name": name}))
     yield name
     sqs = aws_client("sqs")
     for queue in (name, f"{name}-dlq"):

@@ -4,7 +4,6 @@ did, re-publishes the dashboard, and goes on draining; it looks at most every fe
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import threading
 import uuid
@@ -56,7 +55,9 @@ def lose_everything(settings: Settings) -> None:
 def scratch() -> Iterator[Settings]:
     """A queue (+ DLQ) and a dashboard bucket of their own, made as `make dev` makes them."""
     name = f"maof-test-heal-{uuid.uuid4().hex[:8]}"
-    settings = dataclasses.replace(get_settings(), stage_queue_name=name, dashboard_bucket=name)
+    settings = get_settings().model_copy(
+        update={"stage_queue_name": name, "dashboard_bucket": name}
+    )
     ensure_resources(settings)
     upload_site(API_URL, bucket=name)
     yield settings

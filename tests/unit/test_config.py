@@ -5,8 +5,16 @@ from __future__ import annotations
 import os
 
 import pytest
+from pydantic import ValidationError
 
-from chalicelib.config import DEV_JWT_SECRET, ConfigError, Settings, load_settings
+from chalicelib.config import (
+    DEV_JWT_SECRET,
+    DEV_MIGRATION_DATABASE_URL,
+    ConfigError,
+    Settings,
+    load_settings,
+    reset_settings,
+)
 
 PROD_SECRET = "p" * 32
 PROD_ENV = {
@@ -234,3 +242,101 @@ def test_load_settings_reads_the_environment_each_time(monkeypatch: pytest.Monke
     assert load_settings().max_body_bytes == 2048
     monkeypatch.setenv("MAOF_MAX_BODY_BYTES", "4096")
     assert load_settings().max_body_bytes == 4096
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("1", True),
+        ("TRUE", True),
+        ("yes", True),
+        ("on", True),
+        ("0", False),
+        ("false", False),
+        ("No", False),
+        ("off", False),
+    ],
+)
+def test_booleans_accept_the_usual_spellings(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: bool
+) -> None:
+    monkeypatch.setenv("MAOF_MOCK_AGENTS", value)
+    assert load_settings().mock_agents is expected
+
+
+def test_a_boolean_that_is_neither_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAOF_MOCK_AGENTS", "maybe")
+    assert "true or false" in refusal("MAOF_MOCK_AGENTS")
+
+
+def test_a_number_out_of_range_is_refused_naming_both_bounds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MAOF_POLLER_BATCH_SIZE", "11")
+    assert "between 1 and 10" in refusal("MAOF_POLLER_BATCH_SIZE")
+
+
+def test_lists_are_comma_separated_and_blanks_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAOF_ADMIN_EMAILS", " ,Ops@Example.com,, root@example.com ,")
+    assert load_settings().admin_emails == {"ops@example.com", "root@example.com"}
+    monkeypatch.setenv("MAOF_ADMIN_EMAILS", '["ops@example.com"]')  # not JSON
+    assert load_settings().admin_emails == {'["ops@example.com"]'}
+
+
+def test_a_short_previous_key_is_refused_without_showing_it(prod: pytest.MonkeyPatch) -> None:
+    prod.setenv("MAOF_PREVIOUS_SECRET_KEYS", f"{'c' * 32},Zx9#short")
+    assert "Zx9#" not in refusal("MAOF_PREVIOUS_SECRET_KEYS")
+
+
+def test_the_log_level_is_one_that_logging_knows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAOF_LOG_LEVEL", "debug")
+    assert load_settings().log_level == "DEBUG"
+    monkeypatch.setenv("MAOF_LOG_LEVEL", "loud")
+    refusal("MAOF_LOG_LEVEL")
+
+
+def test_unknown_maof_variables_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAOF_NO_SUCH_SETTING", "1")
+    assert load_settings().stage == "dev"
+
+
+def test_settings_cannot_be_changed_once_read() -> None:
+    settings = load_settings()
+    with pytest.raises(ValidationError):
+        settings.stage = "prod"  # type: ignore[misc]
+
+
+def test_the_region_is_lambdas_unless_maof_names_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    assert load_settings().aws_region == "us-east-1"
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    assert load_settings().aws_region == "eu-west-1"
+    monkeypatch.setenv("MAOF_AWS_REGION", "eu-central-1")
+    assert load_settings().aws_region == "eu-central-1"
+
+
+def test_the_migrations_connect_as_the_application_unless_told_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert load_settings().migration_database_url == DEV_MIGRATION_DATABASE_URL
+    url = "postgresql://maof:pw@db/maof"
+    monkeypatch.setenv("MAOF_DATABASE_URL", url)
+    assert load_settings().migration_database_url == url
+    monkeypatch.setenv("MAOF_MIGRATION_DATABASE_URL", "postgresql://owner:pw@db/maof")
+    assert load_settings().migration_database_url == "postgresql://owner:pw@db/maof"
+
+
+def test_prod_migrations_refuse_an_owner_url_without_tls(prod: pytest.MonkeyPatch) -> None:
+    from chalicelib.db.migrate import owner_engine
+
+    prod.setenv("MAOF_MIGRATION_DATABASE_URL", "postgresql://owner:hunter2@db/maof")
+    assert load_settings().migration_database_url  # only the migrate function uses it
+    reset_settings()
+    try:
+        with pytest.raises(ConfigError) as caught:
+            owner_engine()
+    finally:
+        reset_settings()
+    message = str(caught.value)
+    assert message.startswith("MAOF_MIGRATION_DATABASE_URL must use TLS")
+    assert "hunter2" not in message and "\n" not in message
