@@ -53,13 +53,19 @@ def holding() -> list[uuid.UUID]:
 
 
 def _renew_forever() -> None:
+    """Renew while this process holds stages; stop when it holds none (held() starts a new
+    renewer with the next stage), so an idle process reads nothing in the background."""
+    global _renewer
     from chalicelib.engine.stages import renew_leases
 
+    interval = min(RENEW_SECONDS, get_settings().stage_lease_seconds / 3)
     while True:
-        time.sleep(min(RENEW_SECONDS, get_settings().stage_lease_seconds / 3))
-        tokens = holding()
-        if not tokens:
-            continue
+        time.sleep(interval)
+        with _lock:
+            tokens = list(_held)
+            if not tokens:
+                _renewer = None
+                return
         try:
             renew_leases(tokens)
         except Exception as exc:  # the database is away: the leases run out, as they should
