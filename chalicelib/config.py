@@ -395,6 +395,17 @@ def get_settings() -> Settings:
     return load_settings()
 
 
+def import_time_setting(field: str) -> str:
+    """One setting's raw value as the environment gives it, else the model's default,
+    without validating the rest: for what must be known when a module is imported (Chalice
+    binds routes, queues and schedules then, also where no secret exists, as in
+    `chalice package`). The default stays declared once, on Settings."""
+    value = os.environ.get(f"MAOF_{field.upper()}")
+    if value:
+        return value
+    return str(Settings.model_fields[field].get_default(call_default_factory=True))
+
+
 def reset_settings() -> None:
     """Forget cached settings and SSM parameters (tests change the environment)."""
     get_settings.cache_clear()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pydantic.alias_generators import to_camel
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
 from chalicelib import errors
-from chalicelib.config import get_settings
+from chalicelib.config import get_settings, import_time_setting
 from chalicelib.logs import logger
 
 M = TypeVar("M", bound=BaseModel)
@@ -372,7 +371,7 @@ def cors_origin() -> str:
     """The dashboard origin allowed by CORS. Read from the environment, not the validated
     settings, because routes are declared at import time (also when `chalice package`
     imports the app, where no secrets exist)."""
-    return os.environ.get("MAOF_CORS_ORIGIN") or "*"
+    return import_time_setting("cors_origin")
 
 
 def _request_id(request: Request | None) -> str:

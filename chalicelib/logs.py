@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 from aws_lambda_powertools import Logger
+
+from chalicelib.config import import_time_setting
 
 logger = Logger(
     service="maof",
-    level=os.environ.get("MAOF_LOG_LEVEL", "INFO").upper(),
+    level=import_time_setting("log_level").upper(),
     # Fields that must never be printed even if a caller passes them by mistake.
     log_record_order=["timestamp", "level", "message"],
 )

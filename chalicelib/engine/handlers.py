@@ -4,7 +4,6 @@ agent health checks; and the dispatch policy of one stage (retry, fall back, wai
 from __future__ import annotations
 
 import functools
-import os
 import threading
 import time
 import uuid
@@ -30,7 +29,7 @@ from chalicelib.agents.selection import (
     select_agent,
     settle,
 )
-from chalicelib.config import STAGE_TIMEOUT_MARGIN_SECONDS, get_settings
+from chalicelib.config import STAGE_TIMEOUT_MARGIN_SECONDS, get_settings, import_time_setting
 from chalicelib.engine import leases, stages, sweeper, trace
 from chalicelib.engine.policy import Action, Counters, Decision, Failure, after_failure
 from chalicelib.engine.queue import StageMessage, change_visibility, send_stage_messages
@@ -43,11 +42,11 @@ from chalicelib.workflows.references import (
 )
 
 # Fixed at import because Chalice binds the SQS trigger when the app is loaded.
-STAGE_QUEUE_NAME = os.environ.get("MAOF_STAGE_QUEUE_NAME", "maof-stage-queue")
+STAGE_QUEUE_NAME = import_time_setting("stage_queue_name")
 # The checkpoint schedule, also fixed at import (EventBridge: whole minutes, one at least);
 # the local poller runs it every MAOF_AUDIT_CHECKPOINT_INTERVAL_SECONDS.
 CHECKPOINT_RATE_MINUTES = max(
-    1, int(os.environ.get("MAOF_AUDIT_CHECKPOINT_INTERVAL_SECONDS") or 60) // 60
+    1, int(import_time_setting("audit_checkpoint_interval_seconds")) // 60
 )
 
 
