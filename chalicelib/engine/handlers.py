@@ -489,11 +489,8 @@ def _hand_off(agent: AgentChoice, invocation: Invocation) -> bool:
     ):
         return False
     try:
-        waiting = stages.next_waiting(agent.agent_uuid)
-        for run_id, stage_id in waiting:
-            claimed = stages.claim_stage(run_id, stage_id, waiting=True)
-            if claimed is None:
-                continue  # taken by another worker, or its run ended
+        claimed = stages.claim_next_waiting(agent.agent_uuid)
+        if claimed is not None:
             policy = DispatchPolicy.of(claimed.config)
             until = _wall_clock(_call_deadline(policy, invocation.deadline))
             handed = hand_over(agent, until)
