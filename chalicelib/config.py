@@ -312,7 +312,7 @@ def load_settings() -> Settings:
         run_max_output_bytes=_int("MAOF_RUN_MAX_OUTPUT_BYTES", 20_000_000, 1024, 10_000_000_000),
         agent_max_output_depth=_int("MAOF_AGENT_MAX_OUTPUT_DEPTH", 100, 4, 1000),
         run_stage_timeout_seconds=_int("MAOF_RUN_STAGE_TIMEOUT_SECONDS", 900, 60, 900),
-        poller_concurrency=_int("MAOF_POLLER_CONCURRENCY", 4, 1, 64),
+        poller_concurrency=_int("MAOF_POLLER_CONCURRENCY", 16, 1, 64),
         poller_batch_size=_int("MAOF_POLLER_BATCH_SIZE", 10, 1, 10),
         poller_wait_seconds=_int("MAOF_POLLER_WAIT_SECONDS", 1, 0, 20),
         db_pool_size=_int("MAOF_DB_POOL_SIZE", 10, 1, 100),
