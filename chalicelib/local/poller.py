@@ -32,9 +32,10 @@ from chalicelib.logs import logger
 Handler = Callable[[dict[str, Any], Any], Any]
 
 # Long polls kept on the queue at once (Lambda starts with five for a queue, for any
-# number of executions). Each receive brings up to a batch: two keep up with hundreds of
-# stages a second here, and an idle queue costs LocalStack two waiting requests.
-RECEIVERS = 2
+# number of executions). Each brings up to a batch; when a receive takes tens of
+# milliseconds (LocalStack on a busy machine), fewer than four refill the executions
+# too slowly, while each more costs an idle queue one more waiting request.
+RECEIVERS = 4
 
 
 class LambdaContext:
