@@ -73,7 +73,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--capacity-repeats",
         type=int,
-        default=1,
+        default=2,
         help="pairs of drains (limited, then unlimited) in one run",
     )
     parser.add_argument(
@@ -127,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "argv": " ".join(["python -m bench", *argv]),
+        "bench_stack": {
+            "database": env.BENCH_DATABASE,
+            "queue": env.BENCH_QUEUE,
+            "redis_db": env.BENCH_REDIS_DB,
+        },
         "machine": machine.facts(),
     }
     print(

@@ -139,7 +139,8 @@ class Services:
 
 
 _BANNER = re.compile(
-    r"poller: draining \S+ with up to (\d+) executions, batches of up to (\d+), (\d+) s long polls"
+    r"poller: draining \S+ with up to (\d+) executions, batches of up to (\d+), "
+    r"(\d+) s long polls, (\d+) database connections kept"
 )
 
 
@@ -210,6 +211,7 @@ def start_services(
             "concurrency": int(found.group(1)),
             "batch_size": int(found.group(2)),
             "wait_seconds": int(found.group(3)),
+            "database_connections_kept": int(found.group(4)),
         },
         pids=pids,
         processes=processes,

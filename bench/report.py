@@ -174,9 +174,14 @@ def _capacity_drains(result: dict[str, Any]) -> tuple[list[dict[str, Any]], list
     return limited, unlimited
 
 
+def _lower_median(values: list[float]) -> float | None:
+    """The median; of an even count, the lower of the middle two (no flattering)."""
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2] if ordered else None
+
+
 def _median_of(drains: list[dict[str, Any]], key: str) -> float | None:
-    values = sorted(d[key] for d in drains if d.get(key) is not None)
-    return values[len(values) // 2] if values else None
+    return _lower_median([d[key] for d in drains if d.get(key) is not None])
 
 
 def _capacity_headlines(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -208,7 +213,7 @@ def _capacity_headlines(result: dict[str, Any]) -> list[dict[str, Any]]:
         )
     if limited and unlimited:
         ratios = capacity.get("limited_to_unlimited") or []
-        value = sorted(ratios)[len(ratios) // 2] if ratios else None
+        value = _lower_median(ratios)
         rows.append(
             {
                 "name": f"… capacity-limited ÷ unlimited ({UNLIMITED_SLOTS} slots), same run",
@@ -341,7 +346,14 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Run {result['started_at']} (`make bench`, {result['duration_s']:.0f} s). "
         f"Git {machine['git']['commit']}{' (with uncommitted changes)' if machine['git']['dirty'] else ''}. "
-        f"Knobs: `{result['argv']}`.",
+        f"Knobs: `{result['argv']}`."
+        + (
+            " Database `{database}`, queue `{queue}`, Redis db {redis_db}.".format(
+                **result["bench_stack"]
+            )
+            if result.get("bench_stack")
+            else ""
+        ),
         "",
         "## Machine",
         "",
@@ -622,7 +634,9 @@ def _capacity_markdown(result: dict[str, Any]) -> list[str]:
         "",
         f"The API (`chalicelib.local.api`) and the poller (`chalicelib.local.poller`: "
         f"{poller['concurrency']} executions at most, batches of up to {poller['batch_size']}, "
-        f"{poller['wait_seconds']} s long polls) in processes of their own"
+        f"{poller['wait_seconds']} s long polls, "
+        f"{poller.get('database_connections_kept', DASH)} database connections kept) in "
+        "processes of their own"
         + (
             f", with {', '.join(f'{k}={v}' for k, v in overridden.items())} instead of make "
             "dev's defaults"
