@@ -13,7 +13,7 @@ from typing import Any
 
 from bench import env
 
-SCENARIOS = ("floors", "single", "drain", "submit", "coldstart")
+SCENARIOS = ("floors", "single", "drain", "capacity", "submit", "coldstart")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -60,6 +60,42 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=120.0,
         help="seconds one drain may take before it is reported unfinished",
     )
+    parser.add_argument(
+        "--capacity-runs", type=int, default=200, help="3-stage runs submitted at once"
+    )
+    parser.add_argument(
+        "--capacity-slots", type=int, default=5, help="maxConcurrentTasks of each agent"
+    )
+    parser.add_argument("--capacity-delay", type=int, default=50, help="agent delay in ms")
+    parser.add_argument(
+        "--capacity-clients", type=int, default=8, help="HTTP clients submitting at once"
+    )
+    parser.add_argument(
+        "--capacity-repeats",
+        type=int,
+        default=2,
+        help="pairs of drains (limited, then unlimited) in one run",
+    )
+    parser.add_argument(
+        "--capacity-single-runs",
+        type=int,
+        default=20,
+        help="runs one at a time through make dev's services (0: none)",
+    )
+    parser.add_argument(
+        "--capacity-trace",
+        action="store_true",
+        help="record the poller's probes (bench/traced.py) to split each stage's time; "
+        "a diagnosis, slightly slower than make dev's poller",
+    )
+    parser.add_argument(
+        "--dev-setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a MAOF_* setting for the capacity scenario's API and poller instead of make "
+        "dev's default (repeatable; reported with the results)",
+    )
     parser.add_argument("--submit-iterations", type=int, default=300)
     parser.add_argument("--http-clients", type=int, default=4)
     parser.add_argument("--http-seconds", type=float, default=5.0)
@@ -86,11 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     env.prepare()
 
-    from bench import coldstart, common, drain, floors, machine, report, single, submit
+    from bench import capacity, coldstart, common, drain, floors, machine, report, single, submit
 
     result: dict[str, Any] = {
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "argv": " ".join(["python -m bench", *argv]),
+        "bench_stack": {
+            "database": env.BENCH_DATABASE,
+            "queue": env.BENCH_QUEUE,
+            "redis_db": env.BENCH_REDIS_DB,
+        },
         "machine": machine.facts(),
     }
     print(
@@ -117,6 +158,19 @@ def main(argv: list[str] | None = None) -> int:
             args.drain_delays,
             args.drain_concurrency,
             args.drain_timeout,
+        )
+    if "capacity" in args.scenarios:
+        result["capacity"] = capacity.run(
+            args.capacity_runs,
+            args.capacity_slots,
+            args.capacity_delay,
+            args.capacity_clients,
+            args.capacity_repeats,
+            args.capacity_single_runs,
+            args.drain_timeout,
+            logs,
+            dict(item.split("=", 1) for item in args.dev_setting),
+            args.capacity_trace,
         )
     if "submit" in args.scenarios:
         result["submit"] = submit.run(

@@ -354,6 +354,37 @@ def run_statuses(run_ids: list[uuid.UUID]) -> dict[str, int]:
     return counts
 
 
+def queue_depth() -> dict[str, int]:
+    """Messages in the stage queue: visible, and received but not deleted (in flight)."""
+    from chalicelib.aws import aws_client, stage_queue_url
+
+    attributes = aws_client("sqs").get_queue_attributes(
+        QueueUrl=stage_queue_url(),
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+    )["Attributes"]
+    return {
+        "visible": int(attributes["ApproximateNumberOfMessages"]),
+        "in_flight": int(attributes["ApproximateNumberOfMessagesNotVisible"]),
+    }
+
+
+def audit_actions(run_ids: list[uuid.UUID]) -> dict[str, int]:
+    """How many audit entries of each action these runs have."""
+    from sqlalchemy import text
+
+    from chalicelib.db import session_scope
+
+    with session_scope() as session:
+        rows = session.execute(
+            text(
+                "SELECT action, count(*) FROM execution_logs WHERE run_id = ANY(:ids) "
+                "GROUP BY action"
+            ),
+            {"ids": run_ids},
+        ).all()
+    return {row[0]: int(row[1]) for row in rows}
+
+
 # ------------------------------------------------------------------ what Lambda and SQS would bill
 
 

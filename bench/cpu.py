@@ -1,19 +1,24 @@
 """CPU time by service (from /proc), to see where a scenario's cycles go on a small machine.
 
-Groups: `maof` (this process: the engine, the poller, the app), `localstack`, `postgres`
-(every backend: other clients of the same server count too), `redis`. Linux only; empty
-elsewhere.
+Groups: `maof` (this process: the engine, the poller, the app, or the bench's own client
+when MAOF runs in processes of its own), `localstack`, `postgres` (every backend: other
+clients of the same server count too), `redis`, and whatever processes a scenario started
+itself, named by the caller (`snapshot(named={pid: group})`: the API, the poller, agents).
+Linux only; empty elsewhere.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _group(pid: int) -> str | None:
+def _group(pid: int, named: Mapping[int, str]) -> str | None:
+    if pid in named:
+        return named[pid]
     if pid == os.getpid():
         return "maof"
     try:
@@ -36,8 +41,9 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
-def snapshot() -> dict[int, tuple[str, float]]:
-    """CPU seconds so far of every process of interest, by pid."""
+def snapshot(named: Mapping[int, str] | None = None) -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of every process of interest, by pid (`named`: pids the caller
+    started, with the group each counts in)."""
     found: dict[int, tuple[str, float]] = {}
     proc = Path("/proc")
     if not proc.exists():
@@ -46,7 +52,7 @@ def snapshot() -> dict[int, tuple[str, float]]:
         if not entry.name.isdigit():
             continue
         pid = int(entry.name)
-        group = _group(pid)
+        group = _group(pid, named or {})
         if group is None:
             continue
         try:
@@ -65,3 +71,14 @@ def used(
         if pid in before and before[pid][0] == group:
             totals[group] = totals.get(group, 0.0) + seconds - before[pid][1]
     return {group: round(totals[group], 3) for group in sorted(totals)}
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, every core (/proc/stat)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return (0.0, 0.0)
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return ((total - idle) / _TICKS, total / _TICKS)

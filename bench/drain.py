@@ -12,7 +12,6 @@ message reported failed, and the audit trail shows whether any stage had to wait
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
 from bench import cpu
@@ -21,43 +20,16 @@ from bench.common import (
     InProcessApi,
     Recorder,
     TimedHandler,
+    audit_actions,
     counting_sqs_calls,
     load_app,
+    queue_depth,
     recording,
     run_statuses,
     set_mock_delay,
     submit,
     summary_ms,
 )
-
-
-def _queue_depth() -> dict[str, int]:
-    from chalicelib.aws import aws_client, stage_queue_url
-
-    attributes = aws_client("sqs").get_queue_attributes(
-        QueueUrl=stage_queue_url(),
-        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
-    )["Attributes"]
-    return {
-        "visible": int(attributes["ApproximateNumberOfMessages"]),
-        "in_flight": int(attributes["ApproximateNumberOfMessagesNotVisible"]),
-    }
-
-
-def _audit_actions(run_ids: list[uuid.UUID]) -> dict[str, int]:
-    from sqlalchemy import text
-
-    from chalicelib.db import session_scope
-
-    with session_scope() as session:
-        rows = session.execute(
-            text(
-                "SELECT action, count(*) FROM execution_logs WHERE run_id = ANY(:ids) "
-                "GROUP BY action"
-            ),
-            {"ids": run_ids},
-        ).all()
-    return {row[0]: int(row[1]) for row in rows}
 
 
 def measure(
@@ -101,8 +73,8 @@ def measure(
             spans.append(recorder.finished[run_id] - min(firsts))
     time.sleep(0.2)
     statuses = run_statuses(run_ids)
-    depth = _queue_depth()
-    actions = _audit_actions(run_ids)
+    depth = queue_depth()
+    actions = audit_actions(run_ids)
     verified = (
         finished
         and statuses.get("completed", 0) == runs

@@ -1,6 +1,8 @@
 """The benchmark's own corner of the local stack: database `maof_bench` (recreated and
 migrated each run), Redis db 11, queue `maof-bench-stage-queue`. Nothing here touches dev
-or test data.
+or test data. Two benchmarks sharing a stack must not share these (a run drops the
+database, and each would consume the other's messages): MAOF_BENCH_DATABASE,
+MAOF_BENCH_REDIS_DB and MAOF_BENCH_QUEUE name others.
 
 `configure()` must run before anything reads chalicelib's settings.
 """

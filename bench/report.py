@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from bench.capacity import TRACE_PARTS, UNLIMITED_SLOTS
+
 # The TypeScript MVP on a machine of this kind (2 cores), 50 ms mocked agents (issue #7).
 DASH = "\u2013"
 
@@ -96,6 +98,7 @@ def headlines(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": bool(value and value >= target and drain["verified"]),
             }
         )
+    rows += _capacity_headlines(result)
     submit = result.get("submit", {})
     in_process = submit.get("in_process")
     if in_process:
@@ -160,6 +163,104 @@ def headlines(result: dict[str, Any]) -> list[dict[str, Any]]:
                     "met": value < 1000,
                 }
             )
+    return rows
+
+
+def _capacity_drains(result: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    capacity = result.get("capacity") or {}
+    drains = capacity.get("drains", [])
+    limited = [d for d in drains if d["slots_per_agent"] == capacity.get("slots")]
+    unlimited = [d for d in drains if d["slots_per_agent"] != capacity.get("slots")]
+    return limited, unlimited
+
+
+def _lower_median(values: list[float]) -> float | None:
+    """The median; of an even count, the lower of the middle two (no flattering)."""
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2] if ordered else None
+
+
+def _median_of(drains: list[dict[str, Any]], key: str) -> float | None:
+    return _lower_median([d[key] for d in drains if d.get(key) is not None])
+
+
+def _capacity_headlines(result: dict[str, Any]) -> list[dict[str, Any]]:
+    capacity = result.get("capacity")
+    if not capacity:
+        return []
+    rows: list[dict[str, Any]] = []
+    limited, unlimited = _capacity_drains(result)
+    where = "through make dev's API and poller" + (
+        " (settings overridden)" if capacity.get("dev_settings_overridden") else ""
+    )
+    slots, delay = capacity["slots"], capacity["agent_delay_ms"]
+    if limited:
+        value = _median_of(limited, "slot_utilisation")
+        drain = next(d for d in limited if d["slot_utilisation"] == value)
+        rows.append(
+            {
+                "name": f"Capacity drain, 3 HTTP agents x {slots} slots x {delay} ms, "
+                f"{drain['runs']} 3-stage runs {where}: slot utilisation",
+                "value": f"{value * 100:.0f}% ({drain['runs_per_s']} runs/s, "
+                f"{drain['stages_per_s']} stages/s of {drain['slot_capacity_stages_per_s']:g})",
+                "unit": "",
+                "floor": None,
+                "floor_name": "",
+                "ratio": None,
+                "target": "≥ 90% where the machine is not the bottleneck",
+                "met": value >= 0.9 and drain["verified"],
+            }
+        )
+    if limited and unlimited:
+        ratios = capacity.get("limited_to_unlimited") or []
+        value = _lower_median(ratios)
+        rows.append(
+            {
+                "name": f"… capacity-limited ÷ unlimited ({UNLIMITED_SLOTS} slots), same run",
+                "value": value,
+                "unit": "x",
+                "floor": None,
+                "floor_name": "",
+                "ratio": None,
+                "target": "≥ 0.9",
+                "met": value is not None and value >= 0.9,
+            }
+        )
+    if unlimited:
+        value = _median_of(unlimited, "runs_per_s")
+        drain = next(d for d in unlimited if d["runs_per_s"] == value)
+        target = 10 * MVP["drain_workflows_per_s"]
+        rows.append(
+            {
+                "name": f"Unlimited drain ({UNLIMITED_SLOTS} slots), {drain['runs']} runs {where}",
+                "value": value,
+                "unit": "runs/s",
+                "floor": None,
+                "floor_name": "",
+                "ratio": round(value / MVP["drain_workflows_per_s"], 1) if value else None,
+                "ratio_name": "x MVP",
+                "target": f"≥ {target:.0f}/s (10x MVP), none failed or stranded",
+                "met": bool(value and value >= target and drain["verified"]),
+            }
+        )
+    single = capacity.get("single")
+    if single:
+        in_process = _single(result, delay)
+        rows.append(
+            {
+                "name": f"One 3-stage run {where}, {delay} ms HTTP agents, p50 client-side "
+                "/ server-side",
+                "value": f"{single['client_side']['p50']} / {single['server_side']['p50']}",
+                "unit": "ms",
+                "floor": in_process["end_to_end"]["p50"] if in_process else None,
+                "floor_name": f"the single scenario, in process, {delay} ms mock agents",
+                "ratio": _ratio(single["client_side"]["p50"], in_process["end_to_end"]["p50"])
+                if in_process
+                else None,
+                "target": f"as in process; MVP {MVP['single_e2e_ms']:.0f} ms",
+                "met": None,
+            }
+        )
     return rows
 
 
@@ -245,7 +346,14 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Run {result['started_at']} (`make bench`, {result['duration_s']:.0f} s). "
         f"Git {machine['git']['commit']}{' (with uncommitted changes)' if machine['git']['dirty'] else ''}. "
-        f"Knobs: `{result['argv']}`.",
+        f"Knobs: `{result['argv']}`."
+        + (
+            " Database `{database}`, queue `{queue}`, Redis db {redis_db}.".format(
+                **result["bench_stack"]
+            )
+            if result.get("bench_stack")
+            else ""
+        ),
         "",
         "## Machine",
         "",
@@ -387,6 +495,7 @@ def markdown(result: dict[str, Any]) -> str:
                 + " / ".join(_fmt(b.get(k)) for k in order)
                 + f" | {item.get('run_stage_lambda', {}).get('duration', {}).get('p50')} | {round(sqs, 2)} |"
             )
+    lines += _capacity_markdown(result)
     submit = result.get("submit")
     if submit:
         ip, http = submit["in_process"], submit["http"]
@@ -508,6 +617,149 @@ def markdown(result: dict[str, Any]) -> str:
             "(mocked, 50 ms) agents. Postgres and Redis are fixed monthly costs and are not included.",
         ]
     return "\n".join(lines) + "\n"
+
+
+CAPACITY_GROUPS = ("api", "poller", "agents", "postgres", "redis", "localstack", "maof")
+
+
+def _capacity_markdown(result: dict[str, Any]) -> list[str]:
+    capacity = result.get("capacity")
+    if not capacity:
+        return []
+    poller = capacity["poller"]
+    overridden = capacity.get("dev_settings_overridden") or {}
+    lines = [
+        "",
+        "## capacity: make dev's services driving agents with few slots",
+        "",
+        f"The API (`chalicelib.local.api`) and the poller (`chalicelib.local.poller`: "
+        f"{poller['concurrency']} executions at most, batches of up to {poller['batch_size']}, "
+        f"{poller['wait_seconds']} s long polls, "
+        f"{poller.get('database_connections_kept', DASH)} database connections kept) in "
+        "processes of their own"
+        + (
+            f", with {', '.join(f'{k}={v}' for k, v in overridden.items())} instead of make "
+            "dev's defaults"
+            if overridden
+            else ", with make dev's defaults"
+        )
+        + f"; three agents (`bench/agent.py`, {capacity['agent_delay_ms']} ms, one process "
+        "each, one capability each of extract → translate → summarize) over HTTP. The runs are "
+        "submitted at once over HTTP; the clock runs from the first submit to the last run "
+        "completed.",
+        "",
+        "| Slots per agent | Runs | Runs/s | Stages/s | Slot utilisation | Agents: every slot busy / none busy (share of the drain) | Run time p50 / p95 ms | Submitting took s | Verified |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for d in capacity["drains"]:
+        agents = d["agents_seen"]
+        busy = " · ".join(
+            f"{a.get('all_slots_busy', 0) * 100:.0f}% / {a.get('no_slot_busy', 0) * 100:.0f}%"
+            for a in agents
+        )
+        waits = d["audit_actions"].get("wait", 0)
+        lines.append(
+            f"| {d['slots_per_agent']} | {d['runs']} | {d['runs_per_s']} | {d['stages_per_s']} | "
+            f"{d['slot_utilisation'] * 100:.0f}% of {d['slot_capacity_stages_per_s']:g} stages/s | "
+            f"{busy} | {d['run_time'].get('p50')} / {d['run_time'].get('p95')} | "
+            f"{d['submit_seconds']} | {'yes' if d['verified'] else '**NO**'}"
+            f"{f' ({waits} stages waited)' if waits else ''} |"
+        )
+    ratios = capacity.get("limited_to_unlimited") or []
+    lines += [
+        "",
+        "Slot utilisation = stages/s ÷ (agents x slots ÷ agent delay). Verified: every run and "
+        "stage completed, the queue empty, and no agent ever had more calls at once than its "
+        "slots (as the agent counted them). Capacity-limited ÷ unlimited, stages/s: "
+        + (", ".join(f"{r:g}" for r in ratios) or DASH)
+        + ".",
+        "",
+        "CPU ms per stage by process, and cores busy (`bench` is the benchmark's own process: "
+        "the submitting clients and the polling for the end; Postgres and LocalStack serve "
+        "other clients of the shared stack too; the machine column counts every process):",
+        "",
+        "| Slots per agent | CPU ms/stage "
+        + " / ".join(_group_name(g) for g in CAPACITY_GROUPS)
+        + " | Cores busy (same order) | Machine cores busy |",
+        "|---|---|---|---|",
+    ]
+    for d in capacity["drains"]:
+        c, b = d.get("cpu_ms_per_stage", {}), d.get("cpu_cores_busy", {})
+        lines.append(
+            f"| {d['slots_per_agent']} | "
+            + " / ".join(_fmt(c.get(g)) for g in CAPACITY_GROUPS)
+            + " | "
+            + " / ".join(_fmt(b.get(g)) for g in CAPACITY_GROUPS)
+            + f" | {_fmt(d.get('machine_cores_busy'))} of {d.get('machine_cores')} |"
+        )
+    traced = [d for d in capacity["drains"] if d.get("trace_split")]
+    if traced:
+        lines += [
+            "",
+            "Where a stage's time went (`--capacity-trace`: the poller's probes recorded, "
+            "chalicelib/engine/trace.py), p50 / p95 ms:",
+            "",
+            "| Slots per agent | " + " | ".join(name for name, _ in TRACE_PARTS) + " |",
+            "|---" * (len(TRACE_PARTS) + 1) + "|",
+        ]
+        for d in traced:
+            split = d["trace_split"]
+            lines.append(
+                f"| {d['slots_per_agent']} | "
+                + " | ".join(
+                    f"{_fmt(split[name].get('p50'))} / {_fmt(split[name].get('p95'))}"
+                    for name, _ in TRACE_PARTS
+                )
+                + " |"
+            )
+        lines += [
+            "",
+            "; ".join(f"`{name}`: {meaning}" for name, meaning in TRACE_PARTS) + ".",
+        ]
+    single = capacity.get("single")
+    if single:
+        split = single["per_stage"]
+        in_process = _single(result, capacity["agent_delay_ms"])
+        lines += [
+            "",
+            f"One run at a time through the same services ({single['runs']} runs, "
+            f"{capacity['agent_delay_ms']} ms agents answering in "
+            f"{single['agent_answer_ms_mean']} ms on their side), p50 / p95 ms:",
+            "",
+            "| Measure | p50 | p95 |",
+            "|---|---|---|",
+            _row2("Client-side: POST sent → run completed", single["client_side"]),
+            _row2("Server-side: run created → completed", single["server_side"]),
+            _row2("POST /workflows/execute answered (client-side)", single["submit_http"]),
+            _row2(
+                "Per stage: queued → claimed (the SQS hop and the claim)",
+                split["queued_to_claimed"],
+            ),
+            _row2(
+                "Per stage: claimed → completed (the agent's call and the engine around it)",
+                split["claimed_to_completed"],
+            ),
+            "",
+            f"Orchestration per stage, p50: {single['orchestration_per_stage_ms_p50']} ms "
+            "((server-side - 3 x the agents' answer time) ÷ 3)."
+            + (
+                f" In process (the single scenario, {capacity['agent_delay_ms']} ms mock agents, "
+                f"same run): {in_process['end_to_end']['p50']} ms end to end p50."
+                if in_process
+                else ""
+            ),
+        ]
+    return lines
+
+
+def _group_name(group: str) -> str:
+    return {"maof": "bench", "localstack": "LocalStack", "api": "API"}.get(
+        group, group.capitalize() if group in ("postgres", "redis") else group
+    )
+
+
+def _row2(label: str, stats: dict[str, Any]) -> str:
+    return f"| {label} | {_fmt(stats.get('p50'))} | {_fmt(stats.get('p95'))} |"
 
 
 def _row(label: str, stats: dict[str, Any]) -> str:

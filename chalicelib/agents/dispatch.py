@@ -226,8 +226,11 @@ def _read_by(response: urllib3.BaseHTTPResponse, deadline: float, limit: int) ->
     """The body, up to `limit` + 1 bytes, read by `deadline`."""
     chunks: list[bytes] = []
     size = 0
-    sock = getattr(getattr(response, "connection", None), "sock", None)
     while size <= limit:
+        # Looked up each time: once the last byte is read, urllib3 puts the connection
+        # back in its pool, where another call takes it (or, the pool being full, closes
+        # it); its socket is no longer ours to set a timeout on.
+        sock = getattr(getattr(response, "connection", None), "sock", None)
         if sock is not None:
             sock.settimeout(_remaining(deadline))
         chunk = response.read1(min(65536, limit + 1 - size), decode_content=True)

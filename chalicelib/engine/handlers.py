@@ -567,10 +567,8 @@ def _hand_off(agent: AgentChoice, invocation: Invocation) -> bool:
     try:
         if not invocation.may_run_more():
             return False  # released as usual; _after_release wakes the next through SQS
-        for run_id, stage_id in stages.next_waiting(agent.agent_uuid):
-            claimed = stages.claim_stage(run_id, stage_id, waiting=True)
-            if claimed is None:
-                continue  # taken by another worker, or its run ended
+        claimed = stages.claim_next_waiting(agent.agent_uuid)
+        if claimed is not None:
             policy = DispatchPolicy.of(claimed.config)
             until = _wall_clock(_call_deadline(policy, invocation.deadline))
             handed = hand_over(agent, until)

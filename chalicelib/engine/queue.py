@@ -44,20 +44,16 @@ def send_stage_messages(
     sweeper sends them again.
 
     Sends from threads of the same process that overlap go out together (see _Outbox):
-    the records of a batch finishing at once make one request, not ten. `fast` sends at
-    once with a client that gives up within about two seconds (an API request must answer
-    well within API Gateway's 29 s, and the sweeper covers what it could not send)."""
+    the records of a batch finishing at once make one request, not ten. `fast` sends with
+    a client that gives up within about two seconds (an API request must answer well
+    within API Gateway's 29 s, and the sweeper covers what it could not send); a lone
+    request sends at once, one that finds another's send in flight (the local server
+    answers requests concurrently in one process) waits for it, then goes with the next."""
     delay = max(0, min(MAX_DELAY_SECONDS, math.ceil(delay_seconds)))
     entries = [(StageMessage(run_id, stage_id).body(), delay) for stage_id in stage_ids]
     if not entries:
         return
-    if fast:
-        parcel = _Parcel(entries)
-        _send_parcels([parcel], aws_client("sqs", fast_fail=True))
-        if parcel.error is not None:
-            raise parcel.error
-        return
-    _OUTBOX.send(entries)
+    (_FAST_OUTBOX if fast else _OUTBOX).send(entries)
 
 
 @dataclass
@@ -76,7 +72,8 @@ class _Outbox:
     them itself with everything that gathered meanwhile. No caller waits for more than
     the send in flight plus its own, and a lone caller never waits."""
 
-    def __init__(self) -> None:
+    def __init__(self, fast_fail: bool = False) -> None:
+        self.fast_fail = fast_fail  # the client that gives up within about two seconds
         self._cond = threading.Condition()
         self._waiting: list[_Parcel] = []
         self._sending = False
@@ -92,7 +89,7 @@ class _Outbox:
                 parcels, self._waiting = self._waiting, []
         if not mine.done:
             try:
-                _send_parcels(parcels)
+                _send_parcels(parcels, fast_fail=self.fast_fail)
             finally:
                 with self._cond:
                     self._sending = False
@@ -101,12 +98,12 @@ class _Outbox:
             raise mine.error
 
 
-def _send_parcels(parcels: list[_Parcel], sqs: Any = None) -> None:
+def _send_parcels(parcels: list[_Parcel], *, fast_fail: bool = False) -> None:
     """Send every parcel's messages, ten to a request; mark each parcel done, with the
     error that kept any of its messages from the queue."""
     flat = [(parcel, entry) for parcel in parcels for entry in parcel.entries]
     try:
-        sqs = sqs or aws_client("sqs")
+        sqs = aws_client("sqs", fast_fail=fast_fail)
         for start in range(0, len(flat), SQS_BATCH):
             chunk = flat[start : start + SQS_BATCH]
             try:
@@ -142,6 +139,7 @@ def _send_parcels(parcels: list[_Parcel], sqs: Any = None) -> None:
 
 
 _OUTBOX = _Outbox()
+_FAST_OUTBOX = _Outbox(fast_fail=True)
 
 
 def change_visibility(entries: Sequence[tuple[str, int]]) -> None:

@@ -74,24 +74,46 @@ def claim_stage(run_id: uuid.UUID, stage_id: str, *, waiting: bool = False) -> C
     One statement, one round trip: the claim, the run's move to in_progress, and what
     the stage needs to run (the workflow input and the outputs its input reads).
     """
+    return _claim(_CLAIM_WAITING if waiting else _CLAIM, {"run_id": run_id, "stage_id": stage_id})
+
+
+# A waiting stage can be taken by another worker between our choice and our claim.
+CLAIM_NEXT_WAITING_TRIES = 3
+
+
+def claim_next_waiting(agent_uuid: str) -> ClaimedStage | None:
+    """Take the first of the stages waiting for this agent, in next_waiting's order, or
+    None when none waits. One statement chooses and claims; a stage another worker took
+    meanwhile is not claimed, and the next one is chosen (a few times at most)."""
+    for _ in range(CLAIM_NEXT_WAITING_TRIES):
+        token = uuid.uuid4()
+        row = _claim_row(_CLAIM_NEXT_WAITING, {"agent_uuid": uuid.UUID(agent_uuid)}, token)
+        if row is None:
+            return None  # none waits for this agent
+        if row.id is not None:
+            return _claimed(row, token)
+    return None
+
+
+def _claim(statement: Any, params: dict[str, Any]) -> ClaimedStage | None:
     token = uuid.uuid4()
+    row = _claim_row(statement, params, token)
+    return None if row is None else _claimed(row, token)
+
+
+def _claim_row(statement: Any, params: dict[str, Any], token: uuid.UUID) -> Any:
     with autocommit_connection() as conn:
-        row = conn.execute(
-            _CLAIM_WAITING if waiting else _CLAIM,
-            {
-                "run_id": run_id,
-                "stage_id": stage_id,
-                "token": token,
-                "lease": get_settings().stage_lease_seconds,
-            },
+        return conn.execute(
+            statement, {**params, "token": token, "lease": get_settings().stage_lease_seconds}
         ).first()
-    if row is None:
-        return None
+
+
+def _claimed(row: Any, token: uuid.UUID) -> ClaimedStage:
     return ClaimedStage(
         id=row.id,
-        run_id=run_id,
+        run_id=row.run_id,
         owner_id=row.owner_id,
-        stage_id=stage_id,
+        stage_id=row.stage_id,
         stage_name=row.stage_name,
         capability=row.capability,
         dependencies=list(row.dependencies),
@@ -114,10 +136,13 @@ def claim_stage(run_id: uuid.UUID, stage_id: str, *, waiting: bool = False) -> C
 # The run row is locked first (the scalar subquery on `run` is evaluated before the
 # UPDATE touches a stage row): the same order as every other writer. Only the outputs
 # the stage needs are read: a stage of a wide run does not drag every output along.
+# {run_id} and {stage_id} say which stage: parameters, or the `candidate` row that a
+# statement put first ({candidate}) chose; {rows} is one row per claim (or, for a
+# candidate, one row however the claim went: its claimed columns NULL if it was lost).
 _CLAIM_SQL = """
-    WITH run AS MATERIALIZED (
+    WITH {candidate} run AS MATERIALIZED (
         SELECT id, user_id, workflow_name, input, deadline_at FROM workflow_runs
-         WHERE id = :run_id AND status IN ('queued', 'in_progress')
+         WHERE id = {run_id} AND status IN ('queued', 'in_progress')
            AND (deadline_at IS NULL OR deadline_at > now())
            FOR NO KEY UPDATE
     ), claimed AS (
@@ -125,24 +150,35 @@ _CLAIM_SQL = """
            SET status = 'in_progress', claim_token = :token,
                started_at = COALESCE(started_at, now()),
                lease_expires_at = now() + make_interval(secs => :lease), parked_at = NULL
-         WHERE run_id = (SELECT id FROM run) AND stage_id = :stage_id AND {condition}
-     RETURNING id, stage_name, capability, dependencies, needs, input_template, config,
-               attempt, agent_uuid, agent_attempts, tried_agents, error_message, errors, waits
+         WHERE run_id = (SELECT id FROM run) AND stage_id = {stage_id} AND {condition}
+     RETURNING id, stage_id, stage_name, capability, dependencies, needs, input_template,
+               config, attempt, agent_uuid, agent_attempts, tried_agents, error_message,
+               errors, waits
     ), started AS (
         UPDATE workflow_runs SET status = 'in_progress', started_at = now(), updated_at = now()
-         WHERE id = :run_id AND status = 'queued' AND EXISTS (SELECT 1 FROM claimed)
+         WHERE id = (SELECT id FROM run) AND status = 'queued' AND EXISTS (SELECT 1 FROM claimed)
     )
-    SELECT claimed.*, run.user_id AS owner_id, run.workflow_name, run.input AS workflow_input,
+    SELECT claimed.*, run.id AS run_id, run.user_id AS owner_id, run.workflow_name,
+           run.input AS workflow_input,
            EXTRACT(EPOCH FROM run.deadline_at - now()) AS deadline_in,
            (SELECT jsonb_object_agg(done.stage_id, done.output) FROM stage_executions AS done
-             WHERE done.run_id = :run_id AND done.status = 'completed'
+             WHERE done.run_id = run.id AND done.status = 'completed'
                AND (claimed.needs IS NULL OR done.stage_id = ANY (claimed.needs))) AS outputs
-      FROM claimed, run
+      FROM {rows}
 """
+_BY_PARAMETERS = {
+    "candidate": "",
+    "run_id": ":run_id",
+    "stage_id": ":stage_id",
+    "rows": "claimed, run",
+}
 _CLAIM = text(
-    _CLAIM_SQL.format(condition="status = 'queued' AND (not_before IS NULL OR not_before <= now())")
+    _CLAIM_SQL.format(
+        **_BY_PARAMETERS,
+        condition="status = 'queued' AND (not_before IS NULL OR not_before <= now())",
+    )
 )
-_CLAIM_WAITING = text(_CLAIM_SQL.format(condition="status = 'waiting'"))
+_CLAIM_WAITING = text(_CLAIM_SQL.format(**_BY_PARAMETERS, condition="status = 'waiting'"))
 
 
 class AssignResult(enum.Enum):
@@ -721,30 +757,42 @@ def park_stage(stage: ClaimedStage, reason: str) -> Requeued:
         if not run.live:
             return _skip_ended(session, stage, run)
         parked = session.execute(
-            text(
-                """
-                UPDATE stage_executions
-                   SET status = 'waiting', parked_at = COALESCE(parked_at, now()),
-                       queued_at = now(), lease_expires_at = NULL, claim_token = NULL,
-                       waits = waits + 1
-                 WHERE id = :id AND status = 'in_progress' AND claim_token = :token
-             RETURNING waits
-                """
-            ),
-            {"id": stage.id, "token": stage.claim_token},
+            _PARK, {"id": stage.id, "run_id": stage.run_id, "token": stage.claim_token}
         ).first()
         if parked is None:
             return Requeued.LOST
         if parked.waits == 1:
-            chain.append(
-                session,
+            entry = chain.next_entry(
                 stage.run_id,
+                parked.last_seq,
+                parked.last_hash,
                 "wait",
                 "waiting",
                 stage_id=stage.stage_id,
                 details={"reason": reason, "attempt": stage.attempt},
             )
+            session.execute(audit_rows.INSERT, audit_rows.params(entry))
     return Requeued.QUEUED
+
+
+# The stage's parking, conditional on our claim, and the head of the run's audit chain
+# (read after the run lock was taken, as in _COMPLETE).
+_PARK = text(
+    """
+    WITH parked AS (
+        UPDATE stage_executions
+           SET status = 'waiting', parked_at = COALESCE(parked_at, now()),
+               queued_at = now(), lease_expires_at = NULL, claim_token = NULL,
+               waits = waits + 1
+         WHERE id = :id AND status = 'in_progress' AND claim_token = :token
+     RETURNING waits
+    )
+    SELECT parked.waits, head.seq AS last_seq, head.entry_hash AS last_hash
+      FROM parked LEFT JOIN LATERAL (
+           SELECT seq, entry_hash FROM execution_logs
+            WHERE run_id = :run_id ORDER BY seq DESC LIMIT 1) AS head ON true
+    """
+)
 
 
 def next_waiting(agent_uuid: str, limit: int = 3) -> list[tuple[uuid.UUID, str]]:
@@ -758,8 +806,7 @@ def next_waiting(agent_uuid: str, limit: int = 3) -> list[tuple[uuid.UUID, str]]
         return [(row.run_id, row.stage_id) for row in rows]
 
 
-_NEXT_WAITING = text(
-    """
+_NEXT_WAITING_SQL = """
     WITH agent AS (
         SELECT id, owner_id, visibility, capabilities FROM agents
          WHERE id = :agent_uuid AND deleted_at IS NULL
@@ -769,6 +816,7 @@ _NEXT_WAITING = text(
           JOIN workflow_runs AS r ON r.id = s.run_id, agent AS a
          WHERE s.status = 'waiting' AND s.capability = ANY (a.capabilities)
            AND r.status IN ('queued', 'in_progress')
+           AND (r.deadline_at IS NULL OR r.deadline_at > now())
            AND (a.visibility = 'shared' OR r.user_id = a.owner_id)
            AND NOT (a.id = ANY (s.tried_agents))
            AND (s.agent_uuid IS NULL OR s.agent_uuid = a.id)
@@ -778,8 +826,17 @@ _NEXT_WAITING = text(
      ORDER BY (SELECT count(*) FROM stage_executions AS x
                 WHERE x.run_id = heads.run_id AND x.status = 'in_progress'),
               heads.parked_at
-     LIMIT :limit
-    """
+     LIMIT {limit}
+"""
+_NEXT_WAITING = text(_NEXT_WAITING_SQL.format(limit=":limit"))
+_CLAIM_NEXT_WAITING = text(
+    _CLAIM_SQL.format(
+        candidate=f"candidate AS MATERIALIZED ({_NEXT_WAITING_SQL.format(limit=1)}),",
+        run_id="(SELECT run_id FROM candidate)",
+        stage_id="(SELECT stage_id FROM candidate)",
+        condition="status = 'waiting'",
+        rows="candidate LEFT JOIN (claimed CROSS JOIN run) ON true",
+    )
 )
 
 

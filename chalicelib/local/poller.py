@@ -1,9 +1,14 @@
 """The local event source: long-polls the stage queue and invokes `run_stage` with real
 Lambda SQS events, and runs the scheduled handlers on their schedule (dev and tests only).
 
-Each worker thread plays one concurrent Lambda execution: receive up to a batch,
-invoke the handler in process, delete what succeeded, leave what failed for
-redelivery after the visibility timeout.
+As Lambda's SQS event source mapping does, receiving and executing are apart: a few
+receivers long-poll the queue and hand each batch to an execution of the handler (a
+thread standing in for one concurrent Lambda execution), up to `concurrency` at once;
+each execution deletes what succeeded and leaves what failed for redelivery after the
+visibility timeout. A receiver takes messages only when an execution is free for them,
+so none waits received while its visibility timeout runs. An execution that is busy for
+long (handing freed agent slots on to waiting stages) keeps no other message waiting
+while executions are free.
 
 LocalStack keeps no state across a restart: when a receive fails, a ResourceKeeper checks
 (at most every few seconds) whether the queue is gone and, if so, creates the queues and
@@ -15,18 +20,27 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import os
+import signal
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from chalicelib.aws import aws_client, stage_queue_url
-from chalicelib.config import ConfigError, Settings, get_settings
+from chalicelib.config import ConfigError, Settings, get_settings, reset_settings
 from chalicelib.logs import logger
 
 Handler = Callable[[dict[str, Any], Any], Any]
+
+# Long polls kept on the queue at once (Lambda starts with five for a queue, for any
+# number of executions). Each brings up to a batch; when a receive takes tens of
+# milliseconds (LocalStack on a busy machine), fewer than four refill the executions
+# too slowly, while each more costs an idle queue one more waiting request.
+RECEIVERS = 4
 
 
 class LambdaContext:
@@ -175,7 +189,8 @@ class ResourceKeeper:
 
 
 class Poller:
-    """Workers that drain the stage queue into `handler`, plus a schedule thread."""
+    """Receivers that drain the stage queue into up to `concurrency` executions of
+    `handler` at once, plus a schedule thread."""
 
     def __init__(
         self,
@@ -200,21 +215,29 @@ class Poller:
         )["Attributes"]["QueueArn"]
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._free = threading.BoundedSemaphore(self.concurrency)  # executions not running
+        self._executions = ThreadPoolExecutor(self.concurrency, thread_name_prefix="execution")
         self.invocations = 0
         self.failures = 0
         self._lock = threading.Lock()
 
     def start(self) -> Poller:
-        for index in range(self.concurrency):
+        for index in range(min(RECEIVERS, self.concurrency)):
             self._spawn(self._drain, f"poller-{index}")
         for name, handler, interval in self.schedules:
             self._spawn(functools.partial(self._every, name, handler, interval), f"schedule-{name}")
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop receiving, and wait (up to `timeout`) for the executions in flight."""
         self._stop.set()
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for _ in range(self.concurrency):
+            if not self._free.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                break
+        self._executions.shutdown(wait=False)
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -224,6 +247,9 @@ class Poller:
     def _drain(self) -> None:
         sqs = aws_client("sqs")
         while not self._stop.is_set():
+            if not self._free.acquire(timeout=0.5):
+                continue  # every execution is busy: take no message it cannot start on
+            messages: list[dict[str, Any]] = []
             try:
                 received = sqs.receive_message(
                     QueueUrl=self.queue_url,
@@ -232,14 +258,27 @@ class Poller:
                     AttributeNames=["All"],
                     MessageAttributeNames=["All"],
                 )
+                messages = received.get("Messages", [])
+                if messages:
+                    self._executions.submit(self._execute, messages)
             except Exception as exc:
+                messages = []
                 logger.warning("poller receive failed", extra={"error": repr(exc)})
                 if self.keeper is None or not self.keeper.heal():
                     self._stop.wait(1.0)
-                continue
-            messages = received.get("Messages", [])
-            if messages:
-                self.deliver(messages)
+            finally:
+                if not messages:
+                    self._free.release()
+
+    def _execute(self, messages: list[dict[str, Any]]) -> None:
+        try:
+            self.deliver(messages)
+        except Exception as exc:  # the delete failed: the messages come back, as on Lambda
+            logger.warning("poller delete failed", extra={"error": repr(exc)})
+            if self.keeper is not None:
+                self.keeper.heal()
+        finally:
+            self._free.release()
 
     def deliver(self, messages: list[dict[str, Any]]) -> None:
         """Invoke the handler with one batch; delete what it did not report as failed."""
@@ -259,20 +298,12 @@ class Poller:
             self.invocations += 1
             self.failures += len(failed)
         if done:
-            try:
-                aws_client("sqs").delete_message_batch(
-                    QueueUrl=self.queue_url,
-                    Entries=[
-                        {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
-                        for i, m in enumerate(done)
-                    ],
-                )
-            except Exception as exc:
-                # Not deleted: SQS delivers them again and the claim makes that a no-op. The
-                # worker lives on (a dead thread is a Lambda concurrency slot lost for good).
-                logger.warning("poller delete failed", extra={"error": repr(exc)})
-                if self.keeper is not None:
-                    self.keeper.heal()
+            aws_client("sqs").delete_message_batch(
+                QueueUrl=self.queue_url,
+                Entries=[
+                    {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(done)
+                ],
+            )
 
     def _every(self, name: str, handler: Handler, interval: float) -> None:
         while not self._stop.wait(interval):
@@ -305,6 +336,22 @@ def from_app(concurrency: int | None = None, api_url: str | None = None) -> Poll
     )
 
 
+# Database connections the poller process keeps per execution it may run. Deployed, each
+# run_stage execution keeps up to 10 (+5) of its own; here one process stands in for all
+# of them, and past the pool every connection is opened and closed again for each use (a
+# new Postgres backend each time): with make dev's 16 executions, a pool of 10 opened 768
+# connections in one 200-run drain and cost a third of its throughput.
+CONNECTIONS_PER_EXECUTION = 2
+
+
+def size_database_pool(environ: MutableMapping[str, str], concurrency: int) -> None:
+    """Keep CONNECTIONS_PER_EXECUTION connections per execution, unless MAOF_DB_POOL_SIZE
+    is set (empty is unset, as everywhere in the settings)."""
+    if not environ.get("MAOF_DB_POOL_SIZE"):
+        environ["MAOF_DB_POOL_SIZE"] = str(min(100, CONNECTIONS_PER_EXECUTION * concurrency))
+        reset_settings()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m chalicelib.local.poller")
     parser.add_argument("--concurrency", type=int, default=None)
@@ -313,16 +360,28 @@ def main() -> int:
     )
     args = parser.parse_args()
     try:
+        size_database_pool(os.environ, args.concurrency or get_settings().poller_concurrency)
         poller = from_app(args.concurrency, args.api_url).start()
     except ConfigError as exc:
         print(f"maof: configuration error: {exc}", file=sys.stderr)
         return 2
-    print(f"poller: draining {poller.queue_url} with {poller.concurrency} workers", flush=True)
+    print(
+        f"poller: draining {poller.queue_url} with up to {poller.concurrency} executions, "
+        f"batches of up to {poller.batch_size}, {poller.wait_seconds} s long polls, "
+        f"{get_settings().db_pool_size} database connections kept",
+        flush=True,
+    )
+    # Stopped (Ctrl-C, or make dev's SIGTERM), it lets its receives return before it exits:
+    # a long poll cut off mid-wait stays open in SQS (LocalStack too) and takes the next
+    # messages for a client that is gone, where they sit until the visibility timeout.
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     try:
-        while True:
-            time.sleep(3600)
+        while not stopping.wait(0.5):
+            pass
     except KeyboardInterrupt:
-        poller.stop()
+        pass
+    poller.stop(timeout=poller.wait_seconds + 5.0)
     return 0
 
 

@@ -49,6 +49,10 @@ class AgentServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: AgentServer
     protocol_version = "HTTP/1.1"
+    # http.server writes the headers and the body apart: without TCP_NODELAY, Nagle's
+    # algorithm holds the body for the caller's delayed ACK, ~40 ms on every keep-alive
+    # request after the first (MAOF keeps connections to agents open).
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet by default
         pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -137,3 +138,34 @@ def test_concurrency_setting_runs_that_many_handlers_at_once(scratch_queue):
         release.set()
         poller.stop()
     assert peak == 4
+
+
+def test_no_message_is_taken_while_every_execution_is_busy(scratch_queue):
+    """A receiver takes messages only for a free execution: none waits received (its
+    visibility timeout running) behind a busy one, as with Lambda's event source."""
+    seen: list[str] = []
+    release = threading.Event()
+
+    def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+        for record in event["Records"]:
+            seen.append(record["body"])
+            if record["body"] == "long":
+                release.wait(10)
+        return {"batchItemFailures": []}
+
+    sqs = aws_client("sqs")
+    send(scratch_queue, "long")
+    poller = poller_on(scratch_queue, handler, concurrency=1, batch_size=1).start()
+    try:
+        wait_until(lambda: seen == ["long"], timeout=20)
+        send(scratch_queue, "next")
+        time.sleep(1.5)  # a free receiver would have taken it by now
+        visible = sqs.get_queue_attributes(
+            QueueUrl=scratch_queue, AttributeNames=["ApproximateNumberOfMessages"]
+        )["Attributes"]["ApproximateNumberOfMessages"]
+        assert (seen, visible) == (["long"], "1")
+        release.set()
+        wait_until(lambda: seen == ["long", "next"], timeout=20)
+    finally:
+        release.set()
+        poller.stop()

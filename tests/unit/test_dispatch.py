@@ -4,10 +4,17 @@ and what strict parsing refuses: anything JSON or Postgres's JSONB cannot hold."
 from __future__ import annotations
 
 import json
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 
-from chalicelib.agents.dispatch import AgentCallFailed, AgentTask, interpret
+from chalicelib.agents import network
+from chalicelib.agents.dispatch import AgentCallFailed, AgentTask, call_agent, interpret
 from chalicelib.config import get_settings
 from chalicelib.engine.policy import Failure
 
@@ -124,3 +131,49 @@ def test_task_body_and_idempotency_key_follow_the_protocol():
             "deadlineMs": 5000,
         },
     }
+
+
+class _KeepAliveAgent(BaseHTTPRequestHandler):
+    """Answers every POST after 50 ms, keeping the connection open (as real agents do)."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        task = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        time.sleep(0.05)
+        body = answer({"status": "success", "output": {"stage": task["stageId"]}})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_answers_read_in_full_are_kept_when_their_connections_go_back_to_a_full_pool(
+    monkeypatch,
+):
+    # urllib3 hands a connection back to its pool as the last byte is read, and closes it
+    # when the pool is full: more calls at once to one agent than the pool keeps.
+    monkeypatch.setattr(network, "POOL_MAXSIZE", 1)
+    monkeypatch.setattr(network, "_pools", OrderedDict())
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _KeepAliveAgent)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/agent"
+
+    def call(index: int) -> Any:
+        task = AgentTask("wfr-1", f"s{index}", 1, "c", {}, "wf", timeout_ms=5000)
+        return call_agent(url, "tok", "agent", task).value
+
+    try:
+        for _ in range(3):
+            with ThreadPoolExecutor(8) as pool:
+                outputs = list(pool.map(call, range(8)))
+            assert outputs == [{"stage": f"s{i}"} for i in range(8)]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -125,3 +126,27 @@ def test_adapter_answers_upstream_429_as_retryable(adapter):
 def test_adapter_refuses_a_wrong_token(adapter):
     _, url = adapter
     assert post(url, token="wrong")["httpStatus"] == 401
+
+
+def test_the_protocol_server_answers_keep_alive_requests_without_waiting_for_an_ack():
+    # Headers and body written apart, with Nagle's algorithm on, wait ~40 ms each for the
+    # client's delayed ACK: an agent that answers at once would look 40 ms slow.
+    agent = serve(lambda capability, data, context: {"ok": True}, "127.0.0.1", 0, "/agent", "t")
+    url = f"http://127.0.0.1:{agent.server_address[1]}/agent"
+    times = []
+    try:
+        with requests.Session() as http:
+            for index in range(12):
+                started = time.perf_counter()
+                response = http.post(
+                    url,
+                    json={"capability": "c", "input": {}, "stageId": f"s{index}"},
+                    headers={"Authorization": "Bearer t", "Idempotency-Key": f"k{index}"},
+                    timeout=5,
+                )
+                assert response.json() == {"status": "success", "output": {"ok": True}}
+                times.append(time.perf_counter() - started)  # the body read too
+    finally:
+        agent.shutdown()
+        agent.server_close()
+    assert sorted(times)[len(times) // 2] < 0.02, times
