@@ -26,7 +26,7 @@ help:
 	@echo "make migrate  apply database migrations"
 	@echo "make chaos    restart Postgres, Redis, LocalStack (and kill the poller) mid-drain on an isolated stack; print what ended"
 	@echo "make down     stop what the stack started"
-	@echo "make package  chalice package STAGE (default prod) with infra/ merged, into build/package"
+	@echo "make package  chalice package STAGE (default prod) with infra/template.json merged, into build/package"
 	@echo "make secrets  create the SSM SecureString parameters a deployed STAGE reads"
 	@echo "make deploy   package, create/update the stack maof-STAGE, migrate, publish the dashboard"
 	@echo "make destroy  delete the stack maof-STAGE (asks first; YES=1 skips the question)"
@@ -77,45 +77,56 @@ chaos: venv
 	$(PY) -m tests.faults.chaos $(CHAOS_ARGS)
 
 # ---------------------------------------------------------------- AWS (see README "Deploy to AWS")
-# STAGE is the Chalice stage (.chalice/config.json) and names the stack maof-$(STAGE).
+# STAGE is the Chalice stage (.chalice/config.json) and names the stack maof-$(STAGE), whose
+# resources all take their names from it: stages live side by side in one account and region.
+# The AWS CLI (requirements-dev.txt) packages and deploys the stack; python -m infra does the rest.
 STAGE ?= prod
-AWS_FLAGS = --stage $(STAGE) $(if $(REGION),--region $(REGION)) $(if $(SECRETS_PATH),--secrets-path $(SECRETS_PATH))
-DEPLOY_FLAGS = $(if $(SUBNET_IDS),--subnet-ids $(SUBNET_IDS)) \
-	$(if $(SECURITY_GROUP_IDS),--security-group-ids $(SECURITY_GROUP_IDS)) \
-	$(if $(ALARM_EMAIL),--alarm-email $(ALARM_EMAIL)) $(if $(CORS_ORIGIN),--cors-origin $(CORS_ORIGIN)) \
-	$(if $(LOG_RETENTION_DAYS),--log-retention-days $(LOG_RETENTION_DAYS)) \
-	$(if $(SECRETS_KMS_KEY_ARN),--secrets-kms-key-arn $(SECRETS_KMS_KEY_ARN)) \
-	$(if $(API_RATE_LIMIT),--api-rate-limit $(API_RATE_LIMIT)) \
-	$(if $(API_BURST_LIMIT),--api-burst-limit $(API_BURST_LIMIT)) \
-	$(if $(RUN_STAGE_MAX_CONCURRENCY),--run-stage-max-concurrency $(RUN_STAGE_MAX_CONCURRENCY)) \
-	$(if $(API_RESERVED_CONCURRENCY),--api-reserved-concurrency $(API_RESERVED_CONCURRENCY))
+INFRA = $(PY) -m infra --stage $(STAGE) $(if $(REGION),--region $(REGION)) \
+	$(if $(SECRETS_PATH),--secrets-path $(SECRETS_PATH)) $(if $(SECRETS_KMS_KEY_ARN),--kms-key-id $(SECRETS_KMS_KEY_ARN))
+# The AWS CLI v1 reads AWS_DEFAULT_REGION or the profile's region, not AWS_REGION: pass it on.
+AWS_CLI_REGION = $(or $(REGION),$(AWS_REGION))
+AWS = $(PY) -m awscli $(if $(AWS_CLI_REGION),--region $(AWS_CLI_REGION))
+# Stack parameters; on an update, those not given keep their values.
+STACK_PARAMETERS = $(if $(SUBNET_IDS),SubnetIds=$(SUBNET_IDS)) \
+	$(if $(SECURITY_GROUP_IDS),SecurityGroupIds=$(SECURITY_GROUP_IDS)) \
+	$(if $(ALARM_EMAIL),AlarmEmail=$(ALARM_EMAIL)) $(if $(CORS_ORIGIN),CorsOrigin=$(CORS_ORIGIN)) \
+	$(if $(LOG_RETENTION_DAYS),LogRetentionDays=$(LOG_RETENTION_DAYS)) \
+	$(if $(SECRETS_KMS_KEY_ARN),SecretsKmsKeyArn=$(SECRETS_KMS_KEY_ARN)) \
+	$(if $(API_RATE_LIMIT),ApiThrottlingRateLimit=$(API_RATE_LIMIT)) \
+	$(if $(API_BURST_LIMIT),ApiThrottlingBurstLimit=$(API_BURST_LIMIT)) \
+	$(if $(RUN_STAGE_MAX_CONCURRENCY),RunStageMaxConcurrency=$(RUN_STAGE_MAX_CONCURRENCY)) \
+	$(if $(API_RESERVED_CONCURRENCY),ApiReservedConcurrency=$(API_RESERVED_CONCURRENCY))
 
 # The STAGE SAM template merged with infra/template.json, and the code zip, in build/package.
+# No local MAOF_* setting (.env) may reach it: importing app.py reads some (the CORS origin).
 package: venv
-	$(PY) -m infra.deploy package --stage $(STAGE)
+	rm -rf build/package
+	env $(addprefix -u ,$(filter MAOF_%,$(.VARIABLES))) \
+	AWS_DEFAULT_REGION=$(or $(REGION),$(AWS_REGION),$(AWS_DEFAULT_REGION),us-east-1) \
+	$(VENV)/bin/chalice package --stage $(STAGE) --merge-template infra/template.json build/package
 
-# The SSM SecureString parameters under /maof/$(STAGE): generates jwt-secret and secret-key,
-# asks for database-url and redis-url (OVERWRITE=1 replaces those two).
+# The SSM SecureString parameters under /maof/$(STAGE): generates jwt-secret, secret-key and
+# audit-signing-key, asks for the URLs (OVERWRITE=1 replaces those).
 secrets: venv
-	$(PY) -m infra.deploy secrets $(AWS_FLAGS) $(if $(OVERWRITE),--overwrite) \
-	$(if $(SECRETS_KMS_KEY_ARN),--kms-key-id $(SECRETS_KMS_KEY_ARN))
+	$(INFRA) secrets $(if $(OVERWRITE),--overwrite)
 
-# Package, create or update the stack, run the migrate function, publish the dashboard.
-deploy: venv
-	$(PY) -m infra.deploy deploy $(AWS_FLAGS) $(DEPLOY_FLAGS)
+# Package, create or update the stack (aws cloudformation package + deploy), run the migrate
+# function, publish the dashboard.
+deploy: package
+	$(INFRA) deploy $(STACK_PARAMETERS)
 
 # Delete the stack and its artifacts (keeps the SSM parameters unless DELETE_SECRETS=1).
 destroy: venv
-	$(PY) -m infra.deploy destroy $(AWS_FLAGS) $(if $(YES),--yes) $(if $(DELETE_SECRETS),--delete-secrets)
+	$(INFRA) destroy $(if $(YES),--yes) $(if $(DELETE_SECRETS),--delete-secrets)
 
 # Rotate a key of a deployed STAGE without downtime (README "Security"): KEY=jwt-secret or
 # KEY=secret-key (the latter also re-encrypts every agent token) or KEY=audit-signing-key (adds a
 # signing key; old ones keep verifying); retire-keys drops the old one (not audit keys).
 rotate-key: venv
-	$(PY) -m infra.rotate rotate-key --key $(KEY) $(AWS_FLAGS)
+	$(INFRA) rotate-key --key $(KEY)
 
 retire-keys: venv
-	$(PY) -m infra.rotate retire-keys --key $(KEY) $(AWS_FLAGS)
+	$(INFRA) retire-keys --key $(KEY)
 
 # Locally (or with MAOF_DATABASE_URL pointing anywhere): move agent tokens to MAOF_SECRET_KEY.
 reencrypt-agent-tokens: migrate
@@ -123,7 +134,8 @@ reencrypt-agent-tokens: migrate
 
 # The deployed stack's outputs (API URL, dashboard URL, queues).
 deploy-info: venv
-	$(PY) -m infra.deploy info $(AWS_FLAGS)
+	$(AWS) cloudformation describe-stacks --stack-name maof-$(STAGE) --output table \
+	--query "Stacks[0].Outputs[].{Output: OutputKey, Value: OutputValue}"
 
 # Benchmarks on the local stack, in their own database (maof_bench, recreated and migrated
 # by the run), queue and Redis db; results in bench/results/. Knobs: make bench BENCH_ARGS="--help".

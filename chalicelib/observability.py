@@ -2,7 +2,8 @@
 Metrics), X-Ray traces (Powertools Tracer) and the run, stage and agent on every log line
 of a stage's work (Powertools Logger keys, per thread).
 
-Metrics (namespace MAOF, dimension `service`; run, stage, agent and capability travel as
+Metrics (namespace MAOF, dimension `service`: the stack's name deployed, so each stage's alarms
+watch its own metrics, else `maof`; run, stage, agent and capability travel as
 EMF properties, searchable in Logs Insights without becoming costly dimensions):
 
 | metric | unit | emitted |
@@ -24,6 +25,7 @@ Locally the EMF lines are JSON lines on the poller's standard output (.maof/logs
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,7 +36,7 @@ from aws_lambda_powertools.metrics.functions import is_metrics_disabled
 from chalicelib.logs import logger
 
 NAMESPACE = "MAOF"
-SERVICE = "maof"
+SERVICE = os.environ.get("POWERTOOLS_SERVICE_NAME") or "maof"
 
 tracer = Tracer(service=SERVICE)
 

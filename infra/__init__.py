@@ -1,1 +1,9 @@
-"""Infrastructure as code: the merge template and the boto3 deploy (see infra/deploy.py)."""
+"""Deploying MAOF to AWS (README "Deploy to AWS"): `python -m infra COMMAND`, as make runs it."""
+
+
+class DeployError(Exception):
+    """A deploy step cannot go on; the message (one line) says why and what to do."""
+
+
+def say(message: str) -> None:
+    print(f"deploy: {message}", flush=True)

@@ -25,7 +25,7 @@ from chalicelib.config import (
     get_settings,
     reset_settings,
 )
-from infra.deploy import parameter_name
+from infra.secrets import parameter_name
 from tests.conftest import (
     ADMIN_DATABASE_URL,
     OWNER_DATABASE_URL,

@@ -1,25 +1,27 @@
-"""`make deploy` and `make destroy` against LocalStack's CloudFormation, end to end.
+"""`make deploy`, `make rotate-key` and `make destroy` against LocalStack's CloudFormation,
+end to end, with the AWS CLI (`aws cloudformation package` and `deploy`) as in AWS.
 
 LocalStack (community) runs no Lambda functions, API Gateway or CloudFront here, so the
 stack is the infrastructure-only part of infra/template.json: every resource of a service
 LocalStack serves (the stage queue and its dead-letter queue, the private dashboard bucket,
-the dead-letter alarm and its SNS topic when LocalStack runs cloudwatch and sns), with the
-queue names suffixed so concurrent runs never meet. The CloudFront distribution, its
-policies and the bucket policy naming it are left out with the rest they refer to
-(test_package.py checks them in the packaged template). The rest of the deploy is real code with two
-stand-ins: the `migrate` function runs in this process (through Chalice's test client, with
-the request checked against the Lambda API model), and the API whose /health the deploy
-calls is the local server the integration tests use.
+the audit bucket, the dead-letter alarm and its SNS topic when LocalStack runs cloudwatch
+and sns), under a stack name of its own, from which every name derives. The CloudFront
+distribution, its policies and the bucket policy naming it are left out with the rest they
+refer to (test_package.py checks them in the packaged template). The AWS CLI and boto3 reach
+LocalStack through AWS_ENDPOINT_URL, with dummy credentials. Lambda and CloudFront are stood
+in for in this process (tests/support/aws.py): the `migrate` function runs through Chalice's
+test client, and the invalidation is recorded; the API whose /health the deploy asks is the
+local server the integration tests use.
 
-`infra.deploy.deploy` then does what it does in AWS: checks the SSM parameters, uploads the
-package and the template to an artifacts bucket, creates the stack through a change set,
-waits for CREATE_COMPLETE (with a deadline), invokes `migrate`, publishes the dashboard with
-its config.json, checks /health. The tests read the resources back, redeploy (no changes),
+The first deploy is of a package whose create fails (a bucket name S3 refuses): the deploy
+names the resource and the reason, and the next deploy deletes the rolled-back stack and
+creates it anew. The tests read the resources back, redeploy (no changes), rotate a key,
 and `destroy` removes everything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -33,18 +35,19 @@ from typing import Any
 
 import boto3
 import pytest
-from botocore.validate import validate_parameters
 
-from chalicelib.config import SSM_MIGRATION_SECRETS, SSM_SECRETS, get_settings
+from chalicelib.config import get_settings
 from chalicelib.db import SCHEMA_REVISION
-from infra import deploy as infra
-from infra.deploy import Aws, Deployed, StackParameters
+from infra import DeployError
+from infra.deploy import Stage, deploy, destroy, rotate
+from infra.secrets import all_parameters, ensure_secrets
+from infra.site import SITE_DIR, site_files
+from tests.support.aws import Calls, answer_calls
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 REGION = "us-east-1"
-DEADLINE_SECONDS = 180
 # AWS resource type prefix -> the LocalStack service that serves it.
 SERVICES = {"SQS": "sqs", "S3": "s3", "CloudWatch": "cloudwatch", "SNS": "sns", "SSM": "ssm"}
 PSEUDO = {"AWS::Region", "AWS::AccountId", "AWS::Partition", "AWS::StackName", "AWS::NoValue"}
@@ -92,7 +95,7 @@ def references(node: Any) -> set[str]:
     return found
 
 
-def infrastructure_template(template: dict[str, Any], services: set[str], suffix: str) -> dict:
+def infrastructure_template(template: dict[str, Any], services: set[str]) -> dict[str, Any]:
     """The resources of infra/template.json that `services` serve, and whatever of the
     parameters, conditions and outputs they keep meaningful."""
     resources = {
@@ -111,9 +114,6 @@ def infrastructure_template(template: dict[str, Any], services: set[str], suffix
             break
         for name in dangling:
             del resources[name]
-    for resource in resources.values():
-        if resource["Type"] == "AWS::SQS::Queue":
-            resource["Properties"]["QueueName"] += f"-{suffix}"
     outputs = {
         name: output
         for name, output in template["Outputs"].items()
@@ -129,53 +129,42 @@ def infrastructure_template(template: dict[str, Any], services: set[str], suffix
     }
 
 
-class InProcessLambda:
-    """The Lambda API for the deploy's two calls: requests are checked against the Lambda
-    API model, and `invoke` runs the app's `migrate` function in this process."""
+def migrate_in_process(operation: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Lambda's answers for the deploy's calls: the function is ready, and an invocation runs
+    the app's `migrate` function here."""
+    from chalice.test import Client
 
-    def __init__(self, function: str) -> None:
-        self.function = function
-        self.model = client("lambda").meta.service_model
-        self.invoked: list[dict[str, Any]] = []
+    import app as maof
 
-    def _check(self, operation: str, params: dict[str, Any]) -> None:
-        validate_parameters(params, self.model.operation_model(operation).input_shape)
-        assert params["FunctionName"] == self.function
-
-    def get_function_configuration(self, **params: Any) -> dict[str, Any]:
-        self._check("GetFunctionConfiguration", params)
-        return {"FunctionName": self.function, "State": "Active", "LastUpdateStatus": "Successful"}
-
-    def invoke(self, **params: Any) -> dict[str, Any]:
-        from chalice.test import Client
-
-        import app as maof
-
-        self._check("Invoke", params)
-        assert params["InvocationType"] == "RequestResponse"
-        self.invoked.append(params)
-        with Client(maof.app, project_dir=str(PROJECT_DIR)) as lambda_client:
-            payload = lambda_client.lambda_.invoke("migrate", json.loads(params["Payload"]))
-        return {"StatusCode": 200, "Payload": io.BytesIO(json.dumps(payload.payload).encode())}
+    assert params["FunctionName"] == "maof-test-migrate"
+    if operation == "GetFunctionConfiguration":
+        return {
+            "FunctionName": params["FunctionName"],
+            "State": "Active",
+            "LastUpdateStatus": "Successful",
+        }
+    assert operation == "Invoke"
+    with Client(maof.app, project_dir=str(PROJECT_DIR)) as lambda_client:
+        payload = lambda_client.lambda_.invoke("migrate", json.loads(params["Payload"]))
+    return {"StatusCode": 200, "Payload": io.BytesIO(json.dumps(payload.payload).encode())}
 
 
-@dataclass
-class Deployment:
-    stage: str
-    stack: str
-    secrets_path: str
-    artifacts: str
-    services: set[str]
-    aws: Aws
-    lambda_: InProcessLambda
-    done: Deployed
-    api_url: str
-    package_dir: Path
+def invalidated(operation: str, params: dict[str, Any]) -> dict[str, Any]:
+    assert operation == "CreateInvalidation"
+    batch = params["InvalidationBatch"]
+    return {
+        "Invalidation": {
+            "Id": "I2TEST",
+            "Status": "InProgress",
+            "CreateTime": "2026-03-01T10:00:00Z",
+            "InvalidationBatch": batch,
+        }
+    }
 
 
 def fake_package(directory: Path, template: dict[str, Any], api_url: str) -> Path:
-    """What `chalice package` would leave, for a stack without functions or API: the
-    outputs the deploy reads from the API and function resources are given literally."""
+    """What `make package` would leave, for a stack without functions, API or distribution:
+    the outputs the deploy reads from those are given literally."""
     directory.mkdir()
     template = {
         **template,
@@ -183,6 +172,8 @@ def fake_package(directory: Path, template: dict[str, Any], api_url: str) -> Pat
             **template["Outputs"],
             "EndpointURL": {"Value": f"{api_url}/"},
             "MigrateFunctionName": {"Value": "maof-test-migrate"},
+            "DashboardDistributionId": {"Value": "E2TESTDIST"},
+            "DashboardURL": {"Value": "https://d111111abcdef8.cloudfront.net/"},
         },
     }
     (directory / "sam.json").write_text(json.dumps(template))
@@ -191,12 +182,27 @@ def fake_package(directory: Path, template: dict[str, Any], api_url: str) -> Pat
     return directory
 
 
-def site(directory: Path) -> Path:
-    (directory / "js").mkdir(parents=True)
-    (directory / "index.html").write_text("<!doctype html><title>MAOF</title>")
-    (directory / "js" / "app.js").write_text("export const x = 1;\n")
-    (directory / "config.json").write_text('{"apiUrl": "http://checked-in"}')
-    return directory
+def broken(template: dict[str, Any]) -> dict[str, Any]:
+    """A stack whose create fails: one bucket, with a name S3 refuses."""
+    bad = {"Type": "AWS::S3::Bucket", "Properties": {"BucketName": "Not_A_Valid..Bucket"}}
+    return {**template, "Resources": {"BrokenBucket": bad}, "Outputs": {}}
+
+
+@dataclass
+class Deployment:
+    stage: Stage
+    services: set[str]
+    lambda_: Calls
+    cloudfront: Calls
+    health: str
+    failed: str
+    printed: str
+    api_url: str
+    package_dir: Path
+
+    @property
+    def outputs(self) -> dict[str, str]:
+        return self.stage.outputs()
 
 
 @pytest.fixture(scope="module")
@@ -204,97 +210,99 @@ def deployment(api_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     services = localstack_services()
     if "cloudformation" not in services:
         pytest.skip("LocalStack runs without cloudformation")
-    suffix = uuid.uuid4().hex[:8]
-    stage = f"test-{suffix}"
-    path = f"/maof-test/{stage}"
-    artifacts = f"maof-test-artifacts-{suffix}"
+    name = f"test-{uuid.uuid4().hex[:8]}"
     template = infrastructure_template(
-        json.loads((PROJECT_DIR / "infra" / "template.json").read_text()), services, suffix
+        json.loads((PROJECT_DIR / "infra" / "template.json").read_text()), services
     )
     tmp = tmp_path_factory.mktemp("deploy")
-    lambda_ = InProcessLambda("maof-test-migrate")
-    aws = Aws(
-        region=REGION,
-        cloudformation=client("cloudformation"),
-        s3=client("s3"),
-        ssm=client("ssm"),
-        lambda_=lambda_,
-        sts=client("sts"),
-    )
-    settings = get_settings()
-    urls = {
-        "database-url": settings.database_url,
-        "migration-database-url": settings.migration_database_url,
-        "redis-url": settings.redis_url,
-    }
-    infra.ensure_secrets(aws.ssm, path, urls=urls)  # what `make secrets` leaves
-    email = "ops@example.com" if "sns" in services else None
-    package_dir = fake_package(tmp / "package", template, api_url)
-    try:
-        done = infra.deploy(
-            aws,
-            stage,
-            StackParameters(secrets_path=path, alarm_email=email),
-            package_dir=package_dir,
-            timeout=DEADLINE_SECONDS,
-            poll=0.5,
-            site_dir=site(tmp / "site"),
-            artifacts_bucket=artifacts,
-        )
-        yield Deployment(
-            stage,
-            infra.stack_name(stage),
-            path,
-            artifacts,
-            services,
-            aws,
-            lambda_,
-            done,
-            api_url,
-            package_dir,
-        )
-    finally:  # whatever the tests did, leave nothing behind
-        stack = infra.describe_stack(aws.cloudformation, infra.stack_name(stage))
-        audit_bucket = infra.stack_outputs(stack).get("AuditBucketName")
-        if stack is not None:
-            infra.destroy(
-                aws,
+    with pytest.MonkeyPatch.context() as env:
+        # What a developer would export to point the AWS CLI and boto3 at LocalStack.
+        env.setenv("AWS_ENDPOINT_URL", endpoint())
+        env.setenv("AWS_ACCESS_KEY_ID", "test")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "test")
+        env.delenv("AWS_PROFILE", raising=False)
+        session = boto3.session.Session(region_name=REGION)
+        lambda_ = answer_calls(session.events, "lambda", migrate_in_process)
+        cloudfront = answer_calls(session.events, "cloudfront", invalidated)
+        stage = Stage(session, name, f"/maof-test/{name}", artifacts=f"maof-test-artifacts-{name}")
+        settings = get_settings()
+        urls = {
+            "database-url": settings.database_url,
+            "migration-database-url": settings.migration_database_url,
+            "redis-url": settings.redis_url,
+        }
+        ensure_secrets(session.client("ssm"), stage.secrets_path, urls=urls)  # `make secrets`
+        email = ["AlarmEmail=ops@example.com"] if "sns" in services else []
+        try:
+            with pytest.raises(DeployError) as failure:
+                deploy(
+                    stage,
+                    email,
+                    package_dir=fake_package(tmp / "broken", broken(template), api_url),
+                )
+            package_dir = fake_package(tmp / "package", template, api_url)
+            with capture() as printed:
+                health = deploy(stage, email, package_dir=package_dir)
+            yield Deployment(
                 stage,
-                secrets_path=path,
-                confirm=None,
-                remove_secrets=True,
-                timeout=DEADLINE_SECONDS,
-                poll=0.5,
-                artifacts_bucket=artifacts,
+                services,
+                lambda_,
+                cloudfront,
+                health,
+                str(failure.value),
+                printed.getvalue(),
+                api_url,
+                package_dir,
             )
-        names = [*SSM_SECRETS, *SSM_MIGRATION_SECRETS]
-        aws.ssm.delete_parameters(Names=[infra.parameter_name(path, name) for name in names])
-        if audit_bucket:  # retained by the stack (Object Lock); empty here, so it can go
-            aws.s3.delete_bucket(Bucket=audit_bucket)
+        finally:  # whatever the tests did, leave nothing behind
+            if stage.status() is not None:
+                audit = stage.outputs().get("AuditBucketName")
+                destroy(stage, confirm=None, remove_secrets=True, poll=1)
+                if audit:  # retained by the stack (Object Lock); empty here, so it can go
+                    session.client("s3").delete_bucket(Bucket=audit)
+            session.client("ssm").delete_parameters(Names=all_parameters(stage.secrets_path))
+
+
+@contextlib.contextmanager
+def capture() -> Iterator[io.StringIO]:
+    """What the deploy prints itself (the AWS CLI's own output goes to the terminal)."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        yield printed
+
+
+def test_a_failed_create_names_the_resource_and_the_next_deploy_starts_again(
+    deployment: Deployment,
+) -> None:
+    assert deployment.failed.startswith(f"stack {deployment.stage.stack} failed: BrokenBucket: ")
+    assert "InvalidBucketName" in deployment.failed
+    assert "is ROLLBACK_COMPLETE (its create failed): deleting it first" in deployment.printed
 
 
 def test_the_stack_is_created_with_its_outputs(deployment: Deployment) -> None:
-    stack = infra.describe_stack(deployment.aws.cloudformation, deployment.stack)
-    assert stack is not None
+    cfn = deployment.stage.client("cloudformation")
+    stack = cfn.describe_stacks(StackName=deployment.stage.stack)["Stacks"][0]
     assert stack["StackStatus"] == "CREATE_COMPLETE"
     parameters = {p["ParameterKey"]: p["ParameterValue"] for p in stack["Parameters"]}
-    assert parameters["SecretsParameterPath"] == deployment.secrets_path
-    outputs = deployment.done.outputs
-    assert {"StageQueueUrl", "StageDeadLetterQueueUrl", "DashboardBucketName"} <= set(outputs)
-    assert deployment.done.api_url == deployment.api_url
+    assert parameters["SecretsParameterPath"] == deployment.stage.secrets_path
+    assert {"StageQueueUrl", "StageDeadLetterQueueUrl", "DashboardBucketName"} <= set(
+        deployment.outputs
+    )
+    assert f"stack {deployment.stage.stack}" in deployment.printed
 
 
-def test_the_code_and_template_went_to_the_artifacts_bucket(deployment: Deployment) -> None:
-    listed = deployment.aws.s3.list_objects_v2(Bucket=deployment.artifacts)["Contents"]
+def test_the_template_went_to_the_artifacts_bucket_under_the_stage(deployment: Deployment) -> None:
+    listed = client("s3").list_objects_v2(Bucket=deployment.stage.bucket)["Contents"]
     keys = sorted(item["Key"] for item in listed)
-    assert len(keys) == 2
-    assert re.fullmatch(rf"{deployment.stage}/deployment-[0-9a-f]{{16}}\.zip", keys[0])
-    assert re.fullmatch(rf"{deployment.stage}/template-[0-9a-f]{{16}}\.json", keys[1])
+    # `aws cloudformation deploy` uploads the template by its MD5; the package has no code
+    # (no functions here): test_package.py checks the code's upload.
+    assert keys
+    assert all(re.fullmatch(rf"{deployment.stage.name}/[0-9a-f]{{32}}\.template", k) for k in keys)
 
 
-def test_the_stage_queue_redrives_to_its_dead_letter_queue(deployment: Deployment) -> None:
+def test_the_stage_queue_is_named_after_the_stack_and_redrives(deployment: Deployment) -> None:
     sqs = client("sqs")
-    outputs = deployment.done.outputs
+    outputs = deployment.outputs
     queue = sqs.get_queue_attributes(QueueUrl=outputs["StageQueueUrl"], AttributeNames=["All"])
     dlq = sqs.get_queue_attributes(
         QueueUrl=outputs["StageDeadLetterQueueUrl"], AttributeNames=["All"]
@@ -304,14 +312,15 @@ def test_the_stage_queue_redrives_to_its_dead_letter_queue(deployment: Deploymen
     redrive = json.loads(attributes["RedrivePolicy"])
     assert redrive["deadLetterTargetArn"] == dead["QueueArn"]
     assert int(redrive["maxReceiveCount"]) == 5
-    assert attributes["QueueArn"].endswith(f":maof-stage-queue-{deployment.stage[5:]}")
+    assert attributes["QueueArn"].endswith(f":{deployment.stage.stack}-stage-queue")
+    assert dead["QueueArn"].endswith(f":{deployment.stage.stack}-stage-queue-dlq")
     assert int(dead["MessageRetentionPeriod"]) == 14 * 24 * 3600
     assert attributes["SqsManagedSseEnabled"] == "true"
 
 
 def test_the_dashboard_bucket_is_private(deployment: Deployment) -> None:
     s3 = client("s3")
-    bucket = deployment.done.outputs["DashboardBucketName"]
+    bucket = deployment.outputs["DashboardBucketName"]
     with pytest.raises(s3.exceptions.ClientError, match="NoSuchWebsiteConfiguration"):
         s3.get_bucket_website(Bucket=bucket)
     blocked = s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"]
@@ -323,22 +332,27 @@ def test_the_dashboard_bucket_is_private(deployment: Deployment) -> None:
     }
     ownership = s3.get_bucket_ownership_controls(Bucket=bucket)["OwnershipControls"]
     assert ownership["Rules"] == [{"ObjectOwnership": "BucketOwnerEnforced"}]
-    # Without a distribution (none here) the deploy has no https URL to print.
-    assert "DashboardDistributionId" not in deployment.done.outputs
-    assert deployment.done.dashboard_url == ""
 
 
 def test_the_dashboard_was_published_for_the_deployed_api(deployment: Deployment) -> None:
     s3 = client("s3")
-    bucket = deployment.done.outputs["DashboardBucketName"]
+    bucket = deployment.outputs["DashboardBucketName"]
     keys = {item["Key"] for item in s3.list_objects_v2(Bucket=bucket)["Contents"]}
-    assert keys == {"index.html", "js/app.js", "config.json"}
+    assert keys == {*site_files(SITE_DIR), "config.json"}
     config = s3.get_object(Bucket=bucket, Key="config.json")
     assert json.loads(config["Body"].read()) == {"apiUrl": deployment.api_url}
     index = s3.get_object(Bucket=bucket, Key="index.html")
     assert index["ContentType"] == "text/html; charset=utf-8"
-    script = s3.head_object(Bucket=bucket, Key="js/app.js")
-    assert script["ContentType"] == "text/javascript; charset=utf-8"
+    script = next(key for key in keys if key.endswith(".js"))
+    assert (
+        s3.head_object(Bucket=bucket, Key=script)["ContentType"] == "text/javascript; charset=utf-8"
+    )
+
+
+def test_cloudfront_is_told_to_drop_its_copies_of_the_site(deployment: Deployment) -> None:
+    [invalidation] = deployment.cloudfront.of("CreateInvalidation")
+    assert invalidation["DistributionId"] == "E2TESTDIST"
+    assert invalidation["InvalidationBatch"]["Paths"] == {"Quantity": 1, "Items": ["/*"]}
 
 
 def test_the_dead_letter_alarm_watches_the_dlq(deployment: Deployment) -> None:
@@ -347,18 +361,18 @@ def test_the_dead_letter_alarm_watches_the_dlq(deployment: Deployment) -> None:
             "this LocalStack runs without cloudwatch (stack.py starts it with it: "
             "`make down && make stack` to restart one started before)"
         )
-    name = deployment.done.outputs["DeadLetterAlarmName"]
+    name = deployment.outputs["DeadLetterAlarmName"]
     alarms = client("cloudwatch").describe_alarms(AlarmNames=[name])["MetricAlarms"]
     assert len(alarms) == 1
     alarm = alarms[0]
-    dlq_name = deployment.done.outputs["StageDeadLetterQueueUrl"].rsplit("/", 1)[1]
+    dlq_name = deployment.outputs["StageDeadLetterQueueUrl"].rsplit("/", 1)[1]
     assert alarm["Namespace"] == "AWS/SQS"
     assert alarm["MetricName"] == "ApproximateNumberOfMessagesVisible"
     assert alarm["Dimensions"] == [{"Name": "QueueName", "Value": dlq_name}]
     assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
     assert alarm["Threshold"] == 0
     if "sns" in deployment.services:
-        topic = deployment.done.outputs["AlarmTopicArn"]
+        topic = deployment.outputs["AlarmTopicArn"]
         assert alarm["AlarmActions"] == [topic]
         subscriptions = client("sns").list_subscriptions_by_topic(TopicArn=topic)
         assert [(s["Protocol"], s["Endpoint"]) for s in subscriptions["Subscriptions"]] == [
@@ -367,72 +381,67 @@ def test_the_dead_letter_alarm_watches_the_dlq(deployment: Deployment) -> None:
 
 
 def test_the_deploy_ran_the_migrate_function_and_checked_health(deployment: Deployment) -> None:
-    assert len(deployment.lambda_.invoked) == 1
+    assert len(deployment.lambda_.of("Invoke")) == 1
     # The session's test database is already at head: nothing to do, said so.
-    assert deployment.done.migration == {
-        "migrated": False,
-        "fromRevision": SCHEMA_REVISION,
-        "toRevision": SCHEMA_REVISION,
-    }
-    assert deployment.done.health.startswith("ok ("), deployment.done.health
+    assert f"migrate: database at {SCHEMA_REVISION} (was {SCHEMA_REVISION})" in deployment.printed
+    assert deployment.health.startswith("ok ("), deployment.health
 
 
 def test_a_second_deploy_changes_nothing_and_keeps_the_parameters(
-    deployment: Deployment, tmp_path: Path
+    deployment: Deployment,
 ) -> None:
-    again = infra.deploy(
-        deployment.aws,
-        deployment.stage,
-        StackParameters(secrets_path=deployment.secrets_path),  # AlarmEmail: the previous
-        package_dir=deployment.package_dir,
-        timeout=DEADLINE_SECONDS,
-        poll=0.5,
-        site_dir=site(tmp_path / "site"),
-        artifacts_bucket=deployment.artifacts,
-    )
-    assert again.outputs == deployment.done.outputs
-    stack = infra.describe_stack(deployment.aws.cloudformation, deployment.stack)
-    assert stack is not None
+    outputs = deployment.outputs
+    deploy(deployment.stage, [], package_dir=deployment.package_dir)  # AlarmEmail: the previous
+    assert deployment.outputs == outputs
+    cfn = deployment.stage.client("cloudformation")
+    stack = cfn.describe_stacks(StackName=deployment.stage.stack)["Stacks"][0]
     assert stack["StackStatus"] == "CREATE_COMPLETE"  # no change set was executed
-    assert len(deployment.lambda_.invoked) == 2  # migrations run on every deploy
+    parameters = {p["ParameterKey"]: p["ParameterValue"] for p in stack["Parameters"]}
+    if "sns" in deployment.services:
+        assert parameters["AlarmEmail"] == "ops@example.com"
+    assert len(deployment.lambda_.of("Invoke")) == 2  # migrations run on every deploy
+
+
+def test_rotating_the_secret_key_reencrypts_the_agent_tokens(deployment: Deployment) -> None:
+    ssm, path = deployment.stage.client("ssm"), deployment.stage.secrets_path
+    before = ssm.get_parameter(Name=f"{path}/secret-key", WithDecryption=True)["Parameter"]["Value"]
+    rotate(deployment.stage, "rotate-key", "secret-key")
+    previous = ssm.get_parameter(Name=f"{path}/previous-secret-keys", WithDecryption=True)
+    assert previous["Parameter"]["Value"] == before
+    assert json.loads(deployment.lambda_.of("Invoke")[-1]["Payload"]) == {
+        "action": "reencrypt-agent-tokens"
+    }
+    rotate(deployment.stage, "retire-keys", "secret-key")
+    assert not ssm.get_parameters(Names=[f"{path}/previous-secret-keys"])["Parameters"]
 
 
 def test_destroy_needs_the_stack_name_typed(deployment: Deployment) -> None:
-    with pytest.raises(infra.DeployError, match="not confirmed"):
-        infra.destroy(
-            deployment.aws,
-            deployment.stage,
-            secrets_path=deployment.secrets_path,
-            confirm=lambda question: "yes",
-            artifacts_bucket=deployment.artifacts,
-        )
-    assert infra.describe_stack(deployment.aws.cloudformation, deployment.stack) is not None
+    with pytest.raises(DeployError, match="not confirmed"):
+        destroy(deployment.stage, confirm=lambda question: "yes")
+    assert deployment.stage.status() is not None
 
 
 def test_destroy_removes_the_stack_and_its_artifacts(deployment: Deployment) -> None:
-    outputs = deployment.done.outputs
+    outputs = deployment.outputs
     questions: list[str] = []
 
     def confirm(question: str) -> str:
         questions.append(question)
-        return deployment.stack
+        return deployment.stage.stack
 
-    infra.destroy(
-        deployment.aws,
-        deployment.stage,
-        secrets_path=deployment.secrets_path,
-        confirm=confirm,
-        remove_secrets=True,
-        timeout=DEADLINE_SECONDS,
-        poll=0.5,
-        artifacts_bucket=deployment.artifacts,
-    )
-    assert len(questions) == 1 and deployment.stack in questions[0]
-    assert infra.describe_stack(deployment.aws.cloudformation, deployment.stack) is None
-    s3, sqs = client("s3"), client("sqs")
-    assert not infra.bucket_exists(s3, outputs["DashboardBucketName"])  # emptied, then deleted
-    assert not infra.bucket_exists(s3, deployment.artifacts)
+    destroy(deployment.stage, confirm, remove_secrets=True, poll=1)
+    assert len(questions) == 1 and deployment.stage.stack in questions[0]
+    assert deployment.stage.status() is None
+    s3, sqs = deployment.stage.session.resource("s3"), client("sqs")
+    assert not s3.Bucket(outputs["DashboardBucketName"]).creation_date  # emptied, then deleted
+    assert not s3.Bucket(deployment.stage.bucket).creation_date
+    audit = s3.Bucket(outputs["AuditBucketName"])
+    assert audit.creation_date  # kept: Object Lock holds its checkpoints
+    audit.delete()  # empty here, so it can go
     for url in (outputs["StageQueueUrl"], outputs["StageDeadLetterQueueUrl"]):
         with pytest.raises(sqs.exceptions.QueueDoesNotExist):
             sqs.get_queue_url(QueueName=url.rsplit("/", 1)[1])
-    assert infra.existing_parameters(deployment.aws.ssm, deployment.secrets_path) == {}
+    ssm = deployment.stage.client("ssm")
+    assert (
+        ssm.get_parameters(Names=all_parameters(deployment.stage.secrets_path))["Parameters"] == []
+    )

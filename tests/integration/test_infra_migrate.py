@@ -24,7 +24,7 @@ from chalicelib import db
 from chalicelib.config import SSM_MIGRATION_SECRETS, SSM_SECRETS, get_settings, reset_settings
 from chalicelib.db import SCHEMA_REVISION
 from chalicelib.db.migrate import SCRIPT_LOCATION, alembic_config
-from infra.deploy import ensure_secrets, parameter_name
+from infra.secrets import ensure_secrets, parameter_name
 from tests.conftest import (
     ADMIN_DATABASE_URL,
     OWNER_DATABASE_URL,

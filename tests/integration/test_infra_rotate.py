@@ -1,29 +1,31 @@
 """Key rotation of a deployed stage (`make rotate-key` / `make retire-keys`): the parameters
 move in SSM (LocalStack's here) as a prod process then reads them, every function gets new
-execution environments, and the migrate function re-encrypts the agent tokens."""
+execution environments, and the migrate function re-encrypts the agent tokens. The whole
+command against LocalStack's stack: test_infra_localstack.py."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+import boto3
 import pytest
-from botocore.validate import validate_parameters
 from chalice.test import Client
 
 from chalicelib.audit.keys import ring_of
 from chalicelib.config import load_settings
-from infra.deploy import DeployError, ensure_secrets, parameter_name
-from infra.rotate import (
+from infra import DeployError
+from infra.deploy import RECYCLE_VARIABLE, recycle_functions
+from infra.secrets import (
     KEEP_PREVIOUS,
-    RECYCLE_VARIABLE,
-    recycle_functions,
+    ensure_secrets,
+    parameter_name,
     retire_previous,
     rotate_key,
-    stack_functions,
 )
 from tests.integration.conftest import SSM_DATABASE_URL as DATABASE_URL
 from tests.integration.conftest import SSM_REDIS_URL as REDIS_URL
+from tests.support.aws import answer_calls, offline_stage
 
 pytestmark = pytest.mark.integration
 
@@ -106,68 +108,56 @@ def test_rotating_needs_the_key_to_exist(ssm: Any, ssm_path: str) -> None:
         rotate_key(ssm, ssm_path, "jwt-secret")
 
 
-class RecordingLambda:
-    """The Lambda API calls recycling makes, each checked against the Lambda API model."""
+def test_recycling_changes_one_variable_of_every_function_and_keeps_the_rest() -> None:
+    variables = {
+        "maof-prod-api": {"MAOF_STAGE": "prod"},
+        "maof-prod-run_stage": {"MAOF_STAGE": "prod"},
+    }
 
-    def __init__(self, variables: dict[str, dict[str, str]]) -> None:
-        import boto3
-
-        self.model = boto3.client("lambda", region_name="us-east-1").meta.service_model
-        self.variables = variables
-        self.updates: list[dict[str, Any]] = []
-
-    def _check(self, operation: str, params: dict[str, Any]) -> None:
-        validate_parameters(params, self.model.operation_model(operation).input_shape)
-
-    def get_function_configuration(self, **params: Any) -> dict[str, Any]:
-        self._check("GetFunctionConfiguration", params)
+    def respond(operation: str, params: dict[str, Any]) -> dict[str, Any]:
+        function = params["FunctionName"]
+        if operation == "UpdateFunctionConfiguration":
+            variables[function] = params["Environment"]["Variables"]
         return {
             "State": "Active",
             "LastUpdateStatus": "Successful",
-            "Environment": {"Variables": dict(self.variables[params["FunctionName"]])},
+            "Environment": {"Variables": dict(variables[function])},
         }
 
-    def update_function_configuration(self, **params: Any) -> dict[str, Any]:
-        self._check("UpdateFunctionConfiguration", params)
-        self.updates.append(params)
-        self.variables[params["FunctionName"]] = params["Environment"]["Variables"]
-        return {}
-
-
-def test_recycling_changes_one_variable_of_every_function_and_keeps_the_rest() -> None:
-    lambda_ = RecordingLambda(
-        {"maof-prod-api": {"MAOF_STAGE": "prod"}, "maof-prod-run_stage": {"MAOF_STAGE": "prod"}}
+    lambda_ = boto3.client(
+        "lambda", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y"
     )
+    calls = answer_calls(lambda_.meta.events, "lambda", respond)
     recycle_functions(lambda_, ["maof-prod-api", "maof-prod-run_stage"], "2026-11-27T00:00:00Z")
-    assert [u["FunctionName"] for u in lambda_.updates] == ["maof-prod-api", "maof-prod-run_stage"]
-    for variables in lambda_.variables.values():
-        assert variables == {"MAOF_STAGE": "prod", RECYCLE_VARIABLE: "2026-11-27T00:00:00Z"}
+    updates = calls.of("UpdateFunctionConfiguration")
+    assert [u["FunctionName"] for u in updates] == ["maof-prod-api", "maof-prod-run_stage"]
+    for values in variables.values():
+        assert values == {"MAOF_STAGE": "prod", RECYCLE_VARIABLE: "2026-11-27T00:00:00Z"}
 
 
 def test_the_stacks_functions_are_found_among_its_resources() -> None:
-    class Pages:
-        def paginate(self, StackName: str) -> list[dict[str, Any]]:
-            assert StackName == "maof-prod"
-            return [
-                {
-                    "StackResourceSummaries": [
-                        {"ResourceType": "AWS::Lambda::Function", "PhysicalResourceId": "b"},
-                        {"ResourceType": "AWS::SQS::Queue", "PhysicalResourceId": "q"},
-                    ]
-                },
-                {
-                    "StackResourceSummaries": [
-                        {"ResourceType": "AWS::Lambda::Function", "PhysicalResourceId": "a"}
-                    ]
-                },
-            ]
+    def summary(kind: str, name: str) -> dict[str, Any]:
+        return {
+            "LogicalResourceId": name.upper(),
+            "PhysicalResourceId": name,
+            "ResourceType": kind,
+            "LastUpdatedTimestamp": "2026-03-01T10:00:00Z",
+            "ResourceStatus": "CREATE_COMPLETE",
+        }
 
-    class Cfn:
-        def get_paginator(self, name: str) -> Pages:
-            assert name == "list_stack_resources"
-            return Pages()
+    def pages(params: dict[str, Any]) -> dict[str, Any]:
+        assert params["StackName"] == "maof-prod"
+        if "NextToken" not in params:
+            return {
+                "StackResourceSummaries": [
+                    summary("AWS::Lambda::Function", "b"),
+                    summary("AWS::SQS::Queue", "q"),
+                ],
+                "NextToken": "page-2",
+            }
+        return {"StackResourceSummaries": [summary("AWS::Lambda::Function", "a")]}
 
-    assert stack_functions(Cfn(), "maof-prod") == ["a", "b"]
+    assert offline_stage(ListStackResources=pages).functions() == ["a", "b"]
 
 
 def test_the_migrate_function_reencrypts_agent_tokens_on_request(user: Any) -> None:

@@ -20,7 +20,8 @@ from chalicelib.config import (
     load_settings,
     reset_settings,
 )
-from infra.deploy import DeployError, ensure_secrets, parameter_name, require_secrets
+from infra import DeployError
+from infra.secrets import ensure_secrets, parameter_name, require_secrets
 from tests.integration.conftest import SSM_DATABASE_URL as DATABASE_URL
 from tests.integration.conftest import SSM_MIGRATION_DATABASE_URL as MIGRATION_URL
 from tests.integration.conftest import SSM_REDIS_URL as REDIS_URL

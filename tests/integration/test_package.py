@@ -39,8 +39,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 BIN_DIR = Path(sys.executable).parent
 DEPLOYMENTS_DIR = PROJECT_DIR / ".chalice" / "deployments"
-# chalicelib.engine.handlers.STAGE_QUEUE_NAME when MAOF_STAGE_QUEUE_NAME is unset, as here.
-STAGE_QUEUE_NAME = "maof-stage-queue"
 # What `make package` sets. No MAOF_* settings: importing the app must not need any (the
 # prod stage reads its secrets when it runs, never at packaging time).
 PACKAGE_ENV = {
@@ -259,15 +257,14 @@ def test_run_stage_reports_batch_item_failures(resources: dict[str, Any]) -> Non
     event = _sqs_event(resources)["Properties"]
     assert event["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
     assert event["BatchSize"] == 10
-    queue_arn = event["Queue"]["Fn::Sub"]
-    assert queue_arn.endswith(f":{STAGE_QUEUE_NAME}"), queue_arn
+    # The stack's own queue, whatever name app.py gave the trigger when it was packaged.
+    assert event["Queue"] == {"Fn::Sub": "${StageQueue.Arn}"}
 
 
-def test_every_function_waits_for_the_queue(template: dict[str, Any]) -> None:
-    # Chalice names the queue by ARN, not by Ref: the functions (so the event source mapping)
-    # must still wait for the queue. They do: their shared environment refers to it by Ref.
+def test_every_function_knows_the_stacks_queue(template: dict[str, Any]) -> None:
     shared = template["Globals"]["Function"]["Environment"]["Variables"]
     assert shared["MAOF_STAGE_QUEUE_URL"] == {"Ref": "StageQueue"}
+    assert shared["MAOF_STAGE_QUEUE_NAME"] == {"Fn::GetAtt": ["StageQueue", "QueueName"]}
     for name, function in _functions(template["Resources"]).items():
         variables = function["Properties"].get("Environment", {}).get("Variables", {})
         assert "MAOF_STAGE_QUEUE_URL" not in variables, name
@@ -276,14 +273,14 @@ def test_every_function_waits_for_the_queue(template: dict[str, Any]) -> None:
 def test_stage_queue_redrives_to_its_dead_letter_queue(resources: dict[str, Any]) -> None:
     queue = resources["StageQueue"]
     assert queue["Type"] == "AWS::SQS::Queue"
-    assert queue["Properties"]["QueueName"] == STAGE_QUEUE_NAME
+    assert queue["Properties"]["QueueName"] == {"Fn::Sub": "${AWS::StackName}-stage-queue"}
     redrive = queue["Properties"]["RedrivePolicy"]
     assert redrive["maxReceiveCount"] == 5
     dlq_id, attribute = redrive["deadLetterTargetArn"]["Fn::GetAtt"]
     assert attribute == "Arn"
     dlq = resources[dlq_id]
     assert dlq["Type"] == "AWS::SQS::Queue"
-    assert dlq["Properties"]["QueueName"] == f"{STAGE_QUEUE_NAME}-dlq"
+    assert dlq["Properties"]["QueueName"] == {"Fn::Sub": "${AWS::StackName}-stage-queue-dlq"}
 
 
 def test_stage_queue_hides_a_message_for_six_function_timeouts(resources: dict[str, Any]) -> None:
@@ -567,13 +564,95 @@ def test_the_dashboard_is_served_over_https_by_cloudfront_from_a_private_bucket(
     assert "DashboardWebsiteURL" not in template["Outputs"]
 
 
-def test_deploy_accepts_the_package(package_dir: Path) -> None:
-    from infra.deploy import check_package, rewrite_code_uris
+# Properties that name a resource in the account (unique per account and region, or shown
+# to operators); a stage's resources must take their names from its stack's.
+NAME_PROPERTIES = {
+    *("QueueName", "BucketName", "FunctionName", "LogGroupName", "AlarmName", "DashboardName"),
+    *("TopicName", "RoleName", "Name", "DisplayName"),
+}
 
-    template = check_package(package_dir)
-    assert rewrite_code_uris(template, "artifacts", "prod/code.zip") == len(FUNCTIONS)
-    for function in _functions(template["Resources"]).values():
-        assert function["Properties"]["CodeUri"] == {"Bucket": "artifacts", "Key": "prod/code.zip"}
+
+def _names(node: Any, path: str = "") -> list[tuple[str, Any]]:
+    found: list[tuple[str, Any]] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "Dimensions":  # a metric's, named by what it measures
+                continue
+            if key in NAME_PROPERTIES:
+                found.append((f"{path}.{key}", value))
+            else:
+                found += _names(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            found += _names(value, f"{path}[{index}]")
+    return found
+
+
+def test_every_name_derives_from_the_stack(template: dict[str, Any]) -> None:
+    """`make deploy STAGE=dev` and `STAGE=prod` side by side in one account and region: no
+    fixed names (CloudFormation makes up those not given), and alarms and the operations
+    dashboard read only their own stage's metrics (the `service` dimension)."""
+    resources = template["Resources"]
+    for name, resource in resources.items():
+        for where, value in _names(resource.get("Properties", {}), name):
+            derived = isinstance(value, dict) and "${AWS::StackName}" in value.get("Fn::Sub", "")
+            # or another resource's own name, by reference
+            referred = isinstance(value, dict) and value.get("Ref", "") in resources
+            assert derived or referred, (where, value)
+    shared = template["Globals"]["Function"]["Environment"]["Variables"]
+    assert shared["POWERTOOLS_SERVICE_NAME"] == {"Ref": "AWS::StackName"}
+    services = [
+        value
+        for resource in template["Resources"].values()
+        if resource["Type"] == "AWS::CloudWatch::Alarm"
+        for where, value in _dimensions(resource["Properties"])
+        if where == "service"
+    ]
+    assert services and all(value == {"Ref": "AWS::StackName"} for value in services), services
+    body = template["Resources"]["OperationsDashboard"]["Properties"]["DashboardBody"]["Fn::Sub"]
+    assert '"service", "maof"' not in body and '"service", "${AWS::StackName}"' in body
+
+
+def _dimensions(node: Any) -> list[tuple[str, Any]]:
+    if isinstance(node, dict):
+        if "Dimensions" in node:
+            return [(d["Name"], d["Value"]) for d in node["Dimensions"]]
+        return [found for value in node.values() for found in _dimensions(value)]
+    if isinstance(node, list):
+        return [found for value in node for found in _dimensions(value)]
+    return []
+
+
+def test_aws_cloudformation_package_uploads_the_code_and_points_the_functions_at_it(
+    package_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `make deploy` has the AWS CLI do with the package (LocalStack's S3 here)."""
+    import hashlib
+    import uuid
+
+    import boto3
+
+    from tests.integration.conftest import localstack_endpoint
+
+    for name, value in {"AWS_ENDPOINT_URL": localstack_endpoint(), **PACKAGE_ENV}.items():
+        monkeypatch.setenv(name, value)
+    bucket = boto3.resource("s3").Bucket(f"maof-test-artifacts-{uuid.uuid4().hex[:8]}")
+    bucket.create()
+    packaged = tmp_path / "packaged.json"
+    try:
+        command = [sys.executable, "-m", "awscli", "cloudformation", "package", "--use-json"]
+        command += ["--template-file", str(package_dir / "sam.json"), "--s3-bucket", bucket.name]
+        command += ["--s3-prefix", "prod", "--output-template-file", str(packaged)]
+        subprocess.run(command, check=True, capture_output=True, timeout=300)
+        code = hashlib.md5((package_dir / "deployment.zip").read_bytes()).hexdigest()  # noqa: S324
+        assert [o.key for o in bucket.objects.all()] == [f"prod/{code}"]
+        functions = _functions(json.loads(packaged.read_text())["Resources"])
+        assert len(functions) == len(FUNCTIONS)
+        for function in functions.values():
+            assert function["Properties"]["CodeUri"] == f"s3://{bucket.name}/prod/{code}"
+    finally:
+        bucket.objects.all().delete()
+        bucket.delete()
 
 
 def test_zip_carries_the_migrations_and_what_runs_them(package_dir: Path) -> None:
@@ -709,6 +788,7 @@ def test_the_sam_transform_keeps_the_roles_the_trigger_and_the_vpc(
     assert len(mappings) == 1
     assert mappings[0]["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
     assert mappings[0]["Properties"]["FunctionName"] == {"Ref": "RunStage"}
+    assert mappings[0]["Properties"]["EventSourceArn"] == {"Fn::Sub": "${StageQueue.Arn}"}
     transformed = tmp_path / "cloudformation.json"
     transformed.write_text(json.dumps(output))
     result = subprocess.run(

@@ -1,4 +1,5 @@
-"""What the dashboard upload sends: Content-Types, the file list, config.json, site URLs."""
+"""What the dashboard upload (infra/site.py, for `make deploy` and `make dev`) sends: Content-Types,
+the file list, config.json; and where `make dev` says the site opens."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from chalicelib.config import reset_settings
-from chalicelib.local.dashboard import SiteUrls, content_type, site_config, site_files, site_urls
+from chalicelib.local.dashboard import SiteUrls, site_urls
+from infra.site import content_type, site_config, site_files
 
 
 @pytest.mark.parametrize(
