@@ -117,8 +117,8 @@ def get_audit(principal: Principal, ref: str) -> dict[str, Any]:
 
 
 def export(principal: Principal, ref: str) -> dict[str, Any]:
-    """One JSON bundle that `maof-verify` checks offline (README "Verifying a run's audit
-    trail")."""
+    """One JSON bundle that `maof-verify` checks offline (docs/audit.md "Verifying a run's
+    audit trail")."""
     with session_scope() as session:
         run = _own_run(session, principal, ref)
         entries = _entries(session, run.id)
