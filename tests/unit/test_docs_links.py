@@ -1,5 +1,8 @@
 """Every relative link in README.md and docs/*.md leads somewhere: the file exists and, for
-a link into a markdown page, so does the heading its #anchor names (GitHub's slugs)."""
+a link into a markdown page, so does the heading its #anchor names (GitHub's slugs). And
+every path of this repository and every module of its packages the pages name, in prose
+or in code (`chalicelib/engine/policy.py`, `python -m chalicelib.local.poller`), exists:
+when code moves, the test names each page and mention to update."""
 
 from __future__ import annotations
 
@@ -64,6 +67,33 @@ def links(page: Path) -> list[str]:
     ]
 
 
+# The repository's own top-level folders and packages: names under them must exist.
+PACKAGES = ("chalicelib", "tests", "bench", "infra", "examples", "maof_client")
+TOP = (*PACKAGES, "dashboard", "docs")
+REPO_PATH = re.compile(rf"(?<![\w./-])((?:{'|'.join(TOP)})/[\w./-]*)")
+DOTTED = re.compile(rf"(?<![\w./-])((?:{'|'.join(PACKAGES)})(?:\.[A-Za-z_]\w*)+)")
+
+
+def repo_paths(text: str) -> list[str]:
+    return [match.group(1).rstrip(".") for match in REPO_PATH.finditer(text)]
+
+
+def missing_module(dotted: str) -> str | None:
+    """The first part of `a.b.c` that names no module of ours, if the parts before it are
+    a package (after a module, the rest are its attributes: `maof_client.MaofClient`)."""
+    parts = dotted.split(".")
+    where = PROJECT_DIR
+    for index, part in enumerate(parts):
+        if (where / part / "__init__.py").exists() or (where / part).is_dir():
+            where = where / part
+        elif (where / f"{part}.py").exists():
+            return None
+        else:
+            is_attribute = index > 0 and not part.islower()
+            return None if is_attribute else ".".join(parts[: index + 1])
+    return None
+
+
 def relative(target: str) -> bool:
     return not re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I)
 
@@ -79,6 +109,30 @@ def test_every_relative_link_points_to_a_file_and_heading_that_exist(page: Path)
         elif anchor and destination.suffix == ".md" and anchor not in anchors(destination):
             broken.append(f"{target}: no heading #{anchor} in {destination.name}")
     assert not broken, f"{page.relative_to(PROJECT_DIR)}: " + "; ".join(broken)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(PROJECT_DIR)))
+def test_every_repository_path_and_module_named_exists(page: Path) -> None:
+    text = page.read_text()
+    gone = [path for path in repo_paths(text) if not (PROJECT_DIR / path).exists()]
+    gone += [
+        module
+        for match in DOTTED.finditer(text)
+        if (module := missing_module(match.group(1).rstrip("."))) is not None
+    ]
+    assert not gone, f"{page.relative_to(PROJECT_DIR)} names what is not here: {sorted(set(gone))}"
+
+
+def test_the_path_check_tells_moved_code_from_attributes() -> None:
+    assert repo_paths("see `chalicelib/engine/policy.py`, then tests/unit.") == [
+        "chalicelib/engine/policy.py",
+        "tests/unit",
+    ]
+    assert missing_module("chalicelib.engine.policy") is None
+    assert missing_module("chalicelib.local.dashboard.upload_site") is None  # a function
+    assert missing_module("maof_client.MaofClient") is None  # a class of the package
+    assert missing_module("chalicelib.nowhere.poller") == "chalicelib.nowhere"
+    assert missing_module("examples.agents.nowhere") == "examples.agents.nowhere"
 
 
 def test_the_link_check_reads_links_and_headings_as_github_does(tmp_path: Path) -> None:
