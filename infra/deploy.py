@@ -688,7 +688,7 @@ def invoke_migrate(
 def publish_dashboard(s3: Any, bucket: str, api_url: str, source: Path = SITE_DIR) -> list[str]:
     """Upload dashboard/ with its Content-Types and a config.json naming `api_url`, as
     `make dev` does locally; objects no longer in the site are removed."""
-    from chalicelib.local.dashboard import upload_site
+    from devstack.dashboard import upload_site
 
     try:
         return upload_site(api_url, bucket, source, s3=s3)

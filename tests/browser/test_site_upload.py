@@ -12,7 +12,7 @@ import requests
 
 from chalicelib.aws import aws_client
 from chalicelib.config import get_settings
-from chalicelib.local.dashboard import SITE_DIR, site_files, site_urls, upload_site
+from devstack.dashboard import SITE_DIR, site_files, site_urls, upload_site
 
 
 def test_every_file_is_uploaded_with_its_content_type_and_a_config_naming_the_api(

@@ -348,7 +348,7 @@ def test_key_rotation_keeps_old_runs_verifying(user, poller, api, tmp_path):
 
 def test_the_checkpoint_schedule_is_a_handler_of_the_app_and_runs_locally():
     import app as maof
-    from chalicelib.local.poller import from_app
+    from devstack.poller import from_app
 
     assert "write_audit_checkpoint" in maof.app.handler_map
     poller = from_app(1)

@@ -31,7 +31,7 @@ from chalicelib.agents.registry import capability_cache_key
 from chalicelib.config import get_settings, reset_settings
 from chalicelib.db import session_scope
 from chalicelib.db.models import Agent
-from chalicelib.local import dev
+from devstack import dev
 from tests.integration.conftest import Api, register_agent, unique_capability, wait_for_run
 from tests.support.agents import ScriptedAgent, ok, redirect
 from tests.support.dns import FakeResolver

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from chalicelib.config import reset_settings
-from chalicelib.local.dashboard import SiteUrls, content_type, site_config, site_files, site_urls
+from devstack.dashboard import SiteUrls, content_type, site_config, site_files, site_urls
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from chalicelib.agents.network import (
 from chalicelib.agents.registry import RegisterAgentRequest
 from chalicelib.config import reset_settings
 from chalicelib.http import validate
-from chalicelib.local.dev import allow_private_endpoints_by_default
+from devstack.dev import allow_private_endpoints_by_default
 from tests.support.dns import FakeResolver
 
 

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 from chalicelib.aws import aws_client
 from chalicelib.config import get_settings
-from chalicelib.local.stack import PROJECT_DIR
+from devstack.stack import PROJECT_DIR
 
 SITE_DIR = PROJECT_DIR / "dashboard"
 CONFIG_KEY = "config.json"

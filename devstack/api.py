@@ -21,7 +21,7 @@ from chalice.local import (
 
 from chalicelib.config import ConfigError, get_settings
 from chalicelib.db import SchemaNotMigrated, check_migrated
-from chalicelib.local.stack import PROJECT_DIR
+from devstack.stack import PROJECT_DIR
 
 # What `chalice local` answers (403) for a path no route has, as API Gateway does: "Missing
 # Authentication Token", or, when the request has an Authorization header, a SigV4 complaint
@@ -69,7 +69,7 @@ def create_server(host: str, port: int, stage: str = "dev") -> LocalDevServer:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m chalicelib.local.api")
+    parser = argparse.ArgumentParser(prog="python -m devstack.api")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=3000)
     parser.add_argument("--stage", default="dev")
