@@ -6,8 +6,9 @@ from chalice.app import CloudWatchEvent, Rate, SQSEvent
 
 from chalicelib.agents import registry as agents
 from chalicelib.auth import service as auth
+from chalicelib.core.api import Reply
 from chalicelib.engine import handlers as engine
-from chalicelib.http import ApiRequest, MaofApp, Reply
+from chalicelib.http import ApiRequest, MaofApp
 from chalicelib.workflows import audit_trail, control, runs, stats
 from chalicelib.workflows.definition import ExecuteRequest
 

@@ -40,8 +40,9 @@ class MaofRequestHandler(ChaliceRequestHandler):
     def _send_error_response(self, error: LocalGatewayException) -> None:
         said = error.body or b""
         if isinstance(error, ForbiddenError) and any(m in said for m in _NO_ROUTE_MESSAGES):
-            from chalicelib import errors
-            from chalicelib.http import dumps, error_body
+            from chalicelib.core import errors
+            from chalicelib.core.encoding import dumps
+            from chalicelib.http import error_body
 
             request_id = error.headers.get("x-amzn-RequestId", "local")
             body = dumps(error_body(errors.NotFound(f"No route for {self.path}"), request_id))

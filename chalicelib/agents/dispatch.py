@@ -35,8 +35,8 @@ from chalicelib.agents.mock import (
 )
 from chalicelib.agents.network import EndpointNotAllowed, EndpointUnresolvable, pinned_request
 from chalicelib.config import get_settings
+from chalicelib.core.encoding import dumps
 from chalicelib.engine.policy import Failure
-from chalicelib.http import dumps
 
 # HTTP statuses worth another attempt; any other non-2xx is final.
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})

@@ -12,16 +12,17 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from chalicelib import cache, errors
+from chalicelib import cache
 from chalicelib.agents.mock import MOCK_AGENTS_DISABLED, mock_agents_enabled
 from chalicelib.agents.network import EndpointNotAllowed, check_endpoint_allowed
 from chalicelib.agents.secrets import encrypt_token
 from chalicelib.auth.service import is_admin
-from chalicelib.capabilities import Capability
 from chalicelib.config import get_settings
+from chalicelib.core import errors
+from chalicelib.core.api import ApiModel, PageQuery, Principal, page_meta
+from chalicelib.core.capabilities import Capability
 from chalicelib.db import insert_unique, session_scope
 from chalicelib.db.models import Agent
-from chalicelib.http import ApiModel, PageQuery, Principal, page_meta
 
 Visibility = Literal["private", "shared"]
 

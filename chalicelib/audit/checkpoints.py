@@ -27,10 +27,10 @@ from sqlalchemy import text
 
 from chalicelib.audit import keys as audit_keys
 from chalicelib.audit import verify as rules
-from chalicelib.audit.chain import RUN_PREFIX
 from chalicelib.config import get_settings
+from chalicelib.core.api import run_ref
+from chalicelib.core.encoding import dumps
 from chalicelib.db import session_scope
-from chalicelib.http import dumps
 from chalicelib.logs import logger
 
 # Entries are stamped before their transaction commits: a run whose last entry is stamped
@@ -50,7 +50,7 @@ class Leaf:
 
     @property
     def ref(self) -> str:
-        return f"{RUN_PREFIX}{self.run_id}"
+        return run_ref(self.run_id)
 
     def view(self) -> dict[str, Any]:
         return {"runId": self.ref, "seq": self.seq, "hash": self.head}
@@ -254,7 +254,7 @@ def run_checkpoints(session: Any, run_id: uuid.UUID) -> list[dict[str, Any]]:
     ).all()
     found = []
     for row in rows:
-        proof = proof_for(row.object_key, f"{RUN_PREFIX}{run_id}", row.leaf_index)
+        proof = proof_for(row.object_key, run_ref(run_id), row.leaf_index)
         if proof is None:
             proof = {"head": {"checkpoint": row.checkpoint}, "leaf": {}, "missing": True}
         found.append(proof)

@@ -23,12 +23,13 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from chalicelib import cache, errors
+from chalicelib import cache
 from chalicelib.auth import tokens
 from chalicelib.config import get_settings
+from chalicelib.core import errors
+from chalicelib.core.api import Principal
 from chalicelib.db import session_scope
 from chalicelib.db.models import AuthSession, User
-from chalicelib.http import Principal
 
 CACHE_SECONDS = 30
 

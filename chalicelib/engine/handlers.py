@@ -30,6 +30,7 @@ from chalicelib.agents.selection import (
     settle,
 )
 from chalicelib.config import STAGE_TIMEOUT_MARGIN_SECONDS, get_settings, import_time_setting
+from chalicelib.core.api import run_ref
 from chalicelib.engine import leases, stages, sweeper, trace
 from chalicelib.engine.policy import Action, Counters, Decision, Failure, after_failure
 from chalicelib.engine.queue import StageMessage, change_visibility, send_stage_messages
@@ -275,7 +276,7 @@ def _execute(
         stages.skip_if_run_ended(claimed)
         return "skipped"
     task = AgentTask(
-        run_ref=f"wfr-{claimed.run_id}",
+        run_ref=run_ref(claimed.run_id),
         stage_id=claimed.stage_id,
         attempt=attempt,
         capability=claimed.capability,

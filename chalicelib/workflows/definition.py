@@ -6,9 +6,9 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from chalicelib import errors
-from chalicelib.capabilities import Capability
-from chalicelib.http import ApiModel
+from chalicelib.core import errors
+from chalicelib.core.api import ApiModel
+from chalicelib.core.capabilities import Capability
 from chalicelib.workflows.references import InputTooLarge, check_input_size, references_in
 
 STAGE_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
