@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 from chalicelib.audit.keys import rotated
-from chalicelib.db.migrate import REENCRYPT
+from chalicelib.maintenance import REENCRYPT
 from infra.deploy import (
     Aws,
     DeployError,

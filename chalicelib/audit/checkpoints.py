@@ -27,6 +27,7 @@ from sqlalchemy import text
 
 from chalicelib.audit import keys as audit_keys
 from chalicelib.audit import verify as rules
+from chalicelib.aws import aws_client
 from chalicelib.config import get_settings
 from chalicelib.core.api import run_ref
 from chalicelib.core.encoding import dumps
@@ -197,8 +198,6 @@ def checkpoint() -> dict[str, Any]:
 
 
 def put_object(key: str, document: dict[str, Any]) -> None:
-    from chalicelib.aws import aws_client
-
     aws_client("s3").put_object(
         Bucket=get_settings().audit_bucket,
         Key=key,
@@ -210,8 +209,6 @@ def put_object(key: str, document: dict[str, Any]) -> None:
 @functools.lru_cache(maxsize=64)
 def read_object(key: str) -> dict[str, Any]:
     """A checkpoint object as S3 holds it (immutable: cached per process)."""
-    from chalicelib.aws import aws_client
-
     body = aws_client("s3").get_object(Bucket=get_settings().audit_bucket, Key=key)["Body"]
     loaded: dict[str, Any] = json.loads(body.read())
     return loaded

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import jwt
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
@@ -151,8 +152,6 @@ def end(refresh_token: str) -> int:
 
 def _expired_claims(refresh_token: str) -> tokens.TokenClaims | None:
     """The claims of a correctly signed refresh token that has merely expired."""
-    import jwt
-
     settings = get_settings()
     for secret in (settings.jwt_secret, *settings.jwt_previous_secrets):
         try:

@@ -12,13 +12,13 @@ from sqlalchemy.orm import Session
 from chalicelib import limits
 from chalicelib.agents.secrets import encrypt_token
 from chalicelib.audit import chain
+from chalicelib.audit import rows as audit_rows
 from chalicelib.config import get_settings
 from chalicelib.core import errors
 from chalicelib.core.api import PageQuery, Principal, Reply, page_meta, parse_run_ref, run_ref
 from chalicelib.core.encoding import dumps
 from chalicelib.db import autocommit_connection, session_scope
 from chalicelib.db.models import StageExecution, WorkflowRun
-from chalicelib.engine import audit_rows
 from chalicelib.engine.queue import send_stage_messages
 from chalicelib.logs import logger
 from chalicelib.workflows.definition import (
