@@ -62,10 +62,6 @@ class AgentChoice:
     slot: str | None = None  # the slot lease held in Redis (None: capacity not enforced)
 
     @property
-    def reserved(self) -> bool:
-        return self.slot is not None
-
-    @property
     def token(self) -> str:
         return decrypt_token(self.token_encrypted)
 

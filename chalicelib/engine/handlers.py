@@ -639,6 +639,7 @@ def run_stage_batch(records: list[dict[str, Any]], context: Any = None) -> dict[
     failed = [record for record, failed in zip(records, results, strict=True) if failed]
     if failed:
         redeliver_soon(failed)
+    # Not Powertools' BatchProcessor: it runs records one after another; these run at once.
     return {"batchItemFailures": [{"itemIdentifier": r["messageId"]} for r in failed]}
 
 

@@ -48,11 +48,6 @@ def held(claim_token: uuid.UUID) -> Iterator[None]:
                 del _held[claim_token]
 
 
-def holding() -> list[uuid.UUID]:
-    with _lock:
-        return list(_held)
-
-
 def _renew_forever() -> None:
     """Renew while this process holds stages; stop when it holds none (held() starts a new
     renewer with the next stage), so an idle process reads nothing in the background."""
