@@ -1,4 +1,4 @@
-"""Register, list, read and (soft) delete agents; cache lookups by capability in Redis."""
+"""Register, list, read, change and (soft) delete agents; a new agent is probed at once."""
 
 from __future__ import annotations
 
