@@ -10,11 +10,12 @@ from typing import Any
 
 from sqlalchemy import text
 
-from chalicelib import __version__, cache, errors
+from chalicelib import __version__, cache
 from chalicelib.aws import aws_client
 from chalicelib.config import get_settings
+from chalicelib.core import errors
+from chalicelib.core.api import Reply
 from chalicelib.db import get_engine
-from chalicelib.http import Reply
 
 # The whole check must answer within 2 s even when a dependency hangs.
 DEADLINE_SECONDS = 1.5

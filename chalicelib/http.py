@@ -7,33 +7,23 @@ import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
-from decimal import Decimal
 from typing import Any, TypeVar
 
 import pydantic
-from chalice.app import Chalice, CORSConfig, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from pydantic.alias_generators import to_camel
+from chalice.app import Chalice, ChaliceUnhandledError, CORSConfig, Request, Response
+from pydantic import BaseModel
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
-from chalicelib import errors
+from chalicelib.auth.sessions import authenticate
 from chalicelib.config import get_settings, import_time_setting
+from chalicelib.core import errors
+from chalicelib.core.api import Principal, Reply
+from chalicelib.core.encoding import dumps
 from chalicelib.logs import logger
 
 M = TypeVar("M", bound=BaseModel)
 
 EXPOSED_HEADERS = ["X-Request-Id", "Retry-After"]
-
-
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(_has_nul(item) for item in value)
-    return False
 
 
 def json_depth(value: Any) -> int:
@@ -51,54 +41,6 @@ def json_depth(value: Any) -> int:
         deepest = max(deepest, depth)
         stack.extend((child, depth + 1) for child in children)
     return deepest
-
-
-class ApiModel(BaseModel):
-    """Base of request bodies: camelCase keys, unknown fields refused."""
-
-    model_config = ConfigDict(
-        extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True
-    )
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_nul_characters(cls, value: Any) -> Any:
-        # Postgres refuses U+0000 in text and JSONB: answer 400 here rather than 500 later.
-        if _has_nul(value):
-            raise ValueError("must not contain NUL characters")
-        return value
-
-
-@dataclass(frozen=True)
-class Principal:
-    """The authenticated caller."""
-
-    user_uuid: uuid.UUID
-    email: str
-    role: str
-
-
-@dataclass(frozen=True)
-class Reply:
-    """An answer with data; `error` makes it a failure that still carries data (/health)."""
-
-    data: Any
-    status: int = 200
-    error: errors.ApiError | None = None
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, Decimal):
-        return float(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, default=_json_default, separators=(",", ":"))
 
 
 def json_response(body: Any, status: int, request_id: str) -> Response:
@@ -251,8 +193,6 @@ class MaofApp(Chalice):
         two cannot drift. The view returns data (answered with `status`) or a Reply; `raw`
         answers without the envelope.
         """
-        from chalicelib.auth.sessions import authenticate  # avoid a cycle at import time
-
         cors = CORSConfig(
             allow_origin=cors_origin(),
             allow_headers=["Authorization", "Content-Type", "X-Request-Id", "Idempotency-Key"],
@@ -300,7 +240,7 @@ class MaofApp(Chalice):
                 return json_response(envelope, reply.status, request_id)
 
             self.route(path, methods=[method], cors=cors, content_types=["application/json"])(
-                handler
+                _past_chalice(handler)
             )
             self.endpoints.append(
                 EndpointSpec(
@@ -325,7 +265,8 @@ class MaofApp(Chalice):
         request_id = _request_id(event)
         try:
             response = get_response(event)
-        except errors.ApiError as exc:
+        except _InTransit as transit:
+            exc = transit.error
             response = json_response(error_body(exc, request_id), exc.status, request_id)
             response.headers.update(exc.headers)
         except Exception:
@@ -339,6 +280,27 @@ class MaofApp(Chalice):
         response.headers.setdefault("Access-Control-Allow-Origin", cors_origin())
         response.headers.setdefault("Access-Control-Expose-Headers", ",".join(EXPOSED_HEADERS))
         return response
+
+
+class _InTransit(ChaliceUnhandledError):
+    """An ApiError on its way from a view to _envelope_errors: Chalice lets only its own
+    ChaliceUnhandledError through to the middleware (any other exception of a view it
+    answers itself, as a bare 500)."""
+
+    def __init__(self, error: errors.ApiError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _past_chalice(handler: Callable[..., Response]) -> Callable[..., Response]:
+    @functools.wraps(handler)
+    def carried(**path_params: str) -> Response:
+        try:
+            return handler(**path_params)
+        except errors.ApiError as exc:
+            raise _InTransit(exc) from exc
+
+    return carried
 
 
 # Chalice answers some failures itself, before or around our views; give them our envelope.
@@ -387,23 +349,3 @@ def _request_id(request: Request | None) -> str:
 
 def _path(request: Request | None) -> str:
     return str(getattr(request, "path", "unknown"))
-
-
-class PageQuery(ApiModel):
-    """`?page=&limit=` of every list; subclasses add their filters."""
-
-    page: int = Field(default=1, ge=1, le=100_000)
-    limit: int = Field(default=20, ge=1, le=100)
-
-    @property
-    def offset(self) -> int:
-        return (self.page - 1) * self.limit
-
-
-def page_meta(total: int, query: PageQuery) -> dict[str, int]:
-    return {
-        "total": total,
-        "page": query.page,
-        "limit": query.limit,
-        "pages": (total + query.limit - 1) // query.limit,
-    }

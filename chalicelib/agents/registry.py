@@ -1,4 +1,4 @@
-"""Register, list, read and (soft) delete agents; cache lookups by capability in Redis."""
+"""Register, list, read, change and (soft) delete agents; a new agent is probed at once."""
 
 from __future__ import annotations
 
@@ -12,16 +12,17 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from chalicelib import cache, errors
+from chalicelib.agents import health
+from chalicelib.agents.candidates import invalidate
 from chalicelib.agents.mock import MOCK_AGENTS_DISABLED, mock_agents_enabled
 from chalicelib.agents.network import EndpointNotAllowed, check_endpoint_allowed
 from chalicelib.agents.secrets import encrypt_token
 from chalicelib.auth.service import is_admin
-from chalicelib.capabilities import Capability
-from chalicelib.config import get_settings
+from chalicelib.core import errors
+from chalicelib.core.api import ApiModel, PageQuery, Principal, page_meta
+from chalicelib.core.capabilities import Capability
 from chalicelib.db import insert_unique, session_scope
 from chalicelib.db.models import Agent
-from chalicelib.http import ApiModel, PageQuery, Principal, page_meta
 
 Visibility = Literal["private", "shared"]
 
@@ -90,25 +91,6 @@ def agent_view(agent: Agent, viewer: Principal | None = None) -> dict[str, Any]:
     return view
 
 
-def capability_cache_key(capability: str) -> str:
-    return f"maof:agents:capability:{capability}"
-
-
-def capability_generation_key(capability: str) -> str:
-    return f"maof:agents:capability-gen:{capability}"
-
-
-def invalidate_capability(capability: str) -> None:
-    _invalidate([capability])
-
-
-def _invalidate(capabilities: list[str]) -> None:
-    """After a change to agents with these capabilities is committed: move each one's
-    generation on, so a list read before the change (even one cached after this call by a
-    racing lookup) is never served again."""
-    cache.bump(*[capability_generation_key(c) for c in capabilities])
-
-
 def _refuse_sharing(principal: Principal, visibility: str) -> None:
     if visibility == "shared" and not is_admin(principal.email):
         raise errors.Forbidden(
@@ -138,26 +120,24 @@ def register(principal: Principal, body: RegisterAgentRequest) -> dict[str, Any]
             [{"field": "agentId", "message": "already registered"}],
         ),
     )
-    _invalidate(agent.capabilities)
+    invalidate(agent.capabilities)
     # A new agent is checked at once, so its status is real from the start.
-    return _probe(agent.id)
+    return _probe(agent)
 
 
-def _probe(agent_uuid: uuid.UUID) -> dict[str, Any]:
+def _probe(agent: Agent) -> dict[str, Any]:
     """Probe an agent (its owner asked) and return the owner's view of it."""
-    from chalicelib.agents.health import check_agents
-
-    checked = check_agents([agent_uuid])
+    checked = health.check([(agent.id, agent.endpoint)])
     if not checked:
         raise errors.NotFound("Agent not found")
-    return checked[0]
+    return agent_view(checked[0])
 
 
 def check_health(principal: Principal, agent_uuid: str) -> dict[str, Any]:
     """Probe one of the caller's agents now and return it with its new status."""
     with session_scope() as session:
         agent = _owned_agent(session, principal, agent_uuid, "check its health")
-    return _probe(agent.id)
+    return _probe(agent)
 
 
 def _visible(principal: Principal) -> ColumnElement[bool]:
@@ -234,7 +214,7 @@ def update_agent(principal: Principal, agent_uuid: str, body: UpdateAgentRequest
         session.flush()
         view = agent_view(agent, principal)
         capabilities = list(agent.capabilities)
-    _invalidate(capabilities)
+    invalidate(capabilities)
     return view
 
 
@@ -248,63 +228,5 @@ def delete_agent(principal: Principal, agent_uuid: str) -> dict[str, Any]:
             .values(deleted_at=datetime.now(UTC), updated_at=func.now())
         )
         capabilities = list(agent.capabilities)
-    _invalidate(capabilities)
+    invalidate(capabilities)
     return {"agentUuid": agent_uuid, "deleted": True}
-
-
-def candidates_uncached(capability: str, generation: int | None = None) -> list[dict[str, Any]]:
-    """Live, not-offline agents declaring `capability`, read from Postgres and cached for
-    the next callers under `generation` (the capability's generation read before this
-    lookup began; None: read it now)."""
-    if generation is None:
-        generation = cache.counter(capability_generation_key(capability))
-    with session_scope() as session:
-        rows = session.execute(
-            select(
-                Agent.id,
-                Agent.agent_id,
-                Agent.owner_id,
-                Agent.visibility,
-                Agent.status,
-                Agent.max_concurrent_tasks,
-                Agent.endpoint,
-                Agent.auth_token_encrypted,
-            ).where(
-                Agent.deleted_at.is_(None),
-                Agent.status != "offline",
-                Agent.capabilities.contains([capability]),
-            )
-        ).all()
-    found = [
-        {
-            "agentUuid": str(row.id),
-            "agentId": row.agent_id,
-            "ownerUuid": str(row.owner_id),
-            "visibility": row.visibility,
-            "status": row.status,
-            "maxConcurrentTasks": row.max_concurrent_tasks,
-            "endpoint": row.endpoint,
-            # Only the ciphertext is cached; it is decrypted just before the call.
-            "tokenEncrypted": row.auth_token_encrypted,
-        }
-        for row in rows
-    ]
-    if generation is not None:
-        cache.set_json(
-            capability_cache_key(capability),
-            {"generation": generation, "agents": found},
-            get_settings().agent_cache_ttl_seconds,
-        )
-    return found
-
-
-def cached_candidates(entry: Any, generation: int | None) -> list[dict[str, Any]] | None:
-    """The agents of a cache entry when it belongs to the current generation, else None."""
-    if isinstance(entry, dict) and generation is not None and entry.get("generation") == generation:
-        return list(entry["agents"])
-    return None
-
-
-def serves(agent: dict[str, Any], owner: uuid.UUID) -> bool:
-    """Whether a candidate agent may serve a run of `owner`: theirs, or shared."""
-    return bool(agent["visibility"] == "shared" or agent["ownerUuid"] == str(owner))

@@ -9,12 +9,13 @@ from typing import Any
 from pydantic import EmailStr, Field, field_validator
 from sqlalchemy import select, update
 
-from chalicelib import errors, limits
+from chalicelib import limits
 from chalicelib.auth import passwords, sessions
 from chalicelib.config import get_settings
+from chalicelib.core import errors
+from chalicelib.core.api import ApiModel, Principal
 from chalicelib.db import insert_unique, session_scope
 from chalicelib.db.models import User
-from chalicelib.http import ApiModel, Principal
 
 
 class RegisterRequest(ApiModel):

@@ -10,13 +10,13 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from chalicelib import errors
 from chalicelib.audit import chain, checkpoints
 from chalicelib.audit import keys as audit_keys
 from chalicelib.audit import verify as rules
+from chalicelib.core import errors
+from chalicelib.core.api import Principal
 from chalicelib.db import session_scope
 from chalicelib.db.models import AuditEntry, StageExecution, WorkflowRun
-from chalicelib.http import Principal
 from chalicelib.logs import logger
 from chalicelib.workflows.runs import _own_run, _run_summary
 

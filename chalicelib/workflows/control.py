@@ -7,14 +7,13 @@ from typing import Any
 
 from sqlalchemy import text
 
-from chalicelib import errors
 from chalicelib.audit import chain
+from chalicelib.core import errors
+from chalicelib.core.api import Principal, Reply, parse_run_ref
 from chalicelib.db import session_scope
 from chalicelib.engine import stages
 from chalicelib.engine.queue import send_stage_messages
-from chalicelib.http import Principal, Reply
 from chalicelib.logs import logger
-from chalicelib.workflows.runs import parse_run_ref
 
 RETRYABLE_RUNS = ("failed", "cancelled")
 

@@ -9,15 +9,17 @@ from typing import Any, Literal
 from sqlalchemy import case, func, select, text
 from sqlalchemy.orm import Session
 
-from chalicelib import errors, limits
+from chalicelib import limits
 from chalicelib.agents.secrets import encrypt_token
 from chalicelib.audit import chain
+from chalicelib.audit import rows as audit_rows
 from chalicelib.config import get_settings
+from chalicelib.core import errors
+from chalicelib.core.api import PageQuery, Principal, Reply, page_meta, parse_run_ref, run_ref
+from chalicelib.core.encoding import dumps
 from chalicelib.db import autocommit_connection, session_scope
 from chalicelib.db.models import StageExecution, WorkflowRun
-from chalicelib.engine import audit_rows
 from chalicelib.engine.queue import send_stage_messages
-from chalicelib.http import PageQuery, Principal, Reply, dumps, page_meta
 from chalicelib.logs import logger
 from chalicelib.workflows.definition import (
     ExecuteRequest,
@@ -26,8 +28,6 @@ from chalicelib.workflows.definition import (
     check_timeouts,
     needed_outputs,
 )
-
-RUN_PREFIX = "wfr-"
 
 
 class RunQuery(PageQuery):
@@ -47,19 +47,6 @@ def idempotency_key(header: str | None) -> str | None:
             [{"field": "Idempotency-Key", "message": "1 to 255 printable characters"}],
         )
     return header
-
-
-def run_ref(run_id: uuid.UUID) -> str:
-    return f"{RUN_PREFIX}{run_id}"
-
-
-def parse_run_ref(value: str) -> uuid.UUID:
-    if not value.startswith(RUN_PREFIX):
-        raise errors.NotFound("Workflow run not found")
-    try:
-        return uuid.UUID(value[len(RUN_PREFIX) :])
-    except ValueError:
-        raise errors.NotFound("Workflow run not found") from None
 
 
 def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -> Reply:

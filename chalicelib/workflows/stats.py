@@ -7,8 +7,8 @@ from typing import Any
 
 from sqlalchemy import text
 
+from chalicelib.core.api import Principal
 from chalicelib.db import session_scope
-from chalicelib.http import Principal
 
 WINDOW = "1 hour"
 

@@ -78,7 +78,7 @@ def stack() -> Iterator[None]:
     from chalicelib.db.migrate import upgrade
 
     upgrade()
-    from chalicelib.local.stack import ensure_resources
+    from devstack.stack import ensure_resources
 
     aws.reset()
     ensure_resources(settings)
@@ -117,7 +117,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def api_url(stack: None) -> Iterator[str]:
     """The API over real HTTP: MAOF's `chalice local` server in a background thread."""
-    from chalicelib.local.api import create_server
+    from devstack.api import create_server
 
     port = free_port()
     server = create_server("127.0.0.1", port, stage="dev")
@@ -232,7 +232,7 @@ def admin(api: Api) -> Api:
 def poller(stack: None) -> Iterator[Any]:
     """The local SQS event source, invoking the app's run_stage handler (4 workers)."""
     import app as maof
-    from chalicelib.local.poller import Poller
+    from devstack.poller import Poller
 
     running = Poller(maof.app.handler_map["run_stage"], concurrency=4, wait_seconds=1).start()
     yield running

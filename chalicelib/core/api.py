@@ -1,0 +1,94 @@
+"""What the API speaks, framework-free: the caller, request models and paging, run ids,
+and an answer with a status (the HTTP adapter makes the envelope of it)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.alias_generators import to_camel
+
+from chalicelib.core import errors
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated caller."""
+
+    user_uuid: uuid.UUID
+    email: str
+    role: str
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An answer with data; `error` makes it a failure that still carries data (/health)."""
+
+    data: Any
+    status: int = 200
+    error: errors.ApiError | None = None
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(item) for item in value)
+    return False
+
+
+class ApiModel(BaseModel):
+    """Base of request bodies: camelCase keys, unknown fields refused."""
+
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True
+    )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_nul_characters(cls, value: Any) -> Any:
+        # Postgres refuses U+0000 in text and JSONB: answer 400 here rather than 500 later.
+        if _has_nul(value):
+            raise ValueError("must not contain NUL characters")
+        return value
+
+
+class PageQuery(ApiModel):
+    """`?page=&limit=` of every list; subclasses add their filters."""
+
+    page: int = Field(default=1, ge=1, le=100_000)
+    limit: int = Field(default=20, ge=1, le=100)
+
+    @property
+    def offset(self) -> int:
+        return (self.page - 1) * self.limit
+
+
+def page_meta(total: int, query: PageQuery) -> dict[str, int]:
+    return {
+        "total": total,
+        "page": query.page,
+        "limit": query.limit,
+        "pages": (total + query.limit - 1) // query.limit,
+    }
+
+
+RUN_PREFIX = "wfr-"
+
+
+def run_ref(run_id: uuid.UUID) -> str:
+    """A run's public id: `wfr-<uuid>`."""
+    return f"{RUN_PREFIX}{run_id}"
+
+
+def parse_run_ref(value: str) -> uuid.UUID:
+    if not value.startswith(RUN_PREFIX):
+        raise errors.NotFound("Workflow run not found")
+    try:
+        return uuid.UUID(value[len(RUN_PREFIX) :])
+    except ValueError:
+        raise errors.NotFound("Workflow run not found") from None
