@@ -92,6 +92,13 @@ def test_a_wrong_method_is_a_json_405(api: Api) -> None:
     error_of(api.delete("/health"), 405, "METHOD_NOT_ALLOWED")
 
 
+@pytest.mark.parametrize("method", ["TRACE", "QUERY", "PROPFIND"])
+def test_a_method_no_route_knows_is_a_json_405_not_the_servers_html_501(
+    api: Api, method: str
+) -> None:
+    error_of(api.request(method, "/health"), 405, "METHOD_NOT_ALLOWED")
+
+
 def test_a_body_over_the_limit_is_413(api: Api) -> None:
     limit = get_settings().max_body_bytes
     assert limit == 1_000_000
