@@ -24,7 +24,7 @@ from typing import Any
 import urllib3
 from sqlalchemy import select, update
 
-from chalicelib import cache
+from chalicelib import cache, responses
 from chalicelib.agents.dispatch import is_mock
 from chalicelib.agents.network import EndpointNotAllowed, pinned_request
 from chalicelib.agents.registry import invalidate_capability
@@ -70,7 +70,7 @@ def probe(endpoint: str) -> str:
     return "degraded"
 
 
-def _record(results: dict[uuid.UUID, str]) -> list[dict[str, Any]]:
+def _record(results: dict[uuid.UUID, str]) -> list[responses.Agent]:
     now = datetime.now(UTC)
     changed_capabilities: set[str] = set()
     with session_scope() as session:
@@ -102,7 +102,7 @@ def _record(results: dict[uuid.UUID, str]) -> list[dict[str, Any]]:
     return [agent_view(a) for a in agents]
 
 
-def check_agents(agent_uuids: list[uuid.UUID] | None = None) -> list[dict[str, Any]]:
+def check_agents(agent_uuids: list[uuid.UUID] | None = None) -> list[responses.Agent]:
     """Probe the given live agents (all of them by default) concurrently; record the results."""
     with session_scope() as session:
         query = select(Agent.id, Agent.endpoint).where(Agent.deleted_at.is_(None))
@@ -121,5 +121,5 @@ def scheduled_check() -> dict[str, Any]:
     checked = check_agents()
     counts: dict[str, int] = {}
     for agent in checked:
-        counts[agent["status"]] = counts.get(agent["status"], 0) + 1
+        counts[agent.status] = counts.get(agent.status, 0) + 1
     return {"checked": len(checked), "statuses": counts}

@@ -334,3 +334,4 @@ def test_a_database_outage_answers_503_not_500(user, monkeypatch):
     error = response.json()["error"]
     assert error["code"] == "SERVICE_UNAVAILABLE"
     assert "starting up" not in error["message"]  # nothing of the driver's words
+    assert response.headers["Retry-After"] == "5"
