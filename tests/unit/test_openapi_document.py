@@ -5,6 +5,7 @@ answered."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from datetime import UTC, datetime
@@ -18,6 +19,7 @@ import app as maof
 from chalicelib import errors, openapi, responses
 from chalicelib.audit import chain
 from chalicelib.http import ApiModel, MaofApp, dumps, error_body, validate
+from maof_client import models as client_models
 
 DOCUMENT = openapi.document(maof.app.endpoints)
 SCHEMAS = DOCUMENT["components"]["schemas"]
@@ -260,3 +262,36 @@ def test_a_view_must_answer_its_declared_model() -> None:
         refused = client.http.get("/wrong")
     assert refused.status_code == 500
     assert refused.json_body["error"]["code"] == "INTERNAL_ERROR"
+
+
+# ------------------------------------------------------------------ the client reads them
+
+CLIENT_VIEWS = [
+    (client_models.User, responses.User),
+    (client_models.Agent, responses.Agent),
+    (client_models.PageMeta, responses.PageMeta),
+    (client_models.Submission, responses.Submitted),
+    (client_models.Progress, responses.Progress),
+    (client_models.Stage, responses.Stage),
+    (client_models.CallbackStatus, responses.CallbackStatus),
+    (client_models.RunSummary, responses.ListedRun),
+    (client_models.Run, responses.Run),
+    (client_models.RunResult, responses.RunResult),
+    (client_models.AuditChain, responses.ChainReport),
+    (client_models.AuditTrail, responses.AuditTrail),
+    (client_models.Health, responses.Health),
+]
+
+
+@pytest.mark.parametrize(("view", "model"), CLIENT_VIEWS, ids=lambda item: item.__name__)
+def test_the_client_reads_only_fields_the_api_answers(view: type, model: type) -> None:
+    # maof_client mirrors the answers in dataclasses of its own (it needs no pydantic).
+    read = {item.name for item in dataclasses.fields(view)} - {"raw"}
+    assert read <= set(model.model_fields), read - set(model.model_fields)
+
+
+def test_the_clients_audit_entry_reads_the_served_entry() -> None:
+    entry = chain.next_entry(uuid.uuid4(), None, None, "submit", "queued")
+    served = responses.plain(responses.AuditEntry.model_validate(chain.entry_view(entry)))
+    read = client_models.AuditEntry.from_api(served)
+    assert (read.seq, read.prev_hash, read.entry_hash) == (1, chain.GENESIS, entry.entry_hash)
