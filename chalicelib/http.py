@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,14 +27,47 @@ M = TypeVar("M", bound=BaseModel)
 EXPOSED_HEADERS = ["X-Request-Id", "Retry-After"]
 
 
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(_has_nul(item) for item in value)
-    return False
+def _unstorable(value: Any) -> str | None:
+    """Why Postgres (text, JSONB) or the audit's canonical JSON (RFC 8785: IEEE doubles,
+    Unicode) cannot hold `value`, or None. Iterative: nesting costs no stack."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return "must not contain NUL characters"
+            if not item.isascii() and not _is_unicode(item):
+                return "must not contain unpaired surrogates (\\ud800-\\udfff)"
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            return "must not contain numbers beyond the range of a double"
+        elif isinstance(item, int) and item.bit_length() > 1000 and not _is_double(item):
+            return "must not contain numbers beyond the range of a double"
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _is_double(number: int) -> bool:
+    try:
+        float(number)
+    except OverflowError:
+        return False
+    return True
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity: Python's extension, not RFC 8259
 
 
 def json_depth(value: Any) -> int:
@@ -62,10 +96,12 @@ class ApiModel(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_nul_characters(cls, value: Any) -> Any:
-        # Postgres refuses U+0000 in text and JSONB: answer 400 here rather than 500 later.
-        if _has_nul(value):
-            raise ValueError("must not contain NUL characters")
+    def _storable(cls, value: Any) -> Any:
+        # Postgres refuses U+0000 and lone surrogates, and the audit's hashes a number past a
+        # double (1e400): answer 400 naming the field rather than 500 later.
+        problem = _unstorable(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
 
@@ -168,7 +204,7 @@ class ApiRequest:
             raise errors.BadRequest("Request body is required")
         limit = get_settings().max_json_depth
         try:
-            data = json.loads(raw)
+            data = json.loads(raw, parse_constant=_not_json)
             too_deep = json_depth(data) > limit
         except (ValueError, UnicodeDecodeError):
             raise errors.BadRequest("Request body is not valid JSON") from None

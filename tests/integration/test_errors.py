@@ -128,6 +128,39 @@ def test_a_nul_character_in_a_login_email_is_400_not_a_500(api: Api) -> None:
     error_of(response, 400, "VALIDATION_ERROR")
 
 
+def execute_body(input_json: str = "null", stage_input_json: str = "null") -> str:
+    """An execute body from raw JSON text: json.dumps cannot write what these tests send."""
+    stage = f'{{"id": "a", "name": "A", "agentCapability": "x", "input": {stage_input_json}}}'
+    return f'{{"workflow": {{"name": "w", "stages": [{stage}]}}, "input": {input_json}}}'
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_not_json_a_400_not_a_500(user: Api, sent: Any, literal: str) -> None:
+    response = post_raw(user, "/workflows/execute", execute_body(f'{{"x": {literal}}}'), JSON)
+    assert error_of(response, 400, "BAD_REQUEST")["message"] == "Request body is not valid JSON"
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "message"),
+    [
+        (execute_body('{"x": 1e400}'), "input", "range"),
+        (execute_body("[-1e999]"), "input", "range"),
+        (execute_body("9" * 400), "input", "range"),
+        # Named by the body's field that holds it, as for NUL characters.
+        (execute_body(stage_input_json='{"t": "\\ud800"}'), "workflow", "surrogates"),
+        (execute_body('{"\\udfff": 1}'), "input", "surrogates"),
+    ],
+    ids=["overflowing float", "overflowing negative", "int past a double", "surrogate", "key"],
+)
+def test_a_value_postgres_or_the_audit_cannot_hold_is_400_naming_its_field(
+    user: Api, sent: Any, body: str, field: str, message: str
+) -> None:
+    error = error_of(post_raw(user, "/workflows/execute", body, JSON), 400, "VALIDATION_ERROR")
+    assert [d["field"] for d in error["details"]] == [field]
+    assert message in error["details"][0]["message"]
+    assert sent.sent == []  # nothing was stored or queued
+
+
 # ------------------------------------------------------------------ the server fails
 
 
