@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +19,7 @@ from openapi_spec_validator import validate as validate_openapi
 import app as maof
 from chalicelib import errors, openapi, responses
 from chalicelib.audit import chain
+from chalicelib.capabilities import check_capability
 from chalicelib.http import ApiModel, MaofApp, dumps, error_body, validate
 from maof_client import models as client_models
 
@@ -295,3 +297,17 @@ def test_the_clients_audit_entry_reads_the_served_entry() -> None:
     served = responses.plain(responses.AuditEntry.model_validate(chain.entry_view(entry)))
     read = client_models.AuditEntry.from_api(served)
     assert (read.seq, read.prev_hash, read.entry_hash) == (1, chain.GENESIS, entry.entry_hash)
+
+
+@pytest.mark.parametrize(
+    "tag", ["summarization", "code-audit.python", "a1", "", "Upper", "a--b", "-a", "a.", "x" * 101]
+)
+def test_the_documented_capability_rule_is_the_one_enforced(tag: str) -> None:
+    documented = SCHEMAS["StageDefinition"]["properties"]["agentCapability"]
+    follows = len(tag) <= documented["maxLength"] and re.search(documented["pattern"], tag)
+    try:
+        check_capability(tag)
+        enforced = True
+    except ValueError:
+        enforced = False
+    assert bool(follows) == enforced
