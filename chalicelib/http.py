@@ -16,7 +16,7 @@ from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
 from chalicelib.auth.sessions import authenticate
 from chalicelib.config import get_settings, import_time_setting
-from chalicelib.core import errors
+from chalicelib.core import errors, responses
 from chalicelib.core.api import Principal, Reply
 from chalicelib.core.encoding import dumps
 from chalicelib.logs import logger
@@ -24,6 +24,10 @@ from chalicelib.logs import logger
 M = TypeVar("M", bound=BaseModel)
 
 EXPOSED_HEADERS = ["X-Request-Id", "Retry-After"]
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity: Python's extension, not RFC 8259
 
 
 def json_depth(value: Any) -> int:
@@ -110,7 +114,7 @@ class ApiRequest:
             raise errors.BadRequest("Request body is required")
         limit = get_settings().max_json_depth
         try:
-            data = json.loads(raw)
+            data = json.loads(raw, parse_constant=_not_json)
             too_deep = json_depth(data) > limit
         except (ValueError, UnicodeDecodeError):
             raise errors.BadRequest("Request body is not valid JSON") from None
@@ -160,7 +164,11 @@ class EndpointSpec:
     body: type[BaseModel] | None
     query: type[BaseModel] | None
     status: int
+    response: type[BaseModel]  # the success body: its `data`, or all of it when raw
+    raw: bool = False
     headers: tuple[tuple[str, str], ...] = ()  # optional request headers it reads: (name, what)
+    raises: tuple[int, ...] = ()  # error statuses of its own, besides those every route has
+    error_bodies: tuple[tuple[int, type[BaseModel]], ...] = ()  # not the error envelope
 
 
 class MaofApp(Chalice):
@@ -179,19 +187,24 @@ class MaofApp(Chalice):
         method: str,
         *,
         summary: str,
+        response: type[BaseModel],
         public: bool = False,
         body: type[BaseModel] | None = None,
         query: type[BaseModel] | None = None,
         status: int = 200,
         raw: bool = False,
         headers: dict[str, str] | None = None,
+        raises: tuple[int, ...] = (),
+        error_bodies: dict[int, type[BaseModel]] | None = None,
     ) -> Callable[[View], View]:
         """Register `view(request, **path_params)` at `path`.
 
         The declared `body` and `query` models are validated before the view runs and passed
-        to it as `body=` and `query=`; the same declarations make the OpenAPI document, so the
-        two cannot drift. The view returns data (answered with `status`) or a Reply; `raw`
-        answers without the envelope.
+        to it as `body=` and `query=`; the view answers a `response` model (answered with
+        `status`), or a Reply of one; `raw` answers without the envelope. The same
+        declarations, with the error statuses the view raises itself (`raises`; those every
+        route has are added by chalicelib.openapi) make the OpenAPI document, so the two
+        cannot drift.
         """
         cors = CORSConfig(
             allow_origin=cors_origin(),
@@ -232,9 +245,11 @@ class MaofApp(Chalice):
                     )
                     raise errors.InternalError("An internal error occurred") from None
                 if raw:
-                    return json_response(result, status, request_id)
+                    return json_response(responses.plain(result), status, request_id)
                 reply = result if isinstance(result, Reply) else Reply(result, status)
-                envelope = {"success": reply.error is None, "data": reply.data}
+                if not isinstance(reply.data, response):
+                    raise TypeError(f"{view.__name__} answered {type(reply.data).__name__}")
+                envelope = {"success": reply.error is None, "data": responses.plain(reply.data)}
                 if reply.error is not None:
                     envelope["error"] = error_body(reply.error, request_id)["error"]
                 return json_response(envelope, reply.status, request_id)
@@ -252,7 +267,11 @@ class MaofApp(Chalice):
                     body,
                     query,
                     status,
-                    tuple((headers or {}).items()),
+                    response,
+                    raw,
+                    headers=tuple((headers or {}).items()),
+                    raises=raises,
+                    error_bodies=tuple((error_bodies or {}).items()),
                 )
             )
             return view

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 from chalice.cli.factory import CLIFactory
 from chalice.local import (
@@ -36,6 +37,13 @@ class MaofRequestHandler(ChaliceRequestHandler):
 
     # Without TCP_NODELAY every keep-alive answer waits ~40 ms on delayed ACKs.
     disable_nagle_algorithm = True
+
+    def __getattr__(self, name: str) -> Any:
+        # http.server answers a method with no `do_<METHOD>` (TRACE, QUERY, ...) with an HTML
+        # 501 of its own; through the app it gets the API's 405 envelope, as on any route.
+        if name.startswith("do_"):
+            return self._generic_handle
+        raise AttributeError(name)
 
     def _send_error_response(self, error: LocalGatewayException) -> None:
         said = error.body or b""

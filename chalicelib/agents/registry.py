@@ -18,7 +18,7 @@ from chalicelib.agents.mock import MOCK_AGENTS_DISABLED, mock_agents_enabled
 from chalicelib.agents.network import EndpointNotAllowed, check_endpoint_allowed
 from chalicelib.agents.secrets import encrypt_token
 from chalicelib.auth.service import is_admin
-from chalicelib.core import errors
+from chalicelib.core import errors, responses
 from chalicelib.core.api import ApiModel, PageQuery, Principal, page_meta
 from chalicelib.core.capabilities import Capability
 from chalicelib.db import insert_unique, session_scope
@@ -68,27 +68,26 @@ class AgentQuery(PageQuery):
     status: Literal["online", "degraded", "offline"] | None = None
 
 
-def agent_view(agent: Agent, viewer: Principal | None = None) -> dict[str, Any]:
+def agent_view(agent: Agent, viewer: Principal | None = None) -> responses.Agent:
     """The public shape of an agent; the auth token is never part of it, and a shared
     agent seen by someone other than its owner shows neither its endpoint nor its owner."""
-    view = {
-        "agentUuid": str(agent.id),
-        "agentId": agent.agent_id,
-        "name": agent.name,
-        "description": agent.description,
-        "endpoint": agent.endpoint,
-        "capabilities": agent.capabilities,
-        "maxConcurrentTasks": agent.max_concurrent_tasks,
-        "status": agent.status,
-        "visibility": agent.visibility,
-        "lastHealthCheck": agent.last_health_check,
-        "ownerUserUuid": str(agent.owner_id),
-        "createdAt": agent.created_at,
-        "updatedAt": agent.updated_at,
-    }
-    if viewer is not None and viewer.user_uuid != agent.owner_id:
-        del view["endpoint"], view["ownerUserUuid"]
-    return view
+    owner_only: dict[str, Any] = {}
+    if viewer is None or viewer.user_uuid == agent.owner_id:
+        owner_only = {"endpoint": agent.endpoint, "owner_user_uuid": agent.owner_id}
+    return responses.Agent(
+        agent_uuid=agent.id,
+        agent_id=agent.agent_id,
+        name=agent.name,
+        description=agent.description,
+        capabilities=agent.capabilities,
+        max_concurrent_tasks=agent.max_concurrent_tasks,
+        status=agent.status,
+        visibility=agent.visibility,
+        last_health_check=agent.last_health_check,
+        created_at=agent.created_at,
+        updated_at=agent.updated_at,
+        **owner_only,
+    )
 
 
 def _refuse_sharing(principal: Principal, visibility: str) -> None:
@@ -99,7 +98,7 @@ def _refuse_sharing(principal: Principal, visibility: str) -> None:
         )
 
 
-def register(principal: Principal, body: RegisterAgentRequest) -> dict[str, Any]:
+def register(principal: Principal, body: RegisterAgentRequest) -> responses.Agent:
     _refuse_sharing(principal, body.visibility)
     agent = Agent(
         agent_id=body.agent_id,
@@ -125,7 +124,7 @@ def register(principal: Principal, body: RegisterAgentRequest) -> dict[str, Any]
     return _probe(agent)
 
 
-def _probe(agent: Agent) -> dict[str, Any]:
+def _probe(agent: Agent) -> responses.Agent:
     """Probe an agent (its owner asked) and return the owner's view of it."""
     checked = health.check([(agent.id, agent.endpoint)])
     if not checked:
@@ -133,7 +132,7 @@ def _probe(agent: Agent) -> dict[str, Any]:
     return agent_view(checked[0])
 
 
-def check_health(principal: Principal, agent_uuid: str) -> dict[str, Any]:
+def check_health(principal: Principal, agent_uuid: str) -> responses.Agent:
     """Probe one of the caller's agents now and return it with its new status."""
     with session_scope() as session:
         agent = _owned_agent(session, principal, agent_uuid, "check its health")
@@ -145,7 +144,7 @@ def _visible(principal: Principal) -> ColumnElement[bool]:
     return or_(Agent.owner_id == principal.user_uuid, Agent.visibility == "shared")
 
 
-def list_agents(principal: Principal, query: AgentQuery) -> dict[str, Any]:
+def list_agents(principal: Principal, query: AgentQuery) -> responses.AgentList:
     conditions: list[ColumnElement[bool]] = [Agent.deleted_at.is_(None), _visible(principal)]
     if query.capability:
         conditions.append(Agent.capabilities.contains([query.capability]))
@@ -160,10 +159,10 @@ def list_agents(principal: Principal, query: AgentQuery) -> dict[str, Any]:
             .offset(query.offset)
             .limit(query.limit)
         ).all()
-    return {
-        "agents": [agent_view(a, principal) for a in agents],
-        "meta": page_meta(total, query),
-    }
+    return responses.AgentList(
+        agents=[agent_view(a, principal) for a in agents],
+        meta=responses.PageMeta(**page_meta(total, query)),
+    )
 
 
 def parse_uuid(value: str, what: str) -> uuid.UUID:
@@ -198,12 +197,14 @@ def _owned_agent(session: Session, principal: Principal, agent_uuid: str, action
     return agent
 
 
-def get_agent(principal: Principal, agent_uuid: str) -> dict[str, Any]:
+def get_agent(principal: Principal, agent_uuid: str) -> responses.Agent:
     with session_scope() as session:
         return agent_view(_visible_agent(session, principal, agent_uuid), principal)
 
 
-def update_agent(principal: Principal, agent_uuid: str, body: UpdateAgentRequest) -> dict[str, Any]:
+def update_agent(
+    principal: Principal, agent_uuid: str, body: UpdateAgentRequest
+) -> responses.Agent:
     """Change an agent's visibility (sharing needs an admin). Once this returns, a run the
     agent may no longer serve gets no new stage from it."""
     _refuse_sharing(principal, body.visibility)
@@ -218,7 +219,7 @@ def update_agent(principal: Principal, agent_uuid: str, body: UpdateAgentRequest
     return view
 
 
-def delete_agent(principal: Principal, agent_uuid: str) -> dict[str, Any]:
+def delete_agent(principal: Principal, agent_uuid: str) -> responses.AgentDeleted:
     """Soft-delete one of the caller's agents: once this returns it gets no new stage."""
     with session_scope() as session:
         agent = _owned_agent(session, principal, agent_uuid, "delete it")
@@ -229,4 +230,4 @@ def delete_agent(principal: Principal, agent_uuid: str) -> dict[str, Any]:
         )
         capabilities = list(agent.capabilities)
     invalidate(capabilities)
-    return {"agentUuid": agent_uuid, "deleted": True}
+    return responses.AgentDeleted(agent_uuid=agent_uuid, deleted=True)

@@ -3,6 +3,7 @@ and an answer with a status (the HTTP adapter makes the envelope of it)."""
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -31,14 +32,43 @@ class Reply:
     error: errors.ApiError | None = None
 
 
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(_has_nul(item) for item in value)
-    return False
+def _unstorable(value: Any) -> str | None:
+    """Why Postgres (text, JSONB) or the audit's canonical JSON (RFC 8785: IEEE doubles,
+    Unicode) cannot hold `value`, or None. Iterative: nesting costs no stack."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return "must not contain NUL characters"
+            if not item.isascii() and not _is_unicode(item):
+                return "must not contain unpaired surrogates (\\ud800-\\udfff)"
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            return "must not contain numbers beyond the range of a double"
+        elif isinstance(item, int) and item.bit_length() > 1000 and not _is_double(item):
+            return "must not contain numbers beyond the range of a double"
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _is_double(number: int) -> bool:
+    try:
+        float(number)
+    except OverflowError:
+        return False
+    return True
 
 
 class ApiModel(BaseModel):
@@ -50,10 +80,12 @@ class ApiModel(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_nul_characters(cls, value: Any) -> Any:
-        # Postgres refuses U+0000 in text and JSONB: answer 400 here rather than 500 later.
-        if _has_nul(value):
-            raise ValueError("must not contain NUL characters")
+    def _storable(cls, value: Any) -> Any:
+        # Postgres refuses U+0000 and lone surrogates, and the audit hashes no number past a
+        # double (1e400): answer 400 naming the field rather than 500 later.
+        problem = _unstorable(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
 

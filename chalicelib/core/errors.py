@@ -80,8 +80,11 @@ class RateLimited(ApiError):
 
 
 class ServiceUnavailable(ApiError):
+    """503 with `Retry-After`: a dependency is away (restarting, unreachable) for now."""
+
     code = "SERVICE_UNAVAILABLE"
     status = 503
+    headers = {"Retry-After": "5"}
 
 
 class InternalError(ApiError):

@@ -33,6 +33,7 @@ from tests.conftest import (
     TEST_DATABASE_URL,
 )
 from tests.support.agents import ScriptedAgent
+from tests.support.openapi import check_answer
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -138,10 +139,15 @@ class Api:
     user: dict[str, Any] | None = None
 
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """The answer, checked against /openapi (tests/support/openapi.py)."""
         headers = dict(kwargs.pop("headers", {}) or {})
         if self.token and "Authorization" not in headers:
             headers["Authorization"] = f"Bearer {self.token}"
-        return requests.request(method, self.base_url + path, headers=headers, timeout=10, **kwargs)
+        response = requests.request(
+            method, self.base_url + path, headers=headers, timeout=10, **kwargs
+        )
+        check_answer(response)
+        return response
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:
         return self.request("GET", path, **kwargs)

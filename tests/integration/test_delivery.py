@@ -35,7 +35,7 @@ def principal_of(client: Any) -> Principal:
 def submit_direct(client: Any, stages_: list[dict[str, Any]]) -> uuid.UUID:
     body = ExecuteRequest.model_validate({"workflow": {"name": "delivery", "stages": stages_}})
     reply = runs.submit(principal_of(client), body)
-    return run_ids.parse_run_ref(reply.data["workflowRunId"])
+    return run_ids.parse_run_ref(reply.data.workflow_run_id)
 
 
 def record(run_id: uuid.UUID, stage_id: str) -> dict[str, Any]:
