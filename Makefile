@@ -43,20 +43,21 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 venv: $(STAMP)
 
 stack: venv
-	$(PY) -m chalicelib.local.stack up
+	$(PY) -m devstack.stack up
 
 migrate: stack
 	$(PY) -m chalicelib.db.migrate
 
 dev: migrate
-	$(PY) -m chalicelib.local.dev
+	$(PY) -m devstack.dev
 
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 typecheck: venv
-	$(VENV)/bin/mypy chalicelib infra maof_client
+	$(VENV)/bin/mypy chalicelib devstack infra maof_client
 
 unit: venv
 	$(PY) -m pytest tests/unit -q
@@ -143,7 +144,7 @@ bench: stack
 	$(PY) -m bench $(BENCH_ARGS)
 
 down:
-	@test -x $(PY) && $(PY) -m chalicelib.local.stack down || true
+	@test -x $(PY) && $(PY) -m devstack.stack down || true
 
 clean: down
 	rm -rf .maof build .pytest_cache .mypy_cache .ruff_cache

@@ -4,10 +4,14 @@ from typing import Any
 
 from chalice.app import CloudWatchEvent, Rate, SQSEvent
 
+from chalicelib import health as service_health
+from chalicelib import openapi as openapi_document
 from chalicelib.agents import registry as agents
 from chalicelib.auth import service as auth
+from chalicelib.core import responses
+from chalicelib.core.api import Reply
 from chalicelib.engine import handlers as engine
-from chalicelib.http import ApiRequest, MaofApp, Reply
+from chalicelib.http import ApiRequest, MaofApp
 from chalicelib.workflows import audit_trail, control, runs, stats
 from chalicelib.workflows.definition import ExecuteRequest
 
@@ -17,18 +21,28 @@ app = MaofApp(app_name="maof")
 # ------------------------------------------------------------------ health and docs
 
 
-@app.endpoint("/health", "GET", public=True, summary="Database, Redis and queue status")
+@app.endpoint(
+    "/health",
+    "GET",
+    public=True,
+    response=responses.Health,
+    error_bodies={503: responses.HealthDegraded},
+    summary="Database, Redis and queue status",
+)
 def health(request: ApiRequest) -> Reply:
-    from chalicelib import health
-
-    return health.check()
+    return service_health.check()
 
 
-@app.endpoint("/openapi", "GET", public=True, raw=True, summary="This API's OpenAPI document")
+@app.endpoint(
+    "/openapi",
+    "GET",
+    public=True,
+    raw=True,
+    response=responses.OpenApiDocument,
+    summary="This API's OpenAPI document",
+)
 def openapi(request: ApiRequest) -> dict[str, Any]:
-    from chalicelib import openapi
-
-    return openapi.document(app.endpoints)
+    return openapi_document.document(app.endpoints)
 
 
 # ------------------------------------------------------------------ auth
@@ -40,14 +54,24 @@ def openapi(request: ApiRequest) -> dict[str, Any]:
     public=True,
     body=auth.RegisterRequest,
     status=201,
+    response=responses.User,
+    raises=(409,),
     summary="Create an account",
 )
-def register(request: ApiRequest, body: auth.RegisterRequest) -> dict[str, Any]:
+def register(request: ApiRequest, body: auth.RegisterRequest) -> responses.User:
     return auth.register(body)
 
 
-@app.endpoint("/auth/login", "POST", public=True, body=auth.LoginRequest, summary="Get tokens")
-def login(request: ApiRequest, body: auth.LoginRequest) -> dict[str, Any]:
+@app.endpoint(
+    "/auth/login",
+    "POST",
+    public=True,
+    body=auth.LoginRequest,
+    response=responses.SignedIn,
+    raises=(401, 429),
+    summary="Get tokens",
+)
+def login(request: ApiRequest, body: auth.LoginRequest) -> responses.SignedIn:
     return auth.login(body, request.source_ip)
 
 
@@ -56,9 +80,11 @@ def login(request: ApiRequest, body: auth.LoginRequest) -> dict[str, Any]:
     "POST",
     public=True,
     body=auth.RefreshRequest,
+    response=responses.SignedIn,
+    raises=(401,),
     summary="New tokens for a refresh token",
 )
-def refresh(request: ApiRequest, body: auth.RefreshRequest) -> dict[str, Any]:
+def refresh(request: ApiRequest, body: auth.RefreshRequest) -> responses.SignedIn:
     return auth.refresh(body)
 
 
@@ -67,14 +93,20 @@ def refresh(request: ApiRequest, body: auth.RefreshRequest) -> dict[str, Any]:
     "POST",
     public=True,
     body=auth.RefreshRequest,
+    response=responses.SessionsEnded,
     summary="Sign out: end the session of a refresh token",
 )
-def logout(request: ApiRequest, body: auth.RefreshRequest) -> dict[str, Any]:
+def logout(request: ApiRequest, body: auth.RefreshRequest) -> responses.SessionsEnded:
     return auth.logout(body)
 
 
-@app.endpoint("/auth/logout-all", "POST", summary="Sign out everywhere: end every session")
-def logout_all(request: ApiRequest) -> dict[str, Any]:
+@app.endpoint(
+    "/auth/logout-all",
+    "POST",
+    response=responses.SessionsEnded,
+    summary="Sign out everywhere: end every session",
+)
+def logout_all(request: ApiRequest) -> responses.SessionsEnded:
     return auth.logout_all(request.user)
 
 
@@ -82,14 +114,16 @@ def logout_all(request: ApiRequest) -> dict[str, Any]:
     "/auth/password",
     "POST",
     body=auth.PasswordChangeRequest,
+    response=responses.SignedIn,
+    raises=(429,),
     summary="Change the password (ends every other session)",
 )
-def change_password(request: ApiRequest, body: auth.PasswordChangeRequest) -> dict[str, Any]:
+def change_password(request: ApiRequest, body: auth.PasswordChangeRequest) -> responses.SignedIn:
     return auth.change_password(request.user, body)
 
 
-@app.endpoint("/auth/me", "GET", summary="The signed-in user")
-def me(request: ApiRequest) -> dict[str, Any]:
+@app.endpoint("/auth/me", "GET", response=responses.User, summary="The signed-in user")
+def me(request: ApiRequest) -> responses.User:
     return auth.me(request.user)
 
 
@@ -101,19 +135,27 @@ def me(request: ApiRequest) -> dict[str, Any]:
     "POST",
     body=agents.RegisterAgentRequest,
     status=201,
+    response=responses.Agent,
+    raises=(403, 409),
     summary="Register an agent (its health is checked at once)",
 )
-def register_agent(request: ApiRequest, body: agents.RegisterAgentRequest) -> dict[str, Any]:
+def register_agent(request: ApiRequest, body: agents.RegisterAgentRequest) -> responses.Agent:
     return agents.register(request.user, body)
 
 
-@app.endpoint("/agents", "GET", query=agents.AgentQuery, summary="Your agents and shared ones")
-def list_agents(request: ApiRequest, query: agents.AgentQuery) -> dict[str, Any]:
+@app.endpoint(
+    "/agents",
+    "GET",
+    query=agents.AgentQuery,
+    response=responses.AgentList,
+    summary="Your agents and shared ones",
+)
+def list_agents(request: ApiRequest, query: agents.AgentQuery) -> responses.AgentList:
     return agents.list_agents(request.user, query)
 
 
-@app.endpoint("/agents/{agent_uuid}", "GET", summary="One agent")
-def get_agent(request: ApiRequest, agent_uuid: str) -> dict[str, Any]:
+@app.endpoint("/agents/{agent_uuid}", "GET", response=responses.Agent, summary="One agent")
+def get_agent(request: ApiRequest, agent_uuid: str) -> responses.Agent:
     return agents.get_agent(request.user, agent_uuid)
 
 
@@ -121,21 +163,35 @@ def get_agent(request: ApiRequest, agent_uuid: str) -> dict[str, Any]:
     "/agents/{agent_uuid}",
     "PATCH",
     body=agents.UpdateAgentRequest,
+    response=responses.Agent,
+    raises=(403,),
     summary="Change an agent's visibility (owner only; sharing needs an admin)",
 )
 def update_agent(
     request: ApiRequest, agent_uuid: str, body: agents.UpdateAgentRequest
-) -> dict[str, Any]:
+) -> responses.Agent:
     return agents.update_agent(request.user, agent_uuid, body)
 
 
-@app.endpoint("/agents/{agent_uuid}/health-check", "POST", summary="Check an agent's health now")
-def health_check_agent(request: ApiRequest, agent_uuid: str) -> dict[str, Any]:
+@app.endpoint(
+    "/agents/{agent_uuid}/health-check",
+    "POST",
+    response=responses.Agent,
+    raises=(403,),
+    summary="Check an agent's health now",
+)
+def health_check_agent(request: ApiRequest, agent_uuid: str) -> responses.Agent:
     return agents.check_health(request.user, agent_uuid)
 
 
-@app.endpoint("/agents/{agent_uuid}", "DELETE", summary="Delete an agent (owner only)")
-def delete_agent(request: ApiRequest, agent_uuid: str) -> dict[str, Any]:
+@app.endpoint(
+    "/agents/{agent_uuid}",
+    "DELETE",
+    response=responses.AgentDeleted,
+    raises=(403,),
+    summary="Delete an agent (owner only)",
+)
+def delete_agent(request: ApiRequest, agent_uuid: str) -> responses.AgentDeleted:
     return agents.delete_agent(request.user, agent_uuid)
 
 
@@ -147,6 +203,8 @@ def delete_agent(request: ApiRequest, agent_uuid: str) -> dict[str, Any]:
     "POST",
     body=ExecuteRequest,
     status=202,
+    response=responses.Submitted,
+    raises=(409, 429),
     summary="Submit a workflow",
     headers={"Idempotency-Key": "Per user, kept 24 h: the same key and body give the same run"},
 )
@@ -154,23 +212,44 @@ def execute_workflow(request: ApiRequest, body: ExecuteRequest) -> Reply:
     return runs.submit(request.user, body, runs.idempotency_key(request.header("Idempotency-Key")))
 
 
-@app.endpoint("/workflows", "GET", query=runs.RunQuery, summary="Your runs, newest first")
-def list_runs(request: ApiRequest, query: runs.RunQuery) -> dict[str, Any]:
+@app.endpoint(
+    "/workflows",
+    "GET",
+    query=runs.RunQuery,
+    response=responses.RunList,
+    summary="Your runs, newest first",
+)
+def list_runs(request: ApiRequest, query: runs.RunQuery) -> responses.RunList:
     return runs.list_runs(request.user, query)
 
 
-@app.endpoint("/workflows/{run_id}", "GET", summary="A run's status, progress and stages")
-def get_run(request: ApiRequest, run_id: str) -> dict[str, Any]:
+@app.endpoint(
+    "/workflows/{run_id}",
+    "GET",
+    response=responses.Run,
+    summary="A run's status, progress and stages",
+)
+def get_run(request: ApiRequest, run_id: str) -> responses.Run:
     return runs.get_run(request.user, run_id)
 
 
-@app.endpoint("/workflows/{run_id}/result", "GET", summary="A completed run's output")
-def get_result(request: ApiRequest, run_id: str) -> dict[str, Any]:
+@app.endpoint(
+    "/workflows/{run_id}/result",
+    "GET",
+    response=responses.RunResult,
+    summary="A completed run's output",
+)
+def get_result(request: ApiRequest, run_id: str) -> responses.RunResult:
     return runs.get_result(request.user, run_id)
 
 
 @app.endpoint(
-    "/workflows/{run_id}/cancel", "POST", status=202, summary="Cancel a queued or running run"
+    "/workflows/{run_id}/cancel",
+    "POST",
+    status=202,
+    response=responses.Cancelled,
+    raises=(409,),
+    summary="Cancel a queued or running run",
 )
 def cancel_run(request: ApiRequest, run_id: str) -> Reply:
     return control.cancel(request.user, run_id)
@@ -180,40 +259,64 @@ def cancel_run(request: ApiRequest, run_id: str) -> Reply:
     "/workflows/{run_id}/retry",
     "POST",
     status=202,
+    response=responses.Retried,
+    raises=(409,),
     summary="Run a failed or cancelled run again from where it stopped",
 )
 def retry_run(request: ApiRequest, run_id: str) -> Reply:
     return control.retry(request.user, run_id)
 
 
-@app.endpoint("/workflows/{run_id}/audit", "GET", summary="A run's audit trail and its chain")
-def get_audit(request: ApiRequest, run_id: str) -> dict[str, Any]:
+@app.endpoint(
+    "/workflows/{run_id}/audit",
+    "GET",
+    response=responses.AuditTrail,
+    summary="A run's audit trail and its chain",
+)
+def get_audit(request: ApiRequest, run_id: str) -> responses.AuditTrail:
     return audit_trail.get_audit(request.user, run_id)
 
 
 @app.endpoint(
     "/workflows/{run_id}/audit/export",
     "GET",
+    response=responses.AuditBundle,
     summary="A run's audit bundle: entries, keys, outputs, checkpoints (for maof-verify)",
 )
-def export_audit(request: ApiRequest, run_id: str) -> dict[str, Any]:
+def export_audit(request: ApiRequest, run_id: str) -> responses.AuditBundle:
     return audit_trail.export(request.user, run_id)
 
 
-@app.endpoint("/audit/keys", "GET", public=True, summary="The public keys that sign the audit")
-def audit_keys(request: ApiRequest) -> dict[str, Any]:
+@app.endpoint(
+    "/audit/keys",
+    "GET",
+    public=True,
+    response=responses.PublicKeys,
+    summary="The public keys that sign the audit",
+)
+def audit_keys(request: ApiRequest) -> responses.PublicKeys:
     return audit_trail.public_keys()
 
 
 @app.endpoint(
-    "/audit/checkpoints/latest", "GET", public=True, summary="The newest signed audit checkpoint"
+    "/audit/checkpoints/latest",
+    "GET",
+    public=True,
+    response=responses.LatestCheckpoint,
+    raises=(404,),
+    summary="The newest signed audit checkpoint",
 )
-def latest_checkpoint(request: ApiRequest) -> dict[str, Any]:
+def latest_checkpoint(request: ApiRequest) -> responses.LatestCheckpoint:
     return audit_trail.latest_checkpoint()
 
 
-@app.endpoint("/stats", "GET", summary="Your runs, stages and agents over the last hour")
-def run_stats(request: ApiRequest) -> dict[str, Any]:
+@app.endpoint(
+    "/stats",
+    "GET",
+    response=responses.Stats,
+    summary="Your runs, stages and agents over the last hour",
+)
+def run_stats(request: ApiRequest) -> responses.Stats:
     return stats.stats(request.user)
 
 
@@ -245,6 +348,6 @@ def check_agent_health(event: CloudWatchEvent) -> dict[str, Any]:
 
 @app.lambda_function(name="migrate")
 def migrate(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    from chalicelib.db import migrate as migrations
+    from chalicelib import maintenance  # Alembic: no other function pays for its import
 
-    return migrations.handler(event)
+    return maintenance.handler(event)

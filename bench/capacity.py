@@ -1,7 +1,7 @@
 """capacity: MAOF as `make dev` runs it, driving agents that have few slots.
 
-The API (`python -m chalicelib.local.api`) and the SQS poller (`python -m
-chalicelib.local.poller`) run as processes of their own with make dev's defaults (the
+The API (`python -m devstack.api`) and the SQS poller (`python -m
+devstack.poller`) run as processes of their own with make dev's defaults (the
 code's: the environment's MAOF_POLLER_* and the bench's knobs for the in-process scenarios
 are dropped; kept are the bench's database, queue and Redis db, see bench/env.py, and its
 raised per-user limits; `--dev-setting KEY=VALUE` tries another value, and says so).
@@ -67,7 +67,7 @@ UNLIMITED_SLOTS = 100  # the most maxConcurrentTasks an agent may declare
 def dev_environ(overrides: dict[str, str] | None = None) -> dict[str, str]:
     """The environment make dev gives the API and the poller, on the bench's data
     (`overrides`: settings to try instead of make dev's)."""
-    from chalicelib.local.dev import allow_private_endpoints_by_default
+    from devstack.dev import allow_private_endpoints_by_default
 
     environ = dict(os.environ)
     for key in env.bench_environ():
@@ -169,11 +169,11 @@ def start_services(
             agent_processes.append((process, port, log))
         api_port = _free_port()
         api_log, poller_log = logs / "api.log", logs / "poller.log"
-        api = _start(["-m", "chalicelib.local.api", "--port", str(api_port)], environ, api_log)
+        api = _start(["-m", "devstack.api", "--port", str(api_port)], environ, api_log)
         processes.append(api)
         poller_log_start = poller_log.stat().st_size if poller_log.exists() else 0
         traced = ["-m", "bench.traced", str(trace_to), "--"] if trace_to else ["-m"]
-        poller = _start([*traced, "chalicelib.local.poller"], environ, poller_log)
+        poller = _start([*traced, "devstack.poller"], environ, poller_log)
         processes.append(poller)
         for process, port, log in agent_processes:
             _wait_until(
@@ -665,7 +665,7 @@ def run(
         if b["stages_per_s"]
     ]
     return {
-        "services": "make dev's: chalicelib.local.api and chalicelib.local.poller, own processes",
+        "services": "make dev's: devstack.api and devstack.poller, own processes",
         "poller": services.poller_settings,
         # Settings given with --dev-setting: not make dev's defaults.
         "dev_settings_overridden": dict(overrides or {}),

@@ -36,7 +36,7 @@ def measure(
     api: InProcessApi, workflow: str, runs: int, delay_ms: int, concurrency: int, timeout: float
 ) -> dict[str, Any]:
     from bench.env import purge_queue
-    from chalicelib.local.poller import Poller
+    from devstack.poller import Poller
 
     purge_queue()
     set_mock_delay(delay_ms)

@@ -71,7 +71,7 @@ def prepare() -> None:
     from chalicelib import aws, cache, db
     from chalicelib.config import get_settings, reset_settings
     from chalicelib.db.migrate import upgrade
-    from chalicelib.local.stack import ensure_resources
+    from devstack.stack import ensure_resources
 
     reset_settings()
     settings = get_settings()
@@ -118,7 +118,7 @@ def purge_queue() -> None:
 
 def bench_log_dir() -> str:
     """Where the servers a benchmark starts write their logs (.maof/logs/bench)."""
-    from chalicelib.local.stack import STATE_DIR
+    from devstack.stack import STATE_DIR
 
     folder = STATE_DIR / "logs" / "bench"
     folder.mkdir(parents=True, exist_ok=True)

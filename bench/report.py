@@ -533,7 +533,7 @@ def markdown(result: dict[str, Any]) -> str:
             ]
         lines += [
             "",
-            "Over HTTP: Chalice's local server (`chalicelib.local.api`) in its own process, "
+            "Over HTTP: Chalice's local server (`devstack.api`) in its own process, "
             "`requests` with keep-alive. The server as shipped answers every keep-alive request "
             "~40 ms late whatever the app (Nagle's algorithm against the client's delayed ACK, "
             "see `bench/serve.py`); the rows without that note set TCP_NODELAY.",
@@ -632,7 +632,7 @@ def _capacity_markdown(result: dict[str, Any]) -> list[str]:
         "",
         "## capacity: make dev's services driving agents with few slots",
         "",
-        f"The API (`chalicelib.local.api`) and the poller (`chalicelib.local.poller`: "
+        f"The API (`devstack.api`) and the poller (`devstack.poller`: "
         f"{poller['concurrency']} executions at most, batches of up to {poller['batch_size']}, "
         f"{poller['wait_seconds']} s long polls, "
         f"{poller.get('database_connections_kept', DASH)} database connections kept) in "

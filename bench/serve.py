@@ -1,5 +1,5 @@
 """`python -m bench.serve --app maof|bare --port N [--nodelay]`: an app behind Chalice's own
-local server — MAOF exactly as `chalicelib.local.api` serves it, or the floor's one-route
+local server — MAOF exactly as `devstack.api` serves it, or the floor's one-route
 Chalice app behind the same server.
 
 `--nodelay` sets TCP_NODELAY on accepted connections (http.server's
@@ -30,7 +30,7 @@ def main() -> int:
     parser.add_argument("--nodelay", action="store_true")
     args = parser.parse_args()
     if args.app == "maof":
-        from chalicelib.local import api
+        from devstack import api
 
         if args.nodelay:
             api.MaofRequestHandler.disable_nagle_algorithm = True

@@ -155,7 +155,7 @@ def run(
 ) -> dict[str, Any]:
     """Submits over HTTP (the API in its own process, as on Lambda: not sharing the
     engine's interpreter); the poller runs in this process."""
-    from chalicelib.local.poller import Poller
+    from devstack.poller import Poller
 
     app = load_app()
     server, base = start_server("maof", True, logs)

@@ -4,7 +4,7 @@ In process: the Chalice app called with API Gateway events, as Lambda calls it â
 handler's own time, what Lambda bills. The SQS send inside the submit (the network to
 LocalStack) is timed on its own and reported separately; `handler excl. SQS` is the rest.
 
-Over HTTP: the same app behind Chalice's local server (`chalicelib.local.api`, its own
+Over HTTP: the same app behind Chalice's local server (`devstack.api`, its own
 process), one client in sequence for latency, several at once for throughput; and the
 floor's one-route Chalice app behind the same server.
 """

@@ -159,6 +159,7 @@ def _read_ssm_parameters(
     path: str, region: str, endpoint: str | None, migrator: bool
 ) -> dict[str, str]:
     """The decrypted values of the parameters that exist under `path`, by name."""
+    # Imported here: a stage without SSM secrets (dev, tests) never pays boto3's import.
     import boto3
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError

@@ -10,11 +10,12 @@ from typing import Any
 
 from sqlalchemy import text
 
-from chalicelib import __version__, cache, errors
+from chalicelib import __version__, cache
 from chalicelib.aws import aws_client
 from chalicelib.config import get_settings
+from chalicelib.core import errors, responses
+from chalicelib.core.api import Reply
 from chalicelib.db import get_engine
-from chalicelib.http import Reply
 
 # The whole check must answer within 2 s even when a dependency hangs.
 DEADLINE_SECONDS = 1.5
@@ -73,12 +74,12 @@ def check() -> Reply:
         ok = future.done() and future.exception() is None and bool(future.result())
         services[name] = "connected" if ok else "disconnected"
     healthy = all(state == "connected" for state in services.values())
-    body = {
-        "status": "ok" if healthy else "degraded",
-        "timestamp": datetime.now(UTC).isoformat(),
-        "version": __version__,
-        "services": services,
-    }
+    body = responses.Health(
+        status="ok" if healthy else "degraded",
+        timestamp=datetime.now(UTC),
+        version=__version__,
+        services=responses.Services(**services),
+    )
     if healthy:
         return Reply(body)
     down = ", ".join(name for name, state in services.items() if state != "connected")

@@ -7,18 +7,18 @@ import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
-from decimal import Decimal
 from typing import Any, TypeVar
 
 import pydantic
-from chalice.app import Chalice, CORSConfig, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from pydantic.alias_generators import to_camel
+from chalice.app import Chalice, ChaliceUnhandledError, CORSConfig, Request, Response
+from pydantic import BaseModel
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
-from chalicelib import errors
+from chalicelib.auth.sessions import authenticate
 from chalicelib.config import get_settings, import_time_setting
+from chalicelib.core import errors, responses
+from chalicelib.core.api import Principal, Reply
+from chalicelib.core.encoding import dumps
 from chalicelib.logs import logger
 
 M = TypeVar("M", bound=BaseModel)
@@ -26,14 +26,8 @@ M = TypeVar("M", bound=BaseModel)
 EXPOSED_HEADERS = ["X-Request-Id", "Retry-After"]
 
 
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(_has_nul(item) for item in value)
-    return False
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity: Python's extension, not RFC 8259
 
 
 def json_depth(value: Any) -> int:
@@ -51,54 +45,6 @@ def json_depth(value: Any) -> int:
         deepest = max(deepest, depth)
         stack.extend((child, depth + 1) for child in children)
     return deepest
-
-
-class ApiModel(BaseModel):
-    """Base of request bodies: camelCase keys, unknown fields refused."""
-
-    model_config = ConfigDict(
-        extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True
-    )
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_nul_characters(cls, value: Any) -> Any:
-        # Postgres refuses U+0000 in text and JSONB: answer 400 here rather than 500 later.
-        if _has_nul(value):
-            raise ValueError("must not contain NUL characters")
-        return value
-
-
-@dataclass(frozen=True)
-class Principal:
-    """The authenticated caller."""
-
-    user_uuid: uuid.UUID
-    email: str
-    role: str
-
-
-@dataclass(frozen=True)
-class Reply:
-    """An answer with data; `error` makes it a failure that still carries data (/health)."""
-
-    data: Any
-    status: int = 200
-    error: errors.ApiError | None = None
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, Decimal):
-        return float(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, default=_json_default, separators=(",", ":"))
 
 
 def json_response(body: Any, status: int, request_id: str) -> Response:
@@ -168,7 +114,7 @@ class ApiRequest:
             raise errors.BadRequest("Request body is required")
         limit = get_settings().max_json_depth
         try:
-            data = json.loads(raw)
+            data = json.loads(raw, parse_constant=_not_json)
             too_deep = json_depth(data) > limit
         except (ValueError, UnicodeDecodeError):
             raise errors.BadRequest("Request body is not valid JSON") from None
@@ -218,7 +164,11 @@ class EndpointSpec:
     body: type[BaseModel] | None
     query: type[BaseModel] | None
     status: int
+    response: type[BaseModel]  # the success body: its `data`, or all of it when raw
+    raw: bool = False
     headers: tuple[tuple[str, str], ...] = ()  # optional request headers it reads: (name, what)
+    raises: tuple[int, ...] = ()  # error statuses of its own, besides those every route has
+    error_bodies: tuple[tuple[int, type[BaseModel]], ...] = ()  # not the error envelope
 
 
 class MaofApp(Chalice):
@@ -237,22 +187,25 @@ class MaofApp(Chalice):
         method: str,
         *,
         summary: str,
+        response: type[BaseModel],
         public: bool = False,
         body: type[BaseModel] | None = None,
         query: type[BaseModel] | None = None,
         status: int = 200,
         raw: bool = False,
         headers: dict[str, str] | None = None,
+        raises: tuple[int, ...] = (),
+        error_bodies: dict[int, type[BaseModel]] | None = None,
     ) -> Callable[[View], View]:
         """Register `view(request, **path_params)` at `path`.
 
         The declared `body` and `query` models are validated before the view runs and passed
-        to it as `body=` and `query=`; the same declarations make the OpenAPI document, so the
-        two cannot drift. The view returns data (answered with `status`) or a Reply; `raw`
-        answers without the envelope.
+        to it as `body=` and `query=`; the view answers a `response` model (answered with
+        `status`), or a Reply of one; `raw` answers without the envelope. The same
+        declarations, with the error statuses the view raises itself (`raises`; those every
+        route has are added by chalicelib.openapi) make the OpenAPI document, so the two
+        cannot drift.
         """
-        from chalicelib.auth.sessions import authenticate  # avoid a cycle at import time
-
         cors = CORSConfig(
             allow_origin=cors_origin(),
             allow_headers=["Authorization", "Content-Type", "X-Request-Id", "Idempotency-Key"],
@@ -292,15 +245,17 @@ class MaofApp(Chalice):
                     )
                     raise errors.InternalError("An internal error occurred") from None
                 if raw:
-                    return json_response(result, status, request_id)
+                    return json_response(responses.plain(result), status, request_id)
                 reply = result if isinstance(result, Reply) else Reply(result, status)
-                envelope = {"success": reply.error is None, "data": reply.data}
+                if not isinstance(reply.data, response):
+                    raise TypeError(f"{view.__name__} answered {type(reply.data).__name__}")
+                envelope = {"success": reply.error is None, "data": responses.plain(reply.data)}
                 if reply.error is not None:
                     envelope["error"] = error_body(reply.error, request_id)["error"]
                 return json_response(envelope, reply.status, request_id)
 
             self.route(path, methods=[method], cors=cors, content_types=["application/json"])(
-                handler
+                _past_chalice(handler)
             )
             self.endpoints.append(
                 EndpointSpec(
@@ -312,7 +267,11 @@ class MaofApp(Chalice):
                     body,
                     query,
                     status,
-                    tuple((headers or {}).items()),
+                    response,
+                    raw,
+                    headers=tuple((headers or {}).items()),
+                    raises=raises,
+                    error_bodies=tuple((error_bodies or {}).items()),
                 )
             )
             return view
@@ -325,7 +284,8 @@ class MaofApp(Chalice):
         request_id = _request_id(event)
         try:
             response = get_response(event)
-        except errors.ApiError as exc:
+        except _InTransit as transit:
+            exc = transit.error
             response = json_response(error_body(exc, request_id), exc.status, request_id)
             response.headers.update(exc.headers)
         except Exception:
@@ -339,6 +299,27 @@ class MaofApp(Chalice):
         response.headers.setdefault("Access-Control-Allow-Origin", cors_origin())
         response.headers.setdefault("Access-Control-Expose-Headers", ",".join(EXPOSED_HEADERS))
         return response
+
+
+class _InTransit(ChaliceUnhandledError):
+    """An ApiError on its way from a view to _envelope_errors: Chalice lets only its own
+    ChaliceUnhandledError through to the middleware (any other exception of a view it
+    answers itself, as a bare 500)."""
+
+    def __init__(self, error: errors.ApiError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _past_chalice(handler: Callable[..., Response]) -> Callable[..., Response]:
+    @functools.wraps(handler)
+    def carried(**path_params: str) -> Response:
+        try:
+            return handler(**path_params)
+        except errors.ApiError as exc:
+            raise _InTransit(exc) from exc
+
+    return carried
 
 
 # Chalice answers some failures itself, before or around our views; give them our envelope.
@@ -387,23 +368,3 @@ def _request_id(request: Request | None) -> str:
 
 def _path(request: Request | None) -> str:
     return str(getattr(request, "path", "unknown"))
-
-
-class PageQuery(ApiModel):
-    """`?page=&limit=` of every list; subclasses add their filters."""
-
-    page: int = Field(default=1, ge=1, le=100_000)
-    limit: int = Field(default=20, ge=1, le=100)
-
-    @property
-    def offset(self) -> int:
-        return (self.page - 1) * self.limit
-
-
-def page_meta(total: int, query: PageQuery) -> dict[str, int]:
-    return {
-        "total": total,
-        "page": query.page,
-        "limit": query.limit,
-        "pages": (total + query.limit - 1) // query.limit,
-    }

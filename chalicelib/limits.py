@@ -12,8 +12,9 @@ import hashlib
 
 import redis
 
-from chalicelib import cache, errors
+from chalicelib import cache
 from chalicelib.config import get_settings
+from chalicelib.core import errors
 from chalicelib.logs import logger
 
 WINDOW_SECONDS = 60

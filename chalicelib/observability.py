@@ -12,7 +12,7 @@ EMF properties, searchable in Logs Insights without becoming costly dimensions):
 | AgentLatency | Milliseconds | after each agent call |
 | StageAttempts | Count | when a stage ends: the attempt it ended on |
 | StagesFinished | Count | when a stage ends, dimension Outcome (completed, failed) |
-| StageFailures | Count | each failed call or error, dimension Kind (policy.Failure) |
+| StageFailures | Count | each failed call or error, dimension Kind (agents/failure.py) |
 | Fallbacks | Count | a stage moves to another agent |
 | CapacityWaits | Count | a stage waits for a slot |
 | SweeperRequeues | Count | the sweeper re-queues stages |
@@ -108,7 +108,7 @@ def trace_entity() -> Any:
     """The current X-Ray entity, to hand to the threads that work for this invocation."""
     if tracer.disabled:
         return None
-    from aws_xray_sdk.core import xray_recorder
+    from aws_xray_sdk.core import xray_recorder  # loaded only where tracing is on
 
     return xray_recorder.get_trace_entity()
 
@@ -116,6 +116,6 @@ def trace_entity() -> Any:
 def adopt_trace_entity(entity: Any) -> None:
     if entity is None or tracer.disabled:
         return
-    from aws_xray_sdk.core import xray_recorder
+    from aws_xray_sdk.core import xray_recorder  # loaded only where tracing is on
 
     xray_recorder.set_trace_entity(entity)

@@ -17,7 +17,7 @@ from typing import Any
 from botocore.config import Config
 from botocore.exceptions import ClientError, WaiterError
 
-from chalicelib.db.migrate import REENCRYPT
+from chalicelib.maintenance import REENCRYPT
 from infra import DeployError, say
 from infra.secrets import all_parameters, require_secrets, retire_previous, rotate_key
 from infra.site import publish_site
@@ -117,7 +117,7 @@ class Stage:
 
     def migrate(self, event: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Invoke the `migrate` function (an Alembic upgrade, or an action of
-        chalicelib/db/migrate.py) once it is Active and not mid-update; wait for its answer."""
+        chalicelib/maintenance.py) once it is Active and not mid-update; wait for its answer."""
         function, lambda_ = self.outputs()["MigrateFunctionName"], self.client("lambda")
         wait_function(lambda_, function)
         response = lambda_.invoke(FunctionName=function, Payload=json.dumps(dict(event or {})))

@@ -1,7 +1,7 @@
 """The dashboard on S3: `dashboard/` with its Content-Types and a config.json naming the API.
 
 `make deploy` publishes it to the stack's bucket, `make dev` to LocalStack's (through
-chalicelib/local/dashboard.py). Nothing deployed imports this.
+devstack/dashboard.py). Nothing deployed imports this.
 """
 
 from __future__ import annotations

@@ -352,7 +352,7 @@ class RunControl:
 
 @dataclass(frozen=True)
 class AuditEntry:
-    """One entry of a run's hash chain: `entry_hash = sha256(prev_hash + canonical(entry))`."""
+    """One entry of a run's hash chain; `entry_hash` is its `hash` (README "The audit trail")."""
 
     seq: int
     stage_id: str | None
@@ -380,7 +380,8 @@ class AuditEntry:
             details=data.get("details"),
             logged_at=_time(data.get("loggedAt")),
             prev_hash=str(data.get("prevHash") or ""),
-            entry_hash=str(data.get("entryHash") or ""),
+            # An API from before the signed trail called it entryHash.
+            entry_hash=str(data.get("hash") or data.get("entryHash") or ""),
             raw=data,
         )
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import urllib3
 
+from chalicelib.agents.failure import Failure
 from chalicelib.agents.mock import (
     MOCK_AGENTS_DISABLED,
     MockAgentFailure,
@@ -35,8 +36,7 @@ from chalicelib.agents.mock import (
 )
 from chalicelib.agents.network import EndpointNotAllowed, EndpointUnresolvable, pinned_request
 from chalicelib.config import get_settings
-from chalicelib.engine.policy import Failure
-from chalicelib.http import dumps
+from chalicelib.core.encoding import dumps
 
 # HTTP statuses worth another attempt; any other non-2xx is final.
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})

@@ -18,16 +18,18 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import urllib3
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from chalicelib import cache
+from chalicelib.agents.candidates import invalidate_capability
 from chalicelib.agents.dispatch import is_mock
 from chalicelib.agents.network import EndpointNotAllowed, pinned_request
-from chalicelib.agents.registry import invalidate_capability
 from chalicelib.config import get_settings
 from chalicelib.db import session_scope
 from chalicelib.db.models import Agent
@@ -70,56 +72,63 @@ def probe(endpoint: str) -> str:
     return "degraded"
 
 
-def _record(results: dict[uuid.UUID, str]) -> list[dict[str, Any]]:
-    now = datetime.now(UTC)
-    changed_capabilities: set[str] = set()
-    with session_scope() as session:
-        agents = session.scalars(select(Agent).where(Agent.id.in_(list(results)))).all()
-        for agent in agents:
-            status = results[agent.id]
-            if status != agent.status:
-                changed_capabilities.update(agent.capabilities)
-                logger.info(
-                    "agent status changed",
-                    extra={"agentId": agent.agent_id, "from": agent.status, "to": status},
-                )
-            session.execute(
-                update(Agent)
-                .where(Agent.id == agent.id)
-                .values(status=status, last_health_check=now, updated_at=now)
+def _record(
+    session: Session, results: dict[uuid.UUID, str], now: datetime
+) -> tuple[list[Agent], set[str]]:
+    """In the caller's transaction: each agent's status and check time. Returns the agents
+    and the capabilities of those whose status changed (their candidate lists are stale)."""
+    changed: set[str] = set()
+    agents = list(session.scalars(select(Agent).where(Agent.id.in_(list(results)))).all())
+    for agent in agents:
+        status = results[agent.id]
+        if status != agent.status:
+            changed.update(agent.capabilities)
+            logger.info(
+                "agent status changed",
+                extra={"agentId": agent.agent_id, "from": agent.status, "to": status},
             )
-            agent.status, agent.last_health_check = status, now
+        session.execute(
+            update(Agent)
+            .where(Agent.id == agent.id)
+            .values(status=status, last_health_check=now, updated_at=now)
+        )
+        agent.status, agent.last_health_check = status, now
+    return agents, changed
+
+
+def check(targets: Sequence[tuple[uuid.UUID, str]]) -> list[Agent]:
+    """Probe these agents (id, endpoint) concurrently and record the results: one
+    transaction, then Redis (each agent's health; the candidates of a capability whose
+    agents changed status)."""
+    if not targets:
+        return []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(targets))) as pool:
+        statuses = pool.map(lambda target: probe(target[1]), targets)
+        results = {
+            agent_uuid: status for (agent_uuid, _), status in zip(targets, statuses, strict=True)
+        }
+    now = datetime.now(UTC)
+    with session_scope() as session:
+        agents, changed = _record(session, results, now)
     for agent in agents:
         cache.set_json(
             f"maof:agents:health:{agent.id}",
             {"status": agent.status, "checkedAt": now.isoformat()},
             get_settings().agent_health_interval_seconds * 3,
         )
-    for capability in changed_capabilities:
+    for capability in changed:
         invalidate_capability(capability)
-    from chalicelib.agents.registry import agent_view
-
-    return [agent_view(a) for a in agents]
-
-
-def check_agents(agent_uuids: list[uuid.UUID] | None = None) -> list[dict[str, Any]]:
-    """Probe the given live agents (all of them by default) concurrently; record the results."""
-    with session_scope() as session:
-        query = select(Agent.id, Agent.endpoint).where(Agent.deleted_at.is_(None))
-        if agent_uuids is not None:
-            query = query.where(Agent.id.in_(agent_uuids))
-        targets = session.execute(query).all()
-    if not targets:
-        return []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(targets))) as pool:
-        statuses = pool.map(lambda target: probe(target.endpoint), targets)
-        results = {target.id: status for target, status in zip(targets, statuses, strict=True)}
-    return _record(results)
+    return agents
 
 
 def scheduled_check() -> dict[str, Any]:
-    checked = check_agents()
+    """Probe every live agent; how many, by the status each now has."""
+    with session_scope() as session:
+        targets = session.execute(
+            select(Agent.id, Agent.endpoint).where(Agent.deleted_at.is_(None))
+        ).all()
+    checked = check([(target.id, target.endpoint) for target in targets])
     counts: dict[str, int] = {}
     for agent in checked:
-        counts[agent["status"]] = counts.get(agent["status"], 0) + 1
+        counts[agent.status] = counts.get(agent.status, 0) + 1
     return {"checked": len(checked), "statuses": counts}

@@ -1,4 +1,4 @@
-"""Register, list, read and (soft) delete agents; cache lookups by capability in Redis."""
+"""Register, list, read, change and (soft) delete agents; a new agent is probed at once."""
 
 from __future__ import annotations
 
@@ -12,16 +12,17 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from chalicelib import cache, errors
+from chalicelib.agents import health
+from chalicelib.agents.candidates import invalidate
 from chalicelib.agents.mock import MOCK_AGENTS_DISABLED, mock_agents_enabled
 from chalicelib.agents.network import EndpointNotAllowed, check_endpoint_allowed
 from chalicelib.agents.secrets import encrypt_token
 from chalicelib.auth.service import is_admin
-from chalicelib.capabilities import Capability
-from chalicelib.config import get_settings
+from chalicelib.core import errors, responses
+from chalicelib.core.api import ApiModel, PageQuery, Principal, page_meta
+from chalicelib.core.capabilities import Capability
 from chalicelib.db import insert_unique, session_scope
 from chalicelib.db.models import Agent
-from chalicelib.http import ApiModel, PageQuery, Principal, page_meta
 
 Visibility = Literal["private", "shared"]
 
@@ -67,46 +68,26 @@ class AgentQuery(PageQuery):
     status: Literal["online", "degraded", "offline"] | None = None
 
 
-def agent_view(agent: Agent, viewer: Principal | None = None) -> dict[str, Any]:
+def agent_view(agent: Agent, viewer: Principal | None = None) -> responses.Agent:
     """The public shape of an agent; the auth token is never part of it, and a shared
     agent seen by someone other than its owner shows neither its endpoint nor its owner."""
-    view = {
-        "agentUuid": str(agent.id),
-        "agentId": agent.agent_id,
-        "name": agent.name,
-        "description": agent.description,
-        "endpoint": agent.endpoint,
-        "capabilities": agent.capabilities,
-        "maxConcurrentTasks": agent.max_concurrent_tasks,
-        "status": agent.status,
-        "visibility": agent.visibility,
-        "lastHealthCheck": agent.last_health_check,
-        "ownerUserUuid": str(agent.owner_id),
-        "createdAt": agent.created_at,
-        "updatedAt": agent.updated_at,
-    }
-    if viewer is not None and viewer.user_uuid != agent.owner_id:
-        del view["endpoint"], view["ownerUserUuid"]
-    return view
-
-
-def capability_cache_key(capability: str) -> str:
-    return f"maof:agents:capability:{capability}"
-
-
-def capability_generation_key(capability: str) -> str:
-    return f"maof:agents:capability-gen:{capability}"
-
-
-def invalidate_capability(capability: str) -> None:
-    _invalidate([capability])
-
-
-def _invalidate(capabilities: list[str]) -> None:
-    """After a change to agents with these capabilities is committed: move each one's
-    generation on, so a list read before the change (even one cached after this call by a
-    racing lookup) is never served again."""
-    cache.bump(*[capability_generation_key(c) for c in capabilities])
+    owner_only: dict[str, Any] = {}
+    if viewer is None or viewer.user_uuid == agent.owner_id:
+        owner_only = {"endpoint": agent.endpoint, "owner_user_uuid": agent.owner_id}
+    return responses.Agent(
+        agent_uuid=agent.id,
+        agent_id=agent.agent_id,
+        name=agent.name,
+        description=agent.description,
+        capabilities=agent.capabilities,
+        max_concurrent_tasks=agent.max_concurrent_tasks,
+        status=agent.status,
+        visibility=agent.visibility,
+        last_health_check=agent.last_health_check,
+        created_at=agent.created_at,
+        updated_at=agent.updated_at,
+        **owner_only,
+    )
 
 
 def _refuse_sharing(principal: Principal, visibility: str) -> None:
@@ -117,7 +98,7 @@ def _refuse_sharing(principal: Principal, visibility: str) -> None:
         )
 
 
-def register(principal: Principal, body: RegisterAgentRequest) -> dict[str, Any]:
+def register(principal: Principal, body: RegisterAgentRequest) -> responses.Agent:
     _refuse_sharing(principal, body.visibility)
     agent = Agent(
         agent_id=body.agent_id,
@@ -138,26 +119,24 @@ def register(principal: Principal, body: RegisterAgentRequest) -> dict[str, Any]
             [{"field": "agentId", "message": "already registered"}],
         ),
     )
-    _invalidate(agent.capabilities)
+    invalidate(agent.capabilities)
     # A new agent is checked at once, so its status is real from the start.
-    return _probe(agent.id)
+    return _probe(agent)
 
 
-def _probe(agent_uuid: uuid.UUID) -> dict[str, Any]:
+def _probe(agent: Agent) -> responses.Agent:
     """Probe an agent (its owner asked) and return the owner's view of it."""
-    from chalicelib.agents.health import check_agents
-
-    checked = check_agents([agent_uuid])
+    checked = health.check([(agent.id, agent.endpoint)])
     if not checked:
         raise errors.NotFound("Agent not found")
-    return checked[0]
+    return agent_view(checked[0])
 
 
-def check_health(principal: Principal, agent_uuid: str) -> dict[str, Any]:
+def check_health(principal: Principal, agent_uuid: str) -> responses.Agent:
     """Probe one of the caller's agents now and return it with its new status."""
     with session_scope() as session:
         agent = _owned_agent(session, principal, agent_uuid, "check its health")
-    return _probe(agent.id)
+    return _probe(agent)
 
 
 def _visible(principal: Principal) -> ColumnElement[bool]:
@@ -165,7 +144,7 @@ def _visible(principal: Principal) -> ColumnElement[bool]:
     return or_(Agent.owner_id == principal.user_uuid, Agent.visibility == "shared")
 
 
-def list_agents(principal: Principal, query: AgentQuery) -> dict[str, Any]:
+def list_agents(principal: Principal, query: AgentQuery) -> responses.AgentList:
     conditions: list[ColumnElement[bool]] = [Agent.deleted_at.is_(None), _visible(principal)]
     if query.capability:
         conditions.append(Agent.capabilities.contains([query.capability]))
@@ -180,10 +159,10 @@ def list_agents(principal: Principal, query: AgentQuery) -> dict[str, Any]:
             .offset(query.offset)
             .limit(query.limit)
         ).all()
-    return {
-        "agents": [agent_view(a, principal) for a in agents],
-        "meta": page_meta(total, query),
-    }
+    return responses.AgentList(
+        agents=[agent_view(a, principal) for a in agents],
+        meta=responses.PageMeta(**page_meta(total, query)),
+    )
 
 
 def parse_uuid(value: str, what: str) -> uuid.UUID:
@@ -218,12 +197,14 @@ def _owned_agent(session: Session, principal: Principal, agent_uuid: str, action
     return agent
 
 
-def get_agent(principal: Principal, agent_uuid: str) -> dict[str, Any]:
+def get_agent(principal: Principal, agent_uuid: str) -> responses.Agent:
     with session_scope() as session:
         return agent_view(_visible_agent(session, principal, agent_uuid), principal)
 
 
-def update_agent(principal: Principal, agent_uuid: str, body: UpdateAgentRequest) -> dict[str, Any]:
+def update_agent(
+    principal: Principal, agent_uuid: str, body: UpdateAgentRequest
+) -> responses.Agent:
     """Change an agent's visibility (sharing needs an admin). Once this returns, a run the
     agent may no longer serve gets no new stage from it."""
     _refuse_sharing(principal, body.visibility)
@@ -234,11 +215,11 @@ def update_agent(principal: Principal, agent_uuid: str, body: UpdateAgentRequest
         session.flush()
         view = agent_view(agent, principal)
         capabilities = list(agent.capabilities)
-    _invalidate(capabilities)
+    invalidate(capabilities)
     return view
 
 
-def delete_agent(principal: Principal, agent_uuid: str) -> dict[str, Any]:
+def delete_agent(principal: Principal, agent_uuid: str) -> responses.AgentDeleted:
     """Soft-delete one of the caller's agents: once this returns it gets no new stage."""
     with session_scope() as session:
         agent = _owned_agent(session, principal, agent_uuid, "delete it")
@@ -248,63 +229,5 @@ def delete_agent(principal: Principal, agent_uuid: str) -> dict[str, Any]:
             .values(deleted_at=datetime.now(UTC), updated_at=func.now())
         )
         capabilities = list(agent.capabilities)
-    _invalidate(capabilities)
-    return {"agentUuid": agent_uuid, "deleted": True}
-
-
-def candidates_uncached(capability: str, generation: int | None = None) -> list[dict[str, Any]]:
-    """Live, not-offline agents declaring `capability`, read from Postgres and cached for
-    the next callers under `generation` (the capability's generation read before this
-    lookup began; None: read it now)."""
-    if generation is None:
-        generation = cache.counter(capability_generation_key(capability))
-    with session_scope() as session:
-        rows = session.execute(
-            select(
-                Agent.id,
-                Agent.agent_id,
-                Agent.owner_id,
-                Agent.visibility,
-                Agent.status,
-                Agent.max_concurrent_tasks,
-                Agent.endpoint,
-                Agent.auth_token_encrypted,
-            ).where(
-                Agent.deleted_at.is_(None),
-                Agent.status != "offline",
-                Agent.capabilities.contains([capability]),
-            )
-        ).all()
-    found = [
-        {
-            "agentUuid": str(row.id),
-            "agentId": row.agent_id,
-            "ownerUuid": str(row.owner_id),
-            "visibility": row.visibility,
-            "status": row.status,
-            "maxConcurrentTasks": row.max_concurrent_tasks,
-            "endpoint": row.endpoint,
-            # Only the ciphertext is cached; it is decrypted just before the call.
-            "tokenEncrypted": row.auth_token_encrypted,
-        }
-        for row in rows
-    ]
-    if generation is not None:
-        cache.set_json(
-            capability_cache_key(capability),
-            {"generation": generation, "agents": found},
-            get_settings().agent_cache_ttl_seconds,
-        )
-    return found
-
-
-def cached_candidates(entry: Any, generation: int | None) -> list[dict[str, Any]] | None:
-    """The agents of a cache entry when it belongs to the current generation, else None."""
-    if isinstance(entry, dict) and generation is not None and entry.get("generation") == generation:
-        return list(entry["agents"])
-    return None
-
-
-def serves(agent: dict[str, Any], owner: uuid.UUID) -> bool:
-    """Whether a candidate agent may serve a run of `owner`: theirs, or shared."""
-    return bool(agent["visibility"] == "shared" or agent["ownerUuid"] == str(owner))
+    invalidate(capabilities)
+    return responses.AgentDeleted(agent_uuid=agent_uuid, deleted=True)

@@ -11,8 +11,12 @@ import hashlib
 import sys
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from sqlalchemy import select
 
+from chalicelib.agents.candidates import invalidate_capability
 from chalicelib.config import get_settings
+from chalicelib.db import session_scope
+from chalicelib.db.models import Agent
 
 
 def _fernet_of(secret: str) -> Fernet:
@@ -46,12 +50,6 @@ def reencrypt_all() -> int:
     rows keep a token), and retire the cached candidate lists that still hold the old
     ciphertexts. Safe to run while MAOF serves: each batch is one transaction and a token
     is readable under either key throughout. Returns how many were rewritten."""
-    from sqlalchemy import select
-
-    from chalicelib.agents.registry import invalidate_capability
-    from chalicelib.db import session_scope
-    from chalicelib.db.models import Agent
-
     fernet, current = _fernet(), _fernet_of(get_settings().secret_key)
     rewritten, after = 0, None
     while True:

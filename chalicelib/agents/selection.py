@@ -28,13 +28,14 @@ from typing import Any, Literal, cast
 import redis
 
 from chalicelib import cache
-from chalicelib.agents.registry import (
+from chalicelib.agents.candidates import (
     cached_candidates,
     candidates_uncached,
     capability_cache_key,
     capability_generation_key,
     serves,
 )
+from chalicelib.agents.ranking import Figures, best_status, figures_of, preference_order
 from chalicelib.agents.secrets import decrypt_token
 from chalicelib.logs import logger
 
@@ -61,10 +62,6 @@ class AgentChoice:
     slot: str | None = None  # the slot lease held in Redis (None: capacity not enforced)
 
     @property
-    def reserved(self) -> bool:
-        return self.slot is not None
-
-    @property
     def token(self) -> str:
         return decrypt_token(self.token_encrypted)
 
@@ -75,26 +72,6 @@ def _slots_key(agent_uuid: str) -> str:
 
 def _stats_key(agent_uuid: str) -> str:
     return f"maof:agents:stats:{agent_uuid}"
-
-
-MIN_CALLS_FOR_STATS = 5
-
-
-Figures = tuple[int, float, float]  # in-flight, failure rate, mean latency ms
-
-
-def _figures_of(values: list[Any]) -> Figures:
-    """An agent's figures from its ZCOUNT of live slots and HGETALL stats replies.
-
-    Rates and latencies count only after MIN_CALLS_FOR_STATS calls in the last hour, so
-    a new agent is not ranked below one that got lucky with its first call."""
-    inflight = int(values[0] or 0)
-    stats = values[1] or {}
-    ok, failed = int(stats.get("ok", 0)), int(stats.get("failed", 0))
-    calls = ok + failed
-    if calls < MIN_CALLS_FOR_STATS:
-        return (inflight, 0.0, 0.0)
-    return (inflight, failed / calls, float(stats.get("latency_ms", 0)) / calls)
 
 
 def _figures(agent_uuids: list[str]) -> list[Figures] | None:
@@ -108,7 +85,7 @@ def _figures(agent_uuids: list[str]) -> list[Figures] | None:
         values = pipe.execute()
     except redis.RedisError:
         return None
-    return [_figures_of(values[2 * i : 2 * i + 2]) for i in range(len(agent_uuids))]
+    return [figures_of(values[2 * i : 2 * i + 2]) for i in range(len(agent_uuids))]
 
 
 # The agents last seen in each capability's candidate list: their figures are read in the
@@ -144,7 +121,7 @@ def _candidates_and_figures(capability: str) -> tuple[list[dict[str, Any]], dict
     if found is None:
         found = candidates_uncached(capability, generation)  # read Postgres, and cache
     else:
-        known = {u: _figures_of(values[2 + 2 * i : 4 + 2 * i]) for i, u in enumerate(guess)}
+        known = {u: figures_of(values[2 + 2 * i : 4 + 2 * i]) for i, u in enumerate(guess)}
     _last_seen[capability] = [a["agentUuid"] for a in found]
     return found, known
 
@@ -181,21 +158,8 @@ def select_agent(
     uuids = [a["agentUuid"] for a in found]
     figures = [known[u] for u in uuids] if all(u in known for u in uuids) else _figures(uuids)
     if figures is None:
-        best_status = min(_status_rank(a) for a in found)
-        pick = random.choice([a for a in found if _status_rank(a) == best_status])
-        return _choice(pick, slot=None)
-    order = list(range(len(found)))
-    random.shuffle(order)
-    order.sort(
-        key=lambda i: (
-            _status_rank(found[i]),
-            # Coarse buckets: only a clearly worse failure rate or latency ranks lower.
-            round(figures[i][1], 1),
-            round(figures[i][2], -2),
-            figures[i][0] / found[i]["maxConcurrentTasks"],
-        )
-    )
-    for index in order:
+        return _choice(random.choice(best_status(found)), slot=None)
+    for index in preference_order(found, figures):
         agent = found[index]
         if figures[index][0] >= agent["maxConcurrentTasks"]:
             continue
@@ -203,10 +167,6 @@ def select_agent(
         if slot is not False:
             return _choice(agent, slot=slot)
     raise AgentsBusy(f"every agent with the capability '{capability}' is at capacity")
-
-
-def _status_rank(agent: dict[str, Any]) -> int:
-    return 0 if agent["status"] == "online" else 1
 
 
 def _choice(agent: dict[str, Any], slot: str | None) -> AgentChoice:

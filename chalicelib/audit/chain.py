@@ -18,7 +18,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import select
@@ -26,10 +25,11 @@ from sqlalchemy.orm import Session
 
 from chalicelib.audit import keys as audit_keys
 from chalicelib.audit import verify as rules
+from chalicelib.core.api import run_ref
+from chalicelib.core.encoding import json_default
 from chalicelib.db.models import AuditEntry
 
 GENESIS = rules.GENESIS
-RUN_PREFIX = "wfr-"
 _ABSENT: Any = object()
 
 
@@ -80,22 +80,13 @@ def entry_view(entry: AuditEntry) -> dict[str, Any]:
     document = entry_document(entry)
     return {
         "version": entry.version or rules.LEGACY_VERSION,
-        "runId": f"{RUN_PREFIX}{entry.run_id}",
+        "runId": run_ref(entry.run_id),
         **{k: v for k, v in document.items() if k != "runId"},
         "prevHash": entry.prev_hash,
         "kid": entry.kid,
         "hash": entry.entry_hash,
         "signature": entry.signature,
     }
-
-
-def _plain(value: Any) -> Any:
-    """Details as JSON will store them (the same conversions as http.dumps)."""
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, uuid.UUID | Decimal):
-        return str(value) if isinstance(value, uuid.UUID) else float(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def seal(entry: AuditEntry) -> AuditEntry:
@@ -135,7 +126,9 @@ def next_entry(
         input_hash=input_hash,
         output_hash=output_hash,
         # Stored as jsonb and served back: what is hashed must be what comes back.
-        details=json.loads(json.dumps(details, default=_plain)) if details is not None else None,
+        details=json.loads(json.dumps(details, default=json_default))
+        if details is not None
+        else None,
         logged_at=datetime.now(UTC),
         prev_hash=prev_hash,
         entry_hash="",

@@ -27,10 +27,11 @@ from sqlalchemy import text
 
 from chalicelib.audit import keys as audit_keys
 from chalicelib.audit import verify as rules
-from chalicelib.audit.chain import RUN_PREFIX
+from chalicelib.aws import aws_client
 from chalicelib.config import get_settings
+from chalicelib.core.api import run_ref
+from chalicelib.core.encoding import dumps
 from chalicelib.db import session_scope
-from chalicelib.http import dumps
 from chalicelib.logs import logger
 
 # Entries are stamped before their transaction commits: a run whose last entry is stamped
@@ -50,7 +51,7 @@ class Leaf:
 
     @property
     def ref(self) -> str:
-        return f"{RUN_PREFIX}{self.run_id}"
+        return run_ref(self.run_id)
 
     def view(self) -> dict[str, Any]:
         return {"runId": self.ref, "seq": self.seq, "hash": self.head}
@@ -197,8 +198,6 @@ def checkpoint() -> dict[str, Any]:
 
 
 def put_object(key: str, document: dict[str, Any]) -> None:
-    from chalicelib.aws import aws_client
-
     aws_client("s3").put_object(
         Bucket=get_settings().audit_bucket,
         Key=key,
@@ -210,8 +209,6 @@ def put_object(key: str, document: dict[str, Any]) -> None:
 @functools.lru_cache(maxsize=64)
 def read_object(key: str) -> dict[str, Any]:
     """A checkpoint object as S3 holds it (immutable: cached per process)."""
-    from chalicelib.aws import aws_client
-
     body = aws_client("s3").get_object(Bucket=get_settings().audit_bucket, Key=key)["Body"]
     loaded: dict[str, Any] = json.loads(body.read())
     return loaded
@@ -254,7 +251,7 @@ def run_checkpoints(session: Any, run_id: uuid.UUID) -> list[dict[str, Any]]:
     ).all()
     found = []
     for row in rows:
-        proof = proof_for(row.object_key, f"{RUN_PREFIX}{run_id}", row.leaf_index)
+        proof = proof_for(row.object_key, run_ref(run_id), row.leaf_index)
         if proof is None:
             proof = {"head": {"checkpoint": row.checkpoint}, "leaf": {}, "missing": True}
         found.append(proof)

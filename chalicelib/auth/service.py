@@ -4,17 +4,17 @@ and who-am-I."""
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 from pydantic import EmailStr, Field, field_validator
 from sqlalchemy import select, update
 
-from chalicelib import errors, limits
+from chalicelib import limits
 from chalicelib.auth import passwords, sessions
 from chalicelib.config import get_settings
+from chalicelib.core import errors, responses
+from chalicelib.core.api import ApiModel, Principal
 from chalicelib.db import insert_unique, session_scope
 from chalicelib.db.models import User
-from chalicelib.http import ApiModel, Principal
 
 
 class RegisterRequest(ApiModel):
@@ -53,17 +53,17 @@ def role_for(email: str) -> str:
     return "admin" if is_admin(email) else "user"
 
 
-def user_view(user: User) -> dict[str, Any]:
-    return {
-        "userUuid": str(user.id),
-        "email": user.email,
-        "name": user.name,
-        "role": user.role,
-        "createdAt": user.created_at,
-    }
+def user_view(user: User) -> responses.User:
+    return responses.User(
+        user_uuid=user.id,
+        email=user.email,
+        name=user.name,
+        role=user.role,
+        created_at=user.created_at,
+    )
 
 
-def register(body: RegisterRequest) -> dict[str, Any]:
+def register(body: RegisterRequest) -> responses.User:
     email = str(body.email).lower()
     user = User(
         email=email,
@@ -81,8 +81,10 @@ def register(body: RegisterRequest) -> dict[str, Any]:
     return user_view(user)
 
 
-def _signed_in(user: User, pair: dict[str, str]) -> dict[str, Any]:
-    return {**pair, "user": user_view(user)}
+def _signed_in(user: User, pair: dict[str, str]) -> responses.SignedIn:
+    return responses.SignedIn(
+        access_token=pair["accessToken"], refresh_token=pair["refreshToken"], user=user_view(user)
+    )
 
 
 def _check_password(user: User | None, password: str) -> User:
@@ -93,7 +95,7 @@ def _check_password(user: User | None, password: str) -> User:
     return user
 
 
-def login(body: LoginRequest, source_ip: str | None) -> dict[str, Any]:
+def login(body: LoginRequest, source_ip: str | None) -> responses.SignedIn:
     email = body.email.strip().lower()
     limits.limit_sign_in(email, source_ip)
     with session_scope() as session:
@@ -107,26 +109,26 @@ def login(body: LoginRequest, source_ip: str | None) -> dict[str, Any]:
     return _signed_in(user, pair)
 
 
-def refresh(body: RefreshRequest) -> dict[str, Any]:
+def refresh(body: RefreshRequest) -> responses.SignedIn:
     rotated = sessions.rotate(body.refresh_token)
     return _signed_in(rotated.user, rotated.tokens)
 
 
-def logout(body: RefreshRequest) -> dict[str, Any]:
+def logout(body: RefreshRequest) -> responses.SessionsEnded:
     """End the session of a refresh token. Always 200: signing out twice, or with an
     expired token, leaves the caller signed out all the same."""
-    return {"sessionsEnded": sessions.end(body.refresh_token)}
+    return responses.SessionsEnded(sessions_ended=sessions.end(body.refresh_token))
 
 
-def logout_all(principal: Principal) -> dict[str, Any]:
+def logout_all(principal: Principal) -> responses.SessionsEnded:
     """End every session of the caller, their access tokens included."""
     with session_scope() as session:
         ended = sessions.end_all(session, principal.user_uuid, "logout-all")
     sessions.forget(ended)
-    return {"sessionsEnded": len(ended)}
+    return responses.SessionsEnded(sessions_ended=len(ended))
 
 
-def change_password(principal: Principal, body: PasswordChangeRequest) -> dict[str, Any]:
+def change_password(principal: Principal, body: PasswordChangeRequest) -> responses.SignedIn:
     """Set a new password and end every session; the caller gets a fresh one."""
     user = _load(principal.user_uuid)
     limits.limit_sign_in(user.email, None)  # a stolen access token must not guess freely
@@ -150,5 +152,5 @@ def _load(user_uuid: uuid.UUID) -> User:
     return user
 
 
-def me(principal: Principal) -> dict[str, Any]:
+def me(principal: Principal) -> responses.User:
     return user_view(_load(principal.user_uuid))

@@ -20,15 +20,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import jwt
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from chalicelib import cache, errors
+from chalicelib import cache
 from chalicelib.auth import tokens
 from chalicelib.config import get_settings
+from chalicelib.core import errors
+from chalicelib.core.api import Principal
 from chalicelib.db import session_scope
 from chalicelib.db.models import AuthSession, User
-from chalicelib.http import Principal
 
 CACHE_SECONDS = 30
 
@@ -150,8 +152,6 @@ def end(refresh_token: str) -> int:
 
 def _expired_claims(refresh_token: str) -> tokens.TokenClaims | None:
     """The claims of a correctly signed refresh token that has merely expired."""
-    import jwt
-
     settings = get_settings()
     for secret in (settings.jwt_secret, *settings.jwt_previous_secrets):
         try:

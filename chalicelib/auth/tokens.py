@@ -16,9 +16,9 @@ from typing import Any
 
 import jwt
 
-from chalicelib import errors
 from chalicelib.config import get_settings
-from chalicelib.http import Principal
+from chalicelib.core import errors
+from chalicelib.core.api import Principal
 
 ALGORITHM = "HS256"
 ACCESS = "access"

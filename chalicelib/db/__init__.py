@@ -12,8 +12,8 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import DisconnectionError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from chalicelib import errors
 from chalicelib.config import get_settings
+from chalicelib.core import errors
 
 # The Alembic revision this code expects; tests check it is the migrations' head.
 SCHEMA_REVISION = "0007_signed_audit"

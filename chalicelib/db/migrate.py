@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine
 
-from chalicelib.config import ConfigError
+from chalicelib.config import ConfigError, get_settings
+from chalicelib.db import _psycopg_url
 
 SCRIPT_LOCATION = Path(__file__).resolve().parent / "migrations"
 
@@ -31,9 +31,6 @@ def alembic_config() -> Config:
 def owner_engine() -> Engine:
     """A short-lived engine as the migrations' role (the owner); outside dev its URL must
     ask for TLS, as the application's must (Settings.tls_problem)."""
-    from chalicelib.config import get_settings
-    from chalicelib.db import _psycopg_url
-
     settings = get_settings()
     if problem := settings.tls_problem("migration_database_url"):
         raise ConfigError(problem)
@@ -46,37 +43,6 @@ def owner_engine() -> Engine:
 
 def upgrade() -> None:
     command.upgrade(alembic_config(), "head")
-
-
-REENCRYPT = "reencrypt-agent-tokens"
-
-
-def handler(event: Any = None) -> dict[str, Any]:
-    """The `migrate` Lambda function (the one function with the database's schema rights):
-    upgrade the database to head; or, given `{"action": "reencrypt-agent-tokens"}`, move
-    every stored agent token to the current MAOF_SECRET_KEY (`make rotate-key`).
-
-    Returns the revision before and after (or the tokens rewritten); any failure raises, so
-    the invocation reports a FunctionError and the make target stops with its message.
-    """
-    from chalicelib.db import schema_revision
-
-    action = event.get("action") if isinstance(event, dict) else None
-    if action == REENCRYPT:
-        from chalicelib.agents.secrets import reencrypt_all
-
-        return {"reencrypted": reencrypt_all()}
-    if action is not None:
-        raise ValueError(f"unknown action {action!r}")
-
-    owner = owner_engine()
-    try:
-        before = schema_revision(owner)
-        upgrade()
-        after = schema_revision(owner)
-    finally:
-        owner.dispose()
-    return {"migrated": before != after, "fromRevision": before, "toRevision": after}
 
 
 def main() -> int:

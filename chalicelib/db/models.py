@@ -23,19 +23,6 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-RUN_STATUSES = ("queued", "in_progress", "completed", "failed", "cancelled")
-STAGE_STATUSES = (
-    "pending",
-    "queued",
-    "waiting",
-    "in_progress",
-    "completed",
-    "failed",
-    "skipped",
-    "cancelled",
-)
-AGENT_STATUSES = ("online", "degraded", "offline")
-
 
 def _uuid_pk() -> Mapped[uuid.UUID]:
     return mapped_column(

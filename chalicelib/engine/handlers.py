@@ -12,12 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from chalicelib import observability
 from chalicelib.agents import health
+from chalicelib.agents.candidates import invalidate_capability
 from chalicelib.agents.dispatch import AgentCallFailed, AgentTask, call_agent
-from chalicelib.agents.registry import invalidate_capability
+from chalicelib.agents.failure import Failure
 from chalicelib.agents.selection import (
     AgentChoice,
     AgentsBusy,
@@ -29,17 +30,19 @@ from chalicelib.agents.selection import (
     select_agent,
     settle,
 )
+from chalicelib.audit import checkpoints
 from chalicelib.config import STAGE_TIMEOUT_MARGIN_SECONDS, get_settings, import_time_setting
-from chalicelib.engine import leases, stages, sweeper, trace
-from chalicelib.engine.policy import Action, Counters, Decision, Failure, after_failure
-from chalicelib.engine.queue import StageMessage, change_visibility, send_stage_messages
-from chalicelib.logs import logger
-from chalicelib.workflows.references import (
+from chalicelib.core.api import run_ref
+from chalicelib.core.references import (
     InputTooLarge,
     UnresolvableReference,
     check_input_size,
     resolve,
 )
+from chalicelib.engine import leases, stages, sweeper, trace
+from chalicelib.engine.policy import Action, Counters, Decision, after_failure
+from chalicelib.engine.queue import StageMessage, change_visibility, send_stage_messages
+from chalicelib.logs import logger
 
 # Fixed at import because Chalice binds the SQS trigger when the app is loaded.
 STAGE_QUEUE_NAME = import_time_setting("stage_queue_name")
@@ -206,8 +209,6 @@ def _count_finished(claimed: stages.ClaimedStage, outcome: str, started: float) 
 def is_infrastructure_error(exc: BaseException) -> bool:
     """The database could not be reached or gave up on us (a lost connection, a deadlock):
     not the stage's fault, and nothing about it could be recorded anyway."""
-    from sqlalchemy.exc import InterfaceError, OperationalError
-
     return isinstance(exc, OperationalError | InterfaceError) or (
         isinstance(exc, DBAPIError) and exc.connection_invalidated
     )
@@ -275,7 +276,7 @@ def _execute(
         stages.skip_if_run_ended(claimed)
         return "skipped"
     task = AgentTask(
-        run_ref=f"wfr-{claimed.run_id}",
+        run_ref=run_ref(claimed.run_id),
         stage_id=claimed.stage_id,
         attempt=attempt,
         capability=claimed.capability,
@@ -638,6 +639,7 @@ def run_stage_batch(records: list[dict[str, Any]], context: Any = None) -> dict[
     failed = [record for record, failed in zip(records, results, strict=True) if failed]
     if failed:
         redeliver_soon(failed)
+    # Not Powertools' BatchProcessor: it runs records one after another; these run at once.
     return {"batchItemFailures": [{"itemIdentifier": r["messageId"]} for r in failed]}
 
 
@@ -719,8 +721,6 @@ def sweep_stalled_stages() -> dict[str, Any]:
 
 def write_audit_checkpoint() -> dict[str, Any]:
     """Sign a Merkle checkpoint of the runs that ended since the last one, into S3."""
-    from chalicelib.audit import checkpoints
-
     return checkpoints.checkpoint()
 
 

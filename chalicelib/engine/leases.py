@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from chalicelib.config import get_settings
+from chalicelib.engine.stages import renew_leases
 from chalicelib.logs import logger
 
 # At most a fifth of the default lease: a process too busy to renew once or twice (a
@@ -47,17 +48,10 @@ def held(claim_token: uuid.UUID) -> Iterator[None]:
                 del _held[claim_token]
 
 
-def holding() -> list[uuid.UUID]:
-    with _lock:
-        return list(_held)
-
-
 def _renew_forever() -> None:
     """Renew while this process holds stages; stop when it holds none (held() starts a new
     renewer with the next stage), so an idle process reads nothing in the background."""
     global _renewer
-    from chalicelib.engine.stages import renew_leases
-
     interval = min(RENEW_SECONDS, get_settings().stage_lease_seconds / 3)
     while True:
         time.sleep(interval)

@@ -28,11 +28,11 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from chalicelib.audit import chain
+from chalicelib.audit import rows as audit_rows
 from chalicelib.config import get_settings
+from chalicelib.core.encoding import dumps
 from chalicelib.db import autocommit_connection, session_scope
 from chalicelib.db.models import AuditEntry
-from chalicelib.engine import audit_rows
-from chalicelib.http import dumps
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ MAOF_SWEEP_QUEUED_AFTER_SECONDS without (its hand-off was lost, or its agent lef
 woken: queued again, to look for a slot afresh (or wait again, counted).
 
 Runs past their deadline (workflow.timeoutMs) fail, and completion callbacks that are due
-are delivered (workflows/callbacks.py), on every sweep: neither waits for a client.
+are delivered (engine/callbacks.py), on every sweep: neither waits for a client.
 
 Each run is swept in its own transaction (the run row locked first, as everywhere); an
 error on one run is logged and the sweep goes on with the others.
@@ -39,10 +39,10 @@ from chalicelib.audit import chain
 from chalicelib.aws import aws_client, stage_queue_url
 from chalicelib.config import get_settings
 from chalicelib.db import session_scope
+from chalicelib.engine import callbacks
 from chalicelib.engine.queue import send_stage_messages
 from chalicelib.engine.stages import LockedRun, expire_run, lock_run, record_failure
 from chalicelib.logs import logger
-from chalicelib.workflows import callbacks
 
 BATCH_LIMIT = 500
 # EventBridge runs a schedule at most once a minute: in Lambda one invocation sweeps every

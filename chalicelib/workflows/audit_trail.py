@@ -10,15 +10,15 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from chalicelib import errors
 from chalicelib.audit import chain, checkpoints
 from chalicelib.audit import keys as audit_keys
 from chalicelib.audit import verify as rules
+from chalicelib.core import errors, responses
+from chalicelib.core.api import Principal
 from chalicelib.db import session_scope
 from chalicelib.db.models import AuditEntry, StageExecution, WorkflowRun
-from chalicelib.http import Principal
 from chalicelib.logs import logger
-from chalicelib.workflows.runs import _own_run, _run_summary
+from chalicelib.workflows.runs import _own_run, run_summary
 
 
 def _entries(session: Session, run_id: uuid.UUID) -> list[AuditEntry]:
@@ -101,7 +101,7 @@ def _checkpoint_summary(
     }
 
 
-def get_audit(principal: Principal, ref: str) -> dict[str, Any]:
+def get_audit(principal: Principal, ref: str) -> responses.AuditTrail:
     with session_scope() as session:
         run = _own_run(session, principal, ref)
         entries = _entries(session, run.id)
@@ -109,14 +109,14 @@ def get_audit(principal: Principal, ref: str) -> dict[str, Any]:
         found, available = _checkpoints(session, run.id)
     status = chain.verify(entries, outputs, found)
     summary = _checkpoint_summary(found, available, status)
-    return {
-        "workflowRunId": ref,
-        "logs": [chain.entry_view(e) for e in entries],
-        "chain": {**status.view(), "checkpoint": summary},
-    }
+    return responses.AuditTrail(
+        workflow_run_id=ref,
+        logs=[responses.AuditEntry.model_validate(chain.entry_view(e)) for e in entries],
+        chain=responses.ChainReport.model_validate({**status.view(), "checkpoint": summary}),
+    )
 
 
-def export(principal: Principal, ref: str) -> dict[str, Any]:
+def export(principal: Principal, ref: str) -> responses.AuditBundle:
     """One JSON bundle that `maof-verify` checks offline (docs/audit.md "Verifying a run's
     audit trail")."""
     with session_scope() as session:
@@ -129,21 +129,23 @@ def export(principal: Principal, ref: str) -> dict[str, Any]:
     views = [chain.entry_view(e) for e in entries]
     used = {view["kid"] for view in views} | {(c.get("head") or {}).get("kid") for c in found}
     keys = [key for key in audit_keys.key_ring().public if key["kid"] in used]
-    return {
-        "format": rules.BUNDLE_FORMAT,
-        "run": _run_summary(run),
-        "entries": views,
-        "keys": keys,
-        "outputs": outputs,
-        "checkpoints": found,
-    }
+    return responses.AuditBundle.model_validate(
+        {
+            "format": rules.BUNDLE_FORMAT,
+            "run": run_summary(run),
+            "entries": views,
+            "keys": keys,
+            "outputs": outputs,
+            "checkpoints": found,
+        }
+    )
 
 
-def public_keys() -> dict[str, Any]:
-    return audit_keys.key_ring().jwks()
+def public_keys() -> responses.PublicKeys:
+    return responses.PublicKeys.model_validate(audit_keys.key_ring().jwks())
 
 
-def latest_checkpoint() -> dict[str, Any]:
+def latest_checkpoint() -> responses.LatestCheckpoint:
     try:
         found = checkpoints.latest()
     except errors.ApiError:
@@ -153,4 +155,4 @@ def latest_checkpoint() -> dict[str, Any]:
         raise errors.ServiceUnavailable("The checkpoint store (S3) did not answer") from None
     if found is None:
         raise errors.NotFound("No checkpoint has been written yet")
-    return found
+    return responses.LatestCheckpoint.model_validate(found)

@@ -7,14 +7,13 @@ from typing import Any
 
 from sqlalchemy import text
 
-from chalicelib import errors
 from chalicelib.audit import chain
+from chalicelib.core import errors, responses
+from chalicelib.core.api import Principal, Reply, parse_run_ref
 from chalicelib.db import session_scope
 from chalicelib.engine import stages
 from chalicelib.engine.queue import send_stage_messages
-from chalicelib.http import Principal, Reply
 from chalicelib.logs import logger
-from chalicelib.workflows.runs import parse_run_ref
 
 RETRYABLE_RUNS = ("failed", "cancelled")
 
@@ -45,7 +44,9 @@ def cancel(principal: Principal, ref: str) -> Reply:
             "cancel",
             {"by": principal.email, "userUuid": str(principal.user_uuid)},
         )
-    return Reply({"workflowRunId": ref, "status": "cancelled", "stagesCancelled": ended}, 202)
+    return Reply(
+        responses.Cancelled(workflow_run_id=ref, status="cancelled", stages_cancelled=ended), 202
+    )
 
 
 def retry(principal: Principal, ref: str) -> Reply:
@@ -84,7 +85,9 @@ def retry(principal: Principal, ref: str) -> Reply:
             {"run_id": run.id},
         )
     _queue(run.id, ready)
-    return Reply({"workflowRunId": ref, "status": "in_progress", "stagesRequeued": ready}, 202)
+    return Reply(
+        responses.Retried(workflow_run_id=ref, status="in_progress", stages_requeued=ready), 202
+    )
 
 
 def _queue(run_id: uuid.UUID, stage_ids: list[str]) -> None:

@@ -6,10 +6,12 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from chalicelib import errors
-from chalicelib.capabilities import Capability
-from chalicelib.http import ApiModel
-from chalicelib.workflows.references import InputTooLarge, check_input_size, references_in
+from chalicelib.agents.network import EndpointNotAllowed, check_endpoint_allowed
+from chalicelib.config import get_settings
+from chalicelib.core import errors
+from chalicelib.core.api import ApiModel
+from chalicelib.core.capabilities import Capability
+from chalicelib.core.references import InputTooLarge, check_input_size, references_in
 
 STAGE_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
 
@@ -48,8 +50,6 @@ class Callback(ApiModel):
     @field_validator("url")
     @classmethod
     def _allowed(cls, value: str) -> str:
-        from chalicelib.agents.network import EndpointNotAllowed, check_endpoint_allowed
-
         try:
             check_endpoint_allowed(value)  # the same SSRF guard as agent endpoints
         except EndpointNotAllowed as exc:
@@ -174,8 +174,6 @@ def check_input_sizes(workflow: WorkflowDefinition, workflow_input: Any) -> None
 
 def check_timeouts(workflow: WorkflowDefinition) -> None:
     """400 for a stage timeout longer than the run_stage function can wait for."""
-    from chalicelib.config import get_settings
-
     longest = get_settings().max_stage_timeout_ms
     for index, stage in enumerate(workflow.stages):
         if stage.config and stage.config.timeout_ms and stage.config.timeout_ms > longest:

@@ -9,15 +9,17 @@ from typing import Any, Literal
 from sqlalchemy import case, func, select, text
 from sqlalchemy.orm import Session
 
-from chalicelib import errors, limits
+from chalicelib import limits
 from chalicelib.agents.secrets import encrypt_token
 from chalicelib.audit import chain
+from chalicelib.audit import rows as audit_rows
 from chalicelib.config import get_settings
+from chalicelib.core import errors, responses
+from chalicelib.core.api import PageQuery, Principal, Reply, page_meta, parse_run_ref, run_ref
+from chalicelib.core.encoding import dumps
 from chalicelib.db import autocommit_connection, session_scope
 from chalicelib.db.models import StageExecution, WorkflowRun
-from chalicelib.engine import audit_rows
 from chalicelib.engine.queue import send_stage_messages
-from chalicelib.http import PageQuery, Principal, Reply, dumps, page_meta
 from chalicelib.logs import logger
 from chalicelib.workflows.definition import (
     ExecuteRequest,
@@ -26,8 +28,6 @@ from chalicelib.workflows.definition import (
     check_timeouts,
     needed_outputs,
 )
-
-RUN_PREFIX = "wfr-"
 
 
 class RunQuery(PageQuery):
@@ -47,19 +47,6 @@ def idempotency_key(header: str | None) -> str | None:
             [{"field": "Idempotency-Key", "message": "1 to 255 printable characters"}],
         )
     return header
-
-
-def run_ref(run_id: uuid.UUID) -> str:
-    return f"{RUN_PREFIX}{run_id}"
-
-
-def parse_run_ref(value: str) -> uuid.UUID:
-    if not value.startswith(RUN_PREFIX):
-        raise errors.NotFound("Workflow run not found")
-    try:
-        return uuid.UUID(value[len(RUN_PREFIX) :])
-    except ValueError:
-        raise errors.NotFound("Workflow run not found") from None
 
 
 def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -> Reply:
@@ -142,7 +129,7 @@ def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -
         logger.exception(
             "could not queue a new run; the sweeper will", extra={"runId": str(run_id)}
         )
-    return Reply({"workflowRunId": run_ref(run_id), "status": "queued"}, 202)
+    return Reply(responses.Submitted(workflow_run_id=run_ref(run_id), status="queued"), 202)
 
 
 # How long a client over its active-run quota is told to wait before trying again.
@@ -169,7 +156,9 @@ def _earlier_submission(principal: Principal, key: str, body_hash: str) -> Reply
             "This Idempotency-Key was already used, with a different request body",
             [{"field": "Idempotency-Key", "message": "already used with another body"}],
         )
-    return Reply({"workflowRunId": run_ref(earlier.run_id), "status": earlier.status}, 202)
+    return Reply(
+        responses.Submitted(workflow_run_id=run_ref(earlier.run_id), status=earlier.status), 202
+    )
 
 
 # The run (only while the user is under the active-run quota), its stages, its first audit
@@ -232,52 +221,53 @@ def _duration_ms(start: datetime | None, end: datetime | None) -> int | None:
     return int((end - start).total_seconds() * 1000)
 
 
-def stage_view(stage: StageExecution) -> dict[str, Any]:
-    return {
-        "stageId": stage.stage_id,
-        "name": stage.stage_name,
-        "agentCapability": stage.capability,
-        "dependencies": stage.dependencies,
-        "status": stage.status,
-        "agentId": stage.agent_id,
-        "agentUuid": str(stage.agent_uuid) if stage.agent_uuid else None,
-        "attempt": stage.attempt,
-        "input": stage.input,
-        "output": stage.output,
-        "errorMessage": stage.error_message,
-        "queuedAt": stage.queued_at,
-        "startedAt": stage.started_at,
-        "completedAt": stage.completed_at,
-        "durationMs": _duration_ms(stage.started_at, stage.completed_at),
-    }
+def stage_view(stage: StageExecution) -> responses.Stage:
+    return responses.Stage(
+        stage_id=stage.stage_id,
+        name=stage.stage_name,
+        agent_capability=stage.capability,
+        dependencies=stage.dependencies,
+        status=stage.status,
+        agent_id=stage.agent_id,
+        agent_uuid=stage.agent_uuid,
+        attempt=stage.attempt,
+        input=stage.input,
+        output=stage.output,
+        error_message=stage.error_message,
+        queued_at=stage.queued_at,
+        started_at=stage.started_at,
+        completed_at=stage.completed_at,
+        duration_ms=_duration_ms(stage.started_at, stage.completed_at),
+    )
 
 
-def _run_summary(run: WorkflowRun) -> dict[str, Any]:
+def run_summary(run: WorkflowRun) -> dict[str, Any]:
+    """The fields every view of a run starts with (responses.RunSummary's)."""
     return {
-        "workflowRunId": run_ref(run.id),
-        "workflowName": run.workflow_name,
+        "workflow_run_id": run_ref(run.id),
+        "workflow_name": run.workflow_name,
         "status": run.status,
-        "createdAt": run.created_at,
-        "startedAt": run.started_at,
-        "completedAt": run.completed_at,
-        "errorMessage": run.error_message,
-        "deadlineAt": run.deadline_at,
+        "created_at": run.created_at,
+        "started_at": run.started_at,
+        "completed_at": run.completed_at,
+        "error_message": run.error_message,
+        "deadline_at": run.deadline_at,
     }
 
 
-def callback_view(run: WorkflowRun) -> dict[str, Any] | None:
+def callback_view(run: WorkflowRun) -> responses.CallbackStatus | None:
     """Where the outcome is delivered and how that went (the secret is never shown)."""
     if run.callback_url is None:
         return None
-    return {
-        "url": run.callback_url,
-        "state": run.callback_state,
-        "attempts": run.callback_attempts,
-        "lastError": run.callback_error,
-    }
+    return responses.CallbackStatus(
+        url=run.callback_url,
+        state=run.callback_state,
+        attempts=run.callback_attempts,
+        last_error=run.callback_error,
+    )
 
 
-def get_run(principal: Principal, ref: str) -> dict[str, Any]:
+def get_run(principal: Principal, ref: str) -> responses.Run:
     with session_scope() as session:
         run = _own_run(session, principal, ref)
         stages = session.scalars(
@@ -286,21 +276,21 @@ def get_run(principal: Principal, ref: str) -> dict[str, Any]:
             .order_by(StageExecution.position)
         ).all()
     current = next((s.stage_id for s in stages if s.status == "in_progress"), None)
-    return {
-        **_run_summary(run),
-        "progress": {
-            "total": len(stages),
-            "completed": sum(s.status == "completed" for s in stages),
-            "failed": sum(s.status == "failed" for s in stages),
-            "current": current,
-        },
-        "input": run.input,
-        "callback": callback_view(run),
-        "stages": [stage_view(s) for s in stages],
-    }
+    return responses.Run(
+        **run_summary(run),
+        progress=responses.Progress(
+            total=len(stages),
+            completed=sum(s.status == "completed" for s in stages),
+            failed=sum(s.status == "failed" for s in stages),
+            current=current,
+        ),
+        input=run.input,
+        callback=callback_view(run),
+        stages=[stage_view(s) for s in stages],
+    )
 
 
-def list_runs(principal: Principal, query: RunQuery) -> dict[str, Any]:
+def list_runs(principal: Principal, query: RunQuery) -> responses.RunList:
     conditions = [WorkflowRun.user_id == principal.user_uuid]
     if query.status:
         conditions.append(WorkflowRun.status == query.status)
@@ -325,18 +315,20 @@ def list_runs(principal: Principal, query: RunQuery) -> dict[str, Any]:
             .limit(query.limit)
         ).all()
     runs = [
-        {
-            **_run_summary(row[0]),
-            "progress": {"total": row.total, "completed": row.completed, "failed": row.failed},
-        }
+        responses.ListedRun(
+            **run_summary(row[0]),
+            progress=responses.StageCounts(
+                total=row.total, completed=row.completed, failed=row.failed
+            ),
+        )
         for row in rows
     ]
-    return {"runs": runs, "meta": page_meta(total or 0, query)}
+    return responses.RunList(runs=runs, meta=responses.PageMeta(**page_meta(total or 0, query)))
 
 
-def get_result(principal: Principal, ref: str) -> dict[str, Any]:
+def get_result(principal: Principal, ref: str) -> responses.RunResult:
     with session_scope() as session:
         run = _own_run(session, principal, ref)
     if run.status != "completed":
         raise errors.NotFound(f"Workflow run has no result: it is {run.status}")
-    return {"workflowRunId": ref, "output": run.output}
+    return responses.RunResult(workflow_run_id=ref, output=run.output)

@@ -3,17 +3,16 @@ readable counterpart, locally, of the CloudWatch metrics a deployment emits)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy import text
 
+from chalicelib.core import responses
+from chalicelib.core.api import Principal
 from chalicelib.db import session_scope
-from chalicelib.http import Principal
 
 WINDOW = "1 hour"
 
 
-def stats(principal: Principal) -> dict[str, Any]:
+def stats(principal: Principal) -> responses.Stats:
     with session_scope() as session:
         runs = session.execute(
             text(
@@ -53,18 +52,18 @@ def stats(principal: Principal) -> dict[str, Any]:
             ),
             {"user": principal.user_uuid, "window": WINDOW},
         ).all()
-    return {
-        "window": WINDOW,
-        "runs": {row.status: row.n for row in runs},
-        "stages": {row.status: row.n for row in stages},
-        "agents": [
-            {
-                "agentId": row.agent_id,
-                "completed": row.completed,
-                "failed": row.failed,
-                "stageP50Ms": None if row.p50_ms is None else round(row.p50_ms),
-                "stageP95Ms": None if row.p95_ms is None else round(row.p95_ms),
-            }
+    return responses.Stats(
+        window=WINDOW,
+        runs={row.status: row.n for row in runs},
+        stages={row.status: row.n for row in stages},
+        agents=[
+            responses.AgentStats(
+                agent_id=row.agent_id,
+                completed=row.completed,
+                failed=row.failed,
+                stage_p50_ms=None if row.p50_ms is None else round(row.p50_ms),
+                stage_p95_ms=None if row.p95_ms is None else round(row.p95_ms),
+            )
             for row in agents
         ],
-    }
+    )

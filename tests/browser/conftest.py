@@ -66,7 +66,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def dashboard_url(api_url: str) -> str:
     """The site, uploaded to the test bucket with a config.json naming the test API."""
-    from chalicelib.local.dashboard import site_urls, upload_site
+    from devstack.dashboard import site_urls, upload_site
 
     upload_site(api_url)
     return site_urls().primary

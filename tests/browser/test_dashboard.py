@@ -351,7 +351,7 @@ def test_empty_states_and_phone_width(
 
 
 def test_the_s3_website_endpoint_serves_the_dashboard(page: Page, dashboard_url: str) -> None:
-    from chalicelib.local.dashboard import site_urls
+    from devstack.dashboard import site_urls
 
     response = requests.get(dashboard_url, timeout=5)
     assert response.headers["Content-Type"].startswith("text/html")
@@ -484,7 +484,7 @@ def test_runs_are_listed_a_page_at_a_time_and_filtered_by_status(
 def test_pages_say_so_when_the_api_cannot_be_reached(
     page: Page, bucket_for_site: str, user: Api
 ) -> None:
-    from chalicelib.local.dashboard import site_urls, upload_site
+    from devstack.dashboard import site_urls, upload_site
 
     dead = f"http://127.0.0.1:{free_port()}"
     upload_site(dead, bucket_for_site)

@@ -10,7 +10,7 @@ from typing import Any
 
 from playwright.sync_api import Page, Request, Route, expect
 
-from chalicelib.workflows import callbacks
+from chalicelib.engine import callbacks
 from tests.browser.conftest import screenshot, sign_in, unique
 from tests.integration.conftest import Api, register_agent, wait_for_run, wait_until
 from tests.support.agents import ScriptedAgent, error, sleep

@@ -12,7 +12,7 @@ import requests
 
 from chalicelib.aws import aws_client
 from chalicelib.config import get_settings
-from chalicelib.local.dashboard import site_urls, upload_site
+from devstack.dashboard import site_urls, upload_site
 from infra.site import SITE_DIR, site_files
 
 

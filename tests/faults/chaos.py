@@ -1,9 +1,9 @@
 """The outage harness: an isolated local stack, a drain of 100+ runs, a fault in its middle.
 
-The stack is MAOF's own, started by the functions of `chalicelib.local.stack` but on ports
+The stack is MAOF's own, started by the functions of `devstack.stack` but on ports
 and data folders of its own (`.maof/chaos/session-<pid>/`): a second Postgres, Redis and
 LocalStack (its own TMPDIR too), so restarting them disturbs no other test or engineer. On
-it, MAOF's API (`chalicelib.local.api`) and poller (`chalicelib.local.poller`, as `make dev`
+it, MAOF's API (`devstack.api`) and poller (`devstack.poller`, as `make dev`
 runs it) are subprocesses with the default engine settings: every MAOF_* variable of the
 calling environment is dropped, only the URLs of this stack and a mock agent delay are set.
 
@@ -57,8 +57,8 @@ import psycopg
 import redis
 import requests
 
-from chalicelib.local import stack as local_stack
-from chalicelib.local.stack import PROJECT_DIR, STATE_DIR, PostgresServer
+from devstack import stack as local_stack
+from devstack.stack import PROJECT_DIR, STATE_DIR, PostgresServer
 
 CHAOS_DIR = STATE_DIR / "chaos"
 ARTIFACTS = PROJECT_DIR / "test-artifacts" / "chaos"
@@ -221,12 +221,11 @@ class ChaosStack:
             # What `make dev` does: migrate, create the queues and bucket, start the API,
             # publish the dashboard for it, start the poller.
             self._python("-m", "chalicelib.db.migrate")
-            self._python("-m", "chalicelib.local.stack", "resources")
+            self._python("-m", "devstack.stack", "resources")
             self.start_api()
             self._python(
                 "-c",
-                "import sys; from chalicelib.local import dashboard; "
-                "dashboard.publish(sys.argv[1])",
+                "import sys; from devstack import dashboard; dashboard.publish(sys.argv[1])",
                 self.api_url,
             )
             self.start_poller()
@@ -302,7 +301,7 @@ class ChaosStack:
         self.localstack.wait(30)
 
     def start_api(self) -> None:
-        self.api = self._spawn("api", ["-m", "chalicelib.local.api", "--port", str(self.api_port)])
+        self.api = self._spawn("api", ["-m", "devstack.api", "--port", str(self.api_port)])
 
         def healthy() -> bool:
             assert self.api is not None
@@ -316,9 +315,7 @@ class ChaosStack:
 
     def start_poller(self) -> None:
         offset = self.log_size("poller")
-        self.poller = self._spawn(
-            "poller", ["-m", "chalicelib.local.poller", "--api-url", self.api_url]
-        )
+        self.poller = self._spawn("poller", ["-m", "devstack.poller", "--api-url", self.api_url])
 
         def draining() -> bool:
             assert self.poller is not None

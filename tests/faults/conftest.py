@@ -48,10 +48,10 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 @pytest.fixture(scope="module")
 def engine_poller(stack: None) -> Iterator[Any]:
-    """The poller `make dev` runs (chalicelib.local.poller.from_app): 4 workers, the sweeper
+    """The poller `make dev` runs (devstack.poller.from_app): 4 workers, the sweeper
     and the agent health checks on their configured (default) schedules. Module-scoped, so
     nothing of it runs on behind the module's tests."""
-    from chalicelib.local.poller import from_app
+    from devstack.poller import from_app
 
     running = from_app(concurrency=4).start()
     yield running

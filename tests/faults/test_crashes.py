@@ -21,8 +21,8 @@ from chalicelib.aws import aws_client
 from chalicelib.config import get_settings
 from chalicelib.engine import stages
 from chalicelib.engine.queue import StageMessage
-from chalicelib.local.stack import PROJECT_DIR, ensure_resources
 from chalicelib.workflows import runs
+from devstack.stack import PROJECT_DIR, ensure_resources
 from tests.faults.conftest import (
     assert_ended_for_good,
     audit,
@@ -40,7 +40,7 @@ RECOVERY_SECONDS = 45.0
 
 
 class PollerProcess:
-    """`python -m chalicelib.local.poller` as `make dev` runs it (the app's handlers, the
+    """`python -m devstack.poller` as `make dev` runs it (the app's handlers, the
     sweeper and health checks on their default schedules), on a queue of its own."""
 
     def __init__(self, queue_name: str, log: Path) -> None:
@@ -52,7 +52,7 @@ class PollerProcess:
         offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "chalicelib.local.poller"],
+                [sys.executable, "-m", "devstack.poller"],
                 cwd=PROJECT_DIR,
                 env=self.env,
                 stdout=log,

@@ -11,7 +11,7 @@ import uuid
 import pytest
 from sqlalchemy import text
 
-from chalicelib.agents.registry import invalidate_capability
+from chalicelib.agents.candidates import invalidate_capability
 from chalicelib.agents.secrets import encrypt_token
 from chalicelib.db import session_scope
 from tests.faults.conftest import (

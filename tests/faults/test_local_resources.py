@@ -14,9 +14,9 @@ import pytest
 
 from chalicelib.aws import aws_client
 from chalicelib.config import Settings, get_settings
-from chalicelib.local.dashboard import upload_site
-from chalicelib.local.poller import Poller, ResourceKeeper
-from chalicelib.local.stack import VISIBILITY_TIMEOUT_SECONDS, ensure_resources
+from devstack.dashboard import upload_site
+from devstack.poller import Poller, ResourceKeeper
+from devstack.stack import VISIBILITY_TIMEOUT_SECONDS, ensure_resources
 from tests.integration.conftest import wait_until
 
 API_URL = "http://127.0.0.1:3999"

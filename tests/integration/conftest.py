@@ -33,6 +33,7 @@ from tests.conftest import (
     TEST_DATABASE_URL,
 )
 from tests.support.agents import ScriptedAgent
+from tests.support.openapi import check_answer
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -78,7 +79,7 @@ def stack() -> Iterator[None]:
     from chalicelib.db.migrate import upgrade
 
     upgrade()
-    from chalicelib.local.stack import ensure_resources
+    from devstack.stack import ensure_resources
 
     aws.reset()
     ensure_resources(settings)
@@ -117,7 +118,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def api_url(stack: None) -> Iterator[str]:
     """The API over real HTTP: MAOF's `chalice local` server in a background thread."""
-    from chalicelib.local.api import create_server
+    from devstack.api import create_server
 
     port = free_port()
     server = create_server("127.0.0.1", port, stage="dev")
@@ -138,10 +139,15 @@ class Api:
     user: dict[str, Any] | None = None
 
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """The answer, checked against /openapi (tests/support/openapi.py)."""
         headers = dict(kwargs.pop("headers", {}) or {})
         if self.token and "Authorization" not in headers:
             headers["Authorization"] = f"Bearer {self.token}"
-        return requests.request(method, self.base_url + path, headers=headers, timeout=10, **kwargs)
+        response = requests.request(
+            method, self.base_url + path, headers=headers, timeout=10, **kwargs
+        )
+        check_answer(response)
+        return response
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:
         return self.request("GET", path, **kwargs)
@@ -232,7 +238,7 @@ def admin(api: Api) -> Api:
 def poller(stack: None) -> Iterator[Any]:
     """The local SQS event source, invoking the app's run_stage handler (4 workers)."""
     import app as maof
-    from chalicelib.local.poller import Poller
+    from devstack.poller import Poller
 
     running = Poller(maof.app.handler_map["run_stage"], concurrency=4, wait_seconds=1).start()
     yield running

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy.exc import OperationalError
 
+from chalicelib.core import api as run_ids
 from chalicelib.engine import handlers, stages
 from chalicelib.workflows import runs
 from tests.integration.conftest import (
@@ -252,7 +253,7 @@ def test_idempotency_key_is_the_same_when_an_attempt_runs_again_after_an_error(
     sent: list[Any] = []
     monkeypatch.setattr(runs, "send_stage_messages", lambda *a, **k: sent.append(a))
     monkeypatch.setattr(handlers, "send_stage_messages", lambda *a, **k: sent.append(a))
-    run_id = runs.parse_run_ref(submit(user, capability, FAST))
+    run_id = run_ids.parse_run_ref(submit(user, capability, FAST))
     message = {
         "messageId": "m1",
         "receiptHandle": "r",

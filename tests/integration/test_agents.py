@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select, update
 
 from chalicelib import cache
-from chalicelib.agents.registry import (
+from chalicelib.agents.candidates import (
     cached_candidates,
     capability_cache_key,
     capability_generation_key,

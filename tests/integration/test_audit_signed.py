@@ -19,9 +19,9 @@ from chalicelib.audit import chain, checkpoints
 from chalicelib.audit import keys as audit_keys
 from chalicelib.audit import verify as rules
 from chalicelib.config import get_settings
+from chalicelib.core import api as run_ids
 from chalicelib.db import session_scope
 from chalicelib.engine import handlers
-from chalicelib.workflows import runs
 from tests.integration.conftest import (
     owner_connection,
     register_agent,
@@ -90,7 +90,7 @@ def rewrite_as_owner(run_ref: str, change: Any, from_seq: int = 1, drop_last: bo
     """What an attacker with the owner's role and the private signing key can do: change
     entries, recompute every hash and signature from there on, and write them back
     behind the disabled trigger."""
-    run_id = runs.parse_run_ref(run_ref)
+    run_id = run_ids.parse_run_ref(run_ref)
     signer = audit_keys.key_ring().signer
     with session_scope() as session:
         from sqlalchemy import select
@@ -207,7 +207,7 @@ def test_a_checkpoint_is_signed_in_s3_and_served_as_the_latest(user, poller, api
 def test_a_run_is_checkpointed_once_and_again_only_when_its_head_moves(user, poller):
     ref = three_stage_run(user, poller)
     checkpoint_now()
-    run_id = runs.parse_run_ref(ref)
+    run_id = run_ids.parse_run_ref(ref)
     with session_scope() as session:
         covered = session.execute(
             text("SELECT count(*) FROM audit_checkpoint_runs WHERE run_id = :r"), {"r": run_id}
@@ -255,7 +255,7 @@ def test_a_truncated_tail_fails_against_the_checkpointed_head(user, poller, tmp_
 
 def test_a_changed_stored_output_fails_verification(user, poller):
     ref = three_stage_run(user, poller)
-    run_id = runs.parse_run_ref(ref)
+    run_id = run_ids.parse_run_ref(ref)
     with session_scope() as session:  # the application role may update stage rows
         session.execute(
             text(
@@ -348,7 +348,7 @@ def test_key_rotation_keeps_old_runs_verifying(user, poller, api, tmp_path):
 
 def test_the_checkpoint_schedule_is_a_handler_of_the_app_and_runs_locally():
     import app as maof
-    from chalicelib.local.poller import from_app
+    from devstack.poller import from_app
 
     assert "write_audit_checkpoint" in maof.app.handler_map
     poller = from_app(1)

@@ -193,7 +193,7 @@ def test_the_sweeper_wakes_a_waiting_stage_whose_hand_off_was_lost(
     # A stage parked while the slot was taken, and the worker that freed it died before
     # handing it over: nothing will wake it but the sweeper.
     parked = submit(user, capability)
-    from chalicelib.workflows.runs import parse_run_ref
+    from chalicelib.core.api import parse_run_ref
 
     run_id = parse_run_ref(parked)
     wait_for_run(user, parked)  # it ran (slot free): make it wait again, as if it had not
@@ -282,7 +282,7 @@ def test_the_hand_off_skips_stages_the_agent_may_not_serve(user: Api, api: Api, 
     from chalicelib.engine import stages
 
     run_ref = submit(other, capability)
-    from chalicelib.workflows.runs import parse_run_ref
+    from chalicelib.core.api import parse_run_ref
 
     run_id = parse_run_ref(run_ref)
     claimed = stages.claim_stage(run_id, "s0")
@@ -294,8 +294,8 @@ def test_the_hand_off_skips_stages_the_agent_may_not_serve(user: Api, api: Api, 
 def _parked_behind_a_full_agent(user: Api, capability: str) -> tuple[dict[str, Any], Any, Any]:
     """An agent with one slot, taken by a call about to end; a stage parked behind it
     after the caller's hand-off had looked (so only a look after the release finds it)."""
+    from chalicelib.core.api import parse_run_ref
     from chalicelib.engine import stages
-    from chalicelib.workflows.runs import parse_run_ref
 
     agent = register_agent(user, capability, maxConcurrentTasks=1)
     slot = selection._reserve(agent["agentUuid"], 1, time.time() + 60)

@@ -22,7 +22,7 @@ import yaml
 from click.testing import CliRunner, Result
 
 from chalicelib.auth import tokens
-from chalicelib.http import Principal
+from chalicelib.core.api import Principal
 from examples.agents import server as example_agent
 from examples.agents.protocol import serve
 from maof_client import MaofClient, NotFound

@@ -12,10 +12,11 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 
+from chalicelib.core import api as run_ids
+from chalicelib.core.api import Principal
 from chalicelib.db import session_scope
 from chalicelib.db.models import AuditEntry, StageExecution
 from chalicelib.engine import handlers, stages
-from chalicelib.http import Principal
 from chalicelib.workflows import runs
 from chalicelib.workflows.definition import ExecuteRequest
 from tests.integration.conftest import (
@@ -34,7 +35,7 @@ def principal_of(client: Any) -> Principal:
 def submit_direct(client: Any, stages_: list[dict[str, Any]]) -> uuid.UUID:
     body = ExecuteRequest.model_validate({"workflow": {"name": "delivery", "stages": stages_}})
     reply = runs.submit(principal_of(client), body)
-    return runs.parse_run_ref(reply.data["workflowRunId"])
+    return run_ids.parse_run_ref(reply.data.workflow_run_id)
 
 
 def record(run_id: uuid.UUID, stage_id: str) -> dict[str, Any]:
@@ -164,7 +165,7 @@ def test_worker_killed_between_claim_and_completion_is_recovered_by_the_sweeper(
             {"r": run_id},
         )
     assert handlers.sweep_stalled_stages()["requeued"] >= 1
-    run = wait_for_run(user, runs.run_ref(run_id))
+    run = wait_for_run(user, run_ids.run_ref(run_id))
     assert run["status"] == "completed", run
     # A redelivery of the same attempt: the agent sees the same Idempotency-Key.
     assert stage_row(run_id, "a").attempt == 1
@@ -194,7 +195,7 @@ def test_message_lost_between_commit_and_send_is_recovered_by_the_sweeper(
     )
     assert response.status_code == 202  # accepted: the run is stored, the sweeper sends it
     run_ref = response.json()["data"]["workflowRunId"]
-    run_id = runs.parse_run_ref(run_ref)
+    run_id = run_ids.parse_run_ref(run_ref)
     assert stage_row(run_id, "a").status == "queued"
     with session_scope() as session:
         session.execute(
@@ -257,7 +258,7 @@ def test_a_stage_that_raises_unexpectedly_is_retried_under_its_retries_then_fail
     row = stage_row(run_id, "a")
     assert row.status == "failed"
     assert "RuntimeError: a bug after the agent answered" in (row.error_message or "")
-    run = user.get(f"/workflows/{runs.run_ref(run_id)}").json()["data"]
+    run = user.get(f"/workflows/{run_ids.run_ref(run_id)}").json()["data"]
     assert run["status"] == "failed"
     assert "internal error" in run["errorMessage"]
 
@@ -309,7 +310,7 @@ def test_even_the_owner_is_refused_by_the_append_only_trigger(user, sent, statem
 
 def test_a_row_altered_behind_the_triggers_back_breaks_the_chain(user, sent):
     run_id, entry_id = _one_entry_id(user, sent)
-    ref = runs.run_ref(run_id)
+    ref = run_ids.run_ref(run_id)
     assert user.get(f"/workflows/{ref}/audit").json()["data"]["chain"]["valid"] is True
     with owner_connection() as conn:  # only the owner can disable the trigger
         conn.execute(

@@ -13,9 +13,9 @@ import pytest
 from sqlalchemy import text
 
 from chalicelib.config import get_settings, reset_settings
+from chalicelib.core import api as run_ids
 from chalicelib.db import session_scope
 from chalicelib.engine import handlers, stages, sweeper
-from chalicelib.workflows import runs
 from tests.integration.conftest import Api, register_agent, unique_capability, wait_for_run
 from tests.integration.test_delivery import (
     audit_actions,
@@ -58,7 +58,7 @@ def test_a_stage_whose_worker_keeps_dying_fails_after_the_lease_ceiling(user: Ap
     assert row.status == "failed"
     assert f"stopped {ceiling} times" in (row.error_message or "")
     assert stage_row(run_id, "b").status == "skipped"
-    run = user.get(f"/workflows/{runs.run_ref(run_id)}").json()["data"]
+    run = user.get(f"/workflows/{run_ids.run_ref(run_id)}").json()["data"]
     assert run["status"] == "failed"
     assert "MAOF_STAGE_MAX_LEASE_EXPIRIES" in run["errorMessage"]
 
@@ -333,7 +333,7 @@ def test_a_submission_answers_within_seconds_when_sqs_hangs_and_the_sweeper_send
     assert elapsed < 8, f"took {elapsed:.1f} s"
     monkeypatch.undo()
     run_ref = response.json()["data"]["workflowRunId"]
-    run_id = runs.parse_run_ref(run_ref)
+    run_id = run_ids.parse_run_ref(run_ref)
     set_stage(run_id, "a", "queued_at = now() - interval '1 hour'")  # as time passes
     assert handlers.sweep_stalled_stages()["requeued"] >= 1
     assert wait_for_run(user, run_ref)["status"] == "completed"

@@ -92,6 +92,13 @@ def test_a_wrong_method_is_a_json_405(api: Api) -> None:
     error_of(api.delete("/health"), 405, "METHOD_NOT_ALLOWED")
 
 
+@pytest.mark.parametrize("method", ["TRACE", "QUERY", "PROPFIND"])
+def test_a_method_no_route_knows_is_a_json_405_not_the_servers_html_501(
+    api: Api, method: str
+) -> None:
+    error_of(api.request(method, "/health"), 405, "METHOD_NOT_ALLOWED")
+
+
 def test_a_body_over_the_limit_is_413(api: Api) -> None:
     limit = get_settings().max_body_bytes
     assert limit == 1_000_000
@@ -119,6 +126,39 @@ def test_a_nul_character_in_a_field_is_400_naming_it_not_a_500(api: Api, field: 
 def test_a_nul_character_in_a_login_email_is_400_not_a_500(api: Api) -> None:
     response = api.post("/auth/login", {"email": "a\x00b@example.com", "password": "password-1"})
     error_of(response, 400, "VALIDATION_ERROR")
+
+
+def execute_body(input_json: str = "null", stage_input_json: str = "null") -> str:
+    """An execute body from raw JSON text: json.dumps cannot write what these tests send."""
+    stage = f'{{"id": "a", "name": "A", "agentCapability": "x", "input": {stage_input_json}}}'
+    return f'{{"workflow": {{"name": "w", "stages": [{stage}]}}, "input": {input_json}}}'
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_not_json_a_400_not_a_500(user: Api, sent: Any, literal: str) -> None:
+    response = post_raw(user, "/workflows/execute", execute_body(f'{{"x": {literal}}}'), JSON)
+    assert error_of(response, 400, "BAD_REQUEST")["message"] == "Request body is not valid JSON"
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "message"),
+    [
+        (execute_body('{"x": 1e400}'), "input", "range"),
+        (execute_body("[-1e999]"), "input", "range"),
+        (execute_body("9" * 400), "input", "range"),
+        # Named by the body's field that holds it, as for NUL characters.
+        (execute_body(stage_input_json='{"t": "\\ud800"}'), "workflow", "surrogates"),
+        (execute_body('{"\\udfff": 1}'), "input", "surrogates"),
+    ],
+    ids=["overflowing float", "overflowing negative", "int past a double", "surrogate", "key"],
+)
+def test_a_value_postgres_or_the_audit_cannot_hold_is_400_naming_its_field(
+    user: Api, sent: Any, body: str, field: str, message: str
+) -> None:
+    error = error_of(post_raw(user, "/workflows/execute", body, JSON), 400, "VALIDATION_ERROR")
+    assert [d["field"] for d in error["details"]] == [field]
+    assert message in error["details"][0]["message"]
+    assert sent.sent == []  # nothing was stored or queued
 
 
 # ------------------------------------------------------------------ the server fails
@@ -327,3 +367,4 @@ def test_a_database_outage_answers_503_not_500(user, monkeypatch):
     error = response.json()["error"]
     assert error["code"] == "SERVICE_UNAVAILABLE"
     assert "starting up" not in error["message"]  # nothing of the driver's words
+    assert response.headers["Retry-After"] == "5"

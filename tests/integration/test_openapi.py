@@ -1,8 +1,13 @@
-"""GET /openapi documents every route, built from the same declarations that validate requests."""
+"""GET /openapi documents every route, built from the same declarations that validate requests
+and the models the views answer (tests/unit/test_openapi_document.py checks it in detail)."""
 
 from __future__ import annotations
 
+import json
+
 import app as maof
+from chalicelib import openapi
+from chalicelib.core.encoding import dumps
 
 
 def test_openapi_documents_every_route_and_method(api):
@@ -48,9 +53,15 @@ def test_run_control_and_its_headers_are_documented(api):
     assert "timeoutMs" in document["components"]["schemas"]["WorkflowDefinition"]["properties"]
     for action in ("cancel", "retry"):
         assert "202" in document["paths"][f"/workflows/{{run_id}}/{action}"]["post"]["responses"]
-    limited = execute["responses"]["429"]
-    assert "Retry-After" in limited["headers"]
+    limited = execute["responses"]["429"]["$ref"].rsplit("/", 1)[-1]
+    assert "Retry-After" in document["components"]["responses"][limited]["headers"]
     assert "503" in execute["responses"]
     for path in ("/auth/logout", "/auth/logout-all", "/auth/password"):
         assert "post" in document["paths"][path]
     assert "patch" in document["paths"]["/agents/{agent_uuid}"]
+
+
+def test_the_served_document_is_the_one_built_from_the_declarations(api):
+    response = api.get("/openapi")
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.json() == json.loads(dumps(openapi.document(maof.app.endpoints)))

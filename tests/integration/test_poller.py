@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from chalicelib.aws import aws_client
-from chalicelib.local.poller import Poller
+from devstack.poller import Poller
 from tests.integration.conftest import wait_until
 
 

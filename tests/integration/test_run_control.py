@@ -15,8 +15,7 @@ import pytest
 from sqlalchemy import text
 
 from chalicelib.db import session_scope
-from chalicelib.engine import handlers
-from chalicelib.workflows import callbacks
+from chalicelib.engine import callbacks, handlers
 from tests.integration.conftest import (
     Api,
     register_agent,

@@ -25,13 +25,13 @@ from sqlalchemy import update
 
 from chalicelib import cache
 from chalicelib.agents import network
+from chalicelib.agents.candidates import capability_cache_key
 from chalicelib.agents.dispatch import AgentCallFailed, AgentTask, call_agent
 from chalicelib.agents.health import probe
-from chalicelib.agents.registry import capability_cache_key
 from chalicelib.config import get_settings, reset_settings
 from chalicelib.db import session_scope
 from chalicelib.db.models import Agent
-from chalicelib.local import dev
+from devstack import dev
 from tests.integration.conftest import Api, register_agent, unique_capability, wait_for_run
 from tests.support.agents import ScriptedAgent, ok, redirect
 from tests.support.dns import FakeResolver

@@ -9,7 +9,7 @@ import uuid
 from typing import Any
 
 from chalicelib import cache
-from chalicelib.agents.registry import (
+from chalicelib.agents.candidates import (
     candidates_uncached,
     capability_cache_key,
     capability_generation_key,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from chalicelib.config import reset_settings
-from chalicelib.local.dashboard import SiteUrls, site_urls
+from devstack.dashboard import SiteUrls, site_urls
 from infra.site import content_type, site_config, site_files
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import pydantic
 import pytest
 
-from chalicelib import errors
+from chalicelib.core import errors
 from chalicelib.workflows.definition import ExecuteRequest, WorkflowDefinition, check_dag
 
 

@@ -15,8 +15,8 @@ import pytest
 
 from chalicelib.agents import network
 from chalicelib.agents.dispatch import AgentCallFailed, AgentTask, call_agent, interpret
+from chalicelib.agents.failure import Failure
 from chalicelib.config import get_settings
-from chalicelib.engine.policy import Failure
 
 RETRYABLE, FINAL, UNUSABLE = Failure.AGENT_RETRYABLE, Failure.AGENT_FINAL, Failure.AGENT_UNUSABLE
 

@@ -1,5 +1,5 @@
 """The ten-line verifier docs/api.md gives receivers of completion callbacks works on what
-MAOF signs (chalicelib/workflows/callbacks.py), and refuses what it must."""
+MAOF signs (chalicelib/engine/callbacks.py), and refuses what it must."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from chalicelib.workflows.callbacks import signature
+from chalicelib.engine.callbacks import signature
 
 API_DOC = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 SECRET = "a-callback-secret-0123456789"

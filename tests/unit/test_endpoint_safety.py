@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import urllib3
 
-from chalicelib import errors
 from chalicelib.agents import network
 from chalicelib.agents.dispatch import AgentCallFailed, AgentTask, call_agent, interpret
 from chalicelib.agents.network import (
@@ -22,8 +21,9 @@ from chalicelib.agents.network import (
 )
 from chalicelib.agents.registry import RegisterAgentRequest
 from chalicelib.config import reset_settings
+from chalicelib.core import errors
 from chalicelib.http import validate
-from chalicelib.local.dev import allow_private_endpoints_by_default
+from devstack.dev import allow_private_endpoints_by_default
 from tests.support.dns import FakeResolver
 
 

@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 
-from chalicelib import errors
-from chalicelib.http import ApiModel, dumps, error_body, validate
+from chalicelib.core import errors
+from chalicelib.core.api import ApiModel
+from chalicelib.core.encoding import dumps
+from chalicelib.http import error_body, validate
 
 
 class Inner(ApiModel):

@@ -3,7 +3,7 @@
 import os
 
 from chalicelib.config import get_settings, reset_settings
-from chalicelib.local.poller import size_database_pool
+from devstack.poller import size_database_pool
 
 
 def test_the_poller_keeps_two_database_connections_per_execution_unless_told():

@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from chalicelib.engine.policy import Action, Counters, Decision, Failure, after_failure, backoff_ms
+from chalicelib.agents.failure import Failure
+from chalicelib.engine.policy import Action, Counters, Decision, after_failure, backoff_ms
 
 RETRIES = 2  # as MAOF_AGENT_RETRIES
 

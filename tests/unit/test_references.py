@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from chalicelib.workflows.references import (
+from chalicelib.core.references import (
     Reference,
     UnresolvableReference,
     references_in,

@@ -12,10 +12,10 @@ from typing import Any
 import jwt
 import pytest
 
-from chalicelib import errors
 from chalicelib.auth import tokens
 from chalicelib.config import DEV_JWT_SECRET, get_settings, reset_settings
-from chalicelib.http import Principal
+from chalicelib.core import errors
+from chalicelib.core.api import Principal
 
 PRINCIPAL = Principal(user_uuid=uuid.uuid4(), email="ada@example.com", role="user")
 SESSION = uuid.uuid4()

@@ -17,8 +17,8 @@ from collections.abc import MutableMapping
 from pathlib import Path
 from typing import IO, Any
 
-from chalicelib.local import dashboard
-from chalicelib.local.stack import PROJECT_DIR, STATE_DIR, port_open
+from devstack import dashboard
+from devstack.stack import PROJECT_DIR, STATE_DIR, port_open
 
 LOG_DIR = STATE_DIR / "logs"
 DEMO_EMAIL = "demo@example.com"
@@ -223,7 +223,7 @@ def allow_private_endpoints_by_default(environ: MutableMapping[str, str]) -> Non
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m chalicelib.local.dev")
+    parser = argparse.ArgumentParser(prog="python -m devstack.dev")
     parser.add_argument("--port", type=int, default=int(os.environ.get("MAOF_PORT", "3000")))
     parser.add_argument("--no-demo", action="store_true")
     args = parser.parse_args()
@@ -236,8 +236,8 @@ def main() -> int:
         )
         return 2
     children = [
-        start("api", ["-m", "chalicelib.local.api", "--port", str(args.port)]),
-        start("poller", ["-m", "chalicelib.local.poller", "--api-url", base]),
+        start("api", ["-m", "devstack.api", "--port", str(args.port)]),
+        start("poller", ["-m", "devstack.poller", "--api-url", base]),
     ]
     if port_open("127.0.0.1", EXAMPLE_AGENT_PORT):
         print(

@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 
 from chalicelib.config import ConfigError, Settings, get_settings
 
-PROJECT_DIR = Path(__file__).resolve().parents[2]
+PROJECT_DIR = Path(__file__).resolve().parents[1]
 STATE_DIR = Path(os.environ.get("MAOF_STATE_DIR", PROJECT_DIR / ".maof"))
 LOCALSTACK_VERSION_313 = "2026.3.0"
 LOCALSTACK_VERSION_311 = "4.14.0"
@@ -549,7 +549,7 @@ def _host_port(url: str, default_port: int) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m chalicelib.local.stack")
+    parser = argparse.ArgumentParser(prog="python -m devstack.stack")
     parser.add_argument("command", choices=["up", "down", "resources"])
     args = parser.parse_args(argv)
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, WithJsonSchema
 
 CAPABILITY_PATTERN = re.compile(r"[a-z0-9]+(?:[-.][a-z0-9]+)*")
 MAX_CAPABILITY_LENGTH = 100
@@ -22,4 +22,15 @@ def check_capability(value: str) -> str:
     return value
 
 
-Capability = Annotated[str, AfterValidator(check_capability)]
+# The OpenAPI document states the same rule, so generated requests (and clients) can follow it.
+Capability = Annotated[
+    str,
+    AfterValidator(check_capability),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": f"^{CAPABILITY_PATTERN.pattern}$",
+            "maxLength": MAX_CAPABILITY_LENGTH,
+        }
+    ),
+]

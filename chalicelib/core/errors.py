@@ -1,19 +1,16 @@
-"""The one hierarchy of errors the API answers with (code, status, message, details)."""
+"""The one hierarchy of errors the API answers with (code, status, message, details).
+
+Plain exceptions, raised anywhere in the domain; the HTTP adapter (chalicelib/http.py)
+turns them into the envelope in one place."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-from chalice.app import ChaliceUnhandledError
 
-
-class ApiError(ChaliceUnhandledError):
-    """An error the client gets as `{"success": false, "error": {...}}`.
-
-    It derives from ChaliceUnhandledError so Chalice lets it reach our
-    middleware instead of turning it into its own error body.
-    """
+class ApiError(Exception):
+    """An error the client gets as `{"success": false, "error": {...}}`."""
 
     code = "INTERNAL_ERROR"
     status = 500
@@ -83,8 +80,11 @@ class RateLimited(ApiError):
 
 
 class ServiceUnavailable(ApiError):
+    """503 with `Retry-After`: a dependency is away (restarting, unreachable) for now."""
+
     code = "SERVICE_UNAVAILABLE"
     status = 503
+    headers = {"Retry-After": "5"}
 
 
 class InternalError(ApiError):

@@ -31,8 +31,9 @@ from sqlalchemy import text
 
 from chalicelib.agents.network import EndpointNotAllowed, pinned_request
 from chalicelib.agents.secrets import decrypt_token
+from chalicelib.core.api import run_ref
+from chalicelib.core.encoding import dumps
 from chalicelib.db import session_scope
-from chalicelib.http import dumps
 from chalicelib.logs import logger
 
 MAX_ATTEMPTS = 8
@@ -52,8 +53,6 @@ def backoff_seconds(attempts: int) -> int:
 
 
 def payload(run: Any, head: str | None, timestamp: int) -> dict[str, Any]:
-    from chalicelib.workflows.runs import run_ref
-
     body: dict[str, Any] = {
         "workflowRunId": run_ref(run.id),
         "status": run.status,

@@ -143,7 +143,7 @@ class ResourceKeeper:
             self._lock.release()
 
     def _heal(self) -> bool:
-        from chalicelib.local.stack import ensure_resources
+        from devstack.stack import ensure_resources
 
         try:
             if not self._queue_missing():
@@ -159,7 +159,7 @@ class ResourceKeeper:
             extra={"queue": self.settings.stage_queue_name},
         )
         if bucket_missing and self.api_url:
-            from chalicelib.local import dashboard
+            from devstack import dashboard
 
             try:
                 dashboard.upload_site(self.api_url, bucket=self.settings.dashboard_bucket)
@@ -353,7 +353,7 @@ def size_database_pool(environ: MutableMapping[str, str], concurrency: int) -> N
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m chalicelib.local.poller")
+    parser = argparse.ArgumentParser(prog="python -m devstack.poller")
     parser.add_argument("--concurrency", type=int, default=None)
     parser.add_argument(
         "--api-url", default=None, help="the API the dashboard names, to re-publish it"

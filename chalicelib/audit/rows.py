@@ -9,8 +9,8 @@ from typing import Any
 
 from sqlalchemy import text
 
+from chalicelib.core.encoding import dumps
 from chalicelib.db.models import AuditEntry
-from chalicelib.http import dumps
 
 COLUMNS = (
     "run_id, seq, stage_id, agent_id, action, status, input_hash, output_hash, details, "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 from chalice.cli.factory import CLIFactory
 from chalice.local import (
@@ -21,7 +22,7 @@ from chalice.local import (
 
 from chalicelib.config import ConfigError, get_settings
 from chalicelib.db import SchemaNotMigrated, check_migrated
-from chalicelib.local.stack import PROJECT_DIR
+from devstack.stack import PROJECT_DIR
 
 # What `chalice local` answers (403) for a path no route has, as API Gateway does: "Missing
 # Authentication Token", or, when the request has an Authorization header, a SigV4 complaint
@@ -37,11 +38,19 @@ class MaofRequestHandler(ChaliceRequestHandler):
     # Without TCP_NODELAY every keep-alive answer waits ~40 ms on delayed ACKs.
     disable_nagle_algorithm = True
 
+    def __getattr__(self, name: str) -> Any:
+        # http.server answers a method with no `do_<METHOD>` (TRACE, QUERY, ...) with an HTML
+        # 501 of its own; through the app it gets the API's 405 envelope, as on any route.
+        if name.startswith("do_"):
+            return self._generic_handle
+        raise AttributeError(name)
+
     def _send_error_response(self, error: LocalGatewayException) -> None:
         said = error.body or b""
         if isinstance(error, ForbiddenError) and any(m in said for m in _NO_ROUTE_MESSAGES):
-            from chalicelib import errors
-            from chalicelib.http import dumps, error_body
+            from chalicelib.core import errors
+            from chalicelib.core.encoding import dumps
+            from chalicelib.http import error_body
 
             request_id = error.headers.get("x-amzn-RequestId", "local")
             body = dumps(error_body(errors.NotFound(f"No route for {self.path}"), request_id))
@@ -69,7 +78,7 @@ def create_server(host: str, port: int, stage: str = "dev") -> LocalDevServer:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m chalicelib.local.api")
+    parser = argparse.ArgumentParser(prog="python -m devstack.api")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=3000)
     parser.add_argument("--stage", default="dev")

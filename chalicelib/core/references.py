@@ -8,6 +8,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from chalicelib.config import get_settings
+
 REFERENCE = re.compile(r"\$\{([^${}]+)\}")
 
 
@@ -158,8 +160,6 @@ def _json_size(value: Any) -> int:
 
 def check_input_size(template: Any, workflow_input: Any, outputs: Mapping[str, Any] | None) -> None:
     """InputTooLarge when `template` would expand past MAOF_STAGE_MAX_INPUT_BYTES."""
-    from chalicelib.config import get_settings
-
     cap = get_settings().stage_max_input_bytes
     size = expanded_size(template, workflow_input, outputs)
     if size > cap:

@@ -1,0 +1,91 @@
+"""The candidate agents of each capability: read from Postgres, cached in Redis under the
+capability's generation, which every committed change to its agents moves on."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import select
+
+from chalicelib import cache
+from chalicelib.config import get_settings
+from chalicelib.db import session_scope
+from chalicelib.db.models import Agent
+
+
+def capability_cache_key(capability: str) -> str:
+    return f"maof:agents:capability:{capability}"
+
+
+def capability_generation_key(capability: str) -> str:
+    return f"maof:agents:capability-gen:{capability}"
+
+
+def invalidate_capability(capability: str) -> None:
+    invalidate([capability])
+
+
+def invalidate(capabilities: list[str]) -> None:
+    """After a change to agents with these capabilities is committed: move each one's
+    generation on, so a list read before the change (even one cached after this call by a
+    racing lookup) is never served again."""
+    cache.bump(*[capability_generation_key(c) for c in capabilities])
+
+
+def candidates_uncached(capability: str, generation: int | None = None) -> list[dict[str, Any]]:
+    """Live, not-offline agents declaring `capability`, read from Postgres and cached for
+    the next callers under `generation` (the capability's generation read before this
+    lookup began; None: read it now)."""
+    if generation is None:
+        generation = cache.counter(capability_generation_key(capability))
+    with session_scope() as session:
+        rows = session.execute(
+            select(
+                Agent.id,
+                Agent.agent_id,
+                Agent.owner_id,
+                Agent.visibility,
+                Agent.status,
+                Agent.max_concurrent_tasks,
+                Agent.endpoint,
+                Agent.auth_token_encrypted,
+            ).where(
+                Agent.deleted_at.is_(None),
+                Agent.status != "offline",
+                Agent.capabilities.contains([capability]),
+            )
+        ).all()
+    found = [
+        {
+            "agentUuid": str(row.id),
+            "agentId": row.agent_id,
+            "ownerUuid": str(row.owner_id),
+            "visibility": row.visibility,
+            "status": row.status,
+            "maxConcurrentTasks": row.max_concurrent_tasks,
+            "endpoint": row.endpoint,
+            # Only the ciphertext is cached; it is decrypted just before the call.
+            "tokenEncrypted": row.auth_token_encrypted,
+        }
+        for row in rows
+    ]
+    if generation is not None:
+        cache.set_json(
+            capability_cache_key(capability),
+            {"generation": generation, "agents": found},
+            get_settings().agent_cache_ttl_seconds,
+        )
+    return found
+
+
+def cached_candidates(entry: Any, generation: int | None) -> list[dict[str, Any]] | None:
+    """The agents of a cache entry when it belongs to the current generation, else None."""
+    if isinstance(entry, dict) and generation is not None and entry.get("generation") == generation:
+        return list(entry["agents"])
+    return None
+
+
+def serves(agent: dict[str, Any], owner: uuid.UUID) -> bool:
+    """Whether a candidate agent may serve a run of `owner`: theirs, or shared."""
+    return bool(agent["visibility"] == "shared" or agent["ownerUuid"] == str(owner))

@@ -1,0 +1,126 @@
+"""What the API speaks, framework-free: the caller, request models and paging, run ids,
+and an answer with a status (the HTTP adapter makes the envelope of it)."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.alias_generators import to_camel
+
+from chalicelib.core import errors
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated caller."""
+
+    user_uuid: uuid.UUID
+    email: str
+    role: str
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An answer with data; `error` makes it a failure that still carries data (/health)."""
+
+    data: Any
+    status: int = 200
+    error: errors.ApiError | None = None
+
+
+def _unstorable(value: Any) -> str | None:
+    """Why Postgres (text, JSONB) or the audit's canonical JSON (RFC 8785: IEEE doubles,
+    Unicode) cannot hold `value`, or None. Iterative: nesting costs no stack."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return "must not contain NUL characters"
+            if not item.isascii() and not _is_unicode(item):
+                return "must not contain unpaired surrogates (\\ud800-\\udfff)"
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            return "must not contain numbers beyond the range of a double"
+        elif isinstance(item, int) and item.bit_length() > 1000 and not _is_double(item):
+            return "must not contain numbers beyond the range of a double"
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _is_double(number: int) -> bool:
+    try:
+        float(number)
+    except OverflowError:
+        return False
+    return True
+
+
+class ApiModel(BaseModel):
+    """Base of request bodies: camelCase keys, unknown fields refused."""
+
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True
+    )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        # Postgres refuses U+0000 and lone surrogates, and the audit hashes no number past a
+        # double (1e400): answer 400 naming the field rather than 500 later.
+        problem = _unstorable(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+
+class PageQuery(ApiModel):
+    """`?page=&limit=` of every list; subclasses add their filters."""
+
+    page: int = Field(default=1, ge=1, le=100_000)
+    limit: int = Field(default=20, ge=1, le=100)
+
+    @property
+    def offset(self) -> int:
+        return (self.page - 1) * self.limit
+
+
+def page_meta(total: int, query: PageQuery) -> dict[str, int]:
+    return {
+        "total": total,
+        "page": query.page,
+        "limit": query.limit,
+        "pages": (total + query.limit - 1) // query.limit,
+    }
+
+
+RUN_PREFIX = "wfr-"
+
+
+def run_ref(run_id: uuid.UUID) -> str:
+    """A run's public id: `wfr-<uuid>`."""
+    return f"{RUN_PREFIX}{run_id}"
+
+
+def parse_run_ref(value: str) -> uuid.UUID:
+    if not value.startswith(RUN_PREFIX):
+        raise errors.NotFound("Workflow run not found")
+    try:
+        return uuid.UUID(value[len(RUN_PREFIX) :])
+    except ValueError:
+        raise errors.NotFound("Workflow run not found") from None
