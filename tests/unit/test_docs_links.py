@@ -1,7 +1,7 @@
 """Every relative link in README.md and docs/*.md leads somewhere: the file exists and, for
 a link into a markdown page, so does the heading its #anchor names (GitHub's slugs). And
 every path of this repository and every module of its packages the pages name, in prose
-or in code (`chalicelib/engine/policy.py`, `python -m chalicelib.local.poller`), exists:
+or in code (`chalicelib/engine/policy.py`, `python -m devstack.poller`), exists:
 when code moves, the test names each page and mention to update."""
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def links(page: Path) -> list[str]:
 
 
 # The repository's own top-level folders and packages: names under them must exist.
-PACKAGES = ("chalicelib", "tests", "bench", "infra", "examples", "maof_client")
+PACKAGES = ("chalicelib", "devstack", "tests", "bench", "infra", "examples", "maof_client")
 TOP = (*PACKAGES, "dashboard", "docs")
 REPO_PATH = re.compile(rf"(?<![\w./-])((?:{'|'.join(TOP)})/[\w./-]*)")
 DOTTED = re.compile(rf"(?<![\w./-])((?:{'|'.join(PACKAGES)})(?:\.[A-Za-z_]\w*)+)")
@@ -129,7 +129,8 @@ def test_the_path_check_tells_moved_code_from_attributes() -> None:
         "tests/unit",
     ]
     assert missing_module("chalicelib.engine.policy") is None
-    assert missing_module("chalicelib.local.dashboard.upload_site") is None  # a function
+    assert missing_module("devstack.dashboard.upload_site") is None  # a function
+    assert missing_module("chalicelib.local.poller") == "chalicelib.local"  # moved away
     assert missing_module("maof_client.MaofClient") is None  # a class of the package
     assert missing_module("chalicelib.nowhere.poller") == "chalicelib.nowhere"
     assert missing_module("examples.agents.nowhere") == "examples.agents.nowhere"
