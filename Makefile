@@ -77,7 +77,7 @@ test: stack lint typecheck browser-deps
 chaos: venv
 	$(PY) -m tests.faults.chaos $(CHAOS_ARGS)
 
-# ---------------------------------------------------------------- AWS (see README "Deploy to AWS")
+# ---------------------------------------------------------------- AWS (see docs/deploy.md)
 # STAGE is the Chalice stage (.chalice/config.json) and names the stack maof-$(STAGE), whose
 # resources all take their names from it: stages live side by side in one account and region.
 # The AWS CLI (requirements-dev.txt) packages and deploys the stack; python -m infra does the rest.
@@ -120,7 +120,7 @@ deploy: package
 destroy: venv
 	$(INFRA) destroy $(if $(YES),--yes) $(if $(DELETE_SECRETS),--delete-secrets)
 
-# Rotate a key of a deployed STAGE without downtime (README "Security"): KEY=jwt-secret or
+# Rotate a key of a deployed STAGE without downtime (docs/security.md): KEY=jwt-secret or
 # KEY=secret-key (the latter also re-encrypts every agent token) or KEY=audit-signing-key (adds a
 # signing key; old ones keep verifying); retire-keys drops the old one (not audit keys).
 rotate-key: venv

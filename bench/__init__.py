@@ -1,1 +1,1 @@
-"""MAOF benchmarks: `make bench` (python -m bench). See README, "Benchmarks"."""
+"""MAOF benchmarks: `make bench` (python -m bench). See docs/benchmarks.md."""

@@ -1,5 +1,5 @@
 """`python -m bench` (`make bench`): every scenario against the local stack, results in
-bench/results/results.json and bench/results/results.md. See README, "Benchmarks"."""
+bench/results/results.json and bench/results/results.md. See docs/benchmarks.md."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 HTTP in its own process (so its CPU is not MAOF's): it answers every capability after
 sleeping `--delay-ms`, and counts what it served.
 
-The MAOF agent protocol (README, "Agents: the protocol"): `POST /agent` with the bearer
+The MAOF agent protocol (docs/protocol.md): `POST /agent` with the bearer
 token answers `{"status": "success", "output": {"text", "capability", "stageId"}}`;
 `GET /agent/health` answers healthy. `GET /agent/stats` gives what it saw: requests,
 the most it served at once (never past the maxConcurrentTasks MAOF was given, or a slot

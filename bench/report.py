@@ -264,7 +264,7 @@ def _capacity_headlines(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-# Published us-east-1 prices (free tiers left out), as cited in the README's cost model.
+# Published us-east-1 prices (free tiers left out), as cited in docs/benchmarks.md's cost model.
 PRICES = {
     "api_gateway_rest_per_request": 3.50 / 1e6,  # first 333 M a month
     "lambda_per_request": 0.20 / 1e6,

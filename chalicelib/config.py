@@ -245,7 +245,7 @@ class Settings(_Bootstrap):
     ] = "INFO"
     mock_agent_delay_ms: int = Field(0, ge=0, le=600_000)
     mock_agent_failure_rate: float = Field(0.0, ge=0.0, le=1.0)
-    # Why these values: README "How a run heals itself" (a dead worker's stage runs
+    # Why these values: docs/architecture.md "How a run heals itself" (a dead worker's stage runs
     # again within lease + interval; a lost message within queued-after + interval).
     stage_lease_seconds: int = Field(15, ge=3, le=3600)
     sweep_queued_after_seconds: int = Field(10, ge=0, le=86400)

@@ -1,4 +1,4 @@
-"""Deploying MAOF to AWS (README "Deploy to AWS"): `python -m infra COMMAND`, as make runs it."""
+"""Deploying MAOF to AWS (docs/deploy.md): `python -m infra COMMAND`, as make runs it."""
 
 
 class DeployError(Exception):

@@ -1,4 +1,4 @@
-"""`python -m infra COMMAND`: what the Makefile's AWS targets run (README "Deploy to AWS")."""
+"""`python -m infra COMMAND`: what the Makefile's AWS targets run (docs/deploy.md)."""
 
 from __future__ import annotations
 

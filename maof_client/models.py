@@ -352,7 +352,7 @@ class RunControl:
 
 @dataclass(frozen=True)
 class AuditEntry:
-    """One entry of a run's hash chain; `entry_hash` is its `hash` (README "The audit trail")."""
+    """One entry of a run's hash chain; `entry_hash` is its `hash` (docs/audit.md)."""
 
     seq: int
     stage_id: str | None

@@ -7,7 +7,7 @@ Answer: `{"status": "success", "output": ...}` or
 `{"status": "error", "code", "message", "retryable"}`.
 
 Every failure becomes an AgentCallFailed whose `failure` says what it means for the stage
-(engine/policy.py; the README's table). The call goes through the SSRF guard
+(engine/policy.py; the table in docs/protocol.md). The call goes through the SSRF guard
 (`network.pinned_request`) and ends by its deadline, connect to last byte, however the
 agent trickles; answers are parsed strictly: what JSON or Postgres's JSONB refuses (NaN,
 Infinity, U+0000, lone surrogates, nesting past MAOF_AGENT_MAX_OUTPUT_DEPTH, an output
@@ -316,7 +316,7 @@ def _invalid_output(reason: str) -> AgentCallFailed:
 
 
 def interpret(status: int, raw: bytes) -> AgentOutput:
-    """The output of an agent's HTTP answer, or AgentCallFailed (see the README's table)."""
+    """The output of an agent's HTTP answer, or AgentCallFailed (docs/protocol.md's table)."""
     try:
         document = strict_loads(raw) if raw else None
     except InvalidOutput as exc:

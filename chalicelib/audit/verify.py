@@ -3,7 +3,7 @@ inclusion in signed Merkle checkpoints (`maof-verify BUNDLE.json [--key KEYS.jso
 
 Standalone on purpose: only the standard library, `rfc8785` and `cryptography`, no MAOF
 settings or database, so the API (chain.py) and anyone holding a bundle and the public keys
-run the very same checks. README "Verifying a run's audit trail" states each rule.
+run the very same checks. docs/audit.md "Verifying a run's audit trail" states each rule.
 
 The rules (version 2 entries):
 - hash      = lowercase hex SHA-256 of the RFC 8785 (JCS) canonical JSON of the entry

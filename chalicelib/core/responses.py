@@ -295,7 +295,7 @@ class Stats(ResponseModel):
 
 
 class AuditEntry(SignedDocument):
-    """One entry of a run's chain, exactly as hashed (README "The audit trail")."""
+    """One entry of a run's chain, exactly as hashed (docs/audit.md)."""
 
     version: int
     run_id: str
@@ -433,7 +433,7 @@ class MissingCheckpoint(ResponseModel):
 
 
 class AuditBundle(ResponseModel):
-    """What `maof-verify` checks offline (README "Verifying a run's audit trail")."""
+    """What `maof-verify` checks offline (docs/audit.md "Verifying a run's audit trail")."""
 
     format: str
     run: RunSummary

@@ -179,5 +179,5 @@ def _post(run: Any, body: bytes, timestamp: int) -> str | None:
 
 
 def verify(secret: str, body: bytes, header: str) -> bool:
-    """What a receiver does (README): compare in constant time."""
+    """What a receiver does (docs/api.md): compare in constant time."""
     return hmac.compare_digest(signature(secret, body), header)

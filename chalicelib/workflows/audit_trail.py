@@ -117,8 +117,8 @@ def get_audit(principal: Principal, ref: str) -> responses.AuditTrail:
 
 
 def export(principal: Principal, ref: str) -> responses.AuditBundle:
-    """One JSON bundle that `maof-verify` checks offline (README "Verifying a run's audit
-    trail")."""
+    """One JSON bundle that `maof-verify` checks offline (docs/audit.md "Verifying a run's
+    audit trail")."""
     with session_scope() as session:
         run = _own_run(session, principal, ref)
         entries = _entries(session, run.id)

@@ -1,5 +1,5 @@
-"""README "Verifying a run's audit trail", re-implemented from its words alone: RFC 8785,
-SHA-256 and Ed25519 (`cryptography`), no MAOF code in `readme_verify`; on a real run's
+"""docs/audit.md "Verifying a run's audit trail", re-implemented from its words alone: RFC 8785,
+SHA-256 and Ed25519 (`cryptography`), no MAOF code in `documented_verify`; on a real run's
 bundle it agrees with `maof-verify`, untouched and after each kind of tampering."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 
-# ------------------------------------------------------------------ from the README only
+# ------------------------------------------------------------ from docs/audit.md only
 
 
 def b64url(text: str) -> bytes:
@@ -61,7 +61,7 @@ def signed_ok(obj: dict[str, Any], keys: dict[str, Ed25519PublicKey]) -> bool:  
     return True
 
 
-def readme_verify(bundle: dict[str, Any], jwks: list[dict[str, Any]]) -> bool:
+def documented_verify(bundle: dict[str, Any], jwks: list[dict[str, Any]]) -> bool:
     keys = {
         k["kid"]: Ed25519PublicKey.from_public_bytes(b64url(k["x"]))
         for k in jwks
@@ -155,10 +155,10 @@ def tamperings(bundle: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
-def test_the_readme_rules_agree_with_maof_verify_on_a_real_run(user, poller, api, tmp_path):
+def test_the_documented_rules_agree_with_maof_verify_on_a_real_run(user, poller, api, tmp_path):
     from chalicelib.audit import checkpoints  # to write the checkpoint now, not in a minute
 
-    capability = unique_capability("readme")
+    capability = unique_capability("documented")
     register_agent(user, capability)
     stages = [
         {"id": "a", "name": "A", "agentCapability": capability},
@@ -167,7 +167,7 @@ def test_the_readme_rules_agree_with_maof_verify_on_a_real_run(user, poller, api
     ]
     run = user.post(
         "/workflows/execute",
-        {"workflow": {"name": "readme", "stages": stages}, "input": {"q": "ünï", "n": 1.5}},
+        {"workflow": {"name": "documented", "stages": stages}, "input": {"q": "ünï", "n": 1.5}},
     ).json()["data"]["workflowRunId"]
     assert wait_for_run(user, run)["status"] == "completed"
     checkpoints.checkpoint_once()
@@ -175,16 +175,16 @@ def test_the_readme_rules_agree_with_maof_verify_on_a_real_run(user, poller, api
     keys = api.get("/audit/keys").json()["data"]["keys"]
     assert bundle["checkpoints"], "the run is checkpointed"
 
-    assert readme_verify(bundle, keys) is True
+    assert documented_verify(bundle, keys) is True
     assert maof_verify(bundle, keys, tmp_path) is True
     for what, tampered in tamperings(bundle).items():
-        assert readme_verify(tampered, keys) is False, what
+        assert documented_verify(tampered, keys) is False, what
         assert maof_verify(tampered, keys, tmp_path) is False, what
 
 
-def test_the_readme_documents_the_rules_this_test_implements():
-    readme = (PROJECT_DIR / "README.md").read_text()
-    section = " ".join(readme[readme.index("### Verifying a run's audit trail") :].split())
+def test_the_docs_document_the_rules_this_test_implements():
+    page = (PROJECT_DIR / "docs" / "audit.md").read_text()
+    section = " ".join(page[page.index("## Verifying a run's audit trail") :].split())
     for phrase in (
         "RFC 8785",
         "without its `hash` and `signature`",

@@ -1,4 +1,4 @@
-"""The ten-line verifier the README gives receivers of completion callbacks works on what
+"""The ten-line verifier docs/api.md gives receivers of completion callbacks works on what
 MAOF signs (chalicelib/engine/callbacks.py), and refuses what it must."""
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ import pytest
 
 from chalicelib.engine.callbacks import signature
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+API_DOC = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 SECRET = "a-callback-secret-0123456789"
 
 
-def readme_verify() -> Any:
-    text = README.read_text()
+def documented_verify() -> Any:
+    text = API_DOC.read_text()
     block = re.search(r"To verify a delivery:\n\n```python\n(.*?)```", text, re.S)
-    assert block, "the README shows a verifier"
+    assert block, "docs/api.md shows a verifier"
     namespace: dict[str, Any] = {}
-    exec(block.group(1), namespace)  # noqa: S102 (our own README, under test)
+    exec(block.group(1), namespace)  # noqa: S102 (our own docs, under test)
     return namespace["verify"]
 
 
@@ -36,13 +36,13 @@ def delivery(timestamp: int) -> tuple[bytes, dict[str, str]]:
     }
 
 
-def test_the_readme_verifier_accepts_a_delivery_maof_signed() -> None:
+def test_the_documented_verifier_accepts_a_delivery_maof_signed() -> None:
     body, headers = delivery(int(time.time()))
-    assert readme_verify()(body, headers, SECRET)["workflowRunId"] == "wfr-1"
+    assert documented_verify()(body, headers, SECRET)["workflowRunId"] == "wfr-1"
 
 
-def test_the_readme_verifier_refuses_a_wrong_secret_a_changed_body_or_an_old_delivery() -> None:
-    verify = readme_verify()
+def test_the_documented_verifier_refuses_a_wrong_secret_a_changed_body_or_an_old_delivery() -> None:
+    verify = documented_verify()
     body, headers = delivery(int(time.time()))
     with pytest.raises(ValueError, match="signature"):
         verify(body, headers, "another-secret-0123456789")
