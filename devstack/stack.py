@@ -31,8 +31,7 @@ from chalicelib.config import ConfigError, Settings, get_settings
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 STATE_DIR = Path(os.environ.get("MAOF_STATE_DIR", PROJECT_DIR / ".maof"))
-LOCALSTACK_VERSION_313 = "2026.3.0"
-LOCALSTACK_VERSION_311 = "4.14.0"
+LOCALSTACK_VERSION = "2026.3.0"
 # What a received stage message stays hidden for: longer than run_stage may run (its failed
 # records come back in seconds all the same: the handler shortens their visibility).
 VISIBILITY_TIMEOUT_SECONDS = 960
@@ -353,23 +352,31 @@ def stop_pidfile(path: Path, name: str) -> None:
 # ---------------------------------------------------------------- LocalStack
 
 
-def localstack_python() -> tuple[str, str]:
-    """The interpreter for LocalStack's own virtualenv, and the version it can run."""
+def localstack_python() -> str:
+    """An interpreter for LocalStack's own virtualenv: Python 3.13 (localstack-core
+    2026.3.0 needs it; the last release for older Pythons uses 3.12 syntax in its SQS),
+    from pyenv even when pyenv is not on PATH, else python3.13 on PATH."""
     candidates: list[str] = []
     if shutil.which("pyenv"):
         prefix = subprocess.run(["pyenv", "prefix", "3.13.0"], capture_output=True, text=True)
         if prefix.returncode == 0:
             candidates.append(str(Path(prefix.stdout.strip()) / "bin" / "python3"))
+    pyenv_root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    candidates += [str(path) for path in sorted(pyenv_root.glob("versions/3.13*/bin/python3"))]
     candidates += [path for path in [shutil.which("python3.13")] if path]
     for python in candidates:
         if subprocess.run([python, "-c", "import venv"], capture_output=True).returncode == 0:
-            return python, LOCALSTACK_VERSION_313
-    return sys.executable, LOCALSTACK_VERSION_311
+            return python
+    raise SystemExit(
+        "stack: LocalStack needs Python 3.13 (`pyenv install 3.13.0`, or python3.13 on PATH); "
+        "or start LocalStack yourself (docker compose up -d localstack) and set "
+        "MAOF_AWS_ENDPOINT_URL to it"
+    )
 
 
 def localstack_venv() -> Path:
     venv = STATE_DIR / "localstack-venv"
-    python, version = localstack_python()
+    python, version = localstack_python(), LOCALSTACK_VERSION
     marker = venv / f".installed-{version}"
     if marker.exists():
         return venv
