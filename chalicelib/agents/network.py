@@ -175,7 +175,12 @@ def is_public_address(address: str | IPAddress) -> bool:
     ip = ipaddress.ip_address(address)
     if isinstance(ip, ipaddress.IPv6Address) and ip in _LOCAL_NAT64:
         return False
-    return all(a.is_global and not a.is_multicast for a in _reachable(ip))
+    reachable = _reachable(ip)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.sixtofour is not None:
+        # 6to4 only wraps the IPv4 inside, which decides; Python's own verdict on 2002::/16
+        # differs between releases (3.11.2: private, 3.11.7: global).
+        reachable = reachable[1:]
+    return all(a.is_global and not a.is_multicast for a in reachable)
 
 
 def is_metadata_address(address: str | IPAddress) -> bool:
