@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import re
 import threading
@@ -214,34 +215,18 @@ class MaofClient:
     ) -> Any:
         """Send one request and answer its data; with `auth`, as the stored session,
         refreshing its tokens once when they have expired or are refused."""
+        send = functools.partial(
+            self._send, method, path, body=body, params=params, headers=headers, attempts=attempts
+        )
         if not auth:
-            response = self._send(
-                method, path, body=body, params=params, headers=headers, attempts=attempts
-            )
-            return self._parse(response, data_on_error=data_on_error)
+            return self._parse(send(), data_on_error=data_on_error)
         tokens = self._signed_in()
         if _expired(tokens.access_token):
             tokens = self._refresh(tokens)
-        response = self._send(
-            method,
-            path,
-            body=body,
-            params=params,
-            headers=headers,
-            token=tokens.access_token,
-            attempts=attempts,
-        )
+        response = send(token=tokens.access_token)
         if response.status_code == 401 and refresh_on_401:
             tokens = self._refresh(tokens)
-            response = self._send(
-                method,
-                path,
-                body=body,
-                params=params,
-                headers=headers,
-                token=tokens.access_token,
-                attempts=attempts,
-            )
+            response = send(token=tokens.access_token)
         return self._parse(response, data_on_error=data_on_error)
 
     def _signed_in(self) -> Tokens:
