@@ -85,14 +85,6 @@ def signed_in(maof: Maof) -> str:
 
 
 @pytest.fixture
-def agents() -> Iterator[list[ScriptedAgent]]:
-    started: list[ScriptedAgent] = []
-    yield started
-    for agent in started:
-        agent.stop()
-
-
-@pytest.fixture
 def example_agent_url() -> Iterator[str]:
     """The example agent `make dev` runs (examples/agents/server.py), on a free port."""
     port = free_port()
