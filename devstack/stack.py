@@ -166,6 +166,11 @@ class PostgresServer:
         return self.folder / "data"
 
     @property
+    def client_args(self) -> list[str]:
+        """How psql and createdb reach it: its socket folder, port and superuser."""
+        return ["-h", str(self.run_dir), "-p", str(self.port), "-U", self.user]
+
+    @property
     def run_dir(self) -> Path:
         return self.folder / "run"
 
@@ -243,12 +248,7 @@ def create_database(server: PostgresServer, database: str) -> None:
     exists = subprocess.run(
         [
             postgres_bin("psql"),
-            "-h",
-            str(server.run_dir),
-            "-p",
-            str(server.port),
-            "-U",
-            server.user,
+            *server.client_args,
             "-d",
             "postgres",
             "-tAc",
@@ -259,18 +259,7 @@ def create_database(server: PostgresServer, database: str) -> None:
         check=True,
     ).stdout.strip()
     if exists != "1":
-        run(
-            [
-                postgres_bin("createdb"),
-                "-h",
-                str(server.run_dir),
-                "-p",
-                str(server.port),
-                "-U",
-                server.user,
-                database,
-            ]
-        )
+        run([postgres_bin("createdb"), *server.client_args, database])
         say(f"postgres: created database {database}")
 
 
