@@ -263,6 +263,8 @@ def main() -> int:
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    # Ctrl-C stops it even when started in the background (a shell's `&` ignores SIGINT).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if not wait_healthy(base, children):
             print(f"maof: the API did not become healthy; see {LOG_DIR}/api.log", file=sys.stderr)
