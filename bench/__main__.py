@@ -83,6 +83,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="runs one at a time through make dev's services (0: none)",
     )
     parser.add_argument(
+        "--capacity-paced-delay",
+        type=int,
+        default=500,
+        help="agent delay in ms of one more capacity-limited drain, slow enough that the "
+        "machine is not the bottleneck (0: none)",
+    )
+    parser.add_argument(
         "--capacity-trace",
         action="store_true",
         help="record the poller's probes (bench/traced.py) to split each stage's time; "
@@ -171,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             logs,
             dict(item.split("=", 1) for item in args.dev_setting),
             args.capacity_trace,
+            args.capacity_paced_delay,
         )
     if "submit" in args.scenarios:
         result["submit"] = submit.run(

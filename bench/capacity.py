@@ -634,6 +634,7 @@ def run(
     logs: Path,
     overrides: dict[str, str] | None = None,
     trace: bool = False,
+    paced_delay_ms: int = 0,
 ) -> dict[str, Any]:
     trace_to = logs / "poller-trace.jsonl" if trace else None
     if trace_to:
@@ -657,6 +658,16 @@ def run(
             item["trace_split"] = trace_split(points, item.pop("run_ids"))
     for item in drains:
         item.pop("run_ids", None)
+    paced = None
+    if paced_delay_ms:
+        # Slot utilisation where the machine is not the bottleneck: the same drain with
+        # agents slow enough that their slots, not the cores, are what runs out.
+        services = start_services(len(STAGE_NAMES), paced_delay_ms, logs, overrides)
+        try:
+            paced = drain(services, slots, runs, paced_delay_ms, clients, timeout)
+        finally:
+            services.stop()
+        paced.pop("run_ids", None)
     limited = [d for d in drains if d["slots_per_agent"] == slots]
     unlimited = [d for d in drains if d["slots_per_agent"] == UNLIMITED_SLOTS]
     ratios = [
@@ -675,4 +686,5 @@ def run(
         "traced": trace,
         "limited_to_unlimited": ratios,
         "single": single_result,
+        "paced": paced,
     }

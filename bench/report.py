@@ -216,6 +216,26 @@ def _capacity_headlines(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": value >= 0.9 and drain["verified"],
             }
         )
+    if paced := capacity.get("paced"):
+        cores, busy = paced["machine_cores"], paced["machine_cores_busy"]
+        # Not the bottleneck: the whole machine (every process on it) under 3/4 busy.
+        idle_enough = busy is not None and busy <= 0.75 * cores
+        rows.append(
+            {
+                "name": f"… the same with agents at {paced['agent_delay_ms']} ms (their "
+                f"slots, not the machine, the limit): slot utilisation",
+                "value": f"{paced['slot_utilisation'] * 100:.0f}% ({paced['runs_per_s']} "
+                f"runs/s, {paced['stages_per_s']} stages/s of "
+                f"{paced['slot_capacity_stages_per_s']:g}; the machine {_fmt(busy)} of "
+                f"{cores} cores busy)",
+                "unit": "",
+                "floor": None,
+                "floor_name": "",
+                "ratio": None,
+                "target": "≥ 90% where the machine is not the bottleneck",
+                "met": paced["slot_utilisation"] >= 0.9 and paced["verified"] and idle_enough,
+            }
+        )
     if limited and unlimited:
         ratios = capacity.get("limited_to_unlimited") or []
         value = _lower_median(ratios)
@@ -615,6 +635,17 @@ def markdown(result: dict[str, Any]) -> str:
 CAPACITY_GROUPS = ("api", "poller", "agents", "postgres", "redis", "localstack", "maof")
 
 
+def _all_drains(capacity: dict[str, Any]) -> list[dict[str, Any]]:
+    """The drains at the scenario's agent delay, then the paced one (slower agents)."""
+    return [*capacity["drains"], *([capacity["paced"]] if capacity.get("paced") else [])]
+
+
+def _slots_label(capacity: dict[str, Any], drain: dict[str, Any]) -> str:
+    delay = drain["agent_delay_ms"]
+    paced = delay != capacity["agent_delay_ms"]
+    return f"{drain['slots_per_agent']}" + (f" (agents at {delay} ms)" if paced else "")
+
+
 def _capacity_markdown(result: dict[str, Any]) -> list[str]:
     capacity = result.get("capacity")
     if not capacity:
@@ -644,7 +675,7 @@ def _capacity_markdown(result: dict[str, Any]) -> list[str]:
         "| Slots per agent | Runs | Runs/s | Stages/s | Slot utilisation | Agents: every slot busy / none busy (share of the drain) | Run time p50 / p95 ms | Submitting took s | Verified |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for d in capacity["drains"]:
+    for d in _all_drains(capacity):
         agents = d["agents_seen"]
         busy = " · ".join(
             f"{a.get('all_slots_busy', 0) * 100:.0f}% / {a.get('no_slot_busy', 0) * 100:.0f}%"
@@ -652,7 +683,7 @@ def _capacity_markdown(result: dict[str, Any]) -> list[str]:
         )
         waits = d["audit_actions"].get("wait", 0)
         lines.append(
-            f"| {d['slots_per_agent']} | {d['runs']} | {d['runs_per_s']} | {d['stages_per_s']} | "
+            f"| {_slots_label(capacity, d)} | {d['runs']} | {d['runs_per_s']} | {d['stages_per_s']} | "
             f"{d['slot_utilisation'] * 100:.0f}% of {d['slot_capacity_stages_per_s']:g} stages/s | "
             f"{busy} | {d['run_time'].get('p50')} / {d['run_time'].get('p95')} | "
             f"{d['submit_seconds']} | {'yes' if d['verified'] else '**NO**'}"
@@ -676,10 +707,10 @@ def _capacity_markdown(result: dict[str, Any]) -> list[str]:
         + " | Cores busy (same order) | Machine cores busy |",
         "|---|---|---|---|",
     ]
-    for d in capacity["drains"]:
+    for d in _all_drains(capacity):
         c, b = d.get("cpu_ms_per_stage", {}), d.get("cpu_cores_busy", {})
         lines.append(
-            f"| {d['slots_per_agent']} | "
+            f"| {_slots_label(capacity, d)} | "
             + " / ".join(_fmt(c.get(g)) for g in CAPACITY_GROUPS)
             + " | "
             + " / ".join(_fmt(b.get(g)) for g in CAPACITY_GROUPS)
