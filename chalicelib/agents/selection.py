@@ -169,6 +169,18 @@ def select_agent(
     raise AgentsBusy(f"every agent with the capability '{capability}' is at capacity")
 
 
+def may_have_room(capability: str) -> bool:
+    """Whether a stage waiting for the capability could find a slot now: some agent with
+    it has one free, or none is left (the stage then fails), or Redis cannot say (capacity
+    is not enforced then). False only when every agent with it is at capacity."""
+    listed, known = _candidates_and_figures(capability)
+    uuids = [a["agentUuid"] for a in listed]
+    figures = [known[u] for u in uuids] if all(u in known for u in uuids) else _figures(uuids)
+    if not listed or figures is None:
+        return True
+    return any(f[0] < a["maxConcurrentTasks"] for a, f in zip(listed, figures, strict=True))
+
+
 def _choice(agent: dict[str, Any], slot: str | None) -> AgentChoice:
     return AgentChoice(
         agent_uuid=agent["agentUuid"],

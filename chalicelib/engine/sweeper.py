@@ -11,8 +11,9 @@ on its way, so MAOF_SWEEP_QUEUED_AFTER_SECONDS suffices; behind a backlog, a sta
 message may simply not have come up yet, so MAOF_SWEEP_BACKLOG_AFTER_SECONDS applies.
 Stages left queued or in progress in a run that has ended are skipped. A stage waiting
 for an agent's slot is handed one by the worker that frees it; one that has waited
-MAOF_SWEEP_QUEUED_AFTER_SECONDS without (its hand-off was lost, or its agent left) is
-woken: queued again, to look for a slot afresh (or wait again, counted).
+MAOF_SWEEP_QUEUED_AFTER_SECONDS without, while a slot is free for it (its hand-off was
+lost, a dead worker's slot lease ran out) or its agent left, is woken: queued again, to
+look for a slot afresh (or wait again, counted).
 
 Runs past their deadline (workflow.timeoutMs) fail, and completion callbacks that are due
 are delivered (engine/callbacks.py), on every sweep: neither waits for a client.
@@ -35,6 +36,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from chalicelib import observability
+from chalicelib.agents.selection import may_have_room
 from chalicelib.audit import chain
 from chalicelib.aws import aws_client, stage_queue_url
 from chalicelib.config import get_settings
@@ -205,20 +207,34 @@ WAKE_LIMIT = 200
 
 
 def wake_waiting() -> dict[uuid.UUID, list[str]]:
-    """Queue again the stages that have waited for a slot longer than the short grace."""
+    """Queue again the stages that have waited for a slot longer than the short grace,
+    where a slot may be free for them (may_have_room). While every agent with their
+    capability is full, each release hands its slot to the next of them: woken, they
+    would only go round the queue to wait again (and crowd out the stages that can run)."""
     grace = timedelta(seconds=get_settings().sweep_queued_after_seconds)
     with session_scope() as session:
+        waited = session.execute(
+            text(
+                "SELECT DISTINCT capability FROM stage_executions "
+                "WHERE status = 'waiting' AND queued_at <= now() - :grace"
+            ),
+            {"grace": grace},
+        ).scalars()
+        capabilities = [capability for capability in waited if may_have_room(capability)]
+        if not capabilities:
+            return {}
         rows = session.execute(
             text(
                 """
                 UPDATE stage_executions SET status = 'queued', queued_at = now()
                  WHERE id IN (SELECT id FROM stage_executions
                                WHERE status = 'waiting' AND queued_at <= now() - :grace
+                                 AND capability = ANY (:capabilities)
                                ORDER BY parked_at LIMIT :limit FOR UPDATE SKIP LOCKED)
              RETURNING run_id, stage_id
                 """
             ),
-            {"grace": grace, "limit": WAKE_LIMIT},
+            {"grace": grace, "limit": WAKE_LIMIT, "capabilities": capabilities},
         ).all()
     woken: dict[uuid.UUID, list[str]] = defaultdict(list)
     for row in rows:

@@ -193,10 +193,37 @@ def test_the_sweeper_wakes_a_waiting_stage_whose_hand_off_was_lost(
     # A stage parked while the slot was taken, and the worker that freed it died before
     # handing it over: nothing will wake it but the sweeper.
     parked = submit(user, capability)
+    wait_for_run(user, parked)  # it ran (slot free): make it wait again, as if it had not
+    _waiting_for_an_hour(parked)
+    assert sweeper.sweep_once()["woken"] >= 1
+    wait_until(lambda: _stage_status(user, parked) == "completed", timeout=20)
+
+
+def test_the_sweeper_leaves_a_stage_waiting_while_every_slot_is_taken(
+    user: Api, poller: Any, timed: list[TimedAgent]
+) -> None:
+    # Each release hands the slot to the next waiting stage: woken meanwhile, the stage
+    # would only go round the queue to wait again. Once a slot is free, it is woken.
+    agent = timed_agent(timed, seconds=0.05)
+    capability = unique_capability("full")
+    registered = register_agent(user, capability, endpoint=agent.url, maxConcurrentTasks=1)
+    parked = submit(user, capability)
+    wait_for_run(user, parked)
+    held = selection._reserve(registered["agentUuid"], 1, time.time() + 60)
+    assert isinstance(held, str)  # a call in flight holds the agent's one slot
+    _waiting_for_an_hour(parked)
+    sweeper.sweep_once()
+    assert _stage_status(user, parked) == "waiting"
+    selection.release(selection.AgentChoice(registered["agentUuid"], "", "", "", 1, slot=held))
+    sweeper.sweep_once()
+    wait_until(lambda: _stage_status(user, parked) == "completed", timeout=20)
+
+
+def _waiting_for_an_hour(run_ref: str) -> None:
+    """The run's stages waiting for a slot (for an hour), as if they had never run."""
     from chalicelib.core.api import parse_run_ref
 
-    run_id = parse_run_ref(parked)
-    wait_for_run(user, parked)  # it ran (slot free): make it wait again, as if it had not
+    run_id = parse_run_ref(run_ref)
     with session_scope() as session:
         session.execute(
             text(
@@ -212,13 +239,10 @@ def test_the_sweeper_wakes_a_waiting_stage_whose_hand_off_was_lost(
             ),
             {"r": run_id},
         )
-    assert sweeper.sweep_once()["woken"] >= 1
-    wait_until(
-        lambda: (
-            user.get(f"/workflows/{parked}").json()["data"]["stages"][0]["status"] == "completed"
-        ),
-        timeout=20,
-    )
+
+
+def _stage_status(client: Api, run_ref: str) -> str:
+    return str(client.get(f"/workflows/{run_ref}").json()["data"]["stages"][0]["status"])
 
 
 def test_a_big_fan_out_does_not_starve_another_users_small_run(
