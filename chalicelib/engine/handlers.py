@@ -324,13 +324,15 @@ def _execute(
 
 def _free_slot(agent: AgentChoice, invocation: Invocation, ok: bool, started: float) -> None:
     """The call is over: hand its slot to a waiting stage, or give it back (and, if the
-    agent was full, make sure no stage that parked meanwhile is left waiting)."""
+    agent was full, make sure no stage that parked meanwhile is left waiting; past the
+    hand-off budget, wake the next waiting stage through SQS whatever the count says: the
+    stages woken by releases just before are on their way to their slots, not in them)."""
     observability.metric(
         "AgentLatency", (time.monotonic() - started) * 1000, "ms", agentId=agent.agent_id
     )
     handed = _hand_off(agent, invocation)
     was_full = settle(agent, ok, (time.monotonic() - started) * 1000, keep_slot=handed)
-    if was_full and not handed:
+    if not handed and agent.slot is not None and (was_full or not invocation.may_run_more()):
         _after_release(agent, invocation)
 
 
