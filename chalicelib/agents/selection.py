@@ -166,7 +166,21 @@ def select_agent(
         slot = _reserve(agent["agentUuid"], agent["maxConcurrentTasks"], slot_until)
         if slot is not False:
             return _choice(agent, slot=slot)
-    raise AgentsBusy(f"every agent with the capability '{capability}' is at capacity")
+    raise AgentsBusy(busy_reason(capability))
+
+
+def busy_reason(capability: str) -> str:
+    return f"every agent with the capability '{capability}' is at capacity"
+
+
+def waiting_reason(capability: str) -> str | None:
+    """Why a stage needing `capability` would wait if it came round now (every agent with
+    it at capacity), or None: then it is sent, and a worker looks for a slot as usual."""
+    try:
+        return None if may_have_room(capability) else busy_reason(capability)
+    except Exception as exc:  # cannot tell: send it
+        logger.warning("could not read agent capacity", extra={"error": type(exc).__name__})
+        return None
 
 
 def may_have_room(capability: str) -> bool:

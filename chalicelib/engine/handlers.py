@@ -29,6 +29,7 @@ from chalicelib.agents.selection import (
     reserve_on,
     select_agent,
     settle,
+    waiting_reason,
 )
 from chalicelib.audit import checkpoints
 from chalicelib.config import STAGE_TIMEOUT_MARGIN_SECONDS, get_settings, import_time_setting
@@ -309,17 +310,62 @@ def _execute(
     trace.mark("agent-returned", claimed.run_id, claimed.stage_id)
     _free_slot(agent, invocation, True, started)
     try:
-        ready = stages.complete_stage(
-            claimed, agent.agent_uuid, agent.agent_id, stage_input, output.value, output.text
+        done = stages.complete_stage(
+            claimed,
+            agent.agent_uuid,
+            agent.agent_id,
+            stage_input,
+            output.value,
+            output.text,
+            full=waiting_reason if agent.slot is not None else None,  # Redis is up
         )
     except stages.RunOutputTooLarge as exc:
         stages.fail_stage(claimed, str(exc), agent.agent_id, stage_input)
         return "failed"
     trace.mark("completed", claimed.run_id, claimed.stage_id)
-    if ready:
-        _send(claimed.run_id, ready)
+    if done.send:
+        _send(claimed.run_id, done.send)
         trace.mark("sent", claimed.run_id, claimed.stage_id)
+    for stage_id, capability in done.parked:
+        _look_again(claimed.run_id, stage_id, capability, claimed.owner_id, invocation)
     return "completed"
+
+
+def _look_again(
+    run_id: uuid.UUID, stage_id: str, capability: str, owner: uuid.UUID, invocation: Invocation
+) -> None:
+    """A completion parked this dependent (every agent full, as far as it could see). A
+    slot given back before the parking found no one waiting: look once more, as a stage
+    that parks itself does, and start the stage if there is room after all."""
+    try:
+        default = time.monotonic() + get_settings().agent_timeout_ms / 1000
+        agent = select_agent(capability, owner, slot_until=_wall_clock(default))
+    except (AgentsBusy, NoAgentAvailable):
+        return  # the next release hands it a slot (or the sweeper wakes it)
+    except Exception as exc:
+        logger.warning("could not look for a slot", extra={"error": type(exc).__name__})
+        return
+    _start_waiting(run_id, stage_id, agent, invocation)
+
+
+def _start_waiting(
+    run_id: uuid.UUID, stage_id: str, slot: AgentChoice, invocation: Invocation
+) -> None:
+    """Start a waiting stage here in the `slot` reserved for it (given back if the stage
+    was taken meanwhile); past the hand-off budget, give the slot back and wake the stage
+    through SQS instead."""
+    if slot.slot is None or invocation.group is None or not invocation.may_run_more():
+        release(slot)
+        if stages.wake_stage(run_id, stage_id):
+            _send(run_id, [stage_id])
+        return
+    claimed = stages.claim_stage(run_id, stage_id, waiting=True)
+    if claimed is None:
+        release(slot)  # someone handed it a slot already, or its run ended
+        return
+    policy = DispatchPolicy.of(claimed.config)
+    handed = hand_over(slot, _wall_clock(_call_deadline(policy, invocation.deadline)))
+    invocation.group.spawn(functools.partial(_run_claimed, claimed, invocation, handed))
 
 
 def _free_slot(agent: AgentChoice, invocation: Invocation, ok: bool, started: float) -> None:
@@ -600,15 +646,8 @@ def _after_release(agent: AgentChoice, invocation: Invocation) -> None:
         # not known before the claim): taken meanwhile, its taker hands it on when done.
         default = time.monotonic() + get_settings().agent_timeout_ms / 1000
         handed = reserve_on(agent, _wall_clock(default))
-        if handed is None:
-            return
-        claimed = stages.claim_stage(run_id, stage_id, waiting=True)
-        if claimed is None:
-            release(handed)
-            return
-        policy = DispatchPolicy.of(claimed.config)
-        handed = hand_over(handed, _wall_clock(_call_deadline(policy, invocation.deadline)))
-        invocation.group.spawn(functools.partial(_run_claimed, claimed, invocation, handed))
+        if handed is not None:
+            _start_waiting(run_id, stage_id, handed, invocation)
     except Exception as exc:
         logger.warning("could not wake a waiting stage", extra={"error": type(exc).__name__})
 

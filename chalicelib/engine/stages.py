@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import enum
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import text
@@ -326,6 +327,15 @@ class RunOutputTooLarge(Exception):
     """Storing the output would take the run past MAOF_RUN_MAX_OUTPUT_BYTES."""
 
 
+@dataclass(frozen=True)
+class Completed:
+    """What a completion made of the dependents that became ready."""
+
+    send: list[str] = field(default_factory=list)  # queued: their messages to be sent
+    # Waiting for a slot, no message: (stage id, capability).
+    parked: list[tuple[str, str]] = field(default_factory=list)
+
+
 def complete_stage(
     stage: ClaimedStage,
     agent_uuid: str,
@@ -333,12 +343,15 @@ def complete_stage(
     stage_input: Any,
     output: Any,
     output_json: str | None = None,
-) -> list[str]:
+    full: Callable[[str], str | None] | None = None,
+) -> Completed:
     """Store the output, audit it, queue the dependents that became ready, and finish
-    the run when every stage is done. Returns the stage ids to send messages for.
-    `output_json` is the output already serialised (dispatch checked it), if at hand.
-    Raises RunOutputTooLarge, having written nothing, when the run's total would pass
-    its cap.
+    the run when every stage is done. `output_json` is the output already serialised
+    (dispatch checked it), if at hand. A ready dependent whose capability is `full`
+    (every agent with it at capacity: `full` says why, else None) waits for a slot
+    straight away, as park_stage would have it wait once its message came round (no
+    message, no claim). Raises
+    RunOutputTooLarge, having written nothing, when the run's total would pass its cap.
 
     Under the run's lock, in as few round trips as Postgres allows: the stage's update
     also reads the head of the audit chain; the audit entry's insert also queues the
@@ -348,7 +361,8 @@ def complete_stage(
     with session_scope() as session:
         run = lock_run(session, stage.run_id)
         if not run.live:
-            return _discard(session, stage, run, agent_id, output)
+            _discard(session, stage, run, agent_id, output)
+            return Completed()
         if run.output_bytes + size > get_settings().run_max_output_bytes:
             raise RunOutputTooLarge(
                 f"the run's stored outputs would exceed MAOF_RUN_MAX_OUTPUT_BYTES "
@@ -368,7 +382,7 @@ def complete_stage(
             },
         ).first()
         if updated is None:
-            return []  # our lease expired and the stage moved on without us
+            return Completed()  # our lease expired and the stage moved on without us
         duration_ms = int((updated.completed_at - updated.started_at).total_seconds() * 1000)
         entry = chain.next_entry(
             stage.run_id,
@@ -385,15 +399,54 @@ def complete_stage(
         advanced = session.execute(
             _APPEND_AND_ADVANCE, {**audit_rows.params(entry), "run_id": stage.run_id}
         ).one()
-        ready = list(advanced.ready or [])
+        ready: dict[str, str] = dict(advanced.ready or {})  # stage id -> capability
         if not ready and advanced.still_open == 0:
             finish_run(session, run, entry)
-        return ready
+        reasons = {s: full(capability) for s, capability in ready.items()} if full else {}
+        waiting = {s: reason for s, reason in reasons.items() if reason}
+        parked = _park_ready(session, stage.run_id, entry, waiting) if waiting else []
+        return Completed([s for s in ready if s not in parked], [(s, ready[s]) for s in parked])
+
+
+def _park_ready(
+    session: Session, run_id: uuid.UUID, head: AuditEntry, reasons: dict[str, str]
+) -> list[str]:
+    """Queued stages of the run (under its lock, `head` the chain's last entry) made to
+    wait for a slot, each with its one `wait` entry (`reasons`: why, by stage id);
+    returns those that were."""
+    if get_settings().stage_max_waits < 1:
+        return []  # no wait is allowed: let the stage fail the usual way
+    rows = session.execute(_PARK_QUEUED, {"run_id": run_id, "stage_ids": list(reasons)}).all()
+    entries = []
+    for row in sorted(rows, key=lambda r: str(r.stage_id)):
+        head = chain.next_entry(
+            run_id,
+            head.seq,
+            head.entry_hash,
+            "wait",
+            "waiting",
+            stage_id=row.stage_id,
+            details={"reason": reasons[row.stage_id], "attempt": row.attempt},
+        )
+        entries.append(audit_rows.params(head))
+    if entries:
+        session.execute(audit_rows.INSERT, entries)
+    return [row.stage_id for row in rows]
+
+
+_PARK_QUEUED = text(
+    """
+    UPDATE stage_executions
+       SET status = 'waiting', parked_at = now(), queued_at = now(), waits = waits + 1
+     WHERE run_id = :run_id AND stage_id = ANY (:stage_ids) AND status = 'queued'
+ RETURNING stage_id, attempt
+    """
+)
 
 
 def _discard(
     session: Session, stage: ClaimedStage, run: LockedRun, agent_id: str, output: Any
-) -> list[str]:
+) -> None:
     """The agent answered after the run ended: its output is not kept (nothing follows a
     run's end), the stage ends with the run, and the audit trail says what came back."""
     status = ended_stage_status(run.status)
@@ -416,7 +469,6 @@ def _discard(
             output=output,
             details={"reason": f"the agent answered after the run was {run.status}"},
         )
-    return []
 
 
 # The stage's completion, conditional on our claim, and the head of the run's audit chain
@@ -451,7 +503,7 @@ _READY = """
            SELECT 1 FROM stage_executions AS d
             WHERE d.run_id = s.run_id AND d.stage_id = ANY (s.dependencies)
               AND d.status <> 'completed')
- RETURNING s.stage_id
+ RETURNING s.stage_id, s.capability
 """
 
 # The audit entry, the ready dependents, and how many stages are not completed yet.
@@ -459,7 +511,7 @@ _APPEND_AND_ADVANCE = text(
     f"""
     WITH entry AS (INSERT INTO execution_logs ({audit_rows.COLUMNS}) VALUES ({audit_rows.VALUES})),
          ready AS ({_READY})
-    SELECT (SELECT array_agg(stage_id) FROM ready) AS ready,
+    SELECT (SELECT jsonb_object_agg(stage_id, capability) FROM ready) AS ready,
            (SELECT count(*) FROM stage_executions
              WHERE run_id = :run_id AND status <> 'completed') AS still_open
     """
