@@ -22,6 +22,23 @@ VALUES = (
     ":e_version, :e_kid, :e_signature"
 )
 INSERT = text(f"INSERT INTO execution_logs ({COLUMNS}) VALUES ({VALUES})")
+# Any number of entries in one statement: `SELECT {RECORD_VALUES} FROM {RECORDS}`, with
+# :entries the JSON array of their params() (records_json).
+RECORDS = (
+    "jsonb_to_recordset(CAST(:entries AS jsonb)) AS e(e_run_id uuid, e_seq int, "
+    "e_stage_id text, e_agent_id text, e_action text, e_status text, e_input_hash text, "
+    "e_output_hash text, e_details text, e_logged_at timestamptz, e_prev_hash text, "
+    "e_entry_hash text, e_version smallint, e_kid text, e_signature text)"
+)
+RECORD_VALUES = (
+    "e.e_run_id, e.e_seq, e.e_stage_id, e.e_agent_id, e.e_action, e.e_status, "
+    "e.e_input_hash, e.e_output_hash, CAST(e.e_details AS jsonb), e.e_logged_at, "
+    "e.e_prev_hash, e.e_entry_hash, e.e_version, e.e_kid, e.e_signature"
+)
+
+
+def records_json(entries: list[AuditEntry]) -> str:
+    return dumps([params(entry) for entry in entries])
 
 
 def params(entry: AuditEntry) -> dict[str, Any]:

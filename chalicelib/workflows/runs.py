@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from chalicelib import limits
 from chalicelib.agents.secrets import encrypt_token
+from chalicelib.agents.selection import waiting_reason
 from chalicelib.audit import chain
 from chalicelib.audit import rows as audit_rows
 from chalicelib.config import get_settings
@@ -18,8 +19,9 @@ from chalicelib.core import errors, responses
 from chalicelib.core.api import PageQuery, Principal, Reply, page_meta, parse_run_ref, run_ref
 from chalicelib.core.encoding import dumps
 from chalicelib.db import autocommit_connection, session_scope
-from chalicelib.db.models import StageExecution, WorkflowRun
+from chalicelib.db.models import AuditEntry, StageExecution, WorkflowRun
 from chalicelib.engine.queue import send_stage_messages
+from chalicelib.engine.stages import wake_stage
 from chalicelib.logs import logger
 from chalicelib.workflows.definition import (
     ExecuteRequest,
@@ -66,7 +68,16 @@ def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -
     limits.limit_submissions(str(principal.user_uuid))
     run_id = uuid.uuid4()
     stages = body.workflow.stages
-    roots = [stage.id for stage in stages if not stage.dependencies]
+    # A first stage whose every agent is full waits for a slot from the start (as it
+    # would once its message came round, found them full and parked it).
+    first = [stage for stage in stages if not stage.dependencies]
+    full: dict[str, str] = {}
+    if get_settings().stage_max_waits >= 1:  # else a stage may not wait: it fails instead
+        reasons = {s.agent_capability: waiting_reason(s.agent_capability) for s in first}
+        full = {capability: reason for capability, reason in reasons.items() if reason}
+    waiting = [stage for stage in first if stage.agent_capability in full]
+    roots = [stage.id for stage in first if stage.agent_capability not in full]
+    parked = {stage.id for stage in waiting}
     rows = [
         {
             "stage_id": stage.id,
@@ -81,6 +92,7 @@ def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -
                 stage.config.model_dump(by_alias=True, exclude_none=True) if stage.config else None
             ),
             "ready": not stage.dependencies,
+            "waiting": stage.id in parked,
         }
         for position, stage in enumerate(stages)
     ]
@@ -94,6 +106,21 @@ def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -
         input_hash=chain.value_hash(body.input),
         details={"workflowName": body.workflow.name, "stages": len(stages)},
     )
+    waits: list[AuditEntry] = []
+    for stage in waiting:  # each waiting stage's one `wait` entry
+        last = waits[-1] if waits else entry
+        details = {"reason": full[stage.agent_capability], "attempt": 1}
+        waits.append(
+            chain.next_entry(
+                run_id,
+                last.seq,
+                last.entry_hash,
+                "wait",
+                "waiting",
+                stage_id=stage.id,
+                details=details,
+            )
+        )
     max_active = get_settings().max_active_runs
     callback = body.callback
     with autocommit_connection() as conn:
@@ -113,6 +140,7 @@ def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -
                 "callback_secret": encrypt_token(callback.secret) if callback else None,
                 "stages": dumps(rows),
                 **audit_rows.params(entry),
+                "entries": audit_rows.records_json(waits),
             },
         ).one()
     if key is not None and not stored.keyed:
@@ -129,7 +157,22 @@ def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -
         logger.exception(
             "could not queue a new run; the sweeper will", extra={"runId": str(run_id)}
         )
+    for stage in waiting:
+        _look_again(run_id, stage.id, stage.agent_capability)
     return Reply(responses.Submitted(workflow_run_id=run_ref(run_id), status="queued"), 202)
+
+
+def _look_again(run_id: uuid.UUID, stage_id: str, capability: str) -> None:
+    """A first stage stored waiting: a slot given back before it was stored found no one
+    waiting, so look once more, and send the stage to a worker if there is room now (the
+    worker takes the slot; a release meanwhile hands it one, and then this wakes none)."""
+    try:
+        if waiting_reason(capability) is None and wake_stage(run_id, stage_id):
+            send_stage_messages(run_id, [stage_id], fast=True)
+    except Exception:
+        logger.exception(
+            "could not look for a slot; the sweeper will", extra={"runId": str(run_id)}
+        )
 
 
 # How long a client over its active-run quota is told to wait before trying again.
@@ -190,17 +233,22 @@ _SUBMIT = text(
     ), stages AS (
         INSERT INTO stage_executions (run_id, stage_id, stage_name, position, capability,
                                       dependencies, needs, input_template, config, status,
-                                      queued_at)
+                                      queued_at, parked_at, waits)
         SELECT run.id, s.stage_id, s.stage_name, s.position, s.capability, s.dependencies,
                s.needs, CAST(s.input_template AS jsonb), CAST(s.config AS jsonb),
-               CASE WHEN s.ready THEN 'queued' ELSE 'pending' END,
-               CASE WHEN s.ready THEN now() END
+               CASE WHEN s.waiting THEN 'waiting' WHEN s.ready THEN 'queued' ELSE 'pending' END,
+               CASE WHEN s.ready THEN now() END,
+               CASE WHEN s.waiting THEN now() END,
+               CASE WHEN s.waiting THEN 1 ELSE 0 END
           FROM run, jsonb_to_recordset(CAST(:stages AS jsonb)) AS s(
                stage_id text, stage_name text, position int, capability text,
                dependencies text[], needs text[], input_template text, config text,
-               ready boolean)
+               ready boolean, waiting boolean)
     ), entry AS (
         INSERT INTO execution_logs ({audit_rows.COLUMNS}) SELECT {audit_rows.VALUES} FROM run
+    ), waits AS (
+        INSERT INTO execution_logs ({audit_rows.COLUMNS})
+        SELECT {audit_rows.RECORD_VALUES} FROM run, {audit_rows.RECORDS}
     )
     SELECT EXISTS (SELECT 1 FROM run) AS stored, EXISTS (SELECT 1 FROM keyed) AS keyed,
            CAST(:body_hash AS text) AS body_hash

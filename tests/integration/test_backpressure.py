@@ -329,9 +329,8 @@ def _parked_behind_a_full_agent(user: Api, capability: str) -> tuple[dict[str, A
         agent["agentUuid"], agent["agentId"], listed["endpoint"], listed["tokenEncrypted"], 1, slot
     )
     run_id = parse_run_ref(submit(user, capability))
-    claimed = stages.claim_stage(run_id, "s0")
-    assert claimed is not None
-    assert stages.park_stage(claimed, "full") is stages.Requeued.QUEUED
+    # Submitted while every slot is taken: the stage waits from the start, no message sent.
+    assert stages.next_waiting(agent["agentUuid"]) == [(run_id, "s0")]
     return agent, choice, run_id
 
 
@@ -368,56 +367,65 @@ def test_past_the_hand_off_budget_a_freed_slot_wakes_the_next_stage_through_sqs(
     handlers._after_release(choice, invocation)
     run = user.get(f"/workflows/wfr-{run_id}").json()["data"]
     assert run["stages"][0]["status"] == "queued"
-    assert sent.sent.count((run_id, "s0")) == 2  # at submission, and woken now
+    assert sent.sent.count((run_id, "s0")) == 1  # woken now (it waited from submission)
 
 
-def test_a_dependent_whose_agents_are_all_full_waits_without_going_round_the_queue(
-    user: Api, poller: Any, timed: list[TimedAgent], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The completion that makes a stage ready parks it when every agent for it is full
-    (no SQS message, no claim to find it full, one `wait` entry), and the next release
-    hands it the slot."""
-    from chalicelib.core.api import parse_run_ref
+@pytest.fixture
+def sends(monkeypatch: pytest.MonkeyPatch) -> list[tuple[uuid.UUID, str]]:
+    """Every stage message sent (by the API or a worker), still sent."""
     from chalicelib.engine import handlers
+    from chalicelib.workflows import runs
 
-    sent: list[tuple[uuid.UUID, str]] = []
+    seen: list[tuple[uuid.UUID, str]] = []
     send = handlers.send_stage_messages
 
     def recorded(run_id: uuid.UUID, stage_ids: list[str], *args: Any, **kwargs: Any) -> None:
-        sent.extend((run_id, stage_id) for stage_id in stage_ids)
+        seen.extend((run_id, stage_id) for stage_id in stage_ids)
         send(run_id, stage_ids, *args, **kwargs)
 
     monkeypatch.setattr(handlers, "send_stage_messages", recorded)
+    monkeypatch.setattr(runs, "send_stage_messages", recorded)
+    return seen
+
+
+@pytest.mark.parametrize("waits_at", ["submission", "the completion before it"])
+def test_a_stage_whose_agents_are_all_full_waits_without_going_round_the_queue(
+    user: Api,
+    poller: Any,
+    timed: list[TimedAgent],
+    sends: list[tuple[uuid.UUID, str]],
+    waits_at: str,
+) -> None:
+    """A stage that becomes ready (the run submitted, or the stage before it completed)
+    while every agent for it is full waits at once: no SQS message, no claim to find them
+    full, one `wait` entry; the next release hands it the slot."""
+    from chalicelib.core.api import parse_run_ref
+
     first, second = unique_capability("first"), unique_capability("second")
     register_agent(user, first)
     slow = timed_agent(timed, seconds=2.0)
     register_agent(user, second, endpoint=slow.url, maxConcurrentTasks=1)
     submit(user, second)  # its call holds the second capability's one slot for 2 s
     wait_until(lambda: len(slow.calls) == 1, timeout=10)
-    body = {
-        "workflow": {
-            "name": "bp",
-            "stages": [
-                {"id": "a", "name": "A", "agentCapability": first},
-                {"id": "b", "name": "B", "agentCapability": second, "dependencies": ["a"]},
-            ],
-        }
-    }
-    response = user.post("/workflows/execute", body)
+    stages = [{"id": "b", "name": "B", "agentCapability": second}]
+    if waits_at != "submission":
+        stages = [
+            {"id": "a", "name": "A", "agentCapability": first},
+            {**stages[0], "dependencies": ["a"]},
+        ]
+    response = user.post("/workflows/execute", {"workflow": {"name": "bp", "stages": stages}})
     assert response.status_code == 202, response.text
     run_ref = str(response.json()["data"]["workflowRunId"])
     assert wait_for_run(user, run_ref)["status"] == "completed"
     run_id = parse_run_ref(run_ref)
-    assert (run_id, "b") not in sent
+    assert (run_id, "b") not in sends
     assert slow.peak == 1 and len(slow.calls) == 2
     with session_scope() as session:
         waits = session.execute(
             text("SELECT waits FROM stage_executions WHERE run_id = :r AND stage_id = 'b'"),
             {"r": run_id},
         ).scalar_one()
-        audited = session.execute(
-            text("SELECT action, stage_id FROM execution_logs WHERE run_id = :r ORDER BY seq"),
-            {"r": run_id},
-        ).all()
     assert waits == 1
-    assert [tuple(row) for row in audited].count(("wait", "b")) == 1
+    audit = user.get(f"/workflows/{run_ref}/audit").json()["data"]
+    assert [(e["action"], e["stageId"]) for e in audit["logs"]].count(("wait", "b")) == 1
+    assert audit["chain"]["valid"] is True
