@@ -327,6 +327,7 @@ def _execute(
         _send(claimed.run_id, done.send)
         trace.mark("sent", claimed.run_id, claimed.stage_id)
     for stage_id, capability in done.parked:
+        observability.metric("CapacityWaits", 1, capability=capability)
         _look_again(claimed.run_id, stage_id, capability, claimed.owner_id, invocation)
     return "completed"
 

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from sqlalchemy import case, func, select, text
 from sqlalchemy.orm import Session
 
-from chalicelib import limits
+from chalicelib import limits, observability
 from chalicelib.agents.secrets import encrypt_token
 from chalicelib.agents.selection import waiting_reason
 from chalicelib.audit import chain
@@ -158,6 +158,7 @@ def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -
             "could not queue a new run; the sweeper will", extra={"runId": str(run_id)}
         )
     for stage in waiting:
+        observability.metric("CapacityWaits", 1, capability=stage.agent_capability)
         _look_again(run_id, stage.id, stage.agent_capability)
     return Reply(responses.Submitted(workflow_run_id=run_ref(run_id), status="queued"), 202)
 
