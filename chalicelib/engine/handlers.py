@@ -326,27 +326,40 @@ def _execute(
     if done.send:
         _send(claimed.run_id, done.send)
         trace.mark("sent", claimed.run_id, claimed.stage_id)
+    parked: dict[str, list[str]] = {}
     for stage_id, capability in done.parked:
         observability.metric("CapacityWaits", 1, capability=capability)
-        _look_again(claimed.run_id, stage_id, capability, claimed.owner_id, invocation)
+        parked.setdefault(capability, []).append(stage_id)
+    for capability, waiting in parked.items():
+        _look_again(claimed.run_id, waiting, capability, claimed.owner_id, invocation)
     return "completed"
 
 
 def _look_again(
-    run_id: uuid.UUID, stage_id: str, capability: str, owner: uuid.UUID, invocation: Invocation
+    run_id: uuid.UUID,
+    stage_ids: list[str],
+    capability: str,
+    owner: uuid.UUID,
+    invocation: Invocation,
 ) -> None:
-    """A completion parked this dependent (every agent full, as far as it could see). A
+    """A completion parked these dependents (every agent full, as far as it could see). A
     slot given back before the parking found no one waiting: look once more, as a stage
-    that parks itself does, and start the stage if there is room after all."""
-    try:
-        default = time.monotonic() + get_settings().agent_timeout_ms / 1000
-        agent = select_agent(capability, owner, slot_until=_wall_clock(default))
-    except (AgentsBusy, NoAgentAvailable):
-        return  # the next release hands it a slot (or the sweeper wakes it)
-    except Exception as exc:
-        logger.warning("could not look for a slot", extra={"error": type(exc).__name__})
-        return
-    _start_waiting(run_id, stage_id, agent, invocation)
+    that parks itself does, and start one in each slot there is room for after all."""
+    for stage_id in stage_ids:
+        try:
+            default = time.monotonic() + get_settings().agent_timeout_ms / 1000
+            agent = select_agent(capability, owner, slot_until=_wall_clock(default))
+        except (AgentsBusy, NoAgentAvailable):
+            return  # the next release hands them a slot (or the sweeper wakes them)
+        except Exception as exc:
+            logger.warning("could not look for a slot", extra={"error": type(exc).__name__})
+            return
+        try:
+            _start_waiting(run_id, stage_id, agent, invocation)
+        except Exception as exc:  # it waits on; the next release or the sweeper wakes it
+            release(agent)
+            logger.warning("could not start a waiting stage", extra={"error": type(exc).__name__})
+            return
 
 
 def _start_waiting(

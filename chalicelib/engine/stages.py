@@ -350,8 +350,8 @@ def complete_stage(
     (dispatch checked it), if at hand. A ready dependent whose capability is `full`
     (every agent with it at capacity: `full` says why, else None) waits for a slot
     straight away, as park_stage would have it wait once its message came round (no
-    message, no claim). Raises
-    RunOutputTooLarge, having written nothing, when the run's total would pass its cap.
+    message, no claim). Raises RunOutputTooLarge, having written nothing, when the run's
+    total would pass its cap.
 
     Under the run's lock, in as few round trips as Postgres allows: the stage's update
     also reads the head of the audit chain; the audit entry's insert also queues the
@@ -402,8 +402,10 @@ def complete_stage(
         ready: dict[str, str] = dict(advanced.ready or {})  # stage id -> capability
         if not ready and advanced.still_open == 0:
             finish_run(session, run, entry)
-        reasons = {s: full(capability) for s, capability in ready.items()} if full else {}
-        waiting = {s: reason for s, reason in reasons.items() if reason}
+        reasons = (
+            {capability: full(capability) for capability in set(ready.values())} if full else {}
+        )
+        waiting = {s: reason for s, cap in ready.items() if (reason := reasons.get(cap))}
         parked = _park_ready(session, stage.run_id, entry, waiting) if waiting else []
         return Completed([s for s in ready if s not in parked], [(s, ready[s]) for s in parked])
 

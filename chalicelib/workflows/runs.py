@@ -73,7 +73,7 @@ def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -
     first = [stage for stage in stages if not stage.dependencies]
     full: dict[str, str] = {}
     if get_settings().stage_max_waits >= 1:  # else a stage may not wait: it fails instead
-        reasons = {s.agent_capability: waiting_reason(s.agent_capability) for s in first}
+        reasons = {c: waiting_reason(c) for c in {stage.agent_capability for stage in first}}
         full = {capability: reason for capability, reason in reasons.items() if reason}
     waiting = [stage for stage in first if stage.agent_capability in full]
     roots = [stage.id for stage in first if stage.agent_capability not in full]
@@ -157,16 +157,22 @@ def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -
         logger.exception(
             "could not queue a new run; the sweeper will", extra={"runId": str(run_id)}
         )
+    first_of: dict[str, str] = {}  # the first waiting stage of each capability
     for stage in waiting:
         observability.metric("CapacityWaits", 1, capability=stage.agent_capability)
-        _look_again(run_id, stage.id, stage.agent_capability)
+        first_of.setdefault(stage.agent_capability, stage.id)
+    for capability, stage_id in first_of.items():
+        _look_again(run_id, stage_id, capability)
     return Reply(responses.Submitted(workflow_run_id=run_ref(run_id), status="queued"), 202)
 
 
 def _look_again(run_id: uuid.UUID, stage_id: str, capability: str) -> None:
-    """A first stage stored waiting: a slot given back before it was stored found no one
-    waiting, so look once more, and send the stage to a worker if there is room now (the
-    worker takes the slot; a release meanwhile hands it one, and then this wakes none)."""
+    """First stages stored waiting: a slot given back before they were stored found no
+    one waiting, so look once more, and send the first of them to a worker if there is
+    room now (the worker takes the slot; a release meanwhile hands it one, and then this
+    wakes none). One only: waking takes no slot, so every look would find the same room;
+    the woken stage's release hands its slot to the next, and the sweeper wakes stages
+    left waiting while a slot is free."""
     try:
         if waiting_reason(capability) is None and wake_stage(run_id, stage_id):
             send_stage_messages(run_id, [stage_id], fast=True)

@@ -429,3 +429,31 @@ def test_a_stage_whose_agents_are_all_full_waits_without_going_round_the_queue(
     audit = user.get(f"/workflows/{run_ref}/audit").json()["data"]
     assert [(e["action"], e["stageId"]) for e in audit["logs"]].count(("wait", "b")) == 1
     assert audit["chain"]["valid"] is True
+
+
+def test_a_stage_made_to_wait_just_after_a_release_is_not_left_waiting(
+    user: Api, sent: Any
+) -> None:
+    """The slot came free after the completion (or submission) found the agents full but
+    before the stage was stored waiting, so the release found no one: the look once more
+    that follows the parking starts it (a worker's, in the slot it takes) or wakes it (the
+    API's)."""
+    from chalicelib.engine import handlers
+    from chalicelib.workflows import runs
+
+    capability = unique_capability("late-look")
+    agent, choice, run_id = _parked_behind_a_full_agent(user, capability)
+    selection.release(choice)  # the call ended, and its release found no one waiting
+    group = handlers.TaskGroup()
+    owner = uuid.UUID(agent["ownerUserUuid"])
+    handlers._look_again(run_id, ["s0"], capability, owner, handlers.Invocation(group=group))
+    group.wait()
+    assert _stage_status(user, f"wfr-{run_id}") == "completed"
+    assert selection.live_slots(agent["agentUuid"]) == 0  # its slot given back after the call
+
+    capability = unique_capability("late-look-api")
+    _, choice, run_id = _parked_behind_a_full_agent(user, capability)
+    selection.release(choice)
+    runs._look_again(run_id, "s0", capability)
+    assert _stage_status(user, f"wfr-{run_id}") == "queued"
+    assert (run_id, "s0") in sent.sent
