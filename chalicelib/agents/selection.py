@@ -37,6 +37,7 @@ from chalicelib.agents.candidates import (
 )
 from chalicelib.agents.ranking import Figures, best_status, figures_of, preference_order
 from chalicelib.agents.secrets import decrypt_token
+from chalicelib.config import get_settings
 from chalicelib.logs import logger
 
 STATS_TTL_SECONDS = 3600
@@ -173,21 +174,26 @@ def busy_reason(capability: str) -> str:
     return f"every agent with the capability '{capability}' is at capacity"
 
 
-def waiting_reason(capability: str) -> str | None:
-    """Why a stage needing `capability` would wait if it came round now (every agent with
-    it at capacity), or None: then it is sent, and a worker looks for a slot as usual."""
+def waiting_reason(capability: str, owner: uuid.UUID) -> str | None:
+    """Why a stage of `owner`'s run needing `capability` would wait if it came round now
+    (every agent that may serve it at capacity), or None: then it is sent, and a worker
+    looks for a slot as usual (and fails it, if it may not wait: MAOF_STAGE_MAX_WAITS 0)."""
+    if get_settings().stage_max_waits < 1:
+        return None
     try:
-        return None if may_have_room(capability) else busy_reason(capability)
+        return None if may_have_room(capability, owner) else busy_reason(capability)
     except Exception as exc:  # cannot tell: send it
         logger.warning("could not read agent capacity", extra={"error": type(exc).__name__})
         return None
 
 
-def may_have_room(capability: str) -> bool:
-    """Whether a stage waiting for the capability could find a slot now: some agent with
-    it has one free, or none is left (the stage then fails), or Redis cannot say (capacity
-    is not enforced then). False only when every agent with it is at capacity."""
+def may_have_room(capability: str, owner: uuid.UUID) -> bool:
+    """Whether a stage of `owner`'s run needing the capability could find a slot now: an
+    agent with it that may serve the run has one free, or none is left (the stage then
+    fails), or Redis cannot say (capacity is not enforced then). False only when every
+    agent that may serve it is at capacity: other users' private agents never count."""
     listed, known = _candidates_and_figures(capability)
+    listed = [a for a in listed if serves(a, owner)]
     uuids = [a["agentUuid"] for a in listed]
     figures = [known[u] for u in uuids] if all(u in known for u in uuids) else _figures(uuids)
     if not listed or figures is None:

@@ -317,7 +317,10 @@ def _execute(
             stage_input,
             output.value,
             output.text,
-            full=waiting_reason if agent.slot is not None else None,  # Redis is up
+            # Slots are counted (Redis is up): a dependent may wait at once.
+            full=functools.partial(waiting_reason, owner=claimed.owner_id)
+            if agent.slot is not None
+            else None,
         )
     except stages.RunOutputTooLarge as exc:
         stages.fail_stage(claimed, str(exc), agent.agent_id, stage_input)

@@ -416,8 +416,6 @@ def _park_ready(
     """Queued stages of the run (under its lock, `head` the chain's last entry) made to
     wait for a slot, each with its one `wait` entry (`reasons`: why, by stage id);
     returns those that were."""
-    if get_settings().stage_max_waits < 1:
-        return []  # no wait is allowed: let the stage fail the usual way
     rows = session.execute(_PARK_QUEUED, {"run_id": run_id, "stage_ids": list(reasons)}).all()
     entries = []
     for row in sorted(rows, key=lambda r: str(r.stage_id)):

@@ -12,8 +12,9 @@ message may simply not have come up yet, so MAOF_SWEEP_BACKLOG_AFTER_SECONDS app
 Stages left queued or in progress in a run that has ended are skipped. A stage waiting
 for an agent's slot is handed one by the worker that frees it; one that has waited
 MAOF_SWEEP_QUEUED_AFTER_SECONDS without, while a slot is free for it (its hand-off was
-lost, a dead worker's slot lease ran out) or its agent left, is woken: queued again, to
-look for a slot afresh (or wait again, counted).
+lost, a dead worker's slot lease ran out) or its agents left, or that has waited
+MAOF_SWEEP_BACKLOG_AFTER_SECONDS in any case, is woken: queued again, to look for a slot
+afresh (or wait again, counted).
 
 Runs past their deadline (workflow.timeoutMs) fail, and completion callbacks that are due
 are delivered (engine/callbacks.py), on every sweep: neither waits for a client.
@@ -208,33 +209,52 @@ WAKE_LIMIT = 200
 
 def wake_waiting() -> dict[uuid.UUID, list[str]]:
     """Queue again the stages that have waited for a slot longer than the short grace,
-    where a slot may be free for them (may_have_room). While every agent with their
-    capability is full, each release hands its slot to the next of them: woken, they
-    would only go round the queue to wait again (and crowd out the stages that can run)."""
-    grace = timedelta(seconds=get_settings().sweep_queued_after_seconds)
+    where a slot may be free for them (may_have_room, for their run's owner), and any that
+    has waited longer than MAOF_SWEEP_BACKLOG_AFTER_SECONDS whatever the counts say (so a
+    wait the hand-offs cannot end, e.g. behind agents the stage already tried, still ends:
+    it looks afresh and fails, or waits again, counted). While every agent that may serve
+    a stage is full, each release hands its slot to the next of them: woken, they would
+    only go round the queue to wait again (and crowd out the stages that can run)."""
+    settings = get_settings()
+    grace = timedelta(seconds=settings.sweep_queued_after_seconds)
+    long_wait = timedelta(
+        seconds=max(settings.sweep_queued_after_seconds, settings.sweep_backlog_after_seconds)
+    )
     with session_scope() as session:
         waited = session.execute(
             text(
-                "SELECT DISTINCT capability FROM stage_executions "
-                "WHERE status = 'waiting' AND queued_at <= now() - :grace"
+                "SELECT DISTINCT s.capability, r.user_id FROM stage_executions AS s "
+                "JOIN workflow_runs AS r ON r.id = s.run_id "
+                "WHERE s.status = 'waiting' AND s.queued_at <= now() - :grace"
             ),
             {"grace": grace},
-        ).scalars()
-        capabilities = [capability for capability in waited if may_have_room(capability)]
-        if not capabilities:
-            return {}
+        ).all()
+        room = [(row.capability, row.user_id) for row in waited]
+        room = [
+            (capability, owner) for capability, owner in room if may_have_room(capability, owner)
+        ]
         rows = session.execute(
             text(
                 """
                 UPDATE stage_executions SET status = 'queued', queued_at = now()
-                 WHERE id IN (SELECT id FROM stage_executions
-                               WHERE status = 'waiting' AND queued_at <= now() - :grace
-                                 AND capability = ANY (:capabilities)
-                               ORDER BY parked_at LIMIT :limit FOR UPDATE SKIP LOCKED)
+                 WHERE id IN (SELECT s.id FROM stage_executions AS s
+                                JOIN workflow_runs AS r ON r.id = s.run_id
+                               WHERE s.status = 'waiting' AND s.queued_at <= now() - :grace
+                                 AND (s.queued_at <= now() - :long_wait
+                                      OR (s.capability, r.user_id) IN (
+                                          SELECT * FROM unnest(CAST(:capabilities AS text[]),
+                                                               CAST(:owners AS uuid[]))))
+                               ORDER BY s.parked_at LIMIT :limit FOR UPDATE OF s SKIP LOCKED)
              RETURNING run_id, stage_id
                 """
             ),
-            {"grace": grace, "limit": WAKE_LIMIT, "capabilities": capabilities},
+            {
+                "grace": grace,
+                "long_wait": long_wait,
+                "limit": WAKE_LIMIT,
+                "capabilities": [capability for capability, _ in room],
+                "owners": [owner for _, owner in room],
+            },
         ).all()
     woken: dict[uuid.UUID, list[str]] = defaultdict(list)
     for row in rows:

@@ -71,13 +71,11 @@ def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -
     # A first stage whose every agent is full waits for a slot from the start (as it
     # would once its message came round, found them full and parked it).
     first = [stage for stage in stages if not stage.dependencies]
-    full: dict[str, str] = {}
-    if get_settings().stage_max_waits >= 1:  # else a stage may not wait: it fails instead
-        reasons = {c: waiting_reason(c) for c in {stage.agent_capability for stage in first}}
-        full = {capability: reason for capability, reason in reasons.items() if reason}
+    owner = principal.user_uuid
+    reasons = {c: waiting_reason(c, owner) for c in {stage.agent_capability for stage in first}}
+    full = {capability: reason for capability, reason in reasons.items() if reason}
     waiting = [stage for stage in first if stage.agent_capability in full]
     roots = [stage.id for stage in first if stage.agent_capability not in full]
-    parked = {stage.id for stage in waiting}
     rows = [
         {
             "stage_id": stage.id,
@@ -92,7 +90,7 @@ def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -
                 stage.config.model_dump(by_alias=True, exclude_none=True) if stage.config else None
             ),
             "ready": not stage.dependencies,
-            "waiting": stage.id in parked,
+            "waiting": not stage.dependencies and stage.agent_capability in full,
         }
         for position, stage in enumerate(stages)
     ]
@@ -162,11 +160,11 @@ def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -
         observability.metric("CapacityWaits", 1, capability=stage.agent_capability)
         first_of.setdefault(stage.agent_capability, stage.id)
     for capability, stage_id in first_of.items():
-        _look_again(run_id, stage_id, capability)
+        _look_again(run_id, stage_id, capability, owner)
     return Reply(responses.Submitted(workflow_run_id=run_ref(run_id), status="queued"), 202)
 
 
-def _look_again(run_id: uuid.UUID, stage_id: str, capability: str) -> None:
+def _look_again(run_id: uuid.UUID, stage_id: str, capability: str, owner: uuid.UUID) -> None:
     """First stages stored waiting: a slot given back before they were stored found no
     one waiting, so look once more, and send the first of them to a worker if there is
     room now (the worker takes the slot; a release meanwhile hands it one, and then this
@@ -174,7 +172,7 @@ def _look_again(run_id: uuid.UUID, stage_id: str, capability: str) -> None:
     the woken stage's release hands its slot to the next, and the sweeper wakes stages
     left waiting while a slot is free."""
     try:
-        if waiting_reason(capability) is None and wake_stage(run_id, stage_id):
+        if waiting_reason(capability, owner) is None and wake_stage(run_id, stage_id):
             send_stage_messages(run_id, [stage_id], fast=True)
     except Exception:
         logger.exception(

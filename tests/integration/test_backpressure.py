@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import text
 
 from chalicelib.agents import selection
+from chalicelib.config import get_settings
 from chalicelib.db import session_scope
 from chalicelib.engine import sweeper
 from tests.integration.conftest import (
@@ -194,7 +195,7 @@ def test_the_sweeper_wakes_a_waiting_stage_whose_hand_off_was_lost(
     # handing it over: nothing will wake it but the sweeper.
     parked = submit(user, capability)
     wait_for_run(user, parked)  # it ran (slot free): make it wait again, as if it had not
-    _waiting_for_an_hour(parked)
+    _waiting_since(parked, 3600)
     assert sweeper.sweep_once()["woken"] >= 1
     wait_until(lambda: _stage_status(user, parked) == "completed", timeout=20)
 
@@ -203,7 +204,8 @@ def test_the_sweeper_leaves_a_stage_waiting_while_every_slot_is_taken(
     user: Api, poller: Any, timed: list[TimedAgent]
 ) -> None:
     # Each release hands the slot to the next waiting stage: woken meanwhile, the stage
-    # would only go round the queue to wait again. Once a slot is free, it is woken.
+    # would only go round the queue to wait again. Once a slot is free, it is woken; and
+    # past MAOF_SWEEP_BACKLOG_AFTER_SECONDS it is woken whatever the counts say.
     agent = timed_agent(timed, seconds=0.05)
     capability = unique_capability("full")
     registered = register_agent(user, capability, endpoint=agent.url, maxConcurrentTasks=1)
@@ -211,16 +213,54 @@ def test_the_sweeper_leaves_a_stage_waiting_while_every_slot_is_taken(
     wait_for_run(user, parked)
     held = selection._reserve(registered["agentUuid"], 1, time.time() + 60)
     assert isinstance(held, str)  # a call in flight holds the agent's one slot
-    _waiting_for_an_hour(parked)
+    _waiting_since(parked, get_settings().sweep_queued_after_seconds + 30)
     sweeper.sweep_once()
     assert _stage_status(user, parked) == "waiting"
+    _waiting_since(parked, get_settings().sweep_backlog_after_seconds + 30)
+    sweeper.sweep_once()  # woken: a worker finds the slot taken, and it waits again
+    wait_until(lambda: _stage_status(user, parked) == "waiting" and _waits(parked) == 1)
     selection.release(selection.AgentChoice(registered["agentUuid"], "", "", "", 1, slot=held))
+    _waiting_since(parked, get_settings().sweep_queued_after_seconds + 30)
     sweeper.sweep_once()
     wait_until(lambda: _stage_status(user, parked) == "completed", timeout=20)
 
 
-def _waiting_for_an_hour(run_ref: str) -> None:
-    """The run's stages waiting for a slot (for an hour), as if they had never run."""
+def test_another_users_full_private_agent_never_makes_a_stage_wait(
+    user: Api, api: Api, poller: Any
+) -> None:
+    """Only agents that may serve the run count: a run with no agent of its own (or shared)
+    for a capability fails at once, even while another user's private agent with that
+    capability is full, and never waits on it (nor learns whether it is busy)."""
+    from chalicelib.core.api import parse_run_ref
+
+    capability = unique_capability("theirs")
+    other = api.as_new_user()
+    theirs = register_agent(other, capability, maxConcurrentTasks=1)
+    held = selection._reserve(theirs["agentUuid"], 1, time.time() + 60)
+    assert isinstance(held, str)
+    mine = uuid.UUID(str(user.get("/auth/me").json()["data"]["userUuid"]))
+    assert selection.may_have_room(capability, mine) is True  # nothing may serve it: no wait
+    assert selection.may_have_room(capability, uuid.UUID(theirs["ownerUserUuid"])) is False
+    run_ref = submit(user, capability)
+    run = wait_for_run(user, run_ref)
+    assert run["status"] == "failed", run
+    assert "No available agent" in str(run["stages"][0]["errorMessage"])
+    assert _waits(run_ref) == 0
+    audit = user.get(f"/workflows/{run_ref}/audit").json()["data"]["logs"]
+    assert "wait" not in {entry["action"] for entry in audit}
+    assert parse_run_ref(run_ref) not in {r for r, _ in stages_waiting()}
+
+
+def stages_waiting() -> list[tuple[uuid.UUID, str]]:
+    with session_scope() as session:
+        rows = session.execute(
+            text("SELECT run_id, stage_id FROM stage_executions WHERE status = 'waiting'")
+        ).all()
+    return [(row.run_id, row.stage_id) for row in rows]
+
+
+def _waiting_since(run_ref: str, seconds: float) -> None:
+    """The run's stages waiting for a slot (for `seconds`), as if they had never run."""
     from chalicelib.core.api import parse_run_ref
 
     run_id = parse_run_ref(run_ref)
@@ -228,16 +268,28 @@ def _waiting_for_an_hour(run_ref: str) -> None:
         session.execute(
             text(
                 "UPDATE stage_executions SET status = 'waiting', parked_at = now(), "
-                "queued_at = now() - interval '1 hour', completed_at = NULL, output = NULL "
-                "WHERE run_id = :r"
+                "queued_at = now() - make_interval(secs => :age), completed_at = NULL, "
+                "output = NULL WHERE run_id = :r"
             ),
-            {"r": run_id},
+            {"r": run_id, "age": seconds},
         )
         session.execute(
             text(
                 "UPDATE workflow_runs SET status = 'in_progress', completed_at = NULL WHERE id = :r"
             ),
             {"r": run_id},
+        )
+
+
+def _waits(run_ref: str) -> int:
+    from chalicelib.core.api import parse_run_ref
+
+    with session_scope() as session:
+        return int(
+            session.execute(
+                text("SELECT max(waits) FROM stage_executions WHERE run_id = :r"),
+                {"r": parse_run_ref(run_ref)},
+            ).scalar_one()
         )
 
 
@@ -454,6 +506,6 @@ def test_a_stage_made_to_wait_just_after_a_release_is_not_left_waiting(
     capability = unique_capability("late-look-api")
     _, choice, run_id = _parked_behind_a_full_agent(user, capability)
     selection.release(choice)
-    runs._look_again(run_id, "s0", capability)
+    runs._look_again(run_id, "s0", capability, owner)
     assert _stage_status(user, f"wfr-{run_id}") == "queued"
     assert (run_id, "s0") in sent.sent
