@@ -365,14 +365,20 @@ def _look_again(
             return
 
 
+def _may_start_here(invocation: Invocation) -> bool:
+    """Whether this invocation may start one more waiting stage itself (else: SQS)."""
+    return invocation.group is not None and invocation.may_run_more()
+
+
 def _start_waiting(
-    run_id: uuid.UUID, stage_id: str, slot: AgentChoice, invocation: Invocation
+    run_id: uuid.UUID, stage_id: str, slot: AgentChoice | None, invocation: Invocation
 ) -> None:
     """Start a waiting stage here in the `slot` reserved for it (given back if the stage
-    was taken meanwhile); past the hand-off budget, give the slot back and wake the stage
-    through SQS instead."""
-    if slot.slot is None or invocation.group is None or not invocation.may_run_more():
-        release(slot)
+    was taken meanwhile); without a slot (none taken, or Redis away), or past the hand-off
+    budget, give the slot back and wake the stage through SQS instead."""
+    if slot is None or slot.slot is None or not _may_start_here(invocation):
+        if slot is not None:
+            release(slot)
         if stages.wake_stage(run_id, stage_id):
             _send(run_id, [stage_id])
         return
@@ -382,6 +388,7 @@ def _start_waiting(
         return
     policy = DispatchPolicy.of(claimed.config)
     handed = hand_over(slot, _wall_clock(_call_deadline(policy, invocation.deadline)))
+    assert invocation.group is not None  # _may_start_here
     invocation.group.spawn(functools.partial(_run_claimed, claimed, invocation, handed))
 
 
@@ -655,16 +662,14 @@ def _after_release(agent: AgentChoice, invocation: Invocation) -> None:
         if not waiting:
             return
         run_id, stage_id = waiting[0]
-        if invocation.group is None or not invocation.may_run_more():
-            if stages.wake_stage(run_id, stage_id):
-                _send(run_id, [stage_id])
-            return
-        # The slot first (its lease runs to the default timeout; the stage's own policy is
-        # not known before the claim): taken meanwhile, its taker hands it on when done.
-        default = time.monotonic() + get_settings().agent_timeout_ms / 1000
-        handed = reserve_on(agent, _wall_clock(default))
-        if handed is not None:
-            _start_waiting(run_id, stage_id, handed, invocation)
+        handed = None  # past the budget: woken through SQS, with no slot taken for it
+        if _may_start_here(invocation):
+            # The slot first (its lease runs to the default timeout; the stage's own policy
+            # is not known before the claim): taken meanwhile, its taker hands it on.
+            default = time.monotonic() + get_settings().agent_timeout_ms / 1000
+            if (handed := reserve_on(agent, _wall_clock(default))) is None:
+                return
+        _start_waiting(run_id, stage_id, handed, invocation)
     except Exception as exc:
         logger.warning("could not wake a waiting stage", extra={"error": type(exc).__name__})
 
