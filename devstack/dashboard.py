@@ -1,5 +1,5 @@
 """The dashboard on LocalStack's S3 for `make dev`: the upload itself is infra/site.py's (the one
-`make deploy` uses); `site_urls` says where a browser on this machine can open it.
+`make deploy` uses, by the AWS CLI); `site_urls` says where a browser on this machine can open it.
 
 The bucket's website hosting is configured by `stack.ensure_resources`.
 """
@@ -7,12 +7,12 @@ The bucket's website hosting is configured by `stack.ensure_resources`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
-from chalicelib.aws import aws_client
 from chalicelib.config import get_settings
+from infra import aws
 from infra.site import SITE_DIR, publish_site
 
 # Regions whose website endpoint is `s3-website-<region>`; newer ones use `s3-website.<region>`.
@@ -38,13 +38,12 @@ class SiteUrls:
     website: str
 
 
-def upload_site(
-    api_url: str, bucket: str | None = None, source: Path = SITE_DIR, s3: Any = None
-) -> list[str]:
+def upload_site(api_url: str, bucket: str | None = None, source: Path = SITE_DIR) -> None:
     """Publish the dashboard for `api_url` to `bucket` (default: the configured dashboard
-    bucket) with `s3` (default: LocalStack's or AWS's, per the settings); returns the keys."""
-    bucket = bucket or get_settings().dashboard_bucket
-    return publish_site(s3 or aws_client("s3"), bucket, api_url, source)
+    bucket) on LocalStack or AWS, per the settings."""
+    settings = get_settings()
+    cli = partial(aws, region=settings.aws_region, endpoint=settings.aws_endpoint_url)
+    publish_site(cli, bucket or settings.dashboard_bucket, api_url, source)
 
 
 def site_urls(bucket: str | None = None) -> SiteUrls:

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import requests
 from botocore.config import Config
 from botocore.exceptions import ClientError, WaiterError
 
 from chalicelib.maintenance import REENCRYPT
-from infra import DeployError, say
+from infra import DeployError, aws, say
 from infra.secrets import all_parameters, require_secrets, retire_previous, rotate_key
 from infra.site import publish_site
 
@@ -56,12 +53,8 @@ class Stage:
         once = Config(read_timeout=360, retries={"total_max_attempts": 1})
         return self.session.client(service, config=once if service == "lambda" else None)
 
-    def aws(self, *args: str, quiet: bool = False) -> None:
-        """The AWS CLI, as pinned in requirements-dev.txt (`quiet`: its errors only)."""
-        command = [sys.executable, "-m", "awscli", "--region", self.session.region_name, *args]
-        output = subprocess.DEVNULL if quiet else None
-        if subprocess.run(command, stdout=output, check=False).returncode != 0:
-            raise DeployError(f"aws {' '.join(args[:2])} failed: see above")
+    def aws(self, *args: str, **options: Any) -> None:
+        aws(*args, region=self.session.region_name, **options)
 
     def status(self) -> str | None:
         try:
@@ -76,20 +69,13 @@ class Stage:
         stack = self.client("cloudformation").describe_stacks(StackName=self.stack)["Stacks"][0]
         return {item["OutputKey"]: item["OutputValue"] for item in stack.get("Outputs", [])}
 
-    def resources(self) -> dict[str, dict[str, Any]]:
-        """The stack's resources by logical id (type, physical id, status)."""
-        pages = self.client("cloudformation").get_paginator("list_stack_resources")
-        return {
-            resource["LogicalResourceId"]: resource
-            for page in pages.paginate(StackName=self.stack)
-            for resource in page["StackResourceSummaries"]
-        }
-
     def functions(self) -> list[str]:
-        """The physical names of the stack's Lambda functions."""
+        """The physical names of the stack's Lambda functions (every page of resources)."""
+        pages = self.client("cloudformation").get_paginator("list_stack_resources")
         return sorted(
             str(resource["PhysicalResourceId"])
-            for resource in self.resources().values()
+            for page in pages.paginate(StackName=self.stack)
+            for resource in page["StackResourceSummaries"]
             if resource["ResourceType"] == "AWS::Lambda::Function"
         )
 
@@ -105,13 +91,14 @@ class Stage:
                 found.insert(0, f"{event['LogicalResourceId']}: {reason}")
         return found
 
-    def wait(self, waiter: str, poll: float) -> None:
-        """Up to an hour (functions in a VPC release their network interfaces slowly)."""
-        config = {"Delay": poll, "MaxAttempts": int(3600 / poll)}
+    def delete(self, poll: float) -> None:
+        """Delete the stack and wait, up to an hour (functions in a VPC release their network
+        interfaces slowly)."""
+        cfn = self.client("cloudformation")
+        cfn.delete_stack(StackName=self.stack)
         try:
-            self.client("cloudformation").get_waiter(waiter).wait(
-                StackName=self.stack, WaiterConfig=config
-            )
+            config = {"Delay": poll, "MaxAttempts": int(3600 / poll)}
+            cfn.get_waiter("stack_delete_complete").wait(StackName=self.stack, WaiterConfig=config)
         except WaiterError as exc:
             raise DeployError(f"stack {self.stack}: {'; '.join(self.failures()) or exc}") from None
 
@@ -149,30 +136,22 @@ def recycle_functions(lambda_: Any, functions: list[str], stamp: str) -> None:
     for function in functions:
         wait_function(lambda_, function)
         config = lambda_.get_function_configuration(FunctionName=function)
-        variables = {
-            **(config.get("Environment") or {}).get("Variables", {}),
-            RECYCLE_VARIABLE: stamp,
-        }
+        variables = (config.get("Environment") or {}).get("Variables", {})
         lambda_.update_function_configuration(
-            FunctionName=function, Environment={"Variables": variables}
+            FunctionName=function, Environment={"Variables": {**variables, RECYCLE_VARIABLE: stamp}}
         )
         wait_function(lambda_, function)
 
 
 def check_health(api_url: str) -> str:
-    """GET /health once (a cold start in a VPC reads SSM first: allow it time)."""
+    """GET /health once (a cold start in a VPC reads SSM first: allow it time); 503 says why."""
     try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=30) as response:  # noqa: S310
-            body = response.read()
-    except urllib.error.HTTPError as exc:  # 503: degraded, and why
-        body = exc.read()
-    except OSError as exc:
-        return f"no answer ({exc})"
-    try:
-        data = json.loads(body)["data"]
+        data = requests.get(f"{api_url}/health", timeout=30).json()["data"]
         return f"{data['status']} ({', '.join(f'{k} {v}' for k, v in data['services'].items())})"
-    except (ValueError, KeyError, TypeError):
-        return f"unexpected answer {body[:200]!r}"
+    except requests.RequestException as exc:
+        return f"no answer ({exc})"
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"unexpected answer ({exc!r})"
 
 
 def deploy(stage: Stage, overrides: Sequence[str] = (), package_dir: Path = PACKAGE_DIR) -> str:
@@ -190,27 +169,28 @@ def deploy(stage: Stage, overrides: Sequence[str] = (), package_dir: Path = PACK
         stage.aws("s3", "mb", f"s3://{stage.bucket}")  # private: S3 blocks public access
     if stage.status() == "ROLLBACK_COMPLETE":  # a failed create can only be deleted
         say(f"stack {stage.stack} is ROLLBACK_COMPLETE (its create failed): deleting it first")
-        stage.client("cloudformation").delete_stack(StackName=stage.stack)
-        stage.wait("stack_delete_complete", 5)
+        stage.delete(poll=5)
     template = str(package_dir / "packaged.json")
     store = ["--s3-bucket", stage.bucket, "--s3-prefix", stage.name]
     source = ["--template-file", str(package_dir / "sam.json"), "--output-template-file", template]
-    stage.aws("cloudformation", "package", *source, *store, "--use-json", quiet=True)
+    stage.aws("cloudformation", "package", *source, *store, "--use-json")
     say(f"aws cloudformation package: the code is in s3://{stage.bucket}/{stage.name}/")
     changes = ["--template-file", template, "--stack-name", stage.stack, *store]
     changes += ["--capabilities", *CAPABILITIES, "--no-fail-on-empty-changeset"]
     changes += ["--parameter-overrides", f"SecretsParameterPath={stage.secrets_path}", *overrides]
     try:
-        stage.aws("cloudformation", "deploy", *changes)
+        stage.aws("cloudformation", "deploy", *changes, quiet=False)
     except DeployError:
         causes = "; ".join(stage.failures() if stage.status() else []) or "see above"
         raise DeployError(f"stack {stage.stack} failed: {causes}") from None
     migration = stage.migrate()
-    before, after = migration["fromRevision"] or "empty", migration["toRevision"]
-    say(f"migrate: database at {after} (was {before})")
+    say(
+        f"migrate: database at {migration['toRevision']} (was {migration['fromRevision'] or 'empty'})"
+    )
     outputs = stage.outputs()
     api_url, site = outputs["EndpointURL"].rstrip("/"), outputs["DashboardBucketName"]
-    say(f"dashboard: {len(publish_site(stage.client('s3'), site, api_url))} files in s3://{site}")
+    publish_site(stage.aws, site, api_url)
+    say(f"dashboard: published to s3://{site}")
     if distribution := outputs.get("DashboardDistributionId"):  # one path: billed by path
         paths = {"Paths": {"Quantity": 1, "Items": ["/*"]}, "CallerReference": str(time.time())}
         stage.client("cloudfront").create_invalidation(
@@ -259,13 +239,12 @@ def destroy(
         question += f"messages, dashboard, logs)? Type {stage.stack} to confirm: "
         if confirm is not None and confirm(question).strip() != stage.stack:
             raise DeployError("not confirmed; nothing was deleted")
-        dashboard = stage.resources().get("DashboardBucket", {}).get("PhysicalResourceId")
+        dashboard = stage.outputs().get("DashboardBucketName")
         if dashboard and s3.Bucket(dashboard).creation_date:  # CloudFormation deletes it empty
             s3.Bucket(dashboard).object_versions.delete()
             say(f"emptied the dashboard bucket {dashboard}")
         say(f"deleting stack {stage.stack} (its audit bucket stays: Object Lock holds it)")
-        stage.client("cloudformation").delete_stack(StackName=stage.stack)
-        stage.wait("stack_delete_complete", poll)
+        stage.delete(poll)
     artifacts = s3.Bucket(stage.bucket)
     if artifacts.creation_date:
         artifacts.objects.filter(Prefix=f"{stage.name}/").delete()

@@ -1,45 +1,44 @@
-"""What the dashboard upload (infra/site.py, for `make deploy` and `make dev`) sends: Content-Types,
-the file list, config.json; and where `make dev` says the site opens."""
+"""What the dashboard upload (infra/site.py, for `make deploy` and `make dev`) asks the AWS CLI
+to do: every file but hidden ones and a checked-in config.json, stale objects removed, a
+config.json naming the API; and where `make dev` says the site opens."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from chalicelib.config import reset_settings
 from devstack.dashboard import SiteUrls, site_urls
-from infra.site import content_type, site_config, site_files
+from infra.site import publish_site
 
 
-@pytest.mark.parametrize(
-    ("name", "expected"),
-    [
-        ("index.html", "text/html; charset=utf-8"),
-        ("app.js", "text/javascript; charset=utf-8"),
-        ("app.mjs", "text/javascript; charset=utf-8"),
-        ("APP.CSS", "text/css; charset=utf-8"),
-        ("config.json", "application/json; charset=utf-8"),
-        ("favicon.svg", "image/svg+xml"),
-        ("shot.png", "image/png"),
-        ("font.woff2", "font/woff2"),
-        ("mystery.unknownext", "application/octet-stream"),
-    ],
-)
-def test_content_types_browsers_accept(name: str, expected: str) -> None:
-    assert content_type(Path(name)) == expected
+def recorded(source: Path, api_url: str) -> list[tuple[tuple[str, ...], dict[str, Any]]]:
+    calls: list[tuple[tuple[str, ...], dict[str, Any]]] = []
+    publish_site(lambda *args, **options: calls.append((args, options)), "site", api_url, source)
+    return calls
 
 
-def test_site_files_skip_hidden_files_and_a_checked_in_config(tmp_path: Path) -> None:
-    (tmp_path / "js").mkdir()
-    for name in ("index.html", "js/main.js", ".DS_Store", "config.json"):
-        (tmp_path / name).write_text("x")
-    assert sorted(site_files(tmp_path)) == ["index.html", "js/main.js"]
+def test_every_file_then_the_stale_ones_then_the_config(tmp_path: Path) -> None:
+    (tmp_path / "index.html").write_text("<!doctype html>")
+    [(copy, _), (sync, _), (config, options)] = recorded(tmp_path, "http://127.0.0.1:3000/")
+    assert copy[:5] == ("s3", "cp", str(tmp_path), "s3://site", "--recursive")
+    assert sync[:5] == ("s3", "sync", str(tmp_path), "s3://site", "--delete")
+    for args in (copy, sync):  # hidden files and a checked-in config.json stay here
+        excluded = {args[i + 1] for i, arg in enumerate(args) if arg == "--exclude"}
+        assert excluded == {".*", "*/.*", "config.json"}
+    assert copy[-2:] == config[-2:] == ("--cache-control", "no-cache")
+    assert config[:4] == ("s3", "cp", "-", "s3://site/config.json")
+    assert "application/json" in config
+    assert json.loads(options["stdin"]) == {"apiUrl": "http://127.0.0.1:3000"}
 
 
-def test_config_names_the_api_without_a_trailing_slash() -> None:
-    assert json.loads(site_config("http://127.0.0.1:3000/")) == {"apiUrl": "http://127.0.0.1:3000"}
+def test_a_site_without_index_html_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "app.js").write_text("//")
+    with pytest.raises(FileNotFoundError, match=r"index\.html"):
+        recorded(tmp_path, "http://127.0.0.1:3000")
 
 
 def test_urls_for_localstack_and_for_aws(monkeypatch: pytest.MonkeyPatch) -> None:
