@@ -166,7 +166,7 @@ def deploy(stage: Stage, overrides: Sequence[str] = (), package_dir: Path = PACK
     say(f"account {stage.account}, region {stage.session.region_name}, stack {stage.stack}")
     require_secrets(stage.client("ssm"), stage.secrets_path, stage.name, stage.kms_key_id)
     if not stage.session.resource("s3").Bucket(stage.bucket).creation_date:
-        stage.aws("s3", "mb", f"s3://{stage.bucket}")  # private: S3 blocks public access
+        stage.aws("s3", "mb", f"s3://{stage.bucket}", quiet=False)  # private: S3's default
     if stage.status() == "ROLLBACK_COMPLETE":  # a failed create can only be deleted
         say(f"stack {stage.stack} is ROLLBACK_COMPLETE (its create failed): deleting it first")
         stage.delete(poll=5)
