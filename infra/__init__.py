@@ -23,14 +23,18 @@ def aws(
     quiet: bool = True,
 ) -> None:
     """The AWS CLI as pinned in requirements-dev.txt (`quiet`: its errors only); `endpoint`:
-    LocalStack's, which takes any credentials."""
+    LocalStack's, which is sent dummy credentials, never the ones this shell may hold."""
     where = ["--region", region, *(["--endpoint-url", endpoint] if endpoint else [])]
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"} if endpoint else {}
+    env = dict(os.environ)
+    if endpoint:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            env.pop(name, None)
+        env.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test")  # noqa: S106 (dummy)
     done = subprocess.run(
         [sys.executable, "-m", "awscli", *where, *args],
         input=stdin,
         stdout=subprocess.DEVNULL if quiet else None,
-        env={**env, **os.environ},
+        env=env,
         check=False,
     )
     if done.returncode != 0:

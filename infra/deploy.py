@@ -146,12 +146,14 @@ def recycle_functions(lambda_: Any, functions: list[str], stamp: str) -> None:
 def check_health(api_url: str) -> str:
     """GET /health once (a cold start in a VPC reads SSM first: allow it time); 503 says why."""
     try:
-        data = requests.get(f"{api_url}/health", timeout=30).json()["data"]
-        return f"{data['status']} ({', '.join(f'{k} {v}' for k, v in data['services'].items())})"
+        response = requests.get(f"{api_url}/health", timeout=30)
     except requests.RequestException as exc:
         return f"no answer ({exc})"
-    except (ValueError, KeyError, TypeError) as exc:
-        return f"unexpected answer ({exc!r})"
+    try:
+        data = response.json()["data"]
+        return f"{data['status']} ({', '.join(f'{k} {v}' for k, v in data['services'].items())})"
+    except (ValueError, KeyError, TypeError):
+        return f"unexpected answer {response.text[:200]!r}"
 
 
 def deploy(stage: Stage, overrides: Sequence[str] = (), package_dir: Path = PACKAGE_DIR) -> str:

@@ -1,6 +1,7 @@
 """infra/deploy.py where AWS would say no: the refusals and failure reports that the
 LocalStack run (test_infra_localstack.py) cannot provoke, and the Makefile's mapping of its
-variables onto the stack's parameters. No service is called here: AWS's answers come from
+variables onto the stack's parameters, what the deploy says of /health, and the credentials
+LocalStack is sent. No AWS service is called here: AWS's answers come from
 tests/support/aws.py."""
 
 from __future__ import annotations
@@ -8,14 +9,16 @@ from __future__ import annotations
 import io
 import json
 import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
 
-from infra import DeployError
-from infra.deploy import deploy
+from infra import DeployError, aws
+from infra.deploy import check_health, deploy
 from tests.support.aws import offline_stage
 
 pytestmark = pytest.mark.integration
@@ -161,3 +164,47 @@ def test_a_stack_that_does_not_exist_is_none() -> None:
     denied = {"Error": {"Code": "AccessDenied", "Message": "not allowed"}}
     with pytest.raises(ClientError, match="AccessDenied"):
         offline_stage(DescribeStacks=denied).status()
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected"),
+    [
+        (
+            503,
+            b'{"data": {"status": "degraded", "services": {"redis": "down"}}}',
+            "degraded (redis down)",
+        ),
+        (200, b"<html>a proxy's page</html>", 'unexpected answer "<html>a proxy\'s page</html>"'),
+    ],
+)
+def test_health_says_what_the_api_answered(status: int, body: bytes, expected: str) -> None:
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert check_health(f"http://127.0.0.1:{server.server_port}") == expected
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert check_health(f"http://127.0.0.1:{server.server_port}").startswith("no answer (")
+
+
+def test_localstack_gets_dummy_credentials_never_the_shells(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAREALKEYOFTHEUSER")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "real-secret")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "real-token")
+    monkeypatch.setenv("AWS_PROFILE", "a-profile-this-machine-does-not-have")
+    aws("configure", "list", region="us-east-1", endpoint="http://127.0.0.1:4566", quiet=False)
+    listed = capfd.readouterr().out
+    assert "****************test" in listed and "USER" not in listed
