@@ -259,6 +259,8 @@ class Settings(_Bootstrap):
     run_max_output_bytes: int = Field(20_000_000, ge=1024, le=10_000_000_000)
     agent_max_output_depth: int = Field(100, ge=4, le=1000)
     run_stage_timeout_seconds: int = Field(900, ge=60, le=900)
+    # A completion runs the first stage it made ready in the same invocation (no SQS hop).
+    eager_dispatch: bool = True
     poller_concurrency: int = Field(16, ge=1, le=64)
     poller_batch_size: int = Field(10, ge=1, le=10)
     poller_wait_seconds: int = Field(1, ge=0, le=20)

@@ -327,8 +327,7 @@ def _execute(
         return "failed"
     trace.mark("completed", claimed.run_id, claimed.stage_id)
     if done.send:
-        _send(claimed.run_id, done.send)
-        trace.mark("sent", claimed.run_id, claimed.stage_id)
+        _dispatch(claimed, done.send, invocation)
     parked: dict[str, list[str]] = {}
     for stage_id, capability in done.parked:
         observability.metric("CapacityWaits", 1, capability=capability)
@@ -412,6 +411,31 @@ def stage_input_of(claimed: stages.ClaimedStage, context: stages.StageContext) -
         return stages.default_input(claimed, context)
     check_input_size(claimed.input_template, context.workflow_input, context.outputs)
     return resolve(claimed.input_template, context.workflow_input, context.outputs)
+
+
+def _dispatch(completed: stages.ClaimedStage, ready: list[str], invocation: Invocation) -> None:
+    """The stages a completion made ready: the first runs here, in this invocation, with
+    no queue hop (eager dispatch), while the invocation may run more; the others, or all
+    of them past the hand-off budget or with MAOF_EAGER_DISPATCH off, go through SQS. A
+    crash between the completion's commit and the claim leaves the stage queued with no
+    message: the sweeper sends it, as it does for a message lost between commit and send."""
+    run_id, rest = completed.run_id, ready
+    trace.mark("sent", run_id, completed.stage_id)
+    if get_settings().eager_dispatch and _may_start_here(invocation):
+        first, rest = ready[0], ready[1:]
+        trace.mark("received", run_id, first)
+        try:
+            here = stages.claim_stage(run_id, first)
+        except Exception as exc:  # it goes through SQS with the others
+            logger.warning("could not claim a ready stage", extra={"error": type(exc).__name__})
+            rest = ready
+        else:  # None: its run ended meanwhile, or a duplicate delivery took it first
+            if here is not None:
+                trace.mark("claimed", run_id, first)
+                assert invocation.group is not None  # _may_start_here
+                invocation.group.spawn(functools.partial(_run_claimed, here, invocation))
+    if rest:
+        _send(run_id, rest)
 
 
 def _send(run_id: uuid.UUID, stage_ids: list[str], delay_seconds: float = 0) -> None:

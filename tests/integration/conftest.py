@@ -200,14 +200,21 @@ class SentMessages:
 
 
 @pytest.fixture
-def sent(monkeypatch: pytest.MonkeyPatch) -> SentMessages:
+def sent(monkeypatch: pytest.MonkeyPatch) -> Iterator[SentMessages]:
+    """Every stage goes through the (recorded) queue: eager dispatch off, so a test that
+    delivers messages by hand decides every hop, including the stages a completion makes
+    ready (test_eager_dispatch.py tests them run in the completing invocation)."""
+    monkeypatch.setenv("MAOF_EAGER_DISPATCH", "false")
+    reset_settings()
     recorder = SentMessages()
     from chalicelib.engine import handlers
     from chalicelib.workflows import runs
 
     monkeypatch.setattr(runs, "send_stage_messages", recorder)
     monkeypatch.setattr(handlers, "send_stage_messages", recorder)
-    return recorder
+    yield recorder
+    monkeypatch.undo()
+    reset_settings()
 
 
 @pytest.fixture

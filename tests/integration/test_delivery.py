@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
+from chalicelib.config import reset_settings
 from chalicelib.core import api as run_ids
 from chalicelib.core.api import Principal
 from chalicelib.db import session_scope
@@ -327,3 +328,132 @@ def test_a_row_altered_behind_the_triggers_back_breaks_the_chain(user, sent):
     chain_status = user.get(f"/workflows/{ref}/audit").json()["data"]["chain"]
     assert chain_status["valid"] is False
     assert chain_status["brokenAtSeq"] == 2
+
+
+# ------------------------------------------------------------------ eager dispatch
+# A completion runs the first stage it made ready in the same invocation (no queue hop);
+# the others, and all of them past the hand-off budget, go through SQS.
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> SentMessages:
+    """Sends recorded, not sent, with eager dispatch as configured (on by default)."""
+    recorder = SentMessages()
+    monkeypatch.setattr(runs, "send_stage_messages", recorder)
+    monkeypatch.setattr(handlers, "send_stage_messages", recorder)
+    return recorder
+
+
+def test_a_ready_stage_runs_in_the_invocation_that_completed_the_one_before(user, recorded):
+    capability = unique_capability("eager")
+    register_agent(user, capability)
+    run_id = submit_direct(user, chain(capability, "a", "b", "c"))
+    assert handlers.run_stage_batch([record(run_id, "a")]) == {"batchItemFailures": []}
+    # One message (the submission's); b and c ran in a's invocation, which waited for them.
+    assert recorded.sent == [(run_id, "a")]
+    assert audit_actions(run_id) == [
+        ("submit", None),
+        ("execute", "a"),
+        ("execute", "b"),
+        ("execute", "c"),
+        ("complete", None),
+    ]
+    # A late duplicate of b's message (a sweeper's re-send) finds it done: nothing happens.
+    assert handlers.run_stage(run_id, "b") == "not-queued"
+    assert stage_row(run_id, "b").attempt == 1
+    assert audit_actions(run_id).count(("execute", "b")) == 1
+
+
+def test_of_a_fan_out_one_stage_runs_here_and_the_others_are_queued(user, recorded):
+    capability = unique_capability("eagerfan")
+    register_agent(user, capability)
+    branches = ("b1", "b2", "b3")
+    run_id = submit_direct(
+        user,
+        [
+            {"id": "a", "name": "A", "agentCapability": capability},
+            *[
+                {"id": b, "name": b, "agentCapability": capability, "dependencies": ["a"]}
+                for b in branches
+            ],
+        ],
+    )
+    handlers.run_stage_batch([record(run_id, "a")])
+    statuses = {b: stage_row(run_id, b).status for b in branches}
+    ran_here = [b for b, status in statuses.items() if status == "completed"]
+    assert len(ran_here) == 1, statuses
+    queued = sorted(b for b in branches if b not in ran_here)
+    assert sorted(s for r, s in recorded.sent if s != "a") == queued
+    assert all(statuses[b] == "queued" for b in queued)
+
+
+def test_past_the_hand_off_budget_a_ready_stage_goes_through_sqs(user, recorded, monkeypatch):
+    monkeypatch.setattr(handlers, "HANDOFF_BUDGET_SECONDS", -1.0)  # every invocation is past it
+    capability = unique_capability("eagerlate")
+    register_agent(user, capability)
+    run_id = submit_direct(user, chain(capability, "a", "b"))
+    handlers.run_stage_batch([record(run_id, "a")])
+    assert recorded.sent == [(run_id, "a"), (run_id, "b")]
+    assert stage_row(run_id, "b").status == "queued"
+
+
+def test_with_eager_dispatch_off_every_ready_stage_goes_through_sqs(user, recorded, monkeypatch):
+    monkeypatch.setenv("MAOF_EAGER_DISPATCH", "false")
+    reset_settings()
+    try:
+        capability = unique_capability("eageroff")
+        register_agent(user, capability)
+        run_id = submit_direct(user, chain(capability, "a", "b"))
+        handlers.run_stage_batch([record(run_id, "a")])
+    finally:
+        monkeypatch.delenv("MAOF_EAGER_DISPATCH")
+        reset_settings()
+    assert recorded.sent == [(run_id, "a"), (run_id, "b")]
+    assert stage_row(run_id, "b").status == "queued"
+
+
+def test_a_ready_stage_whose_claim_fails_is_sent_instead(user, recorded, monkeypatch):
+    capability = unique_capability("eagerdb")
+    register_agent(user, capability)
+    run_id = submit_direct(user, chain(capability, "a", "b"))
+    claim = stages.claim_stage
+
+    def claim_a_only(run: uuid.UUID, stage_id: str, **kwargs: Any) -> Any:
+        if stage_id == "b":
+            raise OperationalError("UPDATE …", {}, Exception("server closed the connection"))
+        return claim(run, stage_id, **kwargs)
+
+    monkeypatch.setattr(stages, "claim_stage", claim_a_only)
+    assert handlers.run_stage_batch([record(run_id, "a")]) == {"batchItemFailures": []}
+    assert recorded.sent == [(run_id, "a"), (run_id, "b")]
+    assert stage_row(run_id, "a").status == "completed"
+    assert stage_row(run_id, "b").status == "queued"
+
+
+def test_a_worker_that_dies_between_the_completion_and_the_claim_is_covered_by_the_sweeper(
+    user, poller, monkeypatch
+):
+    capability = unique_capability("eagerdead")
+    register_agent(user, capability)
+    monkeypatch.setattr(runs, "send_stage_messages", SentMessages())  # a: delivered by hand
+    died = SentMessages()
+    monkeypatch.setattr(
+        handlers, "_dispatch", lambda completed, ready, _: died(completed.run_id, ready)
+    )
+    run_id = submit_direct(user, chain(capability, "a", "b"))
+    handlers.run_stage_batch([record(run_id, "a")])
+    assert died.sent == [(run_id, "b")]  # committed ready, then the worker was gone
+    assert stage_row(run_id, "b").status == "queued"
+    monkeypatch.undo()
+    with session_scope() as session:
+        session.execute(
+            text(
+                "UPDATE stage_executions SET queued_at = now() - interval '1 hour' "
+                "WHERE run_id = :r AND stage_id = 'b'"
+            ),
+            {"r": run_id},
+        )
+    assert handlers.sweep_stalled_stages()["requeued"] >= 1
+    run = wait_for_run(user, run_ids.run_ref(run_id))
+    assert run["status"] == "completed", run
+    assert ("requeue", "b") in audit_actions(run_id)
