@@ -94,6 +94,19 @@ def chain(capability: str, *ids: str) -> list[dict[str, Any]]:
     ]
 
 
+def stalled_then_swept(client: Any, run_id: uuid.UUID, past: str, stage_id: str | None = None):
+    """Time passes (`past`: an assignment backdating the run's stage rows, or one of them),
+    the sweeper runs and re-queues something; returns the run once it has ended."""
+    where = "run_id = :r" + (" AND stage_id = :s" if stage_id else "")
+    with session_scope() as session:
+        session.execute(
+            text(f"UPDATE stage_executions SET {past} WHERE {where}"),
+            {"r": run_id, "s": stage_id},
+        )
+    assert handlers.sweep_stalled_stages()["requeued"] >= 1
+    return wait_for_run(client, run_ids.run_ref(run_id))
+
+
 def test_duplicate_delivery_runs_stage_once(user, sent):
     capability = unique_capability("dup")
     register_agent(user, capability)
@@ -157,16 +170,7 @@ def test_worker_killed_between_claim_and_completion_is_recovered_by_the_sweeper(
     dead_worker = stages.claim_stage(run_id, "a")
     assert dead_worker is not None
     # The worker dies; time passes until its lease is over.
-    with session_scope() as session:
-        session.execute(
-            text(
-                "UPDATE stage_executions SET lease_expires_at = now() - interval '1 second' "
-                "WHERE run_id = :r AND stage_id = 'a'"
-            ),
-            {"r": run_id},
-        )
-    assert handlers.sweep_stalled_stages()["requeued"] >= 1
-    run = wait_for_run(user, run_ids.run_ref(run_id))
+    run = stalled_then_swept(user, run_id, "lease_expires_at = now() - interval '1 second'", "a")
     assert run["status"] == "completed", run
     # A redelivery of the same attempt: the agent sees the same Idempotency-Key.
     assert stage_row(run_id, "a").attempt == 1
@@ -200,15 +204,7 @@ def test_message_lost_between_commit_and_send_is_recovered_by_the_sweeper(
     run_ref = response.json()["data"]["workflowRunId"]
     run_id = run_ids.parse_run_ref(run_ref)
     assert stage_row(run_id, "a").status == "queued"
-    with session_scope() as session:
-        session.execute(
-            text(
-                "UPDATE stage_executions SET queued_at = now() - interval '1 hour' WHERE run_id = :r"
-            ),
-            {"r": run_id},
-        )
-    assert handlers.sweep_stalled_stages()["requeued"] >= 1
-    run = wait_for_run(user, run_ref)
+    run = stalled_then_swept(user, run_id, "queued_at = now() - interval '1 hour'")
     assert run["status"] == "completed", run
     assert ("requeue", "a") in audit_actions(run_id)
 
@@ -445,15 +441,6 @@ def test_a_worker_that_dies_between_the_completion_and_the_claim_is_covered_by_t
     assert died.sent == [(run_id, "b")]  # committed ready, then the worker was gone
     assert stage_row(run_id, "b").status == "queued"
     monkeypatch.undo()
-    with session_scope() as session:
-        session.execute(
-            text(
-                "UPDATE stage_executions SET queued_at = now() - interval '1 hour' "
-                "WHERE run_id = :r AND stage_id = 'b'"
-            ),
-            {"r": run_id},
-        )
-    assert handlers.sweep_stalled_stages()["requeued"] >= 1
-    run = wait_for_run(user, run_ids.run_ref(run_id))
+    run = stalled_then_swept(user, run_id, "queued_at = now() - interval '1 hour'", "b")
     assert run["status"] == "completed", run
     assert ("requeue", "b") in audit_actions(run_id)
