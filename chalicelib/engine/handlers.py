@@ -101,7 +101,13 @@ class TaskGroup:
     def spawn(self, task: Callable[[], Any]) -> None:
         with self._done:
             self._pending += 1
-        _batch_pool().submit(self._run, task)
+        try:
+            _batch_pool().submit(self._run, task)
+        except BaseException:  # not started (the pool is shutting down): not waited for
+            with self._done:
+                self._pending -= 1
+                self._done.notify_all()
+            raise
 
     def _run(self, task: Callable[[], Any]) -> None:
         try:
@@ -424,16 +430,17 @@ def _dispatch(completed: stages.ClaimedStage, ready: list[str], invocation: Invo
     if get_settings().eager_dispatch and _may_start_here(invocation):
         first, rest = ready[0], ready[1:]
         trace.mark("received", run_id, first)
+        here = None  # None after the claim: its run ended, or a duplicate took it first
         try:
-            here = stages.claim_stage(run_id, first)
-        except Exception as exc:  # it goes through SQS with the others
-            logger.warning("could not claim a ready stage", extra={"error": type(exc).__name__})
-            rest = ready
-        else:  # None: its run ended meanwhile, or a duplicate delivery took it first
-            if here is not None:
+            if (here := stages.claim_stage(run_id, first)) is not None:
                 trace.mark("claimed", run_id, first)
                 assert invocation.group is not None  # _may_start_here
                 invocation.group.spawn(functools.partial(_run_claimed, here, invocation))
+        except Exception as exc:  # it goes through SQS with the others
+            logger.warning("could not start a ready stage", extra={"error": type(exc).__name__})
+            if here is not None:
+                _release_quietly(here)
+            rest = ready
     if rest:
         _send(run_id, rest)
 

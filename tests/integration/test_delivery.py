@@ -426,6 +426,37 @@ def test_a_ready_stage_whose_claim_fails_is_sent_instead(user, recorded, monkeyp
     assert stage_row(run_id, "b").status == "queued"
 
 
+def test_a_ready_stage_that_cannot_be_started_here_is_released_and_sent(
+    user, recorded, monkeypatch
+):
+    capability = unique_capability("eagerspawn")
+    register_agent(user, capability)
+    run_id = submit_direct(user, chain(capability, "a", "b"))
+
+    def pool_gone(self: Any, task: Any) -> None:
+        raise RuntimeError("cannot schedule new futures after shutdown")
+
+    monkeypatch.setattr(handlers.TaskGroup, "spawn", pool_gone)
+    assert handlers.run_stage_batch([record(run_id, "a")]) == {"batchItemFailures": []}
+    assert recorded.sent == [(run_id, "a"), (run_id, "b")]
+    b = stage_row(run_id, "b")
+    assert (b.status, b.claim_token, b.attempt) == ("queued", None, 1)  # claimed, handed back
+
+
+def test_a_task_the_pool_refuses_is_not_waited_for(monkeypatch):
+    class Refusing:
+        def submit(self, *_: Any) -> None:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    monkeypatch.setattr(handlers, "_batch_pool", Refusing)
+    group = handlers.TaskGroup()
+    with pytest.raises(RuntimeError):
+        group.spawn(lambda: None)
+    done = threading.Event()
+    threading.Thread(target=lambda: (group.wait(), done.set()), daemon=True).start()
+    assert done.wait(5), "wait() hung on a task that never started"
+
+
 def test_a_worker_that_dies_between_the_completion_and_the_claim_is_covered_by_the_sweeper(
     user, poller, monkeypatch
 ):
