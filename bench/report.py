@@ -470,7 +470,7 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             "## drain: N workflows queued at once, drained by the poller",
             "",
-            "| Workflow | Runs | Agent | Concurrency | Workflows/s | Stages/s | From drain start p50 / p95 / p99 ms | Run span p50 / p95 / p99 ms | Records per invocation | Verified |",
+            "| Workflow | Runs | Agent | Concurrency | Workflows/s | Stages/s | From drain start p50 / p95 / p99 ms | Run span p50 / p95 / p99 ms | Stages per invocation | Verified |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for item in drain:
