@@ -3,7 +3,8 @@
 Groups: `maof` (this process: the engine, the poller, the app, or the bench's own client
 when MAOF runs in processes of its own), `localstack`, `postgres` (every backend: other
 clients of the same server count too), `redis`, and whatever processes a scenario started
-itself, named by the caller (`snapshot(named={pid: group})`: the API, the poller, agents).
+itself, named by the caller (`snapshot(named={pid: group})`: the API, the poller, agents),
+with the processes those started (the poller's helpers).
 Linux only; empty elsewhere.
 """
 
@@ -16,11 +17,20 @@ from pathlib import Path
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _group(pid: int, named: Mapping[int, str]) -> str | None:
     if pid in named:
         return named[pid]
     if pid == os.getpid():
         return "maof"
+    if (parent := _parent(pid)) in named:  # a process a named one started (poller helpers)
+        return named[parent]
     try:
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
         if comm == "postgres":

@@ -262,6 +262,7 @@ class Settings(_Bootstrap):
     # A completion runs the first stage it made ready in the same invocation (no SQS hop).
     eager_dispatch: bool = True
     poller_concurrency: int = Field(16, ge=1, le=64)
+    poller_processes: int = Field(2, ge=1, le=16)
     poller_batch_size: int = Field(10, ge=1, le=10)
     poller_wait_seconds: int = Field(1, ge=0, le=20)
     db_pool_size: int = Field(10, ge=1, le=100)

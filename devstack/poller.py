@@ -22,6 +22,7 @@ import functools
 import hashlib
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -315,24 +316,29 @@ class Poller:
                 )
 
 
-def from_app(concurrency: int | None = None, api_url: str | None = None) -> Poller:
-    """A poller wired to the Chalice app's own handlers, re-creating the local resources
-    when LocalStack loses them (the dashboard too, when `api_url` names the API)."""
+def from_app(
+    concurrency: int | None = None, api_url: str | None = None, helper: bool = False
+) -> Poller:
+    """A poller wired to the Chalice app's own handlers and schedules, re-creating the
+    local resources when LocalStack loses them (the dashboard too, when `api_url` names the
+    API). A `helper` (a second process of the same poller) only drains the queue: one
+    process runs the schedules, and one re-creates what LocalStack lost (two would race:
+    one could re-create the bucket empty, the other then find it there and not re-publish)."""
     import app as maof
 
     settings = get_settings()
-    schedules: list[tuple[str, Handler, float]] = [
+    scheduled: list[tuple[str, Handler, float]] = [
         (name, maof.app.handler_map[name], float(interval))
         for name, interval in (
             ("sweep_stalled_stages", settings.sweep_interval_seconds),
             ("check_agent_health", settings.agent_health_interval_seconds),
             ("write_audit_checkpoint", settings.audit_checkpoint_interval_seconds),
         )
-        if name in maof.app.handler_map
+        if not helper and name in maof.app.handler_map
     ]
-    keeper = ResourceKeeper(settings, api_url)
+    keeper = None if helper else ResourceKeeper(settings, api_url)
     return Poller(
-        maof.app.handler_map["run_stage"], schedules, concurrency=concurrency, keeper=keeper
+        maof.app.handler_map["run_stage"], scheduled, concurrency=concurrency, keeper=keeper
     )
 
 
@@ -344,45 +350,108 @@ def from_app(concurrency: int | None = None, api_url: str | None = None) -> Poll
 CONNECTIONS_PER_EXECUTION = 2
 
 
+def pool_size(configured: str | None, concurrency: int) -> int:
+    """The connections a poller process of `concurrency` executions keeps: MAOF_DB_POOL_SIZE
+    if set (empty is unset, as everywhere in the settings), else CONNECTIONS_PER_EXECUTION
+    per execution."""
+    return int(configured) if configured else min(100, CONNECTIONS_PER_EXECUTION * concurrency)
+
+
 def size_database_pool(environ: MutableMapping[str, str], concurrency: int) -> None:
-    """Keep CONNECTIONS_PER_EXECUTION connections per execution, unless MAOF_DB_POOL_SIZE
-    is set (empty is unset, as everywhere in the settings)."""
+    """Set MAOF_DB_POOL_SIZE to pool_size() for this process, unless it is set."""
     if not environ.get("MAOF_DB_POOL_SIZE"):
-        environ["MAOF_DB_POOL_SIZE"] = str(min(100, CONNECTIONS_PER_EXECUTION * concurrency))
+        environ["MAOF_DB_POOL_SIZE"] = str(pool_size(None, concurrency))
         reset_settings()
+
+
+def shares(total: int, processes: int) -> list[int]:
+    """`total` executions over at most `processes` processes, as evenly as they go."""
+    count = max(1, min(processes, total))
+    return [total // count + (1 if index < total % count else 0) for index in range(count)]
+
+
+def start_helpers(executions: list[int]) -> list[subprocess.Popen[bytes]]:
+    """One helper process per entry: it drains the queue with that many executions, runs no
+    schedules, and exits as soon as this process is gone (killed too: then it is a crash,
+    with no cleanup, as a killed Lambda's)."""
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "devstack.poller",
+                "--concurrency",
+                str(count),
+                "--helper-of",
+                str(os.getpid()),
+            ]
+        )
+        for count in executions
+    ]
+
+
+def _exit_with(parent: int) -> None:
+    """Watch the process that started this helper: when it is gone, exit at once."""
+    while os.getppid() == parent:
+        time.sleep(0.1)
+    os._exit(1)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m devstack.poller")
-    parser.add_argument("--concurrency", type=int, default=None)
+    parser.add_argument("--concurrency", type=int, default=None, help="executions in all")
     parser.add_argument(
         "--api-url", default=None, help="the API the dashboard names, to re-publish it"
     )
+    parser.add_argument("--helper-of", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    helpers: list[subprocess.Popen[bytes]] = []
     try:
-        size_database_pool(os.environ, args.concurrency or get_settings().poller_concurrency)
-        poller = from_app(args.concurrency, args.api_url).start()
+        settings = get_settings()
+        if args.helper_of is not None:
+            threading.Thread(target=_exit_with, args=(args.helper_of,), daemon=True).start()
+            mine = [args.concurrency or settings.poller_concurrency]
+        else:
+            total = args.concurrency or settings.poller_concurrency
+            mine = shares(total, settings.poller_processes)
+            helpers = start_helpers(mine[1:])
+        kept = sum(pool_size(os.environ.get("MAOF_DB_POOL_SIZE"), share) for share in mine)
+        size_database_pool(os.environ, mine[0])
+        poller = from_app(mine[0], args.api_url, helper=args.helper_of is not None).start()
     except ConfigError as exc:
         print(f"maof: configuration error: {exc}", file=sys.stderr)
         return 2
-    print(
-        f"poller: draining {poller.queue_url} with up to {poller.concurrency} executions, "
-        f"batches of up to {poller.batch_size}, {poller.wait_seconds} s long polls, "
-        f"{get_settings().db_pool_size} database connections kept",
-        flush=True,
-    )
+    if args.helper_of is None:
+        print(
+            f"poller: draining {poller.queue_url} with up to {sum(mine)} executions, "
+            f"batches of up to {poller.batch_size}, {poller.wait_seconds} s long polls, "
+            f"{kept} database connections kept, in {len(mine)} process(es)",
+            flush=True,
+        )
     # Stopped (Ctrl-C, or make dev's SIGTERM), it lets its receives return before it exits:
     # a long poll cut off mid-wait stays open in SQS (LocalStack too) and takes the next
     # messages for a client that is gone, where they sit until the visibility timeout.
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    status = 0
     try:
         while not stopping.wait(0.5):
-            pass
+            if any(helper.poll() is not None for helper in helpers):
+                print("poller: a helper process exited; stopping", file=sys.stderr, flush=True)
+                status = 1
+                break
     except KeyboardInterrupt:
         pass
+    for helper in helpers:
+        if helper.poll() is None:
+            helper.terminate()
     poller.stop(timeout=poller.wait_seconds + 5.0)
-    return 0
+    for helper in helpers:
+        try:
+            helper.wait(poller.wait_seconds + 10.0)
+        except subprocess.TimeoutExpired:
+            helper.kill()
+    return status
 
 
 if __name__ == "__main__":

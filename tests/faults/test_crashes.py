@@ -43,8 +43,8 @@ class PollerProcess:
     """`python -m devstack.poller` as `make dev` runs it (the app's handlers, the
     sweeper and health checks on their default schedules), on a queue of its own."""
 
-    def __init__(self, queue_name: str, log: Path) -> None:
-        self.env = {**os.environ, "MAOF_STAGE_QUEUE_NAME": queue_name}
+    def __init__(self, queue_name: str, log: Path, **env: str) -> None:
+        self.env = {**os.environ, "MAOF_STAGE_QUEUE_NAME": queue_name, **env}
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -92,6 +92,39 @@ def crash_queue() -> Iterator[str]:
         sqs.delete_queue(QueueUrl=sqs.get_queue_url(QueueName=queue)["QueueUrl"])
 
 
+def sender_to(queue_name: str) -> Any:
+    """A stand-in for send_stage_messages that sends to `queue_name`."""
+    sqs = aws_client("sqs")
+    queue_url = sqs.get_queue_url(QueueName=queue_name)["QueueUrl"]
+
+    def send(run_id: uuid.UUID, stage_ids: list[str], **_: Any) -> None:
+        entries = [
+            {"Id": str(i), "MessageBody": StageMessage(run_id, s).body()}
+            for i, s in enumerate(stage_ids)
+        ]
+        sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
+
+    return send
+
+
+def helpers_of(pid: int) -> list[int]:
+    """The live helper processes a poller started (`--helper-of PID`)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if (
+            b"--helper-of" in cmdline
+            and cmdline[cmdline.index(b"--helper-of") + 1] == str(pid).encode()
+            and state != "Z"
+        ):
+            found.append(int(entry.name))
+    return found
+
+
 @pytest.fixture
 def pollers(crash_queue: str, tmp_path: Path) -> Iterator[list[PollerProcess]]:
     started: list[PollerProcess] = []
@@ -107,17 +140,7 @@ def test_a_worker_killed_mid_call_is_replaced_and_the_stage_completes_once(
     agent.script.append(sleep(8, {"too": "late"}))  # the first call outlives its worker
     capability = unique_capability("killed")
     register_agent(user, capability, endpoint=agent.url)
-    sqs = aws_client("sqs")
-    queue_url = sqs.get_queue_url(QueueName=crash_queue)["QueueUrl"]
-
-    def to_crash_queue(run_id: uuid.UUID, stage_ids: list[str], **_: Any) -> None:
-        entries = [
-            {"Id": str(i), "MessageBody": StageMessage(run_id, s).body()}
-            for i, s in enumerate(stage_ids)
-        ]
-        sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
-
-    monkeypatch.setattr(runs, "send_stage_messages", to_crash_queue)
+    monkeypatch.setattr(runs, "send_stage_messages", sender_to(crash_queue))
     log = tmp_path / "poller.log"
     first = PollerProcess(crash_queue, log).start()
     pollers.append(first)
@@ -138,6 +161,33 @@ def test_a_worker_killed_mid_call_is_replaced_and_the_stage_completes_once(
     assert executes_per_stage(audit(user, run_id)) == {"a": 1, "b": 1}
     assert run["stages"][0]["output"] == {"done": True}
     assert_ended_for_good(user, run_id, agent)
+
+
+def test_the_poller_runs_in_several_processes_that_stop_and_die_with_it(
+    user, agents, crash_queue, pollers, tmp_path, monkeypatch
+):
+    agent = start_agent(agents, default=ok({"done": True}))
+    capability = unique_capability("helpers")
+    register_agent(user, capability, endpoint=agent.url)
+    monkeypatch.setattr(runs, "send_stage_messages", sender_to(crash_queue))
+    log = tmp_path / "poller.log"
+    first = PollerProcess(crash_queue, log, MAOF_POLLER_PROCESSES="2").start()
+    pollers.append(first)
+    assert first.process is not None
+    assert "up to 16 executions" in first.tail() and "in 2 process(es)" in first.tail()
+    [helper] = wait_until(lambda: helpers_of(first.process.pid), timeout=10)
+    run_ids = [submit(user, pipeline(capability, "a", "b")) for _ in range(6)]
+    for run_id in run_ids:
+        assert wait_terminal(user, run_id, DEADLINE, agent)["status"] == "completed"
+    first.kill()  # SIGKILL: its helper goes too, at once
+    wait_until(lambda: helper not in helpers_of(first.process.pid), timeout=5)
+    second = PollerProcess(crash_queue, log, MAOF_POLLER_PROCESSES="2").start()
+    pollers.append(second)
+    assert second.process is not None
+    [helper] = wait_until(lambda: helpers_of(second.process.pid), timeout=10)
+    second.process.terminate()  # SIGTERM (make dev's Ctrl-C): both stop, cleanly
+    assert second.process.wait(30) == 0
+    wait_until(lambda: not helpers_of(second.process.pid), timeout=5)
 
 
 class InjectedFault(Exception):
