@@ -140,7 +140,7 @@ class Services:
 
 _BANNER = re.compile(
     r"poller: draining \S+ with up to (\d+) executions, batches of up to (\d+), "
-    r"(\d+) s long polls, (\d+) database connections kept"
+    r"(\d+) s long polls, (\d+) database connections kept, in (\d+) process"
 )
 
 
@@ -212,6 +212,7 @@ def start_services(
             "batch_size": int(found.group(2)),
             "wait_seconds": int(found.group(3)),
             "database_connections_kept": int(found.group(4)),
+            "processes": int(found.group(5)),
         },
         pids=pids,
         processes=processes,

@@ -659,8 +659,8 @@ def _capacity_markdown(result: dict[str, Any]) -> list[str]:
         f"The API (`devstack.api`) and the poller (`devstack.poller`: "
         f"{poller['concurrency']} executions at most, batches of up to {poller['batch_size']}, "
         f"{poller['wait_seconds']} s long polls, "
-        f"{poller.get('database_connections_kept', DASH)} database connections kept) in "
-        "processes of their own"
+        f"{poller.get('database_connections_kept', DASH)} database connections kept, "
+        f"{poller.get('processes', 1)} process(es)) in processes of their own"
         + (
             f", with {', '.join(f'{k}={v}' for k, v in overridden.items())} instead of make "
             "dev's defaults"
