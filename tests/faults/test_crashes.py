@@ -185,9 +185,15 @@ def test_the_poller_runs_in_several_processes_that_stop_and_die_with_it(
     pollers.append(second)
     assert second.process is not None
     [helper] = wait_until(lambda: helpers_of(second.process.pid), timeout=10)
-    second.process.terminate()  # SIGTERM (make dev's Ctrl-C): both stop, cleanly
-    assert second.process.wait(30) == 0
-    wait_until(lambda: not helpers_of(second.process.pid), timeout=5)
+    os.kill(helper, signal.SIGKILL)  # a helper that dies takes the poller down (make dev sees it)
+    assert second.process.wait(30) == 1
+    third = PollerProcess(crash_queue, log, MAOF_POLLER_PROCESSES="2").start()
+    pollers.append(third)
+    assert third.process is not None
+    wait_until(lambda: helpers_of(third.process.pid), timeout=10)
+    third.process.terminate()  # SIGTERM (make dev's Ctrl-C): both stop, cleanly
+    assert third.process.wait(30) == 0
+    wait_until(lambda: not helpers_of(third.process.pid), timeout=5)
 
 
 class InjectedFault(Exception):

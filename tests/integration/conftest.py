@@ -203,7 +203,7 @@ class SentMessages:
 def sent(monkeypatch: pytest.MonkeyPatch) -> Iterator[SentMessages]:
     """Every stage goes through the (recorded) queue: eager dispatch off, so a test that
     delivers messages by hand decides every hop, including the stages a completion makes
-    ready (test_eager_dispatch.py tests them run in the completing invocation)."""
+    ready (test_delivery.py's eager dispatch tests have them run where they complete)."""
     monkeypatch.setenv("MAOF_EAGER_DISPATCH", "false")
     reset_settings()
     recorder = SentMessages()
