@@ -391,9 +391,19 @@ def _start_waiting(
     if claimed is None:
         release(slot)  # someone handed it a slot already, or its run ended
         return
-    policy = DispatchPolicy.of(claimed.config)
-    handed = hand_over(slot, _wall_clock(_call_deadline(policy, invocation.deadline)))
-    assert invocation.group is not None  # _may_start_here
+    _run_here(claimed, invocation, slot)
+
+
+def _run_here(
+    claimed: stages.ClaimedStage, invocation: Invocation, slot: AgentChoice | None = None
+) -> None:
+    """Run a stage this invocation claimed in its task group (the caller checked it has
+    one); `slot`, one held for it, moves under a lease to the stage's own deadline."""
+    assert invocation.group is not None
+    handed = None
+    if slot is not None:
+        policy = DispatchPolicy.of(claimed.config)
+        handed = hand_over(slot, _wall_clock(_call_deadline(policy, invocation.deadline)))
     invocation.group.spawn(functools.partial(_run_claimed, claimed, invocation, handed))
 
 
@@ -434,8 +444,7 @@ def _dispatch(completed: stages.ClaimedStage, ready: list[str], invocation: Invo
         try:
             if (here := stages.claim_stage(run_id, first)) is not None:
                 trace.mark("claimed", run_id, first)
-                assert invocation.group is not None  # _may_start_here
-                invocation.group.spawn(functools.partial(_run_claimed, here, invocation))
+                _run_here(here, invocation)
         except Exception as exc:  # it goes through SQS with the others
             logger.warning("could not start a ready stage", extra={"error": type(exc).__name__})
             if here is not None:
@@ -673,10 +682,7 @@ def _hand_off(agent: AgentChoice, invocation: Invocation) -> bool:
             return False  # released as usual; _after_release wakes the next through SQS
         claimed = stages.claim_next_waiting(agent.agent_uuid)
         if claimed is not None:
-            policy = DispatchPolicy.of(claimed.config)
-            until = _wall_clock(_call_deadline(policy, invocation.deadline))
-            handed = hand_over(agent, until)
-            invocation.group.spawn(functools.partial(_run_claimed, claimed, invocation, handed))
+            _run_here(claimed, invocation, agent)
             return True
     except Exception as exc:  # the slot is simply released; the sweeper wakes the stage
         logger.warning("could not hand a slot over", extra={"error": type(exc).__name__})
