@@ -25,12 +25,15 @@ Locally the EMF lines are JSON lines on the poller's standard output (.maof/logs
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 from aws_lambda_powertools import Tracer
-from aws_lambda_powertools.metrics import MetricUnit, single_metric
+from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit
 from aws_lambda_powertools.metrics.functions import is_metrics_disabled
 
 from chalicelib.logs import logger
@@ -54,26 +57,38 @@ def metric(
     dimensions: dict[str, str] | None = None,
     **properties: Any,
 ) -> None:
-    """One metric, flushed at once as its own EMF line (safe from any thread). Powertools'
-    POWERTOOLS_METRICS_DISABLED=true silences them (the benchmarks and most tests do;
-    single_metric itself does not look at it)."""
+    """One metric, written at once as its own EMF line (safe from any thread and process).
+    Powertools' POWERTOOLS_METRICS_DISABLED=true silences them (the benchmarks and most
+    tests do)."""
     if is_metrics_disabled():
         return
     try:
-        with single_metric(
-            name=name,
-            unit=UNITS[unit],
-            value=value,
-            namespace=NAMESPACE,
-            default_dimensions={"service": SERVICE},
-        ) as emf:
-            for key, dimension in (dimensions or {}).items():
-                emf.add_dimension(name=key, value=dimension)
-            for key, item in properties.items():
-                if item is not None:
-                    emf.add_metadata(key=key, value=str(item))
+        emf = EphemeralMetrics(namespace=NAMESPACE)
+        emf.add_metric(name=name, unit=UNITS[unit], value=value)
+        emf.add_dimension(name="service", value=SERVICE)
+        for key, dimension in (dimensions or {}).items():
+            emf.add_dimension(name=key, value=dimension)
+        for key, item in properties.items():
+            if item is not None:
+                emf.add_metadata(key=key, value=str(item))
+        line = json.dumps(emf.serialize_metric_set(), separators=(",", ":")) + "\n"
     except Exception as exc:  # a metric must never fail a stage
         logger.warning("metric not emitted", extra={"metric": name, "error": type(exc).__name__})
+        return
+    _write_line(line)
+
+
+_writing = threading.Lock()
+
+
+def _write_line(line: str) -> None:
+    """Powertools' own flush prints a document and its newline in two writes, so threads
+    emitting at once (a batch's records) ran their lines together, and CloudWatch drops a
+    line that is not one JSON document. Written here whole and flushed at once: nor do
+    processes sharing an output (the local poller's helpers) cut into each other's lines."""
+    with _writing:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 @contextlib.contextmanager
