@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any
 
 from chalicelib.config import get_settings
 
+_creating = threading.Lock()
 
-@functools.lru_cache(maxsize=8)
+
 def aws_client(service: str, fast_fail: bool = False) -> Any:
     """A boto3 client; `fast_fail` ones give up quickly (health checks).
 
-    boto3 is imported here, not at module level: ~50 ms of every cold start that routes
+    One per process and kind: the threads of a batch (or of the local poller) that ask at
+    once wait for the first one built, instead of each building its own (~50 ms of CPU
+    each, most of it parsing botocore's endpoint files)."""
+    with _creating:
+        return _new_client(service, fast_fail)
+
+
+@functools.lru_cache(maxsize=8)
+def _new_client(service: str, fast_fail: bool) -> Any:
+    """boto3 is imported here, not at module level: ~50 ms of every cold start that routes
     without AWS calls (reads, auth) need not pay."""
     import boto3
     from botocore.config import Config
@@ -55,5 +66,5 @@ def stage_queue_url() -> str:
 
 
 def reset() -> None:
-    aws_client.cache_clear()
+    _new_client.cache_clear()
     queue_url.cache_clear()
