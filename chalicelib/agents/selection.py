@@ -75,6 +75,40 @@ def _stats_key(agent_uuid: str) -> str:
     return f"maof:agents:stats:{agent_uuid}"
 
 
+def _waited_key(agent_uuid: str) -> str:
+    return f"maof:agents:waited:{agent_uuid}"
+
+
+# How long an agent counts as waited for after a stage last found it (and every other
+# agent that may serve it) full. Stages wait only behind full agents: while no stage has
+# found this one full for so long, its releases need not look in Postgres for any.
+WAITED_FOR_SECONDS = 3600
+
+
+def _mark_waited_for(agent_uuids: list[str]) -> None:
+    """Every agent that may serve a stage is full, and it may wait for them: their
+    releases look for it. Marked before the stage waits (and before its own last look),
+    so a release either sees the mark or frees the slot that last look finds."""
+    try:
+        pipe = cache.get_redis().pipeline(transaction=False)
+        for agent_uuid in agent_uuids:
+            pipe.set(_waited_key(agent_uuid), 1, ex=WAITED_FOR_SECONDS)
+        pipe.execute()
+    except redis.RedisError:
+        pass  # a release that cannot read the mark looks anyway
+
+
+def may_be_waited_for(agent: AgentChoice) -> bool:
+    """Whether a stage may be waiting for this agent's slots (one found them all taken
+    within WAITED_FOR_SECONDS); True when Redis cannot say. False spares a release its
+    look in Postgres: the common case, agents with room to spare. A stage left waiting
+    past the mark (an agent given more slots, a lease that expired) the sweeper wakes."""
+    try:
+        return bool(cache.get_redis().exists(_waited_key(agent.agent_uuid)))
+    except redis.RedisError:
+        return True
+
+
 def _figures(agent_uuids: list[str]) -> list[Figures] | None:
     """(in-flight, failure rate, mean latency ms) per agent, or None without Redis."""
     try:
@@ -167,6 +201,7 @@ def select_agent(
         slot = _reserve(agent["agentUuid"], agent["maxConcurrentTasks"], slot_until)
         if slot is not False:
             return _choice(agent, slot=slot)
+    _mark_waited_for([a["agentUuid"] for a in listed if serves(a, owner)])
     raise AgentsBusy(busy_reason(capability))
 
 
@@ -198,7 +233,10 @@ def may_have_room(capability: str, owner: uuid.UUID) -> bool:
     figures = [known[u] for u in uuids] if all(u in known for u in uuids) else _figures(uuids)
     if not listed or figures is None:
         return True
-    return any(f[0] < a["maxConcurrentTasks"] for a, f in zip(listed, figures, strict=True))
+    if any(f[0] < a["maxConcurrentTasks"] for a, f in zip(listed, figures, strict=True)):
+        return True
+    _mark_waited_for(uuids)
+    return False
 
 
 def _choice(agent: dict[str, Any], slot: str | None) -> AgentChoice:

@@ -25,6 +25,7 @@ from chalicelib.agents.selection import (
     NoAgentAvailable,
     eligible,
     hand_over,
+    may_be_waited_for,
     release,
     reserve_on,
     select_agent,
@@ -411,13 +412,16 @@ def _free_slot(agent: AgentChoice, invocation: Invocation, ok: bool, started: fl
     """The call is over: hand its slot to a waiting stage, or give it back (and, if the
     agent was full, make sure no stage that parked meanwhile is left waiting; past the
     hand-off budget, wake the next waiting stage through SQS whatever the count says: the
-    stages woken by releases just before are on their way to their slots, not in them)."""
+    stages woken by releases just before are on their way to their slots, not in them).
+    An agent no stage has found full lately is waited for by none: its slot goes back
+    without a look in Postgres."""
     observability.metric(
         "AgentLatency", (time.monotonic() - started) * 1000, "ms", agentId=agent.agent_id
     )
-    handed = _hand_off(agent, invocation)
+    waited_for = agent.slot is not None and may_be_waited_for(agent)
+    handed = waited_for and _hand_off(agent, invocation)
     was_full = settle(agent, ok, (time.monotonic() - started) * 1000, keep_slot=handed)
-    if not handed and agent.slot is not None and (was_full or not invocation.may_run_more()):
+    if waited_for and not handed and (was_full or not invocation.may_run_more()):
         _after_release(agent, invocation)
 
 

@@ -10,7 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from chalicelib import cache
 from chalicelib.agents import selection
 from chalicelib.config import get_settings
 from chalicelib.db import session_scope
@@ -29,6 +30,7 @@ from tests.integration.conftest import (
     wait_for_run,
     wait_until,
 )
+from tests.integration.test_redis_down import redis_unreachable
 
 
 @dataclass
@@ -420,6 +422,72 @@ def test_past_the_hand_off_budget_a_freed_slot_wakes_the_next_stage_through_sqs(
     run = user.get(f"/workflows/wfr-{run_id}").json()["data"]
     assert run["stages"][0]["status"] == "queued"
     assert sent.sent.count((run_id, "s0")) == 1  # woken now (it waited from submission)
+
+
+def _looks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every look in Postgres for a stage waiting for a slot, by what looked."""
+    from chalicelib.engine import stages
+
+    seen: list[str] = []
+    for name in ("claim_next_waiting", "next_waiting"):
+        real = getattr(stages, name)
+
+        def counted(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            seen.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(stages, name, counted)
+    return seen
+
+
+def test_releases_look_for_waiting_stages_only_once_one_found_the_agent_full(
+    user: Api, sent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chalicelib.engine import handlers
+    from tests.integration.test_delivery import record
+
+    capability = unique_capability("unwaited")
+    agent, choice, _ = _parked_behind_a_full_agent(user, capability)
+    assert selection.may_be_waited_for(choice)  # marked before the stage waited
+    # Then no stage finds it full for a while: its releases look in no table.
+    selection.release(choice)
+    handlers.run_stage_batch([record(run_id, "s0") for run_id, _ in stages_waiting_for(agent)])
+    cache.get_redis().delete(selection._waited_key(agent["agentUuid"]))
+    looks = _looks(monkeypatch)
+    run_ref = submit(user, capability, stages=3)
+    from chalicelib.core.api import parse_run_ref
+
+    run_id = parse_run_ref(run_ref)
+    for stage_id in ("s0", "s1", "s2"):
+        assert handlers.run_stage_batch([record(run_id, stage_id)]) == {"batchItemFailures": []}
+    assert _stage_status(user, run_ref) == "completed"
+    assert looks == []
+    assert not selection.may_be_waited_for(choice)
+    # A stage that finds it full marks it again, and the next release hands the slot on.
+    slot = selection._reserve(agent["agentUuid"], 1, time.time() + 60)
+    assert isinstance(slot, str)
+    waiting = parse_run_ref(submit(user, capability))
+    assert selection.may_be_waited_for(choice)
+    group = handlers.TaskGroup()
+    handlers._free_slot(
+        replace(choice, slot=slot), handlers.Invocation(group=group), True, time.monotonic()
+    )
+    group.wait()
+    assert looks[0] == "claim_next_waiting"
+    run = user.get(f"/workflows/wfr-{waiting}").json()["data"]
+    assert run["stages"][0]["status"] == "completed", run
+
+
+def test_without_redis_a_release_looks_for_waiting_stages(user: Api) -> None:
+    choice = selection.AgentChoice(str(uuid.uuid4()), "a", "mock://x", "t", 1, slot="s")
+    with redis_unreachable():
+        assert selection.may_be_waited_for(choice) is True
+
+
+def stages_waiting_for(agent: dict[str, Any]) -> list[tuple[uuid.UUID, str]]:
+    from chalicelib.engine import stages
+
+    return stages.next_waiting(agent["agentUuid"], limit=100)
 
 
 @pytest.fixture
