@@ -26,11 +26,11 @@ class SqsHop:
     poller's workers do), the message is sent, received, deleted."""
 
     def __init__(self) -> None:
-        from chalicelib.aws import aws_client
+        from chalicelib.aws import new_client
 
         # A client of its own (configured as the app's), so the engine's SQS calls and the
         # floor's are counted apart.
-        self.sqs = aws_client.__wrapped__("sqs")
+        self.sqs = new_client("sqs")
         self.url = self.sqs.create_queue(QueueName=FLOOR_QUEUE)["QueueUrl"]
 
     def sample(self) -> dict[str, float] | None:

@@ -18,12 +18,16 @@ def aws_client(service: str, fast_fail: bool = False) -> Any:
     once wait for the first one built, instead of each building its own (~50 ms of CPU
     each, most of it parsing botocore's endpoint files)."""
     with _creating:
-        return _new_client(service, fast_fail)
+        return _shared_client(service, fast_fail)
 
 
 @functools.lru_cache(maxsize=8)
-def _new_client(service: str, fast_fail: bool) -> Any:
-    """boto3 is imported here, not at module level: ~50 ms of every cold start that routes
+def _shared_client(service: str, fast_fail: bool) -> Any:
+    return new_client(service, fast_fail)
+
+
+def new_client(service: str, fast_fail: bool = False) -> Any:
+    """A client of its own (aws_client's are shared). boto3 is imported here, not at module level: ~50 ms of every cold start that routes
     without AWS calls (reads, auth) need not pay."""
     import boto3
     from botocore.config import Config
@@ -66,5 +70,5 @@ def stage_queue_url() -> str:
 
 
 def reset() -> None:
-    _new_client.cache_clear()
+    _shared_client.cache_clear()
     queue_url.cache_clear()
