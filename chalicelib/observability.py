@@ -71,11 +71,9 @@ def metric(
         for key, item in properties.items():
             if item is not None:
                 emf.add_metadata(key=key, value=str(item))
-        line = json.dumps(emf.serialize_metric_set(), separators=(",", ":")) + "\n"
-    except Exception as exc:  # a metric must never fail a stage
+        _write_line(json.dumps(emf.serialize_metric_set(), separators=(",", ":")) + "\n")
+    except Exception as exc:  # a metric must never fail a stage (nor a closed output)
         logger.warning("metric not emitted", extra={"metric": name, "error": type(exc).__name__})
-        return
-    _write_line(line)
 
 
 _writing = threading.Lock()

@@ -54,3 +54,17 @@ def test_threads_writing_metrics_at_once_leave_every_line_whole(
     }
     [directive] = documents[0]["_aws"]["CloudWatchMetrics"]
     assert directive["Dimensions"] == [["service", "Outcome"]]
+
+
+class ClosedOutput:
+    def write(self, text: str) -> int:
+        raise BrokenPipeError("the output is gone")
+
+    def flush(self) -> None:
+        raise BrokenPipeError("the output is gone")
+
+
+def test_an_output_that_refuses_a_metric_fails_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")
+    monkeypatch.setattr(sys, "stdout", ClosedOutput())
+    observability.metric("StagesFinished", 1)  # raises nothing
