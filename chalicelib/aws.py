@@ -27,8 +27,9 @@ def _shared_client(service: str, fast_fail: bool) -> Any:
 
 
 def new_client(service: str, fast_fail: bool = False) -> Any:
-    """A client of its own (aws_client's are shared). boto3 is imported here, not at module level: ~50 ms of every cold start that routes
-    without AWS calls (reads, auth) need not pay."""
+    """A client of its own (aws_client's are shared). boto3 is imported here, not at
+    module level: ~50 ms of every cold start that routes without AWS calls (reads, auth)
+    need not pay."""
     import boto3
     from botocore.config import Config
 
