@@ -16,7 +16,7 @@ from chalicelib.config import get_settings
 from chalicelib.core import errors
 
 # The Alembic revision this code expects; tests check it is the migrations' head.
-SCHEMA_REVISION = "0007_signed_audit"
+SCHEMA_REVISION = "0008_claim_index"
 
 
 def _psycopg_url(url: str) -> str:

@@ -225,6 +225,12 @@ class StageExecution(Base):
             "lease_expires_at",
             postgresql_where=text("status IN ('queued', 'in_progress')"),
         ),
+        # Each worker renews the leases of the stages it holds, by their claim tokens.
+        Index(
+            "stage_executions_claims",
+            "claim_token",
+            postgresql_where=text("status = 'in_progress'"),
+        ),
     )
 
 

@@ -1,0 +1,27 @@
+"""Lease renewals find a worker's stages by their claim tokens through an index: every
+worker renews every few seconds, and without it each renewal read the whole table.
+
+Revision ID: 0008_claim_index
+Revises: 0007_signed_audit
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0008_claim_index"
+down_revision = "0007_signed_audit"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_index(
+        "stage_executions_claims",
+        "stage_executions",
+        ["claim_token"],
+        postgresql_where=sa.text("status = 'in_progress'"),
+    )
+
+
+def downgrade() -> None:
+    op.drop_index("stage_executions_claims", table_name="stage_executions")
