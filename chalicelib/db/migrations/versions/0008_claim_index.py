@@ -1,5 +1,7 @@
 """Lease renewals find a worker's stages by their claim tokens through an index: every
 worker renews every few seconds, and without it each renewal read the whole table.
+Built CONCURRENTLY (outside the migration's transaction): a deployed stage keeps writing
+its stages while a big table is indexed.
 
 Revision ID: 0008_claim_index
 Revises: 0007_signed_audit
@@ -15,13 +17,18 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.create_index(
-        "stage_executions_claims",
-        "stage_executions",
-        ["claim_token"],
-        postgresql_where=sa.text("status = 'in_progress'"),
-    )
+    with op.get_context().autocommit_block():
+        op.create_index(
+            "stage_executions_claims",
+            "stage_executions",
+            ["claim_token"],
+            postgresql_where=sa.text("status = 'in_progress'"),
+            postgresql_concurrently=True,
+        )
 
 
 def downgrade() -> None:
-    op.drop_index("stage_executions_claims", table_name="stage_executions")
+    with op.get_context().autocommit_block():
+        op.drop_index(
+            "stage_executions_claims", table_name="stage_executions", postgresql_concurrently=True
+        )
