@@ -805,7 +805,6 @@ _RENEW = text(
      WHERE id IN (SELECT id FROM stage_executions
                    WHERE claim_token = ANY (:tokens) AND status = 'in_progress'
                      FOR UPDATE SKIP LOCKED)
-       AND status = 'in_progress'
  RETURNING id
     """
 )
