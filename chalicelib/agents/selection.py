@@ -250,8 +250,10 @@ def _choice(agent: dict[str, Any], slot: str | None) -> AgentChoice:
     )
 
 
-# Prune expired leases, then take one if fewer than the limit are live: one atomic step.
+# Drop the lease being handed over (if any), prune expired ones, then take one if fewer
+# than the limit are live: one atomic step.
 _RESERVE = """
+if ARGV[5] ~= '' then redis.call('ZREM', KEYS[1], ARGV[5]) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
   redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
@@ -262,15 +264,18 @@ return 0
 """
 
 
-def _reserve(agent_uuid: str, limit: int, until: float) -> str | Literal[False] | None:
-    """A slot lease on the agent until `until` + margin: its id; False when the agent is
-    full; None when Redis is unreachable (capacity not enforced)."""
+def _reserve(
+    agent_uuid: str, limit: int, until: float, instead_of: str = ""
+) -> str | Literal[False] | None:
+    """A slot lease on the agent until `until` + margin (in place of the lease
+    `instead_of`, given back in the same step): its id; False when the agent is full; None
+    when Redis is unreachable (capacity not enforced)."""
     slot = uuid.uuid4().hex
     try:
         script = cache.get_redis().register_script(_RESERVE)
         taken = script(
             keys=[_slots_key(agent_uuid)],
-            args=[time.time(), limit, until + SLOT_MARGIN_SECONDS, slot],
+            args=[time.time(), limit, until + SLOT_MARGIN_SECONDS, slot, instead_of],
         )
     except redis.RedisError as exc:
         logger.warning("agent slots unavailable", extra={"error": type(exc).__name__})
@@ -278,20 +283,16 @@ def _reserve(agent_uuid: str, limit: int, until: float) -> str | Literal[False] 
     return slot if int(cast(Any, taken)) else False
 
 
-def hand_over(agent: AgentChoice, until: float) -> AgentChoice:
+def hand_over(agent: AgentChoice, until: float) -> AgentChoice | None:
     """The same agent's slot under a new lease (for the stage it is handed to): the old
-    lease goes and the new one comes in one step, so the slot is never free between."""
+    lease goes and the new one comes in one step, so the slot is never free between. None
+    if the old lease had run out and its slot was taken meanwhile: the stage must find one
+    like any other (handing over regardless would exceed the agent's capacity)."""
     if agent.slot is None:
         return agent
-    slot = uuid.uuid4().hex
-    key = _slots_key(agent.agent_uuid)
-    try:
-        pipe = cache.get_redis().pipeline()  # MULTI
-        pipe.zrem(key, agent.slot)
-        pipe.zadd(key, {slot: until + SLOT_MARGIN_SECONDS})
-        pipe.execute()
-    except redis.RedisError:
-        return replace(agent, slot=None)
+    slot = _reserve(agent.agent_uuid, agent.max_concurrent_tasks, until, instead_of=agent.slot)
+    if slot is False:
+        return None
     return replace(agent, slot=slot)
 
 

@@ -399,7 +399,8 @@ def _run_here(
     claimed: stages.ClaimedStage, invocation: Invocation, slot: AgentChoice | None = None
 ) -> None:
     """Run a stage this invocation claimed in its task group (the caller checked it has
-    one); `slot`, one held for it, moves under a lease to the stage's own deadline."""
+    one); `slot`, one held for it, moves under a lease to the stage's own deadline (if
+    that slot's lease ran out and another stage took it, this one looks for a slot)."""
     assert invocation.group is not None
     handed = None
     if slot is not None:

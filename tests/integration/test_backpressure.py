@@ -343,12 +343,31 @@ def test_handing_over_keeps_the_slot_count(user: Api) -> None:
     assert isinstance(slot, str)
     choice = selection.AgentChoice(agent["agentUuid"], "a", "mock://x", "t", 1, slot=slot)
     handed = selection.hand_over(choice, time.time() + 60)
-    assert handed.slot not in (None, slot)
+    assert handed is not None and handed.slot not in (None, slot)
     assert selection.live_slots(agent["agentUuid"]) == 1
     selection.release(choice)  # the old lease is gone already: nothing changes
     assert selection.live_slots(agent["agentUuid"]) == 1
     selection.release(handed)
     assert selection.live_slots(agent["agentUuid"]) == 0
+
+
+def test_handing_over_an_expired_slot_taken_meanwhile_exceeds_no_capacity(user: Api) -> None:
+    """A worker slow past its lease (Postgres stalled its hand-off): the slot went back
+    and another stage took it; handing the old lease over must not make a third call."""
+    capability = unique_capability("over-expired")
+    agent = register_agent(user, capability, maxConcurrentTasks=2)
+    uuid_, limit = agent["agentUuid"], 2
+    lapsed = selection._reserve(uuid_, limit, time.time() - selection.SLOT_MARGIN_SECONDS - 1)
+    assert isinstance(lapsed, str)
+    held = [selection._reserve(uuid_, limit, time.time() + 60) for _ in range(limit)]
+    assert all(isinstance(slot, str) for slot in held), "the lapsed lease was pruned"
+    choice = selection.AgentChoice(uuid_, "a", "mock://x", "t", limit, slot=lapsed)
+    assert selection.hand_over(choice, time.time() + 60) is None
+    assert selection.live_slots(uuid_) == limit
+    selection.release(selection.AgentChoice(uuid_, "a", "mock://x", "t", limit, slot=held[0]))
+    handed = selection.hand_over(choice, time.time() + 60)  # room again: a lease like any
+    assert handed is not None and handed.slot not in (None, lapsed)
+    assert selection.live_slots(uuid_) == limit
 
 
 def test_the_hand_off_skips_stages_the_agent_may_not_serve(user: Api, api: Api, sent: Any) -> None:
