@@ -364,9 +364,8 @@ def _look_again(
             logger.warning("could not look for a slot", extra={"error": type(exc).__name__})
             return
         try:
-            _start_waiting(run_id, stage_id, agent, invocation)
+            _start_waiting(run_id, stage_id, agent, invocation)  # the slot's now, or given back
         except Exception as exc:  # it waits on; the next release or the sweeper wakes it
-            release(agent)
             logger.warning("could not start a waiting stage", extra={"error": type(exc).__name__})
             return
 
@@ -388,7 +387,11 @@ def _start_waiting(
         if stages.wake_stage(run_id, stage_id):
             _send(run_id, [stage_id])
         return
-    claimed = stages.claim_stage(run_id, stage_id, waiting=True)
+    try:
+        claimed = stages.claim_stage(run_id, stage_id, waiting=True)
+    except BaseException:
+        release(slot)  # not given to any stage: it would wait out its lease
+        raise
     if claimed is None:
         release(slot)  # someone handed it a slot already, or its run ended
         return
@@ -406,7 +409,12 @@ def _run_here(
     if slot is not None:
         policy = DispatchPolicy.of(claimed.config)
         handed = hand_over(slot, _wall_clock(_call_deadline(policy, invocation.deadline)))
-    invocation.group.spawn(functools.partial(_run_claimed, claimed, invocation, handed))
+    try:
+        invocation.group.spawn(functools.partial(_run_claimed, claimed, invocation, handed))
+    except BaseException:  # not started: the slot goes back, the stage's lease runs out
+        if handed is not None:
+            release(handed)
+        raise
 
 
 def _free_slot(agent: AgentChoice, invocation: Invocation, ok: bool, started: float) -> None:

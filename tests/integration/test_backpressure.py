@@ -570,6 +570,39 @@ def test_a_stage_whose_agents_are_all_full_waits_without_going_round_the_queue(
     assert audit["chain"]["valid"] is True
 
 
+def test_a_slot_taken_for_a_waiting_stage_comes_back_if_its_claim_fails(
+    user: Api, sent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The look after a release took a slot for the waiting stage, then the claim failed
+    (the database went away): the slot is given back at once, not held to its lease's end
+    while the stage waits for it; the stage stays in line for the sweeper."""
+    from sqlalchemy.exc import OperationalError
+
+    from chalicelib.engine import handlers, stages
+
+    capability = unique_capability("claim-fails")
+    agent, choice, run_id = _parked_behind_a_full_agent(user, capability)
+    lost = OperationalError("claim", {}, Exception("connection lost"))
+
+    def no_database(*args: Any, **kwargs: Any) -> None:
+        raise lost
+
+    monkeypatch.setattr(stages, "claim_stage", no_database)
+    group = handlers.TaskGroup()
+    invocation = handlers.Invocation(group=group)
+    assert choice.slot is not None
+    handlers._after_release(choice, invocation)  # its own slot taken: the agent is full
+    selection.release(choice)
+    handlers._after_release(choice, invocation)  # a slot taken for s0, its claim fails
+    group.wait()
+    assert selection.live_slots(agent["agentUuid"]) == 0
+    owner = uuid.UUID(agent["ownerUserUuid"])
+    handlers._look_again(run_id, ["s0"], capability, owner, invocation)  # the same path
+    group.wait()
+    assert selection.live_slots(agent["agentUuid"]) == 0
+    assert stages.next_waiting(agent["agentUuid"]) == [(run_id, "s0")]
+
+
 def test_a_stage_made_to_wait_just_after_a_release_is_not_left_waiting(
     user: Api, sent: Any
 ) -> None:
