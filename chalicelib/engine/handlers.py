@@ -514,7 +514,11 @@ def _select_and_assign(
                 exclude=tried | refused,
             )
         attempt = claimed.attempt if sticky in (None, agent.agent_uuid) else claimed.attempt + 1
-        result = stages.assign_agent(claimed, agent.agent_uuid, agent.agent_id, attempt)
+        try:
+            result = stages.assign_agent(claimed, agent.agent_uuid, agent.agent_id, attempt)
+        except BaseException:
+            release(agent)  # the database is away: the slot would wait out its lease
+            raise
         if result is stages.AssignResult.ASSIGNED:
             return agent, attempt
         release(agent)

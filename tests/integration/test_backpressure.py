@@ -603,6 +603,32 @@ def test_a_slot_taken_for_a_waiting_stage_comes_back_if_its_claim_fails(
     assert stages.next_waiting(agent["agentUuid"]) == [(run_id, "s0")]
 
 
+def test_a_slot_comes_back_when_recording_the_agent_fails(
+    user: Api, sent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The slot is reserved, then the database fails as the agent is recorded on the stage:
+    the message goes back for redelivery and the slot at once (not at its lease's end, the
+    stage's whole timeout later)."""
+    from sqlalchemy.exc import OperationalError
+
+    from chalicelib.core.api import parse_run_ref
+    from chalicelib.engine import handlers, stages
+
+    capability = unique_capability("assign-fails")
+    agent = register_agent(user, capability, maxConcurrentTasks=2)
+    run_id = parse_run_ref(submit(user, capability))
+
+    def no_database(*args: Any, **kwargs: Any) -> None:
+        raise OperationalError("assign", {}, Exception("connection lost"))
+
+    monkeypatch.setattr(stages, "assign_agent", no_database)
+    with pytest.raises(OperationalError):
+        handlers.run_stage(run_id, "s0")
+    assert selection.live_slots(agent["agentUuid"]) == 0
+    monkeypatch.undo()
+    assert handlers.run_stage(run_id, "s0") == "completed"  # the redelivery
+
+
 def test_a_stage_made_to_wait_just_after_a_release_is_not_left_waiting(
     user: Api, sent: Any
 ) -> None:
