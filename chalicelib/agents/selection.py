@@ -10,16 +10,19 @@ enforced and the choice among the best-status agents is random (an outage of the
 must not stop the work; agents that refuse excess work answer 429 or 503, which is
 retried).
 
-A slot is a lease, not a counter: a member of the agent's Redis sorted set scored by its
-deadline (the call's own deadline plus SLOT_MARGIN_SECONDS). Counting ignores expired
-members and reserving prunes them, so the slot of a worker killed mid-call comes back on
-its own by its deadline; giving a slot back removes its member, which is idempotent.
+A slot is a lease, not a counter: a member of the agent's Redis sorted set scored by when
+it runs out. Counting ignores expired members and reserving prunes them; giving a slot
+back removes its member, which is idempotent. A lease runs MAOF_STAGE_LEASE_SECONDS and
+the worker holding it renews it (with its stage's, renew_slots), never past the call's
+own deadline plus SLOT_MARGIN_SECONDS: the slot of a worker killed mid-call comes back
+on its own within one stage lease, however long its call could have run.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -43,6 +46,51 @@ from chalicelib.logs import logger
 STATS_TTL_SECONDS = 3600
 # A slot outlives its call's deadline by this much (the worker records the outcome).
 SLOT_MARGIN_SECONDS = 5.0
+
+# The slots this process holds, (agent uuid, slot) -> the latest their lease may run to.
+_held_slots: dict[tuple[str, str], float] = {}
+_held_lock = threading.Lock()
+
+
+def _lease_end(cap: float) -> float:
+    return min(cap, time.time() + get_settings().stage_lease_seconds)
+
+
+def _key_ttl() -> int:
+    """Every write to a slots key keeps it this long: past any lease in it (each runs out
+    within a stage lease of its last write), and an idle agent's key goes."""
+    return get_settings().stage_lease_seconds + 60
+
+
+def _hold(agent_uuid: str, slot: str, cap: float) -> None:
+    with _held_lock:
+        _held_slots[(agent_uuid, slot)] = cap
+
+
+def _let_go(agent_uuid: str, slot: str | None) -> None:
+    with _held_lock:
+        _held_slots.pop((agent_uuid, str(slot)), None)
+
+
+def renew_slots() -> None:
+    """Extend the lease of every slot this process holds by one stage lease (never past its
+    cap); one round trip. A slot given back meanwhile is not taken again (ZADD XX)."""
+    now = time.time()
+    with _held_lock:
+        for key, cap in list(_held_slots.items()):
+            if cap <= now:
+                del _held_slots[key]  # its lease ran to its cap: gone from Redis too
+        held = list(_held_slots.items())
+    if not held:
+        return
+    try:
+        pipe = cache.get_redis().pipeline(transaction=False)
+        for (agent_uuid, slot), cap in held:
+            pipe.zadd(_slots_key(agent_uuid), {slot: _lease_end(cap)}, xx=True)
+            pipe.expire(_slots_key(agent_uuid), _key_ttl())
+        pipe.execute()
+    except redis.RedisError as exc:
+        logger.warning("could not renew agent slots", extra={"error": type(exc).__name__})
 
 
 class NoAgentAvailable(Exception):
@@ -257,7 +305,7 @@ if ARGV[5] ~= '' then redis.call('ZREM', KEYS[1], ARGV[5]) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
   redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
-  redis.call('EXPIREAT', KEYS[1], math.ceil(tonumber(ARGV[3])) + 60)
+  redis.call('EXPIRE', KEYS[1], ARGV[6])
   return 1
 end
 return 0
@@ -270,17 +318,22 @@ def _reserve(
     """A slot lease on the agent until `until` + margin (in place of the lease
     `instead_of`, given back in the same step): its id; False when the agent is full; None
     when Redis is unreachable (capacity not enforced)."""
-    slot = uuid.uuid4().hex
+    slot, cap = uuid.uuid4().hex, until + SLOT_MARGIN_SECONDS
+    if instead_of:
+        _let_go(agent_uuid, instead_of)
     try:
         script = cache.get_redis().register_script(_RESERVE)
         taken = script(
             keys=[_slots_key(agent_uuid)],
-            args=[time.time(), limit, until + SLOT_MARGIN_SECONDS, slot, instead_of],
+            args=[time.time(), limit, _lease_end(cap), slot, instead_of, _key_ttl()],
         )
     except redis.RedisError as exc:
         logger.warning("agent slots unavailable", extra={"error": type(exc).__name__})
         return None
-    return slot if int(cast(Any, taken)) else False
+    if not int(cast(Any, taken)):
+        return False
+    _hold(agent_uuid, slot, cap)
+    return slot
 
 
 def hand_over(agent: AgentChoice, until: float) -> AgentChoice | None:
@@ -300,6 +353,7 @@ def release(agent: AgentChoice) -> None:
     """Give the slot back (idempotent; best effort: it expires by its deadline anyway)."""
     if agent.slot is None:
         return
+    _let_go(agent.agent_uuid, agent.slot)
     try:
         cache.get_redis().zrem(_slots_key(agent.agent_uuid), agent.slot)
     except redis.RedisError:
@@ -312,6 +366,8 @@ def settle(agent: AgentChoice, ok: bool, latency_ms: float, *, keep_slot: bool =
     slot given back was the agent's last free one to be taken: stages may be waiting."""
     key = _stats_key(agent.agent_uuid)
     releasing = agent.slot is not None and not keep_slot
+    if releasing:
+        _let_go(agent.agent_uuid, agent.slot)
     try:
         pipe = cache.get_redis().pipeline()
         if releasing:

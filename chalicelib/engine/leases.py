@@ -1,7 +1,9 @@
 """Claims are leases: while this process runs a stage, one background thread renews the
 leases of every stage it holds (one UPDATE for all of them, every RENEW_SECONDS), so a
 stage whose worker died (killed, out of time, cut off from the database) is handed on by
-the sweeper within MAOF_STAGE_LEASE_SECONDS, however long its agent call may take.
+the sweeper within MAOF_STAGE_LEASE_SECONDS, however long its agent call may take. The
+same thread renews the agent slots the process holds (selection.renew_slots): a dead
+worker's slots come back within the same time.
 
 The sweeper alone cannot tell a dead worker from a slow agent; a lease that only its
 living worker renews can. In Lambda the thread is frozen with the container between
@@ -17,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from chalicelib.agents.selection import renew_slots
 from chalicelib.config import get_settings
 from chalicelib.engine.stages import renew_leases
 from chalicelib.logs import logger
@@ -64,3 +67,7 @@ def _renew_forever() -> None:
             renew_leases(tokens)
         except Exception as exc:  # the database is away: the leases run out, as they should
             logger.warning("could not renew stage leases", extra={"error": type(exc).__name__})
+        try:
+            renew_slots()  # the agent slots this process holds for its stages, in Redis
+        except Exception as exc:  # Redis errors are quiet there: anything else, say so
+            logger.warning("could not renew agent slots", extra={"error": type(exc).__name__})

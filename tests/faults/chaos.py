@@ -79,6 +79,10 @@ FAULT_AT_PROGRESS = 0.2
 # make a drain of a few seconds. Shorter than the engine's pool idle ping (1 s), so a busy
 # worker reuses its database connections as a busy Lambda does, and a restart breaks them.
 MOCK_AGENT_DELAY_MS = 300
+# The chaos user's agent takes fewer calls at once than the poller runs records, so stages
+# wait for its slots and are handed them throughout: every fault also meets the
+# backpressure paths (parking, hand-offs, slot leases, the sweeper waking waiting stages).
+AGENT_SLOTS = 12
 REDIS_OUTAGE_SECONDS = 5.0
 # While the dependency is away (and a second after), a run is submitted every this often.
 SUBMIT_EVERY_SECONDS = 0.25
@@ -653,7 +657,7 @@ def sign_up(api_url: str, label: str) -> tuple[str, str]:
             "endpoint": "mock://chaos",
             "authToken": "chaos-agent-token",
             "capabilities": list(CAPABILITIES),
-            "maxConcurrentTasks": 100,
+            "maxConcurrentTasks": AGENT_SLOTS,
         },
         headers={"Authorization": f"Bearer {data['accessToken']}"},
         timeout=30,

@@ -20,7 +20,7 @@ from sqlalchemy import text
 
 from chalicelib import cache
 from chalicelib.agents import selection
-from chalicelib.config import get_settings
+from chalicelib.config import get_settings, reset_settings
 from chalicelib.db import session_scope
 from chalicelib.engine import sweeper
 from tests.integration.conftest import (
@@ -148,6 +148,59 @@ def test_a_dead_workers_slot_comes_back_by_its_deadline(
     wait_until(lambda: selection.live_slots(agent["agentUuid"]) == 0, timeout=5)
     assert time.monotonic() - started < 3
     assert isinstance(selection._reserve(agent["agentUuid"], 1, time.time() + 60), str)
+
+
+@pytest.fixture
+def short_leases(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    """Stage (and so slot) leases of 3 s, the least MAOF_STAGE_LEASE_SECONDS allows."""
+    monkeypatch.setenv("MAOF_STAGE_LEASE_SECONDS", "3")
+    reset_settings()
+    yield 3
+    monkeypatch.delenv("MAOF_STAGE_LEASE_SECONDS")
+    reset_settings()
+
+
+def test_a_dead_workers_slot_comes_back_within_a_lease_not_its_calls_deadline(
+    user: Api, short_leases: int
+) -> None:
+    """A stage with a 10-minute timeout: its worker dies mid-call. The slot comes back once
+    the worker stops renewing it (one stage lease), not ten minutes later; a living
+    worker's renewals keep its slot past that lease."""
+    capability = unique_capability("lease-renewed")
+    agent = register_agent(user, capability, maxConcurrentTasks=1)
+    uuid_ = agent["agentUuid"]
+    alive = selection._reserve(uuid_, 1, time.time() + 600)
+    assert isinstance(alive, str)
+    deadline = time.monotonic() + short_leases * 2
+    while time.monotonic() < deadline:  # the renewer's round, by hand, every second
+        selection.renew_slots()
+        assert selection.live_slots(uuid_) == 1
+        time.sleep(1)
+    selection.release(selection.AgentChoice(uuid_, "a", "mock://x", "t", 1, slot=alive))
+    selection.renew_slots()  # a slot given back is not taken again by a late renewal
+    assert selection.live_slots(uuid_) == 0
+
+    dead = selection._reserve(uuid_, 1, time.time() + 600)
+    assert isinstance(dead, str)
+    selection._held_slots.clear()  # the worker died: nobody renews it, nobody gives it back
+    assert selection._reserve(uuid_, 1, time.time() + 600) is False
+    started = time.monotonic()
+    wait_until(lambda: selection.live_slots(uuid_) == 0, timeout=short_leases + 5)
+    assert time.monotonic() - started <= short_leases + 1
+    assert isinstance(selection._reserve(uuid_, 1, time.time() + 600), str)
+
+
+def test_a_slot_is_renewed_no_further_than_its_calls_deadline(user: Api, short_leases: int) -> None:
+    capability = unique_capability("lease-capped")
+    agent = register_agent(user, capability, maxConcurrentTasks=1)
+    until = time.time() + 0.5  # the call's deadline, shorter than a lease
+    slot = selection._reserve(agent["agentUuid"], 1, until)
+    assert isinstance(slot, str)
+    score = cache.get_redis().zscore(f"maof:agents:slots:{agent['agentUuid']}", slot)
+    assert score == pytest.approx(until + selection.SLOT_MARGIN_SECONDS)
+    selection.renew_slots()
+    score = cache.get_redis().zscore(f"maof:agents:slots:{agent['agentUuid']}", slot)
+    assert score == pytest.approx(until + selection.SLOT_MARGIN_SECONDS)
 
 
 def test_giving_a_slot_back_twice_frees_one_slot_only(user: Api) -> None:
