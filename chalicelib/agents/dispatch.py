@@ -34,7 +34,12 @@ from chalicelib.agents.mock import (
     is_mock_endpoint,
     mock_agents_enabled,
 )
-from chalicelib.agents.network import EndpointNotAllowed, EndpointUnresolvable, pinned_request
+from chalicelib.agents.network import (
+    EndpointNotAllowed,
+    EndpointUnresolvable,
+    pinned_request,
+    read_by,
+)
 from chalicelib.config import get_settings
 from chalicelib.core.encoding import dumps
 
@@ -210,7 +215,7 @@ def _post(endpoint: str, token: str, task: AgentTask) -> AgentOutput:
             deadline=deadline,
         )
         try:
-            raw = _read_by(response, deadline, limit)
+            raw = read_by(response, deadline, limit)
         finally:
             response.release_conn()
     if len(raw) > limit:
@@ -220,26 +225,6 @@ def _post(endpoint: str, token: str, task: AgentTask) -> AgentOutput:
             code="RESPONSE_TOO_LARGE",
         )
     return interpret(response.status, raw)
-
-
-def _read_by(response: urllib3.BaseHTTPResponse, deadline: float, limit: int) -> bytes:
-    """The body, up to `limit` + 1 bytes, read by `deadline`."""
-    chunks: list[bytes] = []
-    size = 0
-    while size <= limit:
-        # Looked up each time: once the last byte is read, urllib3 puts the connection
-        # back in its pool, where another call takes it (or, the pool being full, closes
-        # it); its socket is no longer ours to set a timeout on.
-        sock = getattr(getattr(response, "connection", None), "sock", None)
-        if sock is not None:
-            sock.settimeout(_remaining(deadline))
-        chunk = response.read1(min(65536, limit + 1 - size), decode_content=True)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-        _remaining(deadline)
-    return b"".join(chunks)
 
 
 class InvalidOutput(ValueError):

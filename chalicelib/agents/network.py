@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import heapq
 import ipaddress
+import itertools
 import re
 import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, cast
 
 import urllib3
+import urllib3.connection
+import urllib3.response
 from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 
@@ -253,6 +259,115 @@ def check_endpoint_allowed(url: str) -> None:
     resolve_and_check(url)
 
 
+class _Watchdog:
+    """Shuts a socket down at its deadline. A per-read timeout cannot bound a status line
+    and headers sent a byte at a time (every read returns in time), and http.client has no
+    total timeout; a blocked read on a socket shut down ends at once. One thread for all."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._due: list[tuple[float, int]] = []  # (deadline, key), a heap
+        self._watched: dict[int, socket.socket] = {}
+        self._keys = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, sock: socket.socket, deadline: float) -> int:
+        with self._lock:
+            key = next(self._keys)
+            self._watched[key] = sock
+            heapq.heappush(self._due, (deadline, key))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="maof-cutoff", daemon=True)
+                self._thread.start()
+            elif self._due[0][1] == key:
+                self._lock.notify()  # sooner than what it sleeps for
+            return key
+
+    def unwatch(self, key: int) -> bool:
+        """Stop watching; False if the deadline came first and the socket was shut down."""
+        with self._lock:
+            return self._watched.pop(key, None) is not None
+
+    def _run(self) -> None:
+        with self._lock:
+            while True:
+                while self._due and self._due[0][1] not in self._watched:
+                    heapq.heappop(self._due)  # unwatched in time
+                if not self._due:
+                    self._lock.wait()
+                    continue
+                deadline, key = self._due[0]
+                if (wait := deadline - time.monotonic()) > 0:
+                    self._lock.wait(wait)
+                    continue
+                heapq.heappop(self._due)
+                sock = self._watched.pop(key)
+                with contextlib.suppress(OSError):  # the plain socket's: an SSL one too
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+_watchdog = _Watchdog()
+_head_deadline = threading.local()  # the time.monotonic() deadline of this thread's request
+
+
+def _head_by_deadline(conn: Any, read_head: Callable[[], Any]) -> Any:
+    """Read the status line and headers by the request's deadline (pinned_request's)."""
+    deadline: float | None = getattr(_head_deadline, "value", None)
+    if deadline is None or conn.sock is None:
+        return read_head()
+    key = _watchdog.watch(conn.sock, deadline)
+    try:
+        return read_head()
+    finally:
+        if not _watchdog.unwatch(key):  # urllib3 reports a socket timeout as one
+            raise TimeoutError("no status line and headers by the deadline")
+
+
+class _HTTPConnection(urllib3.connection.HTTPConnection):
+    def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
+        return cast(urllib3.response.HTTPResponse, _head_by_deadline(self, super().getresponse))
+
+
+class _HTTPSConnection(urllib3.connection.HTTPSConnection):
+    def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
+        return cast(urllib3.response.HTTPResponse, _head_by_deadline(self, super().getresponse))
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+def read_by(response: urllib3.BaseHTTPResponse, deadline: float, limit: int) -> bytes:
+    """The body, up to `limit` + 1 bytes, read by `deadline` (TimeoutError past it): each
+    socket read waits at most for what is left, so a trickled body ends on time."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        # Looked up each time: once the last byte is read, urllib3 puts the connection
+        # back in its pool, where another call takes it (or, the pool being full, closes
+        # it); its socket is no longer ours to set a timeout on.
+        sock = getattr(getattr(response, "connection", None), "sock", None)
+        if sock is not None:
+            sock.settimeout(_left(deadline))
+        chunk = response.read1(min(65536, limit + 1 - size), decode_content=True)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        _left(deadline)
+    return b"".join(chunks)
+
+
+def _left(deadline: float) -> float:
+    if (left := deadline - time.monotonic()) <= 0:
+        raise TimeoutError("no complete answer by the deadline")
+    return left
+
+
 _pools: OrderedDict[tuple[str, str, int, str], urllib3.HTTPConnectionPool] = OrderedDict()
 _pools_lock = threading.Lock()
 
@@ -260,7 +375,7 @@ _pools_lock = threading.Lock()
 def _new_pool(target: Target) -> urllib3.HTTPConnectionPool:
     if target.scheme == "https":
         # Connect to the checked address; SNI and the certificate check use the name.
-        return urllib3.HTTPSConnectionPool(
+        return _HTTPSPool(
             target.address,
             target.port,
             maxsize=POOL_MAXSIZE,
@@ -269,9 +384,7 @@ def _new_pool(target: Target) -> urllib3.HTTPConnectionPool:
             server_hostname=target.hostname,
             assert_hostname=target.hostname,
         )
-    return urllib3.HTTPConnectionPool(
-        target.address, target.port, maxsize=POOL_MAXSIZE, retries=False
-    )
+    return _HTTPPool(target.address, target.port, maxsize=POOL_MAXSIZE, retries=False)
 
 
 def pool_for(target: Target) -> urllib3.HTTPConnectionPool:
@@ -298,17 +411,22 @@ def pinned_request(
 ) -> urllib3.BaseHTTPResponse:
     """One request to `url`, connected to the address the guard checked (no second DNS
     lookup), never following a redirect. Raises EndpointNotAllowed before connecting (and
-    TimeoutError if the lookup outlasts `deadline`); the body is not preloaded: read it,
-    then `release_conn()`."""
+    TimeoutError if the lookup outlasts `deadline`, urllib3's ReadTimeoutError if the
+    status line and headers do); the body is not preloaded: read it (read_by), then
+    `release_conn()`."""
     target = resolve_and_check(url, deadline)
-    return pool_for(target).urlopen(
-        method,
-        target.request_uri,
-        body=body,
-        headers={**(headers or {}), "Host": target.host_header},
-        timeout=timeout,
-        retries=False,
-        redirect=False,
-        assert_same_host=False,
-        preload_content=False,
-    )
+    _head_deadline.value = deadline
+    try:
+        return pool_for(target).urlopen(
+            method,
+            target.request_uri,
+            body=body,
+            headers={**(headers or {}), "Host": target.host_header},
+            timeout=timeout,
+            retries=False,
+            redirect=False,
+            assert_same_host=False,
+            preload_content=False,
+        )
+    finally:
+        _head_deadline.value = None

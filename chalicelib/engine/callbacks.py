@@ -29,7 +29,7 @@ from typing import Any
 import urllib3
 from sqlalchemy import text
 
-from chalicelib.agents.network import EndpointNotAllowed, pinned_request
+from chalicelib.agents.network import EndpointNotAllowed, pinned_request, read_by
 from chalicelib.agents.secrets import decrypt_token
 from chalicelib.core.api import run_ref
 from chalicelib.core.encoding import dumps
@@ -148,6 +148,7 @@ def _post(run: Any, body: bytes, timestamp: int) -> str | None:
     """None once delivered; else what went wrong (stored, shown in the run's detail)."""
     try:
         secret = decrypt_token(run.callback_secret_encrypted)
+        deadline = time.monotonic() + TIMEOUT_SECONDS
         response = pinned_request(
             "POST",
             run.callback_url,
@@ -160,10 +161,10 @@ def _post(run: Any, body: bytes, timestamp: int) -> str | None:
                 "X-Maof-Delivery": str(run.callback_delivery),
             },
             timeout=urllib3.Timeout(connect=5.0, read=TIMEOUT_SECONDS),
-            deadline=time.monotonic() + TIMEOUT_SECONDS,
+            deadline=deadline,
         )
         try:
-            response.read(4096)
+            read_by(response, deadline, 4096)  # a receiver trickling it holds no sweeper
         finally:
             response.release_conn()
     except EndpointNotAllowed as exc:

@@ -1,5 +1,5 @@
 """Hostile agents cannot keep a run from ending: whatever an agent answers (bytes no JSON
-encoder writes, 5 MB, a body trickled a byte a second, nothing at all, a redirect) or
+encoder writes, 5 MB, a body or its headers trickled, nothing at all, a redirect) or
 whatever its stored token makes the HTTP client refuse, the stage ends with an error that
 names the cause, the agent is called a bounded number of times, and never again once the
 run has ended."""
@@ -23,7 +23,16 @@ from tests.faults.conftest import (
     wait_terminal,
 )
 from tests.integration.conftest import register_agent, unique_capability
-from tests.support.agents import hang, large, raw, redirect, start_agent, success_with, trickle
+from tests.support.agents import (
+    hang,
+    large,
+    raw,
+    redirect,
+    start_agent,
+    success_with,
+    trickle,
+    trickle_head,
+)
 
 # One retry, no backoff: a retryable failure costs two calls, a final one a single call.
 FAST = {"retries": 1, "backoffMs": 0, "timeoutMs": 5000}
@@ -142,6 +151,10 @@ TRICKLED = b'{"status": "success", "output": {"trickled": "one byte a second"}}'
     [
         pytest.param(
             lambda: trickle(TRICKLED, interval=1.0), id="an answer trickled a byte a second"
+        ),
+        pytest.param(
+            lambda: trickle_head(TRICKLED, interval=0.5),
+            id="a status line and headers trickled a byte every half second",
         ),
         pytest.param(hang, id="an agent that never answers"),
     ],

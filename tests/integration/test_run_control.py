@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import socket
 import threading
 import time
 from typing import Any
@@ -297,6 +298,63 @@ def test_a_callback_is_delivered_once_signed_and_retried_after_a_500(
         assert (state["state"], state["attempts"]) == ("delivered", 2)
     finally:
         receiver.stop()
+
+
+class _Trickler:
+    """A callback receiver that answers a byte every 0.2 s: its status line and headers
+    (`head`), or its headers at once and then its body."""
+
+    def __init__(self, head: bool) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.head, self.stop = head, threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}/hooks/maof"
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            conn.recv(65536)
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: 4096\r\n\r\n"
+            slow = head + b"x" * 4096 if self.head else b"x" * 4096
+            if not self.head:
+                conn.sendall(head)
+            for byte in slow:
+                if self.stop.wait(0.2):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return  # MAOF hung up
+
+
+@pytest.mark.parametrize("head", [True, False], ids=["headers trickled", "body trickled"])
+def test_a_callback_receiver_trickling_its_answer_is_cut_off_at_the_timeout(
+    monkeypatch: pytest.MonkeyPatch, head: bool
+) -> None:
+    """A hostile receiver must not hold the sweeper (which delivers callbacks in its
+    round) past a delivery's timeout, however it paces its bytes."""
+    from types import SimpleNamespace
+
+    from chalicelib.agents.secrets import encrypt_token
+
+    monkeypatch.setattr(callbacks, "TIMEOUT_SECONDS", 1.0)
+    receiver = _Trickler(head)
+    run = SimpleNamespace(
+        id="run",
+        callback_url=receiver.url,
+        callback_secret_encrypted=encrypt_token(SECRET),
+        callback_delivery="delivery",
+    )
+    started = time.monotonic()
+    try:
+        error = callbacks._post(run, b"{}", int(time.time()))
+    finally:
+        receiver.stop.set()
+    assert time.monotonic() - started < 2.5
+    assert error is not None and "could not reach the callback URL" in error, error
 
 
 def test_a_callback_url_the_guard_refuses_is_400(

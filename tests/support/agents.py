@@ -43,7 +43,7 @@ class Seen:
 
 @dataclass
 class Behaviour:
-    kind: str  # ok | sleep | status | error | garbage | redirect | raw | large | trickle | hang
+    kind: str  # ok | sleep | status | error | garbage | redirect | raw | large | trickle(-head) | hang
     value: Any = None
     output: Any = None
 
@@ -92,6 +92,12 @@ def trickle(body: bytes, interval: float = 1.0) -> Behaviour:
     """Status and headers at once (Content-Length of the whole body), then one byte of the
     body every `interval` seconds, until it is sent or the client hangs up."""
     return Behaviour("trickle", (body, interval))
+
+
+def trickle_head(body: bytes, interval: float = 0.5) -> Behaviour:
+    """The status line and headers one byte every `interval` seconds (each read the
+    client makes gets a byte well within any per-read timeout), then the body."""
+    return Behaviour("trickle-head", (body, interval))
 
 
 def hang() -> Behaviour:
@@ -203,6 +209,22 @@ class ScriptedAgent:
                         return "client-closed"
                 return "answered"
 
+            def _trickle_head(self, body: bytes, interval: float) -> str:
+                head = (
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                )
+                self.close_connection = True
+                for index in range(len(head)):
+                    if agent.stopping.is_set():
+                        return "agent-stopped"
+                    self.wfile.write(head[index : index + 1])
+                    self.wfile.flush()
+                    if self._client_gone(interval):
+                        return "client-closed"
+                self.wfile.write(body)
+                return "answered"
+
             def _hang(self) -> str:
                 while not agent.stopping.is_set():
                     if self._client_gone(0.1):
@@ -232,6 +254,8 @@ class ScriptedAgent:
                     return None
                 if behaviour.kind == "trickle":
                     return self._trickle(*behaviour.value)
+                if behaviour.kind == "trickle-head":
+                    return self._trickle_head(*behaviour.value)
                 if behaviour.kind == "hang":
                     return self._hang()
                 if behaviour.kind == "large":

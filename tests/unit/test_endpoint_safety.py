@@ -343,3 +343,28 @@ def test_mock_agents_true_enables_mock_endpoints_in_prod(prod):
 def test_make_dev_allows_private_endpoints_unless_told_otherwise(environ, expected):
     allow_private_endpoints_by_default(environ)
     assert environ["MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS"] == expected
+
+
+# ------------------------------------------------------------------ the deadline watchdog
+
+
+def test_the_watchdog_shuts_a_socket_down_at_its_deadline_and_says_so() -> None:
+    """A blocked read ends at the deadline (what a per-read timeout cannot do against an
+    answer paced a byte at a time); a socket unwatched in time is left alone."""
+    import socket
+    import time
+
+    from chalicelib.agents.network import _watchdog
+
+    ours, theirs = socket.socketpair()
+    kept, other = socket.socketpair()
+    with ours, theirs, kept, other:
+        late = _watchdog.watch(kept, time.monotonic() + 60)
+        key = _watchdog.watch(ours, time.monotonic() + 0.3)
+        started = time.monotonic()
+        assert ours.recv(1) == b""  # the watchdog's shutdown, not a byte
+        assert 0.25 <= time.monotonic() - started < 2
+        assert _watchdog.unwatch(key) is False
+        assert _watchdog.unwatch(late) is True
+        other.sendall(b"x")
+        assert kept.recv(1) == b"x"
