@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -29,7 +30,7 @@ from sqlalchemy.orm import Session
 from chalicelib import cache
 from chalicelib.agents.candidates import invalidate_capability
 from chalicelib.agents.dispatch import is_mock
-from chalicelib.agents.network import EndpointNotAllowed, pinned_request
+from chalicelib.agents.network import EndpointNotAllowed, pinned_request, read_by
 from chalicelib.config import get_settings
 from chalicelib.db import session_scope
 from chalicelib.db.models import Agent
@@ -48,16 +49,20 @@ def probe(endpoint: str) -> str:
     if is_mock(endpoint):
         return "online"
     seconds = get_settings().agent_health_timeout_ms / 1000
-    try:
+    deadline = time.monotonic() + seconds  # the whole probe: an agent pacing its bytes
+    try:  # holds no health check (nor the others after it) past its timeout
         response = pinned_request(
             "GET",
             health_url(endpoint),
             headers=PROBE_HEADERS,
             timeout=urllib3.Timeout(connect=seconds, read=seconds),
+            deadline=deadline,
         )
-        body = response.read(4096)
-        response.release_conn()
-    except (EndpointNotAllowed, urllib3.exceptions.HTTPError):
+        try:
+            body = read_by(response, deadline, 4096)
+        finally:
+            response.release_conn()
+    except (EndpointNotAllowed, urllib3.exceptions.HTTPError, OSError):
         return "offline"
     if response.status in (404, 405):
         return "online"

@@ -6,6 +6,7 @@ run has ended."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -205,3 +206,21 @@ def test_a_token_the_http_client_refuses_as_a_header_fails_the_stage(user, engin
     assert agent.calls == [], call_log(agent)  # the request never left
     assert not any("X-Evil" in seen.headers for seen in agent.seen)
     assert_ended_for_good(user, run_id, agent)
+
+
+@pytest.mark.parametrize("head", [True, False], ids=["headers trickled", "body trickled"])
+def test_a_health_probe_of_an_agent_pacing_its_answer_ends_at_its_timeout(head):
+    """The probe holds the scheduled health check (and the probes after it) no longer
+    than MAOF_AGENT_HEALTH_TIMEOUT_MS, however the agent paces its bytes: it is offline."""
+    from chalicelib.agents.health import probe
+    from chalicelib.config import get_settings
+    from tests.support.callbacks import TricklingServer
+
+    agent = TricklingServer(head)
+    started = time.monotonic()
+    try:
+        assert probe(f"{agent.url}/agent") == "offline"
+    finally:
+        agent.stop.set()
+    allowed = get_settings().agent_health_timeout_ms / 1000 + 1.5
+    assert time.monotonic() - started < allowed

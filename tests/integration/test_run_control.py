@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import socket
 import threading
 import time
 from typing import Any
@@ -26,7 +25,7 @@ from tests.integration.conftest import (
 )
 from tests.support.agents import ScriptedAgent, error, ok, sleep
 from tests.support.agents import start_agent as start
-from tests.support.callbacks import CallbackReceiver
+from tests.support.callbacks import CallbackReceiver, TricklingServer
 
 
 def pipeline(first: str, second: str, **workflow: Any) -> dict[str, Any]:
@@ -300,36 +299,6 @@ def test_a_callback_is_delivered_once_signed_and_retried_after_a_500(
         receiver.stop()
 
 
-class _Trickler:
-    """A callback receiver that answers a byte every 0.2 s: its status line and headers
-    (`head`), or its headers at once and then its body."""
-
-    def __init__(self, head: bool) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.head, self.stop = head, threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.listener.getsockname()[1]}/hooks/maof"
-
-    def _serve(self) -> None:
-        conn, _ = self.listener.accept()
-        with conn:
-            conn.recv(65536)
-            head = b"HTTP/1.1 200 OK\r\nContent-Length: 4096\r\n\r\n"
-            slow = head + b"x" * 4096 if self.head else b"x" * 4096
-            if not self.head:
-                conn.sendall(head)
-            for byte in slow:
-                if self.stop.wait(0.2):
-                    return
-                try:
-                    conn.sendall(bytes([byte]))
-                except OSError:
-                    return  # MAOF hung up
-
-
 @pytest.mark.parametrize("head", [True, False], ids=["headers trickled", "body trickled"])
 def test_a_callback_receiver_trickling_its_answer_is_cut_off_at_the_timeout(
     monkeypatch: pytest.MonkeyPatch, head: bool
@@ -341,7 +310,7 @@ def test_a_callback_receiver_trickling_its_answer_is_cut_off_at_the_timeout(
     from chalicelib.agents.secrets import encrypt_token
 
     monkeypatch.setattr(callbacks, "TIMEOUT_SECONDS", 1.0)
-    receiver = _Trickler(head)
+    receiver = TricklingServer(head)
     run = SimpleNamespace(
         id="run",
         callback_url=receiver.url,

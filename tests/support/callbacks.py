@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -37,3 +38,34 @@ class CallbackReceiver:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class TricklingServer:
+    """A server (a callback receiver, an agent's /health) that answers its first request
+    a byte every 0.2 s: its status line and headers (`head`), or its headers at once and
+    then its body."""
+
+    def __init__(self, head: bool) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.head, self.stop = head, threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            conn.recv(65536)
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: 4096\r\n\r\n"
+            slow = head + b"x" * 4096 if self.head else b"x" * 4096
+            if not self.head:
+                conn.sendall(head)
+            for byte in slow:
+                if self.stop.wait(0.2):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return  # MAOF hung up
