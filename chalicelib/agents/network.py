@@ -267,14 +267,14 @@ class _Watchdog:
     def __init__(self) -> None:
         self._lock = threading.Condition()
         self._due: list[tuple[float, int]] = []  # (deadline, key), a heap
-        self._watched: dict[int, socket.socket] = {}
+        self._watched: dict[int, tuple[socket.socket, float]] = {}
         self._keys = itertools.count()
         self._thread: threading.Thread | None = None
 
     def watch(self, sock: socket.socket, deadline: float) -> int:
         with self._lock:
             key = next(self._keys)
-            self._watched[key] = sock
+            self._watched[key] = (sock, deadline)
             heapq.heappush(self._due, (deadline, key))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="maof-cutoff", daemon=True)
@@ -286,7 +286,13 @@ class _Watchdog:
     def unwatch(self, key: int) -> bool:
         """Stop watching; False if the deadline came first and the socket was shut down."""
         with self._lock:
-            return self._watched.pop(key, None) is not None
+            watched = self._watched.pop(key, None) is not None
+            if len(self._due) > 4 * len(self._watched) + 256:
+                # Unwatched entries leave the heap when they come up; with long deadlines
+                # they would pile up first: keep only the watched ones (amortised O(1)).
+                self._due = [(deadline, k) for k, (_, deadline) in self._watched.items()]
+                heapq.heapify(self._due)
+            return watched
 
     def _run(self) -> None:
         with self._lock:
@@ -301,7 +307,7 @@ class _Watchdog:
                     self._lock.wait(wait)
                     continue
                 heapq.heappop(self._due)
-                sock = self._watched.pop(key)
+                sock, _ = self._watched.pop(key)
                 with contextlib.suppress(OSError):  # the plain socket's: an SSL one too
                     socket.socket.shutdown(sock, socket.SHUT_RDWR)
 

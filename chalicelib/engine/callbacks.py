@@ -5,8 +5,8 @@ The body: `{workflowRunId, status, workflowName, completedAt, output | errorMess
 chain: {head}, timestamp}`. The headers: `X-Maof-Signature: sha256=<hex HMAC-SHA256 of
 the raw body, keyed with the callback's secret>`, `X-Maof-Timestamp` (Unix seconds, also
 in the body, so a receiver can refuse old replays) and `X-Maof-Delivery` (one id per run
-end, the same on every try of it, so a receiver can drop a repeat). Any 2xx answer is a
-delivery; anything else is tried again after a backoff (10 s, 20 s, 40 s … up to 5
+end, the same on every try of it, so a receiver can drop a repeat). Any 2xx answer within
+TIMEOUT_SECONDS, connect to last byte, is a delivery; anything else is tried again after a backoff (10 s, 20 s, 40 s … up to 5
 minutes; MAX_ATTEMPTS tries, about 20 minutes); the run's detail shows how it went
 (`callback: {url, state, attempts, lastError}`). Deliveries are not audit entries: a
 run's chain ends with the run. The request goes through the SSRF guard

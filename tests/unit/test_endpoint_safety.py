@@ -368,3 +368,19 @@ def test_the_watchdog_shuts_a_socket_down_at_its_deadline_and_says_so() -> None:
         assert _watchdog.unwatch(late) is True
         other.sendall(b"x")
         assert kept.recv(1) == b"x"
+
+
+def test_the_watchdog_keeps_only_what_it_watches() -> None:
+    """Deadlines far off (a 14-minute stage timeout) and calls that end at once: the heap
+    does not grow with every call ever made."""
+    import socket
+    import time
+
+    from chalicelib.agents.network import _Watchdog
+
+    watchdog = _Watchdog()
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        for _ in range(10_000):
+            watchdog.unwatch(watchdog.watch(ours, time.monotonic() + 840))
+        assert len(watchdog._due) <= 256 + 1
