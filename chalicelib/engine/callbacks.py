@@ -12,8 +12,8 @@ minutes; MAX_ATTEMPTS tries, about 20 minutes); the run's detail shows how it we
 run's chain ends with the run. The request goes through the SSRF guard
 and never follows a redirect.
 
-The sweeper delivers what is due (its every round: within seconds of the run's end). It
-first takes the due callbacks (FOR UPDATE SKIP LOCKED, moving their next try a minute on,
+The sweeper delivers what is due (its every round: within seconds of the run's end),
+batch after batch while its round has time. It first takes the due callbacks (FOR UPDATE SKIP LOCKED, moving their next try a minute on,
 so two sweepers never post one at once and a sweeper that dies mid-delivery only delays
 it), then posts them outside any transaction, a few at a time, and records each outcome.
 """
@@ -72,35 +72,49 @@ CLAIM_SECONDS = 60  # a taken callback is tried again this long after, if its ta
 CONCURRENT_POSTS = 8
 
 
-def deliver_due() -> dict[str, int]:
-    """Try every callback that is due; how many were delivered, are to be retried, and
-    were given up."""
-    with session_scope() as session:
-        due = session.execute(
-            text(
-                """
-                UPDATE workflow_runs
-                   SET callback_next_at = now() + make_interval(secs => :claim)
-                 WHERE id IN (SELECT id FROM workflow_runs
-                               WHERE callback_state = 'pending' AND callback_next_at <= now()
-                               ORDER BY callback_next_at LIMIT :batch FOR UPDATE SKIP LOCKED)
-             RETURNING id, status, workflow_name, completed_at, output, error_message,
-                       callback_url, callback_secret_encrypted, callback_attempts,
-                       callback_delivery
-                """
-            ),
-            {"batch": BATCH, "claim": CLAIM_SECONDS},
-        ).all()
+def deliver_due(until: float | None = None) -> dict[str, int]:
+    """Try the callbacks that are due, a batch at a time, until none is (or `until`, a
+    time.monotonic() value, is near: every try ends by it); how many were delivered, are
+    to be retried, and were given up. Without `until`, one batch, each try ending within
+    TIMEOUT_SECONDS."""
     counts = {"delivered": 0, "retrying": 0, "abandoned": 0}
-    if not due:
-        return counts
-    with ThreadPoolExecutor(max_workers=min(CONCURRENT_POSTS, len(due))) as pool:
-        for outcome in pool.map(_deliver, due):
-            counts[outcome] += 1
+    while until is None or until - time.monotonic() >= MIN_TRY_SECONDS:
+        due = _take_due()
+        if due:
+            with ThreadPoolExecutor(max_workers=min(CONCURRENT_POSTS, len(due))) as pool:
+                for outcome in pool.map(lambda run: _deliver(run, until), due):
+                    counts[outcome] += 1
+        if until is None or len(due) < BATCH:
+            break
     return counts
 
 
-def _deliver(run: Any) -> str:
+# A try is not started with less time than this left before the caller's `until`.
+MIN_TRY_SECONDS = 2.0
+
+
+def _take_due() -> list[Any]:
+    with session_scope() as session:
+        return list(
+            session.execute(
+                text(
+                    """
+                    UPDATE workflow_runs
+                       SET callback_next_at = now() + make_interval(secs => :claim)
+                     WHERE id IN (SELECT id FROM workflow_runs
+                                   WHERE callback_state = 'pending' AND callback_next_at <= now()
+                                   ORDER BY callback_next_at LIMIT :batch FOR UPDATE SKIP LOCKED)
+                 RETURNING id, status, workflow_name, completed_at, output, error_message,
+                           callback_url, callback_secret_encrypted, callback_attempts,
+                           callback_delivery
+                    """
+                ),
+                {"batch": BATCH, "claim": CLAIM_SECONDS},
+            ).all()
+        )
+
+
+def _deliver(run: Any, until: float | None = None) -> str:
     with session_scope() as session:
         head = session.execute(
             text(
@@ -110,7 +124,7 @@ def _deliver(run: Any) -> str:
         ).scalar()
     timestamp = int(time.time())
     body = dumps(payload(run, head, timestamp)).encode("utf-8")
-    error = _post(run, body, timestamp)
+    error = _post(run, body, timestamp, until)
     attempts = run.callback_attempts + 1
     if error is None:
         state, next_at = "delivered", None
@@ -144,11 +158,12 @@ def _deliver(run: Any) -> str:
     return {"delivered": "delivered", "failed": "abandoned"}.get(state, "retrying")
 
 
-def _post(run: Any, body: bytes, timestamp: int) -> str | None:
+def _post(run: Any, body: bytes, timestamp: int, until: float | None = None) -> str | None:
     """None once delivered; else what went wrong (stored, shown in the run's detail)."""
     try:
         secret = decrypt_token(run.callback_secret_encrypted)
         deadline = time.monotonic() + TIMEOUT_SECONDS
+        deadline = deadline if until is None else min(deadline, until)
         response = pinned_request(
             "POST",
             run.callback_url,
@@ -160,7 +175,9 @@ def _post(run: Any, body: bytes, timestamp: int) -> str | None:
                 "X-Maof-Timestamp": str(timestamp),
                 "X-Maof-Delivery": str(run.callback_delivery),
             },
-            timeout=urllib3.Timeout(connect=5.0, read=TIMEOUT_SECONDS),
+            timeout=urllib3.Timeout(
+                connect=max(0.1, min(5.0, deadline - time.monotonic())), read=TIMEOUT_SECONDS
+            ),
             deadline=deadline,
         )
         try:

@@ -276,10 +276,10 @@ def overdue_runs() -> list[uuid.UUID]:
         )
 
 
-def sweep_once() -> dict[str, int]:
+def sweep_once(until: float | None = None) -> dict[str, int]:
     """One sweep: runs past their deadline failed; every stalled stage re-queued and
     re-sent, failed or skipped; stages waiting too long for a slot woken; due completion
-    callbacks delivered."""
+    callbacks delivered, batch after batch until `until` (time.monotonic()) is near."""
     grace = grace_for(queue_backlog())
     totals = {
         "expired": 0,
@@ -321,7 +321,7 @@ def sweep_once() -> dict[str, int]:
                 extra={"runId": str(run_id), "requeued": swept.requeued, "failed": swept.failed},
             )
     try:
-        totals["callbacks"] = sum(callbacks.deliver_due().values())
+        totals["callbacks"] = sum(callbacks.deliver_due(until).values())
     except Exception:
         logger.exception("delivering callbacks failed; going on")
         totals["errors"] += 1
@@ -354,14 +354,19 @@ def sweep() -> dict[str, int]:
     """The scheduled handler: one sweep locally (the poller calls it every interval); in
     Lambda, a sweep every MAOF_SWEEP_INTERVAL_SECONDS for one schedule period."""
     interval = get_settings().sweep_interval_seconds
-    rounds = 1
+    # A round delivers callbacks for at most this long, however slow their receivers (and
+    # however many are due): one try's timeout, or the interval if longer.
+    for_callbacks = max(interval, callbacks.TIMEOUT_SECONDS)
+    started = time.monotonic()
+    rounds_until = started  # one round
     if os.environ.get("AWS_LAMBDA_FUNCTION_NAME") and interval < SCHEDULE_PERIOD_SECONDS:
-        # Done before the next scheduled invocation (and well within the function's 60 s).
-        rounds = max(1, (SCHEDULE_PERIOD_SECONDS - 15) // interval)
+        # Rounds for one schedule period: done before the next scheduled invocation, and
+        # the last one's callbacks within the function's 60 s.
+        rounds_until = started + SCHEDULE_PERIOD_SECONDS - 15
     totals: dict[str, int] = defaultdict(int)
-    for index in range(rounds):
-        if index:
-            time.sleep(interval)
-        for key, value in sweep_once().items():
+    while True:
+        for key, value in sweep_once(time.monotonic() + for_callbacks).items():
             totals[key] += value
-    return dict(totals)
+        if time.monotonic() + interval >= rounds_until:
+            return dict(totals)
+        time.sleep(interval)

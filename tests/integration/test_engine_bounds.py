@@ -337,3 +337,33 @@ def test_a_submission_answers_within_seconds_when_sqs_hangs_and_the_sweeper_send
     set_stage(run_id, "a", "queued_at = now() - interval '1 hour'")  # as time passes
     assert handlers.sweep_stalled_stages()["requeued"] >= 1
     assert wait_for_run(user, run_ref)["status"] == "completed"
+
+
+def test_a_scheduled_sweep_in_lambda_runs_rounds_for_its_period_and_bounds_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In Lambda one invocation sweeps every interval until 15 s before the next schedule,
+    each round's callbacks bounded (so the last round ends within the function's time)."""
+    from chalicelib.config import reset_settings
+
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "maof-prod-sweep_stalled_stages")
+    monkeypatch.setenv("MAOF_SWEEP_INTERVAL_SECONDS", "1")
+    reset_settings()
+    monkeypatch.setattr(sweeper, "SCHEDULE_PERIOD_SECONDS", 18.5)  # rounds for 3.5 s
+    given: list[float] = []
+
+    def one_round(until: float | None = None) -> dict[str, int]:
+        assert until is not None
+        given.append(until - time.monotonic())
+        return {"requeued": 1}
+
+    monkeypatch.setattr(sweeper, "sweep_once", one_round)
+    started = time.monotonic()
+    try:
+        totals = sweeper.sweep()
+    finally:
+        monkeypatch.delenv("MAOF_SWEEP_INTERVAL_SECONDS")
+        reset_settings()
+    assert len(given) == 4 and totals["requeued"] == 4  # at 0, 1, 2 and 3 s
+    assert all(9.5 < seconds <= 10 for seconds in given)  # callbacks.TIMEOUT_SECONDS
+    assert time.monotonic() - started < 4

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from chalicelib.core.api import parse_run_ref
 from chalicelib.db import session_scope
 from chalicelib.engine import callbacks, handlers
 from tests.integration.conftest import (
@@ -324,6 +325,60 @@ def test_a_callback_receiver_trickling_its_answer_is_cut_off_at_the_timeout(
         receiver.stop.set()
     assert time.monotonic() - started < 2.5
     assert error is not None and "could not reach the callback URL" in error, error
+
+
+def _due_callbacks(user: Api, urls: list[str]) -> list[str]:
+    """Runs (left queued: nothing runs them) whose callbacks are due now, one per URL."""
+    capability = unique_capability("due")
+    register_agent(user, capability)
+    refs = [
+        submitted(
+            user, dict(pipeline(capability, capability), callback={"url": u, "secret": SECRET})
+        )
+        for u in urls
+    ]
+    with session_scope() as session:
+        session.execute(
+            text(
+                "UPDATE workflow_runs SET callback_state = 'pending', callback_next_at = now(), "
+                "callback_delivery = gen_random_uuid() WHERE id = ANY(:ids)"
+            ),
+            {"ids": [parse_run_ref(ref) for ref in refs]},
+        )
+    return refs
+
+
+def test_a_sweeper_round_delivers_every_due_callback_batch_after_batch(
+    user: Api, sent: Any
+) -> None:
+    """More callbacks due than one batch: a round delivers them all while it has time (it
+    delivered one batch a round, 20 every 5 s, so a busy user's callbacks fell behind)."""
+    receiver = CallbackReceiver()
+    try:
+        count = callbacks.BATCH * 2 + 5
+        _due_callbacks(user, [receiver.url] * count)
+        callbacks.deliver_due(until=time.monotonic() + 30)
+        assert len(receiver.received) == count
+    finally:
+        receiver.stop()
+
+
+def test_a_sweeper_round_ends_on_time_whatever_its_receivers_do(user: Api, sent: Any) -> None:
+    """Receivers that pace their answers a byte at a time: every try of the round ends by
+    its `until`, and so does the round (it used to take up to 30 s a batch, and the
+    scheduled sweeper, whose other work waits for it, has 60 s)."""
+    receivers = [TricklingServer(head=True) for _ in range(3)]
+    try:
+        refs = _due_callbacks(user, [r.url for r in receivers])
+        started = time.monotonic()
+        callbacks.deliver_due(until=started + 3)
+        assert time.monotonic() - started < 4.5
+        for ref in refs:
+            state = user.get(f"/workflows/{ref}").json()["data"]["callback"]
+            assert (state["state"], state["attempts"]) == ("pending", 1), state
+    finally:
+        for receiver in receivers:
+            receiver.stop.set()
 
 
 def test_a_callback_url_the_guard_refuses_is_400(
