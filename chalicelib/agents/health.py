@@ -101,13 +101,18 @@ def _record(
     return agents, changed
 
 
+PROBES_AT_ONCE = 16
+
+
 def check(targets: Sequence[tuple[uuid.UUID, str]]) -> list[Agent]:
     """Probe these agents (id, endpoint) concurrently and record the results: one
     transaction, then Redis (each agent's health; the candidates of a capability whose
     agents changed status)."""
     if not targets:
         return []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(targets))) as pool:
+    with concurrent.futures.ThreadPoolExecutor(
+        max_workers=min(PROBES_AT_ONCE, len(targets))
+    ) as pool:
         statuses = pool.map(lambda target: probe(target[1]), targets)
         results = {
             agent_uuid: status for (agent_uuid, _), status in zip(targets, statuses, strict=True)
@@ -126,14 +131,34 @@ def check(targets: Sequence[tuple[uuid.UUID, str]]) -> list[Agent]:
     return agents
 
 
-def scheduled_check() -> dict[str, Any]:
-    """Probe every live agent; how many, by the status each now has."""
+# The scheduled check probes agents in chunks, each recorded once probed, the stalest
+# first, and starts no chunk it could not finish within CHECK_BUDGET_SECONDS (the function
+# has 60 s): agents left over, however many are slow or unreachable, are the first next
+# time, and no result waits on every agent being probed.
+CHECK_CHUNK = 64
+CHECK_BUDGET_SECONDS = 40.0
+
+
+def scheduled_check(budget_seconds: float = CHECK_BUDGET_SECONDS) -> dict[str, Any]:
+    """Probe the live agents, the longest unchecked first, for up to `budget_seconds`; how
+    many, by the status each now has, and how many are left for the next check."""
+    until = time.monotonic() + budget_seconds
     with session_scope() as session:
         targets = session.execute(
-            select(Agent.id, Agent.endpoint).where(Agent.deleted_at.is_(None))
+            select(Agent.id, Agent.endpoint)
+            .where(Agent.deleted_at.is_(None))
+            .order_by(Agent.last_health_check.asc().nulls_first(), Agent.id)
         ).all()
-    checked = check([(target.id, target.endpoint) for target in targets])
+    # A chunk's probes run 16 at a time, each ending by the probe timeout.
+    waves = -(-CHECK_CHUNK // PROBES_AT_ONCE)
+    chunk_seconds = waves * get_settings().agent_health_timeout_ms / 1000
+    checked: list[Agent] = []
+    for start in range(0, len(targets), CHECK_CHUNK):
+        if start and time.monotonic() + chunk_seconds > until:
+            break
+        chunk = targets[start : start + CHECK_CHUNK]
+        checked += check([(target.id, target.endpoint) for target in chunk])
     counts: dict[str, int] = {}
     for agent in checked:
         counts[agent.status] = counts.get(agent.status, 0) + 1
-    return {"checked": len(checked), "statuses": counts}
+    return {"checked": len(checked), "statuses": counts, "left": len(targets) - len(checked)}

@@ -10,7 +10,7 @@ import time
 import uuid
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from chalicelib.agents.candidates import invalidate_capability
 from chalicelib.agents.secrets import encrypt_token
@@ -224,3 +224,48 @@ def test_a_health_probe_of_an_agent_pacing_its_answer_ends_at_its_timeout(head):
         agent.stop.set()
     allowed = get_settings().agent_health_timeout_ms / 1000 + 1.5
     assert time.monotonic() - started < allowed
+
+
+def test_the_scheduled_health_check_ends_in_its_budget_and_resumes_with_the_stalest(
+    user, monkeypatch
+):
+    """Agents that answer their /health at a crawl (a user registering hundreds of them,
+    or many agents down): the check records what it probed chunk by chunk, stops within
+    its budget (the function has 60 s; the results used to wait for every agent), and the
+    next check starts with the agents left unchecked."""
+    from sqlalchemy import update
+
+    from chalicelib.agents import health
+    from chalicelib.config import reset_settings
+    from chalicelib.db import session_scope
+    from chalicelib.db.models import Agent
+    from tests.support.callbacks import TricklingServer
+
+    monkeypatch.setenv("MAOF_AGENT_HEALTH_TIMEOUT_MS", "500")
+    reset_settings()
+    monkeypatch.setattr(health, "CHECK_CHUNK", 2)
+    servers = [TricklingServer(head=True) for _ in range(4)]
+    try:
+        capability = unique_capability("crawl")
+        ids = [
+            uuid.UUID(register_agent(user, capability, endpoint=f"{s.url}/agent")["agentUuid"])
+            for s in servers
+        ]
+        with session_scope() as session:  # never checked: the first in line
+            session.execute(update(Agent).where(Agent.id.in_(ids)).values(last_health_check=None))
+        started = time.monotonic()
+        first = health.scheduled_check(budget_seconds=0.8)
+        assert time.monotonic() - started < 1.6
+        assert first["checked"] == 2 and first["statuses"] == {"offline": 2}
+        second = health.scheduled_check(budget_seconds=0.8)
+        assert second["checked"] == 2
+        with session_scope() as session:
+            checked = session.execute(
+                select(Agent.status, Agent.last_health_check).where(Agent.id.in_(ids))
+            ).all()
+        assert all(status == "offline" and at is not None for status, at in checked)
+    finally:
+        for server in servers:
+            server.stop.set()
+        monkeypatch.delenv("MAOF_AGENT_HEALTH_TIMEOUT_MS")
+        reset_settings()
