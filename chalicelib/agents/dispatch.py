@@ -39,6 +39,7 @@ from chalicelib.agents.network import (
     EndpointUnresolvable,
     pinned_request,
     read_by,
+    time_left,
 )
 from chalicelib.config import get_settings
 from chalicelib.core.encoding import dumps
@@ -134,10 +135,6 @@ def call_agent(endpoint: str, token: str, agent_id: str, task: AgentTask) -> Age
     return _post(endpoint, token, task)
 
 
-class _DeadlinePassed(Exception):
-    pass
-
-
 @contextmanager
 def _transport_errors(task: AgentTask) -> Iterator[None]:
     """The guard's refusals as an unusable agent; an unresolvable name, the deadline and
@@ -156,7 +153,7 @@ def _transport_errors(task: AgentTask) -> Iterator[None]:
             failure=Failure.AGENT_UNUSABLE,
             code="ENDPOINT_NOT_ALLOWED",
         ) from None
-    except (TimeoutError, urllib3.exceptions.TimeoutError, _DeadlinePassed):
+    except (TimeoutError, urllib3.exceptions.TimeoutError):
         raise AgentCallFailed(
             f"TIMEOUT: no complete answer within {task.timeout_ms} ms",
             failure=Failure.IN_DOUBT,
@@ -191,13 +188,6 @@ def _request_headers(token: str, task: AgentTask) -> dict[str, str]:
     return headers
 
 
-def _remaining(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise _DeadlinePassed()
-    return left
-
-
 def _post(endpoint: str, token: str, task: AgentTask) -> AgentOutput:
     """POST the task and read the answer, all of it by the task's deadline: each socket
     operation waits at most for what is left of it, so a trickled answer ends on time."""
@@ -205,7 +195,7 @@ def _post(endpoint: str, token: str, task: AgentTask) -> AgentOutput:
     headers = _request_headers(token, task)
     deadline = task.call_deadline()
     with _transport_errors(task):
-        left = _remaining(deadline)
+        left = time_left(deadline)
         response = pinned_request(
             "POST",
             endpoint,

@@ -358,17 +358,18 @@ def read_by(response: urllib3.BaseHTTPResponse, deadline: float, limit: int) -> 
         # it); its socket is no longer ours to set a timeout on.
         sock = getattr(getattr(response, "connection", None), "sock", None)
         if sock is not None:
-            sock.settimeout(_left(deadline))
+            sock.settimeout(time_left(deadline))
         chunk = response.read1(min(65536, limit + 1 - size), decode_content=True)
         if not chunk:
             break
         chunks.append(chunk)
         size += len(chunk)
-        _left(deadline)
+        time_left(deadline)
     return b"".join(chunks)
 
 
-def _left(deadline: float) -> float:
+def time_left(deadline: float) -> float:
+    """Seconds until `deadline` (time.monotonic()); TimeoutError once it has passed."""
     if (left := deadline - time.monotonic()) <= 0:
         raise TimeoutError("no complete answer by the deadline")
     return left

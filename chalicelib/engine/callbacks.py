@@ -29,7 +29,7 @@ from typing import Any
 import urllib3
 from sqlalchemy import text
 
-from chalicelib.agents.network import EndpointNotAllowed, pinned_request, read_by
+from chalicelib.agents.network import EndpointNotAllowed, pinned_request, read_by, time_left
 from chalicelib.agents.secrets import decrypt_token
 from chalicelib.core.api import run_ref
 from chalicelib.core.encoding import dumps
@@ -175,9 +175,7 @@ def _post(run: Any, body: bytes, timestamp: int, until: float | None = None) -> 
                 "X-Maof-Timestamp": str(timestamp),
                 "X-Maof-Delivery": str(run.callback_delivery),
             },
-            timeout=urllib3.Timeout(
-                connect=max(0.1, min(5.0, deadline - time.monotonic())), read=TIMEOUT_SECONDS
-            ),
+            timeout=urllib3.Timeout(connect=min(5.0, time_left(deadline)), read=TIMEOUT_SECONDS),
             deadline=deadline,
         )
         try:
