@@ -269,3 +269,23 @@ def test_the_scheduled_health_check_ends_in_its_budget_and_resumes_with_the_stal
             server.stop.set()
         monkeypatch.delenv("MAOF_AGENT_HEALTH_TIMEOUT_MS")
         reset_settings()
+
+
+def test_an_https_agent_pacing_its_tls_handshake_is_cut_off_at_the_deadline():
+    """A 16 KB handshake record a byte at a time: each read returns in time, but the
+    handshake as a whole ends by the connect timeout (the ssl module bounds the whole
+    handshake by the socket's timeout, which the call sets to what is left of its deadline).
+    Pinned here, as the headers' and the body's are."""
+    from chalicelib.agents.dispatch import AgentCallFailed, AgentTask, call_agent
+    from tests.support.callbacks import TricklingServer
+
+    agent = TricklingServer(head=True, tls=True)
+    task = AgentTask("wfr-tls", "s0", 1, "summarization", {"text": "hi"}, "tls", timeout_ms=1000)
+    started = time.monotonic()
+    try:
+        with pytest.raises(AgentCallFailed) as failed:
+            call_agent(agent.url.replace("http://", "https://") + "/agent", "t", "tls", task)
+    finally:
+        agent.stop.set()
+    assert time.monotonic() - started < 2.5
+    assert failed.value.code == "TIMEOUT", failed.value

@@ -43,11 +43,11 @@ class CallbackReceiver:
 class TricklingServer:
     """A server (a callback receiver, an agent's /health) that answers its first request
     a byte every 0.2 s: its status line and headers (`head`), or its headers at once and
-    then its body."""
+    then its body; or, with `tls`, its TLS handshake (to the client's hello)."""
 
-    def __init__(self, head: bool) -> None:
+    def __init__(self, head: bool, tls: bool = False) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.head, self.stop = head, threading.Event()
+        self.head, self.tls, self.stop = head, tls, threading.Event()
         threading.Thread(target=self._serve, daemon=True).start()
 
     @property
@@ -58,6 +58,15 @@ class TricklingServer:
         conn, _ = self.listener.accept()
         with conn:
             conn.recv(65536)
+            if self.tls:  # a TLS record of 16 KB announced, its bytes paced
+                for byte in b"\x16\x03\x03\x40\x00" + b"\x02" * 16384:
+                    if self.stop.wait(0.2):
+                        return
+                    try:
+                        conn.sendall(bytes([byte]))
+                    except OSError:
+                        return
+                return
             head = b"HTTP/1.1 200 OK\r\nContent-Length: 4096\r\n\r\n"
             slow = head + b"x" * 4096 if self.head else b"x" * 4096
             if not self.head:
