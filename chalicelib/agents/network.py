@@ -254,9 +254,21 @@ def resolve_and_check(url: str, deadline: float | None = None) -> Target:
     return Target(scheme, hostname, port, request_uri, addresses[0])
 
 
+# How long registering an agent or submitting a callback URL waits for its name to resolve.
+CHECK_LOOKUP_SECONDS = 5.0
+
+
 def check_endpoint_allowed(url: str) -> None:
-    """Raise EndpointNotAllowed unless the guard would let MAOF call `url` now."""
-    resolve_and_check(url)
+    """Raise EndpointNotAllowed unless the guard would let MAOF call `url` now (a name that
+    does not resolve within CHECK_LOOKUP_SECONDS does not: a request must not wait on a
+    hostile name server for as long as the system resolver would)."""
+    try:
+        resolve_and_check(url, time.monotonic() + CHECK_LOOKUP_SECONDS)
+    except TimeoutError:
+        allow_private = get_settings().allow_private_agent_endpoints
+        raise EndpointUnresolvable(
+            "its host name did not resolve in time" if allow_private else PUBLIC_ONLY
+        ) from None
 
 
 class _Watchdog:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import ssl
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -405,3 +406,36 @@ def test_make_dev_demo_with_the_guard_on_says_so_and_runs_on_a_mock_agent(
     assert "runs with a mock:// agent instead" in out
     assert "completed" in out.split("Demo run:")[1].splitlines()[0]
     assert "agent=example-mock-agent" in out
+
+
+def test_a_name_that_never_resolves_is_refused_in_time_at_registration(
+    user: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name server that never answers (a hostile one, for the URL's domain): registering
+    the agent, or submitting a callback to it, is a 400 within the lookup's bound, not a
+    request held for as long as the system resolver keeps trying."""
+    released = threading.Event()
+
+    def hanging(hostname: str, port: int) -> list[str]:
+        released.wait(30)
+        return []
+
+    monkeypatch.setattr(network, "resolve_host", hanging)
+    monkeypatch.setattr(network, "CHECK_LOOKUP_SECONDS", 0.5)
+    try:
+        started = time.monotonic()
+        response = user.post(
+            "/agents/register",
+            {
+                "agentId": f"hang-{uuid.uuid4().hex[:6]}",
+                "name": "Hanging name",
+                "endpoint": "http://hang.test/agent",
+                "authToken": "token",
+                "capabilities": ["hang"],
+            },
+        )
+        assert time.monotonic() - started < 3
+        assert response.status_code == 400, response.text
+        assert "did not resolve in time" in response.text
+    finally:
+        released.set()
