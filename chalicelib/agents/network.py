@@ -210,7 +210,11 @@ def resolve_host(hostname: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-_resolver = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="maof-dns")
+# A lookup given up at its deadline still holds its thread until the system resolver gives
+# up too (tens of seconds against a name server that never answers): enough threads that a
+# batch's hostile names (10 records, and the stages handed slots) leave lookups for the
+# other stages. Threads start only as lookups need them.
+_resolver = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="maof-dns")
 
 
 def _resolve_by(hostname: str, port: int, deadline: float | None) -> list[str]:

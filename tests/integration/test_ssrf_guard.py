@@ -439,3 +439,28 @@ def test_a_name_that_never_resolves_is_refused_in_time_at_registration(
         assert "did not resolve in time" in response.text
     finally:
         released.set()
+
+
+def test_hanging_lookups_of_one_tenant_leave_lookups_for_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch's worth of calls to agents whose name server never answers: each gives up at
+    its deadline, but its lookup thread stays busy until the system resolver gives up; an
+    honest agent's lookup in the same process must still get a thread and resolve."""
+    released = threading.Event()
+
+    def resolver(hostname: str, port: int) -> list[str]:
+        if hostname.startswith("hang"):
+            released.wait(30)
+            return []
+        return ["127.0.0.1"]
+
+    monkeypatch.setattr(network, "resolve_host", resolver)
+    try:
+        for index in range(16):
+            with pytest.raises(TimeoutError):
+                network.resolve_and_check(f"http://hang{index}.test/agent", time.monotonic() + 0.05)
+        target = network.resolve_and_check("http://agent.test/agent", time.monotonic() + 2)
+        assert target.address == "127.0.0.1"
+    finally:
+        released.set()
