@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -275,22 +275,32 @@ def check_endpoint_allowed(url: str) -> None:
         ) from None
 
 
+def _shut(sock: socket.socket | None) -> None:
+    """A blocked read on the socket ends at once (the plain socket's shutdown: an SSL
+    socket's own would unwrap it under the reader)."""
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
 class _Watchdog:
-    """Shuts a socket down at its deadline. A per-read timeout cannot bound a status line
-    and headers sent a byte at a time (every read returns in time), and http.client has no
-    total timeout; a blocked read on a socket shut down ends at once. One thread for all."""
+    """Cuts a request off at its deadline. A per-read timeout cannot bound an answer sent
+    a byte at a time (every read returns in time: a status line and headers, a chunk's size
+    line), and http.client has no total timeout; a blocked read on a socket shut down ends
+    at once. One thread for all."""
 
     def __init__(self) -> None:
         self._lock = threading.Condition()
         self._due: list[tuple[float, int]] = []  # (deadline, key), a heap
-        self._watched: dict[int, tuple[socket.socket, float]] = {}
+        self._watched: dict[int, tuple[Callable[[], None], float]] = {}
         self._keys = itertools.count()
         self._thread: threading.Thread | None = None
 
-    def watch(self, sock: socket.socket, deadline: float) -> int:
+    def watch(self, cut: Callable[[], None], deadline: float) -> int:
+        """Call `cut` at `deadline` unless unwatched first."""
         with self._lock:
             key = next(self._keys)
-            self._watched[key] = (sock, deadline)
+            self._watched[key] = (cut, deadline)
             heapq.heappush(self._due, (deadline, key))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="maof-cutoff", daemon=True)
@@ -300,7 +310,7 @@ class _Watchdog:
             return key
 
     def unwatch(self, key: int) -> bool:
-        """Stop watching; False if the deadline came first and the socket was shut down."""
+        """Stop watching; False if the deadline came first and the request was cut off."""
         with self._lock:
             watched = self._watched.pop(key, None) is not None
             if len(self._due) > 4 * len(self._watched) + 256:
@@ -323,26 +333,36 @@ class _Watchdog:
                     self._lock.wait(wait)
                     continue
                 heapq.heappop(self._due)
-                sock, _ = self._watched.pop(key)
-                with contextlib.suppress(OSError):  # the plain socket's: an SSL one too
-                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                cut, _ = self._watched.pop(key)
+                try:
+                    cut()
+                except Exception as exc:  # the watchdog must outlive any one request
+                    logger.warning("could not cut a request off", extra={"error": repr(exc)})
 
 
 _watchdog = _Watchdog()
 _head_deadline = threading.local()  # the time.monotonic() deadline of this thread's request
 
 
+@contextlib.contextmanager
+def _cut_off_at(deadline: float, cut: Callable[[], None]) -> Iterator[None]:
+    """The block ends by `deadline`: then `cut()` shuts the socket it reads from down, and
+    its read fails; TimeoutError (urllib3 reports it as a socket timeout) either way."""
+    key = _watchdog.watch(cut, deadline)
+    try:
+        yield
+    finally:
+        if not _watchdog.unwatch(key):
+            raise TimeoutError("no complete answer by the deadline")
+
+
 def _head_by_deadline(conn: Any, read_head: Callable[[], Any]) -> Any:
     """Read the status line and headers by the request's deadline (pinned_request's)."""
     deadline: float | None = getattr(_head_deadline, "value", None)
-    if deadline is None or conn.sock is None:
+    if deadline is None:
         return read_head()
-    key = _watchdog.watch(conn.sock, deadline)
-    try:
+    with _cut_off_at(deadline, lambda: _shut(conn.sock)):
         return read_head()
-    finally:
-        if not _watchdog.unwatch(key):  # urllib3 reports a socket timeout as one
-            raise TimeoutError("no status line and headers by the deadline")
 
 
 class _HTTPConnection(urllib3.connection.HTTPConnection):
@@ -365,7 +385,25 @@ class _HTTPSPool(urllib3.HTTPSConnectionPool):
 
 def read_by(response: urllib3.BaseHTTPResponse, deadline: float, limit: int) -> bytes:
     """The body, up to `limit` + 1 bytes, read by `deadline` (TimeoutError past it): each
-    socket read waits at most for what is left, so a trickled body ends on time."""
+    socket read waits at most for what is left, and the watchdog cuts off what one read of
+    ours does in many (a chunk's size line a byte at a time), while the body is unread (once
+    it is, urllib3 puts the connection back in its pool, for another request). A body not
+    read to its end closes the connection: kept, the rest of it, arriving late, would be
+    read as the next request's answer."""
+
+    def cut() -> None:
+        if not response.closed:
+            response.shutdown()  # urllib3's: the socket the body is read from
+
+    try:
+        with _cut_off_at(deadline, cut):
+            return _read_by(response, deadline, limit)
+    except BaseException:
+        response.close()
+        raise
+
+
+def _read_by(response: urllib3.BaseHTTPResponse, deadline: float, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while size <= limit:

@@ -216,7 +216,7 @@ def test_a_health_probe_of_an_agent_pacing_its_answer_ends_at_its_timeout(head):
     from chalicelib.config import get_settings
     from tests.support.callbacks import TricklingServer
 
-    agent = TricklingServer(head)
+    agent = TricklingServer("head" if head else "body")
     started = time.monotonic()
     try:
         assert probe(f"{agent.url}/agent") == "offline"
@@ -244,7 +244,7 @@ def test_the_scheduled_health_check_ends_in_its_budget_and_resumes_with_the_stal
     monkeypatch.setenv("MAOF_AGENT_HEALTH_TIMEOUT_MS", "500")
     reset_settings()
     monkeypatch.setattr(health, "CHECK_CHUNK", 2)
-    servers = [TricklingServer(head=True) for _ in range(4)]
+    servers = [TricklingServer("head") for _ in range(4)]
     try:
         capability = unique_capability("crawl")
         ids = [
@@ -271,20 +271,28 @@ def test_the_scheduled_health_check_ends_in_its_budget_and_resumes_with_the_stal
         reset_settings()
 
 
-def test_an_https_agent_pacing_its_tls_handshake_is_cut_off_at_the_deadline():
-    """A 16 KB handshake record a byte at a time: each read returns in time, but the
-    handshake as a whole ends by the connect timeout (the ssl module bounds the whole
-    handshake by the socket's timeout, which the call sets to what is left of its deadline).
-    Pinned here, as the headers' and the body's are."""
+@pytest.mark.parametrize(
+    "pace",
+    [
+        pytest.param("tls", id="a TLS handshake record a byte at a time"),
+        pytest.param("chunked", id="a chunk's size line a byte at a time"),
+    ],
+)
+def test_an_agent_pacing_the_framing_of_its_answer_is_cut_off_at_the_deadline(pace):
+    """Each read returns in time, so only a bound on the whole call ends these: the ssl
+    module bounds a handshake by the socket's timeout (what is left of the call's
+    deadline), and the watchdog the body, chunk framing included (http.client reads a
+    chunk's size line, up to 64 KB, in one read of ours)."""
     from chalicelib.agents.dispatch import AgentCallFailed, AgentTask, call_agent
     from tests.support.callbacks import TricklingServer
 
-    agent = TricklingServer(head=True, tls=True)
-    task = AgentTask("wfr-tls", "s0", 1, "summarization", {"text": "hi"}, "tls", timeout_ms=1000)
+    agent = TricklingServer(pace)
+    scheme = "https://" if pace == "tls" else "http://"
+    task = AgentTask("wfr-pace", "s0", 1, "summarization", {"text": "hi"}, "pace", timeout_ms=1000)
     started = time.monotonic()
     try:
         with pytest.raises(AgentCallFailed) as failed:
-            call_agent(agent.url.replace("http://", "https://") + "/agent", "t", "tls", task)
+            call_agent(agent.url.replace("http://", scheme) + "/agent", "t", "pace", task)
     finally:
         agent.stop.set()
     assert time.monotonic() - started < 2.5

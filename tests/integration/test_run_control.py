@@ -311,7 +311,7 @@ def test_a_callback_receiver_trickling_its_answer_is_cut_off_at_the_timeout(
     from chalicelib.agents.secrets import encrypt_token
 
     monkeypatch.setattr(callbacks, "TIMEOUT_SECONDS", 1.0)
-    receiver = TricklingServer(head)
+    receiver = TricklingServer("head" if head else "body")
     run = SimpleNamespace(
         id="run",
         callback_url=receiver.url,
@@ -367,7 +367,7 @@ def test_a_sweeper_round_ends_on_time_whatever_its_receivers_do(user: Api, sent:
     """Receivers that pace their answers a byte at a time: every try of the round ends by
     its `until`, and so does the round (it used to take up to 30 s a batch, and the
     scheduled sweeper, whose other work waits for it, has 60 s)."""
-    receivers = [TricklingServer(head=True) for _ in range(3)]
+    receivers = [TricklingServer("head") for _ in range(3)]
     try:
         refs = _due_callbacks(user, [r.url for r in receivers])
         started = time.monotonic()

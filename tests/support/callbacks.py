@@ -41,13 +41,25 @@ class CallbackReceiver:
 
 
 class TricklingServer:
-    """A server (a callback receiver, an agent's /health) that answers its first request
-    a byte every 0.2 s: its status line and headers (`head`), or its headers at once and
-    then its body; or, with `tls`, its TLS handshake (to the client's hello)."""
+    """A server (an agent, a callback receiver, an agent's /health) that answers its first
+    request with some bytes at once and the rest a byte every 0.2 s. `pace`: "head" (the
+    status line and headers paced), "body" (its body), "chunked" (one chunk's size line,
+    64 KB long), "tls" (a 16 KB TLS handshake record, to the client's hello)."""
 
-    def __init__(self, head: bool, tls: bool = False) -> None:
+    PACED = {
+        "head": (b"", b"HTTP/1.1 200 OK\r\nContent-Length: 4096\r\n\r\n" + b"x" * 4096),
+        "body": (b"HTTP/1.1 200 OK\r\nContent-Length: 4096\r\n\r\n", b"x" * 4096),
+        "chunked": (
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n",
+            b"0" * 65000 + b"2\r\n{}\r\n0\r\n\r\n",
+        ),
+        "tls": (b"", b"\x16\x03\x03\x40\x00" + b"\x02" * 16384),
+    }
+
+    def __init__(self, pace: str) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.head, self.tls, self.stop = head, tls, threading.Event()
+        self.pace, self.stop = pace, threading.Event()
         threading.Thread(target=self._serve, daemon=True).start()
 
     @property
@@ -56,25 +68,14 @@ class TricklingServer:
 
     def _serve(self) -> None:
         conn, _ = self.listener.accept()
+        at_once, paced = self.PACED[self.pace]
         with conn:
             conn.recv(65536)
-            if self.tls:  # a TLS record of 16 KB announced, its bytes paced
-                for byte in b"\x16\x03\x03\x40\x00" + b"\x02" * 16384:
-                    if self.stop.wait(0.2):
-                        return
-                    try:
-                        conn.sendall(bytes([byte]))
-                    except OSError:
-                        return
-                return
-            head = b"HTTP/1.1 200 OK\r\nContent-Length: 4096\r\n\r\n"
-            slow = head + b"x" * 4096 if self.head else b"x" * 4096
-            if not self.head:
-                conn.sendall(head)
-            for byte in slow:
+            conn.sendall(at_once)
+            for byte in paced:
                 if self.stop.wait(0.2):
                     return
                 try:
                     conn.sendall(bytes([byte]))
                 except OSError:
-                    return  # MAOF hung up
+                    return  # the client hung up

@@ -354,13 +354,13 @@ def test_the_watchdog_shuts_a_socket_down_at_its_deadline_and_says_so() -> None:
     import socket
     import time
 
-    from chalicelib.agents.network import _watchdog
+    from chalicelib.agents.network import _shut, _watchdog
 
     ours, theirs = socket.socketpair()
     kept, other = socket.socketpair()
     with ours, theirs, kept, other:
-        late = _watchdog.watch(kept, time.monotonic() + 60)
-        key = _watchdog.watch(ours, time.monotonic() + 0.3)
+        late = _watchdog.watch(lambda: _shut(kept), time.monotonic() + 60)
+        key = _watchdog.watch(lambda: _shut(ours), time.monotonic() + 0.3)
         started = time.monotonic()
         assert ours.recv(1) == b""  # the watchdog's shutdown, not a byte
         assert 0.25 <= time.monotonic() - started < 2
@@ -382,5 +382,5 @@ def test_the_watchdog_keeps_only_what_it_watches() -> None:
     ours, theirs = socket.socketpair()
     with ours, theirs:
         for _ in range(10_000):
-            watchdog.unwatch(watchdog.watch(ours, time.monotonic() + 840))
+            watchdog.unwatch(watchdog.watch(lambda: None, time.monotonic() + 840))
         assert len(watchdog._due) <= 256 + 1
