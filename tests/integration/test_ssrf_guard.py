@@ -369,18 +369,20 @@ def prod(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     reset_settings()
 
 
+def register(user: Api, endpoint: str, capability: str) -> Any:
+    """POST /agents/register for one capability (its answer, whatever it is)."""
+    body = {
+        "agentId": f"agent-{uuid.uuid4().hex[:10]}",
+        "name": "Guarded",
+        "endpoint": endpoint,
+        "authToken": "t",
+        "capabilities": [capability],
+    }
+    return user.post("/agents/register", body)
+
+
 def test_in_prod_registering_a_mock_endpoint_is_a_400_naming_endpoint(api: Api, prod: None) -> None:
-    user = api.as_new_user()
-    response = user.post(
-        "/agents/register",
-        {
-            "agentId": f"agent-{uuid.uuid4().hex[:10]}",
-            "name": "Mock",
-            "endpoint": "mock://summarizer",
-            "authToken": "t",
-            "capabilities": ["summarization"],
-        },
-    )
+    response = register(api.as_new_user(), "mock://summarizer", "summarization")
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert [d["field"] for d in error["details"]] == ["endpoint"]
@@ -408,45 +410,10 @@ def test_make_dev_demo_with_the_guard_on_says_so_and_runs_on_a_mock_agent(
     assert "agent=example-mock-agent" in out
 
 
-def test_a_name_that_never_resolves_is_refused_in_time_at_registration(
-    user: Api, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A name server that never answers (a hostile one, for the URL's domain): registering
-    the agent, or submitting a callback to it, is a 400 within the lookup's bound, not a
-    request held for as long as the system resolver keeps trying."""
-    released = threading.Event()
-
-    def hanging(hostname: str, port: int) -> list[str]:
-        released.wait(30)
-        return []
-
-    monkeypatch.setattr(network, "resolve_host", hanging)
-    monkeypatch.setattr(network, "CHECK_LOOKUP_SECONDS", 0.5)
-    try:
-        started = time.monotonic()
-        response = user.post(
-            "/agents/register",
-            {
-                "agentId": f"hang-{uuid.uuid4().hex[:6]}",
-                "name": "Hanging name",
-                "endpoint": "http://hang.test/agent",
-                "authToken": "token",
-                "capabilities": ["hang"],
-            },
-        )
-        assert time.monotonic() - started < 3
-        assert response.status_code == 400, response.text
-        assert "did not resolve in time" in response.text
-    finally:
-        released.set()
-
-
-def test_hanging_lookups_of_one_tenant_leave_lookups_for_the_others(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A batch's worth of calls to agents whose name server never answers: each gives up at
-    its deadline, but its lookup thread stays busy until the system resolver gives up; an
-    honest agent's lookup in the same process must still get a thread and resolve."""
+@pytest.fixture
+def hanging_names(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A name server that never answers for names starting with "hang" (until the test
+    ends); every other name is 127.0.0.1."""
     released = threading.Event()
 
     def resolver(hostname: str, port: int) -> list[str]:
@@ -456,11 +423,30 @@ def test_hanging_lookups_of_one_tenant_leave_lookups_for_the_others(
         return ["127.0.0.1"]
 
     monkeypatch.setattr(network, "resolve_host", resolver)
-    try:
-        for index in range(16):
-            with pytest.raises(TimeoutError):
-                network.resolve_and_check(f"http://hang{index}.test/agent", time.monotonic() + 0.05)
-        target = network.resolve_and_check("http://agent.test/agent", time.monotonic() + 2)
-        assert target.address == "127.0.0.1"
-    finally:
-        released.set()
+    yield
+    released.set()
+
+
+def test_a_name_that_never_resolves_is_refused_in_time_at_registration(
+    user: Api, hanging_names: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name server that never answers (a hostile one, for the URL's domain): registering
+    the agent, or submitting a callback to it, is a 400 within the lookup's bound, not a
+    request held for as long as the system resolver keeps trying."""
+    monkeypatch.setattr(network, "CHECK_LOOKUP_SECONDS", 0.5)
+    started = time.monotonic()
+    response = register(user, "http://hang.test/agent", "hang")
+    assert time.monotonic() - started < 3
+    assert response.status_code == 400, response.text
+    assert "did not resolve in time" in response.text
+
+
+def test_hanging_lookups_of_one_tenant_leave_lookups_for_the_others(hanging_names: None) -> None:
+    """A batch's worth of calls to agents whose name server never answers: each gives up at
+    its deadline, but its lookup thread stays busy until the system resolver gives up; an
+    honest agent's lookup in the same process must still get a thread and resolve."""
+    for index in range(16):
+        with pytest.raises(TimeoutError):
+            network.resolve_and_check(f"http://hang{index}.test/agent", time.monotonic() + 0.05)
+    target = network.resolve_and_check("http://agent.test/agent", time.monotonic() + 2)
+    assert target.address == "127.0.0.1"
