@@ -384,41 +384,30 @@ class _HTTPSPool(urllib3.HTTPSConnectionPool):
 
 
 def read_by(response: urllib3.BaseHTTPResponse, deadline: float, limit: int) -> bytes:
-    """The body, up to `limit` + 1 bytes, read by `deadline` (TimeoutError past it): each
-    socket read waits at most for what is left, and the watchdog cuts off what one read of
-    ours does in many (a chunk's size line a byte at a time), while the body is unread (once
-    it is, urllib3 puts the connection back in its pool, for another request). A body not
-    read to its end closes the connection: kept, the rest of it, arriving late, would be
-    read as the next request's answer."""
+    """The body, up to `limit` + 1 bytes, read by `deadline` (TimeoutError past it): the
+    watchdog cuts the read off then, however the bytes are paced (a per-read timeout
+    cannot: a chunk's size line a byte at a time is one read of ours, many of
+    http.client's), while the body is unread (once it is, urllib3 puts the connection back
+    in its pool, for another request). A body not read to its end closes the connection:
+    kept, the rest of it, arriving late, would be read as the next request's answer."""
 
     def cut() -> None:
         if not response.closed:
             response.shutdown()  # urllib3's: the socket the body is read from
 
+    chunks: list[bytes] = []
+    size = 0
     try:
         with _cut_off_at(deadline, cut):
-            return _read_by(response, deadline, limit)
+            while size <= limit:
+                chunk = response.read1(min(65536, limit + 1 - size), decode_content=True)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
     except BaseException:
         response.close()
         raise
-
-
-def _read_by(response: urllib3.BaseHTTPResponse, deadline: float, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while size <= limit:
-        # Looked up each time: once the last byte is read, urllib3 puts the connection
-        # back in its pool, where another call takes it (or, the pool being full, closes
-        # it); its socket is no longer ours to set a timeout on.
-        sock = getattr(getattr(response, "connection", None), "sock", None)
-        if sock is not None:
-            sock.settimeout(time_left(deadline))
-        chunk = response.read1(min(65536, limit + 1 - size), decode_content=True)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-        time_left(deadline)
     return b"".join(chunks)
 
 
