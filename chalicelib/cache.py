@@ -4,14 +4,77 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from chalicelib.config import get_settings
 from chalicelib.logs import logger
+
+T = TypeVar("T")
+# After a call could not connect or timed out, every call fails at once for this long; then
+# one thread tries for as long (the others still fail at once), and if none of its calls
+# failed, every call goes to Redis again.
+AWAY_SECONDS = 1.0
+
+
+class RedisBreaker(Retry):
+    """A circuit breaker, which redis-py lacks, in the hook it runs every connect, command
+    and pipeline through (as its default: no retries). A Redis that hangs (a partition, a
+    stalled node) made each call wait out its 0.5 s timeout, several a stage: a cache outage
+    slowed work tenfold; now it costs one timeout a second a process. Callers see
+    redis.ConnectionError, as when Redis is down. The state is the class's: redis-py copies
+    this object into each connection."""
+
+    _lock = threading.Lock()
+    state = "closed"  # closed, open (every call fails at once), probing (one thread tries)
+    until = 0.0  # monotonic: when open or probing ends
+    _prober: int | None = None
+
+    def __init__(self) -> None:
+        super().__init__(NoBackoff(), 0)
+
+    def call_with_retry(
+        self, do: Callable[[], T], fail: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> T:
+        if not self.may_try():
+            raise redis.ConnectionError(f"Redis did not answer lately: not tried ({self.state})")
+        try:
+            return super().call_with_retry(do, fail, *args, **kwargs)
+        except self._supported_errors:
+            self.trip()
+            raise
+
+    @classmethod
+    def may_try(cls) -> bool:
+        if cls.state == "closed":
+            return True
+        with cls._lock:
+            now, me = time.monotonic(), threading.get_ident()
+            if cls.state == "open":
+                if now < cls.until:
+                    return False
+                cls.state, cls.until, cls._prober = "probing", now + AWAY_SECONDS, me
+                return True
+            if now >= cls.until:  # the probe's time is over and none of its calls failed
+                cls.state, cls._prober = "closed", None
+            return cls.state == "closed" or cls._prober == me
+
+    @classmethod
+    def trip(cls) -> None:
+        with cls._lock:
+            cls.state, cls.until, cls._prober = "open", time.monotonic() + AWAY_SECONDS, None
+
+    @classmethod
+    def close(cls) -> None:
+        with cls._lock:
+            cls.state, cls.until, cls._prober = "closed", 0.0, None
 
 
 @functools.lru_cache(maxsize=1)
@@ -22,6 +85,7 @@ def get_redis() -> redis.Redis:
         socket_timeout=0.5,
         health_check_interval=30,
         decode_responses=True,
+        retry=RedisBreaker(),
     )
 
 
@@ -29,6 +93,7 @@ def reset() -> None:
     if get_redis.cache_info().currsize:
         get_redis().close()
     get_redis.cache_clear()
+    RedisBreaker.close()
 
 
 def get_json(key: str) -> Any | None:

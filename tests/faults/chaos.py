@@ -15,6 +15,9 @@ the drain is under way, the fault is injected while more runs are submitted thro
   redis       Redis stopped, five seconds without it, started again (empty)
   localstack  LocalStack killed and started again: it comes back with no queue or bucket
   worker      the poller SIGKILLed and a new one started (a Lambda that died mid-batch)
+  *-freeze    Postgres, Redis or LocalStack SIGSTOPped for FREEZE_SECONDS, then SIGCONT:
+              a dependency that hangs (a partition, a stalled host) rather than refusing,
+              for longer than a stage's lease
 
 then it waits for every stored run of that user to end and measures: runs accepted (answered
 202), completed, failed, stuck (not ended STUCK_AFTER_SECONDS after the dependency answered
@@ -84,10 +87,20 @@ MOCK_AGENT_DELAY_MS = 300
 # backpressure paths (parking, hand-offs, slot leases, the sweeper waking waiting stages).
 AGENT_SLOTS = 12
 REDIS_OUTAGE_SECONDS = 5.0
+# A frozen dependency hangs this long: past a stage's lease (15 s), so leases lapse while
+# their workers wait, and past the timeouts of Redis calls (0.5 s) and of the API's SQS
+# sends (about 2 s); the engine's SQS calls (read timeout 25 s) wait it out.
+FREEZE_SECONDS = 20.0
 # While the dependency is away (and a second after), a run is submitted every this often.
 SUBMIT_EVERY_SECONDS = 0.25
 SUBMIT_TIMEOUT_SECONDS = 30.0
 CAPABILITIES = ("extract", "translate", "summarize")
+
+# Without Redis work goes on: at least this share of the runs open when it went away must
+# end before it is back (a stopped Redis is away about seven seconds, a frozen one twenty:
+# about half a drain, and two). Before Redis calls failed fast while it hung, a third of
+# them ended in the freeze.
+WORK_GOES_ON = {"redis": 0.1, "redis-freeze": 0.5}
 
 RESULTS: list[FaultResult] = []  # every fault run in this process, for the table
 
@@ -504,12 +517,65 @@ def kill_worker(stack: ChaosStack) -> float:
     return time.time()
 
 
+def _freeze(pids: list[int]) -> float:
+    """SIGSTOP `pids` for FREEZE_SECONDS, then SIGCONT: a dependency that hangs (its
+    connections open, nothing answered) instead of dying."""
+    try:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):  # a backend that just ended
+                os.kill(pid, signal.SIGSTOP)
+        time.sleep(FREEZE_SECONDS)  # the freeze itself
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    return time.time()
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants, from /proc (a fresh Debian may lack pgrep)."""
+    parents: dict[int, list[int]] = collections.defaultdict(list)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            # pid (comm) state ppid …: comm may hold spaces and parentheses.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(fields[1])].append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(current := todo.pop())
+        todo.extend(parents[current])
+    return found
+
+
+def freeze_postgres(stack: ChaosStack) -> float:
+    """The postmaster and every backend stopped: connections stay open, nothing answers."""
+    assert stack.postgres is not None
+    postmaster = int((stack.postgres.data / "postmaster.pid").read_text().split()[0])
+    return _freeze(_tree(postmaster))
+
+
+def freeze_redis(stack: ChaosStack) -> float:
+    """Every Redis call hangs until its 0.5 s socket timeout: slots, marks, rate limits."""
+    pid = _read_pid(stack.folder / "redis" / "redis.pid")
+    assert pid is not None
+    return _freeze([pid])
+
+
+def freeze_localstack(stack: ChaosStack) -> float:
+    """SQS and S3 stop answering: sends and receives hang until their read timeouts."""
+    assert stack.localstack is not None
+    return _freeze(_tree(stack.localstack.pid))
+
+
 FAULTS: dict[str, Callable[[ChaosStack], float]] = {
     "baseline": no_fault,
     "postgres": restart_postgres,
     "redis": bounce_redis,
     "localstack": restart_localstack,
     "worker": kill_worker,
+    "postgres-freeze": freeze_postgres,
+    "redis-freeze": freeze_redis,
+    "localstack-freeze": freeze_localstack,
 }
 
 
@@ -526,6 +592,8 @@ class FaultResult:
     stuck: int = 0
     recovery_seconds: float | None = None
     outage_seconds: float = 0.0
+    open_at_fault: int = 0  # runs stored and not ended when the fault began
+    ended_during: int = 0  # of those and the runs submitted during it: ended before it was over
     progress_at_fault: float = 0.0
     answers: dict[str, int] = field(default_factory=dict)  # HTTP status (or error) → count
     stored_not_accepted: list[str] = field(default_factory=list)
@@ -578,6 +646,11 @@ class FaultResult:
         ):
             if items:
                 found.append(f"{len(items)} {label}: {', '.join(items[:5])}")
+        if self.ended_during < WORK_GOES_ON.get(self.fault, 0) * self.open_at_fault:
+            found.append(
+                f"only {self.ended_during} of {self.open_at_fault} open runs ended while the "
+                "dependency was away: work must go on without it (Redis is a cache)"
+            )
         if self.dashboard_restored is False:
             found.append("the dashboard was not back in its bucket after LocalStack restarted")
         found += self.notes
@@ -721,7 +794,7 @@ def run_fault(
 
     with contextlib.suppress(TimeoutError):
         wait_for(lambda: open_runs() == 0, "every run ended", t_back + stuck_after - time.time())
-    _measure(stack, result, submitter, user_id, t_back)
+    _measure(stack, result, submitter, user_id, (t_fault, t_back))
     if fault == "localstack":
         result.dashboard_restored = _dashboard_back(stack, t_back + stuck_after)
     _check_processes(stack, result)
@@ -731,16 +804,27 @@ def run_fault(
 
 
 def _measure(
-    stack: ChaosStack, result: FaultResult, submitter: Submitter, user_id: str, t_back: float
+    stack: ChaosStack,
+    result: FaultResult,
+    submitter: Submitter,
+    user_id: str,
+    outage: tuple[float, float],
 ) -> None:
+    t_fault, t_back = outage
     result.answers = dict(collections.Counter(status for status, _ in submitter.answers))
     accepted = submitter.accepted()
     result.accepted = len(accepted)
     runs = stack.sql(
-        "SELECT id::text, status, EXTRACT(EPOCH FROM completed_at) FROM workflow_runs "
-        "WHERE user_id = %s",
+        "SELECT id::text, status, EXTRACT(EPOCH FROM completed_at), "
+        "EXTRACT(EPOCH FROM created_at) FROM workflow_runs WHERE user_id = %s",
         user_id,
     )
+    result.open_at_fault = sum(
+        1
+        for _, _, end, created in runs
+        if float(created) < t_fault and (end is None or float(end) > t_fault)
+    )
+    runs = [(run_id, status, end) for run_id, status, end, _ in runs]
     stored = {run_id for run_id, _, _ in runs}
     result.stored_not_accepted = sorted(stored - accepted)
     result.accepted_not_stored = sorted(accepted - stored)
@@ -750,6 +834,7 @@ def _measure(
     result.cancelled = statuses["cancelled"]
     result.stuck = sum(n for status, n in statuses.items() if status not in TERMINAL)
     ends = [float(end) for run_id, _, end in runs if run_id in accepted and end is not None]
+    result.ended_during = sum(1 for end in ends if t_fault <= end <= t_back)
     if not result.stuck and ends:
         result.recovery_seconds = round(max(0.0, max(ends) - t_back), 1)
     result.double_executes = [
@@ -884,7 +969,18 @@ def _write_artifact(stack: ChaosStack, result: FaultResult, user_id: str) -> Non
 
 
 def table(results: list[FaultResult]) -> str:
-    header = ("fault", "accepted", "completed", "failed", "stuck", "recovery s", "outage s", "503s")
+    header = (
+        "fault",
+        "accepted",
+        "completed",
+        "failed",
+        "stuck",
+        "recovery s",
+        "outage s",
+        "open at it",
+        "ended in it",
+        "503s",
+    )
     rows = [
         (
             r.fault,
@@ -896,6 +992,8 @@ def table(results: list[FaultResult]) -> str:
             if r.recovery_seconds is not None
             else f">{r.stuck_after_seconds:.0f}",
             f"{r.outage_seconds:.1f}",
+            str(r.open_at_fault),
+            str(r.ended_during),
             str(r.answers.get("503", 0)),
         )
         for r in results
@@ -912,7 +1010,9 @@ def table(results: list[FaultResult]) -> str:
     out.append(
         f"recovery: from the dependency answering again until the last accepted run ended "
         f"(target {RECOVERY_TARGET_SECONDS:.0f}s, asserted <= {RECOVERY_LIMIT_SECONDS:.0f}s); "
-        "stuck: not ended by then + the deadline; 503s: submissions refused during the fault"
+        "stuck: not ended by then + the deadline; open at it: runs not ended when the fault "
+        "began; ended in it: runs that ended during the outage; 503s: submissions refused "
+        "during the fault"
     )
     out += [r.summary() for r in results]
     return "\n".join(out)
