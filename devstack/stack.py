@@ -319,7 +319,8 @@ def start_redis_server(host: str, port: int, folder: Path) -> None:
             "no",
         ]
     )
-    wait_for(lambda: port_open(host, port), "redis", 15)
+    # Redis listens before it writes its pidfile: stop_pidfile needs both.
+    wait_for(lambda: port_open(host, port) and (folder / "redis.pid").exists(), "redis", 15)
 
 
 def stop_pidfile(path: Path, name: str) -> None:
