@@ -117,6 +117,29 @@ def set_json(key: str, value: Any, ttl_seconds: int) -> None:
         )
 
 
+def add_json(key: str, value: Any, ttl_seconds: int) -> None:
+    """set_json unless the key holds a value already (a newer one: see set_json_many)."""
+    try:
+        get_redis().set(key, json.dumps(value, default=str), ex=max(ttl_seconds, 1), nx=True)
+    except redis.RedisError as exc:
+        logger.warning(
+            "redis unavailable for write", extra={"key": key, "error": type(exc).__name__}
+        )
+
+
+def set_json_many(keys: list[str], value: Any, ttl_seconds: int) -> None:
+    """One value for every key, in one round trip (best effort)."""
+    if not keys:
+        return
+    try:
+        pipe = get_redis().pipeline(transaction=False)
+        for key in keys:
+            pipe.set(key, json.dumps(value, default=str), ex=max(ttl_seconds, 1))
+        pipe.execute()
+    except redis.RedisError as exc:
+        logger.warning("redis unavailable for write", extra={"error": type(exc).__name__})
+
+
 def delete(*keys: str) -> None:
     if not keys:
         return

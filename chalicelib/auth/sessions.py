@@ -8,9 +8,11 @@ so the whole family is revoked, the newest token included. A session ends at the
 MAOF_SESSION_MAX_LIFETIME_SECONDS after sign-in, however often it is refreshed.
 
 Access tokens carry their session id and the user's token version; each request checks
-both against Postgres through a short Redis cache that every sign-out clears, so a
-sign-out ends the session's access tokens too (at once; within CACHE_SECONDS if Redis
-could not be cleared at that moment).
+both against Postgres through a short Redis cache in which every sign-out marks its
+sessions ended, so a sign-out ends the session's access tokens too (at once; within
+CACHE_SECONDS if Redis could not be written at that moment). A request caches what it
+read only where nothing is cached (SET NX): one that read a session as live just before
+its sign-out cannot write that over the sign-out's mark.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from chalicelib.db import session_scope
 from chalicelib.db.models import AuthSession, User
 
 CACHE_SECONDS = 30
+ENDED = {"live": False, "version": None}
 
 
 def principal_of(user: User) -> Principal:
@@ -130,7 +133,7 @@ def _revoke(condition: str, params: dict[str, Any], *, reason: str) -> int:
             {**params, "reason": reason},
         ).scalars()
         ids = list(ended)
-    cache.delete(*[_live_key(i) for i in ids])
+    forget(ids)
     return len(ids)
 
 
@@ -180,7 +183,8 @@ def _expired_claims(refresh_token: str) -> tokens.TokenClaims | None:
 
 def end_all(session: Session, user_id: uuid.UUID, reason: str) -> list[uuid.UUID]:
     """In the caller's transaction: bump the user's token version (every access token dies)
-    and revoke every live session. The caller clears the cache after commit (forget)."""
+    and revoke every live session. The caller marks them ended in the cache after commit
+    (forget)."""
     session.execute(
         text(
             "UPDATE users SET token_version = token_version + 1, updated_at = now() "
@@ -200,7 +204,8 @@ def end_all(session: Session, user_id: uuid.UUID, reason: str) -> list[uuid.UUID
 
 
 def forget(session_ids: list[uuid.UUID]) -> None:
-    cache.delete(*[_live_key(i) for i in session_ids])
+    """Mark ended sessions so in the cache (a session never comes back to life)."""
+    cache.set_json_many([_live_key(i) for i in session_ids], ENDED, CACHE_SECONDS)
 
 
 def authenticate(header: str | None) -> Principal:
@@ -210,7 +215,7 @@ def authenticate(header: str | None) -> Principal:
     state = cache.get_json(key)
     if not isinstance(state, dict):
         state = _session_state(claims)
-        cache.set_json(key, state, CACHE_SECONDS)
+        cache.add_json(key, state, CACHE_SECONDS)
     if not state.get("live") or state.get("version") != claims.version:
         raise errors.Unauthorized("The session has ended; sign in again")
     return claims.principal
@@ -227,5 +232,5 @@ def _session_state(claims: tokens.TokenClaims) -> dict[str, Any]:
             {"sid": claims.session_id, "user_id": claims.principal.user_uuid},
         ).first()
     if row is None:
-        return {"live": False, "version": None}
+        return ENDED
     return {"live": bool(row.live), "version": int(row.token_version)}

@@ -6,6 +6,7 @@ without signing anyone out or losing an agent."""
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from sqlalchemy import text
 
 from chalicelib import db
 from chalicelib.agents import secrets
+from chalicelib.auth import sessions as auth_sessions
 from chalicelib.auth.tokens import key_id
 from chalicelib.config import DEV_JWT_SECRET, DEV_SECRET_KEY, reset_settings
 from tests.integration.conftest import (
@@ -112,6 +114,40 @@ def test_logout_all_ends_every_session_and_its_access_tokens(api: Api, account: 
         assert me(api, session["accessToken"]) == 401
         assert refresh(api, session["refreshToken"]).status_code == 401
     assert me(api, account.sign_in()["accessToken"]) == 200, "signing in again works"
+
+
+@pytest.mark.parametrize("sign_out", ["logout", "logout-all"])
+def test_a_request_that_read_the_session_just_before_a_sign_out_does_not_revive_it(
+    api: Api, account: Account, monkeypatch: pytest.MonkeyPatch, sign_out: str
+) -> None:
+    """A request that read the session as live just before a sign-out and cached what it
+    read just after the sign-out cleared the cache kept the signed-out access token working
+    for the cache's 30 s. Now the sign-out leaves a mark the late write cannot replace."""
+    tokens = account.sign_in()
+    read, go_on = threading.Event(), threading.Event()
+    session_state = auth_sessions._session_state
+
+    def read_then_stall(claims: Any) -> dict[str, Any]:
+        state = session_state(claims)
+        read.set()
+        go_on.wait(10)
+        return state
+
+    monkeypatch.setattr(auth_sessions, "_session_state", read_then_stall)
+    statuses: list[int] = []
+    late = threading.Thread(target=lambda: statuses.append(me(api, tokens["accessToken"])))
+    late.start()
+    assert read.wait(10), "the request never read the session"
+    monkeypatch.setattr(auth_sessions, "_session_state", session_state)
+    if sign_out == "logout":
+        ended = api.post("/auth/logout", {"refreshToken": tokens["refreshToken"]})
+    else:
+        ended = Api(api.base_url, token=account.sign_in()["accessToken"]).post("/auth/logout-all")
+    assert ended.status_code == 200, ended.text
+    go_on.set()
+    late.join(10)
+    assert statuses == [200]  # the session was live when that request read it
+    assert me(api, tokens["accessToken"]) == 401
 
 
 def test_logout_all_needs_an_access_token(api: Api) -> None:
