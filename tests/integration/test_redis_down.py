@@ -113,13 +113,29 @@ def frozen_redis(tmp_path: Path) -> Iterator[FrozenRedis]:
         local_stack.stop_pidfile(server.pidfile, "redis")
 
 
-def outcome(call: object) -> str:
-    """What one Redis call came to: ok, or the error's name."""
+def outcome(command: str = "get") -> str:
+    """What one Redis call (GET k, or INCR n) came to: ok, or the error's name."""
     try:
-        cache.get_redis().get("k") if call is None else cache.get_redis().incr("n")
+        cache.get_redis().get("k") if command == "get" else cache.get_redis().incr("n")
     except redis.RedisError as exc:
         return type(exc).__name__
     return "ok"
+
+
+def at_once(command: str = "get", threads: int = 8) -> list[str]:
+    """The outcomes of `threads` calls made together, sorted."""
+    start, results = threading.Barrier(threads), []
+
+    def call() -> None:
+        start.wait(5)
+        results.append(outcome(command))
+
+    running = [threading.Thread(target=call) for _ in range(threads)]
+    for thread in running:
+        thread.start()
+    for thread in running:
+        thread.join(10)
+    return sorted(results)
 
 
 def test_a_hanging_redis_costs_one_timeout_not_one_per_call(frozen_redis, monkeypatch):
@@ -128,17 +144,11 @@ def test_a_hanging_redis_costs_one_timeout_not_one_per_call(frozen_redis, monkey
     every caller copes with), from every thread, pipelines too."""
     monkeypatch.setattr(cache, "AWAY_SECONDS", 60.0)  # no retry within the test
     frozen_redis.freeze()
-    assert outcome(None) == "TimeoutError"
-    assert [outcome(None) for _ in range(20)] == ["ConnectionError"] * 20
+    assert outcome() == "TimeoutError"
+    assert [outcome() for _ in range(20)] == ["ConnectionError"] * 20
     with cache.get_redis().pipeline() as pipe, pytest.raises(redis.ConnectionError):
         pipe.incr("n").execute()
-    results: list[str] = []
-    threads = [threading.Thread(target=lambda: results.append(outcome(1))) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
-    assert results == ["ConnectionError"] * 8
+    assert at_once("incr") == ["ConnectionError"] * 8
     assert cache.get_json("k") is None and cache.counter("n") is None  # the callers cope
 
 
@@ -147,36 +157,18 @@ def test_while_redis_is_away_one_thread_tries_it_again_and_the_others_fail_at_on
 ):
     monkeypatch.setattr(cache, "AWAY_SECONDS", 0.2)
     frozen_redis.freeze()
-    assert outcome(None) == "TimeoutError"
+    assert outcome() == "TimeoutError"
     wait_until(lambda: time.monotonic() >= cache.RedisBreaker.until, 5)  # the pause is over
-    start = threading.Barrier(8)
-    results: list[str] = []
-
-    def call() -> None:
-        start.wait(5)
-        results.append(outcome(None))
-
-    threads = [threading.Thread(target=call) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
     # One tried (and waited out the timeout); the seven others failed at once meanwhile.
-    assert sorted(results) == ["ConnectionError"] * 7 + ["TimeoutError"]
+    assert at_once() == ["ConnectionError"] * 7 + ["TimeoutError"]
 
 
 def test_redis_is_used_again_once_it_answers(frozen_redis, monkeypatch):
     monkeypatch.setattr(cache, "AWAY_SECONDS", 0.2)
     frozen_redis.freeze()
-    assert outcome(None) == "TimeoutError"
+    assert outcome() == "TimeoutError"
     frozen_redis.thaw()
     # The thread that tries again finds it and, its try over, every thread uses it again.
-    wait_until(lambda: outcome(None) == "ok" and cache.RedisBreaker.state == "closed", 5)
-    results: list[str] = []
-    threads = [threading.Thread(target=lambda: results.append(outcome(1))) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
-    assert results == ["ok"] * 8
+    wait_until(lambda: outcome() == "ok" and cache.RedisBreaker.state == "closed", 5)
+    assert at_once("incr") == ["ok"] * 8
     assert cache.counter("n") == 8
