@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import functools
 import os
+import uuid
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
-    AfterValidator,
     AliasChoices,
     BeforeValidator,
     Field,
@@ -100,12 +100,7 @@ PreviousKeys = Annotated[
     NoDecode,
     BeforeValidator(_comma_separated),
 ]
-Emails = Annotated[
-    frozenset[str],
-    NoDecode,
-    BeforeValidator(_comma_separated),
-    AfterValidator(lambda emails: frozenset(email.lower() for email in emails)),
-]
+Uuids = Annotated[frozenset[uuid.UUID], NoDecode, BeforeValidator(_comma_separated)]
 
 
 class _Bootstrap(BaseSettings):
@@ -229,7 +224,9 @@ class Settings(_Bootstrap):
     redis_url: str = ""
     # Outside dev and test: TLS for the database and Redis unless this is true.
     allow_insecure_connections: bool = False
-    admin_emails: Emails = frozenset()
+    # Admins by user UUID, never by email: anyone may register any email (none is verified),
+    # so an email listed before its owner registered it would make whoever did an admin.
+    admin_user_uuids: Uuids = frozenset()
     stage_queue_name: str = "maof-stage-queue"
     stage_queue_url: str | None = None
     dashboard_bucket: str = "maof-dashboard"

@@ -229,7 +229,7 @@ def whoami(state: State, as_json: bool) -> None:
     if as_json:
         emit_json(user.raw)
         return
-    click.echo(f"{user.email} ({user.name}, {user.role}) at {state.api_url}")
+    click.echo(f"{user.email} ({user.name}, {user.role}, user {user.user_uuid}) at {state.api_url}")
 
 
 @cli.command()

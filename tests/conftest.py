@@ -48,7 +48,6 @@ os.environ.update(
         # and per-user limits are raised here; their own tests lower them.
         "MAOF_LOGIN_ATTEMPTS_PER_IP_PER_MINUTE": "1000000",
         "MAOF_SUBMISSIONS_PER_MINUTE": "1000000",
-        "MAOF_ADMIN_EMAILS": "admin@example.com",
         # EMF metric lines go to standard output, which tests of the CLI read: off, except
         # in the tests of the metrics themselves (tests/integration/test_observability.py).
         "POWERTOOLS_METRICS_DISABLED": "true",

@@ -91,7 +91,7 @@ def agent_view(agent: Agent, viewer: Principal | None = None) -> responses.Agent
 
 
 def _refuse_sharing(principal: Principal, visibility: str) -> None:
-    if visibility == "shared" and not is_admin(principal.email):
+    if visibility == "shared" and not is_admin(principal.user_uuid):
         raise errors.Forbidden(
             "Only an admin can share an agent",
             [{"field": "visibility", "message": "only an admin may set 'shared'"}],

@@ -44,13 +44,14 @@ class PasswordChangeRequest(ApiModel):
     new_password: str = Field(min_length=8, max_length=128)
 
 
-def is_admin(email: str) -> bool:
-    """Admins are named by MAOF_ADMIN_EMAILS, read on every check (no stale role claim)."""
-    return email.lower() in get_settings().admin_emails
+def is_admin(user_uuid: uuid.UUID) -> bool:
+    """Admins are named by MAOF_ADMIN_USER_UUIDS, read on every check (no stale role
+    claim)."""
+    return user_uuid in get_settings().admin_user_uuids
 
 
-def role_for(email: str) -> str:
-    return "admin" if is_admin(email) else "user"
+def role_for(user_uuid: uuid.UUID) -> str:
+    return "admin" if is_admin(user_uuid) else "user"
 
 
 def user_view(user: User) -> responses.User:
@@ -69,7 +70,7 @@ def register(body: RegisterRequest) -> responses.User:
         email=email,
         password_hash=passwords.hash_password(body.password),
         name=body.name,
-        role=role_for(email),
+        role="user",  # an account is named an admin by its UUID, after it exists
     )
     insert_unique(
         user,
@@ -103,8 +104,8 @@ def login(body: LoginRequest, source_ip: str | None) -> responses.SignedIn:
     user = _check_password(found, body.password)
     with session_scope() as session:
         session.add(user)
-        if user.role != role_for(user.email):  # MAOF_ADMIN_EMAILS changed since the last sign-in
-            user.role = role_for(user.email)
+        if user.role != role_for(user.id):  # MAOF_ADMIN_USER_UUIDS changed since the last sign-in
+            user.role = role_for(user.id)
         pair = sessions.start(session, user)
     return _signed_in(user, pair)
 

@@ -3,6 +3,7 @@ database, the API served over HTTP by the local Chalice server, and the SQS poll
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -226,14 +227,33 @@ def agents() -> Iterator[list[ScriptedAgent]]:
         agent.stop()
 
 
-ADMIN_EMAIL = "admin@example.com"  # named by MAOF_ADMIN_EMAILS in tests/conftest.py
+ADMIN_EMAIL = "admin@example.com"
 ADMIN_PASSWORD = "admin-password-123"
 
 
+def name_admins(*user_uuids: str) -> None:
+    """MAOF_ADMIN_USER_UUIDS for the in-process API, from now on."""
+    os.environ["MAOF_ADMIN_USER_UUIDS"] = ",".join(user_uuids)
+    reset_settings()
+
+
+@pytest.fixture(scope="session")
+def admin_uuid(api_url: str) -> str:
+    """The admin's account, registered once per test session."""
+    credentials = {"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD}
+    body = credentials | {"name": "Admin"}
+    created = requests.post(f"{api_url}/auth/register", json=body, timeout=30)
+    if created.status_code == 201:
+        return str(created.json()["data"]["userUuid"])
+    signed_in = requests.post(f"{api_url}/auth/login", json=credentials, timeout=30)
+    assert signed_in.status_code == 200, signed_in.text
+    return str(signed_in.json()["data"]["user"]["userUuid"])
+
+
 @pytest.fixture
-def admin(api: Api) -> Api:
-    """A client signed in as the admin (registered on first use)."""
-    api.post("/auth/register", {"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD, "name": "Admin"})
+def admin(api: Api, admin_uuid: str) -> Api:
+    """A client signed in as the admin, named by its UUID (as an operator does)."""
+    name_admins(admin_uuid)
     login = api.post("/auth/login", {"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
     assert login.status_code == 200, login.text
     data = login.json()["data"]

@@ -145,6 +145,7 @@ def test_login_reads_the_password_from_stdin_and_keeps_tokens_owner_only(
     assert stored.email == signed_in
     me = maof.json("whoami")
     assert me["email"] == signed_in
+    assert me["userUuid"] in maof.ok("whoami").stdout  # what MAOF_ADMIN_USER_UUIDS takes
     again = maof.ok("login", "--email", signed_in, "--password-stdin", input=PASSWORD)
     assert f"as {signed_in}" in again.stdout
     fresh = maof.stored()

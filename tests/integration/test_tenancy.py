@@ -15,7 +15,14 @@ from chalicelib.agents.candidates import (
     capability_generation_key,
 )
 from chalicelib.agents.selection import eligible
-from tests.integration.conftest import Api, register_agent, unique_capability, wait_for_run
+from tests.integration.conftest import (
+    Api,
+    name_admins,
+    register_agent,
+    unique_capability,
+    unique_email,
+    wait_for_run,
+)
 from tests.support.agents import ScriptedAgent, start_agent
 
 
@@ -100,6 +107,36 @@ def test_only_an_admin_may_share_an_agent(user: Api, admin: Api) -> None:
     shared = admin.request("PATCH", f"/agents/{own['agentUuid']}", json={"visibility": "shared"})
     assert shared.status_code == 200, shared.text
     assert shared.json()["data"]["visibility"] == "shared"
+
+
+def test_admins_are_named_by_account_not_by_an_email_anyone_may_register(
+    api: Api, admin: Api
+) -> None:
+    """Admins were named by email, and no email is verified: whoever registered an email
+    before its owner (or before the operator listed it) became an admin at sign-in, able to
+    share an agent and so receive every user's stages. Now the operator names the account."""
+    claimed = api.post(
+        "/auth/register", {"email": unique_email(), "password": "p" * 12, "name": "Claimer"}
+    )
+    assert claimed.status_code == 201 and claimed.json()["data"]["role"] == "user"
+    email = claimed.json()["data"]["email"]
+    signed_in = api.post("/auth/login", {"email": email, "password": "p" * 12}).json()["data"]
+    assert signed_in["user"]["role"] == "user"
+    user_uuid = signed_in["user"]["userUuid"]
+    claimer = Api(api.base_url, token=signed_in["accessToken"])
+    agent = register_agent(claimer, unique_capability())
+    path = f"/agents/{agent['agentUuid']}"
+    share = {"visibility": "shared"}
+    assert claimer.request("PATCH", path, json=share).status_code == 403
+    # Named by the operator, the account may share at once, and is shown as an admin at
+    # its next sign-in; named no more, it may not.
+    name_admins(admin.user["userUuid"], user_uuid)
+    assert claimer.request("PATCH", path, json=share).status_code == 200
+    again = api.post("/auth/login", {"email": email, "password": "p" * 12}).json()["data"]
+    assert again["user"]["role"] == "admin"
+    name_admins(admin.user["userUuid"])
+    assert claimer.request("PATCH", path, json={"visibility": "private"}).status_code == 200
+    assert claimer.request("PATCH", path, json=share).status_code == 403
 
 
 def test_visibility_must_be_private_or_shared(user: Api) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 import pytest
 from pydantic import ValidationError
@@ -186,9 +187,12 @@ def test_previous_keys_are_read_as_lists_and_must_be_long_enough(
     refusal("MAOF_JWT_PREVIOUS_SECRETS")
 
 
-def test_admins_are_named_by_email_case_insensitively(prod: pytest.MonkeyPatch) -> None:
-    prod.setenv("MAOF_ADMIN_EMAILS", "Ops@Example.com, root@example.com")
-    assert load_settings().admin_emails == {"ops@example.com", "root@example.com"}
+def test_admins_are_named_by_user_uuid(prod: pytest.MonkeyPatch) -> None:
+    ops, root = uuid.uuid4(), uuid.uuid4()
+    prod.setenv("MAOF_ADMIN_USER_UUIDS", f"{ops}, {str(root).upper()}")
+    assert load_settings().admin_user_uuids == {ops, root}
+    prod.setenv("MAOF_ADMIN_USER_UUIDS", "ops@example.com")
+    assert "MAOF_ADMIN_USER_UUIDS" in refusal("MAOF_ADMIN_USER_UUIDS")
 
 
 def test_prod_refuses_a_redis_url_that_is_not_redis(prod: pytest.MonkeyPatch) -> None:
@@ -277,10 +281,11 @@ def test_a_number_out_of_range_is_refused_naming_both_bounds(
 
 
 def test_lists_are_comma_separated_and_blanks_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MAOF_ADMIN_EMAILS", " ,Ops@Example.com,, root@example.com ,")
-    assert load_settings().admin_emails == {"ops@example.com", "root@example.com"}
-    monkeypatch.setenv("MAOF_ADMIN_EMAILS", '["ops@example.com"]')  # not JSON
-    assert load_settings().admin_emails == {'["ops@example.com"]'}
+    ops, root = uuid.uuid4(), uuid.uuid4()
+    monkeypatch.setenv("MAOF_ADMIN_USER_UUIDS", f" ,{ops},, {root} ,")
+    assert load_settings().admin_user_uuids == {ops, root}
+    monkeypatch.setenv("MAOF_JWT_PREVIOUS_SECRETS", f'["{"a" * 32}"]')  # not JSON
+    assert load_settings().jwt_previous_secrets == (f'["{"a" * 32}"]',)
 
 
 def test_a_short_previous_key_is_refused_without_showing_it(prod: pytest.MonkeyPatch) -> None:
