@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from chalicelib import cache
 from chalicelib.config import get_settings
@@ -84,6 +84,23 @@ def cached_candidates(entry: Any, generation: int | None) -> list[dict[str, Any]
     if isinstance(entry, dict) and generation is not None and entry.get("generation") == generation:
         return list(entry["agents"])
     return None
+
+
+def unshare_former_admins() -> int:
+    """Make private every shared agent whose owner MAOF_ADMIN_USER_UUIDS no longer names
+    (the sweeper's, each round): an account the operator stops naming keeps no agent that
+    receives every user's stages. Returns how many agents changed."""
+    with session_scope() as session:
+        changed = session.execute(
+            text(
+                "UPDATE agents SET visibility = 'private', updated_at = now() "
+                "WHERE visibility = 'shared' AND deleted_at IS NULL "
+                "AND owner_id <> ALL (CAST(:admins AS uuid[])) RETURNING capabilities"
+            ),
+            {"admins": sorted(get_settings().admin_user_uuids)},
+        ).all()
+    invalidate(sorted({c for row in changed for c in row.capabilities}))
+    return len(changed)
 
 
 def serves(agent: dict[str, Any], owner: uuid.UUID) -> bool:

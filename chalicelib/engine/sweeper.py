@@ -37,6 +37,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from chalicelib import observability
+from chalicelib.agents.candidates import unshare_former_admins
 from chalicelib.agents.selection import may_have_room
 from chalicelib.audit import chain
 from chalicelib.aws import aws_client, stage_queue_url
@@ -277,9 +278,10 @@ def overdue_runs() -> list[uuid.UUID]:
 
 
 def sweep_once(until: float | None = None) -> dict[str, int]:
-    """One sweep: runs past their deadline failed; every stalled stage re-queued and
-    re-sent, failed or skipped; stages waiting too long for a slot woken; due completion
-    callbacks delivered, batch after batch until `until` (time.monotonic()) is near."""
+    """One sweep: the agents of accounts no longer named admins unshared; runs past their
+    deadline failed; every stalled stage re-queued and re-sent, failed or skipped; stages
+    waiting too long for a slot woken; due completion callbacks delivered, batch after
+    batch until `until` (time.monotonic()) is near."""
     grace = grace_for(queue_backlog())
     totals = {
         "expired": 0,
@@ -288,8 +290,14 @@ def sweep_once(until: float | None = None) -> dict[str, int]:
         "skipped": 0,
         "woken": 0,
         "callbacks": 0,
+        "unshared": 0,
         "errors": 0,
     }
+    try:
+        totals["unshared"] = unshare_former_admins()
+    except Exception:
+        logger.exception("unsharing the agents of former admins failed; going on")
+        totals["errors"] += 1
     for run_id in overdue_runs():
         try:
             totals["expired"] += int(expire_run(run_id))

@@ -15,6 +15,7 @@ from chalicelib.agents.candidates import (
     capability_generation_key,
 )
 from chalicelib.agents.selection import eligible
+from chalicelib.engine import sweeper
 from tests.integration.conftest import (
     Api,
     name_admins,
@@ -200,6 +201,32 @@ def test_unsharing_stops_routing_to_other_users_at_once(
     assert made_private.status_code == 200
     assert run(other, capability)["status"] == "failed"
     assert len(agent.calls) == calls
+
+
+def test_an_account_no_longer_named_admin_keeps_no_shared_agent(
+    admin: Api, api: Api, poller: Any, agents: list[ScriptedAgent]
+) -> None:
+    """Its shared agents kept receiving every user's stages, and no one but their owner
+    could unshare them; now the sweeper makes them private."""
+    agent = start_agent(agents)
+    capability = unique_capability("demoted")
+    shared = register_agent(admin, capability, endpoint=agent.url, visibility="shared")
+    path = f"/agents/{shared['agentUuid']}"
+    other = api.as_new_user()
+    assert run(other, capability)["status"] == "completed"
+    calls = len(agent.calls)
+    assert admin.user is not None
+    name_admins()  # the operator names no one any more
+    try:
+        assert sweeper.sweep_once()["unshared"] >= 1
+        assert admin.get(path).json()["data"]["visibility"] == "private"
+        assert other.get(path).status_code == 404
+        assert run(other, capability)["status"] == "failed"
+        assert len(agent.calls) == calls
+        assert run(admin, capability)["status"] == "completed", "it still serves its owner"
+        assert sweeper.sweep_once()["unshared"] == 0
+    finally:
+        name_admins(admin.user["userUuid"])
 
 
 def test_a_stale_cached_list_never_routes_to_a_deleted_agent(
