@@ -55,11 +55,11 @@ def openapi(request: ApiRequest) -> dict[str, Any]:
     body=auth.RegisterRequest,
     status=201,
     response=responses.User,
-    raises=(409,),
+    raises=(409, 429),
     summary="Create an account",
 )
 def register(request: ApiRequest, body: auth.RegisterRequest) -> responses.User:
-    return auth.register(body)
+    return auth.register(body, request.source_ip)
 
 
 @app.endpoint(

@@ -276,6 +276,7 @@ class Settings(_Bootstrap):
     allow_private_agent_endpoints: bool = False
     login_attempts_per_minute: int = Field(10, ge=1, le=10_000)
     login_attempts_per_ip_per_minute: int = Field(60, ge=1, le=1_000_000)
+    registrations_per_ip_per_hour: int = Field(30, ge=1, le=1_000_000)
     submissions_per_minute: int = Field(300, ge=1, le=1_000_000)
     max_active_runs: int = Field(500, ge=1, le=1_000_000)
     audit_signing_keys: str | None = None

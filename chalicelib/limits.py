@@ -1,9 +1,10 @@
-"""Abuse limits: sign-in attempts per account and per source address, submissions per
-user, and a cap on each user's active runs.
+"""Abuse limits: sign-in attempts per account and per source address, new accounts per
+source address, submissions per user, and a cap on each user's active runs.
 
-Sign-in limits fail closed (503 when Redis is down: password guessing must never become
-unlimited); the submission rate fails open (Redis is a cache, and the active-run quota,
-counted in Postgres by the submission itself, still bounds a user).
+Sign-in and registration limits fail closed (503 when Redis is down: password guessing
+must never become unlimited, nor account creation, each a password hash and a fresh set
+of per-user limits); the submission rate fails open (Redis is a cache, and the active-run
+quota, counted in Postgres by the submission itself, still bounds a user).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from chalicelib.core import errors
 from chalicelib.logs import logger
 
 WINDOW_SECONDS = 60
+REGISTRATION_WINDOW_SECONDS = 3600
 
 
 def _digest(value: str) -> str:
@@ -37,15 +39,34 @@ def limit_sign_in(email: str, source_ip: str | None) -> None:
                 settings.login_attempts_per_ip_per_minute,
             )
         )
+    _fail_closed(checks, WINDOW_SECONDS, "Sign-in", "Too many sign-in attempts")
+
+
+def limit_registrations(source_ip: str | None) -> None:
+    """At most MAOF_REGISTRATIONS_PER_IP_PER_HOUR new accounts per source address, over a
+    sliding hour: accounts made by the thousand would each bring their own per-user limits."""
+    if source_ip:
+        key = f"maof:ratelimit:register-ip:{_digest(source_ip)}"
+        limit = get_settings().registrations_per_ip_per_hour
+        _fail_closed(
+            [(key, limit)],
+            REGISTRATION_WINDOW_SECONDS,
+            "Registration",
+            "Too many new accounts from this address",
+        )
+
+
+def _fail_closed(checks: list[tuple[str, int]], window: int, what: str, refused: str) -> None:
+    """Count one attempt under each (key, limit); 429 past any limit, 503 without Redis."""
     try:
-        wait = max(cache.sliding_window(key, WINDOW_SECONDS, limit) for key, limit in checks)
+        wait = max(cache.sliding_window(key, window, limit) for key, limit in checks)
     except redis.RedisError as exc:
-        logger.warning("sign-in limiter unavailable", extra={"error": type(exc).__name__})
+        logger.warning(f"{what.lower()} limiter unavailable", extra={"error": type(exc).__name__})
         raise errors.ServiceUnavailable(
-            "Sign-in is temporarily unavailable; try again shortly"
+            f"{what} is temporarily unavailable; try again shortly"
         ) from None
     if wait:
-        raise errors.RateLimited("Too many sign-in attempts; try again later", wait)
+        raise errors.RateLimited(f"{refused}; try again later", wait)
 
 
 def limit_submissions(user_key: str) -> None:

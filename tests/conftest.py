@@ -47,6 +47,7 @@ os.environ.update(
         # Every test signs in and submits from 127.0.0.1 as a fresh user: the per-address
         # and per-user limits are raised here; their own tests lower them.
         "MAOF_LOGIN_ATTEMPTS_PER_IP_PER_MINUTE": "1000000",
+        "MAOF_REGISTRATIONS_PER_IP_PER_HOUR": "1000000",
         "MAOF_SUBMISSIONS_PER_MINUTE": "1000000",
         # EMF metric lines go to standard output, which tests of the CLI read: off, except
         # in the tests of the metrics themselves (tests/integration/test_observability.py).

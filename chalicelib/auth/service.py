@@ -64,7 +64,8 @@ def user_view(user: User) -> responses.User:
     )
 
 
-def register(body: RegisterRequest) -> responses.User:
+def register(body: RegisterRequest, source_ip: str | None) -> responses.User:
+    limits.limit_registrations(source_ip)
     email = str(body.email).lower()
     user = User(
         email=email,

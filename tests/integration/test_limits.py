@@ -99,6 +99,41 @@ def test_sign_in_fails_closed_when_redis_is_down(api: Api) -> None:
     assert sign_in(api, email).status_code == 200  # and works again once Redis is back
 
 
+# ------------------------------------------------------------------ registration
+
+
+def register(api: Api) -> Any:
+    return api.post("/auth/register", {"email": unique_email(), "password": PASSWORD, "name": "R"})
+
+
+def test_too_many_new_accounts_from_one_address_answer_429(
+    api: Api, settings_env: dict[str, str]
+) -> None:
+    """Each account brings its own per-user limits (and costs a password hash): made by the
+    thousand from one address, they were a way around those limits."""
+    keys = cache.get_redis().keys("maof:ratelimit:register-ip:*")
+    if keys:
+        cache.get_redis().delete(*keys)
+    apply(settings_env, MAOF_REGISTRATIONS_PER_IP_PER_HOUR="3")
+    for _ in range(3):
+        assert register(api).status_code == 201
+    refused = register(api)
+    assert refused.status_code == 429, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "RATE_LIMITED" and "address" in error["message"]
+    retry_after = int(refused.headers["Retry-After"])
+    assert 3000 <= retry_after <= 3600  # the oldest of the three leaves the hour's window
+    assert error["details"] == {"retryAfterSeconds": retry_after}
+
+
+def test_registration_fails_closed_when_redis_is_down(api: Api) -> None:
+    with redis_unreachable():
+        response = register(api)
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+    assert register(api).status_code == 201  # and works again once Redis is back
+
+
 # ------------------------------------------------------------------ submissions
 
 
