@@ -124,6 +124,10 @@ def test_too_many_new_accounts_from_one_address_answer_429(
     retry_after = int(refused.headers["Retry-After"])
     assert 3000 <= retry_after <= 3600  # the oldest of the three leaves the hour's window
     assert error["details"] == {"retryAfterSeconds": retry_after}
+    # Hammering keeps the address out, and costs Redis no more than the limit + 1 entries.
+    assert [register(api).status_code for _ in range(20)] == [429] * 20
+    (key,) = cache.get_redis().keys("maof:ratelimit:register-ip:*")
+    assert cache.get_redis().zcard(key) == 4
 
 
 def test_registration_fails_closed_when_redis_is_down(api: Api) -> None:
