@@ -108,19 +108,11 @@ def get_json(key: str) -> Any | None:
     return None if raw is None else json.loads(str(raw))
 
 
-def set_json(key: str, value: Any, ttl_seconds: int) -> None:
+def set_json(key: str, value: Any, ttl_seconds: int, *, if_absent: bool = False) -> None:
+    """Best effort; `if_absent`: only where the key holds nothing (SET NX), so a value read
+    earlier never replaces a newer one (see set_json_many)."""
     try:
-        get_redis().set(key, json.dumps(value, default=str), ex=max(ttl_seconds, 1))
-    except redis.RedisError as exc:
-        logger.warning(
-            "redis unavailable for write", extra={"key": key, "error": type(exc).__name__}
-        )
-
-
-def add_json(key: str, value: Any, ttl_seconds: int) -> None:
-    """set_json unless the key holds a value already (a newer one: see set_json_many)."""
-    try:
-        get_redis().set(key, json.dumps(value, default=str), ex=max(ttl_seconds, 1), nx=True)
+        get_redis().set(key, json.dumps(value, default=str), ex=max(ttl_seconds, 1), nx=if_absent)
     except redis.RedisError as exc:
         logger.warning(
             "redis unavailable for write", extra={"key": key, "error": type(exc).__name__}
@@ -138,15 +130,6 @@ def set_json_many(keys: list[str], value: Any, ttl_seconds: int) -> None:
         pipe.execute()
     except redis.RedisError as exc:
         logger.warning("redis unavailable for write", extra={"error": type(exc).__name__})
-
-
-def delete(*keys: str) -> None:
-    if not keys:
-        return
-    try:
-        get_redis().delete(*keys)
-    except redis.RedisError as exc:
-        logger.warning("redis unavailable for delete", extra={"error": type(exc).__name__})
 
 
 def ping() -> bool:

@@ -215,7 +215,7 @@ def authenticate(header: str | None) -> Principal:
     state = cache.get_json(key)
     if not isinstance(state, dict):
         state = _session_state(claims)
-        cache.add_json(key, state, CACHE_SECONDS)
+        cache.set_json(key, state, CACHE_SECONDS, if_absent=True)
     if not state.get("live") or state.get("version") != claims.version:
         raise errors.Unauthorized("The session has ended; sign in again")
     return claims.principal

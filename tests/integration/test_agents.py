@@ -427,7 +427,7 @@ def test_an_offline_agent_is_not_routed_to(user, poller):
             .where(Agent.id == uuid.UUID(offline["agentUuid"]))
             .values(status="offline")
         )
-    cache.delete(capability_cache_key(capability))
+    cache.get_redis().delete(capability_cache_key(capability))
     stages = [{"id": f"s{i}", "name": f"S{i}", "agentCapability": capability} for i in range(4)]
     run = wait_for_run(user, submit(user, stages))
     assert run["status"] == "completed", run

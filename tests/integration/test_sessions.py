@@ -198,7 +198,7 @@ def test_a_session_ends_at_its_absolute_lifetime(api: Api, account: Account) -> 
         )
     from chalicelib import cache
 
-    cache.delete(f"maof:auth:session:{sid}")
+    cache.get_redis().delete(f"maof:auth:session:{sid}")
     assert refresh(api, signed_in["refreshToken"]).status_code == 401
     assert me(api, signed_in["accessToken"]) == 401
 
