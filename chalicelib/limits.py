@@ -10,6 +10,7 @@ quota, counted in Postgres by the submission itself, still bounds a user).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 
 import redis
 
@@ -27,6 +28,21 @@ def _digest(value: str) -> str:
     return hashlib.sha256(value.encode("utf-8")).hexdigest()[:32]
 
 
+def _address(source_ip: str) -> str:
+    """What a per-address limit counts: an IPv4 address (also written IPv4-mapped), or an
+    IPv6 address's /64, since one subscriber is given a whole /64 and could otherwise
+    walk through 2**64 addresses, each with a fresh limit."""
+    try:
+        address = ipaddress.ip_address(source_ip)
+    except ValueError:
+        return source_ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
 def limit_sign_in(email: str, source_ip: str | None) -> None:
     """At most MAOF_LOGIN_ATTEMPTS_PER_MINUTE per account and
     MAOF_LOGIN_ATTEMPTS_PER_IP_PER_MINUTE per source address, over a sliding minute."""
@@ -35,7 +51,7 @@ def limit_sign_in(email: str, source_ip: str | None) -> None:
     if source_ip:
         checks.append(
             (
-                f"maof:ratelimit:login-ip:{_digest(source_ip)}",
+                f"maof:ratelimit:login-ip:{_digest(_address(source_ip))}",
                 settings.login_attempts_per_ip_per_minute,
             )
         )
@@ -46,7 +62,7 @@ def limit_registrations(source_ip: str | None) -> None:
     """At most MAOF_REGISTRATIONS_PER_IP_PER_HOUR new accounts per source address, over a
     sliding hour: accounts made by the thousand would each bring their own per-user limits."""
     if source_ip:
-        key = f"maof:ratelimit:register-ip:{_digest(source_ip)}"
+        key = f"maof:ratelimit:register-ip:{_digest(_address(source_ip))}"
         limit = get_settings().registrations_per_ip_per_hour
         _fail_closed(
             [(key, limit)],

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import requests
 
-from chalicelib import cache
+from chalicelib import cache, limits
 from chalicelib.config import get_settings, reset_settings
+from chalicelib.core import errors
 from tests.integration.conftest import (
     Api,
     register_agent,
@@ -62,6 +63,13 @@ def new_account(api: Api) -> str:
     return email
 
 
+def clear(pattern: str) -> None:
+    """Forget what the limits counted under `pattern` (other tests sign in too)."""
+    keys = cache.get_redis().keys(pattern)
+    if keys:
+        cache.get_redis().delete(*keys)
+
+
 def sign_in(api: Api, email: str, password: str = PASSWORD) -> requests.Response:
     return api.post("/auth/login", {"email": email, "password": password})
 
@@ -83,7 +91,7 @@ def test_too_many_sign_in_attempts_from_one_address_answer_429(
     api: Api, settings_env: dict[str, str]
 ) -> None:
     accounts = [new_account(api) for _ in range(4)]
-    cache.get_redis().delete(*cache.get_redis().keys("maof:ratelimit:login-ip:*"))
+    clear("maof:ratelimit:login-ip:*")
     apply(settings_env, MAOF_LOGIN_ATTEMPTS_PER_IP_PER_MINUTE="3")
     for email in accounts[:3]:  # a different account each time: only the address is shared
         assert sign_in(api, email).status_code == 200
@@ -111,9 +119,7 @@ def test_too_many_new_accounts_from_one_address_answer_429(
 ) -> None:
     """Each account brings its own per-user limits (and costs a password hash): made by the
     thousand from one address, they were a way around those limits."""
-    keys = cache.get_redis().keys("maof:ratelimit:register-ip:*")
-    if keys:
-        cache.get_redis().delete(*keys)
+    clear("maof:ratelimit:register-ip:*")
     apply(settings_env, MAOF_REGISTRATIONS_PER_IP_PER_HOUR="3")
     for _ in range(3):
         assert register(api).status_code == 201
@@ -136,6 +142,29 @@ def test_registration_fails_closed_when_redis_is_down(api: Api) -> None:
     assert response.status_code == 503, response.text
     assert response.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
     assert register(api).status_code == 201  # and works again once Redis is back
+
+
+def test_an_ipv6_client_is_counted_by_its_64(settings_env: dict[str, str]) -> None:
+    """API Gateway reports IPv6 clients too, and one subscriber holds a whole /64: counted
+    address by address, each new address of it would bring a fresh limit."""
+    clear("maof:ratelimit:*-ip:*")
+    apply(
+        settings_env,
+        MAOF_REGISTRATIONS_PER_IP_PER_HOUR="2",
+        MAOF_LOGIN_ATTEMPTS_PER_IP_PER_MINUTE="2",
+    )
+    for limit in (limits.limit_registrations, lambda ip: limits.limit_sign_in(unique_email(), ip)):
+        limit("2001:db8:7:1::1")
+        limit("2001:db8:7:1:ffff:ffff:ffff:fffe")
+        with pytest.raises(errors.RateLimited):
+            limit("2001:db8:7:1:1234::5")  # the same /64
+        limit("2001:db8:7:2::1")  # the next /64 is another client
+        # An IPv4 address counts as one, however it is written.
+        limit("203.0.113.9")
+        limit("::ffff:203.0.113.9")
+        with pytest.raises(errors.RateLimited):
+            limit("203.0.113.9")
+        limit("203.0.113.10")
 
 
 # ------------------------------------------------------------------ submissions
