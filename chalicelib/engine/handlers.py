@@ -168,9 +168,13 @@ def run_stage(run_id: uuid.UUID, stage_id: str, invocation: Invocation | None = 
 
 
 def _run_claimed(
-    claimed: stages.ClaimedStage, invocation: Invocation, handed: AgentChoice | None = None
+    claimed: stages.ClaimedStage,
+    invocation: Invocation,
+    handed: AgentChoice | None = None,
+    count: bool = True,
 ) -> str:
-    """Run a stage this worker holds (`handed`: with a slot already held on that agent)."""
+    """Run a stage this worker holds (`handed`: with a slot already held on that agent);
+    `count` False: the caller, which held the stage before, counts how it finished."""
     started = time.monotonic()
     with (
         leases.held(claimed.claim_token),
@@ -186,7 +190,7 @@ def _run_claimed(
                 _release_quietly(claimed)
                 raise
             outcome = _after_error(claimed, exc)
-        if outcome in ("completed", "failed"):
+        if count and outcome in ("completed", "failed"):
             _count_finished(claimed, outcome, started)
         return outcome
 
@@ -247,8 +251,7 @@ def _execute(
     try:
         stage_input = stage_input_of(claimed, context)
     except (UnresolvableReference, InputTooLarge) as exc:
-        stages.fail_stage(claimed, str(exc))
-        return "failed"
+        return _failed(claimed, str(exc))
     policy = DispatchPolicy.of(claimed.config)
     if (
         invocation_deadline is not None
@@ -274,8 +277,7 @@ def _execute(
                 f"no agent left to try for '{claimed.capability}'; "
                 f"last error: {claimed.last_error or 'none'}"
             )
-        stages.fail_stage(claimed, reason, stage_input=stage_input)
-        return "failed"
+        return _failed(claimed, reason, stage_input=stage_input)
     except AgentsBusy as exc:
         return _wait_for_capacity(claimed, str(exc), invocation)
     except ClaimLost:
@@ -330,8 +332,9 @@ def _execute(
             else None,
         )
     except stages.RunOutputTooLarge as exc:
-        stages.fail_stage(claimed, str(exc), agent.agent_id, stage_input)
-        return "failed"
+        return _failed(claimed, str(exc), agent.agent_id, stage_input)
+    if done.outcome != "completed":
+        return done.outcome
     trace.mark("completed", claimed.run_id, claimed.stage_id)
     if done.send:
         _dispatch(claimed, done.send, invocation)
@@ -590,8 +593,18 @@ def _after_failure(
         attempts = decision.agent_attempts
         tries = f"{attempts} attempt{'s' if attempts != 1 else ''}; " if attempts else ""
         error = f"{error} ({tries}no other agent to fall back on)"
-    stages.fail_stage(claimed, error, agent.agent_id, stage_input)
-    return "failed"
+    return _failed(claimed, error, agent.agent_id, stage_input)
+
+
+def _failed(
+    claimed: stages.ClaimedStage,
+    reason: str,
+    agent_id: str | None = None,
+    stage_input: Any = None,
+) -> str:
+    """Fail the stage: "failed", or "lost" when the claim was no longer ours (nothing
+    written, nothing to count: the worker that took it over finishes it)."""
+    return "failed" if stages.fail_stage(claimed, reason, agent_id, stage_input) else "lost"
 
 
 def _requeued(
@@ -639,10 +652,7 @@ def _after_error(claimed: stages.ClaimedStage, exc: Exception) -> str:
             "retrying",
         )
     errors = decision.errors
-    stages.fail_stage(
-        claimed, f"internal error: {cause} ({errors} error{'s' if errors != 1 else ''})"
-    )
-    return "failed"
+    return _failed(claimed, f"internal error: {cause} ({errors} error{'s' if errors != 1 else ''})")
 
 
 def _wait_for_capacity(claimed: stages.ClaimedStage, reason: str, invocation: Invocation) -> str:
@@ -651,10 +661,9 @@ def _wait_for_capacity(claimed: stages.ClaimedStage, reason: str, invocation: In
     MAOF_STAGE_MAX_WAITS times; the sweeper wakes one whose hand-off was lost)."""
     settings = get_settings()
     if claimed.waits + 1 > settings.stage_max_waits:
-        stages.fail_stage(
+        return _failed(
             claimed, f"{reason}; gave up after {claimed.waits} waits (MAOF_STAGE_MAX_WAITS)"
         )
-        return "failed"
     parked = stages.park_stage(claimed, reason)
     observability.metric("CapacityWaits", 1, capability=claimed.capability)
     if parked is not stages.Requeued.QUEUED:
@@ -679,7 +688,7 @@ def _wait_for_capacity(claimed: stages.ClaimedStage, reason: str, invocation: In
     if back is None:
         release(agent)  # someone handed it a slot already, or its run ended
         return "waiting"
-    return _run_claimed(back, invocation, handed=agent)
+    return _run_claimed(back, invocation, handed=agent, count=False)  # we count it
 
 
 # How long one invocation runs handed-over stages itself. Beyond it, a freed slot's next

@@ -334,6 +334,9 @@ class Completed:
     send: list[str] = field(default_factory=list)  # queued: their messages to be sent
     # Waiting for a slot, no message: (stage id, capability).
     parked: list[tuple[str, str]] = field(default_factory=list)
+    # "completed"; "discarded": the run had ended, the answer was not kept; "lost": the
+    # claim was no longer ours (our lease expired and the stage moved on): nothing written.
+    outcome: str = "completed"
 
 
 def complete_stage(
@@ -361,8 +364,8 @@ def complete_stage(
     with session_scope() as session:
         run = lock_run(session, stage.run_id)
         if not run.live:
-            _discard(session, stage, run, agent_id, output)
-            return Completed()
+            discarded = _discard(session, stage, run, agent_id, output)
+            return Completed(outcome="discarded" if discarded else "lost")
         if run.output_bytes + size > get_settings().run_max_output_bytes:
             raise RunOutputTooLarge(
                 f"the run's stored outputs would exceed MAOF_RUN_MAX_OUTPUT_BYTES "
@@ -382,7 +385,7 @@ def complete_stage(
             },
         ).first()
         if updated is None:
-            return Completed()  # our lease expired and the stage moved on without us
+            return Completed(outcome="lost")  # our lease expired, the stage moved on
         duration_ms = int((updated.completed_at - updated.started_at).total_seconds() * 1000)
         entry = chain.next_entry(
             stage.run_id,
@@ -446,9 +449,10 @@ _PARK_QUEUED = text(
 
 def _discard(
     session: Session, stage: ClaimedStage, run: LockedRun, agent_id: str, output: Any
-) -> None:
+) -> bool:
     """The agent answered after the run ended: its output is not kept (nothing follows a
-    run's end), the stage ends with the run, and the audit trail says what came back."""
+    run's end), the stage ends with the run, and the audit trail says what came back.
+    False if the stage was no longer ours."""
     status = ended_stage_status(run.status)
     discarded = session.execute(
         text(
@@ -469,6 +473,7 @@ def _discard(
             output=output,
             details={"reason": f"the agent answered after the run was {run.status}"},
         )
+    return discarded is not None
 
 
 # The stage's completion, conditional on our claim, and the head of the run's audit chain

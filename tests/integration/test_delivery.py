@@ -180,7 +180,7 @@ def test_worker_killed_between_claim_and_completion_is_recovered_by_the_sweeper(
     # The "dead" worker wakes up and tries to finish: nothing changes.
     output_before = stage_row(run_id, "a").output
     assert stages.complete_stage(dead_worker, str(uuid.uuid4()), "ghost", {}, {"late": True}) == (
-        stages.Completed()
+        stages.Completed(outcome="lost")
     )
     assert stage_row(run_id, "a").output == output_before
     assert audit_actions(run_id) == actions

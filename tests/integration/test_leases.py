@@ -1,17 +1,23 @@
 """Lease renewals never wait on a stage row another transaction holds (a completion,
-mostly): they renew the others and take the held one at the next renewal."""
+mostly): they renew the others and take the held one at the next renewal. A worker whose
+claim was taken over writes and counts nothing."""
 
 from __future__ import annotations
 
 import threading
+import uuid
 from typing import Any
 
+import pytest
 from sqlalchemy import text
 
+from chalicelib.agents.dispatch import AgentCallFailed, AgentOutput
+from chalicelib.agents.failure import Failure
 from chalicelib.db import session_scope
-from chalicelib.engine import stages
+from chalicelib.engine import handlers, stages
 from tests.integration.conftest import register_agent, unique_capability
-from tests.integration.test_delivery import chain, submit_direct
+from tests.integration.test_delivery import audit_actions, chain, stage_row, submit_direct
+from tests.integration.test_observability import by_metric, emf_lines
 
 
 def _lease_of(claimed: stages.ClaimedStage) -> Any:
@@ -46,3 +52,49 @@ def test_a_renewal_skips_a_stage_row_held_by_another_transaction(user: Any, sent
     assert renewed == [1]
     assert _lease_of(second) > before
     assert stages.renew_leases([first.claim_token, second.claim_token]) == 2
+
+
+def _taken_over(run_id: uuid.UUID, stage_id: str) -> None:
+    """Another worker's claim on the stage, as after our lease ran out: a new token."""
+    with session_scope() as session:
+        session.execute(
+            text(
+                "UPDATE stage_executions SET claim_token = gen_random_uuid(), "
+                "lease_expires_at = now() + interval '1 minute' "
+                "WHERE run_id = :run_id AND stage_id = :stage_id"
+            ),
+            {"run_id": run_id, "stage_id": stage_id},
+        )
+
+
+@pytest.mark.parametrize("answer", ["output", "final error"])
+def test_a_worker_whose_claim_was_taken_over_meanwhile_writes_and_counts_nothing(
+    user: Any,
+    sent: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    answer: str,
+) -> None:
+    """A worker that paused past its lease (a stalled host) and then got its agent's answer:
+    the stage is another worker's now. Before, its completion wrote nothing but still
+    counted the stage as finished (StagesFinished, StageDuration), once per stale worker."""
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")
+    capability = unique_capability("stale")
+    register_agent(user, capability)
+    run_id = submit_direct(user, chain(capability, "a", "b"))
+
+    def agent_answers_after_the_takeover(*args: Any, **kwargs: Any) -> AgentOutput:
+        _taken_over(run_id, "a")
+        if answer == "final error":
+            raise AgentCallFailed("BROKEN", failure=Failure.AGENT_FINAL, code="BROKEN")
+        return AgentOutput({"late": True}, '{"late": true}')
+
+    monkeypatch.setattr(handlers, "call_agent", agent_answers_after_the_takeover)
+    capsys.readouterr()
+    assert handlers.run_stage(run_id, "a") == "lost"
+    metrics = by_metric(emf_lines(capsys.readouterr().out))
+    assert "StagesFinished" not in metrics and "StageDuration" not in metrics, sorted(metrics)
+    row = stage_row(run_id, "a")
+    assert (row.status, row.output, row.error_message) == ("in_progress", None, None)
+    assert stage_row(run_id, "b").status == "pending"
+    assert [action for action, _ in audit_actions(run_id)] == ["submit"]

@@ -134,3 +134,31 @@ def test_stats_count_runs_stages_and_agents_of_the_last_hour(user: Api, poller: 
     [row] = data["agents"]
     assert (row["agentId"], row["completed"], row["failed"]) == (agent["agentId"], 2, 0)
     assert row["stageP95Ms"] >= row["stageP50Ms"] >= 0
+
+
+def test_a_stage_that_waited_then_found_a_slot_at_its_last_look_is_counted_once(
+    user: Api, sent: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its agents full at first, the stage parks, looks once more, finds a slot and runs
+    under a new claim in the same worker: it finished once, and is counted once (the
+    worker counted it for both claims before)."""
+    capability = unique_capability("emf-wait")
+    register_agent(user, capability)
+    run_id = submit_direct(user, chain(capability, "a"))
+    select = handlers._select_and_assign
+    looks: list[str] = []
+
+    def full_at_the_first_look(*args: Any, **kwargs: Any) -> Any:
+        looks.append("look")
+        if len(looks) == 1:
+            raise handlers.AgentsBusy("every agent is busy")
+        return select(*args, **kwargs)
+
+    monkeypatch.setattr(handlers, "_select_and_assign", full_at_the_first_look)
+    capsys.readouterr()
+    assert handlers.run_stage(run_id, "a") == "completed"
+    assert len(looks) == 2  # parked after the first, ran after the second
+    metrics = by_metric(emf_lines(capsys.readouterr().out))
+    assert [line["Outcome"] for line in metrics["StagesFinished"]] == ["completed"]
+    assert len(metrics["StageDuration"]) == len(metrics["StageAttempts"]) == 1
+    assert len(metrics["CapacityWaits"]) == 1
