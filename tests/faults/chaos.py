@@ -15,6 +15,8 @@ the drain is under way, the fault is injected while more runs are submitted thro
   redis       Redis stopped, five seconds without it, started again (empty)
   localstack  LocalStack killed and started again: it comes back with no queue or bucket
   worker      the poller SIGKILLed and a new one started (a Lambda that died mid-batch)
+  worker-freeze  the poller SIGSTOPped, a new one started, the old one SIGCONTed
+              FREEZE_SECONDS later to run on beside it, holding claims taken over meanwhile
   *-freeze    Postgres, Redis or LocalStack SIGSTOPped for FREEZE_SECONDS, then SIGCONT:
               a dependency that hangs (a partition, a stalled host) rather than refusing,
               for longer than a stage's lease
@@ -25,7 +27,8 @@ again) and recovery seconds (from the dependency answering again until the last 
 ended; the drain left at the fault is part of it: the baseline row shows how much). And it
 checks that a submission answered 202 or 503 only (a 500 leaves the client unable to know
 whether the run was stored), that 503s stored nothing and 202s stored their run, that no
-stage has two `execute` entries, that nothing happened to a run after it ended (no stage
+stage has two `execute` entries nor two StagesFinished metric lines (a worker that lost its
+claim counts nothing), that nothing happened to a run after it ended (no stage
 started, no audit entry other than `skip`), that every audit chain verifies, and, after
 LocalStack's restart, that the dashboard is back in its bucket.
 
@@ -99,8 +102,8 @@ CAPABILITIES = ("extract", "translate", "summarize")
 # Without Redis work goes on: at least this share of the runs open when it went away must
 # end before it is back (a stopped Redis is away about seven seconds, a frozen one twenty:
 # about half a drain, and two). Before Redis calls failed fast while it hung, a third of
-# them ended in the freeze.
-WORK_GOES_ON = {"redis": 0.1, "redis-freeze": 0.5}
+# them ended in the freeze. Likewise while a worker is frozen: another takes its work over.
+WORK_GOES_ON = {"redis": 0.1, "redis-freeze": 0.5, "worker-freeze": 0.2}
 
 RESULTS: list[FaultResult] = []  # every fault run in this process, for the table
 
@@ -168,6 +171,8 @@ class ChaosStack:
     localstack: subprocess.Popen[bytes] | None = None
     api: subprocess.Popen[bytes] | None = None
     poller: subprocess.Popen[bytes] | None = None
+    # Pollers replaced while frozen and then thawed: they run on beside the new one.
+    stale_pollers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     stopped: bool = False
 
     @classmethod
@@ -256,7 +261,7 @@ class ChaosStack:
         if self.stopped:
             return
         self.stopped = True
-        for process in (self.poller, self.api):
+        for process in (*self.stale_pollers, self.poller, self.api):
             _terminate(process)
         teardown_session(self.folder, keep_logs=True)
         if self.localstack is not None:
@@ -547,6 +552,26 @@ def _tree(pid: int) -> list[int]:
     return found
 
 
+def freeze_worker(stack: ChaosStack) -> float:
+    """The poller SIGSTOPped mid-batch and a new one started, then, FREEZE_SECONDS later,
+    the old one SIGCONTed to run on beside it: a worker that pauses (a stalled host, a long
+    collection) past its leases and wakes up holding claims, messages and slots that others
+    took over meanwhile. Whatever it then writes must be refused."""
+    assert stack.poller is not None
+    frozen, pids = stack.poller, _tree(stack.poller.pid)
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        stack.start_poller()
+        time.sleep(FREEZE_SECONDS)
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    stack.stale_pollers.append(frozen)
+    return time.time()
+
+
 def freeze_postgres(stack: ChaosStack) -> float:
     """The postmaster and every backend stopped: connections stay open, nothing answers."""
     assert stack.postgres is not None
@@ -573,6 +598,7 @@ FAULTS: dict[str, Callable[[ChaosStack], float]] = {
     "redis": bounce_redis,
     "localstack": restart_localstack,
     "worker": kill_worker,
+    "worker-freeze": freeze_worker,
     "postgres-freeze": freeze_postgres,
     "redis-freeze": freeze_redis,
     "localstack-freeze": freeze_localstack,
@@ -600,6 +626,7 @@ class FaultResult:
     accepted_not_stored: list[str] = field(default_factory=list)
     double_executes: list[str] = field(default_factory=list)
     completed_without_one_execute_each: list[str] = field(default_factory=list)
+    counted_twice: list[str] = field(default_factory=list)  # StagesFinished metric lines
     started_after_end: list[str] = field(default_factory=list)
     activity_after_end: list[str] = field(default_factory=list)
     invalid_chains: list[str] = field(default_factory=list)
@@ -640,6 +667,7 @@ class FaultResult:
                 "completed runs without exactly one execute per stage",
                 self.completed_without_one_execute_each,
             ),
+            ("stages counted finished twice in the metrics", self.counted_twice),
             ("stages started after their run ended", self.started_after_end),
             ("audit entries after the run ended", self.activity_after_end),
             ("audit chains that do not verify", self.invalid_chains),
@@ -649,7 +677,7 @@ class FaultResult:
         if self.ended_during < WORK_GOES_ON.get(self.fault, 0) * self.open_at_fault:
             found.append(
                 f"only {self.ended_during} of {self.open_at_fault} open runs ended while the "
-                "dependency was away: work must go on without it (Redis is a cache)"
+                "dependency was away: work must go on without it"
             )
         if self.dashboard_restored is False:
             found.append("the dashboard was not back in its bucket after LocalStack restarted")
@@ -747,6 +775,7 @@ def run_fault(
     inject = FAULTS[fault]
     result = FaultResult(fault, stuck_after_seconds=stuck_after)
     _revive(stack)
+    poller_log = stack.log_size("poller")
     token, user_id = sign_up(stack.api_url, fault)
     submitter = Submitter(stack.api_url, token)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -795,9 +824,12 @@ def run_fault(
     with contextlib.suppress(TimeoutError):
         wait_for(lambda: open_runs() == 0, "every run ended", t_back + stuck_after - time.time())
     _measure(stack, result, submitter, user_id, (t_fault, t_back))
+    result.counted_twice = _counted_twice(stack.log_since("poller", poller_log))
     if fault == "localstack":
         result.dashboard_restored = _dashboard_back(stack, t_back + stuck_after)
     _check_processes(stack, result)
+    while stack.stale_pollers:  # the next fault starts with one poller
+        _terminate(stack.stale_pollers.pop())
     _write_artifact(stack, result, user_id)
     RESULTS.append(result)
     return result
@@ -881,6 +913,18 @@ def _measure(
         )
     ]
     result.invalid_chains = _invalid_chains(stack.api_url, submitter.token, sorted(accepted))
+
+
+def _counted_twice(log: str) -> list[str]:
+    """Stages with more than one StagesFinished metric line in the pollers' log: a stage
+    finishes once, whichever worker (a stale one too) gets to the end of it."""
+    counts: collections.Counter[str] = collections.Counter()
+    for line in log.splitlines():
+        if line.startswith("{") and '"StagesFinished"' in line:
+            with contextlib.suppress(ValueError, KeyError):
+                metric = json.loads(line)
+                counts[f"{metric['runId']}/{metric['stageId']}"] += 1
+    return sorted(f"{stage} x{n}" for stage, n in counts.items() if n > 1)
 
 
 def _invalid_chains(api_url: str, token: str, run_ids: list[str]) -> list[str]:
