@@ -314,7 +314,7 @@ def agents_list(
 
 
 @agents.command("register")
-@click.option("--agent-id", required=True, help="Your name for it, unique among agents.")
+@click.option("--agent-id", required=True, help="Your name for it, unique among your agents.")
 @click.option("--name", required=True, help="A display name.")
 @click.option("--endpoint", required=True, help="Its URL (http(s)://…, or mock://name locally).")
 @click.option(

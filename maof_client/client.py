@@ -381,15 +381,18 @@ class MaofClient:
         return AgentPage.from_api(self._call("GET", "/agents", params=params))
 
     def find_agent(self, agent_id: str) -> Agent | None:
-        """The agent you can see whose `agentId` is `agent_id` (pages through the list)."""
-        page = 1
+        """The agent you can see whose `agentId` is `agent_id` (pages through the list):
+        yours if you have one (agentIds are per account), else a shared one."""
+        page, shared = 1, None
         while True:
             listed = self.list_agents(page=page, limit=100)
             for agent in listed.agents:
                 if agent.agent_id == agent_id:
-                    return agent
+                    if agent.owner_user_uuid is not None:  # shown to its owner only
+                        return agent
+                    shared = shared or agent
             if page >= listed.meta.pages:
-                return None
+                return shared
             page += 1
 
     def get_agent(self, agent_uuid: str) -> Agent:

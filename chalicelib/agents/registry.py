@@ -115,8 +115,8 @@ def register(principal: Principal, body: RegisterAgentRequest) -> responses.Agen
     insert_unique(
         agent,
         errors.Conflict(
-            f"An agent with agentId '{body.agent_id}' is already registered",
-            [{"field": "agentId", "message": "already registered"}],
+            f"You already have an agent with agentId '{body.agent_id}'",
+            [{"field": "agentId", "message": "already one of your agents"}],
         ),
     )
     invalidate(agent.capabilities)

@@ -98,9 +98,10 @@ class Agent(Base):
     __table_args__ = (
         CheckConstraint("status IN ('online', 'degraded', 'offline')", name="agents_status"),
         CheckConstraint("visibility IN ('private', 'shared')", name="agents_visibility"),
-        # agentId is unique among live agents; a deleted agent frees its id.
+        # agentId is unique among its owner's live agents; a deleted agent frees its id.
         Index(
-            "agents_agent_id_live",
+            "agents_owner_agent_id_live",
+            "owner_id",
             "agent_id",
             unique=True,
             postgresql_where=text("deleted_at IS NULL"),

@@ -181,8 +181,28 @@ def test_a_duplicate_agent_id_is_a_409_conflict(user, api):
     error = error_of(user.post("/agents/register", again), 409, "CONFLICT")
     assert body["agentId"] in error["message"]
     assert fields_of(error) == ["agentId"]
-    # agentIds are global: another user cannot take it either
-    error_of(api.as_new_user().post("/agents/register", again), 409, "CONFLICT")
+
+
+def test_agent_ids_are_per_account(user, api):
+    """Another account's agentIds neither conflict with yours nor can be found out by
+    trying them (a 409 across accounts told that they existed, and let anyone take the
+    names another account's scripts register)."""
+    body = agent_body()
+    mine = user.post("/agents/register", body)
+    assert mine.status_code == 201, mine.text
+    other = api.as_new_user()
+    theirs = other.post("/agents/register", agent_body(agentId=body["agentId"]))
+    assert theirs.status_code == 201, theirs.text
+    assert theirs.json()["data"]["agentUuid"] != mine.json()["data"]["agentUuid"]
+    # Each sees, and routes to, only its own.
+    for client, registered in ((user, mine), (other, theirs)):
+        listed = client.get("/agents", params={"limit": 100}).json()["data"]["agents"]
+        same_id = [a["agentUuid"] for a in listed if a["agentId"] == body["agentId"]]
+        assert same_id == [registered.json()["data"]["agentUuid"]]
+    # Deleting one frees its id for its owner only.
+    assert user.delete(f"/agents/{mine.json()['data']['agentUuid']}").status_code == 200
+    assert user.post("/agents/register", agent_body(agentId=body["agentId"])).status_code == 201
+    error_of(other.post("/agents/register", agent_body(agentId=body["agentId"])), 409, "CONFLICT")
 
 
 def test_registering_without_a_token_is_a_401(api):

@@ -319,6 +319,36 @@ def test_agents_register_list_and_delete_by_agent_id(maof: Maof, signed_in: str)
     assert missing.exit_code == 1 and "no agent with agentId" in missing.stderr
 
 
+def test_an_agent_id_names_your_own_agent_before_a_shared_one(
+    maof: Maof, signed_in: str, admin: Api
+) -> None:
+    """agentIds are per account: a shared agent may carry the id of one of yours."""
+    agent_id = f"same-name-{uuid.uuid4().hex[:6]}"
+    maof.ok(
+        "agents", "register", "--agent-id", agent_id, "--name", "Mine",
+        "--endpoint", "mock://mine", "--capability", unique_capability("cli"),
+        "--auth-token", "t",
+    )  # fmt: skip
+    shared = admin.post(
+        "/agents/register",
+        {
+            "agentId": agent_id,
+            "name": "Shared",
+            "endpoint": "mock://shared",
+            "authToken": "t",
+            "capabilities": [unique_capability("cli")],
+            "visibility": "shared",
+        },
+    )
+    assert shared.status_code == 201, shared.text
+    shown = maof.json("agents", "show", agent_id)
+    assert shown["name"] == "Mine"
+    assert maof.ok("agents", "delete", agent_id).stdout.strip() == f"Deleted {agent_id}."
+    # Now only the shared one carries it: shown, but not yours to delete.
+    assert maof.json("agents", "show", agent_id)["name"] == "Shared"
+    assert admin.delete(f"/agents/{shared.json()['data']['agentUuid']}").status_code == 200
+
+
 def test_a_refused_workflow_exits_1_naming_the_field(
     maof: Maof, signed_in: str, tmp_path: Path
 ) -> None:
