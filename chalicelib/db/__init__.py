@@ -48,7 +48,15 @@ def get_engine() -> Engine:
         pool_recycle=300,
         # Error messages must never carry query parameters (password hashes, tokens).
         hide_parameters=True,
-        connect_args={"connect_timeout": 3, "application_name": "maof"},
+        connect_args={
+            "connect_timeout": 3,
+            "application_name": "maof",
+            # A worker that hangs mid-transaction (a stalled host, a partition) would hold
+            # its run's lock, and stall every other worker of the run, until its dead
+            # connection timed out (hours): Postgres ends the session after this instead.
+            "options": "-c idle_in_transaction_session_timeout="
+            f"{settings.db_idle_in_transaction_seconds * 1000}",
+        },
     )
     dialect = engine.dialect
 

@@ -5,13 +5,17 @@ answers quickly when SQS does not."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 import uuid
 from typing import Any
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
+from chalicelib import db
 from chalicelib.config import get_settings, reset_settings
 from chalicelib.core import api as run_ids
 from chalicelib.db import session_scope
@@ -367,3 +371,52 @@ def test_a_scheduled_sweep_in_lambda_runs_rounds_for_its_period_and_bounds_each(
     assert len(given) == 4 and totals["requeued"] == 4  # at 0, 1, 2 and 3 s
     assert all(9.5 < seconds <= 10 for seconds in given)  # callbacks.TIMEOUT_SECONDS
     assert time.monotonic() - started < 4
+
+
+# ------------------------------------------------------------------ a worker hung mid-transaction
+
+
+@pytest.fixture
+def short_idle_transactions(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Connections on which Postgres ends a transaction left idle for 2 s."""
+    monkeypatch.setenv("MAOF_DB_IDLE_IN_TRANSACTION_SECONDS", "2")
+    reset_settings()
+    db.get_engine.cache_clear()
+    yield
+    db.get_engine().dispose()
+    monkeypatch.undo()
+    reset_settings()
+    db.get_engine.cache_clear()
+
+
+def test_a_worker_hung_inside_a_transaction_holds_its_runs_lock_for_seconds_not_hours(
+    user: Api, sent, short_idle_transactions
+):
+    """A worker that stops in the middle of a transaction (a stalled host, a partition)
+    holds the run's lock; the other workers of the run wait on it while their leases are
+    renewed, so nothing else takes over. Postgres now ends such a session after
+    MAOF_DB_IDLE_IN_TRANSACTION_SECONDS, and the run goes on; before, it waited until the
+    dead connection's TCP timeout (two hours by default)."""
+    capability = unique_capability("hung")
+    agent = register_agent(user, capability)
+    run_id = submit_direct(user, chain(capability, "a", "b"))
+    claimed = stages.claim_stage(run_id, "a")
+    assert claimed is not None
+    done: list[stages.Completed] = []
+    completion = threading.Thread(
+        target=lambda: done.append(
+            stages.complete_stage(claimed, agent["agentUuid"], agent["agentId"], {}, {"ok": 1})
+        ),
+        daemon=True,
+    )
+    with db.get_engine().connect() as hung:  # the hung worker's connection, as any other
+        stages.lock_run(Session(bind=hung), run_id)  # …and then it stops
+        started = time.monotonic()
+        completion.start()
+        completion.join(timeout=20)
+        waited = time.monotonic() - started
+        assert done and done[0].outcome == "completed", f"still waiting after {waited:.0f} s"
+        assert 1.5 < waited < 15, waited  # held until Postgres ended the hung session
+        with pytest.raises(DBAPIError):  # which finds its connection gone when it wakes
+            hung.execute(text("SELECT 1"))
+    assert stage_row(run_id, "a").status == "completed"
