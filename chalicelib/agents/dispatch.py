@@ -16,12 +16,14 @@ past MAOF_STAGE_MAX_OUTPUT_BYTES) is INVALID_OUTPUT, an error of that agent.
 
 from __future__ import annotations
 
+import email.utils
 import json
 import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import urllib3
@@ -51,10 +53,18 @@ RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 class AgentCallFailed(Exception):
     """The agent produced no output; `failure` says what that means for the stage."""
 
-    def __init__(self, message: str, *, failure: Failure, code: str = "AGENT_ERROR") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        failure: Failure,
+        code: str = "AGENT_ERROR",
+        retry_after_ms: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.failure = failure
         self.code = code
+        self.retry_after_ms = retry_after_ms  # the agent's Retry-After, for a retryable status
 
     @property
     def retryable(self) -> bool:
@@ -214,7 +224,7 @@ def _post(endpoint: str, token: str, task: AgentTask) -> AgentOutput:
             failure=Failure.AGENT_UNUSABLE,
             code="RESPONSE_TOO_LARGE",
         )
-    return interpret(response.status, raw)
+    return interpret(response.status, raw, response.headers.get("Retry-After"))
 
 
 class InvalidOutput(ValueError):
@@ -290,8 +300,26 @@ def _invalid_output(reason: str) -> AgentCallFailed:
     )
 
 
-def interpret(status: int, raw: bytes) -> AgentOutput:
-    """The output of an agent's HTTP answer, or AgentCallFailed (docs/protocol.md's table)."""
+def retry_after_ms(header: str | None) -> int | None:
+    """A Retry-After header (seconds, or an HTTP date) in milliseconds from now; None when
+    absent or unreadable. How long is left to the caller to cap."""
+    if not header:
+        return None
+    header = header.strip()
+    if header.isascii() and header.isdigit():
+        return int(header[:12]) * 1000
+    try:
+        when = email.utils.parsedate_to_datetime(header)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT
+        when = when.replace(tzinfo=UTC)
+    return max(0, int((when - datetime.now(UTC)).total_seconds() * 1000))
+
+
+def interpret(status: int, raw: bytes, retry_after: str | None = None) -> AgentOutput:
+    """The output of an agent's HTTP answer, or AgentCallFailed (docs/protocol.md's table);
+    `retry_after`: the answer's Retry-After header, heeded on a retryable status."""
     try:
         document = strict_loads(raw) if raw else None
     except InvalidOutput as exc:
@@ -310,8 +338,14 @@ def interpret(status: int, raw: bytes) -> AgentOutput:
         message = f"HTTP {status}"
         if isinstance(document, dict) and isinstance(document.get("message"), str):
             message += f": {_printable(document['message'], 500)}"
-        failure = Failure.AGENT_RETRYABLE if status in RETRYABLE_STATUSES else Failure.AGENT_FINAL
-        raise AgentCallFailed(message, failure=failure, code=f"HTTP_{status}")
+        if status in RETRYABLE_STATUSES:
+            raise AgentCallFailed(
+                message,
+                failure=Failure.AGENT_RETRYABLE,
+                code=f"HTTP_{status}",
+                retry_after_ms=retry_after_ms(retry_after),
+            )
+        raise AgentCallFailed(message, failure=Failure.AGENT_FINAL, code=f"HTTP_{status}")
     if not isinstance(document, dict) or document.get("status") not in ("success", "error"):
         raise AgentCallFailed(
             "INVALID_RESPONSE: the agent's answer is not a MAOF protocol response",

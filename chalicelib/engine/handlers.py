@@ -74,7 +74,13 @@ class DispatchPolicy:
             max_backoff_ms=int(config.get("maxBackoffMs", settings.agent_max_backoff_ms)),
         )
 
-    def decide(self, failure: Failure, counters: Counters, other_agents: bool) -> Decision:
+    def decide(
+        self,
+        failure: Failure,
+        counters: Counters,
+        other_agents: bool,
+        retry_after_ms: int | None = None,
+    ) -> Decision:
         return after_failure(
             failure,
             counters,
@@ -82,6 +88,7 @@ class DispatchPolicy:
             other_agents=other_agents,
             base_backoff_ms=self.backoff_ms,
             max_backoff_ms=self.max_backoff_ms,
+            retry_after_ms=retry_after_ms,
         )
 
 
@@ -551,6 +558,7 @@ def _after_failure(
         exc.failure,
         Counters(claimed.agent_attempts if same_agent else 0, claimed.errors),
         other_agents=bool(others),
+        retry_after_ms=exc.retry_after_ms,
     )
     observability.metric("StageFailures", 1, dimensions={"Kind": exc.failure.value}, code=exc.code)
     details = {"error": error, "code": exc.code}

@@ -5,7 +5,8 @@ so no stage loops forever:
 
 | failure                                   | counted in      | then                                   |
 |-------------------------------------------|-----------------|----------------------------------------|
-| agent error it calls retryable, 5xx, 429  | agent_attempts  | retry (backoff) ≤ retries, then fall   |
+| agent error it calls retryable, 5xx, 429  | agent_attempts  | retry (backoff, at least its           |
+|                                           |                 | Retry-After) ≤ retries, then fall      |
 | garbage that is not the protocol          |                 | back to the next agent, else fail      |
 | timeout, connection lost                  | agent_attempts  | the same, keeping the Idempotency-Key  |
 | agent output JSON or JSONB refuses        | —               | fall back at once, else fail           |
@@ -69,8 +70,11 @@ def after_failure(
     other_agents: bool,
     base_backoff_ms: int,
     max_backoff_ms: int,
+    retry_after_ms: int | None = None,
 ) -> Decision:
-    """The next step for a stage whose attempt just failed with `failure`."""
+    """The next step for a stage whose attempt just failed with `failure`; a retry of the
+    same agent waits at least what it asked for (`retry_after_ms`, its Retry-After), up to
+    `max_backoff_ms`."""
     if failure is Failure.UNEXPECTED:
         errors = counters.errors + 1
         if errors <= retries:
@@ -89,9 +93,12 @@ def after_failure(
         )
     attempts = counters.agent_attempts + 1
     if failure is not Failure.AGENT_UNUSABLE and attempts <= retries:
+        delay = backoff_ms(attempts, base_backoff_ms, max_backoff_ms)
+        if retry_after_ms is not None:
+            delay = max(delay, min(retry_after_ms, max_backoff_ms))
         return Decision(
             Action.RETRY,
-            backoff_ms(attempts, base_backoff_ms, max_backoff_ms),
+            delay,
             keep_key=failure is Failure.IN_DOUBT,
             agent_attempts=attempts,
             errors=counters.errors,

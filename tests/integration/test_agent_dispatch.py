@@ -100,6 +100,35 @@ def test_timeout_then_success_on_retry(user, poller, agents):
     assert entries[1]["details"]["code"] == "TIMEOUT"
 
 
+@pytest.mark.parametrize(
+    ("retry_after", "waited_ms"),
+    [("2", 2000), ("999999999", 1500)],  # what it asks for; at most maxBackoffMs
+)
+def test_an_agent_at_its_own_limit_is_retried_after_its_retry_after(
+    user, poller, agents, retry_after, waited_ms
+):
+    """An agent's 429 (or 503) with Retry-After: the retry waits what it asked for, up to
+    the stage's maxBackoffMs; before, its retries came after the usual backoff (here
+    none) and used themselves up while it was still refusing."""
+    agent = start(agents)
+    agent.script.extend([status(429, "", {"Retry-After": retry_after}), ok({"later": True})])
+    capability = unique_capability("limited")
+    register_agent(user, capability, endpoint=agent.url)
+    run_id = submit(
+        user,
+        capability,
+        {"retries": 2, "backoffMs": 0, "maxBackoffMs": 1500 if waited_ms == 1500 else 5000},
+    )
+    run = wait_for_run(user, run_id)
+    assert run["status"] == "completed", run
+    first, second = agent.calls
+    assert second.started - first.started >= waited_ms / 1000
+    retry = [e for e in audit(user, run_id) if e["action"] == "retry"]
+    assert [(e["details"]["code"], e["details"]["delayMs"]) for e in retry] == [
+        ("HTTP_429", waited_ms)
+    ]
+
+
 def test_retryable_errors_exhausted_on_one_agent_then_success_on_the_fallback(user, poller, agents):
     flaky = start(agents, default=status(503, '{"message": "overloaded"}'))
     backup = start(agents, health="degraded", default=ok({"from": "backup"}))

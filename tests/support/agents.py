@@ -56,8 +56,8 @@ def sleep(seconds: float, output: Any = None) -> Behaviour:
     return Behaviour("sleep", seconds, output)
 
 
-def status(code: int, body: str = "") -> Behaviour:
-    return Behaviour("status", (code, body))
+def status(code: int, body: str = "", headers: dict[str, str] | None = None) -> Behaviour:
+    return Behaviour("status", (code, body, headers or {}))
 
 
 def error(code: str, retryable: bool) -> Behaviour:
@@ -268,8 +268,8 @@ class ScriptedAgent:
                 if behaviour.kind in ("ok", "sleep"):
                     self._send(200, json.dumps({"status": "success", "output": output}).encode())
                 elif behaviour.kind == "status":
-                    code, body = behaviour.value
-                    self._send(code, body.encode())
+                    code, body, headers = behaviour.value
+                    self._send(code, body.encode(), headers)
                 elif behaviour.kind == "redirect":
                     code, location = behaviour.value
                     self._send(code, b"", {"Location": location})

@@ -3,17 +3,19 @@ and what strict parsing refuses: anything JSON or Postgres's JSONB cannot hold."
 
 from __future__ import annotations
 
+import email.utils
 import json
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
-from chalicelib.agents import network
+from chalicelib.agents import dispatch, network
 from chalicelib.agents.dispatch import AgentCallFailed, AgentTask, call_agent, interpret
 from chalicelib.agents.failure import Failure
 from chalicelib.config import get_settings
@@ -177,3 +179,36 @@ def test_answers_read_in_full_are_kept_when_their_connections_go_back_to_a_full_
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, None),
+        ("", None),
+        ("3", 3000),
+        (" 120 ", 120_000),
+        ("9" * 40, 999_999_999_999_000),  # read, not trusted: the policy caps it
+        ("-1", None),
+        ("1.5", None),
+        ("\u0663", None),  # a digit, but not an ASCII one
+        ("soon", None),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0),  # past
+    ],
+)
+def test_retry_after_is_read_as_seconds_or_an_http_date(header, expected):
+    assert dispatch.retry_after_ms(header) == expected
+
+
+def test_a_retry_after_date_in_the_future_is_the_time_until_it():
+    when = email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    assert 28_000 <= dispatch.retry_after_ms(when) <= 30_000
+
+
+def test_a_retryable_status_carries_its_retry_after_and_a_final_one_none():
+    with pytest.raises(AgentCallFailed) as limited:
+        interpret(429, b"", "7")
+    assert (limited.value.failure, limited.value.retry_after_ms) == (Failure.AGENT_RETRYABLE, 7000)
+    with pytest.raises(AgentCallFailed) as refused:
+        interpret(403, b"", "7")
+    assert (refused.value.failure, refused.value.retry_after_ms) == (Failure.AGENT_FINAL, None)
