@@ -277,6 +277,9 @@ class Retried(ResponseModel):
 
 
 class AgentStats(ResponseModel):
+    # One row per agent: an agentId may name several (yours and a shared one, or one
+    # deleted and registered again), the agentUuid tells them apart.
+    agent_uuid: uuid.UUID | None
     agent_id: str
     completed: int
     failed: int

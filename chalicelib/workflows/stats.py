@@ -34,7 +34,7 @@ def stats(principal: Principal) -> responses.Stats:
         agents = session.execute(
             text(
                 """
-                SELECT s.agent_id,
+                SELECT s.agent_uuid, s.agent_id,
                        count(*) FILTER (WHERE s.status = 'completed') AS completed,
                        count(*) FILTER (WHERE s.status = 'failed') AS failed,
                        percentile_cont(0.5) WITHIN GROUP (ORDER BY
@@ -47,7 +47,7 @@ def stats(principal: Principal) -> responses.Stats:
                  WHERE r.user_id = :user AND s.agent_id IS NOT NULL
                    AND s.completed_at >= now() - CAST(:window AS interval)
                    AND s.status IN ('completed', 'failed')
-                 GROUP BY s.agent_id ORDER BY s.agent_id
+                 GROUP BY s.agent_uuid, s.agent_id ORDER BY s.agent_id, s.agent_uuid
                 """
             ),
             {"user": principal.user_uuid, "window": WINDOW},
@@ -58,6 +58,7 @@ def stats(principal: Principal) -> responses.Stats:
         stages={row.status: row.n for row in stages},
         agents=[
             responses.AgentStats(
+                agent_uuid=row.agent_uuid,
                 agent_id=row.agent_id,
                 completed=row.completed,
                 failed=row.failed,

@@ -132,8 +132,37 @@ def test_stats_count_runs_stages_and_agents_of_the_last_hour(user: Api, poller: 
     assert data["runs"] == {"completed": 1}
     assert data["stages"] == {"completed": 2}
     [row] = data["agents"]
-    assert (row["agentId"], row["completed"], row["failed"]) == (agent["agentId"], 2, 0)
+    assert (row["agentUuid"], row["agentId"], row["completed"], row["failed"]) == (
+        agent["agentUuid"],
+        agent["agentId"],
+        2,
+        0,
+    )
     assert row["stageP95Ms"] >= row["stageP50Ms"] >= 0
+
+
+def test_stats_keep_apart_two_agents_of_one_agent_id(user: Api, poller: Any) -> None:
+    """An agentId freed by a delete and registered again (or one of yours beside a shared
+    one of the same id) names two agents: each gets its own row, not one merged."""
+    capability = unique_capability("stats-twice")
+    first = register_agent(user, capability)
+    second = None
+    for _ in range(2):
+        response = user.post(
+            "/workflows/execute",
+            {"workflow": {"name": "stats", "stages": chain(capability, "a")}},
+        )
+        run = wait_for_run(user, response.json()["data"]["workflowRunId"])
+        assert run["status"] == "completed", run
+        if second is None:
+            assert user.delete(f"/agents/{first['agentUuid']}").status_code == 200
+            second = register_agent(user, capability, agentId=first["agentId"])
+    rows = [
+        r for r in user.get("/stats").json()["data"]["agents"] if r["agentId"] == first["agentId"]
+    ]
+    assert sorted((r["agentUuid"], r["completed"]) for r in rows) == sorted(
+        [(first["agentUuid"], 1), (second["agentUuid"], 1)]
+    )
 
 
 def test_a_stage_that_waited_then_found_a_slot_at_its_last_look_is_counted_once(
