@@ -40,7 +40,7 @@ function registerDialog(ctx, onRegistered) {
       'div',
       { class: 'form-grid' },
       field({ label: 'Name', name: 'name', attrs: { required: true, maxlength: 255, placeholder: 'Text Summarizer', autocomplete: 'off' } }),
-      field({ label: 'Agent ID', name: 'agentId', hint: 'Your unique id for it.', attrs: { required: true, maxlength: 255, placeholder: 'my-summarizer', autocomplete: 'off' } }),
+      field({ label: 'Agent ID', name: 'agentId', hint: 'Your name for it, unique among your agents.', attrs: { required: true, maxlength: 255, placeholder: 'my-summarizer', autocomplete: 'off' } }),
       field({ label: 'Endpoint', name: 'endpoint', type: 'url', hint: 'Where MAOF sends its tasks.', attrs: { required: true, placeholder: 'https://agents.example.com/summarize', autocomplete: 'off' } }),
       field({ label: 'Auth token', name: 'authToken', type: 'password', hint: 'Encrypted at rest; never shown again.', attrs: { required: true, autocomplete: 'off' } }),
       field({
