@@ -4,9 +4,11 @@ and what strict parsing refuses: anything JSON or Postgres's JSONB cannot hold."
 from __future__ import annotations
 
 import email.utils
+import gzip
 import json
 import threading
 import time
+import tracemalloc
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -179,6 +181,47 @@ def test_answers_read_in_full_are_kept_when_their_connections_go_back_to_a_full_
     finally:
         server.shutdown()
         server.server_close()
+
+
+# 200 MB of output, gzipped to about 200 KB.
+BOMB = gzip.compress(answer({"status": "success", "output": "a" * 200_000_000}), 9)
+
+
+class _BombAgent(BaseHTTPRequestHandler):
+    """Answers with a gzip bomb, whatever was asked (no Accept-Encoding was sent)."""
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(BOMB)))
+        self.end_headers()
+        self.wfile.write(BOMB)
+
+
+def test_a_compressed_answer_is_cut_at_the_size_cap_as_it_is_inflated():
+    """The cap (MAOF_AGENT_MAX_RESPONSE_BYTES) counts inflated bytes, and inflating stops
+    there: a 200-KB answer that inflates to 200 MB costs the worker about a megabyte
+    (urllib3 2.6 or later, pinned in requirements.txt, inflates a read's worth at a time)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _BombAgent)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    task = AgentTask("wfr-1", "s", 1, "c", {}, "wf", timeout_ms=10_000)
+    tracemalloc.start()
+    try:
+        with pytest.raises(AgentCallFailed) as refused:
+            call_agent(f"http://127.0.0.1:{server.server_address[1]}/", "tok", "agent", task)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        server.shutdown()
+        server.server_close()
+    assert (refused.value.code, refused.value.failure) == ("RESPONSE_TOO_LARGE", UNUSABLE)
+    assert peak < 20 * get_settings().agent_max_response_bytes, peak
 
 
 @pytest.mark.parametrize(
