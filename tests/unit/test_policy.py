@@ -120,33 +120,29 @@ def test_backoff_is_full_jitter_under_an_exponential_ceiling():
         assert max(samples) > ceiling * 0.8  # the whole range is used
 
 
+def first_retry(retry_after_ms: int | None, base_ms: int, max_ms: int) -> Decision:
+    return after_failure(
+        Failure.AGENT_RETRYABLE,
+        Counters(0, 0),
+        retries=RETRIES,
+        other_agents=True,
+        base_backoff_ms=base_ms,
+        max_backoff_ms=max_ms,
+        retry_after_ms=retry_after_ms,
+    )
+
+
 @pytest.mark.parametrize(
     ("retry_after", "delay"),
     [(None, 0), (0, 0), (4_000, 4_000), (10**12, 30_000)],  # heeded, up to the cap
 )
 def test_a_retry_waits_at_least_the_agents_retry_after_up_to_the_cap(retry_after, delay):
-    decision = after_failure(
-        Failure.AGENT_RETRYABLE,
-        Counters(0, 0),
-        retries=RETRIES,
-        other_agents=True,
-        base_backoff_ms=0,
-        max_backoff_ms=30_000,
-        retry_after_ms=retry_after,
-    )
+    decision = first_retry(retry_after, 0, 30_000)
     assert (decision.action, decision.delay_ms) == (Action.RETRY, delay)
 
 
 def test_a_retry_after_shorter_than_the_backoff_does_not_shorten_it():
     random.seed(3)
-    decision = after_failure(
-        Failure.AGENT_RETRYABLE,
-        Counters(0, 0),
-        retries=RETRIES,
-        other_agents=False,
-        base_backoff_ms=10_000,
-        max_backoff_ms=10_000,
-        retry_after_ms=1,
-    )
+    decision = first_retry(1, 10_000, 10_000)
     random.seed(3)
     assert decision.delay_ms == backoff_ms(1, 10_000, 10_000) > 1
