@@ -24,7 +24,7 @@ help:
 	@echo "make test     start the stack, then lint, type check, unit and integration tests"
 	@echo "make venv     the virtualenv in .venv, with the maof command line (.venv/bin/maof --help)"
 	@echo "make migrate  apply database migrations"
-	@echo "make chaos    restart or freeze Postgres, Redis, LocalStack (and kill the poller) mid-drain on an isolated stack; print what ended"
+	@echo "make chaos    restart or freeze Postgres, Redis, LocalStack (and kill or freeze the poller) mid-drain on an isolated stack; print what ended"
 	@echo "make down     stop what the stack started"
 	@echo "make package  chalice package STAGE (default prod) with infra/template.json merged, into build/package"
 	@echo "make secrets  create the SSM SecureString parameters a deployed STAGE reads"
