@@ -310,7 +310,7 @@ def retry_after_ms(header: str | None) -> int | None:
         return int(header[:12]) * 1000
     try:
         when = email.utils.parsedate_to_datetime(header)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:  # RFC 9110 dates are GMT
         when = when.replace(tzinfo=UTC)
