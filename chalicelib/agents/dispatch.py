@@ -9,9 +9,10 @@ Answer: `{"status": "success", "output": ...}` or
 Every failure becomes an AgentCallFailed whose `failure` says what it means for the stage
 (engine/policy.py; the table in docs/protocol.md). The call goes through the SSRF guard
 (`network.pinned_request`) and ends by its deadline, connect to last byte, however the
-agent trickles; answers are parsed strictly: what JSON or Postgres's JSONB refuses (NaN,
-Infinity, U+0000, lone surrogates, nesting past MAOF_AGENT_MAX_OUTPUT_DEPTH, an output
-past MAOF_STAGE_MAX_OUTPUT_BYTES) is INVALID_OUTPUT, an error of that agent.
+agent trickles; answers are parsed strictly: what JSON, Postgres's JSONB or the audit's
+hash refuses (NaN, Infinity, a number past a double, U+0000, lone surrogates, nesting past
+MAOF_AGENT_MAX_OUTPUT_DEPTH, an output past MAOF_STAGE_MAX_OUTPUT_BYTES) is INVALID_OUTPUT,
+an error of that agent.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from chalicelib.agents.network import (
     time_left,
 )
 from chalicelib.config import get_settings
-from chalicelib.core.encoding import dumps
+from chalicelib.core.encoding import dumps, fits_double
 
 # HTTP statuses worth another attempt; any other non-2xx is final.
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -251,8 +252,9 @@ def strict_loads(raw: bytes) -> Any:
 
 
 def check_storable(value: Any, max_depth: int) -> None:
-    """InvalidOutput unless Postgres's JSONB can store `value` (no U+0000, no lone
-    surrogates, nesting within `max_depth`). Iterative: a hostile depth costs no stack."""
+    """InvalidOutput unless Postgres's JSONB can store `value` and the audit trail hash it
+    (no U+0000, no lone surrogates, no number beyond a double, nesting within
+    `max_depth`). Iterative: a hostile depth costs no stack."""
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
@@ -269,6 +271,8 @@ def check_storable(value: Any, max_depth: int) -> None:
                 stack.extend((child, depth + 1) for child in item)
         elif isinstance(item, float) and not math.isfinite(item):
             raise InvalidOutput(f"{item} is not a JSON number")
+        elif isinstance(item, int) and not fits_double(item):
+            raise InvalidOutput("an integer is out of the range of a JSON number")
 
 
 def _check_text(text: str) -> None:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 from chalicelib.core import errors
+from chalicelib.core.encoding import fits_double
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ def _unstorable(value: Any) -> str | None:
             stack.extend(item)
         elif isinstance(item, float) and not math.isfinite(item):
             return "must not contain numbers beyond the range of a double"
-        elif isinstance(item, int) and item.bit_length() > 1000 and not _is_double(item):
+        elif isinstance(item, int) and not fits_double(item):
             return "must not contain numbers beyond the range of a double"
     return None
 
@@ -59,14 +60,6 @@ def _is_unicode(text: str) -> bool:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _is_double(number: int) -> bool:
-    try:
-        float(number)
-    except OverflowError:
         return False
     return True
 

@@ -23,3 +23,15 @@ def json_default(value: Any) -> Any:
 
 def dumps(value: Any) -> str:
     return json.dumps(value, default=json_default, separators=(",", ":"))
+
+
+def fits_double(number: int) -> bool:
+    """Whether an integer is within an IEEE double's range, as JSON numbers are (RFC 8259;
+    RFC 8785 hashes them as doubles): one beyond it cannot be hashed for the audit trail."""
+    if number.bit_length() <= 1000:  # well inside it, and cheap to tell
+        return True
+    try:
+        float(number)
+    except OverflowError:
+        return False
+    return True

@@ -84,6 +84,9 @@ def deep(depth: int) -> str:
         (b'{"status": "success", "output": {"x": Infinity}}', "Infinity"),
         (b'{"status": "success", "output": -Infinity}', "Infinity"),
         (b'{"status": "success", "output": 1e400}', "1e400"),
+        # An integer literal past a double: JSONB stores it, the audit's hash cannot.
+        (b'{"status": "success", "output": {"n": 1' + b"0" * 400 + b"}}", "integer"),
+        (b'{"status": "success", "output": [-' + b"9" * 320 + b"]}", "integer"),
         (b'{"status": "success", "output": "a\\u0000b"}', "U+0000"),
         (b'{"status": "success", "output": {"a\\u0000": 1}}', "U+0000"),
         (b'{"status": "success", "output": "\\ud800"}', "surrogate"),
@@ -93,6 +96,9 @@ def deep(depth: int) -> str:
     ],
 )
 def test_output_that_json_or_jsonb_refuses_is_invalid_output_of_that_agent(raw, says):
+    """Refused as the agent's error (unusable: the next agent's turn), not stored and then
+    failing the audit's hash as an error of ours (retried on the same agent, then failed
+    as an internal error, as an integer past a double was)."""
     with pytest.raises(AgentCallFailed) as failed:
         interpret(200, raw)
     assert failed.value.code == "INVALID_OUTPUT"
