@@ -281,6 +281,8 @@ class Settings(_Bootstrap):
     registrations_per_ip_per_hour: int = Field(30, ge=1, le=1_000_000)
     submissions_per_minute: int = Field(300, ge=1, le=1_000_000)
     max_active_runs: int = Field(500, ge=1, le=1_000_000)
+    # Live agents per account: each is probed every health interval, from MAOF's addresses.
+    max_agents_per_user: int = Field(100, ge=1, le=100_000)
     audit_signing_keys: str | None = None
     audit_keys_file: str = os.path.join(PROJECT_DIR, ".maof", "audit-signing-keys.json")
     audit_bucket: str = "maof-audit"

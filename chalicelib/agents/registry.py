@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -18,11 +19,12 @@ from chalicelib.agents.mock import MOCK_AGENTS_DISABLED, mock_agents_enabled
 from chalicelib.agents.network import EndpointNotAllowed, check_endpoint_allowed
 from chalicelib.agents.secrets import encrypt_token
 from chalicelib.auth.service import is_admin
+from chalicelib.config import get_settings
 from chalicelib.core import errors, responses
 from chalicelib.core.api import ApiModel, PageQuery, Principal, page_meta
 from chalicelib.core.capabilities import Capability
 from chalicelib.db import insert_unique, session_scope
-from chalicelib.db.models import Agent
+from chalicelib.db.models import Agent, User
 
 Visibility = Literal["private", "shared"]
 
@@ -98,6 +100,24 @@ def _refuse_sharing(principal: Principal, visibility: str) -> None:
         )
 
 
+def _within_quota(owner: uuid.UUID, session: Session) -> None:
+    """At most MAOF_MAX_AGENTS_PER_USER live agents per account: each is probed every
+    health interval, so agents by the thousand would make MAOF send requests by the
+    thousand to whatever they name, and delay everyone's checks. The owner's row is
+    locked, so two registrations at once cannot both take the last place."""
+    cap = get_settings().max_agents_per_user
+    session.execute(select(User.id).where(User.id == owner).with_for_update())
+    live = session.scalar(
+        select(func.count()).where(Agent.owner_id == owner, Agent.deleted_at.is_(None))
+    )
+    if (live or 0) >= cap:
+        raise errors.Conflict(
+            f"You have {live} agents, the most allowed (MAOF_MAX_AGENTS_PER_USER); "
+            "delete one first",
+            [{"field": "body", "message": f"at most {cap} agents per account"}],
+        )
+
+
 def register(principal: Principal, body: RegisterAgentRequest) -> responses.Agent:
     _refuse_sharing(principal, body.visibility)
     agent = Agent(
@@ -118,6 +138,7 @@ def register(principal: Principal, body: RegisterAgentRequest) -> responses.Agen
             f"You already have an agent with agentId '{body.agent_id}'",
             [{"field": "agentId", "message": "already one of your agents"}],
         ),
+        check=functools.partial(_within_quota, principal.user_uuid),
     )
     invalidate(agent.capabilities)
     # A new agent is checked at once, so its status is real from the start.

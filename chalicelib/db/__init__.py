@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -109,10 +109,15 @@ def autocommit_connection() -> Iterator[Connection]:
 R = TypeVar("R")
 
 
-def insert_unique(row: R, conflict: errors.Conflict) -> R:
-    """Insert `row` and read back its defaults; a unique-key violation raises `conflict`."""
+def insert_unique(
+    row: R, conflict: errors.Conflict, check: Callable[[Session], None] | None = None
+) -> R:
+    """Insert `row` and read back its defaults; a unique-key violation raises `conflict`.
+    `check` runs first in the same transaction (a quota, say), and may raise."""
     try:
         with session_scope() as session:
+            if check is not None:
+                check(session)
             session.add(row)
             session.flush()
             session.refresh(row)

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
+import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 import requests
 
 from chalicelib import cache, limits
+from chalicelib.agents import registry
 from chalicelib.config import get_settings, reset_settings
 from chalicelib.core import errors
 from tests.integration.conftest import (
@@ -21,6 +26,7 @@ from tests.integration.conftest import (
     unique_email,
     wait_for_run,
 )
+from tests.integration.test_delivery import principal_of
 from tests.integration.test_redis_down import redis_unreachable
 from tests.support.agents import ScriptedAgent, sleep
 
@@ -256,3 +262,59 @@ def test_a_request_at_the_depth_limit_is_accepted(user: Api) -> None:
         },
     )
     assert response.status_code == 202, response.text
+
+
+# ------------------------------------------------------------------ agents
+
+
+def agent_body(capability: str) -> dict[str, Any]:
+    return {
+        "agentId": f"quota-{uuid.uuid4().hex[:8]}",
+        "name": "Q",
+        "endpoint": "mock://quota",
+        "authToken": "t",
+        "capabilities": [capability],
+    }
+
+
+def test_an_account_holds_at_most_max_agents_per_user_live_agents(
+    api: Api, settings_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each agent is probed every health interval from MAOF's addresses: registered by the
+    thousand, they made MAOF send requests by the thousand to whatever they named."""
+    apply(settings_env, MAOF_MAX_AGENTS_PER_USER="3")
+    owner, capability = api.as_new_user(), unique_capability("quota")
+    first = [owner.post("/agents/register", agent_body(capability)) for _ in range(2)]
+    assert [r.status_code for r in first] == [201, 201]
+    # Registrations at once for the last place (in process, released together by a
+    # barrier, each in its own transaction): exactly one takes it.
+    barrier, principal = threading.Barrier(6), principal_of(owner)
+    counted = registry._within_quota
+
+    def slow_after_counting(owner_id: uuid.UUID, session: Any) -> None:
+        counted(owner_id, session)
+        time.sleep(0.2)  # the others count meanwhile, unless they wait for this one
+
+    monkeypatch.setattr(registry, "_within_quota", slow_after_counting)
+
+    def register_at_once(_: int) -> str:
+        body = registry.RegisterAgentRequest.model_validate(agent_body(capability))
+        barrier.wait()
+        try:
+            registry.register(principal, body)
+        except errors.Conflict:
+            return "refused"
+        return "registered"
+
+    with ThreadPoolExecutor(6) as pool:
+        outcomes = sorted(pool.map(register_at_once, range(6)))
+    assert outcomes == ["refused"] * 5 + ["registered"]
+    refused = owner.post("/agents/register", agent_body(capability))
+    assert refused.status_code == 409, refused.text
+    error = refused.json()["error"]
+    assert "MAOF_MAX_AGENTS_PER_USER" in error["message"]
+    assert error["details"] == [{"field": "body", "message": "at most 3 agents per account"}]
+    # Another account has places of its own; a deleted agent frees one.
+    assert api.as_new_user().post("/agents/register", agent_body(capability)).status_code == 201
+    assert owner.delete(f"/agents/{first[0].json()['data']['agentUuid']}").status_code == 200
+    assert owner.post("/agents/register", agent_body(capability)).status_code == 201
