@@ -104,9 +104,10 @@ def _within_quota(owner: uuid.UUID, session: Session) -> None:
     """At most MAOF_MAX_AGENTS_PER_USER live agents per account: each is probed every
     health interval, so agents by the thousand would make MAOF send requests by the
     thousand to whatever they name, and delay everyone's checks. The owner's row is
-    locked, so two registrations at once cannot both take the last place."""
+    locked, so two registrations at once cannot both take the last place (FOR NO KEY
+    UPDATE: the owner's other inserts, whose foreign keys lock it FOR KEY SHARE, go on)."""
     cap = get_settings().max_agents_per_user
-    session.execute(select(User.id).where(User.id == owner).with_for_update())
+    session.execute(select(User.id).where(User.id == owner).with_for_update(key_share=True))
     live = session.scalar(
         select(func.count()).where(Agent.owner_id == owner, Agent.deleted_at.is_(None))
     )

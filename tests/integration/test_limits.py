@@ -318,3 +318,32 @@ def test_an_account_holds_at_most_max_agents_per_user_live_agents(
     assert api.as_new_user().post("/agents/register", agent_body(capability)).status_code == 201
     assert owner.delete(f"/agents/{first[0].json()['data']['agentUuid']}").status_code == 200
     assert owner.post("/agents/register", agent_body(capability)).status_code == 201
+
+
+def test_counting_an_owners_agents_holds_up_none_of_their_other_writes(
+    user: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The count locks the owner's row against other registrations only: a submission,
+    whose insert checks its foreign key to the owner, goes on meanwhile."""
+    counted, holding, done = registry._within_quota, threading.Event(), threading.Event()
+
+    def count_and_hold(owner_id: uuid.UUID, session: Any) -> None:
+        counted(owner_id, session)
+        holding.set()
+        done.wait(10)
+
+    monkeypatch.setattr(registry, "_within_quota", count_and_hold)
+    capability = unique_capability("held")
+    body = registry.RegisterAgentRequest.model_validate(agent_body(capability))
+    registering = threading.Thread(target=registry.register, args=(principal_of(user), body))
+    registering.start()
+    try:
+        assert holding.wait(10)
+        started = time.monotonic()
+        submitted = user.post("/workflows/execute", one_stage_run(capability))
+        waited = time.monotonic() - started
+    finally:
+        done.set()
+        registering.join(10)
+    assert submitted.status_code == 202, submitted.text
+    assert waited < 5, waited
