@@ -264,8 +264,9 @@ class Settings(_Bootstrap):
     poller_wait_seconds: int = Field(1, ge=0, le=20)
     db_pool_size: int = Field(10, ge=1, le=100)
     db_max_overflow: int = Field(10, ge=0, le=100)
-    # Postgres ends a session left idle inside a transaction this long, and its locks go.
-    db_idle_in_transaction_seconds: int = Field(60, ge=1, le=3600)
+    # Postgres ends a session left idle inside a transaction this long, and its locks go
+    # (0: not asked for, for a pooler that refuses startup options; set it on the role).
+    db_idle_in_transaction_seconds: int = Field(60, ge=0, le=3600)
     agent_cache_ttl_seconds: int = Field(30, ge=0, le=3600)
     mock_agents: bool = False
     agent_timeout_ms: int = Field(30_000, ge=100, le=900_000)

@@ -30,6 +30,18 @@ def _psycopg_url(url: str) -> str:
 PING_AFTER_IDLE_SECONDS = 1.0
 
 
+def connect_args(idle_in_transaction_seconds: int) -> dict[str, Any]:
+    """libpq's connection parameters for the application's connections."""
+    args: dict[str, Any] = {"connect_timeout": 3, "application_name": "maof"}
+    if idle_in_transaction_seconds:
+        # A worker that hangs mid-transaction (a stalled host, a partition) would hold its
+        # run's lock, and stall every other worker of the run, until its dead connection
+        # timed out (hours): Postgres ends the session after this instead.
+        ms = idle_in_transaction_seconds * 1000
+        args["options"] = f"-c idle_in_transaction_session_timeout={ms}"
+    return args
+
+
 @functools.lru_cache(maxsize=1)
 def get_engine() -> Engine:
     settings = get_settings()
@@ -48,15 +60,7 @@ def get_engine() -> Engine:
         pool_recycle=300,
         # Error messages must never carry query parameters (password hashes, tokens).
         hide_parameters=True,
-        connect_args={
-            "connect_timeout": 3,
-            "application_name": "maof",
-            # A worker that hangs mid-transaction (a stalled host, a partition) would hold
-            # its run's lock, and stall every other worker of the run, until its dead
-            # connection timed out (hours): Postgres ends the session after this instead.
-            "options": "-c idle_in_transaction_session_timeout="
-            f"{settings.db_idle_in_transaction_seconds * 1000}",
-        },
+        connect_args=connect_args(settings.db_idle_in_transaction_seconds),
     )
     dialect = engine.dialect
 

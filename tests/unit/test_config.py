@@ -8,6 +8,7 @@ import uuid
 import pytest
 from pydantic import ValidationError
 
+from chalicelib import db
 from chalicelib.config import (
     DEV_JWT_SECRET,
     DEV_MIGRATION_DATABASE_URL,
@@ -345,3 +346,10 @@ def test_prod_migrations_refuse_an_owner_url_without_tls(prod: pytest.MonkeyPatc
     message = str(caught.value)
     assert message.startswith("MAOF_MIGRATION_DATABASE_URL must use TLS")
     assert "hunter2" not in message and "\n" not in message
+
+
+def test_the_idle_in_transaction_timeout_is_a_startup_option_unless_zero() -> None:
+    assert db.connect_args(60)["options"] == "-c idle_in_transaction_session_timeout=60000"
+    # 0: none sent (a pooler that refuses startup options); the role's own setting applies.
+    assert "options" not in db.connect_args(0)
+    assert db.connect_args(0)["connect_timeout"] == 3
