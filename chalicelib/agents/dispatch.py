@@ -45,7 +45,7 @@ from chalicelib.agents.network import (
     time_left,
 )
 from chalicelib.config import get_settings
-from chalicelib.core.encoding import dumps, fits_double
+from chalicelib.core.encoding import Unstorable, dumps, unstorable
 
 # HTTP statuses worth another attempt; any other non-2xx is final.
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -254,34 +254,20 @@ def strict_loads(raw: bytes) -> Any:
 def check_storable(value: Any, max_depth: int) -> None:
     """InvalidOutput unless Postgres's JSONB can store `value` and the audit trail hash it
     (no U+0000, no lone surrogates, no number beyond a double, nesting within
-    `max_depth`). Iterative: a hostile depth costs no stack."""
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, str):
-            _check_text(item)
-        elif isinstance(item, dict | list):
-            if depth >= max_depth:
-                raise InvalidOutput(f"nested more than {max_depth} levels deep")
-            if isinstance(item, dict):
-                for key, child in item.items():
-                    _check_text(key)
-                    stack.append((child, depth + 1))
-            else:
-                stack.extend((child, depth + 1) for child in item)
-        elif isinstance(item, float) and not math.isfinite(item):
-            raise InvalidOutput(f"{item} is not a JSON number")
-        elif isinstance(item, int) and not fits_double(item):
-            raise InvalidOutput("an integer is out of the range of a JSON number")
-
-
-def _check_text(text: str) -> None:
-    if "\x00" in text:
+    `max_depth`)."""
+    found = unstorable(value, max_depth)
+    if found is None:
+        return
+    kind, item = found
+    if kind is Unstorable.NUL:
         raise InvalidOutput("a string holds U+0000, which Postgres cannot store")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidOutput("a string holds a lone surrogate, which is not Unicode") from None
+    if kind is Unstorable.SURROGATE:
+        raise InvalidOutput("a string holds a lone surrogate, which is not Unicode")
+    if kind is Unstorable.DEPTH:
+        raise InvalidOutput(f"nested more than {max_depth} levels deep")
+    if isinstance(item, float):
+        raise InvalidOutput(f"{item} is not a JSON number")
+    raise InvalidOutput("an integer is out of the range of a JSON number")
 
 
 def checked_output(value: Any) -> AgentOutput:

@@ -3,7 +3,6 @@ and an answer with a status (the HTTP adapter makes the envelope of it)."""
 
 from __future__ import annotations
 
-import math
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 from chalicelib.core import errors
-from chalicelib.core.encoding import fits_double
+from chalicelib.core.encoding import Unstorable, unstorable
 
 
 @dataclass(frozen=True)
@@ -33,35 +32,17 @@ class Reply:
     error: errors.ApiError | None = None
 
 
+_WHY = {
+    Unstorable.NUL: "must not contain NUL characters",
+    Unstorable.SURROGATE: "must not contain unpaired surrogates (\\ud800-\\udfff)",
+    Unstorable.NUMBER: "must not contain numbers beyond the range of a double",
+}
+
+
 def _unstorable(value: Any) -> str | None:
-    """Why Postgres (text, JSONB) or the audit's canonical JSON (RFC 8785: IEEE doubles,
-    Unicode) cannot hold `value`, or None. Iterative: nesting costs no stack."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                return "must not contain NUL characters"
-            if not item.isascii() and not _is_unicode(item):
-                return "must not contain unpaired surrogates (\\ud800-\\udfff)"
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list | tuple):
-            stack.extend(item)
-        elif isinstance(item, float) and not math.isfinite(item):
-            return "must not contain numbers beyond the range of a double"
-        elif isinstance(item, int) and not fits_double(item):
-            return "must not contain numbers beyond the range of a double"
-    return None
-
-
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    """Why Postgres or the audit trail cannot hold `value`, or None."""
+    found = unstorable(value)
+    return None if found is None else _WHY[found[0]]
 
 
 class ApiModel(BaseModel):

@@ -3,7 +3,9 @@ Decimals as floats."""
 
 from __future__ import annotations
 
+import enum
 import json
+import math
 import uuid
 from datetime import datetime
 from decimal import Decimal
@@ -33,5 +35,46 @@ def fits_double(number: int) -> bool:
     try:
         float(number)
     except OverflowError:
+        return False
+    return True
+
+
+class Unstorable(enum.Enum):
+    """What Postgres (text, JSONB) or the audit trail's canonical JSON (RFC 8785: IEEE
+    doubles, Unicode) cannot hold."""
+
+    NUL = "nul"  # U+0000 in a string or key
+    SURROGATE = "surrogate"  # a lone surrogate: not Unicode
+    NUMBER = "number"  # NaN, an infinity, or an integer beyond a double
+    DEPTH = "depth"  # nesting past the limit asked for
+
+
+def unstorable(value: Any, max_depth: int | None = None) -> tuple[Unstorable, Any] | None:
+    """The first thing in `value` that cannot be stored and hashed, with the item itself;
+    None when all can. Iterative: a hostile depth costs no stack."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return Unstorable.NUL, item
+            if not item.isascii() and not _is_unicode(item):
+                return Unstorable.SURROGATE, item
+        elif isinstance(item, dict | list | tuple):
+            if max_depth is not None and depth >= max_depth:
+                return Unstorable.DEPTH, item
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+        elif isinstance(item, float) and not math.isfinite(item):
+            return Unstorable.NUMBER, item
+        elif isinstance(item, int) and not fits_double(item):
+            return Unstorable.NUMBER, item
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
         return False
     return True
