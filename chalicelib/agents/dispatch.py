@@ -18,6 +18,7 @@ an error of that agent.
 from __future__ import annotations
 
 import email.utils
+import http.client
 import json
 import math
 import time
@@ -171,11 +172,27 @@ def _transport_errors(task: AgentTask) -> Iterator[None]:
             code="TIMEOUT",
         ) from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:
+        if broken := _broken_http(exc):
+            raise AgentCallFailed(
+                f"INVALID_RESPONSE: the agent's answer is not valid HTTP ({broken})",
+                failure=Failure.AGENT_RETRYABLE,
+                code="INVALID_RESPONSE",
+            ) from None
         raise AgentCallFailed(
             f"UNREACHABLE: could not reach the agent ({type(exc).__name__})",
             failure=Failure.IN_DOUBT,
             code="UNREACHABLE",
         ) from None
+
+
+def _broken_http(exc: Exception) -> str | None:
+    """What http.client refused in an answer that did arrive (more than 100 headers, a
+    header line past 64 KiB, a status line that is not HTTP), in words fit to store; None
+    for a connection that failed (refused, reset, closed before an answer)."""
+    cause = exc.args[1] if isinstance(exc, urllib3.exceptions.ProtocolError) else exc
+    if not isinstance(cause, http.client.HTTPException) or isinstance(cause, ConnectionError):
+        return None  # RemoteDisconnected is both: the agent closed without answering
+    return _printable(f"{type(cause).__name__}: {cause}", 200)
 
 
 def _request_headers(token: str, task: AgentTask) -> dict[str, str]:

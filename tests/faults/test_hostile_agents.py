@@ -1,11 +1,13 @@
 """Hostile agents cannot keep a run from ending: whatever an agent answers (bytes no JSON
-encoder writes, 5 MB, a body or its headers trickled, nothing at all, a redirect) or
+encoder writes, 5 MB, a body or its headers trickled, headers past HTTP's limits, nothing at
+all, a redirect) or
 whatever its stored token makes the HTTP client refuse, the stage ends with an error that
 names the cause, the agent is called a bounded number of times, and never again once the
 run has ended."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -30,6 +32,7 @@ from tests.support.agents import (
     raw,
     redirect,
     start_agent,
+    status,
     success_with,
     trickle,
     trickle_head,
@@ -297,3 +300,26 @@ def test_an_agent_pacing_the_framing_of_its_answer_is_cut_off_at_the_deadline(pa
         agent.stop.set()
     assert time.monotonic() - started < 2.5
     assert failed.value.code == "TIMEOUT", failed.value
+
+
+HEAD_BOMBS = {
+    "150 headers": {f"X-Pad-{i}": "x" for i in range(150)},
+    "a 100 KiB header": {"X-Pad": "x" * 100_000},
+}
+
+
+@pytest.mark.parametrize("headers", HEAD_BOMBS.values(), ids=HEAD_BOMBS.keys())
+def test_an_answer_past_the_http_clients_limits_fails_the_stage_as_invalid_response(
+    user, engine_poller, agents, headers
+):
+    answer = json.dumps({"status": "success", "output": {"ok": True}})
+    agent = start_agent(agents, default=status(200, answer, headers))
+    capability = unique_capability("head-bomb")
+    register_agent(user, capability, endpoint=agent.url)
+    run_id = submit(user, pipeline(capability, "a", config=FAST))
+    run = wait_terminal(user, run_id, DEADLINE, agent)
+    assert run["status"] == "failed", run
+    # The agent answered: not "could not reach the agent", but what was wrong with it.
+    assert "INVALID_RESPONSE: the agent's answer is not valid HTTP" in run["errorMessage"], run
+    assert len(agent.calls) == CALLS_ALLOWED, call_log(agent)  # retryable, as bad JSON is
+    assert_ended_for_good(user, run_id, agent)

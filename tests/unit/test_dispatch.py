@@ -3,9 +3,11 @@ and what strict parsing refuses: anything JSON or Postgres's JSONB cannot hold."
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import gzip
 import json
+import socket
 import threading
 import time
 import tracemalloc
@@ -261,3 +263,62 @@ def test_a_retryable_status_carries_its_retry_after_and_a_final_one_none():
     with pytest.raises(AgentCallFailed) as refused:
         interpret(403, b"", "7")
     assert (refused.value.failure, refused.value.retry_after_ms) == (Failure.AGENT_FINAL, None)
+
+
+def _answering_raw(reply: bytes) -> tuple[socket.socket, str]:
+    """A TCP server that reads a request, writes `reply` (not necessarily HTTP), closes."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                with conn:
+                    request = b""
+                    while b"\r\n\r\n" not in request:
+                        request += conn.recv(65536)
+                    head, _, body = request.partition(b"\r\n\r\n")
+                    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                    while len(body) < length:
+                        body += conn.recv(65536)
+                    conn.sendall(reply)
+                    conn.shutdown(socket.SHUT_WR)  # then closed with nothing unread: no RST
+                    while conn.recv(65536):
+                        pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, f"http://127.0.0.1:{listener.getsockname()[1]}/"
+
+
+@pytest.mark.parametrize(
+    ("reply", "code", "failure", "says"),
+    [
+        (b"SSH-2.0-OpenSSH_9.2\r\n", "INVALID_RESPONSE", RETRYABLE, "not valid HTTP (BadStatus"),
+        (
+            b"HTTP/1.1 200 OK\r\n" + b"X-Pad: x\r\n" * 101 + b"\r\n",
+            "INVALID_RESPONSE",
+            RETRYABLE,
+            "more than 100 headers",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nX-Pad: " + b"x" * 70_000 + b"\r\n\r\n",
+            "INVALID_RESPONSE",
+            RETRYABLE,
+            "not valid HTTP (LineTooLong",
+        ),
+        # Closed before any answer: the agent may have been working, and was not heard.
+        (b"", "UNREACHABLE", Failure.IN_DOUBT, "could not reach the agent"),
+    ],
+    ids=["not-http", "101-headers", "long-header-line", "closed"],
+)
+def test_an_answer_http_itself_refuses_names_what_was_wrong(reply, code, failure, says):
+    listener, url = _answering_raw(reply)
+    task = AgentTask("wfr-1", "s", 1, "c", {}, "wf", timeout_ms=5000)
+    try:
+        with pytest.raises(AgentCallFailed) as refused:
+            call_agent(url, "tok", "agent", task)
+    finally:
+        listener.close()
+    assert (refused.value.code, refused.value.failure) == (code, failure), str(refused.value)
+    assert says in str(refused.value)
+    assert str(refused.value).isprintable()
