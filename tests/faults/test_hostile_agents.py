@@ -1,9 +1,8 @@
 """Hostile agents cannot keep a run from ending: whatever an agent answers (bytes no JSON
-encoder writes, 5 MB, a body or its headers trickled, headers past HTTP's limits, nothing at
-all, a redirect) or
-whatever its stored token makes the HTTP client refuse, the stage ends with an error that
-names the cause, the agent is called a bounded number of times, and never again once the
-run has ended."""
+encoder writes, 5 MB, a body or its headers trickled, headers past HTTP's limits, nothing
+at all, a redirect) or whatever its stored token makes the HTTP client refuse, the stage
+ends with an error that names the cause, the agent is called a bounded number of times,
+and never again once the run has ended."""
 
 from __future__ import annotations
 
