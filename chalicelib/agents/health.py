@@ -71,7 +71,7 @@ def probe(endpoint: str) -> str:
     if 200 <= response.status < 300:
         try:
             healthy = json.loads(body).get("status") == "healthy"
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):  # nested past Python's parser
             healthy = False
         return "online" if healthy else "degraded"
     return "degraded"
@@ -104,6 +104,16 @@ def _record(
 PROBES_AT_ONCE = 16
 
 
+def _probe_apart(endpoint: str) -> str:
+    """probe(), whose failure, whatever an agent answered, marks that agent offline and
+    no other: the check records every agent probed with it."""
+    try:
+        return probe(endpoint)
+    except Exception as exc:
+        logger.exception("health probe failed", extra={"error": type(exc).__name__})
+        return "offline"
+
+
 def check(targets: Sequence[tuple[uuid.UUID, str]]) -> list[Agent]:
     """Probe these agents (id, endpoint) concurrently and record the results: one
     transaction, then Redis (each agent's health; the candidates of a capability whose
@@ -113,7 +123,7 @@ def check(targets: Sequence[tuple[uuid.UUID, str]]) -> list[Agent]:
     with concurrent.futures.ThreadPoolExecutor(
         max_workers=min(PROBES_AT_ONCE, len(targets))
     ) as pool:
-        statuses = pool.map(lambda target: probe(target[1]), targets)
+        statuses = pool.map(lambda target: _probe_apart(target[1]), targets)
         results = {
             agent_uuid: status for (agent_uuid, _), status in zip(targets, statuses, strict=True)
         }

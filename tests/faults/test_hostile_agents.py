@@ -322,3 +322,64 @@ def test_an_answer_past_the_http_clients_limits_fails_the_stage_as_invalid_respo
     assert "INVALID_RESPONSE: the agent's answer is not valid HTTP" in run["errorMessage"], run
     assert len(agent.calls) == CALLS_ALLOWED, call_log(agent)  # retryable, as bad JSON is
     assert_ended_for_good(user, run_id, agent)
+
+
+def test_an_agent_answering_its_health_probe_too_deeply_nested_harms_no_other_agent(user, agents):
+    """A /health answer nested deeper than Python's parser goes (4 KB of `[`, within the
+    probe's read) is an unreadable answer like any other: that agent is degraded. It
+    used to raise out of the probe: its registration answered 500, and the scheduled check,
+    which starts with the stalest agents, failed at its first chunk every time, so no
+    agent of any user had its health checked again."""
+    from sqlalchemy import update
+
+    from chalicelib.agents import health
+    from chalicelib.db.models import Agent
+
+    hostile = start_agent(agents, health=b"[" * 4000)
+    honest = start_agent(agents)
+    capability = unique_capability("deep-health")
+    registered = register_agent(user, capability, endpoint=hostile.url)
+    assert registered["status"] == "degraded", registered
+    other = register_agent(user, capability, endpoint=honest.url)
+    ids = [uuid.UUID(registered["agentUuid"]), uuid.UUID(other["agentUuid"])]
+    with session_scope() as session:  # never checked: the first in line
+        session.execute(
+            update(Agent).where(Agent.id.in_(ids)).values(last_health_check=None, status="offline")
+        )
+    health.scheduled_check()
+    with session_scope() as session:
+        statuses = dict(
+            session.execute(select(Agent.id, Agent.status).where(Agent.id.in_(ids))).all()
+        )
+    assert statuses == {ids[0]: "degraded", ids[1]: "online"}, statuses
+
+
+def test_a_probe_that_raises_marks_that_agent_offline_and_the_others_are_recorded(
+    user, agents, monkeypatch
+):
+    """Whatever else an answer makes the probe raise, the check isolates it: that agent
+    is offline, and every other agent probed with it has its status recorded."""
+    from chalicelib.agents import health
+    from chalicelib.db.models import Agent
+
+    broken, fine = start_agent(agents), start_agent(agents)
+    capability = unique_capability("probe-raises")
+    ids = [
+        uuid.UUID(register_agent(user, capability, endpoint=a.url)["agentUuid"])
+        for a in (broken, fine)
+    ]
+    probe = health.probe
+
+    def raising_for_one(endpoint: str) -> str:
+        if endpoint == broken.url:
+            raise KeyError("a case the probe did not foresee")
+        return probe(endpoint)
+
+    monkeypatch.setattr(health, "probe", raising_for_one)
+    checked = health.check([(ids[0], broken.url), (ids[1], fine.url)])
+    assert {agent.id: agent.status for agent in checked} == {ids[0]: "offline", ids[1]: "online"}
+    with session_scope() as session:
+        statuses = dict(
+            session.execute(select(Agent.id, Agent.status).where(Agent.id.in_(ids))).all()
+        )
+    assert statuses == {ids[0]: "offline", ids[1]: "online"}

@@ -110,7 +110,7 @@ def hang() -> Behaviour:
 class ScriptedAgent:
     """`script` is consumed one behaviour per call; `default` applies when it runs out."""
 
-    health: str = "healthy"
+    health: str | bytes = "healthy"  # bytes: /health answers 200 with them as they are
     default: Behaviour = field(default_factory=ok)
     script: deque[Behaviour] = field(default_factory=deque)
     calls: list[Call] = field(default_factory=list)
@@ -155,6 +155,8 @@ class ScriptedAgent:
                 self._see()
                 if agent.health == "missing":
                     self._send(404, b"{}")
+                elif isinstance(agent.health, bytes):
+                    self._send(200, agent.health)
                 else:
                     self._send(200, json.dumps({"status": agent.health}).encode())
 
