@@ -1,12 +1,15 @@
-"""The candidate agents of each capability: read from Postgres, cached in Redis under the
-capability's generation, which every committed change to its agents moves on."""
+"""The candidate agents of each capability for each user (their own agents and shared
+ones): read from Postgres, cached in Redis under the capability's generation, which every
+committed change to its agents moves on. A list per user: no worker routing one user's
+stage reads another user's private agents (their endpoints, their encrypted tokens), and
+however many of them someone registers, no other user's stage pays to read them."""
 
 from __future__ import annotations
 
 import uuid
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import or_, select, text
 
 from chalicelib import cache
 from chalicelib.config import get_settings
@@ -14,8 +17,8 @@ from chalicelib.db import session_scope
 from chalicelib.db.models import Agent
 
 
-def capability_cache_key(capability: str) -> str:
-    return f"maof:agents:capability:{capability}"
+def capability_cache_key(capability: str, owner: uuid.UUID | str) -> str:
+    return f"maof:agents:capability:{capability}:{owner}"
 
 
 def capability_generation_key(capability: str) -> str:
@@ -33,10 +36,12 @@ def invalidate(capabilities: list[str]) -> None:
     cache.bump(*[capability_generation_key(c) for c in capabilities])
 
 
-def candidates_uncached(capability: str, generation: int | None = None) -> list[dict[str, Any]]:
-    """Live, not-offline agents declaring `capability`, read from Postgres and cached for
-    the next callers under `generation` (the capability's generation read before this
-    lookup began; None: read it now)."""
+def candidates_uncached(
+    capability: str, owner: uuid.UUID, generation: int | None = None
+) -> list[dict[str, Any]]:
+    """Live, not-offline agents declaring `capability` that may serve `owner`'s runs, read
+    from Postgres and cached for the next callers under `generation` (the capability's
+    generation read before this lookup began; None: read it now)."""
     if generation is None:
         generation = cache.counter(capability_generation_key(capability))
     with session_scope() as session:
@@ -54,6 +59,7 @@ def candidates_uncached(capability: str, generation: int | None = None) -> list[
                 Agent.deleted_at.is_(None),
                 Agent.status != "offline",
                 Agent.capabilities.contains([capability]),
+                or_(Agent.owner_id == owner, Agent.visibility == "shared"),
             )
         ).all()
     found = [
@@ -72,7 +78,7 @@ def candidates_uncached(capability: str, generation: int | None = None) -> list[
     ]
     if generation is not None:
         cache.set_json(
-            capability_cache_key(capability),
+            capability_cache_key(capability, owner),
             {"generation": generation, "agents": found},
             get_settings().agent_cache_ttl_seconds,
         )

@@ -171,19 +171,23 @@ def _figures(agent_uuids: list[str]) -> list[Figures] | None:
     return [figures_of(values[2 * i : 2 * i + 2]) for i in range(len(agent_uuids))]
 
 
-# The agents last seen in each capability's candidate list: their figures are read in the
-# same round trip as the (cached) list itself, and used when the list still names them.
-_last_seen: dict[str, list[str]] = {}
+# The agents last seen in each candidate list (a capability's, for a user): their figures
+# are read in the same round trip as the (cached) list itself, and used when the list
+# still names them. Forgotten past LAST_SEEN_KEPT lists: the names are users' to choose.
+_last_seen: dict[tuple[str, uuid.UUID], list[str]] = {}
+LAST_SEEN_KEPT = 4096
 
 
-def _candidates_and_figures(capability: str) -> tuple[list[dict[str, Any]], dict[str, Figures]]:
-    """The capability's candidates (cached in Redis for the current generation, else read
-    from Postgres), and the figures of the agents among them that were read with the list
-    (possibly none)."""
-    guess = _last_seen.get(capability, [])
+def _candidates_and_figures(
+    capability: str, owner: uuid.UUID
+) -> tuple[list[dict[str, Any]], dict[str, Figures]]:
+    """The capability's candidates for `owner` (cached in Redis for the current
+    generation, else read from Postgres), and the figures of the agents among them that
+    were read with the list (possibly none)."""
+    guess = _last_seen.get((capability, owner), [])
     try:
         pipe = cache.get_redis().pipeline(transaction=False)
-        pipe.get(capability_cache_key(capability))
+        pipe.get(capability_cache_key(capability, owner))
         pipe.get(capability_generation_key(capability))
         now = time.time()
         for agent_uuid in guess:
@@ -194,18 +198,20 @@ def _candidates_and_figures(capability: str) -> tuple[list[dict[str, Any]], dict
         # As cache.get_json does when Redis is down: say so, read Postgres.
         logger.warning(
             "redis unavailable for read",
-            extra={"key": capability_cache_key(capability), "error": type(exc).__name__},
+            extra={"key": capability_cache_key(capability, owner), "error": type(exc).__name__},
         )
-        return candidates_uncached(capability, generation=None), {}
+        return candidates_uncached(capability, owner, generation=None), {}
     generation = int(values[1] or 0)
     entry = json.loads(str(values[0])) if values[0] is not None else None
     found = cached_candidates(entry, generation)
     known: dict[str, Figures] = {}
     if found is None:
-        found = candidates_uncached(capability, generation)  # read Postgres, and cache
+        found = candidates_uncached(capability, owner, generation)  # read Postgres, and cache
     else:
         known = {u: figures_of(values[2 + 2 * i : 4 + 2 * i]) for i, u in enumerate(guess)}
-    _last_seen[capability] = [a["agentUuid"] for a in found]
+    if len(_last_seen) >= LAST_SEEN_KEPT:
+        _last_seen.clear()
+    _last_seen[(capability, owner)] = [a["agentUuid"] for a in found]
     return found, known
 
 
@@ -214,7 +220,7 @@ def eligible(
 ) -> list[dict[str, Any]]:
     """The agents that may serve a stage of `owner`'s run: live, not offline, declaring the
     capability, the owner's own or shared, and not in `exclude`."""
-    found, _ = _candidates_and_figures(capability)
+    found, _ = _candidates_and_figures(capability, owner)
     return [a for a in found if serves(a, owner) and a["agentUuid"] not in exclude]
 
 
@@ -232,7 +238,7 @@ def select_agent(
     `prefer` (the agent of a stage being retried) is the only one considered while it is
     still a candidate; `exclude` holds agents that already had their turn.
     """
-    listed, known = _candidates_and_figures(capability)
+    listed, known = _candidates_and_figures(capability, owner)
     found = [a for a in listed if serves(a, owner) and a["agentUuid"] not in exclude]
     if not found:
         raise NoAgentAvailable(f"No available agent has the capability '{capability}'")
@@ -275,7 +281,7 @@ def may_have_room(capability: str, owner: uuid.UUID) -> bool:
     agent with it that may serve the run has one free, or none is left (the stage then
     fails), or Redis cannot say (capacity is not enforced then). False only when every
     agent that may serve it is at capacity: other users' private agents never count."""
-    listed, known = _candidates_and_figures(capability)
+    listed, known = _candidates_and_figures(capability, owner)
     listed = [a for a in listed if serves(a, owner)]
     uuids = [a["agentUuid"] for a in listed]
     figures = [known[u] for u in uuids] if all(u in known for u in uuids) else _figures(uuids)

@@ -14,6 +14,7 @@ from chalicelib.agents.candidates import (
     cached_candidates,
     capability_cache_key,
     capability_generation_key,
+    invalidate_capability,
 )
 from chalicelib.agents.secrets import decrypt_token
 from chalicelib.db import session_scope
@@ -384,7 +385,7 @@ def test_deleted_agent_is_never_routed_to(user, poller):
     warm = wait_for_run(user, submit(user, one_stage(capability)))
     assert warm["status"] == "completed", warm
     assert warm["stages"][0]["agentUuid"] == agent["agentUuid"]
-    warm_entry = cache.get_json(capability_cache_key(capability))
+    warm_entry = cache.get_json(capability_cache_key(capability, agent["ownerUserUuid"]))
     generation = cache.counter(capability_generation_key(capability))
     assert cached_candidates(warm_entry, generation), "the capability cache is warm"
 
@@ -447,7 +448,7 @@ def test_an_offline_agent_is_not_routed_to(user, poller):
             .where(Agent.id == uuid.UUID(offline["agentUuid"]))
             .values(status="offline")
         )
-    cache.get_redis().delete(capability_cache_key(capability))
+    invalidate_capability(capability)
     stages = [{"id": f"s{i}", "name": f"S{i}", "agentCapability": capability} for i in range(4)]
     run = wait_for_run(user, submit(user, stages))
     assert run["status"] == "completed", run

@@ -24,9 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from sqlalchemy import update
 
-from chalicelib import cache
 from chalicelib.agents import network
-from chalicelib.agents.candidates import capability_cache_key
+from chalicelib.agents.candidates import invalidate, invalidate_capability
 from chalicelib.agents.dispatch import AgentCallFailed, AgentTask, call_agent
 from chalicelib.agents.health import probe
 from chalicelib.config import get_settings, reset_settings
@@ -169,7 +168,7 @@ def test_shape_checks_hold_even_when_private_endpoints_are_allowed(
             .where(Agent.agent_id == registered["agentId"])
             .values(endpoint=f"http://127.0.0.1:{port_of(loopback)}\\@8.8.8.8/agent")
         )
-    cache.get_redis().delete(capability_cache_key(capability))
+    invalidate_capability(capability)
     run = wait_for_run(user, submit(user, capability))
     assert run["status"] == "failed"
     assert "ENDPOINT_NOT_ALLOWED" in run["errorMessage"]
@@ -401,7 +400,7 @@ def test_make_dev_demo_with_the_guard_on_says_so_and_runs_on_a_mock_agent(
             .where(Agent.capabilities.overlap(capabilities), Agent.deleted_at.is_(None))
             .values(status="offline")
         )
-    cache.get_redis().delete(*[capability_cache_key(c) for c in capabilities])
+    invalidate(capabilities)
     dev.demo(api_url)
     out = capsys.readouterr().out
     assert "is refused by the SSRF guard" in out

@@ -238,12 +238,14 @@ def test_a_stale_cached_list_never_routes_to_a_deleted_agent(
     capability = unique_capability("stale")
     register_agent(user, capability, endpoint=doomed.url)
     register_agent(user, capability, endpoint=survivor.url)
-    stale = candidates_uncached(capability)  # both agents, as read before the delete
+    assert user.user is not None
+    owner = uuid.UUID(user.user["userUuid"])
+    stale = candidates_uncached(capability, owner)  # both agents, as read before the delete
     gone = next(a for a in stale if a["endpoint"] == doomed.url)
     assert user.delete(f"/agents/{gone['agentUuid']}").status_code == 200
     # Planted under the current generation, as if the delete's invalidation never happened.
     cache.set_json(
-        capability_cache_key(capability),
+        capability_cache_key(capability, owner),
         {"generation": cache.counter(capability_generation_key(capability)), "agents": stale},
         60,
     )
@@ -257,11 +259,36 @@ def test_a_lookup_racing_a_delete_cannot_cache_its_stale_list(user: Api) -> None
     capability = unique_capability("race")
     register_agent(user, capability)
     # A lookup reads the generation, then Postgres (before the delete commits)...
+    assert user.user is not None
+    owner = uuid.UUID(user.user["userUuid"])
     before = cache.counter(capability_generation_key(capability))
-    stale = candidates_uncached(capability, generation=before)
+    stale = candidates_uncached(capability, owner, generation=before)
     assert len(stale) == 1
     assert user.delete(f"/agents/{stale[0]['agentUuid']}").status_code == 200
     # ...and writes its list after the delete returned.
-    cache.set_json(capability_cache_key(capability), {"generation": before, "agents": stale}, 60)
-    assert user.user is not None
-    assert eligible(capability, uuid.UUID(user.user["userUuid"])) == []
+    cache.set_json(
+        capability_cache_key(capability, owner), {"generation": before, "agents": stale}, 60
+    )
+    assert eligible(capability, owner) == []
+
+
+def test_no_cached_candidate_list_holds_another_users_private_agents(
+    user: Api, api: Api, admin: Api, poller: Any
+) -> None:
+    """What a worker reads to route a stage is the submitter's agents and shared ones: a
+    user who registers many private agents under a popular capability neither puts their
+    endpoints and encrypted tokens in front of every other user's workers, nor makes
+    every other user's stage pay to read them."""
+    capability = unique_capability("crowded")
+    mine = {register_agent(user, capability)["agentUuid"] for _ in range(3)}
+    other = api.as_new_user()
+    theirs = {register_agent(other, capability)["agentUuid"]}
+    shared = {register_agent(admin, capability, visibility="shared")["agentUuid"]}
+    assert run(other, capability)["status"] == "completed"
+    assert run(user, capability)["status"] == "completed"
+    lists = [
+        {a["agentUuid"] for a in entry["agents"]}
+        for key in cache.get_redis().scan_iter(match=f"maof:agents:capability:{capability}*")
+        if (entry := cache.get_json(key)) is not None
+    ]
+    assert sorted(map(sorted, lists)) == sorted([sorted(mine | shared), sorted(theirs | shared)])
