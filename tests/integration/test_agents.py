@@ -454,3 +454,16 @@ def test_an_offline_agent_is_not_routed_to(user, poller):
     assert run["status"] == "completed", run
     assert {s["agentUuid"] for s in run["stages"]} == {online["agentUuid"]}
     assert listed(user, capability=capability, status="offline") == [offline["agentUuid"]]
+
+
+def test_the_lists_a_worker_remembers_are_bounded(user, monkeypatch):
+    """Capability names are users' to choose: a worker remembers the agents of at most
+    LAST_SEEN_KEPT (capability, user) lists, however many it has routed."""
+    from chalicelib.agents import selection
+
+    monkeypatch.setattr(selection, "_last_seen", {})
+    monkeypatch.setattr(selection, "LAST_SEEN_KEPT", 2)
+    owner = uuid.UUID(user.user["userUuid"])
+    for _ in range(5):
+        selection.eligible(unique_capability("many"), owner)
+        assert 1 <= len(selection._last_seen) <= 2
