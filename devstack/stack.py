@@ -319,8 +319,16 @@ def start_redis_server(host: str, port: int, folder: Path) -> None:
             "no",
         ]
     )
-    # Redis listens before it writes its pidfile: stop_pidfile needs both.
-    wait_for(lambda: port_open(host, port) and (folder / "redis.pid").exists(), "redis", 15)
+    # Redis listens before it writes its pidfile (created, then written): stop_pidfile
+    # needs the pid in it.
+    wait_for(lambda: port_open(host, port) and _holds_pid(folder / "redis.pid"), "redis", 15)
+
+
+def _holds_pid(path: Path) -> bool:
+    try:
+        return path.read_text().strip().isdigit()
+    except FileNotFoundError:
+        return False
 
 
 def stop_pidfile(path: Path, name: str) -> None:
