@@ -188,10 +188,14 @@ def _transport_errors(task: AgentTask) -> Iterator[None]:
 def _broken_http(exc: Exception) -> str | None:
     """What http.client refused in an answer that did arrive (more than 100 headers, a
     header line past 64 KiB, a status line that is not HTTP), in words fit to store; None
-    for a connection that failed (refused, reset, closed before an answer)."""
-    cause = exc.args[1] if isinstance(exc, urllib3.exceptions.ProtocolError) else exc
-    if not isinstance(cause, http.client.HTTPException) or isinstance(cause, ConnectionError):
-        return None  # RemoteDisconnected is both: the agent closed without answering
+    for a connection that failed (refused, reset, closed before or in the middle of an
+    answer: the agent may still be working)."""
+    wrapped = isinstance(exc, urllib3.exceptions.ProtocolError) and len(exc.args) > 1
+    cause = exc.args[1] if wrapped else exc
+    if not isinstance(cause, http.client.HTTPException) or isinstance(
+        cause, ConnectionError | http.client.IncompleteRead
+    ):
+        return None  # RemoteDisconnected is a ConnectionError too
     return _printable(f"{type(cause).__name__}: {cause}", 200)
 
 

@@ -306,10 +306,23 @@ def _answering_raw(reply: bytes) -> tuple[socket.socket, str]:
             RETRYABLE,
             "not valid HTTP (LineTooLong",
         ),
-        # Closed before any answer: the agent may have been working, and was not heard.
+        # Closed before any answer, or in the middle of one: the agent may have been
+        # working, and was not heard out.
         (b"", "UNREACHABLE", Failure.IN_DOUBT, "could not reach the agent"),
+        (
+            b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"status"',
+            "UNREACHABLE",
+            Failure.IN_DOUBT,
+            "could not reach the agent",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+            "UNREACHABLE",
+            Failure.IN_DOUBT,
+            "could not reach the agent",
+        ),
     ],
-    ids=["not-http", "101-headers", "long-header-line", "closed"],
+    ids=["not-http", "101-headers", "long-header-line", "closed", "cut-body", "cut-chunks"],
 )
 def test_an_answer_http_itself_refuses_names_what_was_wrong(reply, code, failure, says):
     listener, url = _answering_raw(reply)
