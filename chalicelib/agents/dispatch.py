@@ -187,9 +187,12 @@ def _transport_errors(task: AgentTask) -> Iterator[None]:
 
 def _broken_http(exc: Exception) -> str | None:
     """What http.client refused in an answer that did arrive (more than 100 headers, a
-    header line past 64 KiB, a status line that is not HTTP), in words fit to store; None
-    for a connection that failed (refused, reset, closed before or in the middle of an
-    answer: the agent may still be working)."""
+    header line past 64 KiB, a status line that is not HTTP, a body that does not inflate
+    as its Content-Encoding says), in words fit to store; None for a connection that
+    failed (refused, reset, closed before or in the middle of an answer: the agent may
+    still be working)."""
+    if isinstance(exc, urllib3.exceptions.DecodeError):
+        return "its body does not decode as its Content-Encoding says"
     wrapped = isinstance(exc, urllib3.exceptions.ProtocolError) and len(exc.args) > 1
     cause = exc.args[1] if wrapped else exc
     if not isinstance(cause, http.client.HTTPException) or isinstance(

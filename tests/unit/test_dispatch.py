@@ -306,6 +306,12 @@ def _answering_raw(reply: bytes) -> tuple[socket.socket, str]:
             RETRYABLE,
             "not valid HTTP (LineTooLong",
         ),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 5\r\n\r\nhello",
+            "INVALID_RESPONSE",
+            RETRYABLE,
+            "does not decode as its Content-Encoding says",
+        ),
         # Closed before any answer, or in the middle of one: the agent may have been
         # working, and was not heard out.
         (b"", "UNREACHABLE", Failure.IN_DOUBT, "could not reach the agent"),
@@ -322,7 +328,15 @@ def _answering_raw(reply: bytes) -> tuple[socket.socket, str]:
             "could not reach the agent",
         ),
     ],
-    ids=["not-http", "101-headers", "long-header-line", "closed", "cut-body", "cut-chunks"],
+    ids=[
+        "not-http",
+        "101-headers",
+        "long-header-line",
+        "not-gzip",
+        "closed",
+        "cut-body",
+        "cut-chunks",
+    ],
 )
 def test_an_answer_http_itself_refuses_names_what_was_wrong(reply, code, failure, says):
     listener, url = _answering_raw(reply)
