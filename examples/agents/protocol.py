@@ -7,7 +7,10 @@
     GET  <path>/health -> {"status": "healthy"}
 
 Answers are remembered by Idempotency-Key, so a retried delivery of the same attempt
-gets the same answer without doing the work twice.
+gets the same answer without doing the work twice, even one that arrives while the first
+is still being worked on (MAOF retries under the same key after a timeout): it waits for
+that answer. An agent function that raises anything but TaskError answers 500, which MAOF
+retries; nothing is remembered for it.
 """
 
 from __future__ import annotations
@@ -40,10 +43,36 @@ class AgentServer(ThreadingHTTPServer):
         self.path = path.rstrip("/") or "/"
         self.token = token
         self.agent = agent
-        self.answers: OrderedDict[str, bytes] = OrderedDict()
-        self.keys_seen: list[str] = []
+        self.answers: OrderedDict[str, bytes] = OrderedDict()  # the last KEPT, by key
+        self.working: dict[str, threading.Event] = {}  # set once the key's work is over
         self.lock = threading.Lock()
         super().__init__((host, port), _Handler)
+
+    KEPT = 10_000
+
+    def answer_once(self, key: str, work: Callable[[], bytes]) -> bytes:
+        """The answer to the attempt `key`: remembered; or, while another request works on
+        it, that request's answer once it has one; else `work()`'s, remembered. If that
+        other request's work raised, this one works it out itself."""
+        while True:
+            with self.lock:
+                if (answer := self.answers.get(key)) is not None:
+                    return answer
+                if (other := self.working.get(key)) is None:
+                    done = self.working[key] = threading.Event()
+                    break
+            other.wait()
+        try:
+            answer = work()
+            with self.lock:
+                self.answers[key] = answer
+                while len(self.answers) > self.KEPT:
+                    self.answers.popitem(last=False)
+            return answer
+        finally:
+            with self.lock:
+                del self.working[key]
+            done.set()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -80,29 +109,27 @@ class _Handler(BaseHTTPRequestHandler):
         if not hmac.compare_digest(supplied.encode(), self.server.token.encode()):
             self._send(401, _error("UNAUTHORIZED", "bad agent token", False))
             return
-        key = self.headers.get("Idempotency-Key") or ""
-        with self.server.lock:
-            self.server.keys_seen.append(key)
-            remembered = self.server.answers.get(key) if key else None
-        if remembered is not None:
-            self._send(200, remembered)
-            return
         try:
             task = json.loads(raw)
-            output = self.server.agent(
-                str(task["capability"]), task.get("input"), dict(task.get("context") or {})
-            )
-            answer = json.dumps({"status": "success", "output": output}).encode()
-        except TaskError as exc:
-            answer = _error(exc.code, str(exc), exc.retryable)
-        except (ValueError, KeyError, TypeError) as exc:
+            capability, data = str(task["capability"]), task.get("input")
+            context = dict(task.get("context") or {})
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             self._send(400, _error("BAD_REQUEST", f"malformed task: {exc}", False))
             return
-        if key:
-            with self.server.lock:
-                self.server.answers[key] = answer
-                while len(self.server.answers) > 10_000:
-                    self.server.answers.popitem(last=False)
+
+        def work() -> bytes:
+            try:
+                output = self.server.agent(capability, data, context)
+            except TaskError as exc:
+                return _error(exc.code, str(exc), exc.retryable)
+            return json.dumps({"status": "success", "output": output}).encode()
+
+        key = self.headers.get("Idempotency-Key") or ""
+        try:
+            answer = self.server.answer_once(key, work) if key else work()
+        except Exception as exc:  # a bug in the agent: MAOF retries a 500
+            self._send(500, _error("AGENT_FAILED", type(exc).__name__, True))
+            return
         self._send(200, answer)
 
 

@@ -150,3 +150,67 @@ def test_the_protocol_server_answers_keep_alive_requests_without_waiting_for_an_
         agent.shutdown()
         agent.server_close()
     assert sorted(times)[len(times) // 2] < 0.02, times
+
+
+def _post_task(url: str, key: str) -> Any:
+    response = requests.post(
+        url,
+        json={"capability": "c", "input": {}},
+        headers={"Authorization": "Bearer t", "Idempotency-Key": key},
+        timeout=10,
+    )
+    return response.status_code, response.json()
+
+
+def test_a_retry_arriving_while_the_attempt_is_worked_on_gets_its_answer_not_a_second_run():
+    """MAOF retries under the same Idempotency-Key after a timeout, while the agent may
+    still be working on the first request: the example server waits for that answer."""
+    calls: list[float] = []
+    started = threading.Event()
+
+    def slow(capability: str, data: Any, context: dict[str, Any]) -> Any:
+        calls.append(time.monotonic())
+        started.set()
+        time.sleep(0.5)
+        return {"call": len(calls)}
+
+    agent = serve(slow, "127.0.0.1", 0, "/agent", "t")
+    url = f"http://127.0.0.1:{agent.server_address[1]}/agent"
+    try:
+        answers: list[Any] = []
+        first = threading.Thread(target=lambda: answers.append(_post_task(url, "run:a:1")))
+        first.start()
+        assert started.wait(5)
+        answers.append(_post_task(url, "run:a:1"))  # the retry, mid-work
+        first.join(10)
+        answers.append(_post_task(url, "run:a:1"))  # a later redelivery
+        answers.append(_post_task(url, "run:a:2"))  # the next attempt: new work
+    finally:
+        agent.shutdown()
+        agent.server_close()
+    assert len(calls) == 2, calls
+    success = (200, {"status": "success", "output": {"call": 1}})
+    assert answers == [success, success, success, (200, {**success[1], "output": {"call": 2}})]
+
+
+def test_an_agent_function_that_raises_answers_500_and_is_not_remembered():
+    outcomes = iter([RuntimeError("bug"), {"ok": True}])
+
+    def flaky(capability: str, data: Any, context: dict[str, Any]) -> Any:
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    agent = serve(flaky, "127.0.0.1", 0, "/agent", "t")
+    url = f"http://127.0.0.1:{agent.server_address[1]}/agent"
+    try:
+        failed, retried = _post_task(url, "run:a:1"), _post_task(url, "run:a:1")
+    finally:
+        agent.shutdown()
+        agent.server_close()
+    assert failed == (
+        500,
+        {"status": "error", "code": "AGENT_FAILED", "message": "RuntimeError", "retryable": True},
+    )
+    assert retried == (200, {"status": "success", "output": {"ok": True}})
