@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 import uuid
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from maof_client import __version__, render
 from maof_client.client import MaofClient, new_idempotency_key
 from maof_client.config import DEFAULT_API_URL, CredentialsFile
 from maof_client.errors import ConnectionFailed, MaofError, NotSignedIn, RateLimited
-from maof_client.models import Run
+from maof_client.models import Run, shown
 from maof_client.workflows import WorkflowFileError, read_execute_body, read_input
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -52,7 +53,7 @@ pass_state = click.make_pass_decorator(State)
 
 
 def fail(message: str) -> NoReturn:
-    click.echo(f"Error: {message}", err=True)
+    click.echo(f"Error: {shown(message)}", err=True)  # the API's words: no escape codes
     raise click.exceptions.Exit(EXIT_FAILED)
 
 
@@ -97,8 +98,14 @@ def json_option(command: F) -> F:
     )(command)
 
 
+C1 = re.compile("[\x7f-\x9f]")
+
+
 def emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+    """The data as JSON, non-ASCII text as it is, but every character a terminal would act
+    on escaped (json escapes C0 itself; DEL and C1, such as the CSI U+009B, it leaves)."""
+    text = json.dumps(data, indent=2, ensure_ascii=False)
+    click.echo(C1.sub(lambda found: f"\\u{ord(found.group()):04x}", text))
 
 
 def show(renderable: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -22,8 +23,20 @@ def _int(value: Any) -> int | None:
     return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+# What a terminal would act on rather than show: C0 controls but tab and newline, DEL, and
+# C1 (escape sequences start with ESC, or with C1's CSI). An agent's words reach these
+# strings (a stage's error, an agent's name): shown as "?"; `raw` keeps the API's own.
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def shown(value: Any) -> str:
+    """`value` as text fit for a terminal: every control character but tab and newline
+    replaced by "?"."""
+    return _CONTROLS.sub("?", str(value))
+
+
 def _str(value: Any) -> str | None:
-    return None if value is None else str(value)
+    return None if value is None else shown(value)
 
 
 @dataclass(frozen=True)
@@ -48,10 +61,10 @@ class User:
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> User:
         return cls(
-            user_uuid=str(data["userUuid"]),
-            email=str(data["email"]),
-            name=str(data.get("name") or ""),
-            role=str(data.get("role") or "user"),
+            user_uuid=shown(data["userUuid"]),
+            email=shown(data["email"]),
+            name=shown(data.get("name") or ""),
+            role=shown(data.get("role") or "user"),
             created_at=_time(data.get("createdAt")),
             raw=data,
         )
@@ -113,15 +126,15 @@ class Agent:
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> Agent:
         return cls(
-            agent_uuid=str(data["agentUuid"]),
-            agent_id=str(data["agentId"]),
-            name=str(data.get("name") or ""),
+            agent_uuid=shown(data["agentUuid"]),
+            agent_id=shown(data["agentId"]),
+            name=shown(data.get("name") or ""),
             description=_str(data.get("description")),
             endpoint=_str(data.get("endpoint")),
-            capabilities=[str(c) for c in data.get("capabilities") or []],
+            capabilities=[shown(c) for c in data.get("capabilities") or []],
             max_concurrent_tasks=int(data.get("maxConcurrentTasks") or 0),
-            status=str(data.get("status") or ""),
-            visibility=str(data.get("visibility") or "private"),
+            status=shown(data.get("status") or ""),
+            visibility=shown(data.get("visibility") or "private"),
             last_health_check=_time(data.get("lastHealthCheck")),
             owner_user_uuid=_str(data.get("ownerUserUuid")),
             created_at=_time(data.get("createdAt")),
@@ -156,7 +169,7 @@ class Submission:
 
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> Submission:
-        return cls(str(data["workflowRunId"]), str(data["status"]), data)
+        return cls(shown(data["workflowRunId"]), shown(data["status"]), data)
 
 
 @dataclass(frozen=True)
@@ -201,11 +214,11 @@ class Stage:
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> Stage:
         return cls(
-            stage_id=str(data["stageId"]),
-            name=str(data.get("name") or ""),
-            agent_capability=str(data.get("agentCapability") or ""),
-            dependencies=[str(d) for d in data.get("dependencies") or []],
-            status=str(data.get("status") or ""),
+            stage_id=shown(data["stageId"]),
+            name=shown(data.get("name") or ""),
+            agent_capability=shown(data.get("agentCapability") or ""),
+            dependencies=[shown(d) for d in data.get("dependencies") or []],
+            status=shown(data.get("status") or ""),
             agent_id=_str(data.get("agentId")),
             agent_uuid=_str(data.get("agentUuid")),
             attempt=_int(data.get("attempt")),
@@ -232,7 +245,7 @@ class CallbackStatus:
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> CallbackStatus:
         return cls(
-            url=str(data.get("url") or ""),
+            url=shown(data.get("url") or ""),
             state=_str(data.get("state")),
             attempts=int(data.get("attempts") or 0),
             last_error=_str(data.get("lastError")),
@@ -262,9 +275,9 @@ class RunSummary:
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> RunSummary:
         return cls(
-            workflow_run_id=str(data["workflowRunId"]),
-            workflow_name=str(data.get("workflowName") or ""),
-            status=str(data.get("status") or ""),
+            workflow_run_id=shown(data["workflowRunId"]),
+            workflow_name=shown(data.get("workflowName") or ""),
+            status=shown(data.get("status") or ""),
             progress=Progress.from_api(data.get("progress") or {}),
             created_at=_time(data.get("createdAt")),
             started_at=_time(data.get("startedAt")),
@@ -325,7 +338,7 @@ class RunResult:
 
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> RunResult:
-        return cls(str(data["workflowRunId"]), data.get("output"), data)
+        return cls(shown(data["workflowRunId"]), data.get("output"), data)
 
 
 @dataclass(frozen=True)
@@ -342,10 +355,10 @@ class RunControl:
     def from_api(cls, data: dict[str, Any]) -> RunControl:
         requeued = data.get("stagesRequeued")
         return cls(
-            workflow_run_id=str(data["workflowRunId"]),
-            status=str(data.get("status") or ""),
+            workflow_run_id=shown(data["workflowRunId"]),
+            status=shown(data.get("status") or ""),
             stages_cancelled=_int(data.get("stagesCancelled")),
-            stages_requeued=[str(s) for s in requeued] if isinstance(requeued, list) else None,
+            stages_requeued=[shown(s) for s in requeued] if isinstance(requeued, list) else None,
             raw=data,
         )
 
@@ -373,15 +386,15 @@ class AuditEntry:
             seq=int(data["seq"]),
             stage_id=_str(data.get("stageId")),
             agent_id=_str(data.get("agentId")),
-            action=str(data.get("action") or ""),
+            action=shown(data.get("action") or ""),
             status=_str(data.get("status")),
             input_hash=_str(data.get("inputHash")),
             output_hash=_str(data.get("outputHash")),
             details=data.get("details"),
             logged_at=_time(data.get("loggedAt")),
-            prev_hash=str(data.get("prevHash") or ""),
+            prev_hash=shown(data.get("prevHash") or ""),
             # An API from before the signed trail called it entryHash.
-            entry_hash=str(data.get("hash") or data.get("entryHash") or ""),
+            entry_hash=shown(data.get("hash") or data.get("entryHash") or ""),
             raw=data,
         )
 
@@ -416,7 +429,7 @@ class AuditTrail:
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> AuditTrail:
         return cls(
-            workflow_run_id=str(data["workflowRunId"]),
+            workflow_run_id=shown(data["workflowRunId"]),
             logs=[AuditEntry.from_api(e) for e in data.get("logs") or []],
             chain=AuditChain.from_api(data.get("chain") or {}),
             raw=data,
@@ -440,9 +453,9 @@ class Health:
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> Health:
         return cls(
-            status=str(data.get("status") or ""),
+            status=shown(data.get("status") or ""),
             version=_str(data.get("version")),
-            services={str(k): str(v) for k, v in (data.get("services") or {}).items()},
+            services={shown(k): shown(v) for k, v in (data.get("services") or {}).items()},
             timestamp=_time(data.get("timestamp")),
             raw=data,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -27,6 +28,7 @@ from chalicelib.db import insert_unique, session_scope
 from chalicelib.db.models import Agent, User
 
 Visibility = Literal["private", "shared"]
+CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 class RegisterAgentRequest(ApiModel):
@@ -59,6 +61,15 @@ class RegisterAgentRequest(ApiModel):
     @classmethod
     def _unique(cls, value: list[str]) -> list[str]:
         return list(dict.fromkeys(value))
+
+    @field_validator("agent_id", "name")
+    @classmethod
+    def _no_controls(cls, value: str) -> str:
+        # Shown to other users (a shared agent, in their runs) and on terminals, where a
+        # control character (ESC, C1's CSI) would be acted on rather than shown.
+        if CONTROLS.search(value):
+            raise ValueError("must not contain control characters")
+        return value
 
 
 class UpdateAgentRequest(ApiModel):

@@ -139,6 +139,10 @@ NOT_URLS = ["ftp://x", "/relative", "not a url", "http://", "http://:80/path", "
         ({"agentId": "a" * 256}, "agentId"),
         ({"name": None}, "name"),
         ({"name": ""}, "name"),
+        # Shown to other users (a shared agent) and on terminals: no escape codes.
+        ({"agentId": "agent\x1b[2J"}, "agentId"),
+        ({"name": "Summarizer\x9b2J"}, "name"),
+        ({"name": "two\nlines"}, "name"),
         *[({"endpoint": url}, "endpoint") for url in NOT_URLS],
         ({"authToken": ""}, "authToken"),
         ({"authToken": "t" * 1025}, "authToken"),
@@ -170,9 +174,11 @@ def test_an_invalid_registration_is_a_400_naming_the_field(user, change, field):
 def test_the_longest_allowed_values_are_accepted(user):
     longest_id = uuid.uuid4().hex.ljust(255, "a")
     body = agent_body(agentId=longest_id, authToken="t" * 1024, maxConcurrentTasks=1)
+    body["name"] = "Résumé agent — 要約 ✓"  # any printable text
     response = user.post("/agents/register", body)
     assert response.status_code == 201, response.text
     assert response.json()["data"]["agentId"] == longest_id
+    assert response.json()["data"]["name"] == body["name"]
 
 
 def test_a_duplicate_agent_id_is_a_409_conflict(user, api):

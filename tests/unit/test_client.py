@@ -395,3 +395,41 @@ def test_export_audit_calls_the_export_path(fake: FakeApi) -> None:
     fake.on("GET", "/workflows/wfr-1/audit/export", failure(404, "NOT_FOUND", "Not found"))
     with pytest.raises(errors.NotFound):
         client_for(fake, Tokens(valid_token(), "r1")).export_audit("wfr-1")
+
+
+# ------------------------------------------------------------------ what reaches a terminal
+
+# An agent's words (through a shared agent's name, or text MAOF takes from an answer)
+# carrying what a terminal acts on: set the window title, clear the screen (ESC and C1).
+HOSTILE = "ok\x1b]0;pwned\x07\x1b[2J\x9b2J\x7fend"
+
+
+def test_strings_a_person_reads_carry_no_escape_codes() -> None:
+    import io
+
+    from rich.console import Console
+
+    from maof_client import render
+
+    data = {
+        **RUN,
+        "errorMessage": HOSTILE,
+        "stages": [{**RUN["stages"][1], "agentId": HOSTILE, "errorMessage": HOSTILE}],
+    }
+    run = Run.from_api(data)
+    assert run.error_message == "ok?]0;pwned??[2J?2J?end"
+    assert run.raw["errorMessage"] == HOSTILE  # the API's own data is kept as it came
+    out = io.StringIO()
+    Console(file=out, force_terminal=True, width=200).print(render.run_view(run))
+    printed = out.getvalue() + render.failure_summary(run)
+    assert "pwned" in printed and "\x1b]" not in printed and "\x1b[2J" not in printed
+    assert not any(ch in printed for ch in "\x07\x7f\x9b")
+
+
+def test_json_for_a_terminal_escapes_what_json_leaves_raw(capsys) -> None:
+    from maof_client.cli import emit_json
+
+    emit_json({"output": HOSTILE + " é"})
+    printed = capsys.readouterr().out
+    assert json.loads(printed) == {"output": HOSTILE + " é"}  # the same data
+    assert not any(ch in printed for ch in "\x1b\x07\x7f\x9b") and "é" in printed
