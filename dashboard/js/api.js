@@ -15,6 +15,11 @@ const STORE = 'session';
 const KEY = 'current';
 const LEGACY_KEY = 'maof.session'; // localStorage, before IndexedDB (with the access token)
 const FLASH_KEY = 'maof.flash';
+// The New workflow page's draft (its definition and input, which may be private) is its
+// user's: kept under their id, shown to no one else, forgotten when they sign out. One
+// saved before drafts had owners could be anyone's: it goes.
+const DRAFT_PREFIX = 'maof.draft.';
+localStorage.removeItem('maof.draft');
 const REFRESH_LOCK = 'maof-refresh';
 const CHANNEL = 'maof-session';
 
@@ -138,6 +143,29 @@ export const session = {
     announce();
   },
 };
+
+/** The signed-in user's draft of a new workflow (`{definition, input}`, strings), or null. */
+export const drafts = {
+  load() {
+    const key = draftKey(current);
+    try {
+      const draft = key && JSON.parse(localStorage.getItem(key) || 'null');
+      if (draft && typeof draft.definition === 'string' && typeof draft.input === 'string') return draft;
+    } catch {
+      /* a broken draft is no draft */
+    }
+    return null;
+  },
+  save(draft) {
+    const key = draftKey(current);
+    if (key) localStorage.setItem(key, JSON.stringify({ definition: draft.definition, input: draft.input }));
+  },
+};
+
+function draftKey(stored) {
+  const user = userOf(stored);
+  return user ? DRAFT_PREFIX + user : null;
+}
 
 /** Call `onChange(stored)` when another tab signs out, or in as someone else. */
 export function watchSession(onChange) {
@@ -302,6 +330,8 @@ export class Api {
       return stored;
     });
     if (!ended) return;
+    const draft = draftKey(ended);
+    if (draft) localStorage.removeItem(draft);
     this.send('POST', this.url('/auth/logout'), { refreshToken: ended.refreshToken }).catch(() => {});
   }
 }

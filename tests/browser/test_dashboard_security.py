@@ -1,6 +1,6 @@
 """The dashboard's defences in a real browser: API data rendered as text, a
 Content-Security-Policy that blocks inline script by itself, the access token kept out of
-storage, and refresh tokens rotated one tab at a time."""
+storage, refresh tokens rotated one tab at a time, and a draft no other user sees."""
 
 from __future__ import annotations
 
@@ -189,3 +189,43 @@ def test_tabs_refresh_one_at_a_time_never_reuse_a_token_and_sign_out_together(
     for tab in tabs:
         expect(tab).to_have_url(re.compile(r"#/login$"))
     assert stored_session(tabs[1]) is None
+
+
+def test_a_draft_is_its_users_alone_and_signing_out_forgets_it(
+    page: Page, dashboard_url: str, user: Api, api: Api
+) -> None:
+    """The New workflow page keeps a draft (definition and input) across reloads: the next
+    person signing in on the same browser must not find the last one's input there."""
+    secret = "A's private document"
+    holds_secret = "(s) => Object.values(localStorage).some((v) => v.includes(s))"
+    # A draft saved before drafts had owners may be anyone's: it is not shown, and goes.
+    page.goto(dashboard_url + "#/login")
+    page.get_by_role("heading", name="Sign in").wait_for()
+    legacy = json.dumps({"definition": "{}", "input": json.dumps({"text": "legacy " + secret})})
+    page.evaluate("(draft) => localStorage.setItem('maof.draft', draft)", legacy)
+    sign_in(page, dashboard_url, user, "#/workflows/new")
+    expect(page.get_by_role("heading", name="New workflow")).to_be_visible()
+    editor = page.get_by_label("Input", exact=True)
+    expect(editor).to_have_value(re.compile(r"\S"))  # the page has filled it
+    expect(editor).not_to_have_value(re.compile("legacy"))
+    assert page.evaluate("localStorage.getItem('maof.draft')") is None
+
+    editor.fill(json.dumps({"text": secret}))
+    page.wait_for_function(holds_secret, arg=secret)
+    page.reload()  # the same user finds their draft again
+    expect(editor).to_have_value(re.compile(secret))
+
+    page.get_by_role("button", name="Sign out").click()
+    expect(page).to_have_url(re.compile(r"#/login$"))
+    assert not page.evaluate(holds_secret, secret), "signing out forgets the draft"
+
+    # Another user on the same browser starts from the template, whichever way A left (a
+    # session that expires, unlike signing out, leaves A's draft for A's return).
+    left = json.dumps({"definition": "{}", "input": json.dumps({"text": secret})})
+    key = f"maof.draft.{user.user and user.user['userUuid']}"
+    page.evaluate("([key, draft]) => localStorage.setItem(key, draft)", [key, left])
+    other = api.as_new_user()
+    sign_in(page, dashboard_url, other, "#/workflows/new")
+    expect(page.get_by_role("heading", name="New workflow")).to_be_visible()
+    expect(editor).to_have_value(re.compile(r"\S"))
+    expect(editor).not_to_have_value(re.compile(secret))

@@ -1,12 +1,11 @@
 // New workflow: edit a JSON or YAML definition and input, set a deadline and a completion
 // callback, check it here and with the API, run it (once, however often it is sent).
+import { drafts } from '../api.js';
 import { h, replace, debounce } from '../dom.js';
 import { icon } from '../icons.js';
 import { alertBox, card, field, pageHeader, setBusy, showFieldErrors, toast } from '../components.js';
 import { renderDag } from '../dag.js';
 import { DEADLINE_MAX_MS, DEADLINE_MIN_MS, checkWorkflow, describeField, parseJson } from '../workflow-check.js';
-
-const DRAFT_KEY = 'maof.draft';
 
 const TEMPLATES = [
   {
@@ -75,13 +74,7 @@ function clearFieldError(el) {
 }
 
 function loadDraft() {
-  try {
-    const draft = JSON.parse(localStorage.getItem(DRAFT_KEY) || 'null');
-    if (draft && typeof draft.definition === 'string' && typeof draft.input === 'string') return draft;
-  } catch {
-    /* a broken draft is no draft */
-  }
-  return { definition: pretty(TEMPLATES[0].workflow), input: pretty(TEMPLATES[0].input) };
+  return drafts.load() || { definition: pretty(TEMPLATES[0].workflow), input: pretty(TEMPLATES[0].input) };
 }
 
 export async function newWorkflowPage(ctx) {
@@ -215,7 +208,7 @@ export async function newWorkflowPage(ctx) {
   );
 
   const capabilityCache = new Map();
-  const saveDraft = () => localStorage.setItem(DRAFT_KEY, JSON.stringify({ definition: definitionEditor.value, input: inputEditor.value }));
+  const saveDraft = () => drafts.save({ definition: definitionEditor.value, input: inputEditor.value });
 
   /** Parse both editors; returns {workflow, input, errors, stages}. */
   function read() {
