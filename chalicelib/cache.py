@@ -141,23 +141,25 @@ def ping() -> bool:
 
 def sliding_window(key: str, window_seconds: int, limit: int) -> float:
     """Count one more event under `key` over the last `window_seconds`; 0 when that keeps
-    within `limit`, else the seconds until the oldest counted event leaves the window.
-    Refused events count too (hammering keeps a caller out), but only the newest limit + 1
-    are kept: a caller hammering for the whole window (an hour, for registrations) costs
-    Redis no more than one just past the limit. Raises redis.RedisError: each caller
-    decides whether a limit without Redis fails open or closed."""
+    within `limit`, else the seconds until one more event would: until all but the newest
+    limit - 1 counted events have left the window (the oldest leaving is not enough, as
+    this refused event counts too). Refused events count (hammering keeps a caller out),
+    but only the newest limit + 1 are kept: a caller hammering for the whole window (an
+    hour, for registrations) costs Redis no more than one just past the limit. Raises
+    redis.RedisError: each caller decides whether a limit without Redis fails open or
+    closed."""
     now = time.time()
     pipe = get_redis().pipeline()  # MULTI: the steps are one atomic unit
     pipe.zremrangebyscore(key, 0, now - window_seconds)
     pipe.zadd(key, {f"{now:.6f}:{uuid.uuid4().hex[:8]}": now})
     pipe.zremrangebyrank(key, 0, -(limit + 2))
     pipe.zcard(key)
-    pipe.zrange(key, 0, 0, withscores=True)
+    pipe.zrange(key, -limit, -limit, withscores=True)  # the last of those to leave
     pipe.expire(key, window_seconds)
-    _, _, _, count, oldest, _ = pipe.execute()
+    _, _, _, count, leaving, _ = pipe.execute()
     if int(count) <= limit:
         return 0.0
-    return max(0.0, float(oldest[0][1]) + window_seconds - now) if oldest else window_seconds
+    return max(0.0, float(leaving[0][1]) + window_seconds - now) if leaving else window_seconds
 
 
 def counter(key: str) -> int | None:

@@ -93,6 +93,44 @@ def test_too_many_sign_in_attempts_for_one_account_answer_429(api: Api) -> None:
     assert sign_in(api, new_account(api)).status_code == 200
 
 
+class FakeClock:
+    """time.time() as a test sets it, for the limiter's window."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def time(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("limit", [1, 2, 5])
+def test_a_caller_waiting_its_retry_after_is_let_in_and_not_before(
+    stack: None, monkeypatch: pytest.MonkeyPatch, limit: int
+) -> None:
+    """Refused attempts count, so when the oldest attempt leaves the window `limit` are
+    still counted (the refused one among them): the wait must run to the attempt whose
+    leaving makes room. A client honouring Retry-After used to be refused again."""
+    clock, key, window = FakeClock(), f"maof:ratelimit:test:{uuid.uuid4().hex}", 10
+    monkeypatch.setattr(cache, "time", clock)
+    for at in range(limit):  # `limit` attempts, a second apart: all let in
+        clock.now = 1_000_000.0 + at
+        assert cache.sliding_window(key, window, limit) == 0
+    clock.now += 0.5
+    wait = cache.sliding_window(key, window, limit)  # one too many
+    # The attempt that must leave is the second oldest counted (the refused one, at limit 1).
+    second = 1_000_000.0 + 1 if limit > 1 else clock.now
+    assert wait == pytest.approx(second + window - clock.now)
+    refused_at = clock.now
+    clock.now = refused_at + wait - 0.01
+    assert cache.sliding_window(key, window, limit) > 0, "not before"
+    clock.now = refused_at + wait + 0.01
+    wait = cache.sliding_window(key, window, limit)
+    # That early attempt counted too: the wait runs to the next one's leaving.
+    assert wait > 0
+    clock.now += wait + 0.01
+    assert cache.sliding_window(key, window, limit) == 0, "let in after its Retry-After"
+
+
 def test_too_many_sign_in_attempts_from_one_address_answer_429(
     api: Api, settings_env: dict[str, str]
 ) -> None:
