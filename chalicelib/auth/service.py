@@ -6,6 +6,8 @@ from __future__ import annotations
 import uuid
 
 from pydantic import EmailStr, Field, field_validator
+from pydantic.networks import validate_email
+from pydantic_core import PydanticCustomError
 from sqlalchemy import select, update
 
 from chalicelib import limits
@@ -21,6 +23,13 @@ class RegisterRequest(ApiModel):
     email: EmailStr = Field(max_length=255)
     password: str = Field(min_length=8, max_length=128)
     name: str = Field(min_length=1, max_length=255)
+
+    @field_validator("email", mode="before")
+    @classmethod
+    def _bare_address(cls, value: object) -> object:
+        if isinstance(value, str) and "<" in value:  # EmailStr would keep "x@y" of "Ada <x@y>"
+            raise ValueError("must be an address alone, without a name in front")
+        return value
 
     @field_validator("name")
     @classmethod
@@ -64,9 +73,21 @@ def user_view(user: User) -> responses.User:
     )
 
 
+def normalized_email(raw: str) -> str:
+    """An address as accounts are stored and found by: what registration's EmailStr makes
+    of it (email-validator's normal form: NFC, the domain in Unicode, full-width letters as
+    ASCII), lower-cased. Sign-in looks the typed address up in that same form, so the
+    exact string someone registered with signs them in; one that is not an address is
+    only trimmed and lower-cased (it finds no account)."""
+    try:
+        return validate_email(raw.strip())[1].lower()
+    except PydanticCustomError:
+        return raw.strip().lower()
+
+
 def register(body: RegisterRequest, source_ip: str | None) -> responses.User:
     limits.limit_registrations(source_ip)
-    email = str(body.email).lower()
+    email = normalized_email(str(body.email))
     user = User(
         email=email,
         password_hash=passwords.hash_password(body.password),
@@ -98,7 +119,7 @@ def _check_password(user: User | None, password: str) -> User:
 
 
 def login(body: LoginRequest, source_ip: str | None) -> responses.SignedIn:
-    email = body.email.strip().lower()
+    email = normalized_email(body.email)
     limits.limit_sign_in(email, source_ip)
     with session_scope() as session:
         found = session.scalar(select(User).where(User.email == email))

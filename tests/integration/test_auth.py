@@ -114,6 +114,34 @@ def test_register_stores_the_email_lower_case(api: Api) -> None:
     assert login(api, email)["user"]["email"] == email
 
 
+@pytest.mark.parametrize(
+    ("typed", "stored"),
+    [
+        ("jose\u0301{}@example.com", "jos\u00e9{}@example.com"),  # e + combining accent (NFD)
+        ("{}@xn--bcher-kva.de", "{}@b\u00fccher.de"),  # the domain in its ASCII form
+        ("{}@\uff45\uff58\uff41\uff4d\uff50\uff4c\uff45.com", "{}@example.com"),  # full width
+    ],
+    ids=["decomposed accent", "punycode domain", "full-width domain"],
+)
+def test_the_exact_address_someone_registered_with_signs_them_in(
+    api: Api, typed: str, stored: str
+) -> None:
+    """Registration stores an address in email-validator's normal form; sign-in used to
+    look up what was typed merely lower-cased, so these accounts could never sign in."""
+    local = uuid.uuid4().hex[:8]
+    response = register(api, email=typed.format(local))
+    assert response.status_code == 201, response.text
+    assert response.json()["data"]["email"] == stored.format(local)
+    assert login(api, typed.format(local))["user"]["email"] == stored.format(local)
+    assert login(api, stored.format(local).upper())["user"]["email"] == stored.format(local)
+
+
+def test_an_address_with_a_name_in_front_is_400(api: Api) -> None:
+    """ "Ada <ada@example.com>" was stored as ada@example.com: what was sent is refused."""
+    error = error_of(register(api, email=f"Ada <{unique_email()}>"), 400, "VALIDATION_ERROR")
+    assert fields_named(error) == {"email"}
+
+
 def test_register_twice_with_the_same_email_is_409_conflict(api: Api) -> None:
     email = unique_email()
     assert register(api, email=email).status_code == 201
