@@ -121,7 +121,7 @@ destroy: venv
 	$(INFRA) destroy $(if $(YES),--yes) $(if $(DELETE_SECRETS),--delete-secrets)
 
 # Rotate a key of a deployed STAGE without downtime (docs/security.md): KEY=jwt-secret or
-# KEY=secret-key (the latter also re-encrypts every agent token) or KEY=audit-signing-key (adds a
+# KEY=secret-key (the latter also re-encrypts every agent token and callback secret) or KEY=audit-signing-key (adds a
 # signing key; old ones keep verifying); retire-keys drops the old one (not audit keys).
 rotate-key: venv
 	$(INFRA) rotate-key --key $(KEY)
@@ -129,7 +129,8 @@ rotate-key: venv
 retire-keys: venv
 	$(INFRA) retire-keys --key $(KEY)
 
-# Locally (or with MAOF_DATABASE_URL pointing anywhere): move agent tokens to MAOF_SECRET_KEY.
+# Locally (or with MAOF_DATABASE_URL pointing anywhere): move agent tokens and callback
+# secrets to MAOF_SECRET_KEY.
 reencrypt-agent-tokens: migrate
 	$(PY) -m chalicelib.agents.secrets reencrypt
 

@@ -14,9 +14,10 @@ REENCRYPT = "reencrypt-agent-tokens"
 
 def handler(event: Any = None) -> dict[str, Any]:
     """Upgrade the database to head; or, given `{"action": "reencrypt-agent-tokens"}`,
-    re-encrypt the agent tokens (`make rotate-key`).
+    re-encrypt the agent tokens and callback secrets (`make rotate-key`; the action keeps
+    its first name).
 
-    Returns the revision before and after (or the tokens rewritten); any failure raises, so
+    Returns the revision before and after (or the secrets rewritten); any failure raises, so
     the invocation reports a FunctionError and the make target stops with its message.
     """
     action = event.get("action") if isinstance(event, dict) else None

@@ -221,7 +221,7 @@ def rotate(stage: Stage, command: str, key: str) -> None:
     say(f"functions recycled: {', '.join(functions) or 'none'}")
     if command == "rotate-key" and key == "secret-key":
         reencrypted = stage.migrate({"action": REENCRYPT})["reencrypted"]
-        say(f"agent tokens re-encrypted with the new key: {reencrypted}")
+        say(f"agent tokens and callback secrets re-encrypted with the new key: {reencrypted}")
 
 
 def destroy(

@@ -1,7 +1,8 @@
-"""Agent auth tokens encrypted at rest: Fernet keys derived from MAOF_SECRET_KEY (encrypts
-and decrypts) and MAOF_PREVIOUS_SECRET_KEYS (decrypt only), so the key rotates without
-downtime; `python -m chalicelib.agents.secrets reencrypt` then moves every stored token
-to the current key, after which the previous keys can be dropped."""
+"""Secrets encrypted at rest (agents' auth tokens, runs' callback secrets): Fernet keys
+derived from MAOF_SECRET_KEY (encrypts and decrypts) and MAOF_PREVIOUS_SECRET_KEYS (decrypt
+only), so the key rotates without downtime; `python -m chalicelib.agents.secrets reencrypt`
+then moves every stored secret to the current key, after which the previous keys can be
+dropped."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import base64
 import functools
 import hashlib
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from sqlalchemy import select
@@ -16,7 +19,7 @@ from sqlalchemy import select
 from chalicelib.agents.candidates import invalidate_capability
 from chalicelib.config import get_settings
 from chalicelib.db import session_scope
-from chalicelib.db.models import Agent
+from chalicelib.db.models import Agent, WorkflowRun
 
 
 def _fernet_of(secret: str) -> Fernet:
@@ -46,31 +49,43 @@ BATCH = 200
 
 
 def reencrypt_all() -> int:
-    """Re-encrypt every stored agent token with the current key (deleted agents too: their
-    rows keep a token), and retire the cached candidate lists that still hold the old
-    ciphertexts. Safe to run while MAOF serves: each batch is one transaction and a token
-    is readable under either key throughout. Returns how many were rewritten."""
+    """Re-encrypt every stored secret with the current key: agents' tokens (deleted agents'
+    too: their rows keep a token), retiring the cached candidate lists that still hold the
+    old ciphertexts, and runs' callback secrets (a pending callback, or one a retry re-arms,
+    is signed with its secret long after the run was submitted). Safe to run while MAOF
+    serves: each batch is one transaction and a secret is readable under either key
+    throughout. Returns how many were rewritten."""
+    capabilities: set[str] = set()
+    rewritten = _reencrypt(
+        Agent, "auth_token_encrypted", lambda agent: capabilities.update(agent.capabilities)
+    )
+    for capability in capabilities:
+        invalidate_capability(capability)
+    return rewritten + _reencrypt(WorkflowRun, "callback_secret_encrypted")
+
+
+def _reencrypt(model: Any, column: str, moved: Callable[[Any], object] = bool) -> int:
+    """Move `column` of every row of `model` that the current key cannot read to it, in
+    batches by id; `moved(row)` for each row rewritten."""
     fernet, current = _fernet(), _fernet_of(get_settings().secret_key)
     rewritten, after = 0, None
     while True:
         with session_scope() as session:
-            query = select(Agent).order_by(Agent.id).limit(BATCH).with_for_update()
+            query = select(model).where(getattr(model, column).is_not(None))
+            query = query.order_by(model.id).limit(BATCH).with_for_update()
             if after is not None:
-                query = query.where(Agent.id > after)
-            agents = session.scalars(query).all()
-            capabilities: set[str] = set()
-            for agent in agents:
-                token = agent.auth_token_encrypted.encode("ascii")
-                if _readable(current, token):
+                query = query.where(model.id > after)
+            rows = session.scalars(query).all()
+            for row in rows:
+                secret = getattr(row, column).encode("ascii")
+                if _readable(current, secret):
                     continue  # already under the current key
-                agent.auth_token_encrypted = fernet.rotate(token).decode("ascii")
-                capabilities.update(agent.capabilities)
+                setattr(row, column, fernet.rotate(secret).decode("ascii"))
+                moved(row)
                 rewritten += 1
-        for capability in capabilities:  # cached candidate lists hold the old ciphertexts
-            invalidate_capability(capability)
-        if len(agents) < BATCH:
+        if len(rows) < BATCH:
             return rewritten
-        after = agents[-1].id
+        after = rows[-1].id
 
 
 def _readable(fernet: Fernet, token: bytes) -> bool:
@@ -85,7 +100,10 @@ def main(argv: list[str]) -> int:
     if argv != ["reencrypt"]:
         print("usage: python -m chalicelib.agents.secrets reencrypt", file=sys.stderr)
         return 2
-    print(f"maof: re-encrypted {reencrypt_all()} agent tokens with the current MAOF_SECRET_KEY")
+    print(
+        f"maof: re-encrypted {reencrypt_all()} agent tokens and callback secrets "
+        "with the current MAOF_SECRET_KEY"
+    )
     return 0
 
 

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from chalicelib.agents.secrets import reencrypt_all
+from chalicelib.config import get_settings, reset_settings
 from chalicelib.core.api import parse_run_ref
 from chalicelib.db import session_scope
 from chalicelib.engine import callbacks, handlers
@@ -379,6 +381,40 @@ def test_a_sweeper_round_ends_on_time_whatever_its_receivers_do(user: Api, sent:
     finally:
         for receiver in receivers:
             receiver.stop.set()
+
+
+def test_a_pending_callback_is_signed_after_the_secret_key_rotates(
+    user: Api, sent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Callback secrets are encrypted with MAOF_SECRET_KEY like agent tokens: a rotation done
+    as docs/security.md says (the old key kept as previous, re-encrypt, then drop it) must
+    leave them readable. Re-encryption moved the agent tokens only, and every callback still
+    pending (or re-armed by a retry) failed with InvalidToken once the old key was gone."""
+    old, new = get_settings().secret_key, "rotated-secret-key-" + "c" * 32
+    receiver = CallbackReceiver()
+    try:
+        (ref,) = _due_callbacks(user, [receiver.url])
+        monkeypatch.setenv("MAOF_SECRET_KEY", new)
+        monkeypatch.setenv("MAOF_PREVIOUS_SECRET_KEYS", old)
+        reset_settings()
+        assert reencrypt_all() >= 1
+        monkeypatch.setenv("MAOF_PREVIOUS_SECRET_KEYS", "")  # the previous key retired
+        reset_settings()
+        callbacks.deliver_due()
+        state = user.get(f"/workflows/{ref}").json()["data"]["callback"]
+        assert state["state"] == "delivered", state
+        ((headers, raw),) = receiver.received
+        expected = "sha256=" + hmac.new(SECRET.encode(), raw, hashlib.sha256).hexdigest()
+        assert hmac.compare_digest(headers["X-Maof-Signature"], expected)
+    finally:
+        receiver.stop()
+        # Every secret of the session's database back under the key the other tests use.
+        monkeypatch.setenv("MAOF_SECRET_KEY", old)
+        monkeypatch.setenv("MAOF_PREVIOUS_SECRET_KEYS", new)
+        reset_settings()
+        reencrypt_all()
+        monkeypatch.undo()
+        reset_settings()
 
 
 def test_a_callback_url_the_guard_refuses_is_400(
