@@ -103,6 +103,7 @@ def _take_due() -> list[Any]:
                        SET callback_next_at = now() + make_interval(secs => :claim)
                      WHERE id IN (SELECT id FROM workflow_runs
                                    WHERE callback_state = 'pending' AND callback_next_at <= now()
+                                     AND status IN ('completed', 'failed', 'cancelled')
                                    ORDER BY callback_next_at LIMIT :batch FOR UPDATE SKIP LOCKED)
                  RETURNING id, status, workflow_name, completed_at, output, error_message,
                            callback_url, callback_secret_encrypted, callback_attempts,

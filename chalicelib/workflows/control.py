@@ -77,7 +77,10 @@ def retry(principal: Principal, ref: str) -> Reply:
             text(
                 "UPDATE workflow_runs SET status = 'in_progress', error_message = NULL, "
                 "output = NULL, completed_at = NULL, updated_at = now(), "
-                "callback_state = NULL, callback_next_at = NULL, "
+                # A delivery still in flight for the earlier end records nothing: its
+                # outcome is matched by its delivery id.
+                "callback_state = NULL, callback_next_at = NULL, callback_delivery = NULL, "
+                "callback_attempts = 0, callback_error = NULL, "
                 "deadline_at = now() + make_interval(secs => "
                 "  CAST(definition ->> 'timeoutMs' AS bigint) / 1000.0) "
                 "WHERE id = :run_id"

@@ -302,6 +302,34 @@ def test_a_callback_is_delivered_once_signed_and_retried_after_a_500(
         receiver.stop()
 
 
+def test_a_delivery_in_flight_when_the_run_is_retried_arms_no_callback_for_the_live_run(
+    user: Api, sent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweeper POSTs a cancelled run's callback; the user retries the run meanwhile;
+    the POST fails. Its outcome used to be recorded against the retried run (same delivery
+    id), pending again, and the next round POSTed a "completion" for a run in progress."""
+    monkeypatch.setattr(callbacks, "FIRST_BACKOFF_SECONDS", 0)
+    receiver = CallbackReceiver([500])
+    try:
+        (ref,) = _due_callbacks(user, [receiver.url])
+        (in_flight,) = [r for r in callbacks._take_due() if r.id == parse_run_ref(ref)]
+        retried = user.post(f"/workflows/{ref}/retry")
+        assert retried.status_code == 202, retried.text
+        assert callbacks._deliver(in_flight) == "retrying"  # answered 500
+        with session_scope() as session:  # were anything pending, it would be due now
+            session.execute(
+                text("UPDATE workflow_runs SET callback_next_at = now() WHERE id = :id"),
+                {"id": parse_run_ref(ref)},
+            )
+        callbacks.deliver_due()
+        detail = user.get(f"/workflows/{ref}").json()["data"]
+        assert detail["status"] == "in_progress"
+        assert [json.loads(raw)["status"] for _, raw in receiver.received] == ["cancelled"]
+        assert detail["callback"].get("state") is None, detail["callback"]
+    finally:
+        receiver.stop()
+
+
 @pytest.mark.parametrize("head", [True, False], ids=["headers trickled", "body trickled"])
 def test_a_callback_receiver_trickling_its_answer_is_cut_off_at_the_timeout(
     monkeypatch: pytest.MonkeyPatch, head: bool
@@ -330,7 +358,7 @@ def test_a_callback_receiver_trickling_its_answer_is_cut_off_at_the_timeout(
 
 
 def _due_callbacks(user: Api, urls: list[str]) -> list[str]:
-    """Runs (left queued: nothing runs them) whose callbacks are due now, one per URL."""
+    """Runs (ended before anything ran them) whose callbacks are due now, one per URL."""
     capability = unique_capability("due")
     register_agent(user, capability)
     refs = [
@@ -342,7 +370,8 @@ def _due_callbacks(user: Api, urls: list[str]) -> list[str]:
     with session_scope() as session:
         session.execute(
             text(
-                "UPDATE workflow_runs SET callback_state = 'pending', callback_next_at = now(), "
+                "UPDATE workflow_runs SET status = 'cancelled', completed_at = now(), "
+                "callback_state = 'pending', callback_next_at = now(), "
                 "callback_delivery = gen_random_uuid() WHERE id = ANY(:ids)"
             ),
             {"ids": [parse_run_ref(ref) for ref in refs]},
