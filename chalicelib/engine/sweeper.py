@@ -45,7 +45,13 @@ from chalicelib.config import get_settings
 from chalicelib.db import session_scope
 from chalicelib.engine import callbacks
 from chalicelib.engine.queue import send_stage_messages
-from chalicelib.engine.stages import LockedRun, expire_run, lock_run, record_failure
+from chalicelib.engine.stages import (
+    LockedRun,
+    ended_stage_status,
+    expire_run,
+    lock_run,
+    record_failure,
+)
 from chalicelib.logs import logger
 
 BATCH_LIMIT = 500
@@ -167,13 +173,14 @@ def sweep_run(run_id: uuid.UUID, stage_ids: list[str], grace: timedelta) -> Swep
 
 
 def _skip(session: Session, run: LockedRun, row: Any) -> None:
+    status = ended_stage_status(run.status)  # as the stage's own worker would end it
     skipped = session.execute(
         text(
-            "UPDATE stage_executions SET status = 'skipped', completed_at = now(), "
+            "UPDATE stage_executions SET status = :status, completed_at = now(), "
             "lease_expires_at = NULL, claim_token = NULL "
             "WHERE id = :id AND status IN ('queued', 'in_progress') RETURNING id"
         ),
-        {"id": row.id},
+        {"id": row.id, "status": status},
     ).first()
     if skipped is None:
         return  # skipped already, with the stage that failed the run
@@ -181,7 +188,7 @@ def _skip(session: Session, run: LockedRun, row: Any) -> None:
         session,
         run.id,
         "skip",
-        "skipped",
+        status,
         stage_id=row.stage_id,
         details={"reason": f"the run is {run.status}"},
     )

@@ -67,6 +67,20 @@ def test_a_stage_whose_worker_keeps_dying_fails_after_the_lease_ceiling(user: Ap
     assert "MAOF_STAGE_MAX_LEASE_EXPIRIES" in run["errorMessage"]
 
 
+def test_a_cancelled_runs_stage_whose_worker_died_ends_cancelled(user: Api, sent):
+    """The sweeper ends a dead worker's stage of a cancelled run as the worker would have
+    (and as the cancel did the stages not started): cancelled, not skipped."""
+    capability = unique_capability("cancelled")
+    register_agent(user, capability)
+    run_id = submit_direct(user, chain(capability, "a", "b"))
+    assert stages.claim_stage(run_id, "a") is not None  # a worker takes it, then dies
+    cancelled = user.post(f"/workflows/{run_ids.run_ref(run_id)}/cancel")
+    assert cancelled.status_code == 202, cancelled.text
+    set_stage(run_id, "a", "lease_expires_at = now() - interval '1 second'")
+    assert sweeper.sweep_run(run_id, ["a"], sweeper.grace_for(0)).skipped == ["a"]
+    assert [stage_row(run_id, s).status for s in ("a", "b")] == ["cancelled", "cancelled"]
+
+
 def test_a_stage_whose_message_keeps_getting_lost_fails_after_the_requeue_ceiling(user: Api, sent):
     capability = unique_capability("lost")
     register_agent(user, capability)
