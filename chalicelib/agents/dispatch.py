@@ -223,6 +223,11 @@ def _request_headers(token: str, task: AgentTask) -> dict[str, str]:
     return headers
 
 
+def request_body(task: AgentTask) -> bytes:
+    """The task as sent: compact UTF-8 JSON (what MAOF_STAGE_MAX_INPUT_BYTES measures)."""
+    return json.dumps(task.body(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
 def _post(endpoint: str, token: str, task: AgentTask) -> AgentOutput:
     """POST the task and read the answer, all of it by the task's deadline: each socket
     operation waits at most for what is left of it, so a trickled answer ends on time."""
@@ -234,7 +239,7 @@ def _post(endpoint: str, token: str, task: AgentTask) -> AgentOutput:
         response = pinned_request(
             "POST",
             endpoint,
-            body=json.dumps(task.body()).encode("utf-8"),
+            body=request_body(task),
             headers=headers,
             timeout=urllib3.Timeout(connect=min(left, 5.0), read=left),
             deadline=deadline,

@@ -11,10 +11,20 @@ from typing import Any
 from chalicelib.config import get_settings
 
 REFERENCE = re.compile(r"\$\{([^${}]+)\}")
+FORMS = "${workflow.input.<path>} or ${<stageId>.output.<path>}"
 
 
 class UnresolvableReference(Exception):
     """A reference that cannot be resolved; the message says which and why."""
+
+
+class MalformedReference(UnresolvableReference):
+    """A `${...}` of neither form, which no data could ever resolve; `path`: the keys and
+    list indexes from the template's root down to the string that holds it."""
+
+    def __init__(self, message: str, path: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class InputTooLarge(Exception):
@@ -35,13 +45,35 @@ def parse(expression: str) -> Reference:
         return Reference(text, None, tuple(parts[2:]))
     if len(parts) >= 2 and parts[1] == "output":
         return Reference(text, parts[0], tuple(parts[2:]))
-    raise UnresolvableReference(
-        f"Unknown reference {text}: use ${{workflow.input.<path>}} or ${{<stageId>.output.<path>}}"
-    )
+    raise UnresolvableReference(f"Unknown reference {text}: use {FORMS}")
+
+
+def check_forms(template: Any) -> None:
+    """MalformedReference for the first `${...}` in `template` (in document order) that
+    `parse` refuses, so `resolve` would fail on it whatever the data. Every string `resolve`
+    reads is looked at: values at any depth of lists and objects; keys are never resolved.
+    Iterative: a hostile depth costs no stack."""
+    stack: list[tuple[tuple[str, ...], Any]] = [((), template)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            for match in REFERENCE.finditer(item):
+                if _parse_or_none(match.group(1)) is None:
+                    raise MalformedReference(
+                        f"Malformed reference {match.group(0)}: use {FORMS}. Every ${{...}} "
+                        "in a stage input is a reference, and there is no escape: text that "
+                        "must hold one can come from the workflow input, by reference",
+                        path,
+                    )
+        elif isinstance(item, list):
+            stack.extend(((*path, str(i)), x) for i, x in reversed(list(enumerate(item))))
+        elif isinstance(item, dict):
+            stack.extend(((*path, str(k)), v) for k, v in reversed(list(item.items())))
 
 
 def references_in(value: Any) -> Iterator[Reference]:
-    """Every well-formed reference anywhere in `value` (strings, lists, objects)."""
+    """Every well-formed reference anywhere in `value` (strings, lists, objects); the
+    others are check_forms's to refuse."""
     if isinstance(value, str):
         for match in REFERENCE.finditer(value):
             try:
@@ -95,8 +127,7 @@ def resolve(template: Any, workflow_input: Any, outputs: Mapping[str, Any]) -> A
             return _lookup(parse(whole.group(1)), workflow_input, outputs)
 
         def text(match: re.Match[str]) -> str:
-            value = _lookup(parse(match.group(1)), workflow_input, outputs)
-            return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+            return _as_text(_lookup(parse(match.group(1)), workflow_input, outputs))
 
         return REFERENCE.sub(text, template)
     if isinstance(template, list):
@@ -106,43 +137,61 @@ def resolve(template: Any, workflow_input: Any, outputs: Mapping[str, Any]) -> A
     return template
 
 
-def expanded_size(template: Any, workflow_input: Any, outputs: Mapping[str, Any] | None) -> int:
-    """How many bytes of JSON `resolve` would produce (to within a few bytes of quoting),
-    computed without building it: a value referenced many times is measured once and
-    counted each time. With `outputs` None (at submission), stage outputs count nothing,
-    as do references that do not resolve."""
-    measured: dict[str, int] = {}
+def _as_text(value: Any) -> str:
+    """A value as `resolve` interpolates it into a longer string."""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
-    def value_size(reference: Reference) -> int:
-        if reference.text not in measured:
+
+def expanded_size(template: Any, workflow_input: Any, outputs: Mapping[str, Any] | None) -> int:
+    """How many bytes `resolve` would produce, exactly as the agent receives them: JSON as
+    chalicelib/agents/dispatch.py serialises the request body (compact, UTF-8),
+    interpolated text with its quotes and backslashes escaped.
+
+    Computed without building the input: a value referenced many times is measured once
+    and counted each time. With `outputs` None (at submission), stage outputs count
+    nothing, as do references that do not resolve (`resolve` fails on those)."""
+    measured: dict[tuple[str, bool], int] = {}
+
+    def value_size(reference: Reference, *, whole: bool) -> int:
+        key = (reference.text, whole)
+        if key not in measured:
             if reference.stage_id is not None and outputs is None:
-                measured[reference.text] = 0
+                measured[key] = 0
             else:
                 try:
                     value = _lookup(reference, workflow_input, outputs or {})
                 except UnresolvableReference:
-                    measured[reference.text] = 0
+                    measured[key] = 0
                 else:
-                    measured[reference.text] = _json_size(value)
-        return measured[reference.text]
+                    measured[key] = _sent_size(value) if whole else _escaped_size(_as_text(value))
+        return measured[key]
+
+    def text_size(item: str) -> int:
+        # JSON escapes each character on its own, so the parts of a string add up.
+        total, end = 2, 0  # its quotes
+        for match in REFERENCE.finditer(item):
+            total += _escaped_size(item[end : match.start()])
+            reference = _parse_or_none(match.group(1))
+            if reference is None:
+                total += _escaped_size(match.group(0))
+            else:
+                total += value_size(reference, whole=False)
+            end = match.end()
+        return total + _escaped_size(item[end:])
 
     def size(item: Any) -> int:
         if isinstance(item, str):
             whole = REFERENCE.fullmatch(item.strip())
             reference = _parse_or_none(whole.group(1)) if whole else None
             if reference is not None:
-                return value_size(reference)
-            total = _json_size(item)
-            for match in REFERENCE.finditer(item):
-                reference = _parse_or_none(match.group(1))
-                if reference is not None:
-                    total += value_size(reference) - len(match.group(0))
-            return total
+                return value_size(reference, whole=True)
+            return text_size(item)
         if isinstance(item, list):
-            return 2 + sum(size(x) + 1 for x in item)
+            return 2 + _separators(item) + sum(size(x) for x in item)
         if isinstance(item, dict):
-            return 2 + sum(_json_size(str(k)) + 1 + size(v) + 1 for k, v in item.items())
-        return _json_size(item)
+            pairs = sum(_sent_size(str(k)) + 1 + size(v) for k, v in item.items())
+            return 2 + _separators(item) + pairs
+        return _sent_size(item)
 
     return size(template)
 
@@ -154,8 +203,18 @@ def _parse_or_none(expression: str) -> Reference | None:
         return None
 
 
-def _json_size(value: Any) -> int:
+def _sent_size(value: Any) -> int:
+    """Bytes of `value` as dispatch sends it (compact UTF-8 JSON)."""
     return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+
+
+def _escaped_size(text: str) -> int:
+    """Bytes of `text` inside a JSON string as dispatch sends it, without the quotes."""
+    return len(json.dumps(text, ensure_ascii=False).encode("utf-8")) - 2
+
+
+def _separators(items: list[Any] | dict[Any, Any]) -> int:
+    return max(len(items) - 1, 0)  # "," between items
 
 
 def check_input_size(template: Any, workflow_input: Any, outputs: Mapping[str, Any] | None) -> None:
@@ -164,6 +223,6 @@ def check_input_size(template: Any, workflow_input: Any, outputs: Mapping[str, A
     size = expanded_size(template, workflow_input, outputs)
     if size > cap:
         raise InputTooLarge(
-            f"the stage input would expand to {size} bytes, more than "
-            f"MAOF_STAGE_MAX_INPUT_BYTES ({cap})"
+            f"the stage input would expand to {size} bytes of JSON as sent to the agent, "
+            f"more than MAOF_STAGE_MAX_INPUT_BYTES ({cap})"
         )

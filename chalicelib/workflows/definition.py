@@ -11,7 +11,13 @@ from chalicelib.config import get_settings
 from chalicelib.core import errors
 from chalicelib.core.api import ApiModel
 from chalicelib.core.capabilities import Capability
-from chalicelib.core.references import InputTooLarge, check_input_size, references_in
+from chalicelib.core.references import (
+    InputTooLarge,
+    MalformedReference,
+    check_forms,
+    check_input_size,
+    references_in,
+)
 
 STAGE_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
 
@@ -70,7 +76,8 @@ def _invalid(index: int, field: str, message: str) -> errors.ValidationError:
 
 
 def check_dag(workflow: WorkflowDefinition) -> None:
-    """Unique ids, known dependencies, no self-dependency, no cycle, references to ancestors.
+    """Unique ids, known dependencies, no self-dependency, no cycle, every `${...}` in an
+    input of one of the two reference forms, references to ancestors.
 
     Every message names the offending stage.
     """
@@ -97,6 +104,11 @@ def check_dag(workflow: WorkflowDefinition) -> None:
         raise _invalid(index_of[cycle[0]], "dependencies", f"Stages form a cycle: {path}")
     ancestors = _ancestors(workflow)
     for index, stage in enumerate(workflow.stages):
+        try:
+            check_forms(stage.input)
+        except MalformedReference as exc:
+            field = ".".join(("input", *exc.path))
+            raise _invalid(index, field, f"Stage '{stage.id}': {exc}") from None
         for reference in references_in(stage.input):
             if reference.stage_id is None:
                 continue

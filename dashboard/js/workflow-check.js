@@ -5,6 +5,7 @@ import { JSON_SCHEMA, load as loadYaml } from '../vendor/js-yaml.js';
 const STAGE_ID = /^[A-Za-z0-9_-]+$/;
 const CAPABILITY = /^[a-z0-9]+(?:[-.][a-z0-9]+)*$/;
 const REFERENCE = /\$\{([^${}]+)\}/g;
+const REFERENCE_FORMS = '${workflow.input.<path>} or ${<stageId>.output.<path>}';
 const STAGE_FIELDS = new Set(['id', 'name', 'agentCapability', 'dependencies', 'input', 'config']);
 const WORKFLOW_FIELDS = new Set(['name', 'stages', 'timeoutMs']);
 // A run's deadline (workflow.timeoutMs): 100 ms to 24 hours, as the API allows.
@@ -59,17 +60,21 @@ function isObject(value) {
   return value !== null && typeof value === 'object' && !Array.isArray(value);
 }
 
-function referencesIn(value, found = []) {
+/** Every `${...}` in a stage input as the API reads it (chalicelib/core/references.py):
+ * {text, stageId} for a stage output; {text, path, malformed} for one of neither form, with
+ * the keys and indexes down to its string (keys themselves are never references). */
+function referencesIn(value, path = [], found = []) {
   if (typeof value === 'string') {
     for (const match of value.matchAll(REFERENCE)) {
       const parts = match[1].trim().split('.');
       if (parts.length >= 2 && parts[0] === 'workflow' && parts[1] === 'input') continue;
       if (parts.length >= 2 && parts[1] === 'output') found.push({ text: match[0], stageId: parts[0] });
+      else found.push({ text: match[0], path, malformed: true });
     }
   } else if (Array.isArray(value)) {
-    value.forEach((item) => referencesIn(item, found));
+    value.forEach((item, index) => referencesIn(item, [...path, String(index)], found));
   } else if (isObject(value)) {
-    Object.values(value).forEach((item) => referencesIn(item, found));
+    Object.entries(value).forEach(([key, item]) => referencesIn(item, [...path, key], found));
   }
   return found;
 }
@@ -208,12 +213,22 @@ export function checkWorkflow(workflow) {
     }
   }
   const unique = [...seen.values()];
+  for (const stage of unique) {
+    for (const reference of referencesIn(stage.input).filter((found) => found.malformed)) {
+      add(
+        ['stages', stage.index, 'input', ...reference.path].join('.'),
+        `Stage '${stage.id}': Malformed reference ${reference.text}: use ${REFERENCE_FORMS}. Every \${...} ` +
+          'in a stage input is a reference, and there is no escape: text that must hold one can come from the ' +
+          'workflow input, by reference',
+      );
+    }
+  }
   const cycle = findCycle(unique.map((stage) => ({ ...stage, dependencies: stage.dependencies.filter((d) => d !== stage.id) })));
   if (cycle) add(`stages.${seen.get(cycle[0]).index}.dependencies`, `Stages form a cycle: ${cycle.join(' -> ')}`);
   else {
     const ancestors = ancestorsOf(unique);
     for (const stage of unique) {
-      for (const reference of referencesIn(stage.input)) {
+      for (const reference of referencesIn(stage.input).filter((found) => !found.malformed)) {
         if (!ancestors.get(stage.id).has(reference.stageId)) {
           add(
             `stages.${stage.index}.input`,

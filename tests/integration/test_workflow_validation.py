@@ -115,6 +115,28 @@ def test_a_reference_to_a_stage_that_is_not_an_ancestor_is_refused(user):
     assert fields_of(error) == ["workflow.stages.2.input"]
 
 
+@pytest.mark.parametrize(
+    ("text", "written"),
+    [
+        ("${workflow.inputs.text}", "${workflow.inputs.text}"),  # a typo of workflow.input
+        ("${a.outputs.result}", "${a.outputs.result}"),  # a typo of <stage>.output
+        ("run `echo ${HOME}` for me", "${HOME}"),  # literal text that looks like one
+    ],
+)
+def test_a_malformed_reference_is_refused_naming_it_and_where(user, text, written):
+    body = workflow(stage("a"), stage("b", "a", input={"text": text}))
+    error = refused(user, {**body, "input": {"text": "hi"}})
+    assert "'b'" in error["message"]
+    assert written in error["message"]
+    assert "${workflow.input.<path>} or ${<stageId>.output.<path>}" in error["message"]
+    assert fields_of(error) == ["workflow.stages.1.input.text"]
+
+
+def test_text_with_a_literal_reference_sign_is_accepted_from_the_workflow_input(user):
+    body = workflow(stage("a", input={"text": "do: ${workflow.input.cmd}", "${HOME}": "a key"}))
+    submit(user, {**body, "input": {"cmd": "run `echo ${HOME}` for me"}})
+
+
 def test_a_reference_to_a_transitive_ancestor_is_accepted(user):
     submit(
         user,

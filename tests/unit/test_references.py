@@ -1,18 +1,29 @@
 """References in stage inputs: whole values keep their JSON type, longer strings interpolate,
-and anything unresolvable fails with the reference as written."""
+anything unresolvable fails with the reference as written, a `${...}` of neither form is
+refused at submission, and an input's size is counted as the agent is sent it."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
+from chalicelib.agents import dispatch
+from chalicelib.agents.dispatch import AgentTask
+from chalicelib.config import reset_settings
+from chalicelib.core import errors
 from chalicelib.core.references import (
+    InputTooLarge,
     Reference,
     UnresolvableReference,
+    check_input_size,
+    expanded_size,
     references_in,
     resolve,
 )
+from chalicelib.workflows.definition import WorkflowDefinition, check_dag
 
 WORKFLOW_INPUT = {"lang": "es", "limit": 3, "tags": ["a", "b"], "nested": {"deep": {"x": 1}}}
 OUTPUTS = {
@@ -186,3 +197,219 @@ def test_references_in_skips_malformed_references_and_plain_values():
     assert list(references_in(None)) == []
     assert list(references_in(12)) == []
     assert list(references_in({"${a.output}": "keys are not templates"})) == []
+
+
+# ------------------------------------------------------------------ malformed at submission
+
+
+def workflow_with(stage_input: Any) -> WorkflowDefinition:
+    """Stage 'b', after 'a', with `stage_input`."""
+    return WorkflowDefinition.model_validate(
+        {
+            "name": "refs",
+            "stages": [
+                {"id": "a", "name": "A", "agentCapability": "x"},
+                {"id": "b", "name": "B", "agentCapability": "x", "dependencies": ["a"]}
+                | {"input": stage_input},
+            ],
+        }
+    )
+
+
+def refusal(stage_input: Any) -> dict[str, str]:
+    """The one {field, message} check_dag refuses `stage_input` with."""
+    with pytest.raises(errors.ValidationError) as caught:
+        check_dag(workflow_with(stage_input))
+    [detail] = caught.value.details
+    assert caught.value.message == detail["message"]
+    return dict(detail)
+
+
+@pytest.mark.parametrize(
+    ("stage_input", "field", "written"),
+    [
+        (
+            {"text": "${workflow.inputs.text}"},
+            "workflow.stages.1.input.text",
+            "${workflow.inputs.text}",
+        ),
+        ({"text": "${a.outputs.result}"}, "workflow.stages.1.input.text", "${a.outputs.result}"),
+        ("run `echo ${HOME}` for me", "workflow.stages.1.input", "${HOME}"),
+        (
+            {"x": ["ok", {"y": "a ${a.output.r} b ${foo}"}]},
+            "workflow.stages.1.input.x.1.y",
+            "${foo}",
+        ),
+        (["${ }"], "workflow.stages.1.input.0", "${ }"),
+        ("${a.input.r}", "workflow.stages.1.input", "${a.input.r}"),
+        ("${workflow}", "workflow.stages.1.input", "${workflow}"),
+    ],
+)
+def test_a_malformed_reference_is_refused_at_submission_naming_it_and_where(
+    stage_input, field, written
+):
+    detail = refusal(stage_input)
+    assert detail["field"] == field
+    assert "Stage 'b'" in detail["message"]
+    assert written in detail["message"]
+    assert "${workflow.input.<path>} or ${<stageId>.output.<path>}" in detail["message"]
+
+
+def test_the_first_malformed_reference_in_document_order_is_named():
+    detail = refusal({"first": ["${one}", "${two}"], "second": "${three}"})
+    assert detail["field"] == "workflow.stages.1.input.first.0"
+    assert "${one}" in detail["message"]
+
+
+@pytest.mark.parametrize(
+    "stage_input",
+    [
+        None,
+        "plain text",
+        "$ {not} a reference, nor ${} nor ${ nor $HOME",
+        {"${HOME}": "a key is never resolved, so never checked"},
+        {"t": "${ workflow.input.text }", "u": ["from a: ${a.output.result}", 3, None]},
+        "${a.output}",
+    ],
+)
+def test_inputs_whose_every_reference_is_well_formed_are_accepted(stage_input):
+    check_dag(workflow_with(stage_input))
+
+
+TRICKY = [
+    "${workflow.input.text}",
+    " ${workflow.input.text} ",
+    "${a.output}",
+    "${workflow.input}",
+    "${workflow.inputs.text}",
+    "x ${a.outputs} y",
+    "${a}${workflow.input.text}",
+    "${workflow.input.text}${a}",
+    "$${workflow.input.text}",
+    "${${workflow.input.text}}",
+    "${ }",
+    "${}",
+    "${.}",
+    "${workflow.input.text",
+    "{workflow.input.text}",
+]
+
+
+@pytest.mark.parametrize("template", TRICKY)
+def test_submission_refuses_exactly_the_forms_resolve_refuses(template):
+    """Given data for every well-formed reference, resolve fails on a template's form iff
+    the submission is refused: nothing resolve reads escapes the check."""
+    outputs = {"a": {"result": 1}}
+    try:
+        resolve({"k": [template]}, {"text": "t"}, outputs)
+    except UnresolvableReference:
+        resolve_refuses = True
+    else:
+        resolve_refuses = False
+    try:
+        check_dag(workflow_with({"k": [template]}))
+    except errors.ValidationError as exc:
+        refused = True
+        assert exc.details[0]["field"] == "workflow.stages.1.input.k.0"
+    else:
+        refused = False
+    assert refused == resolve_refuses, template
+
+
+def test_text_holding_a_literal_dollar_brace_comes_from_the_workflow_input():
+    """No escape exists for `${` in a stage input; text resolved into it is not read again."""
+    literal = "run `echo ${HOME}` for me"
+    check_dag(workflow_with({"whole": "${workflow.input.cmd}", "in": "do: ${workflow.input.cmd}"}))
+    resolved = resolve(
+        {"whole": "${workflow.input.cmd}", "in": "do: ${workflow.input.cmd}"},
+        {"cmd": literal},
+        {},
+    )
+    assert resolved == {"whole": literal, "in": f"do: {literal}"}
+
+
+# ------------------------------------------------------------------ size as sent
+
+
+SIZE_INPUT = {
+    "items": ["é"] * 700,
+    "quoted": 'say "hi" \\ then\n\t\x01\x7f 😀 \u2028',
+    "number": 1.5,
+    "object": {"z": [1, None, True], "a": "ü", "b": {"c": "d"}},
+}
+SIZE_OUTPUTS = {"s": {"list": ["x", {"k": "v é"}], "tab": "a\tb"}, "empty": []}
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "items: ${workflow.input.items}",
+        "${workflow.input.items}",
+        " ${workflow.input.object} ",
+        "q=${workflow.input.quoted}; o=${workflow.input.object}; n=${workflow.input.number}",
+        {"a": ["${workflow.input.quoted}", "${s.output}", "x${s.output.tab}y${s.output.list}"]},
+        {'ké"y': {"deep": [[], {}, [None, 1, 2.5, False, "é 😀"]]}, "e": "${empty.output}"},
+        ["${workflow.input}", "${workflow.input}", "again: ${workflow.input}"],
+        'plain é 😀 " \\ ${} ${',
+        [],
+        {},
+    ],
+)
+def test_the_size_counted_is_exactly_the_size_of_the_input_as_sent(template):
+    resolved = resolve(template, SIZE_INPUT, SIZE_OUTPUTS)
+    sent = json.dumps(resolved, ensure_ascii=False, separators=(",", ":"))  # as dispatch does
+    assert expanded_size(template, SIZE_INPUT, SIZE_OUTPUTS) == len(sent.encode("utf-8"))
+
+
+class Posted(Exception):
+    """Raised by the fake transport with the request body dispatch built."""
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__("posted")
+        self.body = body
+
+
+def bytes_of_input_as_posted(monkeypatch: pytest.MonkeyPatch, stage_input: Any) -> int:
+    """The bytes the agent's request spends on `input`, from the body dispatch posts."""
+
+    def capture(method: str, url: str, *, body: bytes, **kwargs: Any) -> Any:
+        raise Posted(body)
+
+    monkeypatch.setattr(dispatch, "pinned_request", capture)
+    monkeypatch.setattr(dispatch, "is_mock", lambda endpoint: False)
+    bodies = []
+    for value in (stage_input, None):
+        task = AgentTask("wfr-1", "s1", 1, "cap", value, "wf")
+        with pytest.raises(Posted) as caught:
+            dispatch.call_agent("https://agent.example/run", "token", "agent-1", task)
+        bodies.append(caught.value.body)
+    return len(bodies[0]) - len(bodies[1]) + len("null")
+
+
+def test_the_size_counted_is_the_size_of_the_input_in_the_agents_request(monkeypatch):
+    template = {"text": "items: ${workflow.input.items}", "q": "${workflow.input.quoted}"}
+    posted = bytes_of_input_as_posted(monkeypatch, resolve(template, SIZE_INPUT, {}))
+    assert expanded_size(template, SIZE_INPUT, {}) == posted
+
+
+@pytest.fixture
+def input_cap(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    monkeypatch.setenv("MAOF_STAGE_MAX_INPUT_BYTES", "4096")
+    reset_settings()
+    yield 4096
+    monkeypatch.undo()
+    reset_settings()
+
+
+def test_an_interpolated_value_under_the_cap_only_as_compact_utf8_is_too_large(input_cap):
+    """700 items of "é": 3.5 KB as compact UTF-8 JSON, but 9 KB as sent: inserted into text,
+    the list is written with ", " between items and \\u00e9 for each é, and each of its
+    quotes and backslashes is escaped again inside the string."""
+    template = {"text": "items: ${workflow.input.items}"}
+    workflow_input = {"items": ["é"] * 700}
+    compact = json.dumps(workflow_input, ensure_ascii=False, separators=(",", ":"))
+    assert len(compact.encode("utf-8")) < input_cap
+    with pytest.raises(InputTooLarge, match="MAOF_STAGE_MAX_INPUT_BYTES"):
+        check_input_size(template, workflow_input, {})
+    with pytest.raises(InputTooLarge):
+        check_input_size(template, workflow_input, None)  # at submission too
