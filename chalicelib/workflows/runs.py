@@ -6,8 +6,8 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import case, func, select, text
-from sqlalchemy.orm import Session
+from sqlalchemy import case, func, select, text, true
+from sqlalchemy.orm import Session, aliased
 
 from chalicelib import limits, observability
 from chalicelib.agents.secrets import encrypt_token
@@ -61,7 +61,8 @@ def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -
 
     With an Idempotency-Key (`key`, per user, kept 24 h) the same statement claims the
     key: a second submission with the key (even one racing the first: it waits on the
-    key's row) stores nothing and gets the first run, or a 409 if its body differs."""
+    key's row) stores nothing and gets the first run, or a 409 if its body differs. A key
+    older than 24 h is forgotten: the submission is a new one (quota and all)."""
     check_dag(body.workflow)
     check_timeouts(body.workflow)
     check_input_sizes(body.workflow, body.input)
@@ -142,7 +143,11 @@ def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -
             },
         ).one()
     if key is not None and not stored.keyed:
-        return _earlier_submission(principal, key, stored.body_hash)
+        earlier = _earlier_submission(principal, key, stored.body_hash, stored.key_cutoff)
+        if earlier is not None:
+            return earlier
+        # The key was free or had expired, and still not claimed: the only reason is the
+        # quota (nothing was stored), so it is answered as any submission over the quota.
     if not stored.stored:
         raise errors.RateLimited(
             f"You have {max_active} runs queued or in progress, the most allowed "
@@ -186,19 +191,26 @@ ACTIVE_QUOTA_RETRY_SECONDS = 5
 KEY_DAYS = 1  # how long an Idempotency-Key is remembered
 
 
-def _earlier_submission(principal: Principal, key: str, body_hash: str) -> Reply:
-    """The run an Idempotency-Key already made (202, as the first answer was), or 409."""
+def _earlier_submission(
+    principal: Principal, key: str, body_hash: str, cutoff: datetime
+) -> Reply | None:
+    """The run a live Idempotency-Key already made (202, as the first answer was), a 409
+    if the body differs, or None if the key is free or expired (taken before `cutoff`): an
+    expired key answers nothing, as if it had never been used.
+
+    `cutoff` is the one _SUBMIT used, not this statement's: a key it found live (and so
+    did not take over) is found here even if it expired in between."""
     with autocommit_connection() as conn:
         earlier = conn.execute(
             text(
                 "SELECT k.body_hash, k.run_id, r.status FROM submission_keys AS k "
                 "JOIN workflow_runs AS r ON r.id = k.run_id "
-                "WHERE k.user_id = :user_id AND k.key = :key"
+                "WHERE k.user_id = :user_id AND k.key = :key AND k.created_at >= :cutoff"
             ),
-            {"user_id": principal.user_uuid, "key": key},
+            {"user_id": principal.user_uuid, "key": key, "cutoff": cutoff},
         ).first()
-    if earlier is None:  # the key's submission was refused (over the quota): try again
-        raise errors.RateLimited("The submission with this Idempotency-Key was refused", 5)
+    if earlier is None:
+        return None
     if earlier.body_hash != body_hash:
         raise errors.Conflict(
             "This Idempotency-Key was already used, with a different request body",
@@ -209,9 +221,14 @@ def _earlier_submission(principal: Principal, key: str, body_hash: str) -> Reply
     )
 
 
+# Keys taken before this are expired (kept until a submission under the quota takes the
+# key over: nothing deletes them).
+_KEY_CUTOFF = f"now() - make_interval(days => {KEY_DAYS})"
+
 # The run (only while the user is under the active-run quota), its stages, its first audit
-# entry and its Idempotency-Key (if any, and not taken within a day); answers whether the
-# run was stored and the key claimed (and the body's hash, to compare with the key's).
+# entry and its Idempotency-Key (if any, and not taken since the cutoff); answers whether
+# the run was stored and the key claimed (and the body's hash, to compare with the key's,
+# and the cutoff, to read the key with).
 _SUBMIT = text(
     f"""
     WITH allowed AS (
@@ -223,7 +240,7 @@ _SUBMIT = text(
          WHERE CAST(:key AS text) IS NOT NULL AND (SELECT ok FROM allowed)
         ON CONFLICT (user_id, key) DO UPDATE
            SET body_hash = EXCLUDED.body_hash, run_id = EXCLUDED.run_id, created_at = now()
-         WHERE submission_keys.created_at < now() - make_interval(days => {KEY_DAYS})
+         WHERE submission_keys.created_at < {_KEY_CUTOFF}
      RETURNING run_id
     ), run AS (
         INSERT INTO workflow_runs (id, user_id, workflow_name, definition, input, status,
@@ -256,7 +273,7 @@ _SUBMIT = text(
         SELECT {audit_rows.RECORD_VALUES} FROM run, {audit_rows.RECORDS}
     )
     SELECT EXISTS (SELECT 1 FROM run) AS stored, EXISTS (SELECT 1 FROM keyed) AS keyed,
-           CAST(:body_hash AS text) AS body_hash
+           CAST(:body_hash AS text) AS body_hash, {_KEY_CUTOFF} AS key_cutoff
     """
 )
 
@@ -347,25 +364,32 @@ def list_runs(principal: Principal, query: RunQuery) -> responses.RunList:
     conditions = [WorkflowRun.user_id == principal.user_uuid]
     if query.status:
         conditions.append(WorkflowRun.status == query.status)
+    # The page of runs first, then the stages of those runs only (a LATERAL count per run,
+    # by the run_id index): counting before paging read every user's stages on each call.
+    page = (
+        select(WorkflowRun)
+        .where(*conditions)
+        .order_by(WorkflowRun.created_at.desc(), WorkflowRun.id)
+        .offset(query.offset)
+        .limit(query.limit)
+        .subquery()
+    )
+    run = aliased(WorkflowRun, page)
     progress = (
         select(
-            StageExecution.run_id,
             func.count().label("total"),
             func.count(case((StageExecution.status == "completed", 1))).label("completed"),
             func.count(case((StageExecution.status == "failed", 1))).label("failed"),
         )
-        .group_by(StageExecution.run_id)
-        .subquery()
+        .where(StageExecution.run_id == run.id)
+        .lateral()
     )
     with session_scope() as session:
         total = session.scalar(select(func.count()).select_from(WorkflowRun).where(*conditions))
         rows = session.execute(
-            select(WorkflowRun, progress.c.total, progress.c.completed, progress.c.failed)
-            .join(progress, progress.c.run_id == WorkflowRun.id)
-            .where(*conditions)
-            .order_by(WorkflowRun.created_at.desc(), WorkflowRun.id)
-            .offset(query.offset)
-            .limit(query.limit)
+            select(run, progress.c.total, progress.c.completed, progress.c.failed)
+            .join(progress, true())
+            .order_by(run.created_at.desc(), run.id)  # a subquery's order is not kept
         ).all()
     runs = [
         responses.ListedRun(

@@ -1,0 +1,147 @@
+"""The workflow-runs API, over HTTP and against the real database: an Idempotency-Key
+older than 24 h is forgotten (a new submission, held to the active-run quota, never its
+old run or a 409), and listing runs counts the stages of the page's runs only, never
+every user's stage rows."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from sqlalchemy import event, text
+
+from chalicelib import db
+from chalicelib.core.api import parse_run_ref
+from chalicelib.workflows import runs
+from tests.integration.conftest import Api, unique_capability
+from tests.integration.test_delivery import principal_of
+from tests.integration.test_limits import apply, rate_limited, settings_env  # noqa: F401
+
+KEY = {"Idempotency-Key": "k-expires"}
+
+
+def workflow(capability: str, stages: int = 1) -> dict[str, Any]:
+    return {
+        "workflow": {
+            "name": "runs-api",
+            "stages": [
+                {"id": f"s{i}", "name": f"S{i}", "agentCapability": capability}
+                for i in range(stages)
+            ],
+        }
+    }
+
+
+def submitted(client: Api, body: dict[str, Any], **headers: str) -> str:
+    response = client.post("/workflows/execute", body, headers=headers)
+    assert response.status_code == 202, response.text
+    return str(response.json()["data"]["workflowRunId"])
+
+
+def cancel(client: Api, run_id: str) -> None:
+    response = client.post(f"/workflows/{run_id}/cancel")
+    assert response.status_code == 202, response.text
+
+
+# ------------------------------------------------------------------ Idempotency-Key expiry
+
+
+def test_an_expired_key_is_a_new_submission_even_at_the_quota(
+    user: Api,
+    sent: Any,
+    settings_env: dict[str, str],  # noqa: F811
+) -> None:
+    apply(settings_env, MAOF_MAX_ACTIVE_RUNS="1")
+    body = workflow(unique_capability("expires"))
+    old = submitted(user, body, **KEY)
+    cancel(user, old)
+    with db.session_scope() as session:
+        session.execute(
+            text(
+                "UPDATE submission_keys SET created_at = now() - interval '25 hours' "
+                "WHERE run_id = :run_id"
+            ),
+            {"run_id": parse_run_ref(old)},
+        )
+    filler = submitted(user, workflow(unique_capability("filler")))  # 1 active: the quota
+    # The key has expired, so these are new submissions, refused for the quota: not the
+    # old (cancelled) run for the same body, nor a 409 for another body.
+    other = workflow(unique_capability("other"))
+    for again in (body, other):
+        error = rate_limited(user.post("/workflows/execute", again, headers=KEY))
+        assert "MAOF_MAX_ACTIVE_RUNS" in error["message"]
+    # Under the quota the expired key is taken afresh, by any body ...
+    cancel(user, filler)
+    fresh = submitted(user, other, **KEY)
+    assert fresh != old
+    # ... and from then on it is a live key: its run (even at the quota), or a 409.
+    assert submitted(user, other, **KEY) == fresh
+    conflict = user.post("/workflows/execute", body, headers=KEY)
+    assert conflict.status_code == 409, conflict.text
+
+
+# ------------------------------------------------------------------ listing cost
+
+
+def stage_rows_read(statement: str, params: Any) -> int:
+    """The stage_executions rows `statement` reads, by EXPLAIN ANALYZE (rows a scan
+    returned and rows its filter dropped, over all its loops)."""
+    with db.get_engine().connect() as conn:
+        cursor = conn.connection.cursor()
+        cursor.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + statement, params)
+        plan = cursor.fetchone()[0][0]["Plan"]
+
+    def read(node: dict[str, Any]) -> int:
+        here = 0
+        if node.get("Relation Name") == "stage_executions":
+            per_loop = node["Actual Rows"] + node.get("Rows Removed by Filter", 0)
+            here = round(per_loop * node["Actual Loops"])
+        return here + sum(read(child) for child in node.get("Plans", []))
+
+    return read(plan)
+
+
+def test_listing_runs_counts_only_the_stages_of_the_page(user: Api, api: Api, sent: Any) -> None:
+    someone = api.as_new_user()
+    for _ in range(30):  # 3000 stage rows that are not the caller's
+        submitted(someone, workflow(unique_capability("theirs"), stages=100))
+    capability = unique_capability("mine")
+    oldest, middle, newest = (submitted(user, workflow(capability, n)) for n in (1, 2, 3))
+    with db.session_scope() as session:  # the newest run: one stage done, one failed
+        for stage_id, status in (("s0", "completed"), ("s1", "failed")):
+            session.execute(
+                text("UPDATE stage_executions SET status = :s WHERE run_id = :r AND stage_id = :i"),
+                {"s": status, "r": parse_run_ref(newest), "i": stage_id},
+            )
+    cancel(user, oldest)
+
+    # The same answer as ever: newest first, paged, filtered, each run's stage counts.
+    first = user.get("/workflows", params={"limit": 2}).json()["data"]
+    assert [(r["workflowRunId"], r["progress"]) for r in first["runs"]] == [
+        (newest, {"total": 3, "completed": 1, "failed": 1}),
+        (middle, {"total": 2, "completed": 0, "failed": 0}),
+    ]
+    assert first["meta"] == {"total": 3, "page": 1, "limit": 2, "pages": 2}
+    second = user.get("/workflows", params={"limit": 2, "page": 2}).json()["data"]
+    assert [(r["workflowRunId"], r["progress"]) for r in second["runs"]] == [
+        (oldest, {"total": 1, "completed": 0, "failed": 0})
+    ]
+    cancelled = user.get("/workflows", params={"status": "cancelled"}).json()["data"]
+    assert [r["workflowRunId"] for r in cancelled["runs"]] == [oldest]
+    assert cancelled["meta"]["total"] == 1
+
+    # What that first page's statement reads: the 5 stage rows of its 2 runs, no others.
+    captured: list[tuple[str, Any]] = []
+    caller = threading.get_ident()
+
+    def grab(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        if threading.get_ident() == caller and "stage_executions" in statement:
+            captured.append((statement, params))
+
+    event.listen(db.get_engine(), "before_cursor_execute", grab)
+    try:
+        runs.list_runs(principal_of(user), runs.RunQuery(limit=2))
+    finally:
+        event.remove(db.get_engine(), "before_cursor_execute", grab)
+    assert len(captured) == 1, [statement for statement, _ in captured]
+    assert stage_rows_read(*captured[0]) <= 5
