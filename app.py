@@ -136,7 +136,7 @@ def me(request: ApiRequest) -> responses.User:
     body=agents.RegisterAgentRequest,
     status=201,
     response=responses.Agent,
-    raises=(403, 409),
+    raises=(403, 409, 429),
     summary="Register an agent (its health is checked at once)",
 )
 def register_agent(request: ApiRequest, body: agents.RegisterAgentRequest) -> responses.Agent:
@@ -177,7 +177,7 @@ def update_agent(
     "/agents/{agent_uuid}/health-check",
     "POST",
     response=responses.Agent,
-    raises=(403,),
+    raises=(403, 429),
     summary="Check an agent's health now",
 )
 def health_check_agent(request: ApiRequest, agent_uuid: str) -> responses.Agent:

@@ -284,6 +284,8 @@ class Settings(_Bootstrap):
     max_active_runs: int = Field(500, ge=1, le=1_000_000)
     # Live agents per account: each is probed every health interval, from MAOF's addresses.
     max_agents_per_user: int = Field(100, ge=1, le=100_000)
+    # Agent health probes a user asks for (health-checks, registrations) per sliding minute.
+    health_checks_per_minute: int = Field(60, ge=1, le=1_000_000)
     audit_signing_keys: str | None = None
     audit_keys_file: str = os.path.join(PROJECT_DIR, ".maof", "audit-signing-keys.json")
     audit_bucket: str = "maof-audit"

@@ -1,10 +1,13 @@
 """Abuse limits: sign-in attempts per account and per source address, new accounts per
-source address, submissions per user, and a cap on each user's active runs.
+source address, submissions and on-demand agent health probes per user, and a cap on each
+user's active runs.
 
 Sign-in and registration limits fail closed (503 when Redis is down: password guessing
 must never become unlimited, nor account creation, each a password hash and a fresh set
 of per-user limits); the submission rate fails open (Redis is a cache, and the active-run
-quota, counted in Postgres by the submission itself, still bounds a user).
+quota, counted in Postgres by the submission itself, still bounds a user); so does the
+health probe rate (a probe is one GET per API request, ended by its timeout, and failing
+closed would stop agent registration whenever Redis is away).
 """
 
 from __future__ import annotations
@@ -85,16 +88,34 @@ def _fail_closed(checks: list[tuple[str, int]], window: int, what: str, refused:
         raise errors.RateLimited(f"{refused}; try again later", wait)
 
 
-def limit_submissions(user_key: str) -> None:
-    """At most MAOF_SUBMISSIONS_PER_MINUTE workflow submissions per user, sliding minute."""
+def _fail_open(key: str, limit: int, what: str, refused: str) -> None:
+    """Count one event under `key`; 429 past `limit`, nothing counted without Redis."""
     try:
-        wait = cache.sliding_window(
-            f"maof:ratelimit:submit:{user_key}",
-            WINDOW_SECONDS,
-            get_settings().submissions_per_minute,
-        )
+        wait = cache.sliding_window(key, WINDOW_SECONDS, limit)
     except redis.RedisError as exc:
-        logger.warning("submission limiter unavailable", extra={"error": type(exc).__name__})
+        logger.warning(f"{what} limiter unavailable", extra={"error": type(exc).__name__})
         return
     if wait:
-        raise errors.RateLimited("Too many workflow submissions; slow down", wait)
+        raise errors.RateLimited(refused, wait)
+
+
+def limit_submissions(user_key: str) -> None:
+    """At most MAOF_SUBMISSIONS_PER_MINUTE workflow submissions per user, sliding minute."""
+    _fail_open(
+        f"maof:ratelimit:submit:{user_key}",
+        get_settings().submissions_per_minute,
+        "submission",
+        "Too many workflow submissions; slow down",
+    )
+
+
+def limit_health_checks(user_key: str) -> None:
+    """At most MAOF_HEALTH_CHECKS_PER_MINUTE agent health probes a user asks for (a
+    health-check, a registration), sliding minute: the agent quota alone would let one
+    agent and a loop make MAOF a source of requests by the thousand at whatever it names."""
+    _fail_open(
+        f"maof:ratelimit:health-check:{user_key}",
+        get_settings().health_checks_per_minute,
+        "health check",
+        "Too many agent health checks; slow down",
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import re
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -23,16 +23,26 @@ def _int(value: Any) -> int | None:
     return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-# What a terminal would act on rather than show: C0 controls but tab and newline, DEL, and
-# C1 (escape sequences start with ESC, or with C1's CSI). An agent's words reach these
-# strings (a stage's error, an agent's name): shown as "?"; `raw` keeps the API's own.
-_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# What a terminal would act on rather than show: controls (Cc: C0 but tab and newline, DEL,
+# and C1; escape sequences start with ESC, or with C1's CSI), format characters (Cf: bidi
+# overrides and isolates that show text reversed, zero-width characters) and line and
+# paragraph separators (Zl, Zp). An agent's words reach these strings (a stage's error, an
+# agent's name): shown as "?"; `raw` keeps the API's own.
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+_KEPT = "\t\n"
+
+
+def _hidden(char: str) -> bool:
+    return char not in _KEPT and unicodedata.category(char) in _HIDDEN_CATEGORIES
 
 
 def shown(value: Any) -> str:
-    """`value` as text fit for a terminal: every control character but tab and newline
-    replaced by "?"."""
-    return _CONTROLS.sub("?", str(value))
+    """`value` as text fit for a terminal: every control, format (bidi, zero-width) and
+    line or paragraph separator character but tab and newline replaced by "?"."""
+    text = str(value)
+    if text.isprintable():  # the usual case: none of them (nor tab or newline) is there
+        return text
+    return "".join("?" if _hidden(char) else char for char in text)
 
 
 def _str(value: Any) -> str | None:

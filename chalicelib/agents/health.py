@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import urllib3
 from sqlalchemy import select, update
@@ -41,7 +42,10 @@ PROBE_HEADERS = {"Connection": "close"}
 
 
 def health_url(endpoint: str) -> str:
-    return endpoint.rstrip("/") + "/health"
+    """`<endpoint>/health`: /health after the endpoint's path, its query kept (an agent
+    may be told apart by it), a fragment (never sent) dropped."""
+    parts = urlsplit(endpoint)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/health", fragment=""))
 
 
 def probe(endpoint: str) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-import re
+import unicodedata
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -14,8 +14,10 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
+from chalicelib import limits
 from chalicelib.agents import health
 from chalicelib.agents.candidates import invalidate
+from chalicelib.agents.dispatch import is_mock
 from chalicelib.agents.mock import MOCK_AGENTS_DISABLED, mock_agents_enabled
 from chalicelib.agents.network import EndpointNotAllowed, check_endpoint_allowed
 from chalicelib.agents.secrets import encrypt_token
@@ -28,7 +30,17 @@ from chalicelib.db import insert_unique, session_scope
 from chalicelib.db.models import Agent, User
 
 Visibility = Literal["private", "shared"]
-CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
+# What a terminal or a text display acts on rather than shows: controls (Cc: ESC, C1's
+# CSI), format characters (Cf: bidi overrides and isolates that show text reversed,
+# zero-width characters) and line and paragraph separators (Zl, Zp).
+HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def hidden_characters(value: str, allowed: str = "") -> bool:
+    """Whether `value` holds a character of HIDDEN_CATEGORIES other than those `allowed`."""
+    return any(
+        unicodedata.category(char) in HIDDEN_CATEGORIES and char not in allowed for char in value
+    )
 
 
 class RegisterAgentRequest(ApiModel):
@@ -44,6 +56,9 @@ class RegisterAgentRequest(ApiModel):
     @field_validator("endpoint")
     @classmethod
     def _absolute_http_url(cls, value: str) -> str:
+        if "#" in value:
+            # Never sent (tasks and probes go to the path and query): it would only mislead.
+            raise ValueError("must not contain a fragment (#...)")
         parsed = urlparse(value)
         if parsed.scheme == "mock":
             if not parsed.hostname:
@@ -66,9 +81,21 @@ class RegisterAgentRequest(ApiModel):
     @classmethod
     def _no_controls(cls, value: str) -> str:
         # Shown to other users (a shared agent, in their runs) and on terminals, where a
-        # control character (ESC, C1's CSI) would be acted on rather than shown.
-        if CONTROLS.search(value):
-            raise ValueError("must not contain control characters")
+        # control character (ESC, C1's CSI) would be acted on rather than shown, and a bidi
+        # override would show another name than the one stored.
+        if hidden_characters(value):
+            raise ValueError("must not contain control or invisible formatting characters")
+        return value
+
+    @field_validator("description")
+    @classmethod
+    def _no_controls_but_lines(cls, value: str | None) -> str | None:
+        # Listed to the same users as the name; it may run over several lines.
+        if value is not None and hidden_characters(value, allowed="\t\n"):
+            raise ValueError(
+                "must not contain control or invisible formatting characters "
+                "(tab and newline are allowed)"
+            )
         return value
 
 
@@ -130,8 +157,18 @@ def _within_quota(owner: uuid.UUID, session: Session) -> None:
         )
 
 
+def _count_probe(principal: Principal, endpoint: str) -> None:
+    """Count a probe the caller asks for (MAOF_HEALTH_CHECKS_PER_MINUTE), or 429; a mock
+    agent's probe sends no request and is not counted."""
+    if not is_mock(endpoint):
+        limits.limit_health_checks(str(principal.user_uuid))
+
+
 def register(principal: Principal, body: RegisterAgentRequest) -> responses.Agent:
     _refuse_sharing(principal, body.visibility)
+    # Registering probes at once; counted first, so a refused registration makes no agent
+    # (a register and delete loop would otherwise probe without limit).
+    _count_probe(principal, body.endpoint)
     agent = Agent(
         agent_id=body.agent_id,
         owner_id=principal.user_uuid,
@@ -169,6 +206,7 @@ def check_health(principal: Principal, agent_uuid: str) -> responses.Agent:
     """Probe one of the caller's agents now and return it with its new status."""
     with session_scope() as session:
         agent = _owned_agent(session, principal, agent_uuid, "check its health")
+    _count_probe(principal, agent.endpoint)
     return _probe(agent)
 
 
@@ -240,9 +278,11 @@ def update_agent(
 ) -> responses.Agent:
     """Change an agent's visibility (sharing needs an admin). Once this returns, a run the
     agent may no longer serve gets no new stage from it."""
-    _refuse_sharing(principal, body.visibility)
     with session_scope() as session:
+        # The agent first: to anyone but its owner this answers as every agent route does
+        # (404, or 403 for a shared agent), whatever the body asks for.
         agent = _owned_agent(session, principal, agent_uuid, "change it")
+        _refuse_sharing(principal, body.visibility)
         agent.visibility = body.visibility
         agent.updated_at = datetime.now(UTC)
         session.flush()

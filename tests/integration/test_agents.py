@@ -16,6 +16,7 @@ from chalicelib.agents.candidates import (
     capability_generation_key,
     invalidate_capability,
 )
+from chalicelib.agents.health import health_url
 from chalicelib.agents.secrets import decrypt_token
 from chalicelib.db import session_scope
 from chalicelib.db.models import Agent
@@ -25,6 +26,11 @@ from tests.integration.conftest import (
     unique_capability,
     wait_for_run,
 )
+
+# settings_env (a fixture) restores the settings `apply` lowers, as in test_limits.py.
+from tests.integration.test_limits import apply, rate_limited, settings_env  # noqa: F401
+from tests.integration.test_redis_down import redis_unreachable
+from tests.support.agents import ScriptedAgent, start_agent
 
 
 def agent_body(capability: str | None = None, **fields: Any) -> dict[str, Any]:
@@ -143,6 +149,18 @@ NOT_URLS = ["ftp://x", "/relative", "not a url", "http://", "http://:80/path", "
         ({"agentId": "agent\x1b[2J"}, "agentId"),
         ({"name": "Summarizer\x9b2J"}, "name"),
         ({"name": "two\nlines"}, "name"),
+        ({"description": "\x1b[2J\x1b[31mURGENT: sign in again\x1b[0m"}, "description"),
+        ({"description": "C1's CSI \x9b31m"}, "description"),
+        ({"description": "overwrite\rthe line"}, "description"),
+        # Unicode format and separator characters: shown reversed, split or not at all.
+        ({"agentId": "agent-\u202efdp.exe"}, "agentId"),
+        ({"name": "\u2066Summarizer\u2069"}, "name"),
+        ({"name": "zero\u200bwidth"}, "name"),
+        ({"name": "line\u2028separator"}, "name"),
+        ({"description": "para\u2029graph"}, "description"),
+        ({"description": "\u202eevil"}, "description"),
+        # Never sent: tasks and probes go to the path and query.
+        ({"endpoint": "http://127.0.0.1:9/agent#fragment"}, "endpoint"),
         *[({"endpoint": url}, "endpoint") for url in NOT_URLS],
         ({"authToken": ""}, "authToken"),
         ({"authToken": "t" * 1025}, "authToken"),
@@ -179,6 +197,13 @@ def test_the_longest_allowed_values_are_accepted(user):
     assert response.status_code == 201, response.text
     assert response.json()["data"]["agentId"] == longest_id
     assert response.json()["data"]["name"] == body["name"]
+
+
+def test_a_description_may_run_over_lines_with_tabs(user):
+    description = "Summarizes text.\n\tInput: {text}\n\tOutput: {summary} — 要約 ✓"
+    response = user.post("/agents/register", agent_body(description=description))
+    assert response.status_code == 201, response.text
+    assert response.json()["data"]["description"] == description
 
 
 def test_a_duplicate_agent_id_is_a_409_conflict(user, api):
@@ -334,6 +359,125 @@ def test_an_unknown_or_malformed_agent_uuid_is_a_404(user, agent_uuid):
     error = error_of(user.get(f"/agents/{agent_uuid}"), 404, "NOT_FOUND")
     assert error["message"] == "Agent not found"
     error_of(user.delete(f"/agents/{agent_uuid}"), 404, "NOT_FOUND")
+
+
+# ------------------------------------------------------------------ change
+
+
+def test_sharing_an_agent_not_yours_answers_as_every_agent_route_does(user, api, admin):
+    """A non-admin asking to share: 404 for an unknown agent and another user's private
+    one, exactly as any other body gets (the 403 for sharing told that the agent existed);
+    403 for another's shared agent (not its owner) and for the caller's own."""
+    share = {"visibility": "shared"}
+    others = register_agent(api.as_new_user(), unique_capability())
+    for agent_uuid in (str(uuid.uuid4()), others["agentUuid"]):
+        error = error_of(
+            user.request("PATCH", f"/agents/{agent_uuid}", json=share), 404, "NOT_FOUND"
+        )
+        assert error["message"] == "Agent not found"
+    shared = register_agent(admin, unique_capability(), visibility="shared")
+    error = error_of(
+        user.request("PATCH", f"/agents/{shared['agentUuid']}", json=share), 403, "FORBIDDEN"
+    )
+    assert "owner" in error["message"]
+    mine = register_agent(user, unique_capability())
+    error = error_of(
+        user.request("PATCH", f"/agents/{mine['agentUuid']}", json=share), 403, "FORBIDDEN"
+    )
+    assert "admin" in error["message"]
+    assert user.get(f"/agents/{mine['agentUuid']}").json()["data"]["visibility"] == "private"
+
+
+# ------------------------------------------------------------------ health checks
+
+
+def probes(agent: ScriptedAgent) -> list[str]:
+    """The paths of the health probes that reached `agent`."""
+    return [seen.path for seen in agent.seen if seen.method == "GET"]
+
+
+def test_the_health_probe_is_the_endpoints_path_and_health_with_its_query(user, agents):
+    """docs/protocol.md: `GET <endpoint>/health`. An endpoint with a query had /health
+    glued onto the query, so the probe went to the task path itself."""
+    target = start_agent(agents)
+    endpoint = target.url + "?tenant=acme"
+    agent = register_agent(user, unique_capability("query"), endpoint=endpoint)
+    assert agent["endpoint"] == endpoint
+    checked = user.post(f"/agents/{agent['agentUuid']}/health-check")
+    assert checked.status_code == 200, checked.text
+    assert probes(target) == ["/agent/health?tenant=acme"] * 2  # registration, health-check
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "probed"),
+    [
+        ("http://a.example/agent", "http://a.example/agent/health"),
+        ("http://a.example/agent/", "http://a.example/agent/health"),
+        ("http://a.example", "http://a.example/health"),
+        ("http://a.example?tenant=acme", "http://a.example/health?tenant=acme"),
+        ("https://a.example:8443/v1/run/?a=1&b=2", "https://a.example:8443/v1/run/health?a=1&b=2"),
+        # Registered before fragments were refused: the fragment is never sent.
+        ("http://a.example/agent?x=1#part", "http://a.example/agent/health?x=1"),
+    ],
+)
+def test_health_url_appends_health_to_the_path(endpoint, probed):
+    assert health_url(endpoint) == probed
+
+
+@pytest.mark.usefixtures("settings_env")
+def test_health_checks_past_the_limit_answer_429_and_probe_nothing(user, api, agents):
+    """Every health-check is a GET from MAOF to whatever the agent names: without a limit,
+    one agent and a loop made MAOF a source of requests by the thousand (docs/security.md).
+    The probe at registration counts too."""
+    apply({}, MAOF_HEALTH_CHECKS_PER_MINUTE="3")
+    target = start_agent(agents)
+    agent = register_agent(user, unique_capability("hc"), endpoint=target.url)
+    path = f"/agents/{agent['agentUuid']}/health-check"
+    assert [user.post(path).status_code for _ in range(2)] == [200, 200]
+    error = rate_limited(user.post(path))
+    assert "health check" in error["message"]
+    assert len(probes(target)) == 3, "the refused check sent no probe"
+    # A registration that would probe is refused too, and makes no agent; a mock agent's
+    # probe sends nothing and is not counted.
+    capability = unique_capability("hc")
+    rate_limited(user.post("/agents/register", agent_body(capability, endpoint=target.url)))
+    assert listed(user, capability=capability) == []
+    assert len(probes(target)) == 3
+    mock = register_agent(user, capability)
+    assert user.post(f"/agents/{mock['agentUuid']}/health-check").status_code == 200
+    # Another user has a limit of their own.
+    other = api.as_new_user()
+    theirs = register_agent(other, unique_capability("hc"), endpoint=target.url)
+    assert other.post(f"/agents/{theirs['agentUuid']}/health-check").status_code == 200
+    assert len(probes(target)) == 5
+
+
+@pytest.mark.usefixtures("settings_env")
+def test_registering_and_deleting_in_a_loop_probes_within_the_limit(user, agents):
+    """The agent quota counts live agents only: register, delete, register again probed
+    at once each time, without limit."""
+    apply({}, MAOF_HEALTH_CHECKS_PER_MINUTE="3", MAOF_MAX_AGENTS_PER_USER="1")
+    target, capability = start_agent(agents), unique_capability("loop")
+    for _ in range(3):
+        agent = register_agent(user, capability, endpoint=target.url)
+        assert user.delete(f"/agents/{agent['agentUuid']}").status_code == 200
+    rate_limited(user.post("/agents/register", agent_body(capability, endpoint=target.url)))
+    assert len(probes(target)) == 3
+    assert listed(user, capability=capability) == []
+
+
+@pytest.mark.usefixtures("settings_env")
+def test_health_checks_go_on_while_redis_is_down(user, agents):
+    """The limit fails open, as the submission rate does: a probe is one GET per request,
+    and registering an agent must not need Redis."""
+    apply({}, MAOF_HEALTH_CHECKS_PER_MINUTE="1")
+    target = start_agent(agents)
+    with redis_unreachable():
+        agent = register_agent(user, unique_capability("noredis"), endpoint=target.url)
+        checked = [user.post(f"/agents/{agent['agentUuid']}/health-check") for _ in range(2)]
+    assert [r.status_code for r in checked] == [200, 200]
+    assert checked[-1].json()["data"]["status"] == "online"
+    assert len(probes(target)) == 3
 
 
 # ------------------------------------------------------------------ delete

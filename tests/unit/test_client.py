@@ -18,7 +18,7 @@ from requests.adapters import BaseAdapter
 from maof_client import errors
 from maof_client.client import MaofClient, MemoryTokenStore, access_token_expiry
 from maof_client.errors import error_from_envelope
-from maof_client.models import Run, Tokens
+from maof_client.models import Agent, Run, Tokens, shown
 
 BASE = "http://maof.test"
 Answer = tuple[int, Any] | tuple[int, Any, dict[str, str]] | Exception
@@ -424,6 +424,28 @@ def test_strings_a_person_reads_carry_no_escape_codes() -> None:
     printed = out.getvalue() + render.failure_summary(run)
     assert "pwned" in printed and "\x1b]" not in printed and "\x1b[2J" not in printed
     assert not any(ch in printed for ch in "\x07\x7f\x9b")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("\u202eevil.exe", "?evil.exe"),  # RIGHT-TO-LEFT OVERRIDE: shown reversed
+        ("\u2066isolated\u2069", "?isolated?"),  # LEFT-TO-RIGHT ISOLATE ... POP ISOLATE
+        ("zero\u200bwidth\ufeff", "zero?width?"),  # ZERO WIDTH SPACE, BOM
+        ("line\u2028para\u2029end", "line?para?end"),  # LINE and PARAGRAPH SEPARATOR
+        ("kept:\ttab\nnewline é 要約 ✓\xa0", "kept:\ttab\nnewline é 要約 ✓\xa0"),
+    ],
+    ids=["rlo", "isolates", "zero-width", "separators", "printable"],
+)
+def test_format_characters_and_separators_are_shown_as_question_marks(
+    text: str, expected: str
+) -> None:
+    """Unicode format (bidi, zero-width) and separator characters change how the text
+    around them is shown ("Trojan Source"): a shared agent's name could pass for another."""
+    assert shown(text) == expected
+    agent = Agent.from_api({"agentUuid": "u", "agentId": text, "name": text})
+    assert (agent.agent_id, agent.name) == (expected, expected)
+    assert agent.raw["name"] == text
 
 
 def test_json_for_a_terminal_escapes_what_json_leaves_raw(capsys) -> None:
