@@ -260,7 +260,7 @@ def cancel_run(request: ApiRequest, run_id: str) -> Reply:
     "POST",
     status=202,
     response=responses.Retried,
-    raises=(409,),
+    raises=(409, 429),
     summary="Run a failed or cancelled run again from where it stopped",
 )
 def retry_run(request: ApiRequest, run_id: str) -> Reply:

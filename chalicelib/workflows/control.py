@@ -8,12 +8,14 @@ from typing import Any
 from sqlalchemy import text
 
 from chalicelib.audit import chain
+from chalicelib.config import get_settings
 from chalicelib.core import errors, responses
 from chalicelib.core.api import Principal, Reply, parse_run_ref
 from chalicelib.db import session_scope
 from chalicelib.engine import stages
 from chalicelib.engine.queue import send_stage_messages
 from chalicelib.logs import logger
+from chalicelib.workflows import runs
 
 RETRYABLE_RUNS = ("failed", "cancelled")
 
@@ -52,13 +54,18 @@ def cancel(principal: Principal, ref: str) -> Reply:
 def retry(principal: Principal, ref: str) -> Reply:
     """Run a failed or cancelled run again from where it stopped: completed stages keep
     their outputs; the others start afresh (new attempt numbers, so new Idempotency-Keys;
-    counters reset; agents chosen anew), under the same run id and audit chain."""
+    counters reset; agents chosen anew), under the same run id and audit chain. The run
+    is live again: it counts against MAOF_MAX_ACTIVE_RUNS as a new submission would."""
+    max_active = get_settings().max_active_runs
     with session_scope() as session:
+        runs.hold_quota(session, principal.user_uuid)  # first: submissions take it first too
         run = _owned(session, principal, ref)
         if run.status not in RETRYABLE_RUNS:
             raise errors.Conflict(
                 f"Only a failed or cancelled run can be retried; this one is {run.status}"
             )
+        if runs.active_runs(session, principal.user_uuid) >= max_active:
+            raise runs.over_quota(max_active)
         reset = session.execute(_RESET, {"run_id": run.id}).all()
         ready = [row.stage_id for row in reset if row.status == "queued"]
         chain.append(

@@ -122,8 +122,9 @@ def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -
         )
     max_active = get_settings().max_active_runs
     callback = body.callback
-    with autocommit_connection() as conn:
-        stored = conn.execute(
+    with session_scope() as session:
+        hold_quota(session, principal.user_uuid)
+        stored = session.execute(
             _SUBMIT,
             {
                 "max_active": max_active,
@@ -149,11 +150,7 @@ def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -
         # The key was free or had expired, and still not claimed: the only reason is the
         # quota (nothing was stored), so it is answered as any submission over the quota.
     if not stored.stored:
-        raise errors.RateLimited(
-            f"You have {max_active} runs queued or in progress, the most allowed "
-            "(MAOF_MAX_ACTIVE_RUNS); submit again when some have ended",
-            ACTIVE_QUOTA_RETRY_SECONDS,
-        )
+        raise over_quota(max_active)
     try:
         send_stage_messages(run_id, roots, fast=True)
     except Exception:
@@ -187,6 +184,38 @@ def _look_again(run_id: uuid.UUID, stage_id: str, capability: str, owner: uuid.U
 
 # How long a client over its active-run quota is told to wait before trying again.
 ACTIVE_QUOTA_RETRY_SECONDS = 5
+
+
+def hold_quota(session: Session, user_id: uuid.UUID) -> None:
+    """Take the user's active-run quota for the session's transaction: what counts their
+    live runs and then adds one (a submission, a retry) waits for any other doing so.
+    Without it, concurrent submissions each counted the runs before the others' were
+    stored, and twenty at once at a quota of three stored five."""
+    session.execute(
+        text("SELECT pg_advisory_xact_lock(hashtextextended(:name, 0))"),
+        {"name": f"maof:active-runs:{user_id}"},
+    )
+
+
+def active_runs(session: Session, user_id: uuid.UUID) -> int:
+    return int(
+        session.execute(
+            text(
+                "SELECT count(*) FROM workflow_runs "
+                "WHERE user_id = :user_id AND status IN ('queued', 'in_progress')"
+            ),
+            {"user_id": user_id},
+        ).scalar_one()
+    )
+
+
+def over_quota(max_active: int) -> errors.RateLimited:
+    return errors.RateLimited(
+        f"You have {max_active} runs queued or in progress, the most allowed "
+        "(MAOF_MAX_ACTIVE_RUNS); submit again when some have ended",
+        ACTIVE_QUOTA_RETRY_SECONDS,
+    )
+
 
 KEY_DAYS = 1  # how long an Idempotency-Key is remembered
 

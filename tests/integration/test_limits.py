@@ -14,17 +14,20 @@ from typing import Any
 
 import pytest
 import requests
+from sqlalchemy import text
 
-from chalicelib import cache, limits
+from chalicelib import cache, db, limits
 from chalicelib.agents import registry
 from chalicelib.config import get_settings, reset_settings
 from chalicelib.core import errors
+from chalicelib.core.api import parse_run_ref
 from tests.integration.conftest import (
     Api,
     register_agent,
     unique_capability,
     unique_email,
     wait_for_run,
+    wait_until,
 )
 from tests.integration.test_delivery import principal_of
 from tests.integration.test_redis_down import redis_unreachable
@@ -257,6 +260,84 @@ def test_the_active_run_quota_answers_429_until_a_run_ends(
         assert user.post("/workflows/execute", one_stage_run(capability)).status_code == 202
     finally:
         agent.stop()
+
+
+def test_concurrent_submissions_never_pass_the_active_run_quota(
+    user: Api, sent: Any, settings_env: dict[str, str]
+) -> None:
+    """Each submission counted the user's live runs in its own statement, blind to the
+    others' runs not yet stored: submissions at once all passed a quota of three (twenty
+    by hand stored five). Made certain here: every submission waits, inside its statement,
+    on a row this test holds (the expired Idempotency-Key it takes over), then all go."""
+    apply(settings_env, MAOF_MAX_ACTIVE_RUNS="3")
+    capability = unique_capability("race")
+    owner, count = principal_of(user).user_uuid, 10
+    first = user.post("/workflows/execute", one_stage_run(capability)).json()["data"]
+    assert user.post(f"/workflows/{first['workflowRunId']}/cancel").status_code == 202
+    keys = [f"race-{uuid.uuid4().hex}" for _ in range(count)]
+    with db.session_scope() as session:  # expired keys of that run, to be taken over
+        session.execute(
+            text(
+                "INSERT INTO submission_keys (user_id, key, body_hash, run_id, created_at) "
+                "SELECT :owner, k, 'x', :run, now() - interval '2 days' FROM unnest(CAST(:keys AS text[])) AS k"
+            ),
+            {"owner": owner, "run": parse_run_ref(first["workflowRunId"]), "keys": keys},
+        )
+    holder = db.get_engine().connect()
+    try:
+        holder.execute(
+            text("SELECT 1 FROM submission_keys WHERE key = ANY(:keys) FOR UPDATE"),
+            {"keys": keys},
+        )
+
+        def post(key: str) -> requests.Response:
+            headers = {"Idempotency-Key": key}
+            return user.post("/workflows/execute", one_stage_run(capability), headers=headers)
+
+        with ThreadPoolExecutor(count) as pool:
+            answers = pool.map(post, keys)
+
+            def waiting() -> bool:
+                with db.autocommit_connection() as conn:
+                    found = conn.execute(
+                        text(
+                            "SELECT count(*) FROM pg_stat_activity "
+                            "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                        )
+                    ).scalar_one()
+                return int(found) >= count
+
+            wait_until(waiting, timeout=20)
+            holder.commit()  # all go
+            codes = sorted(a.status_code for a in answers)
+    finally:
+        holder.close()
+    assert codes == [202] * 3 + [429] * (count - 3)
+    assert user.get("/workflows?status=queued").json()["data"]["meta"]["total"] == 3
+
+
+def test_a_retry_counts_against_the_active_run_quota(
+    user: Api, sent: Any, settings_env: dict[str, str]
+) -> None:
+    """A retried run is live again: cancelling runs and retrying them held any number of
+    active runs past MAOF_MAX_ACTIVE_RUNS."""
+    apply(settings_env, MAOF_MAX_ACTIVE_RUNS="2")
+    capability = unique_capability("retry-quota")
+
+    def submit() -> str:
+        response = user.post("/workflows/execute", one_stage_run(capability))
+        assert response.status_code == 202, response.text
+        return str(response.json()["data"]["workflowRunId"])
+
+    cancelled = [submit(), submit()]
+    for run in cancelled:
+        assert user.post(f"/workflows/{run}/cancel").status_code == 202
+    live = [submit(), submit()]  # at the quota again
+    error = rate_limited(user.post(f"/workflows/{cancelled[0]}/retry"))
+    assert "MAOF_MAX_ACTIVE_RUNS" in error["message"]
+    assert user.get(f"/workflows/{cancelled[0]}").json()["data"]["status"] == "cancelled"
+    assert user.post(f"/workflows/{live[0]}/cancel").status_code == 202
+    assert user.post(f"/workflows/{cancelled[0]}/retry").status_code == 202
 
 
 # ------------------------------------------------------------------ nesting

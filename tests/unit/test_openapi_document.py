@@ -106,7 +106,7 @@ EXPECTED_ERRORS = {
     ("/workflows/{run_id}", "get"): [401, 404, 415, 500, 503],
     ("/workflows/{run_id}/result", "get"): [401, 404, 415, 500, 503],
     ("/workflows/{run_id}/cancel", "post"): [401, 404, 409, 415, 500, 503],
-    ("/workflows/{run_id}/retry", "post"): [401, 404, 409, 415, 500, 503],
+    ("/workflows/{run_id}/retry", "post"): [401, 404, 409, 415, 429, 500, 503],
     ("/workflows/{run_id}/audit", "get"): [401, 404, 415, 500, 503],
     ("/workflows/{run_id}/audit/export", "get"): [401, 404, 415, 500, 503],
     ("/audit/keys", "get"): [415, 500, 503],
