@@ -16,7 +16,7 @@ from chalicelib.config import get_settings
 from chalicelib.core import errors
 
 # The Alembic revision this code expects; tests check it is the migrations' head.
-SCHEMA_REVISION = "0009_agent_id_per_owner"
+SCHEMA_REVISION = "0010_prune_indexes"
 
 
 def _psycopg_url(url: str) -> str:

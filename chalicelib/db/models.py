@@ -72,6 +72,7 @@ class AuthSession(Base):
 
     __table_args__ = (
         Index("auth_sessions_user_live", "user_id", postgresql_where=text("revoked_at IS NULL")),
+        Index("auth_sessions_expires_at", "expires_at"),
     )
 
 
@@ -235,6 +236,10 @@ class StageExecution(Base):
     )
 
 
+# How long an Idempotency-Key is remembered; the sweeper deletes keys older than that.
+SUBMISSION_KEY_DAYS = 1
+
+
 class SubmissionKey(Base):
     """The Idempotency-Key of a submission: the same key and body give the same run."""
 
@@ -247,6 +252,8 @@ class SubmissionKey(Base):
     body_hash: Mapped[str] = mapped_column(String(64), nullable=False)
     run_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False)
     created_at: Mapped[datetime] = _now()
+
+    __table_args__ = (Index("submission_keys_created_at", "created_at"),)
 
 
 class AuditEntry(Base):

@@ -43,6 +43,7 @@ from chalicelib.audit import chain
 from chalicelib.aws import aws_client, stage_queue_url
 from chalicelib.config import get_settings
 from chalicelib.db import session_scope
+from chalicelib.db.models import SUBMISSION_KEY_DAYS
 from chalicelib.engine import callbacks
 from chalicelib.engine.queue import send_stage_messages
 from chalicelib.engine.stages import (
@@ -284,6 +285,35 @@ def overdue_runs() -> list[uuid.UUID]:
         )
 
 
+# Rows deleted per table per sweep: a backlog (a first sweep after an upgrade) goes over
+# a few sweeps, none holding the database for long.
+PRUNE_BATCH = 1000
+# A session is deleted this long after it expired: its tokens have been refused since.
+SESSION_KEPT_AFTER_EXPIRY = "1 day"
+
+
+def prune_expired() -> int:
+    """Delete Idempotency-Keys past SUBMISSION_KEY_DAYS (forgotten already: a submission
+    with one is a new one) and sign-in sessions expired a day ago (their tokens refused);
+    at most PRUNE_BATCH of each, oldest first, by their age indexes. Returns how many."""
+    deleted = 0
+    with session_scope() as session:
+        for table, column, cutoff in (
+            ("submission_keys", "created_at", f"make_interval(days => {SUBMISSION_KEY_DAYS})"),
+            ("auth_sessions", "expires_at", f"interval '{SESSION_KEPT_AFTER_EXPIRY}'"),
+        ):
+            deleted += len(
+                session.execute(
+                    text(
+                        f"DELETE FROM {table} WHERE ctid IN (SELECT ctid FROM {table} "
+                        f"WHERE {column} < now() - {cutoff} ORDER BY {column} "
+                        f"LIMIT {PRUNE_BATCH} FOR UPDATE SKIP LOCKED) RETURNING 1"
+                    )
+                ).all()
+            )
+    return deleted
+
+
 def sweep_once(until: float | None = None) -> dict[str, int]:
     """One sweep: the agents of accounts no longer named admins unshared; runs past their
     deadline failed; every stalled stage re-queued and re-sent, failed or skipped; stages
@@ -298,12 +328,18 @@ def sweep_once(until: float | None = None) -> dict[str, int]:
         "woken": 0,
         "callbacks": 0,
         "unshared": 0,
+        "pruned": 0,
         "errors": 0,
     }
     try:
         totals["unshared"] = unshare_former_admins()
     except Exception:
         logger.exception("unsharing the agents of former admins failed; going on")
+        totals["errors"] += 1
+    try:
+        totals["pruned"] = prune_expired()
+    except Exception:
+        logger.exception("deleting expired keys and sessions failed; going on")
         totals["errors"] += 1
     for run_id in overdue_runs():
         try:

@@ -19,7 +19,7 @@ from chalicelib.core import errors, responses
 from chalicelib.core.api import PageQuery, Principal, Reply, page_meta, parse_run_ref, run_ref
 from chalicelib.core.encoding import dumps
 from chalicelib.db import autocommit_connection, session_scope
-from chalicelib.db.models import AuditEntry, StageExecution, WorkflowRun
+from chalicelib.db.models import SUBMISSION_KEY_DAYS, AuditEntry, StageExecution, WorkflowRun
 from chalicelib.engine.queue import send_stage_messages
 from chalicelib.engine.stages import wake_stage
 from chalicelib.logs import logger
@@ -217,7 +217,7 @@ def over_quota(max_active: int) -> errors.RateLimited:
     )
 
 
-KEY_DAYS = 1  # how long an Idempotency-Key is remembered
+KEY_DAYS = SUBMISSION_KEY_DAYS
 
 
 def _earlier_submission(

@@ -6,12 +6,15 @@ every user's stage rows."""
 from __future__ import annotations
 
 import threading
+import uuid
 from typing import Any
 
 from sqlalchemy import event, text
 
 from chalicelib import db
 from chalicelib.core.api import parse_run_ref
+from chalicelib.db import session_scope
+from chalicelib.engine import sweeper
 from chalicelib.workflows import runs
 from tests.integration.conftest import Api, unique_capability
 from tests.integration.test_delivery import principal_of
@@ -145,3 +148,67 @@ def test_listing_runs_counts_only_the_stages_of_the_page(user: Api, api: Api, se
         event.remove(db.get_engine(), "before_cursor_execute", grab)
     assert len(captured) == 1, [statement for statement, _ in captured]
     assert stage_rows_read(*captured[0]) <= 5
+
+
+def test_the_sweeper_deletes_expired_keys_and_sessions_and_nothing_live(api: Api) -> None:
+    """Idempotency-Keys and sign-in sessions were never deleted: both tables grew with
+    every keyed submission and every sign-in, for ever."""
+    client = api.as_new_user()
+    owner = uuid.UUID(str(client.user and client.user["userUuid"]))
+    one_stage = workflow(unique_capability("prune"))
+    run = client.post("/workflows/execute", one_stage, headers={"Idempotency-Key": "old"})
+    assert run.status_code == 202, run.text
+    for key in ("young", "fresh"):
+        headers = {"Idempotency-Key": key}
+        assert client.post("/workflows/execute", one_stage, headers=headers).status_code == 202
+    live = api.post(
+        "/auth/login",
+        {"email": client.user and client.user["email"], "password": "correct-horse-battery"},
+    )
+    assert live.status_code == 200
+    with session_scope() as session:
+        session.execute(
+            text(
+                "UPDATE submission_keys SET created_at = CASE key "
+                "WHEN 'old' THEN now() - interval '25 hours' "
+                "WHEN 'young' THEN now() - interval '23 hours' ELSE created_at END "
+                "WHERE user_id = :owner"
+            ),
+            {"owner": owner},
+        )
+        sessions = (
+            session.execute(
+                text("SELECT id FROM auth_sessions WHERE user_id = :owner ORDER BY created_at"),
+                {"owner": owner},
+            )
+            .scalars()
+            .all()
+        )
+        assert len(sessions) == 2
+        session.execute(  # the first sign-in's, expired two days ago
+            text("UPDATE auth_sessions SET expires_at = now() - interval '2 days' WHERE id = :id"),
+            {"id": sessions[0]},
+        )
+    assert sweeper.prune_expired() >= 2
+    with session_scope() as session:
+        keys = (
+            session.execute(
+                text("SELECT key FROM submission_keys WHERE user_id = :owner ORDER BY key"),
+                {"owner": owner},
+            )
+            .scalars()
+            .all()
+        )
+        left = (
+            session.execute(
+                text("SELECT id FROM auth_sessions WHERE user_id = :owner"), {"owner": owner}
+            )
+            .scalars()
+            .all()
+        )
+    assert keys == ["fresh", "young"]
+    assert left == [sessions[1]]
+    me = api.get(
+        "/auth/me", headers={"Authorization": f"Bearer {live.json()['data']['accessToken']}"}
+    )
+    assert me.status_code == 200, "the live session is untouched"

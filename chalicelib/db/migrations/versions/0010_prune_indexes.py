@@ -1,0 +1,39 @@
+"""Indexes by age for what the sweeper deletes: Idempotency-Keys past their day and
+sign-in sessions long expired (both tables grew without bound).
+
+Revision ID: 0010_prune_indexes
+Revises: 0009_agent_id_per_owner
+"""
+
+from alembic import op
+
+revision = "0010_prune_indexes"
+down_revision = "0009_agent_id_per_owner"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.get_context().autocommit_block():
+        op.create_index(
+            "submission_keys_created_at",
+            "submission_keys",
+            ["created_at"],
+            postgresql_concurrently=True,
+        )
+        op.create_index(
+            "auth_sessions_expires_at",
+            "auth_sessions",
+            ["expires_at"],
+            postgresql_concurrently=True,
+        )
+
+
+def downgrade() -> None:
+    with op.get_context().autocommit_block():
+        op.drop_index(
+            "auth_sessions_expires_at", table_name="auth_sessions", postgresql_concurrently=True
+        )
+        op.drop_index(
+            "submission_keys_created_at", table_name="submission_keys", postgresql_concurrently=True
+        )
