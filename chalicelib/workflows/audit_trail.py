@@ -14,7 +14,7 @@ from chalicelib.audit import chain, checkpoints
 from chalicelib.audit import keys as audit_keys
 from chalicelib.audit import verify as rules
 from chalicelib.core import errors, responses
-from chalicelib.core.api import Principal
+from chalicelib.core.api import Principal, run_ref
 from chalicelib.db import session_scope
 from chalicelib.db.models import AuditEntry, StageExecution, WorkflowRun
 from chalicelib.logs import logger
@@ -110,7 +110,7 @@ def get_audit(principal: Principal, ref: str) -> responses.AuditTrail:
     status = chain.verify(entries, outputs, found)
     summary = _checkpoint_summary(found, available, status)
     return responses.AuditTrail(
-        workflow_run_id=ref,
+        workflow_run_id=run_ref(run.id),
         logs=[responses.AuditEntry.model_validate(chain.entry_view(e)) for e in entries],
         chain=responses.ChainReport.model_validate({**status.view(), "checkpoint": summary}),
     )

@@ -10,7 +10,7 @@ from sqlalchemy import text
 from chalicelib.audit import chain
 from chalicelib.config import get_settings
 from chalicelib.core import errors, responses
-from chalicelib.core.api import Principal, Reply, parse_run_ref
+from chalicelib.core.api import Principal, Reply, parse_run_ref, run_ref
 from chalicelib.db import session_scope
 from chalicelib.engine import stages
 from chalicelib.engine.queue import send_stage_messages
@@ -47,7 +47,10 @@ def cancel(principal: Principal, ref: str) -> Reply:
             {"by": principal.email, "userUuid": str(principal.user_uuid)},
         )
     return Reply(
-        responses.Cancelled(workflow_run_id=ref, status="cancelled", stages_cancelled=ended), 202
+        responses.Cancelled(
+            workflow_run_id=run_ref(run.id), status="cancelled", stages_cancelled=ended
+        ),
+        202,
     )
 
 
@@ -96,7 +99,10 @@ def retry(principal: Principal, ref: str) -> Reply:
         )
     _queue(run.id, ready)
     return Reply(
-        responses.Retried(workflow_run_id=ref, status="in_progress", stages_requeued=ready), 202
+        responses.Retried(
+            workflow_run_id=run_ref(run.id), status="in_progress", stages_requeued=ready
+        ),
+        202,
     )
 
 

@@ -437,4 +437,4 @@ def get_result(principal: Principal, ref: str) -> responses.RunResult:
         run = _own_run(session, principal, ref)
     if run.status != "completed":
         raise errors.NotFound(f"Workflow run has no result: it is {run.status}")
-    return responses.RunResult(workflow_run_id=ref, output=run.output)
+    return responses.RunResult(workflow_run_id=run_ref(run.id), output=run.output)

@@ -212,3 +212,19 @@ def test_the_sweeper_deletes_expired_keys_and_sessions_and_nothing_live(api: Api
         "/auth/me", headers={"Authorization": f"Bearer {live.json()['data']['accessToken']}"}
     )
     assert me.status_code == 200, "the live session is untouched"
+
+
+def test_every_view_names_a_run_by_its_one_id(user: Api) -> None:
+    """A run id is read however uuid.UUID reads it (upper case, no hyphens, urn:uuid:), but
+    cancel, retry, result and the audit trail answered with the spelling they were sent:
+    one run had several workflowRunIds, and its audit trail's differed from its entries'."""
+    run_id = submitted(user, workflow(unique_capability("ids")))
+    raw = run_id.removeprefix("wfr-")
+    for spelling in ["wfr-" + raw.upper(), "wfr-" + raw.replace("-", ""), "wfr-urn:uuid:" + raw]:
+        assert user.get(f"/workflows/{spelling}").json()["data"]["workflowRunId"] == run_id
+        trail = user.get(f"/workflows/{spelling}/audit").json()["data"]
+        assert trail["workflowRunId"] == run_id
+    cancelled = user.post(f"/workflows/wfr-{raw.upper()}/cancel").json()["data"]
+    assert cancelled["workflowRunId"] == run_id
+    retried = user.post(f"/workflows/wfr-{raw.replace('-', '')}/retry").json()["data"]
+    assert retried["workflowRunId"] == run_id
