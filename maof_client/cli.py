@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import sys
 import uuid
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from maof_client import __version__, render
 from maof_client.client import MaofClient, new_idempotency_key
 from maof_client.config import DEFAULT_API_URL, CredentialsFile
 from maof_client.errors import ConnectionFailed, MaofError, NotSignedIn, RateLimited
-from maof_client.models import Run, shown
+from maof_client.models import Run, hidden, shown
 from maof_client.workflows import WorkflowFileError, read_execute_body, read_input
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -98,14 +97,21 @@ def json_option(command: F) -> F:
     )(command)
 
 
-C1 = re.compile("[\x7f-\x9f]")
-
-
 def emit_json(data: Any) -> None:
     """The data as JSON, non-ASCII text as it is, but every character a terminal would act
-    on escaped (json escapes C0 itself; DEL and C1, such as the CSI U+009B, it leaves)."""
+    on escaped: json escapes C0 itself, and leaves DEL, C1 (such as the CSI U+009B), bidi
+    overrides, zero-width characters and line separators as they are. (Its own newlines,
+    the indentation's, are the only raw ones left: json escapes those in strings.)"""
     text = json.dumps(data, indent=2, ensure_ascii=False)
-    click.echo(C1.sub(lambda found: f"\\u{ord(found.group()):04x}", text))
+    click.echo("".join(_escaped(char) if hidden(char) else char for char in text))
+
+
+def _escaped(char: str) -> str:
+    """`char` as a JSON escape (outside the BMP, as its UTF-16 surrogate pair)."""
+    units = char.encode("utf-16-be")
+    return "".join(
+        f"\\u{int.from_bytes(units[i : i + 2], 'big'):04x}" for i in range(0, len(units), 2)
+    )
 
 
 def show(renderable: Any) -> None:

@@ -32,7 +32,8 @@ _HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
 _KEPT = "\t\n"
 
 
-def _hidden(char: str) -> bool:
+def hidden(char: str) -> bool:
+    """Whether a terminal would act on `char` rather than show it (tab, newline apart)."""
     return char not in _KEPT and unicodedata.category(char) in _HIDDEN_CATEGORIES
 
 
@@ -42,7 +43,7 @@ def shown(value: Any) -> str:
     text = str(value)
     if text.isprintable():  # the usual case: none of them (nor tab or newline) is there
         return text
-    return "".join("?" if _hidden(char) else char for char in text)
+    return "".join("?" if hidden(char) else char for char in text)
 
 
 def _str(value: Any) -> str | None:

@@ -451,7 +451,9 @@ def test_format_characters_and_separators_are_shown_as_question_marks(
 def test_json_for_a_terminal_escapes_what_json_leaves_raw(capsys) -> None:
     from maof_client.cli import emit_json
 
-    emit_json({"output": HOSTILE + " é"})
+    hostile = HOSTILE + " \u202eevil \u2028 \u200b \U000e0041 é"  # bidi, separator, tags
+    emit_json({"output": hostile, "lines": "a\nb\tc"})
     printed = capsys.readouterr().out
-    assert json.loads(printed) == {"output": HOSTILE + " é"}  # the same data
-    assert not any(ch in printed for ch in "\x1b\x07\x7f\x9b") and "é" in printed
+    assert json.loads(printed) == {"output": hostile, "lines": "a\nb\tc"}  # the same data
+    assert not any(ch in printed for ch in "\x1b\x07\x7f\x9b\u202e\u2028\u200b\U000e0041")
+    assert "é" in printed and "\\udb40\\udc41" in printed
