@@ -74,23 +74,26 @@ def _let_go(agent_uuid: str, slot: str | None) -> None:
 
 def renew_slots() -> None:
     """Extend the lease of every slot this process holds by one stage lease (never past its
-    cap); one round trip. A slot given back meanwhile is not taken again (ZADD XX)."""
+    cap); one round trip. A slot Redis lost (restarted without its data, flushed) is put
+    back, so the calls still running count against their agents again; until then, new
+    reservations may have taken those places (the one window past maxConcurrentTasks after
+    a loss: a renewal interval). The lock is held through the round trip: a slot given back
+    meanwhile waits for it, and is then removed, never renewed after its release."""
     now = time.time()
     with _held_lock:
         for key, cap in list(_held_slots.items()):
             if cap <= now:
                 del _held_slots[key]  # its lease ran to its cap: gone from Redis too
-        held = list(_held_slots.items())
-    if not held:
-        return
-    try:
-        pipe = cache.get_redis().pipeline(transaction=False)
-        for (agent_uuid, slot), cap in held:
-            pipe.zadd(_slots_key(agent_uuid), {slot: _lease_end(cap)}, xx=True)
-            pipe.expire(_slots_key(agent_uuid), _key_ttl())
-        pipe.execute()
-    except redis.RedisError as exc:
-        logger.warning("could not renew agent slots", extra={"error": type(exc).__name__})
+        if not _held_slots:
+            return
+        try:
+            pipe = cache.get_redis().pipeline(transaction=False)
+            for (agent_uuid, slot), cap in _held_slots.items():
+                pipe.zadd(_slots_key(agent_uuid), {slot: _lease_end(cap)})
+                pipe.expire(_slots_key(agent_uuid), _key_ttl())
+            pipe.execute()
+        except redis.RedisError as exc:
+            logger.warning("could not renew agent slots", extra={"error": type(exc).__name__})
 
 
 class NoAgentAvailable(Exception):

@@ -874,6 +874,9 @@ def next_waiting(agent_uuid: str, limit: int = 3) -> list[tuple[uuid.UUID, str]]
         return [(row.run_id, row.stage_id) for row in rows]
 
 
+# A stage kept for its agent (a retry goes back to the agent that failed it) waits for that
+# agent only while it may still serve the run: deleted, offline or unshared, it no longer
+# holds the stage back from the others (which then call it under a new attempt).
 # The stages in progress of each head's run are counted by the run (its few rows, by the
 # (run_id, stage_id) index), not by status: with the status in the condition, Postgres
 # read every stage in progress once per head, and a release behind 200 waiting runs took
@@ -891,7 +894,10 @@ _NEXT_WAITING_SQL = """
            AND (r.deadline_at IS NULL OR r.deadline_at > now())
            AND (a.visibility = 'shared' OR r.user_id = a.owner_id)
            AND NOT (a.id = ANY (s.tried_agents))
-           AND (s.agent_uuid IS NULL OR s.agent_uuid = a.id)
+           AND (s.agent_uuid IS NULL OR s.agent_uuid = a.id OR NOT EXISTS (
+                SELECT 1 FROM agents AS p
+                 WHERE p.id = s.agent_uuid AND p.deleted_at IS NULL AND p.status <> 'offline'
+                   AND (p.visibility = 'shared' OR p.owner_id = r.user_id)))
          ORDER BY s.run_id, s.parked_at, s.id
     )
     SELECT heads.run_id, heads.stage_id FROM heads

@@ -215,6 +215,27 @@ def test_giving_a_slot_back_twice_frees_one_slot_only(user: Api) -> None:
     assert selection.live_slots(agent["agentUuid"]) == 1
 
 
+def test_slots_redis_lost_are_put_back_by_the_next_renewal_and_given_back_ones_never(
+    user: Api,
+) -> None:
+    """Redis restarted without its data (or flushed) forgets the slots of calls still
+    running; renewing only what it still had (ZADD XX) never put them back, and the agent
+    got more calls at once than its slots until those calls ended (up to 870 s)."""
+    capability = unique_capability("lost-slots")
+    agent = register_agent(user, capability, maxConcurrentTasks=2)
+    running = selection._reserve(agent["agentUuid"], 2, time.time() + 60)
+    ended = selection._reserve(agent["agentUuid"], 2, time.time() + 60)
+    assert isinstance(running, str) and isinstance(ended, str)
+    selection.release(selection.AgentChoice(agent["agentUuid"], "a", "mock://x", "t", 2, ended))
+    cache.get_redis().delete(f"maof:agents:slots:{agent['agentUuid']}")  # Redis lost them
+    assert selection.live_slots(agent["agentUuid"]) == 0
+    selection.renew_slots()
+    assert selection.live_slots(agent["agentUuid"]) == 1, "the running call's, not the ended one's"
+    selection.release(selection.AgentChoice(agent["agentUuid"], "a", "mock://x", "t", 2, running))
+    selection.renew_slots()
+    assert selection.live_slots(agent["agentUuid"]) == 0
+
+
 # ------------------------------------------------------------------ waiting and hand-off
 
 
@@ -439,6 +460,42 @@ def test_the_hand_off_skips_stages_the_agent_may_not_serve(user: Api, api: Api, 
     assert claimed is not None
     assert stages.park_stage(claimed, "full") is stages.Requeued.QUEUED
     assert stages.next_waiting(mine["agentUuid"]) == []
+
+
+def test_a_stage_kept_for_an_agent_since_deleted_is_handed_the_others_slots(
+    user: Api, sent: Any
+) -> None:
+    """A retry goes back to the agent that failed (its Idempotency-Key kept). That agent
+    deleted, the stage waited behind the other, full agent still marked for the first:
+    no release of the other's ever handed it a slot (later runs' stages were served
+    first) and the sweeper left it while the other was full: it waited for ever."""
+    from chalicelib.core.api import parse_run_ref
+    from chalicelib.engine import handlers, stages
+
+    capability = unique_capability("kept")
+    first_agent = register_agent(user, capability)
+    other = register_agent(user, capability, maxConcurrentTasks=1)
+    first = parse_run_ref(submit(user, capability))
+    claimed = stages.claim_stage(first, "s0")
+    assert claimed is not None
+    retry = stages.requeue_later(  # the first agent answered a retryable error
+        claimed,
+        0,
+        "retry",
+        agent_uuid=uuid.UUID(first_agent["agentUuid"]),
+        agent_id=first_agent["agentId"],
+        agent_attempts=1,
+        tried_agents=[],
+        next_attempt=False,
+        details={"error": "busy"},
+    )
+    assert retry is stages.Requeued.QUEUED
+    assert user.delete(f"/agents/{first_agent['agentUuid']}").status_code == 200
+    held = selection._reserve(other["agentUuid"], 1, time.time() + 60)
+    assert isinstance(held, str)
+    assert handlers.run_stage(first, "s0") == "waiting"  # the first agent gone, the other full
+    second = parse_run_ref(submit(user, capability))  # a later run, waiting from the start
+    assert stages.next_waiting(other["agentUuid"]) == [(first, "s0"), (second, "s0")]
 
 
 def _parked_behind_a_full_agent(user: Api, capability: str) -> tuple[dict[str, Any], Any, Any]:
