@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from chalicelib import observability
 from chalicelib.agents import health
@@ -122,7 +123,7 @@ class TaskGroup:
             observability.adopt_trace_entity(self.trace)
             task()
         except Exception:
-            logger.exception("a handed-over stage raised; its lease runs out and it runs again")
+            logger.exception("a stage taken on without a message raised; it was handed back")
         finally:
             with self._done:
                 self._pending -= 1
@@ -226,9 +227,10 @@ def _count_finished(claimed: stages.ClaimedStage, outcome: str, started: float) 
 
 
 def is_infrastructure_error(exc: BaseException) -> bool:
-    """The database could not be reached or gave up on us (a lost connection, a deadlock):
-    not the stage's fault, and nothing about it could be recorded anyway."""
-    return isinstance(exc, OperationalError | InterfaceError) or (
+    """The database could not be reached or gave up on us (a lost connection, a deadlock,
+    no pooled connection free in time): not the stage's fault, and nothing about it could
+    be recorded anyway."""
+    return isinstance(exc, OperationalError | InterfaceError | PoolTimeout) or (
         isinstance(exc, DBAPIError) and exc.connection_invalidated
     )
 
@@ -420,10 +422,29 @@ def _run_here(
         policy = DispatchPolicy.of(claimed.config)
         handed = hand_over(slot, _wall_clock(_call_deadline(policy, invocation.deadline)))
     try:
-        invocation.group.spawn(functools.partial(_run_claimed, claimed, invocation, handed))
+        invocation.group.spawn(functools.partial(_run_without_message, claimed, invocation, handed))
     except BaseException:  # not started: the slot goes back, the stage's lease runs out
         if handed is not None:
             release(handed)
+        raise
+
+
+# A stage handed back after the database failed it is sent again after this long.
+HANDED_BACK_DELAY_SECONDS = 2
+
+
+def _run_without_message(
+    claimed: stages.ClaimedStage, invocation: Invocation, handed: AgentChoice | None
+) -> None:
+    """Run a stage taken on with no message of its own (eager dispatch, a hand-off). When
+    the database fails it, _run_claimed hands it back (queued, uncounted) as SQS would
+    redeliver a message: here no message exists, so one is sent; else only the sweeper
+    would find it, counted as a lost message (and enough of those fail a healthy run)."""
+    try:
+        _run_claimed(claimed, invocation, handed)
+    except Exception as exc:
+        if is_infrastructure_error(exc):
+            _send(claimed.run_id, [claimed.stage_id], delay_seconds=HANDED_BACK_DELAY_SECONDS)
         raise
 
 

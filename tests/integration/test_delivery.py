@@ -426,6 +426,57 @@ def test_a_ready_stage_whose_claim_fails_is_sent_instead(user, recorded, monkeyp
     assert stage_row(run_id, "b").status == "queued"
 
 
+def test_a_stage_run_here_that_the_database_fails_is_handed_back_and_sent(
+    user, recorded, monkeypatch
+):
+    """A stage taken on without a message (eager dispatch, a hand-off) that the database
+    fails is handed back (queued, uncounted) as a message-borne one is; but no message
+    would bring it back: it was left to the sweeper, counted as a lost message (enough of
+    those fail a healthy run)."""
+    capability = unique_capability("eagerblip")
+    register_agent(user, capability)
+    run_id = submit_direct(user, chain(capability, "a", "b"))
+    complete = stages.complete_stage
+
+    def blip_b(stage: stages.ClaimedStage, *args: Any, **kwargs: Any) -> Any:
+        if stage.stage_id == "b":
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection"))
+        return complete(stage, *args, **kwargs)
+
+    monkeypatch.setattr(stages, "complete_stage", blip_b)
+    assert handlers.run_stage_batch([record(run_id, "a")]) == {"batchItemFailures": []}
+    assert stage_row(run_id, "b").status == "queued"
+    assert stage_row(run_id, "b").requeues == 0
+    assert recorded.sent == [(run_id, "a"), (run_id, "b")]
+
+
+def test_no_pooled_connection_in_time_is_not_the_stages_fault(user, sent, monkeypatch):
+    """Every pooled connection taken (workers waiting on a run's lock behind a hung
+    transaction): the stage is handed back uncounted, as for a lost connection. It was
+    counted as the stage's error: a stage with no retries failed its run."""
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    capability = unique_capability("pool")
+    register_agent(user, capability)
+    run_id = submit_direct(user, [dict(chain(capability, "a")[0], config={"retries": 0})])
+    assign = stages.assign_agent
+    calls = []
+
+    def exhausted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise PoolTimeout("QueuePool limit of size 10 overflow 10 reached")
+        return assign(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "assign_agent", exhausted)
+    failures = handlers.run_stage_batch([record(run_id, "a")])["batchItemFailures"]
+    assert len(failures) == 1, "handed back to SQS, as any database failure"
+    row = stage_row(run_id, "a")
+    assert (row.status, row.errors) == ("queued", 0)
+    assert handlers.run_stage_batch([record(run_id, "a")]) == {"batchItemFailures": []}
+    assert stage_row(run_id, "a").status == "completed"
+
+
 def test_a_ready_stage_that_cannot_be_started_here_is_released_and_sent(
     user, recorded, monkeypatch
 ):
