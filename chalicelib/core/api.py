@@ -46,11 +46,10 @@ def _unstorable(value: Any) -> str | None:
 
 
 class ApiModel(BaseModel):
-    """Base of request bodies: camelCase keys, unknown fields refused."""
+    """Base of request bodies: camelCase keys, unknown fields refused (the snake_case
+    names too: `agent_id` is as unknown as any other key)."""
 
-    model_config = ConfigDict(
-        extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True
-    )
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, frozen=True)
 
     @field_validator("*", mode="before")
     @classmethod

@@ -62,6 +62,44 @@ def test_a_body_that_is_not_a_json_object_is_400(api: Api, body: str) -> None:
     assert error["code"] in ("VALIDATION_ERROR", "BAD_REQUEST")
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        (
+            "/agents/register",
+            {
+                "agentId": "snake",
+                "name": "Snake",
+                "endpoint": "mock://snake",
+                "authToken": "t",
+                "capabilities": ["x"],
+                "max_concurrent_tasks": 3,
+            },
+            "max_concurrent_tasks",
+        ),
+        ("/auth/refresh", {"refresh_token": "x"}, "refresh_token"),
+        (
+            "/workflows/execute",
+            {
+                "workflow": {
+                    "name": "w",
+                    "timeout_ms": 5000,
+                    "stages": [{"id": "a", "name": "A", "agentCapability": "x"}],
+                }
+            },
+            "workflow.timeout_ms",
+        ),
+    ],
+    ids=["register", "refresh", "execute"],
+)
+def test_a_snake_case_key_is_an_unknown_field(user: Api, path: str, body: Any, field: str) -> None:
+    """Keys are camelCase: `max_concurrent_tasks` was taken for maxConcurrentTasks (and
+    `refresh_token` for refreshToken), which neither the docs nor /openapi name."""
+    response = user.post(path, body)
+    assert response.status_code == 400, response.text
+    assert field in {d["field"] for d in response.json()["error"]["details"]}
+
+
 def test_wrong_content_type_is_415_with_the_envelope(api: Api) -> None:
     body = json.dumps({"email": unique_email(), "password": "password-1"})
     response = post_raw(api, "/auth/login", body, {"Content-Type": "text/plain"})
