@@ -214,7 +214,7 @@ def test_the_sweeper_deletes_expired_keys_and_sessions_and_nothing_live(api: Api
     assert me.status_code == 200, "the live session is untouched"
 
 
-def test_every_view_names_a_run_by_its_one_id(user: Api) -> None:
+def test_every_view_names_a_run_by_its_one_id(user: Api, sent: Any) -> None:
     """A run id is read however uuid.UUID reads it (upper case, no hyphens, urn:uuid:), but
     cancel, retry, result and the audit trail answered with the spelling they were sent:
     one run had several workflowRunIds, and its audit trail's differed from its entries'."""
