@@ -9,8 +9,11 @@ The rules (version 2 entries):
 - hash      = lowercase hex SHA-256 of the RFC 8785 (JCS) canonical JSON of the entry
               object without its `hash` and `signature` members;
 - prevHash  = the previous entry's `hash`; 64 zeros for the first entry (seq 1);
-- signature = Ed25519 over the ASCII bytes of `hash`, base64url without padding, by the key
-              named `kid` (a JWK of /audit/keys);
+- signature = Ed25519 over the ASCII bytes of `hash`, base64url without padding (only the
+              one canonical spelling of the bytes decodes), by the key named `kid` (a JWK
+              of /audit/keys, whose `kid` must be its RFC 7638 thumbprint); a retired key's
+              signature counts only on what is stamped (`loggedAt`, a checkpoint's
+              `createdAt`) at most RETIREMENT_GRACE after its `retiredAt`;
 - numbers are IEEE-754 doubles, as JSON.parse reads them: an integer beyond ±(2^53-1) is
   canonicalised as the double nearest it;
 - outputHash (and inputHash) = hex SHA-256 of the JCS of the value;
@@ -19,7 +22,11 @@ The rules (version 2 entries):
   (RFC 6962 §2.1), and the checkpoint's signed head carries the root (`rootHash`) and is
   hashed and signed by the entry rule.
 Entries written before signing existed (`version` 1) chain as sha256(prevHash + sorted-key
-JSON of the old document); they carry no signature and are reported as legacy.
+JSON of the old document); they carry no signature and are reported as legacy: the API
+accepts them before signed ones, a bundle only with `allow_legacy` (`--allow-legacy`).
+A bundle must also carry every output its entries record, and its `run` summary must agree
+with them (workflowName, status, errorMessage null unless the run failed or was cancelled).
+A malformed bundle is a problem in the report, never an exception.
 """
 
 from __future__ import annotations
@@ -28,10 +35,12 @@ import argparse
 import base64
 import hashlib
 import json
+import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, TypeGuard
 
 import rfc8785
 from cryptography.exceptions import InvalidSignature
@@ -44,6 +53,13 @@ BUNDLE_FORMAT = "maof-audit-bundle/1"
 CHECKPOINT_FORMAT = "maof-audit-checkpoint/1"
 UNSIGNED = ("hash", "signature")  # the members an entry's hash does not cover
 _SAFE_INTEGER = 2**53 - 1
+# A retired key still counts on what is stamped up to this long after its retiredAt:
+# containers that read the key set before a rotation sign with the old key until `make
+# rotate-key` has recycled them, and a stage worker's invocation may run for 15 minutes.
+RETIREMENT_GRACE = timedelta(hours=1)
+# What reading malformed input raises (a string where an object belongs, an integer no
+# double holds, Infinity, nesting too deep): reported as a problem, never a traceback.
+MALFORMED = (ValueError, OverflowError, TypeError, AttributeError, KeyError, RecursionError)
 
 
 # ------------------------------------------------------------------ canonical JSON, hashes
@@ -106,23 +122,78 @@ def legacy_entry_hash(entry: Mapping[str, Any]) -> str:
 # ------------------------------------------------------------------ keys and signatures
 
 
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
 def b64url_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """base64url without padding, strictly: padding, any other character or spare bits set
+    is a ValueError, so a signature or a key has exactly one text that decodes."""
+    if not isinstance(text, str) or not _BASE64URL.fullmatch(text):
+        raise ValueError("not base64url without padding")
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if b64url_encode(data) != text:
+        raise ValueError("not the canonical base64url of its bytes")
+    return data
 
 
 def b64url_encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+def thumbprint(x: str) -> str:
+    """RFC 7638 thumbprint of an Ed25519 public key (members crv, kty, x in order): a key's
+    `kid` (audit/keys.py names keys so; repeated here to keep this module standalone)."""
+    canonical = json.dumps({"crv": "Ed25519", "kty": "OKP", "x": x}, separators=(",", ":"))
+    return b64url_encode(hashlib.sha256(canonical.encode("ascii")).digest())
+
+
+def timestamp(value: Any) -> datetime | None:
+    """An ISO 8601 date-time with a time zone (`loggedAt`, `createdAt`, `retiredAt`), or
+    None if `value` is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
+
+
 def public_key_of(jwk: Mapping[str, Any]) -> Ed25519PublicKey:
     if jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519":
         raise ValueError(f"key {jwk.get('kid')!r} is not an Ed25519 OKP key")
-    return Ed25519PublicKey.from_public_bytes(b64url_decode(str(jwk["x"])))
+    if not isinstance(jwk.get("x"), str):
+        raise ValueError(f"key {jwk.get('kid')!r} has no `x`")
+    return Ed25519PublicKey.from_public_bytes(b64url_decode(jwk["x"]))
 
 
-def key_set(keys: Iterable[Mapping[str, Any]]) -> dict[str, Ed25519PublicKey]:
-    """kid -> public key, from JWKs (as GET /audit/keys lists them)."""
-    return {str(jwk["kid"]): public_key_of(jwk) for jwk in keys}
+class KeySet(dict[str, Ed25519PublicKey]):
+    """kid -> public key, and when each retired key was retired (`retired`, by kid)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.retired: dict[str, datetime] = {}
+
+
+def key_set(keys: Iterable[Mapping[str, Any]]) -> KeySet:
+    """kid -> public key, from JWKs (as GET /audit/keys lists them). A key whose `kid` is
+    not its RFC 7638 thumbprint is a ValueError: a kid names one key, so a bundle cannot
+    slip another key in under a real kid."""
+    found = KeySet()
+    for jwk in keys:
+        if not isinstance(jwk, Mapping):
+            raise ValueError("a key is not a JSON object")
+        public = public_key_of(jwk)
+        kid = jwk.get("kid")
+        if not isinstance(kid, str) or kid != thumbprint(jwk["x"]):
+            raise ValueError(f"key {kid!r}: its kid is not its RFC 7638 thumbprint")
+        if jwk.get("retiredAt") not in (None, ""):  # as audit/keys.py reads it
+            retired = timestamp(jwk["retiredAt"])
+            if retired is None:
+                raise ValueError(f"key {kid}: retiredAt {jwk['retiredAt']!r} is not a date-time")
+            found.retired[kid] = retired
+        found[kid] = public
+    return found
 
 
 def signature_valid(keys: Mapping[str, Ed25519PublicKey], kid: Any, digest: str, sig: Any) -> str:
@@ -132,9 +203,33 @@ def signature_valid(keys: Mapping[str, Ed25519PublicKey], kid: Any, digest: str,
     if not isinstance(sig, str) or not sig:
         return "no signature"
     try:
-        keys[kid].verify(b64url_decode(sig), digest.encode("ascii"))
+        raw = b64url_decode(sig)
+    except ValueError:
+        return "the signature is not base64url without padding"
+    try:
+        keys[kid].verify(raw, digest.encode("ascii"))
     except (InvalidSignature, ValueError):
         return f"signature does not verify with key {kid}"
+    return ""
+
+
+def signed_while_current(
+    keys: Mapping[str, Ed25519PublicKey], kid: Any, stamped: Any, member: str
+) -> str:
+    """'' unless kid's key (of a KeySet) had been retired for over RETIREMENT_GRACE at
+    `stamped`, the time the signed object gives itself in `member`; else why. Whoever holds
+    a retired private key can still backdate: checkpoints are what pin history."""
+    retired = keys.retired.get(kid) if isinstance(keys, KeySet) else None
+    if retired is None:
+        return ""
+    when = timestamp(stamped)
+    if when is None:
+        return f"key {kid} is retired, and {member} {stamped!r} is not a date-time"
+    if when > retired + RETIREMENT_GRACE:
+        return (
+            f"{member} {stamped} is after key {kid} was retired "
+            f"({retired.isoformat()}): a retired key signs nothing new"
+        )
     return ""
 
 
@@ -241,6 +336,34 @@ class Report:
 # ------------------------------------------------------------------ the checks
 
 
+def _is_count(value: Any) -> TypeGuard[int]:
+    """A JSON integer (not a boolean) of at least 1: a seq, a tree size."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _signed_entry_problem(entry: Mapping[str, Any], keys: Mapping[str, Ed25519PublicKey]) -> str:
+    try:
+        digest = object_hash(entry)
+    except MALFORMED as exc:
+        return f"its contents have no canonical JSON ({exc})"
+    if entry.get("hash") != digest:
+        return "hash does not match the entry's contents"
+    kid = entry.get("kid")
+    return signature_valid(keys, kid, digest, entry.get("signature")) or signed_while_current(
+        keys, kid, entry.get("loggedAt"), "loggedAt"
+    )
+
+
+def _legacy_entry_problem(entry: Mapping[str, Any]) -> str:
+    try:
+        digest = legacy_entry_hash(entry)
+    except MALFORMED as exc:
+        return f"its contents have no canonical JSON ({exc})"
+    if entry.get("hash") != digest:
+        return "hash does not match the entry's contents (version 1 rule)"
+    return ""
+
+
 def verify_entries(
     entries: Sequence[Mapping[str, Any]],
     keys: Mapping[str, Ed25519PublicKey],
@@ -248,7 +371,8 @@ def verify_entries(
     report: Report | None = None,
 ) -> Report:
     """Links, order, hashes and signatures of a run's entries (in seq order). A legacy
-    (version 1) entry may only precede signed ones."""
+    (version 1) entry may only precede signed ones (verify_bundle refuses them unless
+    allowed; the API, chain.verify, accepts them)."""
     report = report or Report()
     report.length = len(entries)
     prev = GENESIS
@@ -263,16 +387,10 @@ def verify_entries(
         elif entry.get("prevHash") != prev:
             problem = "prevHash is not the previous entry's hash"
         elif version == ENTRY_VERSION:
-            if entry.get("hash") != object_hash(entry):
-                problem = "hash does not match the entry's contents"
-            else:
-                problem = signature_valid(
-                    keys, entry.get("kid"), str(entry["hash"]), entry.get("signature")
-                )
+            problem = _signed_entry_problem(entry, keys)
             seen_signed = True
         elif version == LEGACY_VERSION and not seen_signed:
-            if entry.get("hash") != legacy_entry_hash(entry):
-                problem = "hash does not match the entry's contents (version 1 rule)"
+            problem = _legacy_entry_problem(entry)
         else:
             problem = f"unexpected version {version!r}" + (
                 " after a signed entry" if version == LEGACY_VERSION else ""
@@ -289,28 +407,128 @@ def verify_entries(
     return report
 
 
+def _output_name(stage_id: Any) -> str:
+    return f"stage {stage_id!r}" if stage_id else "the run"
+
+
 def verify_outputs(
     entries: Sequence[Mapping[str, Any]], outputs: Iterable[Mapping[str, Any]], report: Report
 ) -> Report:
     """Each stored output (a stage's, or the run's with stageId None) against the
     outputHash of the entry (`seq`) that recorded it."""
-    by_seq = {entry.get("seq"): entry for entry in entries}
+    by_seq = {
+        position: entry for position, entry in enumerate(entries, 1) if entry.get("seq") == position
+    }
     for item in outputs:
         seq = item.get("seq")
-        entry = by_seq.get(seq)
-        what = f"stage {item['stageId']!r}" if item.get("stageId") else "the run"
+        entry = by_seq.get(seq) if _is_count(seq) else None
+        what = _output_name(item.get("stageId"))
         if entry is None:
-            report.problems.append(Problem(None, f"output of {what}: no entry #{seq}"))
+            report.problems.append(Problem(None, f"output of {what}: no entry #{seq!r}"))
             continue
         if entry.get("stageId") != item.get("stageId"):
             report.problems.append(Problem(seq, f"does not record the output of {what}"))
             continue
-        if value_hash(item.get("output")) != entry.get("outputHash"):
+        try:
+            digest = value_hash(item.get("output"))
+        except MALFORMED as exc:
+            report.problems.append(
+                Problem(seq, f"the stored output of {what} has no canonical JSON ({exc})")
+            )
+            continue
+        if digest != entry.get("outputHash"):
             report.problems.append(
                 Problem(seq, f"the stored output of {what} does not match its outputHash")
             )
             continue
         report.outputs_checked += 1
+    return report
+
+
+def recorded_outputs(entries: Sequence[Mapping[str, Any]]) -> dict[Any, Any]:
+    """stageId (None for the run) -> seq of the entry whose output an export carries: each
+    stage's newest `execute` entry of status `completed`, and the run's newest `complete`
+    entry (a completed stage or run keeps its output; audit_trail.stored_outputs)."""
+    recorded: dict[Any, Any] = {}
+    for entry in entries:
+        stage_id, action = entry.get("stageId"), entry.get("action")
+        if action == "execute" and entry.get("status") == "completed" and stage_id:
+            recorded[str(stage_id)] = entry.get("seq")
+        elif action == "complete" and stage_id is None:
+            recorded[None] = entry.get("seq")
+    return recorded
+
+
+def verify_outputs_complete(
+    entries: Sequence[Mapping[str, Any]], outputs: Sequence[Mapping[str, Any]], report: Report
+) -> Report:
+    """Every output the entries record (recorded_outputs) is in the bundle: an output
+    dropped from it is a problem, as an altered one is."""
+    carried = [(item.get("stageId"), item.get("seq")) for item in outputs]
+    for stage_id, seq in recorded_outputs(entries).items():
+        if (stage_id, seq) not in carried:
+            report.problems.append(
+                Problem(
+                    seq if _is_count(seq) else None,
+                    f"records the output of {_output_name(stage_id)}, which the bundle lacks",
+                )
+            )
+    return report
+
+
+LIVE = ("queued", "in_progress")
+# What a run-level entry (stageId null) makes of the run's status; "queued": live again.
+RUN_STATUS_AFTER = {
+    "submit": "queued",
+    "retry-run": "queued",
+    "complete": "completed",
+    "cancel": "cancelled",
+    "deadline": "failed",
+}
+
+
+def recorded_status(entries: Sequence[Mapping[str, Any]]) -> str | None:
+    """The run's status as its entries record it: that its last run-level entry leaves
+    (RUN_STATUS_AFTER), or `failed` once a stage's `fail` entry follows while it is live.
+    "queued" stands for live (queued or in_progress: no entry tells those apart)."""
+    status = None
+    for entry in entries:
+        action = entry.get("action")
+        if not isinstance(action, str):
+            continue
+        if entry.get("stageId") is None and action in RUN_STATUS_AFTER:
+            status = RUN_STATUS_AFTER[action]
+        elif action == "fail" and status == "queued":
+            status = "failed"
+    return status
+
+
+def verify_run_summary(
+    run: Mapping[str, Any], entries: Sequence[Mapping[str, Any]], report: Report
+) -> Report:
+    """The bundle's `run` against its entries: `workflowName` against the submit entry's
+    details, `status` against recorded_status, and `errorMessage` null unless the run
+    failed or was cancelled. Nothing records the other members (timestamps, the text of
+    errorMessage): they are not checked."""
+
+    def mismatch(reason: str) -> None:
+        report.problems.append(Problem(None, f"run summary: {reason}"))
+
+    first = entries[0] if entries else {}
+    details = first.get("details") if first.get("action") == "submit" else None
+    name = details.get("workflowName") if isinstance(details, Mapping) else None
+    if name is None:
+        mismatch("no submit entry records the workflow's name")
+    elif run.get("workflowName") != name:
+        mismatch(
+            f"workflowName is {run.get('workflowName')!r}, but the submit entry records {name!r}"
+        )
+    status, claimed = recorded_status(entries), run.get("status")
+    if claimed not in (LIVE if status == "queued" else (status,)):
+        recorded = "live (queued or in_progress)" if status == "queued" else repr(status)
+        mismatch(f"status is {claimed!r}, but the entries record it {recorded}")
+    if status in ("queued", "completed") and run.get("errorMessage") is not None:
+        mismatch("errorMessage is set, but the entries record no failure or cancel")
     return report
 
 
@@ -323,8 +541,10 @@ def verify_checkpoint(
 ) -> Report:
     """The signed tree head, the inclusion proof of the run's leaf, and that the chain
     still holds, at the leaf's seq, the head the checkpoint recorded."""
-    head = checkpoint.get("head") or {}
-    leaf = checkpoint.get("leaf") or {}
+    head = checkpoint.get("head")
+    head = head if isinstance(head, Mapping) else {}
+    leaf = checkpoint.get("leaf")
+    leaf = leaf if isinstance(leaf, Mapping) else {}
     number = head.get("checkpoint")
     name = f"checkpoint {number}"
     found: dict[str, Any] = {"checkpoint": number, "seq": leaf.get("seq"), "valid": False}
@@ -336,26 +556,41 @@ def verify_checkpoint(
 
     if head.get("format") != CHECKPOINT_FORMAT:
         return fail(f"not a {CHECKPOINT_FORMAT} head")
-    if head.get("hash") != object_hash(head):
+    try:
+        digest = object_hash(head)
+    except MALFORMED as exc:
+        return fail(f"the signed head has no canonical JSON ({exc})")
+    if head.get("hash") != digest:
         return fail("the signed head's hash does not match its contents")
-    why = signature_valid(keys, head.get("kid"), str(head["hash"]), head.get("signature"))
+    kid = head.get("kid")
+    why = signature_valid(keys, kid, digest, head.get("signature")) or signed_while_current(
+        keys, kid, head.get("createdAt"), "createdAt"
+    )
     if why:
         return fail(f"signed head: {why}")
     if leaf.get("runId") != run_id:
         return fail(f"its leaf is for run {leaf.get('runId')!r}")
+    seq, index, size, proof = (
+        leaf.get("seq"),
+        checkpoint.get("leafIndex"),
+        head.get("treeSize"),
+        checkpoint.get("proof"),
+    )
+    if not (_is_count(seq) and _is_count(size) and (index == 0 or _is_count(index))):
+        return fail("malformed inclusion proof (seq, leafIndex, treeSize)")
+    if not isinstance(proof, list) or not all(isinstance(node, str) for node in proof):
+        return fail("malformed inclusion proof (not a list of hex strings)")
     try:
-        proof = [bytes.fromhex(str(item)) for item in checkpoint.get("proof") or []]
         root = root_from_proof(
-            int(checkpoint["leafIndex"]),
-            int(head["treeSize"]),
-            leaf_hash(leaf_bytes(run_id, int(leaf["seq"]), str(leaf["hash"]))),
-            proof,
+            index,
+            size,
+            leaf_hash(leaf_bytes(run_id, seq, str(leaf.get("hash")))),
+            [bytes.fromhex(node) for node in proof],
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except MALFORMED as exc:
         return fail(f"malformed inclusion proof ({exc})")
     if root is None or root.hex() != head.get("rootHash"):
         return fail("the inclusion proof does not lead to the signed root")
-    seq = int(leaf["seq"])
     if seq > len(entries):
         return fail(
             f"it recorded entry #{seq} as the run's head, but the trail ends at "
@@ -368,27 +603,71 @@ def verify_checkpoint(
     return report
 
 
+def bundle_shape_problem(bundle: Any) -> str:
+    """'' when `bundle` has the members the checks read, of the types they read them as;
+    else what is wrong with it."""
+    if not isinstance(bundle, Mapping):
+        return "the bundle is not a JSON object"
+    if bundle.get("format") != BUNDLE_FORMAT:
+        return f"not a {BUNDLE_FORMAT} bundle"
+    run = bundle.get("run")
+    if not isinstance(run, Mapping) or not isinstance(run.get("workflowRunId"), str):
+        return "`run` is not an object with a string `workflowRunId`"
+    for member in ("entries", "keys", "outputs", "checkpoints"):
+        items = bundle.get(member)
+        if items is not None and not (
+            isinstance(items, list) and all(isinstance(item, Mapping) for item in items)
+        ):
+            return f"`{member}` is not a list of objects"
+    if not bundle.get("entries"):
+        return "the bundle has no entries (every run has at least its submit entry)"
+    return ""
+
+
 def verify_bundle(
-    bundle: Mapping[str, Any], keys: Iterable[Mapping[str, Any]] | None = None
+    bundle: Any, keys: Iterable[Mapping[str, Any]] | None = None, *, allow_legacy: bool = False
 ) -> Report:
     """Every check on an export bundle. With `keys` (JWKs from a source you trust), those
-    are used instead of the keys the bundle carries."""
+    are used instead of the keys the bundle carries. Legacy (version 1, unsigned) entries
+    are refused unless `allow_legacy`. A malformed bundle is a problem, not an exception."""
     report = Report()
-    if bundle.get("format") != BUNDLE_FORMAT:
-        report.problems.append(Problem(None, f"not a {BUNDLE_FORMAT} bundle"))
-        return report
+    try:
+        _verify_bundle(bundle, keys, allow_legacy, report)
+    except MALFORMED as exc:
+        report.problems.append(Problem(None, f"malformed bundle ({type(exc).__name__}: {exc})"))
+    return report
+
+
+def _verify_bundle(
+    bundle: Any, keys: Iterable[Mapping[str, Any]] | None, allow_legacy: bool, report: Report
+) -> None:
+    if why := bundle_shape_problem(bundle):
+        report.problems.append(Problem(None, why))
+        return
     try:
         trusted = key_set(keys if keys is not None else bundle.get("keys") or [])
-    except (KeyError, TypeError, ValueError) as exc:
+    except MALFORMED as exc:
         report.problems.append(Problem(None, f"unreadable public key ({exc})"))
-        return report
-    run_id = str((bundle.get("run") or {}).get("workflowRunId"))
-    entries = list(bundle.get("entries") or [])
+        return
+    run = bundle["run"]
+    run_id = run["workflowRunId"]
+    entries = bundle["entries"]
+    outputs = bundle.get("outputs") or []
     verify_entries(entries, trusted, run_id, report)
-    verify_outputs(entries, bundle.get("outputs") or [], report)
+    if report.legacy and not allow_legacy:
+        report.problems.append(
+            Problem(
+                1,
+                f"{report.legacy} legacy (version 1) "
+                + ("entry, which" if report.legacy == 1 else "entries, which")
+                + " no key signed: refused (--allow-legacy accepts them)",
+            )
+        )
+    verify_outputs(entries, outputs, report)
+    verify_outputs_complete(entries, outputs, report)
+    verify_run_summary(run, entries, report)
     for checkpoint in bundle.get("checkpoints") or []:
         verify_checkpoint(entries, run_id, checkpoint, trusted, report)
-    return report
 
 
 # ------------------------------------------------------------------ the command
@@ -403,7 +682,20 @@ def _load_keys(path: str) -> list[dict[str, Any]]:
         loaded = loaded["keys"]
     if isinstance(loaded, dict):
         loaded = [loaded]
-    return list(loaded)
+    if not isinstance(loaded, list) or not all(isinstance(key, dict) for key in loaded):
+        raise ValueError(f'{path}: not a JWK, a list of JWKs or {{"keys": [...]}}')
+    return loaded
+
+
+def _printable(text: str) -> str:
+    """`text` for a terminal: escape codes and invisible characters from a bundle escaped."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def _run_label(bundle: Any) -> str:
+    run = bundle.get("run") if isinstance(bundle, Mapping) else None
+    ref = run.get("workflowRunId") if isinstance(run, Mapping) else None
+    return _printable(ref) if isinstance(ref, str) else "(no run id)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -417,9 +709,15 @@ def main(argv: list[str] | None = None) -> int:
         help="public keys to trust (GET /audit/keys saved as JSON); default: the bundle's own",
     )
     parser.add_argument(
+        "--allow-legacy",
+        action="store_true",
+        help="accept legacy (version 1, unsigned) entries before signed ones, as the API "
+        "does; refused by default: no key signed them",
+    )
+    parser.add_argument(
         "--require-signatures",
         action="store_true",
-        help="fail on legacy (version 1, unsigned) entries",
+        help="refuse legacy entries even with --allow-legacy (the default without it)",
     )
     parser.add_argument(
         "--require-checkpoint", action="store_true", help="fail unless a checkpoint covers it"
@@ -431,15 +729,15 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(bundle, dict) and "data" in bundle and "format" not in bundle:
             bundle = bundle["data"]
         keys = _load_keys(args.key) if args.key else None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         print(f"maof-verify: cannot read input: {exc}", file=sys.stderr)
         return 1
-    report = verify_bundle(bundle, keys)
-    if args.require_signatures and report.legacy:
-        report.problems.append(Problem(1, f"{report.legacy} legacy (unsigned) entries"))
+    report = verify_bundle(
+        bundle, keys, allow_legacy=args.allow_legacy and not args.require_signatures
+    )
     if args.require_checkpoint and not any(c["valid"] for c in report.checkpoints):
         report.problems.append(Problem(None, "no checkpoint covers this run"))
-    run = (bundle.get("run") or {}).get("workflowRunId") if isinstance(bundle, dict) else None
+    run = _run_label(bundle)
     if report.valid:
         covered = [c["checkpoint"] for c in report.checkpoints if c["valid"]]
         print(
@@ -454,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"FAILED {run}:")
     for problem in report.problems:
-        print(f"  {problem}")
+        print(f"  {_printable(str(problem))}")
     return 1
 
 
