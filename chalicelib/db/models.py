@@ -150,6 +150,12 @@ class WorkflowRun(Base):
         Index("workflow_runs_user_created", "user_id", text("created_at DESC")),
         Index("workflow_runs_user_status_created", "user_id", "status", text("created_at DESC")),
         Index(
+            "workflow_runs_user_completed",
+            "user_id",
+            "completed_at",
+            postgresql_where=text("completed_at IS NOT NULL"),
+        ),
+        Index(
             "workflow_runs_callbacks_due",
             "callback_next_at",
             postgresql_where=text("callback_state = 'pending'"),

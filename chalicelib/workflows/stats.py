@@ -31,6 +31,9 @@ def stats(principal: Principal) -> responses.Stats:
             ),
             {"user": principal.user_uuid, "window": WINDOW},
         ).all()
+        # A stage that ended in the window belongs to a run still live or ended since:
+        # those few runs of the caller's are found first (by their indexes), then their
+        # stages; every user's stage rows were filtered by their end before.
         agents = session.execute(
             text(
                 """
@@ -43,8 +46,11 @@ def stats(principal: Principal) -> responses.Stats:
                        percentile_cont(0.95) WITHIN GROUP (ORDER BY
                            EXTRACT(EPOCH FROM s.completed_at - s.started_at) * 1000)
                            FILTER (WHERE s.status = 'completed') AS p95_ms
-                  FROM stage_executions AS s JOIN workflow_runs AS r ON r.id = s.run_id
-                 WHERE r.user_id = :user AND s.agent_id IS NOT NULL
+                  FROM workflow_runs AS r JOIN stage_executions AS s ON s.run_id = r.id
+                 WHERE r.user_id = :user
+                   AND (r.status IN ('queued', 'in_progress')
+                        OR r.completed_at >= now() - CAST(:window AS interval))
+                   AND s.agent_id IS NOT NULL
                    AND s.completed_at >= now() - CAST(:window AS interval)
                    AND s.status IN ('completed', 'failed')
                  GROUP BY s.agent_uuid, s.agent_id ORDER BY s.agent_id, s.agent_uuid

@@ -9,14 +9,15 @@ import threading
 import uuid
 from typing import Any
 
-from sqlalchemy import event, text
+from sqlalchemy import create_engine, event, text
 
 from chalicelib import db
 from chalicelib.core.api import parse_run_ref
 from chalicelib.db import session_scope
 from chalicelib.engine import sweeper
-from chalicelib.workflows import runs
-from tests.integration.conftest import Api, unique_capability
+from chalicelib.workflows import runs, stats
+from tests.conftest import OWNER_DATABASE_URL
+from tests.integration.conftest import Api, register_agent, unique_capability
 from tests.integration.test_delivery import principal_of
 from tests.integration.test_limits import apply, rate_limited, settings_env  # noqa: F401
 
@@ -228,3 +229,60 @@ def test_every_view_names_a_run_by_its_one_id(user: Api, sent: Any) -> None:
     assert cancelled["workflowRunId"] == run_id
     retried = user.post(f"/workflows/wfr-{raw.replace('-', '')}/retry").json()["data"]
     assert retried["workflowRunId"] == run_id
+
+
+def test_stats_read_only_the_stages_of_the_callers_recent_runs(
+    user: Api, api: Api, sent: Any
+) -> None:
+    """GET /stats found the stages that ended in its hour by filtering every user's stage
+    rows (no index on their end): each call's cost grew with the whole service's history.
+    It now starts from the caller's runs that may hold such stages."""
+    someone = api.as_new_user()
+    theirs = [
+        submitted(someone, workflow(unique_capability("busy"), stages=100)) for _ in range(20)
+    ]
+    mine = submitted(user, workflow(unique_capability("mine"), stages=2))
+    agent = register_agent(user, unique_capability("stats"))
+    with db.session_scope() as session:
+        session.execute(
+            text(
+                "UPDATE stage_executions SET status = 'completed', agent_id = 'agent-x', "
+                "agent_uuid = :agent, started_at = now() - interval '1 second', "
+                "completed_at = now() WHERE run_id = ANY(:runs)"
+            ),
+            {"runs": [parse_run_ref(r) for r in [*theirs, mine]], "agent": agent["agentUuid"]},
+        )
+    # The caller's own history: 2,000 runs of a month ago, 30 stages each.
+    with db.session_scope() as session:
+        session.execute(
+            text(
+                "WITH old AS (INSERT INTO workflow_runs (id, user_id, workflow_name, definition, "
+                "status, created_at, completed_at) SELECT gen_random_uuid(), :owner, 'old', "
+                "'{}', 'completed', now() - interval '30 days', now() - interval '30 days' "
+                "FROM generate_series(1, 2000) RETURNING id) "
+                "INSERT INTO stage_executions (run_id, stage_id, stage_name, position, "
+                "capability, dependencies, status, agent_uuid, agent_id, started_at, "
+                "completed_at) SELECT old.id, 's' || i, 'S', i, 'old', '{}', 'completed', "
+                ":agent, 'agent-x', now() - interval '30 days', now() - interval '30 days' "
+                "FROM old, generate_series(1, 30) AS i"
+            ),
+            {"owner": principal_of(user).user_uuid, "agent": agent["agentUuid"]},
+        )
+    with create_engine(OWNER_DATABASE_URL).connect() as owner:  # as autovacuum would
+        owner.execute(text("ANALYZE workflow_runs"))
+        owner.execute(text("ANALYZE stage_executions"))
+        owner.commit()
+    captured: list[tuple[str, Any]] = []
+    caller = threading.get_ident()
+
+    def grab(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        if threading.get_ident() == caller and "percentile_cont" in statement:
+            captured.append((statement, params))
+
+    event.listen(db.get_engine(), "before_cursor_execute", grab)
+    try:
+        answer = stats.stats(principal_of(user))
+    finally:
+        event.remove(db.get_engine(), "before_cursor_execute", grab)
+    assert [(a.agent_id, a.completed) for a in answer.agents] == [("agent-x", 2)]
+    assert stage_rows_read(*captured[0]) <= 10
