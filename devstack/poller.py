@@ -219,7 +219,8 @@ class Poller:
         self._free = threading.BoundedSemaphore(self.concurrency)  # executions not running
         self._executions = ThreadPoolExecutor(self.concurrency, thread_name_prefix="execution")
         self.invocations = 0
-        self.failures = 0
+        self.failures = 0  # records the handler reported failed (or all, when it raised)
+        self.undeleted = 0  # handled records whose delete SQS refused twice
         self._lock = threading.Lock()
 
     def start(self) -> Poller:
@@ -299,12 +300,49 @@ class Poller:
             self.invocations += 1
             self.failures += len(failed)
         if done:
-            aws_client("sqs").delete_message_batch(
-                QueueUrl=self.queue_url,
-                Entries=[
-                    {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(done)
-                ],
+            self.delete_handled(done)
+
+    def delete_handled(self, messages: list[dict[str, Any]]) -> None:
+        """Delete handled messages. SQS answers a delete it could not do in the batch's
+        `Failed` list, not as an error: those are logged and tried once more; what is still
+        not deleted comes back after the visibility timeout (and runs again), counted in
+        `undeleted`."""
+        entries = {
+            str(index): {"Id": str(index), "ReceiptHandle": m["ReceiptHandle"]}
+            for index, m in enumerate(messages)
+        }
+        message_ids = {str(index): m["MessageId"] for index, m in enumerate(messages)}
+        for attempt in (1, 2):
+            answer = aws_client("sqs").delete_message_batch(
+                QueueUrl=self.queue_url, Entries=list(entries.values())
             )
+            refused = [f for f in answer.get("Failed") or [] if f.get("Id") in entries]
+            if not refused:
+                return
+            details = {
+                "queue": self.queue_url,
+                "failed": [
+                    {
+                        "messageId": message_ids[f["Id"]],
+                        "code": f.get("Code"),
+                        "senderFault": f.get("SenderFault"),
+                        "message": f.get("Message"),
+                    }
+                    for f in refused
+                ],
+            }
+            if attempt == 1:
+                logger.warning(
+                    "poller delete refused some messages: trying them again", extra=details
+                )
+                entries = {f["Id"]: entries[f["Id"]] for f in refused}
+            else:
+                logger.error(
+                    "poller could not delete some messages: they will be delivered again",
+                    extra=details,
+                )
+                with self._lock:
+                    self.undeleted += len(refused)
 
     def _every(self, name: str, handler: Handler, interval: float) -> None:
         while not self._stop.wait(interval):

@@ -9,10 +9,12 @@ virtualenv when missing) under `.maof/`, and `down` stops only what we started.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -195,45 +197,58 @@ def start_postgres(settings: Settings) -> None:
 
 
 def start_postgres_server(server: PostgresServer) -> None:
-    """initdb (first time only) and start `server`; returns once it accepts connections."""
+    """initdb (first time only) and start `server`; returns once it accepts connections.
+
+    Every connection needs the superuser's password, over the Unix socket too (never
+    `trust`: through it any local account would be the superuser), and the socket folder
+    is its owner's only. A data folder an older version made with `trust` is tightened."""
     folder, data, run_dir, log = server.folder, server.data, server.run_dir, server.log
     initdb, pg_ctl = postgres_bin("initdb"), postgres_bin("pg_ctl")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    for private in (folder, run_dir):
+        private.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(private, 0o700)  # mkdir's mode is cut by the umask, and not applied if it exists
     fresh = not (data / "PG_VERSION").exists()
     if fresh:
         data.mkdir(parents=True, exist_ok=True)
         pwfile = folder / "pwfile"
-        pwfile.write_text(server.password + "\n")
-        if is_root():
-            shutil.chown(folder, "postgres")
-            for path in (data, run_dir, pwfile):
-                shutil.chown(path, "postgres")
-        say(f"postgres: initdb in {data}")
-        run(
-            as_postgres_user(
-                [
-                    initdb,
-                    "-D",
-                    str(data),
-                    "-U",
-                    server.user,
-                    "--pwfile",
-                    str(pwfile),
-                    "--auth-local=trust",
-                    "--auth-host=scram-sha-256",
-                    "-E",
-                    "UTF8",
-                ]
-            ),
-            stdout=subprocess.DEVNULL,
-        )
-        pwfile.unlink()
+        pwfile.unlink(missing_ok=True)  # left by an initdb that was interrupted
+        descriptor = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(server.password + "\n")
+            if is_root():
+                shutil.chown(folder, "postgres")
+                for path in (data, run_dir, pwfile):
+                    shutil.chown(path, "postgres")
+            say(f"postgres: initdb in {data}")
+            run(
+                as_postgres_user(
+                    [
+                        initdb,
+                        "-D",
+                        str(data),
+                        "-U",
+                        server.user,
+                        "--pwfile",
+                        str(pwfile),
+                        "--auth-local=scram-sha-256",
+                        "--auth-host=scram-sha-256",
+                        "-E",
+                        "UTF8",
+                    ]
+                ),
+                stdout=subprocess.DEVNULL,
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+    else:
+        require_local_passwords(data / "pg_hba.conf")
     if is_root():
         log.touch()
         shutil.chown(log, "postgres")
     options = (
-        f"-p {server.port} -k {run_dir} -c listen_addresses={server.host} -c fsync=off "
-        "-c max_connections=200"
+        f"-p {server.port} -k {run_dir} -c unix_socket_permissions=0700 "
+        f"-c listen_addresses={server.host} -c fsync=off -c max_connections=200"
     )
     say(f"postgres: starting on {server.host}:{server.port}")
     run(
@@ -243,8 +258,25 @@ def start_postgres_server(server: PostgresServer) -> None:
     wait_for(lambda: port_open(server.host, server.port), "postgres", 30)
 
 
+# A `local` line of pg_hba.conf whose method is trust: initdb --auth-local=trust wrote them.
+_TRUSTED_LOCAL_LINE = re.compile(r"^(\s*local\s+\S+\s+\S+\s+)trust\b", re.MULTILINE)
+
+
+def require_local_passwords(hba: Path) -> bool:
+    """Make the `local` lines of `hba` (a pg_hba.conf) that trust every local account ask
+    for the password instead (scram-sha-256, as the TCP ones); True if it changed any.
+    It applies when the server (re)starts or reloads its configuration."""
+    text = hba.read_text()
+    tightened, changed = _TRUSTED_LOCAL_LINE.subn(r"\1scram-sha-256", text)
+    if changed:
+        hba.write_text(tightened)  # in place: its owner and mode stay
+        say(f"postgres: {hba}: local connections now need the password (were trusted)")
+    return changed > 0
+
+
 def create_database(server: PostgresServer, database: str) -> None:
     """Create `database` on `server` unless it exists."""
+    password = {**os.environ, "PGPASSWORD": server.password}  # the socket asks for it too
     exists = subprocess.run(
         [
             postgres_bin("psql"),
@@ -257,9 +289,10 @@ def create_database(server: PostgresServer, database: str) -> None:
         capture_output=True,
         text=True,
         check=True,
+        env=password,
     ).stdout.strip()
     if exists != "1":
-        run([postgres_bin("createdb"), *server.client_args, database])
+        run([postgres_bin("createdb"), *server.client_args, database], env=password)
         say(f"postgres: created database {database}")
 
 
@@ -331,20 +364,80 @@ def _holds_pid(path: Path) -> bool:
         return False
 
 
-def stop_pidfile(path: Path, name: str) -> None:
+# What the command line of each server we start names (Redis rewrites its own to
+# `redis-server host:port`): a pid file's number is only signalled if it still names it.
+PROGRAMS = {"redis": "redis-server", "localstack": "localstack.runtime.main"}
+STOP_TIMEOUT_SECONDS = 15.0
+
+
+def stop_pidfile(
+    path: Path, name: str, program: str | None = None, timeout: float | None = None
+) -> None:
+    """Stop the process `path` holds the pid of, if its command line still names `program`
+    (default: PROGRAMS[name], else `name`; a stale pid may be another process's by now):
+    SIGTERM, then after `timeout` s (STOP_TIMEOUT_SECONDS) SIGKILL. The pid file goes once
+    the process has; if it outlives SIGKILL too, SystemExit, and the pid file is kept."""
     if not path.exists():
         return
+    expected = program or PROGRAMS.get(name, name)
+    timeout = STOP_TIMEOUT_SECONDS if timeout is None else timeout
     try:
         pid = int(path.read_text().strip())
+    except ValueError:
+        pid = None
+    if pid is None or pid <= 0 or not _runs(pid, expected):  # never kill(-1) or kill(0)
+        path.unlink(missing_ok=True)
+        say(f"{name}: not running (removed its stale pid file {path})")
+        return
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            os.kill(pid, 0)
-            time.sleep(0.2)
-    except (ValueError, ProcessLookupError):
-        pass
+    if not _exited(pid, timeout):
+        say(f"{name}: pid {pid} still running {timeout:g} s after SIGTERM: SIGKILL")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        if not _exited(pid, timeout):
+            raise SystemExit(
+                f"stack: {name} (pid {pid}) is still running after SIGKILL; "
+                f"its pid file {path} is kept"
+            )
     path.unlink(missing_ok=True)
     say(f"{name}: stopped")
+
+
+def command_line(pid: int) -> str | None:
+    """The command line of process `pid`, its arguments joined by spaces; None when there is
+    no such process, or it has exited (a zombie has none)."""
+    proc = Path("/proc")
+    if proc.joinpath("self").exists():
+        try:
+            raw = (proc / str(pid) / "cmdline").read_bytes()
+        except OSError:
+            return None
+        return raw.replace(b"\0", b" ").decode(errors="replace").strip() or None
+    answer = subprocess.run(  # no /proc (macOS): ps says the same
+        ["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True
+    )
+    return answer.stdout.strip() or None
+
+
+def _runs(pid: int, program: str) -> bool:
+    found = command_line(pid)
+    return found is not None and program in found
+
+
+def _exited(pid: int, timeout: float) -> bool:
+    """Whether process `pid` is gone (or a zombie) within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if command_line(pid) is None:
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
 
 
 # ---------------------------------------------------------------- LocalStack

@@ -169,3 +169,26 @@ def test_no_message_is_taken_while_every_execution_is_busy(scratch_queue):
     finally:
         release.set()
         poller.stop()
+
+
+def test_a_delete_sqs_refuses_is_tried_again_and_counted(scratch_queue):
+    """SQS (LocalStack too) answers a delete it cannot do in the batch's `Failed` list, not
+    as an error: the handled message that was not deleted is counted, the others deleted."""
+    sqs = aws_client("sqs")
+    send(scratch_queue, "handled")
+    received = wait_until(
+        lambda: sqs.receive_message(QueueUrl=scratch_queue, WaitTimeSeconds=1).get("Messages"),
+        timeout=20,
+    )
+    poller = poller_on(scratch_queue, lambda event, context: {"batchItemFailures": []})
+    bogus = {"MessageId": "m-bogus", "ReceiptHandle": "not-a-receipt-handle", "Body": "x"}
+    poller.deliver([*received, bogus])
+    assert (poller.invocations, poller.failures, poller.undeleted) == (1, 0, 1)
+    counts = sqs.get_queue_attributes(
+        QueueUrl=scratch_queue,
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+    )["Attributes"]
+    assert counts == {
+        "ApproximateNumberOfMessages": "0",
+        "ApproximateNumberOfMessagesNotVisible": "0",
+    }
