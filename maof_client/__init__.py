@@ -16,7 +16,9 @@ from maof_client.errors import (
     NotFound,
     NotSignedIn,
     RateLimited,
+    RequestFailed,
     Unauthorized,
+    UnexpectedResponse,
     ValidationError,
 )
 from maof_client.models import (
@@ -40,6 +42,7 @@ __all__ = [
     "NotFound",
     "NotSignedIn",
     "RateLimited",
+    "RequestFailed",
     "Run",
     "RunResult",
     "Stage",
@@ -47,6 +50,7 @@ __all__ = [
     "TokenStore",
     "Tokens",
     "Unauthorized",
+    "UnexpectedResponse",
     "ValidationError",
     "__version__",
     "new_idempotency_key",

@@ -17,7 +17,7 @@ from rich.live import Live
 
 from maof_client import __version__, render
 from maof_client.client import MaofClient, new_idempotency_key
-from maof_client.config import DEFAULT_API_URL, CredentialsFile
+from maof_client.config import DEFAULT_API_URL, CredentialsFile, checked_api_url
 from maof_client.errors import ConnectionFailed, MaofError, NotSignedIn, RateLimited
 from maof_client.models import Run, hidden, shown
 from maof_client.workflows import WorkflowFileError, read_execute_body, read_input
@@ -138,6 +138,15 @@ def file_errors_are_usage_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def api_url_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """--api-url (or MAOF_API_URL) checked before anything is sent: `localhost:3000` would
+    otherwise be read as a URL scheme."""
+    try:
+        return checked_api_url(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 # ---------------------------------------------------------------------------- the group
 
 
@@ -151,7 +160,8 @@ def file_errors_are_usage_errors(command: F) -> F:
     default=DEFAULT_API_URL,
     show_default=True,
     show_envvar=True,
-    help="The MAOF API to talk to.",
+    callback=api_url_option,
+    help="The MAOF API to talk to (http:// or https://).",
 )
 @click.version_option(__version__, prog_name="maof")
 @click.pass_context
@@ -163,7 +173,7 @@ def cli(ctx: click.Context, api_url: str) -> None:
     Every command takes --json for scripts. Exit codes: 0 ok, 1 an API error or a run that
     failed or was cancelled, 2 a usage error.
     """
-    ctx.obj = State(api_url.rstrip("/"))
+    ctx.obj = State(api_url)
 
 
 def main() -> None:
@@ -522,7 +532,10 @@ def run_workflow(
 
 
 def _stdin_if(wanted: bool) -> str | None:
-    return sys.stdin.read() if wanted else None
+    try:
+        return sys.stdin.read() if wanted else None
+    except UnicodeDecodeError:
+        raise WorkflowFileError("--input -: standard input is not UTF-8 text") from None
 
 
 @cli.command("runs")
@@ -591,10 +604,11 @@ def audit(state: State, run_id: str, verify: bool, as_json: bool) -> None:
         show(render.chain_line(trail))
     if verify:
         # Checked here, as maof-verify does offline: every hash, signature and stored
-        # output of the exported bundle, and the checkpoint's inclusion proof if any.
+        # output of the exported bundle, and the checkpoint's inclusion proof if any;
+        # entries from before signing (version 1) as the API takes them, before signed ones.
         from chalicelib.audit.verify import verify_bundle
 
-        report = verify_bundle(state.client.export_audit(run_id))
+        report = verify_bundle(state.client.export_audit(run_id), allow_legacy=True)
         if not as_json:
             if report.valid:
                 click.echo(

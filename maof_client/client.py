@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 import requests
@@ -37,6 +37,7 @@ from maof_client.errors import (
     ConnectionFailed,
     MaofError,
     NotSignedIn,
+    RequestFailed,
     Unauthorized,
     UnexpectedResponse,
     error_from_envelope,
@@ -55,6 +56,8 @@ from maof_client.models import (
     Tokens,
     User,
 )
+
+T = TypeVar("T")
 
 # An access token this close to its expiry is refreshed before it is sent.
 EXPIRY_MARGIN_SECONDS = 5
@@ -119,6 +122,32 @@ def _failure_reason(exc: Exception) -> str:
     return found[-1].strip() if found else type(exc).__name__
 
 
+def _object_data(envelope: dict[str, Any], status: int) -> dict[str, Any]:
+    """The envelope's `data`, which MAOF's API always answers as an object."""
+    data = envelope.get("data")
+    if not isinstance(data, dict):
+        raise UnexpectedResponse(
+            f"The server answered HTTP {status} with "
+            f"{'no data' if data is None else type(data).__name__ + ' data'} where MAOF's API "
+            "answers an object: is this a MAOF API?",
+            status=status,
+        )
+    return data
+
+
+def _parsed(model: Callable[[dict[str, Any]], T], data: dict[str, Any], request: str) -> T:
+    """`model` read from an answer's data; UnexpectedResponse when a field it needs is
+    missing or of another type (an older API, or not a MAOF one)."""
+    try:
+        return model(data)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        reason = f"no {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise UnexpectedResponse(
+            f"The answer to {request} is not the data MAOF's API answers ({reason}): "
+            "is this a MAOF API of this client's version?"
+        ) from None
+
+
 class MaofClient:
     """A client of one MAOF API (`base_url`, e.g. `http://127.0.0.1:3000`)."""
 
@@ -155,13 +184,16 @@ class MaofClient:
         query = {k: v for k, v in (params or {}).items() if v is not None}
         for attempt in range(1, attempts + 1):
             try:
-                return self._http.request(
+                # Never followed: a 307/308 would post the body (a password, a refresh
+                # token) again to whatever host its Location names.
+                response = self._http.request(
                     method,
                     self.base_url + path,
                     json=body,
                     params=query or None,
                     headers=all_headers,
                     timeout=self.timeout,
+                    allow_redirects=False,
                 )
             except requests.Timeout as exc:
                 failure: MaofError = ConnectionFailed(
@@ -174,6 +206,22 @@ class MaofClient:
                     f"Could not reach the MAOF API at {self.base_url}: {_failure_reason(exc)}"
                 )
                 cause = exc
+            except requests.RequestException as exc:  # not worth sending again
+                raise RequestFailed(
+                    f"{method} {path} to the MAOF API at {self.base_url} failed: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            else:
+                if 300 <= response.status_code < 400:
+                    raise UnexpectedResponse(
+                        f"The server at {self.base_url} answered {method} {path} with HTTP "
+                        f"{response.status_code}, a redirect to "
+                        f"{response.headers.get('Location') or '(no Location)'}; not followed "
+                        "(it would carry the request elsewhere): if that is the API, use its "
+                        "URL (MAOF_API_URL or --api-url)",
+                        status=response.status_code,
+                    )
+                return response
             if attempt < attempts:
                 time.sleep(0.5 * attempt)
         raise failure from cause
@@ -190,9 +238,9 @@ class MaofClient:
                 status=response.status_code,
             ) from None
         if isinstance(envelope, dict) and envelope.get("success") is True:
-            return envelope.get("data")
+            return _object_data(envelope, response.status_code)
         if data_on_error and isinstance(envelope, dict) and envelope.get("data") is not None:
-            return envelope["data"]
+            return _object_data(envelope, response.status_code)
         error = error_from_envelope(
             envelope, response.status_code, response.headers.get("Retry-After")
         )
@@ -229,6 +277,12 @@ class MaofClient:
             response = send(token=tokens.access_token)
         return self._parse(response, data_on_error=data_on_error)
 
+    def _read(
+        self, model: Callable[[dict[str, Any]], T], method: str, path: str, **kwargs: Any
+    ) -> T:
+        """`_call`, its data read as `model` (UnexpectedResponse when it does not fit)."""
+        return _parsed(model, self._call(method, path, **kwargs), f"{method} {path}")
+
     def _signed_in(self) -> Tokens:
         tokens = self.tokens.load()
         if tokens is None:
@@ -258,7 +312,7 @@ class MaofClient:
                     request_id=exc.request_id,
                     status=exc.status,
                 ) from exc
-            signed = SignIn.from_api(data)
+            signed = _parsed(SignIn.from_api, data, "POST /auth/refresh")
             self.tokens.save(signed.tokens)
             return signed.tokens
 
@@ -266,7 +320,7 @@ class MaofClient:
 
     def health(self) -> Health:
         """`GET /health`: answered also when degraded (HTTP 503), with `status: degraded`."""
-        return Health.from_api(self._call("GET", "/health", auth=False, data_on_error=True))
+        return self._read(Health.from_api, "GET", "/health", auth=False, data_on_error=True)
 
     def stats(self) -> dict[str, Any]:
         """`GET /stats`: your runs and stages by status over the last hour, and per agent
@@ -290,12 +344,12 @@ class MaofClient:
     def register(self, email: str, password: str, name: str) -> User:
         """`POST /auth/register`: create an account (does not sign in)."""
         body = {"email": email, "password": password, "name": name}
-        return User.from_api(self._call("POST", "/auth/register", body=body, auth=False))
+        return self._read(User.from_api, "POST", "/auth/register", body=body, auth=False)
 
     def login(self, email: str, password: str) -> SignIn:
         """`POST /auth/login`: start a session and keep its tokens in the token store."""
         body = {"email": email, "password": password}
-        signed = SignIn.from_api(self._call("POST", "/auth/login", body=body, auth=False))
+        signed = self._read(SignIn.from_api, "POST", "/auth/login", body=body, auth=False)
         with self.tokens.exclusive():
             self.tokens.save(signed.tokens)
         return signed
@@ -311,32 +365,37 @@ class MaofClient:
         if tokens is None:
             return 0
         with self.tokens.exclusive():
-            data = self._call(
-                "POST", "/auth/logout", body={"refreshToken": tokens.refresh_token}, auth=False
+            ended = self._read(
+                _sessions_ended,
+                "POST",
+                "/auth/logout",
+                body={"refreshToken": tokens.refresh_token},
+                auth=False,
             )
             self.tokens.clear()
-        return int(data.get("sessionsEnded", 0))
+        return ended
 
     def logout_all(self) -> int:
         """`POST /auth/logout-all`: end every session of this user, here and elsewhere."""
-        data = self._call("POST", "/auth/logout-all")
+        ended = self._read(_sessions_ended, "POST", "/auth/logout-all")
         with self.tokens.exclusive():
             self.tokens.clear()
-        return int(data.get("sessionsEnded", 0))
+        return ended
 
     def change_password(self, current_password: str, new_password: str) -> SignIn:
         """`POST /auth/password`: every other session ends; this one gets a fresh pair."""
         body = {"currentPassword": current_password, "newPassword": new_password}
         # A wrong current password is a 401 too: that one is not a reason to refresh.
-        data = self._call("POST", "/auth/password", body=body, refresh_on_401=False)
-        signed = SignIn.from_api(data)
+        signed = self._read(
+            SignIn.from_api, "POST", "/auth/password", body=body, refresh_on_401=False
+        )
         with self.tokens.exclusive():
             self.tokens.save(signed.tokens)
         return signed
 
     def me(self) -> User:
         """`GET /auth/me`: the signed-in user."""
-        return User.from_api(self._call("GET", "/auth/me"))
+        return self._read(User.from_api, "GET", "/auth/me")
 
     # ------------------------------------------------------------------ agents
 
@@ -366,7 +425,7 @@ class MaofClient:
             "visibility": visibility,
         }
         body.update({k: v for k, v in optional.items() if v is not None})
-        return Agent.from_api(self._call("POST", "/agents/register", body=body))
+        return self._read(Agent.from_api, "POST", "/agents/register", body=body)
 
     def list_agents(
         self,
@@ -378,7 +437,7 @@ class MaofClient:
     ) -> AgentPage:
         """`GET /agents`: your agents and shared ones, one page."""
         params = {"capability": capability, "status": status, "page": page, "limit": limit}
-        return AgentPage.from_api(self._call("GET", "/agents", params=params))
+        return self._read(AgentPage.from_api, "GET", "/agents", params=params)
 
     def find_agent(self, agent_id: str) -> Agent | None:
         """The agent you can see whose `agentId` is `agent_id` (pages through the list):
@@ -397,17 +456,17 @@ class MaofClient:
 
     def get_agent(self, agent_uuid: str) -> Agent:
         """`GET /agents/{agentUuid}`."""
-        return Agent.from_api(self._call("GET", f"/agents/{_segment(agent_uuid)}"))
+        return self._read(Agent.from_api, "GET", f"/agents/{_segment(agent_uuid)}")
 
     def update_agent(self, agent_uuid: str, *, visibility: str) -> Agent:
         """`PATCH /agents/{agentUuid}`: `private` or `shared` (sharing needs an admin)."""
         body = {"visibility": visibility}
-        return Agent.from_api(self._call("PATCH", f"/agents/{_segment(agent_uuid)}", body=body))
+        return self._read(Agent.from_api, "PATCH", f"/agents/{_segment(agent_uuid)}", body=body)
 
     def check_agent_health(self, agent_uuid: str) -> Agent:
         """`POST /agents/{agentUuid}/health-check`: probe it now; the agent with its status."""
         path = f"/agents/{_segment(agent_uuid)}/health-check"
-        return Agent.from_api(self._call("POST", path))
+        return self._read(Agent.from_api, "POST", path)
 
     def delete_agent(self, agent_uuid: str) -> dict[str, Any]:
         """`DELETE /agents/{agentUuid}`: once this returns, the agent gets no new stage."""
@@ -434,44 +493,44 @@ class MaofClient:
         if callback is not None:
             body["callback"] = callback
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        data = self._call(
+        return self._read(
+            Submission.from_api,
             "POST",
             "/workflows/execute",
             body=body,
             headers=headers,
             attempts=3 if idempotency_key else 1,
         )
-        return Submission.from_api(data)
 
     def list_runs(
         self, *, status: str | None = None, page: int | None = None, limit: int | None = None
     ) -> RunPage:
         """`GET /workflows`: your runs, newest first, one page."""
         params = {"status": status, "page": page, "limit": limit}
-        return RunPage.from_api(self._call("GET", "/workflows", params=params))
+        return self._read(RunPage.from_api, "GET", "/workflows", params=params)
 
     def get_run(self, run_id: str) -> Run:
         """`GET /workflows/{runId}`: status, progress and every stage."""
-        return Run.from_api(self._call("GET", f"/workflows/{_segment(run_id)}"))
+        return self._read(Run.from_api, "GET", f"/workflows/{_segment(run_id)}")
 
     def get_result(self, run_id: str) -> RunResult:
         """`GET /workflows/{runId}/result`: a completed run's output (NotFound before)."""
-        return RunResult.from_api(self._call("GET", f"/workflows/{_segment(run_id)}/result"))
+        return self._read(RunResult.from_api, "GET", f"/workflows/{_segment(run_id)}/result")
 
     def cancel_run(self, run_id: str) -> RunControl:
         """`POST /workflows/{runId}/cancel`: end a queued or running run (Conflict once it
         has ended)."""
-        return RunControl.from_api(self._call("POST", f"/workflows/{_segment(run_id)}/cancel"))
+        return self._read(RunControl.from_api, "POST", f"/workflows/{_segment(run_id)}/cancel")
 
     def retry_run(self, run_id: str) -> RunControl:
         """`POST /workflows/{runId}/retry`: run a failed or cancelled run again from where it
         stopped, under the same id (Conflict otherwise)."""
-        return RunControl.from_api(self._call("POST", f"/workflows/{_segment(run_id)}/retry"))
+        return self._read(RunControl.from_api, "POST", f"/workflows/{_segment(run_id)}/retry")
 
     def get_audit(self, run_id: str) -> AuditTrail:
         """`GET /workflows/{runId}/audit`: the entries and the API's verification of their
         hash chain (`chain.valid`, `chain.head`)."""
-        return AuditTrail.from_api(self._call("GET", f"/workflows/{_segment(run_id)}/audit"))
+        return self._read(AuditTrail.from_api, "GET", f"/workflows/{_segment(run_id)}/audit")
 
     def export_audit(self, run_id: str) -> Any:
         """`GET /workflows/{runId}/audit/export`: a run's audit trail as one bundle to verify
@@ -482,7 +541,7 @@ class MaofClient:
 
     def audit_keys(self) -> list[dict[str, Any]]:
         """`GET /audit/keys`: the public keys (JWK) audit entries are signed with."""
-        return list(self._call("GET", "/audit/keys", auth=False)["keys"])
+        return self._read(_keys, "GET", "/audit/keys", auth=False)
 
     def wait_for_run(
         self,
@@ -512,6 +571,17 @@ class MaofClient:
             if deadline is not None and time.monotonic() + interval > deadline:
                 raise TimeoutError(f"{run_id} is still {run.status} after {timeout:g} s")
             time.sleep(interval)
+
+
+def _sessions_ended(data: dict[str, Any]) -> int:
+    return int(data.get("sessionsEnded", 0))
+
+
+def _keys(data: dict[str, Any]) -> list[dict[str, Any]]:
+    keys = data["keys"]
+    if not isinstance(keys, list):
+        raise TypeError(f"keys is {type(keys).__name__}, not a list")
+    return keys
 
 
 def new_idempotency_key() -> str:

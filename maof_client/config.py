@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from maof_client.errors import MaofError
 from maof_client.models import Tokens
@@ -37,6 +38,23 @@ def config_dir() -> Path:
     if xdg and os.path.isabs(xdg):  # the XDG spec: a relative value is to be ignored
         return Path(xdg) / "maof"
     return Path.home() / ".config" / "maof"
+
+
+def checked_api_url(url: str) -> str:
+    """`url` without a trailing slash, if it can name an API: http or https, with a host
+    (`localhost:3000` or `api.example.com` alone would be read as a scheme or a path);
+    ValueError saying what to write otherwise."""
+    parsed = urlsplit(url.strip())
+    try:
+        parsed.port  # noqa: B018 (raises ValueError on a port that is not a number)
+    except ValueError:
+        raise ValueError(f"{url!r} has a port that is not a number") from None
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError(
+            f"{url!r} is not an http:// or https:// URL with a host "
+            f"(e.g. {DEFAULT_API_URL}, or https://api.example.com)"
+        )
+    return url.strip().rstrip("/")
 
 
 def api_url_key(url: str) -> str:

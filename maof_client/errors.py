@@ -108,6 +108,14 @@ class ConnectionFailed(MaofError):
     code = "CONNECTION_FAILED"
 
 
+class RequestFailed(MaofError):
+    """The request could not be sent, or its answer not read, for a reason other than an
+    unreachable API (a URL requests cannot use, a body that is not JSON, a broken answer);
+    the message names the request and the reason."""
+
+    code = "REQUEST_FAILED"
+
+
 class UnexpectedResponse(MaofError):
     """The server answered something that is not MAOF's envelope (a proxy's error page...)."""
 

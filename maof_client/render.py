@@ -11,7 +11,7 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from maof_client.models import AgentPage, AuditTrail, Run, RunPage, RunSummary, Stage
+from maof_client.models import AgentPage, AuditTrail, Run, RunPage, RunSummary, Stage, shown
 
 STATUS_STYLES = {
     "completed": "green",
@@ -177,10 +177,13 @@ def _page_line(page: int, pages: int, total: int, what: str) -> Text:
 
 
 def agent_fields(raw: dict[str, Any]) -> Table:
+    """Every field the API answered for an agent, keys and values as `shown()` makes them
+    fit for a terminal (the API's data is the agent owner's words, or a server's)."""
     table = Table.grid(padding=(0, 2))
     for key, value in raw.items():
-        shown = ", ".join(value) if isinstance(value, list) else "" if value is None else value
-        table.add_row(Text(key, style="bold"), Text(str(shown)))
+        if isinstance(value, list):
+            value = ", ".join(str(item) for item in value)
+        table.add_row(Text(shown(key), style="bold"), Text("" if value is None else shown(value)))
     return table
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,33 @@ def parse_document(text: str, name: str, *, json_only: bool = False) -> Any:
     """JSON (a `.json` name) or YAML (anything else; YAML also reads most JSON)."""
     try:
         if json_only or name.endswith(".json"):
-            return json.loads(text)
-        loaded = yaml.safe_load(text)
-        return json.loads(json.dumps(loaded, default=_jsonable))
+            document = json.loads(text)
+        else:
+            document = json.loads(json.dumps(yaml.safe_load(text), default=_jsonable))
     except (ValueError, TypeError, yaml.YAMLError) as exc:
         raise WorkflowFileError(f"{name} is not valid {_kind(name, json_only)}: {exc}") from None
+    return finite(document, name)
+
+
+def finite(document: Any, name: str) -> Any:
+    """`document`, unless a number in it is NaN or infinite: Python's json reads `NaN`,
+    `Infinity` and `1e999`, YAML `.nan` and `.inf`, but JSON has no such number (the
+    request could not be sent)."""
+    pending: list[tuple[Any, str]] = [(document, "")]
+    while pending:  # not recursive: as deep as json.loads goes, with no stack to spare
+        value, where = pending.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            number = "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+            raise WorkflowFileError(
+                f"{name}: {where.lstrip('.') or 'the value'} is {number}, "
+                "and JSON has no NaN or infinite numbers"
+            )
+        # Pushed last first, so the first one in the document is the one named.
+        if isinstance(value, dict):
+            pending.extend(reversed([(item, f"{where}.{key}") for key, item in value.items()]))
+        elif isinstance(value, list):
+            pending.extend(reversed([(item, f"{where}[{i}]") for i, item in enumerate(value)]))
+    return document
 
 
 def _kind(name: str, json_only: bool) -> str:
@@ -41,11 +64,7 @@ def _kind(name: str, json_only: bool) -> str:
 
 def read_execute_body(path: Path) -> dict[str, Any]:
     """The execute body a workflow file means."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise WorkflowFileError(f"cannot read {path}: {exc.strerror or exc}") from None
-    document = parse_document(text, str(path))
+    document = parse_document(read_text(path), str(path))
     if not isinstance(document, dict):
         raise WorkflowFileError(f"{path} must hold an object, not {type(document).__name__}")
     if "workflow" in document:
@@ -63,19 +82,44 @@ def read_execute_body(path: Path) -> dict[str, Any]:
     )
 
 
+def read_text(path: Path) -> str:
+    """A workflow or input file's text, which must be UTF-8 (as JSON is, and YAML mostly)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise WorkflowFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise WorkflowFileError(
+            f"{path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+            f"{exc.start}); save it as UTF-8"
+        ) from None
+
+
 def read_input(value: str, stdin_text: str | None = None) -> Any:
-    """`--input`: a file (JSON or YAML), `-` for standard input (JSON), or inline JSON."""
+    """`--input`: a file (JSON or YAML), `-` for standard input (JSON), or inline JSON.
+
+    A value that starts as JSON text does ({, [ or ") is read as JSON before it is taken
+    for a file name (an inline object longer than a file name may be is no file)."""
     if value == "-":
         return parse_document(stdin_text or "", "standard input", json_only=True)
     path = Path(value)
-    if path.is_file():
-        try:
-            return parse_document(path.read_text(encoding="utf-8"), str(path))
-        except OSError as exc:
-            raise WorkflowFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    inline = value.lstrip()[:1] in ("{", "[", '"')
+    if not inline and _is_file(path):
+        return parse_document(read_text(path), str(path))
     try:
-        return json.loads(value)
+        document = json.loads(value)
     except ValueError:
+        if inline and _is_file(path):  # a file named as JSON starts: `[draft].yaml`
+            return parse_document(read_text(path), str(path))
         raise WorkflowFileError(
             f"--input {value!r} is neither a file nor valid JSON (quote strings: '\"text\"')"
         ) from None
+    return finite(document, "--input")
+
+
+def _is_file(path: Path) -> bool:
+    """Whether `path` names a file; False too for a name the system refuses (too long)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False

@@ -4,11 +4,14 @@ in-process through click's CliRunner, and once as the installed `maof` executabl
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
 import stat
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -499,3 +502,156 @@ def test_the_installed_maof_executable_runs_a_workflow_to_its_result(
     assert runs["meta"]["total"] == 1
     failed = maof("run", str(EXAMPLES / "missing-capability.yaml"), "--watch")
     assert failed.returncode == 1 and "stage 'extract'" in failed.stderr
+
+
+# ------------------------------------------------------------------ what it refuses to send
+
+
+def crashed(result: Result) -> bool:
+    """A traceback (an exception other than click's exit), not a clean `Error:` exit."""
+    return result.exception is not None and not isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("url", ["localhost:3000", "api.example.com", "ftp://api.example.com"])
+def test_an_api_url_without_http_or_a_host_is_a_usage_error(tmp_path: Path, url: str) -> None:
+    from_env = Maof(url, tmp_path)("health")
+    from_option = Maof("http://127.0.0.1:3000", tmp_path)("--api-url", url, "health")
+    for result in (from_env, from_option):
+        assert result.exit_code == 2 and not crashed(result), result.output
+        assert "Invalid value for '--api-url'" in result.stderr
+        assert f"{url!r} is not an http:// or https:// URL with a host" in result.stderr
+
+
+def test_a_file_or_input_that_cannot_be_sent_is_a_usage_error(tmp_path: Path) -> None:
+    maof = Maof(f"http://127.0.0.1:{free_port()}", tmp_path)  # nothing is sent
+    maof.credentials.save(Tokens("a.b", "r", "x@example.com"))
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(
+        "name: café\nstages: [{id: a, name: A, agentCapability: x}]\n".encode("latin-1")
+    )
+    path = workflow_file(tmp_path, "x")
+    latin1_input = tmp_path / "input.json"
+    latin1_input.write_bytes(b'{"text": "caf\xe9"}')
+    yaml_inf = tmp_path / "in.yaml"
+    yaml_inf.write_text("x: .inf\n")
+    cases = [
+        (["run", str(latin1)], "latin1.yaml is not UTF-8 text"),
+        (["run", str(path), "--input", str(latin1_input)], "input.json is not UTF-8 text"),
+        (["run", str(path), "--input", '{"x": NaN}'], "--input: x is NaN"),
+        (["run", str(path), "--input", str(yaml_inf)], "in.yaml: x is Infinity"),
+    ]
+    for args, message in cases:
+        result = maof(*args)
+        assert result.exit_code == 2 and not crashed(result), (args, result.output)
+        assert message in result.stderr, result.stderr
+
+
+def test_inline_json_input_longer_than_a_file_name_is_submitted(
+    maof: Maof, signed_in: str, tmp_path: Path
+) -> None:
+    paragraph = {"text": "A paragraph of input. " * 20}  # 440 characters
+    path = workflow_file(tmp_path, unique_capability())
+    run_id = maof.ok("run", str(path), "--input", json.dumps(paragraph)).stdout.strip()
+    assert maof.json("status", run_id)["input"] == paragraph
+
+
+# ------------------------------------------------------------------ servers that are not MAOF's
+
+
+class FixedAnswers(http.server.BaseHTTPRequestHandler):
+    """A server answering fixed (status, headers, body) per path prefix, noting each request
+    (a proxy, an older or compromised API, or the host a redirect points at)."""
+
+    answers: dict[str, tuple[int, dict[str, str], bytes]] = {}
+    seen: list[tuple[str, str, bytes]]
+
+    def answer(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.seen.append((self.command, self.path, body))
+        status, headers, payload = next(
+            (answer for prefix, answer in self.answers.items() if self.path.startswith(prefix)),
+            (404, {}, b"{}"),
+        )
+        self.send_response(status)
+        for key, value in {"Content-Type": "application/json", **headers}.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_GET = do_POST = answer
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def fixed_server(
+    answers: dict[str, tuple[int, dict[str, str], bytes]],
+) -> Iterator[tuple[str, list[tuple[str, str, bytes]]]]:
+    seen: list[tuple[str, str, bytes]] = []
+    handler = type("Handler", (FixedAnswers,), {"answers": answers, "seen": seen})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def envelope(data: Any) -> tuple[int, dict[str, str], bytes]:
+    return 200, {}, json.dumps({"success": True, "data": data}).encode()
+
+
+def test_a_redirect_is_not_followed_and_the_password_goes_nowhere_else(tmp_path: Path) -> None:
+    with fixed_server({"/": envelope({})}) as (other_url, other_seen):
+        # "localhost" is another host than 127.0.0.1 as far as requests goes.
+        location = other_url.replace("127.0.0.1", "localhost") + "/auth/login"
+        with fixed_server({"/": (307, {"Location": location}, b"")}) as (front_url, front_seen):
+            result = Maof(front_url, tmp_path)(
+                "login", "--email", "a@example.com", "--password-stdin", input="s3cret-password"
+            )
+    assert result.exit_code == 1 and not crashed(result), result.output
+    assert f"HTTP 307, a redirect to {location}; not followed" in result.stderr
+    assert [(method, path) for method, path, _ in front_seen] == [("POST", "/auth/login")]
+    assert other_seen == []
+
+
+def test_answers_that_are_not_maofs_are_errors_not_tracebacks(tmp_path: Path) -> None:
+    answers = {
+        "/auth/me": envelope(None),
+        "/health": (200, {}, b'{"success": true}'),
+        "/workflows": (302, {"Location": "/workflows"}, b""),  # a proxy's redirect loop
+    }
+    with fixed_server(answers) as (url, seen):
+        maof = Maof(url, tmp_path)
+        maof.credentials.save(Tokens("a.b", "r", "x@example.com"))
+        results = {args: maof(*args) for args in [("whoami",), ("health",), ("runs",)]}
+    for args, result in results.items():
+        assert result.exit_code == 1 and not crashed(result), (args, result.output)
+        assert "[UNEXPECTED_RESPONSE]" in result.stderr, result.stderr
+    assert "redirect to /workflows" in results[("runs",)].stderr
+    assert [path for _, path, _ in seen].count("/workflows") == 1  # not followed
+
+
+def test_agents_show_prints_no_escape_codes_it_receives(tmp_path: Path) -> None:
+    hostile = "evil\x1b]0;owned-title\x1b\\\x1b[2J\x1b[31mred\x9b2J\u202eexe"
+    agent_uuid = str(uuid.uuid4())
+    agent = {
+        "agentUuid": agent_uuid,
+        "agentId": "a",
+        "name": hostile,
+        "description": hostile,
+        "capabilities": [hostile, "x"],
+        f"extra{hostile}": hostile,
+        "status": "online",
+    }
+    with fixed_server({f"/agents/{agent_uuid}": envelope(agent)}) as (url, _):
+        maof = Maof(url, tmp_path)
+        maof.credentials.save(Tokens("a.b", "r", "x@example.com"))
+        shown = maof.ok("agents", "show", agent_uuid)
+        as_json = maof.json("agents", "show", agent_uuid)
+    assert "owned-title" in shown.stdout and "red" in shown.stdout  # every field is there
+    assert not any(char in shown.stdout for char in "\x1b\x9b\u202e")
+    assert as_json == agent  # --json: the same data, escaped

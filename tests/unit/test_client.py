@@ -457,3 +457,141 @@ def test_json_for_a_terminal_escapes_what_json_leaves_raw(capsys) -> None:
     assert json.loads(printed) == {"output": hostile, "lines": "a\nb\tc"}  # the same data
     assert not any(ch in printed for ch in "\x1b\x07\x7f\x9b\u202e\u2028\u200b\U000e0041")
     assert "é" in printed and "\\udb40\\udc41" in printed
+
+
+# ------------------------------------------------------------------ what the transport refuses
+
+
+def test_a_redirect_is_not_followed_with_the_password_and_names_its_location(
+    fake: FakeApi,
+) -> None:
+    """A 307/308 asks for the same POST, body and all, at its Location: followed, the
+    password (or a refresh token) would go to whatever host it names."""
+    elsewhere = FakeApi()
+    elsewhere.on("POST", "/auth/login", ok(signed_in(valid_token(), "r1")))
+    fake.on("POST", "/auth/login", (307, b"", {"Location": "http://elsewhere.test/auth/login"}))
+    client = client_for(fake)
+    client._http.mount("http://elsewhere.test", elsewhere)
+    with pytest.raises(errors.UnexpectedResponse) as caught:
+        client.login("ada@example.com", "s3cret-password")
+    assert "http://elsewhere.test/auth/login" in caught.value.message
+    assert caught.value.status == 307
+    assert elsewhere.sent == []
+    assert client.tokens.load() is None
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 308])
+def test_every_redirect_is_an_unexpected_response(fake: FakeApi, status: int) -> None:
+    fake.on("GET", "/auth/me", (status, b"", {"Location": "/auth/me"}))  # a loop, followed
+    with pytest.raises(errors.UnexpectedResponse, match=f"HTTP {status}, a redirect to /auth/me"):
+        client_for(fake, Tokens(valid_token(), "r1")).me()
+    assert fake.paths() == ["GET /auth/me"]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        requests.exceptions.ChunkedEncodingError("Connection broken: IncompleteRead"),
+        requests.exceptions.ContentDecodingError("Received response with content-encoding: gzip"),
+        requests.exceptions.InvalidHeader("Invalid leading whitespace"),
+    ],
+    ids=type,
+)
+def test_other_transport_failures_are_request_failed(
+    fake: FakeApi, failure: requests.RequestException
+) -> None:
+    fake.on("GET", "/health", failure)
+    with pytest.raises(errors.RequestFailed) as caught:
+        client_for(fake).health()
+    assert "GET /health" in caught.value.message and type(failure).__name__ in caught.value.message
+    assert isinstance(caught.value, errors.MaofError)
+
+
+@pytest.mark.parametrize("url", ["localhost:3000", "api.example.com", "ftp://api.example.com"])
+def test_a_url_requests_cannot_use_is_request_failed_naming_it(url: str) -> None:
+    with pytest.raises(errors.RequestFailed, match="GET /health"):
+        MaofClient(url, timeout=2).health()
+
+
+def test_a_body_that_is_not_json_is_request_failed_and_not_sent(fake: FakeApi) -> None:
+    client = client_for(fake, Tokens(valid_token(), "r1"))
+    with pytest.raises(errors.RequestFailed, match="InvalidJSONError"):
+        client.execute({"name": "p", "stages": []}, {"x": float("nan")})
+    assert fake.sent == []
+
+
+# ------------------------------------------------------------------ answers that are not MAOF's
+
+
+@pytest.mark.parametrize(
+    "envelope",
+    [
+        {"success": True},
+        {"success": True, "data": None},
+        {"success": True, "data": []},
+        {"success": True, "data": "ok"},
+    ],
+    ids=["no data", "null", "list", "string"],
+)
+def test_a_success_without_object_data_is_an_unexpected_response(
+    fake: FakeApi, envelope: dict[str, Any]
+) -> None:
+    fake.on("GET", "/auth/me", (200, envelope))
+    fake.on("GET", "/health", (200, envelope))
+    fake.on("GET", "/stats", (200, envelope))
+    client = client_for(fake, Tokens(valid_token(), "r1"))
+    for call in (client.me, client.health, client.stats):
+        with pytest.raises(errors.UnexpectedResponse, match="is this a MAOF API"):
+            call()
+
+
+@pytest.mark.parametrize(
+    ("path", "call", "data"),
+    [
+        ("/auth/me", "me", {"email": "ada@example.com"}),  # no userUuid
+        ("/agents/a-1", "get_agent", {"agentUuid": "a-1", "agentId": "a", "capabilities": 5}),
+        ("/workflows/wfr-1", "get_run", {**RUN, "progress": ["1/2"]}),
+        ("/workflows/wfr-1", "get_run", {**RUN, "stages": [{"stageId": "a"}, "b"]}),
+        ("/workflows/wfr-1/audit", "get_audit", {"workflowRunId": "wfr-1", "logs": [{}]}),
+    ],
+    ids=[
+        "missing field",
+        "capabilities not a list",
+        "progress a list",
+        "stage a string",
+        "entry without seq",
+    ],
+)
+def test_data_of_another_shape_is_an_unexpected_response(
+    fake: FakeApi, path: str, call: str, data: dict[str, Any]
+) -> None:
+    fake.on("GET", path, ok(data))
+    client = client_for(fake, Tokens(valid_token(), "r1"))
+    argument = path.split("/")[2] if call != "me" else None
+    with pytest.raises(errors.UnexpectedResponse, match=f"GET {path}"):
+        getattr(client, call)(*([argument] if argument else []))
+
+
+def test_a_sign_in_without_tokens_is_an_unexpected_response_and_stores_nothing(
+    fake: FakeApi,
+) -> None:
+    fake.on("POST", "/auth/login", ok({"user": signed_in("a", "r")["user"]}))
+    client = client_for(fake)
+    with pytest.raises(errors.UnexpectedResponse, match="no 'accessToken'"):
+        client.login("ada@example.com", "pw")
+    assert client.tokens.load() is None
+
+
+def test_agent_fields_show_no_escape_codes() -> None:
+    import io
+
+    from rich.console import Console
+
+    from maof_client import render
+
+    raw = {"name": HOSTILE, "capabilities": [HOSTILE, "x"], HOSTILE: "key", "endpoint": None}
+    out = io.StringIO()
+    Console(file=out, force_terminal=True, width=200).print(render.agent_fields(raw))
+    printed = out.getvalue()
+    assert "pwned" in printed and "\x1b]" not in printed and "\x1b[2J" not in printed
+    assert not any(ch in printed for ch in "\x07\x7f\x9b")

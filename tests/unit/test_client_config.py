@@ -4,6 +4,7 @@ files (YAML or JSON, a workflow or a whole execute body)."""
 from __future__ import annotations
 
 import json
+import re
 import stat
 import threading
 import time
@@ -11,7 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from maof_client.config import CredentialsFile, CredentialsUnreadable, config_dir
+from maof_client.config import (
+    CredentialsFile,
+    CredentialsUnreadable,
+    checked_api_url,
+    config_dir,
+)
 from maof_client.models import Tokens
 from maof_client.workflows import WorkflowFileError, read_execute_body, read_input
 
@@ -157,3 +163,87 @@ def test_the_example_workflows_read(tmp_path: Path) -> None:
     assert demo["input"]["text"]
     failing = read_execute_body(examples / "missing-capability.yaml")
     assert "input" not in failing
+
+
+def test_inline_json_longer_than_a_file_name_is_read_as_json() -> None:
+    """Taken for a file name first, a paragraph of inline JSON (a path component over 255
+    bytes) made Path.is_file() raise ENAMETOOLONG."""
+    paragraph = {"text": "a" * 300}
+    assert read_input(json.dumps(paragraph)) == paragraph
+    assert read_input(json.dumps(["a" * 300])) == ["a" * 300]
+    assert read_input(json.dumps("a" * 300)) == "a" * 300
+    with pytest.raises(WorkflowFileError, match="neither a file nor valid JSON"):
+        read_input("a" * 300)  # no file, no JSON: said so, not an OSError
+
+
+def test_a_file_whose_name_starts_as_json_does_is_still_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("[draft].yaml").write_text("text: from the file\n")
+    assert read_input("[draft].yaml") == {"text": "from the file"}
+
+
+def test_a_file_that_is_not_utf8_is_a_workflow_file_error(tmp_path: Path) -> None:
+    workflow = tmp_path / "latin1.yaml"
+    workflow.write_bytes("name: café\nstages: []\n".encode("latin-1"))
+    with pytest.raises(WorkflowFileError, match=r"latin1\.yaml is not UTF-8 text \(byte 0xe9"):
+        read_execute_body(workflow)
+    data = tmp_path / "input.json"
+    data.write_bytes(b'{"text": "caf\xe9"}')
+    with pytest.raises(WorkflowFileError, match=r"input\.json is not UTF-8 text"):
+        read_input(str(data))
+
+
+@pytest.mark.parametrize(
+    ("value", "where", "number"),
+    [
+        ('{"x": NaN}', "x", "NaN"),
+        ('{"a": [1, {"b": Infinity}]}', r"a\[1\]\.b", "Infinity"),
+        ("-Infinity", "the value", "-Infinity"),
+        ('{"big": 1e999}', "big", "Infinity"),  # json reads an overflow as infinity
+    ],
+)
+def test_inline_input_with_nan_or_infinity_is_refused_naming_where(
+    value: str, where: str, number: str
+) -> None:
+    with pytest.raises(WorkflowFileError, match=rf"--input: {where} is {number}, and JSON has no"):
+        read_input(value)
+
+
+def test_yaml_and_json_files_with_nan_or_infinity_are_refused(tmp_path: Path) -> None:
+    data = tmp_path / "in.yaml"
+    data.write_text("x: .inf\ny: [1, .nan]\n")
+    with pytest.raises(WorkflowFileError, match=r"in\.yaml: x is Infinity"):
+        read_input(str(data))
+    workflow = tmp_path / "p.yaml"
+    workflow.write_text(
+        "name: p\nstages: [{id: a, name: A, agentCapability: x, input: {t: -.inf}}]\n"
+    )
+    with pytest.raises(WorkflowFileError, match=r"stages\[0\]\.input\.t is -Infinity"):
+        read_execute_body(workflow)
+    body = tmp_path / "p.json"
+    body.write_text(json.dumps({"workflow": WORKFLOW, "input": {"n": 1.5}})[:-1] + ', "z": NaN}')
+    with pytest.raises(WorkflowFileError, match=r"p\.json: z is NaN"):
+        read_execute_body(body)
+    with pytest.raises(WorkflowFileError, match="standard input: the value is NaN"):
+        read_input("-", "NaN")
+
+
+@pytest.mark.parametrize(
+    ("url", "checked"),
+    [
+        ("http://127.0.0.1:3000/", "http://127.0.0.1:3000"),
+        ("https://api.example.com/maof", "https://api.example.com/maof"),
+    ],
+)
+def test_an_api_url_is_http_or_https_with_a_host(url: str, checked: str) -> None:
+    assert checked_api_url(url) == checked
+
+
+@pytest.mark.parametrize(
+    "url", ["localhost:3000", "api.example.com", "ftp://api.example.com", "http://", "http://h:x"]
+)
+def test_an_api_url_without_scheme_or_host_is_refused(url: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(repr(url))):
+        checked_api_url(url)
