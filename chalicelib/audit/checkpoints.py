@@ -1,29 +1,36 @@
 """Signed Merkle checkpoints of the runs' final heads, written to S3 (Object Lock, compliance
 mode, in AWS): once a run is in one, rewriting its trail, even with the signing key and
-every hash recomputed, no longer matches the copy in S3.
+every hash recomputed, no longer matches the copy in S3, and neither does cutting its tail.
 
 On a schedule (MAOF_AUDIT_CHECKPOINT_INTERVAL_SECONDS): the runs that have ended (completed,
 failed, cancelled) and whose newest entry is in no checkpoint yet (a run that ended since
 the last one, or that was retried, or that recorded an answer after its end) each give a
 leaf {"runId", "seq", "hash"} of that newest entry; the leaves make an RFC 6962 Merkle tree
 whose signed head (audit/verify.py: same hash and signature rule as entries) names its
-predecessor's hash, so the checkpoints form a chain too. The S3 object
-`checkpoints/<number>-<hash>.json` holds the head and every leaf; the database keeps an
-index of which runs each checkpoint covers (append-only as well). The S3 copy is the one
-verification trusts: proofs are computed from its leaves.
+predecessor's hash, so the checkpoints form a chain too. A run whose head went back
+(behind, or no longer through, a head already checkpointed) is refused, loudly.
+
+In S3: `checkpoints/<number>-<hash>.json` holds the head and every leaf, and for each leaf
+a small marker `checkpoints/runs/<run uuid>/<number>-<hash>.json` names it, so which
+checkpoints cover a run is read from S3 (one LIST of the run's folder), not only from the
+database's index of them (append-only too, but its owner can disable the triggers). The
+S3 copy is the one verification trusts: proofs are computed from its leaves.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from chalicelib.audit import keys as audit_keys
 from chalicelib.audit import verify as rules
@@ -40,6 +47,12 @@ COMMIT_MARGIN = timedelta(minutes=5)
 # One checkpointer at a time (pg_try_advisory_xact_lock key: "maof-cp").
 ADVISORY_LOCK = 0x6D616F662D6370
 OBJECT_PREFIX = "checkpoints/"
+# Under OBJECT_PREFIX, so the functions' rights on `checkpoints/*` cover the markers too.
+RUN_PREFIX = f"{OBJECT_PREFIX}runs/"
+_OBJECT_NAME = re.compile(r"(\d{10})-[0-9a-f]{16}\.json")
+# S3 calls a checkpoint makes at once (a LIST and a marker per run): the client's pool
+# holds 64 connections (chalicelib/aws.py).
+S3_CONCURRENCY = 32
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,30 @@ class Leaf:
 
     def view(self) -> dict[str, Any]:
         return {"runId": self.ref, "seq": self.seq, "hash": self.head}
+
+
+@dataclass(frozen=True)
+class Covering:
+    """A checkpoint object said to hold a leaf of a run: by the run's marker in S3, or by
+    the database's index (which also knows the leaf's position)."""
+
+    number: int
+    key: str
+    leaf_index: int | None = None
+
+
+@dataclass(frozen=True)
+class Checkpointed:
+    """A head of a run that a checkpoint recorded."""
+
+    number: int
+    seq: int
+    head: str
+
+
+class CheckpointMissing(Exception):
+    """S3 holds no object (or no leaf of the run) where a marker or the index says a
+    checkpoint is: nothing MAOF does leaves that, so someone did."""
 
 
 def leaf_hashes(leaves: Sequence[dict[str, Any]]) -> list[bytes]:
@@ -83,6 +120,26 @@ def signed_head(
     return head
 
 
+def refusal(
+    leaf: Leaf, earlier: Iterable[Checkpointed], current: dict[int, str | None]
+) -> str | None:
+    """Why `leaf` must not be checkpointed, or None: a run's head only moves forward, and
+    every head a checkpoint recorded stays in its chain. `current` is the run's entry
+    hash at each earlier head's seq (None: no such entry any more)."""
+    for before in earlier:
+        if leaf.seq < before.seq:
+            return (
+                f"its head is entry #{leaf.seq}, behind entry #{before.seq} that checkpoint "
+                f"{before.number} recorded (truncated)"
+            )
+        if current.get(before.seq) != before.head:
+            return (
+                f"entry #{before.seq} no longer has the hash checkpoint {before.number} "
+                "recorded (rewritten)"
+            )
+    return None
+
+
 _LAST = text(
     "SELECT checkpoint, head_hash, covered_until FROM audit_checkpoints "
     "ORDER BY checkpoint DESC LIMIT 1"
@@ -107,6 +164,21 @@ _CANDIDATES = text(
     """
 )
 
+# The heads the index says earlier checkpoints recorded for these runs.
+_INDEXED_HEADS = text(
+    "SELECT run_id, checkpoint, seq, head_hash FROM audit_checkpoint_runs "
+    "WHERE run_id = ANY(CAST(:runs AS uuid[]))"
+)
+
+# The runs' entry hashes at the given (run, seq) pairs.
+_ENTRY_HASHES = text(
+    """
+    SELECT e.run_id, e.seq, e.entry_hash
+      FROM unnest(CAST(:runs AS uuid[]), CAST(:seqs AS int[])) AS p(run_id, seq)
+      JOIN execution_logs AS e ON e.run_id = p.run_id AND e.seq = p.seq
+    """
+)
+
 _RECORD = text(
     """
     WITH cp AS (
@@ -128,6 +200,63 @@ def object_key(number: int, head_hash: str) -> str:
     return f"{OBJECT_PREFIX}{number:010d}-{head_hash[:16]}.json"
 
 
+def run_prefix(run_id: uuid.UUID) -> str:
+    """The S3 folder of the run's markers, one per checkpoint that covers it."""
+    return f"{RUN_PREFIX}{run_id}/"
+
+
+def marker_key(run_id: uuid.UUID, checkpoint_key: str) -> str:
+    return run_prefix(run_id) + checkpoint_key.removeprefix(OBJECT_PREFIX)
+
+
+def _earlier_heads(
+    session: Session, leaves: Sequence[Leaf]
+) -> tuple[dict[uuid.UUID, list[Checkpointed]], dict[uuid.UUID, str]]:
+    """What earlier checkpoints recorded for each run, from the index and from S3 (the
+    index's owner could have dropped its rows; S3 keeps them), and the runs whose S3 copy
+    of an earlier checkpoint is missing (why, by run)."""
+    earlier: dict[uuid.UUID, list[Checkpointed]] = {leaf.run_id: [] for leaf in leaves}
+    broken: dict[uuid.UUID, str] = {}
+    for row in session.execute(_INDEXED_HEADS, {"runs": list(earlier)}):
+        earlier[row.run_id].append(Checkpointed(row.checkpoint, row.seq, row.head_hash))
+    with ThreadPoolExecutor(S3_CONCURRENCY, thread_name_prefix="maof-cp") as pool:
+        listed = list(pool.map(listed_checkpoints, earlier))
+    for run_id, coverings in zip(earlier, listed, strict=True):
+        for covering in coverings:
+            try:
+                found = leaf_of(covering.key, run_ref(run_id))
+            except CheckpointMissing as exc:
+                broken[run_id] = f"checkpoint {covering.number}: {exc}"
+                continue
+            earlier[run_id].append(Checkpointed(covering.number, *found))
+    return earlier, broken
+
+
+def _screen(session: Session, leaves: Sequence[Leaf]) -> tuple[list[Leaf], dict[str, str]]:
+    """The leaves to checkpoint, and the refused runs (why, by run reference)."""
+    earlier, broken = _earlier_heads(session, leaves)
+    pairs = {(run_id, before.seq) for run_id, heads in earlier.items() for before in heads}
+    current: dict[uuid.UUID, dict[int, str | None]] = {run_id: {} for run_id in earlier}
+    if pairs:
+        runs, seqs = zip(*pairs, strict=True)
+        for row in session.execute(_ENTRY_HASHES, {"runs": list(runs), "seqs": list(seqs)}):
+            current[row.run_id][row.seq] = row.entry_hash
+    accepted: list[Leaf] = []
+    refused: dict[str, str] = {}
+    for leaf in leaves:
+        why = broken.get(leaf.run_id) or refusal(leaf, earlier[leaf.run_id], current[leaf.run_id])
+        if why is None:
+            accepted.append(leaf)
+            continue
+        refused[leaf.ref] = why
+        logger.error(
+            "audit checkpoint refused a run: its trail no longer holds what an earlier "
+            "checkpoint recorded (tampering?)",
+            extra={"runId": leaf.ref, "seq": leaf.seq, "reason": why},
+        )
+    return accepted, refused
+
+
 def checkpoint_once(now: datetime | None = None) -> dict[str, Any]:
     """Write the next checkpoint if any run needs one; what was done."""
     settings = get_settings()
@@ -142,18 +271,22 @@ def checkpoint_once(now: datetime | None = None) -> dict[str, Any]:
         limit = settings.audit_checkpoint_max_runs
         rows = session.execute(_CANDIDATES, {"since": since, "limit": limit}).all()
         if not rows:
-            return {"checkpoint": None, "runs": 0}
-        leaves = [Leaf(row.run_id, row.seq, row.entry_hash, row.logged_at) for row in rows]
+            return {"checkpoint": None, "runs": 0, "candidates": 0, "refused": {}}
+        candidates = [Leaf(row.run_id, row.seq, row.entry_hash, row.logged_at) for row in rows]
+        leaves, refused = _screen(session, candidates)
+        if not leaves:
+            return {"checkpoint": None, "runs": 0, "candidates": len(rows), "refused": refused}
         number = (last.checkpoint if last else 0) + 1
         previous = last.head_hash if last else rules.GENESIS
         created_at = started.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
         views = [leaf.view() for leaf in leaves]
         head = signed_head(number, views, previous, created_at)
         key = object_key(number, head["hash"])
-        # A full batch covers up to its newest leaf only; the next one goes on from there.
-        covered_until = leaves[-1].logged_at if len(leaves) >= limit else started
-        document = {"head": head, "leaves": views}
-        put_object(key, document)  # before the commit: no index row without its S3 copy
+        # A full batch covers up to its newest candidate only; the next one goes on from there.
+        covered_until = candidates[-1].logged_at if len(candidates) >= limit else started
+        # Before the commit, the checkpoint first: no index row and no marker without it.
+        put_object(key, {"head": head, "leaves": views})
+        put_markers(key, head, leaves)
         session.execute(
             _RECORD,
             {
@@ -178,7 +311,13 @@ def checkpoint_once(now: datetime | None = None) -> dict[str, Any]:
             },
         )
     logger.info("audit checkpoint written", extra={"checkpoint": number, "runs": len(leaves)})
-    return {"checkpoint": number, "runs": len(leaves), "objectKey": key}
+    return {
+        "checkpoint": number,
+        "runs": len(leaves),
+        "candidates": len(rows),
+        "refused": refused,
+        "objectKey": key,
+    }
 
 
 def checkpoint() -> dict[str, Any]:
@@ -189,7 +328,7 @@ def checkpoint() -> dict[str, Any]:
         if result.get("checkpoint") is None:
             break
         written.append(result["checkpoint"])
-        if result["runs"] < get_settings().audit_checkpoint_max_runs:
+        if result["candidates"] < get_settings().audit_checkpoint_max_runs:
             break
     return {"checkpoints": written}
 
@@ -206,10 +345,40 @@ def put_object(key: str, document: dict[str, Any]) -> None:
     )
 
 
+def put_markers(key: str, head: dict[str, Any], leaves: Sequence[Leaf]) -> None:
+    """One marker per leaf, in the run's folder: `key` covers the run (Object Lock keeps it
+    as long as the checkpoint; the leaf is there for people, verification reads `key`)."""
+
+    def put(item: tuple[int, Leaf]) -> None:
+        index, leaf = item
+        document = {
+            "checkpoint": head["checkpoint"],
+            "object": key,
+            "leafIndex": index,
+            "leaf": leaf.view(),
+        }
+        put_object(marker_key(leaf.run_id, key), document)
+
+    with ThreadPoolExecutor(S3_CONCURRENCY, thread_name_prefix="maof-cp") as pool:
+        list(pool.map(put, enumerate(leaves)))
+
+
+def _missing(exc: Exception) -> bool:
+    """S3's answer for a key it does not hold (botocore is not imported here: aws.py owns it)."""
+    error = (getattr(exc, "response", None) or {}).get("Error") or {}
+    return str(error.get("Code")) in ("NoSuchKey", "404", "NotFound")
+
+
 @functools.lru_cache(maxsize=64)
 def read_object(key: str) -> dict[str, Any]:
-    """A checkpoint object as S3 holds it (immutable: cached per process)."""
-    body = aws_client("s3").get_object(Bucket=get_settings().audit_bucket, Key=key)["Body"]
+    """A checkpoint object as S3 holds it (immutable: cached per process). CheckpointMissing
+    when S3 has no such object; any other failure of S3's is raised as it is."""
+    try:
+        body = aws_client("s3").get_object(Bucket=get_settings().audit_bucket, Key=key)["Body"]
+    except Exception as exc:
+        if _missing(exc):
+            raise CheckpointMissing(f"its S3 object {key} is missing") from None
+        raise
     loaded: dict[str, Any] = json.loads(body.read())
     return loaded
 
@@ -219,16 +388,30 @@ def _tree(key: str) -> tuple[bytes, ...]:
     return tuple(leaf_hashes(read_object(key)["leaves"]))
 
 
+@functools.lru_cache(maxsize=64)
+def _positions(key: str) -> dict[str, int]:
+    """Each run's newest leaf in checkpoint object `key`."""
+    return {str(leaf["runId"]): i for i, leaf in enumerate(read_object(key)["leaves"])}
+
+
+def leaf_of(key: str, run_ref: str) -> tuple[int, str]:
+    """(seq, hash) of the run's leaf in checkpoint object `key`."""
+    index = _positions(key).get(run_ref)
+    if index is None:
+        raise CheckpointMissing(f"its S3 object {key} holds no leaf of the run")
+    leaf = read_object(key)["leaves"][index]
+    return int(leaf["seq"]), str(leaf["hash"])
+
+
 def proof_for(key: str, run_ref: str, index: int | None = None) -> dict[str, Any] | None:
     """The run's newest leaf in checkpoint object `key`, with its inclusion proof, from the
     S3 copy; None if the object holds no leaf for the run."""
     document = read_object(key)
     leaves = document["leaves"]
     if index is None or not (0 <= index < len(leaves) and leaves[index]["runId"] == run_ref):
-        matching = [i for i, leaf in enumerate(leaves) if leaf["runId"] == run_ref]
-        if not matching:
+        index = _positions(key).get(run_ref)
+        if index is None:
             return None
-        index = matching[-1]
     tree = _tree(key)
     return {
         "head": document["head"],
@@ -239,8 +422,23 @@ def proof_for(key: str, run_ref: str, index: int | None = None) -> dict[str, Any
     }
 
 
-def run_checkpoints(session: Any, run_id: uuid.UUID) -> list[dict[str, Any]]:
-    """Every checkpoint that covers the run, oldest first, with proofs from S3."""
+def listed_checkpoints(run_id: uuid.UUID) -> list[Covering]:
+    """The checkpoints whose marker S3 holds in the run's folder (one LIST call per 1,000)."""
+    found = []
+    pages = aws_client("s3").get_paginator("list_objects_v2")
+    for page in pages.paginate(Bucket=get_settings().audit_bucket, Prefix=run_prefix(run_id)):
+        for item in page.get("Contents") or []:
+            name = str(item["Key"]).rsplit("/", 1)[-1]
+            matched = _OBJECT_NAME.fullmatch(name)
+            if matched is None:
+                logger.warning("not a checkpoint marker", extra={"key": item["Key"]})
+                continue
+            found.append(Covering(int(matched.group(1)), OBJECT_PREFIX + name))
+    return found
+
+
+def indexed_checkpoints(session: Session, run_id: uuid.UUID) -> list[Covering]:
+    """The checkpoints the database's index says cover the run."""
     rows = session.execute(
         text(
             "SELECT c.checkpoint, c.object_key, r.leaf_index FROM audit_checkpoint_runs AS r "
@@ -249,13 +447,44 @@ def run_checkpoints(session: Any, run_id: uuid.UUID) -> list[dict[str, Any]]:
         ),
         {"run_id": run_id},
     ).all()
-    found = []
-    for row in rows:
-        proof = proof_for(row.object_key, run_ref(run_id), row.leaf_index)
-        if proof is None:
-            proof = {"head": {"checkpoint": row.checkpoint}, "leaf": {}, "missing": True}
-        found.append(proof)
-    return found
+    return [Covering(row.checkpoint, row.object_key, row.leaf_index) for row in rows]
+
+
+@dataclass(frozen=True)
+class RunCheckpoints:
+    """Every checkpoint that covers a run, oldest first, as the bundle carries them: a
+    proof from S3, or (S3 lacks the object or the run's leaf) a `missing` placeholder, with
+    why in `problems`."""
+
+    proofs: list[dict[str, Any]]
+    problems: list[str]
+
+
+def run_checkpoints(run_id: uuid.UUID, coverings: Iterable[Covering]) -> RunCheckpoints:
+    """The proofs of the checkpoints that S3's markers and the index name (either is
+    enough: each names a checkpoint the run must match)."""
+    by_key: dict[str, Covering] = {}
+    for covering in coverings:
+        known = by_key.get(covering.key)
+        if known is None or known.leaf_index is None:
+            by_key[covering.key] = covering
+    proofs: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for covering in sorted(by_key.values(), key=lambda c: (c.number, c.key)):
+        try:
+            proof = proof_for(covering.key, run_ref(run_id), covering.leaf_index)
+            if proof is None:
+                raise CheckpointMissing(f"its S3 object {covering.key} holds no leaf of the run")
+        except CheckpointMissing as exc:
+            proofs.append({"head": {"checkpoint": covering.number}, "leaf": {}, "missing": True})
+            problems.append(f"checkpoint {covering.number}: {exc}")
+            continue
+        except (ValueError, KeyError, TypeError) as exc:  # S3 holds something else there
+            proofs.append({"head": {"checkpoint": covering.number}, "leaf": {}, "missing": True})
+            problems.append(f"checkpoint {covering.number}: unreadable S3 object ({exc})")
+            continue
+        proofs.append(proof)
+    return RunCheckpoints(proofs, problems)
 
 
 def latest() -> dict[str, Any] | None:
@@ -276,3 +505,4 @@ def latest() -> dict[str, Any] | None:
 def reset() -> None:
     read_object.cache_clear()
     _tree.cache_clear()
+    _positions.cache_clear()

@@ -5,6 +5,7 @@ offline, the public keys and the newest signed checkpoint."""
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import select
@@ -70,23 +71,68 @@ def stored_outputs(
     return outputs
 
 
-def _checkpoints(session: Session, run_id: uuid.UUID) -> tuple[list[dict[str, Any]], bool]:
-    """The run's checkpoints from S3, and whether S3 answered."""
+@dataclass(frozen=True)
+class _Trail:
+    """What one read of a run's audit trail found: the database's rows in one snapshot, and
+    the run's checkpoints from S3 (None when S3 did not answer)."""
+
+    run: WorkflowRun
+    entries: list[AuditEntry]
+    outputs: list[dict[str, Any]]
+    covered: checkpoints.RunCheckpoints | None
+
+
+def _read(principal: Principal, ref: str) -> _Trail:
+    with session_scope() as session:
+        run_id = _own_run(session, principal, ref).id
+    # The run's S3 markers are listed before the snapshot below is taken: every entry a
+    # listed checkpoint recorded was committed before its marker was written, so the
+    # snapshot holds it, and a checkpoint written meanwhile is in neither.
     try:
-        return checkpoints.run_checkpoints(session, run_id), True
+        listed: list[checkpoints.Covering] | None = checkpoints.listed_checkpoints(run_id)
     except Exception as exc:
         logger.warning("checkpoints unavailable", extra={"error": type(exc).__name__})
-        return [], False
+        listed = None
+    with session_scope() as session:
+        # One snapshot for entries, outputs and the checkpoint index: read one statement
+        # at a time (READ COMMITTED), an entry appended and checkpointed in between would
+        # make a genuine trail look truncated.
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        run = _own_run(session, principal, ref)
+        entries = _entries(session, run.id)
+        outputs = stored_outputs(session, run, entries)
+        indexed = checkpoints.indexed_checkpoints(session, run.id)
+    covered = None
+    if listed is not None:
+        try:
+            covered = checkpoints.run_checkpoints(run.id, [*listed, *indexed])
+        except Exception as exc:  # S3 did not answer; a missing object is not this
+            logger.warning("checkpoints unavailable", extra={"error": type(exc).__name__})
+    return _Trail(run, entries, outputs, covered)
+
+
+def _verify(trail: _Trail) -> chain.ChainStatus:
+    """The chain's checks, and every checkpoint S3 or the index names: one whose S3 copy
+    is missing fails the run (the bundle carries it as `missing`, which maof-verify
+    fails too)."""
+    covered = trail.covered
+    proofs = [p for p in covered.proofs if not p.get("missing")] if covered else []
+    status = chain.verify(trail.entries, trail.outputs, proofs)
+    if covered is None or not covered.problems:
+        return status
+    return replace(status, valid=False, reasons=[*status.reasons, *covered.problems])
 
 
 def _checkpoint_summary(
-    found: list[dict[str, Any]], available: bool, status: chain.ChainStatus
+    covered: checkpoints.RunCheckpoints | None, status: chain.ChainStatus
 ) -> dict[str, Any] | None:
-    if not available:
+    if covered is None:
         return {"status": "unavailable"}
+    found = covered.proofs
     if not found:
         return None
-    newest = found[-1]
+    # The newest checkpoint S3 holds (a `missing` one has nothing to show but its number).
+    newest = next((c for c in reversed(found) if not c.get("missing")), found[-1])
     head = newest.get("head") or {}
     return {
         "status": "verified" if status.valid else "mismatch",
@@ -102,16 +148,12 @@ def _checkpoint_summary(
 
 
 def get_audit(principal: Principal, ref: str) -> responses.AuditTrail:
-    with session_scope() as session:
-        run = _own_run(session, principal, ref)
-        entries = _entries(session, run.id)
-        outputs = stored_outputs(session, run, entries)
-        found, available = _checkpoints(session, run.id)
-    status = chain.verify(entries, outputs, found)
-    summary = _checkpoint_summary(found, available, status)
+    trail = _read(principal, ref)
+    status = _verify(trail)
+    summary = _checkpoint_summary(trail.covered, status)
     return responses.AuditTrail(
-        workflow_run_id=run_ref(run.id),
-        logs=[responses.AuditEntry.model_validate(chain.entry_view(e)) for e in entries],
+        workflow_run_id=run_ref(trail.run.id),
+        logs=[responses.AuditEntry.model_validate(chain.entry_view(e)) for e in trail.entries],
         chain=responses.ChainReport.model_validate({**status.view(), "checkpoint": summary}),
     )
 
@@ -119,23 +161,20 @@ def get_audit(principal: Principal, ref: str) -> responses.AuditTrail:
 def export(principal: Principal, ref: str) -> responses.AuditBundle:
     """One JSON bundle that `maof-verify` checks offline (docs/audit.md "Verifying a run's
     audit trail")."""
-    with session_scope() as session:
-        run = _own_run(session, principal, ref)
-        entries = _entries(session, run.id)
-        outputs = stored_outputs(session, run, entries)
-        found, available = _checkpoints(session, run.id)
-    if not available:
+    trail = _read(principal, ref)
+    if trail.covered is None:
         raise errors.ServiceUnavailable("The checkpoint store (S3) did not answer; try again")
-    views = [chain.entry_view(e) for e in entries]
+    found = trail.covered.proofs
+    views = [chain.entry_view(e) for e in trail.entries]
     used = {view["kid"] for view in views} | {(c.get("head") or {}).get("kid") for c in found}
     keys = [key for key in audit_keys.key_ring().public if key["kid"] in used]
     return responses.AuditBundle.model_validate(
         {
             "format": rules.BUNDLE_FORMAT,
-            "run": run_summary(run),
+            "run": run_summary(trail.run),
             "entries": views,
             "keys": keys,
-            "outputs": outputs,
+            "outputs": trail.outputs,
             "checkpoints": found,
         }
     )

@@ -101,8 +101,8 @@ FUNCTIONS = {
 }
 # What the functions may do to the audit checkpoints in S3 (objects only, never delete).
 CHECKPOINT_ACTIONS = {
-    "APIHandler": {"s3:GetObject"},
-    "WriteAuditCheckpoint": {"s3:PutObject", "s3:GetObject"},
+    "APIHandler": {"s3:GetObject", "s3:ListBucket"},
+    "WriteAuditCheckpoint": {"s3:PutObject", "s3:GetObject", "s3:ListBucket"},
 }
 # What the functions may do to the stage queue, and nothing more.
 QUEUE_ACTIONS = {
@@ -431,7 +431,11 @@ def test_queue_permissions_fit_each_function(template: dict[str, Any]) -> None:
         s3 = [s for s in statements if any(a.startswith("s3:") for a in s["Action"])]
         assert {a for s in s3 for a in s["Action"]} == CHECKPOINT_ACTIONS.get(name, set()), name
         for statement in s3:
-            assert statement["Resource"] == {"Fn::Sub": "${AuditBucket.Arn}/checkpoints/*"}
+            if statement["Action"] == ["s3:ListBucket"]:  # each run's markers, nothing else
+                assert statement["Resource"] == {"Fn::Sub": "${AuditBucket.Arn}"}
+                assert statement["Condition"] == {"StringLike": {"s3:prefix": "checkpoints/runs/*"}}
+            else:
+                assert statement["Resource"] == {"Fn::Sub": "${AuditBucket.Arn}/checkpoints/*"}
 
 
 def test_functions_join_the_vpc_given_as_parameters(template: dict[str, Any]) -> None:

@@ -1,0 +1,260 @@
+"""Which checkpoints cover a run is S3's word, not only the database index's: the database's
+owner, without the signing key, cannot cut a checkpointed run's tail and have GET /audit,
+the export or the next checkpoint vouch for it; a read never sees a checkpoint newer than
+the entries it read."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from chalicelib.audit import chain, checkpoints
+from chalicelib.audit import verify as rules
+from chalicelib.aws import aws_client
+from chalicelib.config import get_settings
+from chalicelib.core import api as run_ids
+from chalicelib.db import session_scope
+from chalicelib.workflows import audit_trail
+from tests.integration.conftest import owner_connection
+from tests.integration.test_audit_signed import (
+    audit,
+    checkpoint_now,
+    export,
+    forge_agent,
+    maof_verify,
+    rewrite_as_owner,
+    three_stage_run,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def cut_last_entry(ref: str, drop_index_rows: bool) -> int:
+    """What the owner can do without the signing key: delete the run's newest entry (and,
+    if asked, its rows of the checkpoint index) behind disabled triggers. Its seq."""
+    run_id = run_ids.parse_run_ref(ref)
+    with owner_connection() as conn:
+        last = conn.execute(
+            text("SELECT max(seq) FROM execution_logs WHERE run_id = :r"), {"r": run_id}
+        ).scalar_one()
+        conn.execute(text("ALTER TABLE execution_logs DISABLE TRIGGER USER"))
+        conn.execute(
+            text("DELETE FROM execution_logs WHERE run_id = :r AND seq = :s"),
+            {"r": run_id, "s": last},
+        )
+        conn.execute(text("ALTER TABLE execution_logs ENABLE TRIGGER USER"))
+        if drop_index_rows:
+            drop_index_rows_of(conn, run_id)
+    return int(last)
+
+
+def drop_index_rows_of(conn: Any, run_id: uuid.UUID) -> None:
+    conn.execute(text("ALTER TABLE audit_checkpoint_runs DISABLE TRIGGER USER"))
+    conn.execute(text("DELETE FROM audit_checkpoint_runs WHERE run_id = :r"), {"r": run_id})
+    conn.execute(text("ALTER TABLE audit_checkpoint_runs ENABLE TRIGGER USER"))
+
+
+def leaves_of(object_key: str) -> list[dict[str, Any]]:
+    return list(checkpoints.read_object(object_key)["leaves"])
+
+
+def verify_export(user: Any, api: Any, ref: str, tmp_path: Any) -> Any:
+    bundle = tmp_path / f"{ref}.json"
+    bundle.write_text(json.dumps(export(user, ref)))
+    keys = tmp_path / "keys.json"
+    keys.write_text(api.get("/audit/keys").text)
+    return maof_verify(str(bundle), "--key", str(keys), "--require-checkpoint")
+
+
+# ------------------------------------------------------------------ S3 names the checkpoints
+
+
+def test_each_checkpointed_run_has_an_object_locked_marker_in_s3(user, poller):
+    ref = three_stage_run(user, poller)
+    key = checkpoints.checkpoint_once()["objectKey"]
+    run_id = run_ids.parse_run_ref(ref)
+    marker = checkpoints.marker_key(run_id, key)
+    assert marker.startswith(f"checkpoints/runs/{run_id}/")
+    s3 = aws_client("s3")
+    stored = json.loads(
+        s3.get_object(Bucket=get_settings().audit_bucket, Key=marker)["Body"].read()
+    )
+    leaf = next(leaf for leaf in leaves_of(key) if leaf["runId"] == ref)
+    assert stored["object"] == key and stored["leaf"] == leaf
+    retention = s3.get_object_retention(Bucket=get_settings().audit_bucket, Key=marker)
+    assert retention["Retention"]["Mode"] == "COMPLIANCE"
+    assert [c.key for c in checkpoints.listed_checkpoints(run_id)] == [key]
+
+
+def test_dropping_the_index_rows_does_not_hide_a_cut_tail(user, poller, api, tmp_path):
+    ref = three_stage_run(user, poller)
+    checkpoint_now()
+    assert audit(user, ref)["chain"]["checkpoint"]["status"] == "verified"
+    last = cut_last_entry(ref, drop_index_rows=True)
+    status = audit(user, ref)["chain"]
+    assert status["valid"] is False, status
+    assert any(f"recorded entry #{last}" in p and "truncated" in p for p in status["problems"])
+    assert status["checkpoint"]["status"] == "mismatch"
+    # The next checkpoint does not vouch for the shortened head, and the run stays failed.
+    result = checkpoints.checkpoint_once()
+    assert "truncated" in result["refused"][ref], result
+    if result["checkpoint"] is not None:
+        assert all(leaf["runId"] != ref for leaf in leaves_of(result["objectKey"]))
+    assert audit(user, ref)["chain"]["valid"] is False
+    offline = verify_export(user, api, ref, tmp_path)
+    assert offline.returncode == 1 and "truncated" in offline.stdout, offline.stdout
+
+
+def test_an_index_row_naming_a_missing_object_fails_the_run_not_unavailable(
+    user, poller, api, tmp_path
+):
+    ref = three_stage_run(user, poller)
+    number = checkpoint_now()
+    cut_last_entry(ref, drop_index_rows=False)
+    with owner_connection() as conn:
+        conn.execute(text("ALTER TABLE audit_checkpoints DISABLE TRIGGER USER"))
+        conn.execute(
+            text("UPDATE audit_checkpoints SET object_key = :k WHERE checkpoint = :n"),
+            {"k": f"checkpoints/gone-{uuid.uuid4()}.json", "n": number},
+        )
+        conn.execute(text("ALTER TABLE audit_checkpoints ENABLE TRIGGER USER"))
+    status = audit(user, ref)["chain"]
+    assert status["valid"] is False, status
+    assert status["checkpoint"]["status"] == "mismatch"
+    assert any(
+        f"checkpoint {number}: its S3 object" in p and "missing" in p for p in status["problems"]
+    ), status
+    assert "truncated" in " ".join(status["problems"])  # the marker still names the real one
+    assert verify_export(user, api, ref, tmp_path).returncode == 1
+
+
+def test_an_s3_outage_is_unavailable_and_not_a_failure(user, poller, monkeypatch):
+    ref = three_stage_run(user, poller)
+    checkpoint_now()
+
+    def outage(run_id: uuid.UUID) -> Any:
+        raise ConnectionError("S3 did not answer")
+
+    monkeypatch.setattr(checkpoints, "listed_checkpoints", outage)
+    status = audit(user, ref)["chain"]
+    assert status["valid"] is True and status["checkpoint"] == {"status": "unavailable"}
+    assert user.get(f"/workflows/{ref}/audit/export").status_code == 503
+
+
+# ------------------------------------------------------------------ the checkpointer
+
+
+def test_the_checkpointer_refuses_a_head_behind_a_checkpointed_one_and_keeps_the_rest(user, poller):
+    cut = three_stage_run(user, poller)
+    checkpoint_now()
+    cut_last_entry(cut, drop_index_rows=False)
+    fresh = three_stage_run(user, poller)
+    result = checkpoints.checkpoint_once()
+    assert result["checkpoint"] is not None, result
+    refs = {leaf["runId"] for leaf in leaves_of(result["objectKey"])}
+    assert fresh in refs and cut not in refs
+    assert "behind" in result["refused"][cut] and fresh not in result["refused"], result
+
+
+def test_the_checkpointer_refuses_a_run_whose_checkpointed_entry_was_rewritten(user, poller):
+    """With the signing key too: every hash recomputed, same length, index rows dropped."""
+    ref = three_stage_run(user, poller)
+    checkpoint_now()
+    rewrite_as_owner(ref, forge_agent, from_seq=2)
+    with owner_connection() as conn:
+        drop_index_rows_of(conn, run_ids.parse_run_ref(ref))
+    result = checkpoints.checkpoint_once()
+    if result["checkpoint"] is not None:
+        assert all(leaf["runId"] != ref for leaf in leaves_of(result["objectKey"]))
+    assert "rewritten" in result["refused"][ref], result
+    assert audit(user, ref)["chain"]["valid"] is False
+
+
+def test_a_head_that_moves_forward_is_checkpointed_again(user, poller):
+    ref = three_stage_run(user, poller)
+    first = checkpoint_now()
+    run_id = run_ids.parse_run_ref(ref)
+    with session_scope() as session:  # what a late answer does after the run ended
+        session.execute(
+            text("SELECT id FROM workflow_runs WHERE id = :r FOR UPDATE"), {"r": run_id}
+        )
+        chain.append(
+            session,
+            run_id,
+            "discard",
+            "skipped",
+            stage_id="extract",
+            agent_id="late",
+            output={"late": True},
+            details={"reason": "the run had ended"},
+        )
+    result = checkpoints.checkpoint_once()
+    assert result["checkpoint"] is not None and ref not in result.get("refused", {}), result
+    status = audit(user, ref)["chain"]
+    assert status["valid"] is True, status
+    assert status["checkpoint"]["count"] == 2 and status["checkpoint"]["checkpoint"] > first
+
+
+def test_refusal_is_a_pure_decision():
+    run_id = uuid.uuid4()
+    leaf = checkpoints.Leaf(run_id, 5, "e" * 64, datetime.now(UTC))
+    before = checkpoints.Checkpointed(number=3, seq=5, head="e" * 64)
+    assert checkpoints.refusal(leaf, [before], {5: "e" * 64}) is None
+    assert checkpoints.refusal(leaf, [replace(before, seq=4, head="d" * 64)], {4: "d" * 64}) is None
+    assert "behind" in (checkpoints.refusal(leaf, [replace(before, seq=6)], {}) or "")
+    assert "rewritten" in (checkpoints.refusal(leaf, [before], {5: "f" * 64}) or "")
+    assert "rewritten" in (checkpoints.refusal(leaf, [before], {}) or "")
+
+
+# ------------------------------------------------------------------ one snapshot per read
+
+
+@pytest.mark.parametrize("read", ["audit", "export"])
+def test_a_checkpoint_committed_during_a_read_does_not_flag_a_genuine_run(
+    user, poller, api, monkeypatch, read
+):
+    """An entry appended (a late answer discarded) and checkpointed while GET …/audit
+    reads: the read sees neither, not a checkpoint past the entries it read."""
+    ref = three_stage_run(user, poller)
+    run_id = run_ids.parse_run_ref(ref)
+    real = audit_trail.stored_outputs
+    fired: list[int] = []
+
+    def interleaved(session: Any, run: Any, entries: Any) -> Any:
+        if run.id == run_id and not fired:
+            with session_scope() as other:  # what _discard does, under the run lock
+                other.execute(
+                    text("SELECT id FROM workflow_runs WHERE id = :r FOR UPDATE"), {"r": run_id}
+                )
+                chain.append(
+                    other,
+                    run_id,
+                    "discard",
+                    "skipped",
+                    stage_id="extract",
+                    agent_id="late",
+                    output={"late": True},
+                    details={"reason": "the agent answered after the run ended"},
+                )
+            fired.append(checkpoint_now())
+        return real(session, run, entries)
+
+    monkeypatch.setattr(audit_trail, "stored_outputs", interleaved)
+    if read == "audit":
+        status = audit(user, ref)["chain"]
+        assert status["valid"] is True, status
+    else:
+        report = rules.verify_bundle(
+            export(user, ref), api.get("/audit/keys").json()["data"]["keys"]
+        )
+        assert report.valid, report.problems
+    assert fired
+    monkeypatch.setattr(audit_trail, "stored_outputs", real)
+    after = audit(user, ref)["chain"]  # read again: the new entry and its checkpoint
+    assert after["valid"] is True and after["checkpoint"]["checkpoint"] == fired[0], after
