@@ -15,6 +15,11 @@ a small marker `checkpoints/runs/<run uuid>/<number>-<hash>.json` names it, so w
 checkpoints cover a run is read from S3 (one LIST of the run's folder), not only from the
 database's index of them (append-only too, but its owner can disable the triggers). The
 S3 copy is the one verification trusts: proofs are computed from its leaves.
+
+Object Lock locks versions, not keys, so each key is written once (a conditional PUT; the
+bucket policy refuses any other PUT under `checkpoints/`) and read by version: a key with
+a second version or a delete marker was written by someone else, and counts as tampering,
+never as the checkpoint.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import re
 import uuid
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -73,11 +78,13 @@ class Leaf:
 @dataclass(frozen=True)
 class Covering:
     """A checkpoint object said to hold a leaf of a run: by the run's marker in S3, or by
-    the database's index (which also knows the leaf's position)."""
+    the database's index (which also knows the leaf's position). `tampered`: why the
+    marker's key in S3 holds more than the one version MAOF wrote."""
 
     number: int
     key: str
     leaf_index: int | None = None
+    tampered: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,8 @@ class Checkpointed:
 
 class CheckpointMissing(Exception):
     """S3 holds no object (or no leaf of the run) where a marker or the index says a
-    checkpoint is: nothing MAOF does leaves that, so someone did."""
+    checkpoint is, or more than the one version MAOF wrote: nothing MAOF does leaves
+    that, so someone did."""
 
 
 def leaf_hashes(leaves: Sequence[dict[str, Any]]) -> list[bytes]:
@@ -223,6 +231,9 @@ def _earlier_heads(
         listed = list(pool.map(listed_checkpoints, earlier))
     for run_id, coverings in zip(earlier, listed, strict=True):
         for covering in coverings:
+            if covering.tampered:
+                broken[run_id] = f"checkpoint {covering.number}: {covering.tampered}"
+                continue
             try:
                 found = leaf_of(covering.key, run_ref(run_id))
             except CheckpointMissing as exc:
@@ -337,11 +348,14 @@ def checkpoint() -> dict[str, Any]:
 
 
 def put_object(key: str, document: dict[str, Any]) -> None:
+    """Write `key` once: S3 refuses the PUT (412 PreconditionFailed, raised as it is) when
+    the key exists, so MAOF never adds a version at a checkpoint's or marker's key."""
     aws_client("s3").put_object(
         Bucket=get_settings().audit_bucket,
         Key=key,
         Body=json.dumps(document, separators=(",", ":")).encode("utf-8"),
         ContentType="application/json",
+        IfNoneMatch="*",
     )
 
 
@@ -366,15 +380,43 @@ def put_markers(key: str, head: dict[str, Any], leaves: Sequence[Leaf]) -> None:
 def _missing(exc: Exception) -> bool:
     """S3's answer for a key it does not hold (botocore is not imported here: aws.py owns it)."""
     error = (getattr(exc, "response", None) or {}).get("Error") or {}
-    return str(error.get("Code")) in ("NoSuchKey", "404", "NotFound")
+    return str(error.get("Code")) in ("NoSuchKey", "NoSuchVersion", "404", "NotFound")
+
+
+def tampering(key: str, versions: int, deleted: int, what: str = "object") -> str | None:
+    """Why a key holding `versions` versions and `deleted` delete markers is not as MAOF
+    wrote it (one version, never deleted: Object Lock keeps it), or None."""
+    if versions <= 1 and not deleted:
+        return None
+    return (
+        f"its S3 {what} {key} holds {versions} versions and {deleted} delete markers, "
+        "not the one version written (tampering?)"
+    )
+
+
+def _written_version(key: str) -> str:
+    """The VersionId of the one version of `key` that S3 holds (one LIST call)."""
+    answer = aws_client("s3").list_object_versions(Bucket=get_settings().audit_bucket, Prefix=key)
+    versions = [v["VersionId"] for v in answer.get("Versions") or [] if v["Key"] == key]
+    deleted = sum(1 for d in answer.get("DeleteMarkers") or [] if d["Key"] == key)
+    why = tampering(key, len(versions), deleted)
+    if why:
+        raise CheckpointMissing(why)
+    if not versions:
+        raise CheckpointMissing(f"its S3 object {key} is missing")
+    return str(versions[0])
 
 
 @functools.lru_cache(maxsize=64)
 def read_object(key: str) -> dict[str, Any]:
-    """A checkpoint object as S3 holds it (immutable: cached per process). CheckpointMissing
-    when S3 has no such object; any other failure of S3's is raised as it is."""
+    """A checkpoint object as S3 holds it, read by its version, the only one (immutable:
+    cached per process). CheckpointMissing when S3 has no such object, or more than that
+    version; any other failure of S3's is raised as it is."""
     try:
-        body = aws_client("s3").get_object(Bucket=get_settings().audit_bucket, Key=key)["Body"]
+        version = _written_version(key)
+        body = aws_client("s3").get_object(
+            Bucket=get_settings().audit_bucket, Key=key, VersionId=version
+        )["Body"]
     except Exception as exc:
         if _missing(exc):
             raise CheckpointMissing(f"its S3 object {key} is missing") from None
@@ -423,17 +465,25 @@ def proof_for(key: str, run_ref: str, index: int | None = None) -> dict[str, Any
 
 
 def listed_checkpoints(run_id: uuid.UUID) -> list[Covering]:
-    """The checkpoints whose marker S3 holds in the run's folder (one LIST call per 1,000)."""
-    found = []
-    pages = aws_client("s3").get_paginator("list_objects_v2")
+    """The checkpoints whose marker S3 holds in the run's folder (one LIST call per 1,000
+    versions): every version is listed, so a delete marker does not hide a marker, and a
+    marker's key with more than its one version is flagged `tampered`."""
+    versions: dict[str, int] = {}
+    deleted: dict[str, int] = {}
+    pages = aws_client("s3").get_paginator("list_object_versions")
     for page in pages.paginate(Bucket=get_settings().audit_bucket, Prefix=run_prefix(run_id)):
-        for item in page.get("Contents") or []:
-            name = str(item["Key"]).rsplit("/", 1)[-1]
-            matched = _OBJECT_NAME.fullmatch(name)
-            if matched is None:
-                logger.warning("not a checkpoint marker", extra={"key": item["Key"]})
-                continue
-            found.append(Covering(int(matched.group(1)), OBJECT_PREFIX + name))
+        for kind, counts in (("Versions", versions), ("DeleteMarkers", deleted)):
+            for item in page.get(kind) or []:
+                counts[str(item["Key"])] = counts.get(str(item["Key"]), 0) + 1
+    found = []
+    for key in sorted(versions.keys() | deleted.keys()):
+        name = key.rsplit("/", 1)[-1]
+        matched = _OBJECT_NAME.fullmatch(name)
+        if matched is None:
+            logger.warning("not a checkpoint marker", extra={"key": key})
+            continue
+        why = tampering(key, versions.get(key, 0), deleted.get(key, 0), "marker")
+        found.append(Covering(int(matched.group(1)), OBJECT_PREFIX + name, tampered=why))
     return found
 
 
@@ -466,12 +516,16 @@ def run_checkpoints(run_id: uuid.UUID, coverings: Iterable[Covering]) -> RunChec
     by_key: dict[str, Covering] = {}
     for covering in coverings:
         known = by_key.get(covering.key)
-        if known is None or known.leaf_index is None:
-            by_key[covering.key] = covering
+        kept = covering if known is None or known.leaf_index is None else known
+        # The index knows the leaf's position; only a marker knows it was tampered with.
+        tampered = covering.tampered or (known.tampered if known else None)
+        by_key[covering.key] = replace(kept, tampered=tampered)
     proofs: list[dict[str, Any]] = []
     problems: list[str] = []
     for covering in sorted(by_key.values(), key=lambda c: (c.number, c.key)):
         try:
+            if covering.tampered:
+                raise CheckpointMissing(covering.tampered)
             proof = proof_for(covering.key, run_ref(run_id), covering.leaf_index)
             if proof is None:
                 raise CheckpointMissing(f"its S3 object {covering.key} holds no leaf of the run")

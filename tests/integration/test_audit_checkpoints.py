@@ -1,7 +1,9 @@
 """Which checkpoints cover a run is S3's word, not only the database index's: the database's
 owner, without the signing key, cannot cut a checkpointed run's tail and have GET /audit,
 the export or the next checkpoint vouch for it; a read never sees a checkpoint newer than
-the entries it read."""
+the entries it read; and a checkpoint's or marker's key holds the one version written (Object
+Lock locks versions, not keys): a second PUT is refused, and an extra version or a delete
+marker is tampering, never what is read."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 from sqlalchemy import text
 
 from chalicelib.audit import chain, checkpoints
@@ -145,6 +148,105 @@ def test_an_s3_outage_is_unavailable_and_not_a_failure(user, poller, monkeypatch
     status = audit(user, ref)["chain"]
     assert status["valid"] is True and status["checkpoint"] == {"status": "unavailable"}
     assert user.get(f"/workflows/{ref}/audit/export").status_code == 503
+
+
+# ------------------------------------------------------------------ a key holds one version
+
+# Object Lock locks versions, not keys: S3 keeps a locked checkpoint, but a PUT at its key
+# adds a newer version that a read by key would see. MAOF's own PUTs are conditional
+# (LocalStack enforces If-None-Match, as S3 does); the bucket policy that refuses the
+# others is AWS's (LocalStack does not enforce bucket policies), so the tests below write
+# the extra versions with a plain PUT, as whoever got past it would.
+
+
+def resign_over(object_key: str) -> None:
+    """Re-sign checkpoint `object_key` over the runs' current heads (same number, time and
+    predecessor) and PUT it at the same key, unconditionally: a second version."""
+    checkpoints.reset()
+    original = checkpoints.read_object(object_key)
+    with session_scope() as session:
+        heads = {
+            run_ids.run_ref(row.run_id): (row.seq, row.entry_hash)
+            for row in session.execute(
+                text(
+                    "SELECT DISTINCT ON (run_id) run_id, seq, entry_hash FROM execution_logs "
+                    "ORDER BY run_id, seq DESC"
+                )
+            )
+        }
+    leaves = [
+        {"runId": leaf["runId"], "seq": heads[leaf["runId"]][0], "hash": heads[leaf["runId"]][1]}
+        for leaf in original["leaves"]
+    ]
+    head = original["head"]
+    forged = checkpoints.signed_head(
+        head["checkpoint"], leaves, head["previousHash"], head["createdAt"]
+    )
+    aws_client("s3").put_object(
+        Bucket=get_settings().audit_bucket,
+        Key=object_key,
+        Body=json.dumps({"head": forged, "leaves": leaves}).encode(),
+    )
+    checkpoints.reset()  # a cold container: nothing read before
+
+
+def versions_of(key: str) -> list[dict[str, Any]]:
+    listed = aws_client("s3").list_object_versions(Bucket=get_settings().audit_bucket, Prefix=key)
+    return [v for v in listed.get("Versions") or [] if v["Key"] == key]
+
+
+def test_a_second_put_at_a_checkpoint_or_marker_key_is_refused(user, poller):
+    ref = three_stage_run(user, poller)
+    key = checkpoints.checkpoint_once()["objectKey"]
+    marker = checkpoints.marker_key(run_ids.parse_run_ref(ref), key)
+    for written in (key, marker):
+        with pytest.raises(ClientError) as refused:
+            checkpoints.put_object(written, {"head": {}, "leaves": []})
+        assert refused.value.response["Error"]["Code"] == "PreconditionFailed"
+        assert len(versions_of(written)) == 1, written
+
+
+def test_an_extra_version_at_a_checkpoint_key_is_a_mismatch_not_the_newer_object(
+    user, poller, api, tmp_path
+):
+    """The rewrite with the signing key, and the checkpoint re-signed to match it at the
+    same key: the read takes the key's one version or reports tampering, never the newest."""
+    ref = three_stage_run(user, poller)
+    number = checkpoint_now()
+    rewrite_as_owner(ref, forge_agent, from_seq=2)
+    with session_scope() as session:
+        key = session.execute(
+            text("SELECT object_key FROM audit_checkpoints WHERE checkpoint = :n"), {"n": number}
+        ).scalar_one()
+    resign_over(key)
+    assert len(versions_of(key)) == 2
+    status = audit(user, ref)["chain"]
+    assert status["valid"] is False, status
+    assert status["checkpoint"]["status"] == "mismatch"
+    assert any(
+        f"checkpoint {number}: its S3 object {key} holds 2 versions" in p and "tampering" in p
+        for p in status["problems"]
+    ), status["problems"]
+    offline = verify_export(user, api, ref, tmp_path)
+    assert offline.returncode == 1, offline.stdout
+
+
+def test_a_delete_marker_does_not_hide_a_runs_marker(user, poller, api, tmp_path):
+    """What the owner of the account could add to a cut tail and dropped index rows: a
+    delete marker over the run's marker (Object Lock allows one; it removes no version)."""
+    ref = three_stage_run(user, poller)
+    key = checkpoints.checkpoint_once()["objectKey"]
+    cut_last_entry(ref, drop_index_rows=True)
+    marker = checkpoints.marker_key(run_ids.parse_run_ref(ref), key)
+    aws_client("s3").delete_object(Bucket=get_settings().audit_bucket, Key=marker)
+    checkpoints.reset()
+    status = audit(user, ref)["chain"]
+    assert status["valid"] is False, status
+    assert status["checkpoint"]["status"] == "mismatch"
+    assert any("delete markers" in p and "tampering" in p for p in status["problems"]), status
+    result = checkpoints.checkpoint_once()
+    assert "tampering" in result["refused"][ref], result
+    assert verify_export(user, api, ref, tmp_path).returncode == 1
 
 
 # ------------------------------------------------------------------ the checkpointer

@@ -99,11 +99,15 @@ FUNCTIONS = {
     "Migrate": "app.migrate",
     "WriteAuditCheckpoint": "app.write_audit_checkpoint",
 }
-# What the functions may do to the audit checkpoints in S3 (objects only, never delete).
+# What the functions may do to the audit checkpoints in S3 (objects only, never delete):
+# read them by version and list their versions (a second version is tampering), and put
+# a key that does not exist yet.
 CHECKPOINT_ACTIONS = {
-    "APIHandler": {"s3:GetObject", "s3:ListBucket"},
-    "WriteAuditCheckpoint": {"s3:PutObject", "s3:GetObject", "s3:ListBucket"},
+    "APIHandler": {"s3:GetObjectVersion", "s3:ListBucketVersions"},
+    "WriteAuditCheckpoint": {"s3:PutObject", "s3:GetObjectVersion", "s3:ListBucketVersions"},
 }
+# The prefixes they may list: a run's markers, and one checkpoint object's versions.
+CHECKPOINT_LIST_PREFIXES = ["checkpoints/runs/*", "checkpoints/??????????-????????????????.json"]
 # What the functions may do to the stage queue, and nothing more.
 QUEUE_ACTIONS = {
     "APIHandler": {"sqs:SendMessage", "sqs:GetQueueAttributes"},
@@ -431,11 +435,62 @@ def test_queue_permissions_fit_each_function(template: dict[str, Any]) -> None:
         s3 = [s for s in statements if any(a.startswith("s3:") for a in s["Action"])]
         assert {a for s in s3 for a in s["Action"]} == CHECKPOINT_ACTIONS.get(name, set()), name
         for statement in s3:
-            if statement["Action"] == ["s3:ListBucket"]:  # each run's markers, nothing else
+            if statement["Action"] == ["s3:ListBucketVersions"]:  # markers and checkpoints
                 assert statement["Resource"] == {"Fn::Sub": "${AuditBucket.Arn}"}
-                assert statement["Condition"] == {"StringLike": {"s3:prefix": "checkpoints/runs/*"}}
+                assert statement["Condition"] == {
+                    "StringLike": {"s3:prefix": CHECKPOINT_LIST_PREFIXES}
+                }
+                continue
+            assert statement["Resource"] == {"Fn::Sub": "${AuditBucket.Arn}/checkpoints/*"}
+            if "s3:PutObject" in statement["Action"]:  # a key is written once
+                assert statement["Action"] == ["s3:PutObject"], name
+                assert statement["Condition"] == {"StringEquals": {"s3:if-none-match": "*"}}
             else:
-                assert statement["Resource"] == {"Fn::Sub": "${AuditBucket.Arn}/checkpoints/*"}
+                assert "Condition" not in statement, name
+
+
+def test_the_audit_bucket_takes_each_checkpoint_key_once_and_only_over_tls(
+    resources: dict[str, Any],
+) -> None:
+    """Object Lock locks versions, not keys: the bucket policy refuses every PUT under
+    `checkpoints/` that does not carry `If-None-Match: *`, whoever sends it, so no second
+    version of a checkpoint or marker can be written without first changing the policy."""
+    bucket = resources["AuditBucket"]["Properties"]
+    assert bucket["ObjectLockConfiguration"]["Rule"]["DefaultRetention"]["Mode"] == "COMPLIANCE"
+    assert bucket["VersioningConfiguration"] == {"Status": "Enabled"}
+    policies = [
+        r["Properties"]
+        for r in resources.values()
+        if r["Type"] == "AWS::S3::BucketPolicy"
+        and r["Properties"]["Bucket"] == {"Ref": "AuditBucket"}
+    ]
+    assert len(policies) == 1
+    once, tls = policies[0]["PolicyDocument"]["Statement"]
+    assert once == {
+        "Sid": "WriteEachCheckpointKeyOnce",
+        "Effect": "Deny",
+        "Principal": "*",
+        "Action": ["s3:PutObject"],
+        "Resource": {"Fn::Sub": "${AuditBucket.Arn}/checkpoints/*"},
+        # A request without the header lacks the key, and StringNotEquals then holds.
+        "Condition": {"StringNotEquals": {"s3:if-none-match": "*"}},
+    }
+    assert tls == {
+        "Sid": "RefuseRequestsWithoutTls",
+        "Effect": "Deny",
+        "Principal": "*",
+        "Action": ["s3:*"],
+        "Resource": [
+            {"Fn::GetAtt": ["AuditBucket", "Arn"]},
+            {"Fn::Sub": "${AuditBucket.Arn}/*"},
+        ],
+        "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+    }
+    # No function may delete (a delete marker) or change a retention.
+    for name in FUNCTIONS:
+        actions = {a for s in _role_statements(resources, f"{name}Role") for a in s["Action"]}
+        assert not {a for a in actions if a.startswith("s3:Delete")}, name
+        assert not {a for a in actions if "Retention" in a or "LegalHold" in a}, name
 
 
 def test_functions_join_the_vpc_given_as_parameters(template: dict[str, Any]) -> None:
@@ -834,6 +889,24 @@ def test_the_stack_has_an_operations_dashboard_and_its_alarms(
     assert alarms["OldestQueuedStageAlarm"]["MetricName"] == "OldestQueuedStageAge"
     for props in alarms.values():
         assert props["AlarmActions"] == alarms["DeadLetterAlarm"]["AlarmActions"]
+    # Every function but Migrate (whose failure fails `make deploy`) counts in HandlerErrors:
+    # a checkpointer failing every minute leaves runs outside any checkpoint.
+    handler_errors = alarms["HandlerErrorsAlarm"]
+    (expression,) = [m for m in handler_errors["Metrics"] if "Expression" in m]
+    stats = {m["Id"]: m["MetricStat"] for m in handler_errors["Metrics"] if "MetricStat" in m}
+    watched = {}
+    for metric_id, stat in stats.items():
+        metric = stat["Metric"]
+        assert (metric["Namespace"], metric["MetricName"]) == ("AWS/Lambda", "Errors")
+        assert (stat["Period"], stat["Stat"]) == (300, "Sum")
+        [dimension] = metric["Dimensions"]
+        assert dimension["Name"] == "FunctionName"
+        watched[dimension["Value"]["Ref"]] = metric_id
+    assert set(watched) == set(FUNCTIONS) - {"Migrate"}
+    # A function with no invocations has no Errors data points: filled with 0, so it does
+    # not blank the sum of the others.
+    assert expression["Expression"] == " + ".join(f"FILL({i}, 0)" for i in stats)
+    assert expression["ReturnData"] is True
     for name in ("RunStage", "APIHandler", "SweepStalledStages", "CheckAgentHealth", "Migrate"):
         assert (
             resources[name]["Properties"].get(
