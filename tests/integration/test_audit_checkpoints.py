@@ -278,11 +278,10 @@ def test_the_checkpointer_refuses_a_run_whose_checkpointed_entry_was_rewritten(u
     assert audit(user, ref)["chain"]["valid"] is False
 
 
-def test_a_head_that_moves_forward_is_checkpointed_again(user, poller):
-    ref = three_stage_run(user, poller)
-    first = checkpoint_now()
-    run_id = run_ids.parse_run_ref(ref)
-    with session_scope() as session:  # what a late answer does after the run ended
+def discard_late_answer(run_id: uuid.UUID) -> None:
+    """What an answer arriving after its run ended does (_discard): an entry appended under
+    the run's lock, its head moving on."""
+    with session_scope() as session:
         session.execute(
             text("SELECT id FROM workflow_runs WHERE id = :r FOR UPDATE"), {"r": run_id}
         )
@@ -294,8 +293,15 @@ def test_a_head_that_moves_forward_is_checkpointed_again(user, poller):
             stage_id="extract",
             agent_id="late",
             output={"late": True},
-            details={"reason": "the run had ended"},
+            details={"reason": "the agent answered after the run ended"},
         )
+
+
+def test_a_head_that_moves_forward_is_checkpointed_again(user, poller):
+    ref = three_stage_run(user, poller)
+    first = checkpoint_now()
+    run_id = run_ids.parse_run_ref(ref)
+    discard_late_answer(run_id)
     result = checkpoints.checkpoint_once()
     assert result["checkpoint"] is not None and ref not in result.get("refused", {}), result
     status = audit(user, ref)["chain"]
@@ -330,20 +336,7 @@ def test_a_checkpoint_committed_during_a_read_does_not_flag_a_genuine_run(
 
     def interleaved(session: Any, run: Any, entries: Any) -> Any:
         if run.id == run_id and not fired:
-            with session_scope() as other:  # what _discard does, under the run lock
-                other.execute(
-                    text("SELECT id FROM workflow_runs WHERE id = :r FOR UPDATE"), {"r": run_id}
-                )
-                chain.append(
-                    other,
-                    run_id,
-                    "discard",
-                    "skipped",
-                    stage_id="extract",
-                    agent_id="late",
-                    output={"late": True},
-                    details={"reason": "the agent answered after the run ended"},
-                )
+            discard_late_answer(run_id)
             fired.append(checkpoint_now())
         return real(session, run, entries)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import create_engine, event, text
@@ -105,6 +107,24 @@ def stage_rows_read(statement: str, params: Any) -> int:
     return read(plan)
 
 
+@contextmanager
+def statements_holding(text_in: str) -> Iterator[list[tuple[str, Any]]]:
+    """The statements (and their parameters) this thread sends while the block runs that
+    hold `text_in`."""
+    captured: list[tuple[str, Any]] = []
+    caller = threading.get_ident()
+
+    def grab(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        if threading.get_ident() == caller and text_in in statement:
+            captured.append((statement, params))
+
+    event.listen(db.get_engine(), "before_cursor_execute", grab)
+    try:
+        yield captured
+    finally:
+        event.remove(db.get_engine(), "before_cursor_execute", grab)
+
+
 def test_listing_runs_counts_only_the_stages_of_the_page(user: Api, api: Api, sent: Any) -> None:
     someone = api.as_new_user()
     for _ in range(30):  # 3000 stage rows that are not the caller's
@@ -135,18 +155,8 @@ def test_listing_runs_counts_only_the_stages_of_the_page(user: Api, api: Api, se
     assert cancelled["meta"]["total"] == 1
 
     # What that first page's statement reads: the 5 stage rows of its 2 runs, no others.
-    captured: list[tuple[str, Any]] = []
-    caller = threading.get_ident()
-
-    def grab(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
-        if threading.get_ident() == caller and "stage_executions" in statement:
-            captured.append((statement, params))
-
-    event.listen(db.get_engine(), "before_cursor_execute", grab)
-    try:
+    with statements_holding("stage_executions") as captured:
         runs.list_runs(principal_of(user), runs.RunQuery(limit=2))
-    finally:
-        event.remove(db.get_engine(), "before_cursor_execute", grab)
     assert len(captured) == 1, [statement for statement, _ in captured]
     assert stage_rows_read(*captured[0]) <= 5
 
@@ -272,17 +282,7 @@ def test_stats_read_only_the_stages_of_the_callers_recent_runs(
         owner.execute(text("ANALYZE workflow_runs"))
         owner.execute(text("ANALYZE stage_executions"))
         owner.commit()
-    captured: list[tuple[str, Any]] = []
-    caller = threading.get_ident()
-
-    def grab(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
-        if threading.get_ident() == caller and "percentile_cont" in statement:
-            captured.append((statement, params))
-
-    event.listen(db.get_engine(), "before_cursor_execute", grab)
-    try:
+    with statements_holding("percentile_cont") as captured:
         answer = stats.stats(principal_of(user))
-    finally:
-        event.remove(db.get_engine(), "before_cursor_execute", grab)
     assert [(a.agent_id, a.completed) for a in answer.agents] == [("agent-x", 2)]
     assert stage_rows_read(*captured[0]) <= 10
