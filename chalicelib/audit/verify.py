@@ -341,13 +341,21 @@ def _is_count(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _signed_entry_problem(entry: Mapping[str, Any], keys: Mapping[str, Ed25519PublicKey]) -> str:
+def _hash_problem(entry: Mapping[str, Any], rule: Any, which: str = "") -> tuple[str, str]:
+    """(the entry's hash by `rule`, '') if its `hash` is that, else ('', why)."""
     try:
-        digest = object_hash(entry)
+        digest = str(rule(entry))
     except MALFORMED as exc:
-        return f"its contents have no canonical JSON ({exc})"
+        return "", f"its contents have no canonical JSON ({exc})"
     if entry.get("hash") != digest:
-        return "hash does not match the entry's contents"
+        return "", f"hash does not match the entry's contents{which}"
+    return digest, ""
+
+
+def _signed_entry_problem(entry: Mapping[str, Any], keys: Mapping[str, Ed25519PublicKey]) -> str:
+    digest, problem = _hash_problem(entry, object_hash)
+    if problem:
+        return problem
     kid = entry.get("kid")
     return signature_valid(keys, kid, digest, entry.get("signature")) or signed_while_current(
         keys, kid, entry.get("loggedAt"), "loggedAt"
@@ -355,13 +363,7 @@ def _signed_entry_problem(entry: Mapping[str, Any], keys: Mapping[str, Ed25519Pu
 
 
 def _legacy_entry_problem(entry: Mapping[str, Any]) -> str:
-    try:
-        digest = legacy_entry_hash(entry)
-    except MALFORMED as exc:
-        return f"its contents have no canonical JSON ({exc})"
-    if entry.get("hash") != digest:
-        return "hash does not match the entry's contents (version 1 rule)"
-    return ""
+    return _hash_problem(entry, legacy_entry_hash, " (version 1 rule)")[1]
 
 
 def verify_entries(
