@@ -70,7 +70,10 @@ SSM_PREVIOUS_KEYS = {
     "jwt-previous-secrets": "MAOF_JWT_PREVIOUS_SECRETS",
     "previous-secret-keys": "MAOF_PREVIOUS_SECRET_KEYS",
 }
-# Without these two under the path, start-up stops; the URLs may come from the environment.
+# Read only by the API function (MAOF_TOKEN_ISSUER=true), the one that signs and checks
+# the users' tokens: no other function's role may read them, so none can mint a token.
+SSM_TOKEN_SECRETS = ("jwt-secret", "jwt-previous-secrets")
+# Without these under the path, start-up stops; the URLs may come from the environment.
 SSM_REQUIRED = ("jwt-secret", "secret-key")
 # The SSM parameter of each setting (field) it may supply.
 _SSM_PARAMETERS = {
@@ -117,6 +120,8 @@ class _Bootstrap(BaseSettings):
     secrets_ssm_path: str | None = None
     # Set on the migrate function alone: it also reads SSM's migration-database-url.
     migrator: bool = False
+    # Set on the API function alone: it alone reads SSM's jwt-secret (SSM_TOKEN_SECRETS).
+    token_issuer: bool = False
     aws_region: str = Field(
         "us-east-1", validation_alias=AliasChoices("MAOF_AWS_REGION", "AWS_REGION")
     )
@@ -136,6 +141,8 @@ class _Bootstrap(BaseSettings):
         defaults: dict[str, Any] = {}
         if data.get("stage", cls.model_fields["stage"].default) in DEV_STAGES:
             defaults = dict(DEV_DEFAULTS)
+            if data.get("secrets_ssm_path"):  # never the published dev secret: SSM's or none
+                defaults.pop("jwt_secret")
         if "database_url" in data:
             defaults["migration_database_url"] = data["database_url"]
         return {**defaults, **data}
@@ -149,9 +156,15 @@ class _Bootstrap(BaseSettings):
         return path
 
 
+def ssm_names(*, token_issuer: bool, migrator: bool) -> list[str]:
+    """The SSM parameters a function reads (its role may read these and no others)."""
+    names = [*SSM_SECRETS, *SSM_PREVIOUS_KEYS, *(SSM_MIGRATION_SECRETS if migrator else ())]
+    return [name for name in names if token_issuer or name not in SSM_TOKEN_SECRETS]
+
+
 @functools.lru_cache(maxsize=4)
 def _read_ssm_parameters(
-    path: str, region: str, endpoint: str | None, migrator: bool
+    path: str, region: str, endpoint: str | None, token_issuer: bool, migrator: bool
 ) -> dict[str, str]:
     """The decrypted values of the parameters that exist under `path`, by name."""
     # Imported here: a stage without SSM secrets (dev, tests) never pays boto3's import.
@@ -173,8 +186,7 @@ def _read_ssm_parameters(
             aws_access_key_id="test",
             aws_secret_access_key="test",  # noqa: S106
         )
-    # Each function's role may read only these names (the migrate function's, one more).
-    names = [*SSM_SECRETS, *SSM_PREVIOUS_KEYS, *(SSM_MIGRATION_SECRETS if migrator else ())]
+    names = ssm_names(token_issuer=token_issuer, migrator=migrator)
     try:
         ssm = boto3.session.Session().client("ssm", **kwargs)
         found = ssm.get_parameters(Names=[f"{path}/{name}" for name in names], WithDecryption=True)
@@ -196,10 +208,12 @@ class _SsmParameters(PydanticBaseSettingsSource):
         if not where.secrets_ssm_path:
             return {}
         path = where.secrets_ssm_path
+        issuer = where.token_issuer
         values = _read_ssm_parameters(
-            path, where.aws_region, where.aws_endpoint_url, where.migrator
+            path, where.aws_region, where.aws_endpoint_url, issuer, where.migrator
         )
-        missing = [f"{path}/{name}" for name in SSM_REQUIRED if not values.get(name)]
+        required = [name for name in SSM_REQUIRED if issuer or name not in SSM_TOKEN_SECRETS]
+        missing = [f"{path}/{name}" for name in required if not values.get(name)]
         if missing:
             raise ConfigError(
                 f"SSM parameter {missing[0]} is missing or empty (MAOF_SECRETS_SSM_PATH={path}); "
@@ -319,7 +333,9 @@ class Settings(_Bootstrap):
                 raise ValueError(self._complaint(field, "must be a postgresql:// URL"))
         if not self.redis_url.startswith(("redis://", "rediss://")):
             raise ValueError(self._complaint("redis_url", "must be a redis:// or rediss:// URL"))
-        if not self.is_dev and len(self.jwt_secret) < 32:
+        # A function reading its secrets from SSM but not the token ones has none to check.
+        reads_none = bool(self.secrets_ssm_path) and not self.token_issuer and not self.jwt_secret
+        if not self.is_dev and not reads_none and len(self.jwt_secret) < 32:
             what = f"must be at least 32 characters in stage {self.stage!r}"
             raise ValueError(self._complaint("jwt_secret", what))
         if not self.is_dev and self.jwt_secret == DEV_JWT_SECRET:

@@ -155,8 +155,8 @@ def end(refresh_token: str) -> int:
 
 def _expired_claims(refresh_token: str) -> tokens.TokenClaims | None:
     """The claims of a correctly signed refresh token that has merely expired."""
-    settings = get_settings()
-    for secret in (settings.jwt_secret, *settings.jwt_previous_secrets):
+    current, previous = tokens.secrets()
+    for secret in (current, *previous):
         try:
             raw = jwt.decode(
                 refresh_token,

@@ -16,7 +16,7 @@ from typing import Any
 
 import jwt
 
-from chalicelib.config import get_settings
+from chalicelib.config import ConfigError, get_settings
 from chalicelib.core import errors
 from chalicelib.core.api import Principal
 
@@ -27,6 +27,15 @@ REFRESH = "refresh"
 
 def key_id(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()[:16]
+
+
+def secrets() -> tuple[str, tuple[str, ...]]:
+    """The JWT secret and the previous ones; never an empty key (a function whose role may
+    not read them, config.SSM_TOKEN_SECRETS, has none and so signs and accepts nothing)."""
+    settings = get_settings()
+    if not settings.jwt_secret:
+        raise ConfigError("no MAOF_JWT_SECRET: only the API function (MAOF_TOKEN_ISSUER) has one")
+    return settings.jwt_secret, settings.jwt_previous_secrets
 
 
 @functools.lru_cache(maxsize=4)
@@ -74,14 +83,13 @@ def issue(
         "sid": session_id.hex,
         "ver": version,
     }
-    secret = settings.jwt_secret
+    secret = secrets()[0]
     return jwt.encode(claims, secret, algorithm=ALGORITHM, headers={"kid": key_id(secret)})
 
 
 def decode(token: str, expected_type: str) -> TokenClaims:
     """The claims of a valid token of `expected_type`; 401 for anything else."""
-    settings = get_settings()
-    keys = _verification_keys(settings.jwt_secret, settings.jwt_previous_secrets)
+    keys = _verification_keys(*secrets())
     try:
         kid = jwt.get_unverified_header(token).get("kid")
         secret = keys.get(str(kid))

@@ -336,9 +336,11 @@ def ssm_path(ssm: Any) -> Iterator[str]:
 
 @pytest.fixture
 def ssm_prod(monkeypatch: pytest.MonkeyPatch, ssm_path: str) -> Iterator[pytest.MonkeyPatch]:
-    """A prod process whose only secret setting is the SSM path (LocalStack standing in)."""
+    """A prod API process whose only secret setting is the SSM path (LocalStack standing
+    in); without MAOF_TOKEN_ISSUER, the other functions'."""
     endpoint = localstack_endpoint()
     monkeypatch.setenv("MAOF_STAGE", "prod")
+    monkeypatch.setenv("MAOF_TOKEN_ISSUER", "true")
     monkeypatch.setenv("MAOF_SECRETS_SSM_PATH", ssm_path)
     monkeypatch.setenv("MAOF_AWS_ENDPOINT_URL", endpoint)
     for name in SSM_SECRETS.values():

@@ -8,18 +8,24 @@ validates anything, and a missing one stops start-up with one line naming it.
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
+import boto3
+import jwt
 import pytest
 
 from chalicelib.audit.keys import ring_of
+from chalicelib.auth import tokens
 from chalicelib.config import (
     SSM_MIGRATION_SECRETS,
     SSM_SECRETS,
     ConfigError,
     load_settings,
     reset_settings,
+    ssm_names,
 )
+from chalicelib.core.api import Principal
 from infra import DeployError
 from infra.secrets import ensure_secrets, parameter_name, require_secrets
 from tests.integration.conftest import SSM_DATABASE_URL as DATABASE_URL
@@ -114,6 +120,41 @@ def test_a_prod_process_takes_its_secrets_from_ssm(
     assert settings.secret_key == stored["secret-key"][1]
     assert settings.database_url == DATABASE_URL
     assert settings.redis_url == REDIS_URL
+
+
+def test_only_the_api_function_reads_the_token_secrets(
+    ssm_prod: pytest.MonkeyPatch, ssm: Any, ssm_path: str
+) -> None:
+    """The other functions' roles may not read jwt-secret (infra/template.json): they do
+    not ask SSM for it (GetParameters fails whole on one name refused), so none of them
+    holds a key to sign a token with, nor accepts one."""
+    ensure_secrets(ssm, ssm_path, urls={"database-url": DATABASE_URL, "redis-url": REDIS_URL})
+    ssm_prod.delenv("MAOF_TOKEN_ISSUER")
+    asked: list[str] = []
+    client = boto3.session.Session.client
+
+    def spying(self: Any, *args: Any, **kwargs: Any) -> Any:
+        made = client(self, *args, **kwargs)
+        made.meta.events.register(
+            "provide-client-params.ssm.GetParameters",
+            lambda params, **_: asked.extend(params["Names"]),
+        )
+        return made
+
+    ssm_prod.setattr(boto3.session.Session, "client", spying)
+    settings = load_settings()
+    assert asked and {name.rsplit("/", 1)[1] for name in asked} == {
+        *ssm_names(token_issuer=False, migrator=False)
+    }
+    assert not {"jwt-secret", "jwt-previous-secrets"} & {n.rsplit("/", 1)[1] for n in asked}
+    assert settings.jwt_secret == ""
+    assert settings.secret_key == values(ssm, ssm_path)["secret-key"][1]
+    principal = Principal(uuid.uuid4(), "a@example.com", "user")
+    with pytest.raises(ConfigError, match="MAOF_TOKEN_ISSUER"):
+        tokens.issue(principal, tokens.ACCESS, session_id=uuid.uuid4(), version=0)
+    signed = jwt.encode({"sub": "x"}, values(ssm, ssm_path)["jwt-secret"][1], algorithm="HS256")
+    with pytest.raises(ConfigError):
+        tokens.decode(signed, tokens.ACCESS)
 
 
 def test_a_parameter_wins_over_the_same_setting_in_the_environment(

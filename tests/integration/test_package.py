@@ -26,7 +26,7 @@ from urllib.parse import urlparse, urlunparse
 import pytest
 from sqlalchemy import create_engine, text
 
-from chalicelib.config import SSM_PREVIOUS_KEYS, SSM_SECRETS, load_settings
+from chalicelib.config import load_settings, ssm_names
 from tests.conftest import (
     ADMIN_DATABASE_URL,
     OWNER_DATABASE_URL,
@@ -348,16 +348,16 @@ def test_functions_read_only_their_own_ssm_path(template: dict[str, Any]) -> Non
         reads = [s for s in _role_statements(resources, f"{name}Role") if s["Sid"] == "ReadSecrets"]
         assert len(reads) == 1, name
         assert reads[0]["Action"] == ["ssm:GetParameters"]
-        if name == "Migrate":  # the only one that may read the owner's migration-database-url
-            assert reads[0]["Resource"]["Fn::Sub"].endswith(":parameter${SecretsParameterPath}/*")
-        else:
-            readable = [r["Fn::Sub"] for r in reads[0]["Resource"]]
-            prefix = ":parameter${SecretsParameterPath}/"
-            assert all(prefix in r for r in readable), name
-            assert {r.rsplit("/", 1)[1] for r in readable} == {
-                *SSM_SECRETS,
-                *SSM_PREVIOUS_KEYS,
-            }, name
+        readable = [r["Fn::Sub"] for r in reads[0]["Resource"]]
+        prefix = ":parameter${SecretsParameterPath}/"
+        assert all(prefix in r for r in readable), name
+        # What the function asks SSM for, and no more: the owner's migration-database-url
+        # for Migrate alone, the JWT secrets for the API alone (no other can mint a token).
+        names = ssm_names(token_issuer=name == "APIHandler", migrator=name == "Migrate")
+        assert sorted(r.rsplit("/", 1)[1] for r in readable) == sorted(names), name
+        variables = template["Resources"][name]["Properties"]["Environment"]["Variables"]
+        assert variables.get("MAOF_TOKEN_ISSUER") == ("true" if name == "APIHandler" else None)
+        assert variables.get("MAOF_MIGRATOR") == ("true" if name == "Migrate" else None)
         decrypt = [
             s for s in _role_statements(resources, f"{name}Role") if "kms:Decrypt" in s["Action"]
         ]

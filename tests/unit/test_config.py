@@ -8,7 +8,7 @@ import uuid
 import pytest
 from pydantic import ValidationError
 
-from chalicelib import db
+from chalicelib import config, db
 from chalicelib.config import (
     DEV_JWT_SECRET,
     DEV_MIGRATION_DATABASE_URL,
@@ -72,6 +72,18 @@ def test_prod_accepts_a_jwt_secret_of_32_characters_or_more(prod: pytest.MonkeyP
 def test_prod_refuses_a_missing_jwt_secret(prod: pytest.MonkeyPatch) -> None:
     prod.delenv("MAOF_JWT_SECRET")
     refusal("MAOF_JWT_SECRET")
+
+
+def test_a_stage_with_ssm_secrets_never_takes_the_published_dev_jwt_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MAOF_STAGE", "dev")
+    assert load_settings().jwt_secret == DEV_JWT_SECRET
+    # Secrets in SSM (the dev stage deployed): SSM's JWT secret, or none for the functions
+    # that may not read it (ssm_names), never the one in this repository.
+    monkeypatch.setattr(config, "_read_ssm_parameters", lambda *_: {"secret-key": "k" * 32})
+    monkeypatch.setenv("MAOF_SECRETS_SSM_PATH", "/maof/dev")
+    assert load_settings().jwt_secret == ""
 
 
 def test_prod_refuses_an_empty_jwt_secret(prod: pytest.MonkeyPatch) -> None:
