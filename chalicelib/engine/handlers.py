@@ -301,9 +301,9 @@ def _execute(
         capability=claimed.capability,
         input=stage_input,
         workflow_name=context.workflow_name,
-        previous_stages=[
-            {"stageId": dep, "completed": dep in context.outputs} for dep in claimed.dependencies
-        ],
+        # Claimed only once every dependency completed (context.outputs holds only the
+        # outputs its input reads).
+        previous_stages=[{"stageId": dep, "completed": True} for dep in claimed.dependencies],
         timeout_ms=policy.timeout_ms,
         deadline=deadline,
     )

@@ -79,6 +79,36 @@ def test_success_sends_the_protocol_request_and_stores_the_output(user, poller, 
     assert "tok-123" not in str(audit(user, run_id))
 
 
+def test_every_dependency_is_sent_as_completed_whether_or_not_the_input_reads_it(
+    user, poller, agents
+):
+    """A stage runs once all its dependencies completed: previousStages says so of each,
+    also of one whose output its `input` does not reference (that output is not loaded)."""
+    first, second = unique_capability("prev"), unique_capability("prev")
+    register_agent(user, first)
+    agent = start(agents, default=ok({"done": True}))
+    register_agent(user, second, endpoint=agent.url)
+    stages_ = [
+        {"id": "extract", "name": "E", "agentCapability": first},
+        {"id": "count", "name": "C", "agentCapability": first},
+        {
+            "id": "translate",
+            "name": "T",
+            "agentCapability": second,
+            "dependencies": ["extract", "count"],
+            "input": {"to": "${workflow.input.language}", "n": "${count.output}"},
+        },
+    ]
+    body = {"workflow": {"name": "prev", "stages": stages_}, "input": {"language": "es"}}
+    run_id = user.post("/workflows/execute", body).json()["data"]["workflowRunId"]
+    assert wait_for_run(user, run_id)["status"] == "completed"
+    [call] = agent.calls
+    assert call.body["context"]["previousStages"] == [
+        {"stageId": "extract", "completed": True},
+        {"stageId": "count", "completed": True},
+    ]
+
+
 def test_timeout_then_success_on_retry(user, poller, agents):
     agent = start(agents)
     agent.script.extend([sleep(1.5), ok({"second": True})])
