@@ -21,7 +21,7 @@ endif
 
 help:
 	@echo "make dev      start Postgres, Redis, LocalStack, the API on :3000 and the SQS poller; run a demo"
-	@echo "make test     start the stack, then lint, type check, unit and integration tests"
+	@echo "make test     start the stack, then lint, type check, and the unit, integration, fault and browser tests"
 	@echo "make venv     the virtualenv in .venv, with the maof command line (.venv/bin/maof --help)"
 	@echo "make migrate  apply database migrations"
 	@echo "make chaos    restart or freeze Postgres, Redis, LocalStack (and kill or freeze the poller) mid-drain on an isolated stack; print what ended"
