@@ -118,9 +118,17 @@ class AgentTask:
             "context": {
                 "workflowName": self.workflow_name,
                 "previousStages": self.previous_stages,
-                "deadlineMs": self.timeout_ms,
+                "deadlineMs": self.time_left_ms(),
             },
         }
+
+    def time_left_ms(self) -> int:
+        """What the agent has to answer in: timeoutMs, less when the run's deadline or the
+        invocation's time comes first (the deadline MAOF cuts the call at)."""
+        if self.deadline is None:
+            return self.timeout_ms
+        left = int((self.deadline - time.monotonic()) * 1000)
+        return max(0, min(self.timeout_ms, left))
 
 
 def is_mock(endpoint: str) -> bool:

@@ -242,6 +242,9 @@ def test_a_run_past_its_deadline_fails_naming_it(
     assert time.monotonic() - started < 8
     assert [s["status"] for s in run["stages"]][1] == "skipped"
     assert audit(user, run_id)["chain"]["valid"] is True
+    # The agent was told the time it had: the run's, not the stage's 60 s.
+    [call] = slow.calls
+    assert 0 < call.body["context"]["deadlineMs"] <= 1500
 
 
 def test_the_sweeper_fails_a_run_that_waits_past_its_deadline(user: Api, sent: Any) -> None:

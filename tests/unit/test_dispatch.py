@@ -145,6 +145,15 @@ def test_task_body_and_idempotency_key_follow_the_protocol():
     }
 
 
+def test_the_agent_is_told_the_time_left_when_a_deadline_comes_before_its_timeout():
+    soon = AgentTask("wfr-1", "s1", 1, "c", {}, "wf", [], 30_000, time.monotonic() + 1.5)
+    assert 1000 < soon.body()["context"]["deadlineMs"] <= 1500
+    later = AgentTask("wfr-1", "s1", 1, "c", {}, "wf", [], 5000, time.monotonic() + 60)
+    assert later.body()["context"]["deadlineMs"] == 5000
+    past = AgentTask("wfr-1", "s1", 1, "c", {}, "wf", [], 5000, time.monotonic() - 1)
+    assert past.body()["context"]["deadlineMs"] == 0
+
+
 class _KeepAliveAgent(BaseHTTPRequestHandler):
     """Answers every POST after 50 ms, keeping the connection open (as real agents do)."""
 
