@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 from chalicelib.audit.chain import sha256_json
 from chalicelib.config import get_settings
+from chalicelib.core.encoding import Unstorable, unstorable
 
 MOCK_AGENTS_DISABLED = (
     "mock:// agents are served only in the dev and test stages, or with MAOF_MOCK_AGENTS=true"
@@ -43,9 +44,15 @@ def call_mock_agent(agent_id: str, capability: str, stage_input: Any) -> dict[st
     if settings.mock_agent_failure_rate and random.random() < settings.mock_agent_failure_rate:
         raise MockAgentFailure("mock agent failure (MAOF_MOCK_AGENT_FAILURE_RATE)")
     digest = sha256_json(stage_input)[:12]
+    # The echo stops where it would nest past the output cap: in a chain of mock stages
+    # each input holds the previous output, two levels deeper a stage.
+    too_deep = unstorable(stage_input, settings.agent_max_output_depth - 1)
+    received = stage_input
+    if too_deep is not None and too_deep[0] is Unstorable.DEPTH:
+        received = f"(nested too deeply to echo; sha256 {digest}…)"
     return {
         "agentId": agent_id,
         "capability": capability,
         "result": f"{capability} result {digest}",
-        "received": stage_input,
+        "received": received,
     }

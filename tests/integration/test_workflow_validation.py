@@ -204,6 +204,18 @@ def test_a_chain_of_100_stages_is_accepted(user):
     assert [s["stageId"] for s in run["stages"]] == [f"s{i}" for i in range(100)]
 
 
+def test_a_chain_of_100_mock_stages_runs_its_whole_length(user, poller):
+    """Each input holds the previous output, which the mock echoes: it stops echoing where
+    that would nest past MAOF_AGENT_MAX_OUTPUT_DEPTH (the run failed half-way before)."""
+    capability = unique_capability("chain")
+    register_agent(user, capability)
+    stages = [stage("s0", agentCapability=capability)]
+    stages += [stage(f"s{i}", f"s{i - 1}", agentCapability=capability) for i in range(1, 100)]
+    run = wait_for_run(user, submit(user, workflow(*stages)), timeout=60)
+    assert run["status"] == "completed", run.get("errorMessage")
+    assert run["progress"]["completed"] == 100
+
+
 # ------------------------------------------------------------------ list
 
 
