@@ -142,58 +142,84 @@ def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
-def expanded_size(template: Any, workflow_input: Any, outputs: Mapping[str, Any] | None) -> int:
+def expanded_size(
+    template: Any,
+    workflow_input: Any,
+    outputs: Mapping[str, Any] | None,
+    cap: int | None = None,
+) -> int:
     """How many bytes `resolve` would produce, exactly as the agent receives them: JSON as
     chalicelib/agents/dispatch.py serialises the request body (compact, UTF-8),
     interpolated text with its quotes and backslashes escaped.
 
-    Computed without building the input: a value referenced many times is measured once
-    and counted each time. With `outputs` None (at submission), stage outputs count
-    nothing, as do references that do not resolve (`resolve` fails on those)."""
-    measured: dict[tuple[str, bool], int] = {}
+    Computed without building the input: a value referenced many times, however the
+    references are spelled, is measured once and counted each time. With `outputs` None
+    (at submission), stage outputs count nothing, as do references that do not resolve
+    (`resolve` fails on those). With `cap`, InputTooLarge as soon as the count passes it:
+    the work done is bounded by the cap plus one value, however large the template."""
+    total = 0
+    # Keyed by the value itself, which whitespace around a reference or leading zeros in a
+    # list index spell any number of ways; each entry holds its value, so its id is not reused.
+    measured: dict[tuple[int, bool], tuple[Any, int]] = {}
+
+    def count(size: int) -> None:
+        nonlocal total
+        total += size
+        if cap is not None and total > cap:
+            raise InputTooLarge(
+                f"the stage input would expand to more than MAOF_STAGE_MAX_INPUT_BYTES ({cap}) "
+                "bytes of JSON as sent to the agent"
+            )
 
     def value_size(reference: Reference, *, whole: bool) -> int:
-        key = (reference.text, whole)
+        if reference.stage_id is not None and outputs is None:
+            return 0
+        try:
+            value = _lookup(reference, workflow_input, outputs or {})
+        except UnresolvableReference:
+            return 0
+        key = (id(value), whole)
         if key not in measured:
-            if reference.stage_id is not None and outputs is None:
-                measured[key] = 0
-            else:
-                try:
-                    value = _lookup(reference, workflow_input, outputs or {})
-                except UnresolvableReference:
-                    measured[key] = 0
-                else:
-                    measured[key] = _sent_size(value) if whole else _escaped_size(_as_text(value))
-        return measured[key]
+            size = _sent_size(value) if whole else _escaped_size(_as_text(value))
+            measured[key] = (value, size)
+        return measured[key][1]
 
-    def text_size(item: str) -> int:
+    def text(item: str) -> None:
         # JSON escapes each character on its own, so the parts of a string add up.
-        total, end = 2, 0  # its quotes
+        count(2)  # its quotes
+        end = 0
         for match in REFERENCE.finditer(item):
-            total += _escaped_size(item[end : match.start()])
+            count(_escaped_size(item[end : match.start()]))
             reference = _parse_or_none(match.group(1))
             if reference is None:
-                total += _escaped_size(match.group(0))
+                count(_escaped_size(match.group(0)))
             else:
-                total += value_size(reference, whole=False)
+                count(value_size(reference, whole=False))
             end = match.end()
-        return total + _escaped_size(item[end:])
+        count(_escaped_size(item[end:]))
 
-    def size(item: Any) -> int:
+    def measure(item: Any) -> None:
         if isinstance(item, str):
             whole = REFERENCE.fullmatch(item.strip())
             reference = _parse_or_none(whole.group(1)) if whole else None
             if reference is not None:
-                return value_size(reference, whole=True)
-            return text_size(item)
-        if isinstance(item, list):
-            return 2 + _separators(item) + sum(size(x) for x in item)
-        if isinstance(item, dict):
-            pairs = sum(_sent_size(str(k)) + 1 + size(v) for k, v in item.items())
-            return 2 + _separators(item) + pairs
-        return _sent_size(item)
+                count(value_size(reference, whole=True))
+            else:
+                text(item)
+        elif isinstance(item, list):
+            count(2 + _separators(item))
+            for x in item:
+                measure(x)
+        elif isinstance(item, dict):
+            count(2 + _separators(item))
+            for k, v in item.items():
+                count(_sent_size(str(k)) + 1)
+                measure(v)
+        else:
+            count(_sent_size(item))
 
-    return size(template)
+    measure(template)
+    return total
 
 
 def _parse_or_none(expression: str) -> Reference | None:
@@ -218,11 +244,6 @@ def _separators(items: list[Any] | dict[Any, Any]) -> int:
 
 
 def check_input_size(template: Any, workflow_input: Any, outputs: Mapping[str, Any] | None) -> None:
-    """InputTooLarge when `template` would expand past MAOF_STAGE_MAX_INPUT_BYTES."""
-    cap = get_settings().stage_max_input_bytes
-    size = expanded_size(template, workflow_input, outputs)
-    if size > cap:
-        raise InputTooLarge(
-            f"the stage input would expand to {size} bytes of JSON as sent to the agent, "
-            f"more than MAOF_STAGE_MAX_INPUT_BYTES ({cap})"
-        )
+    """InputTooLarge when `template` would expand past MAOF_STAGE_MAX_INPUT_BYTES, found
+    without measuring more than the cap plus one value."""
+    expanded_size(template, workflow_input, outputs, get_settings().stage_max_input_bytes)

@@ -56,17 +56,18 @@ def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -
     trip, one transaction), then queue the stages with no dependencies. If sending fails,
     the sweeper sends them later: the run is accepted.
 
-    Limited per user: MAOF_SUBMISSIONS_PER_MINUTE, and at most MAOF_MAX_ACTIVE_RUNS runs
+    Limited per user: MAOF_SUBMISSIONS_PER_MINUTE, a submission refused for its
+    definition counted too (checking one costs CPU), and at most MAOF_MAX_ACTIVE_RUNS runs
     queued or in progress (counted by the insert itself, so no extra round trip).
 
     With an Idempotency-Key (`key`, per user, kept 24 h) the same statement claims the
     key: a second submission with the key (even one racing the first: it waits on the
     key's row) stores nothing and gets the first run, or a 409 if its body differs. A key
     older than 24 h is forgotten: the submission is a new one (quota and all)."""
+    limits.limit_submissions(str(principal.user_uuid))
     check_dag(body.workflow)
     check_timeouts(body.workflow)
     check_input_sizes(body.workflow, body.input)
-    limits.limit_submissions(str(principal.user_uuid))
     run_id = uuid.uuid4()
     stages = body.workflow.stages
     # A first stage whose every agent is full waits for a slot from the start (as it

@@ -241,6 +241,25 @@ def test_submissions_beyond_the_per_user_rate_answer_429(
     )
 
 
+def test_submissions_refused_for_their_definition_count_against_the_per_user_rate(
+    user: Api, settings_env: dict[str, str]
+) -> None:
+    """The definition was checked before the submission was counted: a refused one (an
+    input's expanded size above all, costly to measure) could be sent without end."""
+    apply(settings_env, MAOF_SUBMISSIONS_PER_MINUTE="2", MAOF_STAGE_MAX_INPUT_BYTES="2000")
+    capability = unique_capability("rate-refused")
+    too_large = one_stage_run(capability)
+    too_large["workflow"]["stages"][0]["input"] = ["${workflow.input.text}"] * 50
+    too_large["input"] = {"text": "x" * 100}  # 50 copies of 100 bytes: past 2000
+    refused = user.post("/workflows/execute", too_large)
+    assert refused.status_code == 400, refused.text
+    assert "MAOF_STAGE_MAX_INPUT_BYTES" in refused.json()["error"]["message"]
+    cycle = one_stage_run(capability)
+    cycle["workflow"]["stages"][0]["dependencies"] = ["a"]
+    assert user.post("/workflows/execute", cycle).status_code == 400
+    rate_limited(user.post("/workflows/execute", one_stage_run(capability)))
+
+
 def test_the_active_run_quota_answers_429_until_a_run_ends(
     user: Api, poller: Any, settings_env: dict[str, str]
 ) -> None:

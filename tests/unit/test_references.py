@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from itertools import product
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from chalicelib.agents import dispatch
 from chalicelib.agents.dispatch import AgentTask
 from chalicelib.config import reset_settings
-from chalicelib.core import errors
+from chalicelib.core import errors, references
 from chalicelib.core.references import (
     InputTooLarge,
     Reference,
@@ -413,3 +414,67 @@ def test_an_interpolated_value_under_the_cap_only_as_compact_utf8_is_too_large(i
         check_input_size(template, workflow_input, {})
     with pytest.raises(InputTooLarge):
         check_input_size(template, workflow_input, None)  # at submission too
+
+
+@pytest.fixture
+def measured(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of every value and piece of text the size check serialises, in order."""
+    sizes: list[int] = []
+
+    def recorded(measure: Any) -> Any:
+        def wrapper(value: Any) -> int:
+            sizes.append(measure(value))
+            return sizes[-1]
+
+        return wrapper
+
+    monkeypatch.setattr(references, "_sent_size", recorded(references._sent_size))
+    monkeypatch.setattr(references, "_escaped_size", recorded(references._escaped_size))
+    return sizes
+
+
+def spellings(expression: str) -> list[str]:
+    """`${expression}` written 1296 ways, by whitespace `parse` strips."""
+    blanks = [" ", "\t", "\n", "\r", "\x0b", "\x0c"]
+    return ["${" + a + b + expression + c + d + "}" for a, b, c, d in product(blanks, repeat=4)]
+
+
+def test_a_value_is_measured_once_however_its_references_are_spelled(measured):
+    """The memo was keyed by the reference as written: 1296 spellings of one reference
+    serialised its value 1296 times (7776 of a 480 KB value took seconds of CPU)."""
+    big = "x" * 10_000
+    workflow_input = {"big": big, "items": ["a", big]}
+    zeros = [f"${{workflow.input.items.{'0' * n}1}}" for n in range(50)]  # all items[1]
+    template = {
+        "whole": [*spellings("workflow.input.big"), *zeros],
+        "text": [f"<{spelling}>" for spelling in spellings("workflow.input.big")],
+    }
+    sent = json.dumps(
+        resolve(template, workflow_input, {}), ensure_ascii=False, separators=(",", ":")
+    )
+    assert expanded_size(template, workflow_input, {}) == len(sent.encode("utf-8"))
+    assert len([size for size in measured if size >= len(big)]) == 2  # whole, and as text
+
+
+@pytest.mark.parametrize("where", ["workflow input at submission", "stage output at dispatch"])
+def test_the_size_check_stops_measuring_once_past_the_cap(input_cap, measured, where):
+    """The size check added up the whole template before comparing it with the cap: a
+    template far over it (here 1000 values of 1 KB, about 250 times the cap) was measured
+    to the end, at submission before any limit and again by the worker."""
+    values = {f"v{i}": str(i).ljust(1000, "x") for i in range(1000)}  # 1000 distinct values
+    if where == "workflow input at submission":
+        workflow_input, outputs = values, None
+        template = [f"${{workflow.input.v{i}}}" for i in range(1000)]
+    else:
+        workflow_input, outputs = None, {"a": values}
+        template = [f"${{a.output.v{i}}}" for i in range(1000)]
+    with pytest.raises(InputTooLarge, match="MAOF_STAGE_MAX_INPUT_BYTES"):
+        check_input_size(template, workflow_input, outputs)
+    assert sum(measured) <= input_cap + len(json.dumps(values["v0"]))  # the cap and one value
+
+
+def test_text_far_over_the_cap_is_measured_only_up_to_the_cap(input_cap, measured):
+    template = {"text": ["y" * 1000] * 1000}
+    with pytest.raises(InputTooLarge):
+        check_input_size(template, None, None)
+    assert sum(measured) <= input_cap + 1000
