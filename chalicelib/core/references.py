@@ -88,9 +88,14 @@ def references_in(value: Any) -> Iterator[Reference]:
             yield from references_in(item)
 
 
-def _is_index(key: str) -> bool:
-    # ASCII only: "²".isdigit() is true but int("²") raises ValueError.
-    return key.isascii() and key.isdigit()
+def _index(key: str) -> int | None:
+    """The list index `key` spells, if any. ASCII digits only ("²".isdigit() is true but
+    int("²") raises ValueError); and no int() of over 4,300 digits (a ValueError too): an
+    index that long is past the end of any list."""
+    if not (key.isascii() and key.isdigit()):
+        return None
+    digits = key.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 18 else None
 
 
 def _lookup(reference: Reference, workflow_input: Any, outputs: Mapping[str, Any]) -> Any:
@@ -103,10 +108,11 @@ def _lookup(reference: Reference, workflow_input: Any, outputs: Mapping[str, Any
             f"Unknown reference {reference.text}: stage '{reference.stage_id}' has no output"
         )
     for depth, key in enumerate(reference.path):
+        index = _index(key) if isinstance(current, list) else None
         if isinstance(current, dict) and key in current:
             current = current[key]
-        elif isinstance(current, list) and _is_index(key) and int(key) < len(current):
-            current = current[int(key)]
+        elif index is not None and index < len(current):
+            current = current[index]
         else:
             walked = ".".join(reference.path[:depth]) or "(root)"
             raise UnresolvableReference(
@@ -122,7 +128,7 @@ def resolve(template: Any, workflow_input: Any, outputs: Mapping[str, Any]) -> A
     type; references inside longer strings are interpolated as text.
     """
     if isinstance(template, str):
-        whole = REFERENCE.fullmatch(template.strip())
+        whole = REFERENCE.fullmatch(template)
         if whole:
             return _lookup(parse(whole.group(1)), workflow_input, outputs)
 
@@ -166,10 +172,7 @@ def expanded_size(
         nonlocal total
         total += size
         if cap is not None and total > cap:
-            raise InputTooLarge(
-                f"the stage input would expand to more than MAOF_STAGE_MAX_INPUT_BYTES ({cap}) "
-                "bytes of JSON as sent to the agent"
-            )
+            raise _too_large(cap)
 
     def value_size(reference: Reference, *, whole: bool) -> int:
         if reference.stage_id is not None and outputs is None:
@@ -200,7 +203,7 @@ def expanded_size(
 
     def measure(item: Any) -> None:
         if isinstance(item, str):
-            whole = REFERENCE.fullmatch(item.strip())
+            whole = REFERENCE.fullmatch(item)
             reference = _parse_or_none(whole.group(1)) if whole else None
             if reference is not None:
                 count(value_size(reference, whole=True))
@@ -227,6 +230,21 @@ def _parse_or_none(expression: str) -> Reference | None:
         return parse(expression)
     except UnresolvableReference:
         return None
+
+
+def _too_large(cap: int) -> InputTooLarge:
+    return InputTooLarge(
+        f"the stage input would expand to more than MAOF_STAGE_MAX_INPUT_BYTES ({cap}) "
+        "bytes of JSON as sent to the agent"
+    )
+
+
+def check_sent_size(value: Any) -> None:
+    """InputTooLarge when `value`, sent as it is (a stage without `input` gets the workflow
+    input or its dependencies' outputs), is more than MAOF_STAGE_MAX_INPUT_BYTES."""
+    cap = get_settings().stage_max_input_bytes
+    if _sent_size(value) > cap:
+        raise _too_large(cap)
 
 
 def _sent_size(value: Any) -> int:

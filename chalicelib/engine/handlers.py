@@ -40,6 +40,7 @@ from chalicelib.core.references import (
     InputTooLarge,
     UnresolvableReference,
     check_input_size,
+    check_sent_size,
     resolve,
 )
 from chalicelib.engine import leases, stages, sweeper, trace
@@ -468,7 +469,9 @@ def _free_slot(agent: AgentChoice, invocation: Invocation, ok: bool, started: fl
 def stage_input_of(claimed: stages.ClaimedStage, context: stages.StageContext) -> Any:
     """The stage's resolved input, its size checked before anything is expanded."""
     if claimed.input_template is None:
-        return stages.default_input(claimed, context)
+        default = stages.default_input(claimed, context)
+        check_sent_size(default)  # a fan-in of many outputs is held to the cap too
+        return default
     check_input_size(claimed.input_template, context.workflow_input, context.outputs)
     return resolve(claimed.input_template, context.workflow_input, context.outputs)
 

@@ -16,6 +16,7 @@ from chalicelib.core.references import (
     MalformedReference,
     check_forms,
     check_input_size,
+    check_sent_size,
     references_in,
 )
 
@@ -176,10 +177,13 @@ def check_input_sizes(workflow: WorkflowDefinition, workflow_input: Any) -> None
     """400 for a stage whose input already expands past MAOF_STAGE_MAX_INPUT_BYTES from the
     workflow input alone (stage outputs, unknown yet, are checked when the stage runs)."""
     for index, stage in enumerate(workflow.stages):
-        if stage.input is None:
-            continue
+        if stage.input is None and stage.dependencies:
+            continue  # its dependencies' outputs, checked when it runs
         try:
-            check_input_size(stage.input, workflow_input, None)
+            if stage.input is None:  # the workflow input, sent as it is
+                check_sent_size(workflow_input)
+            else:
+                check_input_size(stage.input, workflow_input, None)
         except InputTooLarge as exc:
             raise _invalid(index, "input", f"Stage '{stage.id}': {exc}") from None
 

@@ -271,6 +271,44 @@ def test_an_input_expanding_a_stage_output_past_the_cap_fails_the_stage_unexpand
     assert "MAOF_STAGE_MAX_INPUT_BYTES" in (row.error_message or "")
 
 
+def test_a_fan_in_without_input_over_the_cap_fails_the_stage_before_its_agent_is_called(
+    user: Api, sent, small_caps
+):
+    """Without `input`, a stage is sent its dependencies' outputs: held to the same cap
+    (two outputs of 1.5 KB reached the agent past a 2,000-byte cap)."""
+    producer = ScriptedAgent(default=ok({"blob": "y" * 1400})).start()
+    sink = ScriptedAgent().start()
+    try:
+        made, sunk = unique_capability("made"), unique_capability("sink")
+        register_agent(user, made, endpoint=producer.url)
+        register_agent(user, sunk, endpoint=sink.url)
+        stages_ = [
+            {"id": "a", "name": "A", "agentCapability": made},
+            {"id": "b", "name": "B", "agentCapability": made},
+            {"id": "c", "name": "C", "agentCapability": sunk, "dependencies": ["a", "b"]},
+        ]
+        run_id = submit_direct(user, stages_)
+        handlers.run_stage_batch([record(run_id, "a"), record(run_id, "b")])
+        handlers.run_stage_batch([record(run_id, "c")])
+        row = stage_row(run_id, "c")
+        assert row.status == "failed"
+        assert "MAOF_STAGE_MAX_INPUT_BYTES" in (row.error_message or "")
+        assert sink.calls == []
+    finally:
+        producer.stop()
+        sink.stop()
+
+
+def test_a_first_stage_without_input_is_400_when_the_workflow_input_is_over_the_cap(
+    user: Api, small_caps
+):
+    stage = {"id": "a", "name": "A", "agentCapability": unique_capability()}
+    body = {"workflow": {"name": "big", "stages": [stage]}, "input": {"text": "x" * 2000}}
+    response = user.post("/workflows/execute", body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["details"][0]["field"] == "workflow.stages.0.input"
+
+
 def test_outputs_past_the_run_total_fail_the_stage(user: Api, sent, small_caps):
     agent = ScriptedAgent(default=ok({"blob": "y" * 1800})).start()
     try:

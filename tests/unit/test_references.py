@@ -20,11 +20,12 @@ from chalicelib.core.references import (
     Reference,
     UnresolvableReference,
     check_input_size,
+    check_sent_size,
     expanded_size,
     references_in,
     resolve,
 )
-from chalicelib.workflows.definition import WorkflowDefinition, check_dag
+from chalicelib.workflows.definition import WorkflowDefinition, check_dag, check_input_sizes
 
 WORKFLOW_INPUT = {"lang": "es", "limit": 3, "tags": ["a", "b"], "nested": {"deep": {"x": 1}}}
 OUTPUTS = {
@@ -164,6 +165,25 @@ def test_a_non_ascii_digit_is_not_a_list_index_but_an_unknown_path():
     # "²".isdigit() is true, yet int("²") raises ValueError: that must not escape.
     with pytest.raises(UnresolvableReference, match=r"\$\{workflow\.input\.tags\.²\}"):
         r("${workflow.input.tags.²}")
+
+
+def test_an_index_too_long_for_int_is_an_unknown_path():
+    # int() of over 4,300 digits raises ValueError: it reached the client as a 500.
+    index = "9" * 5000
+    with pytest.raises(UnresolvableReference, match=r"no '9+' under tags"):
+        r("${workflow.input.tags." + index + "}")
+    assert expanded_size("${workflow.input.tags." + index + "}", WORKFLOW_INPUT, None) == 0
+
+
+@pytest.mark.parametrize("template", [" ${workflow.input.limit} ", "${workflow.input.nested}\n"])
+def test_whitespace_around_a_lone_reference_makes_it_text(template):
+    """Only a string that is exactly one reference keeps the value's JSON type (a YAML
+    block scalar's trailing newline made an object of what was written as text)."""
+    resolved = r(template)
+    assert isinstance(resolved, str)
+    assert resolved.strip() in ("3", json.dumps(WORKFLOW_INPUT["nested"], sort_keys=True))
+    sent = json.dumps(resolved, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    assert expanded_size(template, WORKFLOW_INPUT, OUTPUTS) == len(sent)
 
 
 def test_a_reference_that_is_neither_input_nor_output_is_unresolvable():
@@ -400,6 +420,32 @@ def input_cap(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
     yield 4096
     monkeypatch.undo()
     reset_settings()
+
+
+def test_an_input_sent_as_it_is_is_held_to_the_cap(input_cap):
+    check_sent_size({"text": "x" * (input_cap - 20)})
+    with pytest.raises(InputTooLarge, match="MAOF_STAGE_MAX_INPUT_BYTES"):
+        check_sent_size({"text": "é" * input_cap})
+
+
+def test_a_stage_without_input_is_refused_at_submission_when_the_workflow_input_is_too_large(
+    input_cap,
+):
+    """It is sent the workflow input as it is; a later stage's default input (its
+    dependencies' outputs) is checked when it runs."""
+    workflow = WorkflowDefinition.model_validate(
+        {
+            "name": "w",
+            "stages": [
+                {"id": "a", "name": "A", "agentCapability": "c"},
+                {"id": "b", "name": "B", "agentCapability": "c", "dependencies": ["a"]},
+            ],
+        }
+    )
+    check_input_sizes(workflow, {"text": "x" * 100})
+    with pytest.raises(errors.ValidationError) as caught:
+        check_input_sizes(workflow, {"text": "x" * input_cap})
+    assert caught.value.details[0]["field"] == "workflow.stages.0.input"
 
 
 def test_an_interpolated_value_under_the_cap_only_as_compact_utf8_is_too_large(input_cap):
