@@ -28,8 +28,9 @@ import functools
 import json
 import re
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -43,13 +44,13 @@ from chalicelib.aws import aws_client
 from chalicelib.config import get_settings
 from chalicelib.core.api import run_ref
 from chalicelib.core.encoding import dumps
-from chalicelib.db import session_scope
+from chalicelib.db import autocommit_connection, session_scope
 from chalicelib.logs import logger
 
 # Entries are stamped before their transaction commits: a run whose last entry is stamped
 # up to this long before the previous checkpoint's cut-off is still looked at.
 COMMIT_MARGIN = timedelta(minutes=5)
-# One checkpointer at a time (pg_try_advisory_xact_lock key: "maof-cp").
+# One checkpointer at a time (pg_try_advisory_lock key: "maof-cp").
 ADVISORY_LOCK = 0x6D616F662D6370
 OBJECT_PREFIX = "checkpoints/"
 # Under OBJECT_PREFIX, so the functions' rights on `checkpoints/*` cover the markers too.
@@ -217,16 +218,19 @@ def marker_key(run_id: uuid.UUID, checkpoint_key: str) -> str:
     return run_prefix(run_id) + checkpoint_key.removeprefix(OBJECT_PREFIX)
 
 
-def _earlier_heads(
-    session: Session, leaves: Sequence[Leaf]
-) -> tuple[dict[uuid.UUID, list[Checkpointed]], dict[uuid.UUID, str]]:
-    """What earlier checkpoints recorded for each run, from the index and from S3 (the
-    index's owner could have dropped its rows; S3 keeps them), and the runs whose S3 copy
-    of an earlier checkpoint is missing (why, by run)."""
+def _indexed_heads(session: Session, leaves: Sequence[Leaf]) -> dict[uuid.UUID, list[Checkpointed]]:
+    """What the database's index says earlier checkpoints recorded for each run."""
     earlier: dict[uuid.UUID, list[Checkpointed]] = {leaf.run_id: [] for leaf in leaves}
-    broken: dict[uuid.UUID, str] = {}
     for row in session.execute(_INDEXED_HEADS, {"runs": list(earlier)}):
         earlier[row.run_id].append(Checkpointed(row.checkpoint, row.seq, row.head_hash))
+    return earlier
+
+
+def _add_s3_heads(earlier: dict[uuid.UUID, list[Checkpointed]]) -> dict[uuid.UUID, str]:
+    """Add to `earlier` what S3's markers say earlier checkpoints recorded (the index's
+    owner could have dropped its rows; S3 keeps them); the runs whose S3 copy of an earlier
+    checkpoint is missing (why, by run)."""
+    broken: dict[uuid.UUID, str] = {}
     with ThreadPoolExecutor(S3_CONCURRENCY, thread_name_prefix="maof-cp") as pool:
         listed = list(pool.map(listed_checkpoints, earlier))
     for run_id, coverings in zip(earlier, listed, strict=True):
@@ -240,18 +244,23 @@ def _earlier_heads(
                 broken[run_id] = f"checkpoint {covering.number}: {exc}"
                 continue
             earlier[run_id].append(Checkpointed(covering.number, *found))
-    return earlier, broken
+    return broken
 
 
-def _screen(session: Session, leaves: Sequence[Leaf]) -> tuple[list[Leaf], dict[str, str]]:
-    """The leaves to checkpoint, and the refused runs (why, by run reference)."""
-    earlier, broken = _earlier_heads(session, leaves)
+def _screen(
+    leaves: Sequence[Leaf], earlier: dict[uuid.UUID, list[Checkpointed]]
+) -> tuple[list[Leaf], dict[str, str]]:
+    """The leaves to checkpoint, and the refused runs (why, by run reference). `earlier`:
+    the index's heads of the runs, to which S3's are added."""
+    broken = _add_s3_heads(earlier)
     pairs = {(run_id, before.seq) for run_id, heads in earlier.items() for before in heads}
     current: dict[uuid.UUID, dict[int, str | None]] = {run_id: {} for run_id in earlier}
     if pairs:
         runs, seqs = zip(*pairs, strict=True)
-        for row in session.execute(_ENTRY_HASHES, {"runs": list(runs), "seqs": list(seqs)}):
-            current[row.run_id][row.seq] = row.entry_hash
+        with session_scope() as session:
+            rows = session.execute(_ENTRY_HASHES, {"runs": list(runs), "seqs": list(seqs)})
+            for row in rows:
+                current[row.run_id][row.seq] = row.entry_hash
     accepted: list[Leaf] = []
     refused: dict[str, str] = {}
     for leaf in leaves:
@@ -268,36 +277,67 @@ def _screen(session: Session, leaves: Sequence[Leaf]) -> tuple[list[Leaf], dict[
     return accepted, refused
 
 
+@contextmanager
+def _one_checkpointer() -> Iterator[bool]:
+    """Whether this is the only checkpointer running (until the block ends): a session's
+    advisory lock, held on a connection of its own outside any transaction, so it lasts
+    across S3 calls that no transaction may (Postgres ends a session idle in one for
+    MAOF_DB_IDLE_IN_TRANSACTION_SECONDS, and a backlog's S3 calls add up to more). It goes
+    with the session if the process dies."""
+    with autocommit_connection() as conn:
+        lock = {"key": ADVISORY_LOCK}
+        if not conn.execute(text("SELECT pg_try_advisory_lock(:key)"), lock).scalar():
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            try:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), lock)
+            except Exception:
+                # Never back to the pool holding the lock: closing the session releases it.
+                conn.invalidate()
+
+
 def checkpoint_once(now: datetime | None = None) -> dict[str, Any]:
-    """Write the next checkpoint if any run needs one; what was done."""
+    """Write the next checkpoint if any run needs one; what was done. No transaction is
+    open during an S3 call: the runs are read in one, the checkpoint recorded in another,
+    after its S3 objects are written."""
+    with _one_checkpointer() as alone:
+        if not alone:
+            return {"checkpoint": None, "reason": "another checkpointer is running"}
+        return _checkpoint(now)
+
+
+def _checkpoint(now: datetime | None) -> dict[str, Any]:
     settings = get_settings()
     with session_scope() as session:
-        if not session.execute(
-            text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK}
-        ).scalar():
-            return {"checkpoint": None, "reason": "another checkpointer is running"}
         started = now or session.execute(text("SELECT now()")).scalar_one()
         last = session.execute(_LAST).first()
         since = last.covered_until - COMMIT_MARGIN if last else datetime(1970, 1, 1, tzinfo=UTC)
         limit = settings.audit_checkpoint_max_runs
         rows = session.execute(_CANDIDATES, {"since": since, "limit": limit}).all()
-        if not rows:
-            return {"checkpoint": None, "runs": 0, "candidates": 0, "refused": {}}
         candidates = [Leaf(row.run_id, row.seq, row.entry_hash, row.logged_at) for row in rows]
-        leaves, refused = _screen(session, candidates)
-        if not leaves:
-            return {"checkpoint": None, "runs": 0, "candidates": len(rows), "refused": refused}
-        number = (last.checkpoint if last else 0) + 1
-        previous = last.head_hash if last else rules.GENESIS
-        created_at = started.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-        views = [leaf.view() for leaf in leaves]
-        head = signed_head(number, views, previous, created_at)
-        key = object_key(number, head["hash"])
-        # A full batch covers up to its newest candidate only; the next one goes on from there.
-        covered_until = candidates[-1].logged_at if len(candidates) >= limit else started
-        # Before the commit, the checkpoint first: no index row and no marker without it.
-        put_object(key, {"head": head, "leaves": views})
-        put_markers(key, head, leaves)
+        indexed = _indexed_heads(session, candidates) if candidates else {}
+    if not candidates:
+        return {"checkpoint": None, "runs": 0, "candidates": 0, "refused": {}}
+    leaves, refused = _screen(candidates, indexed)
+    if not leaves:
+        return {"checkpoint": None, "runs": 0, "candidates": len(rows), "refused": refused}
+    number = (last.checkpoint if last else 0) + 1
+    previous = last.head_hash if last else rules.GENESIS
+    created_at = started.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    views = [leaf.view() for leaf in leaves]
+    head = signed_head(number, views, previous, created_at)
+    key = object_key(number, head["hash"])
+    # A full batch covers up to its newest candidate only; the next one goes on from there.
+    covered_until = candidates[-1].logged_at if len(candidates) >= limit else started
+    # The checkpoint first: no index row and no marker without it.
+    put_object(key, {"head": head, "leaves": views})
+    put_markers(key, head, leaves)
+    # Under the lock `last` is still the newest; had the lock gone with its session, a
+    # checkpoint another wrote meanwhile holds this number, and the insert is refused.
+    with session_scope() as session:
         session.execute(
             _RECORD,
             {

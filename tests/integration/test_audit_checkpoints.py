@@ -8,6 +8,7 @@ marker is tampering, never what is read."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -17,10 +18,11 @@ import pytest
 from botocore.exceptions import ClientError
 from sqlalchemy import text
 
+from chalicelib import db
 from chalicelib.audit import chain, checkpoints
 from chalicelib.audit import verify as rules
 from chalicelib.aws import aws_client
-from chalicelib.config import get_settings
+from chalicelib.config import get_settings, reset_settings
 from chalicelib.core import api as run_ids
 from chalicelib.db import session_scope
 from chalicelib.workflows import audit_trail
@@ -307,6 +309,84 @@ def test_a_head_that_moves_forward_is_checkpointed_again(user, poller):
     status = audit(user, ref)["chain"]
     assert status["valid"] is True, status
     assert status["checkpoint"]["count"] == 2 and status["checkpoint"]["checkpoint"] > first
+
+
+def slowed_s3(monkeypatch: Any, seconds: float, during: Any = None) -> None:
+    """Every S3 call of the checkpointer's (a run's LIST, a PUT) takes `seconds` more, one
+    at a time; `during` runs in the first PUT's place before it."""
+    put, listed = checkpoints.put_object, checkpoints.listed_checkpoints
+    fired: list[bool] = []
+
+    def slow_put(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(seconds)
+        if during is not None and not fired:
+            fired.append(True)
+            during()
+        return put(*args, **kwargs)
+
+    def slow_list(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(seconds)
+        return listed(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "put_object", slow_put)
+    monkeypatch.setattr(checkpoints, "listed_checkpoints", slow_list)
+    monkeypatch.setattr(checkpoints, "S3_CONCURRENCY", 1)
+
+
+def test_no_transaction_stays_open_across_the_checkpointers_s3_calls(user, poller, monkeypatch):
+    """Postgres ends a session idle in a transaction for MAOF_DB_IDLE_IN_TRANSACTION_SECONDS.
+    A backlog's S3 calls (a LIST and a marker per run, and the checkpoint) add up to far
+    more than any one of them: scaled down, each takes 0.3 s and the timeout is 1 s, and the
+    checkpoint is still written and recorded."""
+    refs = [three_stage_run(user, poller) for _ in range(2)]
+    slowed_s3(monkeypatch, 0.3)
+    monkeypatch.setenv("MAOF_DB_IDLE_IN_TRANSACTION_SECONDS", "1")
+    reset_settings()
+    db.reset()
+    try:
+        result = checkpoints.checkpoint_once()
+    finally:
+        monkeypatch.undo()
+        reset_settings()
+        db.reset()
+    assert result["checkpoint"] is not None, result
+    for ref in refs:
+        assert audit(user, ref)["chain"]["checkpoint"]["status"] == "verified"
+
+
+def advisory_lock_is_free() -> bool:
+    """Whether a session of its own gets the checkpointer's lock (given back at once)."""
+    with owner_connection() as conn:
+        taken = conn.execute(
+            text("SELECT pg_try_advisory_lock(:key)"), {"key": checkpoints.ADVISORY_LOCK}
+        ).scalar_one()
+        if taken:
+            conn.execute(
+                text("SELECT pg_advisory_unlock(:key)"), {"key": checkpoints.ADVISORY_LOCK}
+            )
+    return bool(taken)
+
+
+def test_one_checkpointer_at_a_time_while_it_writes_to_s3(user, poller, monkeypatch):
+    """A second checkpointer that starts while the first writes to S3 writes nothing; the
+    lock goes when the first ends, whether it wrote its checkpoint or failed."""
+    three_stage_run(user, poller)
+    second: list[dict[str, Any]] = []
+    slowed_s3(monkeypatch, 0, during=lambda: second.append(checkpoints.checkpoint_once()))
+    first = checkpoints.checkpoint_once()
+    assert first["checkpoint"] is not None, first
+    assert second == [{"checkpoint": None, "reason": "another checkpointer is running"}]
+    assert advisory_lock_is_free()
+
+    three_stage_run(user, poller)
+
+    def outage(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("S3 did not answer")
+
+    monkeypatch.setattr(checkpoints, "put_object", outage)
+    with pytest.raises(ConnectionError):
+        checkpoints.checkpoint_once()
+    assert advisory_lock_is_free()
 
 
 def test_refusal_is_a_pure_decision():
