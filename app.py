@@ -338,7 +338,7 @@ def write_audit_checkpoint(event: CloudWatchEvent) -> dict[str, Any]:
     return engine.write_audit_checkpoint()
 
 
-@app.schedule(Rate(1, unit=Rate.MINUTES))
+@app.schedule(Rate(engine.HEALTH_CHECK_RATE_MINUTES, unit=Rate.MINUTES))
 def check_agent_health(event: CloudWatchEvent) -> dict[str, Any]:
     return engine.check_agent_health()
 

@@ -50,11 +50,17 @@ from chalicelib.logs import logger
 
 # Fixed at import because Chalice binds the SQS trigger when the app is loaded.
 STAGE_QUEUE_NAME = import_time_setting("stage_queue_name")
-# The checkpoint schedule, also fixed at import (EventBridge: whole minutes, one at least);
-# the local poller runs it every MAOF_AUDIT_CHECKPOINT_INTERVAL_SECONDS.
-CHECKPOINT_RATE_MINUTES = max(
-    1, int(import_time_setting("audit_checkpoint_interval_seconds")) // 60
-)
+
+
+def _rate_minutes(interval_field: str) -> int:
+    """An interval setting (seconds) as an EventBridge rate: whole minutes, one at least."""
+    return max(1, int(import_time_setting(interval_field)) // 60)
+
+
+# The checkpoint and agent health schedules, also fixed at import; the local poller runs
+# them every MAOF_AUDIT_CHECKPOINT_INTERVAL_SECONDS and MAOF_AGENT_HEALTH_INTERVAL_SECONDS.
+CHECKPOINT_RATE_MINUTES = _rate_minutes("audit_checkpoint_interval_seconds")
+HEALTH_CHECK_RATE_MINUTES = _rate_minutes("agent_health_interval_seconds")
 
 
 @dataclass(frozen=True)

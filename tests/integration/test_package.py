@@ -521,6 +521,65 @@ def test_the_migrate_function_runs_only_when_invoked(template: dict[str, Any]) -
     assert template["Outputs"]["MigrateFunctionName"]["Value"] == {"Ref": "Migrate"}
 
 
+def _schedules(template: dict[str, Any]) -> dict[str, str]:
+    return {
+        name: event["Properties"]["Schedule"]
+        for name, function in _functions(template["Resources"]).items()
+        for event in function["Properties"].get("Events", {}).values()
+        if event["Type"] == "Schedule"
+    }
+
+
+def _schedules_when_imported(settings: dict[str, str]) -> dict[str, str]:
+    """The app's schedules as `chalice package` binds them, with `settings` in the
+    environment (Chalice adds the stage's environment_variables before importing app.py)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MAOF_")}
+    env.update(PACKAGE_ENV | settings)
+    code = (
+        "import json, app\n"
+        "print(json.dumps({s.name: s.schedule_expression.to_string() "
+        "for s in app.app.event_sources if hasattr(s, 'schedule_expression')}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=PROJECT_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def test_the_schedules_run_every_minute_by_default(template: dict[str, Any]) -> None:
+    assert _schedules(template) == {
+        "SweepStalledStages": "rate(1 minute)",
+        "CheckAgentHealth": "rate(1 minute)",
+        "WriteAuditCheckpoint": "rate(1 minute)",
+    }
+
+
+@pytest.mark.parametrize(
+    ("seconds", "rate"),
+    [("600", "rate(10 minutes)"), ("90", "rate(1 minute)"), ("5", "rate(1 minute)")],
+)
+def test_the_health_check_and_checkpoint_schedules_follow_their_intervals(
+    seconds: str, rate: str
+) -> None:
+    """EventBridge runs a schedule in whole minutes, one at least: each interval setting,
+    rounded down to them."""
+    schedules = _schedules_when_imported(
+        {
+            "MAOF_AGENT_HEALTH_INTERVAL_SECONDS": seconds,
+            "MAOF_AUDIT_CHECKPOINT_INTERVAL_SECONDS": seconds,
+        }
+    )
+    assert schedules["check_agent_health"] == rate, schedules
+    assert schedules["write_audit_checkpoint"] == rate, schedules
+    assert schedules["sweep_stalled_stages"] == "rate(1 minute)", schedules
+
+
 def test_dead_letter_queue_depth_raises_an_alarm(template: dict[str, Any]) -> None:
     resources = template["Resources"]
     alarm = resources["DeadLetterAlarm"]
