@@ -30,15 +30,24 @@ def _psycopg_url(url: str) -> str:
 PING_AFTER_IDLE_SECONDS = 1.0
 
 
+# A peer gone without closing (a killed or frozen host, a partition) is noticed within a
+# minute on either end, not after the OS's two hours: on the server's, its session ends
+# and takes its locks along (the checkpointer's advisory lock is held between
+# transactions, where no idle-in-transaction timeout applies).
+KEEPALIVES = {"idle": 30, "interval": 10, "count": 3}
+
+
 def connect_args(idle_in_transaction_seconds: int) -> dict[str, Any]:
     """libpq's connection parameters for the application's connections."""
-    args: dict[str, Any] = {"connect_timeout": 3, "application_name": "maof"}
+    args: dict[str, Any] = {"connect_timeout": 3, "application_name": "maof", "keepalives": 1}
+    args.update({f"keepalives_{name}": value for name, value in KEEPALIVES.items()})
     if idle_in_transaction_seconds:
         # A worker that hangs mid-transaction (a stalled host, a partition) would hold its
         # run's lock, and stall every other worker of the run, until its dead connection
         # timed out (hours): Postgres ends the session after this instead.
         ms = idle_in_transaction_seconds * 1000
-        args["options"] = f"-c idle_in_transaction_session_timeout={ms}"
+        server = " ".join(f"-c tcp_keepalives_{k}={v}" for k, v in KEEPALIVES.items())
+        args["options"] = f"-c idle_in_transaction_session_timeout={ms} {server}"
     return args
 
 

@@ -361,7 +361,11 @@ def test_prod_migrations_refuse_an_owner_url_without_tls(prod: pytest.MonkeyPatc
 
 
 def test_the_idle_in_transaction_timeout_is_a_startup_option_unless_zero() -> None:
-    assert db.connect_args(60)["options"] == "-c idle_in_transaction_session_timeout=60000"
+    assert db.connect_args(60)["options"] == (
+        "-c idle_in_transaction_session_timeout=60000 -c tcp_keepalives_idle=30 "
+        "-c tcp_keepalives_interval=10 -c tcp_keepalives_count=3"
+    )
+    assert db.connect_args(60)["keepalives_idle"] == db.connect_args(0)["keepalives_idle"] == 30
     # 0: none sent (a pooler that refuses startup options); the role's own setting applies.
     assert "options" not in db.connect_args(0)
     assert db.connect_args(0)["connect_timeout"] == 3
