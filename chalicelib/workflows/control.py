@@ -57,8 +57,10 @@ def cancel(principal: Principal, ref: str) -> Reply:
 def retry(principal: Principal, ref: str) -> Reply:
     """Run a failed or cancelled run again from where it stopped: completed stages keep
     their outputs; the others start afresh (new attempt numbers, so new Idempotency-Keys;
-    counters reset; agents chosen anew), under the same run id and audit chain. The run
-    is live again: it counts against MAOF_MAX_ACTIVE_RUNS as a new submission would."""
+    counters reset; agents chosen anew), under the same run id and audit chain. A stage
+    whose agent was still working when the run ended starts afresh too: that call's
+    answer is not kept (a `discard` entry says so now). The run is live again: it counts
+    against MAOF_MAX_ACTIVE_RUNS as a new submission would."""
     max_active = get_settings().max_active_runs
     with session_scope() as session:
         runs.hold_quota(session, principal.user_uuid)  # first: submissions take it first too
@@ -69,8 +71,24 @@ def retry(principal: Principal, ref: str) -> Reply:
             )
         if runs.active_runs(session, principal.user_uuid) >= max_active:
             raise runs.over_quota(max_active)
+        in_flight = session.execute(_IN_FLIGHT, {"run_id": run.id}).all()
         reset = session.execute(_RESET, {"run_id": run.id}).all()
         ready = [row.stage_id for row in reset if row.status == "queued"]
+        for stage in in_flight:
+            # Its worker's claim is gone with the reset: what it answers is not stored.
+            chain.append(
+                session,
+                run.id,
+                "discard",
+                stages.ended_stage_status(run.status),
+                stage_id=stage.stage_id,
+                agent_id=stage.agent_id,
+                details={
+                    "reason": "the run was retried while the stage was in progress: "
+                    "what its agent answers is not kept",
+                    "attempt": stage.attempt,
+                },
+            )
         chain.append(
             session,
             run.id,
@@ -115,9 +133,23 @@ def _queue(run_id: uuid.UUID, stage_ids: list[str]) -> None:
         )
 
 
+# Stages still in progress when their run ended: their agents may still be working. Their
+# rows are locked (after the run's, as everywhere) before the reset changes them.
+_IN_FLIGHT = text(
+    """
+    SELECT stage_id, agent_id, attempt FROM stage_executions
+     WHERE run_id = :run_id AND status = 'in_progress'
+     ORDER BY position
+       FOR UPDATE
+    """
+)
+
 # Every stage that did not complete starts afresh: queued when its dependencies are all
 # completed, else pending; the next attempt number (an agent that remembers keys must see
-# new work), every counter at zero, no agent chosen yet.
+# new work), every counter at zero, no agent chosen yet. A stage still in progress too:
+# its claim token is cleared, so its worker, when its agent answers, finds the claim gone
+# and writes nothing (and renews no lease); the agent slot that call holds is given back
+# by that worker as the call ends, as always.
 _RESET = text(
     """
     UPDATE stage_executions AS s
@@ -131,7 +163,7 @@ _RESET = text(
            tried_agents = '{}', error_message = NULL, input = NULL, output = NULL,
            started_at = NULL, completed_at = NULL, not_before = NULL, parked_at = NULL,
            lease_expires_at = NULL, claim_token = NULL
-     WHERE s.run_id = :run_id AND s.status IN ('failed', 'skipped', 'cancelled')
+     WHERE s.run_id = :run_id AND s.status <> 'completed'
  RETURNING s.stage_id, s.status
     """
 )

@@ -18,7 +18,7 @@ from chalicelib.agents.secrets import reencrypt_all
 from chalicelib.config import get_settings, reset_settings
 from chalicelib.core.api import parse_run_ref
 from chalicelib.db import session_scope
-from chalicelib.engine import callbacks, handlers
+from chalicelib.engine import callbacks, handlers, leases
 from tests.integration.conftest import (
     Api,
     register_agent,
@@ -168,6 +168,49 @@ def test_retry_of_a_cancelled_run_and_409_for_runs_that_did_not_stop(
     assert user.post(f"/workflows/{run_id}/retry").status_code == 202
     assert wait_for_run(user, run_id)["status"] == "completed"
     assert user.post(f"/workflows/{run_id}/retry").status_code == 409  # completed
+
+
+def test_a_retry_right_after_a_cancel_runs_the_stage_in_progress_afresh(
+    user: Api, poller: Any, agents: list[ScriptedAgent]
+) -> None:
+    """Cancel while A's agent works, replace that agent, retry at once: A runs afresh, on
+    the new agent under a new attempt, and what the old agent answers later is not kept.
+    The retry used to leave the stage in progress alone, and the cancelled call's answer
+    became A's output in the live run."""
+    old = start(agents, default=sleep(2.0, {"from": "the cancelled call"}))
+    new = start(agents, default=ok({"from": "the new agent"}))
+    first, second = unique_capability("replaced"), unique_capability("next")
+    old_agent = register_agent(user, first, endpoint=old.url)
+    register_agent(user, second)
+    run_id = submitted(user, pipeline(first, second))
+    wait_until(lambda: len(old.calls) == 1, timeout=10)
+    with session_scope() as session:
+        old_claim = session.execute(
+            text("SELECT claim_token FROM stage_executions WHERE run_id = :r AND stage_id = 'a'"),
+            {"r": parse_run_ref(run_id)},
+        ).scalar_one()
+    assert user.post(f"/workflows/{run_id}/cancel").status_code == 202
+    assert user.delete(f"/agents/{old_agent['agentUuid']}").status_code in (200, 204)
+    register_agent(user, first, endpoint=new.url)
+    retried = user.post(f"/workflows/{run_id}/retry")
+    assert retried.status_code == 202, retried.text
+    assert retried.json()["data"]["stagesRequeued"] == ["a"]
+    assert wait_for_run(user, run_id)["status"] == "completed"
+    # The old worker is done with its stage (the answer came back, and was handled).
+    wait_until(lambda: old_claim not in leases._held, timeout=10)
+    assert old.calls[0].outcome == "answered"
+    run = user.get(f"/workflows/{run_id}").json()["data"]
+    assert run["status"] == "completed"
+    assert run["stages"][0]["output"] == {"from": "the new agent"}
+    assert (old.keys(), new.keys()) == ([f"{run_id}:a:1"], [f"{run_id}:a:2"])
+    trail = audit(user, run_id)
+    assert trail["chain"]["valid"] is True
+    actions = [e["action"] for e in trail["logs"]]
+    assert actions == ["submit", "cancel", "discard", "retry-run", "execute", "execute", "complete"]
+    discard = trail["logs"][2]
+    assert (discard["stageId"], discard["status"]) == ("a", "cancelled")
+    assert discard["agentId"] == old_agent["agentId"]
+    assert discard["details"]["attempt"] == 1
 
 
 # ------------------------------------------------------------------ idempotent submission
