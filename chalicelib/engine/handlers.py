@@ -640,9 +640,10 @@ def _failed(
     agent_id: str | None = None,
     stage_input: Any = None,
 ) -> str:
-    """Fail the stage: "failed", or "lost" when the claim was no longer ours (nothing
-    written, nothing to count: the worker that took it over finishes it)."""
-    return "failed" if stages.fail_stage(claimed, reason, agent_id, stage_input) else "lost"
+    """Fail the stage: "failed"; "discarded" or "skipped" when its run had ended (the
+    stage ended with it); or "lost" when the claim was no longer ours (nothing written,
+    nothing to count: the worker that took it over finishes it)."""
+    return stages.fail_stage(claimed, reason, agent_id, stage_input)
 
 
 def _requeued(

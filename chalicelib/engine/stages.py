@@ -448,11 +448,16 @@ _PARK_QUEUED = text(
 
 
 def _discard(
-    session: Session, stage: ClaimedStage, run: LockedRun, agent_id: str, output: Any
+    session: Session,
+    stage: ClaimedStage,
+    run: LockedRun,
+    agent_id: str,
+    output: Any = None,
+    error: str | None = None,
 ) -> bool:
-    """The agent answered after the run ended: its output is not kept (nothing follows a
-    run's end), the stage ends with the run, and the audit trail says what came back.
-    False if the stage was no longer ours."""
+    """The agent answered after the run ended: its output (or, `error` given, the error
+    it answered with) is not kept (nothing follows a run's end), the stage ends with the
+    run, and the audit trail says what came back. False if the stage was no longer ours."""
     status = ended_stage_status(run.status)
     discarded = session.execute(
         text(
@@ -463,6 +468,10 @@ def _discard(
         {"id": stage.id, "token": stage.claim_token, "status": status, "agent_id": agent_id},
     ).first()
     if discarded is not None:
+        details: dict[str, Any] = {"reason": f"the agent answered after the run was {run.status}"}
+        answer: dict[str, Any] = {"output": output}  # hashed into the entry
+        if error is not None:
+            details["error"], answer = error, {}  # an error answer has no output to hash
         chain.append(
             session,
             stage.run_id,
@@ -470,8 +479,8 @@ def _discard(
             status,
             stage_id=stage.stage_id,
             agent_id=agent_id,
-            output=output,
-            details={"reason": f"the agent answered after the run was {run.status}"},
+            details=details,
+            **answer,
         )
     return discarded is not None
 
@@ -560,11 +569,19 @@ def finish_run(session: Session, run: LockedRun, last: AuditEntry) -> None:
 
 def fail_stage(
     stage: ClaimedStage, reason: str, agent_id: str | None = None, stage_input: Any = None
-) -> bool:
-    """Fail the stage and its run; stages not yet started are skipped. Returns False if
-    the stage was no longer ours to fail."""
+) -> str:
+    """Fail the stage and its run; stages not yet started are skipped: "failed". If the
+    run has ended meanwhile (cancelled, failed, past its deadline), the stage ends with it
+    instead, as for a late success answer: an error its agent (`agent_id`) answered is
+    discarded ("discarded"), any other reason skips it ("skipped"). "lost" if the stage
+    was no longer ours."""
     with session_scope() as session:
         run = lock_run(session, stage.run_id)
+        if not run.live:
+            if agent_id is not None:
+                discarded = _discard(session, stage, run, agent_id, error=reason)
+                return "discarded" if discarded else "lost"
+            return str(_skip_ended(session, stage, run).value)
         updated = session.execute(
             text(
                 """
@@ -585,11 +602,11 @@ def fail_stage(
             },
         ).first()
         if updated is None:
-            return False
+            return "lost"
         record_failure(
             session, run, stage.stage_id, stage.stage_name, reason, agent_id, stage.attempt
         )
-    return True
+    return "failed"
 
 
 def record_failure(

@@ -148,7 +148,7 @@ def test_no_agent_is_called_for_a_stage_whose_run_failed_meanwhile(user: Api, se
         run_id = submit_direct(user, stages_)
         claimed = stages.claim_stage(run_id, "a")
         assert claimed is not None
-        assert stages.fail_stage(claimed, "it broke")  # the run fails; b is skipped
+        assert stages.fail_stage(claimed, "it broke") == "failed"  # the run fails; b is skipped
         assert handlers.run_stage_batch([record(run_id, "b")]) == {"batchItemFailures": []}
         assert agent.calls == []
         assert stage_row(run_id, "b").status == "skipped"
@@ -166,7 +166,7 @@ def test_a_retry_of_a_stage_whose_run_ended_is_skipped_not_queued(user: Api, sen
     run_id = submit_direct(user, stages_)
     a, b = stages.claim_stage(run_id, "a"), stages.claim_stage(run_id, "b")
     assert a is not None and b is not None
-    assert stages.fail_stage(a, "it broke")
+    assert stages.fail_stage(a, "it broke") == "failed"
     result = stages.requeue_later(
         b,
         0,
@@ -180,6 +180,36 @@ def test_a_retry_of_a_stage_whose_run_ended_is_skipped_not_queued(user: Api, sen
     )
     assert result is stages.Requeued.SKIPPED
     assert stage_row(run_id, "b").status == "skipped"
+
+
+def test_a_stage_failing_after_its_run_failed_ends_with_the_run_not_as_a_second_failure(
+    user: Api, sent
+):
+    """Run a fails; b's agent then answers an error, and c fails for a reason of its own
+    (no agent answered): b's error is discarded, c is skipped, and the run keeps the one
+    failure that ended it (each used to become `failed`, with a `fail` entry)."""
+    capability = unique_capability("late-fail")
+    register_agent(user, capability)
+    stages_ = [{"id": sid, "name": sid, "agentCapability": capability} for sid in "abc"]
+    run_id = submit_direct(user, stages_)
+    a, b, c = (stages.claim_stage(run_id, sid) for sid in "abc")
+    assert a is not None and b is not None and c is not None
+    assert stages.fail_stage(a, "it broke") == "failed"
+    assert stages.fail_stage(b, "agent 'x' failed: BROKEN", agent_id="x") == "discarded"
+    assert stages.fail_stage(c, "internal error: boom") == "skipped"
+    assert stages.fail_stage(c, "internal error: boom") == "lost"  # no longer ours
+    assert (stage_row(run_id, "b").status, stage_row(run_id, "c").status) == ("skipped",) * 2
+    assert audit_actions(run_id) == [
+        ("submit", None),
+        ("fail", "a"),
+        ("discard", "b"),
+        ("skip", "c"),
+    ]
+    with session_scope() as session:
+        run = session.execute(
+            text("SELECT status, error_message FROM workflow_runs WHERE id = :id"), {"id": run_id}
+        ).one()
+    assert run.status == "failed" and "Stage 'a'" in run.error_message
 
 
 # ------------------------------------------------------------------ what a claim reads

@@ -26,7 +26,7 @@ from tests.integration.conftest import (
     wait_for_run,
     wait_until,
 )
-from tests.support.agents import ScriptedAgent, error, ok, sleep
+from tests.support.agents import ScriptedAgent, error, ok, sleep, trickle
 from tests.support.agents import start_agent as start
 from tests.support.callbacks import CallbackReceiver, TricklingServer
 
@@ -101,6 +101,40 @@ def test_cancel_during_a_slow_stage_ends_the_run_and_calls_no_further_agent(
     assert cancel_entry["details"]["by"] == user.user["email"]
     assert nxt.calls == [], "no agent is called after the cancel"
     assert user.get(f"/workflows/{run_id}/result").status_code == 404
+
+
+def test_an_error_answered_after_a_cancel_is_discarded_and_fails_nothing(
+    user: Api, poller: Any, agents: list[ScriptedAgent]
+) -> None:
+    """An agent that answers a final error after the cancel: the stage becomes `cancelled`
+    and a `discard` entry records the error, as for a success answer. It used to be marked
+    `failed`, with a `fail` entry, in a run that was cancelled."""
+    body = json.dumps(
+        {"status": "error", "code": "BROKEN", "message": "scripted", "retryable": False}
+    ).encode()
+    slow = start(agents, default=trickle(body, interval=0.02))  # the error, in about 2 s
+    first, second = unique_capability("late-error"), unique_capability("next")
+    register_agent(user, first, endpoint=slow.url)
+    register_agent(user, second)
+    run_id = submitted(user, pipeline(first, second))
+    wait_until(lambda: len(slow.calls) == 1, timeout=10)
+    assert user.post(f"/workflows/{run_id}/cancel").status_code == 202
+    wait_until(
+        lambda: (
+            user.get(f"/workflows/{run_id}").json()["data"]["stages"][0]["status"] == "cancelled"
+        ),
+        timeout=15,
+    )
+    run = user.get(f"/workflows/{run_id}").json()["data"]
+    assert run["status"] == "cancelled"
+    assert [s["status"] for s in run["stages"]] == ["cancelled", "cancelled"]
+    assert run["stages"][0]["errorMessage"] is None
+    trail = audit(user, run_id)
+    assert trail["chain"]["valid"] is True
+    assert [e["action"] for e in trail["logs"]] == ["submit", "cancel", "discard"]
+    discard = trail["logs"][2]
+    assert (discard["stageId"], discard["outputHash"]) == ("a", None)
+    assert "BROKEN" in discard["details"]["error"], discard
 
 
 def test_cancelling_an_ended_run_is_409_and_another_users_run_404(
