@@ -15,7 +15,9 @@ and never follows a redirect.
 The sweeper delivers what is due (its every round: within seconds of the run's end),
 batch after batch while its round has time. It first takes the due callbacks (FOR UPDATE SKIP LOCKED, moving their next try a minute on,
 so two sweepers never post one at once and a sweeper that dies mid-delivery only delays
-it), then posts them outside any transaction, a few at a time, and records each outcome.
+it), then posts them outside any transaction, a few at a time, oldest due first, and
+records each outcome. One whose turn comes too late in the round to be tried (the
+receivers before it were slow) goes back as it was, due in its place, no attempt used.
 """
 
 from __future__ import annotations
@@ -76,14 +78,16 @@ def deliver_due(until: float | None = None) -> dict[str, int]:
     """Try the callbacks that are due, a batch at a time, until none is (or `until`, a
     time.monotonic() value, is near: every try ends by it); how many were delivered, are
     to be retried, and were given up. Without `until`, one batch, each try ending within
-    TIMEOUT_SECONDS."""
+    TIMEOUT_SECONDS. A callback whose turn comes too near `until` to start is handed back
+    untried (counted in none of them): still due, in its place, with no attempt used."""
     counts = {"delivered": 0, "retrying": 0, "abandoned": 0}
     while until is None or until - time.monotonic() >= MIN_TRY_SECONDS:
         due = _take_due()
         if due:
             with ThreadPoolExecutor(max_workers=min(CONCURRENT_POSTS, len(due))) as pool:
                 for outcome in pool.map(lambda run: _deliver(run, until), due):
-                    counts[outcome] += 1
+                    if outcome in counts:
+                        counts[outcome] += 1
         if until is None or len(due) < BATCH:
             break
     return counts
@@ -93,29 +97,54 @@ def deliver_due(until: float | None = None) -> dict[str, int]:
 MIN_TRY_SECONDS = 2.0
 
 
+# The oldest due first, in the order the pool starts them (an UPDATE's RETURNING follows
+# no ORDER BY): a batch's last callbacks are those that may not start before `until`.
+# Each comes with when it was due, to go back in its place if it is not tried.
+_TAKE_DUE = text(
+    """
+    WITH due AS (
+        SELECT id, callback_next_at FROM workflow_runs
+         WHERE callback_state = 'pending' AND callback_next_at <= now()
+           AND status IN ('completed', 'failed', 'cancelled')
+         ORDER BY callback_next_at LIMIT :batch
+           FOR UPDATE SKIP LOCKED
+    ), taken AS (
+        UPDATE workflow_runs AS r
+           SET callback_next_at = now() + make_interval(secs => :claim)
+          FROM due WHERE r.id = due.id
+     RETURNING r.id, r.status, r.workflow_name, r.completed_at, r.output, r.error_message,
+               r.callback_url, r.callback_secret_encrypted, r.callback_attempts,
+               r.callback_delivery, due.callback_next_at AS due_at
+    )
+    SELECT * FROM taken ORDER BY due_at, id
+    """
+)
+
+
 def _take_due() -> list[Any]:
     with session_scope() as session:
-        return list(
-            session.execute(
-                text(
-                    """
-                    UPDATE workflow_runs
-                       SET callback_next_at = now() + make_interval(secs => :claim)
-                     WHERE id IN (SELECT id FROM workflow_runs
-                                   WHERE callback_state = 'pending' AND callback_next_at <= now()
-                                     AND status IN ('completed', 'failed', 'cancelled')
-                                   ORDER BY callback_next_at LIMIT :batch FOR UPDATE SKIP LOCKED)
-                 RETURNING id, status, workflow_name, completed_at, output, error_message,
-                           callback_url, callback_secret_encrypted, callback_attempts,
-                           callback_delivery
-                    """
-                ),
-                {"batch": BATCH, "claim": CLAIM_SECONDS},
-            ).all()
+        return list(session.execute(_TAKE_DUE, {"batch": BATCH, "claim": CLAIM_SECONDS}).all())
+
+
+def _hand_back(run: Any) -> None:
+    """A taken callback that was not tried: due again when it was, its attempts as they
+    were (unless the run was retried meanwhile: its delivery is then over)."""
+    with session_scope() as session:
+        session.execute(
+            text(
+                "UPDATE workflow_runs SET callback_next_at = :due_at "
+                "WHERE id = :id AND callback_delivery = :delivery AND callback_state = 'pending'"
+            ),
+            {"id": run.id, "due_at": run.due_at, "delivery": run.callback_delivery},
         )
 
 
 def _deliver(run: Any, until: float | None = None) -> str:
+    if until is not None and until - time.monotonic() < MIN_TRY_SECONDS:
+        # Its turn came too late in the round (receivers before it were slow): no request
+        # was made, so no attempt is used up; the next round tries it.
+        _hand_back(run)
+        return "untried"
     with session_scope() as session:
         head = session.execute(
             text(

@@ -492,6 +492,59 @@ def test_a_sweeper_round_ends_on_time_whatever_its_receivers_do(user: Api, sent:
             receiver.stop.set()
 
 
+def test_a_callback_a_round_had_no_time_to_try_keeps_its_attempts_and_its_place(
+    user: Api, api: Api, sent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another user's receivers, due first, trickle their answers and hold every post of
+    the round to its end: a callback whose turn comes after them is not tried, so it uses
+    up no attempt and is due again at once. It used to count as a failed try ("could not
+    reach the callback URL", TimeoutError) with backoff: eight such rounds abandoned a
+    healthy receiver that never got a request."""
+    slow = [TricklingServer("head") for _ in range(callbacks.CONCURRENT_POSTS)]
+    receiver = CallbackReceiver()
+    try:
+        _due_callbacks(api.as_new_user(), [s.url for s in slow])
+        (ref,) = _due_callbacks(user, [receiver.url])  # due after theirs
+        take_due = callbacks._take_due  # and taken after them, whatever the order (tested below)
+        monkeypatch.setattr(
+            callbacks,
+            "_take_due",
+            lambda: sorted(take_due(), key=lambda row: row.callback_url == receiver.url),
+        )
+        callbacks.deliver_due(until=time.monotonic() + 3)
+        state = user.get(f"/workflows/{ref}").json()["data"]["callback"]
+        assert (state["state"], state["attempts"], state["lastError"]) == ("pending", 0, None)
+        assert receiver.received == []
+        for server in slow:
+            server.stop.set()
+        callbacks.deliver_due(until=time.monotonic() + 10)  # the next round: due, no backoff
+        state = user.get(f"/workflows/{ref}").json()["data"]["callback"]
+        assert (state["state"], state["attempts"]) == ("delivered", 1), state
+        assert len(receiver.received) == 1
+    finally:
+        receiver.stop()
+        for server in slow:
+            server.stop.set()
+
+
+def test_due_callbacks_are_taken_oldest_first(user: Api, sent: Any) -> None:
+    """A round starts a batch's tries in the order they were taken, and the last may not
+    start before the round ends: the oldest due come first. The UPDATE that takes them
+    returned them in the table's order, whatever its ORDER BY."""
+    refs = _due_callbacks(user, ["http://127.0.0.1:9/hooks"] * 3)
+    ids = [parse_run_ref(ref) for ref in refs]
+    with session_scope() as session:  # the first submitted is the last due
+        session.execute(
+            text(
+                "UPDATE workflow_runs SET callback_next_at = now() - make_interval(secs => :ago) "
+                "WHERE id = :id"
+            ),
+            [{"id": run_id, "ago": ago} for run_id, ago in zip(ids, (10, 20, 30), strict=True)],
+        )
+    taken = [row.id for row in callbacks._take_due() if row.id in ids]
+    assert taken == ids[::-1]
+
+
 def test_a_pending_callback_is_signed_after_the_secret_key_rotates(
     user: Api, sent: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
