@@ -633,7 +633,7 @@ def cancel(state: State, run_id: str, as_json: bool) -> None:
     if as_json:
         emit_json(answer.raw)
         return
-    click.echo(f"Cancelled {run_id} ({answer.stages_cancelled or 0} stage(s) not started).")
+    click.echo(f"Cancelled {run_id} ({len(answer.stages_cancelled or [])} stage(s) not started).")
 
 
 @cli.command()

@@ -50,6 +50,10 @@ def _str(value: Any) -> str | None:
     return None if value is None else shown(value)
 
 
+def _stage_ids(value: Any) -> list[str] | None:
+    return [shown(s) for s in value] if isinstance(value, list) else None
+
+
 @dataclass(frozen=True)
 class Tokens:
     """A session's token pair. The refresh token rotates on every refresh: keep the newest
@@ -354,22 +358,22 @@ class RunResult:
 
 @dataclass(frozen=True)
 class RunControl:
-    """The answer to cancel (`stages_cancelled`) or retry (`stages_requeued`)."""
+    """The answer to cancel (`stages_cancelled`: the stages it ended before they started)
+    or retry (`stages_requeued`): stage ids."""
 
     workflow_run_id: str
     status: str
-    stages_cancelled: int | None
+    stages_cancelled: list[str] | None
     stages_requeued: list[str] | None
     raw: dict[str, Any] = field(repr=False, compare=False)
 
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> RunControl:
-        requeued = data.get("stagesRequeued")
         return cls(
             workflow_run_id=shown(data["workflowRunId"]),
             status=shown(data.get("status") or ""),
-            stages_cancelled=_int(data.get("stagesCancelled")),
-            stages_requeued=[shown(s) for s in requeued] if isinstance(requeued, list) else None,
+            stages_cancelled=_stage_ids(data.get("stagesCancelled")),
+            stages_requeued=_stage_ids(data.get("stagesRequeued")),
             raw=data,
         )
 

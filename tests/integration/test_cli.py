@@ -279,7 +279,7 @@ def test_cancel_and_retry_from_the_command_line(
     run_id = maof.ok("run", str(path)).stdout.strip()
     wait_until(lambda: maof.json("status", run_id)["stages"][0]["status"] == "in_progress")
     cancelled = maof.ok("cancel", run_id)
-    assert f"Cancelled {run_id}" in cancelled.stdout
+    assert f"Cancelled {run_id} (1 stage(s) not started)." in cancelled.stdout  # s2 had not
     assert maof.json("status", run_id)["status"] == "cancelled"
     watched = maof("status", run_id, "--watch")
     assert watched.exit_code == 1 and "was cancelled" in watched.stderr

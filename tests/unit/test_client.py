@@ -236,6 +236,16 @@ def test_results_are_typed(fake: FakeApi) -> None:
     assert run.raw == RUN  # --json prints exactly this
 
 
+def test_a_cancel_answer_names_the_stages_it_ended(fake: FakeApi) -> None:
+    """The API answers `stagesCancelled` as a list of stage ids, as it does
+    `stagesRequeued` (it was read as a number, always None)."""
+    answer = {"workflowRunId": "wfr-1", "status": "cancelled", "stagesCancelled": ["b", "c"]}
+    fake.on("POST", "/workflows/wfr-1/cancel", ok(answer))
+    cancelled = client_for(fake, Tokens(valid_token(), "r1")).cancel_run("wfr-1")
+    assert cancelled.stages_cancelled == ["b", "c"]
+    assert cancelled.raw == answer  # --json prints exactly this
+
+
 def test_path_parameters_stay_one_segment(fake: FakeApi) -> None:
     fake.on("GET", "/workflows/..%2Fagents", failure(404, "NOT_FOUND", "no"))
     with pytest.raises(errors.NotFound):
