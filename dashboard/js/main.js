@@ -1,6 +1,7 @@
 // Boot: read config.json, then route `#/…` to pages inside the signed-in shell.
 import { Api, loadConfig, session, setFlash, watchSession } from './api.js';
 import { h, replace } from './dom.js';
+import { emptyState } from './components.js';
 import { icon, logo } from './icons.js';
 import { loginPage, registerPage } from './pages/auth.js';
 import { overviewPage } from './pages/overview.js';
@@ -160,11 +161,19 @@ async function route() {
     replace(root);
     window.scrollTo(0, 0);
   }
+  let params;
+  try {
+    params = m.slice(1).map(decodeURIComponent);
+  } catch {
+    // A broken %-escape (a link cut short, say) names nothing this page could show.
+    replace(root, emptyState({ title: 'Page not found', text: 'This link is malformed: it has a broken %-escape.', iconName: 'alert', action: h('a', { class: 'btn btn--secondary', href: '#/' }, 'Go to the overview') }));
+    return;
+  }
   const ctx = {
     api,
     root,
     query,
-    params: m.slice(1).map(decodeURIComponent),
+    params,
     signal: controller.signal,
     onCleanup: (fn) => cleanups.push(fn),
     navigate,

@@ -350,6 +350,20 @@ def test_empty_states_and_phone_width(
     screenshot(page, "run-detail-phone")
 
 
+def test_a_run_link_with_a_broken_percent_escape_shows_page_not_found(
+    page: Page, dashboard_url: str, user: Api
+) -> None:
+    sign_in(page, dashboard_url, user, "#/")
+    expect(page.get_by_role("heading", name="Overview")).to_be_visible()
+    page.goto(dashboard_url + "#/runs/%E0%A4%A")  # a percent-escape cut short
+    main = page.locator("main#main")
+    expect(main.get_by_role("heading", name="Page not found")).to_be_visible()
+    expect(main).to_contain_text("This link is malformed")
+    # The page goes on working (and the fixture fails the test on an uncaught error).
+    main.get_by_role("link", name="Go to the overview").click()
+    expect(page.get_by_role("heading", name="Overview")).to_be_visible()
+
+
 def test_the_s3_website_endpoint_serves_the_dashboard(page: Page, dashboard_url: str) -> None:
     from devstack.dashboard import site_urls
 
