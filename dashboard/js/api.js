@@ -15,6 +15,10 @@ const STORE = 'session';
 const KEY = 'current';
 const LEGACY_KEY = 'maof.session'; // localStorage, before IndexedDB (with the access token)
 const FLASH_KEY = 'maof.flash';
+// The address just registered, for the sign-in form that follows (read once, and forgotten
+// when a session ends): the form after a sign-out or an expiry starts empty, so the next
+// person at this browser does not find the last one's address in it.
+const REGISTERED_EMAIL_KEY = 'maof.lastEmail';
 // The New workflow page's draft (its definition and input, which may be private) is its
 // user's: kept under their id, shown to no one else, forgotten when they sign out. One
 // saved before drafts had owners could be anyone's: it goes.
@@ -139,6 +143,7 @@ export const session = {
   /** Forget the session in this tab and in storage. */
   async clear() {
     accessToken = null;
+    sessionStorage.removeItem(REGISTERED_EMAIL_KEY);
     await writeStored(null);
     announce();
   },
@@ -184,6 +189,18 @@ export function watchSession(onChange) {
 /** A one-time message for the next page (e.g. "your session expired"). */
 export function setFlash(message, kind = 'info', extra = {}) {
   sessionStorage.setItem(FLASH_KEY, JSON.stringify({ message, kind, ...extra }));
+}
+
+/** Keep the address just registered for the sign-in form that comes next (this tab). */
+export function setRegisteredEmail(email) {
+  sessionStorage.setItem(REGISTERED_EMAIL_KEY, email);
+}
+
+/** The address just registered, or ''; read once, like the flash. */
+export function takeRegisteredEmail() {
+  const email = sessionStorage.getItem(REGISTERED_EMAIL_KEY) || '';
+  sessionStorage.removeItem(REGISTERED_EMAIL_KEY);
+  return email;
 }
 
 export function takeFlash() {

@@ -12,7 +12,13 @@ from typing import Any
 
 from playwright.sync_api import Page, Request, expect
 
-from tests.browser.conftest import csp_violations, sign_in, stored_session, unique
+from tests.browser.conftest import (
+    csp_violations,
+    sign_in,
+    store_session,
+    stored_session,
+    unique,
+)
 from tests.integration.conftest import Api, register_agent, wait_for_run
 
 PASSWORD = "correct-horse-battery"
@@ -147,6 +153,32 @@ def test_the_access_token_stays_in_memory_a_reload_keeps_the_session_and_sign_ou
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
     page.goto(dashboard_url + "#/agents")
     expect(page).to_have_url(re.compile(r"#/login$"))
+
+
+def test_the_sign_in_form_after_a_sign_out_or_an_expiry_does_not_show_the_last_users_email(
+    page: Page, dashboard_url: str, user: Api
+) -> None:
+    email = str(user.user and user.user["email"])
+
+    def sign_in_with_the_form() -> None:
+        page.get_by_label("Email").fill(email)
+        page.get_by_label("Password").fill(PASSWORD)
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.get_by_role("heading", name="Overview")).to_be_visible()
+
+    page.goto(dashboard_url + "#/login")
+    sign_in_with_the_form()
+    page.get_by_role("button", name="Sign out").click()
+    expect(page.get_by_test_id("flash")).to_contain_text("signed out")
+    expect(page.get_by_label("Email")).to_have_value("")
+
+    sign_in_with_the_form()
+    stored = stored_session(page)
+    assert stored is not None
+    store_session(page, {**stored, "refreshToken": "expired.refresh.token"})
+    page.reload()  # the refresh is refused: the session has expired
+    expect(page.get_by_test_id("flash")).to_contain_text("Your session has expired")
+    expect(page.get_by_label("Email")).to_have_value("")
 
 
 def test_tabs_refresh_one_at_a_time_never_reuse_a_token_and_sign_out_together(

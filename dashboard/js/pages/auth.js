@@ -1,5 +1,5 @@
 // Sign in, and "Create one" (register, then back to sign in).
-import { session, setFlash, takeFlash } from '../api.js';
+import { session, setFlash, setRegisteredEmail, takeFlash, takeRegisteredEmail } from '../api.js';
 import { h } from '../dom.js';
 import { logo } from '../icons.js';
 import { alertBox, field, setBusy, showFieldErrors } from '../components.js';
@@ -75,7 +75,7 @@ function showAuthPage(ctx, { title, subtitle, notice = null, form, switchText, s
 
 export async function loginPage(ctx) {
   const flash = takeFlash();
-  const email = sessionStorage.getItem('maof.lastEmail') || '';
+  const email = takeRegisteredEmail();
   const error = h('div', { class: 'form-error' });
   const submit = h('button', { class: 'btn btn--primary btn--block btn--large', type: 'submit' }, 'Sign in');
   const form = h(
@@ -100,7 +100,6 @@ export async function loginPage(ctx) {
     try {
       const result = await ctx.api.post('/auth/login', { email: data.email.trim(), password: data.password }, { auth: false });
       await session.start(result);
-      sessionStorage.setItem('maof.lastEmail', result.user?.email || data.email.trim());
       const returnTo = sessionStorage.getItem('maof.returnTo');
       sessionStorage.removeItem('maof.returnTo');
       ctx.navigate(returnTo && !returnTo.startsWith('#/login') ? returnTo : '#/');
@@ -159,7 +158,7 @@ export async function registerPage(ctx) {
         { name: data.name.trim(), email: data.email.trim(), password: data.password },
         { auth: false },
       );
-      sessionStorage.setItem('maof.lastEmail', user.email);
+      setRegisteredEmail(user.email);
       setFlash(`Account created for ${user.email}. Sign in to continue.`, 'success');
       ctx.navigate('#/login');
     } catch (err) {
