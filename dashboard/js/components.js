@@ -186,9 +186,15 @@ export function toast(message, kind = 'info') {
   setTimeout(() => item.remove(), 3600);
 }
 
-/** A modal confirmation; resolves true when confirmed. */
-export function confirmDialog({ title, message, confirmLabel = 'Confirm', cancelLabel = 'Cancel', danger = false }) {
+/** A modal confirmation; resolves true when confirmed. When `signal` (the page's
+ * `ctx.signal`) aborts, it closes unconfirmed: the page is gone, to another route or
+ * because another tab signed out (or in as someone else), and nothing may act for it. */
+export function confirmDialog({ title, message, confirmLabel = 'Confirm', cancelLabel = 'Cancel', danger = false, signal }) {
   return new Promise((resolve) => {
+    if (signal?.aborted) {
+      resolve(false);
+      return;
+    }
     const dialog = h(
       'dialog',
       { class: 'dialog', 'aria-labelledby': 'confirm-title' },
@@ -209,7 +215,10 @@ export function confirmDialog({ title, message, confirmLabel = 'Confirm', cancel
         ),
       ),
     );
+    const dismiss = () => dialog.close();
+    signal?.addEventListener('abort', dismiss, { once: true });
     dialog.addEventListener('close', () => {
+      signal?.removeEventListener('abort', dismiss);
       resolve(dialog.returnValue === 'confirm');
       dialog.remove();
     });

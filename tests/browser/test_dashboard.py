@@ -462,6 +462,36 @@ def test_an_agent_is_deleted_by_its_owner_after_confirming(
     assert user.get(f"/agents/{mine['agentUuid']}").status_code == 404
 
 
+def test_a_confirmation_dialog_closes_when_its_user_signs_out_in_another_tab(
+    page: Page, dashboard_url: str, user: Api, api: Api
+) -> None:
+    agent = register_agent(user, unique("kept"), name="A-private-agent-name")
+    deletes: list[str] = []
+    page.on("request", lambda r: deletes.append(r.url) if r.method == "DELETE" else None)
+    sign_in(page, dashboard_url, user, "#/agents")
+    row = page.locator(f'tr[data-agent-id="{agent["agentId"]}"]')
+    row.get_by_role("button", name=re.compile("Delete")).click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog).to_contain_text("A-private-agent-name")
+
+    # The user signs out in another tab, and someone else signs in there: the dialog that
+    # named the first user's agent goes with their session, unconfirmed.
+    other = page.context.new_page()
+    other.goto(dashboard_url + "#/")
+    other.get_by_role("button", name="Sign out").click()
+    expect(page).to_have_url(re.compile(r"#/login$"))
+    expect(dialog).to_have_count(0)
+    someone = api.as_new_user()
+    other.get_by_label("Email").fill(str(someone.user and someone.user["email"]))
+    other.get_by_label("Password").fill(PASSWORD)
+    other.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", name="Overview")).to_be_visible()
+    expect(dialog).to_have_count(0)
+    other.close()
+    assert deletes == []
+    assert user.get(f"/agents/{agent['agentUuid']}").status_code == 200
+
+
 def test_runs_are_listed_a_page_at_a_time_and_filtered_by_status(
     page: Page, dashboard_url: str, user: Api, poller: object
 ) -> None:

@@ -139,8 +139,9 @@ function agentRow(ctx, agent, reload) {
           message: `Agent ${agent.agentId} will no longer be routed to. Runs it took part in keep their history.`,
           confirmLabel: 'Delete agent',
           danger: true,
+          signal: ctx.signal,
         });
-        if (!ok) return;
+        if (!ok || !ctx.active) return;
         setBusy(remove, true, 'Deleting…');
         try {
           await ctx.api.delete(`/agents/${encodeURIComponent(agent.agentUuid)}`);

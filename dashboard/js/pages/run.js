@@ -702,7 +702,7 @@ export async function runPage(ctx) {
   async function control(button, { action, dialog, busyLabel, done }) {
     acting = true;
     try {
-      if (!(await confirmDialog(dialog)) || !ctx.active) return;
+      if (!(await confirmDialog({ ...dialog, signal: ctx.signal })) || !ctx.active) return;
       setBusy(button, true, busyLabel);
       sending = true;
       let answer;
