@@ -1,4 +1,4 @@
-// Times, durations and status names as people read them.
+// Times, durations, status names and lengths of text as people read them.
 
 export const STATUS_LABELS = {
   pending: 'Pending',
@@ -84,6 +84,12 @@ export function durationBetween(start, end) {
 export function shortHash(hash, size = 10) {
   if (!hash) return '—';
   return hash.length > size * 2 ? `${hash.slice(0, size)}…${hash.slice(-4)}` : hash;
+}
+
+/** The characters in `text` as the API counts them: code points (Python's len()). Not
+ * `text.length`, nor an input's maxlength: they count UTF-16 units, two for an emoji. */
+export function characterCount(text) {
+  return [...text].length;
 }
 
 export function percent(part, whole) {

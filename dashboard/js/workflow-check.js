@@ -1,6 +1,7 @@
 // Client-side checks of a workflow definition: the API's own rules, reported the API's way
 // ({field, message} with fields like `workflow.stages.1.dependencies`).
 import { JSON_SCHEMA, load as loadYaml } from '../vendor/js-yaml.js';
+import { characterCount } from './format.js';
 
 const STAGE_ID = /^[A-Za-z0-9_-]+$/;
 const CAPABILITY = /^[a-z0-9]+(?:[-.][a-z0-9]+)*$/;
@@ -140,7 +141,7 @@ export function checkWorkflow(workflow) {
     if (!WORKFLOW_FIELDS.has(key)) add(key, 'unknown field');
   }
   if (typeof workflow.name !== 'string' || !workflow.name.trim()) add('name', 'is required');
-  else if (workflow.name.length > 255) add('name', 'must be at most 255 characters');
+  else if (characterCount(workflow.name) > 255) add('name', 'must be at most 255 characters');
   if (workflow.timeoutMs !== undefined && workflow.timeoutMs !== null) {
     const ms = workflow.timeoutMs;
     if (!Number.isInteger(ms) || ms < DEADLINE_MIN_MS || ms > DEADLINE_MAX_MS) {
@@ -168,7 +169,7 @@ export function checkWorkflow(workflow) {
     else if (stage.id.length > 100) add(at('id'), 'must be at most 100 characters');
     else if (!STAGE_ID.test(stage.id)) add(at('id'), `'${stage.id}' may only contain letters, digits, '-' and '_'`);
     if (typeof stage.name !== 'string' || !stage.name) add(at('name'), 'is required');
-    else if (stage.name.length > 255) add(at('name'), 'must be at most 255 characters');
+    else if (characterCount(stage.name) > 255) add(at('name'), 'must be at most 255 characters');
     if (typeof stage.agentCapability !== 'string' || !stage.agentCapability) add(at('agentCapability'), 'is required');
     else if (!CAPABILITY.test(stage.agentCapability) || stage.agentCapability.length > 100) {
       add(at('agentCapability'), "must be lowercase words joined by '-' or '.', e.g. 'code-audit.python'");

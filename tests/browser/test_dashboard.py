@@ -255,6 +255,58 @@ def test_the_new_workflow_page_checks_definitions_here_and_shows_the_apis_400_de
     expect(page).to_have_url(re.compile(r"#/workflows/new$"))
 
 
+def test_names_and_passwords_are_limited_in_characters_as_the_api_counts_them(
+    page: Page, dashboard_url: str, api_url: str
+) -> None:
+    """Emoji are one character to the API (Python's len()) but two UTF-16 units to
+    `String.length` and to an input's maxlength: the forms count what the API counts."""
+    name = "\U0001f600" * 255  # 510 UTF-16 units
+    password = "\U0001f511" * 100  # 200 UTF-16 units, 400 bytes
+    email = f"{unique('emoji')}@example.com"
+    capability = unique("emoji")
+    page.goto(dashboard_url + "#/register")
+    page.get_by_label("Name").fill(name)
+    page.get_by_label("Email").fill(email)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Create account").click()
+    expect(page.get_by_test_id("flash")).to_contain_text("Account created")
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_test_id("user-name")).to_have_text(name)
+    login = Api(api_url).post("/auth/login", {"email": email, "password": password})
+    client = Api(api_url, token=login.json()["data"]["accessToken"])
+
+    # An agent whose name, id and description are as long as the API allows.
+    page.goto(dashboard_url + "#/agents")
+    page.get_by_role("button", name="Register agent").first.click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_label("Name").fill(name + "\U0001f600")
+    dialog.get_by_label("Agent ID").fill("\U0001f916" * 255)
+    dialog.get_by_label("Endpoint").fill("mock://emoji-agent")
+    dialog.get_by_label("Auth token").fill("agent-secret-token")
+    dialog.get_by_label("Capabilities").fill(capability)
+    dialog.get_by_label("Description (optional)").fill("\U0001f4dd" * 2000)
+    dialog.get_by_role("button", name="Register agent").click()
+    expect(dialog.locator('[data-field="name"]')).to_contain_text("must be at most 255 characters")
+    dialog.get_by_label("Name").fill(name)
+    dialog.get_by_role("button", name="Register agent").click()
+    expect(dialog).to_be_hidden()
+    agents = client.get("/agents", params={"capability": capability}).json()["data"]["agents"]
+    assert [(a["name"], a["agentId"], a["description"]) for a in agents] == [
+        (name, "\U0001f916" * 255, "\U0001f4dd" * 2000)
+    ]
+
+    # A workflow and a stage named with 255 of them are checked here and run.
+    page.goto(dashboard_url + "#/workflows/new")
+    workflow = {"name": name, "stages": [{"id": "a", "name": name, "agentCapability": capability}]}
+    page.get_by_label("Workflow definition").fill(json.dumps(workflow, ensure_ascii=False))
+    page.get_by_label("Input", exact=True).fill("{}")
+    page.get_by_role("button", name="Validate").click()
+    expect(page.get_by_test_id("workflow-messages")).to_contain_text("The definition is valid")
+    page.get_by_role("button", name="Run workflow").click()
+    expect(page).to_have_url(re.compile(r"#/runs/wfr-[0-9a-f-]+$"))
+
+
 def _refuse(route: Route) -> None:
     """Answer as the API does to an access token it no longer accepts (expired, say)."""
     if route.request.method == "OPTIONS":  # the CORS preflight

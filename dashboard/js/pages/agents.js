@@ -17,9 +17,12 @@ import {
   showFieldErrors,
   toast,
 } from '../components.js';
-import { formatDateTime, timeAgo } from '../format.js';
+import { characterCount, formatDateTime, timeAgo } from '../format.js';
 
 const CAPABILITY = /^[a-z0-9]+(?:[-.][a-z0-9]+)*$/;
+// The API's limits, in characters. Checked on submit, not by maxlength, which counts UTF-16
+// units and so would cut an emoji name at half the length the API takes.
+const MAX_CHARACTERS = { name: 255, agentId: 255, description: 2000 };
 const PAGE_SIZE = 20;
 
 function splitCapabilities(text) {
@@ -39,8 +42,8 @@ function registerDialog(ctx, onRegistered) {
     h(
       'div',
       { class: 'form-grid' },
-      field({ label: 'Name', name: 'name', attrs: { required: true, maxlength: 255, placeholder: 'Text Summarizer', autocomplete: 'off' } }),
-      field({ label: 'Agent ID', name: 'agentId', hint: 'Your name for it, unique among your agents.', attrs: { required: true, maxlength: 255, placeholder: 'my-summarizer', autocomplete: 'off' } }),
+      field({ label: 'Name', name: 'name', attrs: { required: true, placeholder: 'Text Summarizer', autocomplete: 'off' } }),
+      field({ label: 'Agent ID', name: 'agentId', hint: 'Your name for it, unique among your agents.', attrs: { required: true, placeholder: 'my-summarizer', autocomplete: 'off' } }),
       field({ label: 'Endpoint', name: 'endpoint', type: 'url', hint: 'Where MAOF sends its tasks.', attrs: { required: true, placeholder: 'https://agents.example.com/summarize', autocomplete: 'off' } }),
       field({ label: 'Auth token', name: 'authToken', type: 'password', hint: 'Encrypted at rest; never shown again.', attrs: { required: true, autocomplete: 'off' } }),
       field({
@@ -53,7 +56,7 @@ function registerDialog(ctx, onRegistered) {
       field({
         label: 'Description (optional)',
         name: 'description',
-        control: h('textarea', { class: 'input textarea', rows: 2, maxlength: 2000, placeholder: 'What it does' }),
+        control: h('textarea', { class: 'input textarea', rows: 2, placeholder: 'What it does' }),
       }),
       admin
         ? h(
@@ -77,6 +80,9 @@ function registerDialog(ctx, onRegistered) {
     const problems = [];
     for (const name of ['name', 'agentId', 'endpoint', 'authToken']) {
       if (!String(data[name] || '').trim()) problems.push({ field: name, message: 'is required' });
+    }
+    for (const [name, max] of Object.entries(MAX_CHARACTERS)) {
+      if (characterCount(String(data[name] || '').trim()) > max) problems.push({ field: name, message: `must be at most ${max} characters` });
     }
     if (data.endpoint && !/^(https?|mock):\/\/[^/\s]+/i.test(data.endpoint.trim())) {
       problems.push({ field: 'endpoint', message: 'must be an absolute http:// or https:// URL' });

@@ -4,6 +4,7 @@ import { h } from '../dom.js';
 import { logo } from '../icons.js';
 import { alertBox, field, setBusy, showFieldErrors } from '../components.js';
 import { renderDag } from '../dag.js';
+import { characterCount } from '../format.js';
 
 const DEMO_STAGES = [
   { id: 'extract', name: 'Extract key points', agentCapability: 'text-generation', dependencies: [] },
@@ -126,14 +127,14 @@ export async function registerPage(ctx) {
   const form = h(
     'form',
     { class: 'form', novalidate: true, 'aria-label': 'Create an account' },
-    field({ label: 'Name', name: 'name', attrs: { autocomplete: 'name', required: true, maxlength: 255, autofocus: true } }),
+    field({ label: 'Name', name: 'name', attrs: { autocomplete: 'name', required: true, autofocus: true } }),
     field({ label: 'Email', name: 'email', type: 'email', attrs: { autocomplete: 'email', required: true } }),
     field({
       label: 'Password',
       name: 'password',
       type: 'password',
       hint: '8 to 128 characters.',
-      attrs: { autocomplete: 'new-password', required: true, minlength: 8, maxlength: 128 },
+      attrs: { autocomplete: 'new-password', required: true, minlength: 8 },
     }),
     error,
     submit,
@@ -143,9 +144,12 @@ export async function registerPage(ctx) {
     error.replaceChildren();
     const data = Object.fromEntries(new FormData(form));
     const problems = [];
+    // Lengths in characters as the API counts them (a maxlength would count UTF-16 units).
     if (!String(data.name || '').trim()) problems.push({ field: 'name', message: 'is required' });
+    else if (characterCount(data.name.trim()) > 255) problems.push({ field: 'name', message: 'must be at most 255 characters' });
     if (!/^\S+@\S+\.\S+$/.test(String(data.email || '').trim())) problems.push({ field: 'email', message: 'must be an email address' });
-    if (String(data.password || '').length < 8) problems.push({ field: 'password', message: 'must be at least 8 characters' });
+    const password = characterCount(String(data.password || ''));
+    if (password < 8 || password > 128) problems.push({ field: 'password', message: 'must be 8 to 128 characters' });
     if (problems.length) {
       showFieldErrors(form, problems);
       return;

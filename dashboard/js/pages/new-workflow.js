@@ -5,6 +5,7 @@ import { h, replace, debounce } from '../dom.js';
 import { icon } from '../icons.js';
 import { alertBox, card, field, pageHeader, setBusy, showFieldErrors, toast } from '../components.js';
 import { renderDag } from '../dag.js';
+import { characterCount } from '../format.js';
 import { DEADLINE_MAX_MS, DEADLINE_MIN_MS, checkWorkflow, describeField, parseJson } from '../workflow-check.js';
 
 const TEMPLATES = [
@@ -275,7 +276,7 @@ export async function newWorkflowPage(ctx) {
         }
         if (!parsed || !['http:', 'https:'].includes(parsed.protocol)) add('callback.url', 'must be an http:// or https:// URL');
       }
-      const length = [...secret].length; // characters, as the API counts them
+      const length = characterCount(secret);
       if (!secret) add('callback.secret', 'Give a secret to sign the callback with, or clear the URL');
       else if (length < SECRET_MIN || length > SECRET_MAX) {
         add('callback.secret', `must be ${SECRET_MIN} to ${SECRET_MAX.toLocaleString('en')} characters (this one has ${length})`);
