@@ -1,7 +1,13 @@
 // Small pieces every page uses: badges, states, JSON, pagination, toasts, dialogs, forms.
 import { h, s, replace } from './dom.js';
 import { icon } from './icons.js';
-import { statusLabel } from './format.js';
+import { formatBytes, statusLabel } from './format.js';
+
+// Highlighting makes an element per token, and a stage output may be up to 1 MB: hundreds
+// of thousands of elements froze the run page for seconds. Longer JSON is shown as plain
+// text, its first PREVIEW_CHARS only, with the whole of it a download away.
+const HIGHLIGHT_MAX_CHARS = 50_000;
+const PREVIEW_CHARS = 50_000;
 
 export function badge(status, { large = false } = {}) {
   return h(
@@ -93,9 +99,12 @@ export function alertBox(kind, message, { title, details } = {}) {
   );
 }
 
-/** Syntax-highlighted, pretty-printed JSON (text nodes only). */
-export function jsonView(value, { label } = {}) {
+/** Pretty-printed JSON (text nodes only): syntax-highlighted, or when longer than
+ * HIGHLIGHT_MAX_CHARS its start as plain text, said so, with a button that downloads all
+ * of it as `filename`. */
+export function jsonView(value, { label, filename = 'data.json' } = {}) {
   const text = value === undefined ? 'null' : JSON.stringify(value, null, 2);
+  if (text.length > HIGHLIGHT_MAX_CHARS) return largeJsonView(text, { label, filename });
   const pre = h('pre', { class: 'json', tabindex: '0', 'aria-label': label || 'JSON' });
   const token = /("(?:\\u[a-fA-F0-9]{4}|\\[^u]|[^\\"])*"(\s*:)?|\b(?:true|false)\b|\bnull\b|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)/g;
   let last = 0;
@@ -111,6 +120,43 @@ export function jsonView(value, { label } = {}) {
   }
   pre.append(text.slice(last));
   return pre;
+}
+
+function largeJsonView(text, { label, filename }) {
+  let end = Math.min(text.length, PREVIEW_CHARS);
+  const last = text.charCodeAt(end - 1);
+  if (last >= 0xd800 && last <= 0xdbff) end -= 1; // not half an emoji
+  const preview = text.slice(0, end);
+  const encoder = new TextEncoder();
+  const shown = formatBytes(encoder.encode(preview).length);
+  const total = formatBytes(encoder.encode(text).length);
+  return h(
+    'div',
+    { class: 'json-large', 'data-testid': 'json-large' },
+    h(
+      'div',
+      { class: 'json-large__note' },
+      h('span', { 'data-testid': 'json-large-note' }, `Showing the first ${shown} of ${total} (too large to show whole).`),
+      h(
+        'button',
+        { class: 'btn btn--secondary btn--small', type: 'button', onClick: () => downloadFile(text, filename, 'application/json') },
+        icon('download', { size: 15 }),
+        h('span', { class: 'btn__label' }, 'Download JSON'),
+      ),
+    ),
+    h('pre', { class: 'json', tabindex: '0', 'aria-label': `${label || 'JSON'} (the first ${shown} of ${total})` }, `${preview}\n…`),
+  );
+}
+
+/** Save `text` as a file: a link to a blob: URL, clicked. (A download is a navigation, not a
+ * fetch: the site's Content-Security-Policy does not stand in its way.) */
+export function downloadFile(text, filename, type) {
+  const url = URL.createObjectURL(new Blob([text], { type }));
+  const link = h('a', { href: url, download: filename, class: 'sr-only' });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10_000);
 }
 
 export function copyButton(text, label = 'Copy') {

@@ -92,6 +92,13 @@ export function characterCount(text) {
   return [...text].length;
 }
 
+/** A size in bytes as people read it: `512 B`, `48 KB`, `1.2 MB`. */
+export function formatBytes(bytes) {
+  if (bytes < 1024) return `${bytes} B`;
+  if (bytes < 1024 * 1024) return `${Math.round(bytes / 1024)} KB`;
+  return `${(bytes / (1024 * 1024)).toFixed(1)} MB`;
+}
+
 export function percent(part, whole) {
   if (!whole) return '—';
   const value = (100 * part) / whole;

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
+from pathlib import Path
 
 import requests
 from playwright.sync_api import Page, Route, expect
@@ -16,7 +18,7 @@ from tests.browser.conftest import (
     stored_session,
     unique,
 )
-from tests.integration.conftest import Api, free_port, register_agent
+from tests.integration.conftest import Api, free_port, register_agent, wait_for_run
 
 PASSWORD = "correct-horse-battery"
 COMPLETED_GREEN = "rgb(22, 163, 74)"
@@ -484,6 +486,50 @@ def test_the_run_page_lights_up_stage_by_stage_while_the_run_is_live(
     )
     expect(page.get_by_test_id("live")).to_have_count(0)
     expect(page.get_by_test_id("audit-chain")).to_have_attribute("data-valid", "true")
+
+
+def test_a_run_with_a_large_output_is_usable_at_once_and_downloads_whole(
+    page: Page, dashboard_url: str, user: Api, poller: object, tmp_path: Path
+) -> None:
+    # ~440 KB of output (the mock agent echoes its input), under the API's 1 MB limit: some
+    # 220,000 JSON tokens, in the stage's input and output and in the run's result.
+    capability = unique("echo")
+    register_agent(user, capability)
+    stages = [{"id": "echo", "name": "Echo", "agentCapability": capability}]
+    body = {
+        "workflow": {"name": "large-output", "stages": stages},
+        "input": {"items": [0] * 220_000},
+    }
+    accepted = user.post("/workflows/execute", body)
+    assert accepted.status_code == 202, accepted.text
+    run_id = accepted.json()["data"]["workflowRunId"]
+    assert wait_for_run(user, run_id)["status"] == "completed"
+    sign_in(page, dashboard_url, user, "#/")
+    expect(page.get_by_role("heading", name="Overview")).to_be_visible()
+
+    # Within seconds the page shows the result's start and answers a click (an element per
+    # token froze it for 10 s and more).
+    started = time.monotonic()
+    page.goto(dashboard_url + f"#/runs/{run_id}")
+    result = page.get_by_test_id("run-result")
+    expect(result.get_by_test_id("json-large-note")).to_contain_text(
+        re.compile(r"Showing the first \d+ KB of \d+\.\d MB")
+    )
+    panel = page.get_by_test_id("stage-panel")
+    panel.get_by_role("tab", name="Input").click()
+    expect(panel.get_by_role("tab", name="Input")).to_have_attribute("aria-selected", "true")
+    expect(panel.get_by_test_id("json-large-note")).to_be_visible()
+    elapsed = time.monotonic() - started
+    assert elapsed < 5, f"the run page took {elapsed:.1f} s to show and answer"
+
+    # The whole of it is a download away (a blob: link, which the site's policy allows).
+    with page.expect_download() as download:
+        result.get_by_role("button", name="Download JSON").click()
+    assert download.value.suggested_filename == f"{run_id}-result.json"
+    saved = tmp_path / "result.json"
+    download.value.save_as(saved)
+    output = user.get(f"/workflows/{run_id}/result").json()["data"]["output"]
+    assert json.loads(saved.read_text()) == output
 
 
 def test_an_agent_is_deleted_by_its_owner_after_confirming(

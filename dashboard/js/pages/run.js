@@ -8,6 +8,7 @@ import {
   card,
   confirmDialog,
   copyButton,
+  downloadFile,
   emptyState,
   errorState,
   jsonView,
@@ -111,7 +112,7 @@ function timeValue(value) {
   return value ? h('time', { datetime: value, title: formatDateTime(value) }, formatClock(value)) : '—';
 }
 
-function stagePanel(stage, { onTab, tab, runStatus }) {
+function stagePanel(stage, { onTab, tab, runStatus, runId }) {
   if (!stage) return emptyState({ title: 'Select a stage', text: 'Click a node in the graph to see its data.', iconName: 'workflows' });
   const hasOutput = stage.output !== null && stage.output !== undefined;
   const active = tab || (hasOutput ? 'output' : 'input');
@@ -139,10 +140,10 @@ function stagePanel(stage, { onTab, tab, runStatus }) {
   const content =
     active === 'output'
       ? hasOutput
-        ? jsonView(stage.output, { label: `Output of ${stage.stageId}` })
+        ? jsonView(stage.output, { label: `Output of ${stage.stageId}`, filename: `${runId}-${stage.stageId}-output.json` })
         : h('p', { class: 'muted' }, 'No output.')
       : stage.input !== null && stage.input !== undefined
-        ? jsonView(stage.input, { label: `Input of ${stage.stageId}` })
+        ? jsonView(stage.input, { label: `Input of ${stage.stageId}`, filename: `${runId}-${stage.stageId}-input.json` })
         : h('p', { class: 'muted' }, WAITING_INPUT[stage.status] || 'No input.');
   return h(
     'div',
@@ -281,13 +282,7 @@ function proofView(audit, runId, ctx, ended) {
         download.disabled = true;
         try {
           const bundle = await ctx.api.get(`/workflows/${encodeURIComponent(runId)}/audit/export`);
-          const blob = new Blob([JSON.stringify(bundle, null, 2)], { type: 'application/json' });
-          const url = URL.createObjectURL(blob);
-          const link = h('a', { href: url, download: `${runId}-audit.json`, class: 'sr-only' });
-          document.body.append(link);
-          link.click();
-          link.remove();
-          setTimeout(() => URL.revokeObjectURL(url), 10_000);
+          downloadFile(JSON.stringify(bundle, null, 2), `${runId}-audit.json`, 'application/json');
           toast('Proof downloaded: check it with maof-verify', 'success');
         } catch (error) {
           toast(error.message || 'The proof could not be downloaded', 'error');
@@ -487,6 +482,7 @@ export async function runPage(ctx) {
       stagePanel(stage, {
         tab,
         runStatus: run.status,
+        runId,
         onTab: (key, focus) => {
           tab = key;
           drawStage();
@@ -589,7 +585,7 @@ export async function runPage(ctx) {
       const result = await ctx.api.get(`${path}/result`);
       if (!ctx.active) return;
       resultLoaded = true;
-      replace(resultHost, h('div', { class: 'result' }, h('div', { class: 'result__actions' }, copyButton(() => JSON.stringify(result.output, null, 2), 'Copy result')), jsonView(result.output, { label: 'Final result' })));
+      replace(resultHost, h('div', { class: 'result' }, h('div', { class: 'result__actions' }, copyButton(() => JSON.stringify(result.output, null, 2), 'Copy result')), jsonView(result.output, { label: 'Final result', filename: `${runId}-result.json` })));
     } catch (error) {
       if (!ctx.active || error.code === 'SESSION_EXPIRED') return;
       replace(resultHost, errorState(error, loadResult));
