@@ -27,7 +27,10 @@ class StageMessage:
     @classmethod
     def parse(cls, body: str) -> StageMessage:
         """The message in an SQS record body; ValueError when it is not one of ours."""
-        data: Any = json.loads(body)  # a JSONDecodeError is a ValueError
+        try:
+            data: Any = json.loads(body)  # a JSONDecodeError is a ValueError
+        except (RecursionError, TypeError):  # nested past the stack, or no text at all
+            raise ValueError("not a stage message") from None
         if not isinstance(data, dict) or not isinstance(data.get("stageId"), str):
             raise ValueError("not a stage message")
         return cls(uuid.UUID(str(data["runId"])), data["stageId"])

@@ -218,6 +218,22 @@ def test_a_malformed_message_goes_to_the_dead_letter_queue_not_round_and_round(m
     assert changed == [("x", 0)]
 
 
+@pytest.mark.parametrize("body", ["[" * 100_000, None, 42])
+def test_a_malformed_body_fails_its_own_record_and_no_other(user, sent, monkeypatch, body):
+    """JSON nested past the recursion limit raised RecursionError out of the batch: every
+    record of it came back after the queue's visibility timeout (90 min deployed)."""
+    changed: list[Any] = []
+    monkeypatch.setattr(handlers, "change_visibility", changed.extend)
+    capability = unique_capability("poison")
+    register_agent(user, capability)
+    run_id = submit_direct(user, chain(capability, "a"))
+    poison = {"messageId": "poison", "receiptHandle": "p", "body": body}
+    result = handlers.run_stage_batch([poison, record(run_id, "a")])
+    assert result == {"batchItemFailures": [{"itemIdentifier": "poison"}]}
+    assert changed == [("p", 0)]
+    assert stage_row(run_id, "a").status == "completed"
+
+
 def test_a_failed_record_comes_back_within_seconds_doubling_with_each_receive():
     body = json.dumps({"runId": str(uuid.uuid4()), "stageId": "a"})
     delays = [
