@@ -62,18 +62,18 @@ SCHEDULE_PERIOD_SECONDS = 60
 
 
 def queue_backlog() -> int | None:
-    """Messages waiting in the stage queue (visible or delayed); None if SQS cannot say."""
+    """Messages waiting to be delivered from the stage queue; None if SQS cannot say. Not
+    the delayed ones: each is for a stage not due yet (a backoff, a hand-back a few seconds
+    long), never the lost message of one that is, and any run's retry (or anyone's delayed
+    send) would otherwise put every lost message on the backlog's grace."""
     try:
         attributes = aws_client("sqs", fast_fail=True).get_queue_attributes(
-            QueueUrl=stage_queue_url(),
-            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesDelayed"],
+            QueueUrl=stage_queue_url(), AttributeNames=["ApproximateNumberOfMessages"]
         )["Attributes"]
     except Exception as exc:
         logger.warning("queue depth unavailable", extra={"error": type(exc).__name__})
         return None
-    return int(attributes.get("ApproximateNumberOfMessages", 0)) + int(
-        attributes.get("ApproximateNumberOfMessagesDelayed", 0)
-    )
+    return int(attributes.get("ApproximateNumberOfMessages", 0))
 
 
 def grace_for(backlog: int | None) -> timedelta:

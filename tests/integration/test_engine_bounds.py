@@ -112,6 +112,25 @@ def test_behind_a_backlog_a_queued_stage_is_not_sent_twice(user: Api, sent, monk
     assert sent.sent.count((run_id, "a")) == 2  # at submission, and by the sweeper
 
 
+def test_delayed_messages_are_no_backlog(monkeypatch):
+    """A delayed message is a stage's that is not due (a backoff): counted, one retry of
+    any run put every lost message on the 300 s grace instead of 10 s."""
+    asked: list[list[str]] = []
+
+    class Queue:
+        def get_queue_attributes(self, QueueUrl: str, AttributeNames: list[str]) -> Any:
+            asked.append(AttributeNames)
+            counts = {"ApproximateNumberOfMessages": "0", "ApproximateNumberOfMessagesDelayed": "7"}
+            return {"Attributes": {name: counts[name] for name in AttributeNames}}
+
+    monkeypatch.setattr(sweeper, "aws_client", lambda *_, **__: Queue())
+    assert sweeper.queue_backlog() == 0
+    assert sweeper.grace_for(sweeper.queue_backlog()).total_seconds() == (
+        get_settings().sweep_queued_after_seconds
+    )
+    assert asked == [["ApproximateNumberOfMessages"]] * 2
+
+
 def test_an_error_on_one_run_does_not_stop_the_sweep(user: Api, sent, monkeypatch):
     capability = unique_capability("sweep")
     register_agent(user, capability)
