@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from chalicelib.config import ConfigError, Settings, get_settings
+from chalicelib.engine.queue import MAX_RECEIVES
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 STATE_DIR = Path(os.environ.get("MAOF_STATE_DIR", PROJECT_DIR / ".maof"))
@@ -588,7 +589,7 @@ def ensure_resources(settings: Settings) -> None:
     dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
         "QueueArn"
     ]
-    redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"})
+    redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(MAX_RECEIVES)})
     attributes = {"VisibilityTimeout": str(VISIBILITY_TIMEOUT_SECONDS), "RedrivePolicy": redrive}
     queue_url = sqs.create_queue(QueueName=settings.stage_queue_name)["QueueUrl"]
     sqs.set_queue_attributes(QueueUrl=queue_url, Attributes=attributes)

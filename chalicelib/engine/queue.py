@@ -37,6 +37,11 @@ class StageMessage:
 
 
 MAX_DELAY_SECONDS = 900  # SQS's limit; longer waits are re-delayed on arrival
+# The receives after which SQS moves a message to the dead-letter queue (the queues'
+# maxReceiveCount, devstack's and infra/template.json's): a malformed one, visible again
+# at once, gets there in seconds; a stage's, handed back through a database outage with
+# a growing delay, only after about five minutes of it (RDS fails over in one or two).
+MAX_RECEIVES = 20
 
 
 def send_stage_messages(

@@ -38,6 +38,7 @@ import pytest
 
 from chalicelib.config import get_settings
 from chalicelib.db import SCHEMA_REVISION
+from chalicelib.engine.queue import MAX_RECEIVES
 from infra import DeployError
 from infra.deploy import Stage, deploy, destroy, rotate
 from infra.secrets import all_parameters, ensure_secrets
@@ -311,7 +312,7 @@ def test_the_stage_queue_is_named_after_the_stack_and_redrives(deployment: Deplo
     assert int(attributes["VisibilityTimeout"]) == 5400  # six times run_stage's 900 s
     redrive = json.loads(attributes["RedrivePolicy"])
     assert redrive["deadLetterTargetArn"] == dead["QueueArn"]
-    assert int(redrive["maxReceiveCount"]) == 5
+    assert int(redrive["maxReceiveCount"]) == MAX_RECEIVES
     assert attributes["QueueArn"].endswith(f":{deployment.stage.stack}-stage-queue")
     assert dead["QueueArn"].endswith(f":{deployment.stage.stack}-stage-queue-dlq")
     assert int(dead["MessageRetentionPeriod"]) == 14 * 24 * 3600

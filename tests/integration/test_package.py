@@ -27,6 +27,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from chalicelib.config import load_settings, ssm_names
+from chalicelib.engine.queue import MAX_RECEIVES
 from tests.conftest import (
     ADMIN_DATABASE_URL,
     OWNER_DATABASE_URL,
@@ -279,7 +280,7 @@ def test_stage_queue_redrives_to_its_dead_letter_queue(resources: dict[str, Any]
     assert queue["Type"] == "AWS::SQS::Queue"
     assert queue["Properties"]["QueueName"] == {"Fn::Sub": "${AWS::StackName}-stage-queue"}
     redrive = queue["Properties"]["RedrivePolicy"]
-    assert redrive["maxReceiveCount"] == 5
+    assert redrive["maxReceiveCount"] == MAX_RECEIVES
     dlq_id, attribute = redrive["deadLetterTargetArn"]["Fn::GetAtt"]
     assert attribute == "Arn"
     dlq = resources[dlq_id]
