@@ -219,14 +219,16 @@ class MaofApp(Chalice):
                 request = self.current_request
                 assert request is not None
                 request_id = _request_id(request)
-                principal = None if public else authenticate(request.headers.get("authorization"))
-                api_request = ApiRequest(request, principal, request_id)
-                arguments: dict[str, Any] = dict(path_params)
-                if body is not None:
-                    arguments["body"] = api_request.body(body)
-                if query is not None:
-                    arguments["query"] = api_request.query(query)
                 try:
+                    # Inside: checking the token reads the session from the database.
+                    token = request.headers.get("authorization")
+                    principal = None if public else authenticate(token)
+                    api_request = ApiRequest(request, principal, request_id)
+                    arguments: dict[str, Any] = dict(path_params)
+                    if body is not None:
+                        arguments["body"] = api_request.body(body)
+                    if query is not None:
+                        arguments["query"] = api_request.query(query)
                     result = view(api_request, **arguments)
                 except errors.ApiError:
                     raise

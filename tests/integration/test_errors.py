@@ -406,3 +406,21 @@ def test_a_database_outage_answers_503_not_500(user, monkeypatch):
     assert error["code"] == "SERVICE_UNAVAILABLE"
     assert "starting up" not in error["message"]  # nothing of the driver's words
     assert response.headers["Retry-After"] == "5"
+
+
+def test_a_database_outage_while_checking_the_token_answers_503_not_500(user, monkeypatch):
+    """The session behind a token not in Redis's cache is read from the database before
+    the view runs: that read's failure was an unhandled 500 without a request id."""
+    from sqlalchemy.exc import OperationalError
+
+    from chalicelib.auth import sessions
+
+    def unreachable(*args, **kwargs):
+        raise OperationalError("SELECT …", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(sessions.cache, "get_json", lambda *_: None)
+    monkeypatch.setattr(sessions, "_session_state", unreachable)
+    response = user.get("/agents")
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+    assert response.headers["Retry-After"] == "5"
