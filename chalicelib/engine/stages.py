@@ -184,18 +184,18 @@ _CLAIM_WAITING = text(_CLAIM_SQL.format(**_BY_PARAMETERS, condition="status = 'w
 
 class AssignResult(enum.Enum):
     ASSIGNED = "assigned"
-    AGENT_INELIGIBLE = "agent-ineligible"  # deleted, or no longer visible to the run's owner
+    AGENT_INELIGIBLE = "agent-ineligible"  # deleted, offline, or no longer visible to the owner
     RUN_ENDED = "run-ended"  # the run failed (or was cancelled) meanwhile: call no agent
     CLAIM_LOST = "claim-lost"  # our lease expired and the stage moved on
 
 
 def assign_agent(stage: ClaimedStage, agent_uuid: str, agent_id: str, attempt: int) -> AssignResult:
     """Record the agent chosen for `attempt`, before it is called, if Postgres (the source
-    of truth, whatever a cache said) agrees it may serve the run: live, and the submitter's
-    own or shared; and if the run is still live. FOR SHARE waits for a delete or
-    visibility change in flight, so once one has returned, no stage is assigned to the
-    agent it excluded. A redelivery of this attempt then calls the same agent, with the
-    same Idempotency-Key."""
+    of truth, whatever a cache said) agrees it may serve the run: live, not offline, and
+    the submitter's own or shared; and if the run is still live. FOR SHARE waits for a
+    delete, health check or visibility change in flight, so once one has returned, no
+    stage is assigned to the agent it excluded. A redelivery of this attempt then calls
+    the same agent, with the same Idempotency-Key."""
     row = _one_statement(
         _ASSIGN,
         {
@@ -222,7 +222,7 @@ _ASSIGN = text(
     ), allowed AS (
         SELECT 1 FROM agents AS a, mine
          WHERE mine.live AND a.id = :agent_uuid AND a.deleted_at IS NULL
-           AND (a.visibility = 'shared' OR a.owner_id = mine.user_id)
+           AND a.status <> 'offline' AND (a.visibility = 'shared' OR a.owner_id = mine.user_id)
            FOR SHARE OF a
     ), assigned AS (
         UPDATE stage_executions
@@ -891,6 +891,9 @@ def next_waiting(agent_uuid: str, limit: int = 3) -> list[tuple[uuid.UUID, str]]
         return [(row.run_id, row.stage_id) for row in rows]
 
 
+# An agent the health check marked offline is handed no stage (its slots freed by calls
+# already running go back unused); its waiting stages wait for another agent, or the
+# sweeper wakes them to fail for want of one.
 # A stage kept for its agent (a retry goes back to the agent that failed it) waits for that
 # agent only while it may still serve the run: deleted, offline or unshared, it no longer
 # holds the stage back from the others (which then call it under a new attempt).
@@ -901,7 +904,7 @@ def next_waiting(agent_uuid: str, limit: int = 3) -> list[tuple[uuid.UUID, str]]
 _NEXT_WAITING_SQL = """
     WITH agent AS MATERIALIZED (
         SELECT id, owner_id, visibility, capabilities FROM agents
-         WHERE id = :agent_uuid AND deleted_at IS NULL
+         WHERE id = :agent_uuid AND deleted_at IS NULL AND status <> 'offline'
     ), heads AS (
         SELECT DISTINCT ON (s.run_id) s.run_id, s.stage_id, s.parked_at
           FROM stage_executions AS s

@@ -498,6 +498,47 @@ def test_a_stage_kept_for_an_agent_since_deleted_is_handed_the_others_slots(
     assert stages.next_waiting(other["agentUuid"]) == [(first, "s0"), (second, "s0")]
 
 
+def test_a_freed_slot_is_never_handed_to_a_waiting_stage_on_an_agent_marked_offline(
+    user: Api, sent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline agents are never routed to. The health check marks the agent offline while
+    its one slot is busy and a stage waits for it: the call's release hands the stage
+    nothing (nor does the look after it), Postgres refuses the agent to a stage whose
+    worker chose it from a list read before the check, and the sweeper wakes the waiting
+    stage to fail for want of an agent."""
+    from chalicelib.agents import health
+    from chalicelib.core.api import parse_run_ref
+    from chalicelib.engine import handlers, stages
+
+    capability = unique_capability("offline-handoff")
+    agent, choice, run_id = _parked_behind_a_full_agent(user, capability)
+    monkeypatch.setattr(health, "probe", lambda endpoint: "offline")
+    checked = user.post(f"/agents/{agent['agentUuid']}/health-check")
+    assert checked.json()["data"]["status"] == "offline"
+    assert stages.next_waiting(agent["agentUuid"]) == []
+    group = handlers.TaskGroup()
+    invocation = handlers.Invocation(group=group)
+    assert handlers._hand_off(choice, invocation) is False  # the call ends: nothing handed
+    assert selection.settle(choice, True, 10.0) is True  # the agent was full
+    handlers._after_release(choice, invocation)
+    group.wait()
+    assert _stage_status(user, f"wfr-{run_id}") == "waiting"
+    assert selection.live_slots(agent["agentUuid"]) == 0
+
+    later = stages.claim_stage(parse_run_ref(submit(user, capability)), "s0")
+    assert later is not None
+    assigned = stages.assign_agent(later, agent["agentUuid"], agent["agentId"], later.attempt)
+    assert assigned is stages.AssignResult.AGENT_INELIGIBLE
+    assert handlers._run_claimed(later, handlers.Invocation()) == "failed"
+
+    monkeypatch.setattr(sweeper, "send_stage_messages", sent)
+    _waiting_since(f"wfr-{run_id}", get_settings().sweep_queued_after_seconds + 30)
+    assert sweeper.sweep_once()["woken"] >= 1
+    assert handlers.run_stage(run_id, "s0") == "failed"
+    run = user.get(f"/workflows/wfr-{run_id}").json()["data"]
+    assert "No available agent" in str(run["stages"][0]["errorMessage"])
+
+
 def _parked_behind_a_full_agent(user: Api, capability: str) -> tuple[dict[str, Any], Any, Any]:
     """An agent with one slot, taken by a call about to end; a stage parked behind it
     after the caller's hand-off had looked (so only a look after the release finds it)."""
