@@ -203,7 +203,8 @@ class StageExecution(Base):
     lease_expiries: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     requeues: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     waits: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
-    # When it began to wait for an agent's slot (status waiting); kept while it waits.
+    # When it began to wait for an agent's slot (status waiting); kept while it waits,
+    # woken and claimed included, until an agent is assigned to it.
     parked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The stages whose outputs the input reads (NULL: every completed stage).
     needs: Mapped[list[str] | None] = mapped_column(ARRAY(String(100)))

@@ -140,6 +140,7 @@ def _claimed(row: Any, token: uuid.UUID) -> ClaimedStage:
 # {run_id} and {stage_id} say which stage: parameters, or the `candidate` row that a
 # statement put first ({candidate}) chose; {rows} is one row per claim (or, for a
 # candidate, one row however the claim went: its claimed columns NULL if it was lost).
+# parked_at is kept: a stage woken to find the agents full again waits in its old place.
 _CLAIM_SQL = """
     WITH {candidate} run AS MATERIALIZED (
         SELECT id, user_id, workflow_name, input, deadline_at FROM workflow_runs
@@ -150,7 +151,7 @@ _CLAIM_SQL = """
         UPDATE stage_executions
            SET status = 'in_progress', claim_token = :token,
                started_at = COALESCE(started_at, now()),
-               lease_expires_at = now() + make_interval(secs => :lease), parked_at = NULL
+               lease_expires_at = now() + make_interval(secs => :lease)
          WHERE run_id = (SELECT id FROM run) AND stage_id = {stage_id} AND {condition}
      RETURNING id, stage_id, stage_name, capability, dependencies, needs, input_template,
                config, attempt, agent_uuid, agent_attempts, tried_agents, error_message,
@@ -195,7 +196,8 @@ def assign_agent(stage: ClaimedStage, agent_uuid: str, agent_id: str, attempt: i
     the submitter's own or shared; and if the run is still live. FOR SHARE waits for a
     delete, health check or visibility change in flight, so once one has returned, no
     stage is assigned to the agent it excluded. A redelivery of this attempt then calls
-    the same agent, with the same Idempotency-Key."""
+    the same agent, with the same Idempotency-Key. The stage's wait for a slot, if it
+    waited, ends here (a wait after a retry counts from its own start)."""
     row = _one_statement(
         _ASSIGN,
         {
@@ -226,7 +228,8 @@ _ASSIGN = text(
            FOR SHARE OF a
     ), assigned AS (
         UPDATE stage_executions
-           SET agent_uuid = :agent_uuid, agent_id = :agent_id, attempt = :attempt
+           SET agent_uuid = :agent_uuid, agent_id = :agent_id, attempt = :attempt,
+               parked_at = NULL
          WHERE id IN (SELECT id FROM mine) AND EXISTS (SELECT 1 FROM allowed)
      RETURNING id
     )

@@ -539,6 +539,42 @@ def test_a_freed_slot_is_never_handed_to_a_waiting_stage_on_an_agent_marked_offl
     assert "No available agent" in str(run["stages"][0]["errorMessage"])
 
 
+def test_a_stage_woken_and_made_to_wait_again_keeps_its_place_in_line(
+    user: Api, sent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A waiting stage is in line by when it first began to wait. The sweeper wakes the one
+    that has waited longest (past MAOF_SWEEP_BACKLOG_AFTER_SECONDS); finding the agent full
+    again, it waits again: ahead of a stage that began waiting after it, not behind it (its
+    claim used to forget when it began, and behind a long backlog the oldest stages were
+    pushed back again and again)."""
+    from chalicelib.core.api import parse_run_ref
+    from chalicelib.engine import handlers, stages
+
+    monkeypatch.setattr(sweeper, "send_stage_messages", sent)
+    capability = unique_capability("line")
+    agent = register_agent(user, capability, maxConcurrentTasks=1)
+    held = selection._reserve(agent["agentUuid"], 1, time.time() + 120)
+    assert isinstance(held, str)  # a long call holds the one slot
+    older = parse_run_ref(submit(user, capability))  # waits from its submission
+    newer = parse_run_ref(submit(user, capability))
+    with session_scope() as session:  # the older one began waiting long ago
+        session.execute(
+            text(
+                "UPDATE stage_executions SET queued_at = now() - make_interval(secs => :s), "
+                "parked_at = now() - make_interval(secs => :s) WHERE run_id = :r"
+            ),
+            {"r": older, "s": get_settings().sweep_backlog_after_seconds + 30},
+        )
+    assert stages.next_waiting(agent["agentUuid"]) == [(older, "s0"), (newer, "s0")]
+    try:
+        assert sweeper.sweep_once()["woken"] == 1
+        assert handlers.run_stage(older, "s0") == "waiting"  # still full: it waits again
+        assert _waits(f"wfr-{older}") == 2
+        assert stages.next_waiting(agent["agentUuid"]) == [(older, "s0"), (newer, "s0")]
+    finally:
+        selection.release(selection.AgentChoice(agent["agentUuid"], "", "", "", 1, slot=held))
+
+
 def _parked_behind_a_full_agent(user: Api, capability: str) -> tuple[dict[str, Any], Any, Any]:
     """An agent with one slot, taken by a call about to end; a stage parked behind it
     after the caller's hand-off had looked (so only a look after the release finds it)."""
