@@ -240,6 +240,12 @@ class StageExecution(Base):
             "claim_token",
             postgresql_where=text("status = 'in_progress'"),
         ),
+        # A freed slot goes first to the user with the fewest stages in progress on it.
+        Index(
+            "stage_executions_on_agent",
+            "agent_uuid",
+            postgresql_where=text("status = 'in_progress'"),
+        ),
     )
 
 

@@ -738,7 +738,7 @@ HANDOFF_BUDGET_SECONDS = 5.0
 
 def _hand_off(agent: AgentChoice, invocation: Invocation) -> bool:
     """Give the agent's slot, as its call returns, straight to the next stage waiting for
-    it (fairly across runs), and start that stage here: no slot idles while stages wait,
+    it (fairly across users and runs), and start that stage here: no slot idles while stages wait,
     and no stage sleeps in SQS. True if the slot was handed on (it must not be released)."""
     if agent.slot is None or invocation.group is None:
         return False

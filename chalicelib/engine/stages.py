@@ -886,9 +886,11 @@ _PARK = text(
 def next_waiting(agent_uuid: str, limit: int = 3) -> list[tuple[uuid.UUID, str]]:
     """The waiting stages this agent may take, best first (run id, stage id).
 
-    Fair across runs: the head (oldest waiting stage) of each run, the run with the fewest
-    stages in progress first, then the longest waiting. A run of a thousand fan-out stages
-    cannot keep another run's one stage waiting behind them."""
+    Fair across users, then runs: each run competes with its head (its stage that first
+    began to wait); first the heads of the users with the fewest stages in progress on
+    this agent, then of the runs with the fewest stages in progress (on any agent), then
+    the one that first began to wait. A stage of a user holding fewer of the agent's slots
+    goes before every stage of a user holding more, however many that one has waiting."""
     with autocommit_connection() as conn:
         rows = conn.execute(_NEXT_WAITING, {"agent_uuid": uuid.UUID(agent_uuid), "limit": limit})
         return [(row.run_id, row.stage_id) for row in rows]
@@ -903,13 +905,20 @@ def next_waiting(agent_uuid: str, limit: int = 3) -> list[tuple[uuid.UUID, str]]
 # The stages in progress of each head's run are counted by the run (its few rows, by the
 # (run_id, stage_id) index), not by status: with the status in the condition, Postgres
 # read every stage in progress once per head, and a release behind 200 waiting runs took
-# 5 ms of its time (1 ms now). The agent's row is read once, not once per waiting stage.
+# 5 ms of its time (1 ms now). The agent's row is read once, not once per waiting stage,
+# and so are its stages in progress, counted by user (about its slots' worth of rows, by
+# the stage_executions_on_agent index; without it, every stage in progress was read).
 _NEXT_WAITING_SQL = """
     WITH agent AS MATERIALIZED (
         SELECT id, owner_id, visibility, capabilities FROM agents
          WHERE id = :agent_uuid AND deleted_at IS NULL AND status <> 'offline'
+    ), holders AS MATERIALIZED (
+        SELECT r.user_id, count(*) AS stages
+          FROM stage_executions AS x JOIN workflow_runs AS r ON r.id = x.run_id, agent AS a
+         WHERE x.agent_uuid = a.id AND x.status = 'in_progress'
+         GROUP BY r.user_id
     ), heads AS (
-        SELECT DISTINCT ON (s.run_id) s.run_id, s.stage_id, s.parked_at
+        SELECT DISTINCT ON (s.run_id) s.run_id, s.stage_id, s.parked_at, r.user_id
           FROM stage_executions AS s
           JOIN workflow_runs AS r ON r.id = s.run_id, agent AS a
          WHERE s.status = 'waiting' AND s.capability = ANY (a.capabilities)
@@ -923,8 +932,9 @@ _NEXT_WAITING_SQL = """
                    AND (p.visibility = 'shared' OR p.owner_id = r.user_id)))
          ORDER BY s.run_id, s.parked_at, s.id
     )
-    SELECT heads.run_id, heads.stage_id FROM heads
-     ORDER BY (SELECT count(*) FILTER (WHERE x.status = 'in_progress')
+    SELECT heads.run_id, heads.stage_id FROM heads LEFT JOIN holders USING (user_id)
+     ORDER BY COALESCE(holders.stages, 0),
+              (SELECT count(*) FILTER (WHERE x.status = 'in_progress')
                  FROM stage_executions AS x WHERE x.run_id = heads.run_id),
               heads.parked_at
      LIMIT {limit}

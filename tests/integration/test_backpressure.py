@@ -1,7 +1,8 @@
 """Backpressure: an agent's slots are leases (a dead worker's slot comes back by its
 deadline), a stage that finds every slot taken waits in Postgres and is handed the next
 slot at once, the sweeper wakes a wait whose hand-off was lost, the hand-offs are fair
-across runs, and an agent never gets more calls at once than its maxConcurrentTasks."""
+across users and runs, and an agent never gets more calls at once than its
+maxConcurrentTasks."""
 
 from __future__ import annotations
 
@@ -395,6 +396,49 @@ def test_a_big_fan_out_does_not_starve_another_users_small_run(
     assert len(later) >= 10, "the fan-out still had stages waiting when the small run arrived"
     ahead = [c for c in later if c.began_at < mine.began_at]
     assert len(ahead) <= 4, f"{len(ahead)} fan-out stages started before it, once it was in line"
+
+
+def test_one_users_many_small_runs_do_not_keep_another_users_run_waiting(
+    admin: Api, api: Api, sent: Any
+) -> None:
+    """Fairness is across users: a run holds at most 100 stages, so a big fan-out is many
+    runs. One user's 30 one-stage runs wait for a shared agent, one of theirs in progress on
+    it; another user's run, waiting since after all of them, is handed the next slot (it
+    tied with each of the 29 runs with none in progress, and went behind them: they had
+    waited longer). Stages in progress on other agents do not count against a user."""
+    from chalicelib.core.api import parse_run_ref
+    from chalicelib.engine import stages
+
+    capability = unique_capability("fair-users")
+    agent = register_agent(admin, capability, maxConcurrentTasks=1, visibility="shared")
+    elsewhere = register_agent(admin, capability, maxConcurrentTasks=5, visibility="shared")
+    held = [
+        selection._reserve(agent["agentUuid"], 1, time.time() + 60),
+        *(selection._reserve(elsewhere["agentUuid"], 5, time.time() + 60) for _ in range(5)),
+    ]
+    assert all(isinstance(slot, str) for slot in held)  # every slot taken: submissions wait
+    someone = api.as_new_user()
+    busy = [parse_run_ref(submit(someone, capability)) for _ in range(2)]
+    mine = [parse_run_ref(submit(admin, capability, name="split-fan-out")) for _ in range(30)]
+    theirs = parse_run_ref(submit(someone, capability, name="small"))
+    try:
+        for run_id, on in [(busy[0], elsewhere), (busy[1], elsewhere), (mine[0], agent)]:
+            claimed = stages.claim_stage(run_id, "s0", waiting=True)  # its call under way
+            assert claimed is not None
+            assigned = stages.assign_agent(claimed, on["agentUuid"], on["agentId"], 1)
+            assert assigned is stages.AssignResult.ASSIGNED
+        assert stages.next_waiting(agent["agentUuid"], limit=2) == [
+            (theirs, "s0"),
+            (mine[1], "s0"),
+        ]
+        handed = stages.claim_next_waiting(agent["agentUuid"])
+        assert handed is not None and handed.run_id == theirs
+    finally:
+        for client, runs in ((someone, [*busy, theirs]), (admin, mine)):
+            for run_id in runs:
+                client.post(f"/workflows/wfr-{run_id}/cancel")
+        for slot, on in zip(held, [agent, *[elsewhere] * 5], strict=True):
+            selection.release(selection.AgentChoice(on["agentUuid"], "", "", "", 1, slot=slot))
 
 
 def test_an_agent_never_gets_more_calls_at_once_than_its_slots(
