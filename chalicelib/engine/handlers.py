@@ -723,7 +723,11 @@ def _wait_for_capacity(claimed: stages.ClaimedStage, reason: str, invocation: In
         return "waiting"
     if agent.slot is None:
         return "waiting"  # without Redis nothing is full: the stage was never parked
-    back = stages.claim_stage(claimed.run_id, claimed.stage_id, waiting=True)
+    try:
+        back = stages.claim_stage(claimed.run_id, claimed.stage_id, waiting=True)
+    except BaseException:
+        release(agent)  # not given to any stage: it would wait out its lease
+        raise
     if back is None:
         release(agent)  # someone handed it a slot already, or its run ended
         return "waiting"

@@ -834,6 +834,45 @@ def test_a_slot_taken_for_a_waiting_stage_comes_back_if_its_claim_fails(
     assert stages.next_waiting(agent["agentUuid"]) == [(run_id, "s0")]
 
 
+def test_a_slot_taken_by_a_parking_stages_last_look_comes_back_if_its_claim_fails(
+    user: Api, sent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stage parks, looks once more, finds the slot freed meanwhile and takes it, then
+    claiming itself back fails (the database went away): the slot is given back at once,
+    not held (and renewed) to its lease's end while no call uses it and the stage, still
+    in line, waits for a release that never comes."""
+    from sqlalchemy.exc import OperationalError
+
+    from chalicelib.core.api import parse_run_ref
+    from chalicelib.engine import handlers, stages
+
+    capability = unique_capability("park-look-fails")
+    agent = register_agent(user, capability, maxConcurrentTasks=1)
+    run_id = parse_run_ref(submit(user, capability))
+    held = selection._reserve(agent["agentUuid"], 1, time.time() + 60)
+    assert isinstance(held, str)  # full when the stage looks: it parks
+    park, claim = stages.park_stage, stages.claim_stage
+
+    def park_then_the_call_ends(stage: Any, reason: str) -> Any:
+        parked = park(stage, reason)
+        selection.release(selection.AgentChoice(agent["agentUuid"], "", "", "", 1, slot=held))
+        return parked
+
+    def no_database_for_the_claim_back(*args: Any, waiting: bool = False, **kwargs: Any) -> Any:
+        if waiting:
+            raise OperationalError("claim", {}, Exception("connection lost"))
+        return claim(*args, waiting=waiting, **kwargs)
+
+    monkeypatch.setattr(stages, "park_stage", park_then_the_call_ends)
+    monkeypatch.setattr(stages, "claim_stage", no_database_for_the_claim_back)
+    with pytest.raises(OperationalError):
+        handlers.run_stage(run_id, "s0")
+    monkeypatch.undo()
+    assert stages.next_waiting(agent["agentUuid"]) == [(run_id, "s0")]  # in line still
+    assert selection.live_slots(agent["agentUuid"]) == 0
+    assert not any(key[0] == agent["agentUuid"] for key in selection._held_slots)
+
+
 def test_a_slot_comes_back_when_recording_the_agent_fails(
     user: Api, sent: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
