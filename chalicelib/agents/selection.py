@@ -358,6 +358,38 @@ def hand_over(agent: AgentChoice, until: float) -> AgentChoice | None:
     return replace(agent, slot=slot)
 
 
+def extend(agent: AgentChoice, until: float) -> AgentChoice | None:
+    """Let the slot's lease run to `until` (time.time()) plus the margin, if that is later
+    than it may now: the deadline of the call it was taken for, known only once the stage
+    it was handed to is under way. None if the lease ran out meanwhile and another stage
+    took the slot: this stage must find one like any other. Redis is written only while
+    the lease it holds there may stop at the old cap (within a stage lease of now); past
+    that, the next renewal carries the new cap (no round trip)."""
+    if agent.slot is None:
+        return agent
+    key, cap = (agent.agent_uuid, agent.slot), until + SLOT_MARGIN_SECONDS
+    # Held through the round trip, as renew_slots does: a renewal under the old cap
+    # cannot land after this write.
+    with _held_lock:
+        old = _held_slots.get(key)
+        if old is not None and old >= cap:
+            return agent
+        if old is not None and old >= time.time() + get_settings().stage_lease_seconds:
+            _held_slots[key] = cap
+            return agent
+        try:
+            pipe = cache.get_redis().pipeline(transaction=False)
+            pipe.zadd(_slots_key(agent.agent_uuid), {agent.slot: _lease_end(cap)}, xx=True)
+            pipe.zscore(_slots_key(agent.agent_uuid), agent.slot)
+            if pipe.execute()[1] is None:  # pruned by a reservation once its lease ran out
+                _held_slots.pop(key, None)
+                return None
+        except redis.RedisError:
+            pass  # cannot tell: the renewals carry the new cap once Redis answers
+        _held_slots[key] = cap
+    return agent
+
+
 def release(agent: AgentChoice) -> None:
     """Give the slot back (idempotent; best effort: it expires by its deadline anyway)."""
     if agent.slot is None:

@@ -25,6 +25,7 @@ from chalicelib.agents.selection import (
     AgentsBusy,
     NoAgentAvailable,
     eligible,
+    extend,
     hand_over,
     may_be_waited_for,
     release,
@@ -283,6 +284,11 @@ def _execute(
     if claimed.deadline_in is not None:  # the run's deadline wins over the stage's timeout
         run_deadline = time.monotonic() + claimed.deadline_in
         deadline = min(deadline, run_deadline)
+    if handed is not None:
+        # Its lease was capped when the slot was taken, before this stage had started (a
+        # wait for a thread, a connection): it must last the whole call. Run out and taken
+        # meanwhile, the stage looks for a slot like any other.
+        handed = extend(handed, _wall_clock(deadline))
     tried = frozenset(str(u) for u in claimed.tried_agents)
     try:
         agent, attempt = _select_and_assign(claimed, tried, _wall_clock(deadline), handed)
@@ -421,8 +427,9 @@ def _run_here(
     claimed: stages.ClaimedStage, invocation: Invocation, slot: AgentChoice | None = None
 ) -> None:
     """Run a stage this invocation claimed in its task group (the caller checked it has
-    one); `slot`, one held for it, moves under a lease to the stage's own deadline (if
-    that slot's lease ran out and another stage took it, this one looks for a slot)."""
+    one); `slot`, one held for it, moves under a lease to the deadline the stage would have
+    if it started now (extended to its real one once it has started: _execute); if that
+    slot's lease ran out and another stage took it, this one looks for a slot."""
     assert invocation.group is not None
     handed = None
     if slot is not None:

@@ -117,12 +117,23 @@ def timed_agent(started: list[TimedAgent], seconds: float) -> TimedAgent:
     return agent
 
 
-def submit(client: Api, capability: str, stages: int = 1, name: str = "bp") -> str:
+def submit(
+    client: Api,
+    capability: str,
+    stages: int = 1,
+    name: str = "bp",
+    config: dict[str, Any] | None = None,
+) -> str:
     body = {
         "workflow": {
             "name": name,
             "stages": [
-                {"id": f"s{i}", "name": f"S{i}", "agentCapability": capability}
+                {
+                    "id": f"s{i}",
+                    "name": f"S{i}",
+                    "agentCapability": capability,
+                    **({"config": config} if config else {}),
+                }
                 for i in range(stages)
             ],
         }
@@ -202,6 +213,101 @@ def test_a_slot_is_renewed_no_further_than_its_calls_deadline(user: Api, short_l
     selection.renew_slots()
     score = cache.get_redis().zscore(f"maof:agents:slots:{agent['agentUuid']}", slot)
     assert score == pytest.approx(until + selection.SLOT_MARGIN_SECONDS)
+
+
+def _handed_slot(agent: dict[str, Any], until: float) -> selection.AgentChoice:
+    """A slot on the agent (one slot in all), taken and handed over for a call that was to
+    end at `until`."""
+    slot = selection._reserve(agent["agentUuid"], 1, until)
+    assert isinstance(slot, str)
+    [listed] = selection.eligible(agent["capabilities"][0], uuid.UUID(agent["ownerUserUuid"]))
+    return selection.AgentChoice(
+        agent["agentUuid"], agent["agentId"], listed["endpoint"], listed["tokenEncrypted"], 1, slot
+    )
+
+
+def test_a_handed_slots_lease_lasts_to_the_deadline_of_the_call_it_was_handed_to(
+    user: Api, sent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slot is handed over under a lease to the deadline its stage would have if it
+    started then; the stage starts later (it waited for a thread, a connection) and its
+    call's deadline with it. The lease used to end that much before the call: another stage
+    took the slot mid-call, and the agent had two calls at once with maxConcurrentTasks 1.
+    Now the stage, once it knows its deadline, extends the lease to it plus the margin."""
+    from chalicelib.agents.dispatch import AgentOutput, AgentTask
+    from chalicelib.core.api import parse_run_ref
+    from chalicelib.engine import handlers, stages
+
+    agent = register_agent(user, unique_capability("handed-lease"), maxConcurrentTasks=1)
+    run_id = parse_run_ref(
+        submit(user, agent["capabilities"][0], config={"timeoutMs": 2000, "retries": 0})
+    )
+    claimed = stages.claim_stage(run_id, "s0")
+    assert claimed is not None
+    handed = _handed_slot(agent, time.time() - 4)  # handed over 6 s before the stage began
+    seen: list[tuple[float, float | None, float | None]] = []
+
+    def agent_answers(endpoint: str, token: str, agent_id: str, task: AgentTask) -> AgentOutput:
+        assert task.deadline is not None
+        deadline = time.time() + (task.deadline - time.monotonic())
+        key = f"maof:agents:slots:{agent['agentUuid']}"
+        lease = cache.get_redis().zscore(key, str(handed.slot))
+        seen.append((deadline, lease, selection._held_slots.get((agent["agentUuid"], handed.slot))))
+        return AgentOutput({"ok": True}, '{"ok": true}')
+
+    monkeypatch.setattr(handlers, "call_agent", agent_answers)
+    assert handlers._run_claimed(claimed, handlers.Invocation(), handed=handed) == "completed"
+    [(deadline, lease, cap)] = seen
+    expected = pytest.approx(deadline + selection.SLOT_MARGIN_SECONDS, abs=0.5)
+    assert (lease, cap) == (expected, expected)
+    assert selection.live_slots(agent["agentUuid"]) == 0  # given back after the call
+
+
+def test_a_handed_slot_whose_lease_ran_out_and_was_taken_is_not_used(
+    user: Api, sent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stage started so late that its handed slot's lease had run out, and another stage
+    took the slot: it calls no agent on it, but looks for a slot like any other (and, the
+    agent full, waits)."""
+    from chalicelib.core.api import parse_run_ref
+    from chalicelib.engine import handlers, stages
+
+    agent = register_agent(user, unique_capability("handed-lapsed"), maxConcurrentTasks=1)
+    run_id = parse_run_ref(submit(user, agent["capabilities"][0]))
+    claimed = stages.claim_stage(run_id, "s0")
+    assert claimed is not None
+    lapsed = _handed_slot(agent, time.time() - selection.SLOT_MARGIN_SECONDS - 1)
+    taken = selection._reserve(agent["agentUuid"], 1, time.time() + 60)
+    assert isinstance(taken, str)  # the lapsed lease was pruned, its place taken
+    called: list[Any] = []
+    monkeypatch.setattr(handlers, "call_agent", lambda *args: called.append(args))
+    try:
+        assert handlers._run_claimed(claimed, handlers.Invocation(), handed=lapsed) == "waiting"
+        assert called == []
+        assert selection.live_slots(agent["agentUuid"]) == 1
+    finally:
+        selection.release(replace(lapsed, slot=taken))
+
+
+def test_a_slot_extended_a_lease_or_more_before_its_cap_is_carried_by_the_renewals(
+    user: Api, short_leases: int
+) -> None:
+    """Extending a slot whose lease in Redis is a renewal's (its cap a lease away or more)
+    costs no round trip: the next renewal carries the new cap."""
+    agent = register_agent(user, unique_capability("extend-later"), maxConcurrentTasks=1)
+    choice = _handed_slot(agent, time.time() + 60)
+    key = f"maof:agents:slots:{agent['agentUuid']}"
+    before = cache.get_redis().zscore(key, str(choice.slot))
+    until = time.time() + 120
+    assert selection.extend(choice, until) is choice
+    assert cache.get_redis().zscore(key, str(choice.slot)) == before
+    cap = selection._held_slots[(agent["agentUuid"], str(choice.slot))]
+    assert cap == pytest.approx(until + selection.SLOT_MARGIN_SECONDS)
+    selection.renew_slots()
+    assert cache.get_redis().zscore(key, str(choice.slot)) == pytest.approx(
+        time.time() + short_leases, abs=0.5
+    )
+    selection.release(choice)
 
 
 def test_giving_a_slot_back_twice_frees_one_slot_only(user: Api) -> None:
