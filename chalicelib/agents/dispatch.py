@@ -210,6 +210,14 @@ def _broken_http(exc: Exception) -> str | None:
     return _printable(f"{type(cause).__name__}: {cause}", 200)
 
 
+def _latin1(value: str) -> bool:
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _request_headers(token: str, task: AgentTask) -> dict[str, str]:
     headers = {
         "Authorization": f"Bearer {token}",
@@ -219,9 +227,10 @@ def _request_headers(token: str, task: AgentTask) -> dict[str, str]:
         "User-Agent": "maof-agent-dispatch/1",
     }
     for name, value in headers.items():
-        # http.client refuses these mid-request; say why instead (a token set with a
-        # line break, say): no request could ever be made to this agent.
-        if any(ch in value for ch in "\r\n\x00") or not value.isprintable():
+        # http.client refuses these mid-request, or fails to encode them (beyond Latin-1),
+        # naming the character and where it is: say why instead, with nothing of the token
+        # (one set before registration checked it): no request could ever be made with it.
+        if any(ch in value for ch in "\r\n\x00") or not (value.isprintable() and _latin1(value)):
             raise AgentCallFailed(
                 f"INVALID_REQUEST_HEADER: the {name} header for this agent holds characters "
                 "HTTP refuses (check its authToken)",

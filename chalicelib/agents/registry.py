@@ -77,6 +77,15 @@ class RegisterAgentRequest(ApiModel):
     def _unique(cls, value: list[str]) -> list[str]:
         return list(dict.fromkeys(value))
 
+    @field_validator("auth_token")
+    @classmethod
+    def _sendable(cls, value: str) -> str:
+        # Sent as `Authorization: Bearer <token>`: HTTP carries Latin-1 at most, and tokens
+        # are printable ASCII. Never echoed, not even in part.
+        if not all(" " <= char <= "~" for char in value):
+            raise ValueError("must be printable ASCII (it is sent in an HTTP header)")
+        return value
+
     @field_validator("agent_id", "name")
     @classmethod
     def _no_controls(cls, value: str) -> str:

@@ -164,6 +164,9 @@ NOT_URLS = ["ftp://x", "/relative", "not a url", "http://", "http://:80/path", "
         *[({"endpoint": url}, "endpoint") for url in NOT_URLS],
         ({"authToken": ""}, "authToken"),
         ({"authToken": "t" * 1025}, "authToken"),
+        # Sent in an HTTP header: beyond Latin-1 no request could carry it.
+        ({"authToken": "secret-\u20ac-token"}, "authToken"),
+        ({"authToken": "secret\ttoken"}, "authToken"),
         ({"capabilities": []}, "capabilities"),
         ({"capabilities": ["good-tag", "Bad Tag"]}, "capabilities.1"),
         ({"capabilities": ["UPPER"]}, "capabilities.0"),

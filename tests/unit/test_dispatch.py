@@ -129,6 +129,19 @@ def test_error_message_carries_the_agents_code_and_message():
         interpret(200, answer({"status": "error", "code": "BAD_INPUT", "message": "no text"}))
 
 
+@pytest.mark.parametrize("token", ["secret-\u20ac-token", "line\nbreak", "nul\x00"])
+def test_a_token_http_cannot_carry_makes_the_agent_unusable_naming_nothing_of_it(token):
+    """One stored before registration refused it: http.client's UnicodeEncodeError named
+    the character and its place in the token, in an error other users of a shared agent
+    read, and the stage went round as an internal error."""
+    task = AgentTask("wfr-1", "s1", 1, "c", {}, "wf")
+    with pytest.raises(AgentCallFailed) as failed:
+        dispatch._request_headers(token, task)
+    assert failed.value.code == "INVALID_REQUEST_HEADER"
+    assert failed.value.failure is Failure.AGENT_UNUSABLE
+    assert "\u20ac" not in str(failed.value) and "position" not in str(failed.value)
+
+
 def test_task_body_and_idempotency_key_follow_the_protocol():
     task = AgentTask("wfr-1", "s1", 3, "summarization", {"t": 1}, "wf", [{"stageId": "s0"}], 5000)
     assert task.idempotency_key == "wfr-1:s1:3"
