@@ -329,7 +329,7 @@ def _execute(
         ):
             output = call_agent(agent.endpoint, agent.token, agent.agent_id, task)
     except AgentCallFailed as exc:
-        _free_slot(agent, invocation, False, started)
+        _free_slot(agent, invocation, False, started, claimed.claim_token)
         if run_deadline is not None and time.monotonic() >= run_deadline:
             stages.expire_run(claimed.run_id)  # cut short by the run's deadline: it fails
             stages.skip_if_run_ended(claimed)
@@ -339,7 +339,7 @@ def _execute(
         release(agent)  # the slot is given back however the call ends
         raise
     trace.mark("agent-returned", claimed.run_id, claimed.stage_id)
-    _free_slot(agent, invocation, True, started)
+    _free_slot(agent, invocation, True, started, claimed.claim_token)
     try:
         done = stages.complete_stage(
             claimed,
@@ -462,7 +462,13 @@ def _run_without_message(
         raise
 
 
-def _free_slot(agent: AgentChoice, invocation: Invocation, ok: bool, started: float) -> None:
+def _free_slot(
+    agent: AgentChoice,
+    invocation: Invocation,
+    ok: bool,
+    started: float,
+    releasing: uuid.UUID | None = None,
+) -> None:
     """The call is over: hand its slot to a waiting stage, or give it back (and, if the
     agent was full, make sure no stage that parked meanwhile is left waiting; past the
     hand-off budget, wake the next waiting stage through SQS whatever the count says: the
@@ -473,10 +479,10 @@ def _free_slot(agent: AgentChoice, invocation: Invocation, ok: bool, started: fl
         "AgentLatency", (time.monotonic() - started) * 1000, "ms", agentId=agent.agent_id
     )
     waited_for = agent.slot is not None and may_be_waited_for(agent)
-    handed = waited_for and _hand_off(agent, invocation)
+    handed = waited_for and _hand_off(agent, invocation, releasing)
     was_full = settle(agent, ok, (time.monotonic() - started) * 1000, keep_slot=handed)
     if waited_for and not handed and (was_full or not invocation.may_run_more()):
-        _after_release(agent, invocation)
+        _after_release(agent, invocation, releasing)
 
 
 def stage_input_of(claimed: stages.ClaimedStage, context: stages.StageContext) -> Any:
@@ -747,7 +753,9 @@ def _wait_for_capacity(claimed: stages.ClaimedStage, reason: str, invocation: In
 HANDOFF_BUDGET_SECONDS = 5.0
 
 
-def _hand_off(agent: AgentChoice, invocation: Invocation) -> bool:
+def _hand_off(
+    agent: AgentChoice, invocation: Invocation, releasing: uuid.UUID | None = None
+) -> bool:
     """Give the agent's slot, as its call returns, straight to the next stage waiting for
     it (fairly across users and runs), and start that stage here: no slot idles while stages wait,
     and no stage sleeps in SQS. True if the slot was handed on (it must not be released)."""
@@ -756,7 +764,7 @@ def _hand_off(agent: AgentChoice, invocation: Invocation) -> bool:
     try:
         if not invocation.may_run_more():
             return False  # released as usual; _after_release wakes the next through SQS
-        claimed = stages.claim_next_waiting(agent.agent_uuid)
+        claimed = stages.claim_next_waiting(agent.agent_uuid, releasing)
         if claimed is not None:
             _run_here(claimed, invocation, agent)
             return True
@@ -765,13 +773,15 @@ def _hand_off(agent: AgentChoice, invocation: Invocation) -> bool:
     return False
 
 
-def _after_release(agent: AgentChoice, invocation: Invocation) -> None:
+def _after_release(
+    agent: AgentChoice, invocation: Invocation, releasing: uuid.UUID | None = None
+) -> None:
     """The slot was given back while the agent was full. A stage that parked after our
     hand-off looked (and before the release) would otherwise wait for the next release:
     look once more, and take a slot for it if one is still free (its own re-check after
     parking covers the other order). Past the hand-off budget, wake it through SQS."""
     try:
-        waiting = stages.next_waiting(agent.agent_uuid, limit=1)
+        waiting = stages.next_waiting(agent.agent_uuid, limit=1, releasing=releasing)
         if not waiting:
             return
         run_id, stage_id = waiting[0]

@@ -82,13 +82,14 @@ def claim_stage(run_id: uuid.UUID, stage_id: str, *, waiting: bool = False) -> C
 CLAIM_NEXT_WAITING_TRIES = 3
 
 
-def claim_next_waiting(agent_uuid: str) -> ClaimedStage | None:
+def claim_next_waiting(agent_uuid: str, releasing: uuid.UUID | None = None) -> ClaimedStage | None:
     """Take the first of the stages waiting for this agent, in next_waiting's order, or
     None when none waits. One statement chooses and claims; a stage another worker took
     meanwhile is not claimed, and the next one is chosen (a few times at most)."""
+    params = {"agent_uuid": uuid.UUID(agent_uuid), "releasing": releasing}
     for _ in range(CLAIM_NEXT_WAITING_TRIES):
         token = uuid.uuid4()
-        row = _claim_row(_CLAIM_NEXT_WAITING, {"agent_uuid": uuid.UUID(agent_uuid)}, token)
+        row = _claim_row(_CLAIM_NEXT_WAITING, params, token)
         if row is None:
             return None  # none waits for this agent
         if row.id is not None:
@@ -883,16 +884,21 @@ _PARK = text(
 )
 
 
-def next_waiting(agent_uuid: str, limit: int = 3) -> list[tuple[uuid.UUID, str]]:
+def next_waiting(
+    agent_uuid: str, limit: int = 3, releasing: uuid.UUID | None = None
+) -> list[tuple[uuid.UUID, str]]:
     """The waiting stages this agent may take, best first (run id, stage id).
 
     Fair across users, then runs: each run competes with its head (its stage that first
     began to wait); first the heads of the users with the fewest stages in progress on
     this agent, then of the runs with the fewest stages in progress (on any agent), then
     the one that first began to wait. A stage of a user holding fewer of the agent's slots
-    goes before every stage of a user holding more, however many that one has waiting."""
+    goes before every stage of a user holding more, however many that one has waiting.
+    `releasing`: the claim of the stage whose call just gave the slot up, counted for no
+    one (still in progress as it hands the slot on, it tipped the choice to the others)."""
     with autocommit_connection() as conn:
-        rows = conn.execute(_NEXT_WAITING, {"agent_uuid": uuid.UUID(agent_uuid), "limit": limit})
+        params = {"agent_uuid": uuid.UUID(agent_uuid), "limit": limit, "releasing": releasing}
+        rows = conn.execute(_NEXT_WAITING, params)
         return [(row.run_id, row.stage_id) for row in rows]
 
 
@@ -916,6 +922,7 @@ _NEXT_WAITING_SQL = """
         SELECT r.user_id, count(*) AS stages
           FROM stage_executions AS x JOIN workflow_runs AS r ON r.id = x.run_id, agent AS a
          WHERE x.agent_uuid = a.id AND x.status = 'in_progress'
+           AND x.claim_token IS DISTINCT FROM CAST(:releasing AS uuid)
          GROUP BY r.user_id
     ), heads AS (
         SELECT DISTINCT ON (s.run_id) s.run_id, s.stage_id, s.parked_at, r.user_id
@@ -934,7 +941,8 @@ _NEXT_WAITING_SQL = """
     )
     SELECT heads.run_id, heads.stage_id FROM heads LEFT JOIN holders USING (user_id)
      ORDER BY COALESCE(holders.stages, 0),
-              (SELECT count(*) FILTER (WHERE x.status = 'in_progress')
+              (SELECT count(*) FILTER (WHERE x.status = 'in_progress'
+                                         AND x.claim_token IS DISTINCT FROM CAST(:releasing AS uuid))
                  FROM stage_executions AS x WHERE x.run_id = heads.run_id),
               heads.parked_at
      LIMIT {limit}

@@ -547,6 +547,59 @@ def test_one_users_many_small_runs_do_not_keep_another_users_run_waiting(
             selection.release(selection.AgentChoice(on["agentUuid"], "", "", "", 1, slot=slot))
 
 
+def test_the_stage_handing_its_slot_on_is_counted_for_no_one(
+    admin: Api, api: Api, sent: Any
+) -> None:
+    """A 2-slot agent runs one stage of user A and one of B. A's call returns: its worker
+    hands the slot on while A's stage is still in progress. Counted for A, A and B tied
+    and B's stage that had waited longer took the slot: B then held both, A none."""
+    from chalicelib.core.api import parse_run_ref
+    from chalicelib.engine import stages
+
+    capability = unique_capability("fair-self")
+    agent = register_agent(admin, capability, maxConcurrentTasks=2, visibility="shared")
+    held = [selection._reserve(agent["agentUuid"], 2, time.time() + 60) for _ in range(2)]
+    assert all(isinstance(slot, str) for slot in held)  # every slot taken: submissions wait
+    a, b = api.as_new_user(), api.as_new_user()
+    refs = {
+        "a1": submit(a, capability),
+        "b1": submit(b, capability),
+        "b2": submit(b, capability),
+        "a2": submit(a, capability),
+    }
+    ids = {name: parse_run_ref(ref) for name, ref in refs.items()}
+    try:
+        with session_scope() as session:  # b2 has waited longer than a2
+            for name, age in (("b2", 10), ("a2", 5)):
+                session.execute(
+                    text(
+                        "UPDATE stage_executions SET parked_at = now() - make_interval(secs => :s)"
+                        " WHERE run_id = :r"
+                    ),
+                    {"r": ids[name], "s": age},
+                )
+        running = {}
+        for name in ("a1", "b1"):
+            claimed = stages.claim_stage(ids[name], "s0", waiting=True)  # its call under way
+            assert claimed is not None
+            assigned = stages.assign_agent(claimed, agent["agentUuid"], agent["agentId"], 1)
+            assert assigned is stages.AssignResult.ASSIGNED
+            running[name] = claimed
+        releasing = running["a1"].claim_token
+        assert stages.next_waiting(agent["agentUuid"], limit=2, releasing=releasing) == [
+            (ids["a2"], "s0"),
+            (ids["b2"], "s0"),
+        ]
+        handed = stages.claim_next_waiting(agent["agentUuid"], releasing)
+        assert handed is not None and handed.run_id == ids["a2"]
+    finally:
+        for client, names in ((a, ["a1", "a2"]), (b, ["b1", "b2"])):
+            for name in names:
+                client.post(f"/workflows/{refs[name]}/cancel")
+        for slot in held:
+            selection.release(selection.AgentChoice(agent["agentUuid"], "", "", "", 2, slot=slot))
+
+
 def test_an_agent_never_gets_more_calls_at_once_than_its_slots(
     user: Api, poller: Any, timed: list[TimedAgent]
 ) -> None:
