@@ -46,7 +46,7 @@ from chalicelib.agents.network import (
     time_left,
 )
 from chalicelib.config import get_settings
-from chalicelib.core.encoding import Unstorable, dumps, unstorable
+from chalicelib.core.encoding import Unstorable, dumps, encodes, unstorable
 
 # HTTP statuses worth another attempt; any other non-2xx is final.
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -210,14 +210,6 @@ def _broken_http(exc: Exception) -> str | None:
     return _printable(f"{type(cause).__name__}: {cause}", 200)
 
 
-def _latin1(value: str) -> bool:
-    try:
-        value.encode("latin-1")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _request_headers(token: str, task: AgentTask) -> dict[str, str]:
     headers = {
         "Authorization": f"Bearer {token}",
@@ -230,7 +222,9 @@ def _request_headers(token: str, task: AgentTask) -> dict[str, str]:
         # http.client refuses these mid-request, or fails to encode them (beyond Latin-1),
         # naming the character and where it is: say why instead, with nothing of the token
         # (one set before registration checked it): no request could ever be made with it.
-        if any(ch in value for ch in "\r\n\x00") or not (value.isprintable() and _latin1(value)):
+        if any(ch in value for ch in "\r\n\x00") or not (
+            value.isprintable() and encodes(value, "latin-1")
+        ):
             raise AgentCallFailed(
                 f"INVALID_REQUEST_HEADER: the {name} header for this agent holds characters "
                 "HTTP refuses (check its authToken)",

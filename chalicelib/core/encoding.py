@@ -58,7 +58,7 @@ def unstorable(value: Any, max_depth: int | None = None) -> tuple[Unstorable, An
         if isinstance(item, str):
             if "\x00" in item:
                 return Unstorable.NUL, item
-            if not item.isascii() and not _is_unicode(item):
+            if not item.isascii() and not encodes(item):
                 return Unstorable.SURROGATE, item
         elif isinstance(item, dict | list | tuple):
             if max_depth is not None and depth >= max_depth:
@@ -72,9 +72,10 @@ def unstorable(value: Any, max_depth: int | None = None) -> tuple[Unstorable, An
     return None
 
 
-def _is_unicode(text: str) -> bool:
+def encodes(text: str, codec: str = "utf-8") -> bool:
+    """Whether `text` encodes in `codec` (UTF-8: no lone surrogate)."""
     try:
-        text.encode("utf-8")
+        text.encode(codec)
     except UnicodeEncodeError:
         return False
     return True
