@@ -82,13 +82,27 @@ def probe(endpoint: str) -> str:
 
 
 def _record(
-    session: Session, results: dict[uuid.UUID, str], now: datetime
-) -> tuple[list[Agent], set[str]]:
-    """In the caller's transaction: each agent's status and check time. Returns the agents
-    and the capabilities of those whose status changed (their candidate lists are stale)."""
+    session: Session, results: dict[uuid.UUID, str], started: datetime
+) -> tuple[list[Agent], list[Agent], set[str]]:
+    """In the caller's transaction: each agent's status and check time (`started`: when
+    its probe began), unless a probe that began later was recorded first (two checks of
+    one agent at once: the newest result stands) or the agent was deleted. Returns the
+    live agents, those recorded, and the capabilities of those whose status changed
+    (their candidate lists are stale)."""
     changed: set[str] = set()
-    agents = list(session.scalars(select(Agent).where(Agent.id.in_(list(results)))).all())
+    recorded: list[Agent] = []
+    live = (
+        select(Agent)
+        .where(Agent.id.in_(list(results)), Agent.deleted_at.is_(None))
+        .order_by(Agent.id)  # locked in one order: two checks never deadlock
+        .with_for_update()
+    )
+    agents = list(session.scalars(live).all())
+    now = datetime.now(UTC)
     for agent in agents:
+        if agent.last_health_check is not None and agent.last_health_check >= started:
+            continue
+        recorded.append(agent)
         status = results[agent.id]
         if status != agent.status:
             changed.update(agent.capabilities)
@@ -99,10 +113,10 @@ def _record(
         session.execute(
             update(Agent)
             .where(Agent.id == agent.id)
-            .values(status=status, last_health_check=now, updated_at=now)
+            .values(status=status, last_health_check=started, updated_at=now)
         )
-        agent.status, agent.last_health_check = status, now
-    return agents, changed
+        agent.status, agent.last_health_check = status, started
+    return agents, recorded, changed
 
 
 PROBES_AT_ONCE = 16
@@ -124,6 +138,7 @@ def check(targets: Sequence[tuple[uuid.UUID, str]]) -> list[Agent]:
     agents changed status)."""
     if not targets:
         return []
+    started = datetime.now(UTC)
     with concurrent.futures.ThreadPoolExecutor(
         max_workers=min(PROBES_AT_ONCE, len(targets))
     ) as pool:
@@ -131,13 +146,12 @@ def check(targets: Sequence[tuple[uuid.UUID, str]]) -> list[Agent]:
         results = {
             agent_uuid: status for (agent_uuid, _), status in zip(targets, statuses, strict=True)
         }
-    now = datetime.now(UTC)
     with session_scope() as session:
-        agents, changed = _record(session, results, now)
-    for agent in agents:
+        agents, recorded, changed = _record(session, results, started)
+    for agent in recorded:
         cache.set_json(
             f"maof:agents:health:{agent.id}",
-            {"status": agent.status, "checkedAt": now.isoformat()},
+            {"status": agent.status, "checkedAt": started.isoformat()},
             get_settings().agent_health_interval_seconds * 3,
         )
     for capability in changed:

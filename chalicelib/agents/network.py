@@ -465,6 +465,13 @@ def pinned_request(
     status line and headers do); the body is not preloaded: read it (read_by), then
     `release_conn()`."""
     target = resolve_and_check(url, deadline)
+    if deadline is not None:
+        # The lookup took part of the time: connect within what is left of it (a slow
+        # name server and a paced TLS handshake held a 2 s health probe 3.5 s).
+        left = max(deadline - time.monotonic(), 0.001)
+        connect = timeout.connect_timeout
+        connect = min(connect, left) if isinstance(connect, int | float) else left
+        timeout = urllib3.Timeout(connect=connect, read=timeout.read_timeout)
     _head_deadline.value = deadline
     try:
         return pool_for(target).urlopen(

@@ -1,0 +1,133 @@
+"""Health checks of agents under races and slow agents: the newest probe's result stands,
+a deleted agent's check is a 404 and writes nothing, a probe ends by its timeout however
+long the agent's name took to look up."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from chalicelib.agents import health, network
+from chalicelib.config import get_settings
+from chalicelib.db import session_scope
+from chalicelib.db.models import Agent
+from tests.integration.conftest import register_agent, unique_capability, wait_until
+from tests.support.callbacks import TricklingServer
+
+pytestmark = pytest.mark.integration
+
+
+class HealthServer:
+    """Each GET /health pops (delay, code, body) from `script`; `default` after that."""
+
+    def __init__(self) -> None:
+        self.script: deque[tuple[float, int, bytes]] = deque()
+        self.default = (0.0, 200, b'{"status": "healthy"}')
+        self.gets: list[float] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                with lock:
+                    owner.gets.append(time.monotonic())
+                    delay, code, body = owner.script.popleft() if owner.script else owner.default
+                time.sleep(delay)
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
+                self.close_connection = True
+                self.end_headers()
+                self.wfile.write(body)
+
+        lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/agent"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hserver():
+    server = HealthServer()
+    yield server
+    server.stop()
+
+
+HEALTHY = b'{"status": "healthy"}'
+
+
+def test_the_newest_probe_stands_when_an_older_one_answers_after_it(user, hserver):
+    """A scheduled check and the owner's check of one agent at once: the probe that began
+    first but answered last (slowly, while the agent was up) overwrote the newer probe's
+    'offline', and the agent stayed routed to until the next check."""
+    agent = register_agent(user, unique_capability("race"), endpoint=hserver.url)
+    hserver.script.extend([(1.5, 200, HEALTHY), (0.0, 503, b"{}")])
+    with session_scope() as session:
+        row = session.scalar(select(Agent).where(Agent.id == agent["agentUuid"]))
+        target = (row.id, row.endpoint)
+    gets_before = len(hserver.gets)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        scheduled = pool.submit(health.check, [target])
+        wait_until(lambda: len(hserver.gets) > gets_before, timeout=5)  # its probe began
+        manual = user.post(f"/agents/{agent['agentUuid']}/health-check").json()["data"]
+        scheduled.result()
+    assert manual["status"] == "offline"
+    assert user.get(f"/agents/{agent['agentUuid']}").json()["data"]["status"] == "offline"
+
+
+def test_a_check_of_an_agent_deleted_meanwhile_is_a_404_and_writes_nothing(user, hserver):
+    agent = register_agent(user, unique_capability("del"), endpoint=hserver.url)
+    hserver.script.append((1.5, 200, HEALTHY))
+    gets_before = len(hserver.gets)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        checking = pool.submit(user.post, f"/agents/{agent['agentUuid']}/health-check")
+        wait_until(lambda: len(hserver.gets) > gets_before, timeout=5)
+        assert user.delete(f"/agents/{agent['agentUuid']}").status_code == 200
+        checked = checking.result()
+    assert checked.status_code == 404, checked.text
+    with session_scope() as session:
+        row = session.scalar(select(Agent).where(Agent.id == agent["agentUuid"]))
+    assert row is not None and row.deleted_at is not None
+    assert row.last_health_check is not None and row.last_health_check < row.deleted_at
+
+
+def test_a_probe_ends_by_its_timeout_however_slow_the_name_lookup(monkeypatch):
+    """The lookup took part of the time and the connection was still given all of it: a
+    slow name server and a paced TLS handshake held a 2 s probe 3.5 s."""
+
+    def slow_lookup(hostname: str, port: int) -> list[str]:
+        time.sleep(1.5)  # the owner's name server answers slowly, within the deadline
+        return ["127.0.0.1"]
+
+    monkeypatch.setattr(network, "resolve_host", slow_lookup)
+    agent = TricklingServer("tls")
+    port = agent.listener.getsockname()[1]
+    started = time.monotonic()
+    try:
+        status = health.probe(f"https://slow-agent.test:{port}/agent")
+    finally:
+        agent.stop.set()
+    took = time.monotonic() - started
+    assert status == "offline"
+    allowed = get_settings().agent_health_timeout_ms / 1000
+    assert took < allowed + 0.5, f"the probe took {took:.2f} s, its timeout is {allowed} s"
