@@ -5,11 +5,8 @@ long the agent's name took to look up."""
 from __future__ import annotations
 
 import concurrent.futures
-import threading
 import time
-from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import select
@@ -19,58 +16,21 @@ from chalicelib.config import get_settings
 from chalicelib.db import session_scope
 from chalicelib.db.models import Agent
 from tests.integration.conftest import register_agent, unique_capability, wait_until
+from tests.support.agents import ScriptedAgent
 from tests.support.callbacks import TricklingServer
 
 pytestmark = pytest.mark.integration
 
 
-class HealthServer:
-    """Each GET /health pops (delay, code, body) from `script`; `default` after that."""
-
-    def __init__(self) -> None:
-        self.script: deque[tuple[float, int, bytes]] = deque()
-        self.default = (0.0, 200, b'{"status": "healthy"}')
-        self.gets: list[float] = []
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                with lock:
-                    owner.gets.append(time.monotonic())
-                    delay, code, body = owner.script.popleft() if owner.script else owner.default
-                time.sleep(delay)
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Connection", "close")
-                self.close_connection = True
-                self.end_headers()
-                self.wfile.write(body)
-
-        lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/agent"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
-def hserver():
-    server = HealthServer()
-    yield server
-    server.stop()
+def hserver() -> Iterator[ScriptedAgent]:
+    agent = ScriptedAgent().start()
+    yield agent
+    agent.stop()
+
+
+def probes(agent: ScriptedAgent) -> int:
+    return sum(1 for seen in agent.seen if seen.method == "GET")
 
 
 HEALTHY = b'{"status": "healthy"}'
@@ -81,14 +41,14 @@ def test_the_newest_probe_stands_when_an_older_one_answers_after_it(user, hserve
     first but answered last (slowly, while the agent was up) overwrote the newer probe's
     'offline', and the agent stayed routed to until the next check."""
     agent = register_agent(user, unique_capability("race"), endpoint=hserver.url)
-    hserver.script.extend([(1.5, 200, HEALTHY), (0.0, 503, b"{}")])
+    hserver.health_script.extend([(1.5, 200, HEALTHY), (0.0, 503, b"{}")])
     with session_scope() as session:
         row = session.scalar(select(Agent).where(Agent.id == agent["agentUuid"]))
         target = (row.id, row.endpoint)
-    gets_before = len(hserver.gets)
+    gets_before = probes(hserver)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         scheduled = pool.submit(health.check, [target])
-        wait_until(lambda: len(hserver.gets) > gets_before, timeout=5)  # its probe began
+        wait_until(lambda: probes(hserver) > gets_before, timeout=5)  # its probe began
         manual = user.post(f"/agents/{agent['agentUuid']}/health-check").json()["data"]
         scheduled.result()
     assert manual["status"] == "offline"
@@ -97,11 +57,11 @@ def test_the_newest_probe_stands_when_an_older_one_answers_after_it(user, hserve
 
 def test_a_check_of_an_agent_deleted_meanwhile_is_a_404_and_writes_nothing(user, hserver):
     agent = register_agent(user, unique_capability("del"), endpoint=hserver.url)
-    hserver.script.append((1.5, 200, HEALTHY))
-    gets_before = len(hserver.gets)
+    hserver.health_script.append((1.5, 200, HEALTHY))
+    gets_before = probes(hserver)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         checking = pool.submit(user.post, f"/agents/{agent['agentUuid']}/health-check")
-        wait_until(lambda: len(hserver.gets) > gets_before, timeout=5)
+        wait_until(lambda: probes(hserver) > gets_before, timeout=5)
         assert user.delete(f"/agents/{agent['agentUuid']}").status_code == 200
         checked = checking.result()
     assert checked.status_code == 404, checked.text

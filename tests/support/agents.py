@@ -111,6 +111,8 @@ class ScriptedAgent:
     """`script` is consumed one behaviour per call; `default` applies when it runs out."""
 
     health: str | bytes = "healthy"  # bytes: /health answers 200 with them as they are
+    # Taken one a probe before `health` applies: (seconds to wait, status, body).
+    health_script: deque[tuple[float, int, bytes]] = field(default_factory=deque)
     default: Behaviour = field(default_factory=ok)
     script: deque[Behaviour] = field(default_factory=deque)
     calls: list[Call] = field(default_factory=list)
@@ -153,7 +155,13 @@ class ScriptedAgent:
 
             def do_GET(self) -> None:
                 self._see()
-                if agent.health == "missing":
+                with agent.lock:
+                    scripted = agent.health_script.popleft() if agent.health_script else None
+                if scripted is not None:
+                    delay, code, body = scripted
+                    time.sleep(delay)
+                    self._send(code, body)
+                elif agent.health == "missing":
                     self._send(404, b"{}")
                 elif isinstance(agent.health, bytes):
                     self._send(200, agent.health)
