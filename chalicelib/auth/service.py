@@ -152,14 +152,25 @@ def logout_all(principal: Principal) -> responses.SessionsEnded:
 
 
 def change_password(principal: Principal, body: PasswordChangeRequest) -> responses.SignedIn:
-    """Set a new password and end every session; the caller gets a fresh one."""
+    """Set a new password and end every session; the caller gets a fresh one. Of changes
+    made at once with the same current password only the first succeeds: the others are
+    a 401, that password no longer being the current one."""
     user = _load(principal.user_uuid)
     limits.limit_sign_in(user.email, None)  # a stolen access token must not guess freely
     _check_password(user, body.current_password)
     new_hash = passwords.hash_password(body.new_password)
     with session_scope() as session:
+        # Set only over the hash just verified (a concurrent change waits on the row lock,
+        # then finds its hash gone); first, so the row is locked before end_all.
+        changed = session.scalar(
+            update(User)
+            .where(User.id == user.id, User.password_hash == user.password_hash)
+            .values(password_hash=new_hash)
+            .returning(User.id)
+        )
+        if changed is None:
+            raise errors.Unauthorized("Invalid email or password")
         ended = sessions.end_all(session, user.id, "password-changed")
-        session.execute(update(User).where(User.id == user.id).values(password_hash=new_hash))
         fresh = session.get(User, user.id, populate_existing=True)
         assert fresh is not None
         pair = sessions.start(session, fresh)

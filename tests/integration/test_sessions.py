@@ -16,6 +16,7 @@ from sqlalchemy import text
 
 from chalicelib import db
 from chalicelib.agents import secrets
+from chalicelib.auth import passwords
 from chalicelib.auth import sessions as auth_sessions
 from chalicelib.auth.tokens import key_id
 from chalicelib.config import DEV_JWT_SECRET, DEV_SECRET_KEY, reset_settings
@@ -184,6 +185,47 @@ def test_a_password_change_needs_the_current_password(api: Api, account: Account
     short = caller.post("/auth/password", {"currentPassword": PASSWORD, "newPassword": "short"})
     assert short.status_code == 400
     assert short.json()["error"]["details"][0]["field"] == "newPassword"
+
+
+def test_two_password_changes_with_the_same_current_password_cannot_both_succeed(
+    api: Api, account: Account, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner and a thief who knows the old password change it at the same moment. Once
+    the first change is done the old password is no longer current: the second is a 401.
+    Both used to answer 200, the later commit silently undoing the other's new password."""
+    owner, thief = account.sign_in(), account.sign_in()
+    # Hold each change after its current password was checked until both have been.
+    both_checked = threading.Barrier(2, timeout=10)
+    hash_password = passwords.hash_password
+
+    def hash_once_both_checked(password: str, rounds: int = 10) -> str:
+        both_checked.wait()
+        return hash_password(password, rounds)
+
+    monkeypatch.setattr(passwords, "hash_password", hash_once_both_checked)
+    answers: dict[str, Any] = {}
+
+    def change(who: str, tokens: dict[str, Any]) -> None:
+        answers[who] = Api(api.base_url, token=tokens["accessToken"]).post(
+            "/auth/password", {"currentPassword": PASSWORD, "newPassword": f"{who}-new-password"}
+        )
+
+    threads = [
+        threading.Thread(target=change, args=("owner", owner)),
+        threading.Thread(target=change, args=("thief", thief)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    codes = {who: answer.status_code for who, answer in answers.items()}
+    assert sorted(codes.values()) == [200, 401], codes
+    (winner,) = [who for who, code in codes.items() if code == 200]
+    (loser,) = [who for who, code in codes.items() if code == 401]
+    assert me(api, answers[winner].json()["data"]["accessToken"]) == 200
+    for password, signs_in in ((f"{winner}-new-password", 200), (f"{loser}-new-password", 401)):
+        answer = api.post("/auth/login", {"email": account.email, "password": password})
+        assert answer.status_code == signs_in, (password, answer.text)
 
 
 def test_a_session_ends_at_its_absolute_lifetime(api: Api, account: Account) -> None:
