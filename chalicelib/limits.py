@@ -1,13 +1,13 @@
-"""Abuse limits: sign-in attempts per account and per source address, new accounts per
-source address, submissions and on-demand agent health probes per user, and a cap on each
-user's active runs.
+"""Abuse limits: sign-in attempts per account and per source address, password changes
+per user, new accounts per source address, submissions and on-demand agent health probes
+per user, and a cap on each user's active runs.
 
-Sign-in and registration limits fail closed (503 when Redis is down: password guessing
-must never become unlimited, nor account creation, each a password hash and a fresh set
-of per-user limits); the submission rate fails open (Redis is a cache, and the active-run
-quota, counted in Postgres by the submission itself, still bounds a user); so does the
-health probe rate (a probe is one GET per API request, ended by its timeout, and failing
-closed would stop agent registration whenever Redis is away).
+Sign-in, password-change and registration limits fail closed (503 when Redis is down:
+password guessing must never become unlimited, nor account creation, each a password hash
+and a fresh set of per-user limits); the submission rate fails open (Redis is a cache, and
+the active-run quota, counted in Postgres by the submission itself, still bounds a user);
+so does the health probe rate (a probe is one GET per API request, ended by its timeout,
+and failing closed would stop agent registration whenever Redis is away).
 """
 
 from __future__ import annotations
@@ -59,6 +59,18 @@ def limit_sign_in(email: str, source_ip: str | None) -> None:
             )
         )
     _fail_closed(checks, WINDOW_SECONDS, "Sign-in", "Too many sign-in attempts")
+
+
+def limit_password_changes(user_key: str) -> None:
+    """At most MAOF_LOGIN_ATTEMPTS_PER_MINUTE password changes per user, over a sliding
+    minute, so a stolen access token cannot guess the current password freely. Counted
+    apart from the account's sign-in limit, which anyone who knows the email can use up."""
+    _fail_closed(
+        [(f"maof:ratelimit:password-change:{user_key}", get_settings().login_attempts_per_minute)],
+        WINDOW_SECONDS,
+        "Password change",
+        "Too many password change attempts",
+    )
 
 
 def limit_registrations(source_ip: str | None) -> None:

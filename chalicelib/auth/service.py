@@ -156,7 +156,7 @@ def change_password(principal: Principal, body: PasswordChangeRequest) -> respon
     made at once with the same current password only the first succeeds: the others are
     a 401, that password no longer being the current one."""
     user = _load(principal.user_uuid)
-    limits.limit_sign_in(user.email, None)  # a stolen access token must not guess freely
+    limits.limit_password_changes(str(user.id))  # a stolen access token must not guess freely
     _check_password(user, body.current_password)
     new_hash = passwords.hash_password(body.new_password)
     with session_scope() as session:

@@ -96,6 +96,39 @@ def test_too_many_sign_in_attempts_for_one_account_answer_429(api: Api) -> None:
     assert sign_in(api, new_account(api)).status_code == 200
 
 
+def change_password(api: Api, access_token: str, current: str) -> requests.Response:
+    return api.post(
+        "/auth/password",
+        {"currentPassword": current, "newPassword": "a-brand-new-password"},
+        headers={"Authorization": f"Bearer {access_token}"},
+    )
+
+
+def test_anyones_failed_sign_ins_do_not_stop_the_owner_changing_their_password(
+    api: Api,
+) -> None:
+    """Password changes used to count against the account's sign-in limit: anyone knowing
+    the email could hold its signed-in owner at 429 with wrong passwords at /auth/login."""
+    email = new_account(api)
+    owner = sign_in(api, email).json()["data"]  # one attempt counted
+    for _ in range(get_settings().login_attempts_per_minute - 1):
+        assert sign_in(api, email, "wrong-password").status_code == 401
+    rate_limited(sign_in(api, email))
+    changed = change_password(api, owner["accessToken"], PASSWORD)
+    assert changed.status_code == 200, changed.text
+
+
+def test_too_many_password_changes_by_one_user_answer_429(api: Api) -> None:
+    """A stolen access token must not guess the current password freely; its guesses leave
+    the account's sign-in limit alone."""
+    email = new_account(api)
+    signed_in = sign_in(api, email).json()["data"]
+    for _ in range(get_settings().login_attempts_per_minute):
+        assert change_password(api, signed_in["accessToken"], "wrong-password").status_code == 401
+    rate_limited(change_password(api, signed_in["accessToken"], PASSWORD))
+    assert sign_in(api, email).status_code == 200
+
+
 class FakeClock:
     """time.time() as a test sets it, for the limiter's window."""
 
