@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import unicodedata
 import uuid
 from typing import Any
 
@@ -230,6 +231,15 @@ def test_login_ignores_the_case_of_the_email(api: Api) -> None:
     email = unique_email()
     register(api, email=email)
     assert login(api, email.upper())["user"]["email"] == email
+
+
+def test_a_password_typed_in_another_unicode_normal_form_signs_in(api: Api) -> None:
+    """Some platforms and input methods send "é" as "e" and a combining accent (NFD)."""
+    email, password = unique_email(), "caf\u00e9-cr\u00e8me-br\u00fbl\u00e9e"
+    assert register(api, email=email, password=password).status_code == 201
+    login(api, email, unicodedata.normalize("NFD", password))
+    wrong = api.post("/auth/login", {"email": email, "password": "cafe-creme-brulee"})
+    assert wrong.status_code == 401
 
 
 def test_login_tokens_are_hs256_jwts_with_the_contract_claims(api: Api) -> None:

@@ -4,6 +4,7 @@ token refused with a 401; the signing secret rotates without refusing its previo
 from __future__ import annotations
 
 import time
+import unicodedata
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -255,3 +256,38 @@ def test_passwords_longer_than_72_bytes_count_every_character():
     hashed = hash_password(long, rounds=4)
     assert verify_password(long, hashed)
     assert not verify_password("p" * 72 + "q" * 28, hashed)
+
+
+CREME_BRULEE_NFC = "cr\u00e8me-br\u00fbl\u00e9e"  # è, û, é each one character
+
+
+@pytest.mark.parametrize(
+    ("registered", "typed"),
+    [
+        (CREME_BRULEE_NFC, unicodedata.normalize("NFD", CREME_BRULEE_NFC)),  # e + combining
+        (unicodedata.normalize("NFD", CREME_BRULEE_NFC), CREME_BRULEE_NFC),
+        ("\uff50\uff41\uff53\uff53\uff57\uff4f\uff52\uff44", "password"),  # full-width letters
+    ],
+)
+def test_a_password_typed_in_another_unicode_form_matches(registered: str, typed: str) -> None:
+    """NIST SP 800-63B: passwords are compared NFKC-normalised, as platforms and input
+    methods send the same typed text in different forms."""
+    from chalicelib.auth.passwords import hash_password, verify_password
+
+    hashed = hash_password(registered, rounds=4)
+    assert verify_password(typed, hashed)
+    assert verify_password(registered, hashed)
+    assert not verify_password(typed + "x", hashed)
+
+
+def test_a_hash_made_before_normalisation_still_matches_the_password_as_typed() -> None:
+    """Hashes made before passwords were normalised are of the password as it was sent."""
+    import bcrypt
+
+    from chalicelib.auth import passwords
+
+    as_sent = unicodedata.normalize("NFD", CREME_BRULEE_NFC)
+    legacy = bcrypt.hashpw(passwords._prehash(as_sent), bcrypt.gensalt(rounds=4)).decode()
+    assert passwords.verify_password(as_sent, legacy)
+    assert not passwords.verify_password(as_sent + "x", legacy)
+    assert not passwords.verify_password(as_sent, None)
