@@ -18,7 +18,7 @@ from rich.live import Live
 from maof_client import __version__, render
 from maof_client.client import MaofClient, new_idempotency_key
 from maof_client.config import DEFAULT_API_URL, CredentialsFile, checked_api_url
-from maof_client.errors import ConnectionFailed, MaofError, NotSignedIn, RateLimited
+from maof_client.errors import ConnectionFailed, MaofError, NotSignedIn, TryLater
 from maof_client.models import Run, hidden, shown
 from maof_client.workflows import WorkflowFileError, read_execute_body, read_input
 
@@ -70,7 +70,7 @@ def explain(error: MaofError, api_url: str) -> str:
         for detail in error.details:
             if isinstance(detail, dict) and "field" in detail:
                 lines.append(f"  {detail['field']}: {detail.get('message', '')}")
-    if isinstance(error, RateLimited) and error.retry_after is not None:
+    if isinstance(error, TryLater) and error.retry_after is not None:
         lines.append(f"  retry after {error.retry_after:g} s")
     if error.request_id:
         lines.append(f"  request id: {error.request_id}")

@@ -77,17 +77,24 @@ class UnsupportedMediaType(MaofError):
     code = "UNSUPPORTED_MEDIA_TYPE"
 
 
-class RateLimited(MaofError):
-    """429: `retry_after` is how many seconds the API asked to wait (None if it did not say)."""
-
-    code = "RATE_LIMITED"
+class TryLater(MaofError):
+    """An answer asking to send the request again later: `retry_after` is how many seconds
+    the API asked to wait (None if it did not say)."""
 
     def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
         self.retry_after = retry_after
 
 
-class ServiceUnavailable(MaofError):
+class RateLimited(TryLater):
+    """429: too many requests for now."""
+
+    code = "RATE_LIMITED"
+
+
+class ServiceUnavailable(TryLater):
+    """503: a dependency of the API is away (restarting, unreachable) for now."""
+
     code = "SERVICE_UNAVAILABLE"
 
 
@@ -158,8 +165,8 @@ def error_from_envelope(body: Any, status: int, retry_after_header: str | None =
         "status": status,
     }
     cls = ERRORS_BY_CODE.get(code, MaofError)
-    if cls is RateLimited:
-        return RateLimited(message, retry_after=_retry_after(error, retry_after_header), **common)
+    if issubclass(cls, TryLater):
+        return cls(message, retry_after=_retry_after(error, retry_after_header), **common)
     return cls(message, **common)
 
 

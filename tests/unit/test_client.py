@@ -172,6 +172,20 @@ def test_rate_limited_says_how_long_to_wait() -> None:
     assert no_details.retry_after == 9
 
 
+def test_service_unavailable_says_how_long_to_wait_as_rate_limited_does() -> None:
+    """The API answers every 503 with Retry-After: it was read for a 429 only, so a 503's
+    error said nothing of when to try again."""
+    from maof_client.cli import explain
+
+    error = error_from_envelope(failure(503, "SERVICE_UNAVAILABLE", "busy")[1], 503, "7")
+    assert isinstance(error, errors.ServiceUnavailable)
+    assert error.retry_after == 7
+    assert "  retry after 7 s" in explain(error, BASE).splitlines()
+    silent = error_from_envelope(failure(503, "SERVICE_UNAVAILABLE", "busy")[1], 503)
+    assert isinstance(silent, errors.ServiceUnavailable) and silent.retry_after is None
+    assert "retry after" not in explain(silent, BASE)
+
+
 def test_a_body_without_the_envelope_is_an_unexpected_response() -> None:
     error = error_from_envelope({"message": "Forbidden"}, 403)
     assert isinstance(error, errors.UnexpectedResponse)
