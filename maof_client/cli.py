@@ -441,13 +441,21 @@ def watch(state: State, run_id: str, as_json: bool) -> NoReturn:
     view = render.LiveRun(run_id)
     # Off a terminal the live view would only print its last frame: with --json that would
     # be noise on stderr, without it that frame is the summary.
-    shown = err.is_terminal or not as_json
+    live = err.is_terminal or not as_json
 
     def update(run: Run) -> None:
         view.run = run
 
+    def reconnecting(error: MaofError, delay: float) -> None:
+        # Printed above the live view, which goes on showing the last stages seen.
+        err.print(
+            f"Reconnecting in {delay:g} s… ({shown(error.message)})",
+            markup=False,
+            highlight=False,
+        )
+
     try:
-        if shown:
+        if live:
             with Live(
                 view,
                 console=err,
@@ -455,11 +463,13 @@ def watch(state: State, run_id: str, as_json: bool) -> NoReturn:
                 redirect_stdout=False,
                 redirect_stderr=False,
             ):
-                run = state.client.wait_for_run(run_id, on_update=update, max_interval=1.0)
+                run = state.client.wait_for_run(
+                    run_id, on_update=update, on_retry=reconnecting, max_interval=1.0
+                )
             if not err.is_terminal:
                 err.line()  # Live ends its last frame with a newline only on a terminal
         else:
-            run = state.client.wait_for_run(run_id, max_interval=1.0)
+            run = state.client.wait_for_run(run_id, on_retry=reconnecting, max_interval=1.0)
     except KeyboardInterrupt:
         click.echo(
             f"\nStopped watching {run_id}; it goes on: `maof status {run_id} --watch`", err=True

@@ -38,6 +38,7 @@ from maof_client.errors import (
     MaofError,
     NotSignedIn,
     RequestFailed,
+    TryLater,
     Unauthorized,
     UnexpectedResponse,
     error_from_envelope,
@@ -61,6 +62,11 @@ T = TypeVar("T")
 
 # An access token this close to its expiry is refreshed before it is sent.
 EXPIRY_MARGIN_SECONDS = 5
+# wait_for_run outlasts an outage (an API restart, a deployment) this long, polling again
+# after a delay doubling between these two unless the API says how long to wait.
+OUTAGE_LIMIT_SECONDS = 60.0
+OUTAGE_FIRST_DELAY_SECONDS = 1.0
+OUTAGE_MAX_DELAY_SECONDS = 10.0
 
 
 class TokenStore(Protocol):
@@ -551,16 +557,42 @@ class MaofClient:
         on_update: Callable[[Run], None] | None = None,
         min_interval: float = 0.25,
         max_interval: float = 2.0,
+        on_retry: Callable[[MaofError, float], None] | None = None,
+        outage_limit: float = OUTAGE_LIMIT_SECONDS,
     ) -> Run:
         """Poll the run until it has ended (completed, failed or cancelled) and return it.
 
         `on_update` sees every poll. Polls start every `min_interval` seconds and back off
-        to `max_interval` while nothing changes; raises TimeoutError after `timeout`."""
+        to `max_interval` while nothing changes; raises TimeoutError after `timeout`.
+        A poll that fails for a passing reason (see `transient`: the API restarting, a
+        proxy's 502, a 503 or 429) is sent again after its Retry-After, else after a delay
+        doubling from 1 s to 10 s; `on_retry` sees each such error and the delay. The
+        error is raised once polls have failed for `outage_limit` seconds in a row, or
+        at once when it is not transient."""
         deadline = None if timeout is None else time.monotonic() + timeout
         interval = min_interval
         seen: tuple[Any, ...] = ()
+        failing_since: float | None = None
+        backoff = OUTAGE_FIRST_DELAY_SECONDS
         while True:
-            run = self.get_run(run_id)
+            try:
+                run = self.get_run(run_id)
+            except MaofError as error:
+                failed_at = time.monotonic()
+                failing_since = failed_at if failing_since is None else failing_since
+                asked = error.retry_after if isinstance(error, TryLater) else None
+                delay = backoff if asked is None else max(asked, min_interval)
+                backoff = min(backoff * 2, OUTAGE_MAX_DELAY_SECONDS)
+                out_of_time = failed_at + delay > failing_since + outage_limit or (
+                    deadline is not None and failed_at + delay > deadline
+                )
+                if not transient(error) or out_of_time:
+                    raise
+                if on_retry is not None:
+                    on_retry(error, delay)
+                time.sleep(delay)
+                continue
+            failing_since, backoff = None, OUTAGE_FIRST_DELAY_SECONDS
             if on_update is not None:
                 on_update(run)
             if run.ended:
@@ -571,6 +603,15 @@ class MaofClient:
             if deadline is not None and time.monotonic() + interval > deadline:
                 raise TimeoutError(f"{run_id} is still {run.status} after {timeout:g} s")
             time.sleep(interval)
+
+
+def transient(error: MaofError) -> bool:
+    """Whether asking again later may well succeed: no answer (the API restarting or
+    unreachable), an answer asking to wait (429, 503), or a 5xx that is not the API's own
+    (a proxy's 502 or 504 while the API is away)."""
+    if isinstance(error, ConnectionFailed | TryLater):
+        return True
+    return isinstance(error, UnexpectedResponse) and (error.status or 0) >= 500
 
 
 def _sessions_ended(data: dict[str, Any]) -> int:

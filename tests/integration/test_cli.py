@@ -558,20 +558,27 @@ def test_inline_json_input_longer_than_a_file_name_is_submitted(
 # ------------------------------------------------------------------ servers that are not MAOF's
 
 
+Answer = tuple[int, dict[str, str], bytes]
+
+
 class FixedAnswers(http.server.BaseHTTPRequestHandler):
     """A server answering fixed (status, headers, body) per path prefix, noting each request
-    (a proxy, an older or compromised API, or the host a redirect points at)."""
+    (a proxy, an older or compromised API, or the host a redirect points at). A list of
+    answers is answered in turn, its last one from then on."""
 
-    answers: dict[str, tuple[int, dict[str, str], bytes]] = {}
+    answers: dict[str, Answer | list[Answer]] = {}
     seen: list[tuple[str, str, bytes]]
 
     def answer(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self.seen.append((self.command, self.path, body))
-        status, headers, payload = next(
+        found = next(
             (answer for prefix, answer in self.answers.items() if self.path.startswith(prefix)),
             (404, {}, b"{}"),
         )
+        if isinstance(found, list):
+            found = found.pop(0) if len(found) > 1 else found[0]
+        status, headers, payload = found
         self.send_response(status)
         for key, value in {"Content-Type": "application/json", **headers}.items():
             self.send_header(key, value)
@@ -587,11 +594,11 @@ class FixedAnswers(http.server.BaseHTTPRequestHandler):
 
 @contextlib.contextmanager
 def fixed_server(
-    answers: dict[str, tuple[int, dict[str, str], bytes]],
+    answers: dict[str, Answer | list[Answer]], port: int = 0
 ) -> Iterator[tuple[str, list[tuple[str, str, bytes]]]]:
     seen: list[tuple[str, str, bytes]] = []
     handler = type("Handler", (FixedAnswers,), {"answers": answers, "seen": seen})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", seen
@@ -600,7 +607,7 @@ def fixed_server(
         server.server_close()
 
 
-def envelope(data: Any) -> tuple[int, dict[str, str], bytes]:
+def envelope(data: Any) -> Answer:
     return 200, {}, json.dumps({"success": True, "data": data}).encode()
 
 
@@ -655,3 +662,63 @@ def test_agents_show_prints_no_escape_codes_it_receives(tmp_path: Path) -> None:
     assert "owned-title" in shown.stdout and "red" in shown.stdout  # every field is there
     assert not any(char in shown.stdout for char in "\x1b\x9b\u202e")
     assert as_json == agent  # --json: the same data, escaped
+
+
+# ------------------------------------------------------------------ watching through an outage
+
+RUN_ID = "wfr-00000000-0000-4000-8000-000000000001"
+
+
+def run_answer(status: str) -> Answer:
+    stage = {"stageId": "a", "name": "A", "attempt": 1}
+    stage["status"] = "completed" if status == "completed" else "in_progress"
+    return envelope(
+        {"workflowRunId": RUN_ID, "workflowName": "p", "status": status, "stages": [stage]}
+    )
+
+
+RESULT = {f"/workflows/{RUN_ID}/result": envelope({"workflowRunId": RUN_ID, "output": 1})}
+
+
+@pytest.mark.parametrize(
+    "blip",
+    [
+        (502, {"Content-Type": "text/html"}, b"<html>502 Bad Gateway</html>"),
+        (
+            503,
+            {"Retry-After": "1"},
+            json.dumps(
+                {"success": False, "error": {"code": "SERVICE_UNAVAILABLE", "message": "away"}}
+            ).encode(),
+        ),
+    ],
+    ids=["proxy-502", "api-503"],
+)
+def test_watch_goes_on_after_a_poll_fails_while_the_run_does(tmp_path: Path, blip: Answer) -> None:
+    polls = [run_answer("in_progress"), blip, run_answer("completed")]
+    with fixed_server({**RESULT, f"/workflows/{RUN_ID}": polls}) as (url, _):
+        maof = Maof(url, tmp_path)
+        maof.credentials.save(Tokens("a.b", "r", "x@example.com"))
+        result = maof("status", RUN_ID, "--watch")
+    assert result.exit_code == 0, result.output
+    assert "Reconnecting in 1 s" in result.stderr
+    assert json.loads(result.stdout) == 1
+
+
+def test_watch_reconnects_to_an_api_that_restarts(tmp_path: Path) -> None:
+    port = free_port()
+    maof = Maof(f"http://127.0.0.1:{port}", tmp_path)
+    maof.credentials.save(Tokens("a.b", "r", "x@example.com"))
+    outcome: dict[str, Result] = {}
+    watcher = threading.Thread(
+        target=lambda: outcome.update(watched=maof("status", RUN_ID, "--watch"))
+    )
+    with fixed_server({f"/workflows/{RUN_ID}": run_answer("in_progress")}, port) as (_, seen):
+        watcher.start()
+        wait_until(lambda: len(seen) >= 2)
+    time.sleep(1.5)  # the API is away this long: the watch's polls are refused meanwhile
+    with fixed_server({**RESULT, f"/workflows/{RUN_ID}": run_answer("completed")}, port):
+        watcher.join(30)
+    watched = outcome["watched"]
+    assert watched.exit_code == 0, watched.output
+    assert "Reconnecting in 1 s… (Could not reach the MAOF API" in watched.stderr

@@ -415,6 +415,89 @@ def test_wait_for_run_polls_until_the_run_ends(
     assert updates == ["queued", "in_progress", "failed"]
 
 
+class FakeClock:
+    """The client's `time`: sleeping moves the monotonic clock on at once."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return time.time()
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    from maof_client import client as client_module
+
+    fake_clock = FakeClock()
+    monkeypatch.setattr(client_module, "time", fake_clock)
+    return fake_clock
+
+
+def test_wait_for_run_outlasts_polls_that_fail_while_the_api_is_away(
+    fake: FakeApi, clock: FakeClock
+) -> None:
+    """A restart behind a proxy (502), a 503 asking for 3 s, a refused connection: the run
+    goes on meanwhile, so the watch must too (it gave up on the first failed poll)."""
+    unavailable = failure(503, "SERVICE_UNAVAILABLE", "Database unreachable")
+    answers: list[Answer] = [
+        ok({**RUN, "status": "in_progress"}),
+        (502, b"<html>502 Bad Gateway</html>"),
+        (*unavailable, {"Retry-After": "3"}),
+        requests.ConnectionError("[Errno 111] Connection refused"),
+        ok(RUN),
+    ]
+    fake.on("GET", "/workflows/wfr-1", lambda _r: answers.pop(0))
+    retries: list[tuple[str, float]] = []
+    run = client_for(fake, Tokens(valid_token(), "r1")).wait_for_run(
+        "wfr-1", on_retry=lambda error, delay: retries.append((error.code, delay))
+    )
+    assert run.status == "failed"
+    assert retries == [
+        ("UNEXPECTED_RESPONSE", 1.0),
+        ("SERVICE_UNAVAILABLE", 3.0),  # the Retry-After, not the backoff
+        ("CONNECTION_FAILED", 4.0),
+    ]
+    assert clock.slept[1:] == [1.0, 3.0, 4.0]
+
+
+def test_wait_for_run_gives_up_after_a_minute_of_failed_polls(
+    fake: FakeApi, clock: FakeClock
+) -> None:
+    fake.on("GET", "/workflows/wfr-1", requests.ConnectionError("[Errno 111] refused"))
+    started = clock.now
+    with pytest.raises(errors.ConnectionFailed):
+        client_for(fake, Tokens(valid_token(), "r1")).wait_for_run("wfr-1")
+    assert clock.slept == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0, 10.0]  # 55 s; 10 more: 65
+    assert clock.now - started <= 60
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        failure(404, "NOT_FOUND", "Workflow run not found"),
+        failure(500, "INTERNAL_ERROR", "oops"),  # the API's own: asking again will not help
+        (200, {"success": True, "data": []}),
+    ],
+    ids=["404", "500", "not-maof"],
+)
+def test_wait_for_run_raises_an_error_that_waiting_will_not_mend_at_once(
+    fake: FakeApi, clock: FakeClock, answer: Answer
+) -> None:
+    fake.on("GET", "/workflows/wfr-1", answer)
+    with pytest.raises(errors.MaofError):
+        client_for(fake, Tokens(valid_token(), "r1")).wait_for_run("wfr-1")
+    assert len(fake.sent) == 1 and clock.slept == []
+
+
 def test_export_audit_calls_the_export_path(fake: FakeApi) -> None:
     fake.on("GET", "/workflows/wfr-1/audit/export", failure(404, "NOT_FOUND", "Not found"))
     with pytest.raises(errors.NotFound):
