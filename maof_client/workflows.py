@@ -12,6 +12,9 @@ from typing import Any
 import yaml
 
 EXECUTE_KEYS = {"workflow", "input", "callback"}
+# No MAOF API takes a body nested deeper (MAOF_MAX_JSON_DEPTH is at most 512), and json
+# encodes a body for sending with one recursion per level: a deeper one would fail there.
+MAX_DEPTH = 512
 
 
 class WorkflowFileError(ValueError):
@@ -34,27 +37,39 @@ def parse_document(text: str, name: str, *, json_only: bool = False) -> Any:
             document = json.loads(json.dumps(yaml.safe_load(text), default=_jsonable))
     except (ValueError, TypeError, yaml.YAMLError) as exc:
         raise WorkflowFileError(f"{name} is not valid {_kind(name, json_only)}: {exc}") from None
+    except RecursionError:  # both parsers recurse once per level of nesting
+        raise _too_deep(name) from None
     return finite(document, name)
 
 
+def _too_deep(name: str) -> WorkflowFileError:
+    return WorkflowFileError(
+        f"{name} nests lists or objects too deeply (more than {MAX_DEPTH} levels)"
+    )
+
+
 def finite(document: Any, name: str) -> Any:
-    """`document`, unless a number in it is NaN or infinite: Python's json reads `NaN`,
-    `Infinity` and `1e999`, YAML `.nan` and `.inf`, but JSON has no such number (the
-    request could not be sent)."""
-    pending: list[tuple[Any, str]] = [(document, "")]
+    """`document`, unless a number in it is NaN or infinite (Python's json reads `NaN`,
+    `Infinity` and `1e999`, YAML `.nan` and `.inf`, but JSON has no such number) or it
+    nests deeper than MAX_DEPTH: either way the request could not be sent."""
+    pending: list[tuple[Any, str, int]] = [(document, "", 0)]
     while pending:  # not recursive: as deep as json.loads goes, with no stack to spare
-        value, where = pending.pop()
+        value, where, depth = pending.pop()
         if isinstance(value, float) and not math.isfinite(value):
             number = "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
             raise WorkflowFileError(
                 f"{name}: {where.lstrip('.') or 'the value'} is {number}, "
                 "and JSON has no NaN or infinite numbers"
             )
+        if depth > MAX_DEPTH:
+            raise _too_deep(name)
         # Pushed last first, so the first one in the document is the one named.
         if isinstance(value, dict):
-            pending.extend(reversed([(item, f"{where}.{key}") for key, item in value.items()]))
+            items = [(item, f"{where}.{key}", depth + 1) for key, item in value.items()]
+            pending.extend(reversed(items))
         elif isinstance(value, list):
-            pending.extend(reversed([(item, f"{where}[{i}]") for i, item in enumerate(value)]))
+            items = [(item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value)]
+            pending.extend(reversed(items))
     return document
 
 
@@ -108,6 +123,8 @@ def read_input(value: str, stdin_text: str | None = None) -> Any:
         return parse_document(read_text(path), str(path))
     try:
         document = json.loads(value)
+    except RecursionError:
+        raise _too_deep("--input") from None
     except ValueError:
         if inline and _is_file(path):  # a file named as JSON starts: `[draft].yaml`
             return parse_document(read_text(path), str(path))

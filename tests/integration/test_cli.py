@@ -534,11 +534,15 @@ def test_a_file_or_input_that_cannot_be_sent_is_a_usage_error(tmp_path: Path) ->
     latin1_input.write_bytes(b'{"text": "caf\xe9"}')
     yaml_inf = tmp_path / "in.yaml"
     yaml_inf.write_text("x: .inf\n")
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
     cases = [
         (["run", str(latin1)], "latin1.yaml is not UTF-8 text"),
         (["run", str(path), "--input", str(latin1_input)], "input.json is not UTF-8 text"),
         (["run", str(path), "--input", '{"x": NaN}'], "--input: x is NaN"),
         (["run", str(path), "--input", str(yaml_inf)], "in.yaml: x is Infinity"),
+        (["run", str(deep)], "deep.json nests lists or objects too deeply"),
+        (["run", str(path), "--input", "[" * 100_000], "--input nests lists or objects too"),
     ]
     for args, message in cases:
         result = maof(*args)

@@ -230,6 +230,25 @@ def test_yaml_and_json_files_with_nan_or_infinity_are_refused(tmp_path: Path) ->
         read_input("-", "NaN")
 
 
+def test_a_file_or_input_nested_too_deeply_is_a_workflow_file_error(tmp_path: Path) -> None:
+    """json and yaml recurse once per level: a RecursionError came out as a traceback."""
+    deep_json = tmp_path / "deep.json"
+    deep_json.write_text("[" * 100_000 + "]" * 100_000)
+    deep_yaml = tmp_path / "deep.yaml"
+    deep_yaml.write_text("name: x\nstages: " + "[" * 5000 + "]" * 5000 + "\n")
+    for path in (deep_json, deep_yaml):
+        with pytest.raises(WorkflowFileError, match=f"{path.name} nests lists or objects too"):
+            read_execute_body(path)
+    with pytest.raises(WorkflowFileError, match="--input nests lists or objects too deeply"):
+        read_input("[" * 100_000)
+    with pytest.raises(WorkflowFileError, match="standard input nests lists or objects"):
+        read_input("-", "[" * 100_000)
+    # Read, but too deep to encode for sending (json recurses there too): refused as well.
+    with pytest.raises(WorkflowFileError, match=r"--input nests .* \(more than 512 levels\)"):
+        read_input("[" * 980 + "]" * 980)
+    assert read_input("[" * 512 + "]" * 512) is not None  # as deep as any API takes
+
+
 @pytest.mark.parametrize(
     ("url", "checked"),
     [
