@@ -107,11 +107,13 @@ def emit_json(data: Any) -> None:
 
 
 def _escaped(char: str) -> str:
-    """`char` as a JSON escape (outside the BMP, as its UTF-16 surrogate pair)."""
-    units = char.encode("utf-16-be")
-    return "".join(
-        f"\\u{int.from_bytes(units[i : i + 2], 'big'):04x}" for i in range(0, len(units), 2)
-    )
+    """`char` as a JSON escape (outside the BMP, as its UTF-16 surrogate pair; a lone
+    surrogate, which no encoding writes, as itself)."""
+    code = ord(char)
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    high, low = divmod(code - 0x10000, 0x400)
+    return f"\\u{0xD800 + high:04x}\\u{0xDC00 + low:04x}"
 
 
 def show(renderable: Any) -> None:

@@ -26,9 +26,10 @@ def _int(value: Any) -> int | None:
 # What a terminal would act on rather than show: controls (Cc: C0 but tab and newline, DEL,
 # and C1; escape sequences start with ESC, or with C1's CSI), format characters (Cf: bidi
 # overrides and isolates that show text reversed, zero-width characters) and line and
-# paragraph separators (Zl, Zp). An agent's words reach these strings (a stage's error, an
-# agent's name): shown as "?"; `raw` keeps the API's own.
-_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+# paragraph separators (Zl, Zp); and lone surrogates (Cs: JSON's "\ud800" reads as one, and
+# no output encoding can write it). An agent's words reach these strings (a stage's error,
+# an agent's name): shown as "?"; `raw` keeps the API's own.
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 _KEPT = "\t\n"
 
 
@@ -38,8 +39,9 @@ def hidden(char: str) -> bool:
 
 
 def shown(value: Any) -> str:
-    """`value` as text fit for a terminal: every control, format (bidi, zero-width) and
-    line or paragraph separator character but tab and newline replaced by "?"."""
+    """`value` as text fit for a terminal: every control, format (bidi, zero-width), lone
+    surrogate and line or paragraph separator character but tab and newline replaced by
+    "?"."""
     text = str(value)
     if text.isprintable():  # the usual case: none of them (nor tab or newline) is there
         return text

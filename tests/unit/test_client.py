@@ -566,6 +566,20 @@ def test_json_for_a_terminal_escapes_what_json_leaves_raw(capsys) -> None:
     assert "é" in printed and "\\udb40\\udc41" in printed
 
 
+def test_a_lone_surrogate_from_the_api_is_printed_escaped(capsys) -> None:
+    """JSON's "\\ud800" reads as a lone surrogate, which no encoding writes: printing the
+    result (or any --json) was a UnicodeEncodeError traceback."""
+    from maof_client.cli import emit_json
+
+    data = {"output": "a\ud800b", "pair": "\U0001f600"}
+    emit_json(data)
+    printed = capsys.readouterr().out
+    assert "a\\ud800b" in printed and "\U0001f600" in printed  # what encodes stays itself
+    assert json.loads(printed) == data
+    agent = Agent.from_api({"agentUuid": "u", "agentId": "a", "name": "x\udc80y"})
+    assert agent.name == "x?y"
+
+
 # ------------------------------------------------------------------ what the transport refuses
 
 
