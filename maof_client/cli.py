@@ -277,17 +277,17 @@ def health(state: State, as_json: bool) -> None:
 @pass_state
 def stats(state: State, as_json: bool) -> None:
     """Your runs, stages and agents over the last hour."""
-    data = state.client.stats()
+    report = state.client.stats()
     if as_json:
-        emit_json(data)
+        emit_json(report.raw)
         return
     click.echo(
-        f"Last {data['window']}: runs {_counts(data['runs'])}; stages {_counts(data['stages'])}"
+        f"Last {report.window}: runs {_counts(report.runs)}; stages {_counts(report.stages)}"
     )
-    for agent in data["agents"]:
+    for agent in report.agents:
         click.echo(
-            f"  {agent['agentId']}: {agent['completed']} completed, {agent['failed']} failed, "
-            f"p50 {agent['stageP50Ms']} ms, p95 {agent['stageP95Ms']} ms"
+            f"  {agent.agent_id}: {agent.completed} completed, {agent.failed} failed, "
+            f"p50 {agent.stage_p50_ms} ms, p95 {agent.stage_p95_ms} ms"
         )
 
 

@@ -53,6 +53,7 @@ from maof_client.models import (
     RunPage,
     RunResult,
     SignIn,
+    Stats,
     Submission,
     Tokens,
     User,
@@ -328,10 +329,10 @@ class MaofClient:
         """`GET /health`: answered also when degraded (HTTP 503), with `status: degraded`."""
         return self._read(Health.from_api, "GET", "/health", auth=False, data_on_error=True)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> Stats:
         """`GET /stats`: your runs and stages by status over the last hour, and per agent
         its completed and failed stages with their p50/p95 durations."""
-        return dict(self._call("GET", "/stats"))
+        return self._read(Stats.from_api, "GET", "/stats")
 
     def openapi(self) -> dict[str, Any]:
         """`GET /openapi`: the API's OpenAPI document (not enveloped)."""

@@ -454,6 +454,51 @@ class AuditTrail:
 
 
 @dataclass(frozen=True)
+class AgentStats:
+    """One agent's stages that ended in the window; the durations of its completed ones
+    (None when it completed none)."""
+
+    agent_uuid: str | None
+    agent_id: str
+    completed: int
+    failed: int
+    stage_p50_ms: int | None
+    stage_p95_ms: int | None
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> AgentStats:
+        return cls(
+            agent_uuid=_str(data.get("agentUuid")),
+            agent_id=shown(data["agentId"]),
+            completed=int(data["completed"]),
+            failed=int(data["failed"]),
+            stage_p50_ms=_int(data.get("stageP50Ms")),
+            stage_p95_ms=_int(data.get("stageP95Ms")),
+        )
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Your runs and stages by status over the last `window`, and per agent."""
+
+    window: str
+    runs: dict[str, int]
+    stages: dict[str, int]
+    agents: list[AgentStats]
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> Stats:
+        return cls(
+            window=shown(data["window"]),
+            runs={shown(status): int(n) for status, n in data["runs"].items()},
+            stages={shown(status): int(n) for status, n in data["stages"].items()},
+            agents=[AgentStats.from_api(agent) for agent in data["agents"]],
+            raw=data,
+        )
+
+
+@dataclass(frozen=True)
 class Health:
     """`status` is `ok`, or `degraded` with the disconnected services in `services`."""
 

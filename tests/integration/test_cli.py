@@ -634,11 +634,13 @@ def test_answers_that_are_not_maofs_are_errors_not_tracebacks(tmp_path: Path) ->
         "/auth/me": envelope(None),
         "/health": (200, {}, b'{"success": true}'),
         "/workflows": (302, {"Location": "/workflows"}, b""),  # a proxy's redirect loop
+        "/stats": envelope({"runs": {}}),
     }
     with fixed_server(answers) as (url, seen):
         maof = Maof(url, tmp_path)
         maof.credentials.save(Tokens("a.b", "r", "x@example.com"))
-        results = {args: maof(*args) for args in [("whoami",), ("health",), ("runs",)]}
+        commands = [("whoami",), ("health",), ("runs",), ("stats",)]
+        results = {args: maof(*args) for args in commands}
     for args, result in results.items():
         assert result.exit_code == 1 and not crashed(result), (args, result.output)
         assert "[UNEXPECTED_RESPONSE]" in result.stderr, result.stderr

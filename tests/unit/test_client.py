@@ -693,6 +693,55 @@ def test_data_of_another_shape_is_an_unexpected_response(
         getattr(client, call)(*([argument] if argument else []))
 
 
+STATS = {
+    "window": "1 hour",
+    "runs": {"completed": 2, "failed": 1},
+    "stages": {"completed": 5},
+    "agents": [
+        {
+            "agentUuid": "a-1",
+            "agentId": "summarizer",
+            "completed": 5,
+            "failed": 0,
+            "stageP50Ms": 120,
+            "stageP95Ms": 480,
+        }
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"runs": {}},  # no window, stages or agents
+        {**STATS, "runs": [["completed", 2]]},
+        {**STATS, "agents": ["summarizer"]},
+        {**STATS, "agents": [{**STATS["agents"][0], "completed": "many"}]},
+    ],
+    ids=["missing fields", "runs a list", "agent a string", "count not a number"],
+)
+def test_stats_of_another_shape_is_an_unexpected_response(
+    fake: FakeApi, data: dict[str, Any]
+) -> None:
+    """`maof stats` read the answer as a plain dict: a KeyError traceback on any other."""
+    fake.on("GET", "/stats", ok(data))
+    with pytest.raises(errors.UnexpectedResponse, match="GET /stats"):
+        client_for(fake, Tokens(valid_token(), "r1")).stats()
+
+
+def test_stats_are_typed(fake: FakeApi) -> None:
+    fake.on("GET", "/stats", ok(STATS))
+    stats = client_for(fake, Tokens(valid_token(), "r1")).stats()
+    assert (stats.window, stats.runs, stats.stages) == (
+        "1 hour",
+        {"completed": 2, "failed": 1},
+        {"completed": 5},
+    )
+    [agent] = stats.agents
+    assert (agent.agent_id, agent.completed, agent.stage_p50_ms) == ("summarizer", 5, 120)
+    assert stats.raw == STATS  # --json prints exactly this
+
+
 def test_a_sign_in_without_tokens_is_an_unexpected_response_and_stores_nothing(
     fake: FakeApi,
 ) -> None:
