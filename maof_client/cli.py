@@ -18,11 +18,12 @@ from rich.live import Live
 from maof_client import __version__, render
 from maof_client.client import MaofClient, new_idempotency_key
 from maof_client.config import DEFAULT_API_URL, CredentialsFile, checked_api_url
-from maof_client.errors import ConnectionFailed, MaofError, NotSignedIn, TryLater
+from maof_client.errors import ConnectionFailed, MaofError, NotFound, NotSignedIn, TryLater
 from maof_client.models import Run, hidden, shown
 from maof_client.workflows import WorkflowFileError, read_execute_body, read_input
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 # Exit codes: 0 done (a watched run completed), 1 an API error or a run that failed or was
 # cancelled, 2 a usage error (click's), 130 interrupted while watching.
@@ -303,15 +304,26 @@ def agents() -> None:
     """Register, list, check and delete agents."""
 
 
-def resolve_agent(client: MaofClient, agent: str) -> str:
-    """An agent's UUID from its UUID or its agentId."""
+def on_agent(client: MaofClient, agent: str, action: Callable[[str], T]) -> T:
+    """`action` on the agent `agent` names by its UUID or its agentId. An agentId may look
+    like a UUID too: when no agent has that UUID (a 404), the agent with that agentId."""
     try:
-        return str(uuid.UUID(agent))
+        agent_uuid = str(uuid.UUID(agent))
     except ValueError:
-        pass
-    found = client.find_agent(agent)
+        return action(agent_uuid_by_id(client, agent))
+    try:
+        return action(agent_uuid)
+    except NotFound:
+        found = client.find_agent(agent)
+        if found is None:
+            raise
+    return action(found.agent_uuid)
+
+
+def agent_uuid_by_id(client: MaofClient, agent_id: str) -> str:
+    found = client.find_agent(agent_id)
     if found is None:
-        fail(f"You have no agent with agentId '{agent}' (see `maof agents list`)")
+        fail(f"You have no agent with agentId '{agent_id}' (see `maof agents list`)")
     return found.agent_uuid
 
 
@@ -399,7 +411,7 @@ def agents_register(
 @pass_state
 def agents_show(state: State, agent: str, as_json: bool) -> None:
     """One agent, by agentId or UUID."""
-    found = state.client.get_agent(resolve_agent(state.client, agent))
+    found = on_agent(state.client, agent, state.client.get_agent)
     if as_json:
         emit_json(found.raw)
         return
@@ -412,7 +424,7 @@ def agents_show(state: State, agent: str, as_json: bool) -> None:
 @pass_state
 def agents_check(state: State, agent: str, as_json: bool) -> None:
     """Probe an agent's health now (by agentId or UUID)."""
-    checked = state.client.check_agent_health(resolve_agent(state.client, agent))
+    checked = on_agent(state.client, agent, state.client.check_agent_health)
     if as_json:
         emit_json(checked.raw)
         return
@@ -425,8 +437,7 @@ def agents_check(state: State, agent: str, as_json: bool) -> None:
 @pass_state
 def agents_delete(state: State, agent: str, as_json: bool) -> None:
     """Delete your agent (by agentId or UUID): it gets no new stage once this returns."""
-    agent_uuid = resolve_agent(state.client, agent)
-    deleted = state.client.delete_agent(agent_uuid)
+    deleted = on_agent(state.client, agent, state.client.delete_agent)
     if as_json:
         emit_json(deleted)
         return

@@ -352,6 +352,24 @@ def test_an_agent_id_names_your_own_agent_before_a_shared_one(
     assert admin.delete(f"/agents/{shared.json()['data']['agentUuid']}").status_code == 200
 
 
+def test_an_agent_id_that_looks_like_a_uuid_names_that_agent(maof: Maof, signed_in: str) -> None:
+    """Any 1-255 characters make an agentId: one shaped like a UUID was taken for an
+    agentUuid only, so show, check and delete answered 404 for an agent you have."""
+    agent_id = str(uuid.uuid4())
+    maof.ok(
+        "agents", "register", "--agent-id", agent_id, "--name", "Looks like a UUID",
+        "--endpoint", "mock://uuid-like", "--capability", unique_capability("cli"),
+        "--auth-token", "t",
+    )  # fmt: skip
+    shown = maof.json("agents", "show", agent_id)
+    assert shown["agentId"] == agent_id and shown["agentUuid"] != agent_id
+    assert maof.json("agents", "show", shown["agentUuid"])["agentId"] == agent_id  # by UUID
+    assert maof.json("agents", "check", agent_id)["status"] == "online"
+    assert maof.ok("agents", "delete", agent_id).stdout.strip() == f"Deleted {agent_id}."
+    gone = maof("agents", "show", agent_id)
+    assert gone.exit_code == 1 and "[NOT_FOUND]" in gone.stderr  # no such UUID nor agentId
+
+
 def test_a_refused_workflow_exits_1_naming_the_field(
     maof: Maof, signed_in: str, tmp_path: Path
 ) -> None:
