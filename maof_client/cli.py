@@ -196,6 +196,7 @@ def main() -> None:
 @pass_state
 def login(state: State, email: str, password_stdin: bool, as_json: bool) -> None:
     """Sign in and store the session's tokens (the password is asked for, never an option)."""
+    state.credentials.check_writable()
     password = read_password(password_stdin, "Password")
     signed = state.client.login(email, password)
     if as_json:
@@ -218,6 +219,8 @@ def register(
     state: State, email: str, name: str, password_stdin: bool, then_login: bool, as_json: bool
 ) -> None:
     """Create an account (POST /auth/register)."""
+    if then_login:
+        state.credentials.check_writable()
     password = read_password(password_stdin, "Password", confirm=True)
     user = state.client.register(email, password, name)
     if then_login:

@@ -98,11 +98,23 @@ class CredentialsFile:
         if document.get("servers", {}).pop(self.api_url, None) is not None:
             self._write(document)
 
+    def check_writable(self) -> None:
+        """Raise CredentialsUnwritable unless tokens can be stored here: asked before
+        signing in, so no session is opened whose tokens would be lost."""
+        with self._writing():
+            self._ensure_directory()
+            descriptor, temporary = tempfile.mkstemp(
+                dir=self.directory, prefix=".credentials-", suffix=".tmp"
+            )
+            os.close(descriptor)
+            os.unlink(temporary)
+
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
         """Held across read-refresh-write: one process at a time rotates the tokens."""
-        self._ensure_directory()
-        descriptor = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        with self._writing():
+            self._ensure_directory()
+            descriptor = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX)
             yield
@@ -112,7 +124,7 @@ class CredentialsFile:
     def _read(self) -> dict[str, Any]:
         try:
             document = json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # nothing stored here (yet)
             return {"version": FORMAT_VERSION, "servers": {}}
         except (OSError, ValueError) as exc:
             raise CredentialsUnreadable(f"{self.path} cannot be read ({exc}); delete it") from None
@@ -121,31 +133,51 @@ class CredentialsFile:
         return document
 
     def _write(self, document: dict[str, Any]) -> None:
-        self._ensure_directory()
         document["version"] = FORMAT_VERSION
-        # mkstemp creates the file 0600; rename is atomic within one directory.
-        descriptor, temporary = tempfile.mkstemp(
-            dir=self.directory, prefix=".credentials-", suffix=".tmp"
-        )
-        try:
-            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                json.dump(document, handle, indent=2, sort_keys=True)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(temporary, 0o600)
-            os.replace(temporary, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-            raise
+        with self._writing():
+            self._ensure_directory()
+            # mkstemp creates the file 0600; rename is atomic within one directory.
+            descriptor, temporary = tempfile.mkstemp(
+                dir=self.directory, prefix=".credentials-", suffix=".tmp"
+            )
+            try:
+                with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                    json.dump(document, handle, indent=2, sort_keys=True)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.chmod(temporary, 0o600)
+                os.replace(temporary, self.path)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temporary)
+                raise
 
     def _ensure_directory(self) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self.directory.stat().st_mode & 0o077:
             os.chmod(self.directory, 0o700)
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """An OSError inside (a HOME that is not writable, a directory under a file) as a
+        CredentialsUnwritable naming the directory and how to choose another."""
+        try:
+            yield
+        except OSError as exc:
+            raise CredentialsUnwritable(
+                f"Cannot store the credentials in {self.directory} "
+                f"({exc.strerror or type(exc).__name__}): make it writable, or set "
+                "MAOF_CONFIG_DIR to a directory you can write"
+            ) from None
+
 
 class CredentialsUnreadable(MaofError):
     """The credentials file exists but is not one this client wrote."""
 
     code = "CREDENTIALS_UNREADABLE"
+
+
+class CredentialsUnwritable(MaofError):
+    """The credentials directory cannot be made, or the file written, where they are kept."""
+
+    code = "CREDENTIALS_UNWRITABLE"

@@ -11,6 +11,7 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -645,6 +646,67 @@ def test_a_redirect_is_not_followed_and_the_password_goes_nowhere_else(tmp_path:
     assert f"HTTP 307, a redirect to {location}; not followed" in result.stderr
     assert [(method, path) for method, path, _ in front_seen] == [("POST", "/auth/login")]
     assert other_seen == []
+
+
+SIGNED_IN = envelope(
+    {
+        "accessToken": "a.b",
+        "refreshToken": "r",
+        "user": {"userUuid": "u", "email": "x@example.com", "name": "n", "role": "user"},
+    }
+)
+
+
+def test_login_where_tokens_cannot_be_stored_fails_before_sending_the_password(
+    tmp_path: Path,
+) -> None:
+    """MAOF_CONFIG_DIR under a regular file: the sign-in succeeded, opening a session, and
+    storing its tokens was a traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with fixed_server({"/auth/login": SIGNED_IN}) as (url, seen):
+        maof = Maof(url, blocker / "maof")
+        login = maof("login", "--email", "x@example.com", "--password-stdin", input=PASSWORD)
+        register = maof(
+            "register", "--email", "x@example.com", "--name", "n", "--password-stdin", "--login",
+            input=PASSWORD,
+        )  # fmt: skip
+    for result in (login, register):
+        assert result.exit_code == 1 and not crashed(result), result.output
+        assert f"Error: Cannot store the credentials in {blocker / 'maof'}" in result.stderr
+        assert "MAOF_CONFIG_DIR" in result.stderr
+    assert seen == []  # no password sent, no session opened
+
+
+def test_login_with_a_home_it_cannot_write_is_one_error_line(tmp_path: Path) -> None:
+    """The installed `maof`, as a user whose HOME is read-only to them (root, whom no mode
+    stops, runs it as nobody)."""
+    demoted = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    maof = [*(demoted if os.geteuid() == 0 else []), str(Path(sys.executable).parent / "maof")]
+    home = Path(tempfile.mkdtemp(prefix="maof-home-"))  # in /tmp, which nobody can reach
+    home.chmod(0o555)
+    try:
+        with fixed_server({"/auth/login": SIGNED_IN}) as (url, seen):
+            done = subprocess.run(
+                [*maof, "login", "--email", "x@example.com", "--password-stdin"],
+                env={
+                    "PATH": "/usr/bin:/bin",
+                    "HOME": str(home),
+                    "MAOF_API_URL": url,
+                    "PYTHONPATH": str(PROJECT_DIR),  # this checkout's client
+                },
+                input=PASSWORD,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd="/",
+            )
+    finally:
+        home.chmod(0o755)
+        home.rmdir()
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith(f"Error: Cannot store the credentials in {home}/.config/maof")
+    assert "Traceback" not in done.stderr and seen == []
 
 
 def test_answers_that_are_not_maofs_are_errors_not_tracebacks(tmp_path: Path) -> None:

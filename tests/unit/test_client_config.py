@@ -15,6 +15,7 @@ import pytest
 from maof_client.config import (
     CredentialsFile,
     CredentialsUnreadable,
+    CredentialsUnwritable,
     checked_api_url,
     config_dir,
 )
@@ -85,6 +86,27 @@ def test_a_file_that_is_not_ours_is_an_error_naming_it(tmp_path: Path) -> None:
     (tmp_path / "credentials.json").write_text("[1, 2]")
     with pytest.raises(CredentialsUnreadable, match=r"credentials\.json"):
         CredentialsFile("http://x", tmp_path).load()
+
+
+def test_a_directory_that_cannot_be_made_is_an_error_naming_it(tmp_path: Path) -> None:
+    """MAOF_CONFIG_DIR under a regular file: every write was an OSError traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    store = CredentialsFile("http://x", blocker / "maof")
+    assert store.load() is None  # nothing is stored there: not signed in
+    named = re.escape(f"Cannot store the credentials in {blocker / 'maof'} (Not a directory)")
+    with pytest.raises(CredentialsUnwritable, match=f"{named}.*MAOF_CONFIG_DIR"):
+        store.check_writable()
+    with pytest.raises(CredentialsUnwritable, match=named):
+        store.save(Tokens("a", "r"))
+    with pytest.raises(CredentialsUnwritable, match=named), store.exclusive():
+        pass
+
+
+def test_check_writable_leaves_only_the_directory(tmp_path: Path) -> None:
+    store = CredentialsFile("http://x", tmp_path / "maof")
+    store.check_writable()
+    assert list(store.directory.iterdir()) == [] and mode(store.directory) == 0o700
 
 
 def test_no_file_means_not_signed_in(tmp_path: Path) -> None:
