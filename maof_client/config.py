@@ -2,8 +2,9 @@
 
 `~/.config/maof/credentials.json` (under `$XDG_CONFIG_HOME` when set; `$MAOF_CONFIG_DIR`
 replaces the whole directory, for tests and several profiles). The directory is 0700, the
-file 0600, written whole to a temporary file and renamed over the old one, so a reader
-never sees half a file and a crash never loses the pair. Refreshes hold an exclusive lock
+file 0600 (made so again, with a warning, when found readable by others), written whole to
+a temporary file and renamed over the old one, so a reader never sees half a file and a
+crash never loses the pair. Refreshes hold an exclusive lock
 on `credentials.lock`, so two `maof` processes never present the same refresh token (the
 API would end the session: refresh tokens rotate).
 """
@@ -14,6 +15,8 @@ import contextlib
 import fcntl
 import json
 import os
+import stat
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,6 +77,7 @@ class CredentialsFile:
         return self.directory / CREDENTIALS_FILE
 
     def load(self) -> Tokens | None:
+        self._tighten()
         entry = self._read().get("servers", {}).get(self.api_url)
         if not isinstance(entry, dict):
             return None
@@ -152,6 +156,24 @@ class CredentialsFile:
                     os.unlink(temporary)
                 raise
 
+    def _tighten(self) -> None:
+        """A file that others may read (copied, restored from a backup) made 0600 again,
+        its directory 0700, with a warning on stderr: its tokens may have been read."""
+        try:
+            loose = stat.S_IMODE(self.path.stat().st_mode)
+        except OSError:
+            return  # nothing stored; a file that cannot be read is _read's to report
+        if not loose & 0o077:
+            return
+        try:
+            os.chmod(self.path, 0o600)
+            if self.directory.stat().st_mode & 0o077:
+                os.chmod(self.directory, 0o700)
+        except OSError as exc:
+            _warn(f"{self.path} is readable by other users and cannot be made 0600 ({exc})")
+            return
+        _warn(f"{self.path} was readable by other users (mode {loose:04o}); made it 0600")
+
     def _ensure_directory(self) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self.directory.stat().st_mode & 0o077:
@@ -169,6 +191,10 @@ class CredentialsFile:
                 f"({exc.strerror or type(exc).__name__}): make it writable, or set "
                 "MAOF_CONFIG_DIR to a directory you can write"
             ) from None
+
+
+def _warn(message: str) -> None:
+    sys.stderr.write(f"Warning: {message}\n")
 
 
 class CredentialsUnreadable(MaofError):

@@ -59,6 +59,24 @@ def test_a_group_readable_directory_is_closed_again(tmp_path: Path) -> None:
     assert mode(directory) == 0o700
 
 
+def test_a_credentials_file_others_can_read_is_made_owner_only_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file copied or restored from a backup as 0644 was used as it was, left readable
+    by every local user."""
+    directory = tmp_path / "maof"
+    store = CredentialsFile("http://x", directory)
+    store.save(Tokens("a", "r"))
+    store.path.chmod(0o644)
+    directory.chmod(0o755)
+    assert store.load() == Tokens("a", "r")
+    assert (mode(store.path), mode(directory)) == (0o600, 0o700)
+    warning = f"Warning: {store.path} was readable by other users (mode 0644); made it 0600\n"
+    assert capsys.readouterr().err == warning
+    store.load()
+    assert capsys.readouterr().err == ""  # said once: it is owner-only now
+
+
 def test_credentials_are_kept_per_api_url(tmp_path: Path) -> None:
     local = CredentialsFile("http://127.0.0.1:3000/", tmp_path)
     deployed = CredentialsFile("https://api.example.com", tmp_path)
