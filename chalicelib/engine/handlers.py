@@ -189,26 +189,55 @@ def _run_claimed(
     handed: AgentChoice | None = None,
     count: bool = True,
 ) -> str:
-    """Run a stage this worker holds (`handed`: with a slot already held on that agent);
+    """Run a stage this worker holds (`handed`: with a slot already held on that agent,
+    given back as the stage's turn ends unless its call took it);
     `count` False: the caller, which held the stage before, counts how it finished."""
     started = time.monotonic()
+    held = HandedSlot(handed, invocation, claimed.claim_token)
     with (
         leases.held(claimed.claim_token),
         observability.stage_context(claimed.run_id, claimed.stage_id),
         observability.traced("run_stage", runId=claimed.run_id, stageId=claimed.stage_id),
     ):
         try:
-            outcome = _execute(claimed, invocation, handed)
+            outcome = _execute(claimed, invocation, held)
         except Exception as exc:
-            if handed is not None:
-                release(handed)  # never given to a call: the slot would wait out its lease
             if is_infrastructure_error(exc):
                 _release_quietly(claimed)
                 raise
             outcome = _after_error(claimed, exc)
+        finally:
+            # Not given to a call (its input failed to resolve, an error, out of time): it
+            # would otherwise be held, and renewed, to its lease's cap with no call on it.
+            held.give_back()
         if count and outcome in ("completed", "failed"):
             _count_finished(claimed, outcome, started)
         return outcome
+
+
+class HandedSlot:
+    """The slot a stage was handed, held for it until its call takes it (`take`: the call's
+    end then releases it or hands it on); `give_back` returns a slot no call took, at once,
+    and wakes a stage that waits for it (idempotent: only the first gives anything back)."""
+
+    def __init__(
+        self, choice: AgentChoice | None, invocation: Invocation, releasing: uuid.UUID
+    ) -> None:
+        self.choice = choice
+        self._invocation = invocation
+        self._releasing = releasing
+
+    def take(self) -> AgentChoice | None:
+        choice, self.choice = self.choice, None
+        return choice
+
+    def give_back(self) -> None:
+        choice = self.take()
+        if choice is None or choice.slot is None:
+            return
+        release(choice)
+        if may_be_waited_for(choice):
+            _after_release(choice, self._invocation, self._releasing)
 
 
 def _count_finished(claimed: stages.ClaimedStage, outcome: str, started: float) -> None:
@@ -260,9 +289,7 @@ def _wall_clock(deadline: float) -> float:
     return time.time() + (deadline - time.monotonic())
 
 
-def _execute(
-    claimed: stages.ClaimedStage, invocation: Invocation, handed: AgentChoice | None = None
-) -> str:
+def _execute(claimed: stages.ClaimedStage, invocation: Invocation, held: HandedSlot) -> str:
     invocation_deadline = invocation.deadline
     context = stages.load_context(claimed)
     try:
@@ -274,8 +301,7 @@ def _execute(
         invocation_deadline is not None
         and invocation_deadline - time.monotonic() < MIN_CALL_SECONDS
     ):
-        if handed is not None:
-            release(handed)
+        held.give_back()
         stages.release_stage(claimed)  # this invocation is out of time; the next one runs it
         _send(claimed.run_id, [claimed.stage_id])
         return "released"
@@ -284,14 +310,14 @@ def _execute(
     if claimed.deadline_in is not None:  # the run's deadline wins over the stage's timeout
         run_deadline = time.monotonic() + claimed.deadline_in
         deadline = min(deadline, run_deadline)
-    if handed is not None:
+    if held.choice is not None:
         # Its lease was capped when the slot was taken, before this stage had started (a
         # wait for a thread, a connection): it must last the whole call. Run out and taken
         # meanwhile, the stage looks for a slot like any other.
-        handed = extend(handed, _wall_clock(deadline))
+        held.choice = extend(held.choice, _wall_clock(deadline))
     tried = frozenset(str(u) for u in claimed.tried_agents)
     try:
-        agent, attempt = _select_and_assign(claimed, tried, _wall_clock(deadline), handed)
+        agent, attempt = _select_and_assign(claimed, tried, _wall_clock(deadline), held.take())
     except NoAgentAvailable as exc:
         reason = str(exc)
         if tried:

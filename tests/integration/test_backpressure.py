@@ -1084,3 +1084,67 @@ def test_a_stage_made_to_wait_just_after_a_release_is_not_left_waiting(
     runs._look_again(run_id, "s0", capability, owner)
     assert _stage_status(user, f"wfr-{run_id}") == "queued"
     assert (run_id, "s0") in sent.sent
+
+
+def _submit_with_input(client: Api, capability: str, template: Any) -> uuid.UUID:
+    """A one-stage run whose stage input is `template`, with an empty workflow input."""
+    from chalicelib.core.api import parse_run_ref
+
+    stage = {"id": "s0", "name": "S0", "agentCapability": capability, "input": template}
+    body = {"workflow": {"name": "bp", "stages": [stage]}, "input": {}}
+    response = client.post("/workflows/execute", body)
+    assert response.status_code == 202, response.text
+    return parse_run_ref(response.json()["data"]["workflowRunId"])
+
+
+def test_a_slot_handed_to_a_stage_whose_input_cannot_resolve_goes_to_the_next_in_line(
+    user: Api, sent: Any
+) -> None:
+    """A call returns and hands its slot to the first stage waiting behind the full agent;
+    that stage's input names a workflow input field that is not there, so it fails without
+    any call. The slot used to stay taken (renewed to the stage's whole timeout while the
+    worker held anything else): the agent looked full, idle, and the stage behind waited.
+    Now the slot comes back at once and the next stage waiting for it starts in it."""
+    from chalicelib.core.api import parse_run_ref
+    from chalicelib.engine import handlers, stages
+
+    capability = unique_capability("handed-bad-input")
+    agent = register_agent(user, capability, maxConcurrentTasks=1)
+    slot = selection._reserve(agent["agentUuid"], 1, time.time() + 60)
+    assert isinstance(slot, str)  # a call in flight holds the one slot
+    [listed] = selection.eligible(capability, uuid.UUID(agent["ownerUserUuid"]))
+    call = selection.AgentChoice(
+        agent["agentUuid"], agent["agentId"], listed["endpoint"], listed["tokenEncrypted"], 1, slot
+    )
+    bad = _submit_with_input(user, capability, {"x": "${workflow.input.missing}"})
+    good = parse_run_ref(submit(user, capability))
+    assert stages.next_waiting(agent["agentUuid"]) == [(bad, "s0"), (good, "s0")]
+    group = handlers.TaskGroup()
+    handlers._free_slot(call, handlers.Invocation(group=group), True, time.monotonic())
+    group.wait()
+    failed = user.get(f"/workflows/wfr-{bad}").json()["data"]
+    assert failed["status"] == "failed", failed
+    assert "Unknown reference" in str(failed["stages"][0]["errorMessage"])
+    assert _stage_status(user, f"wfr-{good}") == "completed"
+    assert selection.live_slots(agent["agentUuid"]) == 0
+    assert not any(key[0] == agent["agentUuid"] for key in selection._held_slots)
+
+
+def test_after_a_run_whose_input_cannot_resolve_took_a_handed_slot_the_agent_serves_the_next(
+    user: Api, poller: Any, timed: list[TimedAgent]
+) -> None:
+    """Through the queue: a one-slot agent's call in flight, a run whose input cannot
+    resolve waiting behind it. The call ends and hands its slot to that run, which fails
+    without calling; a run submitted next used to find the idle agent full and wait."""
+    slow = timed_agent(timed, seconds=1.5)
+    capability = unique_capability("handed-bad-input-e2e")
+    agent = register_agent(user, capability, endpoint=slow.url, maxConcurrentTasks=1)
+    first = submit(user, capability)
+    wait_until(lambda: len(slow.calls) == 1, timeout=10)
+    bad = _submit_with_input(user, capability, "${workflow.input.nope}")
+    assert wait_for_run(user, first)["status"] == "completed"
+    assert wait_for_run(user, f"wfr-{bad}")["status"] == "failed"
+    wait_until(lambda: selection.live_slots(agent["agentUuid"]) == 0, timeout=2)
+    third = submit(user, capability)
+    assert wait_for_run(user, third, timeout=10)["status"] == "completed"
+    assert len(slow.calls) == 2 and slow.peak == 1
