@@ -24,7 +24,7 @@ from chalicelib.agents.secrets import encrypt_token
 from chalicelib.auth.service import is_admin
 from chalicelib.config import get_settings
 from chalicelib.core import errors, responses
-from chalicelib.core.api import ApiModel, PageQuery, Principal, page_meta
+from chalicelib.core.api import ApiModel, JsonInteger, PageQuery, Principal, page_meta
 from chalicelib.core.capabilities import Capability
 from chalicelib.db import insert_unique, session_scope
 from chalicelib.db.models import Agent, User
@@ -50,7 +50,7 @@ class RegisterAgentRequest(ApiModel):
     auth_token: str = Field(min_length=1, max_length=1024, repr=False)
     capabilities: list[Capability] = Field(min_length=1, max_length=50)
     description: str | None = Field(default=None, max_length=2000)
-    max_concurrent_tasks: int = Field(default=5, ge=1, le=100)
+    max_concurrent_tasks: JsonInteger = Field(default=5, ge=1, le=100)
     visibility: Visibility = "private"
 
     @field_validator("endpoint")

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 from chalicelib.agents.network import EndpointNotAllowed, check_endpoint_allowed
 from chalicelib.config import get_settings
 from chalicelib.core import errors
-from chalicelib.core.api import ApiModel
+from chalicelib.core.api import ApiModel, OptionalJsonInteger
 from chalicelib.core.capabilities import Capability
 from chalicelib.core.references import (
     InputTooLarge,
@@ -26,10 +26,10 @@ STAGE_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
 class StageConfig(ApiModel):
     """Per-stage dispatch settings; anything unset falls back to the MAOF_AGENT_* defaults."""
 
-    timeout_ms: int | None = Field(default=None, ge=100, le=900_000)
-    retries: int | None = Field(default=None, ge=0, le=10)
-    backoff_ms: int | None = Field(default=None, ge=0, le=3_600_000)
-    max_backoff_ms: int | None = Field(default=None, ge=0, le=86_400_000)
+    timeout_ms: OptionalJsonInteger = Field(default=None, ge=100, le=900_000)
+    retries: OptionalJsonInteger = Field(default=None, ge=0, le=10)
+    backoff_ms: OptionalJsonInteger = Field(default=None, ge=0, le=3_600_000)
+    max_backoff_ms: OptionalJsonInteger = Field(default=None, ge=0, le=86_400_000)
 
 
 class StageDefinition(ApiModel):
@@ -45,7 +45,7 @@ class WorkflowDefinition(ApiModel):
     name: str = Field(min_length=1, max_length=255)
     stages: list[StageDefinition] = Field(min_length=1, max_length=100)
     # The run fails if it has not ended this long after it was submitted (or retried).
-    timeout_ms: int | None = Field(default=None, ge=100, le=24 * 3600 * 1000)
+    timeout_ms: OptionalJsonInteger = Field(default=None, ge=100, le=24 * 3600 * 1000)
 
 
 class Callback(ApiModel):

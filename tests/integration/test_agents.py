@@ -175,6 +175,12 @@ NOT_URLS = ["ftp://x", "/relative", "not a url", "http://", "http://:80/path", "
         ({"capabilities": ["x" * 101]}, "capabilities.0"),
         ({"maxConcurrentTasks": 0}, "maxConcurrentTasks"),
         ({"maxConcurrentTasks": 101}, "maxConcurrentTasks"),
+        # JSON's true and "3" are not integers (they were taken as 1 and 3 slots).
+        ({"maxConcurrentTasks": True}, "maxConcurrentTasks"),
+        ({"maxConcurrentTasks": False}, "maxConcurrentTasks"),
+        ({"maxConcurrentTasks": "3"}, "maxConcurrentTasks"),
+        ({"maxConcurrentTasks": " 4 "}, "maxConcurrentTasks"),
+        ({"maxConcurrentTasks": 2.5}, "maxConcurrentTasks"),
         ({"unexpected": True}, "unexpected"),
     ],
 )
@@ -200,6 +206,12 @@ def test_the_longest_allowed_values_are_accepted(user):
     assert response.status_code == 201, response.text
     assert response.json()["data"]["agentId"] == longest_id
     assert response.json()["data"]["name"] == body["name"]
+
+
+def test_a_slot_count_written_with_a_zero_fraction_is_accepted(user):
+    response = user.post("/agents/register", agent_body(maxConcurrentTasks=3.0))
+    assert response.status_code == 201, response.text
+    assert response.json()["data"]["maxConcurrentTasks"] == 3
 
 
 def test_a_description_may_run_over_lines_with_tabs(user):

@@ -6,7 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
+from chalicelib.core.api import parse_run_ref
+from chalicelib.db import session_scope
 from tests.integration.conftest import (
     Api,
     register_agent,
@@ -186,6 +189,46 @@ def test_an_unknown_field_is_refused_at_every_level(user, body, field):
     error = refused(user, body)
     assert fields_of(error) == [field]
     assert error["details"][0]["message"] == "unknown field"
+
+
+@pytest.mark.parametrize("value", [True, False, "3", " 300 ", "", 300.5])
+@pytest.mark.parametrize(
+    ("place", "field"),
+    [
+        ("timeoutMs", "workflow.stages.0.config.timeoutMs"),
+        ("retries", "workflow.stages.0.config.retries"),
+        ("backoffMs", "workflow.stages.0.config.backoffMs"),
+        ("maxBackoffMs", "workflow.stages.0.config.maxBackoffMs"),
+        ("workflow.timeoutMs", "workflow.timeoutMs"),
+    ],
+)
+def test_an_integer_setting_that_is_a_boolean_or_a_string_is_refused(user, value, place, field):
+    """JSON's `true` and "3" are not integers (they were taken as 1 and 3)."""
+    body = workflow(stage("a"))
+    if place.startswith("workflow."):
+        body["workflow"]["timeoutMs"] = value
+    else:
+        body["workflow"]["stages"][0]["config"] = {place: value}
+    error = refused(user, body)
+    assert fields_of(error) == [field]
+    assert "integer" in error["details"][0]["message"]
+
+
+def test_an_integer_setting_written_with_a_zero_fraction_is_accepted(user):
+    body = workflow(stage("a", config={"timeoutMs": 3000.0, "retries": 2.0}))
+    body["workflow"]["timeoutMs"] = 60000.0
+    run_id = parse_run_ref(submit(user, body))
+    with session_scope() as session:
+        stored = session.execute(
+            text("SELECT definition FROM workflow_runs WHERE id = :id"), {"id": run_id}
+        ).scalar_one()
+    assert stored["timeoutMs"] == 60000
+    assert stored["stages"][0]["config"] == {
+        "timeoutMs": 3000,
+        "retries": 2,
+        "backoffMs": None,
+        "maxBackoffMs": None,
+    }
 
 
 def test_a_refused_workflow_creates_no_run(user):
