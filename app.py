@@ -140,7 +140,7 @@ def me(request: ApiRequest) -> responses.User:
     summary="Register an agent (its health is checked at once)",
 )
 def register_agent(request: ApiRequest, body: agents.RegisterAgentRequest) -> responses.Agent:
-    return agents.register(request.user, body)
+    return agents.register(request.user, body, available=engine.wake_waiting_for)
 
 
 @app.endpoint(
@@ -181,7 +181,7 @@ def update_agent(
     summary="Check an agent's health now",
 )
 def health_check_agent(request: ApiRequest, agent_uuid: str) -> responses.Agent:
-    return agents.check_health(request.user, agent_uuid)
+    return agents.check_health(request.user, agent_uuid, available=engine.wake_waiting_for)
 
 
 @app.endpoint(

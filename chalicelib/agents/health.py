@@ -10,7 +10,8 @@
 `mock://` agents are online where mock agents are enabled. The probe goes through the SSRF
 guard (`network.pinned_request`): an endpoint it refuses is offline. Results go to Postgres
 (status, lastHealthCheck) and Redis; a status change drops the capability cache so routing
-follows at once.
+follows at once, and an agent back from offline is handed to the caller's `available` (the
+engine wakes the stages waiting for it).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import concurrent.futures
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -81,16 +82,22 @@ def probe(endpoint: str) -> str:
     return "degraded"
 
 
+# Told of an agent (its uuid, its maxConcurrentTasks) that may take work it could not
+# before: registered, or back from offline. The engine wakes stages waiting for it.
+Available = Callable[[uuid.UUID, int], object]
+
+
 def _record(
     session: Session, results: dict[uuid.UUID, str], started: datetime
-) -> tuple[list[Agent], list[Agent], set[str]]:
+) -> tuple[list[Agent], list[Agent], set[str], list[Agent]]:
     """In the caller's transaction: each agent's status and check time (`started`: when
     its probe began), unless a probe that began later was recorded first (two checks of
     one agent at once: the newest result stands) or the agent was deleted. Returns the
-    live agents, those recorded, and the capabilities of those whose status changed
-    (their candidate lists are stale)."""
+    live agents, those recorded, the capabilities of those whose status changed (their
+    candidate lists are stale), and those back from offline."""
     changed: set[str] = set()
     recorded: list[Agent] = []
+    revived: list[Agent] = []
     live = (
         select(Agent)
         .where(Agent.id.in_(list(results)), Agent.deleted_at.is_(None))
@@ -106,6 +113,8 @@ def _record(
         status = results[agent.id]
         if status != agent.status:
             changed.update(agent.capabilities)
+            if agent.status == "offline":
+                revived.append(agent)
             logger.info(
                 "agent status changed",
                 extra={"agentId": agent.agent_id, "from": agent.status, "to": status},
@@ -116,7 +125,7 @@ def _record(
             .values(status=status, last_health_check=started, updated_at=now)
         )
         agent.status, agent.last_health_check = status, started
-    return agents, recorded, changed
+    return agents, recorded, changed, revived
 
 
 PROBES_AT_ONCE = 16
@@ -132,10 +141,12 @@ def _probe_apart(endpoint: str) -> str:
         return "offline"
 
 
-def check(targets: Sequence[tuple[uuid.UUID, str]]) -> list[Agent]:
+def check(
+    targets: Sequence[tuple[uuid.UUID, str]], available: Available | None = None
+) -> list[Agent]:
     """Probe these agents (id, endpoint) concurrently and record the results: one
     transaction, then Redis (each agent's health; the candidates of a capability whose
-    agents changed status)."""
+    agents changed status); then tell `available` of each agent back from offline."""
     if not targets:
         return []
     started = datetime.now(UTC)
@@ -147,7 +158,7 @@ def check(targets: Sequence[tuple[uuid.UUID, str]]) -> list[Agent]:
             agent_uuid: status for (agent_uuid, _), status in zip(targets, statuses, strict=True)
         }
     with session_scope() as session:
-        agents, recorded, changed = _record(session, results, started)
+        agents, recorded, changed, revived = _record(session, results, started)
     for agent in recorded:
         cache.set_json(
             f"maof:agents:health:{agent.id}",
@@ -156,6 +167,9 @@ def check(targets: Sequence[tuple[uuid.UUID, str]]) -> list[Agent]:
         )
     for capability in changed:
         invalidate_capability(capability)
+    if available is not None:
+        for agent in revived:
+            available(agent.id, agent.max_concurrent_tasks)
     return agents
 
 
@@ -167,9 +181,12 @@ CHECK_CHUNK = 64
 CHECK_BUDGET_SECONDS = 40.0
 
 
-def scheduled_check(budget_seconds: float = CHECK_BUDGET_SECONDS) -> dict[str, Any]:
-    """Probe the live agents, the longest unchecked first, for up to `budget_seconds`; how
-    many, by the status each now has, and how many are left for the next check."""
+def scheduled_check(
+    budget_seconds: float = CHECK_BUDGET_SECONDS, available: Available | None = None
+) -> dict[str, Any]:
+    """Probe the live agents, the longest unchecked first, for up to `budget_seconds`
+    (`available`: told of each agent back from offline); how many, by the status each now
+    has, and how many are left for the next check."""
     until = time.monotonic() + budget_seconds
     with session_scope() as session:
         targets = session.execute(
@@ -185,7 +202,7 @@ def scheduled_check(budget_seconds: float = CHECK_BUDGET_SECONDS) -> dict[str, A
         if start and time.monotonic() + chunk_seconds > until:
             break
         chunk = targets[start : start + CHECK_CHUNK]
-        checked += check([(target.id, target.endpoint) for target in chunk])
+        checked += check([(target.id, target.endpoint) for target in chunk], available)
     counts: dict[str, int] = {}
     for agent in checked:
         counts[agent.status] = counts.get(agent.status, 0) + 1

@@ -173,7 +173,11 @@ def _count_probe(principal: Principal, endpoint: str) -> None:
         limits.limit_health_checks(str(principal.user_uuid))
 
 
-def register(principal: Principal, body: RegisterAgentRequest) -> responses.Agent:
+def register(
+    principal: Principal, body: RegisterAgentRequest, available: health.Available | None = None
+) -> responses.Agent:
+    """Register an agent, probe it, and (unless the probe found it offline) tell
+    `available` of it: stages may be waiting for what it serves."""
     _refuse_sharing(principal, body.visibility)
     # Registering probes at once; counted first, so a refused registration makes no agent
     # (a register and delete loop would otherwise probe without limit).
@@ -200,23 +204,29 @@ def register(principal: Principal, body: RegisterAgentRequest) -> responses.Agen
     )
     invalidate(agent.capabilities)
     # A new agent is checked at once, so its status is real from the start.
-    return _probe(agent)
+    view = _probe(agent)
+    if available is not None and view.status != "offline":
+        available(agent.id, agent.max_concurrent_tasks)
+    return view
 
 
-def _probe(agent: Agent) -> responses.Agent:
+def _probe(agent: Agent, available: health.Available | None = None) -> responses.Agent:
     """Probe an agent (its owner asked) and return the owner's view of it."""
-    checked = health.check([(agent.id, agent.endpoint)])
+    checked = health.check([(agent.id, agent.endpoint)], available)
     if not checked:
         raise errors.NotFound("Agent not found")
     return agent_view(checked[0])
 
 
-def check_health(principal: Principal, agent_uuid: str) -> responses.Agent:
-    """Probe one of the caller's agents now and return it with its new status."""
+def check_health(
+    principal: Principal, agent_uuid: str, available: health.Available | None = None
+) -> responses.Agent:
+    """Probe one of the caller's agents now and return it with its new status (`available`:
+    told of it if it is back from offline)."""
     with session_scope() as session:
         agent = _owned_agent(session, principal, agent_uuid, "check its health")
     _count_probe(principal, agent.endpoint)
-    return _probe(agent)
+    return _probe(agent, available)
 
 
 def _visible(principal: Principal) -> ColumnElement[bool]:

@@ -136,7 +136,7 @@ def _waited_key(agent_uuid: str) -> str:
 WAITED_FOR_SECONDS = 3600
 
 
-def _mark_waited_for(agent_uuids: list[str]) -> None:
+def mark_waited_for(agent_uuids: list[str]) -> None:
     """Every agent that may serve a stage is full, and it may wait for them: their
     releases look for it. Marked before the stage waits (and before its own last look),
     so a release either sees the mark or frees the slot that last look finds."""
@@ -258,7 +258,7 @@ def select_agent(
         slot = _reserve(agent["agentUuid"], agent["maxConcurrentTasks"], slot_until)
         if slot is not False:
             return _choice(agent, slot=slot)
-    _mark_waited_for([a["agentUuid"] for a in listed if serves(a, owner)])
+    mark_waited_for([a["agentUuid"] for a in listed if serves(a, owner)])
     raise AgentsBusy(busy_reason(capability))
 
 
@@ -292,7 +292,7 @@ def may_have_room(capability: str, owner: uuid.UUID) -> bool:
         return True
     if any(f[0] < a["maxConcurrentTasks"] for a, f in zip(listed, figures, strict=True)):
         return True
-    _mark_waited_for(uuids)
+    mark_waited_for(uuids)
     return False
 
 

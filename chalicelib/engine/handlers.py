@@ -27,6 +27,8 @@ from chalicelib.agents.selection import (
     eligible,
     extend,
     hand_over,
+    live_slots,
+    mark_waited_for,
     may_be_waited_for,
     release,
     reserve_on,
@@ -546,10 +548,12 @@ def _dispatch(completed: stages.ClaimedStage, ready: list[str], invocation: Invo
         _send(run_id, rest)
 
 
-def _send(run_id: uuid.UUID, stage_ids: list[str], delay_seconds: float = 0) -> None:
+def _send(
+    run_id: uuid.UUID, stage_ids: list[str], delay_seconds: float = 0, fast: bool = False
+) -> None:
     """Queue stages already committed as queued; if SQS fails, the sweeper sends them."""
     try:
-        send_stage_messages(run_id, stage_ids, delay_seconds=delay_seconds)
+        send_stage_messages(run_id, stage_ids, delay_seconds=delay_seconds, fast=fast)
     except Exception as exc:
         logger.warning(
             "could not queue stages; the sweeper will",
@@ -937,5 +941,42 @@ def write_audit_checkpoint() -> dict[str, Any]:
 
 
 def check_agent_health() -> dict[str, Any]:
-    """Probe every agent's health endpoint and record the results."""
-    return health.scheduled_check()
+    """Probe every agent's health endpoint and record the results; stages waiting for an
+    agent back from offline are woken at once."""
+    return health.scheduled_check(available=wake_waiting_for)
+
+
+def wake_waiting_for(agent_uuid: uuid.UUID, max_concurrent_tasks: int) -> int:
+    """An agent may take work it could not before (registered, back from offline): wake,
+    through SQS, as many of the stages waiting that it may serve as it has slots free,
+    best first (next_waiting's order), rather than leave it idle until the sweeper's look.
+    Their workers take its slots; the agent counts as waited for, so the releases of those
+    calls hand its slots to the stages still waiting. Never raises (a failure is logged:
+    the sweeper wakes them still); returns how many were woken."""
+    woken: dict[uuid.UUID, list[str]] = {}
+    try:
+        free = max_concurrent_tasks - (live_slots(agent_uuid) or 0)
+        # next_waiting lists one stage a run (its first in line): a run with several
+        # waiting has its next listed in the next round.
+        for _ in range(max(free, 0)):
+            waiting = stages.next_waiting(str(agent_uuid), limit=free - _count(woken))
+            if not waiting:
+                break
+            mark_waited_for([str(agent_uuid)])
+            for run_id, stage_id in waiting:
+                if stages.wake_stage(run_id, stage_id):  # else taken or ended meanwhile
+                    woken.setdefault(run_id, []).append(stage_id)
+            if _count(woken) >= free:
+                break
+    except Exception as exc:
+        logger.warning(
+            "could not wake the stages waiting for an agent; the sweeper will",
+            extra={"agentUuid": str(agent_uuid), "error": type(exc).__name__},
+        )
+    for run_id, stage_ids in woken.items():
+        _send(run_id, stage_ids, fast=True)  # an API request waits on it
+    return _count(woken)
+
+
+def _count(stages_by_run: dict[uuid.UUID, list[str]]) -> int:
+    return sum(len(stage_ids) for stage_ids in stages_by_run.values())

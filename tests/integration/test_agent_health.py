@@ -91,3 +91,24 @@ def test_a_probe_ends_by_its_timeout_however_slow_the_name_lookup(monkeypatch):
     assert status == "offline"
     allowed = get_settings().agent_health_timeout_ms / 1000
     assert took < allowed + 0.5, f"the probe took {took:.2f} s, its timeout is {allowed} s"
+
+
+def test_a_check_tells_of_the_agents_back_from_offline_and_of_no_other(user, hserver):
+    """What the scheduled check and the manual one hand to the engine, which wakes the
+    stages waiting for such an agent: only a change from offline to a status routed to."""
+    hserver.health_script.extend([(0.0, 503, b"{}"), (0.0, 200, HEALTHY)])
+    down = register_agent(user, unique_capability("back"), endpoint=hserver.url)
+    assert down["status"] == "offline"
+    up = register_agent(user, unique_capability("up"), maxConcurrentTasks=3)
+    with session_scope() as session:
+        targets = [
+            (row.id, row.endpoint)
+            for row in session.scalars(
+                select(Agent).where(Agent.id.in_([down["agentUuid"], up["agentUuid"]]))
+            )
+        ]
+    told: list[tuple[object, int]] = []
+    health.check(targets, lambda agent_uuid, slots: told.append((str(agent_uuid), slots)))
+    assert told == [(down["agentUuid"], 5)]
+    health.check(targets, lambda agent_uuid, slots: told.append((str(agent_uuid), slots)))
+    assert told == [(down["agentUuid"], 5)]  # online already: nothing new

@@ -1148,3 +1148,96 @@ def test_after_a_run_whose_input_cannot_resolve_took_a_handed_slot_the_agent_ser
     third = submit(user, capability)
     assert wait_for_run(user, third, timeout=10)["status"] == "completed"
     assert len(slow.calls) == 2 and slow.peak == 1
+
+
+# ------------------------------------------------------------------ an agent that may take work
+
+
+# Well within the sweeper's wake (MAOF_SWEEP_QUEUED_AFTER_SECONDS, 10 s, plus its interval)
+# and before the busy agent's call ends; the test poller runs no sweeper anyway.
+AT_ONCE_SECONDS = 3.0
+
+
+@pytest.mark.parametrize("busy_agent", ["full", "deleted"])
+def test_registering_an_agent_starts_the_stages_waiting_for_its_capability_at_once(
+    user: Api, poller: Any, timed: list[TimedAgent], busy_agent: str
+) -> None:
+    """Every agent with the capability was full (or the only one, full, then deleted), so
+    stages wait; a new agent with it is registered. They used to wait for the sweeper's
+    look (about 11 s) while the new agent idled: now the registration wakes as many as it
+    has slots, and they run on it at once."""
+    slow = timed_agent(timed, seconds=AT_ONCE_SECONDS + 3)
+    capability = unique_capability("newcomer")
+    busy = register_agent(user, capability, endpoint=slow.url, maxConcurrentTasks=1)
+    submit(user, capability)
+    wait_until(lambda: len(slow.calls) == 1, timeout=10)
+    waiting = [submit(user, capability) for _ in range(2)]
+    assert [_stage_status(user, ref) for ref in waiting] == ["waiting", "waiting"]
+    if busy_agent == "deleted":
+        assert user.delete(f"/agents/{busy['agentUuid']}").status_code == 200
+    newcomer = register_agent(user, capability, maxConcurrentTasks=2)
+    for ref in waiting:
+        run = wait_for_run(user, ref, timeout=AT_ONCE_SECONDS)
+        assert run["status"] == "completed", run
+        assert run["stages"][0]["agentId"] == newcomer["agentId"]
+    assert len(slow.calls) == 1
+
+
+def test_an_agent_back_from_offline_starts_the_stages_waiting_for_it_at_once(
+    user: Api, poller: Any, timed: list[TimedAgent], agents: list[Any]
+) -> None:
+    """The other agent with the capability was offline while the stages began to wait; a
+    health check finds it back: the stages waiting for it start on it at once."""
+    from tests.support.agents import start_agent
+
+    slow = timed_agent(timed, seconds=AT_ONCE_SECONDS + 3)
+    capability = unique_capability("revived")
+    register_agent(user, capability, endpoint=slow.url, maxConcurrentTasks=1)
+    down = start_agent(agents)
+    down.health_script.append((0.0, 503, b"{}"))  # its probe at registration: offline
+    revived = register_agent(user, capability, endpoint=down.url, maxConcurrentTasks=1)
+    assert revived["status"] == "offline"
+    submit(user, capability)
+    wait_until(lambda: len(slow.calls) == 1, timeout=10)
+    waiting = submit(user, capability)
+    assert _stage_status(user, waiting) == "waiting"
+    checked = user.post(f"/agents/{revived['agentUuid']}/health-check")
+    assert checked.json()["data"]["status"] == "online", checked.text
+    run = wait_for_run(user, waiting, timeout=AT_ONCE_SECONDS)
+    assert run["status"] == "completed", run
+    assert run["stages"][0]["agentId"] == revived["agentId"]
+
+
+def test_an_agent_that_may_take_work_wakes_no_more_stages_than_it_has_slots_free(
+    user: Api, sent: Any
+) -> None:
+    from chalicelib.core.api import parse_run_ref
+    from chalicelib.engine import handlers
+
+    capability = unique_capability("wake-count")
+    agent = register_agent(user, capability, maxConcurrentTasks=1)
+    slot = selection._reserve(agent["agentUuid"], 1, time.time() + 60)
+    assert isinstance(slot, str)
+    runs = [parse_run_ref(submit(user, capability)) for _ in range(3)]
+    assert [_stage_status(user, f"wfr-{r}") for r in runs] == ["waiting"] * 3
+    # Two slots, one of them taken: one stage woken, the first in line.
+    assert handlers.wake_waiting_for(uuid.UUID(agent["agentUuid"]), 2) == 1
+    assert [_stage_status(user, f"wfr-{r}") for r in runs] == ["queued", "waiting", "waiting"]
+    assert sent.sent == [(runs[0], "s0")]
+    assert selection.may_be_waited_for(
+        selection.AgentChoice(agent["agentUuid"], "", "", "", 1)
+    )  # the releases of its calls hand its slots to those still waiting
+
+
+def test_a_failure_to_wake_the_waiting_stages_fails_no_registration(
+    user: Api, sent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chalicelib.engine import handlers, stages
+
+    def no_database(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(stages, "next_waiting", no_database)
+    agent = register_agent(user, unique_capability("wake-fails"))
+    assert agent["status"] == "online"
+    assert handlers.wake_waiting_for(uuid.UUID(agent["agentUuid"]), 5) == 0
