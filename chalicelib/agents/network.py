@@ -43,8 +43,51 @@ METADATA_ADDRESSES = frozenset(
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
 _IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")
-# Local-use NAT64 (RFC 8215) reaches into the operator's own network; Python 3.11 calls it global.
+# Local-use NAT64 (RFC 8215) reaches into the operator's own network.
 _LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+# The IANA special-purpose registries' "Globally Reachable: False" ranges, refused whatever
+# ipaddress.is_global says: its list lags the registries and differs between patch releases
+# (3.11.7 calls 192.0.0.192, fec0::1 and 3fff::1 global). IPv4-mapped and 6to4 addresses
+# are judged by the IPv4 address they carry.
+_NOT_GLOBALLY_REACHABLE = tuple(
+    ipaddress.ip_network(network)
+    for network in (
+        "0.0.0.0/8",  # "this network" (RFC 791)
+        "10.0.0.0/8",  # private use (RFC 1918)
+        "100.64.0.0/10",  # carrier-grade NAT (RFC 6598)
+        "127.0.0.0/8",  # loopback (RFC 1122)
+        "169.254.0.0/16",  # link-local (RFC 3927)
+        "172.16.0.0/12",  # private use (RFC 1918)
+        "192.0.0.0/24",  # IETF protocol assignments (RFC 6890), but for the two below
+        "192.0.2.0/24",  # documentation (RFC 5737)
+        "192.168.0.0/16",  # private use (RFC 1918)
+        "198.18.0.0/15",  # benchmarking (RFC 2544)
+        "198.51.100.0/24",  # documentation (RFC 5737)
+        "203.0.113.0/24",  # documentation (RFC 5737)
+        "240.0.0.0/4",  # reserved (RFC 1112)
+        "255.255.255.255/32",  # limited broadcast (RFC 919)
+        "::/128",  # unspecified (RFC 4291)
+        "::1/128",  # loopback (RFC 4291)
+        str(_LOCAL_NAT64),  # local-use NAT64 (RFC 8215)
+        "100::/64",  # discard-only (RFC 6666)
+        "100:0:0:1::/64",  # dummy prefix (RFC 9780)
+        # IETF protocol assignments (RFC 2928), Teredo included; the few globally reachable
+        # ones in it (anycast services, AS112, ORCHIDv2) are no agent's endpoint.
+        "2001::/23",
+        "2001:db8::/32",  # documentation (RFC 3849)
+        "3fff::/20",  # documentation (RFC 9637)
+        "5f00::/16",  # segment routing (SRv6) SIDs (RFC 9602)
+        "fc00::/7",  # unique local (RFC 4193)
+        "fe80::/10",  # link-local (RFC 4291)
+        "fec0::/10",  # site-local, deprecated (RFC 3879) but still routed inside a site
+    )
+)
+# Globally reachable per IANA, though inside 192.0.0.0/24.
+_GLOBALLY_REACHABLE = (
+    ipaddress.IPv4Network("192.0.0.9/32"),  # Port Control Protocol anycast (RFC 7723)
+    ipaddress.IPv4Network("192.0.0.10/32"),  # TURN anycast (RFC 8155)
+)
 
 _DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -176,17 +219,25 @@ def _reachable(ip: IPAddress) -> list[IPAddress]:
     return [ip, *embedded]
 
 
-def is_public_address(address: str | IPAddress) -> bool:
-    """Whether `address` is global unicast, and so is every IPv4 address it embeds."""
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip in _LOCAL_NAT64:
+def _globally_reachable(ip: IPAddress) -> bool:
+    """Whether `ip` is global unicast: for Python, and for the IANA registries too."""
+    if not any(ip in network for network in _GLOBALLY_REACHABLE) and any(
+        ip in network for network in _NOT_GLOBALLY_REACHABLE
+    ):
         return False
+    return ip.is_global and not ip.is_multicast
+
+
+def is_public_address(address: str | IPAddress) -> bool:
+    """Whether `address` is globally reachable unicast, and so is every IPv4 address it
+    embeds."""
+    ip = ipaddress.ip_address(address)
     reachable = _reachable(ip)
     if isinstance(ip, ipaddress.IPv6Address) and ip.sixtofour is not None:
         # 6to4 only wraps the IPv4 inside, which decides; Python's own verdict on 2002::/16
         # differs between releases (3.11.2: private, 3.11.7: global).
         reachable = reachable[1:]
-    return all(a.is_global and not a.is_multicast for a in reachable)
+    return all(_globally_reachable(a) for a in reachable)
 
 
 def is_metadata_address(address: str | IPAddress) -> bool:

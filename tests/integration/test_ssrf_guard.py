@@ -82,6 +82,7 @@ def resolver(monkeypatch: pytest.MonkeyPatch) -> FakeResolver:
             "agent.test": ["127.0.0.1"],
             "other.test": ["127.0.0.1"],
             "rebind.test": ["93.184.216.34", "127.0.0.1"],
+            "oci.test": ["192.0.0.192"],
             "example.com": ["93.184.216.34"],
             "localhost": ["127.0.0.1", "::1"],
         }
@@ -135,6 +136,68 @@ def test_with_the_guard_on_a_call_or_probe_to_the_endpoint_is_refused_before_con
     assert not [a for a in ADDRESSES if a in str(failed.value)]
     assert probe(url) == "offline"
     assert loopback.seen == []
+
+
+@pytest.fixture
+def no_connections(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every connection the guard lets through is recorded, never made (something may
+    answer at a special-purpose address on this network)."""
+    attempted: list[Any] = []
+
+    def recorded(target: Any) -> Any:
+        attempted.append(target)
+        raise OSError("connection suppressed by the test")
+
+    monkeypatch.setattr(network, "pool_for", recorded)
+    return attempted
+
+
+# 192.0.0.0/24 is not globally reachable (192.0.0.192: Oracle Cloud classic metadata), though
+# ipaddress.is_global says otherwise in the Python 3.11 releases before 3.11.10.
+SPECIAL_PURPOSE = [
+    "http://192.0.0.192:9/opc/v1/instance/",
+    "http://[::ffff:192.0.0.192]:9/agent",
+    "http://[64:ff9b::c000:c0]:9/agent",
+    "http://oci.test:9/agent",
+    "http://[fec0::1]:9/agent",
+]
+
+
+@pytest.mark.parametrize("endpoint", SPECIAL_PURPOSE)
+def test_with_the_guard_on_registration_refuses_a_special_purpose_endpoint(
+    user: Api,
+    guard_on: None,
+    resolver: FakeResolver,
+    no_connections: list[Any],
+    endpoint: str,
+) -> None:
+    response = register(user, endpoint, unique_capability("ssrf"))
+    assert response.status_code == 400, response.text
+    assert [d["field"] for d in response.json()["error"]["details"]] == ["endpoint"]
+    assert "192.0.0" not in said(response)
+    assert no_connections == []
+
+
+@pytest.mark.parametrize("url", ["http://192.0.0.192/hook", "http://oci.test/hook"])
+def test_with_the_guard_on_a_special_purpose_callback_url_is_400(
+    user: Api,
+    guard_on: None,
+    resolver: FakeResolver,
+    no_connections: list[Any],
+    url: str,
+) -> None:
+    stage = {"id": "s0", "name": "Only", "agentCapability": unique_capability("cb")}
+    response = user.post(
+        "/workflows/execute",
+        {
+            "workflow": {"name": "guard", "stages": [stage]},
+            "input": {"text": "hi"},
+            "callback": {"url": url, "secret": "s" * 32},
+        },
+    )
+    assert response.status_code == 400, response.text
+    assert [d["field"] for d in response.json()["error"]["details"]] == ["callback.url"]
+    assert no_connections == []
 
 
 def test_an_agent_whose_endpoint_the_guard_now_refuses_fails_its_stage_and_is_never_called(

@@ -109,6 +109,81 @@ def test_address_classifier(address, public):
     assert is_public_address(address) is public
 
 
+# One address in each range the IANA special-purpose registries mark not globally reachable
+# (and deprecated site-local), whatever this Python's ipaddress.is_global says of it.
+NOT_GLOBALLY_REACHABLE = [
+    "0.1.2.3",
+    "10.0.0.1",
+    "100.64.0.1",
+    "127.0.0.1",
+    "169.254.1.1",
+    "172.16.0.1",
+    "192.0.0.1",  # DS-Lite
+    "192.0.0.8",  # IPv4 dummy address
+    "192.0.0.100",
+    "192.0.0.170",  # NAT64 discovery
+    "192.0.0.192",  # Oracle Cloud (classic) metadata
+    "192.0.0.255",
+    "192.0.2.1",
+    "192.168.1.1",
+    "198.18.0.1",
+    "198.51.100.1",
+    "203.0.113.1",
+    "240.0.0.1",
+    "255.255.255.255",
+    "::",
+    "::1",
+    "64:ff9b:1::808:808",
+    "100::1",
+    "100:0:0:1::1",
+    "2001:2::1",
+    "2001:db8::1",
+    "3fff::1",
+    "3fff:fff::1",
+    "5f00::1",
+    "fc00::1",
+    "fe80::1",
+    "fec0::1",
+    "feff::1",
+]
+
+
+@pytest.mark.parametrize("address", NOT_GLOBALLY_REACHABLE)
+def test_special_purpose_addresses_that_are_not_globally_reachable_are_not_public(address):
+    assert is_public_address(address) is False
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "::ffff:192.0.0.192",  # IPv4-mapped
+        "64:ff9b::c000:c0",  # NAT64
+        "2002:c000:c0::",  # 6to4
+        "::c000:c0",  # IPv4-compatible
+        "::ffff:0:c000:c0",  # IPv4-translated
+        "::ffff:192.0.0.8",
+        "64:ff9b::c000:8",
+    ],
+)
+def test_special_purpose_ipv4_addresses_are_not_public_inside_ipv6_either(address):
+    assert is_public_address(address) is False
+
+
+@pytest.mark.parametrize("address", ["192.0.0.9", "192.0.0.10", "::ffff:192.0.0.9"])
+def test_the_globally_reachable_anycast_addresses_in_192_0_0_0_24_stay_public(address):
+    assert is_public_address(address) is True
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://192.0.0.192/opc/v1/instance/", "http://[fec0::1]/", "http://oci.test/opc/v1/"],
+)
+def test_with_the_guard_on_special_purpose_endpoints_are_refused(url, guard_on, monkeypatch):
+    monkeypatch.setattr(network, "resolve_host", FakeResolver({"oci.test": ["192.0.0.192"]}))
+    with pytest.raises(EndpointNotAllowed, match="only to public addresses"):
+        check_endpoint_allowed(url)
+
+
 @pytest.mark.parametrize(
     "address",
     ["169.254.169.254", "fd00:ec2::254", "::ffff:169.254.169.254", "169.254.170.2"],
