@@ -43,7 +43,8 @@ METADATA_ADDRESSES = frozenset(
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
 _IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")
-# Local-use NAT64 (RFC 8215) reaches into the operator's own network.
+# Local-use NAT64 (RFC 8215) reaches into the operator's own network; where in the address
+# the IPv4 goes depends on the prefix length the operator chose.
 _LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
 
 # The IANA special-purpose registries' "Globally Reachable: False" ranges, refused whatever
@@ -216,7 +217,21 @@ def _reachable(ip: IPAddress) -> list[IPAddress]:
         embedded.extend(ip.teredo)
     if any(ip in network for network in (_NAT64, _IPV4_COMPATIBLE, _IPV4_TRANSLATED)):
         embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    if ip in _LOCAL_NAT64:
+        embedded.extend(_local_nat64_embedded(ip))
     return [ip, *embedded]
+
+
+def _local_nat64_embedded(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 address a local-use NAT64 address carries under each prefix length its
+    operator may have chosen inside 64:ff9b:1::/48: /48, /56, /64 or /96 (RFC 6052 2.2,
+    bits 64-71 skipped). Which one is in use, the guard cannot know: it checks them all."""
+    bits = int(ip)
+    without_bits_64_to_71 = (bits >> 64 << 56) | (bits & ((1 << 56) - 1))  # 120 bits
+    return [
+        ipaddress.IPv4Address(without_bits_64_to_71 >> shift & 0xFFFFFFFF)
+        for shift in (40, 32, 24, 0)  # the /48, /56, /64 and /96 positions
+    ]
 
 
 def _globally_reachable(ip: IPAddress) -> bool:

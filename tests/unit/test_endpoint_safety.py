@@ -192,6 +192,27 @@ def test_metadata_addresses_are_refused_even_when_private_endpoints_are_allowed(
     assert address_allowed(address, allow_private=True) is False
 
 
+@pytest.mark.parametrize(
+    "address",
+    [
+        "64:ff9b:1::a9fe:a9fe",  # a /96 local-use NAT64 prefix
+        "64:ff9b:1:0:a9:fea9:fe00:0",  # a /64 prefix (RFC 6052: bits 64-71 skipped)
+        "64:ff9b:1:a9:fe:a9fe::",  # a /56 prefix
+        "64:ff9b:1:a9fe:a9:fe00::",  # the /48 prefix
+        "64:ff9b:1::a9fe:aa02",  # ECS task credentials, /96
+        "64:ff9b:1::6464:64c8",  # Alibaba Cloud metadata, /96
+    ],
+)
+def test_metadata_addresses_inside_local_use_nat64_are_refused_when_private_is_allowed(address):
+    assert address_allowed(address, allow_private=True) is False
+
+
+def test_a_metadata_address_behind_local_use_nat64_is_refused_as_metadata(private_allowed):
+    with pytest.raises(EndpointNotAllowed, match="metadata"):
+        check_endpoint_allowed("http://[64:ff9b:1::a9fe:a9fe]/latest/meta-data/")
+    check_endpoint_allowed("http://[64:ff9b:1::a0a:a0a]:9001/agent")  # 10.10.10.10: private
+
+
 @pytest.mark.parametrize("address", ["10.0.0.1", "127.0.0.1", "::1", "100.64.0.1"])
 def test_allowing_private_endpoints_allows_private_addresses(address):
     assert address_allowed(address, allow_private=True) is True
