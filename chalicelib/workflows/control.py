@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import text
 
+from chalicelib import limits
 from chalicelib.audit import chain
 from chalicelib.config import get_settings
 from chalicelib.core import errors, responses
@@ -60,7 +61,9 @@ def retry(principal: Principal, ref: str) -> Reply:
     counters reset; agents chosen anew), under the same run id and audit chain. A stage
     whose agent was still working when the run ended starts afresh too: that call's
     answer is not kept (a `discard` entry says so now). The run is live again: it counts
-    against MAOF_MAX_ACTIVE_RUNS as a new submission would."""
+    against MAOF_MAX_ACTIVE_RUNS and MAOF_SUBMISSIONS_PER_MINUTE as a new submission
+    would (it starts the same work over: cancel and retry must not outrun the rate)."""
+    limits.limit_submissions(str(principal.user_uuid))
     max_active = get_settings().max_active_runs
     with session_scope() as session:
         runs.hold_quota(session, principal.user_uuid)  # first: submissions take it first too

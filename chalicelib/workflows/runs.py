@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy import case, func, select, text, true
@@ -63,7 +63,14 @@ def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -
     With an Idempotency-Key (`key`, per user, kept 24 h) the same statement claims the
     key: a second submission with the key (even one racing the first: it waits on the
     key's row) stores nothing and gets the first run, or a 409 if its body differs. A key
-    older than 24 h is forgotten: the submission is a new one (quota and all)."""
+    older than 24 h is forgotten: the submission is a new one (quota and all). A resent
+    submission whose key is live is answered before the rate is counted: it stores
+    nothing, and a client resending after a timeout must get its run back, not a 429."""
+    body_hash = chain.sha256_json(body.model_dump(by_alias=True, mode="json"))
+    if key is not None:
+        live_since = datetime.now(UTC) - timedelta(days=KEY_DAYS)
+        if (earlier := _earlier_submission(principal, key, body_hash, live_since)) is not None:
+            return earlier
     limits.limit_submissions(str(principal.user_uuid))
     check_dag(body.workflow)
     check_timeouts(body.workflow)
@@ -132,7 +139,7 @@ def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -
                 "run_id": run_id,
                 "user_id": principal.user_uuid,
                 "key": key,
-                "body_hash": chain.sha256_json(body.model_dump(by_alias=True, mode="json")),
+                "body_hash": body_hash,
                 "workflow_name": body.workflow.name,
                 "definition": dumps(body.workflow.model_dump(by_alias=True, mode="json")),
                 "input": dumps(body.input),

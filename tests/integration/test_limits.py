@@ -293,6 +293,54 @@ def test_submissions_refused_for_their_definition_count_against_the_per_user_rat
     rate_limited(user.post("/workflows/execute", one_stage_run(capability)))
 
 
+def test_a_resent_submission_whose_key_is_live_gets_its_run_past_the_rate(
+    user: Api, sent: Any, settings_env: dict[str, str]
+) -> None:
+    """A client resending after a timeout (as maof_client does) was counted and refused
+    by the submission rate: told 429 while its run was stored and queued. A live key's
+    resend stores nothing, so it gets its run back; a new submission is still refused."""
+    apply(settings_env, MAOF_SUBMISSIONS_PER_MINUTE="2")
+    capability = unique_capability("rate-key")
+    keyed = {"Idempotency-Key": f"resend-{uuid.uuid4()}"}
+    first = user.post("/workflows/execute", one_stage_run(capability), headers=keyed)
+    assert first.status_code == 202, first.text
+    assert user.post("/workflows/execute", one_stage_run(capability)).status_code == 202
+    for _ in range(3):
+        again = user.post("/workflows/execute", one_stage_run(capability), headers=keyed)
+        assert again.status_code == 202, again.text
+        assert again.json()["data"]["workflowRunId"] == first.json()["data"]["workflowRunId"]
+    other = dict(one_stage_run(capability), input={"other": True})
+    assert user.post("/workflows/execute", other, headers=keyed).status_code == 409
+    rate_limited(user.post("/workflows/execute", one_stage_run(capability)))
+
+
+def test_a_retry_counts_against_the_per_user_rate(
+    user: Api, sent: Any, monkeypatch: pytest.MonkeyPatch, settings_env: dict[str, str]
+) -> None:
+    """A retry starts the run's work over (agents called again): cancel and retry in a
+    loop started runs without end past MAOF_SUBMISSIONS_PER_MINUTE."""
+    from chalicelib.workflows import control
+
+    monkeypatch.setattr(control, "send_stage_messages", sent)
+    apply(settings_env, MAOF_SUBMISSIONS_PER_MINUTE="3")
+    capability = unique_capability("rate-retry")
+    response = user.post("/workflows/execute", one_stage_run(capability))
+    assert response.status_code == 202, response.text
+    run = response.json()["data"]["workflowRunId"]
+    assert user.post(f"/workflows/{run}/cancel").status_code == 202
+    accepted = 0
+    for _ in range(5):
+        retried = user.post(f"/workflows/{run}/retry")
+        if retried.status_code == 202:
+            accepted += 1
+            assert user.post(f"/workflows/{run}/cancel").status_code == 202
+        else:
+            error = rate_limited(retried)
+            assert "submissions" in error["message"]
+    assert accepted == 2  # the submission and two retries: the rate of 3
+    assert user.get(f"/workflows/{run}").json()["data"]["status"] == "cancelled"
+
+
 def test_the_active_run_quota_answers_429_until_a_run_ends(
     user: Api, poller: Any, settings_env: dict[str, str]
 ) -> None:
