@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -214,20 +214,10 @@ def status_of(report: rules.Report, checkpoint: dict[str, Any] | None = None) ->
     )
 
 
-def verify(
-    entries: Sequence[AuditEntry],
-    outputs: Sequence[dict[str, Any]] = (),
-    checkpoints: Sequence[dict[str, Any]] = (),
-) -> ChainStatus:
-    """Check links, order, hashes and signatures of a run's entries (sorted by seq), the
-    stored outputs against the hashes recorded for them, and the run's checkpoints: the
-    checks `maof-verify` makes on an export bundle."""
-    views = [entry_view(entry) for entry in entries]
-    run_id = views[0]["runId"] if views else None
-    report = rules.verify_entries(views, rules.key_set(audit_keys.key_ring().public), run_id)
-    rules.verify_outputs(views, outputs, report)
-    for checkpoint in checkpoints:
-        rules.verify_checkpoint(
-            views, str(run_id), checkpoint, rules.key_set(audit_keys.key_ring().public), report
-        )
+def verify(bundle: Mapping[str, Any]) -> ChainStatus:
+    """Every check `maof-verify` makes on an export bundle (rules.verify_bundle), with this
+    service's public keys: links, order, hashes and signatures of the entries, the stored
+    outputs against their hashes and that none is missing, the run summary against the
+    entries, and the checkpoints. Legacy entries are taken as `--allow-legacy` takes them."""
+    report = rules.verify_bundle(bundle, audit_keys.key_ring().public, allow_legacy=True)
     return status_of(report)

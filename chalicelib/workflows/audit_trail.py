@@ -1,6 +1,6 @@
-"""A run's audit trail as the API serves it: the entries, whether they verify (links,
-hashes, signatures, stored outputs, checkpoints), the export bundle `maof-verify` checks
-offline, the public keys and the newest signed checkpoint."""
+"""A run's audit trail as the API serves it: the entries, whether they verify (every check
+`maof-verify` makes on the run's export bundle, by the same code), that bundle, the public
+keys and the newest signed checkpoint."""
 
 from __future__ import annotations
 
@@ -111,16 +111,35 @@ def _read(principal: Principal, ref: str) -> _Trail:
     return _Trail(run, entries, outputs, covered)
 
 
-def _verify(trail: _Trail) -> chain.ChainStatus:
-    """The chain's checks, and every checkpoint S3 or the index names: one whose S3 copy
-    is missing fails the run (the bundle carries it as `missing`, which maof-verify
-    fails too)."""
+def _bundle(trail: _Trail, proofs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The export bundle of `trail` with `proofs` as its checkpoints: what `maof-verify`
+    checks offline, and what GET …/audit checks with the same code."""
+    views = [chain.entry_view(e) for e in trail.entries]
+    used = {view["kid"] for view in views} | {(c.get("head") or {}).get("kid") for c in proofs}
+    return {
+        "format": rules.BUNDLE_FORMAT,
+        "run": responses.RunSummary.model_validate(run_summary(trail.run)).model_dump(
+            by_alias=True
+        ),
+        "entries": views,
+        "keys": [key for key in audit_keys.key_ring().public if key["kid"] in used],
+        "outputs": trail.outputs,
+        "checkpoints": proofs,
+    }
+
+
+def _verify(trail: _Trail) -> tuple[chain.ChainStatus, list[dict[str, Any]]]:
+    """The checks `maof-verify` makes on the run's export bundle, and every checkpoint S3
+    or the index names: one whose S3 copy is missing fails the run (the bundle carries it
+    as `missing`, which maof-verify fails too; here with why S3 lacks it). With the
+    entries as served."""
     covered = trail.covered
     proofs = [p for p in covered.proofs if not p.get("missing")] if covered else []
-    status = chain.verify(trail.entries, trail.outputs, proofs)
-    if covered is None or not covered.problems:
-        return status
-    return replace(status, valid=False, reasons=[*status.reasons, *covered.problems])
+    bundle = _bundle(trail, proofs)
+    status = chain.verify(bundle)
+    if covered is not None and covered.problems:
+        status = replace(status, valid=False, reasons=[*status.reasons, *covered.problems])
+    return status, bundle["entries"]
 
 
 def _checkpoint_summary(
@@ -149,11 +168,11 @@ def _checkpoint_summary(
 
 def get_audit(principal: Principal, ref: str) -> responses.AuditTrail:
     trail = _read(principal, ref)
-    status = _verify(trail)
+    status, views = _verify(trail)
     summary = _checkpoint_summary(trail.covered, status)
     return responses.AuditTrail(
         workflow_run_id=run_ref(trail.run.id),
-        logs=[responses.AuditEntry.model_validate(chain.entry_view(e)) for e in trail.entries],
+        logs=[responses.AuditEntry.model_validate(view) for view in views],
         chain=responses.ChainReport.model_validate({**status.view(), "checkpoint": summary}),
     )
 
@@ -164,20 +183,7 @@ def export(principal: Principal, ref: str) -> responses.AuditBundle:
     trail = _read(principal, ref)
     if trail.covered is None:
         raise errors.ServiceUnavailable("The checkpoint store (S3) did not answer; try again")
-    found = trail.covered.proofs
-    views = [chain.entry_view(e) for e in trail.entries]
-    used = {view["kid"] for view in views} | {(c.get("head") or {}).get("kid") for c in found}
-    keys = [key for key in audit_keys.key_ring().public if key["kid"] in used]
-    return responses.AuditBundle.model_validate(
-        {
-            "format": rules.BUNDLE_FORMAT,
-            "run": run_summary(trail.run),
-            "entries": views,
-            "keys": keys,
-            "outputs": trail.outputs,
-            "checkpoints": found,
-        }
-    )
+    return responses.AuditBundle.model_validate(_bundle(trail, trail.covered.proofs))
 
 
 def public_keys() -> responses.PublicKeys:

@@ -270,6 +270,40 @@ def test_a_changed_stored_output_fails_verification(user, poller):
     assert not rules.verify_bundle(export(user, ref)).valid
 
 
+@pytest.mark.parametrize(
+    ("sql", "problem"),
+    [
+        (
+            "UPDATE stage_executions SET status = 'failed', output = NULL, error_message = 'x' "
+            "WHERE run_id = :r AND stage_id = 'extract'",
+            "records the output of stage 'extract', which the bundle lacks",
+        ),
+        (
+            "UPDATE workflow_runs SET status = 'failed', output = NULL, "
+            "error_message = 'Stage extract failed: forged' WHERE id = :r",
+            "run summary: status is 'failed', but the entries record it 'completed'",
+        ),
+    ],
+    ids=["stage-row-no-longer-completed", "run-row-no-longer-completed"],
+)
+def test_the_api_refuses_what_maof_verify_refuses_when_the_app_role_rewrites_a_status(
+    user, poller, api, tmp_path, sql, problem
+):
+    ref = three_stage_run(user, poller)
+    checkpoint_now()
+    with session_scope() as session:  # the application role may update run and stage rows
+        session.execute(text(sql), {"r": run_ids.parse_run_ref(ref)})
+    status = audit(user, ref)["chain"]
+    assert status["valid"] is False
+    assert problem in "\n".join(status["problems"]), status
+    assert status["checkpoint"]["status"] == "mismatch"
+    path = tmp_path / "bundle.json"
+    path.write_text(json.dumps(export(user, ref)))
+    result = maof_verify(str(path))
+    assert result.returncode == 1
+    assert problem in result.stdout, result.stdout
+
+
 # ------------------------------------------------------------------ export and maof-verify
 
 
