@@ -618,9 +618,15 @@ def result(state: State, run_id: str, as_json: bool) -> None:
     is_flag=True,
     help="Exit 1 unless the hash chain holds (as the API verifies it).",
 )
+@click.option(
+    "--allow-legacy",
+    is_flag=True,
+    help="With --verify: accept unsigned entries from before signing began (as "
+    "maof-verify --allow-legacy does; refused by default: no key signed them).",
+)
 @json_option
 @pass_state
-def audit(state: State, run_id: str, verify: bool, as_json: bool) -> None:
+def audit(state: State, run_id: str, verify: bool, allow_legacy: bool, as_json: bool) -> None:
     """A run's audit trail and its hash chain."""
     trail = state.client.get_audit(run_id)
     if as_json:
@@ -631,10 +637,10 @@ def audit(state: State, run_id: str, verify: bool, as_json: bool) -> None:
     if verify:
         # Checked here, as maof-verify does offline: every hash, signature and stored
         # output of the exported bundle, and the checkpoint's inclusion proof if any;
-        # entries from before signing (version 1) as the API takes them, before signed ones.
+        # entries from before signing (version 1) only if asked, as maof-verify takes them.
         from chalicelib.audit.verify import verify_bundle
 
-        report = verify_bundle(state.client.export_audit(run_id), allow_legacy=True)
+        report = verify_bundle(state.client.export_audit(run_id), allow_legacy=allow_legacy)
         if not as_json:
             if report.valid:
                 click.echo(

@@ -31,7 +31,7 @@ os.environ.update(
         "MAOF_STAGE": "test",
         "MAOF_DATABASE_URL": TEST_DATABASE_URL,
         "MAOF_MIGRATION_DATABASE_URL": OWNER_DATABASE_URL,
-        # A signing key of the session's own, made on first use.
+        # A signing key of the session's own (written below).
         "MAOF_AUDIT_KEYS_FILE": os.path.join(
             tempfile.mkdtemp(prefix="maof-test-keys-"), "audit-signing-keys.json"
         ),
@@ -58,3 +58,20 @@ os.environ.update(
 )
 os.environ.pop("MAOF_STAGE_QUEUE_URL", None)
 os.environ.pop("MAOF_AUDIT_SIGNING_KEYS", None)
+
+
+def _write_key_set() -> None:
+    """The session's key set, made a day ago: signing began then, as it did long before a
+    deployment's runs (an unsigned entry logged since is refused: audit/verify.py)."""
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    from chalicelib.audit import keys
+
+    made = (datetime.now(UTC) - timedelta(days=1)).isoformat(timespec="seconds")
+    path = os.environ["MAOF_AUDIT_KEYS_FILE"]
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+        handle.write(json.dumps({"keys": [keys.new_jwk(made.replace("+00:00", "Z"))]}))
+
+
+_write_key_set()

@@ -8,7 +8,8 @@ the last one, or that was retried, or that recorded an answer after its end) eac
 leaf {"runId", "seq", "hash"} of that newest entry; the leaves make an RFC 6962 Merkle tree
 whose signed head (audit/verify.py: same hash and signature rule as entries) names its
 predecessor's hash, so the checkpoints form a chain too. A run whose head went back
-(behind, or no longer through, a head already checkpointed) is refused, loudly.
+(behind, or no longer through, a head already checkpointed), or whose trail is unsigned
+legacy entries logged since signing began, is refused, loudly.
 
 In S3: `checkpoints/<number>-<hash>.json` holds the head and every leaf, and for each leaf
 a small marker `checkpoints/runs/<run uuid>/<number>-<hash>.json` names it, so which
@@ -67,6 +68,7 @@ class Leaf:
     seq: int
     head: str
     logged_at: datetime
+    version: int = rules.ENTRY_VERSION  # the head entry's
 
     @property
     def ref(self) -> str:
@@ -149,6 +151,17 @@ def refusal(
     return None
 
 
+def unsigned(leaf: Leaf, keys: rules.KeySet) -> str | None:
+    """Why `leaf` must not be checkpointed as a legacy trail, or None. A legacy (version 1)
+    entry only comes before signed ones, so a run whose head is one has no signed entry at
+    all: genuine only from before signing began; since then, a rewrite without the key."""
+    if leaf.version != rules.LEGACY_VERSION:
+        return None
+    logged_at = leaf.logged_at.astimezone(UTC).isoformat(timespec="microseconds")
+    why = rules.logged_before_signing(keys, logged_at)
+    return f"its head, entry #{leaf.seq}, is {why} (rewritten without the key)" if why else None
+
+
 _LAST = text(
     "SELECT checkpoint, head_hash, covered_until FROM audit_checkpoints "
     "ORDER BY checkpoint DESC LIMIT 1"
@@ -160,10 +173,10 @@ _CANDIDATES = text(
     WITH recent AS (
         SELECT DISTINCT run_id FROM execution_logs WHERE logged_at >= :since
     )
-    SELECT r.id AS run_id, h.seq, h.entry_hash, h.logged_at
+    SELECT r.id AS run_id, h.seq, h.entry_hash, h.logged_at, h.version
       FROM recent JOIN workflow_runs AS r ON r.id = recent.run_id
       CROSS JOIN LATERAL (
-           SELECT seq, entry_hash, logged_at FROM execution_logs AS e
+           SELECT seq, entry_hash, logged_at, version FROM execution_logs AS e
             WHERE e.run_id = r.id ORDER BY seq DESC LIMIT 1) AS h
      WHERE r.status IN ('completed', 'failed', 'cancelled')
        AND NOT EXISTS (SELECT 1 FROM audit_checkpoint_runs AS c
@@ -261,17 +274,22 @@ def _screen(
             rows = session.execute(_ENTRY_HASHES, {"runs": list(runs), "seqs": list(seqs)})
             for row in rows:
                 current[row.run_id][row.seq] = row.entry_hash
+    keys = rules.key_set(audit_keys.key_ring().public)
     accepted: list[Leaf] = []
     refused: dict[str, str] = {}
     for leaf in leaves:
-        why = broken.get(leaf.run_id) or refusal(leaf, earlier[leaf.run_id], current[leaf.run_id])
+        why = (
+            broken.get(leaf.run_id)
+            or unsigned(leaf, keys)
+            or refusal(leaf, earlier[leaf.run_id], current[leaf.run_id])
+        )
         if why is None:
             accepted.append(leaf)
             continue
         refused[leaf.ref] = why
         logger.error(
             "audit checkpoint refused a run: its trail no longer holds what an earlier "
-            "checkpoint recorded (tampering?)",
+            "checkpoint recorded, or is unsigned where it must be signed (tampering?)",
             extra={"runId": leaf.ref, "seq": leaf.seq, "reason": why},
         )
     return accepted, refused
@@ -317,7 +335,9 @@ def _checkpoint(now: datetime | None) -> dict[str, Any]:
         since = last.covered_until - COMMIT_MARGIN if last else datetime(1970, 1, 1, tzinfo=UTC)
         limit = settings.audit_checkpoint_max_runs
         rows = session.execute(_CANDIDATES, {"since": since, "limit": limit}).all()
-        candidates = [Leaf(row.run_id, row.seq, row.entry_hash, row.logged_at) for row in rows]
+        candidates = [
+            Leaf(row.run_id, row.seq, row.entry_hash, row.logged_at, row.version) for row in rows
+        ]
         indexed = _indexed_heads(session, candidates) if candidates else {}
     if not candidates:
         return {"checkpoint": None, "runs": 0, "candidates": 0, "refused": {}}

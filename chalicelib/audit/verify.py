@@ -23,7 +23,8 @@ The rules (version 2 entries):
   hashed and signed by the entry rule.
 Entries written before signing existed (`version` 1) chain as sha256(prevHash + sorted-key
 JSON of the old document); they carry no signature and are reported as legacy: the API
-accepts them before signed ones, a bundle only with `allow_legacy` (`--allow-legacy`).
+accepts them before signed ones, a bundle only with `allow_legacy` (`--allow-legacy`), and
+either only if logged before signing began (the keys' earliest `createdAt`, plus an hour).
 A bundle must also carry every output its entries record, and its `run` summary must agree
 with them (workflowName, status, errorMessage null unless the run failed or was cancelled).
 A malformed bundle is a problem in the report, never an exception.
@@ -57,6 +58,10 @@ _SAFE_INTEGER = 2**53 - 1
 # containers that read the key set before a rotation sign with the old key until `make
 # rotate-key` has recycled them, and a stage worker's invocation may run for 15 minutes.
 RETIREMENT_GRACE = timedelta(hours=1)
+# Signing began when the first key was made (the earliest `createdAt` of the key set, kept
+# outside the database); functions of the release before it, still running through the
+# deploy that brought signing, write unsigned entries for up to this long after.
+SIGNING_GRACE = timedelta(hours=1)
 # What reading malformed input raises (a string where an object belongs, an integer no
 # double holds, Infinity, nesting too deep): reported as a problem, never a traceback.
 MALFORMED = (ValueError, OverflowError, TypeError, AttributeError, KeyError, RecursionError)
@@ -168,11 +173,13 @@ def public_key_of(jwk: Mapping[str, Any]) -> Ed25519PublicKey:
 
 
 class KeySet(dict[str, Ed25519PublicKey]):
-    """kid -> public key, and when each retired key was retired (`retired`, by kid)."""
+    """kid -> public key, when each retired key was retired (`retired`, by kid), and when
+    signing began (`began`: the earliest `createdAt`; None if no key gives one)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.retired: dict[str, datetime] = {}
+        self.began: datetime | None = None
 
 
 def key_set(keys: Iterable[Mapping[str, Any]]) -> KeySet:
@@ -192,6 +199,9 @@ def key_set(keys: Iterable[Mapping[str, Any]]) -> KeySet:
             if retired is None:
                 raise ValueError(f"key {kid}: retiredAt {jwk['retiredAt']!r} is not a date-time")
             found.retired[kid] = retired
+        created = timestamp(jwk.get("createdAt"))
+        if created is not None and (found.began is None or created < found.began):
+            found.began = created
         found[kid] = public
     return found
 
@@ -229,6 +239,25 @@ def signed_while_current(
         return (
             f"{member} {stamped} is after key {kid} was retired "
             f"({retired.isoformat()}): a retired key signs nothing new"
+        )
+    return ""
+
+
+def logged_before_signing(keys: Mapping[str, Ed25519PublicKey], logged_at: Any) -> str:
+    """'' when a legacy (version 1, unsigned) entry stamped `logged_at` predates signing
+    (a KeySet's `began`, plus SIGNING_GRACE); else why not. Since then every entry is
+    signed: one unsigned is a rewrite by someone without the key (backdating `loggedAt`
+    too is not caught here: its run then shows dates from before signing)."""
+    began = keys.began if isinstance(keys, KeySet) else None
+    if began is None:
+        return "a legacy (version 1) entry, and no key says when signing began (createdAt)"
+    when = timestamp(logged_at)
+    if when is None:
+        return f"a legacy (version 1) entry whose loggedAt {logged_at!r} is not a date-time"
+    if when > began + SIGNING_GRACE:
+        return (
+            f"a legacy (version 1) entry logged at {logged_at}, after signing began "
+            f"({began.isoformat()}): every entry since is signed"
         )
     return ""
 
@@ -362,8 +391,9 @@ def _signed_entry_problem(entry: Mapping[str, Any], keys: Mapping[str, Ed25519Pu
     )
 
 
-def _legacy_entry_problem(entry: Mapping[str, Any]) -> str:
-    return _hash_problem(entry, legacy_entry_hash, " (version 1 rule)")[1]
+def _legacy_entry_problem(entry: Mapping[str, Any], keys: Mapping[str, Ed25519PublicKey]) -> str:
+    _, problem = _hash_problem(entry, legacy_entry_hash, " (version 1 rule)")
+    return problem or logged_before_signing(keys, entry.get("loggedAt"))
 
 
 def verify_entries(
@@ -373,8 +403,9 @@ def verify_entries(
     report: Report | None = None,
 ) -> Report:
     """Links, order, hashes and signatures of a run's entries (in seq order). A legacy
-    (version 1) entry may only precede signed ones (verify_bundle refuses them unless
-    allowed; the API, chain.verify, accepts them)."""
+    (version 1) entry may only precede signed ones, and be logged before signing began
+    (logged_before_signing; verify_bundle refuses them unless allowed; the API, chain.verify,
+    allows them)."""
     report = report or Report()
     report.length = len(entries)
     prev = GENESIS
@@ -392,7 +423,7 @@ def verify_entries(
             problem = _signed_entry_problem(entry, keys)
             seen_signed = True
         elif version == LEGACY_VERSION and not seen_signed:
-            problem = _legacy_entry_problem(entry)
+            problem = _legacy_entry_problem(entry, keys)
         else:
             problem = f"unexpected version {version!r}" + (
                 " after a signed entry" if version == LEGACY_VERSION else ""

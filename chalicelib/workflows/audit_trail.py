@@ -115,14 +115,18 @@ def _bundle(trail: _Trail, proofs: list[dict[str, Any]]) -> dict[str, Any]:
     """The export bundle of `trail` with `proofs` as its checkpoints: what `maof-verify`
     checks offline, and what GET …/audit checks with the same code."""
     views = [chain.entry_view(e) for e in trail.entries]
+    public = audit_keys.key_ring().public
     used = {view["kid"] for view in views} | {(c.get("head") or {}).get("kid") for c in proofs}
+    if any(view["version"] == rules.LEGACY_VERSION for view in views):
+        # The first key's createdAt says when signing began: legacy entries must predate it.
+        used.add(min(public, key=lambda key: str(key.get("createdAt")))["kid"])
     return {
         "format": rules.BUNDLE_FORMAT,
         "run": responses.RunSummary.model_validate(run_summary(trail.run)).model_dump(
             by_alias=True
         ),
         "entries": views,
-        "keys": [key for key in audit_keys.key_ring().public if key["kid"] in used],
+        "keys": [key for key in public if key["kid"] in used],
         "outputs": trail.outputs,
         "checkpoints": proofs,
     }

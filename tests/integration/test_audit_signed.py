@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ from tests.integration.conftest import (
 pytestmark = pytest.mark.integration
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
+# Before the test key set was made (its createdAt is when signing began).
+BEFORE_SIGNING = datetime(2020, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
 def three_stage_run(user: Any, poller: Any) -> str:
@@ -135,6 +138,51 @@ def rewrite_as_owner(run_ref: str, change: Any, from_seq: int = 1, drop_last: bo
                         "s": entry.seq,
                     },
                 )
+            prev = entry.entry_hash
+        conn.execute(text("ALTER TABLE execution_logs ENABLE TRIGGER USER"))
+
+
+def rewrite_unsigned(run_ref: str, change: Any, logged_at: datetime | None = None) -> None:
+    """What the owner's role can do WITHOUT the signing key: change a run's entries and
+    write the whole trail back as legacy (version 1, unsigned) entries chained by the old
+    rule; `logged_at`: the time the first one is stamped with (the rest a second apart)."""
+    run_id = run_ids.parse_run_ref(run_ref)
+    with session_scope() as session:
+        from sqlalchemy import select
+
+        from chalicelib.db.models import AuditEntry
+
+        entries = list(
+            session.scalars(
+                select(AuditEntry).where(AuditEntry.run_id == run_id).order_by(AuditEntry.seq)
+            )
+        )
+        session.expunge_all()
+    with owner_connection() as conn:
+        conn.execute(text("ALTER TABLE execution_logs DISABLE TRIGGER USER"))
+        prev = chain.GENESIS
+        for entry in entries:
+            change(entry)
+            if logged_at is not None:
+                entry.logged_at = logged_at + timedelta(seconds=entry.seq)
+            entry.entry_hash = chain.entry_hash(prev, chain.entry_document(entry))
+            conn.execute(
+                text(
+                    "UPDATE execution_logs SET agent_id = :agent_id, details = "
+                    "CAST(:details AS jsonb), logged_at = :logged_at, prev_hash = :prev, "
+                    "entry_hash = :hash, version = 1, kid = NULL, signature = NULL "
+                    "WHERE run_id = :r AND seq = :s"
+                ),
+                {
+                    "agent_id": entry.agent_id,
+                    "details": json.dumps(entry.details),
+                    "logged_at": entry.logged_at,
+                    "prev": prev,
+                    "hash": entry.entry_hash,
+                    "r": run_id,
+                    "s": entry.seq,
+                },
+            )
             prev = entry.entry_hash
         conn.execute(text("ALTER TABLE execution_logs ENABLE TRIGGER USER"))
 
@@ -394,6 +442,7 @@ def test_a_legacy_entry_verifies_by_the_old_rule_only_before_signed_ones():
     run_id = uuid.uuid4()
     entry = chain.next_entry(run_id, None, None, "submit", "queued")
     entry.version, entry.kid, entry.signature = 1, None, None
+    entry.logged_at = BEFORE_SIGNING
     entry.entry_hash = chain.entry_hash(chain.GENESIS, chain.entry_document(entry))
     legacy = chain.entry_view(entry)
     signed = chain.entry_view(chain.next_entry(run_id, 1, entry.entry_hash, "complete", "x"))
@@ -403,3 +452,32 @@ def test_a_legacy_entry_verifies_by_the_old_rule_only_before_signed_ones():
     assert not rules.verify_entries(
         [signed | {"seq": 1, "prevHash": rules.GENESIS}, legacy], keys
     ).valid
+
+
+def test_a_new_run_rewritten_unsigned_without_the_key_fails_everywhere(user, poller, tmp_path):
+    ref = three_stage_run(user, poller)  # a run of today: every entry of it is signed
+    rewrite_unsigned(ref, lambda entry: forge_agent(entry) if entry.action == "execute" else None)
+    status = audit(user, ref)["chain"]
+    assert status["valid"] is False and status["brokenAtSeq"] == 1, status
+    assert "after signing began" in status["problems"][0], status
+    result = checkpoints.checkpoint_once()  # refused, not pinned
+    assert "after signing began" in result["refused"][ref], result
+    assert audit(user, ref)["chain"]["checkpoint"] is None
+    bundle = export(user, ref)
+    assert not rules.verify_bundle(bundle, allow_legacy=True).valid
+    path = tmp_path / "bundle.json"
+    path.write_text(json.dumps(bundle))
+    result = maof_verify(str(path), "--allow-legacy")
+    assert result.returncode == 1 and "after signing began" in result.stdout, result.stdout
+
+
+def test_a_run_whose_unsigned_trail_predates_signing_still_verifies_as_legacy(
+    user, poller, tmp_path
+):
+    ref = three_stage_run(user, poller)
+    rewrite_unsigned(ref, lambda entry: None, logged_at=BEFORE_SIGNING)  # as written then
+    status = audit(user, ref)["chain"]
+    assert status["valid"] is True and status["signatures"] == {"signed": 0, "legacy": 4}
+    bundle = export(user, ref)
+    assert rules.verify_bundle(bundle, allow_legacy=True).valid
+    assert not rules.verify_bundle(bundle).valid  # no key signed them: only when allowed

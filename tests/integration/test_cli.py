@@ -34,6 +34,7 @@ from maof_client.cli import cli
 from maof_client.config import CredentialsFile
 from maof_client.models import Tokens
 from tests.integration.conftest import Api, free_port, unique_capability, unique_email, wait_until
+from tests.integration.test_audit_signed import BEFORE_SIGNING, rewrite_unsigned
 from tests.support.agents import ScriptedAgent, sleep
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
@@ -266,6 +267,22 @@ def test_status_result_and_audit_read_for_a_person(
     assert "Verified here:" in audit.stderr and "signed" in audit.stderr
     runs = maof.ok("runs", "--status", "completed").stdout
     assert run_id in runs
+
+
+def test_audit_verify_refuses_unsigned_entries_unless_allowed(
+    maof: Maof, signed_in: str, poller: Any, tmp_path: Path
+) -> None:
+    capability = unique_capability("cli")
+    register_agent(maof, "mock://cli-legacy", capability)
+    run_id = maof.ok("run", str(workflow_file(tmp_path, capability)), "--watch", "--json")
+    ref = json.loads(run_id.stdout)["workflowRunId"]
+    # A trail from before signing: its entries are legacy (version 1), which no key signed.
+    rewrite_unsigned(ref, lambda entry: None, logged_at=BEFORE_SIGNING)
+    refused = maof("audit", ref, "--verify")
+    assert refused.exit_code == 1, refused.output
+    assert "legacy (version 1) entries, which no key signed: refused" in refused.stderr
+    allowed = maof.ok("audit", ref, "--verify", "--allow-legacy")
+    assert "Verified here:" in allowed.stderr and "0 signed" in allowed.stderr
 
 
 def test_cancel_and_retry_from_the_command_line(

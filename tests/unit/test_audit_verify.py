@@ -300,6 +300,29 @@ def test_legacy_entries_are_refused_offline_unless_allowed_and_the_api_keeps_the
     assert api.valid and api.legacy == 3
 
 
+def test_legacy_entries_logged_since_signing_began_are_refused_even_when_allowed(tmp_path):
+    made = datetime(2026, 3, 1, tzinfo=UTC)  # signing began: the first key's createdAt
+    first = audit_keys.new_jwk(made.isoformat())
+    trusted = [{name: first[name] for name in audit_keys.PUBLIC_MEMBERS}]
+    # The owner's rewrite of a run of today, without the key: it chains, unsigned.
+    late = bundle_of(entries_of(COMPLETED_RUN, None, at=made + rules.SIGNING_GRACE), [])
+    report = rules.verify_bundle(late, trusted, allow_legacy=True)
+    assert not report.valid and report.broken_at == 1
+    assert "after signing began (2026-03-01T00:00:00+00:00)" in reasons(report)
+    status, printed = run_command(tmp_path, late, "--allow-legacy", keys=trusted)
+    assert status == 1 and "after signing began" in printed, printed
+    # Logged before, or within the hour the release before signing still wrote them.
+    for at in (T0, made + rules.SIGNING_GRACE - timedelta(seconds=4)):
+        kept = bundle_of(entries_of(COMPLETED_RUN, None, at=at), [])
+        assert rules.verify_bundle(kept, trusted, allow_legacy=True).valid, at
+    # With no key saying when signing began, no unsigned entry can be placed before it.
+    undated = [{**trusted[0], "createdAt": None}]
+    report = rules.verify_bundle(
+        bundle_of(entries_of(COMPLETED_RUN, None), []), undated, allow_legacy=True
+    )
+    assert "no key says when signing began" in reasons(report)
+
+
 # D: the run summary
 
 
