@@ -239,10 +239,21 @@ def _indexed_heads(session: Session, leaves: Sequence[Leaf]) -> dict[uuid.UUID, 
     return earlier
 
 
+def newest(coverings: Iterable[Covering]) -> list[Covering]:
+    """The coverings of the highest checkpoint number (more than one key only when a
+    checkpoint was written to S3 but not recorded, and the next took its number)."""
+    found = list(coverings)
+    top = max((covering.number for covering in found), default=None)
+    return [covering for covering in found if covering.number == top]
+
+
 def _add_s3_heads(earlier: dict[uuid.UUID, list[Checkpointed]]) -> dict[uuid.UUID, str]:
-    """Add to `earlier` what S3's markers say earlier checkpoints recorded (the index's
-    owner could have dropped its rows; S3 keeps them); the runs whose S3 copy of an earlier
-    checkpoint is missing (why, by run)."""
+    """Add to `earlier` the head S3's copy of the run's newest checkpoint recorded (the
+    index's owner could have dropped its rows; S3 keeps them); the runs whose S3 copy of it
+    is missing, or whose markers were tampered with (why, by run). The newest is enough:
+    its head was checkpointed only once it passed through every head before it, so a chain
+    that passes through it passes through them; and the work per run stays one LIST and
+    one object, however often the run was checkpointed."""
     broken: dict[uuid.UUID, str] = {}
     with ThreadPoolExecutor(S3_CONCURRENCY, thread_name_prefix="maof-cp") as pool:
         listed = list(pool.map(listed_checkpoints, earlier))
@@ -250,7 +261,7 @@ def _add_s3_heads(earlier: dict[uuid.UUID, list[Checkpointed]]) -> dict[uuid.UUI
         for covering in coverings:
             if covering.tampered:
                 broken[run_id] = f"checkpoint {covering.number}: {covering.tampered}"
-                continue
+        for covering in newest(c for c in coverings if not c.tampered):
             try:
                 found = leaf_of(covering.key, run_ref(run_id))
             except CheckpointMissing as exc:
@@ -562,17 +573,24 @@ def indexed_checkpoints(session: Session, run_id: uuid.UUID) -> list[Covering]:
 
 @dataclass(frozen=True)
 class RunCheckpoints:
-    """Every checkpoint that covers a run, oldest first, as the bundle carries them: a
-    proof from S3, or (S3 lacks the object or the run's leaf) a `missing` placeholder, with
-    why in `problems`."""
+    """The checkpoints that cover a run, oldest first, as the bundle carries them: a proof
+    from S3, or (S3 lacks the object or the run's leaf) a `missing` placeholder, with why
+    in `problems`; `count`: how many checkpoints cover the run, read or not."""
 
     proofs: list[dict[str, Any]]
     problems: list[str]
+    count: int = 0
 
 
-def run_checkpoints(run_id: uuid.UUID, coverings: Iterable[Covering]) -> RunCheckpoints:
+def run_checkpoints(
+    run_id: uuid.UUID, coverings: Iterable[Covering], *, every: bool = True
+) -> RunCheckpoints:
     """The proofs of the checkpoints that S3's markers and the index name (either is
-    enough: each names a checkpoint the run must match)."""
+    enough: each names a checkpoint the run must match): of every one (`every`, for the
+    export: two S3 calls per checkpoint not yet cached), or of the newest only (GET …/audit:
+    two calls however often the run was checkpointed; its head was checkpointed only once
+    it passed through every earlier one). A marker found tampered with is a problem either
+    way: the LIST that found the markers says so."""
     by_key: dict[str, Covering] = {}
     for covering in coverings:
         known = by_key.get(covering.key)
@@ -580,9 +598,12 @@ def run_checkpoints(run_id: uuid.UUID, coverings: Iterable[Covering]) -> RunChec
         # The index knows the leaf's position; only a marker knows it was tampered with.
         tampered = covering.tampered or (known.tampered if known else None)
         by_key[covering.key] = replace(kept, tampered=tampered)
+    read = set(by_key) if every else {c.key for c in newest(by_key.values())}
     proofs: list[dict[str, Any]] = []
     problems: list[str] = []
     for covering in sorted(by_key.values(), key=lambda c: (c.number, c.key)):
+        if covering.key not in read and not covering.tampered:
+            continue
         try:
             if covering.tampered:
                 raise CheckpointMissing(covering.tampered)
@@ -598,7 +619,7 @@ def run_checkpoints(run_id: uuid.UUID, coverings: Iterable[Covering]) -> RunChec
             problems.append(f"checkpoint {covering.number}: unreadable S3 object ({exc})")
             continue
         proofs.append(proof)
-    return RunCheckpoints(proofs, problems)
+    return RunCheckpoints(proofs, problems, len(by_key))
 
 
 def latest() -> dict[str, Any] | None:

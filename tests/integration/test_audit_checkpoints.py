@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -309,6 +311,53 @@ def test_a_head_that_moves_forward_is_checkpointed_again(user, poller):
     status = audit(user, ref)["chain"]
     assert status["valid"] is True, status
     assert status["checkpoint"]["count"] == 2 and status["checkpoint"]["checkpoint"] > first
+
+
+@contextmanager
+def counted_s3_calls() -> Iterator[list[str]]:
+    """The names of the S3 calls made while the block runs (only checkpoints use S3)."""
+    calls: list[str] = []
+
+    def count(event_name: str, **kwargs: Any) -> None:
+        calls.append(event_name)
+
+    s3 = aws_client("s3")
+    s3.meta.events.register("before-call.s3", count)
+    try:
+        yield calls
+    finally:
+        s3.meta.events.unregister("before-call.s3", count)
+
+
+def test_a_runs_checkpoint_and_its_audit_read_cost_as_many_s3_calls_however_often_it_was_checkpointed(
+    user, poller
+):
+    """A run cancelled and retried over and over is checkpointed each time it ends: the
+    checkpointer checks its new head against S3's copy of its newest checkpoint only, and
+    GET …/audit reads that one only, so neither costs more S3 calls as checkpoints pile up
+    (cold caches: a new Lambda container)."""
+    ref = three_stage_run(user, poller)
+    run_id = run_ids.parse_run_ref(ref)
+    checkpoint_now()
+    costs: list[tuple[int, int]] = []
+    for _ in range(5):
+        discard_late_answer(run_id)  # the head moves on: checkpointed again
+        result = checkpoints.checkpoint_once()
+        assert result["checkpoint"] is not None and ref not in result["refused"], result
+        checkpoints.reset()
+        with counted_s3_calls() as screening:  # what a checkpoint reads of this run in S3
+            assert checkpoints._add_s3_heads({run_id: []}) == {}
+        checkpoints.reset()
+        with counted_s3_calls() as reading:
+            status = audit(user, ref)["chain"]
+        assert status["valid"] is True and status["checkpoint"]["status"] == "verified"
+        costs.append((len(screening), len(reading)))
+    assert status["checkpoint"]["count"] == 6
+    # Each: a LIST of the run's markers, and its newest checkpoint (a LIST of the
+    # object's versions and a GET).
+    assert costs == [(3, 3)] * 5, costs
+    # The export still carries (and reads) every one.
+    assert len(export(user, ref)["checkpoints"]) == 6
 
 
 def slowed_s3(monkeypatch: Any, seconds: float, during: Any = None) -> None:
