@@ -4,6 +4,7 @@ Deployed stages keep their secrets out of the environment: when MAOF_SECRETS_SSM
 set, the JWT secret, the secret key and (when present) the database and Redis URLs are
 read from SSM Parameter Store under that path, decrypted, once per process (one
 GetParameters call at cold start), and win over the same settings in the environment.
+Each function reads only the ones it uses (ssm_names), which its role alone may read.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import uuid
+from collections.abc import Collection
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
@@ -73,7 +75,8 @@ SSM_PREVIOUS_KEYS = {
 # Read only by the API function (MAOF_TOKEN_ISSUER=true), the one that signs and checks
 # the users' tokens: no other function's role may read them, so none can mint a token.
 SSM_TOKEN_SECRETS = ("jwt-secret", "jwt-previous-secrets")
-# Without these under the path, start-up stops; the URLs may come from the environment.
+# Without these under the path, start-up stops if the function reads them; the URLs may
+# come from the environment.
 SSM_REQUIRED = ("jwt-secret", "secret-key")
 # The SSM parameter of each setting (field) it may supply.
 _SSM_PARAMETERS = {
@@ -104,6 +107,7 @@ PreviousKeys = Annotated[
     BeforeValidator(_comma_separated),
 ]
 Uuids = Annotated[frozenset[uuid.UUID], NoDecode, BeforeValidator(_comma_separated)]
+Names = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_comma_separated)]
 
 
 class _Bootstrap(BaseSettings):
@@ -122,6 +126,9 @@ class _Bootstrap(BaseSettings):
     migrator: bool = False
     # Set on the API function alone: it alone reads SSM's jwt-secret (SSM_TOKEN_SECRETS).
     token_issuer: bool = False
+    # Set on the functions that need fewer secrets than the others (.chalice/config.json):
+    # the only parameters under the path they read (ssm_names).
+    secrets_ssm_names: Names | None = None
     aws_region: str = Field(
         "us-east-1", validation_alias=AliasChoices("MAOF_AWS_REGION", "AWS_REGION")
     )
@@ -141,8 +148,9 @@ class _Bootstrap(BaseSettings):
         defaults: dict[str, Any] = {}
         if data.get("stage", cls.model_fields["stage"].default) in DEV_STAGES:
             defaults = dict(DEV_DEFAULTS)
-            if data.get("secrets_ssm_path"):  # never the published dev secret: SSM's or none
+            if data.get("secrets_ssm_path"):  # never the published dev keys: SSM's or none
                 defaults.pop("jwt_secret")
+                defaults.pop("secret_key")
         if "database_url" in data:
             defaults["migration_database_url"] = data["database_url"]
         return {**defaults, **data}
@@ -155,16 +163,44 @@ class _Bootstrap(BaseSettings):
             raise ValueError(f"must be an SSM path such as /maof/prod, got {raw!r}")
         return path
 
+    @field_validator("secrets_ssm_names")
+    @classmethod
+    def _known_names(cls, names: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        known = {*SSM_SECRETS, *SSM_PREVIOUS_KEYS, *SSM_MIGRATION_SECRETS}
+        if names is not None and (unknown := [name for name in names if name not in known]):
+            raise ValueError(f"names no SSM parameter MAOF reads: {unknown[0]!r}")
+        return names
 
-def ssm_names(*, token_issuer: bool, migrator: bool) -> list[str]:
-    """The SSM parameters a function reads (its role may read these and no others)."""
+    @property
+    def ssm_parameter_names(self) -> list[str]:
+        """The parameters under MAOF_SECRETS_SSM_PATH this function reads."""
+        return ssm_names(
+            token_issuer=self.token_issuer, migrator=self.migrator, only=self.secrets_ssm_names
+        )
+
+
+def ssm_names(
+    *, token_issuer: bool, migrator: bool, only: Collection[str] | None = None
+) -> list[str]:
+    """The SSM parameters a function reads (its role may read these and no others): all but
+    the token and migration ones unless it is the token issuer or the migrator, and of
+    those only the ones in `only` (its MAOF_SECRETS_SSM_NAMES) when given."""
     names = [*SSM_SECRETS, *SSM_PREVIOUS_KEYS, *(SSM_MIGRATION_SECRETS if migrator else ())]
-    return [name for name in names if token_issuer or name not in SSM_TOKEN_SECRETS]
+    return [
+        name
+        for name in names
+        if (token_issuer or name not in SSM_TOKEN_SECRETS) and (only is None or name in only)
+    ]
 
 
 @functools.lru_cache(maxsize=4)
 def _read_ssm_parameters(
-    path: str, region: str, endpoint: str | None, token_issuer: bool, migrator: bool
+    path: str,
+    region: str,
+    endpoint: str | None,
+    token_issuer: bool,
+    migrator: bool,
+    only: tuple[str, ...] | None = None,
 ) -> dict[str, str]:
     """The decrypted values of the parameters that exist under `path`, by name."""
     # Imported here: a stage without SSM secrets (dev, tests) never pays boto3's import.
@@ -186,7 +222,7 @@ def _read_ssm_parameters(
             aws_access_key_id="test",
             aws_secret_access_key="test",  # noqa: S106
         )
-    names = ssm_names(token_issuer=token_issuer, migrator=migrator)
+    names = ssm_names(token_issuer=token_issuer, migrator=migrator, only=only)
     try:
         ssm = boto3.session.Session().client("ssm", **kwargs)
         found = ssm.get_parameters(Names=[f"{path}/{name}" for name in names], WithDecryption=True)
@@ -208,11 +244,15 @@ class _SsmParameters(PydanticBaseSettingsSource):
         if not where.secrets_ssm_path:
             return {}
         path = where.secrets_ssm_path
-        issuer = where.token_issuer
         values = _read_ssm_parameters(
-            path, where.aws_region, where.aws_endpoint_url, issuer, where.migrator
+            path,
+            where.aws_region,
+            where.aws_endpoint_url,
+            where.token_issuer,
+            where.migrator,
+            where.secrets_ssm_names,
         )
-        required = [name for name in SSM_REQUIRED if issuer or name not in SSM_TOKEN_SECRETS]
+        required = [name for name in SSM_REQUIRED if name in where.ssm_parameter_names]
         missing = [f"{path}/{name}" for name in required if not values.get(name)]
         if missing:
             raise ConfigError(
@@ -230,7 +270,8 @@ class Settings(_Bootstrap):
     jwt_secret: str = ""
     # Keys being rotated out: still accepted to verify (JWTs) or decrypt (agent tokens).
     jwt_previous_secrets: PreviousKeys = ()
-    secret_key: str = Field("", min_length=32, validate_default=True)
+    # At least 32 characters (_fit_for_the_stage), or none where it is not read.
+    secret_key: str = ""
     previous_secret_keys: PreviousKeys = ()
     database_url: str = ""
     # The owner of the schema, for the migrations only.
@@ -341,6 +382,11 @@ class Settings(_Bootstrap):
         if not self.is_dev and self.jwt_secret == DEV_JWT_SECRET:
             what = f"must not be the dev default in stage {self.stage!r}"
             raise ValueError(self._complaint("jwt_secret", what))
+        # Nor the secret key, for one whose MAOF_SECRETS_SSM_NAMES leaves secret-key out: it
+        # encrypts and decrypts no agent token or callback secret (agents.secrets refuses to).
+        keyless = bool(self.secrets_ssm_path) and "secret-key" not in self.ssm_parameter_names
+        if not (keyless and not self.secret_key) and len(self.secret_key) < 32:
+            raise ValueError(self._complaint("secret_key", "must be at least 32 characters"))
         # The migrations' URL is checked where it is used (chalicelib.db.migrate).
         for field in ("database_url", "redis_url"):
             if problem := self.tls_problem(field):

@@ -17,7 +17,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from sqlalchemy import select
 
 from chalicelib.agents.candidates import invalidate_capability
-from chalicelib.config import get_settings
+from chalicelib.config import ConfigError, get_settings
 from chalicelib.db import session_scope
 from chalicelib.db.models import Agent, WorkflowRun
 
@@ -33,7 +33,11 @@ def _keys(current: str, previous: tuple[str, ...]) -> MultiFernet:
 
 
 def _fernet() -> MultiFernet:
+    """The keys; never one derived from an empty secret key (a function whose
+    MAOF_SECRETS_SSM_NAMES leaves secret-key out has none, and so encrypts nothing)."""
     settings = get_settings()
+    if not settings.secret_key:
+        raise ConfigError("no MAOF_SECRET_KEY: this function does not read secret-key")
     return _keys(settings.secret_key, settings.previous_secret_keys)
 
 

@@ -7,14 +7,17 @@ validates anything, and a missing one stops start-up with one line naming it.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import boto3
 import jwt
 import pytest
 
+from chalicelib.agents.secrets import decrypt_token, encrypt_token
 from chalicelib.audit.keys import ring_of
 from chalicelib.auth import tokens
 from chalicelib.config import (
@@ -122,14 +125,8 @@ def test_a_prod_process_takes_its_secrets_from_ssm(
     assert settings.redis_url == REDIS_URL
 
 
-def test_only_the_api_function_reads_the_token_secrets(
-    ssm_prod: pytest.MonkeyPatch, ssm: Any, ssm_path: str
-) -> None:
-    """The other functions' roles may not read jwt-secret (infra/template.json): they do
-    not ask SSM for it (GetParameters fails whole on one name refused), so none of them
-    holds a key to sign a token with, nor accepts one."""
-    ensure_secrets(ssm, ssm_path, urls={"database-url": DATABASE_URL, "redis-url": REDIS_URL})
-    ssm_prod.delenv("MAOF_TOKEN_ISSUER")
+def names_asked_of_ssm(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The parameter names every GetParameters call made from now on asks for."""
     asked: list[str] = []
     client = boto3.session.Session.client
 
@@ -141,7 +138,19 @@ def test_only_the_api_function_reads_the_token_secrets(
         )
         return made
 
-    ssm_prod.setattr(boto3.session.Session, "client", spying)
+    monkeypatch.setattr(boto3.session.Session, "client", spying)
+    return asked
+
+
+def test_only_the_api_function_reads_the_token_secrets(
+    ssm_prod: pytest.MonkeyPatch, ssm: Any, ssm_path: str
+) -> None:
+    """The other functions' roles may not read jwt-secret (infra/template.json): they do
+    not ask SSM for it (GetParameters fails whole on one name refused), so none of them
+    holds a key to sign a token with, nor accepts one."""
+    ensure_secrets(ssm, ssm_path, urls={"database-url": DATABASE_URL, "redis-url": REDIS_URL})
+    ssm_prod.delenv("MAOF_TOKEN_ISSUER")
+    asked = names_asked_of_ssm(ssm_prod)
     settings = load_settings()
     assert asked and {name.rsplit("/", 1)[1] for name in asked} == {
         *ssm_names(token_issuer=False, migrator=False)
@@ -155,6 +164,36 @@ def test_only_the_api_function_reads_the_token_secrets(
     signed = jwt.encode({"sub": "x"}, values(ssm, ssm_path)["jwt-secret"][1], algorithm="HS256")
     with pytest.raises(ConfigError):
         tokens.decode(signed, tokens.ACCESS)
+
+
+@pytest.mark.parametrize(
+    ("function", "reads_audit_key"),
+    [("check_agent_health", False), ("write_audit_checkpoint", True)],
+)
+def test_the_health_checker_and_checkpointer_start_without_the_secret_key(
+    ssm_prod: pytest.MonkeyPatch, ssm: Any, ssm_path: str, function: str, reads_audit_key: bool
+) -> None:
+    """Their roles may not read secret-key nor previous-secret-keys (which decrypt every
+    agent token and callback secret; the health checker's not audit-signing-key either):
+    with the environment .chalice/config.json gives them, they ask SSM for no more, start
+    without them, and refuse to encrypt or decrypt rather than use an empty key."""
+    ensure_secrets(ssm, ssm_path, urls={"database-url": DATABASE_URL, "redis-url": REDIS_URL})
+    ssm_prod.delenv("MAOF_TOKEN_ISSUER")
+    chalice = json.loads((Path(__file__).parents[2] / ".chalice" / "config.json").read_text())
+    variables = chalice["stages"]["prod"]["lambda_functions"][function]["environment_variables"]
+    for variable, value in variables.items():
+        ssm_prod.setenv(variable, value)
+    asked = names_asked_of_ssm(ssm_prod)
+    settings = load_settings()
+    wanted = {"database-url", "redis-url", *(["audit-signing-key"] if reads_audit_key else [])}
+    assert {name.rsplit("/", 1)[1] for name in asked} == wanted
+    assert settings.secret_key == "" and settings.previous_secret_keys == ()
+    assert settings.database_url == DATABASE_URL and settings.redis_url == REDIS_URL
+    assert bool(settings.audit_signing_keys) is reads_audit_key
+    with pytest.raises(ConfigError, match="secret-key"):
+        encrypt_token("t")
+    with pytest.raises(ConfigError, match="secret-key"):
+        decrypt_token("gAAAAAB-a-stored-token")
 
 
 def test_a_parameter_wins_over_the_same_setting_in_the_environment(

@@ -345,6 +345,7 @@ def test_secrets_stay_out_of_the_template(template: dict[str, Any]) -> None:
 
 def test_functions_read_only_their_own_ssm_path(template: dict[str, Any]) -> None:
     resources = template["Resources"]
+    read: dict[str, set[str]] = {}
     for name in FUNCTIONS:
         reads = [s for s in _role_statements(resources, f"{name}Role") if s["Sid"] == "ReadSecrets"]
         assert len(reads) == 1, name
@@ -353,16 +354,30 @@ def test_functions_read_only_their_own_ssm_path(template: dict[str, Any]) -> Non
         prefix = ":parameter${SecretsParameterPath}/"
         assert all(prefix in r for r in readable), name
         # What the function asks SSM for, and no more: the owner's migration-database-url
-        # for Migrate alone, the JWT secrets for the API alone (no other can mint a token).
-        names = ssm_names(token_issuer=name == "APIHandler", migrator=name == "Migrate")
-        assert sorted(r.rsplit("/", 1)[1] for r in readable) == sorted(names), name
+        # for Migrate alone, the JWT secrets for the API alone (no other can mint a token),
+        # of those only its MAOF_SECRETS_SSM_NAMES where set.
         variables = template["Resources"][name]["Properties"]["Environment"]["Variables"]
+        only = variables.get("MAOF_SECRETS_SSM_NAMES")
+        names = ssm_names(
+            token_issuer=name == "APIHandler",
+            migrator=name == "Migrate",
+            only=only.split(",") if only else None,
+        )
+        assert sorted(r.rsplit("/", 1)[1] for r in readable) == sorted(names), name
+        read[name] = set(names)
         assert variables.get("MAOF_TOKEN_ISSUER") == ("true" if name == "APIHandler" else None)
         assert variables.get("MAOF_MIGRATOR") == ("true" if name == "Migrate" else None)
         decrypt = [
             s for s in _role_statements(resources, f"{name}Role") if "kms:Decrypt" in s["Action"]
         ]
         assert [s["Resource"] for s in decrypt] == [{"Ref": "SecretsKmsKeyArn"}], name
+    # The health checker, which calls user-registered URLs every minute, and the
+    # checkpointer decrypt no agent token or callback secret: neither reads the keys that
+    # do, nor the health checker the audit signing key (it writes no audit entry).
+    assert read["CheckAgentHealth"] == {"database-url", "redis-url"}
+    assert read["WriteAuditCheckpoint"] == {"database-url", "redis-url", "audit-signing-key"}
+    for name in ("APIHandler", "RunStage", "SweepStalledStages"):
+        assert {"secret-key", "previous-secret-keys", "audit-signing-key"} <= read[name], name
 
 
 def test_each_function_has_its_own_role_and_log_group(template: dict[str, Any]) -> None:

@@ -118,6 +118,38 @@ def test_prod_refuses_a_short_secret_key(prod: pytest.MonkeyPatch) -> None:
     refusal("MAOF_SECRET_KEY")
 
 
+def test_prod_refuses_a_missing_secret_key(prod: pytest.MonkeyPatch) -> None:
+    prod.delenv("MAOF_SECRET_KEY")
+    refusal("MAOF_SECRET_KEY must be at least 32 characters")
+
+
+def test_a_function_reading_only_some_ssm_parameters_needs_no_secret_key(
+    prod: pytest.MonkeyPatch,
+) -> None:
+    """MAOF_SECRETS_SSM_NAMES narrows what a function reads (never to a token secret it
+    may not read); without secret-key among them, it starts without one."""
+    asked: list[object] = []
+
+    def read(*args: object) -> dict[str, str]:
+        asked.append(args[5])  # the names it reads (MAOF_SECRETS_SSM_NAMES)
+        return {"database-url": PROD_ENV["MAOF_DATABASE_URL"]}
+
+    prod.setattr(config, "_read_ssm_parameters", read)
+    prod.delenv("MAOF_SECRET_KEY")
+    prod.delenv("MAOF_JWT_SECRET")
+    prod.setenv("MAOF_SECRETS_SSM_PATH", "/maof/prod")
+    prod.setenv("MAOF_SECRETS_SSM_NAMES", "database-url, redis-url")
+    assert load_settings().secret_key == ""
+    assert asked == [("database-url", "redis-url")]
+    only = ("database-url", "redis-url")
+    assert config.ssm_names(token_issuer=False, migrator=False, only=only) == list(only)
+    assert config.ssm_names(token_issuer=False, migrator=False, only=["jwt-secret"]) == []
+    prod.setenv("MAOF_SECRETS_SSM_NAMES", "database-url,secret-key")
+    refusal("/maof/prod/secret-key is missing")
+    prod.setenv("MAOF_SECRETS_SSM_NAMES", "database-url,secret-kye")
+    refusal("MAOF_SECRETS_SSM_NAMES names no SSM parameter MAOF reads: 'secret-kye'")
+
+
 def test_prod_refuses_a_missing_database_url(prod: pytest.MonkeyPatch) -> None:
     prod.delenv("MAOF_DATABASE_URL")
     refusal("MAOF_DATABASE_URL")
