@@ -529,6 +529,20 @@ def test_functions_join_the_vpc_given_as_parameters(template: dict[str, Any]) ->
         assert len(enis) == 1 and set(enis[0]["Action"]) == ENI_ACTIONS, name
 
 
+# API Gateway's integration timeout (REST APIs, edge or regional): the client has a 504 then.
+API_GATEWAY_TIMEOUT_SECONDS = 29
+
+
+def test_the_api_function_stops_when_api_gateway_stops_waiting(
+    resources: dict[str, Any],
+) -> None:
+    """A request API Gateway gave up on holds no function, nor its database connection,
+    past the moment its client had a 504."""
+    assert resources["APIHandler"]["Properties"]["Timeout"] <= API_GATEWAY_TIMEOUT_SECONDS
+    schedules = ("SweepStalledStages", "CheckAgentHealth", "WriteAuditCheckpoint")
+    assert [resources[name]["Properties"]["Timeout"] for name in schedules] == [60, 60, 60]
+
+
 def test_the_migrate_function_runs_only_when_invoked(template: dict[str, Any]) -> None:
     migrate = template["Resources"]["Migrate"]
     assert migrate["Properties"]["Handler"] == "app.migrate"
