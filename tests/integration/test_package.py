@@ -286,6 +286,11 @@ def test_stage_queue_redrives_to_its_dead_letter_queue(resources: dict[str, Any]
     dlq = resources[dlq_id]
     assert dlq["Type"] == "AWS::SQS::Queue"
     assert dlq["Properties"]["QueueName"] == {"Fn::Sub": "${AWS::StackName}-stage-queue-dlq"}
+    # What the alarm and the deploy guide tell the operator is the queue's own count.
+    alarm = resources["DeadLetterAlarm"]["Properties"]["AlarmDescription"]["Fn::Sub"]
+    assert f"received {MAX_RECEIVES} times without finishing" in alarm
+    guide = (PROJECT_DIR / "docs" / "deploy.md").read_text()
+    assert f"a message received {MAX_RECEIVES} times goes to the dead-letter queue" in guide
 
 
 def test_stage_queue_hides_a_message_for_six_function_timeouts(resources: dict[str, Any]) -> None:
