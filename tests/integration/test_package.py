@@ -418,6 +418,7 @@ def test_each_function_has_its_own_role_and_log_group(template: dict[str, Any]) 
 def test_no_iam_policy_allows_a_wildcard_action(template: dict[str, Any]) -> None:
     documents = _policy_documents(template)
     assert len(documents) >= len(FUNCTIONS)
+    on_everything: set[str] = set()
     for holder, document in documents:
         for statement in _statements(document):
             assert statement["Effect"] == "Allow", holder
@@ -435,6 +436,12 @@ def test_no_iam_policy_allows_a_wildcard_action(template: dict[str, Any]) -> Non
                     holder,
                     statement,
                 )
+                on_everything.add(statement["Sid"])
+    # The deploy guide names each kind of statement on Resource "*", and no other.
+    assert on_everything == {"VpcNetworkInterfaces", "WriteTraces"}
+    guide = " ".join((PROJECT_DIR / "docs" / "deploy.md").read_text().split())
+    assert "X-Ray trace actions and the VPC network-interface actions" in guide
+    assert 'the only statements on `Resource: "*"` (X-Ray has no resource-level' in guide
 
 
 def test_queue_permissions_fit_each_function(template: dict[str, Any]) -> None:
