@@ -415,6 +415,18 @@ def test_each_function_has_its_own_role_and_log_group(template: dict[str, Any]) 
     assert "DefaultRole" not in resources
 
 
+# Every retention CloudWatch Logs accepts (AWS::Logs::LogGroup RetentionInDays).
+LOG_RETENTIONS = [1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827]
+LOG_RETENTIONS += [2192, 2557, 2922, 3288, 3653]
+
+
+def test_log_retention_takes_every_value_cloudwatch_accepts(template: dict[str, Any]) -> None:
+    """Seven years (2557 days, as long as audit records are often kept) among them."""
+    parameter = template["Parameters"]["LogRetentionDays"]
+    assert parameter["AllowedValues"] == LOG_RETENTIONS
+    assert parameter["Default"] in LOG_RETENTIONS
+
+
 def test_no_iam_policy_allows_a_wildcard_action(template: dict[str, Any]) -> None:
     documents = _policy_documents(template)
     assert len(documents) >= len(FUNCTIONS)
