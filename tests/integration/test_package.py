@@ -785,6 +785,33 @@ def test_every_name_derives_from_the_stack(template: dict[str, Any]) -> None:
     assert '"service", "maof"' not in body and '"service", "${AWS::StackName}"' in body
 
 
+# Resources whose names are one namespace for the whole account, every region's stacks
+# included, and the longest name each takes.
+ACCOUNT_WIDE_NAMES = {
+    "AWS::CloudFront::OriginAccessControl": 64,
+    "AWS::CloudFront::CachePolicy": 128,
+    "AWS::CloudFront::ResponseHeadersPolicy": 128,
+    "AWS::CloudWatch::Dashboard": 255,
+}
+
+
+def test_account_wide_names_differ_between_regions(template: dict[str, Any]) -> None:
+    """The same stage deployed in two regions of one account: the names CloudFront and
+    CloudWatch dashboards keep account-wide carry the region, and fit their limits for a
+    stage of 20 characters in the longest region name."""
+    found = 0
+    for name, resource in template["Resources"].items():
+        if resource["Type"] not in ACCOUNT_WIDE_NAMES:
+            continue
+        for where, value in _names(resource["Properties"], name):
+            found += 1
+            assert "${AWS::Region}" in value["Fn::Sub"], where
+            rendered = value["Fn::Sub"].replace("${AWS::StackName}", "maof-" + "s" * 20)
+            rendered = rendered.replace("${AWS::Region}", "ap-southeast-4")
+            assert len(rendered) <= ACCOUNT_WIDE_NAMES[resource["Type"]], where
+    assert found == len(ACCOUNT_WIDE_NAMES)
+
+
 def _dimensions(node: Any) -> list[tuple[str, Any]]:
     if isinstance(node, dict):
         if "Dimensions" in node:
