@@ -92,6 +92,7 @@ STACK_PARAMETERS = $(if $(SUBNET_IDS),SubnetIds=$(SUBNET_IDS)) \
 	$(if $(SECURITY_GROUP_IDS),SecurityGroupIds=$(SECURITY_GROUP_IDS)) \
 	$(if $(ALARM_EMAIL),AlarmEmail=$(ALARM_EMAIL)) $(if $(CORS_ORIGIN),CorsOrigin=$(CORS_ORIGIN)) \
 	$(if $(LOG_RETENTION_DAYS),LogRetentionDays=$(LOG_RETENTION_DAYS)) \
+	$(if $(AUDIT_BUCKET),ExistingAuditBucketName=$(AUDIT_BUCKET)) \
 	$(if $(SECRETS_KMS_KEY_ARN),SecretsKmsKeyArn=$(SECRETS_KMS_KEY_ARN)) \
 	$(if $(API_RATE_LIMIT),ApiThrottlingRateLimit=$(API_RATE_LIMIT)) \
 	$(if $(API_BURST_LIMIT),ApiThrottlingBurstLimit=$(API_BURST_LIMIT)) \

@@ -234,6 +234,7 @@ def destroy(
     secrets if asked); `confirm` None means already confirmed."""
     s3, region = stage.session.resource("s3"), stage.session.region_name
     where = f"account {stage.account}, region {region}"
+    audit = None
     if stage.status() is None:
         say(f"stack {stage.stack} does not exist in {where}")
     else:
@@ -245,6 +246,7 @@ def destroy(
         if dashboard and s3.Bucket(dashboard).creation_date:  # CloudFormation deletes it empty
             s3.Bucket(dashboard).object_versions.delete()
             say(f"emptied the dashboard bucket {dashboard}")
+        audit = stage.outputs().get("AuditBucketName")
         say(f"deleting stack {stage.stack} (its audit bucket stays: Object Lock holds it)")
         stage.delete(poll)
     artifacts = s3.Bucket(stage.bucket)
@@ -263,3 +265,11 @@ def destroy(
             "deletes them"
         )
     say("your Postgres and Redis were not touched")
+    if audit:
+        # A new stack would make a new bucket, where no earlier checkpoint is: every run
+        # checkpointed before would read as tampered with.
+        say(
+            f"kept the audit bucket {audit}: deploy this stage again with "
+            f"`make deploy STAGE={stage.name} AUDIT_BUCKET={audit}` so the runs checkpointed "
+            "so far still verify"
+        )

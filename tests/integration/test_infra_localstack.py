@@ -428,8 +428,12 @@ def test_destroy_removes_the_stack_and_its_artifacts(deployment: Deployment) -> 
         questions.append(question)
         return deployment.stage.stack
 
-    destroy(deployment.stage, confirm, remove_secrets=True, poll=1)
+    with capture() as printed:
+        destroy(deployment.stage, confirm, remove_secrets=True, poll=1)
     assert len(questions) == 1 and deployment.stage.stack in questions[0]
+    # How to deploy the stage again on the bucket its checkpoints are in.
+    again = f"make deploy STAGE={deployment.stage.name} AUDIT_BUCKET={outputs['AuditBucketName']}"
+    assert again in printed.getvalue()
     assert deployment.stage.status() is None
     s3, sqs = deployment.stage.session.resource("s3"), client("sqs")
     assert not s3.Bucket(outputs["DashboardBucketName"]).creation_date  # emptied, then deleted

@@ -456,6 +456,70 @@ def test_no_iam_policy_allows_a_wildcard_action(template: dict[str, Any]) -> Non
     assert 'the only statements on `Resource: "*"` (X-Ray has no resource-level' in guide
 
 
+# The audit bucket: the stack's own, or the one an earlier stack of the stage left behind.
+AUDIT_BUCKET_NAME = {
+    "Fn::If": ["CreateAuditBucket", {"Ref": "AuditBucket"}, {"Ref": "ExistingAuditBucketName"}]
+}
+
+
+def _audit_bucket_arn(suffix: str) -> dict[str, Any]:
+    arn = "arn:${AWS::Partition}:s3:::${AuditBucketName}" + suffix
+    return {"Fn::Sub": [arn, {"AuditBucketName": AUDIT_BUCKET_NAME}]}
+
+
+def _references(node: Any, resource: str) -> int:
+    """How many times `node` names `resource` (Ref, GetAtt or in a Fn::Sub string)."""
+    if isinstance(node, dict):
+        if node.get("Ref") == resource:
+            return 1
+        if "Fn::GetAtt" in node and node["Fn::GetAtt"][0] == resource:
+            return 1
+        sub = node.get("Fn::Sub")
+        found = (
+            ("${" + resource + "}" in sub or "${" + resource + "." in sub)
+            if isinstance(sub, str)
+            else 0
+        )
+        return int(found) + sum(_references(value, resource) for value in node.values())
+    if isinstance(node, list):
+        return sum(_references(value, resource) for value in node)
+    return 0
+
+
+def test_a_stage_deployed_again_keeps_the_audit_bucket_it_left_behind(
+    template: dict[str, Any], package_dir: Path, tmp_path: Path
+) -> None:
+    """The audit bucket outlives `make destroy` (Object Lock): deployed again with its name
+    (ExistingAuditBucketName), the stack creates none and every function, policy and output
+    uses that one, so the runs checkpointed before still verify; without it, its own."""
+    parameter = template["Parameters"]["ExistingAuditBucketName"]
+    assert (parameter["Type"], parameter["Default"]) == ("String", "")
+    assert template["Conditions"]["CreateAuditBucket"] == {
+        "Fn::Equals": [{"Ref": "ExistingAuditBucketName"}, ""]
+    }
+    resources = template["Resources"]
+    assert resources["AuditBucket"]["Condition"] == "CreateAuditBucket"
+    shared = template["Globals"]["Function"]["Environment"]["Variables"]
+    assert shared["MAOF_AUDIT_BUCKET"] == AUDIT_BUCKET_NAME
+    assert template["Outputs"]["AuditBucketName"]["Value"] == AUDIT_BUCKET_NAME
+    # Nothing but AUDIT_BUCKET_NAME names the bucket resource, which may not exist: the
+    # functions' variable, their roles, the bucket policy, the output.
+    others = {name: r for name, r in resources.items() if name != "AuditBucket"}
+    rest = json.dumps({**template, "Resources": others})
+    rest = rest.replace(json.dumps(AUDIT_BUCKET_NAME), '"<the audit bucket>"')
+    assert _references(json.loads(rest), "AuditBucket") == 0
+    assert rest.count("<the audit bucket>") >= 10
+    # cfn-lint passes both ways.
+    given = json.loads(json.dumps(template))
+    given["Parameters"]["ExistingAuditBucketName"]["Default"] = "maof-prod-auditbucket-1a2b3c"
+    (tmp_path / "given.json").write_text(json.dumps(given))
+    for path in (package_dir / "sam.json", tmp_path / "given.json"):
+        result = subprocess.run(
+            [str(BIN_DIR / "cfn-lint"), str(path)], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_queue_permissions_fit_each_function(template: dict[str, Any]) -> None:
     resources = template["Resources"]
     for name, allowed in QUEUE_ACTIONS.items():
@@ -476,12 +540,12 @@ def test_queue_permissions_fit_each_function(template: dict[str, Any]) -> None:
         assert {a for s in s3 for a in s["Action"]} == CHECKPOINT_ACTIONS.get(name, set()), name
         for statement in s3:
             if statement["Action"] == ["s3:ListBucketVersions"]:  # markers and checkpoints
-                assert statement["Resource"] == {"Fn::Sub": "${AuditBucket.Arn}"}
+                assert statement["Resource"] == _audit_bucket_arn("")
                 assert statement["Condition"] == {
                     "StringLike": {"s3:prefix": CHECKPOINT_LIST_PREFIXES}
                 }
                 continue
-            assert statement["Resource"] == {"Fn::Sub": "${AuditBucket.Arn}/checkpoints/*"}
+            assert statement["Resource"] == _audit_bucket_arn("/checkpoints/*")
             if "s3:PutObject" in statement["Action"]:  # a key is written once
                 assert statement["Action"] == ["s3:PutObject"], name
                 assert statement["Condition"] == {"StringEquals": {"s3:if-none-match": "*"}}
@@ -501,8 +565,7 @@ def test_the_audit_bucket_takes_each_checkpoint_key_once_and_only_over_tls(
     policies = [
         r["Properties"]
         for r in resources.values()
-        if r["Type"] == "AWS::S3::BucketPolicy"
-        and r["Properties"]["Bucket"] == {"Ref": "AuditBucket"}
+        if r["Type"] == "AWS::S3::BucketPolicy" and r["Properties"]["Bucket"] == AUDIT_BUCKET_NAME
     ]
     assert len(policies) == 1
     once, tls = policies[0]["PolicyDocument"]["Statement"]
@@ -511,7 +574,7 @@ def test_the_audit_bucket_takes_each_checkpoint_key_once_and_only_over_tls(
         "Effect": "Deny",
         "Principal": "*",
         "Action": ["s3:PutObject"],
-        "Resource": {"Fn::Sub": "${AuditBucket.Arn}/checkpoints/*"},
+        "Resource": _audit_bucket_arn("/checkpoints/*"),
         # A request without the header lacks the key, and StringNotEquals then holds.
         "Condition": {"StringNotEquals": {"s3:if-none-match": "*"}},
     }
@@ -520,10 +583,7 @@ def test_the_audit_bucket_takes_each_checkpoint_key_once_and_only_over_tls(
         "Effect": "Deny",
         "Principal": "*",
         "Action": ["s3:*"],
-        "Resource": [
-            {"Fn::GetAtt": ["AuditBucket", "Arn"]},
-            {"Fn::Sub": "${AuditBucket.Arn}/*"},
-        ],
+        "Resource": [_audit_bucket_arn(""), _audit_bucket_arn("/*")],
         "Condition": {"Bool": {"aws:SecureTransport": "false"}},
     }
     # No function may delete (a delete marker) or change a retention.
