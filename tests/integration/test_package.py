@@ -334,6 +334,35 @@ def test_gateway_errors_answer_with_the_envelope(
     }
 
 
+def test_only_api_gateways_own_answers_admit_every_origin(
+    template: dict[str, Any], resources: dict[str, Any]
+) -> None:
+    """The preflights (written by `chalice package`, before the dashboard's origin exists)
+    and the gateway responses say `*`, the functions' replies the dashboard's origin, and
+    the deploy guide says so."""
+    paths = resources["RestAPI"]["Properties"]["DefinitionBody"]["paths"]
+    preflights = {
+        path["options"]["x-amazon-apigateway-integration"]["responses"]["default"][
+            "responseParameters"
+        ]["method.response.header.Access-Control-Allow-Origin"]
+        for path in paths.values()
+        if "options" in path
+    }
+    assert preflights == {"'*'"}
+    gateway = resources["RestAPI"]["Properties"]["GatewayResponses"].values()
+    assert {r["ResponseParameters"]["Headers"]["Access-Control-Allow-Origin"] for r in gateway} == {
+        "'*'"
+    }
+    shared = template["Globals"]["Function"]["Environment"]["Variables"]
+    assert "DashboardDistribution.DomainName" in json.dumps(shared["MAOF_CORS_ORIGIN"])
+    guide = " ".join((PROJECT_DIR / "docs" / "deploy.md").read_text().split())
+    assert "What API Gateway answers itself says `*`: the preflight" in guide
+    assert (
+        "API Gateway's preflight and own errors say `*`"
+        in (PROJECT_DIR / "docs" / "security.md").read_text()
+    )
+
+
 def test_secrets_stay_out_of_the_template(template: dict[str, Any]) -> None:
     secret_names = {"MAOF_JWT_SECRET", "MAOF_SECRET_KEY", "MAOF_DATABASE_URL", "MAOF_REDIS_URL"}
     for name, resource in template["Resources"].items():
