@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from datetime import datetime
 from typing import Any
 
@@ -13,7 +14,7 @@ from playwright.sync_api import Page, Request, Route, expect
 from chalicelib.engine import callbacks
 from tests.browser.conftest import screenshot, sign_in, unique
 from tests.integration.conftest import Api, register_agent, wait_for_run, wait_until
-from tests.support.agents import ScriptedAgent, error, sleep
+from tests.support.agents import ScriptedAgent, error, gated
 from tests.support.agents import start_agent as start
 from tests.support.callbacks import CallbackReceiver
 
@@ -43,7 +44,7 @@ def node(page: Page, stage_id: str) -> Any:
 def test_a_running_run_is_cancelled_from_its_page_and_the_page_stops_polling(
     page: Page, dashboard_url: str, user: Api, poller: object, agents: list[ScriptedAgent]
 ) -> None:
-    slow = start(agents, default=sleep(6.0))
+    slow = start(agents, default=gated(threading.Event()))  # answers as the agent stops
     first, second = unique("slow"), unique("later")
     register_agent(user, first, endpoint=slow.url)
     register_agent(user, second)
@@ -107,8 +108,9 @@ def test_a_failed_run_is_retried_from_its_page_and_completes(
     page: Page, dashboard_url: str, user: Api, poller: object, agents: list[ScriptedAgent]
 ) -> None:
     flaky = start(agents)
-    # Fails once, then answers after a while, so the page is seen watching the run again.
-    flaky.script.extend([error("BROKEN", retryable=False), sleep(1.5)])
+    # Fails once, then answers when let go, so the page is seen watching the run again.
+    answer = threading.Event()
+    flaky.script.extend([error("BROKEN", retryable=False), gated(answer)])
     first, second = unique("steady"), unique("flaky")
     register_agent(user, first)
     register_agent(user, second, endpoint=flaky.url)
@@ -128,6 +130,7 @@ def test_a_failed_run_is_retried_from_its_page_and_completes(
     expect(node(page, "b")).to_have_attribute("data-status", "in_progress")
     expect(page.get_by_test_id("live")).to_be_visible()
     expect(page.get_by_test_id("run-result")).to_contain_text("appears when the run completes")
+    answer.set()
     expect(run_status(page)).to_have_attribute("data-status", "completed", timeout=20_000)
     expect(page.get_by_test_id("live")).to_have_count(0)
     expect(node(page, "a")).to_have_attribute("data-status", "completed")
@@ -147,13 +150,16 @@ def test_a_failed_run_is_retried_from_its_page_and_completes(
 def test_cancelling_a_run_that_ended_meanwhile_says_so_and_shows_it(
     page: Page, dashboard_url: str, user: Api, poller: object, agents: list[ScriptedAgent]
 ) -> None:
-    slow = start(agents, default=sleep(1.5))
+    answer = threading.Event()  # the stages answer only once the cancel dialog is open
+    slow = start(agents, default=gated(answer))
     capability = unique("quick")
     register_agent(user, capability, endpoint=slow.url)
     run_id = submitted(user, capability, capability)
     sign_in(page, dashboard_url, user, f"#/runs/{run_id}")
     expect(node(page, "a")).to_have_attribute("data-status", "in_progress")
     page.get_by_role("button", name="Cancel run").click()
+    expect(page.get_by_role("dialog")).to_be_visible()
+    answer.set()
     assert wait_for_run(user, run_id)["status"] == "completed"  # while the dialog is open
     page.get_by_role("dialog").get_by_role("button", name="Cancel run").click()
     expect(page.locator(".toast", has_text="The run has already ended")).to_be_visible()

@@ -43,7 +43,7 @@ class Seen:
 
 @dataclass
 class Behaviour:
-    kind: str  # ok | sleep | status | error | garbage | redirect | raw | large | trickle(-head) | hang
+    kind: str  # ok | sleep | gated | status | error | garbage | redirect | raw | large | trickle(-head) | hang
     value: Any = None
     output: Any = None
 
@@ -54,6 +54,12 @@ def ok(output: Any = None) -> Behaviour:
 
 def sleep(seconds: float, output: Any = None) -> Behaviour:
     return Behaviour("sleep", seconds, output)
+
+
+def gated(gate: threading.Event, output: Any = None) -> Behaviour:
+    """Answer once `gate` is set (the test decides when the call ends, rather than hoping
+    a sleep outlasts what it checks meanwhile), or the agent stops; at most a minute."""
+    return Behaviour("gated", gate, output)
 
 
 def status(code: int, body: str = "", headers: dict[str, str] | None = None) -> Behaviour:
@@ -275,7 +281,12 @@ class ScriptedAgent:
                 )
                 if behaviour.kind == "sleep":
                     time.sleep(behaviour.value)
-                if behaviour.kind in ("ok", "sleep"):
+                if behaviour.kind == "gated":
+                    deadline = time.monotonic() + 60
+                    while not behaviour.value.wait(0.05) and time.monotonic() < deadline:
+                        if agent.stopping.is_set():
+                            break
+                if behaviour.kind in ("ok", "sleep", "gated"):
                     self._send(200, json.dumps({"status": "success", "output": output}).encode())
                 elif behaviour.kind == "status":
                     code, body, headers = behaviour.value
