@@ -89,23 +89,29 @@ def maof_verify(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def rewrite_as_owner(run_ref: str, change: Any, from_seq: int = 1, drop_last: bool = False) -> None:
-    """What an attacker with the owner's role and the private signing key can do: change
-    entries, recompute every hash and signature from there on, and write them back
-    behind the disabled trigger."""
+def stored_entries(run_ref: str) -> tuple[uuid.UUID, list[Any]]:
+    """The run's id and its audit entries as stored, detached (to change and write back)."""
+    from sqlalchemy import select
+
+    from chalicelib.db.models import AuditEntry
+
     run_id = run_ids.parse_run_ref(run_ref)
-    signer = audit_keys.key_ring().signer
     with session_scope() as session:
-        from sqlalchemy import select
-
-        from chalicelib.db.models import AuditEntry
-
         entries = list(
             session.scalars(
                 select(AuditEntry).where(AuditEntry.run_id == run_id).order_by(AuditEntry.seq)
             )
         )
         session.expunge_all()
+    return run_id, entries
+
+
+def rewrite_as_owner(run_ref: str, change: Any, from_seq: int = 1, drop_last: bool = False) -> None:
+    """What an attacker with the owner's role and the private signing key can do: change
+    entries, recompute every hash and signature from there on, and write them back
+    behind the disabled trigger."""
+    signer = audit_keys.key_ring().signer
+    run_id, entries = stored_entries(run_ref)
     with owner_connection() as conn:
         conn.execute(text("ALTER TABLE execution_logs DISABLE TRIGGER USER"))
         if drop_last:
@@ -146,18 +152,7 @@ def rewrite_unsigned(run_ref: str, change: Any, logged_at: datetime | None = Non
     """What the owner's role can do WITHOUT the signing key: change a run's entries and
     write the whole trail back as legacy (version 1, unsigned) entries chained by the old
     rule; `logged_at`: the time the first one is stamped with (the rest a second apart)."""
-    run_id = run_ids.parse_run_ref(run_ref)
-    with session_scope() as session:
-        from sqlalchemy import select
-
-        from chalicelib.db.models import AuditEntry
-
-        entries = list(
-            session.scalars(
-                select(AuditEntry).where(AuditEntry.run_id == run_id).order_by(AuditEntry.seq)
-            )
-        )
-        session.expunge_all()
+    run_id, entries = stored_entries(run_ref)
     with owner_connection() as conn:
         conn.execute(text("ALTER TABLE execution_logs DISABLE TRIGGER USER"))
         prev = chain.GENESIS
