@@ -121,7 +121,8 @@ QUEUE_ACTIONS = {
     },
     # The queue's depth tells a lost message from one behind a backlog.
     "SweepStalledStages": {"sqs:SendMessage", "sqs:GetQueueAttributes"},
-    "CheckAgentHealth": set(),
+    # An agent back from offline: the stages waiting for it are sent to workers at once.
+    "CheckAgentHealth": {"sqs:SendMessage"},
     "Migrate": set(),
     "WriteAuditCheckpoint": set(),
 }
