@@ -254,7 +254,10 @@ class MaofApp(Chalice):
                 envelope = {"success": reply.error is None, "data": responses.plain(reply.data)}
                 if reply.error is not None:
                     envelope["error"] = error_body(reply.error, request_id)["error"]
-                return json_response(envelope, reply.status, request_id)
+                answer = json_response(envelope, reply.status, request_id)
+                if reply.error is not None:  # a 503's Retry-After, as when raised
+                    answer.headers.update(reply.error.headers)
+                return answer
 
             self.route(path, methods=[method], cors=cors, content_types=["application/json"])(
                 _past_chalice(handler)

@@ -138,7 +138,7 @@ def _operation(spec: EndpointSpec, refs: Refs, schemas: dict[str, Any]) -> dict[
         if status in own_bodies:
             answers[str(status)] = {
                 "description": (own_bodies[status].__doc__ or ERRORS[status][1]).strip(),
-                "headers": RESPONSE_HEADERS,
+                "headers": _error_headers(status),
                 "content": {
                     "application/json": {"schema": refs[(own_bodies[status], "serialization")]}
                 },
@@ -161,13 +161,17 @@ def _operation(spec: EndpointSpec, refs: Refs, schemas: dict[str, Any]) -> dict[
     return operation
 
 
-def _error_response(status: int) -> dict[str, Any]:
+def _error_headers(status: int) -> dict[str, Any]:
     headers: dict[str, Any] = dict(RESPONSE_HEADERS)
     if status in WAIT_STATUSES:
         headers["Retry-After"] = {"$ref": "#/components/headers/RetryAfter"}
+    return headers
+
+
+def _error_response(status: int) -> dict[str, Any]:
     return {
         "description": ERRORS[status][1],
-        "headers": headers,
+        "headers": _error_headers(status),
         "content": {"application/json": {"schema": {"$ref": REF.format(model="ErrorEnvelope")}}},
     }
 

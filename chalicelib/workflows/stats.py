@@ -12,32 +12,40 @@ from chalicelib.db import session_scope
 WINDOW = "1 hour"
 
 
+# The caller's runs active in the window: live now, or ended within it (a run may last
+# 24 h: one created earlier and live still counts). Found by their indexes first, then
+# their stages by the run_id index (an array, so no plan reads every user's stages).
+_ACTIVE_RUNS = """
+    ARRAY(SELECT r.id FROM workflow_runs AS r
+           WHERE r.user_id = :user
+             AND (r.status IN ('queued', 'in_progress')
+                  OR r.completed_at >= now() - CAST(:window AS interval)))
+"""
+
+
 def stats(principal: Principal) -> responses.Stats:
+    """The caller's runs active in the window (live, or ended in it) and their stages, by
+    status; per agent, their stages that ended in the window. All three cover the same
+    runs: a long run created before the window is counted while it is live."""
+    params = {"user": principal.user_uuid, "window": WINDOW}
     with session_scope() as session:
         runs = session.execute(
             text(
-                "SELECT status, count(*) AS n FROM workflow_runs "
-                "WHERE user_id = :user AND created_at >= now() - CAST(:window AS interval) "
-                "GROUP BY status"
+                f"SELECT status, count(*) AS n FROM workflow_runs "
+                f"WHERE id = ANY ({_ACTIVE_RUNS}) GROUP BY status"
             ),
-            {"user": principal.user_uuid, "window": WINDOW},
+            params,
         ).all()
         stages = session.execute(
             text(
-                "SELECT s.status, count(*) AS n FROM stage_executions AS s "
-                "JOIN workflow_runs AS r ON r.id = s.run_id "
-                "WHERE r.user_id = :user AND r.created_at >= now() - CAST(:window AS interval) "
-                "GROUP BY s.status"
+                f"SELECT status, count(*) AS n FROM stage_executions "
+                f"WHERE run_id = ANY ({_ACTIVE_RUNS}) GROUP BY status"
             ),
-            {"user": principal.user_uuid, "window": WINDOW},
+            params,
         ).all()
-        # A stage that ended in the window belongs to a run still live or ended since:
-        # those few runs of the caller's are found first (by their indexes), then their
-        # stages by the run_id index (an array, so no plan reads every user's stages for
-        # the end no index covers, as the join did once that many had ended lately).
         agents = session.execute(
             text(
-                """
+                f"""
                 SELECT s.agent_uuid, s.agent_id,
                        count(*) FILTER (WHERE s.status = 'completed') AS completed,
                        count(*) FILTER (WHERE s.status = 'failed') AS failed,
@@ -48,18 +56,14 @@ def stats(principal: Principal) -> responses.Stats:
                            EXTRACT(EPOCH FROM s.completed_at - s.started_at) * 1000)
                            FILTER (WHERE s.status = 'completed') AS p95_ms
                   FROM stage_executions AS s
-                 WHERE s.run_id = ANY (ARRAY(
-                       SELECT r.id FROM workflow_runs AS r
-                        WHERE r.user_id = :user
-                          AND (r.status IN ('queued', 'in_progress')
-                               OR r.completed_at >= now() - CAST(:window AS interval))))
+                 WHERE s.run_id = ANY ({_ACTIVE_RUNS})
                    AND s.agent_id IS NOT NULL
                    AND s.completed_at >= now() - CAST(:window AS interval)
                    AND s.status IN ('completed', 'failed')
                  GROUP BY s.agent_uuid, s.agent_id ORDER BY s.agent_id, s.agent_uuid
                 """
             ),
-            {"user": principal.user_uuid, "window": WINDOW},
+            params,
         ).all()
     return responses.Stats(
         window=WINDOW,

@@ -174,6 +174,7 @@ def test_health_is_503_degraded_when_redis_is_stopped(
 
     after = api.get("/health")
     assert after.status_code == 503, after.text
+    assert after.headers["Retry-After"] == "5"  # as every 503 (docs/api.md, the OpenAPI)
     body = after.json()
     assert body["success"] is False
     assert body["data"]["status"] == "degraded"

@@ -8,7 +8,10 @@ import logging
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
+from chalicelib import db
+from chalicelib.core.api import parse_run_ref
 from chalicelib.engine import handlers
 from chalicelib.logs import logger
 from tests.integration.conftest import Api, register_agent, unique_capability, wait_for_run
@@ -139,6 +142,41 @@ def test_stats_count_runs_stages_and_agents_of_the_last_hour(user: Api, poller: 
         0,
     )
     assert row["stageP95Ms"] >= row["stageP50Ms"] >= 0
+
+
+def test_stats_count_a_run_live_now_that_was_created_before_the_window(
+    user: Api, sent: Any
+) -> None:
+    """A run may last 24 h: one submitted two hours ago and running still was left out of
+    runs and stages while its stage's completion counted under its agent."""
+    capability = unique_capability("stats-long")
+    agent = register_agent(user, capability)
+    stages = chain(capability, "a", "b")
+    response = user.post("/workflows/execute", {"workflow": {"name": "long", "stages": stages}})
+    assert response.status_code == 202, response.text
+    run_id = parse_run_ref(response.json()["data"]["workflowRunId"])
+    with db.session_scope() as session:
+        session.execute(
+            text(
+                "UPDATE workflow_runs SET status = 'in_progress', "
+                "created_at = now() - interval '2 hours', started_at = now() - interval '2 hours'"
+                " WHERE id = :id"
+            ),
+            {"id": run_id},
+        )
+        session.execute(
+            text(
+                "UPDATE stage_executions SET status = 'completed', agent_uuid = :agent, "
+                "agent_id = :agent_id, started_at = now() - interval '10 minutes', "
+                "completed_at = now() - interval '5 minutes' WHERE run_id = :id AND stage_id = 'a'"
+            ),
+            {"id": run_id, "agent": agent["agentUuid"], "agent_id": agent["agentId"]},
+        )
+    data = user.get("/stats").json()["data"]
+    assert data["runs"] == {"in_progress": 1}, data
+    assert data["stages"] == {"completed": 1, "pending": 1}, data
+    [row] = data["agents"]
+    assert (row["agentUuid"], row["completed"]) == (agent["agentUuid"], 1)
 
 
 def test_stats_keep_apart_two_agents_of_one_agent_id(user: Api, poller: Any) -> None:

@@ -56,6 +56,8 @@ def test_run_control_and_its_headers_are_documented(api):
     limited = execute["responses"]["429"]["$ref"].rsplit("/", 1)[-1]
     assert "Retry-After" in document["components"]["responses"][limited]["headers"]
     assert "503" in execute["responses"]
+    # /health's own 503 body (degraded) carries Retry-After as every 503 does.
+    assert "Retry-After" in document["paths"]["/health"]["get"]["responses"]["503"]["headers"]
     for path in ("/auth/logout", "/auth/logout-all", "/auth/password"):
         assert "post" in document["paths"][path]
     assert "patch" in document["paths"]["/agents/{agent_uuid}"]
