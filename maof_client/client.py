@@ -330,7 +330,7 @@ class MaofClient:
         return self._read(Health.from_api, "GET", "/health", auth=False, data_on_error=True)
 
     def stats(self) -> Stats:
-        """`GET /stats`: your runs and stages by status over the last hour, and per agent
+        """`GET /stats`: your runs active in the last hour and their stages by status, and per agent
         its completed and failed stages with their p50/p95 durations."""
         return self._read(Stats.from_api, "GET", "/stats")
 
