@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import heapq
+import http.client
 import ipaddress
 import itertools
 import re
@@ -431,12 +432,31 @@ def _head_by_deadline(conn: Any, read_head: Callable[[], Any]) -> Any:
         return read_head()
 
 
+class _FinalResponse(http.client.HTTPResponse):
+    """An answer read past its interim 1xx answers (RFC 9110 15.2: 102 Processing, 103
+    Early Hints, …), by the same deadline, to the final one: http.client skips only 100
+    Continue, and took a 103 for the answer, leaving the real one on the connection for
+    the next request sent over it. 101 is no interim answer (the protocol switched: we
+    never ask to) and ends the reading, as any other final status."""
+
+    def _read_status(self) -> tuple[str, int, str]:
+        while True:
+            version, status, reason = super()._read_status()  # type: ignore[misc]
+            if not 100 <= status < 200 or status == 101:
+                return version, status, reason
+            http.client.parse_headers(self.fp)  # its headers, skipped (at most 100 lines)
+
+
 class _HTTPConnection(urllib3.connection.HTTPConnection):
+    response_class = _FinalResponse
+
     def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
         return cast(urllib3.response.HTTPResponse, _head_by_deadline(self, super().getresponse))
 
 
 class _HTTPSConnection(urllib3.connection.HTTPSConnection):
+    response_class = _FinalResponse
+
     def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
         return cast(urllib3.response.HTTPResponse, _head_by_deadline(self, super().getresponse))
 
@@ -455,12 +475,18 @@ def read_by(response: urllib3.BaseHTTPResponse, deadline: float, limit: int) -> 
     cannot: a chunk's size line a byte at a time is one read of ours, many of
     http.client's), while the body is unread (once it is, urllib3 puts the connection back
     in its pool, for another request). A body not read to its end closes the connection:
-    kept, the rest of it, arriving late, would be read as the next request's answer."""
+    kept, the rest of it, arriving late, would be read as the next request's answer. So
+    does a 101 answer, read as none (b"")."""
 
     def cut() -> None:
         if not response.closed:
             response.shutdown()  # urllib3's: the socket the body is read from
 
+    if response.status < 200:
+        # A 101 (never asked for, never read as an answer): the connection speaks some
+        # other protocol now, and must carry no other request.
+        response.close()
+        return b""
     chunks: list[bytes] = []
     size = 0
     try:

@@ -371,3 +371,112 @@ def test_an_answer_http_itself_refuses_names_what_was_wrong(reply, code, failure
     assert (refused.value.code, refused.value.failure) == (code, failure), str(refused.value)
     assert says in str(refused.value)
     assert str(refused.value).isprintable()
+
+
+class _KeepAliveRawAgent:
+    """A keep-alive agent written at the socket: the n-th POST it reads (from 0, over
+    whichever connection) is answered by `replies(n, task)`, a list of (seconds to wait,
+    bytes to send). Records the connection each request came over."""
+
+    def __init__(self, replies: Any) -> None:
+        self.replies = replies
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.requests: list[tuple[int, str]] = []  # (connection number, stageId)
+        self._lock = threading.Lock()
+        self._connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}/agent"
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.listener.accept()
+                with self._lock:
+                    self._connections += 1
+                    number = self._connections
+                threading.Thread(target=self._serve, args=(conn, number), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, number: int) -> None:
+        reader = conn.makefile("rb")
+        with contextlib.suppress(OSError), conn:
+            while line := reader.readline():
+                headers = {}
+                while (header := reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = header.decode().partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                task = json.loads(reader.read(int(headers["content-length"])))
+                with self._lock:
+                    index = len(self.requests)
+                    self.requests.append((number, task["stageId"]))
+                assert line.startswith(b"POST ")
+                for wait, data in self.replies(index, task):
+                    time.sleep(wait)
+                    conn.sendall(data)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _final(task: dict[str, Any]) -> bytes:
+    body = answer({"status": "success", "output": {"stage": task["stageId"]}})
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+
+
+def _call(url: str, stage: str) -> Any:
+    task = AgentTask("wfr-1", stage, 1, "c", {}, "wf", timeout_ms=5000)
+    return call_agent(url, "tok", "agent", task).value
+
+
+@pytest.fixture
+def fresh_pools(monkeypatch):
+    """Pools of this test's own, one connection each: a second call reuses the first's."""
+    monkeypatch.setattr(network, "POOL_MAXSIZE", 1)
+    monkeypatch.setattr(network, "_pools", OrderedDict())
+
+
+def test_interim_1xx_answers_are_skipped_and_each_call_reads_its_own_final_answer(
+    fresh_pools,
+):
+    """RFC 9110 15.2: a 103 Early Hints (or 102 Processing) comes before the final answer.
+    Taken for the answer, it failed its call, and the final answer, left on the pooled
+    connection, was read by the next call over it: perhaps another user's run."""
+    interim = [
+        b"HTTP/1.1 102 Processing\r\n\r\n",
+        b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n",
+    ]
+
+    def replies(index: int, task: dict[str, Any]) -> list[tuple[float, bytes]]:
+        return [(0, interim[index % 2]), (0.05, interim[index % 2]), (0.3, _final(task))]
+
+    agent = _KeepAliveRawAgent(replies)
+    try:
+        assert [_call(agent.url, f"s{i}") for i in range(3)] == [
+            {"stage": "s0"},
+            {"stage": "s1"},
+            {"stage": "s2"},
+        ]
+    finally:
+        agent.close()
+    assert [connection for connection, _ in agent.requests] == [1, 1, 1]  # kept alive
+
+
+def test_a_101_answer_fails_its_call_and_its_connection_carries_no_other(fresh_pools):
+    """Never asked for, a 101 is no interim answer: the call fails on it, and what the
+    agent sends after it is read by no other call."""
+
+    def replies(index: int, task: dict[str, Any]) -> list[tuple[float, bytes]]:
+        if index == 0:
+            return [(0, b"HTTP/1.1 101 Switching Protocols\r\n\r\n"), (0.5, _final(task))]
+        return [(0, _final(task))]
+
+    agent = _KeepAliveRawAgent(replies)
+    try:
+        with pytest.raises(AgentCallFailed, match="HTTP 101"):
+            _call(agent.url, "s0")
+        assert _call(agent.url, "s1") == {"stage": "s1"}
+    finally:
+        agent.close()
+    assert agent.requests == [(1, "s0"), (2, "s1")]
