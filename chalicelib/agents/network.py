@@ -500,6 +500,10 @@ def read_by(response: urllib3.BaseHTTPResponse, deadline: float, limit: int) -> 
     except BaseException:
         response.close()
         raise
+    if size > limit:
+        # Cut at the cap, the rest unread: released, the connection would go back to its
+        # pool with it, and the next request over it read it as its answer.
+        response.close()
     return b"".join(chunks)
 
 

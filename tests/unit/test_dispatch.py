@@ -480,3 +480,32 @@ def test_a_101_answer_fails_its_call_and_its_connection_carries_no_other(fresh_p
     finally:
         agent.close()
     assert agent.requests == [(1, "s0"), (2, "s1")]
+
+
+def test_an_answer_over_the_size_cap_leaves_nothing_for_the_next_call_to_read(fresh_pools):
+    """Read to the cap, its connection went back to the pool with the rest of the body on
+    it (arriving late): the next call read that as its answer, an INVALID_RESPONSE retried
+    under a new key, and the agent did its work twice."""
+    limit = get_settings().agent_max_response_bytes
+    head = b'{"status":"success","output":"'
+    fill = b"x" * (limit + 1 - len(head))
+    tail = b"x" * 1000 + b'"}'
+
+    def replies(index: int, task: dict[str, Any]) -> list[tuple[float, bytes]]:
+        if index == 0:
+            length = len(head) + len(fill) + len(tail)
+            return [
+                (0, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % length + head + fill),
+                (0.5, tail),
+            ]
+        return [(0, _final(task))]
+
+    agent = _KeepAliveRawAgent(replies)
+    try:
+        with pytest.raises(AgentCallFailed) as refused:
+            _call(agent.url, "s0")
+        assert refused.value.code == "RESPONSE_TOO_LARGE"
+        assert _call(agent.url, "s1") == {"stage": "s1"}
+    finally:
+        agent.close()
+    assert agent.requests == [(1, "s0"), (2, "s1")]  # asked once, on a connection of its own
