@@ -9,10 +9,10 @@ Answer: `{"status": "success", "output": ...}` or
 Every failure becomes an AgentCallFailed whose `failure` says what it means for the stage
 (engine/policy.py; the table in docs/protocol.md). The call goes through the SSRF guard
 (`network.pinned_request`) and ends by its deadline, connect to last byte, however the
-agent trickles; answers are parsed strictly: what JSON, Postgres's JSONB or the audit's
-hash refuses (NaN, Infinity, a number past a double, U+0000, lone surrogates, nesting past
-MAOF_AGENT_MAX_OUTPUT_DEPTH, an output past MAOF_STAGE_MAX_OUTPUT_BYTES) is INVALID_OUTPUT,
-an error of that agent.
+agent trickles; a success is parsed strictly (an error is read for its message alone):
+what JSON, Postgres's JSONB or the audit's hash refuses (NaN, Infinity, a number past a
+double, U+0000, lone surrogates, nesting past MAOF_AGENT_MAX_OUTPUT_DEPTH, an output past
+MAOF_STAGE_MAX_OUTPUT_BYTES) is INVALID_OUTPUT, an error of that agent.
 """
 
 from __future__ import annotations
@@ -310,6 +310,15 @@ def check_storable(value: Any, max_depth: int) -> None:
     raise InvalidOutput("an integer is out of the range of a JSON number")
 
 
+def _lenient_loads(raw: bytes) -> Any:
+    """An error answer's body as JSON, NaN and all (its message is all that is used), or
+    None when it is none."""
+    try:
+        return json.loads(raw) if raw else None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+
+
 def checked_output(value: Any) -> AgentOutput:
     """`value` with its JSON text, if it can be stored within the caps; else INVALID_OUTPUT."""
     settings = get_settings()
@@ -349,13 +358,9 @@ def retry_after_ms(header: str | None) -> int | None:
 
 def interpret(status: int, raw: bytes, retry_after: str | None = None) -> AgentOutput:
     """The output of an agent's HTTP answer, or AgentCallFailed (docs/protocol.md's table);
-    `retry_after`: the answer's Retry-After header, heeded on a retryable status."""
-    try:
-        document = strict_loads(raw) if raw else None
-    except InvalidOutput as exc:
-        raise _invalid_output(str(exc)) from None
-    except (ValueError, UnicodeDecodeError):
-        document = None
+    `retry_after`: the answer's Retry-After header, heeded on a retryable status. The
+    status decides first: only a success's output must be storable, an error's body is
+    read for its message alone (a NaN in it made a 503 unusable)."""
     if 300 <= status < 400:
         # Following it would reach an address the guard never checked.
         raise AgentCallFailed(
@@ -365,6 +370,7 @@ def interpret(status: int, raw: bytes, retry_after: str | None = None) -> AgentO
             code="REDIRECT_REFUSED",
         )
     if not 200 <= status < 300:
+        document = _lenient_loads(raw)
         message = f"HTTP {status}"
         if isinstance(document, dict) and isinstance(document.get("message"), str):
             message += f": {_printable(document['message'], 500)}"
@@ -376,6 +382,14 @@ def interpret(status: int, raw: bytes, retry_after: str | None = None) -> AgentO
                 retry_after_ms=retry_after_ms(retry_after),
             )
         raise AgentCallFailed(message, failure=Failure.AGENT_FINAL, code=f"HTTP_{status}")
+    try:
+        document = strict_loads(raw) if raw else None
+    except InvalidOutput as exc:
+        document = _lenient_loads(raw)
+        if not isinstance(document, dict) or document.get("status") != "error":
+            raise _invalid_output(str(exc)) from None
+    except (ValueError, UnicodeDecodeError):
+        document = None
     if not isinstance(document, dict) or document.get("status") not in ("success", "error"):
         raise AgentCallFailed(
             "INVALID_RESPONSE: the agent's answer is not a MAOF protocol response",

@@ -108,6 +108,34 @@ def test_output_that_json_or_jsonb_refuses_is_invalid_output_of_that_agent(raw, 
     assert says in str(failed.value)
 
 
+@pytest.mark.parametrize(
+    ("status", "body", "failure", "says"),
+    [
+        (503, b'{"message": "overloaded", "load": NaN}', RETRYABLE, "HTTP 503: overloaded"),
+        (404, b'{"message": "no such task", "n": 1e400}', FINAL, "HTTP 404: no such task"),
+        (500, b'{"message": "m", "trace": ' + deep(100_000).encode() + b"}", RETRYABLE, "HTTP 500"),
+        (
+            200,
+            b'{"status": "error", "code": "BUSY", "message": "m", "retryable": true, "cpu": NaN}',
+            RETRYABLE,
+            "BUSY: m",
+        ),
+        (200, b'{"status": "error", "code": "NO", "message": "m", "n": -Infinity}', FINAL, "NO: m"),
+    ],
+    ids=["503-nan", "404-1e400", "500-deep", "error-retryable-nan", "error-final-inf"],
+)
+def test_an_error_answer_follows_its_status_whatever_else_its_body_holds(
+    status, body, failure, says
+):
+    """Only a success's output must be storable: an error's body was parsed as strictly,
+    and a NaN beside its message made a 503 (Retry-After and all) an unusable agent."""
+    with pytest.raises(AgentCallFailed) as failed:
+        interpret(status, body, "1")
+    assert failed.value.failure is failure
+    assert str(failed.value).startswith(says)
+    assert failed.value.retry_after_ms == (1000 if status >= 500 else None)
+
+
 def test_output_over_the_stage_output_cap_is_invalid_output():
     cap = get_settings().stage_max_output_bytes
     with pytest.raises(AgentCallFailed, match="MAOF_STAGE_MAX_OUTPUT_BYTES") as failed:
