@@ -283,10 +283,27 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# An integer of more digits is past a double (1.8e308) for sure: refused unread, as
+# check_storable would refuse it (past 4300 digits int() raises a ValueError, read as "not
+# JSON": a retryable INVALID_RESPONSE).
+_MAX_INT_DIGITS = 309
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) - text.startswith("-") > _MAX_INT_DIGITS:
+        raise InvalidOutput("an integer is out of the range of a JSON number")
+    return int(text)
+
+
 def strict_loads(raw: bytes) -> Any:
     """JSON as RFC 8259 has it: no NaN, no Infinity, no number that overflows to one."""
     try:
-        return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+        return json.loads(
+            raw,
+            parse_constant=_refuse_constant,
+            parse_float=_finite_float,
+            parse_int=_bounded_int,
+        )
     except RecursionError:
         raise InvalidOutput("nested too deeply") from None
 

@@ -89,6 +89,9 @@ def deep(depth: int) -> str:
         # An integer literal past a double: JSONB stores it, the audit's hash cannot.
         (b'{"status": "success", "output": {"n": 1' + b"0" * 400 + b"}}", "integer"),
         (b'{"status": "success", "output": [-' + b"9" * 320 + b"]}", "integer"),
+        # Past Python's int-digit limit: was "not JSON", retried on the same agent.
+        (b'{"status": "success", "output": ' + b"1" * 5000 + b"}", "integer"),
+        (b'{"status": "success", "output": [-' + b"9" * 5000 + b"]}", "integer"),
         (b'{"status": "success", "output": "a\\u0000b"}', "U+0000"),
         (b'{"status": "success", "output": {"a\\u0000": 1}}', "U+0000"),
         (b'{"status": "success", "output": "\\ud800"}', "surrogate"),
