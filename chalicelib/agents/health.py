@@ -1,11 +1,11 @@
 """Agent health: probe `GET <endpoint>/health`, record online/degraded/offline.
 
-| the probe gets                           | status   |
-|------------------------------------------|----------|
-| 2xx with `{"status": "healthy"}`         | online   |
-| 404 or 405 (the agent has no /health)    | online   |
-| any other 2xx or 4xx                     | degraded |
-| 5xx, timeout, connection refused         | offline  |
+| the probe gets                                | status   |
+|-----------------------------------------------|----------|
+| 2xx with `{"status": "healthy"}` within 4 KiB | online   |
+| 404 or 405 (the agent has no /health)         | online   |
+| any other 2xx (a longer body too) or 4xx      | degraded |
+| 5xx, timeout, connection refused              | offline  |
 
 `mock://` agents are online where mock agents are enabled. The probe goes through the SSRF
 guard (`network.pinned_request`): an endpoint it refuses is offline. Results go to Postgres
@@ -38,6 +38,8 @@ from chalicelib.db import session_scope
 from chalicelib.db.models import Agent
 from chalicelib.logs import logger
 
+# A healthy answer's body is at most this long; a longer one is degraded (docs/protocol.md).
+MAX_HEALTH_BODY = 4096
 # No keep-alive: a probe must open a fresh connection to tell whether the agent is up.
 PROBE_HEADERS = {"Connection": "close"}
 
@@ -64,7 +66,7 @@ def probe(endpoint: str) -> str:
             deadline=deadline,
         )
         try:
-            body = read_by(response, deadline, 4096)
+            body = read_by(response, deadline, MAX_HEALTH_BODY)
         finally:
             response.release_conn()
     except (EndpointNotAllowed, urllib3.exceptions.HTTPError, OSError):
@@ -74,6 +76,8 @@ def probe(endpoint: str) -> str:
     if response.status >= 500:
         return "offline"
     if 200 <= response.status < 300:
+        if len(body) > MAX_HEALTH_BODY:
+            return "degraded"  # read_by stops one byte past: not its prefix, parsed
         try:
             healthy = json.loads(body).get("status") == "healthy"
         except (ValueError, AttributeError, RecursionError):  # nested past Python's parser

@@ -149,3 +149,13 @@ def test_a_probe_reads_past_interim_1xx_answers_to_the_final_one():
     finally:
         listener.close()
     assert status == "online"
+
+
+@pytest.mark.parametrize(
+    ("padding", "status"), [(4096 - len(HEALTHY), "online"), (8000, "degraded")]
+)
+def test_a_healthy_body_over_4_kib_is_degraded(hserver, padding, status):
+    """docs/protocol.md: online takes a body within 4 KiB; its first 4097 bytes were
+    parsed, and a longer body starting with {"status": "healthy"} read as online."""
+    hserver.health_script.append((0.0, 200, HEALTHY + b" " * padding))
+    assert health.probe(hserver.url) == status
