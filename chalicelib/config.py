@@ -55,6 +55,11 @@ PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Of the run_stage function's time, what a stage's agent call may never use: enough to
 # store the outcome and send the next messages after the call returns or times out.
 STAGE_TIMEOUT_MARGIN_SECONDS = 30
+# Unset, MAOF_AGENT_MAX_RESPONSE_BYTES is MAOF_STAGE_MAX_OUTPUT_BYTES and this, for the
+# protocol's envelope around the output (at most the response cap's own ceiling): with
+# both at 1 MB, an output within its cap could not be answered at all.
+RESPONSE_ENVELOPE_BYTES = 65_536
+MAX_AGENT_RESPONSE_BYTES = 6_000_000
 
 # SSM parameter names under MAOF_SECRETS_SSM_PATH and the setting each one supplies.
 SSM_SECRETS = {
@@ -154,6 +159,19 @@ class _Bootstrap(BaseSettings):
         if "database_url" in data:
             defaults["migration_database_url"] = data["database_url"]
         return {**defaults, **data}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _response_cap_after_the_output_cap(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """An unset response cap follows the output cap (RESPONSE_ENVELOPE_BYTES)."""
+        if "agent_max_response_bytes" in data or "stage_max_output_bytes" not in data:
+            return data
+        try:
+            output_cap = int(str(data["stage_max_output_bytes"]).strip())
+        except ValueError:
+            return data  # refused as the output cap's own error
+        cap = min(max(output_cap + RESPONSE_ENVELOPE_BYTES, 1024), MAX_AGENT_RESPONSE_BYTES)
+        return {**data, "agent_max_response_bytes": cap}
 
     @field_validator("secrets_ssm_path")
     @classmethod
@@ -328,7 +346,9 @@ class Settings(_Bootstrap):
     agent_retries: int = Field(2, ge=0, le=10)
     agent_backoff_ms: int = Field(1000, ge=0, le=3_600_000)
     agent_max_backoff_ms: int = Field(60_000, ge=0, le=86_400_000)
-    agent_max_response_bytes: int = Field(1_000_000, ge=1024, le=6_000_000)
+    agent_max_response_bytes: int = Field(
+        1_000_000 + RESPONSE_ENVELOPE_BYTES, ge=1024, le=MAX_AGENT_RESPONSE_BYTES
+    )
     agent_health_timeout_ms: int = Field(2000, ge=100, le=30_000)
     agent_health_interval_seconds: int = Field(60, ge=5, le=86400)
     allow_private_agent_endpoints: bool = False

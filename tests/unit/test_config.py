@@ -401,3 +401,18 @@ def test_the_idle_in_transaction_timeout_is_a_startup_option_unless_zero() -> No
     # 0: none sent (a pooler that refuses startup options); the role's own setting applies.
     assert "options" not in db.connect_args(0)
     assert db.connect_args(0)["connect_timeout"] == 3
+
+
+def test_the_agent_response_cap_leaves_room_for_the_envelope_around_the_largest_output(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both caps were 1 MB: an output within MAOF_STAGE_MAX_OUTPUT_BYTES, wrapped in the
+    protocol's envelope, was over MAOF_AGENT_MAX_RESPONSE_BYTES (RESPONSE_TOO_LARGE)."""
+    default = load_settings()
+    assert default.agent_max_response_bytes == default.stage_max_output_bytes + 65_536
+    monkeypatch.setenv("MAOF_STAGE_MAX_OUTPUT_BYTES", "2000000")
+    assert load_settings().agent_max_response_bytes == 2_065_536
+    monkeypatch.setenv("MAOF_STAGE_MAX_OUTPUT_BYTES", "50000000")
+    assert load_settings().agent_max_response_bytes == 6_000_000  # its own ceiling
+    monkeypatch.setenv("MAOF_AGENT_MAX_RESPONSE_BYTES", "5000")
+    assert load_settings().agent_max_response_bytes == 5000  # set: as set

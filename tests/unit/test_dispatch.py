@@ -540,3 +540,19 @@ def test_an_answer_over_the_size_cap_leaves_nothing_for_the_next_call_to_read(fr
     finally:
         agent.close()
     assert agent.requests == [(1, "s0"), (2, "s1")]  # asked once, on a connection of its own
+
+
+def test_an_output_just_within_the_output_cap_is_accepted_in_its_envelope(fresh_pools):
+    """The response cap (MAOF_AGENT_MAX_RESPONSE_BYTES) counts the envelope too: it was as
+    large as the output cap, and such an output was refused as RESPONSE_TOO_LARGE."""
+    output = "x" * (get_settings().stage_max_output_bytes - 10)
+
+    def replies(index: int, task: dict[str, Any]) -> list[tuple[float, bytes]]:
+        body = answer({"status": "success", "output": output})
+        return [(0, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)]
+
+    agent = _KeepAliveRawAgent(replies)
+    try:
+        assert _call(agent.url, "s0") == output
+    finally:
+        agent.close()
