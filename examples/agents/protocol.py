@@ -22,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 
 class TaskError(Exception):
@@ -93,8 +94,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _route(self) -> str:
+        """The request's path without its query: an endpoint may carry one (MAOF's health
+        probe keeps it too)."""
+        return urlsplit(self.path).path.rstrip("/")
+
     def do_GET(self) -> None:
-        if self.path.rstrip("/") == f"{self.server.path}/health".replace("//", "/"):
+        if self._route() == f"{self.server.path}/health".replace("//", "/"):
             self._send(200, b'{"status":"healthy"}')
         else:
             self._send(404, b'{"status":"error","code":"NOT_FOUND","message":"no such path"}')
@@ -102,7 +108,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
-        if self.path.rstrip("/") != self.server.path.rstrip("/"):
+        if self._route() != self.server.path.rstrip("/"):
             self._send(404, b'{"status":"error","code":"NOT_FOUND","message":"no such path"}')
             return
         supplied = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()

@@ -214,3 +214,23 @@ def test_an_agent_function_that_raises_answers_500_and_is_not_remembered():
         {"status": "error", "code": "AGENT_FAILED", "message": "RuntimeError", "retryable": True},
     )
     assert retried == (200, {"status": "success", "output": {"ok": True}})
+
+
+def test_the_protocol_server_serves_an_endpoint_with_a_query_string():
+    """docs/protocol.md lets an endpoint carry a query (health probed with it kept): the
+    example answered 404 to both, comparing the path with its query."""
+    agent = serve(lambda capability, data, context: {"ok": True}, "127.0.0.1", 0, "/agent", "t")
+    base = f"http://127.0.0.1:{agent.server_address[1]}/agent"
+    try:
+        task = requests.post(
+            f"{base}?tenant=acme",
+            json={"capability": "c", "input": {}},
+            headers={"Authorization": "Bearer t", "Idempotency-Key": "run:s:1"},
+            timeout=5,
+        )
+        health = requests.get(f"{base}/health?tenant=acme", timeout=5)
+    finally:
+        agent.shutdown()
+        agent.server_close()
+    assert (task.status_code, task.json()) == (200, {"status": "success", "output": {"ok": True}})
+    assert (health.status_code, health.json()) == (200, {"status": "healthy"})
