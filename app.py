@@ -170,7 +170,7 @@ def get_agent(request: ApiRequest, agent_uuid: str) -> responses.Agent:
 def update_agent(
     request: ApiRequest, agent_uuid: str, body: agents.UpdateAgentRequest
 ) -> responses.Agent:
-    return agents.update_agent(request.user, agent_uuid, body)
+    return agents.update_agent(request.user, agent_uuid, body, available=engine.wake_waiting_for)
 
 
 @app.endpoint(

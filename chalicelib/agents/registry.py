@@ -293,21 +293,29 @@ def get_agent(principal: Principal, agent_uuid: str) -> responses.Agent:
 
 
 def update_agent(
-    principal: Principal, agent_uuid: str, body: UpdateAgentRequest
+    principal: Principal,
+    agent_uuid: str,
+    body: UpdateAgentRequest,
+    available: health.Available | None = None,
 ) -> responses.Agent:
     """Change an agent's visibility (sharing needs an admin). Once this returns, a run the
-    agent may no longer serve gets no new stage from it."""
+    agent may no longer serve gets no new stage from it; shared now (and not offline), it
+    tells `available` of it: other users' stages may be waiting for what it serves."""
     with session_scope() as session:
         # The agent first: to anyone but its owner this answers as every agent route does
         # (404, or 403 for a shared agent), whatever the body asks for.
         agent = _owned_agent(session, principal, agent_uuid, "change it")
         _refuse_sharing(principal, body.visibility)
+        shared_now = agent.visibility != "shared" and body.visibility == "shared"
         agent.visibility = body.visibility
         agent.updated_at = datetime.now(UTC)
         session.flush()
         view = agent_view(agent, principal)
         capabilities = list(agent.capabilities)
+        serves = (agent.id, agent.max_concurrent_tasks, agent.status != "offline")
     invalidate(capabilities)
+    if available is not None and shared_now and serves[2]:
+        available(serves[0], serves[1])
     return view
 
 

@@ -1208,6 +1208,26 @@ def test_an_agent_back_from_offline_starts_the_stages_waiting_for_it_at_once(
     assert run["stages"][0]["agentId"] == revived["agentId"]
 
 
+def test_sharing_an_agent_starts_the_stages_of_others_waiting_for_it_at_once(
+    user: Api, admin: Api, poller: Any, timed: list[TimedAgent]
+) -> None:
+    """The user's own agent is full, so their stage waits; an admin shares an idle agent
+    with the capability: it used to idle until the sweeper's look, as a new agent did."""
+    slow = timed_agent(timed, seconds=AT_ONCE_SECONDS + 3)
+    capability = unique_capability("shared-now")
+    register_agent(user, capability, endpoint=slow.url, maxConcurrentTasks=1)
+    idle = register_agent(admin, capability, maxConcurrentTasks=1)
+    submit(user, capability)
+    wait_until(lambda: len(slow.calls) == 1, timeout=10)
+    waiting = submit(user, capability)
+    assert _stage_status(user, waiting) == "waiting"
+    shared = admin.request("PATCH", f"/agents/{idle['agentUuid']}", json={"visibility": "shared"})
+    assert shared.status_code == 200, shared.text
+    run = wait_for_run(user, waiting, timeout=AT_ONCE_SECONDS)
+    assert run["status"] == "completed", run
+    assert run["stages"][0]["agentId"] == idle["agentId"]
+
+
 def test_an_agent_that_may_take_work_wakes_no_more_stages_than_it_has_slots_free(
     user: Api, sent: Any
 ) -> None:
