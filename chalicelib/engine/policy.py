@@ -15,6 +15,8 @@ so no stage loops forever:
 | any other exception after the claim       | errors          | retry (backoff) ≤ retries, then fail   |
 | the worker stopped (lease expired)        | lease_expiries  | re-run ≤ MAOF_STAGE_MAX_LEASE_EXPIRIES |
 | the message was lost (sweeper re-sends)   | requeues        | re-send ≤ MAOF_STAGE_MAX_REQUEUES      |
+|                                           | (not behind a   |                                        |
+|                                           | backlog)        |                                        |
 | every capable agent at capacity           | waits           | wait ≤ MAOF_STAGE_MAX_WAITS            |
 
 The Idempotency-Key (`<runId>:<stageId>:<attempt>`) changes when the agent gave a definite

@@ -8,7 +8,9 @@ without being claimed lost its message (a crash between commit and send, a queue
 was recreated empty): it is sent again, at most MAOF_STAGE_MAX_REQUEUES times. How long
 "a while" is depends on the queue: when it holds nothing to deliver, no message can be
 on its way, so MAOF_SWEEP_QUEUED_AFTER_SECONDS suffices; behind a backlog, a stage's
-message may simply not have come up yet, so MAOF_SWEEP_BACKLOG_AFTER_SECONDS applies.
+message may simply not have come up yet, so MAOF_SWEEP_BACKLOG_AFTER_SECONDS applies, and
+a re-send then is not counted (the message may still be in line: a long backlog is no
+lost message; the duplicate is harmless, a stage runs once whatever its deliveries).
 Stages left queued or in progress in a run that has ended are skipped. A stage waiting
 for an agent's slot is handed one by the worker that frees it; one that has waited
 MAOF_SWEEP_QUEUED_AFTER_SECONDS without, while a slot is free for it (its hand-off was
@@ -115,9 +117,13 @@ class Swept:
     skipped: list[str] = field(default_factory=list)
 
 
-def sweep_run(run_id: uuid.UUID, stage_ids: list[str], grace: timedelta) -> Swept:
+def sweep_run(
+    run_id: uuid.UUID, stage_ids: list[str], grace: timedelta, backlog: int | None = None
+) -> Swept:
     """Under the run's lock: re-queue, fail (past a ceiling) or skip (run ended) each of
-    its still-stalled stages, with an audit entry each. The caller sends `requeued`."""
+    its still-stalled stages, with an audit entry each. The caller sends `requeued`. A
+    queued stage re-sent while the queue reports a backlog (`backlog` > 0) is not counted
+    toward MAOF_STAGE_MAX_REQUEUES (nor failed by it): its message may be in line."""
     settings = get_settings()
     swept = Swept()
     with session_scope() as session:
@@ -141,7 +147,9 @@ def sweep_run(run_id: uuid.UUID, stage_ids: list[str], grace: timedelta) -> Swep
                 swept.skipped.append(row.stage_id)
                 continue
             expired = row.status == "in_progress"
-            count = (row.lease_expiries if expired else row.requeues) + 1
+            # A backlog is no proof of loss; a lease that ran out is, backlog or not.
+            counted = expired or not backlog
+            count = (row.lease_expiries if expired else row.requeues) + int(counted)
             ceiling = settings.stage_max_lease_expiries if expired else settings.stage_max_requeues
             if count > ceiling:
                 _fail(session, run, row, expired, count - 1)
@@ -155,7 +163,7 @@ def sweep_run(run_id: uuid.UUID, stage_ids: list[str], grace: timedelta) -> Swep
                     "lease_expiries = lease_expiries + :expired, requeues = requeues + :lost "
                     "WHERE id = :id"
                 ),
-                {"id": row.id, "expired": int(expired), "lost": int(not expired)},
+                {"id": row.id, "expired": int(expired), "lost": int(counted and not expired)},
             )
             chain.append(
                 session,
@@ -167,6 +175,7 @@ def sweep_run(run_id: uuid.UUID, stage_ids: list[str], grace: timedelta) -> Swep
                     "reason": "lease expired" if expired else "message not consumed",
                     "attempt": row.attempt,
                     "count": count,
+                    "counted": counted,
                 },
             )
             swept.requeued.append(row.stage_id)
@@ -319,7 +328,8 @@ def sweep_once(until: float | None = None) -> dict[str, int]:
     deadline failed; every stalled stage re-queued and re-sent, failed or skipped; stages
     waiting too long for a slot woken; due completion callbacks delivered, batch after
     batch until `until` (time.monotonic()) is near."""
-    grace = grace_for(queue_backlog())
+    backlog = queue_backlog()
+    grace = grace_for(backlog)
     totals = {
         "expired": 0,
         "requeued": 0,
@@ -356,7 +366,7 @@ def sweep_once(until: float | None = None) -> dict[str, int]:
         totals["errors"] += 1
     for run_id, stage_ids in find_stalled(grace).items():
         try:
-            swept = sweep_run(run_id, stage_ids, grace)
+            swept = sweep_run(run_id, stage_ids, grace, backlog)
             if swept.requeued:
                 send_stage_messages(run_id, swept.requeued)
         except Exception:

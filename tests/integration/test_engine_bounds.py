@@ -112,6 +112,44 @@ def test_behind_a_backlog_a_queued_stage_is_not_sent_twice(user: Api, sent, monk
     assert sent.sent.count((run_id, "a")) == 2  # at submission, and by the sweeper
 
 
+def test_a_stage_behind_a_backlog_longer_than_its_requeues_is_not_failed_as_lost(
+    user: Api, sent, monkeypatch
+):
+    """A backlog outlasting MAOF_STAGE_MAX_REQUEUES x MAOF_SWEEP_BACKLOG_AFTER_SECONDS: the
+    stage is re-sent once per backlog interval, uncounted, and runs when a message comes up;
+    each re-send was counted as a lost message, and the run failed while its message was in
+    line."""
+    capability = unique_capability("longbacklog")
+    register_agent(user, capability)
+    run_id = submit_direct(user, chain(capability, "a"))
+    monkeypatch.setattr(sweeper, "send_stage_messages", sent)
+    monkeypatch.setattr(sweeper, "queue_backlog", lambda: 5000)
+    backlog_after = get_settings().sweep_backlog_after_seconds
+    resends = get_settings().stage_max_requeues + 1
+    for _ in range(resends):
+        set_stage(run_id, "a", f"queued_at = now() - interval '{backlog_after + 1} seconds'")
+        sweeper.sweep_once()
+    assert sent.sent.count((run_id, "a")) == 1 + resends  # at submission, then each interval
+    row = stage_row(run_id, "a")
+    assert (row.status, row.requeues) == ("queued", 0)
+    with session_scope() as session:
+        requeues = (
+            session.execute(
+                text("SELECT details FROM execution_logs WHERE run_id = :r AND action = 'requeue'"),
+                {"r": run_id},
+            )
+            .scalars()
+            .all()
+        )
+    assert [d["counted"] for d in requeues] == [False] * resends
+    assert handlers.run_stage(run_id, "a") == "completed"  # a message comes up
+    with session_scope() as session:
+        status = session.execute(
+            text("SELECT status FROM workflow_runs WHERE id = :r"), {"r": run_id}
+        ).scalar()
+    assert status == "completed"
+
+
 def test_delayed_messages_are_no_backlog(monkeypatch):
     """A delayed message is a stage's that is not due (a backoff): counted, one retry of
     any run put every lost message on the 300 s grace instead of 10 s."""
