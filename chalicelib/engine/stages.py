@@ -295,6 +295,7 @@ class LockedRun:
     id: uuid.UUID
     status: str
     output_bytes: int = 0
+    overdue: bool = False  # past its deadline (workflow.timeoutMs)
 
     @property
     def live(self) -> bool:
@@ -317,14 +318,17 @@ def ended_stage_status(run_status: str) -> str:
 
 
 def lock_run(session: Session, run_id: uuid.UUID) -> LockedRun:
-    """Take the run's row lock (only its status and output total are read: not the
-    definition or input)."""
+    """Take the run's row lock (only its status, output total and whether its deadline has
+    passed are read: not the definition or input)."""
     row = session.execute(
-        text("SELECT status, output_bytes FROM workflow_runs WHERE id = :run_id FOR UPDATE"),
+        text(
+            "SELECT status, output_bytes, COALESCE(deadline_at <= now(), false) AS overdue "
+            "FROM workflow_runs WHERE id = :run_id FOR UPDATE"
+        ),
         {"run_id": run_id},
     ).first()
     assert row is not None, f"run {run_id} vanished"
-    return LockedRun(run_id, row.status, row.output_bytes)
+    return LockedRun(run_id, row.status, row.output_bytes, row.overdue)
 
 
 class RunOutputTooLarge(Exception):
@@ -358,7 +362,8 @@ def complete_stage(
     (every agent with it at capacity: `full` says why, else None) waits for a slot
     straight away, as park_stage would have it wait once its message came round (no
     message, no claim). Raises RunOutputTooLarge, having written nothing, when the run's
-    total would pass its cap.
+    total would pass its cap. A run past its deadline is failed here, as the sweeper
+    would fail it, and the answer discarded: the claim refused it, so must its answer.
 
     Under the run's lock, in as few round trips as Postgres allows: the stage's update
     also reads the head of the audit chain; the audit entry's insert also queues the
@@ -366,7 +371,7 @@ def complete_stage(
     stored = output_json if output_json is not None else _json(output)
     size = len(stored.encode("utf-8")) if stored is not None else 0
     with session_scope() as session:
-        run = lock_run(session, stage.run_id)
+        run = end_if_overdue(session, lock_run(session, stage.run_id))
         if not run.live:
             discarded = _discard(session, stage, run, agent_id, output)
             return Completed(outcome="discarded" if discarded else "lost")
@@ -580,7 +585,7 @@ def fail_stage(
     discarded ("discarded"), any other reason skips it ("skipped"). "lost" if the stage
     was no longer ours."""
     with session_scope() as session:
-        run = lock_run(session, stage.run_id)
+        run = end_if_overdue(session, lock_run(session, stage.run_id))
         if not run.live:
             if agent_id is not None:
                 discarded = _discard(session, stage, run, agent_id, error=reason)
@@ -999,15 +1004,19 @@ def expire_run(run_id: uuid.UUID) -> bool:
     """Fail a live run whose deadline has passed; False if it had ended or is not due."""
     with session_scope() as session:
         run = lock_run(session, run_id)
-        row = session.execute(
-            text(
-                "SELECT (definition ->> 'timeoutMs')::bigint AS timeout_ms FROM workflow_runs "
-                "WHERE id = :run_id AND deadline_at <= now()"
-            ),
-            {"run_id": run_id},
-        ).first()
-        if not run.live or row is None:
-            return False
-        message = f"deadline of {row.timeout_ms} ms exceeded"
-        end_run(session, run, "failed", message, "deadline", {"timeoutMs": row.timeout_ms})
-    return True
+        return run.live and not end_if_overdue(session, run).live
+
+
+def end_if_overdue(session: Session, run: LockedRun) -> LockedRun:
+    """Under the run's lock: a live run past its deadline is failed (its `deadline` entry,
+    its callback due), whoever notices first, the sweeper or a stage's answer (which its
+    caller then discards, as after any end). Returns the run as it now stands."""
+    if not (run.live and run.overdue):
+        return run
+    timeout_ms = session.execute(
+        text("SELECT (definition ->> 'timeoutMs')::bigint FROM workflow_runs WHERE id = :run_id"),
+        {"run_id": run.id},
+    ).scalar()
+    message = f"deadline of {timeout_ms} ms exceeded"
+    end_run(session, run, "failed", message, "deadline", {"timeoutMs": timeout_ms})
+    return LockedRun(run.id, "failed", run.output_bytes)

@@ -18,7 +18,7 @@ from chalicelib.agents.secrets import reencrypt_all
 from chalicelib.config import get_settings, reset_settings
 from chalicelib.core.api import parse_run_ref
 from chalicelib.db import session_scope
-from chalicelib.engine import callbacks, handlers, leases
+from chalicelib.engine import callbacks, handlers, leases, stages
 from tests.integration.conftest import (
     Api,
     register_agent,
@@ -26,6 +26,7 @@ from tests.integration.conftest import (
     wait_for_run,
     wait_until,
 )
+from tests.integration.test_delivery import audit_actions, stage_row
 from tests.support.agents import ScriptedAgent, error, ok, sleep, trickle
 from tests.support.agents import start_agent as start
 from tests.support.callbacks import CallbackReceiver, TricklingServer
@@ -333,6 +334,50 @@ def test_the_sweeper_fails_a_run_that_waits_past_its_deadline(user: Api, sent: A
     run = user.get(f"/workflows/{run_id}").json()["data"]
     assert run["status"] == "failed"
     assert "deadline of 100 ms" in run["errorMessage"]
+
+
+@pytest.mark.parametrize("answer", ["output", "error"])
+def test_an_answer_after_the_deadline_fails_the_run_as_the_deadline_would(
+    user: Api, sent: Any, answer: str
+) -> None:
+    """Past its deadline before the sweeper noticed, a run was completed (or failed by the
+    stage's error) by its stage's answer; docs/api.md: a run not ended timeoutMs after
+    submission fails. Now the answer ends it as the deadline does and is discarded."""
+    capability = unique_capability("late-answer")
+    agent = register_agent(user, capability)
+    receiver = CallbackReceiver([])
+    try:
+        body = dict(
+            pipeline(capability, capability, timeoutMs=60_000),
+            callback={"url": receiver.url, "secret": SECRET},
+        )
+        run_id = submitted(user, body)
+        run_uuid = parse_run_ref(run_id)
+        claimed = stages.claim_stage(run_uuid, "a")
+        assert claimed is not None
+        with session_scope() as session:
+            session.execute(
+                text(
+                    "UPDATE workflow_runs SET deadline_at = now() - interval '1 second' WHERE id = :r"
+                ),
+                {"r": run_uuid},
+            )
+        if answer == "output":
+            outcome = stages.complete_stage(claimed, agent["agentUuid"], "x", {}, {"v": 1}).outcome
+        else:
+            outcome = stages.fail_stage(claimed, "boom", agent_id="x")
+        assert outcome == "discarded"
+        run = user.get(f"/workflows/{run_id}").json()["data"]
+        assert (run["status"], run["errorMessage"]) == ("failed", "deadline of 60000 ms exceeded")
+        assert run["callback"]["state"] == "pending"
+        assert [stage_row(run_uuid, s).status for s in ("a", "b")] == ["skipped", "skipped"]
+        actions = audit_actions(run_uuid)
+        assert [a for a, _ in actions].count("deadline") == 1
+        assert ("discard", "a") in actions
+        assert not {"execute", "fail", "complete"} & {a for a, _ in actions}
+        assert audit(user, run_id)["chain"]["valid"] is True
+    finally:
+        receiver.stop()
 
 
 # ------------------------------------------------------------------ callbacks
