@@ -96,11 +96,18 @@ _STALLED = """
 
 
 def find_stalled(grace: timedelta) -> dict[uuid.UUID, list[str]]:
-    """Stalled stages by run (read without locks; each is re-checked under the run lock)."""
+    """Stalled stages by run, at most BATCH_LIMIT, those stalled longest first (so a
+    backlog larger than one sweep is worked off in order, none left behind by the rest);
+    read without locks, each is re-checked under the run lock."""
     with session_scope() as session:
         rows = session.execute(
             text(
-                f"SELECT s.run_id, s.stage_id FROM stage_executions AS s WHERE {_STALLED} LIMIT :limit"
+                f"""
+                SELECT s.run_id, s.stage_id FROM stage_executions AS s WHERE {_STALLED}
+                 ORDER BY CASE WHEN s.status = 'in_progress' THEN s.lease_expires_at
+                               ELSE GREATEST(s.queued_at, s.not_before) END
+                 LIMIT :limit
+                """
             ),
             {"grace": grace, "limit": BATCH_LIMIT},
         ).all()

@@ -169,6 +169,22 @@ def test_delayed_messages_are_no_backlog(monkeypatch):
     assert asked == [["ApproximateNumberOfMessages"]] * 2
 
 
+def test_a_sweep_takes_the_stages_stalled_longest_first(user: Api, sent, monkeypatch):
+    """More stalled stages than one sweep takes: the oldest go first (the batch had no
+    order, and a stage could be passed over sweep after sweep)."""
+    capability = unique_capability("oldest")
+    register_agent(user, capability)
+    run_ids = [submit_direct(user, chain(capability, "a")) for _ in range(5)]
+    # The later a run was submitted, the longer it has stalled (far longer than any other
+    # test's stage, so the batch is ours); the last one's worker died.
+    for days, run_id in enumerate(run_ids[:-1], start=1000):
+        set_stage(run_id, "a", "queued_at = now() - make_interval(days => :d)", d=days)
+    assert stages.claim_stage(run_ids[-1], "a") is not None
+    set_stage(run_ids[-1], "a", "lease_expires_at = now() - interval '2000 days'")
+    monkeypatch.setattr(sweeper, "BATCH_LIMIT", 2)
+    assert set(sweeper.find_stalled(sweeper.grace_for(0))) == {run_ids[-1], run_ids[-2]}
+
+
 def test_an_error_on_one_run_does_not_stop_the_sweep(user: Api, sent, monkeypatch):
     capability = unique_capability("sweep")
     register_agent(user, capability)
