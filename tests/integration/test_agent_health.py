@@ -5,9 +5,6 @@ long the agent's name took to look up, and reads the agent's final answer."""
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import socket
-import threading
 import time
 from collections.abc import Iterator
 
@@ -21,6 +18,7 @@ from chalicelib.db.models import Agent
 from tests.integration.conftest import register_agent, unique_capability, wait_until
 from tests.support.agents import ScriptedAgent
 from tests.support.callbacks import TricklingServer
+from tests.support.raw_server import answering
 
 pytestmark = pytest.mark.integration
 
@@ -117,30 +115,9 @@ def test_a_check_tells_of_the_agents_back_from_offline_and_of_no_other(user, hse
     assert told == [(down["agentUuid"], 5)]  # online already: nothing new
 
 
-def _answering_get(reply: bytes) -> socket.socket:
-    """A TCP server that reads a request's head, writes `reply`, and closes."""
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def serve() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                conn, _ = listener.accept()
-                with conn:
-                    request = b""
-                    while b"\r\n\r\n" not in request:
-                        request += conn.recv(65536)
-                    conn.sendall(reply)
-                    conn.shutdown(socket.SHUT_WR)
-                    while conn.recv(65536):
-                        pass
-
-    threading.Thread(target=serve, daemon=True).start()
-    return listener
-
-
 def test_a_probe_reads_past_interim_1xx_answers_to_the_final_one():
     """A 103 Early Hints before the agent's 200 was taken for the answer: 'degraded'."""
-    listener = _answering_get(
+    listener, _ = answering(
         b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
         b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(HEALTHY) + HEALTHY
     )

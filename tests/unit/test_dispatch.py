@@ -23,6 +23,7 @@ from chalicelib.agents import dispatch, network
 from chalicelib.agents.dispatch import AgentCallFailed, AgentTask, call_agent, interpret
 from chalicelib.agents.failure import Failure
 from chalicelib.config import get_settings
+from tests.support.raw_server import answering
 
 RETRYABLE, FINAL, UNUSABLE = Failure.AGENT_RETRYABLE, Failure.AGENT_FINAL, Failure.AGENT_UNUSABLE
 
@@ -318,31 +319,6 @@ def test_a_retryable_status_carries_its_retry_after_and_a_final_one_none():
     assert (refused.value.failure, refused.value.retry_after_ms) == (Failure.AGENT_FINAL, None)
 
 
-def _answering_raw(reply: bytes) -> tuple[socket.socket, str]:
-    """A TCP server that reads a request, writes `reply` (not necessarily HTTP), closes."""
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def serve() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                conn, _ = listener.accept()
-                with conn:
-                    request = b""
-                    while b"\r\n\r\n" not in request:
-                        request += conn.recv(65536)
-                    head, _, body = request.partition(b"\r\n\r\n")
-                    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-                    while len(body) < length:
-                        body += conn.recv(65536)
-                    conn.sendall(reply)
-                    conn.shutdown(socket.SHUT_WR)  # then closed with nothing unread: no RST
-                    while conn.recv(65536):
-                        pass
-
-    threading.Thread(target=serve, daemon=True).start()
-    return listener, f"http://127.0.0.1:{listener.getsockname()[1]}/"
-
-
 @pytest.mark.parametrize(
     ("reply", "code", "failure", "says"),
     [
@@ -392,7 +368,7 @@ def _answering_raw(reply: bytes) -> tuple[socket.socket, str]:
     ],
 )
 def test_an_answer_http_itself_refuses_names_what_was_wrong(reply, code, failure, says):
-    listener, url = _answering_raw(reply)
+    listener, url = answering(reply)
     task = AgentTask("wfr-1", "s", 1, "c", {}, "wf", timeout_ms=5000)
     try:
         with pytest.raises(AgentCallFailed) as refused:
