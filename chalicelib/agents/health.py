@@ -87,7 +87,8 @@ def probe(endpoint: str) -> str:
 
 
 # Told of an agent (its uuid, its maxConcurrentTasks) that may take work it could not
-# before: registered, or back from offline. The engine wakes stages waiting for it.
+# before: registered, shared by an admin, or back from offline. The engine wakes stages
+# waiting for it.
 Available = Callable[[uuid.UUID, int], object]
 
 

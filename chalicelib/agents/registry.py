@@ -312,10 +312,10 @@ def update_agent(
         session.flush()
         view = agent_view(agent, principal)
         capabilities = list(agent.capabilities)
-        serves = (agent.id, agent.max_concurrent_tasks, agent.status != "offline")
+        slots = agent.max_concurrent_tasks
     invalidate(capabilities)
-    if available is not None and shared_now and serves[2]:
-        available(serves[0], serves[1])
+    if available is not None and shared_now and view.status != "offline":
+        available(view.agent_uuid, slots)
     return view
 
 
