@@ -38,6 +38,8 @@ METADATA_ADDRESSES = frozenset(
         "169.254.170.23",  # EKS Pod Identity credentials
         "fd00:ec2::23",  # EKS Pod Identity credentials over IPv6
         "100.100.100.200",  # Alibaba Cloud metadata
+        "192.0.0.192",  # Oracle Cloud metadata (older instances)
+        "169.254.0.23",  # Tencent Cloud metadata
     )
 )
 # IPv6 ranges whose last 32 bits are an IPv4 address a connection may end up reaching.

@@ -176,17 +176,24 @@ def test_the_globally_reachable_anycast_addresses_in_192_0_0_0_24_stay_public(ad
 
 @pytest.mark.parametrize(
     "url",
-    ["http://192.0.0.192/opc/v1/instance/", "http://[fec0::1]/", "http://oci.test/opc/v1/"],
+    ["http://192.0.0.170/", "http://[fec0::1]/", "http://dns64.test/"],
 )
 def test_with_the_guard_on_special_purpose_endpoints_are_refused(url, guard_on, monkeypatch):
-    monkeypatch.setattr(network, "resolve_host", FakeResolver({"oci.test": ["192.0.0.192"]}))
+    monkeypatch.setattr(network, "resolve_host", FakeResolver({"dns64.test": ["192.0.0.170"]}))
     with pytest.raises(EndpointNotAllowed, match="only to public addresses"):
         check_endpoint_allowed(url)
 
 
 @pytest.mark.parametrize(
     "address",
-    ["169.254.169.254", "fd00:ec2::254", "::ffff:169.254.169.254", "169.254.170.2"],
+    [
+        "169.254.169.254",
+        "fd00:ec2::254",
+        "::ffff:169.254.169.254",
+        "169.254.170.2",
+        "192.0.0.192",  # Oracle Cloud
+        "169.254.0.23",  # Tencent Cloud
+    ],
 )
 def test_metadata_addresses_are_refused_even_when_private_endpoints_are_allowed(address):
     assert address_allowed(address, allow_private=True) is False
