@@ -5,16 +5,19 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-# Optional local overrides (copy .env.example to .env).
-# The SSRF guard's switch is read first: a value in the environment wins over .env (make lets
-# a makefile's assignment override the environment), and either wins over make dev's default.
-ALLOW_PRIVATE_FROM_ENV := $(MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS)
+# Optional local overrides (copy .env.example to .env). A value in the environment wins over
+# .env's (an empty one counts as unset, as in the settings): make lets a makefile's assignment
+# beat the environment, so the environment's values are kept aside and put back after .env.
 ifneq (,$(wildcard .env))
+FROM_ENVIRONMENT := $(strip $(foreach v,$(.VARIABLES),\
+	$(if $(filter environment,$(origin $(v))),$(if $(value $(v)),$(v)))))
+$(foreach v,$(FROM_ENVIRONMENT),$(eval FROM_ENVIRONMENT.$(v) := $$(value $(v))))
 include .env
+$(foreach v,$(FROM_ENVIRONMENT),\
+	$(if $(filter file,$(origin $(v))),$(eval $(v) := $$(FROM_ENVIRONMENT.$(v)))))
 export
-endif
-ifneq (,$(ALLOW_PRIVATE_FROM_ENV))
-export MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS := $(ALLOW_PRIVATE_FROM_ENV)
+# Names with a dot are never exported; the list is not for the recipes either.
+unexport FROM_ENVIRONMENT
 endif
 
 .PHONY: help venv stack migrate dev test lint typecheck unit integration chaos package down clean bench browser-deps deploy destroy secrets deploy-info rotate-key retire-keys reencrypt-agent-tokens
