@@ -13,7 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -42,6 +42,7 @@ DEMO_MOCK_AGENT = {
     "endpoint": "mock://example-agent",
 }
 ALLOW_PRIVATE = "MAOF_ALLOW_PRIVATE_AGENT_ENDPOINTS"
+DEFAULT_PORT = 3000
 
 
 def _pump(stream: IO[bytes], prefix: str, log_path: Path) -> None:
@@ -222,11 +223,24 @@ def allow_private_endpoints_by_default(environ: MutableMapping[str, str]) -> Non
         environ[ALLOW_PRIVATE] = "true"
 
 
+def port_from_environment(environ: Mapping[str, str]) -> int:
+    """MAOF_PORT, or 3000 when it is unset or empty (empty is unset, as everywhere in the
+    settings); SystemExit with one line naming MAOF_PORT when it is not a port number."""
+    value = environ.get("MAOF_PORT", "").strip()
+    if not value:
+        return DEFAULT_PORT
+    if not (value.isdecimal() and 1 <= int(value) <= 65535):
+        raise SystemExit(f"maof: MAOF_PORT must be a port number (1 to 65535), got {value!r}")
+    return int(value)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m devstack.dev")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("MAOF_PORT", "3000")))
+    parser.add_argument("--port", type=int, help=f"default: MAOF_PORT, else {DEFAULT_PORT}")
     parser.add_argument("--no-demo", action="store_true")
     args = parser.parse_args()
+    if args.port is None:
+        args.port = port_from_environment(os.environ)
     base = f"http://127.0.0.1:{args.port}"
     allow_private_endpoints_by_default(os.environ)
     if port_open("127.0.0.1", args.port):

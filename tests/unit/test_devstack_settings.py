@@ -1,0 +1,51 @@
+"""The local stack's own settings (read by devstack, not by Settings) as `.env.example`
+says every setting is read: empty means unset, and a bad value is one line naming it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from devstack import dev
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------- MAOF_PORT (make dev)
+
+
+@pytest.mark.parametrize(("environ", "port"), [({}, 3000), ({"MAOF_PORT": ""}, 3000)])
+def test_make_dev_listens_on_3000_when_maof_port_is_unset_or_empty(
+    environ: dict[str, str], port: int
+) -> None:
+    assert dev.port_from_environment(environ) == port
+
+
+def test_make_dev_listens_on_maof_port() -> None:
+    assert dev.port_from_environment({"MAOF_PORT": "3411"}) == 3411
+
+
+@pytest.mark.parametrize("value", ["abc", "3000x", "-1", "0", "70000", "3000.0"])
+def test_a_maof_port_that_is_not_a_port_number_is_refused_naming_it(value: str) -> None:
+    with pytest.raises(SystemExit, match=f"MAOF_PORT must be a port number .*got '{value}'"):
+        dev.port_from_environment({"MAOF_PORT": value})
+
+
+def test_make_dev_with_a_bad_maof_port_stops_with_one_line_before_starting_anything() -> None:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MAOF_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "devstack.dev", "--no-demo"],
+        cwd=ROOT,
+        env={**environ, "MAOF_PORT": "30OO"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [
+        "maof: MAOF_PORT must be a port number (1 to 65535), got '30OO'"
+    ]
