@@ -33,7 +33,8 @@ from chalicelib.config import ConfigError, Settings, get_settings
 from chalicelib.engine.queue import MAX_RECEIVES
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-STATE_DIR = Path(os.environ.get("MAOF_STATE_DIR", PROJECT_DIR / ".maof"))
+# Empty is unset, as everywhere in the settings (Path("") would be the current directory).
+STATE_DIR = Path(os.environ.get("MAOF_STATE_DIR") or PROJECT_DIR / ".maof")
 LOCALSTACK_VERSION = "2026.3.0"
 # What a received stage message stays hidden for: longer than run_stage may run (its failed
 # records come back in seconds all the same: the handler shortens their visibility).

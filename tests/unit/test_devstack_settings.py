@@ -49,3 +49,34 @@ def test_make_dev_with_a_bad_maof_port_stops_with_one_line_before_starting_anyth
     assert done.stderr.strip().splitlines() == [
         "maof: MAOF_PORT must be a port number (1 to 65535), got '30OO'"
     ]
+
+
+# ---------------------------------------------------------------- MAOF_STATE_DIR
+
+
+def state_dir_when_started_in(folder: Path, **environ: str) -> str:
+    """The stack's state folder as `python -m devstack.stack` started in `folder` sees it
+    (it is read once, at import)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MAOF_")}
+    done = subprocess.run(
+        [sys.executable, "-c", "from devstack.stack import STATE_DIR; print(STATE_DIR.resolve())"],
+        cwd=folder,
+        env={**base, "PYTHONPATH": str(ROOT), **environ},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+@pytest.mark.parametrize("environ", [{}, {"MAOF_STATE_DIR": ""}])
+def test_the_stack_keeps_its_state_in_the_projects_maof_when_unset_or_empty(
+    tmp_path: Path, environ: dict[str, str]
+) -> None:
+    assert state_dir_when_started_in(tmp_path, **environ) == str(ROOT / ".maof")
+
+
+def test_the_stack_keeps_its_state_in_maof_state_dir(tmp_path: Path) -> None:
+    where = tmp_path / "state"
+    assert state_dir_when_started_in(tmp_path, MAOF_STATE_DIR=str(where)) == str(where)
