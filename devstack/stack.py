@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from pydantic import TypeAdapter, ValidationError
+
 from chalicelib.config import ConfigError, Settings, get_settings
 from chalicelib.engine.queue import MAX_RECEIVES
 
@@ -91,8 +93,20 @@ def apt_install(*packages: str) -> None:
     run(["apt-get", "install", "-y", "-qq", *packages], env=env, stdout=subprocess.DEVNULL)
 
 
+def docker_turned_off() -> bool:
+    """MAOF_NO_DOCKER read as Settings reads a boolean (true/false, 1/0, yes/no, on/off;
+    empty is unset: false); SystemExit with one line naming it when it is none of these."""
+    value = os.environ.get("MAOF_NO_DOCKER", "")
+    if not value:
+        return False
+    try:
+        return TypeAdapter(bool).validate_python(value)
+    except ValidationError:
+        raise SystemExit(f"stack: MAOF_NO_DOCKER must be true or false, got {value!r}") from None
+
+
 def docker_engine_answers() -> bool:
-    if os.environ.get("MAOF_NO_DOCKER") or not shutil.which("docker"):
+    if docker_turned_off() or not shutil.which("docker"):
         return False
     try:
         subprocess.run(["docker", "info"], capture_output=True, timeout=5, check=True)

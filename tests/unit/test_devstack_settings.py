@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from devstack import dev
+from devstack import dev, stack
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,3 +80,40 @@ def test_the_stack_keeps_its_state_in_the_projects_maof_when_unset_or_empty(
 def test_the_stack_keeps_its_state_in_maof_state_dir(tmp_path: Path) -> None:
     where = tmp_path / "state"
     assert state_dir_when_started_in(tmp_path, MAOF_STATE_DIR=str(where)) == str(where)
+
+
+# ---------------------------------------------------------------- MAOF_NO_DOCKER
+
+
+@pytest.fixture
+def docker_answers(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """A Docker engine installed and answering (`docker info` succeeds)."""
+    monkeypatch.setattr(stack.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(stack.subprocess, "run", lambda *a, **k: None)
+    monkeypatch.delenv("MAOF_NO_DOCKER", raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("value", [None, "", "false", "False", "0", "no", "off", "f", "n"])
+def test_a_docker_engine_that_answers_is_used_unless_maof_no_docker_is_true(
+    docker_answers: pytest.MonkeyPatch, value: str | None
+) -> None:
+    if value is not None:
+        docker_answers.setenv("MAOF_NO_DOCKER", value)
+    assert stack.docker_engine_answers() is True
+
+
+@pytest.mark.parametrize("value", ["true", "TRUE", "1", "yes", "on"])
+def test_maof_no_docker_true_never_uses_docker(
+    docker_answers: pytest.MonkeyPatch, value: str
+) -> None:
+    docker_answers.setenv("MAOF_NO_DOCKER", value)
+    assert stack.docker_engine_answers() is False
+
+
+def test_a_maof_no_docker_that_is_not_a_boolean_is_refused_naming_it(
+    docker_answers: pytest.MonkeyPatch,
+) -> None:
+    docker_answers.setenv("MAOF_NO_DOCKER", "maybe")
+    with pytest.raises(SystemExit, match="MAOF_NO_DOCKER must be true or false, got 'maybe'"):
+        stack.docker_engine_answers()
