@@ -703,6 +703,7 @@ def wake_stage(run_id: uuid.UUID, stage_id: str) -> bool:
 class Requeued(enum.Enum):
     QUEUED = "queued"  # due again after the delay: send its message
     SKIPPED = "skipped"  # the run ended meanwhile: the stage will not run again
+    DISCARDED = "discarded"  # the same, and what its agent's call ended with is discarded
     LOST = "lost"  # no longer ours (lease expired)
 
 
@@ -723,12 +724,16 @@ def requeue_later(
 ) -> Requeued:
     """Put the stage back in the queue, due in `delay_ms`, with an audit entry `action`
     (retry, fallback or wait) and its counters (`keep_agent`: leave the agent recorded on
-    the stage as it is); or, when its run has ended meanwhile, skip it (no agent is called
-    for an ended run)."""
+    the stage as it is); or, when its run has ended meanwhile, end the stage with it (no
+    agent is called for an ended run): the error its agent's call ended with (`agent_id`
+    given) is discarded, as fail_stage discards a final one; otherwise it is skipped."""
     with session_scope() as session:
         run = lock_run(session, stage.run_id)
         if not run.live:
-            return _skip_ended(session, stage, run)
+            if agent_id is None:
+                return _skip_ended(session, stage, run)
+            discarded = _discard(session, stage, run, agent_id, error=details.get("error"))
+            return Requeued.DISCARDED if discarded else Requeued.LOST
         updated = session.execute(
             text(
                 """

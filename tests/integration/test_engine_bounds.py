@@ -255,6 +255,39 @@ def test_a_retry_of_a_stage_whose_run_ended_is_skipped_not_queued(user: Api, sen
     assert stage_row(run_id, "b").status == "skipped"
 
 
+@pytest.mark.parametrize("action", ["retry", "fallback"])
+def test_a_retry_of_a_stage_whose_run_ended_discards_the_error_its_agent_answered(
+    user: Api, sent, action: str
+):
+    """The agent's error came back after the run had ended: a `discard` entry records it
+    (as for a final error or an output), not a `skip` as if nothing had come back."""
+    capability = unique_capability("retry-ended-answer")
+    register_agent(user, capability)
+    stages_ = [
+        {"id": "a", "name": "A", "agentCapability": capability},
+        {"id": "b", "name": "B", "agentCapability": capability},
+    ]
+    run_id = submit_direct(user, stages_)
+    a, b = stages.claim_stage(run_id, "a"), stages.claim_stage(run_id, "b")
+    assert a is not None and b is not None
+    assert stages.fail_stage(a, "it broke") == "failed"
+    result = stages.requeue_later(
+        b,
+        0,
+        action,
+        agent_uuid=None,
+        agent_id="the-agent",
+        agent_attempts=1,
+        tried_agents=[],
+        next_attempt=True,
+        details={"error": "agent 'the-agent' failed: FLAKY: try again", "code": "FLAKY"},
+    )
+    assert result is stages.Requeued.DISCARDED
+    row = stage_row(run_id, "b")
+    assert (row.status, row.agent_id) == ("skipped", "the-agent")
+    assert audit_actions(run_id)[-1] == ("discard", "b")
+
+
 def test_a_stage_failing_after_its_run_failed_ends_with_the_run_not_as_a_second_failure(
     user: Api, sent
 ):

@@ -104,20 +104,24 @@ def test_cancel_during_a_slow_stage_ends_the_run_and_calls_no_further_agent(
     assert user.get(f"/workflows/{run_id}/result").status_code == 404
 
 
+@pytest.mark.parametrize("retryable", [False, True])
 def test_an_error_answered_after_a_cancel_is_discarded_and_fails_nothing(
-    user: Api, poller: Any, agents: list[ScriptedAgent]
+    user: Api, poller: Any, agents: list[ScriptedAgent], retryable: bool
 ) -> None:
-    """An agent that answers a final error after the cancel: the stage becomes `cancelled`
-    and a `discard` entry records the error, as for a success answer. It used to be marked
-    `failed`, with a `fail` entry, in a run that was cancelled."""
+    """An agent that answers an error after the cancel, final or one it would be retried
+    for: the stage becomes `cancelled` and a `discard` entry records the error, as for a
+    success answer. A final error used to be marked `failed`, with a `fail` entry, in a run
+    that was cancelled; a retryable one got a `skip` entry, as if nothing had come back."""
     body = json.dumps(
-        {"status": "error", "code": "BROKEN", "message": "scripted", "retryable": False}
+        {"status": "error", "code": "BROKEN", "message": "scripted", "retryable": retryable}
     ).encode()
     slow = start(agents, default=trickle(body, interval=0.02))  # the error, in about 2 s
     first, second = unique_capability("late-error"), unique_capability("next")
     register_agent(user, first, endpoint=slow.url)
     register_agent(user, second)
-    run_id = submitted(user, pipeline(first, second))
+    definition = pipeline(first, second)
+    definition["workflow"]["stages"][0]["config"] = {"retries": 2, "backoffMs": 0}
+    run_id = submitted(user, definition)
     wait_until(lambda: len(slow.calls) == 1, timeout=10)
     assert user.post(f"/workflows/{run_id}/cancel").status_code == 202
     wait_until(
