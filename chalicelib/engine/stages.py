@@ -12,7 +12,10 @@ Concurrency rules:
 - completing or failing locks the run row first (SELECT … FOR UPDATE): the audit
   chain of a run grows one entry at a time and a fan-in stage is queued exactly once;
 - finishing is conditional on the token of the claim, so a worker whose lease expired
-  (and whose stage the sweeper handed to another) changes nothing;
+  and whose stage another worker has claimed since changes nothing; the sweeper's
+  re-queue keeps the token (only a new claim replaces it), so a worker that was late,
+  not dead, and whose agent answers before anyone claimed the stage again still
+  completes or fails it (_ENDS_OUR_CLAIM), and the re-sent message finds it done;
 - `attempt` is the logical attempt: redeliveries of one attempt (SQS, the sweeper) keep
   it, so the agent sees the same Idempotency-Key; only a retry or fallback moves it on.
 """
@@ -494,16 +497,22 @@ def _discard(
     return discarded is not None
 
 
+# An answer that ends the stage (its output, or its failure) is kept while the claim is
+# ours: in progress, or queued again by the sweeper after our lease ran out (it keeps the
+# token) and not claimed by another worker yet (a claim replaces the token). The lease
+# expiry it counted is moot: the stage has ended, and a retry of the run resets counters.
+_ENDS_OUR_CLAIM = "id = :id AND status IN ('in_progress', 'queued') AND claim_token = :token"
+
 # The stage's completion, conditional on our claim, and the head of the run's audit chain
 # (read after the run lock was taken, so no other entry can follow it meanwhile).
 _COMPLETE = text(
-    """
+    f"""
     WITH done AS (
         UPDATE stage_executions
            SET status = 'completed', output = CAST(:output AS jsonb),
                input = CAST(:input AS jsonb), agent_uuid = :agent_uuid,
                agent_id = :agent_id, completed_at = now(), lease_expires_at = NULL
-         WHERE id = :id AND status = 'in_progress' AND claim_token = :token
+         WHERE {_ENDS_OUR_CLAIM}
      RETURNING started_at, completed_at
     ), counted AS (
         UPDATE workflow_runs SET output_bytes = output_bytes + :bytes
@@ -593,12 +602,12 @@ def fail_stage(
             return str(_skip_ended(session, stage, run).value)
         updated = session.execute(
             text(
-                """
+                f"""
                 UPDATE stage_executions
                    SET status = 'failed', error_message = :reason, agent_id = :agent_id,
                        input = CAST(:input AS jsonb), completed_at = now(),
                        lease_expires_at = NULL
-                 WHERE id = :id AND status = 'in_progress' AND claim_token = :token
+                 WHERE {_ENDS_OUR_CLAIM}
              RETURNING id
                 """
             ),

@@ -3,7 +3,9 @@ and a backlog is never duplicated.
 
 A stage `in_progress` whose lease ran out lost its worker (killed, out of time, cut off
 from the database: leases.py): it is queued again under the same attempt, at most
-MAOF_STAGE_MAX_LEASE_EXPIRIES times, then failed. A stage `queued` and due for a while
+MAOF_STAGE_MAX_LEASE_EXPIRIES times, then failed. It keeps its claim token until another
+worker claims it: a worker that was only late and gets its agent's answer first still
+ends the stage with it (stages.py), rather than have the agent called again. A stage `queued` and due for a while
 without being claimed lost its message (a crash between commit and send, a queue that
 was recreated empty): it is sent again, at most MAOF_STAGE_MAX_REQUEUES times. How long
 "a while" is depends on the queue: when it holds nothing to deliver, no message can be
@@ -163,10 +165,11 @@ def sweep_run(
                 swept.failed.append(row.stage_id)
                 run = LockedRun(run.id, "failed", run.output_bytes)  # the rest are skipped
                 continue
+            # The claim token stays: the next claim replaces it (see above).
             session.execute(
                 text(
                     "UPDATE stage_executions SET status = 'queued', queued_at = now(), "
-                    "lease_expires_at = NULL, claim_token = NULL, "
+                    "lease_expires_at = NULL, "
                     "lease_expiries = lease_expiries + :expired, requeues = requeues + :lost "
                     "WHERE id = :id"
                 ),
