@@ -5,8 +5,9 @@ A stage `in_progress` whose lease ran out lost its worker (killed, out of time, 
 from the database: leases.py): it is queued again under the same attempt, at most
 MAOF_STAGE_MAX_LEASE_EXPIRIES times, then failed. It keeps its claim token until another
 worker claims it: a worker that was only late and gets its agent's answer first still
-ends the stage with it (stages.py), rather than have the agent called again. A stage `queued` and due for a while
-without being claimed lost its message (a crash between commit and send, a queue that
+ends the stage with it (stages.py), rather than have the agent called again.
+
+A stage `queued` and due for a while without being claimed lost its message (a crash between commit and send, a queue that
 was recreated empty): it is sent again, at most MAOF_STAGE_MAX_REQUEUES times. How long
 "a while" is depends on the queue: when it holds nothing to deliver, no message can be
 on its way, so MAOF_SWEEP_QUEUED_AFTER_SECONDS suffices; behind a backlog, a stage's
