@@ -55,6 +55,8 @@ PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Of the run_stage function's time, what a stage's agent call may never use: enough to
 # store the outcome and send the next messages after the call returns or times out.
 STAGE_TIMEOUT_MARGIN_SECONDS = 30
+# The longest stage timeout any run_stage function allows: Lambda's 900 s, less the margin.
+MAX_STAGE_TIMEOUT_MS = (900 - STAGE_TIMEOUT_MARGIN_SECONDS) * 1000
 # Unset, MAOF_AGENT_MAX_RESPONSE_BYTES is MAOF_STAGE_MAX_OUTPUT_BYTES and this, for the
 # protocol's envelope around the output (at most the response cap's own ceiling): with
 # both at 1 MB, an output within its cap could not be answered at all.
@@ -342,7 +344,9 @@ class Settings(_Bootstrap):
     db_idle_in_transaction_seconds: int = Field(60, ge=0, le=3600)
     agent_cache_ttl_seconds: int = Field(30, ge=0, le=3600)
     mock_agents: bool = False
-    agent_timeout_ms: int = Field(30_000, ge=100, le=900_000)
+    # At most MAX_STAGE_TIMEOUT_MS, and the run_stage function's own limit
+    # (max_stage_timeout_ms): a stage without timeoutMs gets it, as if it had asked.
+    agent_timeout_ms: int = Field(30_000, ge=100, le=MAX_STAGE_TIMEOUT_MS)
     agent_retries: int = Field(2, ge=0, le=10)
     agent_backoff_ms: int = Field(1000, ge=0, le=3_600_000)
     agent_max_backoff_ms: int = Field(60_000, ge=0, le=86_400_000)
@@ -387,8 +391,9 @@ class Settings(_Bootstrap):
 
     @model_validator(mode="after")
     def _fit_for_the_stage(self) -> Self:
-        """URLs of the right kind in every stage; elsewhere than dev and test, a JWT secret
-        of its own and connections that cross the network only over TLS."""
+        """URLs of the right kind and a default agent timeout the run_stage function can
+        give in every stage; elsewhere than dev and test, a JWT secret of its own and
+        connections that cross the network only over TLS."""
         for field in ("database_url", "migration_database_url"):
             if not getattr(self, field).startswith(("postgresql://", "postgresql+psycopg://")):
                 raise ValueError(self._complaint(field, "must be a postgresql:// URL"))
@@ -407,6 +412,13 @@ class Settings(_Bootstrap):
         keyless = bool(self.secrets_ssm_path) and "secret-key" not in self.ssm_parameter_names
         if not (keyless and not self.secret_key) and len(self.secret_key) < 32:
             raise ValueError(self._complaint("secret_key", "must be at least 32 characters"))
+        if self.agent_timeout_ms > self.max_stage_timeout_ms:
+            raise ValueError(
+                f"MAOF_AGENT_TIMEOUT_MS ({self.agent_timeout_ms}) may be at most "
+                f"MAOF_RUN_STAGE_TIMEOUT_SECONDS ({self.run_stage_timeout_seconds}) less "
+                f"{STAGE_TIMEOUT_MARGIN_SECONDS} s, {self.max_stage_timeout_ms} ms: the default "
+                "timeout of every stage is held to the same limit as a stage's timeoutMs"
+            )
         # The migrations' URL is checked where it is used (chalicelib.db.migrate).
         for field in ("database_url", "redis_url"):
             if problem := self.tls_problem(field):

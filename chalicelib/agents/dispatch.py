@@ -97,6 +97,9 @@ class AgentTask:
     # time.monotonic() by which the call must be over (the stage's timeout, cut short by
     # the invocation's own remaining time); None: timeout_ms from the start of the call.
     deadline: float | None = None
+    # What set `deadline` before timeout_ms ran out ("the run's deadline"), if anything: a
+    # TIMEOUT then names the time the call was given, not a timeout never applied.
+    cut_short_by: str | None = None
 
     def call_deadline(self) -> float:
         return (
@@ -156,7 +159,7 @@ def call_agent(endpoint: str, token: str, agent_id: str, task: AgentTask) -> Age
 
 
 @contextmanager
-def _transport_errors(task: AgentTask) -> Iterator[None]:
+def _transport_errors(task: AgentTask, given_ms: int) -> Iterator[None]:
     """The guard's refusals as an unusable agent; an unresolvable name, the deadline and
     connection failures, while sending or reading, as in doubt (the agent may be working)."""
     try:
@@ -174,8 +177,11 @@ def _transport_errors(task: AgentTask) -> Iterator[None]:
             code="ENDPOINT_NOT_ALLOWED",
         ) from None
     except (TimeoutError, urllib3.exceptions.TimeoutError):
+        within = f"{task.timeout_ms} ms"
+        if task.cut_short_by:
+            within = f"{given_ms} ms ({task.cut_short_by}; the stage's timeout is {within})"
         raise AgentCallFailed(
-            f"TIMEOUT: no complete answer within {task.timeout_ms} ms",
+            f"TIMEOUT: no complete answer within {within}",
             failure=Failure.IN_DOUBT,
             code="TIMEOUT",
         ) from None
@@ -245,7 +251,7 @@ def _post(endpoint: str, token: str, task: AgentTask) -> AgentOutput:
     limit = get_settings().agent_max_response_bytes
     headers = _request_headers(token, task)
     deadline = task.call_deadline()
-    with _transport_errors(task):
+    with _transport_errors(task, task.time_left_ms()):
         left = time_left(deadline)
         response = pinned_request(
             "POST",

@@ -307,11 +307,15 @@ def _execute(claimed: stages.ClaimedStage, invocation: Invocation, held: HandedS
         stages.release_stage(claimed)  # this invocation is out of time; the next one runs it
         _send(claimed.run_id, [claimed.stage_id])
         return "released"
-    deadline = _call_deadline(policy, invocation_deadline)
+    deadline = time.monotonic() + policy.timeout_ms / 1000
+    cut_short_by = None  # what ends the call before the stage's timeout does, if anything
+    if invocation_deadline is not None and invocation_deadline < deadline:
+        deadline, cut_short_by = invocation_deadline, "the time left to this invocation"
     run_deadline = None
     if claimed.deadline_in is not None:  # the run's deadline wins over the stage's timeout
         run_deadline = time.monotonic() + claimed.deadline_in
-        deadline = min(deadline, run_deadline)
+        if run_deadline < deadline:
+            deadline, cut_short_by = run_deadline, "the run's deadline"
     if held.choice is not None:
         # Its lease was capped when the slot was taken, before this stage had started (a
         # wait for a thread, a connection): it must last the whole call. Run out and taken
@@ -347,6 +351,7 @@ def _execute(claimed: stages.ClaimedStage, invocation: Invocation, held: HandedS
         previous_stages=[{"stageId": dep, "completed": True} for dep in claimed.dependencies],
         timeout_ms=policy.timeout_ms,
         deadline=deadline,
+        cut_short_by=cut_short_by,
     )
     trace.mark("agent-called", claimed.run_id, claimed.stage_id)
     observability.with_agent(agent.agent_id)

@@ -416,3 +416,21 @@ def test_the_agent_response_cap_leaves_room_for_the_envelope_around_the_largest_
     assert load_settings().agent_max_response_bytes == 6_000_000  # its own ceiling
     monkeypatch.setenv("MAOF_AGENT_MAX_RESPONSE_BYTES", "5000")
     assert load_settings().agent_max_response_bytes == 5000  # set: as set
+
+
+def test_the_default_agent_timeout_is_held_to_the_run_stage_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stage without timeoutMs gets MAOF_AGENT_TIMEOUT_MS: it must be one a stage could
+    ask for, (MAOF_RUN_STAGE_TIMEOUT_SECONDS - 30) s at most, or the call is cut short of
+    it by the invocation."""
+    monkeypatch.setenv("MAOF_RUN_STAGE_TIMEOUT_SECONDS", "60")
+    monkeypatch.setenv("MAOF_AGENT_TIMEOUT_MS", "30000")
+    assert load_settings().agent_timeout_ms == 30_000 == load_settings().max_stage_timeout_ms
+    monkeypatch.setenv("MAOF_AGENT_TIMEOUT_MS", "45000")
+    message = refusal("MAOF_AGENT_TIMEOUT_MS")
+    assert "MAOF_RUN_STAGE_TIMEOUT_SECONDS (60)" in message and "30000 ms" in message
+    monkeypatch.delenv("MAOF_RUN_STAGE_TIMEOUT_SECONDS")  # 900 s, Lambda's most: 870 s
+    assert load_settings().agent_timeout_ms == 45_000
+    monkeypatch.setenv("MAOF_AGENT_TIMEOUT_MS", "900000")
+    assert "between 100 and 870000" in refusal("MAOF_AGENT_TIMEOUT_MS")

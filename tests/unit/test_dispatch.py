@@ -532,3 +532,24 @@ def test_an_output_just_within_the_output_cap_is_accepted_in_its_envelope(fresh_
         assert _call(agent.url, "s0") == output
     finally:
         agent.close()
+
+
+def test_a_call_cut_short_of_its_timeout_says_how_long_it_was_given():
+    """The run's deadline or the invocation's time ended the call before timeoutMs: the
+    TIMEOUT names the time the call had, not a timeout never applied."""
+    listener = socket.create_server(("127.0.0.1", 0))  # connects, never answers
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/"
+    cut = AgentTask(
+        "wfr-1", "s", 1, "c", {}, "wf", [], 45_000, time.monotonic() + 0.5,
+        cut_short_by="the time left to this invocation",
+    )  # fmt: skip
+    try:
+        with pytest.raises(AgentCallFailed) as failed:
+            call_agent(url, "tok", "agent", cut)
+    finally:
+        listener.close()
+    message = str(failed.value)
+    assert failed.value.code == "TIMEOUT", message
+    given = int(message.split("within ")[1].split(" ms")[0])
+    assert 0 < given <= 500, message
+    assert "the time left to this invocation; the stage's timeout is 45000 ms" in message
