@@ -399,6 +399,8 @@ class Settings(_Bootstrap):
                 raise ValueError(self._complaint(field, "must be a postgresql:// URL"))
         if not self.redis_url.startswith(("redis://", "rediss://")):
             raise ValueError(self._complaint("redis_url", "must be a redis:// or rediss:// URL"))
+        if problem := _redis_url_problem(self.redis_url):
+            raise ValueError(self._complaint("redis_url", problem))
         # A function reading its secrets from SSM but not the token ones has none to check.
         reads_none = bool(self.secrets_ssm_path) and not self.token_issuer and not self.jwt_secret
         if not self.is_dev and not reads_none and len(self.jwt_secret) < 32:
@@ -451,6 +453,26 @@ class Settings(_Bootstrap):
         if self.secrets_ssm_path and field in _SSM_PARAMETERS:
             hint = f" (or the SSM parameter {self.secrets_ssm_path}/{_SSM_PARAMETERS[field]})"
         return f"{ENV_PREFIX}{field.upper()} {what}{hint}"
+
+
+def _redis_url_problem(url: str) -> str | None:
+    """What redis-py would refuse in `url` only once used (each use a ValueError, not an
+    outage), or take for other than it says (a database that is not a number: db 0);
+    never the URL itself, which may hold a password."""
+    from urllib.parse import unquote, urlparse
+
+    from redis.connection import parse_url  # redis-py leaves it unannotated
+
+    try:
+        host = parse_url(url).get("host")  # type: ignore[no-untyped-call]
+        if host:
+            host.encode("idna")  # how a name is looked up when connecting
+    except ValueError as exc:  # UnicodeError too
+        return f"is not a valid Redis URL: {_one_line(exc)}"
+    database = unquote(urlparse(url).path).replace("/", "")
+    if database and not (database.isascii() and database.isdigit()):
+        return "must name its database by number after the port (/0), or none"
+    return None
 
 
 # What is wrong, by pydantic error type, after the variable's name. Only numbers, booleans

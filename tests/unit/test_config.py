@@ -434,3 +434,29 @@ def test_the_default_agent_timeout_is_held_to_the_run_stage_timeout(
     assert load_settings().agent_timeout_ms == 45_000
     monkeypatch.setenv("MAOF_AGENT_TIMEOUT_MS", "900000")
     assert "between 100 and 870000" in refusal("MAOF_AGENT_TIMEOUT_MS")
+
+
+@pytest.mark.parametrize(
+    ("url", "what"),
+    [
+        ("redis://127.0.0.1:63x9/15", "Port could not be cast"),  # each use a ValueError: 500s
+        ("redis://127.0.0.1:6379/db13", "database by number"),  # redis-py would use db 0
+        ("redis://127.0.0.1:6379/?db=x", "Invalid value for 'db'"),
+        ("redis://cache..internal:6379/0", "idna"),  # refused as a name at each connect
+    ],
+)
+def test_a_malformed_redis_url_is_refused_at_start_up(
+    monkeypatch: pytest.MonkeyPatch, url: str, what: str
+) -> None:
+    monkeypatch.setenv("MAOF_REDIS_URL", url)
+    assert what in refusal("MAOF_REDIS_URL")
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://h:6379", "redis://h:6379/", "redis://:p%2Fw@[::1]:6379/12", "rediss://h/3"]
+)
+def test_redis_urls_redis_py_reads_as_written_are_accepted(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    monkeypatch.setenv("MAOF_REDIS_URL", url)
+    assert load_settings().redis_url == url
