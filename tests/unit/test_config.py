@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -18,6 +21,7 @@ from chalicelib.config import (
     reset_settings,
 )
 
+ROOT = Path(__file__).resolve().parents[2]
 PROD_SECRET = "p" * 32
 PROD_ENV = {
     "MAOF_STAGE": "prod",
@@ -460,3 +464,29 @@ def test_redis_urls_redis_py_reads_as_written_are_accepted(
 ) -> None:
     monkeypatch.setenv("MAOF_REDIS_URL", url)
     assert load_settings().redis_url == url
+
+
+def _start(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    """`python <args>` in a fresh process, in the test stage with `env` added."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MAOF_")}
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env={**inherited, "MAOF_STAGE": "test", "POWERTOOLS_METRICS_DISABLED": "true", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_bad_log_level_stops_start_up_with_one_line_not_a_traceback() -> None:
+    """docs/operations.md: an invalid setting stops start-up with one line saying which.
+    The Logger was given MAOF_LOG_LEVEL at import, and raised before Settings could."""
+    loaded = _start(["-c", "import app"], MAOF_LOG_LEVEL="verbose")
+    assert loaded.returncode == 0 and "Traceback" not in loaded.stderr, loaded.stderr[-600:]
+    started = _start(["-m", "devstack.poller"], MAOF_LOG_LEVEL="verbose")
+    assert started.returncode == 2, started.stderr[-600:]
+    assert started.stderr.strip().splitlines() == [
+        "maof: configuration error: MAOF_LOG_LEVEL must be one of 'CRITICAL', 'FATAL', "
+        "'ERROR', 'WARNING', 'WARN', 'INFO', 'DEBUG' or 'NOTSET', got 'VERBOSE'"
+    ]
