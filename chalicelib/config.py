@@ -19,6 +19,7 @@ from pydantic import (
     AliasChoices,
     BeforeValidator,
     Field,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -529,6 +530,20 @@ def import_time_setting(field: str) -> str:
     if value:
         return value
     return str(Settings.model_fields[field].get_default(call_default_factory=True))
+
+
+def import_time_int(field: str) -> int:
+    """An integer setting known at import (import_time_setting), read as Settings read it
+    (pydantic's lax int: '120.0' is 120; the field's bounds); ConfigError with one line
+    naming the variable when Settings would refuse it."""
+    info = Settings.model_fields[field]
+    try:
+        return TypeAdapter(Annotated[int, *info.metadata]).validate_python(
+            import_time_setting(field)
+        )
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        raise ConfigError(_one_line(_explain({**error, "loc": (field,)}))) from None
 
 
 def reset_settings() -> None:

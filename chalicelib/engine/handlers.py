@@ -37,7 +37,12 @@ from chalicelib.agents.selection import (
     waiting_reason,
 )
 from chalicelib.audit import checkpoints
-from chalicelib.config import STAGE_TIMEOUT_MARGIN_SECONDS, get_settings, import_time_setting
+from chalicelib.config import (
+    STAGE_TIMEOUT_MARGIN_SECONDS,
+    get_settings,
+    import_time_int,
+    import_time_setting,
+)
 from chalicelib.core.api import run_ref
 from chalicelib.core.references import (
     InputTooLarge,
@@ -57,7 +62,7 @@ STAGE_QUEUE_NAME = import_time_setting("stage_queue_name")
 
 def _rate_minutes(interval_field: str) -> int:
     """An interval setting (seconds) as an EventBridge rate: whole minutes, one at least."""
-    return max(1, int(import_time_setting(interval_field)) // 60)
+    return max(1, import_time_int(interval_field) // 60)
 
 
 # The checkpoint and agent health schedules, also fixed at import; the local poller runs

@@ -490,3 +490,33 @@ def test_a_bad_log_level_stops_start_up_with_one_line_not_a_traceback() -> None:
         "maof: configuration error: MAOF_LOG_LEVEL must be one of 'CRITICAL', 'FATAL', "
         "'ERROR', 'WARNING', 'WARN', 'INFO', 'DEBUG' or 'NOTSET', got 'VERBOSE'"
     ]
+
+
+@pytest.mark.parametrize(
+    "variable", ["MAOF_AGENT_HEALTH_INTERVAL_SECONDS", "MAOF_AUDIT_CHECKPOINT_INTERVAL_SECONDS"]
+)
+def test_an_interval_the_settings_accept_also_loads_the_app(variable: str) -> None:
+    """The schedules are bound at import from the raw value: int('120.0') raised there,
+    although Settings read it as 120 (pydantic's lax int)."""
+    script = (
+        "import app\n"
+        "from chalicelib.engine import handlers\n"
+        "print(handlers.HEALTH_CHECK_RATE_MINUTES, handlers.CHECKPOINT_RATE_MINUTES)\n"
+    )
+    loaded = _start(["-c", script], **{variable: "120.0"})
+    assert loaded.returncode == 0, loaded.stderr[-600:]
+    expected = "2 1" if variable == "MAOF_AGENT_HEALTH_INTERVAL_SECONDS" else "1 2"
+    assert loaded.stdout.split() == expected.split()
+
+
+def test_an_interval_the_settings_refuse_is_refused_at_import_naming_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MAOF_AUDIT_CHECKPOINT_INTERVAL_SECONDS", "120.0")
+    assert config.import_time_int("audit_checkpoint_interval_seconds") == 120
+    monkeypatch.setenv("MAOF_AUDIT_CHECKPOINT_INTERVAL_SECONDS", "2 minutes")
+    with pytest.raises(ConfigError) as refused:
+        config.import_time_int("audit_checkpoint_interval_seconds")
+    assert str(refused.value) == (
+        "MAOF_AUDIT_CHECKPOINT_INTERVAL_SECONDS must be a whole number, got '2 minutes'"
+    )
