@@ -398,6 +398,8 @@ class Settings(_Bootstrap):
         for field in ("database_url", "migration_database_url"):
             if not getattr(self, field).startswith(("postgresql://", "postgresql+psycopg://")):
                 raise ValueError(self._complaint(field, "must be a postgresql:// URL"))
+            if problem := _database_url_problem(getattr(self, field)):
+                raise ValueError(self._complaint(field, problem))
         if not self.redis_url.startswith(("redis://", "rediss://")):
             raise ValueError(self._complaint("redis_url", "must be a redis:// or rediss:// URL"))
         if problem := _redis_url_problem(self.redis_url):
@@ -454,6 +456,21 @@ class Settings(_Bootstrap):
         if self.secrets_ssm_path and field in _SSM_PARAMETERS:
             hint = f" (or the SSM parameter {self.secrets_ssm_path}/{_SSM_PARAMETERS[field]})"
         return f"{ENV_PREFIX}{field.upper()} {what}{hint}"
+
+
+def _database_url_problem(url: str) -> str | None:
+    """What SQLAlchemy would refuse in `url` only once connecting (its URL parser raises
+    there, a traceback at start-up), never the URL itself, which may hold a password."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        port = make_url(url).port
+    except (ArgumentError, ValueError):
+        return "is not a URL SQLAlchemy can read: postgresql://user:password@host:port/database"
+    if port is not None and not 0 < port < 65536:
+        return f"must have a port between 1 and 65535, got {port}"
+    return None
 
 
 def _redis_url_problem(url: str) -> str | None:

@@ -19,6 +19,7 @@ from chalice.local import (
     LocalDevServer,
     LocalGatewayException,
 )
+from sqlalchemy.exc import OperationalError
 
 from chalicelib.config import ConfigError, get_settings
 from chalicelib.db import SchemaNotMigrated, check_migrated
@@ -88,6 +89,10 @@ def main() -> int:
         check_migrated()
     except (ConfigError, SchemaNotMigrated) as exc:
         print(f"maof: {exc}", file=sys.stderr)
+        return 2
+    except OperationalError as exc:  # psycopg's reason names the host, never the password
+        reason = " ".join(str(exc.orig).split())
+        print(f"maof: cannot connect to MAOF_DATABASE_URL: {reason}", file=sys.stderr)
         return 2
     server = create_server(args.host, args.port, args.stage)
     try:

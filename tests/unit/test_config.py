@@ -520,3 +520,27 @@ def test_an_interval_the_settings_refuse_is_refused_at_import_naming_it(
     assert str(refused.value) == (
         "MAOF_AUDIT_CHECKPOINT_INTERVAL_SECONDS must be a whole number, got '2 minutes'"
     )
+
+
+@pytest.mark.parametrize("field", ["MAOF_DATABASE_URL", "MAOF_MIGRATION_DATABASE_URL"])
+@pytest.mark.parametrize(
+    ("port", "what"), [("54x2", "not a URL SQLAlchemy can read"), ("99999", "1 and 65535")]
+)
+def test_a_database_url_with_a_bad_port_is_refused_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch, field: str, port: str, what: str
+) -> None:
+    """It passed the postgresql:// check, then SQLAlchemy's URL parser raised at start-up."""
+    monkeypatch.setenv(field, f"postgresql+psycopg://maof:hunter2@127.0.0.1:{port}/maof")
+    message = refusal(field)
+    assert what in message and "hunter2" not in message
+
+
+def test_the_api_stops_with_one_line_when_the_database_does_not_answer() -> None:
+    started = _start(
+        ["-m", "devstack.api", "--port", "1"],
+        MAOF_DATABASE_URL="postgresql+psycopg://maof:hunter2@127.0.0.1:1/maof",
+    )
+    assert started.returncode == 2, started.stderr[-600:]
+    lines = started.stderr.strip().splitlines()
+    assert len(lines) == 1 and "hunter2" not in lines[0], lines
+    assert lines[0].startswith("maof: cannot connect to MAOF_DATABASE_URL: "), lines
