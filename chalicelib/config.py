@@ -392,8 +392,8 @@ class Settings(_Bootstrap):
 
     @model_validator(mode="after")
     def _fit_for_the_stage(self) -> Self:
-        """URLs of the right kind and a default agent timeout the run_stage function can
-        give in every stage; elsewhere than dev and test, a JWT secret of its own and
+        """URLs of the right kind, a default agent timeout the run_stage function can give
+        and a response cap that holds the largest output in every stage; elsewhere than dev and test, a JWT secret of its own and
         connections that cross the network only over TLS."""
         for field in ("database_url", "migration_database_url"):
             if not getattr(self, field).startswith(("postgresql://", "postgresql+psycopg://")):
@@ -423,6 +423,15 @@ class Settings(_Bootstrap):
                 f"MAOF_RUN_STAGE_TIMEOUT_SECONDS ({self.run_stage_timeout_seconds}) less "
                 f"{STAGE_TIMEOUT_MARGIN_SECONDS} s, {self.max_stage_timeout_ms} ms: the default "
                 "timeout of every stage is held to the same limit as a stage's timeoutMs"
+            )
+        # An answer wraps its output: a smaller cap refuses outputs within theirs.
+        least = min(self.stage_max_output_bytes, MAX_AGENT_RESPONSE_BYTES)
+        if self.agent_max_response_bytes < least:
+            raise ValueError(
+                f"MAOF_AGENT_MAX_RESPONSE_BYTES ({self.agent_max_response_bytes}) must be at "
+                f"least MAOF_STAGE_MAX_OUTPUT_BYTES ({self.stage_max_output_bytes}, or "
+                f"{MAX_AGENT_RESPONSE_BYTES} if more): an agent's answer holds its output; "
+                f"unset, it is the output cap + {RESPONSE_ENVELOPE_BYTES}"
             )
         # The migrations' URL is checked where it is used (chalicelib.db.migrate).
         for field in ("database_url", "redis_url"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -418,8 +419,35 @@ def test_the_agent_response_cap_leaves_room_for_the_envelope_around_the_largest_
     assert load_settings().agent_max_response_bytes == 2_065_536
     monkeypatch.setenv("MAOF_STAGE_MAX_OUTPUT_BYTES", "50000000")
     assert load_settings().agent_max_response_bytes == 6_000_000  # its own ceiling
+    monkeypatch.setenv("MAOF_AGENT_MAX_RESPONSE_BYTES", "6000000")
+    assert load_settings().agent_max_response_bytes == 6_000_000  # set: as set
+    monkeypatch.setenv("MAOF_STAGE_MAX_OUTPUT_BYTES", "5000")
     monkeypatch.setenv("MAOF_AGENT_MAX_RESPONSE_BYTES", "5000")
-    assert load_settings().agent_max_response_bytes == 5000  # set: as set
+    assert load_settings().agent_max_response_bytes == 5000
+
+
+def test_a_response_cap_below_the_output_cap_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer holds its output: with MAOF_AGENT_MAX_RESPONSE_BYTES below
+    MAOF_STAGE_MAX_OUTPUT_BYTES, outputs within their cap failed as RESPONSE_TOO_LARGE."""
+    monkeypatch.setenv("MAOF_STAGE_MAX_OUTPUT_BYTES", "5000000")
+    monkeypatch.setenv("MAOF_AGENT_MAX_RESPONSE_BYTES", "1065536")
+    message = refusal("MAOF_AGENT_MAX_RESPONSE_BYTES")
+    assert "MAOF_STAGE_MAX_OUTPUT_BYTES (5000000" in message
+    monkeypatch.setenv("MAOF_STAGE_MAX_OUTPUT_BYTES", "50000000")  # past the response ceiling
+    monkeypatch.setenv("MAOF_AGENT_MAX_RESPONSE_BYTES", "5999999")
+    refusal("MAOF_AGENT_MAX_RESPONSE_BYTES")
+
+
+def test_a_copy_of_env_example_lets_the_response_cap_follow_the_output_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """docs/operations.md: copy .env.example to .env to override. It pinned the response
+    cap, so raising the output cap in the copy left answers capped below it."""
+    example = (ROOT / ".env.example").read_text()
+    for name, value in re.findall(r"^(MAOF_[A-Z0-9_]+)=(.*)$", example, re.M):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MAOF_STAGE_MAX_OUTPUT_BYTES", "5000000")
+    assert load_settings().agent_max_response_bytes == 5_065_536
 
 
 def test_the_default_agent_timeout_is_held_to_the_run_stage_timeout(
