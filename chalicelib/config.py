@@ -395,6 +395,10 @@ class Settings(_Bootstrap):
         """URLs of the right kind, a default agent timeout the run_stage function can give
         and a response cap that holds the largest output in every stage; elsewhere than dev and test, a JWT secret of its own and
         connections that cross the network only over TLS."""
+        for field in ("database_url", "migration_database_url", "redis_url"):
+            if not getattr(self, field):  # unset: a default only in dev and test
+                what = f"is required in stage {self.stage!r} (only dev and test have defaults)"
+                raise ValueError(self._complaint(field, what))
         for field in ("database_url", "migration_database_url"):
             if not getattr(self, field).startswith(("postgresql://", "postgresql+psycopg://")):
                 raise ValueError(self._complaint(field, "must be a postgresql:// URL"))

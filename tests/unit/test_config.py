@@ -572,3 +572,18 @@ def test_the_api_stops_with_one_line_when_the_database_does_not_answer() -> None
     lines = started.stderr.strip().splitlines()
     assert len(lines) == 1 and "hunter2" not in lines[0], lines
     assert lines[0].startswith("maof: cannot connect to MAOF_DATABASE_URL: "), lines
+
+
+@pytest.mark.parametrize("stage", ["development", "Dev", "prod"])
+def test_a_required_url_left_unset_outside_dev_and_test_is_named_as_required(
+    monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    """A typo'd MAOF_STAGE with nothing else set (as dev needs) was told 'MAOF_DATABASE_URL
+    must be a postgresql:// URL', about a URL it never set."""
+    monkeypatch.setenv("MAOF_STAGE", stage)
+    message = refusal("MAOF_DATABASE_URL")
+    assert message == (
+        f"MAOF_DATABASE_URL is required in stage {stage!r} (only dev and test have defaults)"
+    )
+    monkeypatch.setenv("MAOF_DATABASE_URL", PROD_ENV["MAOF_DATABASE_URL"])
+    assert refusal("MAOF_REDIS_URL").startswith("MAOF_REDIS_URL is required in stage")
