@@ -393,8 +393,9 @@ class Settings(_Bootstrap):
     @model_validator(mode="after")
     def _fit_for_the_stage(self) -> Self:
         """URLs of the right kind, a default agent timeout the run_stage function can give
-        and a response cap that holds the largest output in every stage; elsewhere than dev and test, a JWT secret of its own and
-        connections that cross the network only over TLS."""
+        and a response cap that holds the largest output in every stage; elsewhere than dev
+        and test, a JWT secret of its own and connections that cross the network only over
+        TLS."""
         for field in ("database_url", "migration_database_url", "redis_url"):
             if not getattr(self, field):  # unset: a default only in dev and test
                 what = f"is required in stage {self.stage!r} (only dev and test have defaults)"
