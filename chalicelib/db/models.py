@@ -139,7 +139,8 @@ class WorkflowRun(Base):
     callback_next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     callback_delivery: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     callback_error: Mapped[str | None] = mapped_column(Text)
-    # Bytes of stage output stored so far (capped by MAOF_RUN_MAX_OUTPUT_BYTES).
+    # Bytes of completed stages' inputs and outputs stored so far (capped by
+    # MAOF_RUN_MAX_OUTPUT_BYTES).
     output_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
 
     __table_args__ = (

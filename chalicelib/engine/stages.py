@@ -335,7 +335,8 @@ def lock_run(session: Session, run_id: uuid.UUID) -> LockedRun:
 
 
 class RunOutputTooLarge(Exception):
-    """Storing the output would take the run past MAOF_RUN_MAX_OUTPUT_BYTES."""
+    """Storing the stage's input and output would take the run past
+    MAOF_RUN_MAX_OUTPUT_BYTES."""
 
 
 @dataclass(frozen=True)
@@ -365,14 +366,17 @@ def complete_stage(
     (every agent with it at capacity: `full` says why, else None) waits for a slot
     straight away, as park_stage would have it wait once its message came round (no
     message, no claim). Raises RunOutputTooLarge, having written nothing, when the run's
-    total would pass its cap. A run past its deadline is failed here, as the sweeper
+    total of stored stage inputs and outputs would pass its cap. A run past its deadline is failed here, as the sweeper
     would fail it, and the answer discarded: the claim refused it, so must its answer.
 
     Under the run's lock, in as few round trips as Postgres allows: the stage's update
     also reads the head of the audit chain; the audit entry's insert also queues the
     ready dependents and counts the stages still open."""
     stored = output_json if output_json is not None else _json(output)
-    size = len(stored.encode("utf-8")) if stored is not None else 0
+    stored_input = _json(stage_input)
+    # The input is stored (and answered by GET /workflows/{id}) as the output is: one
+    # workflow input referenced by many stages must not grow the run past its cap.
+    size = sum(len(value.encode("utf-8")) for value in (stored, stored_input) if value)
     with session_scope() as session:
         run = end_if_overdue(session, lock_run(session, stage.run_id))
         if not run.live:
@@ -380,7 +384,8 @@ def complete_stage(
             return Completed(outcome="discarded" if discarded else "lost")
         if run.output_bytes + size > get_settings().run_max_output_bytes:
             raise RunOutputTooLarge(
-                f"the run's stored outputs would exceed MAOF_RUN_MAX_OUTPUT_BYTES "
+                f"the run's stored stage inputs and outputs would exceed "
+                f"MAOF_RUN_MAX_OUTPUT_BYTES "
                 f"({get_settings().run_max_output_bytes} bytes)"
             )
         updated = session.execute(
@@ -391,7 +396,7 @@ def complete_stage(
                 "token": stage.claim_token,
                 "output": stored,
                 "bytes": size,
-                "input": _json(stage_input),
+                "input": stored_input,
                 "agent_uuid": uuid.UUID(agent_uuid),
                 "agent_id": agent_id,
             },

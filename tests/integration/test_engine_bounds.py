@@ -461,6 +461,30 @@ def test_outputs_past_the_run_total_fail_the_stage(user: Api, sent, small_caps):
         agent.stop()
 
 
+def test_stored_inputs_count_toward_the_run_total_with_the_outputs(user: Api, sent, small_caps):
+    """Each completed stage's resolved input is stored (and answered by the run's detail)
+    with its output: one large input given to many stages must not grow the run past
+    MAOF_RUN_MAX_OUTPUT_BYTES while their outputs stay tiny."""
+    agent = ScriptedAgent(default=ok({"r": 1})).start()
+    try:
+        capability = unique_capability("inputs")
+        register_agent(user, capability, endpoint=agent.url)
+        big = "x" * 1900  # under the stage input cap (2,000), two of them over the run's
+        stages_ = [{"id": s, "name": s, "agentCapability": capability, "input": big} for s in "ab"]
+        run_id = submit_direct(user, stages_)
+        handlers.run_stage_batch([record(run_id, "a")])
+        assert stage_row(run_id, "a").status == "completed"
+        handlers.run_stage_batch([record(run_id, "b")])
+        row = stage_row(run_id, "b")
+        assert row.status == "failed"
+        assert "MAOF_RUN_MAX_OUTPUT_BYTES" in (row.error_message or "")
+        run = user.get(f"/workflows/{run_ids.run_ref(run_id)}").json()["data"]
+        assert run["status"] == "failed"
+        assert "MAOF_RUN_MAX_OUTPUT_BYTES" in run["errorMessage"]
+    finally:
+        agent.stop()
+
+
 def test_a_stage_timeout_longer_than_run_stage_can_wait_is_400(user: Api):
     longest = get_settings().max_stage_timeout_ms
     body = {
