@@ -148,11 +148,19 @@ def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
+# Sizes of values already measured, keyed by the value itself (its id and whether it is
+# sent whole or inserted into text), which whitespace around a reference or leading zeros
+# in a list index spell any number of ways; each entry holds its value, so its id is not
+# reused. Shared by the checks of one submission, a value is measured once for them all.
+Measured = dict[tuple[int, bool], tuple[Any, int]]
+
+
 def expanded_size(
     template: Any,
     workflow_input: Any,
     outputs: Mapping[str, Any] | None,
     cap: int | None = None,
+    measured: Measured | None = None,
 ) -> int:
     """How many bytes `resolve` would produce, exactly as the agent receives them: JSON as
     chalicelib/agents/dispatch.py serialises the request body (compact, UTF-8),
@@ -162,11 +170,10 @@ def expanded_size(
     references are spelled, is measured once and counted each time. With `outputs` None
     (at submission), stage outputs count nothing, as do references that do not resolve
     (`resolve` fails on those). With `cap`, InputTooLarge as soon as the count passes it:
-    the work done is bounded by the cap plus one value, however large the template."""
+    the work done is bounded by the cap plus one value, however large the template.
+    `measured` carries sizes over from other templates of the same values."""
     total = 0
-    # Keyed by the value itself, which whitespace around a reference or leading zeros in a
-    # list index spell any number of ways; each entry holds its value, so its id is not reused.
-    measured: dict[tuple[int, bool], tuple[Any, int]] = {}
+    memo: Measured = {} if measured is None else measured
 
     def count(size: int) -> None:
         nonlocal total
@@ -181,11 +188,7 @@ def expanded_size(
             value = _lookup(reference, workflow_input, outputs or {})
         except UnresolvableReference:
             return 0
-        key = (id(value), whole)
-        if key not in measured:
-            size = _sent_size(value) if whole else _escaped_size(_as_text(value))
-            measured[key] = (value, size)
-        return measured[key][1]
+        return _size_of(value, whole, memo)
 
     def text(item: str) -> None:
         # JSON escapes each character on its own, so the parts of a string add up.
@@ -239,11 +242,19 @@ def _too_large(cap: int) -> InputTooLarge:
     )
 
 
-def check_sent_size(value: Any) -> None:
+def _size_of(value: Any, whole: bool, measured: Measured) -> int:
+    key = (id(value), whole)
+    if key not in measured:
+        size = _sent_size(value) if whole else _escaped_size(_as_text(value))
+        measured[key] = (value, size)
+    return measured[key][1]
+
+
+def check_sent_size(value: Any, measured: Measured | None = None) -> None:
     """InputTooLarge when `value`, sent as it is (a stage without `input` gets the workflow
     input or its dependencies' outputs), is more than MAOF_STAGE_MAX_INPUT_BYTES."""
     cap = get_settings().stage_max_input_bytes
-    if _sent_size(value) > cap:
+    if _size_of(value, True, {} if measured is None else measured) > cap:
         raise _too_large(cap)
 
 
@@ -261,7 +272,13 @@ def _separators(items: list[Any] | dict[Any, Any]) -> int:
     return max(len(items) - 1, 0)  # "," between items
 
 
-def check_input_size(template: Any, workflow_input: Any, outputs: Mapping[str, Any] | None) -> None:
+def check_input_size(
+    template: Any,
+    workflow_input: Any,
+    outputs: Mapping[str, Any] | None,
+    measured: Measured | None = None,
+) -> None:
     """InputTooLarge when `template` would expand past MAOF_STAGE_MAX_INPUT_BYTES, found
-    without measuring more than the cap plus one value."""
-    expanded_size(template, workflow_input, outputs, get_settings().stage_max_input_bytes)
+    without measuring more than the cap plus one value (none `measured` already)."""
+    cap = get_settings().stage_max_input_bytes
+    expanded_size(template, workflow_input, outputs, cap, measured)

@@ -14,6 +14,7 @@ from chalicelib.core.capabilities import Capability
 from chalicelib.core.references import (
     InputTooLarge,
     MalformedReference,
+    Measured,
     check_forms,
     check_input_size,
     check_sent_size,
@@ -175,15 +176,18 @@ def needed_outputs(stage: StageDefinition) -> list[str]:
 
 def check_input_sizes(workflow: WorkflowDefinition, workflow_input: Any) -> None:
     """400 for a stage whose input already expands past MAOF_STAGE_MAX_INPUT_BYTES from the
-    workflow input alone (stage outputs, unknown yet, are checked when the stage runs)."""
+    workflow input alone (stage outputs, unknown yet, are checked when the stage runs).
+    Each value is measured once, however many stages it reaches: the work grows with the
+    input and the templates, not with their product."""
+    measured: Measured = {}
     for index, stage in enumerate(workflow.stages):
         if stage.input is None and stage.dependencies:
             continue  # its dependencies' outputs, checked when it runs
         try:
             if stage.input is None:  # the workflow input, sent as it is
-                check_sent_size(workflow_input)
+                check_sent_size(workflow_input, measured)
             else:
-                check_input_size(stage.input, workflow_input, None)
+                check_input_size(stage.input, workflow_input, None, measured)
         except InputTooLarge as exc:
             raise _invalid(index, "input", f"Stage '{stage.id}': {exc}") from None
 
