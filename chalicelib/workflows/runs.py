@@ -65,9 +65,12 @@ def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -
     key's row) stores nothing and gets the first run, or a 409 if its body differs. A key
     older than 24 h is forgotten: the submission is a new one (quota and all). A resent
     submission whose key is live is answered before the rate is counted: it stores
-    nothing, and a client resending after a timeout must get its run back, not a 429."""
-    body_hash = chain.sha256_json(body.model_dump(by_alias=True, mode="json"))
+    nothing, and a client resending after a timeout must get its run back, not a 429.
+    Nothing costly is done before the rate is counted but what a key needs: the body's
+    hash (most of a second for a large body) only with one."""
+    body_hash = None
     if key is not None:
+        body_hash = chain.sha256_json(body.model_dump(by_alias=True, mode="json"))
         live_since = datetime.now(UTC) - timedelta(days=KEY_DAYS)
         if (earlier := _earlier_submission(principal, key, body_hash, live_since)) is not None:
             return earlier

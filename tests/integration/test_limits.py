@@ -18,6 +18,7 @@ from sqlalchemy import text
 
 from chalicelib import cache, db, limits
 from chalicelib.agents import registry
+from chalicelib.audit import chain
 from chalicelib.config import get_settings, reset_settings
 from chalicelib.core import errors
 from chalicelib.core.api import parse_run_ref
@@ -312,6 +313,31 @@ def test_a_resent_submission_whose_key_is_live_gets_its_run_past_the_rate(
     other = dict(one_stage_run(capability), input={"other": True})
     assert user.post("/workflows/execute", other, headers=keyed).status_code == 409
     rate_limited(user.post("/workflows/execute", one_stage_run(capability)))
+
+
+def test_a_submission_refused_for_the_rate_without_a_key_never_hashes_its_body(
+    user: Api, settings_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The body's canonical hash (about 0.8 s of CPU for a 1 MB body), which only an
+    Idempotency-Key needs, was computed before the rate was counted: each 429 still cost
+    it. A keyed submission needs it first, to be answered its run past the rate."""
+    apply(settings_env, MAOF_SUBMISSIONS_PER_MINUTE="1")
+    hashed: list[Any] = []
+    original = chain.sha256_json
+
+    def spy(value: Any) -> str:
+        if isinstance(value, dict) and "workflow" in value:  # a submission's body
+            hashed.append(value)
+        return original(value)
+
+    monkeypatch.setattr(chain, "sha256_json", spy)
+    capability = unique_capability("rate-hash")
+    assert user.post("/workflows/execute", one_stage_run(capability)).status_code == 202
+    rate_limited(user.post("/workflows/execute", one_stage_run(capability)))
+    assert hashed == []
+    keyed = {"Idempotency-Key": f"refused-{uuid.uuid4()}"}
+    rate_limited(user.post("/workflows/execute", one_stage_run(capability), headers=keyed))
+    assert len(hashed) == 1
 
 
 def test_a_retry_counts_against_the_per_user_rate(
