@@ -366,8 +366,9 @@ def complete_stage(
     (every agent with it at capacity: `full` says why, else None) waits for a slot
     straight away, as park_stage would have it wait once its message came round (no
     message, no claim). Raises RunOutputTooLarge, having written nothing, when the run's
-    total of stored stage inputs and outputs would pass its cap. A run past its deadline is failed here, as the sweeper
-    would fail it, and the answer discarded: the claim refused it, so must its answer.
+    total of stored stage inputs and outputs would pass its cap. A run past its deadline
+    is failed here, as the sweeper would fail it, and the answer discarded: the claim
+    refused it, so must its answer.
 
     Under the run's lock, in as few round trips as Postgres allows: the stage's update
     also reads the head of the audit chain; the audit entry's insert also queues the
