@@ -42,6 +42,21 @@ def set_stage(run_id: uuid.UUID, stage_id: str, assignments: str, **params: Any)
         )
 
 
+@pytest.fixture
+def nothing_else_stalled() -> None:
+    """Stages other tests left queued (no worker ran them) stall too, and the sweeper takes
+    the longest stalled first, up to its batch: behind hundreds of them (a test submitting
+    many runs earlier in the session), the stage a test made stall only a few seconds ago
+    was not swept. They are made due just now, out of this test's way."""
+    with session_scope() as session:
+        session.execute(
+            text(
+                "UPDATE stage_executions SET queued_at = now(), not_before = NULL "
+                "WHERE status = 'queued'"
+            )
+        )
+
+
 # ------------------------------------------------------------------ the sweeper's ceilings
 
 
@@ -95,7 +110,9 @@ def test_a_stage_whose_message_keeps_getting_lost_fails_after_the_requeue_ceilin
     assert audit_actions(run_id).count(("requeue", "a")) == ceiling
 
 
-def test_behind_a_backlog_a_queued_stage_is_not_sent_twice(user: Api, sent, monkeypatch):
+def test_behind_a_backlog_a_queued_stage_is_not_sent_twice(
+    user: Api, sent, monkeypatch, nothing_else_stalled
+):
     capability = unique_capability("backlog")
     register_agent(user, capability)
     run_id = submit_direct(user, chain(capability, "a"))
@@ -113,7 +130,7 @@ def test_behind_a_backlog_a_queued_stage_is_not_sent_twice(user: Api, sent, monk
 
 
 def test_a_stage_behind_a_backlog_longer_than_its_requeues_is_not_failed_as_lost(
-    user: Api, sent, monkeypatch
+    user: Api, sent, monkeypatch, nothing_else_stalled
 ):
     """A backlog outlasting MAOF_STAGE_MAX_REQUEUES x MAOF_SWEEP_BACKLOG_AFTER_SECONDS: the
     stage is re-sent once per backlog interval, uncounted, and runs when a message comes up;
