@@ -46,6 +46,20 @@ class MaofRequestHandler(ChaliceRequestHandler):
             return self._generic_handle
         raise AttributeError(name)
 
+    def _send_http_response_with_body(
+        self, code: int, headers: dict[str, Any], body: str | bytes
+    ) -> None:
+        if self.command != "HEAD":
+            super()._send_http_response_with_body(code, headers, body)
+            return
+        # RFC 9110 9.3.2: a HEAD answer ends with its headers. A body after them would be
+        # read, on a keep-alive connection, as the start of the next answer.
+        size = len(body.encode() if isinstance(body, str) else body)
+        self.send_response(code)
+        self.send_header("Content-Length", str(size))
+        self.send_header("Content-Type", headers.pop("Content-Type", "application/json"))
+        self._send_headers(headers)
+
     def _send_error_response(self, error: LocalGatewayException) -> None:
         said = error.body or b""
         if isinstance(error, ForbiddenError) and any(m in said for m in _NO_ROUTE_MESSAGES):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import sys
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -291,6 +293,42 @@ def test_every_request_gets_its_own_request_id(api: Api) -> None:
     ids = {api.get("/health").headers["X-Request-Id"] for _ in range(3)}
     ids |= {api.get("/nope").headers["X-Request-Id"] for _ in range(3)}
     assert len(ids) == 6
+
+
+# ------------------------------------------------------------------ the local server's wire
+
+
+def connect(api_url: str) -> socket.socket:
+    """A raw connection to the local server, each read failing after 5 s."""
+    url = urlsplit(api_url)
+    return socket.create_connection((url.hostname, url.port), timeout=5)
+
+
+def read_to_close(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+def host(api_url: str) -> str:
+    return f"Host: {urlsplit(api_url).netloc}\r\n"
+
+
+def test_a_head_answer_is_its_headers_alone_so_the_next_answer_is_intact(api_url: str) -> None:
+    """RFC 9110 9.3.2: a HEAD answer carries no body; bytes after its headers would be read,
+    on the same keep-alive connection, as the start of the next answer."""
+    with connect(api_url) as sock:
+        sock.sendall(f"HEAD /health HTTP/1.1\r\n{host(api_url)}\r\n".encode())
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            head += sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 405")
+        assert b"Content-Type: application/json" in head
+        sock.sendall(f"GET /health HTTP/1.1\r\n{host(api_url)}Connection: close\r\n\r\n".encode())
+        rest = read_to_close(sock)
+    assert rest.startswith(b"HTTP/1.1 200"), rest[:200]
 
 
 # ------------------------------------------------------------------ logs
