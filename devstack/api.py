@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
-from typing import Any
+import uuid
+from typing import TYPE_CHECKING, Any
 
 from chalice.cli.factory import CLIFactory
 from chalice.local import (
@@ -25,16 +27,23 @@ from chalicelib.config import ConfigError, get_settings
 from chalicelib.db import SchemaNotMigrated, check_migrated
 from devstack.stack import PROJECT_DIR
 
+if TYPE_CHECKING:
+    from chalicelib.core.errors import ApiError
+
 # What `chalice local` answers (403) for a path no route has, as API Gateway does: "Missing
 # Authentication Token", or, when the request has an Authorization header, a SigV4 complaint
 # that quotes the header (the caller's token) back.
 _NO_ROUTE_MESSAGES = (b"Missing Authentication Token", b"Authorization header requires")
 
+# A Content-Length value: ASCII digits alone (int() would also take "+5", " 5", "1_0").
+_DIGITS = re.compile(r"[0-9]+")
+
 
 class MaofRequestHandler(ChaliceRequestHandler):
     """Turns `chalice local`'s 403 for unknown paths, with or without an Authorization
     header, into our 404 (what infra/template.json's MISSING_AUTHENTICATION_TOKEN gateway
-    response answers deployed)."""
+    response answers deployed), and answers what http.server cannot read with the error
+    envelope rather than its HTML (or, for a malformed Content-Length, a traceback)."""
 
     # Without TCP_NODELAY every keep-alive answer waits ~40 ms on delayed ACKs.
     disable_nagle_algorithm = True
@@ -43,8 +52,42 @@ class MaofRequestHandler(ChaliceRequestHandler):
         # http.server answers a method with no `do_<METHOD>` (TRACE, QUERY, ...) with an HTML
         # 501 of its own; through the app it gets the API's 405 envelope, as on any route.
         if name.startswith("do_"):
-            return self._generic_handle
+            return self._handle
         raise AttributeError(name)
+
+    def _handle(self) -> None:
+        """Hands the request to the app, once its body can be read as framed."""
+        lengths = set(self.headers.get_all("Content-Length") or ())
+        if len(lengths) > 1 or not all(_DIGITS.fullmatch(value) for value in lengths):
+            self.send_error(400, "Content-Length must be one whole number of bytes")
+            return
+        self._generic_handle()
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = do_PATCH = do_OPTIONS = _handle
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """What http.server refuses itself (a malformed request line or header, too many
+        headers) and what `_handle` refuses, in the API's error envelope; the connection
+        closes, as the rest of what was sent cannot be read as a request."""
+        from chalicelib.core import errors
+
+        self.log_error("code %d, message %s", code, message)
+        self.close_connection = True
+        said = message or self.responses.get(code, ("Bad request",))[0]
+        self._send_envelope(code, errors.BadRequest(said), str(uuid.uuid4()), Connection="close")
+
+    def _send_envelope(self, status: int, error: ApiError, request_id: str, **headers: str) -> None:
+        from chalicelib.core.encoding import dumps
+        from chalicelib.http import error_body
+
+        body = dumps(error_body(error, request_id))
+        answer = {
+            "Content-Type": "application/json",
+            "X-Request-Id": request_id,
+            "Access-Control-Allow-Origin": get_settings().cors_origin,
+            **headers,
+        }
+        self._send_http_response(status, answer, body)
 
     def _send_http_response_with_body(
         self, code: int, headers: dict[str, Any], body: str | bytes
@@ -64,17 +107,10 @@ class MaofRequestHandler(ChaliceRequestHandler):
         said = error.body or b""
         if isinstance(error, ForbiddenError) and any(m in said for m in _NO_ROUTE_MESSAGES):
             from chalicelib.core import errors
-            from chalicelib.core.encoding import dumps
-            from chalicelib.http import error_body
 
             request_id = error.headers.get("x-amzn-RequestId", "local")
-            body = dumps(error_body(errors.NotFound(f"No route for {self.path}"), request_id))
-            headers = {
-                "Content-Type": "application/json",
-                "X-Request-Id": request_id,
-                "Access-Control-Allow-Origin": get_settings().cors_origin,
-            }
-            self._send_http_response(404, headers, body)
+            not_found = errors.NotFound(f"No route for {self.path}")
+            self._send_envelope(404, not_found, request_id)
             return
         super()._send_error_response(error)
 

@@ -331,6 +331,47 @@ def test_a_head_answer_is_its_headers_alone_so_the_next_answer_is_intact(api_url
     assert rest.startswith(b"HTTP/1.1 200"), rest[:200]
 
 
+def answer_of(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    """The status, headers (lower-cased names) and body of one raw HTTP/1.1 answer."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines)
+    return int(status_line.split()[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+def refused_on_the_wire(api_url: str, request: str, status: int) -> dict[str, Any]:
+    """The error of the envelope the local server answers `request` with, closing."""
+    with connect(api_url) as sock:
+        sock.sendall(request.encode())
+        code, headers, body = answer_of(read_to_close(sock))
+    assert code == status, body
+    assert headers["content-type"] == "application/json"
+    assert headers["connection"] == "close"
+    envelope = json.loads(body)
+    assert envelope["success"] is False
+    assert envelope["error"]["code"] == "BAD_REQUEST"
+    assert envelope["error"]["requestId"] == headers["x-request-id"]
+    return dict(envelope["error"])
+
+
+def test_too_many_headers_is_the_error_envelope_not_html(api_url: str) -> None:
+    extra = "".join(f"X-H{i}: v\r\n" for i in range(120))  # http.server reads 100
+    request = f"GET /health HTTP/1.1\r\n{host(api_url)}{extra}\r\n"
+    refused_on_the_wire(api_url, request, 431)
+
+
+@pytest.mark.parametrize("length", ["abc", "+2", "1_0", "-1", "2, 2", "2\r\nContent-Length: 3"])
+def test_a_malformed_content_length_is_400_with_the_envelope(api_url: str, length: str) -> None:
+    """int() raised in Chalice's handler (a traceback in the log, no answer) or read "+2" and
+    "1_0" as numbers; two different lengths leave the body's end unknown."""
+    request = (
+        f"POST /auth/login HTTP/1.1\r\n{host(api_url)}Content-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n\r\n{{}}"
+    )
+    error = refused_on_the_wire(api_url, request, 400)
+    assert "Content-Length" in error["message"]
+
+
 # ------------------------------------------------------------------ logs
 
 
