@@ -57,6 +57,11 @@ class MaofRequestHandler(ChaliceRequestHandler):
 
     def _handle(self) -> None:
         """Hands the request to the app, once its body can be read as framed."""
+        if "Transfer-Encoding" in self.headers:
+            # Chalice's handler reads Content-Length bytes only: a chunked body's chunks
+            # would be read as the next request. No MAOF client streams a body.
+            self.send_error(411, "Send the body with a Content-Length, not chunked")
+            return
         lengths = set(self.headers.get_all("Content-Length") or ())
         if len(lengths) > 1 or not all(_DIGITS.fullmatch(value) for value in lengths):
             self.send_error(400, "Content-Length must be one whole number of bytes")

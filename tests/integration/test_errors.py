@@ -372,6 +372,18 @@ def test_a_malformed_content_length_is_400_with_the_envelope(api_url: str, lengt
     assert "Content-Length" in error["message"]
 
 
+def test_a_chunked_body_is_411_and_never_read_as_the_next_request(api_url: str) -> None:
+    """Chalice's handler reads Content-Length bytes only: the chunks were parsed as a
+    request of their own, after a 400 "Request body is required"."""
+    request = (
+        f"POST /auth/login HTTP/1.1\r\n{host(api_url)}Content-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+        f"GET /health HTTP/1.1\r\n{host(api_url)}\r\n"
+    )
+    error = refused_on_the_wire(api_url, request, 411)
+    assert "Content-Length" in error["message"]
+
+
 # ------------------------------------------------------------------ logs
 
 
