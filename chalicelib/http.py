@@ -17,7 +17,7 @@ from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from chalicelib.auth.sessions import authenticate
 from chalicelib.config import get_settings, import_time_setting
 from chalicelib.core import errors, responses
-from chalicelib.core.api import Principal, Reply
+from chalicelib.core.api import ApiModel, Principal, Reply
 from chalicelib.core.encoding import dumps
 from chalicelib.logs import logger
 
@@ -149,6 +149,10 @@ class ApiRequest:
         return str(value) if value is not None else None
 
 
+class _NoQuery(ApiModel):
+    """The query string of a route that reads none: each parameter is an unknown field."""
+
+
 View = Callable[..., Any]
 
 
@@ -229,6 +233,8 @@ class MaofApp(Chalice):
                         arguments["body"] = api_request.body(body)
                     if query is not None:
                         arguments["query"] = api_request.query(query)
+                    else:
+                        api_request.query(_NoQuery)  # any parameter is unknown: a 400
                     result = view(api_request, **arguments)
                 except errors.ApiError:
                     raise

@@ -22,8 +22,8 @@ ERRORS: dict[int, tuple[str, str]] = {
     400: (
         "BadRequest",
         "VALIDATION_ERROR, with `details: [{field, message}]` naming every field refused "
-        "(dotted camelCase paths; unknown fields too); or BAD_REQUEST (a missing or malformed "
-        "JSON body)",
+        "(dotted camelCase paths; unknown fields too, and on every route unknown query "
+        "parameters); or BAD_REQUEST (a missing or malformed JSON body)",
     ),
     401: ("Unauthorized", "UNAUTHORIZED: no, expired, revoked or invalid credentials"),
     403: ("Forbidden", "FORBIDDEN: the caller may not do this (e.g. not the agent's owner)"),
@@ -65,11 +65,10 @@ RESPONSE_HEADERS = {"X-Request-Id": {"$ref": "#/components/headers/RequestId"}}
 def error_statuses(spec: EndpointSpec) -> list[int]:
     """Every error status an operation can answer: those of every route, those its
     declarations imply, and those its view raises itself (`raises`)."""
-    statuses = {415, 500}  # any route: a non-JSON Content-Type; a bug
+    statuses = {400, 415, 500}  # any route: an unknown query parameter; a non-JSON
+    # Content-Type; a bug
     if not spec.raw:
         statuses.add(503)  # Postgres (or Redis, S3) away
-    if spec.body is not None or spec.query is not None or spec.headers:
-        statuses.add(400)
     if spec.body is not None:
         statuses.add(413)
     if not spec.public:

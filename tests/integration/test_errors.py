@@ -102,6 +102,24 @@ def test_a_snake_case_key_is_an_unknown_field(user: Api, path: str, body: Any, f
     assert field in {d["field"] for d in response.json()["error"]["details"]}
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "fields"),
+    [
+        ("GET", "/stats?window=24h", ["window"]),
+        ("GET", "/auth/me?fields=email&verbose=1", ["fields", "verbose"]),
+        ("GET", "/health?verbose=1", ["verbose"]),
+        ("POST", "/auth/logout-all?everywhere=1", ["everywhere"]),
+    ],
+)
+def test_a_query_parameter_of_a_route_that_reads_none_is_an_unknown_field(
+    user: Api, method: str, path: str, fields: list[str]
+) -> None:
+    """A route with no query model never read its query string: a typo'd or unsupported
+    filter was silently ignored (/stats answered its usual window)."""
+    error = error_of(user.request(method, path), 400, "VALIDATION_ERROR")
+    assert error["details"] == [{"field": f, "message": "unknown field"} for f in fields]
+
+
 def test_wrong_content_type_is_415_with_the_envelope(api: Api) -> None:
     body = json.dumps({"email": unique_email(), "password": "password-1"})
     response = post_raw(api, "/auth/login", body, {"Content-Type": "text/plain"})
