@@ -63,8 +63,9 @@ def error_body(error: errors.ApiError, request_id: str) -> dict[str, Any]:
     return {"success": False, "error": detail}
 
 
-def validation_details(exc: pydantic.ValidationError) -> list[dict[str, str]]:
-    """Pydantic errors as `[{field, message}]` with dotted camelCase paths."""
+def validation_details(exc: pydantic.ValidationError, source: str = "body") -> list[dict[str, str]]:
+    """Pydantic errors as `[{field, message}]` with dotted camelCase paths; an error of the
+    whole input is named by its `source` ("body", "query"), a key by itself (`""` too)."""
     details = []
     for item in exc.errors(include_url=False, include_input=False):
         loc = [str(part) for part in item["loc"]]
@@ -76,16 +77,17 @@ def validation_details(exc: pydantic.ValidationError) -> list[dict[str, str]]:
             message = str(item["msg"]).removeprefix("Value error, ")  # our validators' words
         else:
             message = item["msg"]
-        details.append({"field": ".".join(loc) or "body", "message": message})
+        details.append({"field": ".".join(loc) if loc else source, "message": message})
     return details
 
 
-def validate(model: type[M], data: Any) -> M:
-    """Validate `data` against `model`, raising VALIDATION_ERROR with field details."""
+def validate(model: type[M], data: Any, source: str = "body") -> M:
+    """Validate `data` (read from the request's `source`) against `model`, raising
+    VALIDATION_ERROR with field details."""
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as exc:
-        details = validation_details(exc)
+        details = validation_details(exc, source)
         fields = ", ".join(d["field"] for d in details[:5])
         raise errors.ValidationError(f"Invalid request: {fields}", details) from None
 
@@ -134,7 +136,7 @@ class ApiRequest:
 
     def query(self, model: type[M]) -> M:
         params = dict(self._request.query_params or {})
-        return validate(model, params)
+        return validate(model, params, "query")
 
     @property
     def source_ip(self) -> str | None:

@@ -120,6 +120,11 @@ def test_a_query_parameter_of_a_route_that_reads_none_is_an_unknown_field(
     assert error["details"] == [{"field": f, "message": "unknown field"} for f in fields]
 
 
+def test_an_unknown_empty_query_parameter_is_named_as_itself_not_as_the_body(user: Api) -> None:
+    error = error_of(user.get("/workflows?=x"), 400, "VALIDATION_ERROR")
+    assert error["details"] == [{"field": "", "message": "unknown field"}]
+
+
 def test_wrong_content_type_is_415_with_the_envelope(api: Api) -> None:
     body = json.dumps({"email": unique_email(), "password": "password-1"})
     response = post_raw(api, "/auth/login", body, {"Content-Type": "text/plain"})

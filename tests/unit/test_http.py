@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from chalicelib.core import errors
-from chalicelib.core.api import ApiModel
+from chalicelib.core.api import ApiModel, PageQuery
 from chalicelib.core.encoding import dumps
 from chalicelib.http import error_body, validate
 
@@ -54,6 +54,21 @@ def test_an_unknown_field_is_named() -> None:
 def test_a_nested_field_is_named_with_a_dotted_path() -> None:
     fields = [d["field"] for d in details_of({"displayName": "Ada", "inner": {}})]
     assert fields == ["inner.label"]
+
+
+def test_an_empty_key_is_named_as_itself_not_as_the_whole_body() -> None:
+    """`?=x` (or `{"": 1}`) was reported as field "body": the request body as a whole."""
+    with pytest.raises(errors.ValidationError) as caught:
+        validate(PageQuery, {"": "x"}, "query")
+    assert caught.value.details == [{"field": "", "message": "unknown field"}]
+    assert details_of({"displayName": "Ada", "": 1}) == [{"field": "", "message": "unknown field"}]
+
+
+def test_an_error_of_the_whole_input_is_named_by_where_it_came_from() -> None:
+    assert [d["field"] for d in details_of([])] == ["body"]
+    with pytest.raises(errors.ValidationError) as caught:
+        validate(PageQuery, [], "query")
+    assert [d["field"] for d in caught.value.details] == ["query"]
 
 
 def test_validation_errors_do_not_echo_the_input() -> None:
