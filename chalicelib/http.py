@@ -116,7 +116,10 @@ class ApiRequest:
             raise errors.BadRequest("Request body is required")
         limit = get_settings().max_json_depth
         try:
-            data = json.loads(raw, parse_constant=_not_json)
+            # UTF-8 alone (RFC 8259 8.1), its BOM tolerated: json.loads of bytes would also
+            # take UTF-16 and UTF-32.
+            text = raw.decode("utf-8-sig") if isinstance(raw, bytes) else raw
+            data = json.loads(text, parse_constant=_not_json)
             too_deep = json_depth(data) > limit
         except (ValueError, UnicodeDecodeError):
             raise errors.BadRequest("Request body is not valid JSON") from None

@@ -54,6 +54,20 @@ def test_a_body_that_is_not_utf8_is_400_bad_request(api: Api) -> None:
     error_of(post_raw(api, "/auth/login", b'{"email": "\xff"}', JSON), 400, "BAD_REQUEST")
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32", "utf-32-be"])
+def test_a_utf16_or_utf32_body_is_400_like_any_body_not_utf8(api: Api, encoding: str) -> None:
+    """json.loads of bytes guesses UTF-16 and UTF-32 and read them; bodies are UTF-8."""
+    body = json.dumps({"email": unique_email(), "password": "password-1", "name": "Ada"})
+    response = post_raw(api, "/auth/register", body.encode(encoding), JSON)
+    error_of(response, 400, "BAD_REQUEST")
+
+
+def test_a_utf8_body_with_a_byte_order_mark_is_read(api: Api) -> None:
+    body = json.dumps({"email": unique_email(), "password": "password-1", "name": "Ada"})
+    response = post_raw(api, "/auth/register", body.encode("utf-8-sig"), JSON)
+    assert response.status_code == 201, response.text
+
+
 def test_an_empty_body_is_400_bad_request(api: Api) -> None:
     error_of(post_raw(api, "/auth/login", b"", JSON), 400, "BAD_REQUEST")
 
