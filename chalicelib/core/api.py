@@ -3,6 +3,7 @@ and an answer with a status (the HTTP adapter makes the envelope of it)."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -71,18 +72,33 @@ def _number_only(value: Any) -> Any:
 
 
 # An integer of a JSON body: a number with no fractional part (3, 3.0), never a boolean or
-# a string. Query parameters (PageQuery) arrive as strings and keep plain `int`. The
+# a string. Query parameters arrive as strings: QueryInteger, below, reads them. The
 # optional one validates `int | None` as a whole: `JsonInteger | None` would hide a Field's
 # bounds from the OpenAPI schema.
 JsonInteger = Annotated[int, BeforeValidator(_number_only)]
 OptionalJsonInteger = Annotated[int | None, BeforeValidator(_number_only)]
 
 
+_PLAIN_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def _plain_integer(value: Any) -> Any:
+    # Pydantic's lax mode reads "10_0" as 100 and " 10" or "+5" as 10 and 5: a typo, or
+    # not an integer as `type: integer` means it. A minus sign stays, for the bound's words.
+    if isinstance(value, str) and not _PLAIN_INTEGER.fullmatch(value):
+        raise PydanticCustomError("int_parsing", "Input should be a valid integer")
+    return value
+
+
+# An integer of a query string: ASCII digits alone, an optional minus sign before them.
+QueryInteger = Annotated[int, BeforeValidator(_plain_integer)]
+
+
 class PageQuery(ApiModel):
     """`?page=&limit=` of every list; subclasses add their filters."""
 
-    page: int = Field(default=1, ge=1, le=100_000)
-    limit: int = Field(default=20, ge=1, le=100)
+    page: QueryInteger = Field(default=1, ge=1, le=100_000)
+    limit: QueryInteger = Field(default=20, ge=1, le=100)
 
     @property
     def offset(self) -> int:
