@@ -228,6 +228,7 @@ class MaofApp(Chalice):
                 request = self.current_request
                 assert request is not None
                 request_id = _request_id(request)
+                _check_json_content_type(request.headers.get("content-type"))
                 try:
                     # Inside: checking the token reads the session from the database.
                     token = request.headers.get("authorization")
@@ -362,6 +363,18 @@ def _envelope_chalice_error(response: Response, request_id: str) -> Response:
     for name, value in response.headers.items():
         enveloped.headers.setdefault(name, value)
     return enveloped
+
+
+def _check_json_content_type(content_type: str | None) -> None:
+    """A request's Content-Type is application/json (parameters aside) or absent.
+
+    Chalice's own check (`content_types=`) takes a header naming application/json anywhere
+    in it, or `*/*`: `text/plain;application/json`, which a browser sends cross-origin
+    without asking first, would be read as JSON."""
+    if content_type is None:
+        return
+    if content_type.split(";", 1)[0].strip().lower() != "application/json":
+        raise errors.UnsupportedMediaType(f"Unsupported media type: {content_type}")
 
 
 def cors_origin() -> str:

@@ -145,6 +145,18 @@ def test_wrong_content_type_is_415_with_the_envelope(api: Api) -> None:
     error_of(response, 415, "UNSUPPORTED_MEDIA_TYPE")
 
 
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain;application/json", "*/*", "text/html, application/json"],
+)
+def test_a_content_type_that_only_mentions_json_is_415(api: Api, content_type: str) -> None:
+    """Chalice's check took application/json anywhere in the header, or */*: a browser sends
+    `text/plain;application/json` cross-origin without a preflight, and it was read as JSON."""
+    body = json.dumps({"email": unique_email(), "password": "password-1", "name": "Ada"})
+    response = post_raw(api, "/auth/register", body, {"Content-Type": content_type})
+    error_of(response, 415, "UNSUPPORTED_MEDIA_TYPE")
+
+
 def test_json_with_a_charset_is_accepted(api: Api) -> None:
     body = json.dumps({"email": unique_email(), "password": "password-1", "name": "Ada"})
     response = post_raw(
