@@ -16,7 +16,7 @@ from chalicelib.config import get_settings
 from chalicelib.core import errors
 
 # The Alembic revision this code expects; tests check it is the migrations' head.
-SCHEMA_REVISION = "0012_stages_on_agent"
+SCHEMA_REVISION = "0013_waiting_runs"
 
 
 def _psycopg_url(url: str) -> str:

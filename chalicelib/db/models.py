@@ -221,10 +221,14 @@ class StageExecution(Base):
             "'skipped', 'cancelled')",
             name="stage_executions_status",
         ),
+        # A freed slot finds the runs waiting for its agent's capabilities, then each
+        # run's first stage in line, without reading every waiting stage.
         Index(
-            "stage_executions_waiting",
+            "stage_executions_waiting_runs",
             "capability",
+            "run_id",
             "parked_at",
+            "id",
             postgresql_where=text("status = 'waiting'"),
         ),
         # The sweeper looks for stages stuck in 'queued' or with an expired lease.
@@ -245,6 +249,13 @@ class StageExecution(Base):
         Index(
             "stage_executions_on_agent",
             "agent_uuid",
+            postgresql_where=text("status = 'in_progress'"),
+        ),
+        # Then to the run with the fewest stages in progress (the one releasing aside).
+        Index(
+            "stage_executions_in_progress_runs",
+            "run_id",
+            "claim_token",
             postgresql_where=text("status = 'in_progress'"),
         ),
     )

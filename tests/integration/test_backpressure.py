@@ -31,6 +31,7 @@ from tests.integration.conftest import (
     wait_for_run,
     wait_until,
 )
+from tests.integration.test_delivery import submit_direct
 from tests.integration.test_redis_down import redis_unreachable
 
 
@@ -598,6 +599,75 @@ def test_the_stage_handing_its_slot_on_is_counted_for_no_one(
                 client.post(f"/workflows/{refs[name]}/cancel")
         for slot in held:
             selection.release(selection.AgentChoice(agent["agentUuid"], "", "", "", 2, slot=slot))
+
+
+def _stage_rows_read_by_a_release(agent_uuid: str) -> int:
+    """The stage rows next_waiting's query reads (EXPLAIN ANALYZE), kept or filtered out."""
+    from chalicelib.engine import stages
+
+    def read(plan: dict[str, Any]) -> int:
+        rows = 0
+        if plan.get("Relation Name") == "stage_executions":
+            kept = plan["Actual Rows"] + plan.get("Rows Removed by Filter", 0)
+            rows = (kept + plan.get("Rows Removed by Index Recheck", 0)) * plan["Actual Loops"]
+        return rows + sum(read(child) for child in plan.get("Plans", []))
+
+    explain = "EXPLAIN (ANALYZE, FORMAT JSON) " + stages._NEXT_WAITING_SQL.format(limit=1)
+    with session_scope() as session:
+        params = {"agent_uuid": uuid.UUID(agent_uuid), "releasing": None}
+        [plan] = session.execute(text(explain), params).scalar_one()
+    return read(plan["Plan"])
+
+
+def test_a_release_reads_each_waiting_runs_head_not_every_waiting_stage(
+    user: Api, sent: Any
+) -> None:
+    """A freed slot picks among the heads of the runs waiting for its agent: what it reads
+    does not grow with the stages each run has waiting (it read and sorted every waiting
+    stage: 205 ms behind one user's 25,000; the quota allows 50,000). A run's head is its
+    stage that first began to wait among those of any of the agent's capabilities."""
+    from chalicelib.engine import stages
+
+    first, second = unique_capability("heads-a"), unique_capability("heads-b")
+    agent = register_agent(user, first, capabilities=[first, second], maxConcurrentTasks=1)
+    held = selection._reserve(agent["agentUuid"], 1, time.time() + 60)
+    assert isinstance(held, str)  # the one slot taken: submissions wait
+    body = [
+        {"id": f"s{i}", "name": f"S{i}", "agentCapability": (first, second)[i % 2]}
+        for i in range(50)
+    ]
+    runs = [submit_direct(user, body) for _ in range(12)]
+    try:
+        with session_scope() as session:  # in line by run; in each run, s7 first
+            for age, run_id in enumerate(reversed(runs)):
+                session.execute(
+                    text(
+                        "UPDATE stage_executions SET status = 'waiting', parked_at = now() - "
+                        "make_interval(secs => :age * 100 + CASE WHEN stage_id = 's7' "
+                        "THEN 50 ELSE position END) WHERE run_id = :r"
+                    ),
+                    {"r": run_id, "age": age},
+                )
+            session.execute(text("ANALYZE stage_executions"))
+        assert stages.next_waiting(agent["agentUuid"], limit=12) == [(r, "s7") for r in runs]
+        behind_all = _stage_rows_read_by_a_release(agent["agentUuid"])
+        with session_scope() as session:  # the same runs with 2 stages waiting each, not 50
+            session.execute(
+                text(
+                    "UPDATE stage_executions SET status = 'pending' WHERE run_id = ANY(:runs) "
+                    "AND stage_id NOT IN ('s7', 's8')"
+                ),
+                {"runs": runs},
+            )
+        assert stages.next_waiting(agent["agentUuid"], limit=12) == [(r, "s7") for r in runs]
+        behind_two = _stage_rows_read_by_a_release(agent["agentUuid"])
+        assert behind_all <= behind_two + len(runs), (
+            f"{behind_all} stage rows read behind 50 waiting stages a run, {behind_two} behind 2"
+        )
+    finally:
+        for run_id in runs:
+            user.post(f"/workflows/wfr-{run_id}/cancel")
+        selection.release(selection.AgentChoice(agent["agentUuid"], "", "", "", 1, slot=held))
 
 
 def test_an_agent_never_gets_more_calls_at_once_than_its_slots(
