@@ -233,17 +233,55 @@ def _fail(session: Session, run: LockedRun, row: Any, expired: bool, times: int)
     record_failure(session, run, row.stage_id, row.stage_name, reason, row.agent_id, row.attempt)
 
 
+# Stages woken a round: those a slot may be free for, oldest first; then, of those waiting
+# past MAOF_SWEEP_BACKLOG_AFTER_SECONDS whatever the counts say, a smaller batch, each
+# user's oldest in turn (so one user's long backlog, behind their own full agents, never
+# takes the round from stages that can run, nor from another user's long waits).
 WAKE_LIMIT = 200
+LONG_WAIT_WAKE_LIMIT = 50
+
+# The stages woken from waiting, each locked first (SKIP LOCKED: a stage being claimed
+# meanwhile is left to its claim), `{chosen}` picking them.
+_WAKE_SQL = """
+    UPDATE stage_executions SET status = 'queued', queued_at = now()
+     WHERE id IN (SELECT s.id FROM stage_executions AS s
+                   WHERE s.status = 'waiting' AND s.id IN ({chosen})
+                     FOR UPDATE OF s SKIP LOCKED)
+ RETURNING run_id, stage_id
+"""
+_WAKE_WITH_ROOM = text(
+    _WAKE_SQL.format(
+        chosen="""
+        SELECT s.id FROM stage_executions AS s JOIN workflow_runs AS r ON r.id = s.run_id
+         WHERE s.status = 'waiting' AND s.queued_at <= now() - :grace
+           AND (s.capability, r.user_id) IN (
+               SELECT * FROM unnest(CAST(:capabilities AS text[]), CAST(:owners AS uuid[])))
+         ORDER BY s.parked_at LIMIT :limit"""
+    )
+)
+_WAKE_LONG_WAITING = text(
+    _WAKE_SQL.format(
+        chosen="""
+        SELECT id FROM (
+            SELECT s.id, s.parked_at,
+                   row_number() OVER (PARTITION BY r.user_id ORDER BY s.parked_at) AS turn
+              FROM stage_executions AS s JOIN workflow_runs AS r ON r.id = s.run_id
+             WHERE s.status = 'waiting' AND s.queued_at <= now() - :long_wait) AS due
+         ORDER BY turn, parked_at LIMIT :limit"""
+    )
+)
 
 
 def wake_waiting() -> dict[uuid.UUID, list[str]]:
     """Queue again the stages that have waited for a slot longer than the short grace,
-    where a slot may be free for them (may_have_room, for their run's owner), and any that
-    has waited longer than MAOF_SWEEP_BACKLOG_AFTER_SECONDS whatever the counts say (so a
-    wait the hand-offs cannot end, e.g. behind agents the stage already tried, still ends:
-    it looks afresh and fails, or waits again, counted). While every agent that may serve
-    a stage is full, each release hands its slot to the next of them: woken, they would
-    only go round the queue to wait again (and crowd out the stages that can run)."""
+    where a slot may be free for them (may_have_room, for their run's owner), up to
+    WAKE_LIMIT, oldest first; then up to LONG_WAIT_WAKE_LIMIT of those that have waited
+    longer than MAOF_SWEEP_BACKLOG_AFTER_SECONDS whatever the counts say, each user's
+    oldest in turn (so a wait the hand-offs cannot end, e.g. behind agents the stage
+    already tried, still ends: it looks afresh and fails, or waits again, counted). While
+    every agent that may serve a stage is full, each release hands its slot to the next of
+    them: woken, they would only go round the queue to wait again (and crowd out the
+    stages that can run)."""
     settings = get_settings()
     grace = timedelta(seconds=settings.sweep_queued_after_seconds)
     long_wait = timedelta(
@@ -262,31 +300,21 @@ def wake_waiting() -> dict[uuid.UUID, list[str]]:
         room = [
             (capability, owner) for capability, owner in room if may_have_room(capability, owner)
         ]
-        rows = session.execute(
-            text(
-                """
-                UPDATE stage_executions SET status = 'queued', queued_at = now()
-                 WHERE id IN (SELECT s.id FROM stage_executions AS s
-                                JOIN workflow_runs AS r ON r.id = s.run_id
-                               WHERE s.status = 'waiting' AND s.queued_at <= now() - :grace
-                                 AND (s.queued_at <= now() - :long_wait
-                                      OR (s.capability, r.user_id) IN (
-                                          SELECT * FROM unnest(CAST(:capabilities AS text[]),
-                                                               CAST(:owners AS uuid[]))))
-                               ORDER BY s.parked_at LIMIT :limit FOR UPDATE OF s SKIP LOCKED)
-             RETURNING run_id, stage_id
-                """
-            ),
+        with_room = session.execute(
+            _WAKE_WITH_ROOM,
             {
                 "grace": grace,
-                "long_wait": long_wait,
                 "limit": WAKE_LIMIT,
                 "capabilities": [capability for capability, _ in room],
                 "owners": [owner for _, owner in room],
             },
         ).all()
+        # Those just woken are queued now, and not picked again.
+        long_waiting = session.execute(
+            _WAKE_LONG_WAITING, {"long_wait": long_wait, "limit": LONG_WAIT_WAKE_LIMIT}
+        ).all()
     woken: dict[uuid.UUID, list[str]] = defaultdict(list)
-    for row in rows:
+    for row in [*with_room, *long_waiting]:
         woken[row.run_id].append(row.stage_id)
     return woken
 

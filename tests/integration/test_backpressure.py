@@ -409,6 +409,52 @@ def test_the_sweeper_leaves_a_stage_waiting_while_every_slot_is_taken(
     wait_until(lambda: _stage_status(user, parked) == "completed", timeout=20)
 
 
+def test_one_users_long_waiting_backlog_never_keeps_the_sweeper_from_others_stages(
+    user: Api, api: Api, sent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user's stages waiting for hours behind their own full agent, more than a sweep
+    round wakes, took every place in it (oldest first, those past
+    MAOF_SWEEP_BACKLOG_AFTER_SECONDS whatever the counts say): another user's stage whose
+    hand-off was lost, with its own agent's slots free, was never woken. The stages a slot
+    may be free for are woken first; the long waits in a smaller batch, each user's in turn."""
+    from chalicelib.core.api import parse_run_ref
+
+    monkeypatch.setattr(sweeper, "WAKE_LIMIT", 10)
+    monkeypatch.setattr(sweeper, "LONG_WAIT_WAKE_LIMIT", 5, raising=False)
+    hog_capability, their_capability = unique_capability("hog"), unique_capability("free")
+    full = [register_agent(user, hog_capability, maxConcurrentTasks=1)]
+    someone, another = api.as_new_user(), api.as_new_user()
+    register_agent(someone, their_capability, maxConcurrentTasks=5)  # every slot free
+    full.append(register_agent(another, hog_capability, maxConcurrentTasks=1))
+    held = [selection._reserve(agent["agentUuid"], 1, time.time() + 120) for agent in full]
+    assert all(isinstance(slot, str) for slot in held)  # both full agents' one slot taken
+    hog = [submit(user, hog_capability, stages=10) for _ in range(2)]
+    lost = submit(someone, their_capability)  # sent, not run: its hand-off lost, say
+    patient = submit(another, hog_capability)
+    try:
+        with session_scope() as session:
+            for refs, age in ((hog, 3 * 3600), ([patient], 2 * 3600), ([lost], 60)):
+                session.execute(
+                    text(
+                        "UPDATE stage_executions SET status = 'waiting', "
+                        "parked_at = now() - make_interval(secs => :age), "
+                        "queued_at = now() - make_interval(secs => :age) "
+                        "WHERE run_id = ANY(:runs)"
+                    ),
+                    {"runs": [parse_run_ref(ref) for ref in refs], "age": age},
+                )
+        woken = {run_id: len(stage_ids) for run_id, stage_ids in sweeper.wake_waiting().items()}
+        assert woken.get(parse_run_ref(lost)) == 1, "a stage with a slot free was left waiting"
+        assert woken.get(parse_run_ref(patient)) == 1, "another user's long wait was passed over"
+        assert sum(woken.get(parse_run_ref(ref), 0) for ref in hog) == 4  # the batch's rest
+    finally:
+        for client, refs in ((user, hog), (someone, [lost]), (another, [patient])):
+            for ref in refs:
+                client.post(f"/workflows/{ref}/cancel")
+        for agent, slot in zip(full, held, strict=True):
+            selection.release(selection.AgentChoice(agent["agentUuid"], "", "", "", 1, slot=slot))
+
+
 def test_another_users_full_private_agent_never_makes_a_stage_wait(
     user: Api, api: Api, poller: Any
 ) -> None:
