@@ -296,6 +296,51 @@ def may_have_room(capability: str, owner: uuid.UUID) -> bool:
     return False
 
 
+def may_have_room_each(pairs: list[tuple[str, uuid.UUID]]) -> list[bool]:
+    """may_have_room for each (capability, owner), in three Redis round trips at most in
+    all (the cached candidate lists, every agent's slots in use, the marks of those full),
+    not two or three per pair: the sweeper asks for every pair with a stage waiting
+    (thousands, for one user)."""
+    try:
+        pipe = cache.get_redis().pipeline(transaction=False)
+        for capability, owner in pairs:
+            pipe.get(capability_cache_key(capability, owner))
+            pipe.get(capability_generation_key(capability))
+        values = pipe.execute()
+    except redis.RedisError:
+        return [True] * len(pairs)  # capacity is not enforced without Redis
+    listed: list[list[dict[str, Any]]] = []
+    for i, (capability, owner) in enumerate(pairs):
+        generation = int(values[2 * i + 1] or 0)
+        entry = json.loads(str(values[2 * i])) if values[2 * i] is not None else None
+        found = cached_candidates(entry, generation)
+        if found is None:
+            found = candidates_uncached(capability, owner, generation)  # read Postgres, and cache
+        listed.append([a for a in found if serves(a, owner)])
+    uuids = sorted({a["agentUuid"] for agents in listed for a in agents})
+    try:
+        pipe = cache.get_redis().pipeline(transaction=False)
+        now = time.time()
+        for agent_uuid in uuids:
+            pipe.zcount(_slots_key(agent_uuid), now, "+inf")
+        in_use = dict(zip(uuids, (int(n) for n in pipe.execute()), strict=True))
+    except redis.RedisError:
+        return [True] * len(pairs)
+    room = [
+        not agents or any(in_use[a["agentUuid"]] < a["maxConcurrentTasks"] for a in agents)
+        for agents in listed
+    ]
+    waited_for = {
+        a["agentUuid"]
+        for agents, free in zip(listed, room, strict=True)
+        if not free
+        for a in agents
+    }
+    if waited_for:
+        mark_waited_for(sorted(waited_for))
+    return room
+
+
 def _choice(agent: dict[str, Any], slot: str | None) -> AgentChoice:
     return AgentChoice(
         agent_uuid=agent["agentUuid"],

@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session
 
 from chalicelib import observability
 from chalicelib.agents.candidates import unshare_former_admins
-from chalicelib.agents.selection import may_have_room
+from chalicelib.agents.selection import may_have_room_each
 from chalicelib.audit import chain
 from chalicelib.aws import aws_client, stage_queue_url
 from chalicelib.config import get_settings
@@ -274,7 +274,7 @@ _WAKE_LONG_WAITING = text(
 
 def wake_waiting() -> dict[uuid.UUID, list[str]]:
     """Queue again the stages that have waited for a slot longer than the short grace,
-    where a slot may be free for them (may_have_room, for their run's owner), up to
+    where a slot may be free for them (may_have_room_each, for their run's owner), up to
     WAKE_LIMIT, oldest first; then up to LONG_WAIT_WAKE_LIMIT of those that have waited
     longer than MAOF_SWEEP_BACKLOG_AFTER_SECONDS whatever the counts say, each user's
     oldest in turn (so a wait the hand-offs cannot end, e.g. behind agents the stage
@@ -296,10 +296,8 @@ def wake_waiting() -> dict[uuid.UUID, list[str]]:
             ),
             {"grace": grace},
         ).all()
-        room = [(row.capability, row.user_id) for row in waited]
-        room = [
-            (capability, owner) for capability, owner in room if may_have_room(capability, owner)
-        ]
+        pairs = [(row.capability, row.user_id) for row in waited]
+        room = [pair for pair, free in zip(pairs, may_have_room_each(pairs), strict=True) if free]
         with_room = session.execute(
             _WAKE_WITH_ROOM,
             {
