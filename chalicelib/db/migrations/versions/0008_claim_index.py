@@ -10,6 +10,8 @@ Revises: 0007_signed_audit
 import sqlalchemy as sa
 from alembic import op
 
+from chalicelib.db.indexes import create_index_concurrently
+
 revision = "0008_claim_index"
 down_revision = "0007_signed_audit"
 branch_labels = None
@@ -18,12 +20,11 @@ depends_on = None
 
 def upgrade() -> None:
     with op.get_context().autocommit_block():
-        op.create_index(
+        create_index_concurrently(
             "stage_executions_claims",
             "stage_executions",
             ["claim_token"],
             postgresql_where=sa.text("status = 'in_progress'"),
-            postgresql_concurrently=True,
         )
 
 

@@ -9,6 +9,8 @@ Revises: 0008_claim_index
 import sqlalchemy as sa
 from alembic import op
 
+from chalicelib.db.indexes import create_index_concurrently
+
 revision = "0009_agent_id_per_owner"
 down_revision = "0008_claim_index"
 branch_labels = None
@@ -19,27 +21,30 @@ LIVE = sa.text("deleted_at IS NULL")
 
 def upgrade() -> None:
     with op.get_context().autocommit_block():
-        op.create_index(
+        create_index_concurrently(
             "agents_owner_agent_id_live",
             "agents",
             ["owner_id", "agent_id"],
             unique=True,
             postgresql_where=LIVE,
-            postgresql_concurrently=True,
         )
-        op.drop_index("agents_agent_id_live", table_name="agents", postgresql_concurrently=True)
+        op.drop_index(
+            "agents_agent_id_live",
+            table_name="agents",
+            postgresql_concurrently=True,
+            if_exists=True,
+        )
 
 
 def downgrade() -> None:
     # Fails, as it should, once two accounts hold the same agentId.
     with op.get_context().autocommit_block():
-        op.create_index(
+        create_index_concurrently(
             "agents_agent_id_live",
             "agents",
             ["agent_id"],
             unique=True,
             postgresql_where=LIVE,
-            postgresql_concurrently=True,
         )
         op.drop_index(
             "agents_owner_agent_id_live", table_name="agents", postgresql_concurrently=True

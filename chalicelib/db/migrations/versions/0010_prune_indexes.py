@@ -7,6 +7,8 @@ Revises: 0009_agent_id_per_owner
 
 from alembic import op
 
+from chalicelib.db.indexes import create_index_concurrently
+
 revision = "0010_prune_indexes"
 down_revision = "0009_agent_id_per_owner"
 branch_labels = None
@@ -15,17 +17,15 @@ depends_on = None
 
 def upgrade() -> None:
     with op.get_context().autocommit_block():
-        op.create_index(
+        create_index_concurrently(
             "submission_keys_created_at",
             "submission_keys",
             ["created_at"],
-            postgresql_concurrently=True,
         )
-        op.create_index(
+        create_index_concurrently(
             "auth_sessions_expires_at",
             "auth_sessions",
             ["expires_at"],
-            postgresql_concurrently=True,
         )
 
 

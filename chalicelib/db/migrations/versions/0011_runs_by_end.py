@@ -9,6 +9,8 @@ Revises: 0010_prune_indexes
 from alembic import op
 from sqlalchemy import text
 
+from chalicelib.db.indexes import create_index_concurrently
+
 revision = "0011_runs_by_end"
 down_revision = "0010_prune_indexes"
 branch_labels = None
@@ -17,12 +19,11 @@ depends_on = None
 
 def upgrade() -> None:
     with op.get_context().autocommit_block():
-        op.create_index(
+        create_index_concurrently(
             "workflow_runs_user_completed",
             "workflow_runs",
             ["user_id", "completed_at"],
             postgresql_where=text("completed_at IS NOT NULL"),
-            postgresql_concurrently=True,
         )
 
 

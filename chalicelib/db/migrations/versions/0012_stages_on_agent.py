@@ -11,6 +11,8 @@ Revises: 0011_runs_by_end
 import sqlalchemy as sa
 from alembic import op
 
+from chalicelib.db.indexes import create_index_concurrently
+
 revision = "0012_stages_on_agent"
 down_revision = "0011_runs_by_end"
 branch_labels = None
@@ -19,12 +21,11 @@ depends_on = None
 
 def upgrade() -> None:
     with op.get_context().autocommit_block():
-        op.create_index(
+        create_index_concurrently(
             "stage_executions_on_agent",
             "stage_executions",
             ["agent_uuid"],
             postgresql_where=sa.text("status = 'in_progress'"),
-            postgresql_concurrently=True,
         )
 
 
