@@ -22,7 +22,8 @@ The rules (version 2 entries):
   (RFC 6962 §2.1), and the checkpoint's signed head carries the root (`rootHash`) and is
   hashed and signed by the entry rule.
 Entries written before signing existed (`version` 1) chain as sha256(prevHash + sorted-key
-JSON of the old document); they carry no signature and are reported as legacy: the API
+JSON of the old document), their outputHash is the SHA-256 of the same sorted-key JSON of
+the output (legacy_value_hash); they carry no signature and are reported as legacy: the API
 accepts them before signed ones, a bundle only with `allow_legacy` (`--allow-legacy`), and
 either only if logged before signing began (the keys' earliest `createdAt`, plus an hour).
 A bundle must also carry every output its entries record, and its `run` summary must agree
@@ -95,6 +96,13 @@ def sha256_hex(data: bytes) -> str:
 def value_hash(value: Any) -> str:
     """inputHash / outputHash: SHA-256 of the value's canonical JSON."""
     return sha256_hex(jcs(value))
+
+
+def legacy_value_hash(value: Any) -> str:
+    """A version 1 entry's inputHash / outputHash: SHA-256 of the sorted-key, compact, UTF-8
+    JSON of the value as Python's json.dumps wrote it (1.0 stays `1.0`; JCS writes `1`)."""
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return sha256_hex(canonical.encode("utf-8"))
 
 
 def object_hash(document: Mapping[str, Any]) -> str:
@@ -448,7 +456,7 @@ def verify_outputs(
     entries: Sequence[Mapping[str, Any]], outputs: Iterable[Mapping[str, Any]], report: Report
 ) -> Report:
     """Each stored output (a stage's, or the run's with stageId None) against the
-    outputHash of the entry (`seq`) that recorded it."""
+    outputHash of the entry (`seq`) that recorded it, by that entry's version's rule."""
     by_seq = {
         position: entry for position, entry in enumerate(entries, 1) if entry.get("seq") == position
     }
@@ -463,7 +471,8 @@ def verify_outputs(
             report.problems.append(Problem(seq, f"does not record the output of {what}"))
             continue
         try:
-            digest = value_hash(item.get("output"))
+            legacy = entry.get("version", LEGACY_VERSION) == LEGACY_VERSION
+            digest = (legacy_value_hash if legacy else value_hash)(item.get("output"))
         except MALFORMED as exc:
             report.problems.append(
                 Problem(seq, f"the stored output of {what} has no canonical JSON ({exc})")

@@ -151,13 +151,28 @@ def rewrite_as_owner(run_ref: str, change: Any, from_seq: int = 1, drop_last: bo
 def rewrite_unsigned(run_ref: str, change: Any, logged_at: datetime | None = None) -> None:
     """What the owner's role can do WITHOUT the signing key: change a run's entries and
     write the whole trail back as legacy (version 1, unsigned) entries chained by the old
-    rule; `logged_at`: the time the first one is stamped with (the rest a second apart)."""
+    rule, their outputHash too; `logged_at`: the time the first one is stamped with (the rest
+    a second apart)."""
     run_id, entries = stored_entries(run_ref)
     with owner_connection() as conn:
+        stored = [
+            *conn.execute(
+                text(
+                    "SELECT output FROM stage_executions WHERE run_id = :r AND output IS NOT NULL"
+                ),
+                {"r": run_id},
+            ).scalars(),
+            *conn.execute(
+                text("SELECT output FROM workflow_runs WHERE id = :r AND output IS NOT NULL"),
+                {"r": run_id},
+            ).scalars(),
+        ]
+        legacy_hashes = {rules.value_hash(o): rules.legacy_value_hash(o) for o in stored}
         conn.execute(text("ALTER TABLE execution_logs DISABLE TRIGGER USER"))
         prev = chain.GENESIS
         for entry in entries:
             change(entry)
+            entry.output_hash = legacy_hashes.get(entry.output_hash, entry.output_hash)
             if logged_at is not None:
                 entry.logged_at = logged_at + timedelta(seconds=entry.seq)
             entry.entry_hash = chain.entry_hash(prev, chain.entry_document(entry))
@@ -165,11 +180,13 @@ def rewrite_unsigned(run_ref: str, change: Any, logged_at: datetime | None = Non
                 text(
                     "UPDATE execution_logs SET agent_id = :agent_id, details = "
                     "CAST(:details AS jsonb), logged_at = :logged_at, prev_hash = :prev, "
-                    "entry_hash = :hash, version = 1, kid = NULL, signature = NULL "
+                    "entry_hash = :hash, version = 1, kid = NULL, signature = NULL, "
+                    "output_hash = :output_hash "
                     "WHERE run_id = :r AND seq = :s"
                 ),
                 {
                     "agent_id": entry.agent_id,
+                    "output_hash": entry.output_hash,
                     "details": json.dumps(entry.details),
                     "logged_at": entry.logged_at,
                     "prev": prev,

@@ -493,3 +493,38 @@ def test_an_output_the_entries_record_cannot_be_dropped_from_a_bundle(tmp_path):
         {"seq": 3, "action": "discard", "status": "cancelled", "stageId": "a", "outputHash": "h"},
     ]
     assert rules.recorded_outputs(discarded) == {}
+
+
+def test_legacy_entries_outputs_verify_by_the_old_rule_and_signed_ones_by_jcs(tmp_path):
+    """Before 0007 outputHash was taken over json.dumps(sort_keys, compact, UTF-8): 1.0
+    stays `1.0` there, and JCS writes `1`, so the two rules give different hashes."""
+    output = {"score": 1.0, "label": "é"}
+    assert rules.legacy_value_hash(output) != rules.value_hash(output)
+    old = hashlib.sha256('{"label":"é","score":1.0}'.encode()).hexdigest()
+    assert rules.legacy_value_hash(output) == old
+
+    def run_of(signer: audit_keys.Signer | None, digest: str) -> dict[str, Any]:
+        steps = [
+            COMPLETED_RUN[0],
+            COMPLETED_RUN[1] | {"outputHash": digest},
+            COMPLETED_RUN[2] | {"outputHash": digest},
+        ]
+        bundle = bundle_of(entries_of(steps, signer), [])
+        for item in bundle["outputs"]:
+            item["output"] = output
+        return bundle
+
+    trusted = audit_keys.ring_of(audit_keys.new_key_set())
+    legacy = run_of(None, old)
+    report = rules.verify_bundle(legacy, trusted.public, allow_legacy=True)
+    assert report.valid and report.outputs_checked == 2, reasons(report)
+    status, printed = run_command(tmp_path, legacy, "--allow-legacy", keys=trusted.public)
+    assert status == 0, printed
+    report = rules.verify_bundle(
+        run_of(None, rules.value_hash(output)), trusted.public, allow_legacy=True
+    )
+    assert "does not match its outputHash" in reasons(report)
+    signed = run_of(trusted.signer, rules.value_hash(output))
+    assert rules.verify_bundle(signed, trusted.public).valid
+    report = rules.verify_bundle(run_of(trusted.signer, old), trusted.public)
+    assert "does not match its outputHash" in reasons(report)
