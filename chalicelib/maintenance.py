@@ -17,12 +17,14 @@ def handler(event: Any = None) -> dict[str, Any]:
     re-encrypt the agent tokens and callback secrets (`make rotate-key`; the action keeps
     its first name).
 
-    Returns the revision before and after (or the secrets rewritten); any failure raises, so
+    Returns the revision before and after (or the secrets rewritten, and those no key can
+    read, which are skipped: `{"reencrypted", "unreadable"}`); any failure raises, so
     the invocation reports a FunctionError and the make target stops with its message.
     """
     action = event.get("action") if isinstance(event, dict) else None
     if action == REENCRYPT:
-        return {"reencrypted": reencrypt_all()}
+        done = reencrypt_all()
+        return {"reencrypted": done.rewritten, "unreadable": done.unreadable}
     if action is not None:
         raise ValueError(f"unknown action {action!r}")
 

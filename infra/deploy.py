@@ -220,8 +220,16 @@ def rotate(stage: Stage, command: str, key: str) -> None:
     recycle_functions(stage.client("lambda"), functions, time.strftime("%Y-%m-%dT%H:%M:%SZ"))
     say(f"functions recycled: {', '.join(functions) or 'none'}")
     if command == "rotate-key" and key == "secret-key":
-        reencrypted = stage.migrate({"action": REENCRYPT})["reencrypted"]
-        say(f"agent tokens and callback secrets re-encrypted with the new key: {reencrypted}")
+        answer = stage.migrate({"action": REENCRYPT})
+        say(
+            "agent tokens and callback secrets re-encrypted with the new key: "
+            f"{answer['reencrypted']}"
+        )
+        if answer.get("unreadable"):
+            say(
+                f"{answer['unreadable']} secrets no key can read were left as they are "
+                "(the migrate function's log names them)"
+            )
 
 
 def destroy(

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -20,6 +21,7 @@ from chalicelib.agents.candidates import invalidate_capability
 from chalicelib.config import ConfigError, get_settings
 from chalicelib.db import session_scope
 from chalicelib.db.models import Agent, WorkflowRun
+from chalicelib.logs import logger
 
 
 def _fernet_of(secret: str) -> Fernet:
@@ -52,27 +54,40 @@ def decrypt_token(ciphertext: str) -> str:
 BATCH = 200
 
 
-def reencrypt_all() -> int:
+@dataclass(frozen=True)
+class Reencryption:
+    """What a re-encryption pass did: secrets moved to the current key, and secrets no
+    configured key can read (left as they are; each is logged by table and id)."""
+
+    rewritten: int = 0
+    unreadable: int = 0
+
+    def __add__(self, other: Reencryption) -> Reencryption:
+        return Reencryption(self.rewritten + other.rewritten, self.unreadable + other.unreadable)
+
+
+def reencrypt_all() -> Reencryption:
     """Re-encrypt every stored secret with the current key: agents' tokens (deleted agents'
     too: their rows keep a token), retiring the cached candidate lists that still hold the
     old ciphertexts, and runs' callback secrets (a pending callback, or one a retry re-arms,
     is signed with its secret long after the run was submitted). Safe to run while MAOF
     serves: each batch is one transaction and a secret is readable under either key
-    throughout. Returns how many were rewritten."""
+    throughout. A secret no key reads (its key already dropped) is skipped, counted and
+    logged, so it does not keep every later one on the old key."""
     capabilities: set[str] = set()
-    rewritten = _reencrypt(
+    agents = _reencrypt(
         Agent, "auth_token_encrypted", lambda agent: capabilities.update(agent.capabilities)
     )
     for capability in capabilities:
         invalidate_capability(capability)
-    return rewritten + _reencrypt(WorkflowRun, "callback_secret_encrypted")
+    return agents + _reencrypt(WorkflowRun, "callback_secret_encrypted")
 
 
-def _reencrypt(model: Any, column: str, moved: Callable[[Any], object] = bool) -> int:
+def _reencrypt(model: Any, column: str, moved: Callable[[Any], object] = bool) -> Reencryption:
     """Move `column` of every row of `model` that the current key cannot read to it, in
     batches by id; `moved(row)` for each row rewritten."""
     fernet, current = _fernet(), _fernet_of(get_settings().secret_key)
-    rewritten, after = 0, None
+    rewritten, unreadable, after = 0, 0, None
     while True:
         with session_scope() as session:
             query = select(model).where(getattr(model, column).is_not(None))
@@ -84,11 +99,21 @@ def _reencrypt(model: Any, column: str, moved: Callable[[Any], object] = bool) -
                 secret = getattr(row, column).encode("ascii")
                 if _readable(current, secret):
                     continue  # already under the current key
-                setattr(row, column, fernet.rotate(secret).decode("ascii"))
+                try:
+                    rotated = fernet.rotate(secret)
+                except InvalidToken:
+                    # Its key is gone: nothing can read it, and moving the rest matters more.
+                    unreadable += 1
+                    logger.warning(
+                        "secret unreadable with every configured key; left as it is",
+                        extra={"table": model.__tablename__, "column": column, "id": str(row.id)},
+                    )
+                    continue
+                setattr(row, column, rotated.decode("ascii"))
                 moved(row)
                 rewritten += 1
         if len(rows) < BATCH:
-            return rewritten
+            return Reencryption(rewritten, unreadable)
         after = rows[-1].id
 
 
@@ -104,10 +129,17 @@ def main(argv: list[str]) -> int:
     if argv != ["reencrypt"]:
         print("usage: python -m chalicelib.agents.secrets reencrypt", file=sys.stderr)
         return 2
+    done = reencrypt_all()
     print(
-        f"maof: re-encrypted {reencrypt_all()} agent tokens and callback secrets "
+        f"maof: re-encrypted {done.rewritten} agent tokens and callback secrets "
         "with the current MAOF_SECRET_KEY"
     )
+    if done.unreadable:
+        print(
+            f"maof: {done.unreadable} secrets no configured key can read were left as they "
+            "are (their agents and callbacks fail until given new ones; the log names them)",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -167,6 +167,76 @@ def test_the_migrate_function_reencrypts_agent_tokens_on_request(user: Any) -> N
     register_agent(user, unique_capability())
     with Client(maof.app) as client:
         answer = client.lambda_.invoke("migrate", {"action": "reencrypt-agent-tokens"}).payload
-        assert answer == {"reencrypted": 0}, "every token is already under the current key"
+        assert answer == {"reencrypted": 0, "unreadable": 0}, (
+            "every token is already under the current key"
+        )
         with pytest.raises(ValueError, match="unknown action"):
             client.lambda_.invoke("migrate", {"action": "drop-everything"})
+
+
+def test_a_secret_no_key_reads_is_skipped_and_counted_and_the_rest_are_moved(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A token whose key was dropped before it was re-encrypted (InvalidToken) stopped the
+    whole pass, for good: every later secret stayed on the old key."""
+    import uuid
+
+    from sqlalchemy import text
+
+    import app as maof
+    from chalicelib.agents import secrets as stored
+    from chalicelib.auth.passwords import hash_password
+    from chalicelib.config import get_settings, reset_settings
+    from tests.integration.conftest import owner_connection
+
+    old_key, new_key, lost_key = get_settings().secret_key, "n" * 40, "l" * 40
+    owner = uuid.uuid4()
+    # Ids in this order: the unreadable token comes first in the pass.
+    lost = uuid.UUID(f"00000000-0000-4000-8000-{uuid.uuid4().int % 10**12:012d}")
+    kept = uuid.UUID(f"ffffffff-ffff-4fff-bfff-{uuid.uuid4().int % 10**12:012d}")
+    tokens = {
+        lost: stored._fernet_of(lost_key).encrypt(b"t1").decode(),
+        kept: stored._fernet_of(old_key).encrypt(b"t2").decode(),
+    }
+    with owner_connection() as conn:
+        conn.execute(
+            text("INSERT INTO users (id, email, password_hash, name) VALUES (:i, :e, :p, 'R')"),
+            {"i": owner, "e": f"re-{owner.hex[:8]}@example.com", "p": hash_password("x" * 10, 4)},
+        )
+        for agent, token in tokens.items():
+            conn.execute(
+                text(
+                    "INSERT INTO agents (id, agent_id, owner_id, name, endpoint, "
+                    "auth_token_encrypted, capabilities, deleted_at) VALUES (:i, :a, :o, 'R', "
+                    "'http://127.0.0.1:9/', :t, ARRAY['re-cap'], now())"
+                ),
+                {"i": agent, "a": f"re-{agent.hex[-8:]}", "o": owner, "t": token},
+            )
+    monkeypatch.setenv("MAOF_SECRET_KEY", new_key)
+    monkeypatch.setenv("MAOF_PREVIOUS_SECRET_KEYS", old_key)
+    reset_settings()
+    try:
+        with Client(maof.app) as client:
+            answer = client.lambda_.invoke("migrate", {"action": "reencrypt-agent-tokens"})
+        assert answer.payload["unreadable"] == 1, answer.payload
+        assert answer.payload["reencrypted"] >= 1, answer.payload
+        with owner_connection() as conn:
+            now = dict(
+                conn.execute(
+                    text("SELECT id, auth_token_encrypted FROM agents WHERE owner_id = :o"),
+                    {"o": owner},
+                ).all()
+            )
+        assert now[lost] == tokens[lost], "the unreadable token is left as it was"
+        assert stored._readable(stored._fernet_of(new_key), now[kept].encode())
+    finally:
+        with owner_connection() as conn:
+            conn.execute(text("DELETE FROM agents WHERE owner_id = :o"), {"o": owner})
+            conn.execute(text("DELETE FROM users WHERE id = :o"), {"o": owner})
+        # Every secret of the session's database back under the key the other tests use.
+        monkeypatch.setenv("MAOF_SECRET_KEY", old_key)
+        monkeypatch.setenv("MAOF_PREVIOUS_SECRET_KEYS", new_key)
+        reset_settings()
+        stored.reencrypt_all()
+        monkeypatch.undo()
+        reset_settings()

@@ -305,8 +305,8 @@ def test_the_agent_token_key_rotates_without_losing_an_agent(
         new_key = "rotated-secret-key-" + "k" * 32
         rotate(MAOF_SECRET_KEY=new_key, MAOF_PREVIOUS_SECRET_KEYS=DEV_SECRET_KEY)
         run_once()  # stored under the previous key, still readable
-        assert secrets.reencrypt_all() >= 1
-        assert secrets.reencrypt_all() == 0, "a second pass finds nothing left to move"
+        assert secrets.reencrypt_all().rewritten >= 1
+        assert secrets.reencrypt_all().rewritten == 0, "a second pass finds nothing left to move"
         rotate(MAOF_PREVIOUS_SECRET_KEYS="")  # the previous key retired
         run_once()
     finally:
