@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from chalicelib.agents.candidates import invalidate_capability
 from chalicelib.config import ConfigError, get_settings
@@ -76,27 +76,36 @@ def reencrypt_all() -> Reencryption:
     logged, so it does not keep every later one on the old key."""
     capabilities: set[str] = set()
     agents = _reencrypt(
-        Agent, "auth_token_encrypted", lambda agent: capabilities.update(agent.capabilities)
+        Agent,
+        "auth_token_encrypted",
+        lambda agent: capabilities.update(agent.capabilities),
+        Agent.capabilities,
     )
     for capability in capabilities:
         invalidate_capability(capability)
     return agents + _reencrypt(WorkflowRun, "callback_secret_encrypted")
 
 
-def _reencrypt(model: Any, column: str, moved: Callable[[Any], object] = bool) -> Reencryption:
+def _reencrypt(
+    model: Any, column: str, moved: Callable[[Any], object] = bool, *also: Any
+) -> Reencryption:
     """Move `column` of every row of `model` that the current key cannot read to it, in
-    batches by id; `moved(row)` for each row rewritten."""
+    batches by id; `moved(row)` for each row rewritten, a row of id, the secret and the
+    columns `also`. Only those columns are read: a run's row also holds its definition,
+    input and output (megabytes each), which a secret's rewrite has no use for."""
     fernet, current = _fernet(), _fernet_of(get_settings().secret_key)
+    secret_column = getattr(model, column)
     rewritten, unreadable, after = 0, 0, None
     while True:
         with session_scope() as session:
-            query = select(model).where(getattr(model, column).is_not(None))
+            query = select(model.id, secret_column, *also).where(secret_column.is_not(None))
             query = query.order_by(model.id).limit(BATCH).with_for_update()
             if after is not None:
                 query = query.where(model.id > after)
-            rows = session.scalars(query).all()
+            rows = session.execute(query).all()
+            changes = []
             for row in rows:
-                secret = getattr(row, column).encode("ascii")
+                secret = row[1].encode("ascii")
                 if _readable(current, secret):
                     continue  # already under the current key
                 try:
@@ -109,9 +118,11 @@ def _reencrypt(model: Any, column: str, moved: Callable[[Any], object] = bool) -
                         extra={"table": model.__tablename__, "column": column, "id": str(row.id)},
                     )
                     continue
-                setattr(row, column, rotated.decode("ascii"))
+                changes.append({"id": row.id, column: rotated.decode("ascii")})
                 moved(row)
-                rewritten += 1
+            if changes:
+                session.execute(update(model), changes)  # by primary key, one statement
+            rewritten += len(changes)
         if len(rows) < BATCH:
             return Reencryption(rewritten, unreadable)
         after = rows[-1].id

@@ -240,3 +240,66 @@ def test_a_secret_no_key_reads_is_skipped_and_counted_and_the_rest_are_moved(
         stored.reencrypt_all()
         monkeypatch.undo()
         reset_settings()
+
+
+def test_reencrypting_callback_secrets_reads_only_the_secrets_not_the_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whole run rows were loaded (definition, input and output: up to 20 MB each), 200 at
+    a time, to rewrite a 100-byte secret: the migrate function (512 MB) ran out of memory."""
+    import tracemalloc
+    import uuid
+
+    from sqlalchemy import text
+
+    from chalicelib.agents import secrets as stored
+    from chalicelib.auth.passwords import hash_password
+    from chalicelib.config import get_settings, reset_settings
+    from tests.integration.conftest import owner_connection
+
+    old_key, new_key = get_settings().secret_key, "q" * 40
+    owner = uuid.uuid4()
+    big = json.dumps({"blob": "x" * 1_000_000})  # a 1 MB output each
+    with owner_connection() as conn:
+        conn.execute(
+            text("INSERT INTO users (id, email, password_hash, name) VALUES (:i, :e, :p, 'B')"),
+            {"i": owner, "e": f"big-{owner.hex[:8]}@example.com", "p": hash_password("x" * 10, 4)},
+        )
+        for _ in range(30):
+            conn.execute(
+                text(
+                    "INSERT INTO workflow_runs (user_id, workflow_name, definition, status, "
+                    "output, callback_url, callback_secret_encrypted, callback_state) VALUES "
+                    "(:u, 'big', '{}', 'completed', :o, 'https://example.com/cb', :s, 'delivered')"
+                ),
+                {"u": owner, "o": big, "s": stored.encrypt_token("s")},
+            )
+    monkeypatch.setenv("MAOF_SECRET_KEY", new_key)
+    monkeypatch.setenv("MAOF_PREVIOUS_SECRET_KEYS", old_key)
+    reset_settings()
+    try:
+        tracemalloc.start()
+        try:
+            done = stored._reencrypt(stored.WorkflowRun, "callback_secret_encrypted")
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert done.rewritten >= 30
+        assert peak < 10_000_000, f"peak {peak / 1e6:.0f} MB to rewrite 30 secrets of ~100 bytes"
+        with owner_connection() as conn:
+            moved = conn.execute(
+                text("SELECT callback_secret_encrypted FROM workflow_runs WHERE user_id = :u"),
+                {"u": owner},
+            ).scalars()
+            assert all(stored._readable(stored._fernet_of(new_key), s.encode()) for s in moved)
+    finally:
+        with owner_connection() as conn:
+            conn.execute(text("DELETE FROM workflow_runs WHERE user_id = :o"), {"o": owner})
+            conn.execute(text("DELETE FROM users WHERE id = :o"), {"o": owner})
+        # Every secret of the session's database back under the key the other tests use.
+        monkeypatch.setenv("MAOF_SECRET_KEY", old_key)
+        monkeypatch.setenv("MAOF_PREVIOUS_SECRET_KEYS", new_key)
+        reset_settings()
+        stored.reencrypt_all()
+        monkeypatch.undo()
+        reset_settings()
