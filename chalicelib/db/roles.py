@@ -38,11 +38,17 @@ def separate_roles(app_url: str, migration_url: str) -> bool:
 
 def ensure_app_role(conn: Connection, app_url: str) -> str:
     """Create (or update the password of) the application's login role; refuse one that
-    could bypass the grants (superuser, BYPASSRLS) or that owns the audit trail."""
+    could bypass the grants (superuser, BYPASSRLS), that is a member of the owner's role
+    (and so has, or can SET ROLE to, the owner's rights) or that owns the audit trail; an
+    existing one loses CREATEROLE and CREATEDB."""
     name, password = role_of(app_url)
     quoted = conn.dialect.identifier_preparer.quote(name)
     row = conn.execute(
-        text("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = :name"),
+        text(
+            "SELECT rolsuper, rolbypassrls, rolcreaterole, rolcreatedb, "
+            "pg_has_role(oid, current_user, 'MEMBER') AS owners_member "
+            "FROM pg_roles WHERE rolname = :name"
+        ),
         {"name": name},
     ).first()
     if row is not None and (row.rolsuper or row.rolbypassrls):
@@ -50,12 +56,21 @@ def ensure_app_role(conn: Connection, app_url: str) -> str:
             f"the application role {name} is a superuser (or bypasses row security): it could "
             "rewrite the audit trail; give MAOF_DATABASE_URL an unprivileged role"
         )
+    if row is not None and row.owners_member:
+        raise RoleError(
+            f"the application role {name} is a member of the owner's role: it has the "
+            "owner's rights and could disable the audit trail's append-only trigger; "
+            f"REVOKE the owner's role FROM {name}, or give MAOF_DATABASE_URL another role"
+        )
     if row is None:
         _cluster_wide(
             conn,
             f"CREATE ROLE {quoted} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE",
             ("42710", "23505"),  # exists: made meanwhile (seen then, or at its commit)
         )
+    elif row.rolcreaterole or row.rolcreatedb:
+        # CREATEROLE could grant it the owner's role (or make roles that have it).
+        _cluster_wide(conn, f"ALTER ROLE {quoted} NOCREATEROLE NOCREATEDB", ("XX000",), True)
     if password is not None:
         # ALTER ROLE takes no bind parameters: the literal is quoted by SQL's rule.
         literal = password.replace("'", "''")

@@ -89,3 +89,38 @@ def test_a_vanished_peer_is_noticed_within_a_minute_on_the_servers_end():
             for name in ("idle", "interval", "count")
         }
     assert shown == {"idle": "30", "interval": "10", "count": "3"}
+
+
+def test_an_application_role_that_is_a_member_of_the_owners_role_is_refused():
+    """A member inherits the owner's rights: it could switch the append-only trigger off."""
+    owner = urlparse(OWNER_DATABASE_URL).username
+    name = f"maof_roles_{uuid.uuid4().hex[:8]}"
+    with owner_connection() as conn:
+        conn.execute(text(f"CREATE ROLE {name} LOGIN PASSWORD 'pw'"))
+        conn.execute(text(f"GRANT {owner} TO {name}"))
+    try:
+        with owner_connection() as conn:
+            with pytest.raises(roles.RoleError, match="member of the owner's role"):
+                roles.apply(conn, url_for(name, "pw"), OWNER_DATABASE_URL)
+    finally:
+        with owner_connection() as conn:
+            conn.execute(text(f"DROP OWNED BY {name}"))
+            conn.execute(text(f"DROP ROLE {name}"))
+
+
+def test_an_existing_application_role_loses_createrole_and_createdb():
+    name = f"maof_roles_{uuid.uuid4().hex[:8]}"
+    with owner_connection() as conn:
+        conn.execute(text(f"CREATE ROLE {name} LOGIN CREATEROLE CREATEDB PASSWORD 'pw'"))
+    try:
+        with owner_connection() as conn:
+            assert roles.apply(conn, url_for(name, "pw"), OWNER_DATABASE_URL) == name
+            attributes = conn.execute(
+                text("SELECT rolcreaterole, rolcreatedb FROM pg_roles WHERE rolname = :n"),
+                {"n": name},
+            ).one()
+        assert tuple(attributes) == (False, False)
+    finally:
+        with owner_connection() as conn:
+            conn.execute(text(f"DROP OWNED BY {name}"))
+            conn.execute(text(f"DROP ROLE {name}"))
