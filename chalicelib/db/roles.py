@@ -141,6 +141,28 @@ def grant_app_rights(conn: Connection, role: str) -> None:
             ]
     for statement in statements:
         conn.execute(text(statement))
+    _no_create_for_public(conn)
+
+
+def _no_create_for_public(conn: Connection) -> None:
+    """PUBLIC (every role, the application's too) may not create in schema public: before
+    PostgreSQL 15 it could by default, and a database pg_upgraded from 14 keeps that grant.
+    Revoked when the owner owns the schema; otherwise the schema's owner must revoke it."""
+    owns, public_creates = conn.execute(
+        text(
+            "SELECT pg_has_role(current_user, nspowner, 'MEMBER'), "
+            "has_schema_privilege('public', oid, 'CREATE') "
+            "FROM pg_namespace WHERE nspname = 'public'"
+        )
+    ).one()
+    if owns:
+        conn.execute(text("REVOKE CREATE ON SCHEMA public FROM PUBLIC"))
+    elif public_creates:
+        raise RoleError(
+            "PUBLIC may create in schema public (PostgreSQL 14's default), so the "
+            "application role could too, and the owner does not own the schema: run "
+            "REVOKE CREATE ON SCHEMA public FROM PUBLIC as its owner"
+        )
 
 
 def apply(conn: Connection, app_url: str, migration_url: str) -> str | None:

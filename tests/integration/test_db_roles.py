@@ -124,3 +124,25 @@ def test_an_existing_application_role_loses_createrole_and_createdb():
         with owner_connection() as conn:
             conn.execute(text(f"DROP OWNED BY {name}"))
             conn.execute(text(f"DROP ROLE {name}"))
+
+
+def test_the_application_role_cannot_create_in_public_where_public_may():
+    """PostgreSQL 14's default (and a database pg_upgraded from it): PUBLIC may CREATE in
+    schema public, and the application role with it."""
+    name = f"maof_roles_{uuid.uuid4().hex[:8]}"
+    app_url = url_for(name, "pw")
+    try:
+        with owner_connection() as conn:
+            conn.execute(text("GRANT CREATE ON SCHEMA public TO PUBLIC"))
+            roles.apply(conn, app_url, OWNER_DATABASE_URL)
+        engine = create_engine(app_url)
+        try:
+            with engine.connect() as conn, pytest.raises(DBAPIError, match="permission denied"):
+                conn.execute(text("CREATE TABLE sneaky (id int)"))
+        finally:
+            engine.dispose()
+    finally:
+        with owner_connection() as conn:
+            conn.execute(text("REVOKE CREATE ON SCHEMA public FROM PUBLIC"))
+            conn.execute(text(f"DROP OWNED BY {name}"))
+            conn.execute(text(f"DROP ROLE {name}"))
