@@ -3,8 +3,12 @@ a later `make migrate` (or the migrate function) finishes the job."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse, urlunparse
 
@@ -27,6 +31,7 @@ from tests.integration.conftest import wait_until
 pytestmark = pytest.mark.integration
 
 NAME = f"{TEST_DATABASE_NAME}_mig"
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 
 def _in(url: str, name: str) -> str:
@@ -77,14 +82,16 @@ def _upgrade(revision: str = "head") -> None:
     command.upgrade(alembic_config(), revision)
 
 
-def _backend(database: Database, query_like: str, waiting_on: str) -> int | None:
+def _backend(database: Database, query_like: str, waiting_on: str | None = None) -> int | None:
+    """The pid of a session of `database` whose (last) query is like `query_like`, waiting
+    on a lock of type `waiting_on` if given."""
     admin = create_engine(ADMIN_DATABASE_URL)
     try:
         with admin.connect() as conn:
             return conn.execute(
                 text(
-                    "SELECT pid FROM pg_stat_activity WHERE datname = :db "
-                    "AND query ILIKE :q AND wait_event_type = :w"
+                    "SELECT pid FROM pg_stat_activity WHERE datname = :db AND query ILIKE :q "
+                    "AND (CAST(:w AS text) IS NULL OR wait_event_type = :w)"
                 ),
                 {"db": database.name, "q": query_like, "w": waiting_on},
             ).scalar()
@@ -155,3 +162,58 @@ def test_an_index_built_before_its_revision_was_stamped_is_kept(fresh: Database)
         engine.dispose()
     _upgrade()
     assert fresh.scalar("SELECT version_num FROM alembic_version") == SCHEMA_REVISION
+
+
+def test_a_second_migration_waits_for_the_first_then_has_nothing_to_do(fresh: Database):
+    """Two migrations at once (the migrate function invoked twice, `make migrate` during a
+    deploy) raced each other and the second failed with a raw database error."""
+    _upgrade("0011_runs_by_end")
+    # The first migration is held in its index build by a writer's open transaction.
+    blocker_engine = create_engine(fresh.owner)
+    blocker = blocker_engine.connect()
+    blocker.execute(text("LOCK TABLE stage_executions IN ROW EXCLUSIVE MODE"))
+    failures: list[BaseException] = []
+
+    def first() -> None:
+        try:
+            _upgrade()
+        except Exception as exc:  # asserted below
+            failures.append(exc)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    second, lines = None, []
+    try:
+        wait_until(lambda: _backend(fresh, "CREATE INDEX CONCURRENTLY%", "Lock"), timeout=20)
+        env = dict(
+            os.environ,
+            MAOF_DATABASE_URL=fresh.app,
+            MAOF_MIGRATION_DATABASE_URL=fresh.owner,
+            MAOF_LOG_LEVEL="INFO",
+        )
+        second = subprocess.Popen(
+            [sys.executable, "-m", "chalicelib.db.migrate"],
+            env=env,
+            cwd=str(PROJECT_DIR),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        reader = threading.Thread(target=lambda: lines.extend(second.stdout or []), daemon=True)
+        reader.start()
+        # The second waits for the first's migration lock (not for the table, or failing).
+        wait_until(lambda: any("another migration is running" in line for line in lines))
+    finally:
+        blocker.rollback()
+        blocker.close()
+        blocker_engine.dispose()
+        thread.join(60)
+        if second is not None:
+            second.wait(60)
+            reader.join(10)
+    output = "".join(lines)
+    assert failures == []
+    assert second.returncode == 0, output
+    assert "migrated to head" in output
+    assert fresh.scalar("SELECT version_num FROM alembic_version") == SCHEMA_REVISION
+    assert fresh.scalar("SELECT count(*) FROM pg_index WHERE NOT indisvalid") == 0
