@@ -6,6 +6,8 @@ After every migration run (migrations/env.py), as the owner: the application rol
 created when missing (its name and password from MAOF_DATABASE_URL; it needs CREATEROLE,
 which a local superuser and an RDS master user have), kept unprivileged, and given exactly
 its rights. When both URLs name one role, there is nothing to separate and nothing is done.
+A role belongs to the whole server: each database (stage) on one server needs a role name
+of its own, since migrating one sets the role's password (docs/deploy.md).
 """
 
 from __future__ import annotations
