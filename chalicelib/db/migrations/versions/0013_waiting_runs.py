@@ -13,6 +13,8 @@ Revises: 0012_stages_on_agent
 import sqlalchemy as sa
 from alembic import op
 
+from chalicelib.db.indexes import create_index_concurrently
+
 revision = "0013_waiting_runs"
 down_revision = "0012_stages_on_agent"
 branch_labels = None
@@ -23,22 +25,23 @@ WAITING = sa.text("status = 'waiting'")
 
 def upgrade() -> None:
     with op.get_context().autocommit_block():
-        op.create_index(
+        create_index_concurrently(
             "stage_executions_waiting_runs",
             "stage_executions",
             ["capability", "run_id", "parked_at", "id"],
             postgresql_where=WAITING,
-            postgresql_concurrently=True,
         )
-        op.create_index(
+        create_index_concurrently(
             "stage_executions_in_progress_runs",
             "stage_executions",
             ["run_id", "claim_token"],
             postgresql_where=sa.text("status = 'in_progress'"),
-            postgresql_concurrently=True,
         )
         op.drop_index(
-            "stage_executions_waiting", table_name="stage_executions", postgresql_concurrently=True
+            "stage_executions_waiting",
+            table_name="stage_executions",
+            postgresql_concurrently=True,
+            if_exists=True,
         )
 
 
