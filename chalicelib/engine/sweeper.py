@@ -233,10 +233,11 @@ def _fail(session: Session, run: LockedRun, row: Any, expired: bool, times: int)
     record_failure(session, run, row.stage_id, row.stage_name, reason, row.agent_id, row.attempt)
 
 
-# Stages woken a round: those a slot may be free for, oldest first; then, of those waiting
-# past MAOF_SWEEP_BACKLOG_AFTER_SECONDS whatever the counts say, a smaller batch, each
-# user's oldest in turn (so one user's long backlog, behind their own full agents, never
-# takes the round from stages that can run, nor from another user's long waits).
+# Stages woken a round: those a slot may be free for; then, of those waiting past
+# MAOF_SWEEP_BACKLOG_AFTER_SECONDS whatever the counts say, a smaller batch. Each batch
+# takes each user's oldest in turn: one user's backlog, behind their own full agents (or
+# woken for a free slot on an agent their stages already tried, to wait again), never
+# takes the round from another user's stages, nor the long waits from stages that can run.
 WAKE_LIMIT = 200
 LONG_WAIT_WAKE_LIMIT = 50
 
@@ -252,11 +253,15 @@ _WAKE_SQL = """
 _WAKE_WITH_ROOM = text(
     _WAKE_SQL.format(
         chosen="""
-        SELECT s.id FROM stage_executions AS s JOIN workflow_runs AS r ON r.id = s.run_id
-         WHERE s.status = 'waiting' AND s.queued_at <= now() - :grace
-           AND (s.capability, r.user_id) IN (
-               SELECT * FROM unnest(CAST(:capabilities AS text[]), CAST(:owners AS uuid[])))
-         ORDER BY s.parked_at LIMIT :limit"""
+        SELECT id FROM (
+            SELECT s.id, s.parked_at,
+                   row_number() OVER (PARTITION BY r.user_id ORDER BY s.parked_at) AS turn
+              FROM stage_executions AS s JOIN workflow_runs AS r ON r.id = s.run_id
+             WHERE s.status = 'waiting' AND s.queued_at <= now() - :grace
+               AND (s.capability, r.user_id) IN (
+                   SELECT * FROM unnest(CAST(:capabilities AS text[]), CAST(:owners AS uuid[])))
+            ) AS due
+         ORDER BY turn, parked_at LIMIT :limit"""
     )
 )
 _WAKE_LONG_WAITING = text(
@@ -275,8 +280,8 @@ _WAKE_LONG_WAITING = text(
 def wake_waiting() -> dict[uuid.UUID, list[str]]:
     """Queue again the stages that have waited for a slot longer than the short grace,
     where a slot may be free for them (may_have_room_each, for their run's owner), up to
-    WAKE_LIMIT, oldest first; then up to LONG_WAIT_WAKE_LIMIT of those that have waited
-    longer than MAOF_SWEEP_BACKLOG_AFTER_SECONDS whatever the counts say, each user's
+    WAKE_LIMIT; then up to LONG_WAIT_WAKE_LIMIT of those that have waited longer than
+    MAOF_SWEEP_BACKLOG_AFTER_SECONDS whatever the counts say; each batch each user's
     oldest in turn (so a wait the hand-offs cannot end, e.g. behind agents the stage
     already tried, still ends: it looks afresh and fails, or waits again, counted). While
     every agent that may serve a stage is full, each release hands its slot to the next of

@@ -455,6 +455,47 @@ def test_one_users_long_waiting_backlog_never_keeps_the_sweeper_from_others_stag
             selection.release(selection.AgentChoice(agent["agentUuid"], "", "", "", 1, slot=slot))
 
 
+def test_one_users_stages_woken_for_room_they_cannot_use_never_keep_others_from_the_round(
+    user: Api, api: Api, sent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user's stages fell back from an agent that fails fast (free, but in their
+    tried_agents) to a full one: a slot "may be free" for them every round, so, oldest
+    first, they filled the round each time (each went round the queue to wait again), and
+    another user's stage with a lost hand-off and its own agent's slots free was not woken.
+    The round takes each user's oldest in turn."""
+    from chalicelib.core.api import parse_run_ref
+
+    monkeypatch.setattr(sweeper, "WAKE_LIMIT", 4)
+    hog_capability, their_capability = unique_capability("hog"), unique_capability("free")
+    flaky = register_agent(user, hog_capability, maxConcurrentTasks=5)  # free, but tried
+    busy = register_agent(user, hog_capability, maxConcurrentTasks=1)
+    someone = api.as_new_user()
+    register_agent(someone, their_capability, maxConcurrentTasks=5)  # every slot free
+    held = selection._reserve(busy["agentUuid"], 1, time.time() + 120)
+    assert isinstance(held, str)
+    hog = submit(user, hog_capability, stages=10)
+    lost = submit(someone, their_capability)  # sent, not run: its hand-off lost, say
+    try:
+        with session_scope() as session:
+            for ref, age, tried in ((hog, 120, [flaky["agentUuid"]]), (lost, 60, [])):
+                session.execute(
+                    text(
+                        "UPDATE stage_executions SET status = 'waiting', "
+                        "tried_agents = CAST(:tried AS uuid[]), "
+                        "parked_at = now() - make_interval(secs => :age), "
+                        "queued_at = now() - make_interval(secs => :age) WHERE run_id = :run"
+                    ),
+                    {"run": parse_run_ref(ref), "age": age, "tried": tried},
+                )
+        woken = {run_id: len(stage_ids) for run_id, stage_ids in sweeper.wake_waiting().items()}
+        assert woken.get(parse_run_ref(lost)) == 1, "a stage with a slot free was left waiting"
+        assert woken.get(parse_run_ref(hog)) == 3  # the round's rest
+    finally:
+        for client, ref in ((user, hog), (someone, lost)):
+            client.post(f"/workflows/{ref}/cancel")
+        selection.release(selection.AgentChoice(busy["agentUuid"], "", "", "", 1, slot=held))
+
+
 def test_the_sweepers_capacity_look_takes_the_same_redis_round_trips_however_many_pairs_wait(
     user: Api, sent: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
