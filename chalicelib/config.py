@@ -169,9 +169,9 @@ class _Bootstrap(BaseSettings):
         """An unset response cap follows the output cap (RESPONSE_ENVELOPE_BYTES)."""
         if "agent_max_response_bytes" in data or "stage_max_output_bytes" not in data:
             return data
-        try:
-            output_cap = int(str(data["stage_max_output_bytes"]).strip())
-        except ValueError:
+        try:  # read as the field reads it ("2000000.0" too)
+            output_cap = TypeAdapter(int).validate_python(data["stage_max_output_bytes"])
+        except ValidationError:
             return data  # refused as the output cap's own error
         cap = min(max(output_cap + RESPONSE_ENVELOPE_BYTES, 1024), MAX_AGENT_RESPONSE_BYTES)
         return {**data, "agent_max_response_bytes": cap}

@@ -450,6 +450,17 @@ def test_a_copy_of_env_example_lets_the_response_cap_follow_the_output_cap(
     assert load_settings().agent_max_response_bytes == 5_065_536
 
 
+@pytest.mark.parametrize("written", ["2000000", "2000000.0", " 2000000 "])
+def test_an_unset_response_cap_follows_the_output_cap_however_settings_read_it(
+    monkeypatch: pytest.MonkeyPatch, written: str
+) -> None:
+    """The output cap as Settings take it ("2000000.0" is 2000000): the response cap was
+    left at its default, and start-up blamed MAOF_AGENT_MAX_RESPONSE_BYTES, never set."""
+    monkeypatch.delenv("MAOF_AGENT_MAX_RESPONSE_BYTES", raising=False)
+    monkeypatch.setenv("MAOF_STAGE_MAX_OUTPUT_BYTES", written)
+    assert load_settings().agent_max_response_bytes == 2_065_536
+
+
 def test_the_default_agent_timeout_is_held_to_the_run_stage_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
