@@ -37,6 +37,9 @@ _NO_ROUTE_MESSAGES = (b"Missing Authentication Token", b"Authorization header re
 
 # A Content-Length value: ASCII digits alone (int() would also take "+5", " 5", "1_0").
 _DIGITS = re.compile(r"[0-9]+")
+# API Gateway refuses a body past 10 MB before any function runs; so does this server,
+# without reading it (a length past what a read can take raised in Chalice's handler).
+GATEWAY_MAX_BODY_BYTES = 10 * 1024 * 1024
 
 
 class MaofRequestHandler(ChaliceRequestHandler):
@@ -66,6 +69,15 @@ class MaofRequestHandler(ChaliceRequestHandler):
         if len(lengths) > 1 or not all(_DIGITS.fullmatch(value) for value in lengths):
             self.send_error(400, "Content-Length must be one whole number of bytes")
             return
+        if lengths and int(lengths.pop()) > GATEWAY_MAX_BODY_BYTES:
+            from chalicelib.core import errors
+
+            self.close_connection = True  # the body is not read
+            too_large = errors.PayloadTooLarge(
+                f"Request body exceeds {GATEWAY_MAX_BODY_BYTES} bytes"
+            )
+            self._send_envelope(413, too_large, str(uuid.uuid4()), Connection="close")
+            return
         self._generic_handle()
 
     do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = do_PATCH = do_OPTIONS = _handle
@@ -78,6 +90,8 @@ class MaofRequestHandler(ChaliceRequestHandler):
 
         self.log_error("code %d, message %s", code, message)
         self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # the request line was not read: no version
+            self.request_version = "HTTP/1.1"  # (so send_response writes no status line)
         said = message or self.responses.get(code, ("Bad request",))[0]
         self._send_envelope(code, errors.BadRequest(said), str(uuid.uuid4()), Connection="close")
 

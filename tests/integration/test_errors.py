@@ -421,6 +421,30 @@ def test_a_malformed_content_length_is_400_with_the_envelope(api_url: str, lengt
     assert "Content-Length" in error["message"]
 
 
+def test_a_content_length_past_the_gateways_limit_is_413_unread(api_url: str) -> None:
+    """Digits alone, but more than a read can take: Chalice's handler raised (a traceback,
+    no answer). API Gateway refuses a body past 10 MB before the function; so does this."""
+    request = (
+        f"POST /auth/login HTTP/1.1\r\n{host(api_url)}Content-Type: application/json\r\n"
+        "Content-Length: 99999999999999999999\r\n\r\n{}"
+    )
+    with connect(api_url) as sock:
+        sock.sendall(request.encode())
+        code, headers, body = answer_of(read_to_close(sock))
+    assert code == 413, body
+    assert json.loads(body)["error"]["code"] == "PAYLOAD_TOO_LARGE"
+    assert headers["connection"] == "close"
+
+
+@pytest.mark.parametrize("line", ["GARBAGE", "GET /health HTTP/9.9", "GET /health HTTP/1.x"])
+def test_an_unreadable_request_line_gets_a_status_line_and_the_envelope(
+    api_url: str, line: str
+) -> None:
+    """http.server answers before it has read a version as if to HTTP/0.9: the envelope
+    alone, with no status line or headers."""
+    refused_on_the_wire(api_url, f"{line}\r\n{host(api_url)}\r\n", 505 if "9.9" in line else 400)
+
+
 def test_a_chunked_body_is_411_and_never_read_as_the_next_request(api_url: str) -> None:
     """Chalice's handler reads Content-Length bytes only: the chunks were parsed as a
     request of their own, after a 400 "Request body is required"."""
