@@ -90,7 +90,8 @@ class MaofRequestHandler(ChaliceRequestHandler):
 
         self.log_error("code %d, message %s", code, message)
         self.close_connection = True
-        if self.request_version == "HTTP/0.9":  # the request line was not read: no version
+        version = str(getattr(self, "request_version", "HTTP/0.9"))
+        if version == "HTTP/0.9":  # the request line was not read: no version
             self.request_version = "HTTP/1.1"  # (so send_response writes no status line)
         said = message or self.responses.get(code, ("Bad request",))[0]
         self._send_envelope(code, errors.BadRequest(said), str(uuid.uuid4()), Connection="close")
