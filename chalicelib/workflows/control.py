@@ -62,7 +62,8 @@ def retry(principal: Principal, ref: str) -> Reply:
     whose agent was still working when the run ended starts afresh too: that call's
     answer is not kept (a `discard` entry says so now). The run is live again: it counts
     against MAOF_MAX_ACTIVE_RUNS and MAOF_SUBMISSIONS_PER_MINUTE as a new submission
-    would (it starts the same work over: cancel and retry must not outrun the rate)."""
+    would (it starts the same work over: cancel and retry must not outrun the rate), and
+    at most MAOF_RUN_MAX_RETRIES times (each adds to the run's one audit chain)."""
     limits.limit_submissions(str(principal.user_uuid))
     max_active = get_settings().max_active_runs
     with session_scope() as session:
@@ -71,6 +72,12 @@ def retry(principal: Principal, ref: str) -> Reply:
         if run.status not in RETRYABLE_RUNS:
             raise errors.Conflict(
                 f"Only a failed or cancelled run can be retried; this one is {run.status}"
+            )
+        retried = session.execute(_RETRIES, {"run_id": run.id}).scalar_one()
+        if retried >= get_settings().run_max_retries:
+            raise errors.Conflict(
+                f"This run was retried {retried} times (MAOF_RUN_MAX_RETRIES): "
+                "submit the workflow anew"
             )
         if runs.active_runs(session, principal.user_uuid) >= max_active:
             raise runs.over_quota(max_active)
@@ -135,6 +142,11 @@ def _queue(run_id: uuid.UUID, stage_ids: list[str]) -> None:
             "could not queue a retried run; the sweeper will", extra={"runId": str(run_id)}
         )
 
+
+# Each retry wrote one `retry-run` entry (in the run's chain, by its run_id index).
+_RETRIES = text(
+    "SELECT count(*) FROM execution_logs WHERE run_id = :run_id AND action = 'retry-run'"
+)
 
 # Stages still in progress when their run ended: their agents may still be working. Their
 # rows are locked (after the run's, as everywhere) before the reset changes them.

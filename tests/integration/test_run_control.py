@@ -187,6 +187,33 @@ def test_retry_after_a_failure_runs_only_what_did_not_complete(
     }
 
 
+def test_a_run_is_retried_at_most_max_retries_times(
+    user: Api, poller: Any, agents: list[ScriptedAgent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each retry continues the run's one audit chain (a cancel and retry of a wide run
+    adds a discard entry a stage in flight): unbounded, the trail and its export outgrew
+    what the API can answer. Past MAOF_RUN_MAX_RETRIES, the workflow is submitted anew."""
+    broken = start(agents, default=error("BROKEN", retryable=False))
+    capability = unique_capability("retried")
+    register_agent(user, capability, endpoint=broken.url)
+    run_id = submitted(user, pipeline(capability, capability))
+    monkeypatch.setenv("MAOF_RUN_MAX_RETRIES", "1")
+    reset_settings()
+    try:
+        assert wait_for_run(user, run_id)["status"] == "failed"
+        assert user.post(f"/workflows/{run_id}/retry").status_code == 202
+        assert wait_for_run(user, run_id)["status"] == "failed"
+        refused = user.post(f"/workflows/{run_id}/retry")
+        assert refused.status_code == 409, refused.text
+        assert "MAOF_RUN_MAX_RETRIES" in refused.json()["error"]["message"]
+        assert user.get(f"/workflows/{run_id}").json()["data"]["status"] == "failed"
+        actions = [action for action, _ in audit_actions(parse_run_ref(run_id))]
+        assert actions.count("retry-run") == 1
+    finally:
+        monkeypatch.undo()
+        reset_settings()
+
+
 def test_retry_of_a_cancelled_run_and_409_for_runs_that_did_not_stop(
     user: Api, poller: Any, agents: list[ScriptedAgent]
 ) -> None:
