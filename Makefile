@@ -100,7 +100,8 @@ STACK_PARAMETERS = $(if $(SUBNET_IDS),SubnetIds=$(SUBNET_IDS)) \
 	$(if $(API_RATE_LIMIT),ApiThrottlingRateLimit=$(API_RATE_LIMIT)) \
 	$(if $(API_BURST_LIMIT),ApiThrottlingBurstLimit=$(API_BURST_LIMIT)) \
 	$(if $(RUN_STAGE_MAX_CONCURRENCY),RunStageMaxConcurrency=$(RUN_STAGE_MAX_CONCURRENCY)) \
-	$(if $(API_RESERVED_CONCURRENCY),ApiReservedConcurrency=$(API_RESERVED_CONCURRENCY))
+	$(if $(API_RESERVED_CONCURRENCY),ApiReservedConcurrency=$(API_RESERVED_CONCURRENCY)) \
+	$(if $(RUN_MAX_OUTPUT_BYTES),RunMaxOutputBytes=$(RUN_MAX_OUTPUT_BYTES))
 
 # The STAGE SAM template merged with infra/template.json, and the code zip, in build/package.
 # No local MAOF_* setting (.env) may reach it: importing app.py reads some (the CORS origin).

@@ -51,6 +51,7 @@ def test_make_deploy_hands_its_variables_to_the_stack_as_parameters() -> None:
         "API_BURST_LIMIT": "40",
         "RUN_STAGE_MAX_CONCURRENCY": "4",
         "API_RESERVED_CONCURRENCY": "3",
+        "RUN_MAX_OUTPUT_BYTES": "2000000",
         "REGION": "eu-west-1",
     }
     dry_run = subprocess.run(
@@ -77,6 +78,7 @@ def test_make_deploy_hands_its_variables_to_the_stack_as_parameters() -> None:
         "ApiThrottlingBurstLimit=40",
         "RunStageMaxConcurrency=4",
         "ApiReservedConcurrency=3",
+        "RunMaxOutputBytes=2000000",
     ]
     # The package is made first, for the same stage, without the local MAOF_* settings.
     package = [line for line in dry_run.stdout.splitlines() if "chalice package" in line]

@@ -276,6 +276,16 @@ def test_every_function_knows_the_stacks_queue(template: dict[str, Any]) -> None
         assert "MAOF_STAGE_QUEUE_URL" not in variables, name
 
 
+def test_a_deployed_run_stores_no_more_than_the_api_can_answer(template: dict[str, Any]) -> None:
+    """A Lambda function answers at most 6 MB (API Gateway: 502 beyond), and a run's detail
+    carries every stage's stored input and output: deployed, the run total is held under it
+    (locally 20 MB), or a run completed and verified could not be read through the API."""
+    shared = template["Globals"]["Function"]["Environment"]["Variables"]
+    assert shared["MAOF_RUN_MAX_OUTPUT_BYTES"] == {"Ref": "RunMaxOutputBytes"}
+    default = template["Parameters"]["RunMaxOutputBytes"]["Default"]
+    assert default <= 3_000_000, "room for the detail's envelope and the export's entries"
+
+
 def test_stage_queue_redrives_to_its_dead_letter_queue(resources: dict[str, Any]) -> None:
     queue = resources["StageQueue"]
     assert queue["Type"] == "AWS::SQS::Queue"
