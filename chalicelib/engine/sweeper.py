@@ -241,40 +241,31 @@ def _fail(session: Session, run: LockedRun, row: Any, expired: bool, times: int)
 WAKE_LIMIT = 200
 LONG_WAIT_WAKE_LIMIT = 50
 
-# The stages woken from waiting, each locked first (SKIP LOCKED: a stage being claimed
-# meanwhile is left to its claim), `{chosen}` picking them.
+# The stages woken from waiting that `{condition}` admits, each user's oldest in turn, up
+# to :limit, each locked first (SKIP LOCKED: a stage being claimed meanwhile is left to its
+# claim).
 _WAKE_SQL = """
     UPDATE stage_executions SET status = 'queued', queued_at = now()
      WHERE id IN (SELECT s.id FROM stage_executions AS s
-                   WHERE s.status = 'waiting' AND s.id IN ({chosen})
+                   WHERE s.status = 'waiting' AND s.id IN (
+                         SELECT id FROM (
+                             SELECT s.id, s.parked_at, row_number() OVER (
+                                        PARTITION BY r.user_id ORDER BY s.parked_at) AS turn
+                               FROM stage_executions AS s
+                               JOIN workflow_runs AS r ON r.id = s.run_id
+                              WHERE s.status = 'waiting' AND {condition}) AS due
+                          ORDER BY turn, parked_at LIMIT :limit)
                      FOR UPDATE OF s SKIP LOCKED)
  RETURNING run_id, stage_id
 """
 _WAKE_WITH_ROOM = text(
     _WAKE_SQL.format(
-        chosen="""
-        SELECT id FROM (
-            SELECT s.id, s.parked_at,
-                   row_number() OVER (PARTITION BY r.user_id ORDER BY s.parked_at) AS turn
-              FROM stage_executions AS s JOIN workflow_runs AS r ON r.id = s.run_id
-             WHERE s.status = 'waiting' AND s.queued_at <= now() - :grace
-               AND (s.capability, r.user_id) IN (
-                   SELECT * FROM unnest(CAST(:capabilities AS text[]), CAST(:owners AS uuid[])))
-            ) AS due
-         ORDER BY turn, parked_at LIMIT :limit"""
+        condition="""s.queued_at <= now() - :grace
+                                AND (s.capability, r.user_id) IN (SELECT * FROM unnest(
+                                    CAST(:capabilities AS text[]), CAST(:owners AS uuid[])))"""
     )
 )
-_WAKE_LONG_WAITING = text(
-    _WAKE_SQL.format(
-        chosen="""
-        SELECT id FROM (
-            SELECT s.id, s.parked_at,
-                   row_number() OVER (PARTITION BY r.user_id ORDER BY s.parked_at) AS turn
-              FROM stage_executions AS s JOIN workflow_runs AS r ON r.id = s.run_id
-             WHERE s.status = 'waiting' AND s.queued_at <= now() - :long_wait) AS due
-         ORDER BY turn, parked_at LIMIT :limit"""
-    )
-)
+_WAKE_LONG_WAITING = text(_WAKE_SQL.format(condition="s.queued_at <= now() - :long_wait"))
 
 
 def wake_waiting() -> dict[uuid.UUID, list[str]]:
