@@ -246,39 +246,21 @@ def test_no_agent_is_called_for_a_stage_whose_run_failed_meanwhile(user: Api, se
         agent.stop()
 
 
-def test_a_retry_of_a_stage_whose_run_ended_is_skipped_not_queued(user: Api, sent):
-    capability = unique_capability("retry-ended")
-    register_agent(user, capability)
-    stages_ = [
-        {"id": "a", "name": "A", "agentCapability": capability},
-        {"id": "b", "name": "B", "agentCapability": capability},
-    ]
-    run_id = submit_direct(user, stages_)
-    a, b = stages.claim_stage(run_id, "a"), stages.claim_stage(run_id, "b")
-    assert a is not None and b is not None
-    assert stages.fail_stage(a, "it broke") == "failed"
-    result = stages.requeue_later(
-        b,
-        0,
-        "retry",
-        agent_uuid=None,
-        agent_id=None,
-        agent_attempts=1,
-        tried_agents=[],
-        next_attempt=True,
-        details={"error": "agent timed out"},
-    )
-    assert result is stages.Requeued.SKIPPED
-    assert stage_row(run_id, "b").status == "skipped"
-
-
-@pytest.mark.parametrize("action", ["retry", "fallback"])
-def test_a_retry_of_a_stage_whose_run_ended_discards_the_error_its_agent_answered(
-    user: Api, sent, action: str
+@pytest.mark.parametrize(
+    ("action", "agent_id", "outcome", "entry"),
+    [
+        # MAOF's own error (no agent answered): the stage is skipped with its run.
+        ("retry", None, stages.Requeued.SKIPPED, "skip"),
+        # The agent's error came back after the run had ended: a `discard` entry records it
+        # (as for a final error or an output), not a `skip` as if nothing had come back.
+        ("retry", "the-agent", stages.Requeued.DISCARDED, "discard"),
+        ("fallback", "the-agent", stages.Requeued.DISCARDED, "discard"),
+    ],
+)
+def test_a_retry_of_a_stage_whose_run_ended_is_not_queued(
+    user: Api, sent, action: str, agent_id: str | None, outcome: stages.Requeued, entry: str
 ):
-    """The agent's error came back after the run had ended: a `discard` entry records it
-    (as for a final error or an output), not a `skip` as if nothing had come back."""
-    capability = unique_capability("retry-ended-answer")
+    capability = unique_capability("retry-ended")
     register_agent(user, capability)
     stages_ = [
         {"id": "a", "name": "A", "agentCapability": capability},
@@ -293,16 +275,16 @@ def test_a_retry_of_a_stage_whose_run_ended_discards_the_error_its_agent_answere
         0,
         action,
         agent_uuid=None,
-        agent_id="the-agent",
+        agent_id=agent_id,
         agent_attempts=1,
         tried_agents=[],
         next_attempt=True,
         details={"error": "agent 'the-agent' failed: FLAKY: try again", "code": "FLAKY"},
     )
-    assert result is stages.Requeued.DISCARDED
+    assert result is outcome
     row = stage_row(run_id, "b")
-    assert (row.status, row.agent_id) == ("skipped", "the-agent")
-    assert audit_actions(run_id)[-1] == ("discard", "b")
+    assert (row.status, row.agent_id) == ("skipped", agent_id)
+    assert audit_actions(run_id)[-1] == (entry, "b")
 
 
 def test_a_stage_failing_after_its_run_failed_ends_with_the_run_not_as_a_second_failure(
