@@ -103,6 +103,19 @@ def owner_connection() -> Iterator[Any]:
         engine.dispose()
 
 
+def restore_secret_key(monkeypatch: pytest.MonkeyPatch, used: str, rotated_to: str) -> None:
+    """After a test rotated MAOF_SECRET_KEY from `used` to `rotated_to`: every secret of the
+    session's database back under the key the other tests use, and the settings as before."""
+    from chalicelib.agents.secrets import reencrypt_all
+
+    monkeypatch.setenv("MAOF_SECRET_KEY", used)
+    monkeypatch.setenv("MAOF_PREVIOUS_SECRET_KEYS", rotated_to)
+    reset_settings()
+    reencrypt_all()
+    monkeypatch.undo()
+    reset_settings()
+
+
 def urlparse_host(url: str, default_port: int) -> tuple[str, int]:
     from urllib.parse import urlparse
 

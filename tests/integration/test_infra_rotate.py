@@ -187,7 +187,7 @@ def test_a_secret_no_key_reads_is_skipped_and_counted_and_the_rest_are_moved(
     from chalicelib.agents import secrets as stored
     from chalicelib.auth.passwords import hash_password
     from chalicelib.config import get_settings, reset_settings
-    from tests.integration.conftest import owner_connection
+    from tests.integration.conftest import owner_connection, restore_secret_key
 
     old_key, new_key, lost_key = get_settings().secret_key, "n" * 40, "l" * 40
     owner = uuid.uuid4()
@@ -233,13 +233,7 @@ def test_a_secret_no_key_reads_is_skipped_and_counted_and_the_rest_are_moved(
         with owner_connection() as conn:
             conn.execute(text("DELETE FROM agents WHERE owner_id = :o"), {"o": owner})
             conn.execute(text("DELETE FROM users WHERE id = :o"), {"o": owner})
-        # Every secret of the session's database back under the key the other tests use.
-        monkeypatch.setenv("MAOF_SECRET_KEY", old_key)
-        monkeypatch.setenv("MAOF_PREVIOUS_SECRET_KEYS", new_key)
-        reset_settings()
-        stored.reencrypt_all()
-        monkeypatch.undo()
-        reset_settings()
+        restore_secret_key(monkeypatch, old_key, new_key)
 
 
 def test_reencrypting_callback_secrets_reads_only_the_secrets_not_the_runs(
@@ -255,7 +249,7 @@ def test_reencrypting_callback_secrets_reads_only_the_secrets_not_the_runs(
     from chalicelib.agents import secrets as stored
     from chalicelib.auth.passwords import hash_password
     from chalicelib.config import get_settings, reset_settings
-    from tests.integration.conftest import owner_connection
+    from tests.integration.conftest import owner_connection, restore_secret_key
 
     old_key, new_key = get_settings().secret_key, "q" * 40
     owner = uuid.uuid4()
@@ -296,10 +290,4 @@ def test_reencrypting_callback_secrets_reads_only_the_secrets_not_the_runs(
         with owner_connection() as conn:
             conn.execute(text("DELETE FROM workflow_runs WHERE user_id = :o"), {"o": owner})
             conn.execute(text("DELETE FROM users WHERE id = :o"), {"o": owner})
-        # Every secret of the session's database back under the key the other tests use.
-        monkeypatch.setenv("MAOF_SECRET_KEY", old_key)
-        monkeypatch.setenv("MAOF_PREVIOUS_SECRET_KEYS", new_key)
-        reset_settings()
-        stored.reencrypt_all()
-        monkeypatch.undo()
-        reset_settings()
+        restore_secret_key(monkeypatch, old_key, new_key)

@@ -22,6 +22,7 @@ from chalicelib.engine import callbacks, handlers, leases, stages
 from tests.integration.conftest import (
     Api,
     register_agent,
+    restore_secret_key,
     unique_capability,
     wait_for_run,
     wait_until,
@@ -646,13 +647,7 @@ def test_a_pending_callback_is_signed_after_the_secret_key_rotates(
         assert hmac.compare_digest(headers["X-Maof-Signature"], expected)
     finally:
         receiver.stop()
-        # Every secret of the session's database back under the key the other tests use.
-        monkeypatch.setenv("MAOF_SECRET_KEY", old)
-        monkeypatch.setenv("MAOF_PREVIOUS_SECRET_KEYS", new)
-        reset_settings()
-        reencrypt_all()
-        monkeypatch.undo()
-        reset_settings()
+        restore_secret_key(monkeypatch, old, new)
 
 
 def test_a_callback_url_the_guard_refuses_is_400(
