@@ -502,8 +502,11 @@ def _redis_url_problem(url: str) -> str | None:
         host = parse_url(url).get("host")  # type: ignore[no-untyped-call]
         if host:
             host.encode("idna")  # how a name is looked up when connecting
-    except ValueError as exc:  # UnicodeError too
-        return f"is not a valid Redis URL: {_one_line(exc)}"
+    except ValueError:  # UnicodeError too; its words may quote part of the password
+        return (
+            "is not a valid Redis URL: redis[s]://[user:password@]host[:port][/db] "
+            "(percent-encode # ? / @ in the password)"
+        )
     database = unquote(urlparse(url).path).replace("/", "")
     if database and not (database.isascii() and database.isdigit()):
         return "must name its database by number after the port (/0), or none"

@@ -11,12 +11,12 @@ EMF properties, searchable in Logs Insights without becoming costly dimensions):
 | StageDuration | Milliseconds | when a stage ends (claim to end) |
 | AgentLatency | Milliseconds | after each agent call |
 | StageAttempts | Count | when a stage ends: the attempt it ended on |
-| StagesFinished | Count | when a stage ends, dimension Outcome (completed, failed) |
+| StagesFinished | Count | when a stage ends (its worker, or the sweeper failing it), dimension Outcome (completed, failed) |
 | StageFailures | Count | each failed call or error, dimension Kind (agents/failure.py) |
 | Fallbacks | Count | a stage moves to another agent |
 | CapacityWaits | Count | a stage waits for a slot |
 | SweeperRequeues | Count | the sweeper re-queues stages |
-| OldestQueuedStageAge | Seconds | each sweep: the oldest stage queued and due |
+| OldestQueuedStageAge | Seconds | each sweep, before it re-sends any: the oldest stage queued and due |
 
 Locally the EMF lines are JSON lines on the poller's standard output (.maof/logs/poller.log);
 `GET /stats` and the CLI's `maof stats` show the same story from Postgres.

@@ -363,6 +363,9 @@ def sweep_once(until: float | None = None) -> dict[str, int]:
     batch until `until` (time.monotonic()) is near."""
     backlog = queue_backlog()
     grace = grace_for(backlog)
+    # Measured before stages are re-sent: a re-send restarts their wait (queued_at), and the
+    # age measured after it never passed the sweeper's own grace (nor the alarm's threshold).
+    oldest = _oldest_queued_age_or_none()
     totals = {
         "expired": 0,
         "requeued": 0,
@@ -408,6 +411,14 @@ def sweep_once(until: float | None = None) -> dict[str, int]:
             continue
         totals["requeued"] += len(swept.requeued)
         totals["failed"] += len(swept.failed)
+        for stage_id in swept.failed:  # as a worker counts the stages it ends
+            observability.metric(
+                "StagesFinished",
+                1,
+                dimensions={"Outcome": "failed"},
+                runId=run_id,
+                stageId=stage_id,
+            )
         totals["skipped"] += len(swept.skipped)
         if swept.requeued or swept.failed:
             logger.info(
@@ -419,7 +430,7 @@ def sweep_once(until: float | None = None) -> dict[str, int]:
     except Exception:
         logger.exception("delivering callbacks failed; going on")
         totals["errors"] += 1
-    _measure(totals)
+    _measure(totals, oldest)
     return totals
 
 
@@ -436,12 +447,18 @@ def oldest_queued_age() -> float:
     return float(age or 0)
 
 
-def _measure(totals: dict[str, int]) -> None:
-    observability.metric("SweeperRequeues", totals["requeued"] + totals["woken"])
+def _oldest_queued_age_or_none() -> float | None:
     try:
-        observability.metric("OldestQueuedStageAge", oldest_queued_age(), "seconds")
+        return oldest_queued_age()
     except Exception as exc:
         logger.warning("queue age unavailable", extra={"error": type(exc).__name__})
+        return None
+
+
+def _measure(totals: dict[str, int], oldest: float | None) -> None:
+    observability.metric("SweeperRequeues", totals["requeued"] + totals["woken"])
+    if oldest is not None:
+        observability.metric("OldestQueuedStageAge", oldest, "seconds")
 
 
 def sweep() -> dict[str, int]:

@@ -116,6 +116,21 @@ def restore_secret_key(monkeypatch: pytest.MonkeyPatch, used: str, rotated_to: s
     reset_settings()
 
 
+@pytest.fixture
+def nothing_else_stalled() -> None:
+    """Stages other tests left queued (no worker ran them) stall too, and the sweeper takes
+    the longest stalled first, up to its batch: behind hundreds of them (a test submitting
+    many runs earlier in the session), the stage a test made stall only a few seconds ago
+    was not swept. They are made due just now, out of this test's way."""
+    with db.session_scope() as session:
+        session.execute(
+            text(
+                "UPDATE stage_executions SET queued_at = now(), not_before = NULL "
+                "WHERE status = 'queued'"
+            )
+        )
+
+
 def urlparse_host(url: str, default_port: int) -> tuple[str, int]:
     from urllib.parse import urlparse
 

@@ -42,21 +42,6 @@ def set_stage(run_id: uuid.UUID, stage_id: str, assignments: str, **params: Any)
         )
 
 
-@pytest.fixture
-def nothing_else_stalled() -> None:
-    """Stages other tests left queued (no worker ran them) stall too, and the sweeper takes
-    the longest stalled first, up to its batch: behind hundreds of them (a test submitting
-    many runs earlier in the session), the stage a test made stall only a few seconds ago
-    was not swept. They are made due just now, out of this test's way."""
-    with session_scope() as session:
-        session.execute(
-            text(
-                "UPDATE stage_executions SET queued_at = now(), not_before = NULL "
-                "WHERE status = 'queued'"
-            )
-        )
-
-
 # ------------------------------------------------------------------ the sweeper's ceilings
 
 

@@ -11,11 +11,12 @@ import pytest
 from sqlalchemy import text
 
 from chalicelib import db
+from chalicelib.config import get_settings
 from chalicelib.core.api import parse_run_ref
-from chalicelib.engine import handlers
+from chalicelib.engine import handlers, stages, sweeper
 from chalicelib.logs import logger
 from tests.integration.conftest import Api, register_agent, unique_capability, wait_for_run
-from tests.integration.test_delivery import chain, record, submit_direct
+from tests.integration.test_delivery import chain, record, stage_row, submit_direct
 from tests.support.agents import ScriptedAgent, error
 
 
@@ -229,3 +230,65 @@ def test_a_stage_that_waited_then_found_a_slot_at_its_last_look_is_counted_once(
     assert [line["Outcome"] for line in metrics["StagesFinished"]] == ["completed"]
     assert len(metrics["StageDuration"]) == len(metrics["StageAttempts"]) == 1
     assert len(metrics["CapacityWaits"]) == 1
+
+
+def test_the_oldest_queued_age_is_measured_before_the_sweep_re_sends_the_stage(
+    user: Api,
+    sent: Any,
+    nothing_else_stalled: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Workers behind (a backlog): a stage due for 400 s is re-sent by the sweep, which
+    restarts its wait. Measured after that, the age never passed the sweeper's grace, which
+    is the OldestQueuedStage alarm's threshold: the alarm could not fire when it should."""
+    capability = unique_capability("oldest")
+    register_agent(user, capability)
+    run_id = submit_direct(user, chain(capability, "a"))
+    with db.session_scope() as session:
+        session.execute(
+            text(
+                "UPDATE stage_executions SET queued_at = now() - interval '400 seconds' "
+                "WHERE run_id = :r AND stage_id = 'a'"
+            ),
+            {"r": run_id},
+        )
+    monkeypatch.setattr(sweeper, "queue_backlog", lambda: 5000)
+    monkeypatch.setattr(sweeper, "send_stage_messages", sent)
+    capsys.readouterr()
+    sweeper.sweep_once()
+    metrics = by_metric(emf_lines(capsys.readouterr().out))
+    assert (run_id, "a") in sent.sent  # re-sent
+    [age] = metrics["OldestQueuedStageAge"]
+    assert age["OldestQueuedStageAge"][0] >= 400, age
+
+
+def test_a_stage_the_sweeper_fails_is_counted_as_finished_failed(
+    user: Api,
+    sent: Any,
+    nothing_else_stalled: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A stage whose worker kept dying is failed by the sweeper: no StagesFinished was
+    written, so the StageFailureRate alarm never saw the failures an operator most needs."""
+    capability = unique_capability("swept-fail")
+    register_agent(user, capability)
+    run_id = submit_direct(user, chain(capability, "a"))
+    assert stages.claim_stage(run_id, "a") is not None  # its worker then dies, again
+    with db.session_scope() as session:
+        session.execute(
+            text(
+                "UPDATE stage_executions SET lease_expires_at = now() - interval '1 second', "
+                "lease_expiries = :n WHERE run_id = :r AND stage_id = 'a'"
+            ),
+            {"r": run_id, "n": get_settings().stage_max_lease_expiries},
+        )
+    monkeypatch.setattr(sweeper, "queue_backlog", lambda: 0)
+    monkeypatch.setattr(sweeper, "send_stage_messages", sent)
+    capsys.readouterr()
+    sweeper.sweep_once()
+    metrics = by_metric(emf_lines(capsys.readouterr().out))
+    assert stage_row(run_id, "a").status == "failed"
+    mine = [m for m in metrics.get("StagesFinished", []) if m["runId"] == str(run_id)]
+    assert [(m["stageId"], m["Outcome"]) for m in mine] == [("a", "failed")], sorted(metrics)

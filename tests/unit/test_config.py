@@ -461,6 +461,17 @@ def test_an_unset_response_cap_follows_the_output_cap_however_settings_read_it(
     assert load_settings().agent_max_response_bytes == 2_065_536
 
 
+@pytest.mark.parametrize("password", ["Tok3nSecret#x", "s3cr3tPart?rest"])
+def test_a_redis_url_refused_never_shows_its_password(
+    monkeypatch: pytest.MonkeyPatch, password: str
+) -> None:
+    """An AUTH token with # or ? written unescaped: redis-py's words quoted the token's first
+    part ("Port could not be cast to integer value as 'Tok3nSecret'") into the logs."""
+    monkeypatch.setenv("MAOF_REDIS_URL", f"rediss://default:{password}@cache.example:6379/0")
+    message = refusal("MAOF_REDIS_URL")
+    assert password.split("#")[0].split("?")[0] not in message, message
+
+
 def test_the_default_agent_timeout_is_held_to_the_run_stage_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -482,10 +493,10 @@ def test_the_default_agent_timeout_is_held_to_the_run_stage_timeout(
 @pytest.mark.parametrize(
     ("url", "what"),
     [
-        ("redis://127.0.0.1:63x9/15", "Port could not be cast"),  # each use a ValueError: 500s
+        ("redis://127.0.0.1:63x9/15", "not a valid Redis URL"),  # each use a ValueError: 500s
         ("redis://127.0.0.1:6379/db13", "database by number"),  # redis-py would use db 0
-        ("redis://127.0.0.1:6379/?db=x", "Invalid value for 'db'"),
-        ("redis://cache..internal:6379/0", "idna"),  # refused as a name at each connect
+        ("redis://127.0.0.1:6379/?db=x", "not a valid Redis URL"),
+        ("redis://cache..internal:6379/0", "not a valid Redis URL"),  # refused at each connect
     ],
 )
 def test_a_malformed_redis_url_is_refused_at_start_up(
