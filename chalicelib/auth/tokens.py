@@ -87,6 +87,12 @@ def issue(
     return jwt.encode(claims, secret, algorithm=ALGORITHM, headers={"kid": key_id(secret)})
 
 
+# The hosts that issue and check tokens (Lambda execution environments) read their own
+# clocks: a token issued on a host a second ahead had its `iat` in the checker's future and
+# was refused as invalid; `exp` is read with the same allowance.
+CLOCK_LEEWAY_SECONDS = 30
+
+
 def decode(token: str, expected_type: str) -> TokenClaims:
     """The claims of a valid token of `expected_type`; 401 for anything else."""
     keys = _verification_keys(*secrets())
@@ -100,6 +106,7 @@ def decode(token: str, expected_type: str) -> TokenClaims:
             secret,
             algorithms=[ALGORITHM],  # pinned: `alg: none` and key confusion are refused
             options={"require": ["sub", "type", "exp", "iat", "jti", "sid", "ver"]},
+            leeway=CLOCK_LEEWAY_SECONDS,
         )
     except jwt.ExpiredSignatureError:
         raise errors.Unauthorized("Token has expired") from None

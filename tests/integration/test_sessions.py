@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import jwt
@@ -103,6 +105,40 @@ def test_logout_ends_that_session_only(api: Api, account: Account) -> None:
     again = api.post("/auth/logout", {"refreshToken": mine["refreshToken"]})
     assert again.json()["data"] == {"sessionsEnded": 0}
     assert api.post("/auth/logout", {"refreshToken": "garbage"}).status_code == 200
+
+
+@pytest.fixture
+def issued_on_a_host_ahead(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Tokens issued while this fixture is on come from a host whose clock is 2 s ahead
+    (each Lambda execution environment reads its own clock); checked by this one's."""
+    from chalicelib.auth import tokens
+
+    real = time.time
+    monkeypatch.setattr(
+        tokens, "time", SimpleNamespace(time=lambda: real() + 2.0, monotonic=time.monotonic)
+    )
+    yield
+    monkeypatch.setattr(tokens, "time", time)
+
+
+def test_a_token_issued_on_a_host_ahead_is_accepted_at_once_elsewhere(
+    api: Api, account: Account, issued_on_a_host_ahead: None
+) -> None:
+    """Its `iat` in the checking host's future, a fresh token was refused: 401 "Invalid
+    token" on /auth/me and /auth/refresh, a client re-signing in, in a loop."""
+    tokens = account.sign_in()
+    assert me(api, tokens["accessToken"]) == 200
+    assert refresh(api, tokens["refreshToken"]).status_code == 200
+
+
+def test_signing_out_at_once_after_signing_in_on_a_host_ahead_ends_the_session(
+    api: Api, account: Account, issued_on_a_host_ahead: None
+) -> None:
+    """The sign-out answered 200 with sessionsEnded 0, and the session lived on."""
+    mine = account.sign_in()
+    response = api.post("/auth/logout", {"refreshToken": mine["refreshToken"]})
+    assert response.json()["data"] == {"sessionsEnded": 1}
+    assert refresh(api, mine["refreshToken"]).status_code == 401
 
 
 def test_logout_all_ends_every_session_and_its_access_tokens(api: Api, account: Account) -> None:
