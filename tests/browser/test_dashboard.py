@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import requests
-from playwright.sync_api import Page, Route, expect
+from playwright.sync_api import Browser, Page, Route, expect
 
 from tests.browser.conftest import (
     AgentServer,
@@ -676,3 +676,31 @@ def test_a_workflow_written_in_yaml_runs(
     run = user.get(f"/workflows/{page.url.rsplit('/', 1)[1]}").json()["data"]
     assert run["input"] == {"text": "hello from YAML"}
     screenshot(page, "yaml-run")
+
+
+def test_the_fortnight_chart_files_runs_by_local_calendar_day_across_a_dst_change(
+    browser: Browser, dashboard_url: str
+) -> None:
+    """Its buckets were 24 h steps back from local midnight: across a daylight-saving change
+    (New York, 2026-03-08: 23 hours) every bucket before it began at 23:00 the day before,
+    so a run at noon on March 8 was drawn under "Mar 7", and no bar was March 8's."""
+    context = browser.new_context(timezone_id="America/New_York")
+    try:
+        page = context.new_page()
+        page.goto(dashboard_url)
+        found = page.evaluate(
+            """async () => {
+              const { bucketRuns } = await import(new URL('js/pages/overview.js', document.baseURI));
+              const now = Date.parse('2026-03-10T16:00:00Z');  // noon in New York
+              const run = { createdAt: '2026-03-08T17:00:00Z', status: 'completed' };  // noon
+              const rows = bucketRuns([run], 'fortnight', now);
+              const day = (t) => new Date(t).toLocaleDateString('en-US', { month: 'short', day: 'numeric' });
+              return { hit: day(rows.find((r) => r.completed === 1).start), days: rows.map((r) => day(r.start)),
+                       midnights: rows.every((r) => new Date(r.start).getHours() === 0) };
+            }"""
+        )
+    finally:
+        context.close()
+    assert found["hit"] == "Mar 8", found
+    assert found["days"][-3:] == ["Mar 8", "Mar 9", "Mar 10"], found
+    assert found["midnights"] and len(found["days"]) == 14, found

@@ -51,19 +51,30 @@ function statCard({ id, label, value, sub, iconName, tone }) {
   );
 }
 
-function bucketRuns(runs, windowKey, now = Date.now()) {
+// The chart's buckets, oldest first: the last 24 clock hours, or the last 14 local calendar
+// days (stepped by date, not by 24 h: a day across a daylight-saving change has 23 or 25).
+export function bucketRuns(runs, windowKey, now = Date.now()) {
   const { buckets, size } = WINDOWS[windowKey];
-  const end = windowKey === 'day' ? Math.ceil(now / size) * size : (() => {
+  const edges = [];
+  if (windowKey === 'day') {
+    const end = Math.ceil(now / size) * size;
+    for (let i = buckets; i >= 0; i--) edges.push(end - i * size);
+  } else {
     const d = new Date(now);
-    d.setHours(24, 0, 0, 0);
-    return d.getTime();
-  })();
-  const start = end - buckets * size;
-  const rows = Array.from({ length: buckets }, (_, i) => ({ start: start + i * size, completed: 0, failed: 0, cancelled: 0, live: 0 }));
+    d.setHours(24, 0, 0, 0); // the coming local midnight
+    for (let i = 0; i <= buckets; i++) {
+      edges.unshift(d.getTime());
+      d.setDate(d.getDate() - 1);
+    }
+  }
+  const rows = edges.slice(0, -1).map((start) => ({ start, completed: 0, failed: 0, cancelled: 0, live: 0 }));
+  const [start, end] = [edges[0], edges[edges.length - 1]];
   for (const run of runs) {
     const t = parseTime(run.createdAt)?.getTime();
     if (t === undefined || t < start || t >= end) continue;
-    const row = rows[Math.floor((t - start) / size)];
+    let index = rows.length - 1;
+    while (edges[index] > t) index--;
+    const row = rows[index];
     if (run.status === 'completed') row.completed++;
     else if (run.status === 'failed') row.failed++;
     else if (run.status === 'cancelled') row.cancelled++;
