@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
+import uuid
 from collections.abc import Iterator
+from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -136,3 +139,29 @@ def test_a_healthy_body_over_4_kib_is_degraded(hserver, padding, status):
     parsed, and a longer body starting with {"status": "healthy"} read as online."""
     hserver.health_script.append((0.0, 200, HEALTHY + b" " * padding))
     assert health.probe(hserver.url) == status
+
+
+def test_of_two_checks_from_hosts_whose_clocks_differ_the_later_one_stands(
+    user: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scheduled check ran on a host whose clock was 5 s ahead (online); the owner's
+    check a moment later on another host (offline) was taken for the older and dropped:
+    "the newest result stands" compared two hosts' clocks. They are ordered by the
+    database's."""
+    agent = register_agent(user, unique_capability("hc-clocks"))
+    agent_id = uuid.UUID(agent["agentUuid"])
+
+    class Ahead:
+        @staticmethod
+        def now(tz: Any = None) -> datetime:
+            return datetime.now(tz) + timedelta(seconds=5)
+
+    monkeypatch.setattr(health, "probe", lambda endpoint: "online")
+    monkeypatch.setattr(health, "datetime", Ahead)  # the schedule's host
+    health.check([(agent_id, agent["endpoint"])])
+    monkeypatch.setattr(health, "probe", lambda endpoint: "offline")
+    monkeypatch.setattr(health, "datetime", datetime)  # the owner's request, later
+    answered = health.check([(agent_id, agent["endpoint"])])
+    assert [a.status for a in answered] == ["offline"]
+    with session_scope() as session:
+        assert session.get(Agent, agent_id).status == "offline"  # type: ignore[union-attr]
