@@ -206,9 +206,17 @@ def test_a_token_of_an_unknown_type_is_refused(kind: Any) -> None:
 
 
 def test_an_expired_token_is_refused() -> None:
+    """Past its expiry by more than the clocks' allowance (tokens.CLOCK_LEEWAY_SECONDS)."""
     now = int(time.time())
-    message = refused(sign(claims(iat=now - 120, exp=now - 1)))
+    late = tokens.CLOCK_LEEWAY_SECONDS + 1
+    message = refused(sign(claims(iat=now - 120 - late, exp=now - late)))
     assert "expired" in message.lower()
+
+
+def test_a_token_issued_on_a_host_a_little_ahead_is_accepted() -> None:
+    """Its `iat` seconds in this host's future (the issuing host's clock ahead)."""
+    now = int(time.time())
+    assert tokens.decode(sign(claims(iat=now + 5, exp=now + 600)), tokens.ACCESS)
 
 
 @pytest.mark.parametrize("claim", ["sub", "type", "exp", "iat", "jti", "sid", "ver"])
