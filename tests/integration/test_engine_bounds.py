@@ -429,32 +429,26 @@ def test_a_first_stage_without_input_is_400_when_the_workflow_input_is_over_the_
     assert response.json()["error"]["details"][0]["field"] == "workflow.stages.0.input"
 
 
-def test_outputs_past_the_run_total_fail_the_stage(user: Api, sent, small_caps):
-    agent = ScriptedAgent(default=ok({"blob": "y" * 1800})).start()
+@pytest.mark.parametrize(
+    ("output", "stage_input"),
+    [
+        ({"blob": "y" * 1800}, None),  # the outputs pass the run total
+        # Each completed stage's resolved input is stored (and answered by the run's
+        # detail) with its output: one large input given to many stages must not grow the
+        # run past MAOF_RUN_MAX_OUTPUT_BYTES while their outputs stay tiny.
+        ({"r": 1}, "x" * 1900),  # under the stage input cap (2,000), two over the run's
+    ],
+)
+def test_what_a_run_stores_past_its_total_fails_the_stage_and_the_run(
+    user: Api, sent, small_caps, output: Any, stage_input: str | None
+):
+    agent = ScriptedAgent(default=ok(output)).start()
     try:
         capability = unique_capability("total")
         register_agent(user, capability, endpoint=agent.url)
-        run_id = submit_direct(user, chain(capability, "a", "b"))
-        handlers.run_stage_batch([record(run_id, "a")])
-        assert stage_row(run_id, "a").status == "completed"
-        handlers.run_stage_batch([record(run_id, "b")])
-        row = stage_row(run_id, "b")
-        assert row.status == "failed"
-        assert "MAOF_RUN_MAX_OUTPUT_BYTES" in (row.error_message or "")
-    finally:
-        agent.stop()
-
-
-def test_stored_inputs_count_toward_the_run_total_with_the_outputs(user: Api, sent, small_caps):
-    """Each completed stage's resolved input is stored (and answered by the run's detail)
-    with its output: one large input given to many stages must not grow the run past
-    MAOF_RUN_MAX_OUTPUT_BYTES while their outputs stay tiny."""
-    agent = ScriptedAgent(default=ok({"r": 1})).start()
-    try:
-        capability = unique_capability("inputs")
-        register_agent(user, capability, endpoint=agent.url)
-        big = "x" * 1900  # under the stage input cap (2,000), two of them over the run's
-        stages_ = [{"id": s, "name": s, "agentCapability": capability, "input": big} for s in "ab"]
+        stages_ = chain(capability, "a", "b")
+        for stage in stages_ if stage_input is not None else []:
+            stage["input"] = stage_input
         run_id = submit_direct(user, stages_)
         handlers.run_stage_batch([record(run_id, "a")])
         assert stage_row(run_id, "a").status == "completed"

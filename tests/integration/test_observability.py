@@ -17,6 +17,7 @@ from chalicelib.engine import handlers, stages, sweeper
 from chalicelib.logs import logger
 from tests.integration.conftest import Api, register_agent, unique_capability, wait_for_run
 from tests.integration.test_delivery import chain, record, stage_row, submit_direct
+from tests.integration.test_engine_bounds import set_stage
 from tests.support.agents import ScriptedAgent, error
 
 
@@ -245,14 +246,7 @@ def test_the_oldest_queued_age_is_measured_before_the_sweep_re_sends_the_stage(
     capability = unique_capability("oldest")
     register_agent(user, capability)
     run_id = submit_direct(user, chain(capability, "a"))
-    with db.session_scope() as session:
-        session.execute(
-            text(
-                "UPDATE stage_executions SET queued_at = now() - interval '400 seconds' "
-                "WHERE run_id = :r AND stage_id = 'a'"
-            ),
-            {"r": run_id},
-        )
+    set_stage(run_id, "a", "queued_at = now() - interval '400 seconds'")
     monkeypatch.setattr(sweeper, "queue_backlog", lambda: 5000)
     monkeypatch.setattr(sweeper, "send_stage_messages", sent)
     capsys.readouterr()
@@ -276,14 +270,12 @@ def test_a_stage_the_sweeper_fails_is_counted_as_finished_failed(
     register_agent(user, capability)
     run_id = submit_direct(user, chain(capability, "a"))
     assert stages.claim_stage(run_id, "a") is not None  # its worker then dies, again
-    with db.session_scope() as session:
-        session.execute(
-            text(
-                "UPDATE stage_executions SET lease_expires_at = now() - interval '1 second', "
-                "lease_expiries = :n WHERE run_id = :r AND stage_id = 'a'"
-            ),
-            {"r": run_id, "n": get_settings().stage_max_lease_expiries},
-        )
+    set_stage(
+        run_id,
+        "a",
+        "lease_expires_at = now() - interval '1 second', lease_expiries = :n",
+        n=get_settings().stage_max_lease_expiries,
+    )
     monkeypatch.setattr(sweeper, "queue_backlog", lambda: 0)
     monkeypatch.setattr(sweeper, "send_stage_messages", sent)
     capsys.readouterr()
