@@ -7,9 +7,11 @@ however many of them someone registers, no other user's stage pays to read them.
 from __future__ import annotations
 
 import uuid
+from contextlib import nullcontext
 from typing import Any
 
 from sqlalchemy import or_, select, text
+from sqlalchemy.orm import Session
 
 from chalicelib import cache
 from chalicelib.config import get_settings
@@ -37,15 +39,19 @@ def invalidate(capabilities: list[str]) -> None:
 
 
 def candidates_uncached(
-    capability: str, owner: uuid.UUID, generation: int | None = None
+    capability: str,
+    owner: uuid.UUID,
+    generation: int | None = None,
+    session: Session | None = None,
 ) -> list[dict[str, Any]]:
     """Live, not-offline agents declaring `capability` that may serve `owner`'s runs, read
-    from Postgres and cached for the next callers under `generation` (the capability's
-    generation read before this lookup began; None: read it now)."""
+    from Postgres (in `session`, if given, else in a session of its own) and cached for the
+    next callers under `generation` (the capability's generation read before this lookup
+    began; None: read it now)."""
     if generation is None:
         generation = cache.counter(capability_generation_key(capability))
-    with session_scope() as session:
-        rows = session.execute(
+    with session_scope() if session is None else nullcontext(session) as reading:
+        rows = reading.execute(
             select(
                 Agent.id,
                 Agent.agent_id,

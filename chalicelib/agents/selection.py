@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
 
 import redis
+from sqlalchemy.orm import Session
 
 from chalicelib import cache
 from chalicelib.agents.candidates import (
@@ -182,11 +183,11 @@ LAST_SEEN_KEPT = 4096
 
 
 def _candidates_and_figures(
-    capability: str, owner: uuid.UUID
+    capability: str, owner: uuid.UUID, session: Session | None = None
 ) -> tuple[list[dict[str, Any]], dict[str, Figures]]:
     """The capability's candidates for `owner` (cached in Redis for the current
-    generation, else read from Postgres), and the figures of the agents among them that
-    were read with the list (possibly none)."""
+    generation, else read from Postgres, in `session` if given), and the figures of the
+    agents among them that were read with the list (possibly none)."""
     guess = _last_seen.get((capability, owner), [])
     try:
         pipe = cache.get_redis().pipeline(transaction=False)
@@ -203,13 +204,13 @@ def _candidates_and_figures(
             "redis unavailable for read",
             extra={"key": capability_cache_key(capability, owner), "error": type(exc).__name__},
         )
-        return candidates_uncached(capability, owner, generation=None), {}
+        return candidates_uncached(capability, owner, None, session), {}
     generation = int(values[1] or 0)
     entry = json.loads(str(values[0])) if values[0] is not None else None
     found = cached_candidates(entry, generation)
     known: dict[str, Figures] = {}
     if found is None:
-        found = candidates_uncached(capability, owner, generation)  # read Postgres, and cache
+        found = candidates_uncached(capability, owner, generation, session)  # Postgres, cached
     else:
         known = {u: figures_of(values[2 + 2 * i : 4 + 2 * i]) for i, u in enumerate(guess)}
     if len(_last_seen) >= LAST_SEEN_KEPT:
@@ -266,25 +267,26 @@ def busy_reason(capability: str) -> str:
     return f"every agent with the capability '{capability}' is at capacity"
 
 
-def waiting_reason(capability: str, owner: uuid.UUID) -> str | None:
+def waiting_reason(capability: str, owner: uuid.UUID, session: Session | None = None) -> str | None:
     """Why a stage of `owner`'s run needing `capability` would wait if it came round now
     (every agent that may serve it at capacity), or None: then it is sent, and a worker
-    looks for a slot as usual (and fails it, if it may not wait: MAOF_STAGE_MAX_WAITS 0)."""
+    looks for a slot as usual (and fails it, if it may not wait: MAOF_STAGE_MAX_WAITS 0).
+    Postgres, if read, is read in `session` when given."""
     if get_settings().stage_max_waits < 1:
         return None
     try:
-        return None if may_have_room(capability, owner) else busy_reason(capability)
+        return None if may_have_room(capability, owner, session) else busy_reason(capability)
     except Exception as exc:  # cannot tell: send it
         logger.warning("could not read agent capacity", extra={"error": type(exc).__name__})
         return None
 
 
-def may_have_room(capability: str, owner: uuid.UUID) -> bool:
+def may_have_room(capability: str, owner: uuid.UUID, session: Session | None = None) -> bool:
     """Whether a stage of `owner`'s run needing the capability could find a slot now: an
     agent with it that may serve the run has one free, or none is left (the stage then
     fails), or Redis cannot say (capacity is not enforced then). False only when every
     agent that may serve it is at capacity: other users' private agents never count."""
-    listed, known = _candidates_and_figures(capability, owner)
+    listed, known = _candidates_and_figures(capability, owner, session)
     listed = [a for a in listed if serves(a, owner)]
     uuids = [a["agentUuid"] for a in listed]
     figures = [known[u] for u in uuids] if all(u in known for u in uuids) else _figures(uuids)

@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import case, func, select, text, true
+from sqlalchemy import Connection, case, func, select, text, true
 from sqlalchemy.orm import Session, aliased
 
 from chalicelib import limits, observability
@@ -61,79 +61,94 @@ def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -
     queued or in progress (counted by the insert itself, so no extra round trip).
 
     With an Idempotency-Key (`key`, per user, kept 24 h) the same statement claims the
-    key: a second submission with the key (even one racing the first: it waits on the
-    key's row) stores nothing and gets the first run, or a 409 if its body differs. A key
-    older than 24 h is forgotten: the submission is a new one (quota and all). A resent
-    submission whose key is live is answered before the rate is counted: it stores
-    nothing, and a client resending after a timeout must get its run back, not a 429.
+    key: a second submission with the key stores nothing and gets the first run, or a 409
+    if its body differs. A key older than 24 h is forgotten: the submission is a new one
+    (quota and all). A resent submission whose key is live is answered before the rate is
+    counted: it stores nothing, and a client resending after a timeout must get its run
+    back, not a 429. So is a duplicate racing the first: it waits for the first to commit or
+    fail (hold_key), then looks for its run.
     Nothing costly is done before the rate is counted but what a key needs: the body's
     hash (most of a second for a large body) only with one."""
     body_hash = None
+    live_since = datetime.now(UTC) - timedelta(days=KEY_DAYS)
     if key is not None:
         body_hash = chain.sha256_json(body.model_dump(by_alias=True, mode="json"))
-        live_since = datetime.now(UTC) - timedelta(days=KEY_DAYS)
-        if (earlier := _earlier_submission(principal, key, body_hash, live_since)) is not None:
+        with autocommit_connection() as conn:  # a resend's answer: one round trip, no lock
+            earlier = _earlier_submission(conn, principal, key, body_hash, live_since)
+        if earlier is not None:
             return earlier
-    limits.limit_submissions(str(principal.user_uuid))
-    check_dag(body.workflow)
-    check_timeouts(body.workflow)
-    check_input_sizes(body.workflow, body.input)
-    run_id = uuid.uuid4()
-    stages = body.workflow.stages
-    # A first stage whose every agent is full waits for a slot from the start (as it
-    # would once its message came round, found them full and parked it).
-    first = [stage for stage in stages if not stage.dependencies]
-    owner = principal.user_uuid
-    reasons = {c: waiting_reason(c, owner) for c in {stage.agent_capability for stage in first}}
-    full = {capability: reason for capability, reason in reasons.items() if reason}
-    waiting = [stage for stage in first if stage.agent_capability in full]
-    roots = [stage.id for stage in first if stage.agent_capability not in full]
-    rows = [
-        {
-            "stage_id": stage.id,
-            "stage_name": stage.name,
-            "position": position,
-            "capability": stage.agent_capability,
-            "dependencies": stage.dependencies,
-            "needs": needed_outputs(stage),
-            # JSON texts: a None is stored as JSON null, as the ORM stores it.
-            "input_template": dumps(stage.input),
-            "config": dumps(
-                stage.config.model_dump(by_alias=True, exclude_none=True) if stage.config else None
-            ),
-            "ready": not stage.dependencies,
-            "waiting": not stage.dependencies and stage.agent_capability in full,
-        }
-        for position, stage in enumerate(stages)
-    ]
-    # A new run's chain starts at GENESIS: no head to read.
-    entry = chain.next_entry(
-        run_id,
-        None,
-        None,
-        "submit",
-        "queued",
-        input_hash=chain.value_hash(body.input),
-        details={"workflowName": body.workflow.name, "stages": len(stages)},
-    )
-    waits: list[AuditEntry] = []
-    for stage in waiting:  # each waiting stage's one `wait` entry
-        last = waits[-1] if waits else entry
-        details = {"reason": full[stage.agent_capability], "attempt": 1}
-        waits.append(
-            chain.next_entry(
-                run_id,
-                last.seq,
-                last.entry_hash,
-                "wait",
-                "waiting",
-                stage_id=stage.id,
-                details=details,
-            )
-        )
-    max_active = get_settings().max_active_runs
-    callback = body.callback
+    # The session takes a connection at its first statement: an unkeyed submission holds
+    # none while it is counted and checked. Whatever is read once a key is held is read in
+    # it: submissions each holding a connection and waiting for a second could use up the
+    # pool (the local server's, shared by its threads) and stall one another.
     with session_scope() as session:
+        if key is not None and body_hash is not None:
+            hold_key(session, principal.user_uuid, key)
+            earlier = _earlier_submission(session, principal, key, body_hash, live_since)
+            if earlier is not None:
+                return earlier
+        limits.limit_submissions(str(principal.user_uuid))
+        check_dag(body.workflow)
+        check_timeouts(body.workflow)
+        check_input_sizes(body.workflow, body.input)
+        run_id = uuid.uuid4()
+        stages = body.workflow.stages
+        # A first stage whose every agent is full waits for a slot from the start (as it
+        # would once its message came round, found them full and parked it).
+        first = [stage for stage in stages if not stage.dependencies]
+        owner = principal.user_uuid
+        capabilities = {stage.agent_capability for stage in first}
+        reasons = {c: waiting_reason(c, owner, session) for c in capabilities}
+        full = {capability: reason for capability, reason in reasons.items() if reason}
+        waiting = [stage for stage in first if stage.agent_capability in full]
+        roots = [stage.id for stage in first if stage.agent_capability not in full]
+        rows = [
+            {
+                "stage_id": stage.id,
+                "stage_name": stage.name,
+                "position": position,
+                "capability": stage.agent_capability,
+                "dependencies": stage.dependencies,
+                "needs": needed_outputs(stage),
+                # JSON texts: a None is stored as JSON null, as the ORM stores it.
+                "input_template": dumps(stage.input),
+                "config": dumps(
+                    stage.config.model_dump(by_alias=True, exclude_none=True)
+                    if stage.config
+                    else None
+                ),
+                "ready": not stage.dependencies,
+                "waiting": not stage.dependencies and stage.agent_capability in full,
+            }
+            for position, stage in enumerate(stages)
+        ]
+        # A new run's chain starts at GENESIS: no head to read.
+        entry = chain.next_entry(
+            run_id,
+            None,
+            None,
+            "submit",
+            "queued",
+            input_hash=chain.value_hash(body.input),
+            details={"workflowName": body.workflow.name, "stages": len(stages)},
+        )
+        waits: list[AuditEntry] = []
+        for stage in waiting:  # each waiting stage's one `wait` entry
+            last = waits[-1] if waits else entry
+            details = {"reason": full[stage.agent_capability], "attempt": 1}
+            waits.append(
+                chain.next_entry(
+                    run_id,
+                    last.seq,
+                    last.entry_hash,
+                    "wait",
+                    "waiting",
+                    stage_id=stage.id,
+                    details=details,
+                )
+            )
+        max_active = get_settings().max_active_runs
+        callback = body.callback
         hold_quota(session, principal.user_uuid)
         stored = session.execute(
             _SUBMIT,
@@ -155,7 +170,8 @@ def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -
             },
         ).one()
     if key is not None and not stored.keyed:
-        earlier = _earlier_submission(principal, key, stored.body_hash, stored.key_cutoff)
+        with autocommit_connection() as conn:
+            earlier = _earlier_submission(conn, principal, key, stored.body_hash, stored.key_cutoff)
         if earlier is not None:
             return earlier
         # The key was free or had expired, and still not claimed: the only reason is the
@@ -208,6 +224,18 @@ def hold_quota(session: Session, user_id: uuid.UUID) -> None:
     )
 
 
+def hold_key(session: Session, user_id: uuid.UUID, key: str) -> None:
+    """Take the user's Idempotency-Key `key` for the session's transaction: a submission
+    with it waits until another one with it has committed or failed, then finds its run.
+    Without it, duplicates sent at once were each counted by the submission rate before
+    any could see the run, and ten at a rate of three got three 429s. Taken before
+    hold_quota, and nothing holding the quota waits for a key: they cannot deadlock."""
+    session.execute(
+        text("SELECT pg_advisory_xact_lock(hashtextextended(:name, 0))"),
+        {"name": f"maof:submission-key:{user_id}:{key}"},
+    )
+
+
 def active_runs(session: Session, user_id: uuid.UUID) -> int:
     return int(
         session.execute(
@@ -232,7 +260,7 @@ KEY_DAYS = SUBMISSION_KEY_DAYS
 
 
 def _earlier_submission(
-    principal: Principal, key: str, body_hash: str, cutoff: datetime
+    conn: Connection | Session, principal: Principal, key: str, body_hash: str, cutoff: datetime
 ) -> Reply | None:
     """The run a live Idempotency-Key already made (202, as the first answer was), a 409
     if the body differs, or None if the key is free or expired (taken before `cutoff`): an
@@ -240,15 +268,14 @@ def _earlier_submission(
 
     `cutoff` is the one _SUBMIT used, not this statement's: a key it found live (and so
     did not take over) is found here even if it expired in between."""
-    with autocommit_connection() as conn:
-        earlier = conn.execute(
-            text(
-                "SELECT k.body_hash, k.run_id, r.status FROM submission_keys AS k "
-                "JOIN workflow_runs AS r ON r.id = k.run_id "
-                "WHERE k.user_id = :user_id AND k.key = :key AND k.created_at >= :cutoff"
-            ),
-            {"user_id": principal.user_uuid, "key": key, "cutoff": cutoff},
-        ).first()
+    earlier = conn.execute(
+        text(
+            "SELECT k.body_hash, k.run_id, r.status FROM submission_keys AS k "
+            "JOIN workflow_runs AS r ON r.id = k.run_id "
+            "WHERE k.user_id = :user_id AND k.key = :key AND k.created_at >= :cutoff"
+        ),
+        {"user_id": principal.user_uuid, "key": key, "cutoff": cutoff},
+    ).first()
     if earlier is None:
         return None
     if earlier.body_hash != body_hash:

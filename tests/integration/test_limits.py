@@ -315,6 +315,61 @@ def test_a_resent_submission_whose_key_is_live_gets_its_run_past_the_rate(
     rate_limited(user.post("/workflows/execute", one_stage_run(capability)))
 
 
+def test_duplicates_sent_at_once_with_one_key_get_the_run_and_spend_one_submission(
+    user: Api, sent: Any, settings_env: dict[str, str]
+) -> None:
+    """Duplicates racing the first submission's commit were each counted by the rate
+    before any could see its key: those past MAOF_SUBMISSIONS_PER_MINUTE got a 429 (and
+    the others used up the user's rate). Each now waits for the one in flight, then gets
+    its run, counted once."""
+    apply(settings_env, MAOF_SUBMISSIONS_PER_MINUTE="3")
+    capability = unique_capability("rate-race")
+    keyed = {"Idempotency-Key": f"race-{uuid.uuid4()}"}
+    barrier = threading.Barrier(10)
+
+    def submit(_: int) -> requests.Response:
+        barrier.wait()
+        return user.post("/workflows/execute", one_stage_run(capability), headers=keyed)
+
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(submit, range(10)))
+    assert [a.status_code for a in answers] == [202] * 10, [a.text for a in answers]
+    assert len({a.json()["data"]["workflowRunId"] for a in answers}) == 1
+    for _ in range(2):  # the rest of the minute's three
+        assert user.post("/workflows/execute", one_stage_run(capability)).status_code == 202
+    rate_limited(user.post("/workflows/execute", one_stage_run(capability)))
+
+
+@pytest.fixture
+def one_connection(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A pool of one connection, no overflow: what needs a second waits for the pool."""
+    monkeypatch.setenv("MAOF_DB_POOL_SIZE", "1")
+    monkeypatch.setenv("MAOF_DB_MAX_OVERFLOW", "0")
+    reset_settings()
+    db.get_engine.cache_clear()
+    db._session_factory.cache_clear()
+    yield
+    db.get_engine().dispose()
+    monkeypatch.undo()
+    reset_settings()
+    db.get_engine.cache_clear()
+    db._session_factory.cache_clear()
+
+
+def test_a_keyed_submission_holding_its_key_takes_no_second_connection(
+    user: Api, sent: Any, one_connection: None
+) -> None:
+    """A keyed submission holds its key, on its connection, until it commits. Its
+    capability's agents, read from Postgres on a cache miss, were read on a second one:
+    submissions each holding a connection and waiting for another could use up a pool (the
+    local server's, shared by its threads; here, its one connection) and stall."""
+    capability = unique_capability("one-conn")
+    register_agent(user, capability)  # the capability's cached agents are stale now
+    keyed = {"Idempotency-Key": f"one-conn-{uuid.uuid4()}"}
+    response = user.post("/workflows/execute", one_stage_run(capability), headers=keyed)
+    assert response.status_code == 202, response.text
+
+
 def test_a_submission_refused_for_the_rate_without_a_key_never_hashes_its_body(
     user: Api, settings_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
