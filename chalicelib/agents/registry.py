@@ -177,7 +177,8 @@ def register(
     principal: Principal, body: RegisterAgentRequest, available: health.Available | None = None
 ) -> responses.Agent:
     """Register an agent, probe it, and (unless the probe found it offline) tell
-    `available` of it: stages may be waiting for what it serves."""
+    `available` of it: stages may be waiting for what it serves. Once stored, it is
+    answered (201) even if deleted before its probe ends."""
     _refuse_sharing(principal, body.visibility)
     # Registering probes at once; counted first, so a refused registration makes no agent
     # (a register and delete loop would otherwise probe without limit).
@@ -205,17 +206,20 @@ def register(
     invalidate(agent.capabilities)
     # A new agent is checked at once, so its status is real from the start.
     view = _probe(agent)
+    if view is None:
+        # Deleted while probed (its owner's other clients list it at once): it was
+        # registered, and is answered as stored, as it would have been just before.
+        return agent_view(agent)
     if available is not None and view.status != "offline":
         available(agent.id, agent.max_concurrent_tasks)
     return view
 
 
-def _probe(agent: Agent, available: health.Available | None = None) -> responses.Agent:
-    """Probe an agent (its owner asked) and return the owner's view of it."""
+def _probe(agent: Agent, available: health.Available | None = None) -> responses.Agent | None:
+    """Probe an agent (its owner asked) and return the owner's view of it, or None if it
+    was deleted meanwhile (nothing is recorded then)."""
     checked = health.check([(agent.id, agent.endpoint)], available)
-    if not checked:
-        raise errors.NotFound("Agent not found")
-    return agent_view(checked[0])
+    return agent_view(checked[0]) if checked else None
 
 
 def check_health(
@@ -226,7 +230,10 @@ def check_health(
     with session_scope() as session:
         agent = _owned_agent(session, principal, agent_uuid, "check its health")
     _count_probe(principal, agent.endpoint)
-    return _probe(agent, available)
+    view = _probe(agent, available)
+    if view is None:
+        raise errors.NotFound("Agent not found")
+    return view
 
 
 def _visible(principal: Principal) -> ColumnElement[bool]:

@@ -4,6 +4,7 @@ reading, deleting, and how the engine routes stages to registered agents."""
 from __future__ import annotations
 
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from tests.integration.conftest import (
     register_agent,
     unique_capability,
     wait_for_run,
+    wait_until,
 )
 
 # settings_env (a fixture) restores the settings `apply` lowers, as in test_limits.py.
@@ -542,6 +544,29 @@ def test_the_agent_id_of_a_deleted_agent_can_be_registered_again(user):
     assert again["agentUuid"] != first["agentUuid"]
     assert listed(user, capability=capability) == [again["agentUuid"]]
     error_of(user.get(f"/agents/{first['agentUuid']}"), 404, "NOT_FOUND")
+
+
+def test_an_agent_deleted_while_its_first_probe_runs_was_still_registered(user, agents):
+    """Registration stores the agent, then probes it; its owner's other clients list it at
+    once, and one may delete it meanwhile. The registration answered an undocumented 404
+    "Agent not found"; it answers 201 with the agent as stored, as it would have just
+    before the delete."""
+    target = start_agent(agents)
+    target.health_script.append((1.5, 200, b'{"status": "healthy"}'))  # a slow probe
+    capability = unique_capability("regdel")
+    with ThreadPoolExecutor(1) as pool:
+        registering = pool.submit(
+            user.post, "/agents/register", agent_body(capability, endpoint=target.url)
+        )
+        wait_until(lambda: probes(target), timeout=5)  # stored, and being probed
+        (agent_uuid,) = listed(user, capability=capability)
+        assert user.delete(f"/agents/{agent_uuid}").status_code == 200
+        response = registering.result(timeout=10)
+    assert response.status_code == 201, response.text
+    agent = response.json()["data"]
+    assert agent["agentUuid"] == agent_uuid
+    assert agent["capabilities"] == [capability]
+    assert listed(user, capability=capability) == []
 
 
 # ------------------------------------------------------------------ routing
