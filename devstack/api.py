@@ -20,6 +20,7 @@ from chalice.local import (
     LocalChalice,
     LocalDevServer,
     LocalGatewayException,
+    ThreadedHTTPServer,
 )
 from sqlalchemy.exc import OperationalError
 
@@ -135,6 +136,14 @@ class MaofRequestHandler(ChaliceRequestHandler):
         super()._send_error_response(error)
 
 
+class MaofHTTPServer(ThreadedHTTPServer):
+    """Chalice's threaded server, with a listen queue for a burst of clients: with the
+    stdlib's 5, some connections of 20 to 30 clients arriving at once (faster than its one
+    thread accepts them) were reset."""
+
+    request_queue_size = 128
+
+
 def create_server(host: str, port: int, stage: str = "dev") -> LocalDevServer:
     # A copy: Chalice writes the stage's environment_variables into the environ it is given,
     # and the process's own settings must stay as the caller set them.
@@ -145,7 +154,9 @@ def create_server(host: str, port: int, stage: str = "dev") -> LocalDevServer:
         # What chalice.local.create_local_server does: thread-local current_request.
         CustomLocalChalice.__bases__ = (LocalChalice, app.__class__)
         app.__class__ = CustomLocalChalice
-    return LocalDevServer(app, config, host, port, handler_cls=MaofRequestHandler)
+    return LocalDevServer(
+        app, config, host, port, handler_cls=MaofRequestHandler, server_cls=MaofHTTPServer
+    )
 
 
 def main() -> int:

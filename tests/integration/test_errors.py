@@ -6,6 +6,7 @@ import json
 import logging
 import socket
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -17,7 +18,7 @@ import requests
 from chalicelib.auth import service
 from chalicelib.config import get_settings
 from chalicelib.logs import logger
-from tests.integration.conftest import Api, unique_email
+from tests.integration.conftest import Api, free_port, unique_email
 
 JSON = {"Content-Type": "application/json"}
 
@@ -455,6 +456,42 @@ def test_a_chunked_body_is_411_and_never_read_as_the_next_request(api_url: str) 
     )
     error = refused_on_the_wire(api_url, request, 411)
     assert "Content-Length" in error["message"]
+
+
+def test_a_burst_of_clients_waits_to_be_accepted_rather_than_being_refused() -> None:
+    """The local server listened with the stdlib's backlog of 5: 20 to 30 clients at once,
+    arriving faster than its one thread accepts them, had connections reset. Here none is
+    accepted until all have connected and sent their request: each must be answered."""
+    from devstack.api import create_server
+
+    port = free_port()
+    server = create_server("127.0.0.1", port)  # listening, not yet accepting
+    clients: list[socket.socket] = []
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    try:
+        for _ in range(30):
+            # The kernel completes a handshake at once while the listen queue has room; a
+            # client past it has its SYN dropped, and times out here.
+            try:
+                clients.append(socket.create_connection(("127.0.0.1", port), timeout=0.5))
+            except TimeoutError:
+                break
+        assert len(clients) == 30, f"{len(clients)} of 30 clients could connect"
+        for client in clients:
+            client.settimeout(10)
+            client.sendall(
+                f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+        serving.start()
+        answers = [answer_of(read_to_close(client))[0] for client in clients]
+    finally:
+        for client in clients:
+            client.close()
+        if serving.is_alive():
+            server.shutdown()
+        server.server.server_close()
+    assert answers == [200] * 30
 
 
 # ------------------------------------------------------------------ logs
