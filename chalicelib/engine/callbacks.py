@@ -15,9 +15,11 @@ and never follows a redirect.
 The sweeper delivers what is due (its every round: within seconds of the run's end),
 batch after batch while its round has time. It first takes the due callbacks (FOR UPDATE SKIP LOCKED, moving their next try a minute on,
 so two sweepers never post one at once and a sweeper that dies mid-delivery only delays
-it), then posts them outside any transaction, a few at a time, oldest due first, and
-records each outcome. One whose turn comes too late in the round to be tried (the
-receivers before it were slow) goes back as it was, due in its place, no attempt used.
+it), then posts them outside any transaction, a few at a time, and records each outcome.
+Users take turns (every user's oldest due, then every user's second, ...), so one user's
+receivers that never answer cannot hold back another user's callback past the next
+round. One whose turn comes too late in the round to be tried (the receivers before it
+were slow) goes back as it was, due in its place, no attempt used.
 """
 
 from __future__ import annotations
@@ -97,26 +99,36 @@ def deliver_due(until: float | None = None) -> dict[str, int]:
 MIN_TRY_SECONDS = 2.0
 
 
-# The oldest due first, in the order the pool starts them (an UPDATE's RETURNING follows
-# no ORDER BY): a batch's last callbacks are those that may not start before `until`.
-# Each comes with when it was due, to go back in its place if it is not tried.
+# Users take turns: every user's oldest due callback, then every user's second, and so
+# on (each turn oldest due first). Taken oldest first whoever's, one user's receivers that
+# never answer, due ahead, held every post of a round, round after round, and any other
+# user's callback waited behind all of them. In the order the pool starts them (an
+# UPDATE's RETURNING follows no ORDER BY): a batch's last callbacks are those that may not
+# start before `until`. Each comes with when it was due, to go back in its place if it is
+# not tried. (A window function cannot share a SELECT with FOR UPDATE: ranked first.)
 _TAKE_DUE = text(
     """
-    WITH due AS (
-        SELECT id, callback_next_at FROM workflow_runs
+    WITH ranked AS (
+        SELECT id, row_number() OVER (
+                   PARTITION BY user_id ORDER BY callback_next_at, id) AS turn
+          FROM workflow_runs
          WHERE callback_state = 'pending' AND callback_next_at <= now()
            AND status IN ('completed', 'failed', 'cancelled')
-         ORDER BY callback_next_at LIMIT :batch
-           FOR UPDATE SKIP LOCKED
+    ), due AS (
+        SELECT r.id, r.callback_next_at, ranked.turn
+          FROM workflow_runs AS r JOIN ranked ON ranked.id = r.id
+         WHERE r.callback_state = 'pending' AND r.callback_next_at <= now()  -- as locked
+         ORDER BY ranked.turn, r.callback_next_at, r.id LIMIT :batch
+           FOR UPDATE OF r SKIP LOCKED
     ), taken AS (
         UPDATE workflow_runs AS r
            SET callback_next_at = now() + make_interval(secs => :claim)
           FROM due WHERE r.id = due.id
      RETURNING r.id, r.status, r.workflow_name, r.completed_at, r.output, r.error_message,
                r.callback_url, r.callback_secret_encrypted, r.callback_attempts,
-               r.callback_delivery, due.callback_next_at AS due_at
+               r.callback_delivery, due.callback_next_at AS due_at, due.turn
     )
-    SELECT * FROM taken ORDER BY due_at, id
+    SELECT * FROM taken ORDER BY turn, due_at, id
     """
 )
 

@@ -30,7 +30,7 @@ from tests.integration.conftest import (
 from tests.integration.test_delivery import audit_actions, stage_row
 from tests.support.agents import ScriptedAgent, error, ok, sleep, trickle
 from tests.support.agents import start_agent as start
-from tests.support.callbacks import CallbackReceiver, TricklingServer
+from tests.support.callbacks import CallbackReceiver, Tarpit, TricklingServer
 
 
 def pipeline(first: str, second: str, **workflow: Any) -> dict[str, Any]:
@@ -602,6 +602,30 @@ def test_a_callback_a_round_had_no_time_to_try_keeps_its_attempts_and_its_place(
         receiver.stop()
         for server in slow:
             server.stop.set()
+
+
+def test_one_users_unanswering_receivers_hold_back_no_other_users_callback(
+    user: Api, api: Api, sent: Any
+) -> None:
+    """Due callbacks were taken oldest first, whoever's: receivers of one user that take
+    the connection and never answer, due ahead of another user's callback, held every
+    post of a round to its end, round after round, and the other user's healthy receiver
+    waited behind all of them (a round tries CONCURRENT_POSTS of them; ended runs are not
+    under MAOF_MAX_ACTIVE_RUNS, so there can be any number). Users now take turns: the
+    next round tries every user's oldest due callback before anyone's second."""
+    tarpit, receiver = Tarpit(), CallbackReceiver()
+    try:
+        _due_callbacks(api.as_new_user(), [tarpit.url] * (3 * callbacks.CONCURRENT_POSTS))
+        (ref,) = _due_callbacks(user, [receiver.url])  # due after all of theirs
+        started = time.monotonic()
+        callbacks.deliver_due(until=started + 3)  # one round
+        assert time.monotonic() - started < 4.5
+        state = user.get(f"/workflows/{ref}").json()["data"]["callback"]
+        assert (state["state"], state["attempts"]) == ("delivered", 1), state
+        assert len(receiver.received) == 1
+    finally:
+        tarpit.stop()
+        receiver.stop()
 
 
 def test_due_callbacks_are_taken_oldest_first(user: Api, sent: Any) -> None:

@@ -40,6 +40,21 @@ class CallbackReceiver:
         self.server.server_close()
 
 
+class Tarpit:
+    """A receiver that takes every connection (the kernel's backlog does) and never
+    answers: each request to it lasts until the sender gives up."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}/hooks"
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
 class TricklingServer:
     """A server (an agent, a callback receiver, an agent's /health) that answers its first
     request with some bytes at once and the rest a byte every 0.2 s. `pace`: "head" (the
