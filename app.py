@@ -202,6 +202,7 @@ def delete_agent(request: ApiRequest, agent_uuid: str) -> responses.AgentDeleted
     "/workflows/execute",
     "POST",
     body=ExecuteRequest,
+    admission=lambda request: runs.admitted(request.user, request.header("Idempotency-Key")),
     status=202,
     response=responses.Submitted,
     raises=(409, 429),

@@ -162,6 +162,20 @@ def sliding_window(key: str, window_seconds: int, limit: int) -> float:
     return max(0.0, float(leaving[0][1]) + window_seconds - now) if leaving else window_seconds
 
 
+def window_wait(key: str, window_seconds: int, limit: int) -> float:
+    """Seconds until one more event under `key` would be within `limit` as sliding_window
+    counts them (0: it would be now; else once all but the newest limit - 1 counted events
+    have left the window), counting none. Raises redis.RedisError."""
+    now = time.time()
+    pipe = get_redis().pipeline()
+    pipe.zcount(key, f"({now - window_seconds}", "+inf")
+    pipe.zrange(key, -limit, -limit, withscores=True)  # the last of those to leave
+    count, leaving = pipe.execute()
+    if int(count) < limit:
+        return 0.0
+    return max(0.0, float(leaving[0][1]) + window_seconds - now) if leaving else window_seconds
+
+
 def counter(key: str) -> int | None:
     """An integer counter's value (0 when unset), or None when Redis is unreachable."""
     try:

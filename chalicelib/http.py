@@ -6,6 +6,7 @@ import functools
 import json
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -205,15 +206,18 @@ class MaofApp(Chalice):
         headers: dict[str, str] | None = None,
         raises: tuple[int, ...] = (),
         error_bodies: dict[int, type[BaseModel]] | None = None,
+        admission: Callable[[ApiRequest], AbstractContextManager[None]] | None = None,
     ) -> Callable[[View], View]:
         """Register `view(request, **path_params)` at `path`.
 
         The declared `body` and `query` models are validated before the view runs and passed
-        to it as `body=` and `query=`; the view answers a `response` model (answered with
-        `status`), or a Reply of one; `raw` answers without the envelope. The same
-        declarations, with the error statuses the view raises itself (`raises`; those every
-        route has are added by chalicelib.openapi) make the OpenAPI document, so the two
-        cannot drift.
+        to it as `body=` and `query=`; `admission(request)`, if given, is entered before the
+        body is read and left once it is, or with its refusal: a limit that must hold before
+        reading a body costs anything (a rate's 429). The view answers a `response` model
+        (answered with `status`), or a Reply of one; `raw` answers without the envelope.
+        The same declarations, with the error statuses the view raises itself (`raises`;
+        those every route has are added by chalicelib.openapi) make the OpenAPI document,
+        so the two cannot drift.
         """
         cors = CORSConfig(
             allow_origin=cors_origin(),
@@ -236,7 +240,8 @@ class MaofApp(Chalice):
                     api_request = ApiRequest(request, principal, request_id)
                     arguments: dict[str, Any] = dict(path_params)
                     if body is not None:
-                        arguments["body"] = api_request.body(body)
+                        with admission(api_request) if admission else nullcontext():
+                            arguments["body"] = api_request.body(body)
                     if query is not None:
                         arguments["query"] = api_request.query(query)
                     else:

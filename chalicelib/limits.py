@@ -111,14 +111,44 @@ def _fail_open(key: str, limit: int, what: str, refused: str) -> None:
         raise errors.RateLimited(refused, wait)
 
 
+SUBMISSIONS_REFUSED = "Too many workflow submissions; slow down"
+
+
 def limit_submissions(user_key: str) -> None:
     """At most MAOF_SUBMISSIONS_PER_MINUTE workflow submissions per user, sliding minute."""
     _fail_open(
-        f"maof:ratelimit:submit:{user_key}",
+        _submissions_key(user_key),
         get_settings().submissions_per_minute,
         "submission",
-        "Too many workflow submissions; slow down",
+        SUBMISSIONS_REFUSED,
     )
+
+
+def submissions_wait(user_key: str) -> float:
+    """Seconds before one more submission would be within MAOF_SUBMISSIONS_PER_MINUTE (0:
+    it would be now), counting none; 0 without Redis (the rate fails open)."""
+    try:
+        return cache.window_wait(
+            _submissions_key(user_key), WINDOW_SECONDS, get_settings().submissions_per_minute
+        )
+    except redis.RedisError as exc:
+        logger.warning("submission limiter unavailable", extra={"error": type(exc).__name__})
+        return 0.0
+
+
+def count_refused_submission(user_key: str) -> errors.RateLimited:
+    """Count a submission refused before submit() could count it (it was past the rate, or
+    its body was refused), as every refused one is (reading one costs CPU, and hammering
+    keeps a caller out); the 429 to answer one refused for the rate."""
+    try:
+        limit_submissions(user_key)
+    except errors.RateLimited as refused:
+        return refused
+    return errors.RateLimited(SUBMISSIONS_REFUSED, 1)  # room came meanwhile: counted in it
+
+
+def _submissions_key(user_key: str) -> str:
+    return f"maof:ratelimit:submit:{user_key}"
 
 
 def limit_health_checks(user_key: str) -> None:

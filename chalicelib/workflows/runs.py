@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -49,6 +51,42 @@ def idempotency_key(header: str | None) -> str | None:
             [{"field": "Idempotency-Key", "message": "1 to 255 printable characters"}],
         )
     return header
+
+
+@contextmanager
+def admitted(principal: Principal, key_header: str | None) -> Iterator[None]:
+    """Around reading a submission's body (parsing and validating a large one costs
+    seconds of CPU): if one more submission would be past MAOF_SUBMISSIONS_PER_MINUTE,
+    a 429 before the body is read (counted, as every refused one is), unless the
+    Idempotency-Key (`key_header`) is live: a resend gets its run back (submit compares
+    the bodies), uncounted. A body refused is counted, as submit counts each definition
+    it refuses; one accepted is counted by submit, once it has looked for the key's run
+    (so that neither a resend nor a duplicate racing it is counted). Requests sent at
+    once are all checked before any is counted: a burst past the rate has at most as many
+    bodies read as it has requests in flight."""
+    user = str(principal.user_uuid)
+    key = idempotency_key(key_header)
+    if limits.submissions_wait(user) and (key is None or not _key_is_live(principal, key)):
+        raise limits.count_refused_submission(user)
+    try:
+        yield
+    except errors.ApiError:
+        limits.count_refused_submission(user)
+        raise
+
+
+def _key_is_live(principal: Principal, key: str) -> bool:
+    """Whether the user's Idempotency-Key `key` made a run less than KEY_DAYS ago."""
+    with autocommit_connection() as conn:
+        return bool(
+            conn.execute(
+                text(
+                    "SELECT EXISTS (SELECT 1 FROM submission_keys WHERE user_id = :user_id "
+                    f"AND key = :key AND created_at >= {_KEY_CUTOFF})"
+                ),
+                {"user_id": principal.user_uuid, "key": key},
+            ).scalar_one()
+        )
 
 
 def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -> Reply:

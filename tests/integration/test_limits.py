@@ -294,6 +294,63 @@ def test_submissions_refused_for_their_definition_count_against_the_per_user_rat
     rate_limited(user.post("/workflows/execute", one_stage_run(capability)))
 
 
+def test_submissions_the_request_schema_refuses_count_against_the_per_user_rate(
+    user: Api, settings_env: dict[str, str]
+) -> None:
+    """Only the definitions submit() refuses were counted: one the request model refuses
+    (a bad capability, 101 stages, a name too long, an unknown field) was a 400 before
+    anything counted it, and parsing and validating a 1 MB one costs seconds of CPU."""
+    apply(settings_env, MAOF_SUBMISSIONS_PER_MINUTE="4")
+    capability = unique_capability("rate-schema")
+    bad_capability = one_stage_run(capability)
+    bad_capability["workflow"]["stages"][0]["agentCapability"] = "Not A Capability"
+    too_many = one_stage_run(capability)
+    too_many["workflow"]["stages"] = [
+        {"id": f"s{i}", "name": "S", "agentCapability": capability} for i in range(101)
+    ]
+    long_name = one_stage_run(capability)
+    long_name["workflow"]["name"] = "n" * 10_000
+    unknown = dict(one_stage_run(capability), unknown=True)
+    for body in (bad_capability, too_many, long_name, unknown):
+        refused = user.post("/workflows/execute", body)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["code"] == "VALIDATION_ERROR"
+    rate_limited(user.post("/workflows/execute", one_stage_run(capability)))
+
+
+def test_a_submission_past_the_rate_is_refused_before_its_body_is_read(
+    user: Api, sent: Any, settings_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The body was parsed and validated (seconds of CPU for a large one) before the rate
+    was counted, so a user past it could still make the service do that without end. Now
+    past the rate only a resend whose Idempotency-Key is live has its body read (it must
+    be compared with the key's): it gets its run."""
+    from chalicelib.http import ApiRequest
+
+    apply(settings_env, MAOF_SUBMISSIONS_PER_MINUTE="1")
+    read: list[str] = []
+    original = ApiRequest.body
+
+    def spy(self: ApiRequest, model: Any) -> Any:
+        read.append(model.__name__)
+        return original(self, model)
+
+    monkeypatch.setattr(ApiRequest, "body", spy)
+    capability = unique_capability("rate-unread")
+    keyed = {"Idempotency-Key": f"unread-{uuid.uuid4()}"}
+    first = user.post("/workflows/execute", one_stage_run(capability), headers=keyed)
+    assert first.status_code == 202, first.text
+    assert read == ["ExecuteRequest"]
+    rate_limited(user.post("/workflows/execute", one_stage_run(capability)))
+    fresh = {"Idempotency-Key": f"unread-{uuid.uuid4()}"}
+    rate_limited(user.post("/workflows/execute", one_stage_run(capability), headers=fresh))
+    assert read == ["ExecuteRequest"]
+    again = user.post("/workflows/execute", one_stage_run(capability), headers=keyed)
+    assert again.status_code == 202, again.text
+    assert again.json()["data"]["workflowRunId"] == first.json()["data"]["workflowRunId"]
+    assert read == ["ExecuteRequest"] * 2
+
+
 def test_a_resent_submission_whose_key_is_live_gets_its_run_past_the_rate(
     user: Api, sent: Any, settings_env: dict[str, str]
 ) -> None:
@@ -375,7 +432,8 @@ def test_a_submission_refused_for_the_rate_without_a_key_never_hashes_its_body(
 ) -> None:
     """The body's canonical hash (about 0.8 s of CPU for a 1 MB body), which only an
     Idempotency-Key needs, was computed before the rate was counted: each 429 still cost
-    it. A keyed submission needs it first, to be answered its run past the rate."""
+    it. Past the rate a keyed submission is looked up by its key alone: only a resend of
+    a live key is hashed (to be answered its run), not a new one refused."""
     apply(settings_env, MAOF_SUBMISSIONS_PER_MINUTE="1")
     hashed: list[Any] = []
     original = chain.sha256_json
@@ -392,7 +450,7 @@ def test_a_submission_refused_for_the_rate_without_a_key_never_hashes_its_body(
     assert hashed == []
     keyed = {"Idempotency-Key": f"refused-{uuid.uuid4()}"}
     rate_limited(user.post("/workflows/execute", one_stage_run(capability), headers=keyed))
-    assert len(hashed) == 1
+    assert hashed == []
 
 
 def test_a_retry_counts_against_the_per_user_rate(
