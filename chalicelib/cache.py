@@ -187,14 +187,22 @@ def counter(key: str) -> int | None:
         return None
 
 
-def bump(*keys: str) -> None:
-    """Add one to each counter (best effort: without Redis there is nothing cached)."""
+def bump(*keys: str, ttl_seconds: int) -> None:
+    """Move each generation counter on, and keep it `ttl_seconds` more (best effort:
+    without Redis there is nothing cached). A counter never comes back to a value it had,
+    even once its key has expired: a key made afresh starts from the clock, in
+    microseconds, past every value an earlier one reached (each started from the clock
+    too, or from 0, and went up by one a change, far fewer than one a microsecond), as
+    long as the hosts' clocks agree within `ttl_seconds`."""
     if not keys:
         return
+    start = time.time_ns() // 1000
     try:
-        pipe = get_redis().pipeline(transaction=False)
+        pipe = get_redis().pipeline()  # MULTI: a fresh key is started and moved on at once
         for key in keys:
+            pipe.set(key, start, nx=True)
             pipe.incr(key)
+            pipe.expire(key, ttl_seconds)
         pipe.execute()
     except redis.RedisError as exc:
         logger.warning("redis unavailable for write", extra={"error": type(exc).__name__})

@@ -31,11 +31,22 @@ def invalidate_capability(capability: str) -> None:
     invalidate([capability])
 
 
+# A capability's generation is kept this long after its last change (capability names are
+# users' to make up: kept for ever, each name ever registered stayed in Redis). Once it is
+# gone the generation reads 0 again, so it must outlive every list cached under 0 before
+# that change: a list is cached at most MAOF_AGENT_CACHE_TTL_SECONDS (an hour at most) by
+# a lookup that ends within its invocation (15 minutes at most). Lists cached under any
+# other generation can never match again: a new key starts past every value (cache.bump).
+GENERATION_KEPT_SECONDS = 2 * 3600
+
+
 def invalidate(capabilities: list[str]) -> None:
     """After a change to agents with these capabilities is committed: move each one's
     generation on, so a list read before the change (even one cached after this call by a
     racing lookup) is never served again."""
-    cache.bump(*[capability_generation_key(c) for c in capabilities])
+    cache.bump(
+        *[capability_generation_key(c) for c in capabilities], ttl_seconds=GENERATION_KEPT_SECONDS
+    )
 
 
 def candidates_uncached(

@@ -650,6 +650,29 @@ def test_an_offline_agent_is_not_routed_to(user, poller):
     assert listed(user, capability=capability, status="offline") == [offline["agentUuid"]]
 
 
+def test_a_capabilitys_generation_expires_and_comes_back_past_every_value_it_had(user):
+    """Every change to a capability's agents moved its generation on with an INCR that
+    never expired: each capability name ever registered (a user may make up thousands and
+    delete the agents again) left a Redis key for ever. It now expires some hours after
+    the capability's last change, longer than any list is cached (MAOF_AGENT_CACHE_TTL_SECONDS
+    is at most an hour), and one made afresh starts past every value it had: no list
+    cached under an earlier generation can match it."""
+    from chalicelib.agents import candidates
+
+    capability = unique_capability("generation")
+    key = capability_generation_key(capability)
+    agent = register_agent(user, capability)
+    kept = cache.get_redis().ttl(key)
+    assert kept > 3600, f"TTL {kept}"  # -1: kept for ever
+    assert kept <= candidates.GENERATION_KEPT_SECONDS
+    before = cache.counter(key)
+    assert before
+    cache.get_redis().delete(key)  # as its expiry does
+    assert user.delete(f"/agents/{agent['agentUuid']}").status_code == 200
+    after = cache.counter(key)
+    assert after is not None and after > before, (before, after)
+
+
 def test_the_lists_a_worker_remembers_are_bounded(user, monkeypatch):
     """Capability names are users' to choose: a worker remembers the agents of at most
     LAST_SEEN_KEPT (capability, user) lists, however many it has routed."""
