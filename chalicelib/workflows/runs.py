@@ -76,10 +76,13 @@ def admitted(principal: Principal, key_header: str | None) -> Iterator[None]:
 
 
 def _key_is_live(principal: Principal, key: str) -> bool:
-    """Whether the user's Idempotency-Key `key` made a run less than KEY_DAYS ago."""
-    with autocommit_connection() as conn:
+    """Whether the user's Idempotency-Key `key` made a run less than KEY_DAYS ago; once a
+    submission holding the key (hold_key) has committed or failed: the one that took the
+    rate's last place may still be storing its run."""
+    with session_scope() as session:
+        hold_key(session, principal.user_uuid, key)
         return bool(
-            conn.execute(
+            session.execute(
                 text(
                     "SELECT EXISTS (SELECT 1 FROM submission_keys WHERE user_id = :user_id "
                     f"AND key = :key AND created_at >= {_KEY_CUTOFF})"

@@ -397,6 +397,55 @@ def test_duplicates_sent_at_once_with_one_key_get_the_run_and_spend_one_submissi
     rate_limited(user.post("/workflows/execute", one_stage_run(capability)))
 
 
+def test_a_duplicate_arriving_once_the_first_took_the_rates_last_place_gets_its_run(
+    user: Api, sent: Any, settings_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first submission with a key took the rate's last place and was still storing its
+    run: a duplicate, past the rate before its body was read and its key not yet live, got
+    a 429. It now waits for the first to commit, then gets its run."""
+    from chalicelib.workflows import runs
+
+    apply(settings_env, MAOF_SUBMISSIONS_PER_MINUTE="1")
+    capability = unique_capability("rate-last")
+    keyed = {"Idempotency-Key": f"last-{uuid.uuid4()}"}
+    storing, stored = threading.Event(), threading.Event()
+    original = runs.waiting_reason
+
+    def held(*args: Any) -> Any:  # the first, counted and holding its key, before its insert
+        storing.set()
+        assert stored.wait(30)
+        return original(*args)
+
+    monkeypatch.setattr(runs, "waiting_reason", held)
+    with ThreadPoolExecutor(2) as pool:
+
+        def post() -> requests.Response:
+            return user.post("/workflows/execute", one_stage_run(capability), headers=keyed)
+
+        first = pool.submit(post)
+        assert storing.wait(30)
+        monkeypatch.setattr(runs, "waiting_reason", original)
+        duplicate = pool.submit(post)
+
+        def waiting_for_the_key() -> bool:
+            with db.autocommit_connection() as conn:
+                return bool(
+                    conn.execute(
+                        text(
+                            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = "
+                            "'advisory' AND NOT granted AND database = (SELECT oid "
+                            "FROM pg_database WHERE datname = current_database()))"
+                        )
+                    ).scalar_one()
+                )
+
+        wait_until(lambda: duplicate.done() or waiting_for_the_key(), timeout=30)
+        stored.set()
+        answers = [first.result(), duplicate.result()]
+    assert [a.status_code for a in answers] == [202, 202], [a.text for a in answers]
+    assert answers[0].json()["data"]["workflowRunId"] == answers[1].json()["data"]["workflowRunId"]
+
+
 @pytest.fixture
 def one_connection(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A pool of one connection, no overflow: what needs a second waits for the pool."""
