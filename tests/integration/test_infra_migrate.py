@@ -24,6 +24,7 @@ from chalicelib import db
 from chalicelib.config import SSM_MIGRATION_SECRETS, SSM_SECRETS, get_settings, reset_settings
 from chalicelib.db import SCHEMA_REVISION
 from chalicelib.db.migrate import SCRIPT_LOCATION, alembic_config
+from chalicelib.maintenance import REENCRYPT
 from infra.secrets import ensure_secrets, parameter_name
 from tests.conftest import (
     ADMIN_DATABASE_URL,
@@ -59,17 +60,21 @@ def fresh_database() -> Iterator[str]:
     admin.dispose()
 
 
-@pytest.fixture
-def prod_secrets(fresh_database: str) -> Iterator[tuple[str, str]]:
-    """SSM parameters for a prod stage whose database-url is the fresh database."""
-    endpoint = get_settings().aws_endpoint_url or "http://127.0.0.1:4566"
-    ssm = boto3.client(
+def _ssm(endpoint: str) -> Any:
+    return boto3.client(
         "ssm",
         endpoint_url=endpoint,
         region_name="us-east-1",
         aws_access_key_id="test",
         aws_secret_access_key="test",
     )
+
+
+@pytest.fixture
+def prod_secrets(fresh_database: str) -> Iterator[tuple[str, str]]:
+    """SSM parameters for a prod stage whose database-url is the fresh database."""
+    endpoint = get_settings().aws_endpoint_url or "http://127.0.0.1:4566"
+    ssm = _ssm(endpoint)
     path = f"/maof-test/migrate-{uuid.uuid4().hex[:10]}"
     owner = urlunparse(urlparse(OWNER_DATABASE_URL)._replace(path=urlparse(fresh_database).path))
     urls = {
@@ -93,33 +98,40 @@ def _tables(url: str) -> set[str]:
         engine.dispose()
 
 
-def test_migrate_function_migrates_a_fresh_database_with_the_prod_configuration(
-    monkeypatch: pytest.MonkeyPatch, fresh_database: str, prod_secrets: tuple[str, str]
-) -> None:
-    import app as maof
-
+@pytest.fixture
+def prod_environment(
+    monkeypatch: pytest.MonkeyPatch, prod_secrets: tuple[str, str]
+) -> Iterator[None]:
+    """Nothing secret in the environment, the SSM path of `prod_secrets`: the prod stage's
+    functions read their secrets from there, as deployed. Chalice's test client adds each
+    function's own variables (.chalice/config.json) when it invokes it."""
     path, endpoint = prod_secrets
     monkeypatch.setenv("MAOF_SECRETS_SSM_PATH", path)
     monkeypatch.setenv("MAOF_AWS_ENDPOINT_URL", endpoint)  # LocalStack stands in for SSM
-    monkeypatch.setenv("MAOF_MIGRATOR", "true")  # as the template sets it for migrate only
     for name in ("MAOF_JWT_SECRET", "MAOF_SECRET_KEY", "MAOF_REDIS_URL"):
         monkeypatch.delenv(name, raising=False)
     # The local Postgres and Redis speak no TLS; everything else is the prod configuration.
     monkeypatch.setenv("MAOF_ALLOW_INSECURE_CONNECTIONS", "true")
     # MAOF_DATABASE_URL and MAOF_MIGRATION_DATABASE_URL still name the session's test
     # database: SSM's must win.
-    results: list[Any] = []
     reset_settings()
     db.reset()
-    try:
-        with Client(maof.app, stage_name="prod", project_dir=str(PROJECT_DIR)) as client:
-            for _ in range(2):
-                results.append(client.lambda_.invoke("migrate", {}).payload)
-                assert get_settings().stage == "prod"
-                assert get_settings().database_url == fresh_database
-    finally:
-        reset_settings()
-        db.reset()  # back to the session's test database for the tests that follow
+    yield
+    reset_settings()
+    db.reset()  # back to the session's test database for the tests that follow
+
+
+def test_migrate_function_migrates_a_fresh_database_with_the_prod_configuration(
+    prod_environment: None, fresh_database: str
+) -> None:
+    import app as maof
+
+    results: list[Any] = []
+    with Client(maof.app, stage_name="prod", project_dir=str(PROJECT_DIR)) as client:
+        for _ in range(2):
+            results.append(client.lambda_.invoke("migrate", {}).payload)
+            assert get_settings().stage == "prod"
+            assert get_settings().database_url == fresh_database
     assert results == [
         {"migrated": True, "fromRevision": None, "toRevision": SCHEMA_REVISION},
         {"migrated": False, "fromRevision": SCHEMA_REVISION, "toRevision": SCHEMA_REVISION},
@@ -144,3 +156,26 @@ def test_migrate_function_migrates_a_fresh_database_with_the_prod_configuration(
         "DELETE": False,
         "TRUNCATE": False,
     }
+
+
+def test_the_migrate_function_upgrades_and_reencrypts_without_the_audit_signing_key(
+    prod_environment: None, prod_secrets: tuple[str, str]
+) -> None:
+    """It alone reads the schema owner's URL, and the owner's role with the signing key can
+    rewrite and re-sign a run not yet checkpointed (docs/audit.md): it signs nothing, so it
+    does not read the key (MAOF_SECRETS_SSM_NAMES in .chalice/config.json; its role may
+    not, test_package.py), though `make secrets` put it under the same path."""
+    import app as maof
+
+    path, endpoint = prod_secrets
+    assert _ssm(endpoint).get_parameters(Names=[parameter_name(path, "audit-signing-key")])[
+        "Parameters"
+    ]
+    with Client(maof.app, stage_name="prod", project_dir=str(PROJECT_DIR)) as client:
+        migrated = client.lambda_.invoke("migrate", {}).payload
+        reencrypted = client.lambda_.invoke("migrate", {"action": REENCRYPT}).payload
+        settings = get_settings()
+    assert migrated == {"migrated": True, "fromRevision": None, "toRevision": SCHEMA_REVISION}
+    assert reencrypted == {"reencrypted": 0, "unreadable": 0}
+    assert settings.migrator and settings.secret_key
+    assert settings.audit_signing_keys is None

@@ -421,6 +421,17 @@ def test_functions_read_only_their_own_ssm_path(template: dict[str, Any]) -> Non
     # do, nor the health checker the audit signing key (it writes no audit entry).
     assert read["CheckAgentHealth"] == {"database-url", "redis-url"}
     assert read["WriteAuditCheckpoint"] == {"database-url", "redis-url", "audit-signing-key"}
+    # Migrate, the one holding the schema owner's URL, signs nothing: with the signing key
+    # too, whoever can invoke or change it could rewrite a run and sign it again. It reads
+    # the keys re-encryption moves the agent tokens between, and Redis, whose cached agent
+    # lists it retires.
+    assert read["Migrate"] == {
+        "database-url",
+        "migration-database-url",
+        "redis-url",
+        "secret-key",
+        "previous-secret-keys",
+    }
     for name in ("APIHandler", "RunStage", "SweepStalledStages"):
         assert {"secret-key", "previous-secret-keys", "audit-signing-key"} <= read[name], name
 
