@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from chalicelib.audit.keys import new_key_set, rotated
-from chalicelib.config import SSM_MIGRATION_SECRETS, SSM_SECRETS
+from chalicelib.config import SSM_MIGRATION_SECRETS, SSM_PREVIOUS_KEYS, SSM_SECRETS
 from infra import DeployError, say
 
 GENERATED: dict[str, Callable[[], str]] = {
@@ -34,7 +34,10 @@ def parameter_name(path: str, name: str) -> str:
 
 
 def all_parameters(path: str) -> list[str]:
-    return [parameter_name(path, name) for name in (*SSM_SECRETS, *SSM_MIGRATION_SECRETS)]
+    """Every parameter a stage may have under `path`: the previous keys a rotation left
+    too (`make destroy DELETE_SECRETS=1` deletes them all)."""
+    names = (*SSM_SECRETS, *SSM_PREVIOUS_KEYS, *SSM_MIGRATION_SECRETS)
+    return [parameter_name(path, name) for name in names]
 
 
 def put_secret(
@@ -61,7 +64,8 @@ def ensure_secrets(
     """Create the parameters missing under `path`; returns name -> created, updated, exists
     or missing. Generated ones are never replaced (a new secret-key could not decrypt the
     agent tokens stored: rotate_key does that); URLs come from `urls`, else `ask`."""
-    found = ssm.get_parameters(Names=all_parameters(path))["Parameters"]
+    names = [parameter_name(path, name) for name in (*GENERATED, *URLS)]
+    found = ssm.get_parameters(Names=names)["Parameters"]
     existing = {item["Name"].rsplit("/", 1)[1]: item["Type"] for item in found}
     result: dict[str, str] = {}
     for name in (*GENERATED, *URLS):

@@ -21,11 +21,11 @@ from chalice.test import Client
 from sqlalchemy import create_engine, text
 
 from chalicelib import db
-from chalicelib.config import SSM_MIGRATION_SECRETS, SSM_SECRETS, get_settings, reset_settings
+from chalicelib.config import get_settings, reset_settings
 from chalicelib.db import SCHEMA_REVISION
 from chalicelib.db.migrate import SCRIPT_LOCATION, alembic_config
 from chalicelib.maintenance import REENCRYPT
-from infra.secrets import ensure_secrets, parameter_name
+from infra.secrets import all_parameters, ensure_secrets, parameter_name
 from tests.conftest import (
     ADMIN_DATABASE_URL,
     OWNER_DATABASE_URL,
@@ -84,8 +84,7 @@ def prod_secrets(fresh_database: str) -> Iterator[tuple[str, str]]:
     }
     ensure_secrets(ssm, path, urls=urls)
     yield path, endpoint
-    names = [*SSM_SECRETS, *SSM_MIGRATION_SECRETS]
-    ssm.delete_parameters(Names=[parameter_name(path, name) for name in names])
+    ssm.delete_parameters(Names=all_parameters(path))
 
 
 def _tables(url: str) -> set[str]:

@@ -13,11 +13,12 @@ import pytest
 from chalice.test import Client
 
 from chalicelib.audit.keys import ring_of
-from chalicelib.config import load_settings
+from chalicelib.config import SSM_MIGRATION_SECRETS, SSM_PREVIOUS_KEYS, SSM_SECRETS, load_settings
 from infra import DeployError
-from infra.deploy import RECYCLE_VARIABLE, recycle_functions
+from infra.deploy import RECYCLE_VARIABLE, Stage, destroy, recycle_functions
 from infra.secrets import (
     KEEP_PREVIOUS,
+    PREVIOUS,
     ensure_secrets,
     parameter_name,
     retire_previous,
@@ -96,6 +97,30 @@ def test_a_prod_process_accepts_the_current_and_previous_keys(
 
     _read_ssm_parameters.cache_clear()
     assert load_settings().jwt_previous_secrets == ()
+
+
+def test_destroy_with_delete_secrets_leaves_no_previous_key_to_trust(
+    ssm_prod: pytest.MonkeyPatch, ssm: Any, secrets: str
+) -> None:
+    """`make destroy DELETE_SECRETS=1` during a rotation (not retired yet): the keys it kept
+    as previous go with the rest, so the stage's secrets made anew (`make secrets`) trust
+    none of the old ones, to sign in with or to decrypt."""
+    for key in PREVIOUS:
+        rotate_key(ssm, secrets, key)
+    ssm_prod.setenv("AWS_ENDPOINT_URL", ssm.meta.endpoint_url)
+    ssm_prod.setenv("AWS_ACCESS_KEY_ID", "test")
+    ssm_prod.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    ssm_prod.delenv("AWS_PROFILE", raising=False)
+    name = secrets.rsplit("/", 1)[1]  # no stack, nor artifacts: only the secrets to delete
+    session = boto3.session.Session(region_name="us-east-1")
+    stage = Stage(session, name, secrets, artifacts=f"maof-test-artifacts-{name}")
+    destroy(stage, confirm=None, remove_secrets=True, poll=1)
+    every = [*SSM_SECRETS, *SSM_PREVIOUS_KEYS, *SSM_MIGRATION_SECRETS]
+    left = ssm.get_parameters(Names=[parameter_name(secrets, n) for n in every])["Parameters"]
+    assert [p["Name"] for p in left] == []
+    ensure_secrets(ssm, secrets, urls={"database-url": DATABASE_URL, "redis-url": REDIS_URL})
+    settings = load_settings()
+    assert (settings.jwt_previous_secrets, settings.previous_secret_keys) == ((), ())
 
 
 def test_only_the_two_rotating_keys_can_be_rotated(ssm: Any, secrets: str) -> None:
