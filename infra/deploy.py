@@ -69,6 +69,13 @@ class Stage:
         stack = self.client("cloudformation").describe_stacks(StackName=self.stack)["Stacks"][0]
         return {item["OutputKey"]: item["OutputValue"] for item in stack.get("Outputs", [])}
 
+    def parameters(self) -> dict[str, str]:
+        """The stack's parameters; none if it does not exist."""
+        if self.status() is None:
+            return {}
+        stack = self.client("cloudformation").describe_stacks(StackName=self.stack)["Stacks"][0]
+        return {item["ParameterKey"]: item["ParameterValue"] for item in stack["Parameters"]}
+
     def functions(self) -> list[str]:
         """The physical names of the stack's Lambda functions (every page of resources)."""
         pages = self.client("cloudformation").get_paginator("list_stack_resources")
@@ -156,6 +163,28 @@ def check_health(api_url: str) -> str:
         return f"unexpected answer {response.text[:200]!r}"
 
 
+def release_audit_bucket_policy(stage: Stage, overrides: Sequence[str]) -> None:
+    """Before the stack takes on an audit bucket an earlier stack left (ExistingAuditBucketName
+    other than the stack's own value): delete the policy that stack kept on it (DeletionPolicy:
+    Retain), as CloudFormation creates no bucket policy where one exists. The stack's own
+    policy, which waits on no other resource, replaces it early in the create."""
+    key = "ExistingAuditBucketName="
+    given = next((item[len(key) :] for item in overrides if item.startswith(key)), "")
+    if not given or stage.parameters().get("ExistingAuditBucketName") == given:
+        return
+    s3 = stage.client("s3")
+    try:
+        s3.get_bucket_policy(Bucket=given)
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] in ("NoSuchBucketPolicy", "NoSuchBucket"):
+            return  # nothing to delete (no such bucket: the stack says so)
+        raise
+    s3.delete_bucket_policy(Bucket=given)
+    say(
+        f"audit bucket {given}: deleted the policy an earlier stack left, for this one to put its own"
+    )
+
+
 def deploy(stage: Stage, overrides: Sequence[str] = (), package_dir: Path = PACKAGE_DIR) -> str:
     """`make deploy` after `make package`: the secrets, the stack (by the AWS CLI), the
     migrations, the dashboard; returns what /health says. Stack parameters left out of
@@ -180,6 +209,7 @@ def deploy(stage: Stage, overrides: Sequence[str] = (), package_dir: Path = PACK
     changes = ["--template-file", template, "--stack-name", stage.stack, *store]
     changes += ["--capabilities", *CAPABILITIES, "--no-fail-on-empty-changeset"]
     changes += ["--parameter-overrides", f"SecretsParameterPath={stage.secrets_path}", *overrides]
+    release_audit_bucket_policy(stage, overrides)
     try:
         stage.aws("cloudformation", "deploy", *changes, quiet=False)
     except DeployError:

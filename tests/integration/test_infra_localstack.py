@@ -4,7 +4,7 @@ end to end, with the AWS CLI (`aws cloudformation package` and `deploy`) as in A
 LocalStack (community) runs no Lambda functions, API Gateway or CloudFront here, so the
 stack is the infrastructure-only part of infra/template.json: every resource of a service
 LocalStack serves (the stage queue and its dead-letter queue, the private dashboard bucket,
-the audit bucket, the dead-letter alarm and its SNS topic when LocalStack runs cloudwatch
+the audit bucket and its policy, the dead-letter alarm and its SNS topic when LocalStack runs cloudwatch
 and sns), under a stack name of its own, from which every name derives. The CloudFront
 distribution, its policies and the bucket policy naming it are left out with the rest they
 refer to (test_package.py checks them in the packaged template). The AWS CLI and boto3 reach
@@ -16,7 +16,8 @@ local server the integration tests use.
 The first deploy is of a package whose create fails (a bucket name S3 refuses): the deploy
 names the resource and the reason, and the next deploy deletes the rolled-back stack and
 creates it anew. The tests read the resources back, redeploy (no changes), rotate a key,
-and `destroy` removes everything.
+and `destroy` removes everything but the audit bucket and its policy, which the stage
+deployed again takes back.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 
 from chalicelib.config import get_settings
 from chalicelib.db import SCHEMA_REVISION
@@ -83,11 +85,10 @@ def references(node: Any) -> set[str]:
                 found.add(value)
             elif key == "Fn::GetAtt":
                 found.add(value[0] if isinstance(value, list) else value.split(".")[0])
-            elif key == "Fn::Sub":
-                text = value if isinstance(value, str) else value[0]
-                found |= {m.split(".")[0] for m in re.findall(r"\$\{([^!}][^}]*)\}", text)}
-                if not isinstance(value, str):
-                    found |= references(value[1])
+            elif key == "Fn::Sub":  # its own variables (a second argument) are no references
+                text, variables = (value, {}) if isinstance(value, str) else value
+                named = {m.split(".")[0] for m in re.findall(r"\$\{([^!}][^}]*)\}", text)}
+                found |= (named - set(variables)) | references(variables)
             else:
                 found |= references(value)
     elif isinstance(node, list):
@@ -200,6 +201,7 @@ class Deployment:
     printed: str
     api_url: str
     package_dir: Path
+    audit_bucket: str  # the stack's own, which outlives it
 
     @property
     def outputs(self) -> dict[str, str]:
@@ -234,6 +236,7 @@ def deployment(api_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         }
         ensure_secrets(session.client("ssm"), stage.secrets_path, urls=urls)  # `make secrets`
         email = ["AlarmEmail=ops@example.com"] if "sns" in services else []
+        audit = None
         try:
             with pytest.raises(DeployError) as failure:
                 deploy(
@@ -244,6 +247,7 @@ def deployment(api_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             package_dir = fake_package(tmp / "package", template, api_url)
             with capture() as printed:
                 health = deploy(stage, email, package_dir=package_dir)
+            audit = stage.outputs()["AuditBucketName"]
             yield Deployment(
                 stage,
                 services,
@@ -254,13 +258,14 @@ def deployment(api_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                 printed.getvalue(),
                 api_url,
                 package_dir,
+                audit,
             )
         finally:  # whatever the tests did, leave nothing behind
             if stage.status() is not None:
-                audit = stage.outputs().get("AuditBucketName")
                 destroy(stage, confirm=None, remove_secrets=True, poll=1)
-                if audit:  # retained by the stack (Object Lock); empty here, so it can go
-                    session.client("s3").delete_bucket(Bucket=audit)
+            if audit and session.resource("s3").Bucket(audit).creation_date:
+                # Retained by the stack (Object Lock); empty here, so it can go.
+                session.client("s3").delete_bucket(Bucket=audit)
             session.client("ssm").delete_parameters(Names=all_parameters(stage.secrets_path))
 
 
@@ -414,6 +419,20 @@ def test_rotating_the_secret_key_reencrypts_the_agent_tokens(deployment: Deploym
     assert not ssm.get_parameters(Names=[f"{path}/previous-secret-keys"])["Parameters"]
 
 
+# What the audit bucket's policy holds (test_package.py checks each statement).
+AUDIT_POLICY_STATEMENTS = ["WriteEachCheckpointKeyOnce", "RefuseRequestsWithoutTls"]
+
+
+def audit_policy_statements(bucket: str) -> list[str]:
+    """The Sids of `bucket`'s policy; none without one."""
+    try:
+        policy = client("s3").get_bucket_policy(Bucket=bucket)["Policy"]
+    except ClientError as exc:
+        assert exc.response["Error"]["Code"] == "NoSuchBucketPolicy", exc
+        return []
+    return [statement["Sid"] for statement in json.loads(policy)["Statement"]]
+
+
 def test_destroy_needs_the_stack_name_typed(deployment: Deployment) -> None:
     with pytest.raises(DeployError, match="not confirmed"):
         destroy(deployment.stage, confirm=lambda question: "yes")
@@ -438,9 +457,10 @@ def test_destroy_removes_the_stack_and_its_artifacts(deployment: Deployment) -> 
     s3, sqs = deployment.stage.session.resource("s3"), client("sqs")
     assert not s3.Bucket(outputs["DashboardBucketName"]).creation_date  # emptied, then deleted
     assert not s3.Bucket(deployment.stage.bucket).creation_date
-    audit = s3.Bucket(outputs["AuditBucketName"])
-    assert audit.creation_date  # kept: Object Lock holds its checkpoints
-    audit.delete()  # empty here, so it can go
+    # Kept, Object Lock holding its checkpoints, and with it its policy: the write-once
+    # rule and TLS only.
+    assert s3.Bucket(deployment.audit_bucket).creation_date
+    assert audit_policy_statements(deployment.audit_bucket) == AUDIT_POLICY_STATEMENTS
     for url in (outputs["StageQueueUrl"], outputs["StageDeadLetterQueueUrl"]):
         with pytest.raises(sqs.exceptions.QueueDoesNotExist):
             sqs.get_queue_url(QueueName=url.rsplit("/", 1)[1])
@@ -448,3 +468,28 @@ def test_destroy_removes_the_stack_and_its_artifacts(deployment: Deployment) -> 
     assert (
         ssm.get_parameters(Names=all_parameters(deployment.stage.secrets_path))["Parameters"] == []
     )
+
+
+def test_the_stage_deployed_again_on_its_audit_bucket_puts_its_own_policy_there(
+    deployment: Deployment,
+) -> None:
+    """After `make destroy` (the test above): `make secrets`, then `make deploy
+    AUDIT_BUCKET=<the bucket kept>`. The policy the destroyed stack left is deleted first
+    (CloudFormation creates no bucket policy where one exists; LocalStack's would overwrite
+    it), and the new stack puts its own; deployed again, the stack's own is left alone."""
+    assert deployment.stage.status() is None
+    settings, bucket = get_settings(), deployment.audit_bucket
+    urls = {
+        "database-url": settings.database_url,
+        "migration-database-url": settings.migration_database_url,
+        "redis-url": settings.redis_url,
+    }
+    ensure_secrets(deployment.stage.client("ssm"), deployment.stage.secrets_path, urls=urls)
+    given = [f"ExistingAuditBucketName={bucket}"]
+    released = f"audit bucket {bucket}: deleted the policy an earlier stack left"
+    for first in (True, False):
+        with capture() as printed:
+            deploy(deployment.stage, given, package_dir=deployment.package_dir)
+        assert (released in printed.getvalue()) is first
+        assert deployment.outputs["AuditBucketName"] == bucket
+        assert audit_policy_statements(bucket) == AUDIT_POLICY_STATEMENTS

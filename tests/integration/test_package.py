@@ -644,6 +644,17 @@ def test_the_audit_bucket_takes_each_checkpoint_key_once_and_only_over_tls(
         assert not {a for a in actions if "Retention" in a or "LegalHold" in a}, name
 
 
+def test_the_audit_bucket_keeps_its_policy_when_the_stack_lets_go_of_it(
+    resources: dict[str, Any],
+) -> None:
+    """`make destroy` keeps the bucket (Object Lock holds its checkpoints for years), and
+    its policy with it: the write-once rule and TLS only hold until a stack takes it again
+    (AUDIT_BUCKET=, whose deploy deletes the kept policy for the stack to put its own)."""
+    for name in ("AuditBucket", "AuditBucketPolicy"):
+        assert resources[name]["DeletionPolicy"] == "Retain", name
+        assert resources[name]["UpdateReplacePolicy"] == "Retain", name
+
+
 def test_functions_join_the_vpc_given_as_parameters(template: dict[str, Any]) -> None:
     vpc = template["Globals"]["Function"]["VpcConfig"]["Fn::If"]
     assert vpc == [
