@@ -420,7 +420,11 @@ def test_rotating_the_secret_key_reencrypts_the_agent_tokens(deployment: Deploym
 
 
 # What the audit bucket's policy holds (test_package.py checks each statement).
-AUDIT_POLICY_STATEMENTS = ["WriteEachCheckpointKeyOnce", "RefuseRequestsWithoutTls"]
+AUDIT_POLICY_STATEMENTS = [
+    "WriteEachCheckpointKeyOnce",
+    "NoDeleteMarkersUnderCheckpoints",
+    "RefuseRequestsWithoutTls",
+]
 
 
 def audit_policy_statements(bucket: str) -> list[str]:

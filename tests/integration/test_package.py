@@ -604,12 +604,14 @@ def test_queue_permissions_fit_each_function(template: dict[str, Any]) -> None:
                 assert "Condition" not in statement, name
 
 
-def test_the_audit_bucket_takes_each_checkpoint_key_once_and_only_over_tls(
+def test_the_audit_bucket_takes_each_checkpoint_key_once_hides_none_and_only_over_tls(
     resources: dict[str, Any],
 ) -> None:
     """Object Lock locks versions, not keys: the bucket policy refuses every PUT under
-    `checkpoints/` that does not carry `If-None-Match: *`, whoever sends it, so no second
-    version of a checkpoint or marker can be written without first changing the policy."""
+    `checkpoints/` that does not carry `If-None-Match: *`, and every delete without a
+    version (a delete marker, which hides the version a reader would find), whoever sends
+    it, so no checkpoint or marker can be replaced or hidden without first changing the
+    policy. Deleting a version Object Lock refuses until its retention ends."""
     bucket = resources["AuditBucket"]["Properties"]
     assert bucket["ObjectLockConfiguration"]["Rule"]["DefaultRetention"]["Mode"] == "COMPLIANCE"
     assert bucket["VersioningConfiguration"] == {"Status": "Enabled"}
@@ -619,7 +621,13 @@ def test_the_audit_bucket_takes_each_checkpoint_key_once_and_only_over_tls(
         if r["Type"] == "AWS::S3::BucketPolicy" and r["Properties"]["Bucket"] == AUDIT_BUCKET_NAME
     ]
     assert len(policies) == 1
-    once, tls = policies[0]["PolicyDocument"]["Statement"]
+    statements = policies[0]["PolicyDocument"]["Statement"]
+    assert [s["Sid"] for s in statements] == [
+        "WriteEachCheckpointKeyOnce",
+        "NoDeleteMarkersUnderCheckpoints",
+        "RefuseRequestsWithoutTls",
+    ]
+    once, kept, tls = statements
     assert once == {
         "Sid": "WriteEachCheckpointKeyOnce",
         "Effect": "Deny",
@@ -628,6 +636,13 @@ def test_the_audit_bucket_takes_each_checkpoint_key_once_and_only_over_tls(
         "Resource": _audit_bucket_arn("/checkpoints/*"),
         # A request without the header lacks the key, and StringNotEquals then holds.
         "Condition": {"StringNotEquals": {"s3:if-none-match": "*"}},
+    }
+    assert kept == {
+        "Sid": "NoDeleteMarkersUnderCheckpoints",
+        "Effect": "Deny",
+        "Principal": "*",
+        "Action": ["s3:DeleteObject"],  # with a versionId it is s3:DeleteObjectVersion
+        "Resource": _audit_bucket_arn("/checkpoints/*"),
     }
     assert tls == {
         "Sid": "RefuseRequestsWithoutTls",
@@ -648,7 +663,7 @@ def test_the_audit_bucket_keeps_its_policy_when_the_stack_lets_go_of_it(
     resources: dict[str, Any],
 ) -> None:
     """`make destroy` keeps the bucket (Object Lock holds its checkpoints for years), and
-    its policy with it: the write-once rule and TLS only hold until a stack takes it again
+    its policy with it: its rules hold until a stack takes the bucket again
     (AUDIT_BUCKET=, whose deploy deletes the kept policy for the stack to put its own)."""
     for name in ("AuditBucket", "AuditBucketPolicy"):
         assert resources[name]["DeletionPolicy"] == "Retain", name
