@@ -60,6 +60,10 @@ _OBJECT_NAME = re.compile(r"(\d{10})-[0-9a-f]{16}\.json")
 # S3 calls a checkpoint makes at once (a LIST and a marker per run): the client's pool
 # holds 64 connections (chalicelib/aws.py).
 S3_CONCURRENCY = 32
+# How many checkpoint objects a process keeps once read (they never change). By count,
+# so few: a full one (MAOF_AUDIT_CHECKPOINT_MAX_RUNS leaves, 10,000 by default) takes
+# about 6 MB parsed, with its tree and positions, and 64 filled most of the API's 512 MB.
+CACHED_OBJECTS = 8
 
 
 @dataclass(frozen=True)
@@ -257,17 +261,21 @@ def _add_s3_heads(earlier: dict[uuid.UUID, list[Checkpointed]]) -> dict[uuid.UUI
     broken: dict[uuid.UUID, str] = {}
     with ThreadPoolExecutor(S3_CONCURRENCY, thread_name_prefix="maof-cp") as pool:
         listed = list(pool.map(listed_checkpoints, earlier))
+    reads: list[tuple[Covering, uuid.UUID]] = []
     for run_id, coverings in zip(earlier, listed, strict=True):
         for covering in coverings:
             if covering.tampered:
                 broken[run_id] = f"checkpoint {covering.number}: {covering.tampered}"
-        for covering in newest(c for c in coverings if not c.tampered):
-            try:
-                found = leaf_of(covering.key, run_ref(run_id))
-            except CheckpointMissing as exc:
-                broken[run_id] = f"checkpoint {covering.number}: {exc}"
-                continue
-            earlier[run_id].append(Checkpointed(covering.number, *found))
+        reads.extend((c, run_id) for c in newest(c for c in coverings if not c.tampered))
+    # Object by object (a run's own stay in key order): each is read once a round, however
+    # many runs it covers and however few objects the cache keeps (CACHED_OBJECTS).
+    for covering, run_id in sorted(reads, key=lambda read: read[0].key):
+        try:
+            found = leaf_of(covering.key, run_ref(run_id))
+        except CheckpointMissing as exc:
+            broken[run_id] = f"checkpoint {covering.number}: {exc}"
+            continue
+        earlier[run_id].append(Checkpointed(covering.number, *found))
     return broken
 
 
@@ -478,7 +486,7 @@ def _written_version(key: str) -> str:
     return str(versions[0])
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=CACHED_OBJECTS)
 def read_object(key: str) -> dict[str, Any]:
     """A checkpoint object as S3 holds it, read by its version, the only one (immutable:
     cached per process). CheckpointMissing when S3 has no such object, or more than that
@@ -496,12 +504,12 @@ def read_object(key: str) -> dict[str, Any]:
     return loaded
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=CACHED_OBJECTS)
 def _tree(key: str) -> tuple[bytes, ...]:
     return tuple(leaf_hashes(read_object(key)["leaves"]))
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=CACHED_OBJECTS)
 def _positions(key: str) -> dict[str, int]:
     """Each run's newest leaf in checkpoint object `key`."""
     return {str(leaf["runId"]): i for i, leaf in enumerate(read_object(key)["leaves"])}

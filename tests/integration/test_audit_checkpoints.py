@@ -8,12 +8,15 @@ marker is tampering, never what is read."""
 from __future__ import annotations
 
 import json
+import secrets
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,6 +43,8 @@ from tests.integration.test_audit_signed import (
 )
 
 pytestmark = pytest.mark.integration
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 
 def cut_last_entry(ref: str, drop_index_rows: bool) -> int:
@@ -358,6 +363,81 @@ def test_a_runs_checkpoint_and_its_audit_read_cost_as_many_s3_calls_however_ofte
     assert costs == [(3, 3)] * 5, costs
     # The export still carries (and reads) every one.
     assert len(export(user, ref)["checkpoints"]) == 6
+
+
+def put_checkpoint_object(number: int, covered: list[uuid.UUID]) -> str:
+    """A checkpoint object in S3 with a leaf for each of `covered`, and their markers; its
+    key (its hash made up: only what is read of it matters here)."""
+    key = checkpoints.object_key(number, secrets.token_hex(8))
+    leaves = [
+        {"runId": run_ids.run_ref(run_id), "seq": 7, "hash": secrets.token_hex(32)}
+        for run_id in covered
+    ]
+    checkpoints.put_object(key, {"head": {"checkpoint": number}, "leaves": leaves})
+    for index, run_id in enumerate(covered):
+        marker = {"checkpoint": number, "object": key, "leafIndex": index}
+        checkpoints.put_object(checkpoints.marker_key(run_id, key), marker)
+    return key
+
+
+def retained_bytes(value: Any, seen: set[int]) -> int:
+    """The bytes `value` keeps alive through its containers (each object counted once)."""
+    if id(value) in seen:
+        return 0
+    seen.add(id(value))
+    size = sys.getsizeof(value)
+    if isinstance(value, dict):
+        size += sum(retained_bytes(k, seen) + retained_bytes(v, seen) for k, v in value.items())
+    elif isinstance(value, list | tuple):
+        size += sum(retained_bytes(item, seen) for item in value)
+    return size
+
+
+def api_function_memory_bytes() -> int:
+    prod = json.loads((PROJECT_DIR / ".chalice" / "config.json").read_text())["stages"]["prod"]
+    api = prod["lambda_functions"]["api_handler"]
+    return int(api.get("lambda_memory_size", prod["lambda_memory_size"])) * 1024 * 1024
+
+
+def test_the_checkpoint_caches_keep_at_most_an_eighth_of_the_api_functions_memory():
+    """read_object, _tree and _positions each kept 64 checkpoint objects, bounded by count
+    alone: a warm API function that had served the audits of runs in 64 full checkpoints
+    kept about 370 MB of its 512. What each keeps of a full checkpoint, times how many it
+    keeps, must leave the function room for its requests (an export alone may carry
+    MAOF_RUN_MAX_OUTPUT_BYTES of outputs)."""
+    runs = [uuid.uuid4() for _ in range(get_settings().audit_checkpoint_max_runs)]
+    key = put_checkpoint_object(1, runs)
+    checkpoints.reset()
+    try:
+        caches = (checkpoints.read_object, checkpoints._tree, checkpoints._positions)
+        kept = {cache.__name__: retained_bytes(cache(key), set()) for cache in caches}
+        most = sum((cache.cache_info().maxsize or 0) * kept[cache.__name__] for cache in caches)
+    finally:
+        checkpoints.reset()
+    assert all(cache.cache_info().maxsize for cache in caches), "unbounded"
+    assert most <= api_function_memory_bytes() / 8, (f"{most / 2**20:.0f} MiB", kept)
+
+
+def test_a_checkpoint_reads_each_older_checkpoint_object_once_however_few_are_cached():
+    """The runs a checkpoint screens may have their newest checkpoints in more objects than
+    the cache keeps, in turn (runs retried long after they were checkpointed, in the order
+    they ended again): each object is read from S3 once, not once per run."""
+    objects = checkpoints.CACHED_OBJECTS + 1
+    runs = [uuid.uuid4() for _ in range(2 * objects)]
+    # Run i is in object i % objects: in order, an object's runs come `objects` runs apart.
+    for n in range(objects):
+        put_checkpoint_object(n + 1, runs[n::objects])
+    earlier: dict[uuid.UUID, list[checkpoints.Checkpointed]] = {run_id: [] for run_id in runs}
+    checkpoints.reset()
+    try:
+        with counted_s3_calls() as calls:
+            assert checkpoints._add_s3_heads(earlier) == {}
+    finally:
+        checkpoints.reset()
+    assert sum(call.endswith(".GetObject") for call in calls) == objects
+    for index, run_id in enumerate(runs):
+        (found,) = earlier[run_id]
+        assert (found.number, found.seq) == (index % objects + 1, 7)
 
 
 def slowed_s3(monkeypatch: Any, seconds: float, during: Any = None) -> None:
