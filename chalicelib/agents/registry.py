@@ -327,13 +327,15 @@ def update_agent(
 
 
 def delete_agent(principal: Principal, agent_uuid: str) -> responses.AgentDeleted:
-    """Soft-delete one of the caller's agents: once this returns it gets no new stage."""
+    """Soft-delete one of the caller's agents: once this returns it gets no new stage, and
+    its token is no longer stored (a stage already calling it holds the token it read with
+    the agent's candidate list)."""
     with session_scope() as session:
         agent = _owned_agent(session, principal, agent_uuid, "delete it")
         session.execute(
             update(Agent)
             .where(Agent.id == agent.id)
-            .values(deleted_at=datetime.now(UTC), updated_at=func.now())
+            .values(deleted_at=datetime.now(UTC), auth_token_encrypted=None, updated_at=func.now())
         )
         capabilities = list(agent.capabilities)
     invalidate(capabilities)

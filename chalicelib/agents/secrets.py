@@ -67,10 +67,11 @@ class Reencryption:
 
 
 def reencrypt_all() -> Reencryption:
-    """Re-encrypt every stored secret with the current key: agents' tokens (deleted agents'
-    too: their rows keep a token), retiring the cached candidate lists that still hold the
-    old ciphertexts, and runs' callback secrets (a pending callback, or one a retry re-arms,
-    is signed with its secret long after the run was submitted). Safe to run while MAOF
+    """Re-encrypt every stored secret with the current key: agents' tokens, retiring the
+    cached candidate lists that still hold the old ciphertexts, and runs' callback secrets
+    (a pending callback, or one a retry re-arms, is signed with its secret long after the
+    run was submitted). Cleared ones (NULL: a deleted agent's token, a completed run's
+    secret once its callback was delivered or given up) are left so. Safe to run while MAOF
     serves: each batch is one transaction and a secret is readable under either key
     throughout. A secret no key reads (its key already dropped) is skipped, counted and
     logged, so it does not keep every later one on the old key."""

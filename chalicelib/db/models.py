@@ -85,7 +85,8 @@ class Agent(Base):
     name: Mapped[str] = mapped_column(String(255), nullable=False)
     description: Mapped[str | None] = mapped_column(Text)
     endpoint: Mapped[str] = mapped_column(String(2048), nullable=False)
-    auth_token_encrypted: Mapped[str] = mapped_column(Text, nullable=False)
+    # None once the agent is deleted: nothing calls it again.
+    auth_token_encrypted: Mapped[str | None] = mapped_column(Text)
     capabilities: Mapped[list[str]] = mapped_column(ARRAY(String(100)), nullable=False)
     max_concurrent_tasks: Mapped[int] = mapped_column(Integer, nullable=False, server_default="5")
     status: Mapped[str] = mapped_column(String(20), nullable=False, server_default="online")

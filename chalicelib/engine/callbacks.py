@@ -180,12 +180,17 @@ def _deliver(run: Any, until: float | None = None) -> str:
                 "UPDATE workflow_runs SET callback_state = :state, "
                 "callback_attempts = :attempts, callback_error = :error, "
                 "callback_next_at = CASE WHEN CAST(:next AS int) IS NULL THEN NULL "
-                "ELSE now() + make_interval(secs => CAST(:next AS int)) END "
+                "ELSE now() + make_interval(secs => CAST(:next AS int)) END, "
+                # Delivered or given up, a completed run's secret is never used again (it
+                # is not retried); a failed or cancelled run's signs a retry's callback.
+                "callback_secret_encrypted = CASE WHEN CAST(:over AS boolean) "
+                "AND status = 'completed' THEN NULL ELSE callback_secret_encrypted END "
                 "WHERE id = :id AND callback_delivery = :delivery"
             ),
             {
                 "id": run.id,
                 "state": state,
+                "over": state != "pending",
                 "attempts": attempts,
                 "error": error,
                 "next": next_at,

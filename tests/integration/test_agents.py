@@ -3,6 +3,7 @@ reading, deleting, and how the engine routes stages to registered agents."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -18,7 +19,7 @@ from chalicelib.agents.candidates import (
     invalidate_capability,
 )
 from chalicelib.agents.health import health_url
-from chalicelib.agents.secrets import decrypt_token
+from chalicelib.agents.secrets import decrypt_token, reencrypt_all
 from chalicelib.db import session_scope
 from chalicelib.db.models import Agent
 from tests.integration.conftest import (
@@ -32,7 +33,7 @@ from tests.integration.conftest import (
 # settings_env (a fixture) restores the settings `apply` lowers, as in test_limits.py.
 from tests.integration.test_limits import apply, rate_limited, settings_env  # noqa: F401
 from tests.integration.test_redis_down import redis_unreachable
-from tests.support.agents import ScriptedAgent, start_agent
+from tests.support.agents import ScriptedAgent, gated, start_agent
 
 
 def agent_body(capability: str | None = None, **fields: Any) -> dict[str, Any]:
@@ -567,6 +568,32 @@ def test_an_agent_deleted_while_its_first_probe_runs_was_still_registered(user, 
     assert agent["agentUuid"] == agent_uuid
     assert agent["capabilities"] == [capability]
     assert listed(user, capability=capability) == []
+
+
+def test_a_deleted_agents_token_is_no_longer_stored_and_its_call_in_flight_still_counts(
+    user, poller, agents
+):
+    """A deleted agent's token stayed stored (and was re-encrypted at every key rotation)
+    for as long as the database lived, though nothing calls a deleted agent again. It is
+    cleared with the delete; the stage that was calling the agent used the token its
+    candidate list held, and its answer completes the run."""
+    gate = threading.Event()
+    held = start_agent(agents, default=gated(gate))
+    capability = unique_capability("forget")
+    token = f"secret-{uuid.uuid4().hex}"
+    agent = register_agent(user, capability, endpoint=held.url, authToken=token)
+    run_id = submit(user, one_stage(capability))
+    wait_until(lambda: len(held.calls) == 1, timeout=20)
+    assert user.delete(f"/agents/{agent['agentUuid']}").status_code == 200
+    with session_scope() as session:
+        stored = session.scalar(
+            select(Agent.auth_token_encrypted).where(Agent.id == uuid.UUID(agent["agentUuid"]))
+        )
+    assert stored is None
+    gate.set()
+    assert wait_for_run(user, run_id)["status"] == "completed"
+    assert held.calls[0].headers["Authorization"] == f"Bearer {token}"
+    assert reencrypt_all().unreadable == 0  # what was cleared is not a secret to move
 
 
 # ------------------------------------------------------------------ routing

@@ -217,3 +217,65 @@ def test_a_second_migration_waits_for_the_first_then_has_nothing_to_do(fresh: Da
     assert "migrated to head" in output
     assert fresh.scalar("SELECT version_num FROM alembic_version") == SCHEMA_REVISION
     assert fresh.scalar("SELECT count(*) FROM pg_index WHERE NOT indisvalid") == 0
+
+
+def test_secrets_nothing_will_use_again_are_cleared_by_the_migration(fresh: Database):
+    """Before 0014 a deleted agent kept its token, and a completed run whose callback was
+    delivered or given up kept its secret; the migration clears those it finds, and only
+    those (a live agent calls with its token; a pending callback, or a failed or cancelled
+    run's that a retry re-arms, signs with its secret)."""
+    _upgrade("0013_waiting_runs")
+    user = fresh.scalar(
+        "INSERT INTO users (email, password_hash, name) VALUES ('m@example.com', 'x', 'M') "
+        "RETURNING id"
+    )
+    tokens = {
+        deleted: fresh.scalar(
+            "INSERT INTO agents (agent_id, owner_id, name, endpoint, auth_token_encrypted, "
+            "capabilities, deleted_at) VALUES (:a, :u, 'A', 'mock://a', 'token', ARRAY['c'], "
+            "CASE WHEN :deleted THEN now() END) RETURNING id",
+            a=f"agent-{deleted}",
+            u=user,
+            deleted=deleted,
+        )
+        for deleted in (True, False)
+    }
+    runs = {
+        (status, state): fresh.scalar(
+            "INSERT INTO workflow_runs (user_id, workflow_name, definition, status, "
+            "callback_url, callback_secret_encrypted, callback_state) VALUES (:u, 'w', "
+            "'{}', :status, 'https://example.com/hook', 'secret', :state) RETURNING id",
+            u=user,
+            status=status,
+            state=state,
+        )
+        for status, state in [
+            ("completed", "delivered"),
+            ("completed", "failed"),
+            ("completed", "pending"),
+            ("failed", "delivered"),
+            ("cancelled", "failed"),
+        ]
+    }
+
+    _upgrade()
+
+    def token(agent: Any) -> Any:
+        return fresh.scalar("SELECT auth_token_encrypted FROM agents WHERE id = :i", i=agent)
+
+    def secret(run: Any) -> Any:
+        return fresh.scalar(
+            "SELECT callback_secret_encrypted FROM workflow_runs WHERE id = :i", i=run
+        )
+
+    assert {deleted: token(agent) for deleted, agent in tokens.items()} == {
+        True: None,
+        False: "token",
+    }
+    assert {key: secret(run) for key, run in runs.items()} == {
+        ("completed", "delivered"): None,
+        ("completed", "failed"): None,
+        ("completed", "pending"): "secret",
+        ("failed", "delivered"): "secret",
+        ("cancelled", "failed"): "secret",
+    }

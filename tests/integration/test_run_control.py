@@ -19,6 +19,7 @@ from chalicelib.config import get_settings, reset_settings
 from chalicelib.core.api import parse_run_ref
 from chalicelib.db import session_scope
 from chalicelib.engine import callbacks, handlers, leases, stages
+from chalicelib.workflows import control
 from tests.integration.conftest import (
     Api,
     register_agent,
@@ -514,8 +515,9 @@ def test_a_callback_receiver_trickling_its_answer_is_cut_off_at_the_timeout(
     assert error is not None and "could not reach the callback URL" in error, error
 
 
-def _due_callbacks(user: Api, urls: list[str]) -> list[str]:
-    """Runs (ended before anything ran them) whose callbacks are due now, one per URL."""
+def _due_callbacks(user: Api, urls: list[str], status: str = "cancelled") -> list[str]:
+    """Runs (ended, as `status`, before anything ran them) whose callbacks are due now, one
+    per URL."""
     capability = unique_capability("due")
     register_agent(user, capability)
     refs = [
@@ -527,11 +529,11 @@ def _due_callbacks(user: Api, urls: list[str]) -> list[str]:
     with session_scope() as session:
         session.execute(
             text(
-                "UPDATE workflow_runs SET status = 'cancelled', completed_at = now(), "
+                "UPDATE workflow_runs SET status = :status, completed_at = now(), "
                 "callback_state = 'pending', callback_next_at = now(), "
                 "callback_delivery = gen_random_uuid() WHERE id = ANY(:ids)"
             ),
-            {"ids": [parse_run_ref(ref) for ref in refs]},
+            {"ids": [parse_run_ref(ref) for ref in refs], "status": status},
         )
     return refs
 
@@ -672,6 +674,54 @@ def test_a_pending_callback_is_signed_after_the_secret_key_rotates(
     finally:
         receiver.stop()
         restore_secret_key(monkeypatch, old, new)
+
+
+def stored_callback_secret(ref: str) -> str | None:
+    with session_scope() as session:
+        return session.execute(
+            text("SELECT callback_secret_encrypted FROM workflow_runs WHERE id = :id"),
+            {"id": parse_run_ref(ref)},
+        ).scalar()
+
+
+def test_a_callback_secret_is_cleared_once_its_run_can_end_no_more(
+    user: Api, sent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's callback secret stayed stored (and was re-encrypted at every key rotation)
+    for as long as the database lived. Once a completed run's callback is delivered or
+    given up, nothing signs with it again (a completed run is never retried): it is
+    cleared. A failed or cancelled run's is kept, and signs the callback of a retry's end."""
+    monkeypatch.setattr(control, "send_stage_messages", sent)  # the retry's stages stay queued
+    receiver = CallbackReceiver()
+    try:
+        delivered, given_up = _due_callbacks(
+            user, [receiver.url, "http://127.0.0.1:9/hooks"], status="completed"
+        )
+        (cancelled,) = _due_callbacks(user, [receiver.url])
+        with session_scope() as session:  # its last try
+            session.execute(
+                text("UPDATE workflow_runs SET callback_attempts = :n WHERE id = :id"),
+                {"n": callbacks.MAX_ATTEMPTS - 1, "id": parse_run_ref(given_up)},
+            )
+        callbacks.deliver_due(until=time.monotonic() + 20)  # those due before too
+        states = {
+            ref: user.get(f"/workflows/{ref}").json()["data"]["callback"]["state"]
+            for ref in (delivered, given_up, cancelled)
+        }
+        assert list(states.values()) == ["delivered", "failed", "delivered"], states
+        assert stored_callback_secret(delivered) is None
+        assert stored_callback_secret(given_up) is None
+        assert stored_callback_secret(cancelled) is not None
+        assert user.post(f"/workflows/{cancelled}/retry").status_code == 202
+        assert user.post(f"/workflows/{cancelled}/cancel").status_code == 202
+        callbacks.deliver_due(until=time.monotonic() + 20)
+        assert len(receiver.received) == 3
+        headers, raw = receiver.received[-1]
+        assert json.loads(raw)["workflowRunId"] == cancelled
+        expected = "sha256=" + hmac.new(SECRET.encode(), raw, hashlib.sha256).hexdigest()
+        assert hmac.compare_digest(headers["X-Maof-Signature"], expected)
+    finally:
+        receiver.stop()
 
 
 def test_a_callback_url_the_guard_refuses_is_400(
