@@ -51,6 +51,11 @@ class MaofRequestHandler(ChaliceRequestHandler):
 
     # Without TCP_NODELAY every keep-alive answer waits ~40 ms on delayed ACKs.
     disable_nagle_algorithm = True
+    # Seconds a connection may sit idle (kept alive, or a request never finished) before it
+    # is closed: without it each held a thread and a socket for as long as its client
+    # kept it open. Every read and write of a socket must end within it; nothing MAOF
+    # serves streams or long-polls.
+    timeout = 30
 
     def __getattr__(self, name: str) -> Any:
         # http.server answers a method with no `do_<METHOD>` (TRACE, QUERY, ...) with an HTML

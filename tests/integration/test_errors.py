@@ -381,6 +381,29 @@ def test_a_head_answer_is_its_headers_alone_so_the_next_answer_is_intact(api_url
     assert rest.startswith(b"HTTP/1.1 200"), rest[:200]
 
 
+def test_an_idle_or_half_sent_connection_is_closed_after_the_handlers_timeout(
+    api_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP/1.1 keeps connections alive, and the handler had no timeout: every connection
+    left idle after an answer, or whose request was never finished, held a server thread
+    and socket for as long as its client kept it open. The handler's timeout (shortened
+    here, so as not to wait for it) closes both; `connect`'s 5 s reads are the deadline."""
+    from devstack.api import MaofRequestHandler
+
+    assert MaofRequestHandler.timeout is not None
+    monkeypatch.setattr(MaofRequestHandler, "timeout", 1)
+    with connect(api_url) as idle, connect(api_url) as half_sent:
+        idle.sendall(f"GET /health HTTP/1.1\r\n{host(api_url)}\r\n".encode())
+        half_sent.sendall(f"GET /health HTTP/1.1\r\n{host(api_url)}".encode())  # no end
+        code, _, _ = answer_of(read_to_close(idle))
+        assert code == 200
+        assert read_to_close(half_sent) == b""
+    # Still serving.
+    with connect(api_url) as sock:
+        sock.sendall(f"GET /health HTTP/1.1\r\n{host(api_url)}Connection: close\r\n\r\n".encode())
+        assert answer_of(read_to_close(sock))[0] == 200
+
+
 def answer_of(raw: bytes) -> tuple[int, dict[str, str], bytes]:
     """The status, headers (lower-cased names) and body of one raw HTTP/1.1 answer."""
     head, _, body = raw.partition(b"\r\n\r\n")
