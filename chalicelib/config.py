@@ -37,6 +37,7 @@ ENV_PREFIX = "MAOF_"
 DEV_STAGES = ("dev", "test")
 DEV_JWT_SECRET = "dev-only-secret-change-me-0123456789abcdef"  # noqa: S105 (dev stage only; refused elsewhere)
 DEV_SECRET_KEY = "dev-only-key-for-agent-tokens-0123456789"  # noqa: S105 (dev stage only)
+DEV_SECRETS = (DEV_JWT_SECRET, DEV_SECRET_KEY)  # refused as any secret or key elsewhere
 LOCALSTACK_ENDPOINT = "http://127.0.0.1:4566"
 # The local stack's two roles: the application's (INSERT and SELECT only on the audit
 # trail) and the owner's, which runs the migrations (chalicelib/db/roles.py).
@@ -397,8 +398,8 @@ class Settings(_Bootstrap):
     def _fit_for_the_stage(self) -> Self:
         """URLs of the right kind, a default agent timeout the run_stage function can give
         and a response cap that holds the largest output in every stage; elsewhere than dev
-        and test, a JWT secret of its own and connections that cross the network only over
-        TLS."""
+        and test, a JWT secret of its own, no dev default as any JWT secret or key, and
+        connections that cross the network only over TLS."""
         for field in ("database_url", "migration_database_url", "redis_url"):
             if not getattr(self, field):  # unset: a default only in dev and test
                 what = f"is required in stage {self.stage!r} (only dev and test have defaults)"
@@ -417,14 +418,19 @@ class Settings(_Bootstrap):
         if not self.is_dev and not reads_none and len(self.jwt_secret) < 32:
             what = f"must be at least 32 characters in stage {self.stage!r}"
             raise ValueError(self._complaint("jwt_secret", what))
-        if not self.is_dev and self.jwt_secret == DEV_JWT_SECRET:
-            what = f"must not be the dev default in stage {self.stage!r}"
-            raise ValueError(self._complaint("jwt_secret", what))
         # Nor the secret key, for one whose MAOF_SECRETS_SSM_NAMES leaves secret-key out: it
         # encrypts and decrypts no agent token or callback secret (agents.secrets refuses to).
         keyless = bool(self.secrets_ssm_path) and "secret-key" not in self.ssm_parameter_names
         if not (keyless and not self.secret_key) and len(self.secret_key) < 32:
             raise ValueError(self._complaint("secret_key", "must be at least 32 characters"))
+        # Both dev defaults are published here: as a JWT secret, current or previous, anyone
+        # could sign a token; as a key, current or previous, read every stored secret.
+        for field in ("jwt_secret", "jwt_previous_secrets", "secret_key", "previous_secret_keys"):
+            value = getattr(self, field)
+            given = value if isinstance(value, tuple) else (value,)
+            if not self.is_dev and any(secret in DEV_SECRETS for secret in given):
+                what = f"must not be a dev default in stage {self.stage!r}"
+                raise ValueError(self._complaint(field, what))
         if self.agent_timeout_ms > self.max_stage_timeout_ms:
             raise ValueError(
                 f"MAOF_AGENT_TIMEOUT_MS ({self.agent_timeout_ms}) may be at most "

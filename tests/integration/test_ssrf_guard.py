@@ -422,7 +422,7 @@ def prod(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     settings = get_settings()
     monkeypatch.setenv("MAOF_STAGE", "prod")
     monkeypatch.setenv("MAOF_JWT_SECRET", "p" * 40)
-    monkeypatch.setenv("MAOF_SECRET_KEY", settings.secret_key)
+    monkeypatch.setenv("MAOF_SECRET_KEY", "k" * 40)  # prod refuses the test stage's dev key
     monkeypatch.setenv("MAOF_AWS_ENDPOINT_URL", settings.aws_endpoint_url or "")
     monkeypatch.setenv("MAOF_ALLOW_INSECURE_CONNECTIONS", "true")  # the test stack's URLs
     monkeypatch.delenv("MAOF_MOCK_AGENTS", raising=False)

@@ -16,6 +16,7 @@ from chalicelib import config, db
 from chalicelib.config import (
     DEV_JWT_SECRET,
     DEV_MIGRATION_DATABASE_URL,
+    DEV_SECRET_KEY,
     ConfigError,
     Settings,
     load_settings,
@@ -110,6 +111,39 @@ def test_prod_refuses_the_dev_jwt_secret(prod: pytest.MonkeyPatch) -> None:
     prod.setenv("MAOF_JWT_SECRET", DEV_JWT_SECRET)
     message = refusal("MAOF_JWT_SECRET")
     assert DEV_JWT_SECRET not in message
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "MAOF_JWT_SECRET",
+        "MAOF_JWT_PREVIOUS_SECRETS",
+        "MAOF_SECRET_KEY",
+        "MAOF_PREVIOUS_SECRET_KEYS",
+    ],
+)
+@pytest.mark.parametrize("published", [DEV_JWT_SECRET, DEV_SECRET_KEY])
+def test_prod_refuses_a_published_dev_secret_as_any_secret_or_key(
+    prod: pytest.MonkeyPatch, variable: str, published: str
+) -> None:
+    """Both dev defaults are in this repository: as a JWT secret, current or previous,
+    anyone could sign tokens; as a key, current or previous, read every agent token and
+    callback secret. Only MAOF_JWT_SECRET was refused."""
+    rotating = variable.removeprefix("MAOF_").startswith(("JWT_PREVIOUS", "PREVIOUS"))
+    prod.setenv(variable, f"{'o' * 32},{published}" if rotating else published)
+    message = refusal(f"^{variable} ")
+    assert published not in message
+
+
+def test_the_dev_stage_takes_the_dev_defaults_as_previous_secrets_and_keys(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MAOF_STAGE", "dev")
+    monkeypatch.setenv("MAOF_JWT_PREVIOUS_SECRETS", DEV_JWT_SECRET)
+    monkeypatch.setenv("MAOF_PREVIOUS_SECRET_KEYS", DEV_SECRET_KEY)
+    settings = load_settings()
+    assert settings.jwt_previous_secrets == (DEV_JWT_SECRET,)
+    assert settings.previous_secret_keys == (DEV_SECRET_KEY,)
 
 
 def test_any_stage_but_dev_and_test_is_held_to_the_prod_rules(prod: pytest.MonkeyPatch) -> None:
