@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
 
 import redis
+from cryptography.fernet import InvalidToken
 from sqlalchemy.orm import Session
 
 from chalicelib import cache
@@ -39,6 +40,8 @@ from chalicelib.agents.candidates import (
     capability_generation_key,
     serves,
 )
+from chalicelib.agents.dispatch import AgentCallFailed
+from chalicelib.agents.failure import Failure
 from chalicelib.agents.ranking import Figures, best_status, figures_of, preference_order
 from chalicelib.agents.secrets import decrypt_token
 from chalicelib.config import get_settings
@@ -116,7 +119,18 @@ class AgentChoice:
 
     @property
     def token(self) -> str:
-        return decrypt_token(self.token_encrypted)
+        """The agent's auth token; AgentCallFailed, an agent that cannot serve (the stage
+        falls back), when no configured key reads it (its key dropped before it was
+        re-encrypted): it never will until the agent is registered again."""
+        try:
+            return decrypt_token(self.token_encrypted)
+        except InvalidToken:
+            raise AgentCallFailed(
+                "UNREADABLE_TOKEN: this agent's authToken can no longer be decrypted with any "
+                "key; register it again",
+                failure=Failure.AGENT_UNUSABLE,
+                code="UNREADABLE_TOKEN",
+            ) from None
 
 
 def _slots_key(agent_uuid: str) -> str:

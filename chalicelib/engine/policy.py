@@ -10,7 +10,8 @@ so no stage loops forever:
 | garbage that is not the protocol          |                 | back to the next agent, else fail      |
 | timeout, connection lost                  | agent_attempts  | the same, keeping the Idempotency-Key  |
 | agent output JSON or JSONB refuses        | —               | fall back at once, else fail           |
-| (INVALID_OUTPUT), a refused redirect      |                 |                                        |
+| (INVALID_OUTPUT), a refused redirect, a   |                 |                                        |
+| token no key decrypts (UNREADABLE_TOKEN)  |                 |                                        |
 | agent error it calls final, other 4xx     | —               | fail                                   |
 | any other exception after the claim       | errors          | retry (backoff) ≤ retries, then fail   |
 | the worker stopped (lease expired)        | lease_expiries  | re-run ≤ MAOF_STAGE_MAX_LEASE_EXPIRIES |

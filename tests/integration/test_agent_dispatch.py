@@ -6,12 +6,18 @@ from __future__ import annotations
 import json
 import threading
 import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 
+from chalicelib import db
+from chalicelib.agents import secrets
+from chalicelib.agents.candidates import invalidate_capability
 from chalicelib.core import api as run_ids
+from chalicelib.db.models import Agent
 from chalicelib.engine import handlers, stages
 from chalicelib.workflows import runs
 from tests.integration.conftest import (
@@ -337,6 +343,76 @@ def test_idempotency_key_is_the_same_when_an_attempt_runs_again_after_an_error(
     assert actions(entries).count(("execute", run["stages"][0]["agentId"])) == 1
     retries = [e for e in entries if e["action"] == "retry"]
     assert [e["details"]["code"] for e in retries] == (["INTERNAL_ERROR"] if counted else [])
+
+
+def store_token(agent: dict[str, Any], capability: str, ciphertext: str) -> None:
+    """Replace the agent's stored token, as routing sees it from now on."""
+    with db.session_scope() as session:
+        session.execute(
+            update(Agent)
+            .where(Agent.id == uuid.UUID(agent["agentUuid"]))
+            .values(auth_token_encrypted=ciphertext)
+        )
+    invalidate_capability(capability)
+
+
+@pytest.fixture
+def lose_the_key_of() -> Iterator[Callable[[dict[str, Any], str], None]]:
+    """Store an agent's token under a key no longer configured (dropped before the token
+    was re-encrypted: docs/security.md); readable again once the test ends, since later
+    tests re-encrypt every token and count the ones no key reads."""
+    lost: list[tuple[dict[str, Any], str]] = []
+
+    def lose(agent: dict[str, Any], capability: str) -> None:
+        store_token(agent, capability, secrets._fernet_of("l" * 40).encrypt(b"t").decode())
+        lost.append((agent, capability))
+
+    yield lose
+    for agent, capability in lost:
+        store_token(agent, capability, secrets.encrypt_token("t"))
+
+
+UNREADABLE = "can no longer be decrypted with any key; register it again"
+
+
+def test_an_agent_whose_token_no_key_reads_falls_back_to_a_healthy_agent(
+    user, poller, agents, lose_the_key_of
+):
+    """Its InvalidToken was an internal error: retried on the same agent, then the stage
+    failed, though another agent could serve it. It is an agent that cannot serve."""
+    unreadable = start(agents)
+    healthy = start(agents, health="degraded", default=ok({"from": "healthy"}))
+    capability = unique_capability("lostkey")
+    first = register_agent(user, capability, endpoint=unreadable.url)
+    second = register_agent(user, capability, endpoint=healthy.url)
+    assert (first["status"], second["status"]) == ("online", "degraded")  # first is tried first
+    lose_the_key_of(first, capability)
+    for _ in range(3):
+        run_id = submit(user, capability, FAST)
+        run = wait_for_run(user, run_id)
+        assert run["status"] == "completed", run
+        assert run["stages"][0]["agentId"] == second["agentId"]
+        assert actions(audit(user, run_id)) == [
+            ("fallback", first["agentId"]),
+            ("execute", second["agentId"]),
+            ("complete", None),
+        ]
+    assert unreadable.calls == []  # never called without its token
+    assert len(healthy.calls) == 3
+
+
+def test_a_stage_whose_only_agent_has_a_token_no_key_reads_fails_saying_so(
+    user, poller, agents, lose_the_key_of
+):
+    unreadable = start(agents)
+    capability = unique_capability("lostkey")
+    registered = register_agent(user, capability, endpoint=unreadable.url)
+    lose_the_key_of(registered, capability)
+    run = wait_for_run(user, submit(user, capability, FAST))
+    assert run["status"] == "failed"
+    assert UNREADABLE in run["errorMessage"] and registered["agentId"] in run["errorMessage"]
+    assert "InvalidToken" not in run["errorMessage"]
+    assert unreadable.calls == []
 
 
 def test_unreachable_agent_registers_as_offline_and_is_not_routed_to(user, poller):

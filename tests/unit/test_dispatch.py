@@ -19,9 +19,10 @@ from typing import Any
 
 import pytest
 
-from chalicelib.agents import dispatch, network
+from chalicelib.agents import dispatch, network, secrets
 from chalicelib.agents.dispatch import AgentCallFailed, AgentTask, call_agent, interpret
 from chalicelib.agents.failure import Failure
+from chalicelib.agents.selection import AgentChoice
 from chalicelib.config import get_settings
 from tests.support.raw_server import answering
 
@@ -172,6 +173,19 @@ def test_a_token_http_cannot_carry_makes_the_agent_unusable_naming_nothing_of_it
     assert failed.value.code == "INVALID_REQUEST_HEADER"
     assert failed.value.failure is Failure.AGENT_UNUSABLE
     assert "\u20ac" not in str(failed.value) and "position" not in str(failed.value)
+
+
+def test_a_token_no_configured_key_decrypts_makes_the_agent_unusable():
+    """Its key dropped before it was re-encrypted: the InvalidToken was an internal error,
+    retried on the same agent until the stage failed, never falling back."""
+    lost = secrets._fernet_of("l" * 40).encrypt(b"the-agent-token").decode()
+    agent = AgentChoice("5f0c6b1e-0000-4000-8000-000000000000", "a", "http://a.test", lost, 1)
+    with pytest.raises(
+        AgentCallFailed, match="decrypted with any key; register it again"
+    ) as failed:
+        _ = agent.token
+    assert failed.value.code == "UNREADABLE_TOKEN"
+    assert failed.value.failure is Failure.AGENT_UNUSABLE
 
 
 def test_task_body_and_idempotency_key_follow_the_protocol():
