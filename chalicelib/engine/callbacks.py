@@ -2,10 +2,11 @@
 callback URL, signed, at least once.
 
 The body: `{workflowRunId, status, workflowName, completedAt, output | errorMessage,
-chain: {head}, timestamp}`. The headers: `X-Maof-Signature: sha256=<hex HMAC-SHA256 of
-the raw body, keyed with the callback's secret>`, `X-Maof-Timestamp` (Unix seconds, also
-in the body, so a receiver can refuse old replays) and `X-Maof-Delivery` (one id per run
-end, the same on every try of it, so a receiver can drop a repeat). Any 2xx answer within
+chain: {head}, timestamp, deliveryId}`. The headers: `X-Maof-Signature: sha256=<hex
+HMAC-SHA256 of the raw body, keyed with the callback's secret>`, `X-Maof-Timestamp` (Unix
+seconds, also in the body, so a receiver can refuse old replays) and `X-Maof-Delivery`
+(one id per run end, the same on every try of it, so a receiver can drop a repeat; also in
+the body, so signed: a replay under another id fails the check). Any 2xx answer within
 TIMEOUT_SECONDS, connect to last byte, is a delivery; anything else is tried again after a backoff (10 s, 20 s, 40 s … up to 5
 minutes; MAX_ATTEMPTS tries, about 20 minutes); the run's detail shows how it went
 (`callback: {url, state, attempts, lastError}`). Deliveries are not audit entries: a
@@ -64,6 +65,8 @@ def payload(run: Any, head: str | None, timestamp: int) -> dict[str, Any]:
         "completedAt": run.completed_at,
         "chain": {"head": head},
         "timestamp": timestamp,
+        # What receivers drop repeats by: signed, as the header alone is not.
+        "deliveryId": str(run.callback_delivery),
     }
     if run.status == "completed":
         body["output"] = run.output

@@ -3,15 +3,18 @@ MAOF signs (chalicelib/engine/callbacks.py), and refuses what it must."""
 
 from __future__ import annotations
 
-import json
 import re
 import time
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from chalicelib.engine.callbacks import signature
+from chalicelib.core.encoding import dumps
+from chalicelib.engine.callbacks import payload, signature
 
 API_DOC = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 SECRET = "a-callback-secret-0123456789"
@@ -26,19 +29,42 @@ def documented_verify() -> Any:
     return namespace["verify"]
 
 
+RUN = SimpleNamespace(
+    id=uuid.UUID("0b6f6a52-7d4e-4c1a-9a57-0c9d4c1f2e3a"),
+    status="completed",
+    workflow_name="wf",
+    completed_at=datetime(2026, 1, 2, tzinfo=UTC),
+    output={"answer": 42},
+    error_message=None,
+    callback_delivery=uuid.UUID("5d1c2b3a-4e5f-4a6b-8c7d-9e0f1a2b3c4d"),
+)
+
+
 def delivery(timestamp: int) -> tuple[bytes, dict[str, str]]:
-    raw = json.dumps({"workflowRunId": "wfr-1", "status": "completed", "timestamp": timestamp})
-    body = raw.encode()
+    """A delivery of RUN's end as MAOF sends it (chalicelib/engine/callbacks.py)."""
+    body = dumps(payload(RUN, "head", timestamp)).encode("utf-8")
     return body, {
         "X-Maof-Signature": signature(SECRET, body),
         "X-Maof-Timestamp": str(timestamp),
-        "X-Maof-Delivery": "d-1",
+        "X-Maof-Delivery": str(RUN.callback_delivery),
     }
 
 
 def test_the_documented_verifier_accepts_a_delivery_maof_signed() -> None:
     body, headers = delivery(int(time.time()))
-    assert documented_verify()(body, headers, SECRET)["workflowRunId"] == "wfr-1"
+    verified = documented_verify()(body, headers, SECRET)
+    assert verified["output"] == {"answer": 42}
+    assert verified["deliveryId"] == headers["X-Maof-Delivery"]
+
+
+def test_the_documented_verifier_refuses_a_delivery_replayed_under_another_delivery_id() -> None:
+    """Receivers drop repeats by the delivery id: unsigned (a header alone), a delivery
+    captured and replayed within max_age under a fresh X-Maof-Delivery passed both the
+    verifier and the de-duplication."""
+    body, headers = delivery(int(time.time()))
+    replayed = headers | {"X-Maof-Delivery": str(uuid.uuid4())}
+    with pytest.raises(ValueError, match="replayed"):
+        documented_verify()(body, replayed, SECRET)
 
 
 def test_the_documented_verifier_refuses_a_wrong_secret_a_changed_body_or_an_old_delivery() -> None:
