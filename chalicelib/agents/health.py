@@ -8,10 +8,12 @@
 | 5xx, timeout, connection refused              | offline  |
 
 `mock://` agents are online where mock agents are enabled. The probe goes through the SSRF
-guard (`network.pinned_request`): an endpoint it refuses is offline. Results go to Postgres
-(status, lastHealthCheck) and Redis; a status change drops the capability cache so routing
-follows at once, and an agent back from offline is handed to the caller's `available` (the
-engine wakes the stages waiting for it).
+guard (`network.pinned_request`): an endpoint it refuses is offline. A probe whose name
+lookup could not even begin by its deadline (every lookup thread held by other names that
+hang) says nothing of the agent: nothing is recorded, and the agent keeps its status.
+Results go to Postgres (status, lastHealthCheck) and Redis; a status change drops the
+capability cache so routing follows at once, and an agent back from offline is handed to
+the caller's `available` (the engine wakes the stages waiting for it).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from sqlalchemy.orm import Session
 from chalicelib import cache
 from chalicelib.agents.candidates import invalidate_capability
 from chalicelib.agents.dispatch import is_mock
-from chalicelib.agents.network import EndpointNotAllowed, pinned_request, read_by
+from chalicelib.agents.network import EndpointNotAllowed, ResolverBusy, pinned_request, read_by
 from chalicelib.config import get_settings
 from chalicelib.db import session_scope
 from chalicelib.db.models import Agent
@@ -51,8 +53,10 @@ def health_url(endpoint: str) -> str:
     return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/health", fragment=""))
 
 
-def probe(endpoint: str) -> str:
-    """The status one health probe of `endpoint` gives."""
+def probe(endpoint: str) -> str | None:
+    """The status one health probe of `endpoint` gives; None if it could not be made (no
+    thread was free to look the agent's name up by its deadline: MAOF's want, not the
+    agent's fault)."""
     if is_mock(endpoint):
         return "online"
     seconds = get_settings().agent_health_timeout_ms / 1000
@@ -69,6 +73,8 @@ def probe(endpoint: str) -> str:
             body = read_by(response, deadline, MAX_HEALTH_BODY)
         finally:
             response.release_conn()
+    except ResolverBusy:
+        return None
     except (EndpointNotAllowed, urllib3.exceptions.HTTPError, OSError):
         return "offline"
     if response.status in (404, 405):
@@ -93,13 +99,13 @@ Available = Callable[[uuid.UUID, int], object]
 
 
 def _record(
-    session: Session, results: dict[uuid.UUID, str], started: datetime
+    session: Session, results: dict[uuid.UUID, str | None], started: datetime
 ) -> tuple[list[Agent], list[Agent], set[str], list[Agent]]:
     """In the caller's transaction: each agent's status and check time (`started`: when
-    its probe began), unless a probe that began later was recorded first (two checks of
-    one agent at once: the newest result stands) or the agent was deleted. Returns the
-    live agents, those recorded, the capabilities of those whose status changed (their
-    candidate lists are stale), and those back from offline."""
+    its probe began), unless its probe could not be made (None), a probe that began later
+    was recorded first (two checks of one agent at once: the newest result stands) or the
+    agent was deleted. Returns the live agents, those recorded, the capabilities of those
+    whose status changed (their candidate lists are stale), and those back from offline."""
     changed: set[str] = set()
     recorded: list[Agent] = []
     revived: list[Agent] = []
@@ -112,10 +118,12 @@ def _record(
     agents = list(session.scalars(live).all())
     now = datetime.now(UTC)
     for agent in agents:
+        status = results[agent.id]
+        if status is None:
+            continue
         if agent.last_health_check is not None and agent.last_health_check >= started:
             continue
         recorded.append(agent)
-        status = results[agent.id]
         if status != agent.status:
             changed.update(agent.capabilities)
             if agent.status == "offline":
@@ -143,7 +151,7 @@ def _database_now() -> datetime:
         return session.execute(text("SELECT clock_timestamp()")).scalar_one()  # type: ignore[no-any-return]
 
 
-def _probe_apart(endpoint: str) -> str:
+def _probe_apart(endpoint: str) -> str | None:
     """probe(), whose failure, whatever an agent answered, marks that agent offline and
     no other: the check records every agent probed with it."""
     try:
@@ -158,7 +166,8 @@ def check(
 ) -> list[Agent]:
     """Probe these agents (id, endpoint) concurrently and record the results: one
     transaction, then Redis (each agent's health; the candidates of a capability whose
-    agents changed status); then tell `available` of each agent back from offline."""
+    agents changed status); then tell `available` of each agent back from offline. An
+    agent whose probe could not be made is returned as it was, nothing recorded."""
     if not targets:
         return []
     started = _database_now()

@@ -279,21 +279,71 @@ def resolve_host(hostname: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
+class ResolverBusy(TimeoutError):
+    """No lookup thread came free by the deadline: the name was never looked up, which says
+    nothing of it (a health probe leaves the agent's status as it was)."""
+
+
 # A lookup given up at its deadline still holds its thread until the system resolver gives
-# up too (tens of seconds against a name server that never answers): enough threads that a
-# batch's hostile names (10 records, and the stages handed slots) leave lookups for the
-# other stages. Threads start only as lookups need them.
-_resolver = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="maof-dns")
+# up too (tens of seconds against a name server that never answers). So a lookup of a name
+# already being looked up waits on that lookup rather than taking a thread (one name holds
+# one thread, however many agents, probes or calls name it), and LOOKUP_THREADS are enough
+# that a batch's hostile names (10 records, and the stages handed slots) leave lookups for
+# the other stages. Bounded per name, not per owner: agent calls, callbacks and
+# registrations share these threads and name no owner. What one owner's many hung names can
+# still cost the others is a lookup that never starts (ResolverBusy), never a verdict on
+# their agents. Threads start only as lookups need them.
+LOOKUP_THREADS = 32
+_lookup_threads = threading.BoundedSemaphore(LOOKUP_THREADS)
+_lookups: dict[tuple[str, int], concurrent.futures.Future[list[str]]] = {}
+_lookups_lock = threading.Lock()
+
+
+def _look_up(key: tuple[str, int], lookup: concurrent.futures.Future[list[str]]) -> None:
+    try:
+        lookup.set_result(resolve_host(*key))
+    except BaseException as exc:  # handed to whoever waits on it, as a pool's worker does
+        lookup.set_exception(exc)
+    finally:
+        with _lookups_lock:
+            del _lookups[key]
+        _lookup_threads.release()
+
+
+def _lookup(hostname: str, port: int, deadline: float) -> concurrent.futures.Future[list[str]]:
+    """The lookup of `hostname` in flight, or a new one on a thread of its own once one of
+    LOOKUP_THREADS is free (ResolverBusy if none is by `deadline`)."""
+    key = (hostname, port)
+    with _lookups_lock:
+        if (running := _lookups.get(key)) is not None:
+            return running
+    if not _lookup_threads.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        raise ResolverBusy("no thread was free to look the name up in time")
+    with _lookups_lock:
+        if (running := _lookups.get(key)) is not None:  # begun while this one waited
+            _lookup_threads.release()
+            return running
+        lookup = _lookups[key] = concurrent.futures.Future()
+    try:
+        threading.Thread(target=_look_up, args=(key, lookup), name="maof-dns", daemon=True).start()
+    except BaseException as exc:  # no thread to be had: the slot and the name are free again
+        with _lookups_lock:
+            del _lookups[key]
+        _lookup_threads.release()
+        lookup.set_exception(exc)
+        raise
+    return lookup
 
 
 def _resolve_by(hostname: str, port: int, deadline: float | None) -> list[str]:
     """resolve_host, given up (TimeoutError) at `deadline`: getaddrinfo itself has no
-    timeout, so a hung resolver must not hold a call past it."""
+    timeout, so a hung resolver must not hold a call past it; ResolverBusy if the lookup
+    could not even begin by then."""
     if deadline is None:
         return resolve_host(hostname, port)
-    future = _resolver.submit(resolve_host, hostname, port)
+    lookup = _lookup(hostname, port, deadline)
     try:
-        return future.result(timeout=max(0.0, deadline - time.monotonic()))
+        return list(lookup.result(timeout=max(0.0, deadline - time.monotonic())))
     except concurrent.futures.TimeoutError:
         raise TimeoutError("name resolution did not finish in time") from None
 

@@ -5,6 +5,7 @@ long the agent's name took to look up, and reads the agent's final answer."""
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import pytest
 from sqlalchemy import select
 
 from chalicelib.agents import health, network
-from chalicelib.config import get_settings
+from chalicelib.config import get_settings, reset_settings
 from chalicelib.db import session_scope
 from chalicelib.db.models import Agent
 from tests.integration.conftest import register_agent, unique_capability, wait_until
@@ -95,6 +96,45 @@ def test_a_probe_ends_by_its_timeout_however_slow_the_name_lookup(monkeypatch):
     assert status == "offline"
     allowed = get_settings().agent_health_timeout_ms / 1000
     assert took < allowed + 0.5, f"the probe took {took:.2f} s, its timeout is {allowed} s"
+
+
+def test_hung_lookups_of_one_users_agents_leave_another_users_agent_as_it_was(
+    api, hserver, monkeypatch
+):
+    """One user's agents on names whose name server never answers: each probe gives its
+    lookup up at its deadline, but the lookup holds its thread until the system resolver
+    gives up. With every lookup thread so held, the next agent in the same check, another
+    user's healthy one, got no lookup before its deadline and was recorded offline. It is
+    now not checked: its status and lastHealthCheck stay as they were."""
+    other = api.as_new_user()
+    endpoint = hserver.url.replace("127.0.0.1", "localhost")  # a name, as agents have
+    victim = register_agent(other, unique_capability("victim"), endpoint=endpoint)
+    assert victim["status"] == "online"
+    real_resolve = network.resolve_host
+    released = threading.Event()
+
+    def resolve(hostname: str, port: int) -> list[str]:
+        if hostname.endswith(".blackhole.test"):
+            released.wait(20)  # the other user's name server never answers
+            return ["127.0.0.1"]
+        return real_resolve(hostname, port)
+
+    monkeypatch.setattr(network, "resolve_host", resolve)
+    monkeypatch.setenv("MAOF_AGENT_HEALTH_TIMEOUT_MS", "500")
+    reset_settings()
+    hung = [
+        (uuid.uuid4(), f"http://a{index}.blackhole.test/agent")
+        for index in range(network.LOOKUP_THREADS)
+    ]
+    try:
+        health.check([*hung, (uuid.UUID(victim["agentUuid"]), endpoint)])
+    finally:
+        released.set()
+        monkeypatch.delenv("MAOF_AGENT_HEALTH_TIMEOUT_MS")
+        reset_settings()
+        wait_until(lambda: not network._lookups, timeout=5)
+    after = other.get(f"/agents/{victim['agentUuid']}").json()["data"]
+    assert (after["status"], after["lastHealthCheck"]) == ("online", victim["lastHealthCheck"])
 
 
 def test_a_check_tells_of_the_agents_back_from_offline_and_of_no_other(user, hserver):

@@ -32,7 +32,13 @@ from chalicelib.config import get_settings, reset_settings
 from chalicelib.db import session_scope
 from chalicelib.db.models import Agent
 from devstack import dev
-from tests.integration.conftest import Api, register_agent, unique_capability, wait_for_run
+from tests.integration.conftest import (
+    Api,
+    register_agent,
+    unique_capability,
+    wait_for_run,
+    wait_until,
+)
 from tests.support.agents import ScriptedAgent, ok, redirect
 from tests.support.dns import FakeResolver
 
@@ -487,6 +493,7 @@ def hanging_names(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(network, "resolve_host", resolver)
     yield
     released.set()
+    wait_until(lambda: not network._lookups, timeout=5)  # no hung lookup for the next test to join
 
 
 def test_a_name_that_never_resolves_is_refused_in_time_at_registration(
@@ -512,3 +519,41 @@ def test_hanging_lookups_of_one_tenant_leave_lookups_for_the_others(hanging_name
             network.resolve_and_check(f"http://hang{index}.test/agent", time.monotonic() + 0.05)
     target = network.resolve_and_check("http://agent.test/agent", time.monotonic() + 2)
     assert target.address == "127.0.0.1"
+
+
+def test_lookups_of_a_name_already_hanging_wait_on_that_lookup_and_take_no_thread(
+    hanging_names: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More agents on one hung name than there are lookup threads (or one agent probed
+    again and again): each lookup held a thread of its own, and together they took them
+    all. A lookup of a name in flight now waits on that one: one thread per name."""
+    asked: list[str] = []
+    hanging = network.resolve_host
+
+    def counted(hostname: str, port: int) -> list[str]:
+        asked.append(hostname)
+        return hanging(hostname, port)
+
+    monkeypatch.setattr(network, "resolve_host", counted)
+    for _ in range(network.LOOKUP_THREADS + 8):
+        with pytest.raises(TimeoutError) as caught:
+            network.resolve_and_check("http://hang.test/agent", time.monotonic() + 0.05)
+        assert not isinstance(caught.value, network.ResolverBusy)
+    assert asked == ["hang.test"]
+    target = network.resolve_and_check("http://agent.test/agent", time.monotonic() + 2)
+    assert target.address == "127.0.0.1"
+
+
+def test_a_lookup_no_thread_comes_free_for_by_its_deadline_is_busy_not_timed_out(
+    hanging_names: None,
+) -> None:
+    """Distinct hung names holding every lookup thread: the next lookup never begins. That
+    says nothing of its name (ResolverBusy, which a health check does not record), where
+    a lookup that began and did not finish is a TimeoutError of its own."""
+    for index in range(network.LOOKUP_THREADS):
+        with pytest.raises(TimeoutError):
+            network.resolve_and_check(f"http://hang{index}.test/agent", time.monotonic() + 0.05)
+    started = time.monotonic()
+    with pytest.raises(network.ResolverBusy):
+        network.resolve_and_check("http://agent.test/agent", started + 0.3)
+    assert time.monotonic() - started < 1
