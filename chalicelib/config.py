@@ -64,6 +64,10 @@ MAX_STAGE_TIMEOUT_MS = (900 - STAGE_TIMEOUT_MARGIN_SECONDS) * 1000
 # both at 1 MB, an output within its cap could not be answered at all.
 RESPONSE_ENVELOPE_BYTES = 65_536
 MAX_AGENT_RESPONSE_BYTES = 6_000_000
+# A registration waits up to 5 s for the endpoint's name, then probes it: with this, at
+# most 15 s, well within API Gateway's 29 s (past it a 504, for an agent already stored:
+# the client's retry is a 409).
+MAX_AGENT_HEALTH_TIMEOUT_MS = 10_000
 
 # SSM parameter names under MAOF_SECRETS_SSM_PATH and the setting each one supplies.
 SSM_SECRETS = {
@@ -355,7 +359,7 @@ class Settings(_Bootstrap):
     agent_max_response_bytes: int = Field(
         1_000_000 + RESPONSE_ENVELOPE_BYTES, ge=1024, le=MAX_AGENT_RESPONSE_BYTES
     )
-    agent_health_timeout_ms: int = Field(2000, ge=100, le=30_000)
+    agent_health_timeout_ms: int = Field(2000, ge=100, le=MAX_AGENT_HEALTH_TIMEOUT_MS)
     agent_health_interval_seconds: int = Field(60, ge=5, le=86400)
     allow_private_agent_endpoints: bool = False
     login_attempts_per_minute: int = Field(10, ge=1, le=10_000)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from chalicelib import config, db
+from chalicelib.agents import network
 from chalicelib.config import (
     DEV_JWT_SECRET,
     DEV_MIGRATION_DATABASE_URL,
@@ -522,6 +524,22 @@ def test_the_default_agent_timeout_is_held_to_the_run_stage_timeout(
     assert load_settings().agent_timeout_ms == 45_000
     monkeypatch.setenv("MAOF_AGENT_TIMEOUT_MS", "900000")
     assert "between 100 and 870000" in refusal("MAOF_AGENT_TIMEOUT_MS")
+
+
+def test_the_health_probe_timeout_leaves_a_registration_well_within_api_gateways_29_s(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Registering an agent waits up to CHECK_LOOKUP_SECONDS for its name, then probes it:
+    at the 30 s once accepted, the request outlived API Gateway's 29 s (a 504 for an agent
+    already stored, and the client's retry a 409)."""
+    chalice = json.loads((ROOT / ".chalice" / "config.json").read_text())
+    api_seconds = chalice["stages"]["prod"]["lambda_functions"]["api_handler"]["lambda_timeout"]
+    longest = network.CHECK_LOOKUP_SECONDS + config.MAX_AGENT_HEALTH_TIMEOUT_MS / 1000
+    assert longest <= api_seconds - 10  # the rest of the request: database, Redis, a cold start
+    monkeypatch.setenv("MAOF_AGENT_HEALTH_TIMEOUT_MS", str(config.MAX_AGENT_HEALTH_TIMEOUT_MS))
+    assert load_settings().agent_health_timeout_ms == 10_000
+    monkeypatch.setenv("MAOF_AGENT_HEALTH_TIMEOUT_MS", "30000")
+    assert "between 100 and 10000" in refusal("MAOF_AGENT_HEALTH_TIMEOUT_MS")
 
 
 @pytest.mark.parametrize(
