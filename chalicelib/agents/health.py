@@ -195,9 +195,11 @@ def check(
 
 
 # The scheduled check probes agents in chunks, each recorded once probed, the stalest
-# first, and starts no chunk it could not finish within CHECK_BUDGET_SECONDS (the function
-# has 60 s): agents left over, however many are slow or unreachable, are the first next
-# time, and no result waits on every agent being probed.
+# first, each of as many waves of probes as fit in what is left of CHECK_BUDGET_SECONDS
+# (the function has 60 s): agents left over, however many are slow or unreachable, are the
+# first next time, and no result waits on every agent being probed. The budget holds a wave
+# of the longest probe timeout allowed (MAOF_AGENT_HEALTH_TIMEOUT_MS, 10 s), so every
+# check records something.
 CHECK_CHUNK = 64
 CHECK_BUDGET_SECONDS = 40.0
 
@@ -215,15 +217,18 @@ def scheduled_check(
             .where(Agent.deleted_at.is_(None))
             .order_by(Agent.last_health_check.asc().nulls_first(), Agent.id)
         ).all()
-    # A chunk's probes run 16 at a time, each ending by the probe timeout.
-    waves = -(-CHECK_CHUNK // PROBES_AT_ONCE)
-    chunk_seconds = waves * get_settings().agent_health_timeout_ms / 1000
+    # A chunk's probes run PROBES_AT_ONCE at a time, a wave ending by the probe timeout.
+    probe_seconds = get_settings().agent_health_timeout_ms / 1000
     checked: list[Agent] = []
-    for start in range(0, len(targets), CHECK_CHUNK):
-        if start and time.monotonic() + chunk_seconds > until:
+    start = 0
+    while start < len(targets):
+        waves = int((until - time.monotonic()) // probe_seconds)
+        size = min(CHECK_CHUNK, waves * PROBES_AT_ONCE)
+        if size <= 0:
             break
-        chunk = targets[start : start + CHECK_CHUNK]
+        chunk = targets[start : start + size]
         checked += check([(target.id, target.endpoint) for target in chunk], available)
+        start += size
     counts: dict[str, int] = {}
     for agent in checked:
         counts[agent.status] = counts.get(agent.status, 0) + 1

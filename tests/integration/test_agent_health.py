@@ -5,11 +5,13 @@ long the agent's name took to look up, and reads the agent's final answer."""
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -135,6 +137,48 @@ def test_hung_lookups_of_one_users_agents_leave_another_users_agent_as_it_was(
         wait_until(lambda: not network._lookups, timeout=5)
     after = other.get(f"/agents/{victim['agentUuid']}").json()["data"]
     assert (after["status"], after["lastHealthCheck"]) == ("online", victim["lastHealthCheck"])
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_the_scheduled_check_starts_only_the_probes_that_end_within_its_budget(user, monkeypatch):
+    """A chunk's probes run PROBES_AT_ONCE at a time, a wave ending by the probe timeout.
+    The first chunk was started whole whatever the budget: 4 waves of 10 s past a 25 s one
+    (at the 30 s timeout once allowed, 120 s: the function was killed at 60 s before it
+    recorded anything, and the same agents came first again next time). Each chunk is now
+    as many waves as fit in what is left."""
+    for _ in range(2 * health.PROBES_AT_ONCE + 1):  # more than two waves of live agents
+        register_agent(user, unique_capability("budget"))
+    monkeypatch.setenv("MAOF_AGENT_HEALTH_TIMEOUT_MS", "10000")
+    reset_settings()
+    clock = FakeClock()
+    monkeypatch.setattr(health, "time", SimpleNamespace(monotonic=clock.monotonic))
+    chunks: list[int] = []
+
+    def every_probe_to_its_timeout(targets: Any, available: Any = None) -> list[Any]:
+        chunks.append(len(targets))
+        clock.now += math.ceil(len(targets) / health.PROBES_AT_ONCE) * 10
+        return [SimpleNamespace(status="offline") for _ in targets]
+
+    monkeypatch.setattr(health, "check", every_probe_to_its_timeout)
+    try:
+        result = health.scheduled_check(budget_seconds=25)
+        assert clock.now - 1000 <= 25, f"chunks {chunks} took {clock.now - 1000} s"
+        assert chunks == [2 * health.PROBES_AT_ONCE], chunks
+        assert result["checked"] == 2 * health.PROBES_AT_ONCE
+        chunks.clear()
+        started = clock.now
+        health.scheduled_check()  # the longest timeout allowed, the function's budget
+        assert chunks and clock.now - started <= health.CHECK_BUDGET_SECONDS, chunks
+    finally:
+        monkeypatch.delenv("MAOF_AGENT_HEALTH_TIMEOUT_MS")
+        reset_settings()
 
 
 def test_a_check_tells_of_the_agents_back_from_offline_and_of_no_other(user, hserver):
