@@ -61,7 +61,12 @@ def candidates_uncached(
     began; None: read it now)."""
     if generation is None:
         generation = cache.counter(capability_generation_key(capability))
-    with session_scope() if session is None else nullcontext(session) as reading:
+    with (
+        session_scope() if session is None else nullcontext(session) as reading,
+        # In the caller's session, under a savepoint: a caller that carries on without this
+        # read when it fails (waiting_reason) keeps a transaction it can still use.
+        nullcontext() if session is None else reading.begin_nested(),
+    ):
         rows = reading.execute(
             select(
                 Agent.id,

@@ -446,6 +446,38 @@ def test_a_duplicate_arriving_once_the_first_took_the_rates_last_place_gets_its_
     assert answers[0].json()["data"]["workflowRunId"] == answers[1].json()["data"]["workflowRunId"]
 
 
+def test_a_capacity_read_that_fails_in_the_submissions_transaction_still_sends_the_run(
+    user: Api, sent: Any
+) -> None:
+    """The capacity read (which agents serve the first stages, from Postgres when the cached
+    list is stale) runs in the submission's own transaction. When it failed there, the
+    error was passed over ("cannot tell: send it") but the transaction was left aborted, and
+    the submission answered 500. It reads under a savepoint now: the run is sent."""
+    from sqlalchemy import event
+
+    capability = unique_capability("aborted")
+    register_agent(user, capability)  # the cached list is stale: the submission reads Postgres
+    failing = threading.Event()
+
+    def fail_the_read(
+        conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
+    ) -> tuple[str, Any]:
+        if failing.is_set() and "FROM agents" in statement and "capabilities @>" in statement:
+            return "SELECT 1/0", ()  # an error from the database: the transaction aborts
+        return statement, parameters
+
+    engine = db.get_engine()
+    event.listen(engine, "before_cursor_execute", fail_the_read, retval=True)
+    failing.set()
+    try:
+        response = user.post("/workflows/execute", one_stage_run(capability))
+    finally:
+        failing.clear()
+        event.remove(engine, "before_cursor_execute", fail_the_read)
+    assert response.status_code == 202, response.text
+    assert len(sent.sent) == 1  # sent, as when its agents' capacity cannot be told
+
+
 @pytest.fixture
 def one_connection(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A pool of one connection, no overflow: what needs a second waits for the pool."""
