@@ -65,7 +65,11 @@ def admitted(principal: Principal, key_header: str | None) -> Iterator[None]:
     once are all checked before any is counted: a burst past the rate has at most as many
     bodies read as it has requests in flight."""
     user = str(principal.user_uuid)
-    key = idempotency_key(key_header)
+    try:
+        key = idempotency_key(key_header)
+    except errors.ApiError:
+        limits.count_refused_submission(user)
+        raise
     if limits.submissions_wait(user) and (key is None or not _key_is_live(principal, key)):
         raise limits.count_refused_submission(user)
     try:
@@ -320,6 +324,9 @@ def _earlier_submission(
     if earlier is None:
         return None
     if earlier.body_hash != body_hash:
+        # Counted, as a refused definition is: past the rate, a live key would otherwise
+        # have any number of other bodies read.
+        limits.count_refused_submission(str(principal.user_uuid))
         raise errors.Conflict(
             "This Idempotency-Key was already used, with a different request body",
             [{"field": "Idempotency-Key", "message": "already used with another body"}],

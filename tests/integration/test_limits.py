@@ -478,6 +478,40 @@ def test_a_capacity_read_that_fails_in_the_submissions_transaction_still_sends_t
     assert len(sent.sent) == 1  # sent, as when its agents' capacity cannot be told
 
 
+def test_a_submission_refused_for_its_idempotency_key_counts_against_the_rate(
+    user: Api, settings_env: dict[str, str]
+) -> None:
+    """A 400 for the Idempotency-Key header was answered before the refused submissions
+    were counted: every other 400 counts (docs/api.md), that one did not."""
+    apply(settings_env, MAOF_SUBMISSIONS_PER_MINUTE="2")
+    capability = unique_capability("bad-key")
+    for _ in range(2):
+        refused = user.post(
+            "/workflows/execute", one_stage_run(capability), headers={"Idempotency-Key": "x" * 256}
+        )
+        assert refused.status_code == 400, refused.text
+    rate_limited(user.post("/workflows/execute", one_stage_run(capability)))
+
+
+def test_a_live_key_sent_with_another_body_counts_against_the_rate(
+    user: Api, sent: Any, settings_env: dict[str, str]
+) -> None:
+    """Past the rate a live key's resend is still read (it gets its run back); one whose
+    body differs is a 409, and was never counted: any number of other bodies could be
+    sent under it and read. Each is counted now, as a refused definition is."""
+    apply(settings_env, MAOF_SUBMISSIONS_PER_MINUTE="3")
+    capability = unique_capability("live-409")
+    keyed = {"Idempotency-Key": f"live-409-{uuid.uuid4()}"}
+    assert (
+        user.post("/workflows/execute", one_stage_run(capability), headers=keyed).status_code == 202
+    )
+    for i in range(2):
+        other = {**one_stage_run(capability), "input": {"i": i}}
+        answer = user.post("/workflows/execute", other, headers=keyed)
+        assert answer.status_code == 409, answer.text
+    rate_limited(user.post("/workflows/execute", one_stage_run(capability)))
+
+
 @pytest.fixture
 def one_connection(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A pool of one connection, no overflow: what needs a second waits for the pool."""
