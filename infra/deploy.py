@@ -163,26 +163,33 @@ def check_health(api_url: str) -> str:
         return f"unexpected answer {response.text[:200]!r}"
 
 
-def release_audit_bucket_policy(stage: Stage, overrides: Sequence[str]) -> None:
+def release_audit_bucket_policy(stage: Stage, overrides: Sequence[str]) -> Callable[[], None]:
     """Before the stack takes on an audit bucket an earlier stack left (ExistingAuditBucketName
     other than the stack's own value): delete the policy that stack kept on it (DeletionPolicy:
     Retain), as CloudFormation creates no bucket policy where one exists. The stack's own
-    policy, which waits on no other resource, replaces it early in the create."""
+    policy, which waits on no other resource, replaces it early in the create. Returns what
+    puts the kept policy back, should the stack fail: the bucket is never left without one."""
     key = "ExistingAuditBucketName="
     given = next((item[len(key) :] for item in overrides if item.startswith(key)), "")
     if not given or stage.parameters().get("ExistingAuditBucketName") == given:
-        return
+        return lambda: None
     s3 = stage.client("s3")
     try:
-        s3.get_bucket_policy(Bucket=given)
+        kept = s3.get_bucket_policy(Bucket=given)["Policy"]
     except ClientError as exc:
         if exc.response["Error"]["Code"] in ("NoSuchBucketPolicy", "NoSuchBucket"):
-            return  # nothing to delete (no such bucket: the stack says so)
+            return lambda: None  # nothing to delete (no such bucket: the stack says so)
         raise
     s3.delete_bucket_policy(Bucket=given)
     say(
         f"audit bucket {given}: deleted the policy an earlier stack left, for this one to put its own"
     )
+
+    def restore() -> None:
+        s3.put_bucket_policy(Bucket=given, Policy=kept)
+        say(f"audit bucket {given}: put back the policy the earlier stack left")
+
+    return restore
 
 
 def deploy(stage: Stage, overrides: Sequence[str] = (), package_dir: Path = PACKAGE_DIR) -> str:
@@ -209,10 +216,11 @@ def deploy(stage: Stage, overrides: Sequence[str] = (), package_dir: Path = PACK
     changes = ["--template-file", template, "--stack-name", stage.stack, *store]
     changes += ["--capabilities", *CAPABILITIES, "--no-fail-on-empty-changeset"]
     changes += ["--parameter-overrides", f"SecretsParameterPath={stage.secrets_path}", *overrides]
-    release_audit_bucket_policy(stage, overrides)
+    restore_policy = release_audit_bucket_policy(stage, overrides)
     try:
         stage.aws("cloudformation", "deploy", *changes, quiet=False)
     except DeployError:
+        restore_policy()
         causes = "; ".join(stage.failures() if stage.status() else []) or "see above"
         raise DeployError(f"stack {stage.stack} failed: {causes}") from None
     migration = stage.migrate()

@@ -497,3 +497,51 @@ def test_the_stage_deployed_again_on_its_audit_bucket_puts_its_own_policy_there(
         assert (released in printed.getvalue()) is first
         assert deployment.outputs["AuditBucketName"] == bucket
         assert audit_policy_statements(bucket) == AUDIT_POLICY_STATEMENTS
+
+
+def test_a_failed_deploy_onto_a_kept_audit_bucket_puts_its_policy_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make deploy AUDIT_BUCKET=` deletes the policy the destroyed stack left just before
+    `cloudformation deploy`; when that failed, the bucket was left with no policy at all
+    (no write-once rule, no TLS-only) until a deploy succeeded. It is put back."""
+    from infra import deploy as deploy_module
+
+    for name, value in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint())
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    s3, bucket = client("s3"), f"maof-kept-audit-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    kept = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "RefuseRequestsWithoutTls",
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": "s3:*",
+                "Resource": [f"arn:aws:s3:::{bucket}/*"],
+                "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+            }
+        ],
+    }
+    s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps(kept))
+    name = f"kept-{uuid.uuid4().hex[:6]}"
+    stage = Stage(boto3.session.Session(region_name=REGION), name, f"/maof-test/{name}")
+    (tmp_path / "sam.json").write_text("{}")
+    monkeypatch.setattr(deploy_module, "require_secrets", lambda *args, **kwargs: None)
+
+    def aws(self: Stage, *args: str, **options: Any) -> None:
+        if args[:2] == ("cloudformation", "deploy"):
+            raise DeployError("aws cloudformation deploy failed: see above")
+
+    monkeypatch.setattr(Stage, "aws", aws)
+    monkeypatch.setattr(Stage, "bucket", property(lambda self: bucket))  # no artifacts bucket
+    try:
+        with pytest.raises(DeployError, match=f"stack maof-{name} failed"):
+            deploy(stage, [f"ExistingAuditBucketName={bucket}"], package_dir=tmp_path)
+        assert audit_policy_statements(bucket) == ["RefuseRequestsWithoutTls"]
+    finally:
+        s3.delete_bucket_policy(Bucket=bucket)
+        s3.delete_bucket(Bucket=bucket)
