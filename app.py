@@ -331,7 +331,7 @@ def run_stage(event: SQSEvent) -> dict[str, Any]:
 
 @app.schedule(Rate(1, unit=Rate.MINUTES))
 def sweep_stalled_stages(event: CloudWatchEvent) -> dict[str, Any]:
-    return engine.sweep_stalled_stages()
+    return engine.sweep_stalled_stages(event.context)
 
 
 @app.schedule(Rate(engine.CHECKPOINT_RATE_MINUTES, unit=Rate.MINUTES))

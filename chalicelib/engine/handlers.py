@@ -940,9 +940,10 @@ def _run_record(record: dict[str, Any], invocation: Invocation) -> bool:
     return False
 
 
-def sweep_stalled_stages() -> dict[str, Any]:
-    """Re-queue stages whose message was lost or whose worker died."""
-    return sweeper.sweep()
+def sweep_stalled_stages(context: Any = None) -> dict[str, Any]:
+    """Re-queue stages whose message was lost or whose worker died, within the invocation's
+    time (the Lambda `context`, if given)."""
+    return sweeper.sweep(context)
 
 
 def write_audit_checkpoint() -> dict[str, Any]:

@@ -64,6 +64,11 @@ BATCH_LIMIT = 500
 # EventBridge runs a schedule at most once a minute: in Lambda one invocation sweeps every
 # MAOF_SWEEP_INTERVAL_SECONDS for about that minute (the local poller calls it that often).
 SCHEDULE_PERIOD_SECONDS = 60
+# The sweep_stalled_stages function's timeout (.chalice/config.json), for a handler given
+# no Lambda context; and how long before it a sweep's last callback try ends: time to
+# record its outcome and return.
+FUNCTION_TIMEOUT_SECONDS = 60
+FUNCTION_MARGIN_SECONDS = 5
 
 
 def queue_backlog() -> int | None:
@@ -461,22 +466,42 @@ def _measure(totals: dict[str, int], oldest: float | None) -> None:
         observability.metric("OldestQueuedStageAge", oldest, "seconds")
 
 
-def sweep() -> dict[str, int]:
+def function_end(context: Any = None) -> float | None:
+    """When (time.monotonic()) the function running this sweep is stopped: the Lambda
+    `context`'s remaining time if given, else in Lambda FUNCTION_TIMEOUT_SECONDS from now;
+    None locally without a context (nothing stops it)."""
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    if remaining is not None:
+        return time.monotonic() + float(remaining()) / 1000
+    if os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):
+        return time.monotonic() + FUNCTION_TIMEOUT_SECONDS
+    return None
+
+
+def sweep(context: Any = None) -> dict[str, int]:
     """The scheduled handler: one sweep locally (the poller calls it every interval); in
-    Lambda, a sweep every MAOF_SWEEP_INTERVAL_SECONDS for one schedule period."""
+    Lambda, a sweep every MAOF_SWEEP_INTERVAL_SECONDS for one schedule period. Every
+    round's callbacks end FUNCTION_MARGIN_SECONDS before the function is stopped (the
+    Lambda `context` says when), whatever the interval."""
     interval = get_settings().sweep_interval_seconds
     # A round delivers callbacks for at most this long, however slow their receivers (and
     # however many are due): one try's timeout, or the interval if longer.
     for_callbacks = max(interval, callbacks.TIMEOUT_SECONDS)
     started = time.monotonic()
+    end = function_end(context)
+    # Past it, a callback posted would be killed before its outcome is recorded: posted
+    # again after its claim, its attempt never counted.
+    callbacks_end = None if end is None else end - FUNCTION_MARGIN_SECONDS
     rounds_until = started  # one round
     if os.environ.get("AWS_LAMBDA_FUNCTION_NAME") and interval < SCHEDULE_PERIOD_SECONDS:
-        # Rounds for one schedule period: done before the next scheduled invocation, and
-        # the last one's callbacks within the function's 60 s.
+        # Rounds for one schedule period: done before the next scheduled invocation.
         rounds_until = started + SCHEDULE_PERIOD_SECONDS - 15
     totals: dict[str, int] = defaultdict(int)
     while True:
-        for key, value in sweep_once(time.monotonic() + for_callbacks).items():
+        until = time.monotonic() + for_callbacks
+        if callbacks_end is not None:
+            until = min(until, callbacks_end)
+        for key, value in sweep_once(until).items():
             totals[key] += value
         if time.monotonic() + interval >= rounds_until:
             return dict(totals)

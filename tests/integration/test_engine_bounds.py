@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import types
 import uuid
 from typing import Any
 
@@ -561,6 +562,73 @@ def test_a_scheduled_sweep_in_lambda_runs_rounds_for_its_period_and_bounds_each(
     assert len(given) == 4 and totals["requeued"] == 4  # at 0, 1, 2 and 3 s
     assert all(9.5 < seconds <= 10 for seconds in given)  # callbacks.TIMEOUT_SECONDS
     assert time.monotonic() - started < 4
+
+
+class FakeClock:
+    """time.monotonic and time.sleep for the sweeper, and a Lambda context on the same
+    clock: a sweep of a minute runs in no time."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.monotonic = lambda: self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def context(self, timeout_seconds: float) -> Any:
+        ends = self.now + timeout_seconds
+        return types.SimpleNamespace(
+            get_remaining_time_in_millis=lambda: max(0, int((ends - self.now) * 1000))
+        )
+
+
+@pytest.mark.parametrize(
+    ("interval", "function_seconds"),
+    [
+        ("40", 60),  # a second round at 40 s was given callbacks until 80 s
+        ("60", 60),  # docs/deploy.md's cheaper interval: until 60 s, the very end
+        ("120", 60),  # one round, given callbacks until 120 s
+        ("120", 30),  # the context says when, not an assumed 60 s
+        ("120", None),  # no context: the function's timeout from .chalice/config.json
+    ],
+)
+def test_a_scheduled_sweep_in_lambda_ends_its_callbacks_before_the_function_is_stopped(
+    monkeypatch: pytest.MonkeyPatch, interval: str, function_seconds: int | None
+) -> None:
+    """Whatever MAOF_SWEEP_INTERVAL_SECONDS, every round's callbacks (receivers that use
+    the whole time they are given) end a margin before Lambda stops the function: a
+    callback posted and then killed before its outcome is recorded is posted again after
+    its claim, its attempt never counted."""
+    import app as maof
+    from devstack.poller import scheduled_event
+
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "maof-prod-sweep_stalled_stages")
+    monkeypatch.setenv("MAOF_SWEEP_INTERVAL_SECONDS", interval)
+    reset_settings()
+    clock = FakeClock()
+    monkeypatch.setattr(sweeper, "time", clock)
+    started = clock.now
+    rounds: list[tuple[float, float]] = []  # (started at, callbacks until), in seconds
+
+    def one_round(until: float | None = None) -> dict[str, int]:
+        assert until is not None
+        rounds.append((clock.now - started, until - started))
+        if len(rounds) > 1 or int(interval) >= 60:
+            clock.now = max(clock.now, until)  # slow receivers use the round's whole time
+        return {"callbacks": 1}
+
+    monkeypatch.setattr(sweeper, "sweep_once", one_round)
+    context = None if function_seconds is None else clock.context(function_seconds)
+    try:
+        handler = maof.app.handler_map["sweep_stalled_stages"]
+        totals = handler(scheduled_event("sweep_stalled_stages", "us-east-1"), context)
+    finally:
+        monkeypatch.delenv("MAOF_SWEEP_INTERVAL_SECONDS")
+        reset_settings()
+    stopped_at = function_seconds or 60  # .chalice/config.json: the stage's lambda_timeout
+    assert totals["callbacks"] == len(rounds) >= 1
+    assert all(until <= stopped_at - 2 for _, until in rounds), rounds
+    assert all(until - at >= 10 for at, until in rounds), rounds  # none starved of time
 
 
 # ------------------------------------------------------------------ a worker hung mid-transaction

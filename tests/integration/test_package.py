@@ -28,6 +28,7 @@ from sqlalchemy import create_engine, text
 
 from chalicelib.config import load_settings, ssm_names
 from chalicelib.engine.queue import MAX_RECEIVES
+from chalicelib.engine.sweeper import FUNCTION_TIMEOUT_SECONDS
 from tests.conftest import (
     ADMIN_DATABASE_URL,
     OWNER_DATABASE_URL,
@@ -702,6 +703,8 @@ def test_the_api_function_stops_when_api_gateway_stops_waiting(
     assert resources["APIHandler"]["Properties"]["Timeout"] <= API_GATEWAY_TIMEOUT_SECONDS
     schedules = ("SweepStalledStages", "CheckAgentHealth", "WriteAuditCheckpoint")
     assert [resources[name]["Properties"]["Timeout"] for name in schedules] == [60, 60, 60]
+    # What a sweep given no Lambda context takes its function's time to be.
+    assert resources["SweepStalledStages"]["Properties"]["Timeout"] == FUNCTION_TIMEOUT_SECONDS
 
 
 def test_the_migrate_function_runs_only_when_invoked(template: dict[str, Any]) -> None:
