@@ -11,22 +11,24 @@ from chalicelib.config import get_settings
 _creating = threading.Lock()
 
 
-def aws_client(service: str, fast_fail: bool = False) -> Any:
-    """A boto3 client; `fast_fail` ones give up quickly (health checks).
+def aws_client(service: str, fast_fail: bool = False, *, in_request: bool = False) -> Any:
+    """A boto3 client; `fast_fail` ones give up quickly (health checks); `in_request` ones
+    within seconds (two tries of a 5 s read: ~11 s for a service that never answers), for
+    reads an API request waits on, which must answer within API Gateway's 29 s.
 
     One per process and kind: the threads of a batch (or of the local poller) that ask at
     once wait for the first one built, instead of each building its own (~50 ms of CPU
     each, most of it parsing botocore's endpoint files)."""
     with _creating:
-        return _shared_client(service, fast_fail)
+        return _shared_client(service, fast_fail, in_request)
 
 
 @functools.lru_cache(maxsize=8)
-def _shared_client(service: str, fast_fail: bool) -> Any:
-    return new_client(service, fast_fail)
+def _shared_client(service: str, fast_fail: bool, in_request: bool) -> Any:
+    return new_client(service, fast_fail, in_request=in_request)
 
 
-def new_client(service: str, fast_fail: bool = False) -> Any:
+def new_client(service: str, fast_fail: bool = False, *, in_request: bool = False) -> Any:
     """A client of its own (aws_client's are shared). boto3 is imported here, not at
     module level: ~50 ms of every cold start that routes without AWS calls (reads, auth)
     need not pay."""
@@ -34,10 +36,18 @@ def new_client(service: str, fast_fail: bool = False) -> Any:
     from botocore.config import Config
 
     settings = get_settings()
-    config = (
-        Config(connect_timeout=1, read_timeout=1, retries={"max_attempts": 1})
-        if fast_fail
-        else Config(
+    if fast_fail:
+        config = Config(connect_timeout=1, read_timeout=1, retries={"max_attempts": 1})
+    elif in_request:
+        # Two tries in all (botocore's `max_attempts` counts the retries alone): S3's
+        # occasional 500 or SlowDown is retried, a silent S3 given up in ~11 s.
+        config = Config(
+            connect_timeout=2,
+            read_timeout=5,
+            retries={"total_max_attempts": 2, "mode": "standard"},
+        )
+    else:
+        config = Config(
             connect_timeout=3,
             read_timeout=25,
             retries={"max_attempts": 3, "mode": "standard"},
@@ -46,7 +56,6 @@ def new_client(service: str, fast_fail: bool = False) -> Any:
             # none opens and drops a connection per call.
             max_pool_connections=64,
         )
-    )
     kwargs: dict[str, Any] = {"region_name": settings.aws_region, "config": config}
     if settings.aws_endpoint_url:
         kwargs["endpoint_url"] = settings.aws_endpoint_url

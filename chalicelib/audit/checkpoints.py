@@ -32,6 +32,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -64,6 +65,8 @@ S3_CONCURRENCY = 32
 # so few: a full one (MAOF_AUDIT_CHECKPOINT_MAX_RUNS leaves, 10,000 by default) takes
 # about 6 MB parsed, with its tree and positions, and 64 filled most of the API's 512 MB.
 CACHED_OBJECTS = 8
+# Whether this context's S3 reads are an API request's (read_in_request).
+_in_request: ContextVar[bool] = ContextVar("checkpoint_reads_in_request", default=False)
 
 
 @dataclass(frozen=True)
@@ -426,6 +429,23 @@ def checkpoint() -> dict[str, Any]:
 # ------------------------------------------------------------------ S3, the copy of record
 
 
+@contextmanager
+def read_in_request() -> Iterator[None]:
+    """Within it (a block, or a function it decorates), this context's S3 reads use the
+    client that gives up within seconds (aws_client's `in_request`): an API request then
+    answers S3's silence as "unavailable" well within API Gateway's 29 s, where the patient
+    client (the checkpointer's, a scheduled function's) held it ~75 s, past the 504."""
+    token = _in_request.set(True)
+    try:
+        yield
+    finally:
+        _in_request.reset(token)
+
+
+def _s3_reader() -> Any:
+    return aws_client("s3", in_request=_in_request.get())
+
+
 def put_object(key: str, document: dict[str, Any]) -> None:
     """Write `key` once: S3 refuses the PUT (412 PreconditionFailed, raised as it is) when
     the key exists, so MAOF never adds a version at a checkpoint's or marker's key."""
@@ -475,7 +495,7 @@ def tampering(key: str, versions: int, deleted: int, what: str = "object") -> st
 
 def _written_version(key: str) -> str:
     """The VersionId of the one version of `key` that S3 holds (one LIST call)."""
-    answer = aws_client("s3").list_object_versions(Bucket=get_settings().audit_bucket, Prefix=key)
+    answer = _s3_reader().list_object_versions(Bucket=get_settings().audit_bucket, Prefix=key)
     versions = [v["VersionId"] for v in answer.get("Versions") or [] if v["Key"] == key]
     deleted = sum(1 for d in answer.get("DeleteMarkers") or [] if d["Key"] == key)
     why = tampering(key, len(versions), deleted)
@@ -493,7 +513,7 @@ def read_object(key: str) -> dict[str, Any]:
     version; any other failure of S3's is raised as it is."""
     try:
         version = _written_version(key)
-        body = aws_client("s3").get_object(
+        body = _s3_reader().get_object(
             Bucket=get_settings().audit_bucket, Key=key, VersionId=version
         )["Body"]
     except Exception as exc:
@@ -549,7 +569,7 @@ def listed_checkpoints(run_id: uuid.UUID) -> list[Covering]:
     marker's key with more than its one version is flagged `tampered`."""
     versions: dict[str, int] = {}
     deleted: dict[str, int] = {}
-    pages = aws_client("s3").get_paginator("list_object_versions")
+    pages = _s3_reader().get_paginator("list_object_versions")
     for page in pages.paginate(Bucket=get_settings().audit_bucket, Prefix=run_prefix(run_id)):
         for kind, counts in (("Versions", versions), ("DeleteMarkers", deleted)):
             for item in page.get(kind) or []:

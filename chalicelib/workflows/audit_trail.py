@@ -82,6 +82,7 @@ class _Trail:
     covered: checkpoints.RunCheckpoints | None
 
 
+@checkpoints.read_in_request()
 def _read(principal: Principal, ref: str, *, every_checkpoint: bool) -> _Trail:
     """The run's trail; the proofs of all its checkpoints (`every_checkpoint`), or of its
     newest only (checkpoints.run_checkpoints)."""
@@ -199,6 +200,7 @@ def public_keys() -> responses.PublicKeys:
     return responses.PublicKeys.model_validate(audit_keys.key_ring().jwks())
 
 
+@checkpoints.read_in_request()
 def latest_checkpoint() -> responses.LatestCheckpoint:
     try:
         found = checkpoints.latest()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import socket
 import sys
 import time
 import uuid
@@ -19,11 +20,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
+import requests
 from botocore.exceptions import ClientError
 from sqlalchemy import text
 
-from chalicelib import db
+from chalicelib import aws, db
 from chalicelib.audit import chain, checkpoints
 from chalicelib.audit import verify as rules
 from chalicelib.aws import aws_client
@@ -157,6 +160,69 @@ def test_an_s3_outage_is_unavailable_and_not_a_failure(user, poller, monkeypatch
     status = audit(user, ref)["chain"]
     assert status["valid"] is True and status["checkpoint"] == {"status": "unavailable"}
     assert user.get(f"/workflows/{ref}/audit/export").status_code == 503
+
+
+# API Gateway's integration timeout: past it the client has a 504, whatever MAOF answers.
+API_GATEWAY_TIMEOUT_SECONDS = 29
+
+
+def test_an_s3_that_never_answers_is_unavailable_within_api_gateways_time(
+    user, poller, monkeypatch
+):
+    """S3 accepts connections and never answers (a VPC route, a stalled NAT): GET …/audit
+    answers checkpoint "unavailable", the export and the latest checkpoint 503, each within
+    API Gateway's 29 s; with the patient client (3 tries of a 25 s read) they took ~75 s,
+    a 504. The checkpointer, a scheduled function, keeps that client."""
+    ref = three_stage_run(user, poller)
+    checkpoint_now()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)  # accepts connections (the kernel does), never reads or answers
+    real_client = aws.new_client
+
+    def s3_never_answers(service: str, *args: Any, **kwargs: Any) -> Any:
+        client = real_client(service, *args, **kwargs)
+        if service != "s3":
+            return client
+        return boto3.session.Session().client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{silent.getsockname()[1]}",
+            region_name=get_settings().aws_region,
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+            config=client.meta.config,  # the timeouts and retries the caller asked for
+        )
+
+    checkpoints.reset()  # a cold container: nothing read before
+    aws.reset()
+    monkeypatch.setattr(aws, "new_client", s3_never_answers)
+    try:
+        assert aws.aws_client("s3").meta.config.read_timeout == 25  # the checkpointer's
+        for path, status in (
+            (f"/workflows/{ref}/audit", 200),
+            (f"/workflows/{ref}/audit/export", 503),
+            ("/audit/checkpoints/latest", 503),
+        ):
+            started = time.monotonic()
+            try:
+                response = requests.get(
+                    f"{user.base_url}{path}",
+                    headers={"Authorization": f"Bearer {user.token}"},
+                    timeout=API_GATEWAY_TIMEOUT_SECONDS,
+                )
+            except requests.exceptions.ReadTimeout:
+                pytest.fail(f"GET {path}: no answer within {API_GATEWAY_TIMEOUT_SECONDS} s")
+            took = time.monotonic() - started
+            assert response.status_code == status, f"GET {path}: {response.text}"
+            assert took < 20, f"GET {path} took {took:.1f} s"  # room for a slow machine
+        assert response.headers.get("Retry-After"), response.headers
+    finally:
+        monkeypatch.undo()
+        aws.reset()
+        silent.close()
+    chain_status = audit(user, ref)["chain"]
+    assert chain_status["valid"] is True, chain_status  # S3's silence failed nothing
+    assert chain_status["checkpoint"]["status"] == "verified"
 
 
 # ------------------------------------------------------------------ a key holds one version
@@ -326,12 +392,14 @@ def counted_s3_calls() -> Iterator[list[str]]:
     def count(event_name: str, **kwargs: Any) -> None:
         calls.append(event_name)
 
-    s3 = aws_client("s3")
-    s3.meta.events.register("before-call.s3", count)
+    clients = [aws_client("s3"), aws_client("s3", in_request=True)]  # the API's reads
+    for s3 in clients:
+        s3.meta.events.register("before-call.s3", count)
     try:
         yield calls
     finally:
-        s3.meta.events.unregister("before-call.s3", count)
+        for s3 in clients:
+            s3.meta.events.unregister("before-call.s3", count)
 
 
 def test_a_runs_checkpoint_and_its_audit_read_cost_as_many_s3_calls_however_often_it_was_checkpointed(
