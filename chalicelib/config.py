@@ -348,6 +348,11 @@ class Settings(_Bootstrap):
     # Postgres ends a session left idle inside a transaction this long, and its locks go
     # (0: not asked for, for a pooler that refuses startup options; set it on the role).
     db_idle_in_transaction_seconds: int = Field(60, ge=0, le=3600)
+    # The longest a connection's statement waits on a lock, and runs, before Postgres ends
+    # it (0: no limit). Set for the API (.chalice/config.json, the local API server), which
+    # answers within API Gateway's 29 s; never for the workers nor the migrations.
+    db_lock_timeout_ms: int = Field(0, ge=0, le=3_600_000)
+    db_statement_timeout_ms: int = Field(0, ge=0, le=3_600_000)
     agent_cache_ttl_seconds: int = Field(30, ge=0, le=3600)
     mock_agents: bool = False
     # At most MAX_STAGE_TIMEOUT_MS, and the run_stage function's own limit

@@ -6,10 +6,12 @@ Deployed, API Gateway's gateway responses do the same (see infra/).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
 import uuid
+from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from chalice.cli.factory import CLIFactory
@@ -41,6 +43,27 @@ _DIGITS = re.compile(r"[0-9]+")
 # API Gateway refuses a body past 10 MB before any function runs; so does this server,
 # without reading it (a length past what a read can take raised in Chalice's handler).
 GATEWAY_MAX_BODY_BYTES = 10 * 1024 * 1024
+
+
+# What the API function's connections wait at most on a lock and on a statement: here as
+# deployed, so a request held by a hung worker's lock is answered 503 in seconds.
+API_DATABASE_LIMITS = ("MAOF_DB_LOCK_TIMEOUT_MS", "MAOF_DB_STATEMENT_TIMEOUT_MS")
+
+
+def api_database_limits() -> dict[str, str]:
+    """API_DATABASE_LIMITS as .chalice/config.json sets them for the API function."""
+    config = json.loads((PROJECT_DIR / ".chalice" / "config.json").read_text())
+    api = config["stages"]["prod"]["lambda_functions"]["api_handler"]
+    return {name: str(api["environment_variables"][name]) for name in API_DATABASE_LIMITS}
+
+
+def limit_database_waits(environ: MutableMapping[str, str]) -> None:
+    """Set the API function's database limits in `environ` (this process serves the API
+    alone: the poller's workers have none), each unless set (empty is unset, as everywhere
+    in the settings)."""
+    for name, value in api_database_limits().items():
+        if not environ.get(name):
+            environ[name] = value
 
 
 class MaofRequestHandler(ChaliceRequestHandler):
@@ -170,6 +193,7 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=3000)
     parser.add_argument("--stage", default="dev")
     args = parser.parse_args()
+    limit_database_waits(os.environ)
     try:
         get_settings()
         check_migrated()

@@ -37,17 +37,30 @@ PING_AFTER_IDLE_SECONDS = 1.0
 KEEPALIVES = {"idle": 30, "interval": 10, "count": 3}
 
 
-def connect_args(idle_in_transaction_seconds: int) -> dict[str, Any]:
-    """libpq's connection parameters for the application's connections."""
+def connect_args(
+    idle_in_transaction_seconds: int, lock_timeout_ms: int = 0, statement_timeout_ms: int = 0
+) -> dict[str, Any]:
+    """libpq's connection parameters for the application's connections; a timeout of 0 is
+    not sent (nor, with the first, the server's keepalives)."""
     args: dict[str, Any] = {"connect_timeout": 3, "application_name": "maof", "keepalives": 1}
     args.update({f"keepalives_{name}": value for name, value in KEEPALIVES.items()})
+    options = []
     if idle_in_transaction_seconds:
         # A worker that hangs mid-transaction (a stalled host, a partition) would hold its
         # run's lock, and stall every other worker of the run, until its dead connection
         # timed out (hours): Postgres ends the session after this instead.
         ms = idle_in_transaction_seconds * 1000
-        server = " ".join(f"-c tcp_keepalives_{k}={v}" for k, v in KEEPALIVES.items())
-        args["options"] = f"-c idle_in_transaction_session_timeout={ms} {server}"
+        options.append(f"-c idle_in_transaction_session_timeout={ms}")
+        options.extend(f"-c tcp_keepalives_{k}={v}" for k, v in KEEPALIVES.items())
+    # The API's: a request waiting on a lock that such a worker holds, or on a statement,
+    # is answered 503 within API Gateway's 29 s instead of a 504 that still holds the
+    # function (Postgres raises LockNotAvailable or QueryCanceled: an OperationalError).
+    if lock_timeout_ms:
+        options.append(f"-c lock_timeout={lock_timeout_ms}")
+    if statement_timeout_ms:
+        options.append(f"-c statement_timeout={statement_timeout_ms}")
+    if options:
+        args["options"] = " ".join(options)
     return args
 
 
@@ -69,7 +82,11 @@ def get_engine() -> Engine:
         pool_recycle=300,
         # Error messages must never carry query parameters (password hashes, tokens).
         hide_parameters=True,
-        connect_args=connect_args(settings.db_idle_in_transaction_seconds),
+        connect_args=connect_args(
+            settings.db_idle_in_transaction_seconds,
+            settings.db_lock_timeout_ms,
+            settings.db_statement_timeout_ms,
+        ),
     )
     dialect = engine.dialect
 

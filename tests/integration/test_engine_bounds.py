@@ -12,6 +12,7 @@ import uuid
 from typing import Any
 
 import pytest
+import requests
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -678,3 +679,73 @@ def test_a_worker_hung_inside_a_transaction_holds_its_runs_lock_for_seconds_not_
         with pytest.raises(DBAPIError):  # which finds its connection gone when it wakes
             hung.execute(text("SELECT 1"))
     assert stage_row(run_id, "a").status == "completed"
+
+
+@pytest.fixture
+def api_database_limits(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """This process's connections with the API function's database limits (.chalice/
+    config.json), as the local API server sets them (limit_database_waits)."""
+    from devstack.api import limit_database_waits
+
+    environ: dict[str, str] = {}
+    limit_database_waits(environ)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    reset_settings()
+    db.reset()  # the engine and its sessions: connections with the limits
+    yield environ
+    monkeypatch.undo()
+    reset_settings()
+    db.reset()
+
+
+def test_a_request_held_by_a_hung_workers_lock_answers_503_within_seconds(
+    user: Api, sent, api_database_limits
+):
+    """A worker hung mid-transaction holds its run's lock until Postgres ends its session
+    (MAOF_DB_IDLE_IN_TRANSACTION_SECONDS, 60 s): the API's connections wait on a lock 5 s
+    at most, so POST …/cancel answers 503 with Retry-After within seconds, where it waited
+    those 60 s, past API Gateway's 29 s (a 504, the function held meanwhile)."""
+    assert int(api_database_limits["MAOF_DB_LOCK_TIMEOUT_MS"]) <= 5000
+    capability = unique_capability("held")
+    register_agent(user, capability)
+    run_id = submit_direct(user, chain(capability, "a", "b"))
+    cancel = f"/workflows/{run_ids.run_ref(run_id)}/cancel"
+    with db.get_engine().connect() as hung:  # the hung worker's connection, as any other
+        stages.lock_run(Session(bind=hung), run_id)  # …and then it stops
+        started = time.monotonic()
+        try:
+            response = user.post(cancel)
+        except requests.exceptions.ReadTimeout:
+            pytest.fail(f"POST {cancel}: no answer within 10 s")
+        took = time.monotonic() - started
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+    assert response.headers["Retry-After"] == "5"
+    assert 4 < took < 8, took  # the lock timeout, not the hung session's end
+    assert user.post(cancel).status_code == 202  # the lock free, the retry goes through
+
+
+def test_an_api_statement_past_the_statement_timeout_answers_503(
+    user: Api, monkeypatch: pytest.MonkeyPatch, api_database_limits
+):
+    """Postgres cancels an API statement that runs past MAOF_DB_STATEMENT_TIMEOUT_MS
+    (15 s deployed, below API Gateway's 29 s; here 1 s): the request answers 503 with
+    Retry-After, not a 504 or a 500."""
+    assert int(api_database_limits["MAOF_DB_STATEMENT_TIMEOUT_MS"]) < 29_000
+    monkeypatch.setenv("MAOF_DB_STATEMENT_TIMEOUT_MS", "1000")
+    reset_settings()
+    db.reset()
+    from chalicelib.workflows import stats
+
+    def slow_stats(principal: Any) -> Any:
+        with session_scope() as session:
+            session.execute(text("SELECT pg_sleep(3)"))
+        raise AssertionError("the statement ran past its timeout")
+
+    monkeypatch.setattr(stats, "stats", slow_stats)
+    started = time.monotonic()
+    response = user.get("/stats")
+    assert response.status_code == 503, response.text
+    assert response.headers["Retry-After"] == "5"
+    assert time.monotonic() - started < 2.5

@@ -703,6 +703,17 @@ def test_the_api_function_stops_when_api_gateway_stops_waiting(
     assert resources["APIHandler"]["Properties"]["Timeout"] <= API_GATEWAY_TIMEOUT_SECONDS
     schedules = ("SweepStalledStages", "CheckAgentHealth", "WriteAuditCheckpoint")
     assert [resources[name]["Properties"]["Timeout"] for name in schedules] == [60, 60, 60]
+    # A request held on a lock or a statement is a 503 before that (a worker hung with its
+    # run's lock held it 60 s); no other function's statement is ever cut.
+    for name, function in _functions(resources).items():
+        variables = function["Properties"]["Environment"]["Variables"]
+        limits = [
+            variables.get(v) for v in ("MAOF_DB_LOCK_TIMEOUT_MS", "MAOF_DB_STATEMENT_TIMEOUT_MS")
+        ]
+        if name == "APIHandler":
+            assert int(limits[0]) <= 5000 and int(limits[1]) < API_GATEWAY_TIMEOUT_SECONDS * 1000
+        else:
+            assert limits == [None, None], name
     # What a sweep given no Lambda context takes its function's time to be.
     assert resources["SweepStalledStages"]["Properties"]["Timeout"] == FUNCTION_TIMEOUT_SECONDS
 

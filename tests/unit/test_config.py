@@ -444,6 +444,18 @@ def test_the_idle_in_transaction_timeout_is_a_startup_option_unless_zero() -> No
     assert db.connect_args(0)["connect_timeout"] == 3
 
 
+def test_the_apis_lock_and_statement_timeouts_are_startup_options_unless_zero() -> None:
+    """Set for the API's connections alone (.chalice/config.json); the workers' and the
+    migrations' statements are never cut."""
+    assert db.connect_args(60, 5000, 15000)["options"].endswith(
+        "-c tcp_keepalives_count=3 -c lock_timeout=5000 -c statement_timeout=15000"
+    )
+    assert db.connect_args(0, 5000, 0)["options"] == "-c lock_timeout=5000"
+    assert db.connect_args(0, 0, 15000)["options"] == "-c statement_timeout=15000"
+    assert "options" not in db.connect_args(0, 0, 0)
+    assert load_settings().db_lock_timeout_ms == load_settings().db_statement_timeout_ms == 0
+
+
 def test_the_agent_response_cap_leaves_room_for_the_envelope_around_the_largest_output(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

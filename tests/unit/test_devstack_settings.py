@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from devstack import dev, stack
+from chalicelib.config import get_settings, reset_settings
+from devstack import api, dev, stack
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -117,3 +118,44 @@ def test_a_maof_no_docker_that_is_not_a_boolean_is_refused_naming_it(
     docker_answers.setenv("MAOF_NO_DOCKER", "maybe")
     with pytest.raises(SystemExit, match="MAOF_NO_DOCKER must be true or false, got 'maybe'"):
         stack.docker_engine_answers()
+
+
+# ---------------------------------------------------------------- the local API server's database
+
+
+def test_the_local_api_server_has_the_api_functions_database_limits_unless_told() -> None:
+    """As deployed (.chalice/config.json's api_handler), a request waits 5 s at most on a
+    lock and 15 s on a statement; a value in the environment wins, and empty is unset."""
+    limits = {"MAOF_DB_LOCK_TIMEOUT_MS": "5000", "MAOF_DB_STATEMENT_TIMEOUT_MS": "15000"}
+    assert api.api_database_limits() == limits
+    environ = {"MAOF_DB_LOCK_TIMEOUT_MS": ""}
+    api.limit_database_waits(environ)
+    assert environ == limits
+    environ = {"MAOF_DB_STATEMENT_TIMEOUT_MS": "0"}
+    api.limit_database_waits(environ)
+    assert environ == {"MAOF_DB_LOCK_TIMEOUT_MS": "5000", "MAOF_DB_STATEMENT_TIMEOUT_MS": "0"}
+
+
+def test_the_local_api_server_connects_with_those_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m devstack.api` (make dev's API) sets them before its first connection;
+    the poller, a process of its own, keeps none."""
+    for name in api.API_DATABASE_LIMITS:
+        monkeypatch.setenv(name, "")  # unset (and restored after)
+    monkeypatch.setattr(sys, "argv", ["devstack.api"])
+    monkeypatch.setattr(api, "check_migrated", lambda: None)
+    seen: list[tuple[int, int]] = []
+
+    class Server:
+        def serve_forever(self) -> None:
+            settings = get_settings()
+            seen.append((settings.db_lock_timeout_ms, settings.db_statement_timeout_ms))
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "create_server", lambda *args: Server())
+    reset_settings()
+    try:
+        assert api.main() == 0
+    finally:
+        monkeypatch.undo()
+        reset_settings()
+    assert seen == [(5000, 15000)]
