@@ -41,6 +41,7 @@ from chalicelib.agents.mock import (
 from chalicelib.agents.network import (
     EndpointNotAllowed,
     EndpointUnresolvable,
+    ResolverBusy,
     pinned_request,
     read_by,
     time_left,
@@ -175,6 +176,13 @@ def _transport_errors(task: AgentTask, given_ms: int) -> Iterator[None]:
             f"ENDPOINT_NOT_ALLOWED: the agent endpoint is not allowed: {exc}",
             failure=Failure.AGENT_UNUSABLE,
             code="ENDPOINT_NOT_ALLOWED",
+        ) from None
+    except ResolverBusy:
+        raise AgentCallFailed(
+            "RESOLVER_BUSY: no lookup of the agent's host name could begin in time (this "
+            "service's lookups were all taken); nothing was sent",
+            failure=Failure.IN_DOUBT,
+            code="RESOLVER_BUSY",
         ) from None
     except (TimeoutError, urllib3.exceptions.TimeoutError):
         within = f"{task.timeout_ms} ms"

@@ -119,8 +119,10 @@ def _record(
     now = datetime.now(UTC)
     for agent in agents:
         status = results[agent.id]
-        if status is None:
-            continue
+        if status is None:  # not probed: the status stands, unless none was ever recorded
+            if agent.last_health_check is not None:
+                continue
+            status = "offline"  # (a new agent's is a placeholder): not routed to unchecked
         if agent.last_health_check is not None and agent.last_health_check >= started:
             continue
         recorded.append(agent)

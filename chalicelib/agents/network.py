@@ -24,6 +24,7 @@ from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 
 from chalicelib.config import get_settings
+from chalicelib.core import errors
 from chalicelib.logs import logger
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -387,6 +388,10 @@ def check_endpoint_allowed(url: str) -> None:
     hostile name server for as long as the system resolver would)."""
     try:
         resolve_and_check(url, time.monotonic() + CHECK_LOOKUP_SECONDS)
+    except ResolverBusy:  # this service's lookups are all taken: says nothing of the name
+        raise errors.ServiceUnavailable(
+            "No name lookup could begin in time; try again shortly"
+        ) from None
     except TimeoutError:
         allow_private = get_settings().allow_private_agent_endpoints
         raise EndpointUnresolvable(

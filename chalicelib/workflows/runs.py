@@ -67,15 +67,17 @@ def admitted(principal: Principal, key_header: str | None) -> Iterator[None]:
     user = str(principal.user_uuid)
     try:
         key = idempotency_key(key_header)
-    except errors.ApiError:
-        limits.count_refused_submission(user)
+    except errors.ApiError as refused:
+        if refused.status < 500:  # refused for what it is, not for this service's state
+            limits.count_refused_submission(user)
         raise
     if limits.submissions_wait(user) and (key is None or not _key_is_live(principal, key)):
         raise limits.count_refused_submission(user)
     try:
         yield
-    except errors.ApiError:
-        limits.count_refused_submission(user)
+    except errors.ApiError as refused:
+        if refused.status < 500:  # refused for what it is, not for this service's state
+            limits.count_refused_submission(user)
         raise
 
 

@@ -7,6 +7,7 @@ the guard."""
 from __future__ import annotations
 
 import datetime
+import os
 import ssl
 import threading
 import time
@@ -557,3 +558,89 @@ def test_a_lookup_no_thread_comes_free_for_by_its_deadline_is_busy_not_timed_out
     with pytest.raises(network.ResolverBusy):
         network.resolve_and_check("http://agent.test/agent", started + 0.3)
     assert time.monotonic() - started < 1
+
+
+def _every_lookup_thread_held() -> None:
+    """Distinct hung names (another tenant's agents) holding every lookup thread."""
+    for index in range(network.LOOKUP_THREADS):
+        with pytest.raises(TimeoutError):
+            network.resolve_and_check(
+                f"http://hang{uuid.uuid4().hex[:6]}{index}.test/agent", time.monotonic() + 0.05
+            )
+
+
+def test_no_lookup_free_at_registration_is_a_503_not_a_verdict_on_the_endpoint(
+    user: Api, hanging_names: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every lookup thread held by another tenant's hung names: registering an agent whose
+    name resolves at once was refused 400 ("did not resolve in time"), blaming the
+    endpoint for this service's want of a thread. A 503: try again."""
+    monkeypatch.setattr(network, "CHECK_LOOKUP_SECONDS", 0.3)
+    _every_lookup_thread_held()
+    response = register(user, "http://agent.test/agent", unique_capability("busy"))
+    assert response.status_code == 503, response.text
+    assert response.headers["Retry-After"]
+
+
+def test_a_new_agent_whose_first_probe_could_not_look_up_is_offline_not_online(
+    user: Api, hanging_names: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A probe that could not begin its lookup leaves an agent's status as it was; a new
+    agent's was the placeholder it was stored with ("online"): routed to, never checked.
+    Never checked, it is offline until a probe finds it."""
+    from chalicelib.agents import registry
+
+    checked = registry.check_endpoint_allowed
+
+    def then_every_thread_held(url: str) -> None:
+        checked(url)
+        _every_lookup_thread_held()
+
+    monkeypatch.setattr(registry, "check_endpoint_allowed", then_every_thread_held)
+    response = register(user, "http://agent.test/agent", unique_capability("unprobed"))
+    assert response.status_code == 201, response.text
+    assert response.json()["data"]["status"] == "offline", response.text
+
+
+def test_a_call_whose_lookup_could_not_begin_says_so_not_that_the_agent_timed_out(
+    hanging_names: None,
+) -> None:
+    """A stage's call whose name lookup never began was reported as the agent's TIMEOUT
+    (no complete answer within its timeout), though nothing was sent."""
+    agent = ScriptedAgent(default=ok({"fine": True})).start()
+    try:
+        assert agent.server is not None
+        url = f"http://agent.test:{agent.server.server_address[1]}/agent"
+        _every_lookup_thread_held()
+        task = AgentTask("wfr-busy", "s0", 1, "summarization", {"t": 1}, "busy", timeout_ms=500)
+        with pytest.raises(AgentCallFailed) as caught:
+            call_agent(url, "token", "agent-1", task)
+        assert caught.value.code == "RESOLVER_BUSY", str(caught.value)
+        assert "nothing was sent" in str(caught.value)
+        assert agent.seen == []
+    finally:
+        agent.stop()
+
+
+def test_a_submission_whose_callback_url_no_lookup_could_check_is_a_503_and_not_counted(
+    user: Api, hanging_names: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same want of a lookup thread for a callback URL: a 503, and not counted against
+    MAOF_SUBMISSIONS_PER_MINUTE (a refusal for this service's state, not for the request)."""
+    monkeypatch.setattr(network, "CHECK_LOOKUP_SECONDS", 0.3)
+    stage = {"id": "s0", "name": "Only", "agentCapability": unique_capability("cb-busy")}
+    body: dict[str, Any] = {"workflow": {"name": "busy", "stages": [stage]}, "input": {}}
+    _every_lookup_thread_held()
+    callback = {"url": "http://hooks.test/hook", "secret": "s" * 32}
+    saved = os.environ.get("MAOF_SUBMISSIONS_PER_MINUTE")
+    os.environ["MAOF_SUBMISSIONS_PER_MINUTE"] = "1"
+    reset_settings()
+    try:
+        busy = user.post("/workflows/execute", {**body, "callback": callback})
+        assert busy.status_code == 503, busy.text
+        assert user.post("/workflows/execute", body).status_code == 202  # the minute's one
+    finally:
+        os.environ.pop("MAOF_SUBMISSIONS_PER_MINUTE")
+        if saved is not None:
+            os.environ["MAOF_SUBMISSIONS_PER_MINUTE"] = saved
+        reset_settings()
