@@ -8,7 +8,8 @@ so no stage loops forever:
 | agent error it calls retryable, 5xx, 429  | agent_attempts  | retry (backoff, at least its           |
 |                                           |                 | Retry-After) ≤ retries, then fall      |
 | garbage that is not the protocol          |                 | back to the next agent, else fail      |
-| timeout, connection lost                  | agent_attempts  | the same, keeping the Idempotency-Key  |
+| timeout, connection lost; a name lookup   | agent_attempts  | the same, keeping the Idempotency-Key  |
+| that could not begin (RESOLVER_BUSY)      |                 |                                        |
 | agent output JSON or JSONB refuses        | —               | fall back at once, else fail           |
 | (INVALID_OUTPUT), a refused redirect, a   |                 |                                        |
 | token no key decrypts (UNREADABLE_TOKEN)  |                 |                                        |
