@@ -157,9 +157,7 @@ def sliding_window(key: str, window_seconds: int, limit: int) -> float:
     pipe.zrange(key, -limit, -limit, withscores=True)  # the last of those to leave
     pipe.expire(key, window_seconds)
     _, _, _, count, leaving, _ = pipe.execute()
-    if int(count) <= limit:
-        return 0.0
-    return max(0.0, float(leaving[0][1]) + window_seconds - now) if leaving else window_seconds
+    return 0.0 if int(count) <= limit else _until_leaving(leaving, window_seconds, now)
 
 
 def window_wait(key: str, window_seconds: int, limit: int) -> float:
@@ -171,8 +169,11 @@ def window_wait(key: str, window_seconds: int, limit: int) -> float:
     pipe.zcount(key, f"({now - window_seconds}", "+inf")
     pipe.zrange(key, -limit, -limit, withscores=True)  # the last of those to leave
     count, leaving = pipe.execute()
-    if int(count) < limit:
-        return 0.0
+    return 0.0 if int(count) < limit else _until_leaving(leaving, window_seconds, now)
+
+
+def _until_leaving(leaving: list[tuple[Any, float]], window_seconds: int, now: float) -> float:
+    """Seconds until the counted event `leaving` (zrange withscores: none or one) leaves."""
     return max(0.0, float(leaving[0][1]) + window_seconds - now) if leaving else window_seconds
 
 
