@@ -30,8 +30,7 @@ def handler(event: Any = None) -> dict[str, Any]:
 
     owner = owner_engine()
     try:
-        before = schema_revision(owner)
-        upgrade()
+        before = upgrade()
         after = schema_revision(owner)
     finally:
         owner.dispose()

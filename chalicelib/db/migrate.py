@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import cast
 
 from alembic import command
 from alembic.config import Config
@@ -41,8 +42,12 @@ def owner_engine() -> Engine:
     )
 
 
-def upgrade() -> None:
-    command.upgrade(alembic_config(), "head")
+def upgrade() -> str | None:
+    """Upgrade to head; return the revision the database was at once the migration lock
+    was held (None: no schema yet)."""
+    config = alembic_config()
+    command.upgrade(config, "head")
+    return cast(str | None, config.attributes.get("revision_found"))
 
 
 def main() -> int:

@@ -48,6 +48,9 @@ def _migrate(connection: Connection) -> None:
     _lock(connection)
     try:
         context.configure(connection=connection, target_metadata=target_metadata)
+        # What the database was at once this run held the lock: a run that waited for
+        # another reports what it found, not what was there before the other ran.
+        context.config.attributes["revision_found"] = context.get_context().get_current_revision()
         with context.begin_transaction():
             context.run_migrations()
             settings = get_settings()
