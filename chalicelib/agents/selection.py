@@ -25,6 +25,7 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
 
@@ -197,11 +198,15 @@ LAST_SEEN_KEPT = 4096
 
 
 def _candidates_and_figures(
-    capability: str, owner: uuid.UUID, session: Session | None = None
+    capability: str,
+    owner: uuid.UUID,
+    session: Session | None = None,
+    usable: Callable[[dict[str, Any]], bool] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Figures]]:
     """The capability's candidates for `owner` (cached in Redis for the current
     generation, else read from Postgres, in `session` if given), and the figures of the
-    agents among them that were read with the list (possibly none)."""
+    agents among them that were read with the list (possibly none). A cached list with no
+    agent `usable` is read again from Postgres before anyone acts on it."""
     guess = _last_seen.get((capability, owner), [])
     try:
         pipe = cache.get_redis().pipeline(transaction=False)
@@ -222,6 +227,11 @@ def _candidates_and_figures(
     generation = int(values[1] or 0)
     entry = json.loads(str(values[0])) if values[0] is not None else None
     found = cached_candidates(entry, generation)
+    if found is not None and usable is not None and not any(usable(a) for a in found):
+        # A stage fails on an empty list: confirm it first. A generation change can be lost
+        # (the breaker open when it was made, an evicted key, a replica that lagged), and a
+        # lost one must not fail runs for the cache's TTL while a usable agent is registered.
+        found = None
     known: dict[str, Figures] = {}
     if found is None:
         found = candidates_uncached(capability, owner, generation, session)  # Postgres, cached
@@ -233,13 +243,19 @@ def _candidates_and_figures(
     return found, known
 
 
+def _usable_by(owner: uuid.UUID, exclude: frozenset[str]) -> Callable[[dict[str, Any]], bool]:
+    """Whether a listed agent may take a stage of `owner`'s run, not having had its turn."""
+    return lambda agent: serves(agent, owner) and agent["agentUuid"] not in exclude
+
+
 def eligible(
     capability: str, owner: uuid.UUID, exclude: frozenset[str] = frozenset()
 ) -> list[dict[str, Any]]:
     """The agents that may serve a stage of `owner`'s run: live, not offline, declaring the
     capability, the owner's own or shared, and not in `exclude`."""
-    found, _ = _candidates_and_figures(capability, owner)
-    return [a for a in found if serves(a, owner) and a["agentUuid"] not in exclude]
+    usable = _usable_by(owner, exclude)
+    found, _ = _candidates_and_figures(capability, owner, usable=usable)
+    return [a for a in found if usable(a)]
 
 
 def select_agent(
@@ -256,8 +272,9 @@ def select_agent(
     `prefer` (the agent of a stage being retried) is the only one considered while it is
     still a candidate; `exclude` holds agents that already had their turn.
     """
-    listed, known = _candidates_and_figures(capability, owner)
-    found = [a for a in listed if serves(a, owner) and a["agentUuid"] not in exclude]
+    usable = _usable_by(owner, exclude)
+    listed, known = _candidates_and_figures(capability, owner, usable=usable)
+    found = [a for a in listed if usable(a)]
     if not found:
         raise NoAgentAvailable(f"No available agent has the capability '{capability}'")
     if prefer is not None and any(a["agentUuid"] == prefer for a in found):

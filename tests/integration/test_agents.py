@@ -646,6 +646,39 @@ def test_a_newly_registered_agent_is_routed_to_despite_a_cached_miss(user, polle
     assert run["stages"][0]["agentId"] == agent["agentId"]
 
 
+def _evicted(capability: str, register: Any) -> None:
+    register()
+    # volatile-lru evicts it (it has a TTL), or a failover goes to a replica that lagged
+    cache.get_redis().delete(capability_generation_key(capability))
+
+
+def _breaker_open(capability: str, register: Any) -> None:
+    cache.RedisBreaker.trip()  # as one 0.5 s timeout in this process does, for a second
+    try:
+        register()
+    finally:
+        cache.RedisBreaker.close()
+    assert cache.get_redis().get(capability_generation_key(capability)) is None
+
+
+@pytest.mark.parametrize("lose", [_evicted, _breaker_open], ids=["evicted", "breaker-open"])
+def test_a_registered_agent_is_routed_to_when_its_capabilitys_change_was_lost(user, poller, lose):
+    """A list cached before an agent was registered, under a generation Redis then reads
+    again (the change made with the breaker open, or its key lost), looked current: runs
+    failed "No available agent" for the cache's TTL while the agent was registered and idle.
+    A list with no usable agent is now read again from Postgres before a stage fails on it."""
+    capability = unique_capability("lostchange")
+    missed = wait_for_run(user, submit(user, one_stage(capability)))
+    assert missed["status"] == "failed"  # and an empty list is cached
+    owner = user.user["userUuid"]
+    assert cache.get_json(capability_cache_key(capability, owner)) is not None
+    agents: list[dict[str, Any]] = []
+    lose(capability, lambda: agents.append(register_agent(user, capability)))
+    run = wait_for_run(user, submit(user, one_stage(capability)))
+    assert run["status"] == "completed", run
+    assert run["stages"][0]["agentUuid"] == agents[0]["agentUuid"]
+
+
 def test_independent_stages_are_spread_across_capable_agents(user, poller):
     capability = unique_capability("spread")
     agents = {register_agent(user, capability)["agentId"] for _ in range(3)}
