@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -198,11 +199,8 @@ def test_an_s3_that_never_answers_is_unavailable_within_api_gateways_time(
     monkeypatch.setattr(aws, "new_client", s3_never_answers)
     try:
         assert aws.aws_client("s3").meta.config.read_timeout == 25  # the checkpointer's
-        for path, status in (
-            (f"/workflows/{ref}/audit", 200),
-            (f"/workflows/{ref}/audit/export", 503),
-            ("/audit/checkpoints/latest", 503),
-        ):
+
+        def timed_get(path: str) -> tuple[requests.Response | None, float]:
             started = time.monotonic()
             try:
                 response = requests.get(
@@ -211,11 +209,22 @@ def test_an_s3_that_never_answers_is_unavailable_within_api_gateways_time(
                     timeout=API_GATEWAY_TIMEOUT_SECONDS,
                 )
             except requests.exceptions.ReadTimeout:
-                pytest.fail(f"GET {path}: no answer within {API_GATEWAY_TIMEOUT_SECONDS} s")
-            took = time.monotonic() - started
-            assert response.status_code == status, f"GET {path}: {response.text}"
+                response = None
+            return response, time.monotonic() - started
+
+        expected = {
+            f"/workflows/{ref}/audit": 200,
+            f"/workflows/{ref}/audit/export": 503,
+            "/audit/checkpoints/latest": 503,
+        }
+        with ThreadPoolExecutor(len(expected)) as pool:  # at once: each waits out S3
+            answers = dict(zip(expected, pool.map(timed_get, expected), strict=True))
+        for path, (response, took) in answers.items():
+            assert response is not None, f"GET {path}: no answer in {API_GATEWAY_TIMEOUT_SECONDS} s"
+            assert response.status_code == expected[path], f"GET {path}: {response.text}"
             assert took < 20, f"GET {path} took {took:.1f} s"  # room for a slow machine
-        assert response.headers.get("Retry-After"), response.headers
+            if response.status_code == 503:
+                assert response.headers.get("Retry-After"), response.headers
     finally:
         monkeypatch.undo()
         aws.reset()
@@ -433,16 +442,17 @@ def test_a_runs_checkpoint_and_its_audit_read_cost_as_many_s3_calls_however_ofte
     assert len(export(user, ref)["checkpoints"]) == 6
 
 
-def put_checkpoint_object(number: int, covered: list[uuid.UUID]) -> str:
-    """A checkpoint object in S3 with a leaf for each of `covered`, and their markers; its
-    key (its hash made up: only what is read of it matters here)."""
+def put_checkpoint_object(number: int, covered: list[uuid.UUID], markers: bool = True) -> str:
+    """A checkpoint object in S3 with a leaf for each of `covered`, and (unless `markers`
+    is False) their markers; its key (its hash made up: only what is read of it matters
+    here)."""
     key = checkpoints.object_key(number, secrets.token_hex(8))
     leaves = [
         {"runId": run_ids.run_ref(run_id), "seq": 7, "hash": secrets.token_hex(32)}
         for run_id in covered
     ]
     checkpoints.put_object(key, {"head": {"checkpoint": number}, "leaves": leaves})
-    for index, run_id in enumerate(covered):
+    for index, run_id in enumerate(covered if markers else []):
         marker = {"checkpoint": number, "object": key, "leafIndex": index}
         checkpoints.put_object(checkpoints.marker_key(run_id, key), marker)
     return key
@@ -474,7 +484,7 @@ def test_the_checkpoint_caches_keep_at_most_an_eighth_of_the_api_functions_memor
     keeps, must leave the function room for its requests (an export alone may carry
     MAOF_RUN_MAX_OUTPUT_BYTES of outputs)."""
     runs = [uuid.uuid4() for _ in range(get_settings().audit_checkpoint_max_runs)]
-    key = put_checkpoint_object(1, runs)
+    key = put_checkpoint_object(1, runs, markers=False)  # the caches read the object alone
     checkpoints.reset()
     try:
         caches = (checkpoints.read_object, checkpoints._tree, checkpoints._positions)
