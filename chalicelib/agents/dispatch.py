@@ -47,7 +47,7 @@ from chalicelib.agents.network import (
     time_left,
 )
 from chalicelib.config import get_settings
-from chalicelib.core.encoding import Unstorable, dumps, encodes, unstorable
+from chalicelib.core.encoding import Unstorable, dumps, encodes, stored_size, unstorable
 
 # HTTP statuses worth another attempt; any other non-2xx is final.
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -359,7 +359,7 @@ def checked_output(value: Any) -> AgentOutput:
     except (InvalidOutput, ValueError, TypeError) as exc:
         raise _invalid_output(str(exc)) from None
     cap = settings.stage_max_output_bytes
-    if len(text.encode("utf-8")) > cap:
+    if stored_size(text) > cap:  # as stored and served: 1e308 comes back as 309 digits
         raise _invalid_output(f"the output exceeds MAOF_STAGE_MAX_OUTPUT_BYTES ({cap} bytes)")
     return AgentOutput(value, text)
 

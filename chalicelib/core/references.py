@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chalicelib.config import get_settings
+from chalicelib.core.encoding import stored_size
 
 REFERENCE = re.compile(r"\$\{([^${}]+)\}")
 FORMS = "${workflow.input.<path>} or ${<stageId>.output.<path>}"
@@ -164,7 +165,8 @@ def expanded_size(
 ) -> int:
     """How many bytes `resolve` would produce, exactly as the agent receives them: JSON as
     chalicelib/agents/dispatch.py serialises the request body (compact, UTF-8),
-    interpolated text with its quotes and backslashes escaped.
+    interpolated text with its quotes and backslashes escaped; a number as it is stored
+    (stored_size: the stage is resolved from stored values, 1e308 read back as 309 digits).
 
     Computed without building the input: a value referenced many times, however the
     references are spelled, is measured once and counted each time. With `outputs` None
@@ -245,7 +247,7 @@ def _too_large(cap: int) -> InputTooLarge:
 def _size_of(value: Any, whole: bool, measured: Measured) -> int:
     key = (id(value), whole)
     if key not in measured:
-        size = _sent_size(value) if whole else _escaped_size(_as_text(value))
+        size = _sent_size(value) if whole else _interpolated_size(value)
         measured[key] = (value, size)
     return measured[key][1]
 
@@ -259,8 +261,18 @@ def check_sent_size(value: Any, measured: Measured | None = None) -> None:
 
 
 def _sent_size(value: Any) -> int:
-    """Bytes of `value` as dispatch sends it (compact UTF-8 JSON)."""
-    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+    """Bytes of `value` as dispatch sends it (compact UTF-8 JSON), its numbers as stored."""
+    return stored_size(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+
+
+def _interpolated_size(value: Any) -> int:
+    """Bytes of `value` as `resolve` interpolates it, inside a JSON string as dispatch sends
+    it, its numbers as stored."""
+    text = _as_text(value)
+    if isinstance(value, str):
+        return _escaped_size(text)
+    # Numbers, written as digits, need no escape: they grow the text by what they grow.
+    return _escaped_size(text) + stored_size(text) - len(text)  # _as_text's JSON is ASCII
 
 
 def _escaped_size(text: str) -> int:

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 from chalicelib.audit import chain
 from chalicelib.audit import rows as audit_rows
 from chalicelib.config import get_settings
-from chalicelib.core.encoding import dumps
+from chalicelib.core.encoding import dumps, stored_size
 from chalicelib.db import autocommit_connection, session_scope
 from chalicelib.db.models import AuditEntry
 
@@ -377,7 +377,7 @@ def complete_stage(
     stored_input = _json(stage_input)
     # The input is stored (and answered by GET /workflows/{id}) as the output is: one
     # workflow input referenced by many stages must not grow the run past its cap.
-    size = sum(len(value.encode("utf-8")) for value in (stored, stored_input) if value)
+    size = sum(stored_size(value) for value in (stored, stored_input) if value)
     with session_scope() as session:
         run = end_if_overdue(session, lock_run(session, stage.run_id))
         if not run.live:

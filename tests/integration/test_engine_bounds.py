@@ -431,10 +431,63 @@ def test_a_first_stage_without_input_is_400_when_the_workflow_input_is_over_the_
     assert response.json()["error"]["details"][0]["field"] == "workflow.stages.0.input"
 
 
+# 1e308 is 6 bytes as JSON writes it, and 309 digits as JSONB stores it and the API serves it.
+STORED_LONG = [1e308] * 10  # 71 bytes as written, 3,101 as stored
+
+
+@pytest.mark.parametrize(
+    "template",
+    [None, "${workflow.input}", "all: ${workflow.input}", STORED_LONG],
+    ids=["sent as it is", "referenced whole", "interpolated", "written in the template"],
+)
+def test_a_submission_of_numbers_over_the_input_cap_only_as_stored_is_400(
+    user: Api, small_caps, template: Any
+):
+    """The stage is resolved from the stored workflow input and template, where JSONB
+    writes 1e308 out in full: an input checked at its written size was accepted (202) and
+    failed its first stage for being more than the cap it had been checked against."""
+    stage = {"id": "a", "name": "A", "agentCapability": unique_capability()}
+    if template is not None:
+        stage["input"] = template
+    body = {"workflow": {"name": "floats", "stages": [stage]}, "input": STORED_LONG}
+    response = user.post("/workflows/execute", body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "VALIDATION_ERROR"
+    assert error["details"][0]["field"] == "workflow.stages.0.input"
+    assert "MAOF_STAGE_MAX_INPUT_BYTES" in error["message"]
+
+
+def test_an_output_of_numbers_over_the_output_cap_only_as_stored_is_invalid_output(
+    user: Api, sent, small_caps, monkeypatch
+):
+    """An output of 1e308s passed the cap at its written size, then was served by GET
+    /workflows/{id}, and passed to the next stage, 45 times larger."""
+    monkeypatch.setenv("MAOF_STAGE_MAX_OUTPUT_BYTES", "2000")
+    reset_settings()
+    agent = ScriptedAgent(default=ok(STORED_LONG)).start()
+    try:
+        capability = unique_capability("floats")
+        register_agent(user, capability, endpoint=agent.url)
+        run_id = submit_direct(user, chain(capability, "a", "b"))
+        handlers.run_stage_batch([record(run_id, "a")])
+        assert len(agent.calls) == 1
+        row = stage_row(run_id, "a")
+        assert row.status == "failed"
+        assert "INVALID_OUTPUT" in (row.error_message or "")
+        assert "MAOF_STAGE_MAX_OUTPUT_BYTES" in (row.error_message or "")
+        detail = user.get(f"/workflows/{run_ids.run_ref(run_id)}")
+        assert len(detail.content) < 2000, detail.text
+    finally:
+        agent.stop()
+
+
 @pytest.mark.parametrize(
     ("output", "stage_input"),
     [
         ({"blob": "y" * 1800}, None),  # the outputs pass the run total
+        # Counted as stored: 1,551 bytes each, a's output (and b's input) and b's output.
+        ([1e308] * 5, None),
         # Each completed stage's resolved input is stored (and answered by the run's
         # detail) with its output: one large input given to many stages must not grow the
         # run past MAOF_RUN_MAX_OUTPUT_BYTES while their outputs stay tiny.

@@ -148,6 +148,17 @@ def test_output_over_the_stage_output_cap_is_invalid_output():
     assert failed.value.code == "INVALID_OUTPUT"
 
 
+def test_an_output_under_the_cap_only_as_written_with_exponents_is_invalid_output():
+    """1e308 is 6 bytes as the agent writes it and 309 digits as JSONB stores and serves
+    it: an output of them passed the cap at a 45th of the size it was stored at."""
+    cap = get_settings().stage_max_output_bytes
+    output = [1e308] * (cap // 250)
+    assert len(answer({"status": "success", "output": output})) < cap // 20
+    with pytest.raises(AgentCallFailed, match="MAOF_STAGE_MAX_OUTPUT_BYTES") as failed:
+        interpret(200, answer({"status": "success", "output": output}))
+    assert failed.value.code == "INVALID_OUTPUT"
+
+
 def test_an_agents_error_text_is_made_storable():
     raw = b'{"status": "error", "code": "E\\u0000", "message": "bad \\ud800 \\u0000 x"}'
     with pytest.raises(AgentCallFailed) as failed:

@@ -12,7 +12,7 @@ import pytest
 
 from chalicelib.core import errors
 from chalicelib.core.api import ApiModel, PageQuery
-from chalicelib.core.encoding import dumps
+from chalicelib.core.encoding import dumps, stored_size
 from chalicelib.http import error_body, validate
 
 
@@ -154,3 +154,34 @@ def test_dumps_writes_datetimes_uuids_and_decimals() -> None:
 def test_dumps_refuses_what_it_cannot_write() -> None:
     with pytest.raises(TypeError):
         dumps({"x": object()})
+
+
+@pytest.mark.parametrize(
+    ("text", "as_stored"),
+    [
+        ("[1e+308]", "[1" + "0" * 308 + "]"),
+        ("[-1.7976931348623157e+308]", "[-17976931348623157" + "0" * 292 + "]"),
+        ("[5e-324]", "[0." + "0" * 323 + "5]"),
+        ('{"n":1e-07,"m":1.5E+3}', '{"n":0.0000001,"m":1500}'),
+        ("[12345678901234567890,1.5,-0.0,0]", "[12345678901234567890,1.5,-0.0,0]"),
+    ],
+)
+def test_stored_size_counts_a_number_with_an_exponent_written_out_as_jsonb_stores_it(
+    text: str, as_stored: str
+) -> None:
+    """Postgres stores a JSON number as numeric and writes it back without an exponent:
+    1e308 was measured at 6 bytes and served as 309 digits."""
+    assert stored_size(text) == len(as_stored)
+
+
+@pytest.mark.parametrize(
+    ("text", "as_stored"),
+    [
+        ('["1e308"]', '["1e308"]'),
+        ('{"1e308":"x 1e+308 é"}', '{"1e308":"x 1e+308 é"}'),
+        # An escaped quote does not end the string; an escaped backslash before one does.
+        ('["a\\"1e308","\\\\",1e3]', '["a\\"1e308","\\\\",1000]'),
+    ],
+)
+def test_stored_size_reads_no_number_inside_a_string(text: str, as_stored: str) -> None:
+    assert stored_size(text) == len(as_stored.encode("utf-8"))

@@ -448,6 +448,24 @@ def test_a_stage_without_input_is_refused_at_submission_when_the_workflow_input_
     assert caught.value.details[0]["field"] == "workflow.stages.0.input"
 
 
+@pytest.mark.parametrize(
+    "template", [None, "${workflow.input}", "all: ${workflow.input}", "${workflow.input.0}"]
+)
+def test_a_number_with_an_exponent_is_counted_as_stored_at_submission(input_cap, template):
+    """The stage is resolved from the stored workflow input, where JSONB holds 1e308 (6
+    bytes at submission) as 309 digits: an input checked at its written size was 45 times
+    larger when the stage ran, and failed it."""
+    workflow_input = [1e308] * (input_cap // 250)
+    if template == "${workflow.input.0}":
+        template, workflow_input = [template] * (input_cap // 250), [1e308]
+    assert len(json.dumps(workflow_input)) < input_cap // 10
+    stages = [{"id": "a", "name": "A", "agentCapability": "c", "input": template}]
+    workflow = WorkflowDefinition.model_validate({"name": "w", "stages": stages})
+    with pytest.raises(errors.ValidationError, match="MAOF_STAGE_MAX_INPUT_BYTES") as caught:
+        check_input_sizes(workflow, workflow_input)
+    assert caught.value.details[0]["field"] == "workflow.stages.0.input"
+
+
 def test_an_interpolated_value_under_the_cap_only_as_compact_utf8_is_too_large(input_cap):
     """700 items of "é": 3.5 KB as compact UTF-8 JSON, but 9 KB as sent: inserted into text,
     the list is written with ", " between items and \\u00e9 for each é, and each of its
