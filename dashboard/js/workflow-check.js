@@ -14,8 +14,15 @@ export const DEADLINE_MIN_MS = 100;
 export const DEADLINE_MAX_MS = 24 * 3600 * 1000;
 
 /** Parse JSON or YAML text (YAML when it does not start like JSON); on failure say where
- * (line and column) in `label`. */
+ * (line and column) in `label`. A number JSON cannot write (NaN, an infinity) is an error
+ * too: the API refuses it, and JSON.stringify would send it as null. */
 export function parseJson(text, label) {
+  const parsed = parseText(text, label);
+  const error = parsed.error ? null : nonFiniteNumber(parsed.value, label);
+  return error ? { error } : parsed;
+}
+
+function parseText(text, label) {
   if (!text.trim()) return { value: undefined, empty: true };
   const trimmed = text.trim();
   if (!trimmed.startsWith('{') && !trimmed.startsWith('[') && !trimmed.startsWith('"')) {
@@ -55,6 +62,32 @@ function parseYaml(text, label) {
     const reason = String(error.reason || error.message || error);
     return { error: { field: label, message: `Not valid YAML${where}: ${reason}`, line, column } };
   }
+}
+
+/** An error naming the first number in `value` (in document order) that is NaN or
+ * infinite, as JSON.parse reads 1e400 and YAML `.inf` and `.nan`; null when there is none.
+ * Not recursive: as deep as the parsers go, with no stack to spare. */
+function nonFiniteNumber(value, label) {
+  const pending = [{ item: value, key: null, up: null }];
+  while (pending.length) {
+    const node = pending.pop();
+    const { item } = node;
+    if (typeof item === 'number' && !Number.isFinite(item)) {
+      const path = [];
+      for (let at = node; at.up; at = at.up) path.unshift(at.key);
+      const number = Number.isNaN(item) ? 'NaN' : item > 0 ? 'Infinity' : '-Infinity';
+      const where = path.length ? path.join('.') : 'the value';
+      return { field: label, message: `${where} is ${number}, and JSON has no NaN or infinite numbers` };
+    }
+    if (item !== null && typeof item === 'object') {
+      const entries = Object.entries(item); // arrays too, keyed by index
+      // Pushed last first, so the first one in the document is the one named.
+      for (let i = entries.length - 1; i >= 0; i -= 1) {
+        pending.push({ item: entries[i][1], key: entries[i][0], up: node });
+      }
+    }
+  }
+  return null;
 }
 
 function isObject(value) {

@@ -257,6 +257,32 @@ def test_the_new_workflow_page_checks_definitions_here_and_shows_the_apis_400_de
     expect(page).to_have_url(re.compile(r"#/workflows/new$"))
 
 
+def test_the_new_workflow_page_refuses_a_number_json_cannot_write_rather_than_send_null(
+    page: Page, dashboard_url: str, user: Api
+) -> None:
+    """JSON.parse reads 1e400 as Infinity, js-yaml `.inf` and `.nan` as Infinity and NaN,
+    and JSON.stringify writes them as null: the API refuses `{"x": 1e400}`, but the page
+    ran the workflow on `{"x": null}`, and Format wrote null into the editor."""
+    sign_in(page, dashboard_url, user, "#/workflows/new")
+    stage = {"id": "a", "name": "A", "agentCapability": "summarization"}
+    page.get_by_label("Workflow definition").fill(json.dumps({"name": "n", "stages": [stage]}))
+    editor = page.get_by_label("Input", exact=True)
+    messages = page.get_by_test_id("workflow-messages")
+    for text, says in (
+        ('{"a": 1e400}', "a is Infinity"),
+        ('{"b": [1, -1e999]}', "b.1 is -Infinity"),
+        ("c: .inf", "c is Infinity"),
+        ("d: .nan", "d is NaN"),
+    ):
+        editor.fill(text)
+        page.get_by_role("button", name="Format JSON").click()
+        expect(editor).to_have_value(text)
+        page.get_by_role("button", name="Run workflow").click()
+        expect(messages).to_contain_text(f"{says}, and JSON has no NaN or infinite numbers")
+        expect(page).to_have_url(re.compile(r"#/workflows/new$"))
+    assert user.get("/workflows").json()["data"]["runs"] == []  # nothing was submitted
+
+
 def test_names_and_passwords_are_limited_in_characters_as_the_api_counts_them(
     page: Page, dashboard_url: str, api_url: str
 ) -> None:
