@@ -98,9 +98,12 @@ def read_execute_body(path: Path) -> dict[str, Any]:
 
 
 def read_text(path: Path) -> str:
-    """A workflow or input file's text, which must be UTF-8 (as JSON is, and YAML mostly)."""
+    """A workflow or input file's text, which must be UTF-8 (as JSON is, and YAML mostly),
+    without the byte order mark some editors start UTF-8 with (json refuses one; YAML
+    skipped it already)."""
     try:
-        return path.read_text(encoding="utf-8")
+        # Not "utf-8-sig": its errors count offsets from after the mark, not in the file.
+        return path.read_text(encoding="utf-8").removeprefix("\ufeff")
     except OSError as exc:
         raise WorkflowFileError(f"cannot read {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:

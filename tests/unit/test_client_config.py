@@ -235,6 +235,22 @@ def test_a_file_that_is_not_utf8_is_a_workflow_file_error(tmp_path: Path) -> Non
         read_input(str(data))
 
 
+def test_a_utf8_file_starting_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Notepad, PowerShell and Excel start UTF-8 so: json refused such a .json file ("not
+    valid JSON: Unexpected UTF-8 BOM"), while the same file named .yaml was read."""
+    body = {"workflow": WORKFLOW, "input": {"text": "café"}}
+    for name in ("wf.json", "wf.yaml"):
+        path = tmp_path / name
+        path.write_bytes(json.dumps(body, ensure_ascii=False).encode("utf-8-sig"))
+        assert read_execute_body(path) == body
+    data = tmp_path / "input.json"
+    data.write_bytes('{"text": "café"}'.encode("utf-8-sig"))
+    assert read_input(str(data)) == {"text": "café"}
+    data.write_bytes(b'\xef\xbb\xbf{"text": "caf\xe9"}')  # the mark, then Latin-1
+    with pytest.raises(WorkflowFileError, match=r"\(byte 0xe9 at offset 16\)"):  # in the file
+        read_input(str(data))
+
+
 @pytest.mark.parametrize(
     ("value", "where", "number"),
     [
