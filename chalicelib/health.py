@@ -25,9 +25,13 @@ _pool = concurrent.futures.ThreadPoolExecutor(max_workers=6, thread_name_prefix=
 
 
 def _database() -> bool:
+    """Reachable and writable: a node that takes no writes (a failover's reader) fails
+    every write route, so it is no healthier than one that is away."""
     with get_engine().connect() as conn:
         conn.execute(text("SET LOCAL statement_timeout = 1000"))
-        return conn.execute(text("SELECT 1")).scalar() == 1
+        return (
+            conn.execute(text("SELECT current_setting('transaction_read_only')")).scalar() == "off"
+        )
 
 
 def _queue() -> bool:

@@ -13,13 +13,13 @@ from typing import Any, TypeVar
 import pydantic
 from chalice.app import Chalice, ChaliceUnhandledError, CORSConfig, Request, Response
 from pydantic import BaseModel
-from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
 from chalicelib.auth.sessions import authenticate
 from chalicelib.config import get_settings, import_time_setting
 from chalicelib.core import errors, responses
 from chalicelib.core.api import ApiModel, Principal, Reply
 from chalicelib.core.encoding import dumps
+from chalicelib.db import is_unavailable
 from chalicelib.logs import logger
 
 M = TypeVar("M", bound=BaseModel)
@@ -249,16 +249,17 @@ class MaofApp(Chalice):
                     result = view(api_request, **arguments)
                 except errors.ApiError:
                     raise
-                except (OperationalError, InterfaceError, DisconnectionError):
-                    # The database is away (restarting, unreachable): nothing was stored by
-                    # this request's statement, and trying again shortly is the answer.
-                    logger.exception(
-                        "database unavailable", extra={"requestId": request_id, "path": path}
-                    )
-                    raise errors.ServiceUnavailable(
-                        "The database is unavailable; try again shortly"
-                    ) from None
-                except Exception:
+                except Exception as exc:
+                    if is_unavailable(exc):
+                        # The database is away (restarting, unreachable, a read-only node
+                        # after a failover): nothing was stored by this request's statement,
+                        # and trying again shortly is the answer.
+                        logger.exception(
+                            "database unavailable", extra={"requestId": request_id, "path": path}
+                        )
+                        raise errors.ServiceUnavailable(
+                            "The database is unavailable; try again shortly"
+                        ) from None
                     logger.exception(
                         "unhandled error", extra={"requestId": request_id, "path": path}
                     )

@@ -9,7 +9,13 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
-from sqlalchemy.exc import DisconnectionError, IntegrityError
+from sqlalchemy.exc import (
+    DBAPIError,
+    DisconnectionError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from chalicelib.config import get_settings
@@ -62,6 +68,26 @@ def connect_args(
     if options:
         args["options"] = " ".join(options)
     return args
+
+
+# SQLSTATEs psycopg raises as errors other than OperationalError that mean the session, not
+# the statement, is the trouble: a failover's read-only node (read_only_sql_transaction),
+# and a session the server ended for idling in a transaction.
+UNAVAILABLE_SQLSTATES = frozenset({"25006", "25P03"})
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` means the database is away or not writable right now (a lost or
+    refused connection, a server shutting down, a deadlock or a cancelled statement, a
+    read-only node): nothing of the failed transaction was stored, and the same work may
+    succeed shortly. Anything else is a fault of the work itself."""
+    if isinstance(exc, OperationalError | InterfaceError | DisconnectionError):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    return exc.connection_invalidated or (
+        getattr(exc.orig, "sqlstate", None) in UNAVAILABLE_SQLSTATES
+    )
 
 
 @functools.lru_cache(maxsize=1)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
 import boto3
 import pytest
@@ -101,6 +102,49 @@ def owner_connection() -> Iterator[Any]:
             yield conn
     finally:
         engine.dispose()
+
+
+def admin_sql(statement: str) -> None:
+    """One statement as the server's superuser, outside any transaction (ALTER DATABASE)."""
+    engine = create_engine(ADMIN_DATABASE_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(statement))
+    finally:
+        engine.dispose()
+
+
+def set_read_only(on: bool) -> None:
+    """The test database's new sessions read only (`on`: a failover to a reader) or
+    writable again; sessions already open keep what they had."""
+    value = (
+        "SET default_transaction_read_only = on" if on else "RESET default_transaction_read_only"
+    )
+    admin_sql(f"ALTER DATABASE {TEST_DATABASE_NAME} {value}")
+
+
+def end_app_sessions() -> None:
+    """End every session of the app on the test database, as a failover does, and empty
+    the app's pool: its next connection is a new session."""
+    role = urlparse(TEST_DATABASE_URL).username
+    admin_sql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        f"WHERE datname = '{TEST_DATABASE_NAME}' AND usename = '{role}'"
+    )
+    db.get_engine().dispose()
+
+
+@pytest.fixture
+def read_only_database() -> Iterator[None]:
+    """A failover to a read-only node for the test's length: every session the app opens
+    is read only; after it, writable again and every session new."""
+    set_read_only(True)
+    end_app_sessions()
+    try:
+        yield
+    finally:
+        set_read_only(False)
+        end_app_sessions()
 
 
 def restore_secret_key(monkeypatch: pytest.MonkeyPatch, used: str, rotated_to: str) -> None:

@@ -648,3 +648,37 @@ def test_a_database_outage_while_checking_the_token_answers_503_not_500(user, mo
     assert response.status_code == 503, response.text
     assert response.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
     assert response.headers["Retry-After"] == "5"
+
+
+def test_writes_on_a_read_only_database_answer_503_and_reads_still_answer(
+    api, user, read_only_database
+):
+    """A failover to a read-only node: Postgres refuses every write (ReadOnlySqlTransaction,
+    an InternalError, not an OperationalError), which answered 500 INTERNAL_ERROR."""
+    writes = {
+        "POST /auth/register": api.post(
+            "/auth/register",
+            {
+                "email": f"ro-{uuid.uuid4().hex[:10]}@example.com",
+                "password": "correct-horse-battery",
+                "name": "R",
+            },
+        ),
+        "POST /workflows/execute": user.post(
+            "/workflows/execute",
+            {
+                "workflow": {
+                    "name": "w",
+                    "stages": [{"id": "a", "name": "A", "agentCapability": "x"}],
+                }
+            },
+        ),
+        "POST /auth/logout-all": user.post("/auth/logout-all"),
+    }
+    for route, response in writes.items():
+        assert response.status_code == 503, (route, response.status_code, response.text)
+        assert response.json()["error"]["code"] == "SERVICE_UNAVAILABLE", route
+        assert response.headers["Retry-After"] == "5", route
+        assert "read-only" not in response.text, route  # nothing of the driver's words
+    assert user.get("/workflows").status_code == 200
+    assert user.get("/auth/me").status_code == 200

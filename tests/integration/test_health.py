@@ -203,6 +203,18 @@ def test_health_is_503_degraded_when_a_service_refuses_connections(
     assert data["services"] == {**ALL_CONNECTED, service: "disconnected"}
 
 
+def test_health_is_503_degraded_when_the_database_takes_no_writes(
+    api: Api, read_only_database: None
+) -> None:
+    """A failover's read-only node answers every read, and fails every write route: the
+    check answered 200 ok through it."""
+    response = api.get("/health")
+    assert response.status_code == 503, response.text
+    data = response.json()["data"]
+    assert data["status"] == "degraded"
+    assert data["services"] == {**ALL_CONNECTED, "database": "disconnected"}
+
+
 # ------------------------------------------------------------------ one hung
 
 
