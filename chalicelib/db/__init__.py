@@ -16,6 +16,7 @@ from sqlalchemy.exc import (
     InterfaceError,
     OperationalError,
 )
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from chalicelib.config import get_settings
@@ -79,15 +80,28 @@ UNAVAILABLE_SQLSTATES = frozenset({"25006", "25P03"})
 def is_unavailable(exc: BaseException) -> bool:
     """Whether `exc` means the database is away or not writable right now (a lost or
     refused connection, a server shutting down, a deadlock or a cancelled statement, a
-    read-only node): nothing of the failed transaction was stored, and the same work may
-    succeed shortly. Anything else is a fault of the work itself."""
-    if isinstance(exc, OperationalError | InterfaceError | DisconnectionError):
+    read-only node, no pooled connection free in time): not the work's fault, and the same
+    work may succeed shortly. Anything else is a fault of the work itself."""
+    if isinstance(exc, OperationalError | InterfaceError | DisconnectionError | PoolTimeout):
         return True
     if not isinstance(exc, DBAPIError):
         return False
     return exc.connection_invalidated or (
         getattr(exc.orig, "sqlstate", None) in UNAVAILABLE_SQLSTATES
     )
+
+
+# The longest the API waits for a pooled connection (every one held, by requests waiting
+# on locks, say) before answering 503: well within API Gateway's 29 s. The workers wait
+# SQLAlchemy's 30 s (a PoolTimeout hands their message back uncounted).
+API_POOL_TIMEOUT_SECONDS = 5.0
+WORKER_POOL_TIMEOUT_SECONDS = 30.0
+
+
+def pool_timeout(lock_timeout_ms: int) -> float:
+    """The API's connections are those with a lock timeout (.chalice/config.json and make
+    dev's API server set it for the API alone)."""
+    return API_POOL_TIMEOUT_SECONDS if lock_timeout_ms else WORKER_POOL_TIMEOUT_SECONDS
 
 
 @functools.lru_cache(maxsize=1)
@@ -106,6 +120,7 @@ def get_engine() -> Engine:
         # the spare ones age out through pool_recycle.
         pool_use_lifo=True,
         pool_recycle=300,
+        pool_timeout=pool_timeout(settings.db_lock_timeout_ms),
         # Error messages must never carry query parameters (password hashes, tokens).
         hide_parameters=True,
         connect_args=connect_args(

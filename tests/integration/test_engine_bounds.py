@@ -779,6 +779,33 @@ def test_a_request_held_by_a_hung_workers_lock_answers_503_within_seconds(
     assert user.post(cancel).status_code == 202  # the lock free, the retry goes through
 
 
+def test_a_request_that_finds_no_pooled_connection_free_answers_503_within_seconds(
+    user: Api, monkeypatch: pytest.MonkeyPatch, api_database_limits
+):
+    """Every connection of the API's pool held (requests waiting on a lock, say): the next
+    request waited SQLAlchemy's 30 s for one, past API Gateway's 29 s, then answered 500."""
+    monkeypatch.setenv("MAOF_DB_POOL_SIZE", "1")
+    monkeypatch.setenv("MAOF_DB_MAX_OVERFLOW", "0")
+    reset_settings()
+    db.reset()
+    with db.get_engine().connect():  # the pool's only connection, held
+        started = time.monotonic()
+        try:
+            response = requests.get(
+                user.base_url + "/workflows",
+                headers={"Authorization": f"Bearer {user.token}"},
+                timeout=40,
+            )
+        except requests.exceptions.ReadTimeout:
+            pytest.fail("GET /workflows: no answer within 40 s")
+        took = time.monotonic() - started
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+    assert response.headers["Retry-After"] == "5"
+    assert took < 8, took  # the API's pool timeout, well within API Gateway's 29 s
+    assert user.get("/workflows").status_code == 200
+
+
 def test_an_api_statement_past_the_statement_timeout_answers_503(
     user: Api, monkeypatch: pytest.MonkeyPatch, api_database_limits
 ):
