@@ -12,8 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.exc import DBAPIError
 
 from chalicelib import observability
 from chalicelib.agents import health
@@ -51,6 +50,7 @@ from chalicelib.core.references import (
     check_sent_size,
     resolve,
 )
+from chalicelib.db import is_unavailable
 from chalicelib.engine import leases, stages, sweeper, trace
 from chalicelib.engine.policy import Action, Counters, Decision, after_failure
 from chalicelib.engine.queue import StageMessage, change_visibility, send_stage_messages
@@ -209,7 +209,7 @@ def _run_claimed(
         try:
             outcome = _execute(claimed, invocation, held)
         except Exception as exc:
-            if is_infrastructure_error(exc):
+            if is_unavailable(exc):
                 _release_quietly(claimed)
                 raise
             outcome = _after_error(claimed, exc)
@@ -267,15 +267,6 @@ def _count_finished(claimed: stages.ClaimedStage, outcome: str, started: float) 
     )
     observability.metric(
         "StageAttempts", claimed.attempt, runId=run, stageId=stage, capability=capability
-    )
-
-
-def is_infrastructure_error(exc: BaseException) -> bool:
-    """The database could not be reached or gave up on us (a lost connection, a deadlock,
-    no pooled connection free in time): not the stage's fault, and nothing about it could
-    be recorded anyway."""
-    return isinstance(exc, OperationalError | InterfaceError | PoolTimeout) or (
-        isinstance(exc, DBAPIError) and exc.connection_invalidated
     )
 
 
@@ -495,7 +486,7 @@ def _run_without_message(
     try:
         _run_claimed(claimed, invocation, handed)
     except Exception as exc:
-        if is_infrastructure_error(exc):
+        if is_unavailable(exc):
             _send(claimed.run_id, [claimed.stage_id], delay_seconds=HANDED_BACK_DELAY_SECONDS)
         raise
 
@@ -716,7 +707,9 @@ def _after_error(claimed: stages.ClaimedStage, exc: Exception) -> str:
         "stage raised; counted against it",
         extra={"runId": str(claimed.run_id), "stageId": claimed.stage_id},
     )
-    cause = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    # The driver's own words, not SQLAlchemy's, which add the statement's SQL text.
+    said = exc.orig if isinstance(exc, DBAPIError) else exc
+    cause = f"{type(exc).__name__}: {' '.join(str(said).split())[:300]}"
     observability.metric(
         "StageFailures", 1, dimensions={"Kind": Failure.UNEXPECTED.value}, code=type(exc).__name__
     )

@@ -23,8 +23,10 @@ from chalicelib.workflows import runs
 from chalicelib.workflows.definition import ExecuteRequest
 from tests.integration.conftest import (
     SentMessages,
+    end_app_sessions,
     owner_connection,
     register_agent,
+    set_read_only,
     unique_capability,
     wait_for_run,
 )
@@ -504,6 +506,61 @@ def test_no_pooled_connection_in_time_is_not_the_stages_fault(user, sent, monkey
     assert (row.status, row.errors) == ("queued", 0)
     assert handlers.run_stage_batch([record(run_id, "a")]) == {"batchItemFailures": []}
     assert stage_row(run_id, "a").status == "completed"
+
+
+def test_a_failover_to_a_read_only_node_as_a_stage_completes_is_not_the_stages_fault(
+    user, sent, monkeypatch
+):
+    """The agent answered; the completion lands on a read-only node (a failover), writable
+    again a moment later. Postgres refuses the write (ReadOnlySqlTransaction, not an
+    OperationalError): it was counted as the stage's error, and a stage with no retries
+    failed its run with the statement's SQL in its message."""
+    capability = unique_capability("readonly")
+    register_agent(user, capability)
+    run_id = submit_direct(user, [dict(chain(capability, "a")[0], config={"retries": 0})])
+    complete = stages.complete_stage
+    calls: list[int] = []
+
+    def on_a_read_only_node(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) > 1:
+            return complete(*args, **kwargs)
+        set_read_only(True)
+        end_app_sessions()
+        try:
+            return complete(*args, **kwargs)
+        finally:
+            set_read_only(False)
+            end_app_sessions()
+
+    monkeypatch.setattr(stages, "complete_stage", on_a_read_only_node)
+    failures = handlers.run_stage_batch([record(run_id, "a")])["batchItemFailures"]
+    assert len(failures) == 1, "handed back to SQS, as any database failure"
+    row = stage_row(run_id, "a")
+    assert (row.status, row.errors) == ("queued", 0), row.error_message
+    assert handlers.run_stage_batch([record(run_id, "a")]) == {"batchItemFailures": []}
+    assert stage_row(run_id, "a").status == "completed"
+
+
+def test_a_database_error_counted_against_a_stage_stores_no_sql(user, sent, monkeypatch):
+    """An error of Postgres that is the work's own (an output it refused) fails the stage
+    naming the driver's words: SQLAlchemy's message added the statement's SQL text."""
+    from sqlalchemy.exc import DataError
+
+    capability = unique_capability("nosql")
+    register_agent(user, capability)
+    run_id = submit_direct(user, [dict(chain(capability, "a")[0], config={"retries": 0})])
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        orig = Exception("invalid input syntax for type json")
+        raise DataError("UPDATE stage_executions SET output = %(output)s", {}, orig)
+
+    monkeypatch.setattr(stages, "complete_stage", refused)
+    assert handlers.run_stage_batch([record(run_id, "a")]) == {"batchItemFailures": []}
+    row = stage_row(run_id, "a")
+    assert row.status == "failed"
+    assert "DataError: invalid input syntax for type json" in (row.error_message or "")
+    assert "UPDATE" not in (row.error_message or ""), row.error_message
 
 
 def test_a_ready_stage_that_cannot_be_started_here_is_released_and_sent(
