@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import (
     DBAPIError,
     DisconnectionError,
@@ -71,10 +72,13 @@ def connect_args(
     return args
 
 
+# read_only_sql_transaction: the session is on a node that takes no writes (a failover's
+# reader, or the database set read only).
+READ_ONLY_SQLSTATE = "25006"
 # SQLSTATEs psycopg raises as errors other than OperationalError that mean the session, not
-# the statement, is the trouble: a failover's read-only node (read_only_sql_transaction),
-# and a session the server ended for idling in a transaction.
-UNAVAILABLE_SQLSTATES = frozenset({"25006", "25P03"})
+# the statement, is the trouble: a read-only node, and a session the server ended for
+# idling in a transaction (idle_in_transaction_session_timeout).
+UNAVAILABLE_SQLSTATES = frozenset({READ_ONLY_SQLSTATE, "25P03"})
 
 
 def is_unavailable(exc: BaseException) -> bool:
@@ -144,7 +148,17 @@ def get_engine() -> Engine:
 
     event.listen(engine, "checkin", _stamp_checkin)
     event.listen(engine, "checkout", ping_if_idle)
+    event.listen(engine, "handle_error", _read_only_is_a_disconnect)
     return engine
+
+
+def _read_only_is_a_disconnect(context: ExceptionContext) -> None:
+    """A connection that finds itself on a read-only node is dropped, and the pool's others
+    with it: opened during a failover, they pass the pre-ping, and kept failing every write
+    after the primary was back until pool_recycle (300 s). Their replacements connect to
+    wherever the database's address points now."""
+    if getattr(context.original_exception, "sqlstate", None) == READ_ONLY_SQLSTATE:
+        context.is_disconnect = True
 
 
 def _stamp_checkin(dbapi_connection: Any, record: Any) -> None:

@@ -542,6 +542,25 @@ def test_a_failover_to_a_read_only_node_as_a_stage_completes_is_not_the_stages_f
     assert stage_row(run_id, "a").status == "completed"
 
 
+def test_worker_connections_opened_on_a_read_only_node_are_replaced_once_a_write_fails(user, sent):
+    """The pool's connections opened during a failover, on the read-only node, pass the
+    pre-ping once the database is writable again: every claim on them failed (the message
+    handed back each time) until pool_recycle (300 s). The first refusal now drops them."""
+    capability = unique_capability("reader")
+    register_agent(user, capability)
+    run_id = submit_direct(user, chain(capability, "a"))
+    set_read_only(True)
+    end_app_sessions()
+    try:
+        stage_row(run_id, "a")  # a connection on the reader
+    finally:
+        set_read_only(False)  # new sessions are writable; the pooled one is not
+    first = handlers.run_stage_batch([record(run_id, "a")])
+    assert len(first["batchItemFailures"]) == 1, "its claim refused on the reader's connection"
+    assert handlers.run_stage_batch([record(run_id, "a")]) == {"batchItemFailures": []}
+    assert stage_row(run_id, "a").status == "completed"
+
+
 def test_a_database_error_counted_against_a_stage_stores_no_sql(user, sent, monkeypatch):
     """An error of Postgres that is the work's own (an output it refused) fails the stage
     naming the driver's words: SQLAlchemy's message added the statement's SQL text."""

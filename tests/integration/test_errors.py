@@ -18,7 +18,13 @@ import requests
 from chalicelib.auth import service
 from chalicelib.config import get_settings
 from chalicelib.logs import logger
-from tests.integration.conftest import Api, free_port, unique_email
+from tests.integration.conftest import (
+    Api,
+    end_app_sessions,
+    free_port,
+    set_read_only,
+    unique_email,
+)
 
 JSON = {"Content-Type": "application/json"}
 
@@ -682,3 +688,21 @@ def test_writes_on_a_read_only_database_answer_503_and_reads_still_answer(
         assert "read-only" not in response.text, route  # nothing of the driver's words
     assert user.get("/workflows").status_code == 200
     assert user.get("/auth/me").status_code == 200
+
+
+def test_connections_opened_on_a_read_only_node_are_replaced_once_a_write_fails(user):
+    """A failover: the pool's connections were opened on a read-only node, then the
+    database's address points at a writer again. They pass the pre-ping, and a write
+    refused as read-only did not drop its connection: every write answered 503 until
+    pool_recycle (300 s). Now the refused write drops them, and the next one goes through."""
+    set_read_only(True)
+    end_app_sessions()
+    try:
+        assert user.get("/workflows").status_code == 200  # a connection on the reader
+    finally:
+        set_read_only(False)  # new sessions are writable; the pooled one is not
+    body = {"workflow": {"name": "w", "stages": [{"id": "a", "name": "A", "agentCapability": "x"}]}}
+    first = user.post("/workflows/execute", body)
+    assert first.status_code == 503, first.text  # on the reader's connection
+    again = user.post("/workflows/execute", body)
+    assert again.status_code == 202, again.text
