@@ -26,8 +26,9 @@ from chalicelib.config import get_settings
 from chalicelib.core import errors, responses
 from chalicelib.core.api import ApiModel, JsonInteger, PageQuery, Principal, page_meta
 from chalicelib.core.capabilities import Capability
-from chalicelib.db import insert_unique, session_scope
+from chalicelib.db import insert_unique, is_unavailable, session_scope
 from chalicelib.db.models import Agent, User
+from chalicelib.logs import logger
 
 Visibility = Literal["private", "shared"]
 # What a terminal or a text display acts on rather than shows: controls (Cc: ESC, C1's
@@ -178,7 +179,8 @@ def register(
 ) -> responses.Agent:
     """Register an agent, probe it, and (unless the probe found it offline) tell
     `available` of it: stages may be waiting for what it serves. Once stored, it is
-    answered (201) even if deleted before its probe ends."""
+    answered (201) even if deleted before its probe ends, or if the database goes away
+    before its probe is recorded."""
     _refuse_sharing(principal, body.visibility)
     # Registering probes at once; counted first, so a refused registration makes no agent
     # (a register and delete loop would otherwise probe without limit).
@@ -193,7 +195,8 @@ def register(
         capabilities=body.capabilities,
         max_concurrent_tasks=body.max_concurrent_tasks,
         visibility=body.visibility,
-        status="online",
+        # Until a probe is recorded: never checked, it is not routed to (protocol.md).
+        status="offline",
     )
     insert_unique(
         agent,
@@ -205,7 +208,17 @@ def register(
     )
     invalidate(agent.capabilities)
     # A new agent is checked at once, so its status is real from the start.
-    view = _probe(agent)
+    try:
+        view = _probe(agent)
+    except Exception as exc:
+        if not is_unavailable(exc):
+            raise
+        # Stored, but the database went away before the probe was recorded: a 503 would
+        # have its client try again, and get 409 for an agent it was told was not
+        # registered. It is answered as stored (offline, never checked); the scheduled
+        # check takes never-checked agents first.
+        logger.warning("a new agent's probe was not recorded", extra={"error": type(exc).__name__})
+        return agent_view(agent)
     if view is None:
         # Deleted while probed (its owner's other clients list it at once): it was
         # registered, and is answered as stored, as it would have been just before.

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import select, update
 
 from chalicelib import cache
+from chalicelib.agents import health
 from chalicelib.agents.candidates import (
     cached_candidates,
     capability_cache_key,
@@ -22,8 +23,11 @@ from chalicelib.agents.health import health_url
 from chalicelib.agents.secrets import decrypt_token, reencrypt_all
 from chalicelib.db import session_scope
 from chalicelib.db.models import Agent
+from tests.conftest import TEST_DATABASE_NAME
 from tests.integration.conftest import (
     Api,
+    admin_sql,
+    end_app_sessions,
     register_agent,
     unique_capability,
     wait_for_run,
@@ -568,6 +572,34 @@ def test_an_agent_deleted_while_its_first_probe_runs_was_still_registered(user, 
     assert agent["agentUuid"] == agent_uuid
     assert agent["capabilities"] == [capability]
     assert listed(user, capability=capability) == []
+
+
+def test_an_agent_whose_probe_the_database_could_not_record_was_still_registered(user, monkeypatch):
+    """The database goes away after the new agent's row committed, while it is probed:
+    the registration answered 503 "try again shortly", and trying again got 409 for the
+    agent it was told was not registered. It answers 201 with the agent as stored: never
+    checked, so offline (not routed to) until the scheduled check finds it."""
+    real_probe = health.probe
+
+    def probe_then_outage(endpoint: str) -> str | None:
+        status = real_probe(endpoint)
+        admin_sql(f"ALTER DATABASE {TEST_DATABASE_NAME} CONNECTION LIMIT 0")
+        end_app_sessions()
+        return status
+
+    monkeypatch.setattr(health, "probe", probe_then_outage)
+    body = agent_body(unique_capability("regdown"))
+    try:
+        response = user.post("/agents/register", body)
+    finally:
+        admin_sql(f"ALTER DATABASE {TEST_DATABASE_NAME} CONNECTION LIMIT -1")
+    monkeypatch.undo()
+    assert response.status_code == 201, response.text
+    agent = response.json()["data"]
+    assert (agent["status"], agent["lastHealthCheck"]) == ("offline", None)
+    assert listed(user, capability=body["capabilities"][0]) == [agent["agentUuid"]]
+    again = user.post("/agents/register", body)
+    assert again.status_code == 409, again.text  # registered: the answer said so
 
 
 def test_a_deleted_agents_token_is_no_longer_stored_and_its_call_in_flight_still_counts(
