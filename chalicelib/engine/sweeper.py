@@ -408,13 +408,21 @@ def sweep_once(until: float | None = None) -> dict[str, int]:
     for run_id, stage_ids in find_stalled(grace).items():
         try:
             swept = sweep_run(run_id, stage_ids, grace, backlog)
-            if swept.requeued:
-                send_stage_messages(run_id, swept.requeued)
         except Exception:
             logger.exception("sweeping a run failed; going on", extra={"runId": str(run_id)})
             totals["errors"] += 1
             continue
+        # Committed, with its audit entries: counted whether or not the send goes through
+        # (one that fails leaves the stage queued, for the next sweep to send).
         totals["requeued"] += len(swept.requeued)
+        if swept.requeued:
+            try:
+                send_stage_messages(run_id, swept.requeued)
+            except Exception:
+                logger.exception(
+                    "sending requeued stages failed; going on", extra={"runId": str(run_id)}
+                )
+                totals["errors"] += 1
         totals["failed"] += len(swept.failed)
         for stage_id in swept.failed:  # as a worker counts the stages it ends
             observability.metric(

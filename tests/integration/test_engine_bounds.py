@@ -210,6 +210,29 @@ def test_an_error_on_one_run_does_not_stop_the_sweep(user: Api, sent, monkeypatc
     assert stage_row(fine, "a").requeues == 1
 
 
+def test_a_requeue_whose_send_fails_is_reported_as_requeued_and_as_an_error(
+    user: Api, sent, monkeypatch, nothing_else_stalled
+):
+    """The requeue is committed (requeues + 1, an audit entry) before its send: a send SQS
+    refused (throttled) left it out of the sweep's totals, and of the SweeperRequeues
+    metric, while the database and the audit trail recorded it."""
+    capability = unique_capability("sendfail")
+    register_agent(user, capability)
+    run_id = submit_direct(user, chain(capability, "a"))
+    set_stage(run_id, "a", "queued_at = now() - interval '1 hour'")
+
+    def throttled(*_: Any, **__: Any) -> None:
+        raise RuntimeError("SendMessageBatch throttled")
+
+    monkeypatch.setattr(sweeper, "send_stage_messages", throttled)
+    monkeypatch.setattr(sweeper, "queue_backlog", lambda: 0)
+    totals = sweeper.sweep_once()
+    assert stage_row(run_id, "a").requeues == 1
+    assert ("requeue", "a") in audit_actions(run_id)
+    assert totals["requeued"] >= 1, totals
+    assert totals["errors"] >= 1, totals
+
+
 # ------------------------------------------------------------------ runs that ended
 
 
