@@ -13,7 +13,11 @@ was recreated empty): it is sent again, at most MAOF_STAGE_MAX_REQUEUES times. H
 on its way, so MAOF_SWEEP_QUEUED_AFTER_SECONDS suffices; behind a backlog, a stage's
 message may simply not have come up yet, so MAOF_SWEEP_BACKLOG_AFTER_SECONDS applies, and
 a re-send then is not counted (the message may still be in line: a long backlog is no
-lost message; the duplicate is harmless, a stage runs once whatever its deliveries).
+lost message; the duplicate is harmless, a stage runs once whatever its deliveries). A
+depth SQS will not tell (throttled, too slow) is taken for a backlog: the backlog's
+grace and uncounted re-sends, rather than duplicate a queue that may be long (each
+re-send adding to the load SQS refused) and charge every stage behind it with a lost
+message; a message lost meanwhile is re-sent after the longer grace.
 Stages left queued or in progress in a run that has ended are skipped. A stage waiting
 for an agent's slot is handed one by the worker that frees it; one that has waited
 MAOF_SWEEP_QUEUED_AFTER_SECONDS without, while a slot is free for it (its hand-off was
@@ -87,10 +91,13 @@ def queue_backlog() -> int | None:
 
 
 def grace_for(backlog: int | None) -> timedelta:
+    """How long a queued stage waits for its message before it is re-sent: the short grace
+    only when the queue is known to hold nothing to deliver (`backlog` 0); behind a backlog,
+    or one that may be (None: the depth is unknown), the backlog's."""
     settings = get_settings()
     seconds = (
         settings.sweep_queued_after_seconds
-        if not backlog
+        if backlog == 0
         else max(settings.sweep_queued_after_seconds, settings.sweep_backlog_after_seconds)
     )
     return timedelta(seconds=seconds)
@@ -133,12 +140,13 @@ class Swept:
 
 
 def sweep_run(
-    run_id: uuid.UUID, stage_ids: list[str], grace: timedelta, backlog: int | None = None
+    run_id: uuid.UUID, stage_ids: list[str], grace: timedelta, backlog: int | None = 0
 ) -> Swept:
     """Under the run's lock: re-queue, fail (past a ceiling) or skip (run ended) each of
     its still-stalled stages, with an audit entry each. The caller sends `requeued`. A
-    queued stage re-sent while the queue reports a backlog (`backlog` > 0) is not counted
-    toward MAOF_STAGE_MAX_REQUEUES (nor failed by it): its message may be in line."""
+    queued stage re-sent unless the queue is known to be empty (`backlog` > 0, or None:
+    unknown) is not counted toward MAOF_STAGE_MAX_REQUEUES (nor failed by it): its message
+    may be in line."""
     settings = get_settings()
     swept = Swept()
     with session_scope() as session:
@@ -162,8 +170,9 @@ def sweep_run(
                 swept.skipped.append(row.stage_id)
                 continue
             expired = row.status == "in_progress"
-            # A backlog is no proof of loss; a lease that ran out is, backlog or not.
-            counted = expired or not backlog
+            # A backlog (or a depth unknown) is no proof of loss; a lease that ran out is,
+            # backlog or not.
+            counted = expired or backlog == 0
             count = (row.lease_expiries if expired else row.requeues) + int(counted)
             ceiling = settings.stage_max_lease_expiries if expired else settings.stage_max_requeues
             if count > ceiling:

@@ -154,6 +154,41 @@ def test_a_stage_behind_a_backlog_longer_than_its_requeues_is_not_failed_as_lost
     assert status == "completed"
 
 
+def test_a_queue_whose_depth_sqs_will_not_tell_is_treated_as_a_backlog(
+    user: Api, sent, monkeypatch, nothing_else_stalled
+):
+    """GetQueueAttributes throttled (or slower than the fast-fail client): the depth was
+    read as an empty queue, so behind a real backlog every stage was re-sent after 10 s,
+    each re-send counted as a lost message, and a healthy run failed after
+    MAOF_STAGE_MAX_REQUEUES sweeps. Unknown, it may be a backlog: the backlog's grace, and
+    re-sends uncounted."""
+    from botocore.exceptions import ClientError
+
+    class Throttled:
+        def get_queue_attributes(self, **_: Any) -> Any:
+            error = {"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"}}
+            raise ClientError(error, "GetQueueAttributes")
+
+    monkeypatch.setattr(sweeper, "aws_client", lambda *_, **__: Throttled())
+    monkeypatch.setattr(sweeper, "send_stage_messages", sent)
+    assert sweeper.queue_backlog() is None
+    capability = unique_capability("depthunknown")
+    register_agent(user, capability)
+    run_id = submit_direct(user, chain(capability, "a"))
+    queued_after = get_settings().sweep_queued_after_seconds
+    set_stage(run_id, "a", f"queued_at = now() - interval '{queued_after + 1} seconds'")
+    sweeper.sweep_once()
+    assert sent.sent.count((run_id, "a")) == 1, "a possible backlog was duplicated"
+    backlog_after = get_settings().sweep_backlog_after_seconds
+    resends = get_settings().stage_max_requeues + 1
+    for _ in range(resends):
+        set_stage(run_id, "a", f"queued_at = now() - interval '{backlog_after + 1} seconds'")
+        sweeper.sweep_once()
+    assert sent.sent.count((run_id, "a")) == 1 + resends  # at submission, then each interval
+    row = stage_row(run_id, "a")
+    assert (row.status, row.requeues) == ("queued", 0), row.error_message
+
+
 def test_delayed_messages_are_no_backlog(monkeypatch):
     """A delayed message is a stage's that is not due (a backoff): counted, one retry of
     any run put every lost message on the 300 s grace instead of 10 s."""
