@@ -23,7 +23,9 @@ for an agent's slot is handed one by the worker that frees it; one that has wait
 MAOF_SWEEP_QUEUED_AFTER_SECONDS without, while a slot is free for it (its hand-off was
 lost, a dead worker's slot lease ran out) or its agents left, or that has waited
 MAOF_SWEEP_BACKLOG_AFTER_SECONDS in any case, is woken: queued again, to look for a slot
-afresh (or wait again, counted).
+afresh (or wait again, counted). A woken stage whose message SQS would not take waits
+again as it was, for the next round to wake (left queued, it would be charged with a lost
+message).
 
 Runs past their deadline (workflow.timeoutMs) fail, and completion callbacks that are due
 are delivered (engine/callbacks.py), on every sweep: neither waits for a client.
@@ -39,7 +41,7 @@ import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import text
@@ -257,20 +259,21 @@ LONG_WAIT_WAKE_LIMIT = 50
 
 # The stages woken from waiting that `{condition}` admits, each user's oldest in turn, up
 # to :limit, each locked first (SKIP LOCKED: a stage being claimed meanwhile is left to its
-# claim).
+# claim); with the queued_at each had while it waited, and the one it has now.
 _WAKE_SQL = """
-    UPDATE stage_executions SET status = 'queued', queued_at = now()
-     WHERE id IN (SELECT s.id FROM stage_executions AS s
-                   WHERE s.status = 'waiting' AND s.id IN (
-                         SELECT id FROM (
-                             SELECT s.id, s.parked_at, row_number() OVER (
-                                        PARTITION BY r.user_id ORDER BY s.parked_at) AS turn
-                               FROM stage_executions AS s
-                               JOIN workflow_runs AS r ON r.id = s.run_id
-                              WHERE s.status = 'waiting' AND {condition}) AS due
-                          ORDER BY turn, parked_at LIMIT :limit)
-                     FOR UPDATE OF s SKIP LOCKED)
- RETURNING run_id, stage_id
+    UPDATE stage_executions AS t SET status = 'queued', queued_at = now()
+      FROM (SELECT s.id, s.queued_at FROM stage_executions AS s
+             WHERE s.status = 'waiting' AND s.id IN (
+                   SELECT id FROM (
+                       SELECT s.id, s.parked_at, row_number() OVER (
+                                  PARTITION BY r.user_id ORDER BY s.parked_at) AS turn
+                         FROM stage_executions AS s
+                         JOIN workflow_runs AS r ON r.id = s.run_id
+                        WHERE s.status = 'waiting' AND {condition}) AS due
+                    ORDER BY turn, parked_at LIMIT :limit)
+               FOR UPDATE OF s SKIP LOCKED) AS was
+     WHERE t.id = was.id
+ RETURNING t.run_id, t.stage_id, was.queued_at AS waiting_since, t.queued_at AS woken_at
 """
 _WAKE_WITH_ROOM = text(
     _WAKE_SQL.format(
@@ -282,7 +285,17 @@ _WAKE_WITH_ROOM = text(
 _WAKE_LONG_WAITING = text(_WAKE_SQL.format(condition="s.queued_at <= now() - :long_wait"))
 
 
-def wake_waiting() -> dict[uuid.UUID, list[str]]:
+@dataclass(frozen=True)
+class Woken:
+    """A stage wake_waiting queued again: `waiting_since` its queued_at while it waited,
+    `woken_at` the one it was given (see put_back_waiting)."""
+
+    stage_id: str
+    waiting_since: datetime
+    woken_at: datetime
+
+
+def wake_waiting() -> dict[uuid.UUID, list[Woken]]:
     """Queue again the stages that have waited for a slot longer than the short grace,
     where a slot may be free for them (may_have_room_each, for their run's owner), up to
     WAKE_LIMIT; then up to LONG_WAIT_WAKE_LIMIT of those that have waited longer than
@@ -321,10 +334,40 @@ def wake_waiting() -> dict[uuid.UUID, list[str]]:
         long_waiting = session.execute(
             _WAKE_LONG_WAITING, {"long_wait": long_wait, "limit": LONG_WAIT_WAKE_LIMIT}
         ).all()
-    woken: dict[uuid.UUID, list[str]] = defaultdict(list)
+    woken: dict[uuid.UUID, list[Woken]] = defaultdict(list)
     for row in [*with_room, *long_waiting]:
-        woken[row.run_id].append(row.stage_id)
+        woken[row.run_id].append(Woken(row.stage_id, row.waiting_since, row.woken_at))
     return woken
+
+
+def put_back_waiting(run_id: uuid.UUID, woken: list[Woken]) -> list[str]:
+    """Put woken stages whose message was not sent back to waiting as they were (their
+    queued_at too: their wait and place, for the next round to wake them again), unless
+    claimed, ended or queued again since (their queued_at is no longer the wake's): a
+    message SQS took after all is then dropped by its worker, and the stage woken again.
+    Returns the stages put back."""
+    with session_scope() as session:
+        rows = session.execute(
+            text(
+                """
+                UPDATE stage_executions AS s
+                   SET status = 'waiting', queued_at = back.waiting_since
+                  FROM unnest(CAST(:stage_ids AS text[]), CAST(:since AS timestamptz[]),
+                              CAST(:woken_at AS timestamptz[]))
+                       AS back(stage_id, waiting_since, woken_at)
+                 WHERE s.run_id = :run_id AND s.stage_id = back.stage_id
+                   AND s.status = 'queued' AND s.queued_at = back.woken_at
+             RETURNING s.stage_id
+                """
+            ),
+            {
+                "run_id": run_id,
+                "stage_ids": [w.stage_id for w in woken],
+                "since": [w.waiting_since for w in woken],
+                "woken_at": [w.woken_at for w in woken],
+            },
+        ).all()
+    return [row.stage_id for row in rows]
 
 
 def overdue_runs() -> list[uuid.UUID]:
@@ -408,12 +451,22 @@ def sweep_once(until: float | None = None) -> dict[str, int]:
             logger.exception("expiring a run failed; going on", extra={"runId": str(run_id)})
             totals["errors"] += 1
     try:
-        for run_id, stage_ids in wake_waiting().items():
-            send_stage_messages(run_id, stage_ids)
-            totals["woken"] += len(stage_ids)
+        woken = wake_waiting()
     except Exception:
         logger.exception("waking waiting stages failed; going on")
         totals["errors"] += 1
+        woken = {}
+    for run_id, stages_woken in woken.items():
+        try:
+            send_stage_messages(run_id, [w.stage_id for w in stages_woken])
+        except Exception:
+            logger.exception(
+                "sending woken stages failed; they wait again", extra={"runId": str(run_id)}
+            )
+            totals["errors"] += 1
+            _put_back_quietly(run_id, stages_woken)
+            continue
+        totals["woken"] += len(stages_woken)
     for run_id, stage_ids in find_stalled(grace).items():
         try:
             swept = sweep_run(run_id, stage_ids, grace, backlog)
@@ -454,6 +507,13 @@ def sweep_once(until: float | None = None) -> dict[str, int]:
         totals["errors"] += 1
     _measure(totals, oldest)
     return totals
+
+
+def _put_back_quietly(run_id: uuid.UUID, woken: list[Woken]) -> None:
+    try:
+        put_back_waiting(run_id, woken)
+    except Exception:  # left queued: the next sweeps re-send it, as a lost message
+        logger.exception("putting woken stages back failed", extra={"runId": str(run_id)})
 
 
 def oldest_queued_age() -> float:

@@ -31,7 +31,7 @@ from tests.integration.conftest import (
     wait_for_run,
     wait_until,
 )
-from tests.integration.test_delivery import submit_direct
+from tests.integration.test_delivery import audit_actions, chain, stage_row, submit_direct
 from tests.integration.test_redis_down import redis_unreachable
 
 
@@ -407,6 +407,52 @@ def test_the_sweeper_leaves_a_stage_waiting_while_every_slot_is_taken(
     _waiting_since(parked, get_settings().sweep_queued_after_seconds + 30)
     sweeper.sweep_once()
     wait_until(lambda: _stage_status(user, parked) == "completed", timeout=20)
+
+
+def test_a_woken_stage_whose_send_fails_waits_again_and_no_other_runs_send_is_skipped(
+    user: Api, sent: Any, monkeypatch: pytest.MonkeyPatch, nothing_else_stalled: None
+) -> None:
+    """The sweeper commits the stages it wakes as queued, then sends them run by run: the
+    first send SQS refused (throttled) ended the round, so later runs' woken stages were
+    never sent, and the next sweep re-sent them as lost messages (requeues + 1, audit
+    'message not consumed'). Each run's send is tried; a stage whose send failed waits
+    again as it was, to be woken by the next round, uncounted."""
+    capability = unique_capability("wakesend")
+    register_agent(user, capability)
+    runs = [submit_direct(user, chain(capability, "a")) for _ in range(3)]
+    long_wait = get_settings().sweep_backlog_after_seconds + 60
+    with session_scope() as session:
+        for older, run_id in enumerate(runs):  # the first run parked longest: woken first
+            session.execute(
+                text(
+                    "UPDATE stage_executions SET status = 'waiting', "
+                    "parked_at = now() - make_interval(secs => :age), "
+                    "queued_at = now() - make_interval(secs => :age) WHERE run_id = :r"
+                ),
+                {"r": run_id, "age": long_wait + 60 * (len(runs) - older)},
+            )
+    waiting_since = stage_row(runs[0], "a").queued_at
+    tried: list[uuid.UUID] = []
+
+    def send(run_id: uuid.UUID, stage_ids: list[str], *args: Any, **kwargs: Any) -> None:
+        tried.append(run_id)
+        if run_id == runs[0]:
+            raise RuntimeError("SendMessageBatch throttled")
+        sent(run_id, stage_ids, *args, **kwargs)
+
+    monkeypatch.setattr(sweeper, "send_stage_messages", send)
+    monkeypatch.setattr(sweeper, "queue_backlog", lambda: 0)
+    totals = sweeper.sweep_once()
+    assert set(runs) <= set(tried), f"sends tried for {set(runs) & set(tried)} of {runs}"
+    assert [stage_row(r, "a").status for r in runs] == ["waiting", "queued", "queued"]
+    assert stage_row(runs[0], "a").queued_at == waiting_since  # its place in line kept
+    assert totals["woken"] >= 2 and totals["errors"] >= 1, totals
+    monkeypatch.setattr(sweeper, "send_stage_messages", sent)
+    sweeper.sweep_once()  # the next round wakes it again
+    row = stage_row(runs[0], "a")
+    assert (row.status, row.requeues) == ("queued", 0)
+    assert (runs[0], "a") in sent.sent
+    assert ("requeue", "a") not in audit_actions(runs[0])
 
 
 def test_one_users_long_waiting_backlog_never_keeps_the_sweeper_from_others_stages(
