@@ -170,12 +170,18 @@ class Invocation:
         return self.deadline is None or self.deadline - now >= needed
 
 
-def run_stage(run_id: uuid.UUID, stage_id: str, invocation: Invocation | None = None) -> str:
+def run_stage(
+    run_id: uuid.UUID,
+    stage_id: str,
+    invocation: Invocation | None = None,
+    redelivered_in: float = 0,
+) -> str:
     """Run one stage message; returns what happened (for logs and tests).
 
     Any exception after the claim counts against the stage (an attempt, then failure);
     only the infrastructure failing us (the database, the queue) hands the message back
-    for redelivery, not counted, the stage's lease running out if it cannot be released.
+    for redelivery, not counted, the stage due again when the message is (`redelivered_in`
+    seconds), its lease running out if it cannot be released.
     """
     trace.mark("received", run_id, stage_id)
     claimed = stages.claim_stage(run_id, stage_id)
@@ -187,7 +193,7 @@ def run_stage(run_id: uuid.UUID, stage_id: str, invocation: Invocation | None = 
             return "not-due"
         return "not-queued"
     trace.mark("claimed", run_id, stage_id)
-    return _run_claimed(claimed, invocation or Invocation())
+    return _run_claimed(claimed, invocation or Invocation(), redelivered_in=redelivered_in)
 
 
 def _run_claimed(
@@ -195,10 +201,12 @@ def _run_claimed(
     invocation: Invocation,
     handed: AgentChoice | None = None,
     count: bool = True,
+    redelivered_in: float = 0,
 ) -> str:
     """Run a stage this worker holds (`handed`: with a slot already held on that agent,
     given back as the stage's turn ends unless its call took it);
-    `count` False: the caller, which held the stage before, counts how it finished."""
+    `count` False: the caller, which held the stage before, counts how it finished;
+    `redelivered_in`: when a database failure hands it back, due again after that long."""
     started = time.monotonic()
     held = HandedSlot(handed, invocation, claimed.claim_token)
     with (
@@ -210,7 +218,7 @@ def _run_claimed(
             outcome = _execute(claimed, invocation, held)
         except Exception as exc:
             if is_unavailable(exc):
-                _release_quietly(claimed)
+                _release_quietly(claimed, redelivered_in)
                 raise
             outcome = _after_error(claimed, exc)
         finally:
@@ -270,9 +278,9 @@ def _count_finished(claimed: stages.ClaimedStage, outcome: str, started: float) 
     )
 
 
-def _release_quietly(claimed: stages.ClaimedStage) -> None:
+def _release_quietly(claimed: stages.ClaimedStage, due_in: float = 0) -> None:
     try:
-        stages.release_stage(claimed)
+        stages.release_stage(claimed, due_in)
     except Exception as exc:  # the database is away: the lease runs out instead
         logger.warning("could not release a stage", extra={"error": type(exc).__name__})
 
@@ -914,7 +922,10 @@ def _run_record(record: dict[str, Any], invocation: Invocation) -> bool:
         )
         return True
     try:
-        outcome = run_stage(message.run_id, message.stage_id, invocation)
+        # Handed back, it is visible again after redelivery_delay (redeliver_soon).
+        outcome = run_stage(
+            message.run_id, message.stage_id, invocation, redelivered_in=redelivery_delay(record)
+        )
         trace.mark("done", message.run_id, message.stage_id)
         logger.debug(
             "stage message handled",

@@ -686,18 +686,22 @@ def _json(value: Any) -> str | None:
     return None if value is None else dumps(value)
 
 
-def release_stage(stage: ClaimedStage) -> None:
+def release_stage(stage: ClaimedStage, due_in: float = 0) -> None:
     """Hand a claimed stage back to the queue, same attempt, after an error of the
-    infrastructure (the database or the queue failed us: the stage is not to blame).
-    Best effort: when even this fails, the lease runs out and the sweeper hands it on."""
+    infrastructure (the database or the queue failed us: the stage is not to blame), due
+    in `due_in` seconds: when its message, handed back to SQS, is visible again (in flight
+    meanwhile, it is in no queue depth; not due, the sweeper leaves it alone rather than
+    re-send it as lost). Best effort: when even this fails, the lease runs out and the
+    sweeper hands it on."""
     with session_scope() as session:
         session.execute(
             text(
                 "UPDATE stage_executions SET status = 'queued', queued_at = now(), "
+                "not_before = GREATEST(not_before, now() + make_interval(secs => :due_in)), "
                 "lease_expires_at = NULL, claim_token = NULL "
                 "WHERE id = :id AND status = 'in_progress' AND claim_token = :token"
             ),
-            {"id": stage.id, "token": stage.claim_token},
+            {"id": stage.id, "token": stage.claim_token, "due_in": due_in},
         )
 
 

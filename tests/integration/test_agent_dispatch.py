@@ -25,6 +25,7 @@ from tests.integration.conftest import (
     register_agent,
     unique_capability,
     wait_for_run,
+    wait_until,
 )
 from tests.support.agents import error, garbage, ok, sleep, status
 from tests.support.agents import start_agent as start
@@ -335,6 +336,8 @@ def test_idempotency_key_is_the_same_when_an_attempt_runs_again_after_an_error(
     failures = handlers.run_stage_batch([message])["batchItemFailures"]
     assert failures == ([] if counted else [{"itemIdentifier": "m1"}])
     monkeypatch.setattr(stages, "complete_stage", real_complete)
+    # Handed back or retried, it is due again when its message comes back.
+    wait_until(lambda: stages.seconds_until_due(run_id, "s0") is None, timeout=5)
     assert handlers.run_stage_batch([message]) == {"batchItemFailures": []}  # runs again
     assert agent.keys() == [f"wfr-{run_id}:s0:1"] * 2
     run = user.get(f"/workflows/wfr-{run_id}").json()["data"]

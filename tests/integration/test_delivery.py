@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from chalicelib.config import reset_settings
+from chalicelib.config import get_settings, reset_settings
 from chalicelib.core import api as run_ids
 from chalicelib.core.api import Principal
 from chalicelib.db import session_scope
@@ -29,6 +29,7 @@ from tests.integration.conftest import (
     set_read_only,
     unique_capability,
     wait_for_run,
+    wait_until,
 )
 
 
@@ -504,6 +505,8 @@ def test_no_pooled_connection_in_time_is_not_the_stages_fault(user, sent, monkey
     assert len(failures) == 1, "handed back to SQS, as any database failure"
     row = stage_row(run_id, "a")
     assert (row.status, row.errors) == ("queued", 0)
+    # Due when its message is visible again (a second later, at its first receive).
+    wait_until(lambda: stages.seconds_until_due(run_id, "a") is None, timeout=5)
     assert handlers.run_stage_batch([record(run_id, "a")]) == {"batchItemFailures": []}
     assert stage_row(run_id, "a").status == "completed"
 
@@ -538,6 +541,8 @@ def test_a_failover_to_a_read_only_node_as_a_stage_completes_is_not_the_stages_f
     assert len(failures) == 1, "handed back to SQS, as any database failure"
     row = stage_row(run_id, "a")
     assert (row.status, row.errors) == ("queued", 0), row.error_message
+    # Due when its message is visible again (a second later, at its first receive).
+    wait_until(lambda: stages.seconds_until_due(run_id, "a") is None, timeout=5)
     assert handlers.run_stage_batch([record(run_id, "a")]) == {"batchItemFailures": []}
     assert stage_row(run_id, "a").status == "completed"
 
@@ -580,6 +585,54 @@ def test_a_database_error_counted_against_a_stage_stores_no_sql(user, sent, monk
     assert row.status == "failed"
     assert "DataError: invalid input syntax for type json" in (row.error_message or "")
     assert "UPDATE" not in (row.error_message or ""), row.error_message
+
+
+def test_a_message_handed_back_is_not_resent_by_the_sweeper_before_it_comes_back(
+    user, sent, monkeypatch, nothing_else_stalled
+):
+    """The database fails a worker after its claim: the stage is released (queued) and its
+    message handed back, visible again after 2^(receives-1) s, up to 20 s. In flight, SQS
+    leaves it out of the queue's depth, so from the 5th receive (16 s) the sweeper's 10 s
+    passed first and it re-sent the stage, counted as a lost message: a database outage
+    failed runs with 'message lost'. The stage is due again only when its message is."""
+    from chalicelib.engine import sweeper
+
+    capability = unique_capability("handback")
+    register_agent(user, capability)
+    run_id = submit_direct(user, chain(capability, "a"))
+    message = dict(record(run_id, "a"), attributes={"ApproximateReceiveCount": "6"})
+    assert handlers.redelivery_delay(message) == handlers.MAX_REDELIVERY_DELAY_SECONDS
+
+    def pool_exhausted(_: Any) -> Any:
+        raise OperationalError("SELECT 1", {}, Exception("QueuePool limit reached"))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(stages, "load_context", pool_exhausted)
+        assert len(handlers.run_stage_batch([message])["batchItemFailures"]) == 1
+    assert (stage_row(run_id, "a").status, stage_row(run_id, "a").requeues) == ("queued", 0)
+    monkeypatch.setattr(sweeper, "send_stage_messages", sent)
+    monkeypatch.setattr(sweeper, "queue_backlog", lambda: 0)  # the message is in flight
+    past_grace = get_settings().sweep_queued_after_seconds + 1
+    stalled = f"queued_at = now() - make_interval(secs => {past_grace})"
+    with session_scope() as session:  # the grace has passed; the message is 9 s away
+        session.execute(
+            text(f"UPDATE stage_executions SET {stalled} WHERE run_id = :r"), {"r": run_id}
+        )
+    sweeper.sweep_once()
+    row = stage_row(run_id, "a")
+    assert (row.status, row.requeues) == ("queued", 0), audit_actions(run_id)
+    assert sent.sent == [(run_id, "a")]  # at submission only
+    # 20 s on, the message comes back: due, it runs.
+    with session_scope() as session:
+        session.execute(
+            text(
+                "UPDATE stage_executions SET queued_at = queued_at - interval '20 seconds', "
+                "not_before = not_before - interval '20 seconds' WHERE run_id = :r"
+            ),
+            {"r": run_id},
+        )
+    assert handlers.run_stage_batch([message]) == {"batchItemFailures": []}
+    assert stage_row(run_id, "a").status == "completed"
 
 
 def test_a_ready_stage_that_cannot_be_started_here_is_released_and_sent(
