@@ -57,6 +57,25 @@ def stored_size(text: str) -> int:
     return size + growth
 
 
+def served_size(text: str) -> int:
+    """Bytes the stored JSON `text` takes in a deployed answer: numbers as stored
+    (stored_size), every other character than ASCII written as `\\uXXXX` (two of them
+    beyond the BMP: the API serves ASCII), and the answer embedded as a string in the Lambda
+    proxy response, which escapes each `"` and `\\` again. What the run cap counts: a
+    Lambda function answers at most 6 MiB of that response, in which a `"` inside a string
+    takes 4 bytes (2 in the stored JSON) and an emoji 14."""
+    extra = text.count('"') + text.count("\\")  # each escaped again in the proxy JSON
+    extra += 6 * text.count("\x7f")  # DEL too is served escaped (Python's ensure_ascii)
+    if text.isascii():
+        return stored_size(text) + extra
+    ascii_chars = len(text.encode("ascii", "ignore"))
+    astral = len(text.encode("utf-16-le")) // 2 - len(text)  # beyond the BMP: 2 escapes
+    bmp = len(text) - ascii_chars - astral
+    numbers = stored_size(text) - len(text.encode("utf-8"))  # what stored_size adds
+    # `\uXXXX` once served, `\\uXXXX` in the proxy JSON: 7 bytes an escape.
+    return ascii_chars + numbers + extra + 7 * bmp + 14 * astral
+
+
 def fits_double(number: int) -> bool:
     """Whether an integer is within an IEEE double's range, as JSON numbers are (RFC 8259;
     RFC 8785 hashes them as doubles): one beyond it cannot be hashed for the audit trail."""

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 from chalicelib.audit import chain
 from chalicelib.audit import rows as audit_rows
 from chalicelib.config import get_settings
-from chalicelib.core.encoding import dumps, stored_size
+from chalicelib.core.encoding import dumps, served_size
 from chalicelib.db import autocommit_connection, session_scope
 from chalicelib.db.models import AuditEntry
 
@@ -376,8 +376,10 @@ def complete_stage(
     stored = output_json if output_json is not None else _json(output)
     stored_input = _json(stage_input)
     # The input is stored (and answered by GET /workflows/{id}) as the output is: one
-    # workflow input referenced by many stages must not grow the run past its cap.
-    size = sum(stored_size(value) for value in (stored, stored_input) if value)
+    # workflow input referenced by many stages must not grow the run past its cap. Both
+    # are counted as the deployed API answers them (served_size): the cap is what keeps
+    # the run's detail within what a Lambda function can return.
+    size = sum(served_size(value) for value in (stored, stored_input) if value)
     with session_scope() as session:
         run = end_if_overdue(session, lock_run(session, stage.run_id))
         if not run.live:
@@ -385,9 +387,9 @@ def complete_stage(
             return Completed(outcome="discarded" if discarded else "lost")
         if run.output_bytes + size > get_settings().run_max_output_bytes:
             raise RunOutputTooLarge(
-                f"the run's stored stage inputs and outputs would exceed "
+                f"the run's stored input and stage inputs and outputs would exceed "
                 f"MAOF_RUN_MAX_OUTPUT_BYTES "
-                f"({get_settings().run_max_output_bytes} bytes)"
+                f"({get_settings().run_max_output_bytes} bytes, as served)"
             )
         updated = session.execute(
             _COMPLETE,
@@ -598,7 +600,10 @@ def fail_stage(
     run has ended meanwhile (cancelled, failed, past its deadline), the stage ends with it
     instead, as for a late success answer: an error its agent (`agent_id`) answered is
     discarded ("discarded"), any other reason skips it ("skipped"). "lost" if the stage
-    was no longer ours."""
+    was no longer ours. Its resolved input is stored, and counted, while the run stays
+    within MAOF_RUN_MAX_OUTPUT_BYTES; past it (the input is what would not fit) none is."""
+    stored_input = _json(stage_input)
+    input_bytes = served_size(stored_input) if stored_input else 0
     with session_scope() as session:
         run = end_if_overdue(session, lock_run(session, stage.run_id))
         if not run.live:
@@ -606,23 +611,18 @@ def fail_stage(
                 discarded = _discard(session, stage, run, agent_id, error=reason)
                 return "discarded" if discarded else "lost"
             return str(_skip_ended(session, stage, run).value)
+        if run.output_bytes + input_bytes > get_settings().run_max_output_bytes:
+            stored_input, input_bytes = None, 0
         updated = session.execute(
-            text(
-                f"""
-                UPDATE stage_executions
-                   SET status = 'failed', error_message = :reason, agent_id = :agent_id,
-                       input = CAST(:input AS jsonb), completed_at = now(),
-                       lease_expires_at = NULL
-                 WHERE {_ENDS_OUR_CLAIM}
-             RETURNING id
-                """
-            ),
+            _FAIL,
             {
                 "id": stage.id,
+                "run_id": stage.run_id,
                 "token": stage.claim_token,
                 "reason": reason,
                 "agent_id": agent_id,
-                "input": _json(stage_input),
+                "input": stored_input,
+                "bytes": input_bytes,
             },
         ).first()
         if updated is None:
@@ -631,6 +631,24 @@ def fail_stage(
             session, run, stage.stage_id, stage.stage_name, reason, agent_id, stage.attempt
         )
     return "failed"
+
+
+# The stage's failure, conditional on our claim; its input counted in the run's total.
+_FAIL = text(
+    f"""
+    WITH failed AS (
+        UPDATE stage_executions
+           SET status = 'failed', error_message = :reason, agent_id = :agent_id,
+               input = CAST(:input AS jsonb), completed_at = now(), lease_expires_at = NULL
+         WHERE {_ENDS_OUR_CLAIM}
+     RETURNING id
+    ), counted AS (
+        UPDATE workflow_runs SET output_bytes = output_bytes + :bytes
+         WHERE id = :run_id AND EXISTS (SELECT 1 FROM failed)
+    )
+    SELECT id FROM failed
+    """
+)
 
 
 def record_failure(

@@ -19,7 +19,7 @@ from chalicelib.audit import rows as audit_rows
 from chalicelib.config import get_settings
 from chalicelib.core import errors, responses
 from chalicelib.core.api import PageQuery, Principal, Reply, page_meta, parse_run_ref, run_ref
-from chalicelib.core.encoding import dumps
+from chalicelib.core.encoding import dumps, served_size
 from chalicelib.db import autocommit_connection, session_scope
 from chalicelib.db.models import SUBMISSION_KEY_DAYS, AuditEntry, StageExecution, WorkflowRun
 from chalicelib.engine.queue import send_stage_messages
@@ -98,6 +98,21 @@ def _key_is_live(principal: Principal, key: str) -> bool:
         )
 
 
+def _counted_input(stored_input: str) -> int:
+    """The workflow input's share of MAOF_RUN_MAX_OUTPUT_BYTES: the run's detail answers
+    it with the stages' inputs and outputs, so it counts as they do (as served). 400 when
+    it alone passes the cap: no stage of the run could complete."""
+    size = served_size(stored_input)
+    cap = get_settings().run_max_output_bytes
+    if size > cap:
+        message = (
+            f"The workflow input is {size} bytes as served, over MAOF_RUN_MAX_OUTPUT_BYTES "
+            f"({cap} bytes): the run's input and stored stage inputs and outputs"
+        )
+        raise errors.ValidationError(message, [{"field": "input", "message": message}])
+    return size
+
+
 def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -> Reply:
     """Store the run, its stages and the first audit entry in one statement (one round
     trip, one transaction), then queue the stages with no dependencies. If sending fails,
@@ -138,6 +153,8 @@ def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -
         check_dag(body.workflow)
         check_timeouts(body.workflow)
         check_input_sizes(body.workflow, body.input)
+        stored_input = dumps(body.input)
+        input_bytes = _counted_input(stored_input)
         run_id = uuid.uuid4()
         stages = body.workflow.stages
         # A first stage whose every agent is full waits for a slot from the start (as it
@@ -207,7 +224,8 @@ def submit(principal: Principal, body: ExecuteRequest, key: str | None = None) -
                 "body_hash": body_hash,
                 "workflow_name": body.workflow.name,
                 "definition": dumps(body.workflow.model_dump(by_alias=True, mode="json")),
-                "input": dumps(body.input),
+                "input": stored_input,
+                "input_bytes": input_bytes,
                 "timeout_ms": body.workflow.timeout_ms,
                 "callback_url": callback.url if callback else None,
                 "callback_secret": encrypt_token(callback.secret) if callback else None,
@@ -360,10 +378,11 @@ _SUBMIT = text(
          WHERE submission_keys.created_at < {_KEY_CUTOFF}
      RETURNING run_id
     ), run AS (
-        INSERT INTO workflow_runs (id, user_id, workflow_name, definition, input, status,
-                                   deadline_at, callback_url, callback_secret_encrypted)
+        INSERT INTO workflow_runs (id, user_id, workflow_name, definition, input,
+                                   output_bytes, status, deadline_at, callback_url,
+                                   callback_secret_encrypted)
         SELECT :run_id, :user_id, :workflow_name, CAST(:definition AS jsonb),
-               CAST(:input AS jsonb), 'queued',
+               CAST(:input AS jsonb), :input_bytes, 'queued',
                now() + make_interval(secs => CAST(:timeout_ms AS bigint) / 1000.0),
                :callback_url, :callback_secret
          WHERE (SELECT ok FROM allowed)

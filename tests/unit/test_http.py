@@ -12,7 +12,7 @@ import pytest
 
 from chalicelib.core import errors
 from chalicelib.core.api import ApiModel, PageQuery
-from chalicelib.core.encoding import dumps, stored_size
+from chalicelib.core.encoding import dumps, served_size, stored_size
 from chalicelib.http import error_body, validate
 
 
@@ -185,3 +185,24 @@ def test_stored_size_counts_a_number_with_an_exponent_written_out_as_jsonb_store
 )
 def test_stored_size_reads_no_number_inside_a_string(text: str, as_stored: str) -> None:
     assert stored_size(text) == len(as_stored.encode("utf-8"))
+
+
+@pytest.mark.parametrize(
+    "value",
+    ['"' * 10, "a\\b", {"é": "中\U0001f600"}, "x\n\x01\x7f", {"k": ['"', 1.5, None]}, []],
+)
+@pytest.mark.parametrize("ensure_ascii", [True, False])
+def test_served_size_is_the_size_of_the_value_inside_the_lambda_response(
+    value: Any, ensure_ascii: bool
+) -> None:
+    """The API serves ASCII JSON and Lambda embeds the body as a JSON string: a `"` of a
+    stored string is 4 bytes there, an emoji 14. Stored text, escaped or not, measures
+    the same."""
+    served = dumps(value)
+    in_the_response = len(json.dumps(served)) - 2  # without the string's own quotes
+    text = json.dumps(value, ensure_ascii=ensure_ascii, separators=(",", ":"))
+    assert served_size(text) == in_the_response
+
+
+def test_served_size_counts_numbers_as_stored() -> None:
+    assert served_size("[1e308]") == len("[]") + 309

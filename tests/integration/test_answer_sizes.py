@@ -1,0 +1,149 @@
+"""Answers the deployed API can return: a Lambda function's synchronous response is at most
+6 MiB of proxy JSON, in which the body is a JSON string (each `"` and `\\` in it escaped
+again); API Gateway answers 502 beyond. Locally nothing limits an answer, so these measure
+each answer as the deployed function would return it, with the deployed caps."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import requests
+
+from chalicelib.config import reset_settings
+from chalicelib.core import api as run_ids
+from chalicelib.engine import handlers
+from tests.integration.conftest import Api, register_agent, unique_capability
+from tests.integration.test_delivery import record, stage_row
+from tests.support.agents import ScriptedAgent, ok
+
+LAMBDA_RESPONSE_LIMIT = 6 * 1024 * 1024  # 6,291,456 bytes of proxy response JSON
+
+
+def deployed_default(parameter: str) -> int:
+    with open("infra/template.json") as template:
+        return int(json.load(template)["Parameters"][parameter]["Default"])
+
+
+def proxy_size(response: requests.Response) -> int:
+    """The size of the Lambda proxy response the deployed API function would return for
+    this answer (the runtime serialises the handler's dict with json.dumps)."""
+    proxy = {
+        "statusCode": response.status_code,
+        "headers": {k: v for k, v in response.headers.items() if k.lower() != "content-length"},
+        "multiValueHeaders": {},
+        "body": response.text,
+        "isBase64Encoded": False,
+    }
+    return len(json.dumps(proxy).encode("utf-8"))
+
+
+@pytest.fixture
+def deployed_caps(monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("MAOF_RUN_MAX_OUTPUT_BYTES", str(deployed_default("RunMaxOutputBytes")))
+    reset_settings()
+    yield
+    monkeypatch.undo()
+    reset_settings()
+
+
+def quotes(stored: int) -> str:
+    """A string of `"` whose stored JSON is `stored` bytes: the worst an output of the
+    stage cap can do in the proxy JSON (each `\\"` escaped again)."""
+    return '"' * ((stored - 2) // 2)
+
+
+def big_get(client: Api, path: str) -> requests.Response:
+    headers = {"Authorization": f"Bearer {client.token}"}
+    return requests.get(client.base_url + path, headers=headers, timeout=120)
+
+
+def submit(client: Api, body: dict[str, Any]) -> requests.Response:
+    headers = {"Authorization": f"Bearer {client.token}"}
+    return requests.post(
+        client.base_url + "/workflows/execute", json=body, headers=headers, timeout=60
+    )
+
+
+def megabyte_stages(client: Api, agents: list[ScriptedAgent]) -> tuple[str, list[dict]]:
+    """Three independent stages each answering an output at the stage cap (1 MB stored)
+    made of `"`."""
+    agent = ScriptedAgent(default=ok(quotes(999_980))).start()
+    agents.append(agent)
+    capability = unique_capability("big")
+    register_agent(client, capability, endpoint=agent.url)
+    stages = [
+        {"id": sid, "name": sid, "agentCapability": capability, "input": 1}
+        for sid in ("a", "b", "c")
+    ]
+    return capability, stages
+
+
+def test_a_completed_runs_detail_within_the_deployed_caps_fits_a_lambda_response(
+    user: Api, sent, deployed_caps, agents
+):
+    """Outputs of `"` at the stage cap and a workflow input of them (each `\\"` 4 bytes in
+    the Lambda response): the run cap counts them as served, so the stage that would take
+    the detail past what a Lambda response holds fails, naming the cap."""
+    _, stages = megabyte_stages(user, agents)
+    answer = submit(user, {"workflow": {"name": "big", "stages": stages}, "input": '"' * 100_000})
+    assert answer.status_code == 202, answer.text[:500]
+    run_ref = answer.json()["data"]["workflowRunId"]
+    run_id = run_ids.parse_run_ref(run_ref)
+    handlers.run_stage_batch([record(run_id, "a")])
+    handlers.run_stage_batch([record(run_id, "b")])
+    # 400 KB of input and 2 MB an output as served: a second output passes the cap.
+    rows = [stage_row(run_id, sid) for sid in ("a", "b", "c")]
+    assert [row.status for row in rows] == ["completed", "failed", "skipped"]
+    assert "MAOF_RUN_MAX_OUTPUT_BYTES" in (rows[1].error_message or "")
+    detail = big_get(user, f"/workflows/{run_ref}")
+    assert detail.status_code == 200
+    assert proxy_size(detail) < LAMBDA_RESPONSE_LIMIT
+
+
+def test_a_fan_in_failing_on_the_run_cap_keeps_the_detail_within_a_lambda_response(
+    user: Api, sent, deployed_caps, agents
+):
+    """The workflow input counts against the run cap (a run is refused whose input alone
+    passes it), and a fan-in stage whose input is what would pass it fails without
+    storing that input: the failed run's detail fits."""
+    assert deployed_default("RunMaxOutputBytes") == 2_500_000  # the sizes below assume it
+    big = ScriptedAgent(default=ok(quotes(400_002))).start()  # 800,004 bytes as served
+    small = ScriptedAgent(default=ok(1)).start()
+    agents.extend([big, small])
+    big_cap, small_cap = unique_capability("big"), unique_capability("small")
+    register_agent(user, big_cap, endpoint=big.url)
+    register_agent(user, small_cap, endpoint=small.url)
+    stages: list[dict[str, Any]] = [
+        {"id": sid, "name": sid, "agentCapability": big_cap, "input": 1} for sid in ("a", "b", "c")
+    ]
+    fan_in = {"id": "d", "name": "d", "agentCapability": small_cap, "input": "${workflow.input}"}
+    stages.append(fan_in | {"dependencies": ["a", "b", "c"]})
+    workflow = {"name": "big", "stages": stages}
+    # 960 KB of body (emoji sent as UTF-8), 3.36 MB as served: past the cap on its own.
+    headers = {"Authorization": f"Bearer {user.token}", "Content-Type": "application/json"}
+    body = json.dumps({"workflow": workflow, "input": "\U0001f600" * 240_000}, ensure_ascii=False)
+    refused = requests.post(
+        user.base_url + "/workflows/execute", data=body.encode(), headers=headers, timeout=60
+    )
+    assert refused.status_code == 400, refused.text[:500]
+    assert "MAOF_RUN_MAX_OUTPUT_BYTES" in refused.json()["error"]["message"]
+    # 80,004 bytes as served: with a, b and c's inputs and outputs, 2,480,019 of the
+    # 2,500,000; d's input (the workflow input again) is what passes the cap.
+    answer = submit(user, {"workflow": workflow, "input": '"' * 20_000})
+    assert answer.status_code == 202, answer.text[:500]
+    run_ref = answer.json()["data"]["workflowRunId"]
+    run_id = run_ids.parse_run_ref(run_ref)
+    handlers.run_stage_batch([record(run_id, sid) for sid in ("a", "b", "c")])
+    for sid in ("a", "b", "c"):
+        assert stage_row(run_id, sid).status == "completed"
+    handlers.run_stage_batch([record(run_id, "d")])
+    row = stage_row(run_id, "d")
+    assert row.status == "failed"
+    assert "MAOF_RUN_MAX_OUTPUT_BYTES" in (row.error_message or "")
+    assert row.input is None, "the input that would pass the cap is not stored"
+    detail = big_get(user, f"/workflows/{run_ref}")
+    assert detail.status_code == 200
+    assert detail.json()["data"]["status"] == "failed"
+    assert proxy_size(detail) < LAMBDA_RESPONSE_LIMIT
