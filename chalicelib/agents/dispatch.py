@@ -443,10 +443,30 @@ def interpret(status: int, raw: bytes, retry_after: str | None = None) -> AgentO
     return checked_output(document["output"])
 
 
+CUT_MARK = "..."
+
+
 def _printable(text: str, limit: int) -> str:
-    """An agent's words for our error message and the database: cut, and storable."""
-    return (
-        "".join(ch if ch.isprintable() and ch != "\x00" else "?" for ch in text[:limit])
+    """An agent's words for our error message and the database: storable, and at most
+    `limit` characters and `limit` bytes as the API serves them (ASCII JSON: an emoji takes
+    12), cut on a character's boundary and ending in CUT_MARK when cut. Each retry's audit
+    entry, the stage's and the run's error message repeat them: counted in characters
+    alone, 1,000 emoji made 12 KB of every such answer."""
+    clean = (
+        "".join(ch if ch.isprintable() and ch != "\x00" else "?" for ch in text[: limit + 1])
         .encode("utf-8", "replace")
         .decode("utf-8")
     )
+    if len(clean) <= limit and _served_bytes(clean) <= limit:
+        return clean
+    budget, kept = limit - len(CUT_MARK), 0
+    for count, ch in enumerate(clean):
+        budget -= _served_bytes(ch)
+        if budget < 0 or count == limit - len(CUT_MARK):
+            break
+        kept = count + 1
+    return clean[:kept] + CUT_MARK
+
+
+def _served_bytes(text: str) -> int:
+    return len(json.dumps(text)) - 2  # without the string's quotes

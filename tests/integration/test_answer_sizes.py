@@ -16,7 +16,7 @@ from chalicelib.core import api as run_ids
 from chalicelib.engine import handlers
 from tests.integration.conftest import Api, register_agent, unique_capability
 from tests.integration.test_delivery import record, stage_row
-from tests.support.agents import ScriptedAgent, ok
+from tests.support.agents import ScriptedAgent, ok, raw
 
 LAMBDA_RESPONSE_LIMIT = 6 * 1024 * 1024  # 6,291,456 bytes of proxy response JSON
 
@@ -147,3 +147,34 @@ def test_a_fan_in_failing_on_the_run_cap_keeps_the_detail_within_a_lambda_respon
     assert detail.status_code == 200
     assert detail.json()["data"]["status"] == "failed"
     assert proxy_size(detail) < LAMBDA_RESPONSE_LIMIT
+
+
+def test_a_runs_audit_trail_of_agent_retries_fits_a_lambda_response(user: Api, sent, agents):
+    """Each retry's audit entry keeps the agent's error text: 100 stages of 10 retries each
+    of 1,000 emoji (12 bytes each once served) made a 13 MB trail. Kept to 1,000 bytes as
+    served, the trail fits."""
+    answer_body = {"status": "error", "code": "C" * 100, "message": "\U0001f600" * 1000}
+    failing = ScriptedAgent(default=raw(json.dumps(answer_body | {"retryable": True}).encode()))
+    agents.append(failing.start())
+    capability = unique_capability("retrying")
+    register_agent(user, capability, endpoint=failing.url, maxConcurrentTasks=100)
+    ids = [f"s{i}" for i in range(100)]
+    config = {"retries": 10, "backoffMs": 0, "maxBackoffMs": 0}
+    stages = [
+        {"id": s, "name": s, "agentCapability": capability, "input": 1, "config": config}
+        for s in ids
+    ]
+    answer = submit(user, {"workflow": {"name": "retries", "stages": stages}})
+    assert answer.status_code == 202, answer.text[:500]
+    run_ref = answer.json()["data"]["workflowRunId"]
+    run_id = run_ids.parse_run_ref(run_ref)
+    for _ in range(20):  # 11 attempts of each stage, as many rounds as the run needs
+        for start in range(0, len(ids), 10):
+            handlers.run_stage_batch([record(run_id, s) for s in ids[start : start + 10]])
+        if big_get(user, f"/workflows/{run_ref}").json()["data"]["status"] == "failed":
+            break
+    trail = big_get(user, f"/workflows/{run_ref}/audit")
+    assert trail.status_code == 200, trail.text[:300]
+    logs = trail.json()["data"]["logs"]
+    assert sum(entry["action"] == "retry" for entry in logs) >= 900
+    assert proxy_size(trail) < LAMBDA_RESPONSE_LIMIT

@@ -335,6 +335,38 @@ def test_a_retry_after_date_in_the_future_is_the_time_until_it():
     assert 28_000 <= dispatch.retry_after_ms(when) <= 30_000
 
 
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        ("C" * 100, "\U0001f600" * 1000),  # 12 bytes each once served (ASCII JSON)
+        ("\U0001f600" * 100, '"' * 1000),  # a quote served escaped: 2 bytes
+        ("C" * 500, "x" * 5000),
+    ],
+    ids=["emoji-message", "emoji-code", "long"],
+)
+def test_an_agents_error_text_is_cut_to_what_it_takes_once_served(code, message):
+    """An agent's code and message are kept to 100 and 1,000 bytes as the API serves them:
+    each retry's audit entry and the stage's error message repeat them."""
+    body = json.dumps({"status": "error", "code": code, "message": message, "retryable": True})
+    with pytest.raises(AgentCallFailed) as refused:
+        interpret(200, body.encode())
+    kept_code, _, kept_message = str(refused.value).partition(": ")
+    assert refused.value.code == kept_code
+    assert len(json.dumps(kept_code)) - 2 <= 100
+    assert len(json.dumps(kept_message)) - 2 <= 1000
+    assert kept_message != message
+    for kept, sent in ((kept_code, code), (kept_message, message)):
+        cut = dispatch.CUT_MARK
+        assert kept == sent or (kept.endswith(cut) and sent.startswith(kept[: -len(cut)]))
+
+
+def test_an_agents_error_text_within_its_limits_is_kept_whole():
+    body = json.dumps({"status": "error", "code": "C" * 100, "message": "é" * 166})
+    with pytest.raises(AgentCallFailed) as refused:
+        interpret(200, body.encode())
+    assert str(refused.value) == "C" * 100 + ": " + "é" * 166  # 996 bytes served
+
+
 def test_a_retryable_status_carries_its_retry_after_and_a_final_one_none():
     with pytest.raises(AgentCallFailed) as limited:
         interpret(429, b"", "7")
