@@ -372,8 +372,9 @@ class Settings(_Bootstrap):
     registrations_per_ip_per_hour: int = Field(30, ge=1, le=1_000_000)
     submissions_per_minute: int = Field(300, ge=1, le=1_000_000)
     max_active_runs: int = Field(500, ge=1, le=1_000_000)
-    # Retries of one run: each adds to its one audit chain (and its export), which must
-    # stay answerable; past it, the workflow is submitted anew.
+    # Retries of one run: each adds to its one audit chain (and its export), which must not
+    # grow without end; past it, the workflow is submitted anew. It does not keep the trail
+    # within one deployed answer (docs/api.md, "Size of the audit answers").
     run_max_retries: int = Field(20, ge=0, le=1000)
     # Live agents per account: each is probed every health interval, from MAOF's addresses.
     max_agents_per_user: int = Field(100, ge=1, le=100_000)

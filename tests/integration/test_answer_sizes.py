@@ -100,6 +100,9 @@ def test_a_completed_runs_detail_within_the_deployed_caps_fits_a_lambda_response
     detail = big_get(user, f"/workflows/{run_ref}")
     assert detail.status_code == 200
     assert proxy_size(detail) < LAMBDA_RESPONSE_LIMIT
+    export = big_get(user, f"/workflows/{run_ref}/audit/export")
+    assert export.status_code == 200
+    assert proxy_size(export) < LAMBDA_RESPONSE_LIMIT
 
 
 def test_a_fan_in_failing_on_the_run_cap_keeps_the_detail_within_a_lambda_response(
@@ -178,3 +181,32 @@ def test_a_runs_audit_trail_of_agent_retries_fits_a_lambda_response(user: Api, s
     logs = trail.json()["data"]["logs"]
     assert sum(entry["action"] == "retry" for entry in logs) >= 900
     assert proxy_size(trail) < LAMBDA_RESPONSE_LIMIT
+
+
+def test_the_export_of_a_completed_run_at_the_deployed_cap_fits_a_lambda_response(
+    user: Api, sent, deployed_caps, agents
+):
+    """The export carries every stage's output and the run's output, the final stages'
+    outputs again: twice the run cap as served. The deployed cap leaves that room."""
+    cap = deployed_default("RunMaxOutputBytes")
+    # Each stage: an output of m quotes (2m + 2 bytes stored, 4m + 4 as served, the worst
+    # a byte can do) and its input `1`; the workflow input is `null` (4). Just within the cap.
+    m = (cap - 4 - 3 * 5) // 12
+    agent = ScriptedAgent(default=ok('"' * m)).start()
+    agents.append(agent)
+    capability = unique_capability("sinks")
+    register_agent(user, capability, endpoint=agent.url)
+    stages = [
+        {"id": sid, "name": sid, "agentCapability": capability, "input": 1}
+        for sid in ("a", "b", "c")
+    ]
+    answer = submit(user, {"workflow": {"name": "sinks", "stages": stages}})
+    assert answer.status_code == 202, answer.text[:500]
+    run_ref = answer.json()["data"]["workflowRunId"]
+    run_id = run_ids.parse_run_ref(run_ref)
+    handlers.run_stage_batch([record(run_id, sid) for sid in ("a", "b", "c")])
+    assert big_get(user, f"/workflows/{run_ref}").json()["data"]["status"] == "completed"
+    export = big_get(user, f"/workflows/{run_ref}/audit/export")
+    assert export.status_code == 200, export.text[:300]
+    assert len(export.json()["data"]["outputs"]) == 4  # a, b, c and the run's
+    assert proxy_size(export) < LAMBDA_RESPONSE_LIMIT
