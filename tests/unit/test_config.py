@@ -366,6 +366,36 @@ def test_a_number_out_of_range_is_refused_naming_both_bounds(
     assert "between 1 and 10" in refusal("MAOF_POLLER_BATCH_SIZE")
 
 
+def test_the_largest_body_allowed_fits_the_lambda_event_that_carries_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Deployed, a request reaches the API function as a Lambda proxy event of at most
+    6 MiB in which the body is a JSON string: a body of `\\"` at the old ceiling (6 MB) was
+    12 MB of event, refused by API Gateway before MAOF could answer its own 413."""
+    monkeypatch.setenv("MAOF_MAX_BODY_BYTES", "3000001")
+    assert "between 1024 and 3000000" in refusal("MAOF_MAX_BODY_BYTES")
+    monkeypatch.setenv("MAOF_MAX_BODY_BYTES", "3000000")
+    ceiling = load_settings().max_body_bytes
+    request = {"workflow": {"name": "n", "stages": []}, "input": ""}
+    request["input"] = '"' * ((ceiling - len(json.dumps(request))) // 2)  # each `\\"`
+    body = json.dumps(request)
+    assert ceiling - 2 <= len(body) <= ceiling
+    event = {
+        "resource": "/workflows/execute",
+        "path": "/workflows/execute",
+        "httpMethod": "POST",
+        # API Gateway's headers: at most 10 KB, in both forms.
+        "headers": {"Authorization": "x" * 10_240},
+        "multiValueHeaders": {"Authorization": ["x" * 10_240]},
+        "queryStringParameters": None,
+        "pathParameters": None,
+        "requestContext": {"requestId": "x" * 36, "identity": {"sourceIp": "203.0.113.1"}},
+        "body": body,
+        "isBase64Encoded": False,
+    }
+    assert len(json.dumps(event)) < 6 * 1024 * 1024
+
+
 def test_lists_are_comma_separated_and_blanks_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
     ops, root = uuid.uuid4(), uuid.uuid4()
     monkeypatch.setenv("MAOF_ADMIN_USER_UUIDS", f" ,{ops},, {root} ,")
