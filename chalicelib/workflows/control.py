@@ -12,6 +12,7 @@ from chalicelib.audit import chain
 from chalicelib.config import get_settings
 from chalicelib.core import errors, responses
 from chalicelib.core.api import Principal, Reply, parse_run_ref, run_ref
+from chalicelib.core.encoding import dumps, served_size
 from chalicelib.db import session_scope
 from chalicelib.engine import stages
 from chalicelib.engine.queue import send_stage_messages
@@ -82,6 +83,10 @@ def retry(principal: Principal, ref: str) -> Reply:
         if runs.active_runs(session, principal.user_uuid) >= max_active:
             raise runs.over_quota(max_active)
         in_flight = session.execute(_IN_FLIGHT, {"run_id": run.id}).all()
+        # The reset clears the inputs failed stages stored: they no longer count against
+        # MAOF_RUN_MAX_OUTPUT_BYTES, or each retry would shrink what the run may store.
+        cleared = session.scalars(_STORED_INPUTS, {"run_id": run.id}).all()
+        freed = sum(served_size(dumps(value)) for value in cleared)
         reset = session.execute(_RESET, {"run_id": run.id}).all()
         ready = [row.stage_id for row in reset if row.status == "queued"]
         for stage in in_flight:
@@ -115,6 +120,7 @@ def retry(principal: Principal, ref: str) -> Reply:
             text(
                 "UPDATE workflow_runs SET status = 'in_progress', error_message = NULL, "
                 "output = NULL, completed_at = NULL, updated_at = now(), "
+                "output_bytes = GREATEST(output_bytes - :freed, 0), "
                 # A delivery still in flight for the earlier end records nothing: its
                 # outcome is matched by its delivery id.
                 "callback_state = NULL, callback_next_at = NULL, callback_delivery = NULL, "
@@ -123,7 +129,7 @@ def retry(principal: Principal, ref: str) -> Reply:
                 "  CAST(definition ->> 'timeoutMs' AS bigint) / 1000.0) "
                 "WHERE id = :run_id"
             ),
-            {"run_id": run.id},
+            {"run_id": run.id, "freed": freed},
         )
     _queue(run.id, ready)
     return Reply(
@@ -157,6 +163,13 @@ _IN_FLIGHT = text(
      ORDER BY position
        FOR UPDATE
     """
+)
+
+# The inputs stored by failed stages (fail_stage counted each it stored), which the reset
+# clears.
+_STORED_INPUTS = text(
+    "SELECT input FROM stage_executions "
+    "WHERE run_id = :run_id AND status = 'failed' AND input IS NOT NULL"
 )
 
 # Every stage that did not complete starts afresh: queued when its dependencies are all

@@ -6,17 +6,21 @@ each answer as the deployed function would return it, with the deployed caps."""
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import pytest
 import requests
+from sqlalchemy import text
 
 from chalicelib.config import reset_settings
 from chalicelib.core import api as run_ids
+from chalicelib.core.encoding import dumps, served_size
+from chalicelib.db import session_scope
 from chalicelib.engine import handlers
 from tests.integration.conftest import Api, register_agent, unique_capability
 from tests.integration.test_delivery import record, stage_row
-from tests.support.agents import ScriptedAgent, ok, raw
+from tests.support.agents import ScriptedAgent, error, ok, raw
 
 LAMBDA_RESPONSE_LIMIT = 6 * 1024 * 1024  # 6,291,456 bytes of proxy response JSON
 
@@ -210,3 +214,36 @@ def test_the_export_of_a_completed_run_at_the_deployed_cap_fits_a_lambda_respons
     assert export.status_code == 200, export.text[:300]
     assert len(export.json()["data"]["outputs"]) == 4  # a, b, c and the run's
     assert proxy_size(export) < LAMBDA_RESPONSE_LIMIT
+
+
+def counted_bytes(run_id: uuid.UUID) -> int:
+    with session_scope() as session:
+        query = text("SELECT output_bytes FROM workflow_runs WHERE id = :id")
+        return int(session.execute(query, {"id": run_id}).scalar_one())
+
+
+def test_a_failed_stages_input_counts_against_the_run_cap_until_a_retry_clears_it(
+    user: Api, sent, agents
+):
+    """fail_stage stores the stage's input, and counts it: the run's detail answers it. A
+    retry clears it, and gives its share of MAOF_RUN_MAX_OUTPUT_BYTES back, or each
+    retry of the run would shrink what the run may store."""
+    broken = ScriptedAgent(default=error("BROKEN", retryable=False)).start()
+    agents.append(broken)
+    capability = unique_capability("broken")
+    register_agent(user, capability, endpoint=broken.url)
+    stage = {"id": "a", "name": "a", "agentCapability": capability, "input": '"' * 1000}
+    answer = submit(user, {"workflow": {"name": "failing", "stages": [stage]}})
+    assert answer.status_code == 202, answer.text[:500]
+    run_ref = answer.json()["data"]["workflowRunId"]
+    run_id = run_ids.parse_run_ref(run_ref)
+    submitted = counted_bytes(run_id)
+    assert submitted == served_size("null")  # the workflow input
+    for _ in range(2):
+        handlers.run_stage_batch([record(run_id, "a")])
+        row = stage_row(run_id, "a")
+        assert row.status == "failed" and row.input == '"' * 1000
+        assert counted_bytes(run_id) == submitted + served_size(dumps('"' * 1000))
+        retried = user.post(f"/workflows/{run_ref}/retry")
+        assert retried.status_code == 202, retried.text
+        assert counted_bytes(run_id) == submitted
