@@ -42,7 +42,7 @@ _NUMBER_OR_STRING = re.compile(
 def stored_size(text: str) -> int:
     """Bytes of the JSON `text` (UTF-8) once stored: JSONB holds a number as Postgres's
     numeric, written out without an exponent, so `1e308` (5 bytes) is stored, and served,
-    as 309 digits and `5e-324` is stored as 326 characters. The size every cap measures,
+    as 309 digits (a negative exponent comes back a float, served as written). The size every cap measures,
     so that what is stored, served and passed on is held to it. One regex pass over
     `text`, none when it holds no e."""
     size = len(text.encode("utf-8"))
@@ -51,8 +51,11 @@ def stored_size(text: str) -> int:
     exponents = Counter(_NUMBER_OR_STRING.findall(text))
     exponents.pop("", None)  # strings, and numbers written without an exponent
     growth = sum(
-        times * (len(format(Decimal(token), "f")) - len(token))
+        times * max(len(format(Decimal(token), "f")) - len(token), 0)
         for token, times in exponents.items()
+        # A negative exponent is read back as a float and written short again: 1e-300 is
+        # served as 1e-300, whatever Postgres's text of it.
+        if "-" not in token.lstrip("-")
     )
     return size + growth
 

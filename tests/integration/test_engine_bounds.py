@@ -540,6 +540,34 @@ def test_an_output_of_numbers_over_the_output_cap_only_as_stored_is_invalid_outp
         agent.stop()
 
 
+def test_small_floats_under_the_caps_as_served_are_accepted(
+    user: Api, sent, small_caps, monkeypatch
+):
+    """A negative exponent comes back from JSONB a float and is served as written; counted
+    as Postgres's decimal text, 200 x 3.2e-12 (1,601 bytes) passed a 2,000-byte output
+    cap and 20 x 1e-300 a 2,000-byte input cap, and both were refused."""
+    monkeypatch.setenv("MAOF_STAGE_MAX_OUTPUT_BYTES", "2000")
+    monkeypatch.setenv("MAOF_STAGE_MAX_INPUT_BYTES", "2000")
+    reset_settings()
+    output = [3.2e-12] * 200
+    agent = ScriptedAgent(default=ok(output)).start()
+    try:
+        capability = unique_capability("small")
+        register_agent(user, capability, endpoint=agent.url)
+        stage = {"id": "a", "name": "A", "agentCapability": capability}
+        body = {"workflow": {"name": "tiny", "stages": [stage]}, "input": [1e-300] * 20}
+        response = user.post("/workflows/execute", body)
+        assert response.status_code == 202, response.text
+        run_id = submit_direct(user, chain(capability, "a"))
+        handlers.run_stage_batch([record(run_id, "a")])
+        row = stage_row(run_id, "a")
+        assert row.status == "completed", row.error_message
+        detail = user.get(f"/workflows/{run_ids.run_ref(run_id)}").json()["data"]
+        assert detail["stages"][0]["output"] == output
+    finally:
+        agent.stop()
+
+
 @pytest.mark.parametrize(
     ("output", "stage_input"),
     [

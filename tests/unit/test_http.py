@@ -161,8 +161,12 @@ def test_dumps_refuses_what_it_cannot_write() -> None:
     [
         ("[1e+308]", "[1" + "0" * 308 + "]"),
         ("[-1.7976931348623157e+308]", "[-17976931348623157" + "0" * 292 + "]"),
-        ("[5e-324]", "[0." + "0" * 323 + "5]"),
-        ('{"n":1e-07,"m":1.5E+3}', '{"n":0.0000001,"m":1500}'),
+        # A negative exponent comes back a float, served as written: 3.2e-12 is not the
+        # 15 bytes of 0.0000000000032 (ordinary small floats were refused under their cap).
+        ("[5e-324,3.2e-12]", "[5e-324,3.2e-12]"),
+        ('{"n":1e-07,"m":1.5E+3,"k":1e+3}', '{"n":1e-07,"m":1.5E+3,"k":1000}'),
+        # A mantissa longer than the number: never counted smaller than written.
+        ("[1.2345678901234567e+16]", "[1.2345678901234567e+16]"),
         ("[12345678901234567890,1.5,-0.0,0]", "[12345678901234567890,1.5,-0.0,0]"),
     ],
 )
