@@ -215,7 +215,7 @@ def _run_claimed(
         observability.traced("run_stage", runId=claimed.run_id, stageId=claimed.stage_id),
     ):
         try:
-            outcome = _execute(claimed, invocation, held)
+            outcome = _execute(claimed, invocation, held, redelivered_in)
         except Exception as exc:
             if is_unavailable(exc):
                 _release_quietly(claimed, redelivered_in)
@@ -295,7 +295,12 @@ def _wall_clock(deadline: float) -> float:
     return time.time() + (deadline - time.monotonic())
 
 
-def _execute(claimed: stages.ClaimedStage, invocation: Invocation, held: HandedSlot) -> str:
+def _execute(
+    claimed: stages.ClaimedStage,
+    invocation: Invocation,
+    held: HandedSlot,
+    redelivered_in: float = 0,
+) -> str:
     invocation_deadline = invocation.deadline
     context = stages.load_context(claimed)
     try:
@@ -337,7 +342,7 @@ def _execute(claimed: stages.ClaimedStage, invocation: Invocation, held: HandedS
             )
         return _failed(claimed, reason, stage_input=stage_input)
     except AgentsBusy as exc:
-        return _wait_for_capacity(claimed, str(exc), invocation)
+        return _wait_for_capacity(claimed, str(exc), invocation, redelivered_in)
     except ClaimLost:
         return "lost"
     except RunEnded:
@@ -748,10 +753,14 @@ def _after_error(claimed: stages.ClaimedStage, exc: Exception) -> str:
     return _failed(claimed, f"internal error: {cause} ({errors} error{'s' if errors != 1 else ''})")
 
 
-def _wait_for_capacity(claimed: stages.ClaimedStage, reason: str, invocation: Invocation) -> str:
+def _wait_for_capacity(
+    claimed: stages.ClaimedStage, reason: str, invocation: Invocation, redelivered_in: float = 0
+) -> str:
     """Every agent that could take the stage is full: it waits in Postgres, uses up no
     attempt, and is handed a slot by the next worker that frees one (at most
-    MAOF_STAGE_MAX_WAITS times; the sweeper wakes one whose hand-off was lost)."""
+    MAOF_STAGE_MAX_WAITS times; the sweeper wakes one whose hand-off was lost). Taken back
+    under a new claim, the stage is handed back by that one, due when its message is again
+    (`redelivered_in`)."""
     settings = get_settings()
     if claimed.waits + 1 > settings.stage_max_waits:
         return _failed(
@@ -785,7 +794,9 @@ def _wait_for_capacity(claimed: stages.ClaimedStage, reason: str, invocation: In
     if back is None:
         release(agent)  # someone handed it a slot already, or its run ended
         return "waiting"
-    return _run_claimed(back, invocation, handed=agent, count=False)  # we count it
+    return _run_claimed(  # we count it
+        back, invocation, handed=agent, count=False, redelivered_in=redelivered_in
+    )
 
 
 # How long one invocation runs handed-over stages itself. Beyond it, a freed slot's next

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from chalicelib.agents.selection import AgentsBusy
 from chalicelib.config import get_settings, reset_settings
 from chalicelib.core import api as run_ids
 from chalicelib.core.api import Principal
@@ -587,14 +588,41 @@ def test_a_database_error_counted_against_a_stage_stores_no_sql(user, sent, monk
     assert "UPDATE" not in (row.error_message or ""), row.error_message
 
 
+def _pool_exhausted(*_: Any, **__: Any) -> Any:
+    raise OperationalError("SELECT 1", {}, Exception("QueuePool limit reached"))
+
+
+def _fails_at_once(patched: pytest.MonkeyPatch) -> None:
+    patched.setattr(stages, "load_context", _pool_exhausted)
+
+
+def _fails_after_a_capacity_wait(patched: pytest.MonkeyPatch) -> None:
+    """Every agent full at first: the stage parks, finds room on its second look and is
+    taken back under a new claim, which the database then fails."""
+    looks: list[bool] = []
+
+    def busy_then_unavailable(*_: Any, **__: Any) -> Any:
+        looks.append(True)
+        if len(looks) == 1:
+            raise AgentsBusy("every agent with the capability is at capacity")
+        _pool_exhausted()
+
+    patched.setattr(handlers, "_select_and_assign", busy_then_unavailable)
+
+
+@pytest.mark.parametrize(
+    "fail", [_fails_at_once, _fails_after_a_capacity_wait], ids=["at once", "after a wait"]
+)
 def test_a_message_handed_back_is_not_resent_by_the_sweeper_before_it_comes_back(
-    user, sent, monkeypatch, nothing_else_stalled
+    user, sent, monkeypatch, nothing_else_stalled, fail
 ):
     """The database fails a worker after its claim: the stage is released (queued) and its
     message handed back, visible again after 2^(receives-1) s, up to 20 s. In flight, SQS
     leaves it out of the queue's depth, so from the 5th receive (16 s) the sweeper's 10 s
     passed first and it re-sent the stage, counted as a lost message: a database outage
-    failed runs with 'message lost'. The stage is due again only when its message is."""
+    failed runs with 'message lost'. The stage is due again only when its message is, also
+    when taken back under a new claim after a capacity wait (that one released it due at
+    once)."""
     from chalicelib.engine import sweeper
 
     capability = unique_capability("handback")
@@ -603,12 +631,28 @@ def test_a_message_handed_back_is_not_resent_by_the_sweeper_before_it_comes_back
     message = dict(record(run_id, "a"), attributes={"ApproximateReceiveCount": "6"})
     assert handlers.redelivery_delay(message) == handlers.MAX_REDELIVERY_DELAY_SECONDS
 
-    def pool_exhausted(_: Any) -> Any:
-        raise OperationalError("SELECT 1", {}, Exception("QueuePool limit reached"))
-
     with monkeypatch.context() as patched:
-        patched.setattr(stages, "load_context", pool_exhausted)
+        fail(patched)
         assert len(handlers.run_stage_batch([message])["batchItemFailures"]) == 1
+    with session_scope() as session:
+        due_in = session.execute(
+            text(
+                "SELECT extract(epoch FROM not_before - now()) FROM stage_executions "
+                "WHERE run_id = :r"
+            ),
+            {"r": run_id},
+        ).scalar_one()
+    assert due_in > handlers.MAX_REDELIVERY_DELAY_SECONDS - 5, due_in
+    with session_scope() as session:
+        print(
+            "DBG",
+            session.execute(
+                text(
+                    "SELECT status, not_before - now() AS due, waits FROM stage_executions WHERE run_id = :r"
+                ),
+                {"r": run_id},
+            ).all(),
+        )
     assert (stage_row(run_id, "a").status, stage_row(run_id, "a").requeues) == ("queued", 0)
     monkeypatch.setattr(sweeper, "send_stage_messages", sent)
     monkeypatch.setattr(sweeper, "queue_backlog", lambda: 0)  # the message is in flight
