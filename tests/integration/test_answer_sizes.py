@@ -18,8 +18,10 @@ from chalicelib.core import api as run_ids
 from chalicelib.core.encoding import dumps, served_size
 from chalicelib.db import session_scope
 from chalicelib.engine import handlers
+from chalicelib.workflows import runs
+from chalicelib.workflows.definition import ExecuteRequest
 from tests.integration.conftest import Api, register_agent, unique_capability
-from tests.integration.test_delivery import record, stage_row
+from tests.integration.test_delivery import principal_of, record, stage_row
 from tests.support.agents import ScriptedAgent, error, ok, raw
 
 LAMBDA_RESPONSE_LIMIT = 6 * 1024 * 1024  # 6,291,456 bytes of proxy response JSON
@@ -233,9 +235,10 @@ def test_a_failed_stages_input_counts_against_the_run_cap_until_a_retry_clears_i
     capability = unique_capability("broken")
     register_agent(user, capability, endpoint=broken.url)
     stage = {"id": "a", "name": "a", "agentCapability": capability, "input": '"' * 1000}
-    answer = submit(user, {"workflow": {"name": "failing", "stages": [stage]}})
-    assert answer.status_code == 202, answer.text[:500]
-    run_ref = answer.json()["data"]["workflowRunId"]
+    # Submitted in this process, whose sends `sent` keeps: a poller another test left
+    # running would otherwise take the stage first.
+    body = ExecuteRequest.model_validate({"workflow": {"name": "failing", "stages": [stage]}})
+    run_ref = runs.submit(principal_of(user), body).data.workflow_run_id
     run_id = run_ids.parse_run_ref(run_ref)
     submitted = counted_bytes(run_id)
     assert submitted == served_size("null")  # the workflow input
