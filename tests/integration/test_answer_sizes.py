@@ -18,7 +18,7 @@ from chalicelib.core import api as run_ids
 from chalicelib.core.encoding import dumps, served_size
 from chalicelib.db import session_scope
 from chalicelib.engine import handlers
-from chalicelib.workflows import runs
+from chalicelib.workflows import control, runs
 from chalicelib.workflows.definition import ExecuteRequest
 from tests.integration.conftest import Api, register_agent, unique_capability
 from tests.integration.test_delivery import principal_of, record, stage_row
@@ -72,18 +72,25 @@ def submit(client: Api, body: dict[str, Any]) -> requests.Response:
     )
 
 
-def megabyte_stages(client: Api, agents: list[ScriptedAgent]) -> tuple[str, list[dict]]:
-    """Three independent stages each answering an output at the stage cap (1 MB stored)
-    made of `"`."""
-    agent = ScriptedAgent(default=ok(quotes(999_980))).start()
+def stages_answering(
+    client: Api, agents: list[ScriptedAgent], output: str, name: str
+) -> tuple[str, list[dict]]:
+    """Three independent stages (input `1`) whose agent answers `output`."""
+    agent = ScriptedAgent(default=ok(output)).start()
     agents.append(agent)
-    capability = unique_capability("big")
+    capability = unique_capability(name)
     register_agent(client, capability, endpoint=agent.url)
     stages = [
         {"id": sid, "name": sid, "agentCapability": capability, "input": 1}
         for sid in ("a", "b", "c")
     ]
     return capability, stages
+
+
+def megabyte_stages(client: Api, agents: list[ScriptedAgent]) -> tuple[str, list[dict]]:
+    """Three independent stages each answering an output at the stage cap (1 MB stored)
+    made of `"`."""
+    return stages_answering(client, agents, quotes(999_980), "big")
 
 
 def test_a_completed_runs_detail_within_the_deployed_caps_fits_a_lambda_response(
@@ -198,14 +205,7 @@ def test_the_export_of_a_completed_run_at_the_deployed_cap_fits_a_lambda_respons
     # Each stage: an output of m quotes (2m + 2 bytes stored, 4m + 4 as served, the worst
     # a byte can do) and its input `1`; the workflow input is `null` (4). Just within the cap.
     m = (cap - 4 - 3 * 5) // 12
-    agent = ScriptedAgent(default=ok('"' * m)).start()
-    agents.append(agent)
-    capability = unique_capability("sinks")
-    register_agent(user, capability, endpoint=agent.url)
-    stages = [
-        {"id": sid, "name": sid, "agentCapability": capability, "input": 1}
-        for sid in ("a", "b", "c")
-    ]
+    _, stages = stages_answering(user, agents, '"' * m, "sinks")
     answer = submit(user, {"workflow": {"name": "sinks", "stages": stages}})
     assert answer.status_code == 202, answer.text[:500]
     run_ref = answer.json()["data"]["workflowRunId"]
@@ -225,7 +225,7 @@ def counted_bytes(run_id: uuid.UUID) -> int:
 
 
 def test_a_failed_stages_input_counts_against_the_run_cap_until_a_retry_clears_it(
-    user: Api, sent, agents
+    user: Api, sent, agents, monkeypatch
 ):
     """fail_stage stores the stage's input, and counts it: the run's detail answers it. A
     retry clears it, and gives its share of MAOF_RUN_MAX_OUTPUT_BYTES back, or each
@@ -235,8 +235,9 @@ def test_a_failed_stages_input_counts_against_the_run_cap_until_a_retry_clears_i
     capability = unique_capability("broken")
     register_agent(user, capability, endpoint=broken.url)
     stage = {"id": "a", "name": "a", "agentCapability": capability, "input": '"' * 1000}
-    # Submitted in this process, whose sends `sent` keeps: a poller another test left
-    # running would otherwise take the stage first.
+    # Every send kept (the retry's too): a poller another test left running would
+    # otherwise take the stage first.
+    monkeypatch.setattr(control, "send_stage_messages", sent)
     body = ExecuteRequest.model_validate({"workflow": {"name": "failing", "stages": [stage]}})
     run_ref = runs.submit(principal_of(user), body).data.workflow_run_id
     run_id = run_ids.parse_run_ref(run_ref)

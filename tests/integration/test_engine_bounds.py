@@ -116,6 +116,20 @@ def test_behind_a_backlog_a_queued_stage_is_not_sent_twice(
     assert sent.sent.count((run_id, "a")) == 2  # at submission, and by the sweeper
 
 
+def resent_uncounted_past_its_requeues(run_id: uuid.UUID, sent: Any) -> int:
+    """Sweep once per backlog interval, MAOF_STAGE_MAX_REQUEUES + 1 times: stage `a` is
+    re-sent each time, uncounted, and still queued. Returns the re-sends."""
+    backlog_after = get_settings().sweep_backlog_after_seconds
+    resends = get_settings().stage_max_requeues + 1
+    for _ in range(resends):
+        set_stage(run_id, "a", f"queued_at = now() - interval '{backlog_after + 1} seconds'")
+        sweeper.sweep_once()
+    assert sent.sent.count((run_id, "a")) == 1 + resends  # at submission, then each interval
+    row = stage_row(run_id, "a")
+    assert (row.status, row.requeues) == ("queued", 0), row.error_message
+    return resends
+
+
 def test_a_stage_behind_a_backlog_longer_than_its_requeues_is_not_failed_as_lost(
     user: Api, sent, monkeypatch, nothing_else_stalled
 ):
@@ -128,14 +142,7 @@ def test_a_stage_behind_a_backlog_longer_than_its_requeues_is_not_failed_as_lost
     run_id = submit_direct(user, chain(capability, "a"))
     monkeypatch.setattr(sweeper, "send_stage_messages", sent)
     monkeypatch.setattr(sweeper, "queue_backlog", lambda: 5000)
-    backlog_after = get_settings().sweep_backlog_after_seconds
-    resends = get_settings().stage_max_requeues + 1
-    for _ in range(resends):
-        set_stage(run_id, "a", f"queued_at = now() - interval '{backlog_after + 1} seconds'")
-        sweeper.sweep_once()
-    assert sent.sent.count((run_id, "a")) == 1 + resends  # at submission, then each interval
-    row = stage_row(run_id, "a")
-    assert (row.status, row.requeues) == ("queued", 0)
+    resends = resent_uncounted_past_its_requeues(run_id, sent)
     with session_scope() as session:
         requeues = (
             session.execute(
@@ -179,14 +186,7 @@ def test_a_queue_whose_depth_sqs_will_not_tell_is_treated_as_a_backlog(
     set_stage(run_id, "a", f"queued_at = now() - interval '{queued_after + 1} seconds'")
     sweeper.sweep_once()
     assert sent.sent.count((run_id, "a")) == 1, "a possible backlog was duplicated"
-    backlog_after = get_settings().sweep_backlog_after_seconds
-    resends = get_settings().stage_max_requeues + 1
-    for _ in range(resends):
-        set_stage(run_id, "a", f"queued_at = now() - interval '{backlog_after + 1} seconds'")
-        sweeper.sweep_once()
-    assert sent.sent.count((run_id, "a")) == 1 + resends  # at submission, then each interval
-    row = stage_row(run_id, "a")
-    assert (row.status, row.requeues) == ("queued", 0), row.error_message
+    resent_uncounted_past_its_requeues(run_id, sent)
 
 
 def test_delayed_messages_are_no_backlog(monkeypatch):
