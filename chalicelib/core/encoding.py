@@ -42,9 +42,9 @@ _NUMBER_OR_STRING = re.compile(
 def stored_size(text: str) -> int:
     """Bytes of the JSON `text` (UTF-8) once stored: JSONB holds a number as Postgres's
     numeric, written out without an exponent, so `1e308` (5 bytes) is stored, and served,
-    as 309 digits (a negative exponent comes back a float, served as written). The size every cap measures,
-    so that what is stored, served and passed on is held to it. One regex pass over
-    `text`, none when it holds no e."""
+    as 309 digits (a negative exponent comes back a float, served as written). The size
+    every cap measures, so that what is stored, served and passed on is held to it. One
+    regex pass over `text`, none when it holds no e."""
     size = len(text.encode("utf-8"))
     if "e" not in text and "E" not in text:
         return size
