@@ -165,12 +165,19 @@ def nothing_else_stalled() -> None:
     """Stages other tests left queued (no worker ran them) stall too, and the sweeper takes
     the longest stalled first, up to its batch: behind hundreds of them (a test submitting
     many runs earlier in the session), the stage a test made stall only a few seconds ago
-    was not swept. They are made due just now, out of this test's way."""
+    was not swept. They are made due just now, out of this test's way: queued and waiting
+    ones queued just now, leases left to expire by workers a test stopped renewed."""
     with db.session_scope() as session:
         session.execute(
             text(
                 "UPDATE stage_executions SET queued_at = now(), not_before = NULL "
-                "WHERE status = 'queued'"
+                "WHERE status IN ('queued', 'waiting')"
+            )
+        )
+        session.execute(
+            text(
+                "UPDATE stage_executions SET lease_expires_at = now() + interval '1 hour' "
+                "WHERE status = 'in_progress' AND lease_expires_at <= now()"
             )
         )
 

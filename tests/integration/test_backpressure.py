@@ -992,7 +992,7 @@ def test_a_freed_slot_is_never_handed_to_a_waiting_stage_on_an_agent_marked_offl
 
 
 def test_a_stage_woken_and_made_to_wait_again_keeps_its_place_in_line(
-    user: Api, sent: Any, monkeypatch: pytest.MonkeyPatch
+    user: Api, sent: Any, monkeypatch: pytest.MonkeyPatch, nothing_else_stalled: None
 ) -> None:
     """A waiting stage is in line by when it first began to wait. The sweeper wakes the one
     that has waited longest (past MAOF_SWEEP_BACKLOG_AFTER_SECONDS); finding the agent full
