@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import urllib.request
 import uuid
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import botocore.waiter
 import pytest
 from botocore.exceptions import ClientError
 
@@ -45,12 +47,14 @@ from infra import DeployError
 from infra.deploy import Stage, deploy, destroy, rotate
 from infra.secrets import all_parameters, ensure_secrets
 from tests.support.aws import Calls, answer_calls
+from tests.support.quick_waiters.sitecustomize import quick
 from tests.support.site import JAVASCRIPT, site_keys
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 REGION = "us-east-1"
+QUICK_WAITERS = str(PROJECT_DIR / "tests" / "support" / "quick_waiters")
 # AWS resource type prefix -> the LocalStack service that serves it.
 SERVICES = {"SQS": "sqs", "S3": "s3", "CloudWatch": "cloudwatch", "SNS": "sns", "SSM": "ssm"}
 PSEUDO = {"AWS::Region", "AWS::AccountId", "AWS::Partition", "AWS::StackName", "AWS::NoValue"}
@@ -224,6 +228,14 @@ def deployment(api_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         env.setenv("AWS_ACCESS_KEY_ID", "test")
         env.setenv("AWS_SECRET_ACCESS_KEY", "test")
         env.delenv("AWS_PROFILE", raising=False)
+        # The waiters poll every second, here and in the AWS CLI's processes (its deploy
+        # looks every 30 s; LocalStack is done in one or two).
+        env.setenv("MAOF_TEST_WAITER_DELAY", "1")
+        env.setenv(
+            "PYTHONPATH",
+            os.pathsep.join(filter(None, [QUICK_WAITERS, os.environ.get("PYTHONPATH")])),
+        )
+        env.setattr(botocore.waiter.Waiter, "wait", quick(botocore.waiter.Waiter.wait, 1))
         session = boto3.session.Session(region_name=REGION)
         lambda_ = answer_calls(session.events, "lambda", migrate_in_process)
         cloudfront = answer_calls(session.events, "cloudfront", invalidated)
