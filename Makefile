@@ -66,14 +66,19 @@ unit: venv
 	$(PY) -m pytest tests/unit -q
 
 integration: stack
-	$(PY) -m pytest tests/integration -q
+	$(PY) -m pytest tests/integration -q -n 2 --dist loadfile
 
 # The browser tests drive Debian's Chromium (never a browser Playwright downloads).
 browser-deps:
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
+# Two workers (pytest-xdist), each a test session of its own (tests/conftest.py), each taking
+# whole files (a file's tests share its module fixtures and run in their order); then the
+# fault suite, whose timings are asserted, alone. Both run; either failing fails the target.
 test: stack lint typecheck browser-deps
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n 2 --dist loadfile --ignore=tests/faults; parallel=$$?; \
+	$(PY) -m pytest tests/faults -q; faults=$$?; \
+	exit $$(( parallel || faults ))
 
 # The outage part of the fault suite on its own (tests/faults/chaos.py): its own Postgres,
 # Redis and LocalStack under .maof/chaos/, stopped at the end. Knobs: CHAOS_ARGS="--help".

@@ -7,8 +7,12 @@ import tempfile
 from urllib.parse import urlparse, urlunparse
 
 # MAOF_TEST_SUFFIX lets two test sessions share one stack without touching each other's
-# database, queue or Redis db (e.g. MAOF_TEST_SUFFIX=b MAOF_TEST_REDIS_DB=14).
-SUFFIX = os.environ.get("MAOF_TEST_SUFFIX", "")
+# database, queue or Redis db (e.g. MAOF_TEST_SUFFIX=b MAOF_TEST_REDIS_DB=14). Each worker
+# of pytest-xdist (`make test` runs two) is such a session: its name (gw0, gw1, ...) joins
+# the suffix, and it takes the Redis db that many below MAOF_TEST_REDIS_DB (15, 14, ...).
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+SUFFIX = os.environ.get("MAOF_TEST_SUFFIX", "") + WORKER
+REDIS_DB = int(os.environ.get("MAOF_TEST_REDIS_DB", "15")) - int(WORKER[2:] or 0)
 TEST_DATABASE_NAME = f"maof_test{'_' + SUFFIX if SUFFIX else ''}"
 # Two roles, as everywhere: the application's (INSERT and SELECT only on the audit trail)
 # and the owner's, which creates the test database and runs the migrations.
@@ -36,9 +40,7 @@ os.environ.update(
             tempfile.mkdtemp(prefix="maof-test-keys-"), "audit-signing-keys.json"
         ),
         "MAOF_AUDIT_BUCKET": f"maof-test{SUFFIX}-audit",
-        "MAOF_REDIS_URL": urlunparse(
-            _redis._replace(path=f"/{os.environ.get('MAOF_TEST_REDIS_DB', '15')}")
-        ),
+        "MAOF_REDIS_URL": urlunparse(_redis._replace(path=f"/{REDIS_DB}")),
         "MAOF_STAGE_QUEUE_NAME": f"maof-test{SUFFIX}-stage-queue",
         "MAOF_DASHBOARD_BUCKET": f"maof-test{SUFFIX}-dashboard",
         "MAOF_LOG_LEVEL": os.environ.get("MAOF_TEST_LOG_LEVEL", "WARNING"),

@@ -2,8 +2,9 @@
 talking over CORS to the API the integration fixtures serve, in Debian's headless Chromium.
 
 The integration fixtures (the session `stack`, `api_url`, `poller`) are imported, so pytest
-makes a second instance of each for this folder; browser tests therefore run last, after
-the integration tests are done with theirs.
+makes a second instance of each for this folder; the test database is made once all the
+same (`_stack_made` there). Browser tests run last in a session of one process; under
+xdist a worker may run them between integration files.
 """
 
 from __future__ import annotations

@@ -61,6 +61,9 @@ def wait_until(condition: Callable[[], Any], timeout: float = 20.0, interval: fl
 @pytest.fixture(scope="session", autouse=True)
 def stack() -> Iterator[None]:
     """A fresh, migrated test database and the test queue and bucket."""
+    if _stack_made:  # the second instance (see _stack_made)
+        yield
+        return
     reset_settings()
     settings = get_settings()
     for name, url, default in (
@@ -88,6 +91,7 @@ def stack() -> Iterator[None]:
     aws.aws_client("sqs").purge_queue(QueueUrl=aws.stage_queue_url())
     cache.reset()
     cache.get_redis().flushdb()
+    _stack_made.append(True)
     yield
     db.reset()
 
@@ -437,4 +441,10 @@ def ssm_prod(monkeypatch: pytest.MonkeyPatch, ssm_path: str) -> Iterator[pytest.
         monkeypatch.delenv(name, raising=False)
     reset_settings()
     yield monkeypatch
-    reset_settings()
+    reset_settings()  # tests/browser/conftest.py imports these fixtures, so pytest keeps a second instance of each
+
+
+# session fixture for that folder, and under xdist a worker may run browser files between
+# integration ones: the test database is made once per session (process). Made again, it
+# dropped what the other instances still held (the admin account admin_uuid names).
+_stack_made: list[bool] = []

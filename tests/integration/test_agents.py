@@ -379,7 +379,13 @@ def test_the_owner_reads_an_agent_by_uuid(user):
 
 
 @pytest.mark.parametrize(
-    "agent_uuid", [str(uuid.uuid4()), "not-a-uuid", "12345", "00000000-0000-0000-0000-00000000000g"]
+    "agent_uuid",
+    [
+        "1f0c3c9e-5b7a-4d2e-9a41-6b8f2d7e0c15",
+        "not-a-uuid",
+        "12345",
+        "00000000-0000-0000-0000-00000000000g",
+    ],
 )
 def test_an_unknown_or_malformed_agent_uuid_is_a_404(user, agent_uuid):
     error = error_of(user.get(f"/agents/{agent_uuid}"), 404, "NOT_FOUND")
