@@ -48,9 +48,11 @@ def run(args: argparse.Namespace) -> None:
                 "and MAOF_DEPLOY_REDIS_URL, or run this in a terminal to be asked"
             )
     elif args.command == "deploy":
-        deploy.deploy(stage, args.parameters)
+        health = deploy.deploy(stage, args.parameters)
         outputs = stage.outputs()
         print(f"\nAPI:       {outputs['EndpointURL']}\nDashboard: {outputs.get('DashboardURL')}")
+        if not health.startswith("ok "):  # deployed all the same: a pipeline must notice
+            raise DeployError(f"deployed, but GET /health says {health}: see docs/deploy.md")
     elif args.command == "destroy":
         if not args.yes and not sys.stdin.isatty():
             raise DeployError("destroy asks for confirmation: run it in a terminal or add YES=1")

@@ -212,3 +212,25 @@ def test_localstack_gets_dummy_credentials_never_the_shells(
     aws("configure", "list", region="us-east-1", endpoint="http://127.0.0.1:4566", quiet=False)
     listed = capfd.readouterr().out
     assert "****************test" in listed and "USER" not in listed
+
+
+@pytest.mark.parametrize(
+    ("health", "status"),
+    [("ok (database connected)", 0), ("degraded (redis down)", 1), ("no answer (timed out)", 1)],
+)
+def test_make_deploy_fails_when_the_deployed_api_is_not_healthy(
+    health: str, status: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The stack is deployed either way (its URLs printed); a health check that is not `ok`
+    exits 1, so a pipeline running `make deploy` notices (it exited 0 and said so in a line)."""
+    from infra import __main__ as cli
+    from infra import deploy as deploy_module
+
+    monkeypatch.setattr(deploy_module, "deploy", lambda stage, parameters: health)
+    outputs = {"EndpointURL": "https://api.example.com", "DashboardURL": "https://site"}
+    monkeypatch.setattr(deploy_module.Stage, "outputs", lambda self: outputs)
+    assert cli.main(["deploy", "--region", "us-east-1"]) == status
+    printed = capsys.readouterr()
+    assert "API:       https://api.example.com" in printed.out
+    expected = f"deploy: error: deployed, but GET /health says {health}: see docs/deploy.md"
+    assert (expected in printed.err) is bool(status)
