@@ -58,6 +58,13 @@ def wait_until(condition: Callable[[], Any], timeout: float = 20.0, interval: fl
         time.sleep(interval)
 
 
+# tests/browser/conftest.py imports these fixtures, so pytest keeps a second instance of each
+# session fixture for that folder, and under xdist a worker may run browser files between
+# integration ones: the test database is made once per session (process). Made again, it
+# dropped what the other instances still held (the admin account admin_uuid names).
+_stack_made: list[bool] = []
+
+
 @pytest.fixture(scope="session", autouse=True)
 def stack() -> Iterator[None]:
     """A fresh, migrated test database and the test queue and bucket."""
@@ -441,10 +448,4 @@ def ssm_prod(monkeypatch: pytest.MonkeyPatch, ssm_path: str) -> Iterator[pytest.
         monkeypatch.delenv(name, raising=False)
     reset_settings()
     yield monkeypatch
-    reset_settings()  # tests/browser/conftest.py imports these fixtures, so pytest keeps a second instance of each
-
-
-# session fixture for that folder, and under xdist a worker may run browser files between
-# integration ones: the test database is made once per session (process). Made again, it
-# dropped what the other instances still held (the admin account admin_uuid names).
-_stack_made: list[bool] = []
+    reset_settings()
